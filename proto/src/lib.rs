@@ -1,0 +1,2 @@
+//! libgcb control-plane protocol (placeholder; being written).
+#![forbid(unsafe_code)]

@@ -1,0 +1,1 @@
+//! libgcb.so (placeholder; being written).
