@@ -1,0 +1,1 @@
+//! Network lab harness (placeholder; being written).
