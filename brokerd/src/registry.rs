@@ -1,0 +1,285 @@
+//! The registration table: one record per registered listening socket
+//! (paper 4.2.2, "client socket records").
+//!
+//! Pure bookkeeping: the proxy sockets themselves live in the event loop,
+//! keyed by the same proxy address. A registration is identified by the
+//! client's *observed* control address (the datagram source, i.e. its NAT
+//! mapping) plus the listening socket's local address, and it lives as long
+//! as heartbeats renew its lease.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+/// One registered listening socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Registration {
+    /// Source of the client's control datagrams (where connect_back goes).
+    pub observed: SocketAddr,
+    /// The listening socket's own address.
+    pub local: SocketAddr,
+    /// The broker's proxy socket for it.
+    pub proxy: SocketAddr,
+    /// The lease runs out at this instant unless renewed.
+    pub expires: Instant,
+}
+
+/// Why a registry operation was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RegistryError {
+    /// The broker-wide registration limit is reached.
+    #[error("broker registration limit ({0}) reached")]
+    TotalQuota(usize),
+    /// The per-client registration limit is reached.
+    #[error("per-client registration limit ({0}) reached")]
+    ClientQuota(usize),
+    /// No registration has that proxy address.
+    #[error("no registration for proxy {0}")]
+    NoSuch(SocketAddr),
+    /// The registration belongs to another client.
+    #[error("proxy {0} belongs to another client")]
+    NotOwner(SocketAddr),
+}
+
+/// Limits the registry enforces.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Maximum registrations broker-wide.
+    pub max_total: usize,
+    /// Maximum registrations per observed client address.
+    pub max_per_client: usize,
+    /// Lease granted by register and renewed by heartbeats.
+    pub lease: Duration,
+}
+
+/// The table.
+#[derive(Debug)]
+pub struct Registry {
+    limits: Limits,
+    by_proxy: HashMap<SocketAddr, Registration>,
+    by_key: HashMap<(SocketAddr, SocketAddr), SocketAddr>,
+    per_client: HashMap<SocketAddr, usize>,
+}
+
+impl Registry {
+    /// An empty table.
+    pub fn new(limits: Limits) -> Self {
+        Registry {
+            limits,
+            by_proxy: HashMap::new(),
+            by_key: HashMap::new(),
+            per_client: HashMap::new(),
+        }
+    }
+
+    /// The configured lease.
+    pub fn lease(&self) -> Duration {
+        self.limits.lease
+    }
+
+    /// Number of registrations.
+    pub fn len(&self) -> usize {
+        self.by_proxy.len()
+    }
+
+    /// True when there are no registrations.
+    pub fn is_empty(&self) -> bool {
+        self.by_proxy.is_empty()
+    }
+
+    /// The registration behind a proxy address.
+    pub fn get(&self, proxy: &SocketAddr) -> Option<&Registration> {
+        self.by_proxy.get(proxy)
+    }
+
+    /// The proxy already registered for (client, local), if any: a duplicate
+    /// register is idempotent. Renews its lease.
+    pub fn existing(
+        &mut self,
+        observed: SocketAddr,
+        local: SocketAddr,
+        now: Instant,
+    ) -> Option<SocketAddr> {
+        let proxy = *self.by_key.get(&(observed, local))?;
+        if let Some(r) = self.by_proxy.get_mut(&proxy) {
+            r.expires = now + self.limits.lease;
+        }
+        Some(proxy)
+    }
+
+    /// Whether a new registration from `observed` fits the limits.
+    pub fn check_quota(&self, observed: SocketAddr) -> Result<(), RegistryError> {
+        if self.by_proxy.len() >= self.limits.max_total {
+            return Err(RegistryError::TotalQuota(self.limits.max_total));
+        }
+        if self.per_client.get(&observed).copied().unwrap_or(0) >= self.limits.max_per_client {
+            return Err(RegistryError::ClientQuota(self.limits.max_per_client));
+        }
+        Ok(())
+    }
+
+    /// Records a new registration (the caller bound `proxy` and checked the
+    /// quota).
+    pub fn insert(
+        &mut self,
+        observed: SocketAddr,
+        local: SocketAddr,
+        proxy: SocketAddr,
+        now: Instant,
+    ) -> &Registration {
+        self.by_key.insert((observed, local), proxy);
+        *self.per_client.entry(observed).or_insert(0) += 1;
+        self.by_proxy.entry(proxy).or_insert(Registration {
+            observed,
+            local,
+            proxy,
+            expires: now + self.limits.lease,
+        })
+    }
+
+    /// Renews `proxy` if `observed` owns it; false if unknown to this client.
+    pub fn renew(&mut self, observed: SocketAddr, proxy: SocketAddr, now: Instant) -> bool {
+        match self.by_proxy.get_mut(&proxy) {
+            Some(r) if r.observed == observed => {
+                r.expires = now + self.limits.lease;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Removes `proxy` on behalf of `observed`.
+    pub fn remove(
+        &mut self,
+        observed: SocketAddr,
+        proxy: SocketAddr,
+    ) -> Result<Registration, RegistryError> {
+        match self.by_proxy.get(&proxy) {
+            None => Err(RegistryError::NoSuch(proxy)),
+            Some(r) if r.observed != observed => Err(RegistryError::NotOwner(proxy)),
+            Some(_) => Ok(self.take(proxy).expect("present")),
+        }
+    }
+
+    fn take(&mut self, proxy: SocketAddr) -> Option<Registration> {
+        let r = self.by_proxy.remove(&proxy)?;
+        self.by_key.remove(&(r.observed, r.local));
+        if let Some(n) = self.per_client.get_mut(&r.observed) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_client.remove(&r.observed);
+            }
+        }
+        Some(r)
+    }
+
+    /// Removes and returns every registration whose lease ran out.
+    pub fn expire(&mut self, now: Instant) -> Vec<Registration> {
+        let dead: Vec<SocketAddr> = self
+            .by_proxy
+            .values()
+            .filter(|r| r.expires <= now)
+            .map(|r| r.proxy)
+            .collect();
+        dead.into_iter().filter_map(|p| self.take(p)).collect()
+    }
+
+    /// Every registration (for the shutdown log).
+    pub fn iter(&self) -> impl Iterator<Item = &Registration> {
+        self.by_proxy.values()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn a(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+    fn reg(max_total: usize, max_per_client: usize) -> Registry {
+        Registry::new(Limits {
+            max_total,
+            max_per_client,
+            lease: Duration::from_secs(35),
+        })
+    }
+
+    #[test]
+    fn idempotent_register() {
+        let mut r = reg(10, 10);
+        let t = Instant::now();
+        let (c, l, p) = (a("1.2.3.4:1000"), a("10.0.0.2:80"), a("5.6.7.8:40000"));
+        assert_eq!(r.existing(c, l, t), None);
+        r.insert(c, l, p, t);
+        assert_eq!(r.existing(c, l, t), Some(p));
+        // Another client with the same local address is a different key.
+        assert_eq!(r.existing(a("1.2.3.4:1001"), l, t), None);
+        assert_eq!(r.len(), 1);
+    }
+
+    #[test]
+    fn lease_expiry_and_renewal() {
+        let mut r = reg(10, 10);
+        let t0 = Instant::now();
+        let c = a("1.2.3.4:1000");
+        let p1 = a("5.6.7.8:40001");
+        let p2 = a("5.6.7.8:40002");
+        r.insert(c, a("10.0.0.2:80"), p1, t0);
+        r.insert(c, a("10.0.0.2:81"), p2, t0);
+        // Heartbeat at +30 s renews p1 only.
+        assert!(r.renew(c, p1, t0 + Duration::from_secs(30)));
+        assert!(r.expire(t0 + Duration::from_secs(34)).is_empty());
+        let dead = r.expire(t0 + Duration::from_secs(35));
+        assert_eq!(dead.len(), 1);
+        assert_eq!(dead[0].proxy, p2);
+        assert!(r.get(&p2).is_none());
+        assert!(r.get(&p1).is_some());
+        let dead = r.expire(t0 + Duration::from_secs(65));
+        assert_eq!(dead.len(), 1);
+        assert!(r.is_empty());
+        // Counters went back to zero: the client may register again.
+        assert_eq!(r.check_quota(c), Ok(()));
+    }
+
+    #[test]
+    fn renew_needs_owner() {
+        let mut r = reg(10, 10);
+        let t = Instant::now();
+        let p = a("5.6.7.8:40001");
+        r.insert(a("1.2.3.4:1000"), a("10.0.0.2:80"), p, t);
+        assert!(!r.renew(a("9.9.9.9:1000"), p, t));
+        assert!(!r.renew(a("1.2.3.4:1000"), a("5.6.7.8:1"), t));
+    }
+
+    #[test]
+    fn quotas() {
+        let mut r = reg(3, 2);
+        let t = Instant::now();
+        let c1 = a("1.1.1.1:1");
+        let c2 = a("2.2.2.2:2");
+        r.insert(c1, a("10.0.0.1:1"), a("9.9.9.9:1"), t);
+        r.insert(c1, a("10.0.0.1:2"), a("9.9.9.9:2"), t);
+        assert_eq!(r.check_quota(c1), Err(RegistryError::ClientQuota(2)));
+        assert_eq!(r.check_quota(c2), Ok(()));
+        r.insert(c2, a("10.0.0.2:1"), a("9.9.9.9:3"), t);
+        assert_eq!(r.check_quota(c2), Err(RegistryError::TotalQuota(3)));
+    }
+
+    #[test]
+    fn remove_checks_owner() {
+        let mut r = reg(10, 10);
+        let t = Instant::now();
+        let c = a("1.1.1.1:1");
+        let p = a("9.9.9.9:1");
+        r.insert(c, a("10.0.0.1:1"), p, t);
+        assert_eq!(r.remove(a("2.2.2.2:2"), p), Err(RegistryError::NotOwner(p)));
+        assert_eq!(
+            r.remove(c, a("9.9.9.9:2")),
+            Err(RegistryError::NoSuch(a("9.9.9.9:2")))
+        );
+        assert_eq!(r.remove(c, p).unwrap().proxy, p);
+        assert!(r.is_empty());
+        assert_eq!(r.existing(c, a("10.0.0.1:1"), t), None);
+    }
+}
