@@ -1,2 +1,106 @@
-//! libgcb control-plane protocol (placeholder; being written).
+//! # gcb-proto: the libgcb control-plane protocol
+//!
+//! The shim (`libgcb.so`), the GCB broker (`brokerd`) and the DPF daemon
+//! (`portfwd`) talk request/response over UDP. This crate is that protocol
+//! and nothing else: message types ([`msg`]), framing and pool-key
+//! authentication ([`auth`]), and a sans-IO reliable request/response state
+//! machine ([`rudp`]). It opens no sockets, starts no threads, reads no clock
+//! and draws no randomness: time and random session ids come in as arguments,
+//! datagrams and timers go out (the quinn-proto shape).
+//!
+//! ## Wire format
+//!
+//! One UDP datagram is one *frame* holding one JSON *envelope*; a frame is at
+//! most [`MAX_DATAGRAM`] (1200) bytes.
+//!
+//! ```text
+//! unkeyed frame: "GCB1" | 0x00 | json
+//! keyed frame:   "GCB1" | 0x01 | ts u64 BE (unix ms) | session u64 BE | counter u64 BE
+//!                       | HMAC-SHA256(pool key, all other bytes) [32] | json
+//! ```
+//!
+//! The envelope:
+//!
+//! ```json
+//! {"v":1,"id":7301,"body":{"type":"register","transport":"tcp","local":"10.1.0.5:9618"}}
+//! {"v":1,"id":55,"re":7301,"body":{"type":"registered","proxy":"203.0.113.10:40001","lease_ms":60000}}
+//! ```
+//!
+//! - `v`: protocol version ([`PROTOCOL_VERSION`]).
+//! - `id`: the sender's message id, unique per sender session.
+//! - `re`: present exactly on responses; the request id answered.
+//! - `body`: a [`Body`], tagged by `type` (snake_case); socket addresses are
+//!   strings (`"1.2.3.4:5"`, `"[::1]:5"`), connect ids 32 lowercase hex
+//!   characters, optional fields are omitted when absent.
+//!
+//! ## Versioning and compatibility
+//!
+//! - Unknown fields (in the envelope, the body, or a route) are ignored, so a
+//!   newer peer may add optional fields without bumping `v`.
+//! - A request whose `type` is unknown is answered `error{code: unsupported}`,
+//!   so a newer peer can probe for features and fall back.
+//! - A message whose `v` is greater than ours is answered
+//!   `error{code: version}` (we always send `v: 1`). `v: 0` is `bad_request`.
+//! - A known `type` with invalid fields is answered `error{code: bad_request}`.
+//! - An unknown error code decodes as [`ErrorCode::Unknown`]; an unknown route
+//!   kind or malformed response completes the request with a locally made
+//!   `error` body, so the requester never waits out its deadline.
+//! - Incompatible changes bump `v`; the frame magic `GCB1` and the flags byte
+//!   (reserved bits must be zero) version the framing separately.
+//!
+//! ## Authentication
+//!
+//! With a pool key (`PoolKey::from_file_contents`), every frame carries a
+//! timestamp, a nonce `(session, counter)` and an HMAC; receivers reject
+//! missing or bad MACs, timestamps more than 30 s off their clock, and
+//! replayed nonces ([`RejectReason`]). Without a key, frames carry no MAC and
+//! a keyless receiver rejects keyed frames (`unexpected_mac`) rather than
+//! silently accept a misconfigured peer. Daemons without a key must restrict
+//! by source address themselves (DESIGN.md).
+//!
+//! ## One request, end to end
+//!
+//! A program in a private network calls `listen()`; the shim registers it.
+//!
+//! 1. Shim: `ep.send_request(now, broker, Body::Register { transport: Tcp,
+//!    local })` returns `RequestId(7301)` and queues a frame. The shim sends
+//!    each [`Transmit`] from `ep.poll_transmit()` on its UDP socket and sleeps
+//!    until `ep.poll_timeout()` or socket readability.
+//! 2. The datagram is lost. At the timeout the shim calls
+//!    `ep.handle_timeout(now)`, which re-seals the same JSON (same `id`, fresh
+//!    nonce and timestamp) and queues it again; the next retransmission is
+//!    400 ms later, doubling to 2 s.
+//! 3. Broker: `ep.handle_datagram(now, from, bytes)` checks the frame (MAC,
+//!    timestamp, nonce), decodes the envelope, finds `(from, 7301)` new, and
+//!    `ep.poll_event()` yields `Event::Request { from, id: RequestId(7301),
+//!    body: Register{..} }`. The broker opens a proxy socket and calls
+//!    `ep.respond(now, from, RequestId(7301), Body::Registered { proxy,
+//!    lease_ms })`, which queues the reply and caches it for 30 s.
+//! 4. The reply is lost too; the shim retransmits. The broker's endpoint
+//!    sees `(from, 7301)` answered and re-sends the cached reply without
+//!    surfacing anything: the registration happens once.
+//! 5. Shim: `handle_datagram` matches `re: 7301` to the outstanding request
+//!    from the same peer, and `poll_event()` yields `Event::Response { from,
+//!    request: RequestId(7301), body: Registered{..} }`. `getsockname()` now
+//!    answers the proxy address. Had nothing come back within 10 s,
+//!    `Event::Timeout` would have been reported instead, exactly once.
+//!
+//! Heartbeats are ordinary `heartbeat` requests sent every
+//! [`rudp::HEARTBEAT_INTERVAL`] (see [`rudp::Ticker`] and
+//! [`msg::heartbeat_batches`]); the broker answers `heartbeat_ack { unknown }`
+//! and the shim re-registers the unknown proxies. A broker that gets a
+//! heartbeat from a client it does not know at all may also send it
+//! `reregister_request` (paper 4.2.2).
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod auth;
+pub mod msg;
+pub mod rudp;
+
+pub use auth::{KeyError, Opener, PoolKey, RejectReason, Sealer};
+pub use msg::{
+    Body, ConnectId, ConnectIdError, DecodeError, EncodeError, Envelope, ErrorCode, Route,
+    Transport, MAX_DATAGRAM, MAX_ENVELOPE, PROTOCOL_VERSION,
+};
+pub use rudp::{Config, Endpoint, Event, Now, RequestId, SendError, Stats, Ticker, Transmit};
