@@ -230,6 +230,10 @@ pub enum Body {
         transport: Transport,
         /// The socket's real local address.
         local: SocketAddr,
+        /// The proxy this socket had before (e.g. before a broker restart):
+        /// the broker hands the same address back if it is still free.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        previous_proxy: Option<SocketAddr>,
     },
     /// Reply to `register`: the proxy address the program now advertises.
     Registered {
@@ -672,6 +676,12 @@ mod tests {
             Body::Register {
                 transport: Transport::Tcp,
                 local: a("10.1.0.5:9618"),
+                previous_proxy: None,
+            },
+            Body::Register {
+                transport: Transport::Tcp,
+                local: a("10.1.0.5:9618"),
+                previous_proxy: Some(a("203.0.113.10:40001")),
             },
             Body::Registered {
                 proxy: a("203.0.113.10:40001"),
@@ -776,12 +786,39 @@ mod tests {
     }
 
     #[test]
+    fn register_previous_proxy_is_optional() {
+        // Old senders omit it; it decodes as None.
+        let old = br#"{"v":1,"id":1,"body":{"type":"register","transport":"tcp","local":"10.1.0.5:9618"}}"#;
+        let env = Envelope::decode(old).unwrap();
+        assert_eq!(
+            env.body,
+            Body::Register {
+                transport: Transport::Tcp,
+                local: a("10.1.0.5:9618"),
+                previous_proxy: None,
+            }
+        );
+        let new = Envelope::request(
+            2,
+            Body::Register {
+                transport: Transport::Tcp,
+                local: a("10.1.0.5:9618"),
+                previous_proxy: Some(a("203.0.113.10:40001")),
+            },
+        );
+        let json = String::from_utf8(new.encode().unwrap()).unwrap();
+        assert!(json.contains(r#""previous_proxy":"203.0.113.10:40001""#), "{json}");
+        assert_eq!(Envelope::decode(json.as_bytes()).unwrap(), new);
+    }
+
+    #[test]
     fn exact_json_of_register_and_connect_decision() {
         let req = Envelope::request(
             7301,
             Body::Register {
                 transport: Transport::Tcp,
                 local: a("10.1.0.5:9618"),
+                previous_proxy: None,
             },
         );
         assert_eq!(

@@ -687,6 +687,7 @@ mod tests {
         Body::Register {
             transport: Transport::Tcp,
             local: addr(A),
+            previous_proxy: None,
         }
     }
 
