@@ -7,3 +7,4 @@ pub mod decision;
 pub mod preamble;
 pub mod registry;
 pub mod relay;
+pub mod server;

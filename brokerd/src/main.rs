@@ -1,1 +1,170 @@
-fn main() {}
+//! `gcb-brokerd`: command line, signals, and the event loop (see the
+//! `gcb_brokerd` library docs for the architecture).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use gcb_brokerd::allow::{AllowList, Cidr};
+use gcb_brokerd::log::{self, Level};
+use gcb_brokerd::server::{parse_listen, Config, Server};
+use gcb_proto::PoolKey;
+
+/// GCB broker daemon: registers listening sockets of GCB clients, opens a
+/// proxy socket for each, brokers connections to them (direct, reverse or
+/// relayed) and relays TCP between clients that cannot reach each other.
+#[derive(Parser, Debug)]
+#[command(name = "gcb-brokerd", version)]
+struct Args {
+    /// Address to serve on: IP[:PORT] (default port 9650). The control
+    /// protocol uses UDP on it and the relay TCP on the same IP:PORT; proxy
+    /// sockets are bound on the same IP with ephemeral ports. Must be a
+    /// specific IP (it is advertised). Port 0 picks a free port.
+    #[arg(long, value_parser = parse_listen)]
+    listen: SocketAddr,
+
+    /// Pool key file: every control datagram must carry an HMAC made with
+    /// this key (at least 16 bytes; surrounding whitespace is ignored).
+    #[arg(long, value_name = "FILE")]
+    key_file: Option<PathBuf>,
+
+    /// Accept control datagrams only from these networks (CIDR or bare IP;
+    /// repeatable). Default: from everywhere. Applies with or without a key.
+    #[arg(long = "allow", value_name = "CIDR")]
+    allow: Vec<Cidr>,
+
+    /// Maximum registrations (proxy sockets), broker-wide.
+    #[arg(long, default_value_t = 4096)]
+    max_registrations: usize,
+
+    /// Maximum registrations per client (one client = one control socket,
+    /// identified by the source address of its datagrams).
+    #[arg(long, default_value_t = 256)]
+    max_per_client: usize,
+
+    /// Maximum concurrent relayed connections (including pairings still
+    /// waiting for their second side). Connections beyond it are reset and
+    /// relay decisions answered error{busy}.
+    #[arg(long, default_value_t = 1024)]
+    max_relays: usize,
+
+    /// Maximum relay-port connections still sending their preamble.
+    #[arg(long, default_value_t = 1024)]
+    max_preambles: usize,
+
+    /// Registration lease in milliseconds: a registration not renewed by a
+    /// heartbeat within this loses its proxy socket.
+    #[arg(long, default_value_t = 35_000)]
+    lease_ms: u64,
+
+    /// How long (ms) a connect id waits for its partner connection before
+    /// the waiting side is closed.
+    #[arg(long, default_value_t = 10_000)]
+    connect_timeout_ms: u64,
+
+    /// How long (ms) a relay-port connection may take to send its preamble.
+    #[arg(long, default_value_t = 5_000)]
+    preamble_timeout_ms: u64,
+
+    /// Log a stats line every this many seconds (0: only at exit).
+    #[arg(long, default_value_t = 300)]
+    stats_interval_secs: u64,
+
+    /// Most verbose log level printed.
+    #[arg(long, value_enum, default_value_t = Level::Info)]
+    log: Level,
+}
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::Relaxed);
+}
+
+fn install_signal_handlers() -> Result<()> {
+    for sig in [libc::SIGTERM, libc::SIGINT] {
+        // SAFETY: `sa` is zero-initialised (a valid sigaction), the handler
+        // only stores to an atomic (async-signal-safe), and no SA_RESTART is
+        // set, so a blocked epoll_wait returns EINTR and the loop sees STOP.
+        let rc = unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_signal as *const () as libc::sighandler_t;
+            libc::sigemptyset(&mut sa.sa_mask);
+            libc::sigaction(sig, &sa, std::ptr::null_mut())
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error()).context("sigaction");
+        }
+    }
+    // A peer closing a socket must never kill the daemon.
+    // SAFETY: setting SIGPIPE to SIG_IGN has no memory-safety preconditions.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+    Ok(())
+}
+
+/// Each relay needs 6 fds (2 sockets, 2 pipes): raise the soft fd limit
+/// to the hard limit.
+fn raise_fd_limit() {
+    let mut rl = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `rl` is a valid rlimit to fill in / read from.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) == 0 && rl.rlim_cur < rl.rlim_max {
+            rl.rlim_cur = rl.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &rl);
+        }
+    }
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    log::set_level(args.log);
+    let key = match &args.key_file {
+        Some(path) => {
+            let bytes = std::fs::read(path)
+                .with_context(|| format!("reading key file {}", path.display()))?;
+            Some(
+                PoolKey::from_file_contents(&bytes)
+                    .with_context(|| format!("key file {}", path.display()))?,
+            )
+        }
+        None => None,
+    };
+    if key.is_none() {
+        gcb_brokerd::log!(
+            Warn,
+            "no pool key configured (--key-file): control datagrams are not authenticated; accepted from {}",
+            if args.allow.is_empty() {
+                "everywhere (use --allow CIDR to restrict)".to_owned()
+            } else {
+                format!("{:?}", args.allow)
+            }
+        );
+    }
+    install_signal_handlers()?;
+    raise_fd_limit();
+    let cfg = Config {
+        listen: args.listen,
+        key,
+        allow: AllowList(args.allow),
+        max_registrations: args.max_registrations,
+        max_per_client: args.max_per_client,
+        max_relays: args.max_relays,
+        max_preambles: args.max_preambles,
+        lease: Duration::from_millis(args.lease_ms),
+        connect_timeout: Duration::from_millis(args.connect_timeout_ms),
+        preamble_timeout: Duration::from_millis(args.preamble_timeout_ms),
+        stats_interval: (args.stats_interval_secs > 0)
+            .then(|| Duration::from_secs(args.stats_interval_secs)),
+    };
+    let mut server = Server::bind(cfg)?;
+    let a = server.local_addr();
+    eprintln!("gcb-brokerd: listening on udp {a}, relay tcp {a}");
+    server.run(&STOP)?;
+    Ok(())
+}

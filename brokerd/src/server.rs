@@ -1,0 +1,1134 @@
+//! The event loop: one mio `Poll` over the control UDP socket, the relay
+//! TCP listener, every proxy listener, connections reading their preamble,
+//! and the spliced relays.
+//!
+//! See the crate documentation for the walk-through of one brokered
+//! connection. Everything here is single-threaded; the pure parts live in
+//! [`crate::decision`], [`crate::registry`], [`crate::preamble`] and
+//! [`crate::relay`].
+
+use std::collections::{HashMap, HashSet};
+use std::io::{self, Read};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use gcb_proto::{
+    Body, ConnectId, Endpoint, ErrorCode, Event, Now, PoolKey, RequestId, Route, Transport,
+};
+use mio::net::{TcpListener, TcpStream, UdpSocket};
+use mio::{Events, Interest, Poll, Token};
+
+use crate::allow::AllowList;
+use crate::decision::{decide, Decision, Party};
+use crate::preamble;
+use crate::registry::{Limits, Registry, RegistryError};
+use crate::relay::{Relay, RelayState};
+
+/// Default control (UDP) and relay (TCP) port.
+pub const DEFAULT_PORT: u16 = 9650;
+
+const CONTROL: Token = Token(0);
+const RELAY_LISTENER: Token = Token(1);
+const FIRST_DYNAMIC: usize = 2;
+
+/// How often timers (leases, deadlines) are swept at most.
+const SWEEP_INTERVAL: Duration = Duration::from_millis(100);
+/// Longest sleep in `poll`, so a signal is noticed even without EINTR.
+const MAX_SLEEP: Duration = Duration::from_millis(250);
+
+/// Daemon configuration (built by `main` from the command line).
+#[derive(Debug)]
+pub struct Config {
+    /// Control UDP address; the relay TCP listener uses the same IP:port and
+    /// proxy listeners the same IP.
+    pub listen: SocketAddr,
+    /// Pool key: authenticate every control datagram.
+    pub key: Option<PoolKey>,
+    /// Sources allowed to send control datagrams (empty: all).
+    pub allow: AllowList,
+    /// Maximum registrations broker-wide.
+    pub max_registrations: usize,
+    /// Maximum registrations per client (observed control address).
+    pub max_per_client: usize,
+    /// Maximum concurrent relays, counting pairings still waiting for their
+    /// second connection.
+    pub max_relays: usize,
+    /// Maximum relay-port connections still reading their preamble.
+    pub max_preambles: usize,
+    /// Registration lease.
+    pub lease: Duration,
+    /// How long a connect id waits for its partner connection.
+    pub connect_timeout: Duration,
+    /// How long a relay-port connection may take to send its preamble.
+    pub preamble_timeout: Duration,
+    /// Period of the stats log line (None: only at exit).
+    pub stats_interval: Option<Duration>,
+}
+
+/// Errors that stop the daemon at startup.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The listen address is unusable.
+    #[error("--listen {0}: the broker needs a specific IP (proxy addresses are advertised), not a wildcard")]
+    Unspecified(SocketAddr),
+    /// A socket could not be set up.
+    #[error("{what} {addr}: {source}")]
+    Bind {
+        /// Which socket.
+        what: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// The poller failed.
+    #[error("poll: {0}")]
+    Poll(#[from] io::Error),
+}
+
+/// Counters, printed by the stats line.
+#[derive(Debug, Default, Clone)]
+pub struct Counters {
+    /// Control datagrams dropped by `--allow`.
+    pub not_allowed: u64,
+    /// Registrations created.
+    pub registered: u64,
+    /// Registrations dropped because their lease ran out.
+    pub expired: u64,
+    /// Requests refused for quota/busy.
+    pub refused: u64,
+    /// Connections accepted on proxy sockets.
+    pub proxy_accepts: u64,
+    /// Connections refused on proxy or relay sockets (limits).
+    pub conns_refused: u64,
+    /// Relays started / finished cleanly / reset.
+    pub relays_started: u64,
+    /// Relays that finished cleanly.
+    pub relays_done: u64,
+    /// Relays that ended in a reset.
+    pub relays_reset: u64,
+    /// Bytes relayed (both directions, finished relays).
+    pub relay_bytes: u64,
+    /// Relay-port connections with a bad preamble, EOF or unknown id.
+    pub bad_preambles: u64,
+    /// Relay-port connections that did not send a preamble in time.
+    pub preamble_timeouts: u64,
+    /// Connect ids whose partner never arrived.
+    pub pairing_timeouts: u64,
+    /// connect_back requests the listener never answered.
+    pub connect_back_failures: u64,
+    /// Decisions by route.
+    pub direct: u64,
+    /// Reverse decisions.
+    pub reverse: u64,
+    /// Relay decisions.
+    pub relay: u64,
+    /// reregister_request messages sent.
+    pub reregister_sent: u64,
+}
+
+/// A relay-port connection still reading its 45-byte preamble.
+struct PreambleConn {
+    stream: TcpStream,
+    peer: SocketAddr,
+    buf: [u8; preamble::LEN],
+    got: usize,
+    deadline: Instant,
+}
+
+/// A connect id waiting for (the rest of) its pair.
+struct Pending {
+    proxy: SocketAddr,
+    /// The connection that arrived first (a proxy connector, or the first of
+    /// two relay-port arrivals).
+    waiting: Option<(TcpStream, SocketAddr)>,
+    deadline: Instant,
+    connect_back: Option<RequestId>,
+}
+
+struct RelayEntry {
+    relay: Relay,
+    tokens: [Token; 2],
+    label: String,
+}
+
+enum Owner {
+    Proxy(SocketAddr),
+    Preamble,
+    Relay(usize),
+}
+
+/// What an outstanding request of ours was for.
+enum Outgoing {
+    ConnectBack([u8; 16]),
+    Reregister(SocketAddr),
+}
+
+/// The broker.
+pub struct Server {
+    cfg: Config,
+    poll: Poll,
+    control: UdpSocket,
+    relay_listener: TcpListener,
+    /// listen IP:port (UDP control == TCP relay).
+    addr: SocketAddr,
+    ep: Endpoint,
+    registry: Registry,
+    owners: HashMap<Token, Owner>,
+    next_token: usize,
+    proxies: HashMap<SocketAddr, (Token, TcpListener)>,
+    preambles: HashMap<Token, PreambleConn>,
+    pending: HashMap<[u8; 16], Pending>,
+    relays: HashMap<usize, RelayEntry>,
+    outgoing: HashMap<RequestId, Outgoing>,
+    reregistering: HashSet<SocketAddr>,
+    counters: Counters,
+    next_sweep: Instant,
+    next_stats: Option<Instant>,
+}
+
+fn now() -> Now {
+    Now {
+        mono: Instant::now(),
+        unix_ms: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0),
+    }
+}
+
+/// 16 random bytes from the kernel (getrandom(2)).
+pub fn random_bytes() -> [u8; 16] {
+    let mut b = [0u8; 16];
+    let mut filled = 0;
+    while filled < b.len() {
+        // SAFETY: the pointer and length describe the unfilled tail of `b`,
+        // which is valid writable memory for the whole call.
+        let n = unsafe { libc::getrandom(b[filled..].as_mut_ptr().cast(), b.len() - filled, 0) };
+        if n > 0 {
+            filled += n as usize;
+        } else if io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+            // getrandom without flags only fails before the pool is
+            // initialised or on EFAULT; neither happens here. Never hand out
+            // a predictable id: abort.
+            panic!("getrandom failed: {}", io::Error::last_os_error());
+        }
+    }
+    b
+}
+
+fn hex(id: &[u8; 16]) -> String {
+    ConnectId::from_bytes(*id).to_string()
+}
+
+fn would_block(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::WouldBlock
+}
+
+impl Server {
+    /// Binds the control UDP socket and the relay TCP listener.
+    pub fn bind(cfg: Config) -> Result<Server, StartError> {
+        if cfg.listen.ip().is_unspecified() {
+            return Err(StartError::Unspecified(cfg.listen));
+        }
+        // Port 0: pick a free UDP port and use the same number for TCP
+        // (retrying if that TCP port happens to be taken).
+        let mut attempts = if cfg.listen.port() == 0 { 20 } else { 1 };
+        let (control, relay_listener) = loop {
+            attempts -= 1;
+            let control = UdpSocket::bind(cfg.listen).map_err(|source| StartError::Bind {
+                what: "control udp",
+                addr: cfg.listen,
+                source,
+            })?;
+            let addr = control.local_addr()?;
+            match TcpListener::bind(addr) {
+                Ok(l) => break (control, l),
+                Err(source) if attempts == 0 => {
+                    return Err(StartError::Bind {
+                        what: "relay tcp",
+                        addr,
+                        source,
+                    })
+                }
+                Err(_) => continue,
+            }
+        };
+        let addr = control.local_addr()?;
+        let poll = Poll::new()?;
+        let mut control = control;
+        let mut relay_listener = relay_listener;
+        poll.registry()
+            .register(&mut control, CONTROL, Interest::READABLE)?;
+        poll.registry()
+            .register(&mut relay_listener, RELAY_LISTENER, Interest::READABLE)?;
+        let session = u64::from_le_bytes(random_bytes()[..8].try_into().unwrap_or([1; 8]));
+        let ep = Endpoint::new(gcb_proto::Config::default(), cfg.key.clone(), session);
+        let registry = Registry::new(Limits {
+            max_total: cfg.max_registrations,
+            max_per_client: cfg.max_per_client,
+            lease: cfg.lease,
+        });
+        let t = Instant::now();
+        Ok(Server {
+            next_stats: cfg.stats_interval.map(|d| t + d),
+            cfg,
+            poll,
+            control,
+            relay_listener,
+            addr,
+            ep,
+            registry,
+            owners: HashMap::new(),
+            next_token: FIRST_DYNAMIC,
+            proxies: HashMap::new(),
+            preambles: HashMap::new(),
+            pending: HashMap::new(),
+            relays: HashMap::new(),
+            outgoing: HashMap::new(),
+            reregistering: HashSet::new(),
+            counters: Counters::default(),
+            next_sweep: t,
+        })
+    }
+
+    /// The bound control/relay address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Runs until `stop` becomes true. Logs the stats line on the way out.
+    pub fn run(&mut self, stop: &AtomicBool) -> io::Result<()> {
+        let mut events = Events::with_capacity(1024);
+        while !stop.load(Ordering::Relaxed) {
+            let timeout = self.sleep_time();
+            match self.poll.poll(&mut events, Some(timeout)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+            for ev in events.iter() {
+                self.dispatch(ev.token());
+            }
+            self.timers();
+            self.flush_control();
+        }
+        log!(
+            Info,
+            "shutting down: {} registrations, {} relays",
+            self.registry.len(),
+            self.relays.len()
+        );
+        self.log_stats();
+        Ok(())
+    }
+
+    fn sleep_time(&self) -> Duration {
+        let t = Instant::now();
+        let mut wake = self.next_sweep.max(t + Duration::from_millis(1));
+        if let Some(w) = self.ep.poll_timeout() {
+            wake = wake.min(w.max(t));
+        }
+        wake.saturating_duration_since(t).min(MAX_SLEEP)
+    }
+
+    fn token(&mut self, owner: Owner) -> Token {
+        let t = Token(self.next_token);
+        self.next_token += 1;
+        self.owners.insert(t, owner);
+        t
+    }
+
+    fn dispatch(&mut self, token: Token) {
+        match token {
+            CONTROL => self.on_control(),
+            RELAY_LISTENER => self.on_relay_accept(),
+            t => match self.owners.get(&t) {
+                Some(Owner::Proxy(p)) => {
+                    let p = *p;
+                    self.on_proxy_accept(p);
+                }
+                Some(Owner::Preamble) => self.on_preamble(t),
+                Some(Owner::Relay(id)) => {
+                    let id = *id;
+                    self.pump_relay(id);
+                }
+                None => {}
+            },
+        }
+    }
+
+    // ------------------------------------------------------------------
+    // Control plane
+    // ------------------------------------------------------------------
+
+    fn on_control(&mut self) {
+        let mut buf = [0u8; 2048];
+        loop {
+            match self.control.recv_from(&mut buf) {
+                Ok((n, from)) => {
+                    if !self.cfg.allow.allows(from.ip()) {
+                        self.counters.not_allowed += 1;
+                        log!(Debug, "dropped datagram from {from}: not in --allow");
+                        continue;
+                    }
+                    self.ep.handle_datagram(now(), from, &buf[..n]);
+                    self.handle_events();
+                }
+                Err(e) if would_block(&e) => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    // ICMP errors (ECONNREFUSED) surface here on Linux.
+                    log!(Debug, "control recv: {e}");
+                }
+            }
+        }
+    }
+
+    fn flush_control(&mut self) {
+        while let Some(t) = self.ep.poll_transmit() {
+            match self.control.send_to(&t.payload, t.to) {
+                Ok(_) => {}
+                // Dropped: the reliable layer retransmits requests, and peers
+                // retransmit their requests to get our replies again.
+                Err(e) => log!(Debug, "control send to {}: {e}", t.to),
+            }
+        }
+    }
+
+    fn handle_events(&mut self) {
+        while let Some(ev) = self.ep.poll_event() {
+            match ev {
+                Event::Request { from, id, body } => {
+                    log!(Debug, "{from} -> {}", body.type_name());
+                    let reply = self.on_request(from, body);
+                    if let Err(e) = self.ep.respond(now(), from, id, reply) {
+                        log!(Warn, "cannot answer {from}: {e}");
+                    }
+                }
+                Event::Response {
+                    from,
+                    request,
+                    body,
+                } => self.on_response(from, request, Some(body)),
+                Event::Timeout { to, request } => self.on_response(to, request, None),
+            }
+        }
+    }
+
+    fn send(&mut self, to: SocketAddr, body: Body, what: Outgoing) -> Option<RequestId> {
+        match self.ep.send_request(now(), to, body) {
+            Ok(id) => {
+                self.outgoing.insert(id, what);
+                Some(id)
+            }
+            Err(e) => {
+                log!(Warn, "cannot send to {to}: {e}");
+                None
+            }
+        }
+    }
+
+    fn refuse(&mut self, from: SocketAddr, code: ErrorCode, reason: String) -> Body {
+        self.counters.refused += 1;
+        log!(Warn, "refused {from}: {code}: {reason}");
+        Body::error(code, reason)
+    }
+
+    fn on_request(&mut self, from: SocketAddr, body: Body) -> Body {
+        match body {
+            Body::Register {
+                transport,
+                local,
+                previous_proxy,
+            } => self.on_register(from, transport, local, previous_proxy),
+            Body::Unregister { proxy } => match self.registry.remove(from, proxy) {
+                Ok(r) => {
+                    self.close_proxy(r.proxy);
+                    log!(
+                        Info,
+                        "unregistered proxy {} (local {}, client {from})",
+                        r.proxy,
+                        r.local
+                    );
+                    Body::Ack {}
+                }
+                Err(e @ RegistryError::NotOwner(_)) => {
+                    Body::error(ErrorCode::NotOwner, e.to_string())
+                }
+                Err(e) => Body::error(ErrorCode::NoSuchRegistration, e.to_string()),
+            },
+            Body::Heartbeat { proxies } => {
+                let t = Instant::now();
+                let unknown: Vec<SocketAddr> = proxies
+                    .into_iter()
+                    .filter(|p| !self.registry.renew(from, *p, t))
+                    .collect();
+                if !unknown.is_empty() && !self.reregistering.contains(&from) {
+                    log!(Info, "heartbeat from unknown client {from} ({} unknown proxies): sending reregister_request", unknown.len());
+                    if self
+                        .send(from, Body::ReregisterRequest {}, Outgoing::Reregister(from))
+                        .is_some()
+                    {
+                        self.reregistering.insert(from);
+                        self.counters.reregister_sent += 1;
+                    }
+                }
+                Body::HeartbeatAck { unknown }
+            }
+            Body::ConnectRequest {
+                proxy,
+                transport,
+                connector_local,
+                connector_listen,
+            } => self.on_connect_request(from, proxy, transport, connector_local, connector_listen),
+            other => Body::error(
+                ErrorCode::BadRequest,
+                format!("{} is not a request the broker serves", other.type_name()),
+            ),
+        }
+    }
+
+    fn on_register(
+        &mut self,
+        from: SocketAddr,
+        transport: Transport,
+        local: SocketAddr,
+        previous_proxy: Option<SocketAddr>,
+    ) -> Body {
+        let lease_ms = self.registry.lease().as_millis() as u64;
+        if transport != Transport::Tcp {
+            return Body::error(
+                ErrorCode::Unsupported,
+                "udp registrations are not supported yet",
+            );
+        }
+        if let Some(proxy) = self.registry.existing(from, local, Instant::now()) {
+            log!(
+                Debug,
+                "duplicate register from {from} for {local}: proxy {proxy}"
+            );
+            return Body::Registered { proxy, lease_ms };
+        }
+        if let Err(e) = self.registry.check_quota(from) {
+            return self.refuse(from, ErrorCode::Quota, e.to_string());
+        }
+        let ip = self.addr.ip();
+        let mut listener = None;
+        if let Some(prev) = previous_proxy {
+            if prev.ip() == ip && prev.port() != 0 && prev.port() != self.addr.port() {
+                match TcpListener::bind(prev) {
+                    Ok(l) => listener = Some(l),
+                    Err(e) => log!(
+                        Info,
+                        "previous proxy {prev} for {from} unavailable ({e}); assigning a new one"
+                    ),
+                }
+            }
+        }
+        let mut listener = match listener {
+            Some(l) => l,
+            None => match TcpListener::bind(SocketAddr::new(ip, 0)) {
+                Ok(l) => l,
+                Err(e) => {
+                    log!(Error, "cannot bind a proxy socket: {e}");
+                    return Body::error(
+                        ErrorCode::Internal,
+                        format!("cannot bind a proxy socket: {e}"),
+                    );
+                }
+            },
+        };
+        let proxy = match listener.local_addr() {
+            Ok(a) => a,
+            Err(e) => return Body::error(ErrorCode::Internal, e.to_string()),
+        };
+        let token = self.token(Owner::Proxy(proxy));
+        if let Err(e) = self
+            .poll
+            .registry()
+            .register(&mut listener, token, Interest::READABLE)
+        {
+            self.owners.remove(&token);
+            return Body::error(ErrorCode::Internal, e.to_string());
+        }
+        self.proxies.insert(proxy, (token, listener));
+        self.registry.insert(from, local, proxy, Instant::now());
+        self.counters.registered += 1;
+        log!(
+            Info,
+            "registered tcp listener local {local} client {from} -> proxy {proxy}"
+        );
+        Body::Registered { proxy, lease_ms }
+    }
+
+    fn on_connect_request(
+        &mut self,
+        from: SocketAddr,
+        proxy: SocketAddr,
+        transport: Transport,
+        connector_local: SocketAddr,
+        connector_listen: Option<SocketAddr>,
+    ) -> Body {
+        if transport != Transport::Tcp {
+            return Body::error(ErrorCode::Unsupported, "udp brokering is not supported yet");
+        }
+        let Some(reg) = self.registry.get(&proxy).cloned() else {
+            return Body::error(
+                ErrorCode::NoSuchRegistration,
+                format!("no registration for {proxy}"),
+            );
+        };
+        let l = Party {
+            observed: reg.observed,
+            local: reg.local,
+        };
+        let c = Party {
+            observed: from,
+            local: connector_local,
+        };
+        let route = match decide(&l, &c, connector_listen) {
+            Decision::Direct(addr) => {
+                self.counters.direct += 1;
+                Route::Direct { addr }
+            }
+            Decision::Reverse(dial) => {
+                self.counters.reverse += 1;
+                let id = random_bytes();
+                let body = Body::ConnectBack {
+                    connect_id: ConnectId::from_bytes(id),
+                    dial,
+                    proxy,
+                    logical_peer: dial,
+                };
+                if self
+                    .send(reg.observed, body, Outgoing::ConnectBack(id))
+                    .is_none()
+                {
+                    return Body::error(ErrorCode::Busy, "cannot reach the listener now");
+                }
+                Route::Reverse {
+                    connect_id: ConnectId::from_bytes(id),
+                }
+            }
+            Decision::Relay => {
+                if self.relay_load() >= self.cfg.max_relays {
+                    return self.refuse(
+                        from,
+                        ErrorCode::Busy,
+                        format!("relay limit ({}) reached", self.cfg.max_relays),
+                    );
+                }
+                self.counters.relay += 1;
+                let id = random_bytes();
+                let peer = connector_listen.unwrap_or(from);
+                let Some(req) = self.send_connect_back(&reg.observed, id, proxy, peer) else {
+                    return Body::error(ErrorCode::Busy, "cannot reach the listener now");
+                };
+                self.pending.insert(
+                    id,
+                    Pending {
+                        proxy,
+                        waiting: None,
+                        deadline: Instant::now() + self.cfg.connect_timeout,
+                        connect_back: Some(req),
+                    },
+                );
+                Route::Relay {
+                    addr: self.addr,
+                    connect_id: ConnectId::from_bytes(id),
+                }
+            }
+        };
+        log!(Info, "connect {from} (local {connector_local}) -> proxy {proxy} (listener {} local {}): {route:?}", reg.observed, reg.local);
+        Body::ConnectDecision { route }
+    }
+
+    fn send_connect_back(
+        &mut self,
+        listener: &SocketAddr,
+        id: [u8; 16],
+        proxy: SocketAddr,
+        logical_peer: SocketAddr,
+    ) -> Option<RequestId> {
+        let body = Body::ConnectBack {
+            connect_id: ConnectId::from_bytes(id),
+            dial: self.addr,
+            proxy,
+            logical_peer,
+        };
+        self.send(*listener, body, Outgoing::ConnectBack(id))
+    }
+
+    fn on_response(&mut self, peer: SocketAddr, request: RequestId, body: Option<Body>) {
+        match self.outgoing.remove(&request) {
+            Some(Outgoing::Reregister(c)) => {
+                self.reregistering.remove(&c);
+            }
+            Some(Outgoing::ConnectBack(id)) => match body {
+                Some(Body::Ack {}) => {
+                    log!(Debug, "connect_back {} acked by {peer}", hex(&id));
+                }
+                other => {
+                    self.counters.connect_back_failures += 1;
+                    let why = match other {
+                        None => "no answer".to_owned(),
+                        Some(b) => format!("{b:?}"),
+                    };
+                    log!(
+                        Warn,
+                        "connect_back {} to listener {peer} failed: {why}",
+                        hex(&id)
+                    );
+                    if let Some(p) = self.pending.remove(&id) {
+                        drop_conn(p.waiting);
+                    }
+                }
+            },
+            None => {}
+        }
+    }
+
+    // ------------------------------------------------------------------
+    // Proxy sockets and the relay port
+    // ------------------------------------------------------------------
+
+    /// Relays running plus pairings waiting: the --max-relays budget.
+    fn relay_load(&self) -> usize {
+        self.relays.len() + self.pending.len()
+    }
+
+    fn close_proxy(&mut self, proxy: SocketAddr) {
+        if let Some((token, mut l)) = self.proxies.remove(&proxy) {
+            let _ = self.poll.registry().deregister(&mut l);
+            self.owners.remove(&token);
+        }
+    }
+
+    fn on_proxy_accept(&mut self, proxy: SocketAddr) {
+        loop {
+            let Some((_, l)) = self.proxies.get(&proxy) else {
+                return;
+            };
+            let (stream, peer) = match l.accept() {
+                Ok(x) => x,
+                Err(e) if would_block(&e) => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // EMFILE and friends: the connection stays queued; retry
+                    // on the next event or sweep.
+                    log!(Warn, "accept on proxy {proxy}: {e}");
+                    return;
+                }
+            };
+            self.counters.proxy_accepts += 1;
+            let Some(reg) = self.registry.get(&proxy).cloned() else {
+                return;
+            };
+            if self.relay_load() >= self.cfg.max_relays {
+                self.counters.conns_refused += 1;
+                log!(
+                    Warn,
+                    "refused connection from {peer} to proxy {proxy}: relay limit ({}) reached",
+                    self.cfg.max_relays
+                );
+                reset(stream);
+                continue;
+            }
+            let id = random_bytes();
+            let Some(req) = self.send_connect_back(&reg.observed, id, proxy, peer) else {
+                self.counters.conns_refused += 1;
+                reset(stream);
+                continue;
+            };
+            log!(
+                Info,
+                "connection from {peer} to proxy {proxy}: connect_back {} sent to {}",
+                hex(&id),
+                reg.observed
+            );
+            // The connector's stream is not registered with the poller and
+            // not read: its bytes wait in the kernel until the splice.
+            self.pending.insert(
+                id,
+                Pending {
+                    proxy,
+                    waiting: Some((stream, peer)),
+                    deadline: Instant::now() + self.cfg.connect_timeout,
+                    connect_back: Some(req),
+                },
+            );
+        }
+    }
+
+    fn on_relay_accept(&mut self) {
+        loop {
+            let (mut stream, peer) = match self.relay_listener.accept() {
+                Ok(x) => x,
+                Err(e) if would_block(&e) => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    log!(Warn, "accept on relay port: {e}");
+                    return;
+                }
+            };
+            if self.preambles.len() >= self.cfg.max_preambles {
+                self.counters.conns_refused += 1;
+                log!(Warn, "refused relay-port connection from {peer}: {} connections already reading a preamble", self.preambles.len());
+                reset(stream);
+                continue;
+            }
+            let token = self.token(Owner::Preamble);
+            if let Err(e) = self
+                .poll
+                .registry()
+                .register(&mut stream, token, Interest::READABLE)
+            {
+                log!(Warn, "register relay-port connection: {e}");
+                self.owners.remove(&token);
+                continue;
+            }
+            self.preambles.insert(
+                token,
+                PreambleConn {
+                    stream,
+                    peer,
+                    buf: [0; preamble::LEN],
+                    got: 0,
+                    deadline: Instant::now() + self.cfg.preamble_timeout,
+                },
+            );
+            self.on_preamble(token);
+        }
+    }
+
+    fn drop_preamble(&mut self, token: Token) -> Option<PreambleConn> {
+        let mut c = self.preambles.remove(&token)?;
+        self.owners.remove(&token);
+        let _ = self.poll.registry().deregister(&mut c.stream);
+        Some(c)
+    }
+
+    fn on_preamble(&mut self, token: Token) {
+        let Some(c) = self.preambles.get_mut(&token) else {
+            return;
+        };
+        // Read exactly the preamble, never past it.
+        let result = loop {
+            if c.got == preamble::LEN {
+                break Ok(true);
+            }
+            match c.stream.read(&mut c.buf[c.got..]) {
+                Ok(0) => break Err("connection closed before the preamble".to_owned()),
+                Ok(n) => {
+                    c.got += n;
+                    if let Err(e) = preamble::check_prefix(&c.buf[..c.got]) {
+                        break Err(e.to_string());
+                    }
+                }
+                Err(e) if would_block(&e) => break Ok(false),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => break Err(e.to_string()),
+            }
+        };
+        match result {
+            Ok(false) => {}
+            Err(why) => {
+                let c = self.drop_preamble(token);
+                self.counters.bad_preambles += 1;
+                if let Some(c) = c {
+                    log!(Warn, "relay port: dropped {}: {why}", c.peer);
+                    reset(c.stream);
+                }
+            }
+            Ok(true) => {
+                let Some(c) = self.drop_preamble(token) else {
+                    return;
+                };
+                let id = match preamble::parse(&c.buf) {
+                    Ok(id) => id,
+                    Err(e) => {
+                        self.counters.bad_preambles += 1;
+                        log!(Warn, "relay port: dropped {}: {e}", c.peer);
+                        reset(c.stream);
+                        return;
+                    }
+                };
+                self.on_arrival(id, c.stream, c.peer);
+            }
+        }
+    }
+
+    /// A relay-port connection presented connect id `id`.
+    fn on_arrival(&mut self, id: [u8; 16], stream: TcpStream, peer: SocketAddr) {
+        let Some(p) = self.pending.get_mut(&id) else {
+            self.counters.bad_preambles += 1;
+            log!(
+                Warn,
+                "relay port: {peer} presented unknown or used connect id {}",
+                hex(&id)
+            );
+            reset(stream);
+            return;
+        };
+        match p.waiting.take() {
+            None => {
+                log!(Debug, "relay port: {peer} is first for {}", hex(&id));
+                p.waiting = Some((stream, peer));
+            }
+            Some((first, first_peer)) => {
+                let p = self.pending.remove(&id).expect("present");
+                if let Some(req) = p.connect_back {
+                    // The listener evidently got the message.
+                    if self.outgoing.remove(&req).is_some() {
+                        self.ep.cancel(req);
+                    }
+                }
+                let label = format!(
+                    "{first_peer} <-> {peer} (proxy {}, id {})",
+                    p.proxy,
+                    hex(&id)
+                );
+                self.start_relay(first, stream, label);
+            }
+        }
+    }
+
+    fn start_relay(&mut self, a: TcpStream, b: TcpStream, label: String) {
+        let mut relay = match Relay::new(a, b) {
+            Ok(r) => r,
+            Err(e) => {
+                log!(Error, "cannot start relay {label}: {e}");
+                return;
+            }
+        };
+        let rid = self.next_token;
+        let ta = self.token(Owner::Relay(rid));
+        let tb = self.token(Owner::Relay(rid));
+        let both = Interest::READABLE | Interest::WRITABLE;
+        let reg = self.poll.registry();
+        if let Err(e) = reg
+            .register(relay.a_mut(), ta, both)
+            .and_then(|()| reg.register(relay.b_mut(), tb, both))
+        {
+            log!(Error, "cannot register relay {label}: {e}");
+            relay.abort();
+            self.owners.remove(&ta);
+            self.owners.remove(&tb);
+            return;
+        }
+        self.counters.relays_started += 1;
+        log!(Info, "relay started: {label}");
+        self.relays.insert(
+            rid,
+            RelayEntry {
+                relay,
+                tokens: [ta, tb],
+                label,
+            },
+        );
+        self.pump_relay(rid);
+    }
+
+    fn pump_relay(&mut self, rid: usize) {
+        let Some(e) = self.relays.get_mut(&rid) else {
+            return;
+        };
+        let state = e.relay.pump();
+        if state == RelayState::Open {
+            return;
+        }
+        let mut e = self.relays.remove(&rid).expect("present");
+        for t in e.tokens {
+            self.owners.remove(&t);
+        }
+        let _ = self.poll.registry().deregister(e.relay.a_mut());
+        let _ = self.poll.registry().deregister(e.relay.b_mut());
+        let (ab, ba) = e.relay.bytes();
+        self.counters.relay_bytes += ab + ba;
+        match state {
+            RelayState::Done => {
+                self.counters.relays_done += 1;
+                log!(Info, "relay closed: {} ({ab} + {ba} bytes)", e.label);
+            }
+            RelayState::Reset(why) => {
+                self.counters.relays_reset += 1;
+                log!(Info, "relay reset: {} ({ab} + {ba} bytes): {why}", e.label);
+            }
+            RelayState::Open => {}
+        }
+    }
+
+    // ------------------------------------------------------------------
+    // Timers
+    // ------------------------------------------------------------------
+
+    fn timers(&mut self) {
+        let t = now();
+        if self.ep.poll_timeout().is_some_and(|w| w <= t.mono) {
+            self.ep.handle_timeout(t);
+            self.handle_events();
+        }
+        if t.mono < self.next_sweep {
+            return;
+        }
+        self.next_sweep = t.mono + SWEEP_INTERVAL;
+
+        for r in self.registry.expire(t.mono) {
+            self.counters.expired += 1;
+            self.close_proxy(r.proxy);
+            log!(
+                Info,
+                "lease expired: proxy {} (local {}, client {})",
+                r.proxy,
+                r.local,
+                r.observed
+            );
+        }
+
+        let late: Vec<Token> = self
+            .preambles
+            .iter()
+            .filter(|(_, c)| c.deadline <= t.mono)
+            .map(|(tok, _)| *tok)
+            .collect();
+        for tok in late {
+            if let Some(c) = self.drop_preamble(tok) {
+                self.counters.preamble_timeouts += 1;
+                log!(Warn, "relay port: {} sent no preamble in time", c.peer);
+                reset(c.stream);
+            }
+        }
+
+        let late: Vec<[u8; 16]> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.deadline <= t.mono)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in late {
+            if let Some(p) = self.pending.remove(&id) {
+                self.counters.pairing_timeouts += 1;
+                let who = p.waiting.as_ref().map(|(_, a)| a.to_string());
+                log!(
+                    Warn,
+                    "connect id {} for proxy {} expired; closing waiting side {}",
+                    hex(&id),
+                    p.proxy,
+                    who.as_deref().unwrap_or("(none)")
+                );
+                if let Some(req) = p.connect_back {
+                    if self.outgoing.remove(&req).is_some() {
+                        self.ep.cancel(req);
+                    }
+                }
+                drop_conn(p.waiting);
+            }
+        }
+
+        if let Some(next) = self.next_stats {
+            if next <= t.mono {
+                self.log_stats();
+                self.next_stats = self.cfg.stats_interval.map(|d| t.mono + d);
+            }
+        }
+    }
+
+    /// Current counters (including the control endpoint's).
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    /// Logs the one-line stats summary.
+    pub fn log_stats(&self) {
+        let c = &self.counters;
+        let s = self.ep.stats();
+        let junk = s.malformed + s.rejected_total();
+        log!(
+            Info,
+            "stats registrations={} relays_active={} pending={} registered={} expired={} refused={} \
+             proxy_accepts={} conns_refused={} relays_started={} relays_done={} relays_reset={} \
+             relay_bytes={} bad_preambles={} preamble_timeouts={} pairing_timeouts={} \
+             connect_back_failures={} direct={} reverse={} relay={} reregister_sent={} \
+             datagrams_received={} junk_datagrams={} not_allowed={} error_replies={}",
+            self.registry.len(),
+            self.relays.len(),
+            self.pending.len(),
+            c.registered,
+            c.expired,
+            c.refused,
+            c.proxy_accepts,
+            c.conns_refused,
+            c.relays_started,
+            c.relays_done,
+            c.relays_reset,
+            c.relay_bytes,
+            c.bad_preambles,
+            c.preamble_timeouts,
+            c.pairing_timeouts,
+            c.connect_back_failures,
+            c.direct,
+            c.reverse,
+            c.relay,
+            c.reregister_sent,
+            s.received,
+            junk,
+            c.not_allowed,
+            s.error_replies,
+        );
+    }
+}
+
+/// Closes a connection with RST (SO_LINGER 0).
+fn reset(s: TcpStream) {
+    let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+}
+
+fn drop_conn(c: Option<(TcpStream, SocketAddr)>) {
+    if let Some((s, _)) = c {
+        reset(s);
+    }
+}
+
+/// Parses `IP[:PORT]` (port defaults to [`DEFAULT_PORT`]); IPv6 as
+/// `[::1]:PORT` or a bare `::1`.
+pub fn parse_listen(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    let bare = s.trim_start_matches('[').trim_end_matches(']');
+    bare.parse::<IpAddr>()
+        .map(|ip| SocketAddr::new(ip, DEFAULT_PORT))
+        .map_err(|_| format!("{s:?} is not IP or IP:PORT"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listen_parsing() {
+        assert_eq!(
+            parse_listen("1.2.3.4").unwrap(),
+            "1.2.3.4:9650".parse().unwrap()
+        );
+        assert_eq!(
+            parse_listen("1.2.3.4:7").unwrap(),
+            "1.2.3.4:7".parse().unwrap()
+        );
+        assert_eq!(parse_listen("::1").unwrap(), "[::1]:9650".parse().unwrap());
+        assert_eq!(
+            parse_listen("[::1]").unwrap(),
+            "[::1]:9650".parse().unwrap()
+        );
+        assert_eq!(parse_listen("[::1]:8").unwrap(), "[::1]:8".parse().unwrap());
+        assert!(parse_listen("nope").is_err());
+    }
+
+    #[test]
+    fn ids_are_random() {
+        assert_ne!(random_bytes(), random_bytes());
+    }
+}
