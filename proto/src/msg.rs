@@ -807,7 +807,10 @@ mod tests {
             },
         );
         let json = String::from_utf8(new.encode().unwrap()).unwrap();
-        assert!(json.contains(r#""previous_proxy":"203.0.113.10:40001""#), "{json}");
+        assert!(
+            json.contains(r#""previous_proxy":"203.0.113.10:40001""#),
+            "{json}"
+        );
         assert_eq!(Envelope::decode(json.as_bytes()).unwrap(), new);
     }
 
