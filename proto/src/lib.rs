@@ -63,7 +63,7 @@
 //! A program in a private network calls `listen()`; the shim registers it.
 //!
 //! 1. Shim: `ep.send_request(now, broker, Body::Register { transport: Tcp,
-//!    local })` returns `RequestId(7301)` and queues a frame. The shim sends
+//!    local, previous_proxy: None })` returns `RequestId(7301)` and queues a frame. The shim sends
 //!    each [`Transmit`] from `ep.poll_transmit()` on its UDP socket and sleeps
 //!    until `ep.poll_timeout()` or socket readability.
 //! 2. The datagram is lost. At the timeout the shim calls
@@ -84,6 +84,40 @@
 //!    request: RequestId(7301), body: Registered{..} }`. `getsockname()` now
 //!    answers the proxy address. Had nothing come back within 10 s,
 //!    `Event::Timeout` would have been reported instead, exactly once.
+//!
+//! The same exchange in code (no loss here; see `tests/lossy_link.rs` for
+//! the lossy version):
+//!
+//! ```
+//! use std::time::Instant;
+//! use gcb_proto::{Body, Config, Endpoint, Event, Now, PoolKey, Transport};
+//!
+//! let key = PoolKey::from_file_contents(b"example-pool-key-16+\n").unwrap();
+//! let (shim_addr, broker_addr) = ("10.1.0.5:4000".parse().unwrap(), "203.0.113.10:9618".parse().unwrap());
+//! let mut shim = Endpoint::new(Config::default(), Some(key.clone()), 0x5eed_0001);
+//! let mut broker = Endpoint::new(Config::default(), Some(key), 0x5eed_0002);
+//! let now = Now { mono: Instant::now(), unix_ms: 1_700_000_000_000 };
+//!
+//! let req = shim
+//!     .send_request(now, broker_addr, Body::Register {
+//!         transport: Transport::Tcp,
+//!         local: shim_addr,
+//!         previous_proxy: None,
+//!     })
+//!     .unwrap();
+//! let tx = shim.poll_transmit().unwrap();            // send on the UDP socket
+//! broker.handle_datagram(now, shim_addr, &tx.payload); // received by the broker
+//! let Some(Event::Request { from, id, .. }) = broker.poll_event() else { panic!() };
+//! let proxy = "203.0.113.10:40001".parse().unwrap();
+//! broker.respond(now, from, id, Body::Registered { proxy, lease_ms: 60_000 }).unwrap();
+//! let tx = broker.poll_transmit().unwrap();
+//! shim.handle_datagram(now, broker_addr, &tx.payload);
+//! assert_eq!(
+//!     shim.poll_event(),
+//!     Some(Event::Response { from: broker_addr, request: req, body: Body::Registered { proxy, lease_ms: 60_000 } })
+//! );
+//! assert_eq!(shim.poll_timeout(), None); // nothing left to retransmit
+//! ```
 //!
 //! Heartbeats are ordinary `heartbeat` requests sent every
 //! [`rudp::HEARTBEAT_INTERVAL`] (see [`rudp::Ticker`] and

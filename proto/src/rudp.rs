@@ -19,7 +19,9 @@
 //!   passes; then exactly one [`Event::Timeout`]. Every (re)transmission is
 //!   sealed afresh (new auth nonce and timestamp), with the same message id.
 //! - A response from a peer other than the request's destination is ignored
-//!   and counted. A response that matches nothing outstanding (late duplicate)
+//!   and counted. (With a key, such a frame still consumes its auth nonce, so
+//!   a captured reply raced from a spoofed address delays the request by one
+//!   retransmission, answered from the peer's cache with a fresh nonce.) A response that matches nothing outstanding (late duplicate)
 //!   is counted and dropped.
 //! - A new request is surfaced as [`Event::Request`] once and remembered per
 //!   (peer, id). A duplicate arriving before the application responds is
