@@ -1,1 +1,87 @@
-//! libgcb.so (placeholder; being written).
+//! # libgcb.so — socket interposition for GCB and DPF
+//!
+//! Loaded with `LD_PRELOAD` into an unmodified program, this library defines the libc
+//! socket, descriptor, readiness, fork and exec functions, so the dynamic linker binds the
+//! program's calls to us first; we reach the real libc function with
+//! `dlsym(RTLD_NEXT, ...)`. Today it is a *transparent pass-through*: with no broker
+//! (`GCB_BROKER`) and no DPF server (`GCB_DPF_SERVER`) it changes nothing. It is the
+//! foundation on which the GCB and DPF client logic of the paper will be layered.
+//!
+//! ## Modules
+//!
+//! * [`hooks`] — the exported `extern "C"` functions, grouped by family ([`hooks::sock`],
+//!   [`hooks::fds`], [`hooks::io`], [`hooks::wait`], [`hooks::process`]), plus the common
+//!   [`hooks::run`] / [`hooks::finish`] machinery.
+//! * [`layer`] — the [`layer::Layer`] trait: the seam where GCB/DPF logic and the
+//!   asynchronous event handler (AEH) plug in, and [`layer::Outcome`] (`Bypass`,
+//!   `Handled(ret)`, `Error(errno)`).
+//! * [`fdtable`] — per-fd table: lock-free "is this fd managed?" lookup, entries shared by
+//!   dup'd fds, shim-owned fds ([`fdtable::own_fd`]) protected from the program.
+//! * [`guard`] — thread-local re-entrancy guard.
+//! * [`init`] — lazy idempotent initialisation, configuration from the environment, vfork
+//!   child detection.
+//! * [`fork`] — pthread_atfork handlers that hold the shim's locks across fork;
+//!   [`forklock`] — parking_lot locks a fork child can re-initialise.
+//! * [`real`], [`sys`] — cached `dlsym(RTLD_NEXT)` resolution of the real functions.
+//! * [`log`] — silent-by-default logging to stderr or `GCB_LOG_FILE`, never stdout.
+//!
+//! ## One call, end to end: `recv(fd, buf, len, flags)`
+//!
+//! 1. The program calls `recv`; the dynamic linker resolved that symbol to
+//!    [`hooks::io::recv`] because LD_PRELOAD objects come first in the lookup scope.
+//! 2. The hook builds a closure `real` that calls the real `recv` through
+//!    [`sys`]'s cached pointer (resolved once with `dlsym(RTLD_NEXT, "recv")`).
+//! 3. Fast path: [`fdtable::is_marked`]`(fd)` — one Acquire load of the chunk pointer
+//!    covering `fd` (null when the shim manages nothing), at most one more Relaxed load of
+//!    the slot. Not managed: `return real()`. This is the whole cost for ordinary sockets:
+//!    no lock, no allocation, no syscall of our own.
+//! 4. Managed fd: [`hooks::run`] enters the [`guard`] (if this thread is already inside
+//!    the shim, e.g. the shim's own management traffic, it calls `real()` instead), ensures
+//!    [`init`] ran, and calls the safe logic under `catch_unwind`.
+//! 5. The logic clones the fd's `Arc<FdEntry>` under the table's read lock. A shim-owned fd
+//!    gives `Error(EBADF)` (the program never received that fd); a managed socket asks the
+//!    active [`layer::Layer::on_io`] which answers `Bypass`, `Handled(n)` or `Error(e)`.
+//! 6. [`hooks::finish`] turns the outcome into the C result: `Bypass` calls `real()` (after
+//!    leaving the guard), `Handled(n)` returns `n`, `Error(e)` sets errno — the only place
+//!    errno is set — and returns -1. A panic anywhere in steps 4-5 is logged once (panic
+//!    hook) and becomes `Bypass`; no panic crosses the FFI boundary.
+//!
+//! ## Fork and exec
+//!
+//! pthread_atfork handlers take the table lock and every entry lock before fork and
+//! re-initialise them in the child. vfork/posix_spawn children share our memory and run no
+//! handlers; hooks detect them by pid and never mutate the table there. exec is
+//! pass-through with a seam for handing GCB state to the new image; `execl*` are variadic
+//! and reach the kernel through glibc internals, so they are not seen (see
+//! [`hooks::process`]).
+//!
+//! ## Initialisation
+//!
+//! An `.init_array` constructor runs [`init::ensure`] when the library is loaded (before the
+//! program's own constructors); any hook that needs configuration also calls it, so the
+//! order does not matter. It reads the environment with libc `getenv`, so it needs nothing
+//! from Rust's runtime start-up.
+//!
+//! Environment: `GCB_LOG=error|warn|info|debug|trace`, `GCB_LOG_FILE=path`,
+//! `GCB_BROKER`, `GCB_DPF_SERVER` (recognised; their layers are not implemented yet).
+
+pub mod fdtable;
+pub mod fork;
+pub mod forklock;
+pub mod guard;
+pub mod hooks;
+pub mod init;
+pub mod layer;
+#[macro_use]
+pub mod log;
+pub mod real;
+pub mod sys;
+
+extern "C" fn gcb_constructor() {
+    let _ = std::panic::catch_unwind(init::ensure);
+}
+
+/// Runs [`gcb_constructor`] at load time, like `__attribute__((constructor))`.
+#[used]
+#[link_section = ".init_array"]
+static GCB_CONSTRUCTOR: extern "C" fn() = gcb_constructor;

@@ -1,0 +1,1 @@
+//! Plain-socket example programs; see `src/bin`.

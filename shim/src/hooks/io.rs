@@ -1,0 +1,254 @@
+//! recv, __recv_chk, recvfrom, __recvfrom_chk, recvmsg, send, sendto, sendmsg.
+//!
+//! The hot path of every program: an unmanaged fd costs one table lookup and the real call.
+//! (read/write are not interposed yet; a GCB layer that needs the AEH inside read() on a
+//! managed socket adds them here with the same shape.)
+
+use libc::{c_int, c_void, msghdr, size_t, sockaddr, socklen_t, ssize_t};
+
+use super::{run, shim_fd_outcome, Outcome};
+use crate::call_real;
+use crate::fdtable::{self, FdKind};
+use crate::layer::{self, AddrIn, AddrOut, IoCall};
+use crate::sys;
+
+fn io_logic(fd: c_int, call: IoCall) -> Outcome<ssize_t> {
+    let Some(e) = fdtable::get(fd) else {
+        return Outcome::Bypass;
+    };
+    match &e.kind {
+        FdKind::ShimOwned(_) => shim_fd_outcome(),
+        FdKind::Socket(_) => layer::active().map_or(Outcome::Bypass, |l| l.on_io(fd, &e, call)),
+    }
+}
+
+const NO_ADDR: AddrOut = AddrOut {
+    ptr: std::ptr::null_mut(),
+    len: std::ptr::null_mut(),
+};
+
+#[no_mangle]
+/// Hook for recv(2).
+///
+/// # Safety
+/// C ABI; same contract as libc recv.
+pub unsafe extern "C" fn recv(fd: c_int, buf: *mut c_void, len: size_t, flags: c_int) -> ssize_t {
+    let real = || call_real!(sys::recv, fd, buf, len, flags);
+    if !fdtable::is_marked(fd) {
+        return real();
+    }
+    run(
+        || {
+            io_logic(
+                fd,
+                IoCall::Recv {
+                    buf,
+                    len,
+                    flags,
+                    from: NO_ADDR,
+                },
+            )
+        },
+        real,
+    )
+}
+
+#[no_mangle]
+/// Hook for __recv_chk (recv under _FORTIFY_SOURCE).
+///
+/// # Safety
+/// C ABI; same contract as glibc __recv_chk.
+pub unsafe extern "C" fn __recv_chk(
+    fd: c_int,
+    buf: *mut c_void,
+    len: size_t,
+    buflen: size_t,
+    flags: c_int,
+) -> ssize_t {
+    let real = || call_real!(sys::recv_chk, fd, buf, len, buflen, flags);
+    if !fdtable::is_marked(fd) || len > buflen {
+        return real(); // the real one also performs the overflow check (and aborts)
+    }
+    run(
+        || {
+            io_logic(
+                fd,
+                IoCall::Recv {
+                    buf,
+                    len,
+                    flags,
+                    from: NO_ADDR,
+                },
+            )
+        },
+        real,
+    )
+}
+
+#[no_mangle]
+/// Hook for recvfrom(2).
+///
+/// # Safety
+/// C ABI; same contract as libc recvfrom.
+pub unsafe extern "C" fn recvfrom(
+    fd: c_int,
+    buf: *mut c_void,
+    len: size_t,
+    flags: c_int,
+    addr: *mut sockaddr,
+    alen: *mut socklen_t,
+) -> ssize_t {
+    let real = || call_real!(sys::recvfrom, fd, buf, len, flags, addr, alen);
+    if !fdtable::is_marked(fd) {
+        return real();
+    }
+    let from = AddrOut {
+        ptr: addr,
+        len: alen,
+    };
+    run(
+        || {
+            io_logic(
+                fd,
+                IoCall::Recv {
+                    buf,
+                    len,
+                    flags,
+                    from,
+                },
+            )
+        },
+        real,
+    )
+}
+
+#[no_mangle]
+/// Hook for __recvfrom_chk (recvfrom under _FORTIFY_SOURCE).
+///
+/// # Safety
+/// C ABI; same contract as glibc __recvfrom_chk.
+pub unsafe extern "C" fn __recvfrom_chk(
+    fd: c_int,
+    buf: *mut c_void,
+    len: size_t,
+    buflen: size_t,
+    flags: c_int,
+    addr: *mut sockaddr,
+    alen: *mut socklen_t,
+) -> ssize_t {
+    let real = || call_real!(sys::recvfrom_chk, fd, buf, len, buflen, flags, addr, alen);
+    if !fdtable::is_marked(fd) || len > buflen {
+        return real();
+    }
+    let from = AddrOut {
+        ptr: addr,
+        len: alen,
+    };
+    run(
+        || {
+            io_logic(
+                fd,
+                IoCall::Recv {
+                    buf,
+                    len,
+                    flags,
+                    from,
+                },
+            )
+        },
+        real,
+    )
+}
+
+#[no_mangle]
+/// Hook for recvmsg(2).
+///
+/// # Safety
+/// C ABI; same contract as libc recvmsg.
+pub unsafe extern "C" fn recvmsg(fd: c_int, msg: *mut msghdr, flags: c_int) -> ssize_t {
+    let real = || call_real!(sys::recvmsg, fd, msg, flags);
+    if !fdtable::is_marked(fd) {
+        return real();
+    }
+    run(|| io_logic(fd, IoCall::RecvMsg { msg, flags }), real)
+}
+
+#[no_mangle]
+/// Hook for send(2).
+///
+/// # Safety
+/// C ABI; same contract as libc send.
+pub unsafe extern "C" fn send(fd: c_int, buf: *const c_void, len: size_t, flags: c_int) -> ssize_t {
+    let real = || call_real!(sys::send, fd, buf, len, flags);
+    if !fdtable::is_marked(fd) {
+        return real();
+    }
+    let to = AddrIn {
+        ptr: std::ptr::null(),
+        len: 0,
+    };
+    run(
+        || {
+            io_logic(
+                fd,
+                IoCall::Send {
+                    buf,
+                    len,
+                    flags,
+                    to,
+                },
+            )
+        },
+        real,
+    )
+}
+
+#[no_mangle]
+/// Hook for sendto(2).
+///
+/// # Safety
+/// C ABI; same contract as libc sendto.
+pub unsafe extern "C" fn sendto(
+    fd: c_int,
+    buf: *const c_void,
+    len: size_t,
+    flags: c_int,
+    addr: *const sockaddr,
+    alen: socklen_t,
+) -> ssize_t {
+    let real = || call_real!(sys::sendto, fd, buf, len, flags, addr, alen);
+    if !fdtable::is_marked(fd) {
+        return real();
+    }
+    let to = AddrIn {
+        ptr: addr,
+        len: alen,
+    };
+    run(
+        || {
+            io_logic(
+                fd,
+                IoCall::Send {
+                    buf,
+                    len,
+                    flags,
+                    to,
+                },
+            )
+        },
+        real,
+    )
+}
+
+#[no_mangle]
+/// Hook for sendmsg(2).
+///
+/// # Safety
+/// C ABI; same contract as libc sendmsg.
+pub unsafe extern "C" fn sendmsg(fd: c_int, msg: *const msghdr, flags: c_int) -> ssize_t {
+    let real = || call_real!(sys::sendmsg, fd, msg, flags);
+    if !fdtable::is_marked(fd) {
+        return real();
+    }
+    run(|| io_logic(fd, IoCall::SendMsg { msg, flags }), real)
+}

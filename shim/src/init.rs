@@ -1,0 +1,178 @@
+//! Lazy, idempotent initialisation.
+//!
+//! Runs from our `.init_array` constructor (before the program's own constructors in the
+//! usual LD_PRELOAD case) or from the first hook that needs configuration, whichever comes
+//! first. It needs nothing from Rust's runtime start-up: the environment is read with
+//! libc `getenv`, state is a plain atomic. A thread that finds another thread initialising
+//! waits (briefly); the initialising thread itself has the re-entrancy guard set, so the
+//! calls it makes (open, fcntl, pthread_atfork...) bypass the hooks.
+
+use std::ffi::CStr;
+use std::sync::atomic::{AtomicI32, AtomicU8, Ordering};
+
+use crate::guard::Guard;
+use crate::log::{self, Level};
+
+const UNINIT: u8 = 0;
+const RUNNING: u8 = 1;
+const READY: u8 = 2;
+
+static STATE: AtomicU8 = AtomicU8::new(UNINIT);
+/// pid of the process whose fd table this memory describes (updated in the fork child).
+static PID: AtomicI32 = AtomicI32::new(0);
+
+/// Configuration read from the environment.
+#[derive(Debug, Default)]
+pub struct Config {
+    pub broker: Option<String>,
+    pub dpf_server: Option<String>,
+}
+
+static CONFIG: once_cell::sync::OnceCell<Config> = once_cell::sync::OnceCell::new();
+
+pub fn config() -> Option<&'static Config> {
+    CONFIG.get()
+}
+
+/// Make sure initialisation has run (one Acquire load when it has).
+#[inline(always)]
+pub fn ensure() {
+    if STATE.load(Ordering::Acquire) != READY {
+        ensure_slow();
+    }
+}
+
+#[cold]
+fn ensure_slow() {
+    match STATE.compare_exchange(UNINIT, RUNNING, Ordering::AcqRel, Ordering::Acquire) {
+        Ok(_) => {
+            let g = Guard::enter(); // None if we are already inside shim logic: fine
+            let r = std::panic::catch_unwind(init);
+            drop(g);
+            STATE.store(READY, Ordering::Release);
+            if r.is_err() {
+                crate::error!("initialisation panicked; continuing in pass-through mode");
+            }
+        }
+        Err(_) => {
+            if crate::guard::in_shim() {
+                return; // re-entrant call from the initialising thread itself
+            }
+            // Another thread is initialising: it takes microseconds. Wait, but never forever
+            // (e.g. a fork child of a process that forked mid-initialisation).
+            for _ in 0..10_000 {
+                if STATE.load(Ordering::Acquire) == READY {
+                    return;
+                }
+                std::thread::yield_now();
+            }
+        }
+    }
+}
+
+fn getenv(name: &CStr) -> Option<String> {
+    // SAFETY: name is NUL-terminated; getenv's result is valid until the environment changes,
+    // and we copy it out immediately.
+    let p = unsafe { libc::getenv(name.as_ptr()) };
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: non-null getenv result is a NUL-terminated string.
+    let s = unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned();
+    (!s.is_empty()).then_some(s)
+}
+
+fn init() {
+    // SAFETY: getpid has no preconditions.
+    PID.store(unsafe { libc::getpid() }, Ordering::Relaxed);
+    let level = getenv(c"GCB_LOG").map(|v| Level::parse(&v).unwrap_or(Level::Info));
+    log::set_level(level.unwrap_or(Level::Off));
+    if level.is_some_and(|l| l > Level::Off) {
+        if let Some(path) = getenv(c"GCB_LOG_FILE") {
+            open_log_file(&path);
+        }
+    }
+    // One line per panic, through our logger; never Rust's multi-line default on stderr.
+    // (Our std is private to libgcb.so, so this does not touch a Rust host's panic hook.)
+    std::panic::set_hook(Box::new(|info| {
+        let loc = info.location();
+        crate::error!(
+            "internal panic at {}:{}: {}; falling back to the real call",
+            loc.map_or("?", |l| l.file()),
+            loc.map_or(0, |l| l.line()),
+            info.payload()
+                .downcast_ref::<&str>()
+                .copied()
+                .or_else(|| info.payload().downcast_ref::<String>().map(|s| s.as_str()))
+                .unwrap_or("(non-string payload)")
+        );
+    }));
+    crate::fork::register();
+    let cfg = Config {
+        broker: getenv(c"GCB_BROKER"),
+        dpf_server: getenv(c"GCB_DPF_SERVER"),
+    };
+    if cfg.broker.is_some() || cfg.dpf_server.is_some() {
+        crate::warn!(
+            "GCB_BROKER={:?} GCB_DPF_SERVER={:?} set, but this libgcb has no GCB/DPF layer yet: pass-through",
+            cfg.broker,
+            cfg.dpf_server
+        );
+    }
+    crate::info!(
+        "loaded (version {}), pass-through mode",
+        env!("CARGO_PKG_VERSION")
+    );
+    let _ = CONFIG.set(cfg);
+}
+
+fn open_log_file(path: &str) {
+    let Ok(c) = std::ffi::CString::new(path) else {
+        return;
+    };
+    // SAFETY: c is NUL-terminated; open(2) is not interposed.
+    let fd = unsafe {
+        libc::open(
+            c.as_ptr(),
+            libc::O_WRONLY | libc::O_CREAT | libc::O_APPEND | libc::O_CLOEXEC,
+            0o644,
+        )
+    };
+    if fd < 0 {
+        crate::warn!("cannot open GCB_LOG_FILE {}; logging to stderr", path);
+        return;
+    }
+    match crate::fdtable::own_fd(fd, "log file") {
+        Ok(sfd) => {
+            log::set_fd(sfd.fd());
+            let _ = LOG_SHIMFD.set(sfd);
+        }
+        Err(_) => crate::sys::close_raw(fd),
+    }
+}
+
+static LOG_SHIMFD: once_cell::sync::OnceCell<std::sync::Arc<crate::fdtable::ShimFd>> =
+    once_cell::sync::OnceCell::new();
+
+/// Called after a shim fd moved (dup2 by the program onto it).
+pub fn shim_fd_moved() {
+    if let Some(s) = LOG_SHIMFD.get() {
+        log::set_fd(s.fd());
+    }
+}
+
+/// True when this memory image belongs to a different process than the one that last
+/// initialised/forked it: a vfork() or posix_spawn() child (shared memory with the parent)
+/// or a child of a raw clone/_Fork. Such callers must not mutate the fd table. A syscall:
+/// use on slow paths only.
+pub fn foreign_process() -> bool {
+    // SAFETY: getpid has no preconditions.
+    let me = unsafe { libc::getpid() };
+    let p = PID.load(Ordering::Relaxed);
+    p != 0 && p != me
+}
+
+pub(crate) fn set_pid_after_fork() {
+    // SAFETY: getpid has no preconditions.
+    PID.store(unsafe { libc::getpid() }, Ordering::Relaxed);
+}

@@ -1,0 +1,231 @@
+//! The seam where GCB and DPF plug in.
+//!
+//! Hooks convert their raw arguments into the small descriptions below and ask the active
+//! [`Layer`] what to do; the answer is an [`Outcome`]. Today no layer exists, so every hook
+//! bypasses to libc. When is a layer consulted?
+//!
+//! * fd-based calls (accept, recv*, send*, getsockname, getpeername, close, dup*, fcntl,
+//!   epoll_ctl): only when the fd table says the fd is managed (`FdKind::Socket`). The table
+//!   is the switch: a layer that wants to see a socket's calls (e.g. to run the AEH inside
+//!   `recv`) marks it managed in [`Layer::on_new_socket`] or later.
+//! * calls that create or name sockets (socket, bind, listen, connect) and the readiness
+//!   calls (select, pselect, poll, ppoll, epoll_wait, epoll_pwait, epoll_pwait2): whenever a
+//!   layer is installed, because GCB must see a `listen()` on any TCP socket, broker any
+//!   `connect()`, and pump its management sockets while the program waits.
+//!
+//! How the asynchronous event handler (AEH) of the paper plugs in: a GCB layer implements
+//! [`Layer::on_wait`] by adding its management sockets to the program's poll/select set
+//! (for epoll: `epoll_ctl` them into the program's epoll fd with a private tag), calling
+//! the real function in bounded slices, running the AEH on its own readiness (heartbeats,
+//! broker commands, dial-backs that create accept-queue placeholders) and filtering its own
+//! fds out of what the program sees. `on_accept`/`on_connect`/`on_io` do the same around
+//! the single fd they block on. Layer code runs with the re-entrancy guard set, so every
+//! libc call it makes goes straight to the real function.
+//!
+//! Pointers inside these descriptions are exactly what the program passed; a layer may
+//! dereference them only under the C contract of the call they came from.
+
+use libc::{
+    c_int, c_uint, epoll_event, fd_set, msghdr, nfds_t, pollfd, sigset_t, sockaddr, socklen_t,
+    ssize_t, timespec, timeval,
+};
+use once_cell::sync::OnceCell;
+use std::sync::Arc;
+
+use crate::fdtable::{FdEntry, SocketState};
+
+/// What a hook should do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome<T> {
+    /// Call the real libc function with the program's arguments.
+    Bypass,
+    /// Return this value to the program (errno untouched).
+    Handled(T),
+    /// Return -1 (or the call's error value) with this errno.
+    Error(c_int),
+}
+
+/// A socket address the program passed in.
+#[derive(Clone, Copy, Debug)]
+pub struct AddrIn {
+    pub ptr: *const sockaddr,
+    pub len: socklen_t,
+}
+
+/// A socket address buffer the program passed for the result (may be null).
+#[derive(Clone, Copy, Debug)]
+pub struct AddrOut {
+    pub ptr: *mut sockaddr,
+    pub len: *mut socklen_t,
+}
+
+/// A data-transfer call on a managed socket.
+#[derive(Clone, Copy, Debug)]
+pub enum IoCall {
+    /// recv, __recv_chk, recvfrom, __recvfrom_chk (`from` is null for recv).
+    Recv {
+        buf: *mut libc::c_void,
+        len: usize,
+        flags: c_int,
+        from: AddrOut,
+    },
+    RecvMsg {
+        msg: *mut msghdr,
+        flags: c_int,
+    },
+    /// send, sendto (`to.ptr` is null for send).
+    Send {
+        buf: *const libc::c_void,
+        len: usize,
+        flags: c_int,
+        to: AddrIn,
+    },
+    SendMsg {
+        msg: *const msghdr,
+        flags: c_int,
+    },
+}
+
+/// A readiness wait (where the AEH runs).
+#[derive(Clone, Copy, Debug)]
+pub enum WaitCall {
+    Select {
+        nfds: c_int,
+        read: *mut fd_set,
+        write: *mut fd_set,
+        except: *mut fd_set,
+        timeout: *mut timeval,
+    },
+    PSelect {
+        nfds: c_int,
+        read: *mut fd_set,
+        write: *mut fd_set,
+        except: *mut fd_set,
+        timeout: *const timespec,
+        sigmask: *const sigset_t,
+    },
+    /// poll, __poll_chk, ppoll, __ppoll_chk (`timeout_ms` is -2 when `timeout` is used).
+    Poll {
+        fds: *mut pollfd,
+        nfds: nfds_t,
+        timeout_ms: c_int,
+        timeout: *const timespec,
+        sigmask: *const sigset_t,
+    },
+    /// epoll_wait, epoll_pwait, epoll_pwait2 (`timeout_ms` is -2 when `timeout` is used).
+    Epoll {
+        epfd: c_int,
+        events: *mut epoll_event,
+        maxevents: c_int,
+        timeout_ms: c_int,
+        timeout: *const timespec,
+        sigmask: *const sigset_t,
+    },
+}
+
+/// The GCB/DPF logic. Every method has a pass-through default.
+pub trait Layer: Send + Sync {
+    fn name(&self) -> &'static str;
+
+    /// The program created a socket (the real socket() succeeded with `fd`). Return state to
+    /// make the fd managed.
+    fn on_new_socket(
+        &self,
+        _fd: c_int,
+        _domain: c_int,
+        _ty: c_int,
+        _proto: c_int,
+    ) -> Option<SocketState> {
+        None
+    }
+    /// DPF: ask portfwd for a public mapping.
+    fn on_bind(&self, _fd: c_int, _entry: Option<&Arc<FdEntry>>, _addr: AddrIn) -> Outcome<c_int> {
+        Outcome::Bypass
+    }
+    /// GCB: register the listening socket with the broker.
+    fn on_listen(
+        &self,
+        _fd: c_int,
+        _entry: Option<&Arc<FdEntry>>,
+        _backlog: c_int,
+    ) -> Outcome<c_int> {
+        Outcome::Bypass
+    }
+    /// GCB: broker the connection; DPF: same-network lookup, drop the mapping.
+    fn on_connect(
+        &self,
+        _fd: c_int,
+        _entry: Option<&Arc<FdEntry>>,
+        _addr: AddrIn,
+    ) -> Outcome<c_int> {
+        Outcome::Bypass
+    }
+    /// GCB: return placeholder-replaced / reversed connections in arrival order.
+    fn on_accept(
+        &self,
+        _fd: c_int,
+        _entry: &Arc<FdEntry>,
+        _addr: AddrOut,
+        _flags: c_int,
+    ) -> Outcome<c_int> {
+        Outcome::Bypass
+    }
+    /// getsockname (`peer == false`) / getpeername: report the proxy/public/logical address.
+    fn on_name(
+        &self,
+        _fd: c_int,
+        _entry: &Arc<FdEntry>,
+        _peer: bool,
+        _addr: AddrOut,
+    ) -> Outcome<c_int> {
+        Outcome::Bypass
+    }
+    fn on_io(&self, _fd: c_int, _entry: &Arc<FdEntry>, _call: IoCall) -> Outcome<ssize_t> {
+        Outcome::Bypass
+    }
+    fn on_wait(&self, _call: WaitCall) -> Outcome<c_int> {
+        Outcome::Bypass
+    }
+    /// epoll_ctl on a managed fd (e.g. to also watch a placeholder or relay fd).
+    fn on_epoll_ctl(
+        &self,
+        _epfd: c_int,
+        _op: c_int,
+        _fd: c_int,
+        _entry: &Arc<FdEntry>,
+        _ev: *mut epoll_event,
+    ) -> Outcome<c_int> {
+        Outcome::Bypass
+    }
+    /// The program closed one fd number of a managed socket (the table slot is already
+    /// cleared; `last` says no other fd number in this process refers to it). Registration
+    /// teardown belongs in the state's `Drop` or here when `last`.
+    fn on_close(&self, _fd: c_int, _entry: &Arc<FdEntry>, _last: bool) {}
+    /// close_range(lo, hi, flags) is about to run (shim fds already excluded).
+    fn on_close_range(&self, _lo: c_uint, _hi: c_uint, _flags: c_int) {}
+    /// In the child of fork() (locks already re-initialised).
+    fn on_fork_child(&self) {}
+    /// Just before exec: the seam for handing GCB state to the new image (e.g. an env var
+    /// naming inherited registered fds). Return a replacement environment, or None.
+    fn exec_env(&self) -> Option<Vec<std::ffi::CString>> {
+        None
+    }
+}
+
+static LAYER: OnceCell<Box<dyn Layer>> = OnceCell::new();
+
+/// The active layer, if any (one atomic load).
+#[inline(always)]
+pub fn active() -> Option<&'static dyn Layer> {
+    LAYER.get().map(|b| &**b)
+}
+
+/// Install the layer (once per process). Returns false if one is already installed.
+pub fn install(layer: Box<dyn Layer>) -> bool {
+    let name = layer.name();
+    let ok = LAYER.set(layer).is_ok();
+    if ok {
+        crate::info!("layer {} active", name);
+    }
+    ok
+}
