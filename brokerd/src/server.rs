@@ -257,6 +257,9 @@ impl Server {
             }
         };
         let addr = control.local_addr()?;
+        // Bursts of heartbeats must not overflow the default receive buffer
+        // (best effort: the kernel caps it at net.core.rmem_max).
+        let _ = socket2::SockRef::from(&control).set_recv_buffer_size(1 << 20);
         let poll = Poll::new()?;
         let mut control = control;
         let mut relay_listener = relay_listener;

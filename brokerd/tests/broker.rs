@@ -1,0 +1,439 @@
+//! End-to-end tests of the real `gcb-brokerd` binary on loopback.
+
+mod common;
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream, UdpSocket};
+use std::time::{Duration, Instant};
+
+use common::*;
+use gcb_proto::{Body, ConnectId, ErrorCode, Route, Transport};
+
+const MIB: usize = 1 << 20;
+
+fn a(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+fn register(c: &mut Client, local: SocketAddr, previous: Option<SocketAddr>) -> SocketAddr {
+    match c.request(Body::Register {
+        transport: Transport::Tcp,
+        local,
+        previous_proxy: previous,
+    }) {
+        Some(Body::Registered { proxy, lease_ms }) => {
+            assert!(lease_ms > 0);
+            proxy
+        }
+        other => panic!("register: {other:?}"),
+    }
+}
+
+fn expect_connect_back(c: &mut Client) -> (ConnectId, SocketAddr, SocketAddr, SocketAddr) {
+    match c.wait_request(Duration::from_secs(10), |b| {
+        matches!(b, Body::ConnectBack { .. })
+    }) {
+        Some(Body::ConnectBack {
+            connect_id,
+            dial,
+            proxy,
+            logical_peer,
+        }) => (connect_id, dial, proxy, logical_peer),
+        other => panic!("no connect_back: {other:?}"),
+    }
+}
+
+/// `connector` writes 1 MiB and half-closes; `listener` reads it all, then
+/// answers 1 MiB and closes; both sides check SHA-256.
+fn exchange_half_close(mut connector: TcpStream, mut listener: TcpStream, seed: u64) {
+    let up = random_data(MIB, seed);
+    let down = random_data(MIB, seed ^ 0xdead_beef);
+    let (up_sum, down_sum) = (sha256(&up), sha256(&down));
+    let tc = std::thread::spawn(move || {
+        connector.write_all(&up).unwrap();
+        connector.shutdown(Shutdown::Write).unwrap();
+        read_all(&mut connector).unwrap()
+    });
+    let tl = std::thread::spawn(move || {
+        let got = read_all(&mut listener).unwrap();
+        listener.write_all(&down).unwrap();
+        listener.shutdown(Shutdown::Write).unwrap();
+        got
+    });
+    let got_up = tl.join().unwrap();
+    let got_down = tc.join().unwrap();
+    assert_eq!(got_up.len(), MIB);
+    assert_eq!(sha256(&got_up), up_sum, "connector -> listener corrupted");
+    assert_eq!(got_down.len(), MIB);
+    assert_eq!(
+        sha256(&got_down),
+        down_sum,
+        "listener -> connector corrupted"
+    );
+}
+
+/// Both sides write 1 MiB at the same time while reading.
+fn exchange_full_duplex(x: TcpStream, y: TcpStream, seed: u64) {
+    let side = |mut s: TcpStream, out: Vec<u8>| {
+        let mut r = s.try_clone().unwrap();
+        let reader = std::thread::spawn(move || read_all(&mut r).unwrap());
+        s.write_all(&out).unwrap();
+        s.shutdown(Shutdown::Write).unwrap();
+        reader.join().unwrap()
+    };
+    let dx = random_data(MIB, seed);
+    let dy = random_data(MIB, seed + 1);
+    let (sx, sy) = (sha256(&dx), sha256(&dy));
+    let tx = std::thread::spawn(move || side(x, dx));
+    let ty = std::thread::spawn(move || side(y, dy));
+    let got_at_y = ty.join().unwrap();
+    let got_at_x = tx.join().unwrap();
+    assert_eq!(sha256(&got_at_y), sx);
+    assert_eq!(sha256(&got_at_x), sy);
+}
+
+#[test]
+fn regular_connector_is_relayed_through_proxy() {
+    let broker = Broker::start("127.0.0.1:0", &[]);
+    let mut listener = Client::new(broker.addr);
+    let proxy = register(&mut listener, a("10.1.0.5:9618"), None);
+    assert_eq!(proxy.ip(), broker.addr.ip());
+    assert_ne!(proxy.port(), broker.addr.port());
+    // Idempotent: the same client registering the same socket again.
+    assert_eq!(register(&mut listener, a("10.1.0.5:9618"), None), proxy);
+
+    // A plain TCP client connects to the proxy and starts sending at once;
+    // those bytes must survive until the listener's dial-back is spliced.
+    let connector = TcpStream::connect(proxy).unwrap();
+    let connector_addr = connector.local_addr().unwrap();
+    let (id, dial, p, logical_peer) = expect_connect_back(&mut listener);
+    assert_eq!(dial, broker.addr, "dial-back goes to the relay port");
+    assert_eq!(p, proxy);
+    assert_eq!(logical_peer, connector_addr);
+    let back = dial_with_id(dial, &id.to_string());
+    exchange_half_close(connector, back, 1);
+    broker.wait_log("relay closed", Duration::from_secs(5));
+
+    // Second connection on the same registration, full duplex.
+    let connector = TcpStream::connect(proxy).unwrap();
+    let (id, dial, ..) = expect_connect_back(&mut listener);
+    let back = dial_with_id(dial, &id.to_string());
+    exchange_full_duplex(connector, back, 7);
+
+    // A used connect id is refused.
+    let mut again = dial_with_id(dial, &id.to_string());
+    let mut buf = [0u8; 1];
+    again
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    assert!(matches!(again.read(&mut buf), Ok(0) | Err(_)));
+
+    let log = broker.stop();
+    assert_eq!(stat(&log, "relays_started"), 2);
+    assert!(stat(&log, "relay_bytes") >= 4 * MIB as u64);
+    assert!(stat(&log, "bad_preambles") >= 1);
+    assert!(log.iter().any(
+        |l| l.contains("registered tcp listener local 10.1.0.5:9618")
+            && l.contains(&proxy.to_string())
+    ));
+}
+
+#[test]
+fn brokered_decisions_direct_and_relay() {
+    let broker = Broker::start("127.0.0.1:0", &[]);
+    // Listener claims a private local address behind "NAT" 127.0.0.1.
+    let mut listener = Client::new(broker.addr);
+    let proxy = register(&mut listener, a("10.1.0.5:9618"), None);
+
+    // Connector from another "NAT" (127.0.0.2): relay.
+    let mut connector = Client::bind("127.0.0.2:0", broker.addr, None);
+    let route = match connector.request(Body::ConnectRequest {
+        proxy,
+        transport: Transport::Tcp,
+        connector_local: a("10.2.0.7:5000"),
+        connector_listen: None,
+    }) {
+        Some(Body::ConnectDecision { route }) => route,
+        other => panic!("{other:?}"),
+    };
+    let Route::Relay { addr, connect_id } = route else {
+        panic!("expected relay, got {route:?}");
+    };
+    assert_eq!(addr, broker.addr);
+    // The connector dials first; the listener is told to dial back with the
+    // same id.
+    let c = dial_with_id(addr, &connect_id.to_string());
+    let (id, dial, p, peer) = expect_connect_back(&mut listener);
+    assert_eq!(id, connect_id);
+    assert_eq!((dial, p), (broker.addr, proxy));
+    assert_eq!(peer, connector.local_addr());
+    let l = dial_with_id(dial, &id.to_string());
+    exchange_half_close(c, l, 3);
+
+    // Same host (same observed IP) and the listener's local is loopback:
+    // direct.
+    let mut same = Client::new(broker.addr);
+    match same.request(Body::ConnectRequest {
+        proxy,
+        transport: Transport::Tcp,
+        connector_local: a("10.1.0.6:5000"),
+        connector_listen: None,
+    }) {
+        Some(Body::ConnectDecision {
+            route: Route::Direct { addr },
+        }) => assert_eq!(addr, a("10.1.0.5:9618")),
+        other => panic!("{other:?}"),
+    }
+
+    // Unknown proxy, udp.
+    match same.request(Body::ConnectRequest {
+        proxy: a("127.0.0.1:1"),
+        transport: Transport::Tcp,
+        connector_local: a("10.1.0.6:5000"),
+        connector_listen: None,
+    }) {
+        Some(Body::Error { code, .. }) => assert_eq!(code, ErrorCode::NoSuchRegistration),
+        other => panic!("{other:?}"),
+    }
+    match same.request(Body::Register {
+        transport: Transport::Udp,
+        local: a("10.1.0.6:5000"),
+        previous_proxy: None,
+    }) {
+        Some(Body::Error { code, .. }) => assert_eq!(code, ErrorCode::Unsupported),
+        other => panic!("{other:?}"),
+    }
+    let log = broker.stop();
+    assert_eq!(stat(&log, "relay"), 1);
+    assert_eq!(stat(&log, "direct"), 1);
+}
+
+#[test]
+fn lease_expiry_closes_proxy_and_heartbeats_keep_it() {
+    let broker = Broker::start("127.0.0.1:0", &["--lease-ms", "1000"]);
+    let mut kept = Client::new(broker.addr);
+    let mut lapsed = Client::new(broker.addr);
+    let p_kept = register(&mut kept, a("10.1.0.5:1"), None);
+    let p_lapsed = register(&mut lapsed, a("10.1.0.5:2"), None);
+    TcpStream::connect(p_lapsed).expect("proxy open after register");
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_millis(2500) {
+        match kept.request(Body::Heartbeat {
+            proxies: vec![p_kept],
+        }) {
+            Some(Body::HeartbeatAck { unknown }) => assert!(unknown.is_empty()),
+            other => panic!("{other:?}"),
+        }
+        kept.idle(Duration::from_millis(300));
+    }
+    broker.wait_log(
+        &format!("lease expired: proxy {p_lapsed}"),
+        Duration::from_secs(2),
+    );
+    let e = TcpStream::connect(p_lapsed).expect_err("expired proxy must be closed");
+    assert_eq!(e.kind(), ErrorKind::ConnectionRefused);
+    TcpStream::connect(p_kept).expect("heartbeated proxy still open");
+    // The lapsed client is now unknown: its heartbeat says so.
+    match lapsed.request(Body::Heartbeat {
+        proxies: vec![p_lapsed],
+    }) {
+        Some(Body::HeartbeatAck { unknown }) => assert_eq!(unknown, vec![p_lapsed]),
+        other => panic!("{other:?}"),
+    }
+    let log = broker.stop();
+    assert_eq!(stat(&log, "expired"), 1);
+}
+
+#[test]
+fn restart_recovery_reregisters_with_same_proxy() {
+    let broker = Broker::start("127.0.0.1:0", &[]);
+    let addr = broker.addr;
+    let mut c = Client::new(addr);
+    let local = a("10.1.0.5:9618");
+    let proxy = register(&mut c, local, None);
+    broker.stop();
+
+    let broker = Broker::start(&addr.to_string(), &[]);
+    assert_eq!(broker.addr, addr);
+    match c.request(Body::Heartbeat {
+        proxies: vec![proxy],
+    }) {
+        Some(Body::HeartbeatAck { unknown }) => assert_eq!(unknown, vec![proxy]),
+        other => panic!("{other:?}"),
+    }
+    c.wait_request(Duration::from_secs(5), |b| {
+        matches!(b, Body::ReregisterRequest {})
+    })
+    .expect("reregister_request after a heartbeat from an unknown client");
+    assert_eq!(register(&mut c, local, Some(proxy)), proxy);
+    // Known again.
+    match c.request(Body::Heartbeat {
+        proxies: vec![proxy],
+    }) {
+        Some(Body::HeartbeatAck { unknown }) => assert!(unknown.is_empty()),
+        other => panic!("{other:?}"),
+    }
+    // And it works: a connection to the proxy reaches the client.
+    let conn = TcpStream::connect(proxy).unwrap();
+    let (id, dial, ..) = expect_connect_back(&mut c);
+    let mut back = dial_with_id(dial, &id.to_string());
+    let mut conn2 = conn.try_clone().unwrap();
+    conn2.write_all(b"hello").unwrap();
+    let mut buf = [0u8; 5];
+    back.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    back.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"hello");
+    let log = broker.stop();
+    assert_eq!(stat(&log, "reregister_sent"), 1);
+}
+
+#[test]
+fn junk_is_dropped_and_counted() {
+    let mut broker = Broker::start("127.0.0.1:0", &["--preamble-timeout-ms", "500"]);
+    let junk = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut n = 0;
+    for i in 0..300u64 {
+        let len = (i as usize * 37) % 1500 + 1;
+        let mut d = random_data(len, i + 100);
+        if i % 3 == 0 && d.len() > 8 {
+            // Valid frame header, garbage JSON.
+            d[..5].copy_from_slice(b"GCB1\0");
+        }
+        junk.send_to(&d, broker.addr).unwrap();
+        n += 1;
+        if i % 20 == 0 {
+            // Pace the burst so the kernel does not drop datagrams before
+            // the broker sees them (drops there are not the broker's).
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    junk.send_to(b"GCB1\0{\"v\":1,\"id\":1,\"body\":{\"type\":", broker.addr)
+        .unwrap();
+    n += 1;
+    // Junk on the relay port: bad bytes, an unknown id, silence.
+    let mut bad = TcpStream::connect(broker.addr).unwrap();
+    bad.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+    assert!(read_all(&mut bad).map(|v| v.is_empty()).unwrap_or(true));
+    let mut unknown = dial_with_id(broker.addr, &"0".repeat(32));
+    assert!(read_all(&mut unknown).map(|v| v.is_empty()).unwrap_or(true));
+    let mut silent = TcpStream::connect(broker.addr).unwrap();
+    assert!(read_all(&mut silent).map(|v| v.is_empty()).unwrap_or(true));
+
+    // Still serving.
+    let mut c = Client::new(broker.addr);
+    register(&mut c, a("10.1.0.5:1"), None);
+    assert!(broker.alive());
+    let log = broker.stop();
+    assert!(stat(&log, "junk_datagrams") >= n, "junk not counted");
+    assert_eq!(stat(&log, "bad_preambles"), 2);
+    assert_eq!(stat(&log, "preamble_timeouts"), 1);
+}
+
+#[test]
+fn listener_that_never_dials_back_gets_connector_closed() {
+    let broker = Broker::start("127.0.0.1:0", &["--connect-timeout-ms", "800"]);
+    let mut listener = Client::new(broker.addr);
+    let proxy = register(&mut listener, a("10.1.0.5:9618"), None);
+    let mut conn = TcpStream::connect(proxy).unwrap();
+    expect_connect_back(&mut listener); // ...and ignore it
+    conn.write_all(b"anyone there?").unwrap();
+    let t = Instant::now();
+    let r = read_all(&mut conn);
+    assert!(matches!(&r, Ok(v) if v.is_empty()) || r.is_err());
+    assert!(t.elapsed() < Duration::from_secs(5));
+    let log = broker.stop();
+    assert_eq!(stat(&log, "pairing_timeouts"), 1);
+}
+
+#[test]
+fn limits_are_enforced_with_explicit_refusals() {
+    let broker = Broker::start(
+        "127.0.0.1:0",
+        &[
+            "--max-per-client",
+            "1",
+            "--max-registrations",
+            "2",
+            "--max-relays",
+            "1",
+        ],
+    );
+    let mut c1 = Client::new(broker.addr);
+    let p1 = register(&mut c1, a("10.1.0.5:1"), None);
+    match c1.request(Body::Register {
+        transport: Transport::Tcp,
+        local: a("10.1.0.5:2"),
+        previous_proxy: None,
+    }) {
+        Some(Body::Error { code, reason }) => {
+            assert_eq!(code, ErrorCode::Quota);
+            assert!(reason.contains("per-client"), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    }
+    let mut c2 = Client::new(broker.addr);
+    register(&mut c2, a("10.1.0.6:1"), None);
+    let mut c3 = Client::new(broker.addr);
+    match c3.request(Body::Register {
+        transport: Transport::Tcp,
+        local: a("10.1.0.7:1"),
+        previous_proxy: None,
+    }) {
+        Some(Body::Error { code, .. }) => assert_eq!(code, ErrorCode::Quota),
+        other => panic!("{other:?}"),
+    }
+    // One relay slot: the first connection waits for its dial-back, the
+    // second is reset.
+    let _first = TcpStream::connect(p1).unwrap();
+    expect_connect_back(&mut c1);
+    let mut second = TcpStream::connect(p1).unwrap();
+    let r = read_all(&mut second);
+    assert!(matches!(&r, Ok(v) if v.is_empty()) || r.is_err());
+    broker.wait_log("relay limit (1) reached", Duration::from_secs(5));
+    let log = broker.stop();
+    assert_eq!(stat(&log, "refused"), 2);
+    assert_eq!(stat(&log, "conns_refused"), 1);
+}
+
+#[test]
+fn pool_key_is_required_when_configured() {
+    let dir = std::env::temp_dir().join(format!("gcb-brokerd-key-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let key_file = dir.join("pool.key");
+    let key = b"a-pool-key-for-the-broker-tests\n";
+    std::fs::write(&key_file, key).unwrap();
+    let broker = Broker::start("127.0.0.1:0", &["--key-file", key_file.to_str().unwrap()]);
+    let mut good = Client::bind("127.0.0.1:0", broker.addr, Some(key));
+    register(&mut good, a("10.1.0.5:1"), None);
+    let mut bad = Client::bind("127.0.0.1:0", broker.addr, None);
+    let t = Instant::now();
+    assert_eq!(
+        bad.request(Body::Register {
+            transport: Transport::Tcp,
+            local: a("10.1.0.5:2"),
+            previous_proxy: None,
+        }),
+        None,
+        "unkeyed request must get no answer"
+    );
+    assert!(t.elapsed() >= Duration::from_secs(5));
+    let log = broker.stop();
+    assert_eq!(stat(&log, "registered"), 1);
+    assert!(stat(&log, "junk_datagrams") >= 1);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn allow_list_drops_other_sources() {
+    let broker = Broker::start("127.0.0.1:0", &["--allow", "127.0.0.2/32"]);
+    let mut ok = Client::bind("127.0.0.2:0", broker.addr, None);
+    register(&mut ok, a("10.1.0.5:1"), None);
+    let log_line = broker.wait_log("no pool key configured", Duration::from_secs(1));
+    assert!(log_line.contains("127.0.0.2"));
+    let denied = Client::bind("127.0.0.1:0", broker.addr, None);
+    denied.sock.send_to(b"hello", broker.addr).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let log = broker.stop();
+    assert!(stat(&log, "not_allowed") >= 1);
+    drop(denied);
+}
