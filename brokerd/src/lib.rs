@@ -1,4 +1,124 @@
-//! gcb-brokerd: the GCB broker daemon (placeholder docs, see below).
+//! # gcb-brokerd: the GCB broker daemon
+//!
+//! The broker of Generic Connection Brokering (paper section 4): an
+//! unprivileged daemon, normally on a public host, that GCB clients (the
+//! `libgcb.so` shim) register their listening sockets with. For each one it
+//! opens a *proxy socket* whose address the program advertises instead of
+//! its real (private) address. It then *brokers* every connection to such a
+//! listener: it decides who should actively connect, and relays the bytes
+//! itself when neither side can reach the other.
+//!
+//! ## Sockets
+//!
+//! All on the `--listen` IP (default port 9650):
+//!
+//! * **control**: UDP `IP:PORT`, the gcb-proto request/response protocol
+//!   (reliable UDP, optional pool-key HMAC);
+//! * **relay port**: TCP on the same `IP:PORT`. Every connection to it
+//!   starts with the 45-byte preamble `GCB-CONNECT <32 hex connect id>\n`
+//!   ([`preamble`]); two connections presenting the same id are spliced;
+//! * **proxy sockets**: one TCP listener per registration, `IP:<ephemeral>`.
+//!
+//! ## Architecture
+//!
+//! Like mio's `tcp_server` example: one thread, one `Poll`, and a
+//! [`server::Server`] that moves bytes between sockets and small state
+//! machines. The decisions live in pure modules that are unit-tested
+//! without sockets:
+//!
+//! * [`registry`]: registrations keyed by (client's observed control
+//!   address, listening socket's local address), with leases renewed by
+//!   heartbeats and per-client / global quotas;
+//! * [`decision`]: direct / reverse / relay (paper 4.1);
+//! * [`preamble`]: parse and check the data-connection preamble byte by
+//!   byte, so junk is dropped early and never over-read;
+//! * [`relay`]: two TCP sockets spliced through a pipe per direction with
+//!   splice(2) (zero copy), half-close and reset propagation;
+//! * [`allow`]: the `--allow CIDR` source filter;
+//! * [`server`]: the event loop gluing them to gcb-proto's sans-IO
+//!   `Endpoint` (which does retransmission, duplicate suppression, auth, and
+//!   counts every malformed or rejected datagram).
+//!
+//! ## One brokered connection, end to end
+//!
+//! A server `S` at 10.1.0.5 behind NAT A, a broker `B` at 203.0.113.10, and
+//! an ordinary client `X` on the internet that knows nothing of GCB:
+//!
+//! 1. `S` calls `listen()`; its shim sends `register{tcp, local:
+//!    10.1.0.5:9618}` from its control socket, which NAT A maps to
+//!    203.0.113.1:40001. `B` binds a proxy listener 203.0.113.10:41234,
+//!    records (203.0.113.1:40001, 10.1.0.5:9618) -> proxy, and answers
+//!    `registered{proxy, lease_ms}`. `S`'s `getsockname()` now reports the
+//!    proxy, which is what it advertises. Heartbeats every ~10 s renew the
+//!    lease and keep NAT A's UDP mapping open.
+//! 2. `X` connects to 203.0.113.10:41234. `B` accepts, does **not** read
+//!    (X's first bytes wait in the kernel), draws a random 128-bit connect
+//!    id and sends `connect_back{connect_id, dial: 203.0.113.10:9650,
+//!    proxy, logical_peer: X's address}` to 203.0.113.1:40001: through the
+//!    hole the heartbeats keep open.
+//! 3. `S`'s shim acks, connects *out* to 203.0.113.10:9650 (TCP, the relay
+//!    port) and writes `GCB-CONNECT <id>\n`. `B` reads exactly those 45
+//!    bytes, finds the id, and splices the two connections; the shim hands
+//!    the outbound connection to `S`'s `accept()` as coming from
+//!    `logical_peer`.
+//! 4. Bytes flow `X <-> B <-> S` through pipes in the kernel. When `X`
+//!    half-closes, `B` drains what is in flight and half-closes towards `S`;
+//!    `S` can still answer. A reset on either side resets the other.
+//!
+//! A GCB-aware connector instead asks `B` first (`connect_request`) and
+//! gets a [`decision`]: `direct` (connect to the listener's real address),
+//! `reverse` (the listener dials the connector) or `relay` (both dial the
+//! relay port with the same id, as in step 3).
+//!
+//! ## Contract for the shim
+//!
+//! * **Listener, on `connect_back{connect_id, dial, proxy, logical_peer}`**:
+//!   answer `ack`, open a TCP connection to `dial`, write the 45 bytes
+//!   `GCB-CONNECT <connect_id>\n`, and queue that connection for the
+//!   listening socket registered as `proxy`; `accept()`/`getpeername()`
+//!   report `logical_peer`. `dial` is either the broker's relay port
+//!   (proxy and relay cases) or the connector's `connector_listen`
+//!   (reverse case); the listener does the same thing in both. The broker
+//!   waits `--connect-timeout-ms` (10 s) for the dial-back; after that the
+//!   id is dead and the waiting side is closed.
+//! * **Connector, `connect_decision{route}`**:
+//!   * `direct{addr}`: `connect(addr)` (the listener's real address).
+//!   * `reverse{connect_id}`: the broker has asked the listener to dial the
+//!     `connector_listen` address from the request; accept on that socket a
+//!     connection whose first 45 bytes are `GCB-CONNECT <connect_id>\n`
+//!     (close any other), strip them, and use it as the connected socket.
+//!     Only given when the connector is public and sent `connector_listen`.
+//!   * `relay{addr, connect_id}`: `connect(addr)` (the broker's relay port),
+//!     write `GCB-CONNECT <connect_id>\n`, then use the connection as is;
+//!     the listener is told to dial the same port with the same id, and the
+//!     broker splices the two. The listener's `logical_peer` is the
+//!     request's `connector_listen`, else the connector's observed control
+//!     address.
+//!   * `error{..}`: `no_such_registration` (not a proxy of this broker or
+//!     lapsed), `unsupported` (udp), `busy` (relay limit).
+//! * **Restart recovery (paper 4.2.2)**: a heartbeat naming proxies the
+//!   broker does not know for that client gets `heartbeat_ack{unknown}` and a
+//!   `reregister_request`; the client re-registers each unknown socket with
+//!   `previous_proxy` set, and gets the same proxy port back if it is free.
+//! * Registration is idempotent per (control source address, local
+//!   address); `unregister{proxy}` is accepted only from the registering
+//!   control address.
+//!
+//! ## Limits and refusals
+//!
+//! `--max-registrations` / `--max-per-client` answer `register` with
+//! `error{quota}`; `--max-relays` (running relays plus pairings waiting for
+//! their partner) resets new proxy connections and answers relay decisions
+//! with `error{busy}`; `--max-preambles` resets relay-port connections over
+//! the cap. Each refusal logs a line and is counted in the stats line
+//! (`gcb-brokerd: INFO stats ...`), printed every `--stats-interval-secs`
+//! and at exit.
+//!
+//! ## Not yet
+//!
+//! UDP registrations and the UDP relay (paper 4.2.2) answer
+//! `error{unsupported}`; hole punching is not attempted (relay is the
+//! fallback).
 
 #[macro_use]
 pub mod log;

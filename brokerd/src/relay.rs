@@ -170,7 +170,20 @@ pub struct Relay {
 
 impl Relay {
     /// Pairs two connected, non-blocking streams.
+    ///
+    /// Sets `TCP_NODELAY` (the relay must not add Nagle delays to what the
+    /// endpoints send) and TCP keepalive (60 s idle, 10 s x 6 probes), so a
+    /// peer that vanished without FIN or RST does not pin the relay forever.
     pub fn new(a: TcpStream, b: TcpStream) -> io::Result<Relay> {
+        let ka = socket2::TcpKeepalive::new()
+            .with_time(Duration::from_secs(60))
+            .with_interval(Duration::from_secs(10))
+            .with_retries(6);
+        for s in [&a, &b] {
+            let r = socket2::SockRef::from(s);
+            r.set_nodelay(true)?;
+            r.set_tcp_keepalive(&ka)?;
+        }
         Ok(Relay {
             a,
             b,

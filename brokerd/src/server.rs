@@ -187,6 +187,9 @@ pub struct Server {
     counters: Counters,
     next_sweep: Instant,
     next_stats: Option<Instant>,
+    /// An accept failed (EMFILE, ENOBUFS...): the connection stays queued
+    /// but edge-triggered readiness will not repeat, so the sweep retries.
+    retry_accept: bool,
 }
 
 fn now() -> Now {
@@ -294,6 +297,7 @@ impl Server {
             reregistering: HashSet::new(),
             counters: Counters::default(),
             next_sweep: t,
+            retry_accept: false,
         })
     }
 
@@ -720,9 +724,10 @@ impl Server {
                 Err(e) if would_block(&e) => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    // EMFILE and friends: the connection stays queued; retry
-                    // on the next event or sweep.
+                    // EMFILE and friends: the connection stays queued; the
+                    // sweep retries.
                     log!(Warn, "accept on proxy {proxy}: {e}");
+                    self.retry_accept = true;
                     return;
                 }
             };
@@ -774,6 +779,7 @@ impl Server {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
                     log!(Warn, "accept on relay port: {e}");
+                    self.retry_accept = true;
                     return;
                 }
             };
@@ -978,6 +984,14 @@ impl Server {
             return;
         }
         self.next_sweep = t.mono + SWEEP_INTERVAL;
+
+        if std::mem::take(&mut self.retry_accept) {
+            self.on_relay_accept();
+            let proxies: Vec<SocketAddr> = self.proxies.keys().copied().collect();
+            for p in proxies {
+                self.on_proxy_accept(p);
+            }
+        }
 
         for r in self.registry.expire(t.mono) {
             self.counters.expired += 1;
