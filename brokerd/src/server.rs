@@ -109,7 +109,7 @@ pub struct Counters {
     pub relays_done: u64,
     /// Relays that ended in a reset.
     pub relays_reset: u64,
-    /// Bytes relayed (both directions, finished relays).
+    /// Bytes relayed by finished relays (the stats line adds running ones).
     pub relay_bytes: u64,
     /// Relay-port connections with a bad preamble, EOF or unknown id.
     pub bad_preambles: u64,
@@ -1063,6 +1063,14 @@ impl Server {
         let c = &self.counters;
         let s = self.ep.stats();
         let junk = s.malformed + s.rejected_total();
+        let active_bytes: u64 = self
+            .relays
+            .values()
+            .map(|e| {
+                let (ab, ba) = e.relay.bytes();
+                ab + ba
+            })
+            .sum();
         log!(
             Info,
             "stats registrations={} relays_active={} pending={} registered={} expired={} refused={} \
@@ -1081,7 +1089,7 @@ impl Server {
             c.relays_started,
             c.relays_done,
             c.relays_reset,
-            c.relay_bytes,
+            c.relay_bytes + active_bytes,
             c.bad_preambles,
             c.preamble_timeouts,
             c.pairing_timeouts,
