@@ -107,6 +107,7 @@ fn init() {
                 .unwrap_or("(non-string payload)")
         );
     }));
+    crate::sys::resolve_all();
     crate::fork::register();
     let cfg = Config {
         broker: getenv(c"GCB_BROKER"),

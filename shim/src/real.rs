@@ -37,7 +37,16 @@ impl Real {
         self.resolve()
     }
 
+    /// The cached address only (no resolution): for fast paths that fall back to a slow
+    /// path which resolves.
+    #[inline(always)]
+    pub fn loaded(&self) -> Option<*mut c_void> {
+        let p = self.ptr.load(Ordering::Relaxed);
+        (!p.is_null()).then_some(p)
+    }
+
     #[cold]
+    #[inline(never)]
     fn resolve(&self) -> Option<*mut c_void> {
         // SAFETY: `name` is a NUL-terminated C string with static lifetime; dlsym with
         // RTLD_NEXT is thread-safe and does not call any of the functions we interpose.
@@ -50,12 +59,13 @@ impl Real {
     }
 }
 
-/// Declares a typed accessor for the real function: `real_fn!(REAL_CLOSE, "close",
-/// unsafe extern "C" fn(c_int) -> c_int)` defines `REAL_CLOSE` and `fn real_close_fn()`.
+/// Declares typed accessors for the real function: `real_fn!(CLOSE, close, close_loaded,
+/// c"close", unsafe extern "C" fn(c_int) -> c_int)` defines the cell `CLOSE`, `fn close()`
+/// (resolving) and `fn close_loaded()` (cached pointer only).
 #[macro_export]
 #[doc(hidden)]
 macro_rules! real_fn {
-    ($cell:ident, $getter:ident, $name:literal, $ty:ty) => {
+    ($cell:ident, $getter:ident, $loaded:ident, $name:literal, $ty:ty) => {
         static $cell: $crate::real::Real = $crate::real::Real::new($name);
 
         /// Typed pointer to the real function (None if not defined after us).
@@ -66,6 +76,16 @@ macro_rules! real_fn {
             // and representation on the supported (Linux/glibc) targets.
             $cell
                 .get()
+                .map(|p| unsafe { std::mem::transmute::<*mut std::ffi::c_void, $ty>(p) })
+        }
+
+        /// Typed pointer to the real function if already resolved (no dlsym).
+        #[inline(always)]
+        #[allow(dead_code)]
+        pub fn $loaded() -> Option<$ty> {
+            // SAFETY: as for the resolving getter.
+            $cell
+                .loaded()
                 .map(|p| unsafe { std::mem::transmute::<*mut std::ffi::c_void, $ty>(p) })
         }
     };

@@ -54,11 +54,20 @@ fn close_logic(fd: c_int) -> Outcome<c_int> {
 /// # Safety
 /// C ABI; same contract as libc close.
 pub unsafe extern "C" fn close(fd: c_int) -> c_int {
-    let real = || call_real!(sys::close, fd);
     if !fdtable::is_marked(fd) {
-        return real();
+        if let Some(f) = sys::close_loaded() {
+            // SAFETY: the real function, with the program's unchanged arguments.
+            return unsafe { f(fd) };
+        }
     }
-    run(|| close_logic(fd), real)
+    // Managed fd, or real function not resolved yet.
+    #[inline(never)]
+    unsafe fn slow(fd: c_int) -> c_int {
+        let real = move || call_real!(sys::close, fd);
+        run(move || close_logic(fd), real)
+    }
+    // SAFETY: the same arguments, under the same C contract.
+    unsafe { slow(fd) }
 }
 
 /// Real close_range over `lo..=hi` minus the shim-owned fds in it.
@@ -122,11 +131,11 @@ fn table_empty() -> bool {
 /// # Safety
 /// C ABI; same contract as libc close_range.
 pub unsafe extern "C" fn close_range(lo: c_uint, hi: c_uint, flags: c_int) -> c_int {
-    let real = || call_real!(sys::close_range, lo, hi, flags);
+    let real = move || call_real!(sys::close_range, lo, hi, flags);
     if table_empty() && layer::active().is_none() {
         return real();
     }
-    run(|| close_range_split(lo, hi, flags), real)
+    run(move || close_range_split(lo, hi, flags), real)
 }
 
 #[no_mangle]
@@ -136,7 +145,7 @@ pub unsafe extern "C" fn close_range(lo: c_uint, hi: c_uint, flags: c_int) -> c_
 /// # Safety
 /// C ABI; same contract as libc closefrom.
 pub unsafe extern "C" fn closefrom(lo: c_int) {
-    let real = || call_real!(sys::closefrom, lo);
+    let real = move || call_real!(sys::closefrom, lo);
     if (table_empty() && layer::active().is_none()) || lo < 0 {
         return real();
     }
@@ -172,12 +181,12 @@ fn after_dup(old: c_int, new: c_int) {
 /// # Safety
 /// C ABI; same contract as libc dup.
 pub unsafe extern "C" fn dup(old: c_int) -> c_int {
-    let real = || call_real!(sys::dup, old);
+    let real = move || call_real!(sys::dup, old);
     if !fdtable::is_marked(old) {
         let new = real();
         if new >= 0 && fdtable::is_marked(new) {
             run(
-                || {
+                move || {
                     after_dup(old, new);
                     Outcome::Handled(new)
                 },
@@ -187,7 +196,7 @@ pub unsafe extern "C" fn dup(old: c_int) -> c_int {
         return new;
     }
     run(
-        || {
+        move || {
             if fdtable::is_owned(old) {
                 return shim_fd_outcome();
             }
@@ -235,11 +244,11 @@ fn dup2_logic(old: c_int, new: c_int, real: impl Fn() -> c_int) -> Outcome<c_int
 /// # Safety
 /// C ABI; same contract as libc dup2.
 pub unsafe extern "C" fn dup2(old: c_int, new: c_int) -> c_int {
-    let real = || call_real!(sys::dup2, old, new);
+    let real = move || call_real!(sys::dup2, old, new);
     if !fdtable::is_marked(old) && !fdtable::is_marked(new) {
         return real();
     }
-    run(|| dup2_logic(old, new, real), real)
+    run(move || dup2_logic(old, new, real), real)
 }
 
 #[no_mangle]
@@ -248,11 +257,11 @@ pub unsafe extern "C" fn dup2(old: c_int, new: c_int) -> c_int {
 /// # Safety
 /// C ABI; same contract as libc dup3.
 pub unsafe extern "C" fn dup3(old: c_int, new: c_int, flags: c_int) -> c_int {
-    let real = || call_real!(sys::dup3, old, new, flags);
+    let real = move || call_real!(sys::dup3, old, new, flags);
     if !fdtable::is_marked(old) && !fdtable::is_marked(new) {
         return real();
     }
-    run(|| dup2_logic(old, new, real), real)
+    run(move || dup2_logic(old, new, real), real)
 }
 
 fn fcntl_logic(fd: c_int, cmd: c_int, real: impl Fn() -> c_int) -> Outcome<c_int> {
@@ -277,13 +286,13 @@ fn fcntl_logic(fd: c_int, cmd: c_int, real: impl Fn() -> c_int) -> Outcome<c_int
 /// # Safety
 /// C ABI; same contract as libc fcntl.
 pub unsafe extern "C" fn fcntl(fd: c_int, cmd: c_int, arg: c_ulong) -> c_int {
-    let real = || call_real!(sys::fcntl, fd, cmd, arg);
+    let real = move || call_real!(sys::fcntl, fd, cmd, arg);
     if !fdtable::is_marked(fd) {
         let r = real();
         if r >= 0 && (cmd == libc::F_DUPFD || cmd == libc::F_DUPFD_CLOEXEC) && fdtable::is_marked(r)
         {
             run(
-                || {
+                move || {
                     after_dup(fd, r);
                     Outcome::Handled(r)
                 },
@@ -292,7 +301,7 @@ pub unsafe extern "C" fn fcntl(fd: c_int, cmd: c_int, arg: c_ulong) -> c_int {
         }
         return r;
     }
-    run(|| fcntl_logic(fd, cmd, real), real)
+    run(move || fcntl_logic(fd, cmd, real), real)
 }
 
 #[no_mangle]
@@ -301,13 +310,13 @@ pub unsafe extern "C" fn fcntl(fd: c_int, cmd: c_int, arg: c_ulong) -> c_int {
 /// # Safety
 /// C ABI; same contract as libc fcntl64.
 pub unsafe extern "C" fn fcntl64(fd: c_int, cmd: c_int, arg: c_ulong) -> c_int {
-    let real = || call_real!(sys::fcntl64, fd, cmd, arg);
+    let real = move || call_real!(sys::fcntl64, fd, cmd, arg);
     if !fdtable::is_marked(fd) {
         let r = real();
         if r >= 0 && (cmd == libc::F_DUPFD || cmd == libc::F_DUPFD_CLOEXEC) && fdtable::is_marked(r)
         {
             run(
-                || {
+                move || {
                     after_dup(fd, r);
                     Outcome::Handled(r)
                 },
@@ -316,5 +325,5 @@ pub unsafe extern "C" fn fcntl64(fd: c_int, cmd: c_int, arg: c_ulong) -> c_int {
         }
         return r;
     }
-    run(|| fcntl_logic(fd, cmd, real), real)
+    run(move || fcntl_logic(fd, cmd, real), real)
 }

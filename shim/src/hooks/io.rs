@@ -33,24 +33,33 @@ const NO_ADDR: AddrOut = AddrOut {
 /// # Safety
 /// C ABI; same contract as libc recv.
 pub unsafe extern "C" fn recv(fd: c_int, buf: *mut c_void, len: size_t, flags: c_int) -> ssize_t {
-    let real = || call_real!(sys::recv, fd, buf, len, flags);
     if !fdtable::is_marked(fd) {
-        return real();
+        if let Some(f) = sys::recv_loaded() {
+            // SAFETY: the real function, with the program's unchanged arguments.
+            return unsafe { f(fd, buf, len, flags) };
+        }
     }
-    run(
-        || {
-            io_logic(
-                fd,
-                IoCall::Recv {
-                    buf,
-                    len,
-                    flags,
-                    from: NO_ADDR,
-                },
-            )
-        },
-        real,
-    )
+    // Managed fd, or real function not resolved yet.
+    #[inline(never)]
+    unsafe fn slow(fd: c_int, buf: *mut c_void, len: size_t, flags: c_int) -> ssize_t {
+        let real = move || call_real!(sys::recv, fd, buf, len, flags);
+        run(
+            move || {
+                io_logic(
+                    fd,
+                    IoCall::Recv {
+                        buf,
+                        len,
+                        flags,
+                        from: NO_ADDR,
+                    },
+                )
+            },
+            real,
+        )
+    }
+    // SAFETY: the same arguments, under the same C contract.
+    unsafe { slow(fd, buf, len, flags) }
 }
 
 #[no_mangle]
@@ -65,24 +74,39 @@ pub unsafe extern "C" fn __recv_chk(
     buflen: size_t,
     flags: c_int,
 ) -> ssize_t {
-    let real = || call_real!(sys::recv_chk, fd, buf, len, buflen, flags);
     if !fdtable::is_marked(fd) || len > buflen {
-        return real(); // the real one also performs the overflow check (and aborts)
+        if let Some(f) = sys::recv_chk_loaded() {
+            // SAFETY: the real function, with the program's unchanged arguments.
+            return unsafe { f(fd, buf, len, buflen, flags) };
+        }
     }
-    run(
-        || {
-            io_logic(
-                fd,
-                IoCall::Recv {
-                    buf,
-                    len,
-                    flags,
-                    from: NO_ADDR,
-                },
-            )
-        },
-        real,
-    )
+    // Managed fd, or real function not resolved yet.
+    #[inline(never)]
+    unsafe fn slow(
+        fd: c_int,
+        buf: *mut c_void,
+        len: size_t,
+        buflen: size_t,
+        flags: c_int,
+    ) -> ssize_t {
+        let real = move || call_real!(sys::recv_chk, fd, buf, len, buflen, flags);
+        run(
+            move || {
+                io_logic(
+                    fd,
+                    IoCall::Recv {
+                        buf,
+                        len,
+                        flags,
+                        from: NO_ADDR,
+                    },
+                )
+            },
+            real,
+        )
+    }
+    // SAFETY: the same arguments, under the same C contract.
+    unsafe { slow(fd, buf, len, buflen, flags) }
 }
 
 #[no_mangle]
@@ -98,28 +122,44 @@ pub unsafe extern "C" fn recvfrom(
     addr: *mut sockaddr,
     alen: *mut socklen_t,
 ) -> ssize_t {
-    let real = || call_real!(sys::recvfrom, fd, buf, len, flags, addr, alen);
     if !fdtable::is_marked(fd) {
-        return real();
+        if let Some(f) = sys::recvfrom_loaded() {
+            // SAFETY: the real function, with the program's unchanged arguments.
+            return unsafe { f(fd, buf, len, flags, addr, alen) };
+        }
     }
-    let from = AddrOut {
-        ptr: addr,
-        len: alen,
-    };
-    run(
-        || {
-            io_logic(
-                fd,
-                IoCall::Recv {
-                    buf,
-                    len,
-                    flags,
-                    from,
-                },
-            )
-        },
-        real,
-    )
+    // Managed fd, or real function not resolved yet.
+    #[inline(never)]
+    unsafe fn slow(
+        fd: c_int,
+        buf: *mut c_void,
+        len: size_t,
+        flags: c_int,
+        addr: *mut sockaddr,
+        alen: *mut socklen_t,
+    ) -> ssize_t {
+        let real = move || call_real!(sys::recvfrom, fd, buf, len, flags, addr, alen);
+        let from = AddrOut {
+            ptr: addr,
+            len: alen,
+        };
+        run(
+            move || {
+                io_logic(
+                    fd,
+                    IoCall::Recv {
+                        buf,
+                        len,
+                        flags,
+                        from,
+                    },
+                )
+            },
+            real,
+        )
+    }
+    // SAFETY: the same arguments, under the same C contract.
+    unsafe { slow(fd, buf, len, flags, addr, alen) }
 }
 
 #[no_mangle]
@@ -136,28 +176,45 @@ pub unsafe extern "C" fn __recvfrom_chk(
     addr: *mut sockaddr,
     alen: *mut socklen_t,
 ) -> ssize_t {
-    let real = || call_real!(sys::recvfrom_chk, fd, buf, len, buflen, flags, addr, alen);
     if !fdtable::is_marked(fd) || len > buflen {
-        return real();
+        if let Some(f) = sys::recvfrom_chk_loaded() {
+            // SAFETY: the real function, with the program's unchanged arguments.
+            return unsafe { f(fd, buf, len, buflen, flags, addr, alen) };
+        }
     }
-    let from = AddrOut {
-        ptr: addr,
-        len: alen,
-    };
-    run(
-        || {
-            io_logic(
-                fd,
-                IoCall::Recv {
-                    buf,
-                    len,
-                    flags,
-                    from,
-                },
-            )
-        },
-        real,
-    )
+    // Managed fd, or real function not resolved yet.
+    #[inline(never)]
+    unsafe fn slow(
+        fd: c_int,
+        buf: *mut c_void,
+        len: size_t,
+        buflen: size_t,
+        flags: c_int,
+        addr: *mut sockaddr,
+        alen: *mut socklen_t,
+    ) -> ssize_t {
+        let real = move || call_real!(sys::recvfrom_chk, fd, buf, len, buflen, flags, addr, alen);
+        let from = AddrOut {
+            ptr: addr,
+            len: alen,
+        };
+        run(
+            move || {
+                io_logic(
+                    fd,
+                    IoCall::Recv {
+                        buf,
+                        len,
+                        flags,
+                        from,
+                    },
+                )
+            },
+            real,
+        )
+    }
+    // SAFETY: the same arguments, under the same C contract.
+    unsafe { slow(fd, buf, len, buflen, flags, addr, alen) }
 }
 
 #[no_mangle]
@@ -166,11 +223,20 @@ pub unsafe extern "C" fn __recvfrom_chk(
 /// # Safety
 /// C ABI; same contract as libc recvmsg.
 pub unsafe extern "C" fn recvmsg(fd: c_int, msg: *mut msghdr, flags: c_int) -> ssize_t {
-    let real = || call_real!(sys::recvmsg, fd, msg, flags);
     if !fdtable::is_marked(fd) {
-        return real();
+        if let Some(f) = sys::recvmsg_loaded() {
+            // SAFETY: the real function, with the program's unchanged arguments.
+            return unsafe { f(fd, msg, flags) };
+        }
     }
-    run(|| io_logic(fd, IoCall::RecvMsg { msg, flags }), real)
+    // Managed fd, or real function not resolved yet.
+    #[inline(never)]
+    unsafe fn slow(fd: c_int, msg: *mut msghdr, flags: c_int) -> ssize_t {
+        let real = move || call_real!(sys::recvmsg, fd, msg, flags);
+        run(move || io_logic(fd, IoCall::RecvMsg { msg, flags }), real)
+    }
+    // SAFETY: the same arguments, under the same C contract.
+    unsafe { slow(fd, msg, flags) }
 }
 
 #[no_mangle]
@@ -179,28 +245,37 @@ pub unsafe extern "C" fn recvmsg(fd: c_int, msg: *mut msghdr, flags: c_int) -> s
 /// # Safety
 /// C ABI; same contract as libc send.
 pub unsafe extern "C" fn send(fd: c_int, buf: *const c_void, len: size_t, flags: c_int) -> ssize_t {
-    let real = || call_real!(sys::send, fd, buf, len, flags);
     if !fdtable::is_marked(fd) {
-        return real();
+        if let Some(f) = sys::send_loaded() {
+            // SAFETY: the real function, with the program's unchanged arguments.
+            return unsafe { f(fd, buf, len, flags) };
+        }
     }
-    let to = AddrIn {
-        ptr: std::ptr::null(),
-        len: 0,
-    };
-    run(
-        || {
-            io_logic(
-                fd,
-                IoCall::Send {
-                    buf,
-                    len,
-                    flags,
-                    to,
-                },
-            )
-        },
-        real,
-    )
+    // Managed fd, or real function not resolved yet.
+    #[inline(never)]
+    unsafe fn slow(fd: c_int, buf: *const c_void, len: size_t, flags: c_int) -> ssize_t {
+        let real = move || call_real!(sys::send, fd, buf, len, flags);
+        let to = AddrIn {
+            ptr: std::ptr::null(),
+            len: 0,
+        };
+        run(
+            move || {
+                io_logic(
+                    fd,
+                    IoCall::Send {
+                        buf,
+                        len,
+                        flags,
+                        to,
+                    },
+                )
+            },
+            real,
+        )
+    }
+    // SAFETY: the same arguments, under the same C contract.
+    unsafe { slow(fd, buf, len, flags) }
 }
 
 #[no_mangle]
@@ -216,28 +291,44 @@ pub unsafe extern "C" fn sendto(
     addr: *const sockaddr,
     alen: socklen_t,
 ) -> ssize_t {
-    let real = || call_real!(sys::sendto, fd, buf, len, flags, addr, alen);
     if !fdtable::is_marked(fd) {
-        return real();
+        if let Some(f) = sys::sendto_loaded() {
+            // SAFETY: the real function, with the program's unchanged arguments.
+            return unsafe { f(fd, buf, len, flags, addr, alen) };
+        }
     }
-    let to = AddrIn {
-        ptr: addr,
-        len: alen,
-    };
-    run(
-        || {
-            io_logic(
-                fd,
-                IoCall::Send {
-                    buf,
-                    len,
-                    flags,
-                    to,
-                },
-            )
-        },
-        real,
-    )
+    // Managed fd, or real function not resolved yet.
+    #[inline(never)]
+    unsafe fn slow(
+        fd: c_int,
+        buf: *const c_void,
+        len: size_t,
+        flags: c_int,
+        addr: *const sockaddr,
+        alen: socklen_t,
+    ) -> ssize_t {
+        let real = move || call_real!(sys::sendto, fd, buf, len, flags, addr, alen);
+        let to = AddrIn {
+            ptr: addr,
+            len: alen,
+        };
+        run(
+            move || {
+                io_logic(
+                    fd,
+                    IoCall::Send {
+                        buf,
+                        len,
+                        flags,
+                        to,
+                    },
+                )
+            },
+            real,
+        )
+    }
+    // SAFETY: the same arguments, under the same C contract.
+    unsafe { slow(fd, buf, len, flags, addr, alen) }
 }
 
 #[no_mangle]
@@ -246,9 +337,18 @@ pub unsafe extern "C" fn sendto(
 /// # Safety
 /// C ABI; same contract as libc sendmsg.
 pub unsafe extern "C" fn sendmsg(fd: c_int, msg: *const msghdr, flags: c_int) -> ssize_t {
-    let real = || call_real!(sys::sendmsg, fd, msg, flags);
     if !fdtable::is_marked(fd) {
-        return real();
+        if let Some(f) = sys::sendmsg_loaded() {
+            // SAFETY: the real function, with the program's unchanged arguments.
+            return unsafe { f(fd, msg, flags) };
+        }
     }
-    run(|| io_logic(fd, IoCall::SendMsg { msg, flags }), real)
+    // Managed fd, or real function not resolved yet.
+    #[inline(never)]
+    unsafe fn slow(fd: c_int, msg: *const msghdr, flags: c_int) -> ssize_t {
+        let real = move || call_real!(sys::sendmsg, fd, msg, flags);
+        run(move || io_logic(fd, IoCall::SendMsg { msg, flags }), real)
+    }
+    // SAFETY: the same arguments, under the same C contract.
+    unsafe { slow(fd, msg, flags) }
 }

@@ -56,7 +56,11 @@ pub fn finish<T: Ret>(out: Outcome<T>, real: impl FnOnce() -> T) -> T {
 /// Run shim logic for one call: re-entrancy guard, init, panic containment, outcome.
 /// The guard is released before the real function runs, so a signal handler that
 /// interrupts a long blocking call still goes through the shim normally.
-#[inline]
+///
+/// Never inlined and marked cold: the hooks' fast paths then compile to a bounds check, one
+/// or two loads and a tail jump to the real function, without saving registers for this.
+#[cold]
+#[inline(never)]
 pub fn run<T: Ret>(logic: impl FnOnce() -> Outcome<T>, real: impl FnOnce() -> T) -> T {
     let out = {
         let Some(_g) = Guard::enter() else {
@@ -71,6 +75,7 @@ pub fn run<T: Ret>(logic: impl FnOnce() -> Outcome<T>, real: impl FnOnce() -> T)
 
 /// The real function is missing (symbol not defined after us): ENOSYS.
 #[cold]
+#[inline(never)]
 pub fn no_real<T: Ret>() -> T {
     finish(Outcome::Error(libc::ENOSYS), || T::ERR)
 }

@@ -51,7 +51,7 @@ redhook::hook! {
         let fd = unsafe { redhook::real!(socket)(domain, ty, protocol) };
         fresh_fd(fd);
         if fd >= 0 && layer::active().is_some() {
-            run(|| { manage_new(fd, domain, ty, protocol); Outcome::Handled(fd) }, || fd)
+            run(move || { manage_new(fd, domain, ty, protocol); Outcome::Handled(fd) }, || fd)
         } else {
             crate::trace!("socket({}, {:#x}, {}) = {}", domain, ty, protocol, fd);
             fd
@@ -62,11 +62,11 @@ redhook::hook! {
 redhook::hook! {
     unsafe fn bind(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int => gcb_bind {
         // SAFETY: real bind() with the program's arguments.
-        let real = || unsafe { redhook::real!(bind)(fd, addr, len) };
+        let real = move || unsafe { redhook::real!(bind)(fd, addr, len) };
         if !fdtable::is_marked(fd) && layer::active().is_none() {
             return real();
         }
-        run(|| match socket_entry(fd) {
+        run(move || match socket_entry(fd) {
             Err(()) => shim_fd_outcome(),
             Ok(e) => layer::active().map_or(Outcome::Bypass, |l| {
                 l.on_bind(fd, e.as_ref(), AddrIn { ptr: addr, len })
@@ -78,12 +78,12 @@ redhook::hook! {
 redhook::hook! {
     unsafe fn listen(fd: c_int, backlog: c_int) -> c_int => gcb_listen {
         // SAFETY: real listen() with the program's arguments.
-        let real = || unsafe { redhook::real!(listen)(fd, backlog) };
+        let real = move || unsafe { redhook::real!(listen)(fd, backlog) };
         crate::debug!("listen({}, {})", fd, backlog);
         if !fdtable::is_marked(fd) && layer::active().is_none() {
             return real();
         }
-        run(|| match socket_entry(fd) {
+        run(move || match socket_entry(fd) {
             Err(()) => shim_fd_outcome(),
             Ok(e) => layer::active().map_or(Outcome::Bypass, |l| l.on_listen(fd, e.as_ref(), backlog)),
         }, real)
@@ -93,12 +93,12 @@ redhook::hook! {
 redhook::hook! {
     unsafe fn connect(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int => gcb_connect {
         // SAFETY: real connect() with the program's arguments.
-        let real = || unsafe { redhook::real!(connect)(fd, addr, len) };
+        let real = move || unsafe { redhook::real!(connect)(fd, addr, len) };
         crate::debug!("connect({})", fd);
         if !fdtable::is_marked(fd) && layer::active().is_none() {
             return real();
         }
-        run(|| match socket_entry(fd) {
+        run(move || match socket_entry(fd) {
             Err(()) => shim_fd_outcome(),
             Ok(e) => layer::active().map_or(Outcome::Bypass, |l| {
                 l.on_connect(fd, e.as_ref(), AddrIn { ptr: addr, len })
@@ -120,9 +120,9 @@ fn accept_common(fd: c_int, addr: AddrOut, flags: c_int) -> Outcome<c_int> {
 redhook::hook! {
     unsafe fn accept(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int => gcb_accept {
         // SAFETY: real accept() with the program's arguments.
-        let real = || unsafe { redhook::real!(accept)(fd, addr, len) };
+        let real = move || unsafe { redhook::real!(accept)(fd, addr, len) };
         let r = if fdtable::is_marked(fd) {
-            run(|| accept_common(fd, AddrOut { ptr: addr, len }, 0), real)
+            run(move || accept_common(fd, AddrOut { ptr: addr, len }, 0), real)
         } else {
             real()
         };
@@ -135,9 +135,9 @@ redhook::hook! {
 redhook::hook! {
     unsafe fn accept4(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t, flags: c_int) -> c_int => gcb_accept4 {
         // SAFETY: real accept4() with the program's arguments.
-        let real = || unsafe { redhook::real!(accept4)(fd, addr, len, flags) };
+        let real = move || unsafe { redhook::real!(accept4)(fd, addr, len, flags) };
         let r = if fdtable::is_marked(fd) {
-            run(|| accept_common(fd, AddrOut { ptr: addr, len }, flags), real)
+            run(move || accept_common(fd, AddrOut { ptr: addr, len }, flags), real)
         } else {
             real()
         };
@@ -158,21 +158,21 @@ fn name_common(fd: c_int, peer: bool, addr: AddrOut) -> Outcome<c_int> {
 redhook::hook! {
     unsafe fn getsockname(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int => gcb_getsockname {
         // SAFETY: real getsockname() with the program's arguments.
-        let real = || unsafe { redhook::real!(getsockname)(fd, addr, len) };
+        let real = move || unsafe { redhook::real!(getsockname)(fd, addr, len) };
         if !fdtable::is_marked(fd) {
             return real();
         }
-        run(|| name_common(fd, false, AddrOut { ptr: addr, len }), real)
+        run(move || name_common(fd, false, AddrOut { ptr: addr, len }), real)
     }
 }
 
 redhook::hook! {
     unsafe fn getpeername(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int => gcb_getpeername {
         // SAFETY: real getpeername() with the program's arguments.
-        let real = || unsafe { redhook::real!(getpeername)(fd, addr, len) };
+        let real = move || unsafe { redhook::real!(getpeername)(fd, addr, len) };
         if !fdtable::is_marked(fd) {
             return real();
         }
-        run(|| name_common(fd, true, AddrOut { ptr: addr, len }), real)
+        run(move || name_common(fd, true, AddrOut { ptr: addr, len }), real)
     }
 }

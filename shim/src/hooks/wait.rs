@@ -29,12 +29,12 @@ pub unsafe extern "C" fn select(
     except: *mut fd_set,
     timeout: *mut timeval,
 ) -> c_int {
-    let real = || call_real!(sys::select, nfds, read, write, except, timeout);
+    let real = move || call_real!(sys::select, nfds, read, write, except, timeout);
     if layer::active().is_none() {
         return real();
     }
     run(
-        || {
+        move || {
             wait_logic(WaitCall::Select {
                 nfds,
                 read,
@@ -60,12 +60,12 @@ pub unsafe extern "C" fn pselect(
     timeout: *const timespec,
     sigmask: *const sigset_t,
 ) -> c_int {
-    let real = || call_real!(sys::pselect, nfds, read, write, except, timeout, sigmask);
+    let real = move || call_real!(sys::pselect, nfds, read, write, except, timeout, sigmask);
     if layer::active().is_none() {
         return real();
     }
     run(
-        || {
+        move || {
             wait_logic(WaitCall::PSelect {
                 nfds,
                 read,
@@ -101,12 +101,12 @@ fn poll_call(
 /// # Safety
 /// C ABI; same contract as libc poll.
 pub unsafe extern "C" fn poll(fds: *mut pollfd, nfds: nfds_t, timeout: c_int) -> c_int {
-    let real = || call_real!(sys::poll, fds, nfds, timeout);
+    let real = move || call_real!(sys::poll, fds, nfds, timeout);
     if layer::active().is_none() {
         return real();
     }
     run(
-        || {
+        move || {
             wait_logic(poll_call(
                 fds,
                 nfds,
@@ -130,12 +130,12 @@ pub unsafe extern "C" fn __poll_chk(
     timeout: c_int,
     fdslen: size_t,
 ) -> c_int {
-    let real = || call_real!(sys::poll_chk, fds, nfds, timeout, fdslen);
+    let real = move || call_real!(sys::poll_chk, fds, nfds, timeout, fdslen);
     if layer::active().is_none() {
         return real();
     }
     run(
-        || {
+        move || {
             wait_logic(poll_call(
                 fds,
                 nfds,
@@ -159,7 +159,7 @@ pub unsafe extern "C" fn ppoll(
     timeout: *const timespec,
     sigmask: *const sigset_t,
 ) -> c_int {
-    let real = || call_real!(sys::ppoll, fds, nfds, timeout, sigmask);
+    let real = move || call_real!(sys::ppoll, fds, nfds, timeout, sigmask);
     if layer::active().is_none() {
         return real();
     }
@@ -181,7 +181,7 @@ pub unsafe extern "C" fn __ppoll_chk(
     sigmask: *const sigset_t,
     fdslen: size_t,
 ) -> c_int {
-    let real = || call_real!(sys::ppoll_chk, fds, nfds, timeout, sigmask, fdslen);
+    let real = move || call_real!(sys::ppoll_chk, fds, nfds, timeout, sigmask, fdslen);
     if layer::active().is_none() {
         return real();
     }
@@ -202,12 +202,12 @@ pub unsafe extern "C" fn epoll_ctl(
     fd: c_int,
     ev: *mut epoll_event,
 ) -> c_int {
-    let real = || call_real!(sys::epoll_ctl, epfd, op, fd, ev);
+    let real = move || call_real!(sys::epoll_ctl, epfd, op, fd, ev);
     if !fdtable::is_marked(fd) && !fdtable::is_marked(epfd) {
         return real();
     }
     run(
-        || {
+        move || {
             if fdtable::is_owned(epfd) {
                 return shim_fd_outcome();
             }
@@ -253,12 +253,12 @@ pub unsafe extern "C" fn epoll_wait(
     maxevents: c_int,
     timeout: c_int,
 ) -> c_int {
-    let real = || call_real!(sys::epoll_wait, epfd, events, maxevents, timeout);
+    let real = move || call_real!(sys::epoll_wait, epfd, events, maxevents, timeout);
     if layer::active().is_none() {
         return real();
     }
     run(
-        || {
+        move || {
             wait_logic(epoll_call(
                 epfd,
                 events,
@@ -284,12 +284,12 @@ pub unsafe extern "C" fn epoll_pwait(
     timeout: c_int,
     sigmask: *const sigset_t,
 ) -> c_int {
-    let real = || call_real!(sys::epoll_pwait, epfd, events, maxevents, timeout, sigmask);
+    let real = move || call_real!(sys::epoll_pwait, epfd, events, maxevents, timeout, sigmask);
     if layer::active().is_none() {
         return real();
     }
     run(
-        || {
+        move || {
             wait_logic(epoll_call(
                 epfd,
                 events,
@@ -315,7 +315,7 @@ pub unsafe extern "C" fn epoll_pwait2(
     timeout: *const timespec,
     sigmask: *const sigset_t,
 ) -> c_int {
-    let real = || call_real!(sys::epoll_pwait2, epfd, events, maxevents, timeout, sigmask);
+    let real = move || call_real!(sys::epoll_pwait2, epfd, events, maxevents, timeout, sigmask);
     if layer::active().is_none() {
         return real();
     }
