@@ -313,3 +313,15 @@ fn proc_guard_kills_the_whole_process_group() {
         }
     }
 }
+
+#[test]
+fn pure_helpers() {
+    assert_eq!(
+        sha256(b"abc"),
+        "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    );
+    assert!(gcb_lab::release_artifact("brokerd").ends_with("release/brokerd"));
+    assert_eq!(Host::A1.public_addr(), Host::Gwa.addr());
+    assert_eq!(Host::B1.gateway(), Some(Host::Gwb));
+    assert!(Host::P2.gateway().is_none() && !Host::P2.is_private() && !Host::Gwa.is_private());
+}

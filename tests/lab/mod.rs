@@ -208,9 +208,26 @@ pub fn target_dir() -> PathBuf {
 }
 
 /// Path of a release build artifact, e.g. `release_artifact("libgcb.so")` or
-/// `release_artifact("brokerd")`. Does not build it and does not check it exists.
+/// `release_artifact("brokerd")`: the first that exists of `release/NAME` under
+/// [`target_dir`], the test binary's own target directory and `<repo>/target`; if none
+/// exists, the path under [`target_dir`]. Does not build anything.
 pub fn release_artifact(name: &str) -> PathBuf {
-    target_dir().join("release").join(name)
+    let mut dirs = vec![target_dir()];
+    if let Some(t) = std::env::current_exe().ok().and_then(|exe| {
+        exe.parent()
+            .and_then(|d| d.parent())
+            .and_then(|d| d.parent())
+            .map(PathBuf::from)
+    }) {
+        dirs.push(t);
+    }
+    dirs.push(repo_root().join("target"));
+    let candidates: Vec<PathBuf> = dirs.iter().map(|d| d.join("release").join(name)).collect();
+    candidates
+        .iter()
+        .find(|p| p.exists())
+        .unwrap_or(&candidates[0])
+        .clone()
 }
 
 /// Lowercase hex SHA-256 of `data`.
