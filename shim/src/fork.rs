@@ -4,17 +4,32 @@
 //! and records its pid (see [`crate::init::foreign_process`] for vfork/posix_spawn children,
 //! which run no atfork handlers and must not touch the shared table).
 
+// Lock order: the layer's locks before the table's (layer code takes the table lock while
+// holding its own), released in reverse.
 extern "C" fn prepare() {
-    let _ = std::panic::catch_unwind(crate::fdtable::fork_prepare);
+    let _ = std::panic::catch_unwind(|| {
+        if let Some(l) = crate::layer::active() {
+            l.fork_prepare();
+        }
+        crate::fdtable::fork_prepare();
+    });
 }
 
 extern "C" fn parent() {
-    let _ = std::panic::catch_unwind(crate::fdtable::fork_parent);
+    let _ = std::panic::catch_unwind(|| {
+        crate::fdtable::fork_parent();
+        if let Some(l) = crate::layer::active() {
+            l.fork_parent();
+        }
+    });
 }
 
 extern "C" fn child() {
     let _ = std::panic::catch_unwind(|| {
         crate::fdtable::fork_child();
+        if let Some(l) = crate::layer::active() {
+            l.fork_child_locks();
+        }
         crate::init::set_pid_after_fork();
     });
 }

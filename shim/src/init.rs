@@ -113,18 +113,46 @@ fn init() {
         broker: getenv(c"GCB_BROKER"),
         dpf_server: getenv(c"GCB_DPF_SERVER"),
     };
-    if cfg.broker.is_some() || cfg.dpf_server.is_some() {
+    let mode = match cfg.broker.as_deref() {
+        Some(b) => install_gcb(b),
+        None => "pass-through",
+    };
+    if cfg.dpf_server.is_some() {
         crate::warn!(
-            "GCB_BROKER={:?} GCB_DPF_SERVER={:?} set, but this libgcb has no GCB/DPF layer yet: pass-through",
-            cfg.broker,
+            "GCB_DPF_SERVER={:?} set, but this libgcb has no DPF layer yet",
             cfg.dpf_server
         );
     }
     crate::info!(
-        "loaded (version {}), pass-through mode",
-        env!("CARGO_PKG_VERSION")
+        "loaded (version {}), {} mode",
+        env!("CARGO_PKG_VERSION"),
+        mode
     );
     let _ = CONFIG.set(cfg);
+}
+
+/// Install the GCB layer for `GCB_BROKER=IP[:PORT]`; on a bad setting, stay pass-through
+/// and say why in one line.
+fn install_gcb(broker: &str) -> &'static str {
+    let Some(addr) = crate::gcb::parse_broker(broker) else {
+        crate::error!("GCB_BROKER={:?} is not IP[:PORT]; GCB disabled", broker);
+        return "pass-through";
+    };
+    let key = match getenv(c"GCB_KEY_FILE") {
+        None => None,
+        Some(path) => match std::fs::read(&path)
+            .map_err(|e| e.to_string())
+            .and_then(|b| gcb_proto::PoolKey::from_file_contents(&b).map_err(|e| e.to_string()))
+        {
+            Ok(k) => Some(k),
+            Err(e) => {
+                crate::error!("GCB_KEY_FILE {}: {}; GCB disabled", path, e);
+                return "pass-through";
+            }
+        },
+    };
+    crate::layer::install(Box::new(crate::gcb::GcbLayer::new(addr, key)));
+    "gcb"
 }
 
 fn open_log_file(path: &str) {

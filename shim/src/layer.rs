@@ -203,6 +203,13 @@ pub trait Layer: Send + Sync {
     fn on_close(&self, _fd: c_int, _entry: &Arc<FdEntry>, _last: bool) {}
     /// close_range(lo, hi, flags) is about to run (shim fds already excluded).
     fn on_close_range(&self, _lo: c_uint, _hi: c_uint, _flags: c_int) {}
+    /// pthread_atfork prepare: take the layer's own locks (before the fd table's), so a
+    /// fork while another thread holds one cannot leave the child with a held lock.
+    fn fork_prepare(&self) {}
+    /// pthread_atfork parent: release what `fork_prepare` took.
+    fn fork_parent(&self) {}
+    /// pthread_atfork child: re-initialise what `fork_prepare` took (single thread).
+    fn fork_child_locks(&self) {}
     /// In the child of fork() (locks already re-initialised).
     fn on_fork_child(&self) {}
     /// Just before exec: the seam for handing GCB state to the new image (e.g. an env var

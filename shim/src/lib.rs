@@ -24,6 +24,8 @@
 //!   [`forklock`] — parking_lot locks a fork child can re-initialise.
 //! * [`real`], [`sys`] — cached `dlsym(RTLD_NEXT)` resolution of the real functions.
 //! * [`log`] — silent-by-default logging to stderr or `GCB_LOG_FILE`, never stdout.
+//! * [`gcb`] — the GCB client layer (paper 4.2.1): registration of listening sockets,
+//!   brokered connects, and the asynchronous event handler run inside blocking calls.
 //!
 //! ## One call, end to end: `recv(fd, buf, len, flags)`
 //!
@@ -63,11 +65,13 @@
 //! from Rust's runtime start-up.
 //!
 //! Environment: `GCB_LOG=error|warn|info|debug|trace`, `GCB_LOG_FILE=path`,
-//! `GCB_BROKER`, `GCB_DPF_SERVER` (recognised; their layers are not implemented yet).
+//! `GCB_BROKER=IP[:PORT]` (enables the [`gcb`] layer), `GCB_KEY_FILE=path` (pool key),
+//! `GCB_DPF_SERVER` (recognised; the DPF layer is not implemented yet).
 
 pub mod fdtable;
 pub mod fork;
 pub mod forklock;
+pub mod gcb;
 pub mod guard;
 pub mod hooks;
 pub mod init;

@@ -1,0 +1,953 @@
+//! The GCB client layer (paper section 4.2.1), active when `GCB_BROKER` is set.
+//!
+//! * `listen()` on an IPv4 TCP socket registers it with the broker, which opens a proxy
+//!   socket; from then on `getsockname()` reports the proxy address, the address the
+//!   program will advertise.
+//! * The broker's `connect_back` arrives on the process's control socket while the
+//!   program waits in accept/select/poll/epoll (the AEH runs inside those calls). The
+//!   shim dials out (to the connector for a reversed connection, to the broker's relay
+//!   port otherwise), presents the single-use connect id, and then makes a loopback
+//!   *placeholder* connection to the program's own listening socket, so the kernel's
+//!   accept queue holds an entry in arrival order and every readiness call wakes up as
+//!   for a kernel connection. The interposed `accept()` recognises the placeholder by
+//!   its source address, closes it and returns the brokered connection instead, with the
+//!   logical peer as its address (also from `getpeername()`).
+//! * `connect()` to an address on the broker's IP asks the broker how: `direct` (connect
+//!   to the listener's real address), `reverse` (we listen, the listener dials us and
+//!   presents the connect id), or `relay` (connect to the broker's relay port and present
+//!   the connect id). Destinations the broker does not know, and an unreachable broker,
+//!   are remembered for a minute (negative cache), so a plain connect is delayed once.
+//!
+//! Limits today: IPv4 TCP only (UDP is a later issue); one broker per process; a
+//! registration belongs to the process that called listen() (a fork child that shares
+//! the socket does not unregister it on close, but does not take it over either);
+//! registrations are not handed across exec.
+
+pub mod client;
+pub mod net;
+
+use gcb_proto::{Body, Route, Transport};
+use libc::{c_int, ssize_t};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::fdtable::{self, FdEntry, FdKind, SocketEntry, SocketState};
+use crate::forklock::ForkMutex;
+use crate::layer::{AddrIn, AddrOut, IoCall, Layer, Outcome, WaitCall};
+use client::{Answer, Client};
+
+/// Default broker control port (UDP; the relay is TCP on the same port).
+pub const DEFAULT_BROKER_PORT: u16 = 9650;
+
+/// Tag of our control socket in a program's epoll set.
+const EPOLL_TAG: u64 = 0x6763_625f_6374_6c00; // "gcb_ctl\0"
+
+/// Per-socket GCB state, kept in the fd table entry (shared by dup'd fds).
+#[derive(Debug, Clone, Copy)]
+pub enum GcbSock {
+    /// A registered listening socket.
+    Listener {
+        proxy: SocketAddrV4,
+        local: SocketAddrV4,
+        owner: i32,
+    },
+    /// A brokered connection returned by accept(): its logical peer.
+    Accepted { peer: SocketAddrV4 },
+}
+
+pub struct GcbLayer {
+    client: ForkMutex<Client>,
+}
+
+/// Parse `IP[:PORT]`.
+pub fn parse_broker(s: &str) -> Option<SocketAddrV4> {
+    let s = s.trim();
+    if let Ok(a) = s.parse::<SocketAddrV4>() {
+        return Some(a);
+    }
+    s.parse::<Ipv4Addr>()
+        .ok()
+        .map(|ip| SocketAddrV4::new(ip, DEFAULT_BROKER_PORT))
+}
+
+fn errno() -> c_int {
+    std::io::Error::last_os_error()
+        .raw_os_error()
+        .unwrap_or(libc::EIO)
+}
+
+fn getpid() -> i32 {
+    // SAFETY: getpid never fails.
+    unsafe { libc::getpid() }
+}
+
+fn sock_opt(fd: c_int, level: c_int, opt: c_int) -> Option<c_int> {
+    let mut v: c_int = 0;
+    let mut len = std::mem::size_of::<c_int>() as libc::socklen_t;
+    // SAFETY: v/len describe a writable c_int.
+    let r = unsafe {
+        libc::getsockopt(
+            fd,
+            level,
+            opt,
+            &mut v as *mut c_int as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    (r == 0).then_some(v)
+}
+
+fn set_sock_opt(fd: c_int, level: c_int, opt: c_int, v: c_int) {
+    // SAFETY: v is a readable c_int of the given length.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            opt,
+            &v as *const c_int as *const libc::c_void,
+            std::mem::size_of::<c_int>() as libc::socklen_t,
+        );
+    }
+}
+
+fn gcb_state(entry: &FdEntry) -> Option<GcbSock> {
+    let FdKind::Socket(s) = &entry.kind else {
+        return None;
+    };
+    let st = s.state.lock();
+    st.layer
+        .as_ref()
+        .and_then(|l| l.downcast_ref::<GcbSock>())
+        .copied()
+}
+
+fn set_gcb_state(entry: &FdEntry, v: GcbSock) {
+    if let FdKind::Socket(s) = &entry.kind {
+        s.state.lock().layer = Some(Box::new(v));
+    }
+}
+
+/// The table entry for a program socket, created (and the fd marked managed) if needed.
+fn socket_entry(fd: c_int, entry: Option<&Arc<FdEntry>>) -> Option<Arc<FdEntry>> {
+    if let Some(e) = entry {
+        return Some(e.clone());
+    }
+    let e = Arc::new(FdEntry {
+        kind: FdKind::Socket(SocketEntry {
+            domain: libc::AF_INET,
+            sock_type: libc::SOCK_STREAM,
+            state: ForkMutex::new(SocketState::default()),
+        }),
+    });
+    match fdtable::insert(fd, e.clone()) {
+        Ok(displaced) => {
+            drop(displaced);
+            Some(e)
+        }
+        Err(_) => None,
+    }
+}
+
+fn is_tcp4(fd: c_int) -> bool {
+    sock_opt(fd, libc::SOL_SOCKET, libc::SO_DOMAIN) == Some(libc::AF_INET)
+        && sock_opt(fd, libc::SOL_SOCKET, libc::SO_TYPE) == Some(libc::SOCK_STREAM)
+}
+
+/// A program-side deadline from a poll-style timeout (ms, -1 infinite, -2: use `ts`).
+fn deadline_of(timeout_ms: c_int, ts: *const libc::timespec) -> Option<Instant> {
+    let d = if timeout_ms == -2 {
+        if ts.is_null() {
+            return None;
+        }
+        // SAFETY: the program passed a valid timespec pointer to ppoll/epoll_pwait2.
+        let t = unsafe { *ts };
+        Duration::new(
+            t.tv_sec.max(0) as u64,
+            t.tv_nsec.clamp(0, 999_999_999) as u32,
+        )
+    } else if timeout_ms < 0 {
+        return None;
+    } else {
+        Duration::from_millis(timeout_ms as u64)
+    };
+    Some(Instant::now() + d)
+}
+
+/// The slice to wait now: until the program's deadline or the AEH's next timer.
+fn slice_ms(deadline: Option<Instant>, wake: Option<Instant>) -> c_int {
+    let t = match (deadline, wake) {
+        (None, None) => return -1,
+        (Some(a), None) | (None, Some(a)) => a,
+        (Some(a), Some(b)) => a.min(b),
+    };
+    net::ms_ceil(t.saturating_duration_since(Instant::now()))
+}
+
+fn expired(deadline: Option<Instant>) -> bool {
+    deadline.is_some_and(|d| Instant::now() >= d)
+}
+
+impl GcbLayer {
+    pub fn new(broker: SocketAddrV4, key: Option<gcb_proto::PoolKey>) -> GcbLayer {
+        GcbLayer {
+            client: ForkMutex::new(Client::new(broker, key)),
+        }
+    }
+
+    pub fn client(&self) -> &ForkMutex<Client> {
+        &self.client
+    }
+
+    /// Run the AEH once if this process has something to serve.
+    fn pump(&self) -> Option<(c_int, Option<Instant>)> {
+        let mut c = self.client.lock();
+        if !c.needs_aeh() || c.pid() != getpid() {
+            return None;
+        }
+        c.pump();
+        Some((c.ctl_fd()?, c.next_wakeup()))
+    }
+
+    /// AEH state for a wait: our control fd and next timer, if the AEH must run.
+    fn aeh(&self) -> Option<(c_int, Option<Instant>)> {
+        let c = self.client.lock();
+        if !c.needs_aeh() || c.pid() != getpid() {
+            return None;
+        }
+        Some((c.ctl_fd()?, c.next_wakeup()))
+    }
+
+    fn wait_poll(
+        &self,
+        fds: *mut libc::pollfd,
+        nfds: libc::nfds_t,
+        timeout_ms: c_int,
+        ts: *const libc::timespec,
+        sigmask: *const libc::sigset_t,
+    ) -> Outcome<c_int> {
+        let Some((ctl, mut wake)) = self.aeh() else {
+            return Outcome::Bypass;
+        };
+        let deadline = deadline_of(timeout_ms, ts);
+        let n = nfds as usize;
+        let mut set: Vec<libc::pollfd> = Vec::with_capacity(n + 1);
+        if n > 0 {
+            // SAFETY: the program passed `nfds` valid pollfd entries at `fds`.
+            set.extend_from_slice(unsafe { std::slice::from_raw_parts(fds, n) });
+        }
+        set.push(libc::pollfd {
+            fd: ctl,
+            events: libc::POLLIN,
+            revents: 0,
+        });
+        loop {
+            let ms = slice_ms(deadline, wake);
+            let tspec = (ms >= 0).then(|| libc::timespec {
+                tv_sec: (ms / 1000) as libc::time_t,
+                tv_nsec: ((ms % 1000) as libc::c_long) * 1_000_000,
+            });
+            let tptr = tspec
+                .as_ref()
+                .map_or(std::ptr::null(), |t| t as *const libc::timespec);
+            // SAFETY: set is a valid pollfd array of its length; tptr/sigmask are null or
+            // valid for the call.
+            let r =
+                unsafe { libc::ppoll(set.as_mut_ptr(), set.len() as libc::nfds_t, tptr, sigmask) };
+            if r < 0 {
+                return Outcome::Error(errno());
+            }
+            if set[n].revents != 0 || r == 0 {
+                set[n].revents = 0;
+                match self.pump() {
+                    Some((_, w)) => wake = w,
+                    None => wake = None,
+                }
+            }
+            let ready = set[..n].iter().filter(|p| p.revents != 0).count();
+            if ready > 0 || expired(deadline) {
+                if n > 0 {
+                    // SAFETY: as above, `fds` holds `n` writable entries.
+                    let out = unsafe { std::slice::from_raw_parts_mut(fds, n) };
+                    for (o, s) in out.iter_mut().zip(&set[..n]) {
+                        o.revents = s.revents;
+                    }
+                }
+                return Outcome::Handled(ready as c_int);
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn wait_select(
+        &self,
+        nfds: c_int,
+        read: *mut libc::fd_set,
+        write: *mut libc::fd_set,
+        except: *mut libc::fd_set,
+        deadline: Option<Instant>,
+        sigmask: *const libc::sigset_t,
+        tv_out: *mut libc::timeval,
+    ) -> Outcome<c_int> {
+        let Some((ctl, mut wake)) = self.aeh() else {
+            return Outcome::Bypass;
+        };
+        if ctl >= libc::FD_SETSIZE as c_int {
+            return Outcome::Bypass;
+        }
+        // SAFETY: fd_set is plain data; copies of the program's sets (null = empty/absent).
+        let copy = |p: *mut libc::fd_set| (!p.is_null()).then(|| unsafe { *p });
+        let (r0, w0, e0) = (copy(read), copy(write), copy(except));
+        loop {
+            // SAFETY: zeroed fd_set is the empty set.
+            let mut rs: libc::fd_set = r0.unwrap_or_else(|| unsafe { std::mem::zeroed() });
+            let mut ws = w0;
+            let mut es = e0;
+            // SAFETY: ctl < FD_SETSIZE, checked above.
+            unsafe { libc::FD_SET(ctl, &mut rs) };
+            let ms = slice_ms(deadline, wake);
+            let tspec = (ms >= 0).then(|| libc::timespec {
+                tv_sec: (ms / 1000) as libc::time_t,
+                tv_nsec: ((ms % 1000) as libc::c_long) * 1_000_000,
+            });
+            let tptr = tspec
+                .as_ref()
+                .map_or(std::ptr::null(), |t| t as *const libc::timespec);
+            let wp = ws.as_mut().map_or(std::ptr::null_mut(), |s| s as *mut _);
+            let ep = es.as_mut().map_or(std::ptr::null_mut(), |s| s as *mut _);
+            // SAFETY: all set pointers are null or point at local fd_sets; nfds covers ctl.
+            let r = unsafe { libc::pselect(nfds.max(ctl + 1), &mut rs, wp, ep, tptr, sigmask) };
+            if r < 0 {
+                return Outcome::Error(errno());
+            }
+            // SAFETY: rs is a valid set and ctl < FD_SETSIZE.
+            let ctl_ready = unsafe { libc::FD_ISSET(ctl, &rs) };
+            if ctl_ready {
+                // SAFETY: as above.
+                unsafe { libc::FD_CLR(ctl, &mut rs) };
+            }
+            if ctl_ready || r == 0 {
+                wake = self.pump().and_then(|(_, w)| w);
+            }
+            let count = |s: &libc::fd_set| {
+                // SAFETY: i < nfds <= FD_SETSIZE (the program's own contract).
+                (0..nfds)
+                    .filter(|&i| unsafe { libc::FD_ISSET(i, s) })
+                    .count()
+            };
+            let ready = (r0.map(|_| count(&rs)).unwrap_or(0))
+                + ws.as_ref().map_or(0, count)
+                + es.as_ref().map_or(0, count);
+            if ready > 0 || expired(deadline) {
+                // SAFETY: each non-null program pointer is a writable fd_set.
+                unsafe {
+                    if !read.is_null() {
+                        *read = rs;
+                    }
+                    if let Some(s) = ws {
+                        *write = s;
+                    }
+                    if let Some(s) = es {
+                        *except = s;
+                    }
+                    if !tv_out.is_null() {
+                        let left = deadline
+                            .map(|d| d.saturating_duration_since(Instant::now()))
+                            .unwrap_or_default();
+                        (*tv_out).tv_sec = left.as_secs() as libc::time_t;
+                        (*tv_out).tv_usec = left.subsec_micros() as libc::suseconds_t;
+                    }
+                }
+                return Outcome::Handled(ready as c_int);
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn wait_epoll(
+        &self,
+        epfd: c_int,
+        events: *mut libc::epoll_event,
+        maxevents: c_int,
+        timeout_ms: c_int,
+        ts: *const libc::timespec,
+        sigmask: *const libc::sigset_t,
+    ) -> Outcome<c_int> {
+        let Some((ctl, mut wake)) = self.aeh() else {
+            return Outcome::Bypass;
+        };
+        if maxevents <= 0 || events.is_null() {
+            return Outcome::Bypass;
+        }
+        {
+            let mut c = self.client.lock();
+            if !c.epolls.contains(&epfd) {
+                let mut ev = libc::epoll_event {
+                    events: libc::EPOLLIN as u32,
+                    u64: EPOLL_TAG,
+                };
+                // SAFETY: ev is a valid epoll_event; failure (EEXIST etc.) is harmless.
+                let r = unsafe { libc::epoll_ctl(epfd, libc::EPOLL_CTL_ADD, ctl, &mut ev) };
+                if r == 0 || errno() == libc::EEXIST {
+                    c.epolls.insert(epfd);
+                } else {
+                    return Outcome::Bypass;
+                }
+            }
+        }
+        let deadline = deadline_of(timeout_ms, ts);
+        loop {
+            let ms = slice_ms(deadline, wake);
+            // SAFETY: events holds maxevents writable entries (program's contract).
+            let r = unsafe { libc::epoll_pwait(epfd, events, maxevents, ms, sigmask) };
+            if r < 0 {
+                return Outcome::Error(errno());
+            }
+            // SAFETY: the kernel filled `r` entries.
+            let evs = unsafe { std::slice::from_raw_parts_mut(events, r as usize) };
+            let mut kept = 0;
+            let mut ours = false;
+            for i in 0..evs.len() {
+                if evs[i].u64 == EPOLL_TAG {
+                    ours = true;
+                } else {
+                    evs[kept] = evs[i];
+                    kept += 1;
+                }
+            }
+            if ours || r == 0 {
+                wake = self.pump().and_then(|(_, w)| w);
+            }
+            if kept > 0 || expired(deadline) {
+                return Outcome::Handled(kept as c_int);
+            }
+        }
+    }
+
+    /// Swap the connection `newfd` into the program's `fd`, keeping the program's
+    /// O_NONBLOCK, FD_CLOEXEC and the socket options it is likely to have set.
+    fn install_connection(&self, fd: c_int, newfd: c_int) -> Result<(), c_int> {
+        let fl = crate::sys::fcntl_raw(fd, libc::F_GETFL, 0)?;
+        let fdfl = crate::sys::fcntl_raw(fd, libc::F_GETFD, 0)?;
+        for (level, opt) in [
+            (libc::IPPROTO_TCP, libc::TCP_NODELAY),
+            (libc::SOL_SOCKET, libc::SO_KEEPALIVE),
+            (libc::SOL_SOCKET, libc::SO_OOBINLINE),
+        ] {
+            if let Some(v) = sock_opt(fd, level, opt) {
+                set_sock_opt(newfd, level, opt, v);
+            }
+        }
+        let cloexec = if fdfl & libc::FD_CLOEXEC != 0 {
+            libc::O_CLOEXEC
+        } else {
+            0
+        };
+        // SAFETY: both are open fds of this process.
+        if unsafe { libc::dup3(newfd, fd, cloexec) } < 0 {
+            return Err(errno());
+        }
+        net::close(newfd);
+        crate::sys::fcntl_raw(fd, libc::F_SETFL, fl as libc::c_ulong)?;
+        Ok(())
+    }
+
+    /// connect() through the relay: connect to the broker's relay port and present the id.
+    fn connect_relay(
+        &self,
+        fd: c_int,
+        relay: SocketAddrV4,
+        id: &gcb_proto::ConnectId,
+    ) -> Outcome<c_int> {
+        let fl = match crate::sys::fcntl_raw(fd, libc::F_GETFL, 0) {
+            Ok(f) => f,
+            Err(e) => return Outcome::Error(e),
+        };
+        let r = net::connect_timeout(fd, relay, client::DIAL_TIMEOUT)
+            .and_then(|_| net::write_all(fd, &client::preamble(id), client::DIAL_TIMEOUT));
+        let _ = crate::sys::fcntl_raw(fd, libc::F_SETFL, fl as libc::c_ulong);
+        match r {
+            Ok(()) => Outcome::Handled(0),
+            Err(e) => {
+                crate::warn!(
+                    "relay connect to {} failed: {}",
+                    relay,
+                    std::io::Error::from_raw_os_error(e)
+                );
+                Outcome::Error(libc::ECONNREFUSED)
+            }
+        }
+    }
+
+    /// A direct connection to the listener's real address, bounded; Err if it failed and
+    /// the caller should fall back to the proxy.
+    fn connect_direct(&self, fd: c_int, addr: SocketAddrV4) -> Result<(), c_int> {
+        let fl = crate::sys::fcntl_raw(fd, libc::F_GETFL, 0)?;
+        let r = net::connect_timeout(fd, addr, Duration::from_secs(2));
+        let _ = crate::sys::fcntl_raw(fd, libc::F_SETFL, fl as libc::c_ulong);
+        if r.is_err() {
+            // Reset the socket so it can connect again (AF_UNSPEC dissolves the attempt).
+            // SAFETY: a zeroed sockaddr with family AF_UNSPEC is a valid argument.
+            unsafe {
+                let mut sa: libc::sockaddr = std::mem::zeroed();
+                sa.sa_family = libc::AF_UNSPEC as libc::sa_family_t;
+                libc::connect(
+                    fd,
+                    &sa,
+                    std::mem::size_of::<libc::sockaddr>() as libc::socklen_t,
+                );
+            }
+        }
+        r
+    }
+
+    /// Reverse: wait on `lsock` for the listener's dial-back presenting `id`.
+    fn await_reverse(&self, lsock: c_int, id: &gcb_proto::ConnectId) -> Result<c_int, String> {
+        let want = client::preamble(id);
+        let deadline = Instant::now() + client::DIAL_TIMEOUT;
+        while Instant::now() < deadline {
+            let ready =
+                net::wait_fd(lsock, libc::POLLIN, Duration::from_millis(20)).unwrap_or(false);
+            self.client.lock().pump();
+            if !ready {
+                continue;
+            }
+            // SAFETY: null address arguments are allowed.
+            let c = unsafe {
+                libc::accept4(
+                    lsock,
+                    std::ptr::null_mut(),
+                    std::ptr::null_mut(),
+                    libc::SOCK_CLOEXEC,
+                )
+            };
+            if c < 0 {
+                continue;
+            }
+            let mut got = [0u8; client::PREAMBLE_LEN];
+            match net::read_exact(c, &mut got, client::DIAL_TIMEOUT) {
+                Ok(()) if got[..] == want[..] => {
+                    // The program's socket must not be close-on-exec unless it was.
+                    let _ = crate::sys::fcntl_raw(c, libc::F_SETFD, 0);
+                    return Ok(c);
+                }
+                _ => {
+                    crate::warn!(
+                        "dropped a reverse connection that did not present our connect id"
+                    );
+                    net::close(c);
+                }
+            }
+        }
+        Err("no dial-back in time".into())
+    }
+
+    fn reverse_listener(&self, local_ip: Ipv4Addr) -> Option<(c_int, SocketAddrV4)> {
+        let s = net::socket(libc::SOCK_STREAM, false).ok()?;
+        let ok = net::bind(s, SocketAddrV4::new(local_ip, 0)).is_ok()
+            // SAFETY: s is our socket.
+            && unsafe { libc::listen(s, 4) } == 0;
+        let addr = net::sock_name(s, false);
+        match (ok, addr) {
+            (true, Some(a)) => Some((s, a)),
+            _ => {
+                net::close(s);
+                None
+            }
+        }
+    }
+}
+
+impl Layer for GcbLayer {
+    fn name(&self) -> &'static str {
+        "gcb"
+    }
+
+    fn on_listen(&self, fd: c_int, entry: Option<&Arc<FdEntry>>, backlog: c_int) -> Outcome<c_int> {
+        if !is_tcp4(fd) {
+            return Outcome::Bypass;
+        }
+        if let Some(GcbSock::Listener { .. }) = entry.and_then(|e| gcb_state(e)) {
+            return Outcome::Bypass; // listen() again (backlog change): already registered
+        }
+        // SAFETY: plain syscall on the program's fd, as it asked.
+        if unsafe { libc::listen(fd, backlog) } != 0 {
+            return Outcome::Error(errno());
+        }
+        let Some(local) = net::sock_name(fd, false) else {
+            return Outcome::Handled(0);
+        };
+        if local.ip().is_loopback() {
+            return Outcome::Handled(0);
+        }
+        let mut c = self.client.lock();
+        if let Err(e) = c.ensure_ctl() {
+            crate::warn!(
+                "listen on {}: no control socket to broker {} ({}); serving locally only",
+                local,
+                c.broker,
+                std::io::Error::from_raw_os_error(e)
+            );
+            return Outcome::Handled(0);
+        }
+        let (reg_local, listen_at) = if local.ip().is_unspecified() {
+            let ip = c.local_ip.unwrap_or(Ipv4Addr::LOCALHOST);
+            (
+                SocketAddrV4::new(ip, local.port()),
+                SocketAddrV4::new(Ipv4Addr::LOCALHOST, local.port()),
+            )
+        } else {
+            (local, local)
+        };
+        let Some(entry) = socket_entry(fd, entry) else {
+            return Outcome::Handled(0);
+        };
+        match c.register(reg_local, listen_at, &entry, None) {
+            Ok(proxy) => {
+                set_gcb_state(
+                    &entry,
+                    GcbSock::Listener {
+                        proxy,
+                        local: reg_local,
+                        owner: c.pid(),
+                    },
+                );
+                crate::info!(
+                    "registered {} with broker {}: proxy {}",
+                    reg_local,
+                    c.broker,
+                    proxy
+                );
+            }
+            Err(why) => {
+                crate::warn!("listen on {}: {}; serving locally only", local, why);
+            }
+        }
+        Outcome::Handled(0)
+    }
+
+    fn on_name(
+        &self,
+        _fd: c_int,
+        entry: &Arc<FdEntry>,
+        peer: bool,
+        addr: AddrOut,
+    ) -> Outcome<c_int> {
+        match (gcb_state(entry), peer) {
+            (Some(GcbSock::Listener { proxy, .. }), false) => {
+                net::write_addr_out(addr, proxy);
+                Outcome::Handled(0)
+            }
+            (Some(GcbSock::Accepted { peer }), true) => {
+                net::write_addr_out(addr, peer);
+                Outcome::Handled(0)
+            }
+            _ => Outcome::Bypass,
+        }
+    }
+
+    fn on_accept(
+        &self,
+        fd: c_int,
+        entry: &Arc<FdEntry>,
+        addr: AddrOut,
+        flags: c_int,
+    ) -> Outcome<c_int> {
+        let Some(GcbSock::Listener { .. }) = gcb_state(entry) else {
+            return Outcome::Bypass;
+        };
+        let nonblock = net::is_nonblocking(fd);
+        loop {
+            let aeh = self.pump();
+            if !nonblock {
+                let mut set = [
+                    libc::pollfd {
+                        fd,
+                        events: libc::POLLIN,
+                        revents: 0,
+                    },
+                    libc::pollfd {
+                        fd: aeh.map_or(-1, |a| a.0),
+                        events: libc::POLLIN,
+                        revents: 0,
+                    },
+                ];
+                let ms = slice_ms(None, aeh.and_then(|a| a.1));
+                // SAFETY: set is a valid array of two pollfds (fd -1 is ignored).
+                let r = unsafe { libc::poll(set.as_mut_ptr(), 2, ms) };
+                if r < 0 {
+                    return Outcome::Error(errno());
+                }
+                if set[0].revents == 0 {
+                    continue;
+                }
+            }
+            // SAFETY: zeroed sockaddr_in is valid; len describes it.
+            let mut sin: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+            let mut len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            // SAFETY: sin/len describe a writable sockaddr_in.
+            let n = unsafe {
+                libc::accept4(
+                    fd,
+                    &mut sin as *mut _ as *mut libc::sockaddr,
+                    &mut len,
+                    flags,
+                )
+            };
+            if n < 0 {
+                let e = errno();
+                if e == libc::EAGAIN && !nonblock {
+                    continue; // another process took it
+                }
+                return Outcome::Error(e);
+            }
+            let peer = net::from_sockaddr_in(&sin);
+            let taken = {
+                let mut c = self.client.lock();
+                c.take_ready(peer)
+            };
+            let Some((rfd, logical)) = taken else {
+                net::write_addr_out(addr, peer);
+                return Outcome::Handled(n);
+            };
+            net::close(n);
+            if flags & libc::SOCK_NONBLOCK != 0 {
+                let _ = net::set_nonblocking(rfd, true);
+            }
+            if flags & libc::SOCK_CLOEXEC != 0 {
+                let _ =
+                    crate::sys::fcntl_raw(rfd, libc::F_SETFD, libc::FD_CLOEXEC as libc::c_ulong);
+            }
+            if let Some(e) = socket_entry(rfd, None) {
+                set_gcb_state(&e, GcbSock::Accepted { peer: logical });
+            }
+            net::write_addr_out(addr, logical);
+            crate::debug!("accept: brokered connection from {} as fd {}", logical, rfd);
+            return Outcome::Handled(rfd);
+        }
+    }
+
+    fn on_connect(&self, fd: c_int, _entry: Option<&Arc<FdEntry>>, addr: AddrIn) -> Outcome<c_int> {
+        let Some(dest) = net::addr_in(addr) else {
+            return Outcome::Bypass;
+        };
+        if net::never_brokered(*dest.ip()) {
+            return Outcome::Bypass;
+        }
+        let (broker, local_ip) = {
+            let mut c = self.client.lock();
+            if *dest.ip() != *c.broker.ip() || dest.port() == c.broker.port() || c.is_negative(dest)
+            {
+                return Outcome::Bypass;
+            }
+            if c.ensure_ctl().is_err() {
+                return Outcome::Bypass;
+            }
+            (c.broker, c.local_ip)
+        };
+        if !is_tcp4(fd) {
+            return Outcome::Bypass;
+        }
+        let local_ip = local_ip.unwrap_or(Ipv4Addr::UNSPECIFIED);
+        // Offer a reverse connection only when we look reachable (not a private address).
+        let rev = (!net::is_private(local_ip) && !local_ip.is_unspecified())
+            .then(|| self.reverse_listener(local_ip))
+            .flatten();
+        let body = Body::ConnectRequest {
+            proxy: SocketAddr::V4(dest),
+            transport: Transport::Tcp,
+            connector_local: SocketAddr::V4(SocketAddrV4::new(local_ip, 0)),
+            connector_listen: rev.map(|r| SocketAddr::V4(r.1)),
+        };
+        let answer = self.client.lock().request(body, client::CONNECT_DEADLINE);
+        let close_rev = || {
+            if let Some((s, _)) = rev {
+                net::close(s);
+            }
+        };
+        let route = match answer {
+            Ok(Answer::Body(Body::ConnectDecision { route })) => route,
+            Ok(Answer::Body(Body::Error { code, reason })) => {
+                close_rev();
+                crate::debug!(
+                    "broker {} on {}: {:?} {}; connecting plainly",
+                    broker,
+                    dest,
+                    code,
+                    reason
+                );
+                if code == gcb_proto::ErrorCode::NoSuchRegistration {
+                    self.client.lock().mark_negative(dest);
+                }
+                return Outcome::Bypass;
+            }
+            Ok(Answer::Timeout) | Err(_) => {
+                close_rev();
+                crate::warn!(
+                    "broker {} did not answer for {}; connecting plainly",
+                    broker,
+                    dest
+                );
+                self.client.lock().mark_negative(dest);
+                return Outcome::Bypass;
+            }
+            Ok(Answer::Body(other)) => {
+                close_rev();
+                crate::warn!(
+                    "unexpected broker answer {}; connecting plainly",
+                    other.type_name()
+                );
+                return Outcome::Bypass;
+            }
+        };
+        crate::debug!("connect {} via broker {}: {:?}", dest, broker, route);
+        match route {
+            Route::Direct { addr } => {
+                close_rev();
+                let Some(a) = net::v4(addr) else {
+                    return Outcome::Bypass;
+                };
+                match self.connect_direct(fd, a) {
+                    Ok(()) => Outcome::Handled(0),
+                    Err(e) => {
+                        crate::info!(
+                            "direct connect to {} failed ({}); using the proxy {}",
+                            a,
+                            std::io::Error::from_raw_os_error(e),
+                            dest
+                        );
+                        Outcome::Bypass
+                    }
+                }
+            }
+            Route::Relay { addr, connect_id } => {
+                close_rev();
+                match net::v4(addr) {
+                    Some(relay) => self.connect_relay(fd, relay, &connect_id),
+                    None => Outcome::Bypass,
+                }
+            }
+            Route::Reverse { connect_id } => {
+                let Some((lsock, _)) = rev else {
+                    return Outcome::Bypass;
+                };
+                let got = self.await_reverse(lsock, &connect_id);
+                net::close(lsock);
+                match got.map(|c| (c, self.install_connection(fd, c))) {
+                    Ok((_, Ok(()))) => Outcome::Handled(0),
+                    Ok((c, Err(e))) => {
+                        net::close(c);
+                        crate::warn!(
+                            "reverse connection could not replace fd {}: errno {}",
+                            fd,
+                            e
+                        );
+                        Outcome::Bypass
+                    }
+                    Err(why) => {
+                        crate::info!("reverse connection for {}: {}; using the proxy", dest, why);
+                        Outcome::Bypass
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_io(&self, _fd: c_int, _entry: &Arc<FdEntry>, _call: IoCall) -> Outcome<ssize_t> {
+        Outcome::Bypass
+    }
+
+    fn on_wait(&self, call: WaitCall) -> Outcome<c_int> {
+        match call {
+            WaitCall::Poll {
+                fds,
+                nfds,
+                timeout_ms,
+                timeout,
+                sigmask,
+            } => self.wait_poll(fds, nfds, timeout_ms, timeout, sigmask),
+            WaitCall::Select {
+                nfds,
+                read,
+                write,
+                except,
+                timeout,
+            } => {
+                let deadline = (!timeout.is_null()).then(|| {
+                    // SAFETY: the program passed a valid timeval.
+                    let t = unsafe { *timeout };
+                    Instant::now()
+                        + Duration::new(
+                            t.tv_sec.max(0) as u64,
+                            (t.tv_usec.clamp(0, 999_999) * 1000) as u32,
+                        )
+                });
+                self.wait_select(
+                    nfds,
+                    read,
+                    write,
+                    except,
+                    deadline,
+                    std::ptr::null(),
+                    timeout,
+                )
+            }
+            WaitCall::PSelect {
+                nfds,
+                read,
+                write,
+                except,
+                timeout,
+                sigmask,
+            } => {
+                let deadline = deadline_of(if timeout.is_null() { -1 } else { -2 }, timeout);
+                self.wait_select(
+                    nfds,
+                    read,
+                    write,
+                    except,
+                    deadline,
+                    sigmask,
+                    std::ptr::null_mut(),
+                )
+            }
+            WaitCall::Epoll {
+                epfd,
+                events,
+                maxevents,
+                timeout_ms,
+                timeout,
+                sigmask,
+            } => self.wait_epoll(epfd, events, maxevents, timeout_ms, timeout, sigmask),
+        }
+    }
+
+    fn on_close(&self, _fd: c_int, entry: &Arc<FdEntry>, last: bool) {
+        if !last {
+            return;
+        }
+        if let Some(GcbSock::Listener { proxy, owner, .. }) = gcb_state(entry) {
+            if owner == getpid() {
+                self.client.lock().unregister(proxy);
+            }
+        }
+    }
+
+    fn fork_prepare(&self) {
+        self.client.lock_raw();
+    }
+
+    fn fork_parent(&self) {
+        // SAFETY: fork_prepare locked it on this thread.
+        unsafe { self.client.unlock_raw() };
+    }
+
+    fn fork_child_locks(&self) {
+        // SAFETY: in the fork child (one thread); fork_prepare held the lock, no guard alive.
+        unsafe { self.client.reset_in_child() };
+    }
+
+    fn on_fork_child(&self) {
+        self.client.lock().reset_after_fork();
+    }
+}

@@ -1,0 +1,315 @@
+//! Small socket helpers for the GCB client: address conversion and bounded blocking
+//! operations built on poll(2).
+//!
+//! Everything here runs with the re-entrancy guard set (it is only called from layer
+//! code), so each libc call goes straight to the real function.
+
+use libc::{c_int, sockaddr, sockaddr_in, socklen_t};
+use std::io;
+use std::mem;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::time::{Duration, Instant};
+
+use crate::layer::{AddrIn, AddrOut};
+
+fn last_errno() -> c_int {
+    io::Error::last_os_error()
+        .raw_os_error()
+        .unwrap_or(libc::EIO)
+}
+
+/// The IPv4 socket address the program passed, if it is one (GCB brokers IPv4 only).
+pub fn addr_in(a: AddrIn) -> Option<SocketAddrV4> {
+    if a.ptr.is_null() || (a.len as usize) < mem::size_of::<sockaddr_in>() {
+        return None;
+    }
+    // SAFETY: the program passed `ptr`/`len` to a socket call whose contract says `ptr`
+    // points at `len` readable bytes; we checked len covers a sockaddr_in. read_unaligned
+    // because the program's buffer need not be aligned for sockaddr_in.
+    let sin: sockaddr_in = unsafe { std::ptr::read_unaligned(a.ptr as *const sockaddr_in) };
+    if sin.sin_family as c_int != libc::AF_INET {
+        return None;
+    }
+    Some(from_sockaddr_in(&sin))
+}
+
+pub fn from_sockaddr_in(sin: &sockaddr_in) -> SocketAddrV4 {
+    SocketAddrV4::new(
+        Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)),
+        u16::from_be(sin.sin_port),
+    )
+}
+
+pub fn to_sockaddr_in(a: SocketAddrV4) -> sockaddr_in {
+    // SAFETY: sockaddr_in is plain old data; all-zero is a valid value.
+    let mut sin: sockaddr_in = unsafe { mem::zeroed() };
+    sin.sin_family = libc::AF_INET as libc::sa_family_t;
+    sin.sin_port = a.port().to_be();
+    sin.sin_addr.s_addr = u32::from(*a.ip()).to_be();
+    sin
+}
+
+/// Write `a` into the program's result buffer with the truncation rules of accept(2) and
+/// getsockname(2): copy at most `*len` bytes, then set `*len` to the full size.
+pub fn write_addr_out(out: AddrOut, a: SocketAddrV4) {
+    if out.ptr.is_null() || out.len.is_null() {
+        return;
+    }
+    let sin = to_sockaddr_in(a);
+    let full = mem::size_of::<sockaddr_in>();
+    // SAFETY: by the call's contract `out.len` points at a readable/writable socklen_t and
+    // `out.ptr` at `*out.len` writable bytes; we copy no more than that.
+    unsafe {
+        let room = *out.len as usize;
+        std::ptr::copy_nonoverlapping(
+            &sin as *const sockaddr_in as *const u8,
+            out.ptr as *mut u8,
+            room.min(full),
+        );
+        *out.len = full as socklen_t;
+    }
+}
+
+pub fn v4(a: SocketAddr) -> Option<SocketAddrV4> {
+    match a {
+        SocketAddr::V4(a) => Some(a),
+        SocketAddr::V6(_) => None,
+    }
+}
+
+/// getsockname (peer == false) or getpeername of one of the shim's own sockets.
+pub fn sock_name(fd: c_int, peer: bool) -> Option<SocketAddrV4> {
+    // SAFETY: zeroed sockaddr_in is valid; len describes its size.
+    let mut sin: sockaddr_in = unsafe { mem::zeroed() };
+    let mut len = mem::size_of::<sockaddr_in>() as socklen_t;
+    let p = &mut sin as *mut sockaddr_in as *mut sockaddr;
+    // SAFETY: p/len describe a writable sockaddr_in owned by this frame.
+    let r = unsafe {
+        if peer {
+            libc::getpeername(fd, p, &mut len)
+        } else {
+            libc::getsockname(fd, p, &mut len)
+        }
+    };
+    (r == 0 && sin.sin_family as c_int == libc::AF_INET).then(|| from_sockaddr_in(&sin))
+}
+
+/// A new IPv4 socket of the shim's (close-on-exec unless `inheritable`).
+pub fn socket(ty: c_int, inheritable: bool) -> Result<c_int, c_int> {
+    let flags = if inheritable { 0 } else { libc::SOCK_CLOEXEC };
+    // SAFETY: plain syscall with constant arguments.
+    let fd = unsafe { libc::socket(libc::AF_INET, ty | flags, 0) };
+    if fd < 0 {
+        Err(last_errno())
+    } else {
+        Ok(fd)
+    }
+}
+
+pub fn close(fd: c_int) {
+    crate::sys::close_raw(fd);
+}
+
+pub fn set_nonblocking(fd: c_int, on: bool) -> Result<(), c_int> {
+    let fl = crate::sys::fcntl_raw(fd, libc::F_GETFL, 0)?;
+    let want = if on {
+        fl | libc::O_NONBLOCK
+    } else {
+        fl & !libc::O_NONBLOCK
+    };
+    if want != fl {
+        crate::sys::fcntl_raw(fd, libc::F_SETFL, want as libc::c_ulong)?;
+    }
+    Ok(())
+}
+
+pub fn is_nonblocking(fd: c_int) -> bool {
+    crate::sys::fcntl_raw(fd, libc::F_GETFL, 0).is_ok_and(|fl| fl & libc::O_NONBLOCK != 0)
+}
+
+pub fn bind(fd: c_int, a: SocketAddrV4) -> Result<(), c_int> {
+    let sin = to_sockaddr_in(a);
+    // SAFETY: sin is a valid sockaddr_in for the duration of the call.
+    let r = unsafe {
+        libc::bind(
+            fd,
+            &sin as *const sockaddr_in as *const sockaddr,
+            mem::size_of::<sockaddr_in>() as socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(last_errno())
+    }
+}
+
+/// connect(2) as is (the caller decides about blocking).
+pub fn connect_raw(fd: c_int, a: SocketAddrV4) -> Result<(), c_int> {
+    let sin = to_sockaddr_in(a);
+    // SAFETY: sin is a valid sockaddr_in for the duration of the call.
+    let r = unsafe {
+        libc::connect(
+            fd,
+            &sin as *const sockaddr_in as *const sockaddr,
+            mem::size_of::<sockaddr_in>() as socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(last_errno())
+    }
+}
+
+/// Wait until `fd` has one of `events`, at most `timeout`. Ok(true) if ready.
+pub fn wait_fd(fd: c_int, events: i16, timeout: Duration) -> Result<bool, c_int> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let mut p = libc::pollfd {
+            fd,
+            events,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        let r = unsafe { libc::poll(&mut p, 1, ms_ceil(left)) };
+        if r > 0 {
+            return Ok(true);
+        }
+        if r == 0 {
+            if left.is_zero() {
+                return Ok(false);
+            }
+            continue;
+        }
+        let e = last_errno();
+        if e != libc::EINTR {
+            return Err(e);
+        }
+    }
+}
+
+/// A poll timeout in ms from a duration, rounded up (so we never spin on 0 ms).
+pub fn ms_ceil(d: Duration) -> c_int {
+    let ms = d.as_micros().div_ceil(1000);
+    ms.min(c_int::MAX as u128) as c_int
+}
+
+/// Connect a TCP socket with a deadline; the socket is left in blocking mode on success.
+pub fn connect_timeout(fd: c_int, a: SocketAddrV4, timeout: Duration) -> Result<(), c_int> {
+    set_nonblocking(fd, true)?;
+    match connect_raw(fd, a) {
+        Ok(()) => {}
+        Err(libc::EINPROGRESS) => {
+            if !wait_fd(fd, libc::POLLOUT, timeout)? {
+                return Err(libc::ETIMEDOUT);
+            }
+            let err = so_error(fd);
+            if err != 0 {
+                return Err(err);
+            }
+        }
+        Err(e) => return Err(e),
+    }
+    set_nonblocking(fd, false)
+}
+
+pub fn so_error(fd: c_int) -> c_int {
+    let mut err: c_int = 0;
+    let mut len = mem::size_of::<c_int>() as socklen_t;
+    // SAFETY: err/len describe a writable c_int.
+    let r = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_ERROR,
+            &mut err as *mut c_int as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    if r != 0 {
+        last_errno()
+    } else {
+        err
+    }
+}
+
+/// Write all of `buf` to a blocking or non-blocking socket within `timeout`.
+pub fn write_all(fd: c_int, mut buf: &[u8], timeout: Duration) -> Result<(), c_int> {
+    let deadline = Instant::now() + timeout;
+    while !buf.is_empty() {
+        // SAFETY: buf is a valid readable slice.
+        let n = unsafe {
+            libc::send(
+                fd,
+                buf.as_ptr() as *const libc::c_void,
+                buf.len(),
+                libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+            )
+        };
+        if n > 0 {
+            buf = &buf[n as usize..];
+            continue;
+        }
+        let e = if n == 0 { libc::EPIPE } else { last_errno() };
+        match e {
+            libc::EINTR => {}
+            libc::EAGAIN => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if !wait_fd(fd, libc::POLLOUT, left)? {
+                    return Err(libc::ETIMEDOUT);
+                }
+            }
+            e => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Read exactly `buf.len()` bytes within `timeout` (without ever reading past them).
+pub fn read_exact(fd: c_int, buf: &mut [u8], timeout: Duration) -> Result<(), c_int> {
+    let deadline = Instant::now() + timeout;
+    let mut got = 0;
+    while got < buf.len() {
+        let rest = &mut buf[got..];
+        // SAFETY: rest is a valid writable slice.
+        let n = unsafe {
+            libc::recv(
+                fd,
+                rest.as_mut_ptr() as *mut libc::c_void,
+                rest.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if n > 0 {
+            got += n as usize;
+            continue;
+        }
+        if n == 0 {
+            return Err(libc::ECONNRESET);
+        }
+        match last_errno() {
+            libc::EINTR => {}
+            libc::EAGAIN => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if !wait_fd(fd, libc::POLLIN, left)? {
+                    return Err(libc::ETIMEDOUT);
+                }
+            }
+            e => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Addresses a GCB decision must never broker: loopback, unspecified, multicast.
+pub fn never_brokered(ip: Ipv4Addr) -> bool {
+    ip.is_loopback() || ip.is_unspecified() || ip.is_multicast() || ip.is_broadcast()
+}
+
+/// RFC 1918, CGNAT 100.64/10 and link-local: not reachable from the public side.
+pub fn is_private(ip: Ipv4Addr) -> bool {
+    let o = ip.octets();
+    ip.is_private() || ip.is_link_local() || (o[0] == 100 && (o[1] & 0xc0) == 64)
+}
