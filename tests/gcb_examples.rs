@@ -1,0 +1,628 @@
+//! The example programs (crate `gcb-examples`) across the lab's NAT, under GCB.
+//!
+//! The programs are plain-socket "legacy" programs with no GCB awareness; they are started
+//! with `scripts/gcb-run --broker 203.0.113.10` (LD_PRELOAD=libgcb.so), the broker
+//! (`gcb-brokerd`) runs on p1. Two scenarios:
+//!
+//! * echo (paper section 5): the echo server in a1 advertises the broker's proxy address;
+//!   clients reach it from the public network (with and without the shim), from the other
+//!   private network (b1) and from its own private network (a2), with 20 x 64 KiB echoes
+//!   verified byte for byte. Without GCB the server is unreachable from outside.
+//! * mini grid pool (HTCondor-like): a collector on p1, workers in a1, b1 (under GCB) and
+//!   p2 (plain) advertise their getsockname() address; schedulers on p2 (plain), a2 and b1
+//!   (under GCB) run sha256-verified jobs on every worker.
+//!
+//! Needs root and the release build (`cargo build --release --workspace`); missing
+//! artifacts fail the test. Logs (broker, shim debug logs, program stderr) go to
+//! `/tmp/gcb-examples-<lab>/` and are printed when a test fails.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use gcb_lab::{release_artifact, repo_root, Host, Lab, Proc};
+
+const BROKER: &str = "203.0.113.10";
+const BROKER_PORT: u16 = 9650;
+const T: Duration = Duration::from_secs(15);
+const CLIENT_T: Duration = Duration::from_secs(90);
+
+// ---------------------------------------------------------------------------------------
+// harness
+
+/// A lab plus a log directory that is dumped to stderr if the test panics.
+struct Env {
+    // Declared before `lab`: processes die before the namespaces go.
+    procs: Vec<Proc>,
+    logs: PathBuf,
+    lab: Lab,
+}
+
+impl Env {
+    fn up() -> Env {
+        let lab = Lab::up();
+        let logs = std::env::temp_dir().join(format!("gcb-examples-{}", lab.name()));
+        std::fs::create_dir_all(&logs).expect("create log dir");
+        Env {
+            procs: Vec::new(),
+            logs,
+            lab,
+        }
+    }
+
+    fn log(&self, tag: &str) -> PathBuf {
+        self.logs.join(format!("{tag}.log"))
+    }
+
+    fn log_file(&self, tag: &str) -> File {
+        File::create(self.log(tag)).expect("create log file")
+    }
+
+    /// `PROGRAM` (a release artifact of gcb-examples) in `host`, without the shim.
+    fn plain(&self, host: Host, program: &str) -> Command {
+        self.lab.cmd(host, artifact(program))
+    }
+
+    /// `PROGRAM` in `host` under `gcb-run --broker 203.0.113.10`, shim log in `TAG.shim.log`.
+    fn gcb(&self, host: Host, program: &str, tag: &str) -> Command {
+        let level = std::env::var("GCB_EXAMPLES_LOG").unwrap_or_else(|_| "debug".into());
+        let mut cmd = self.lab.cmd(host, repo_root().join("scripts/gcb-run"));
+        cmd.env("GCB_LIB", artifact("libgcb.so"))
+            .arg("--broker")
+            .arg(BROKER)
+            .arg("--log")
+            .arg(level)
+            .arg("--log-file")
+            .arg(self.log(&format!("{tag}.shim")))
+            .arg("--")
+            .arg(artifact(program));
+        cmd
+    }
+
+    /// Starts gcb-brokerd on p1 and waits until it serves.
+    fn start_broker(&mut self) {
+        let mut cmd = self.lab.cmd(Host::P1, artifact("gcb-brokerd"));
+        cmd.arg("--listen")
+            .arg(BROKER)
+            .arg("--log")
+            .arg("debug")
+            .stdout(self.log_file("broker"))
+            .stderr(self.log_file("broker.err"));
+        self.procs
+            .push(self.lab.spawn(&mut cmd).expect("spawn gcb-brokerd"));
+        self.lab
+            .wait_for_udp_bind(Host::P1, BROKER_PORT, T)
+            .expect("broker control socket");
+        self.lab
+            .wait_for_tcp_listen(Host::P1, BROKER_PORT, T)
+            .expect("broker relay socket");
+    }
+
+    /// Spawns a long-running program whose stderr goes to `TAG.err.log`, and returns the
+    /// first line it prints on stdout (the rest of stdout is drained and discarded).
+    fn start(&mut self, mut cmd: Command, tag: &str) -> String {
+        cmd.stdout(Stdio::piped())
+            .stderr(self.log_file(&format!("{tag}.err")));
+        let mut proc = self
+            .lab
+            .spawn(&mut cmd)
+            .unwrap_or_else(|e| panic!("spawn {tag}: {e}"));
+        let out = proc.child_mut().stdout.take().expect("piped stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(out).lines();
+            if let Some(Ok(first)) = lines.next() {
+                let _ = tx.send(first);
+            }
+            for _ in lines {}
+        });
+        let line = rx.recv_timeout(T);
+        let exited = proc.wait_timeout(Duration::ZERO).ok().flatten();
+        self.procs.push(proc);
+        match line {
+            Ok(line) => line,
+            Err(_) => panic!(
+                "{tag} printed no line within {T:?} (exit status {exited:?}); stderr:\n{}",
+                read_log(&self.log(&format!("{tag}.err")))
+            ),
+        }
+    }
+
+    /// Runs a short-lived program to completion (killed after `timeout`).
+    fn run(&self, mut cmd: Command, timeout: Duration) -> Output {
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        self.lab
+            .spawn(&mut cmd)
+            .expect("spawn client")
+            .capture()
+            .finish(timeout)
+    }
+
+    /// Asserts that every long-running program (broker, servers, workers) is still alive.
+    fn assert_alive(&mut self) {
+        for (i, p) in self.procs.iter_mut().enumerate() {
+            let status = p.wait_timeout(Duration::ZERO).expect("wait");
+            assert!(status.is_none(), "process #{i} exited early: {status:?}");
+        }
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.logs);
+            return;
+        }
+        for p in &mut self.procs {
+            let _ = p.kill();
+        }
+        eprintln!("==== logs in {} ====", self.logs.display());
+        let mut files: Vec<_> = std::fs::read_dir(&self.logs)
+            .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
+            .unwrap_or_default();
+        files.sort();
+        for f in files {
+            eprintln!(
+                "---- {} ----\n{}",
+                f.file_name().unwrap_or_default().to_string_lossy(),
+                tail(&read_log(&f), 60)
+            );
+        }
+    }
+}
+
+fn read_log(path: &Path) -> String {
+    std::fs::read(path)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_else(|e| format!("<cannot read {}: {e}>", path.display()))
+}
+
+fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// A release artifact that must exist.
+fn artifact(name: &str) -> PathBuf {
+    let p = release_artifact(name);
+    assert!(
+        p.is_file(),
+        "{} not found: build first with `cargo build --release --workspace`",
+        p.display()
+    );
+    p
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).trim().to_owned()
+}
+
+/// The JSON line a client printed, parsed; panics with everything it printed if it failed.
+fn json_result(what: &str, out: &Output) -> Json {
+    let stdout = text(&out.stdout);
+    let describe = || {
+        format!(
+            "{what}: status {:?}\nstdout: {stdout}\nstderr: {}",
+            out.status,
+            text(&out.stderr)
+        )
+    };
+    let line = stdout.lines().last().unwrap_or_default();
+    let json = Json::parse(line).unwrap_or_else(|e| panic!("{} (bad JSON: {e})", describe()));
+    assert!(out.status.success(), "{}", describe());
+    assert_eq!(json["ok"], Json::Bool(true), "{}", describe());
+    println!("{what}: {line}");
+    json
+}
+
+// ---------------------------------------------------------------------------------------
+// a minimal JSON reader (the lab crate has no JSON dependency)
+
+#[derive(Debug, Clone, PartialEq)]
+enum Json {
+    Null,
+    Bool(bool),
+    Num(f64),
+    Str(String),
+    Arr(Vec<Json>),
+    Obj(BTreeMap<String, Json>),
+}
+
+static NULL: Json = Json::Null;
+
+impl std::ops::Index<&str> for Json {
+    type Output = Json;
+    fn index(&self, key: &str) -> &Json {
+        match self {
+            Json::Obj(m) => m.get(key).unwrap_or(&NULL),
+            _ => &NULL,
+        }
+    }
+}
+
+impl Json {
+    fn parse(s: &str) -> Result<Json, String> {
+        let mut p = JsonParser {
+            s: s.as_bytes(),
+            i: 0,
+        };
+        let v = p.value()?;
+        p.ws();
+        if p.i != p.s.len() {
+            return Err(format!("trailing data at {}", p.i));
+        }
+        Ok(v)
+    }
+
+    fn num(&self) -> f64 {
+        match self {
+            Json::Num(n) => *n,
+            other => panic!("not a number: {other:?}"),
+        }
+    }
+
+    fn str(&self) -> &str {
+        match self {
+            Json::Str(s) => s,
+            other => panic!("not a string: {other:?}"),
+        }
+    }
+
+    fn arr(&self) -> &[Json] {
+        match self {
+            Json::Arr(a) => a,
+            other => panic!("not an array: {other:?}"),
+        }
+    }
+}
+
+struct JsonParser<'a> {
+    s: &'a [u8],
+    i: usize,
+}
+
+impl JsonParser<'_> {
+    fn ws(&mut self) {
+        while self.s.get(self.i).is_some_and(u8::is_ascii_whitespace) {
+            self.i += 1;
+        }
+    }
+
+    fn eat(&mut self, c: u8) -> Result<(), String> {
+        self.ws();
+        if self.s.get(self.i) == Some(&c) {
+            self.i += 1;
+            Ok(())
+        } else {
+            Err(format!("expected {:?} at {}", c as char, self.i))
+        }
+    }
+
+    fn value(&mut self) -> Result<Json, String> {
+        self.ws();
+        let rest = &self.s[self.i..];
+        for (word, v) in [
+            ("null", Json::Null),
+            ("true", Json::Bool(true)),
+            ("false", Json::Bool(false)),
+        ] {
+            if rest.starts_with(word.as_bytes()) {
+                self.i += word.len();
+                return Ok(v);
+            }
+        }
+        match rest.first() {
+            Some(b'"') => self.string().map(Json::Str),
+            Some(b'[') => {
+                self.i += 1;
+                let mut v = Vec::new();
+                self.ws();
+                if self.s.get(self.i) == Some(&b']') {
+                    self.i += 1;
+                    return Ok(Json::Arr(v));
+                }
+                loop {
+                    v.push(self.value()?);
+                    self.ws();
+                    match self.s.get(self.i) {
+                        Some(b',') => self.i += 1,
+                        Some(b']') => {
+                            self.i += 1;
+                            return Ok(Json::Arr(v));
+                        }
+                        _ => return Err(format!("bad array at {}", self.i)),
+                    }
+                }
+            }
+            Some(b'{') => {
+                self.i += 1;
+                let mut m = BTreeMap::new();
+                self.ws();
+                if self.s.get(self.i) == Some(&b'}') {
+                    self.i += 1;
+                    return Ok(Json::Obj(m));
+                }
+                loop {
+                    self.ws();
+                    let k = self.string()?;
+                    self.eat(b':')?;
+                    m.insert(k, self.value()?);
+                    self.ws();
+                    match self.s.get(self.i) {
+                        Some(b',') => self.i += 1,
+                        Some(b'}') => {
+                            self.i += 1;
+                            return Ok(Json::Obj(m));
+                        }
+                        _ => return Err(format!("bad object at {}", self.i)),
+                    }
+                }
+            }
+            _ => {
+                let end = rest
+                    .iter()
+                    .position(|c| !matches!(c, b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E'))
+                    .unwrap_or(rest.len());
+                let n = std::str::from_utf8(&rest[..end])
+                    .ok()
+                    .and_then(|t| t.parse().ok())
+                    .ok_or_else(|| format!("bad value at {}", self.i))?;
+                self.i += end;
+                Ok(Json::Num(n))
+            }
+        }
+    }
+
+    fn string(&mut self) -> Result<String, String> {
+        self.eat(b'"')?;
+        let mut out = String::new();
+        loop {
+            let c = *self.s.get(self.i).ok_or("unterminated string")?;
+            self.i += 1;
+            match c {
+                b'"' => return Ok(out),
+                b'\\' => {
+                    let e = *self.s.get(self.i).ok_or("bad escape")?;
+                    self.i += 1;
+                    out.push(match e {
+                        b'n' => '\n',
+                        b't' => '\t',
+                        b'r' => '\r',
+                        b'u' => {
+                            let hex = self.s.get(self.i..self.i + 4).ok_or("bad \\u")?;
+                            self.i += 4;
+                            std::str::from_utf8(hex)
+                                .ok()
+                                .and_then(|h| u32::from_str_radix(h, 16).ok())
+                                .and_then(char::from_u32)
+                                .unwrap_or('\u{fffd}')
+                        }
+                        other => other as char,
+                    });
+                }
+                _ => {
+                    // Copy a whole UTF-8 sequence.
+                    let start = self.i - 1;
+                    while self.s.get(self.i).is_some_and(|b| b & 0xc0 == 0x80) {
+                        self.i += 1;
+                    }
+                    out.push_str(&String::from_utf8_lossy(&self.s[start..self.i]));
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn json_reader_reads_what_the_examples_print() {
+    let j =
+        Json::parse(r#"{"ok":true,"n":-1.5e2,"s":"a\"b\u00e9","a":[1,{"x":null}],"e":[],"o":{}}"#)
+            .unwrap();
+    assert_eq!(j["ok"], Json::Bool(true));
+    assert_eq!(j["n"].num(), -150.0);
+    assert_eq!(j["s"].str(), "a\"bé");
+    assert_eq!(j["a"].arr()[1]["x"], Json::Null);
+    assert!(j["e"].arr().is_empty());
+    assert_eq!(j["missing"], Json::Null);
+    assert!(Json::parse("{\"ok\":true} x").is_err());
+    assert!(Json::parse("{\"ok\":").is_err());
+}
+
+// ---------------------------------------------------------------------------------------
+// echo
+
+fn echo_client(env: &Env, from: Host, shim: bool, addr: &str, extra: &[&str]) -> Json {
+    let tag = format!("echo-client-{from}{}", if shim { "-gcb" } else { "" });
+    let mut cmd = if shim {
+        env.gcb(from, "gcb-echo-client", &tag)
+    } else {
+        env.plain(from, "gcb-echo-client")
+    };
+    cmd.arg(addr).args(extra);
+    let out = env.run(cmd, CLIENT_T);
+    json_result(&tag, &out)
+}
+
+#[test]
+fn echo_suite_reaches_a_private_server_through_the_broker() {
+    let mut env = Env::up();
+    env.start_broker();
+
+    // The server in a1 under GCB advertises the broker's proxy address.
+    let cmd = {
+        let mut c = env.gcb(Host::A1, "gcb-echo-server", "echo-server");
+        c.args(["--bind", "0.0.0.0:7000"]);
+        c
+    };
+    let line = env.start(cmd, "echo-server");
+    let addr = line
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("echo server printed {line:?}"))
+        .to_owned();
+    assert!(
+        addr.starts_with(&format!("{BROKER}:")) && addr != format!("{BROKER}:{BROKER_PORT}"),
+        "the server under GCB must advertise a proxy address on the broker, got {addr}"
+    );
+    env.lab
+        .wait_for_tcp_listen(Host::A1, 7000, T)
+        .expect("the real listening socket in a1");
+
+    // Every pattern of the paper: public -> private with a regular and a GCB client,
+    // private -> other private, and the same private network.
+    let args = ["--size", "65536", "--count", "20"];
+    for (from, shim) in [
+        (Host::P2, false),
+        (Host::P2, true),
+        (Host::B1, true),
+        (Host::A2, true),
+    ] {
+        let r = echo_client(&env, from, shim, &addr, &args);
+        assert_eq!(r["echoes"].num(), 20.0, "{from} shim={shim}");
+        assert_eq!(r["connections"].num(), 20.0, "{from} shim={shim}");
+        assert_eq!(r["bytes"].num(), 20.0 * 65536.0, "{from} shim={shim}");
+    }
+    // Bulk on one connection, both ways through the NATs.
+    let bulk = ["--size", "1048576", "--count", "4", "--one-connection"];
+    let r = echo_client(&env, Host::B1, true, &addr, &bulk);
+    assert_eq!(r["bytes"].num(), 4.0 * 1048576.0);
+    let r = echo_client(&env, Host::P2, false, &addr, &bulk);
+    assert_eq!(r["bytes"].num(), 4.0 * 1048576.0);
+
+    // The point of it all: without GCB the server cannot be reached from outside, neither
+    // at its private address nor at its gateway's public address.
+    for target in ["10.1.0.11:7000", "203.0.113.1:7000"] {
+        let mut cmd = env.plain(Host::P2, "gcb-echo-client");
+        cmd.args([target, "--count", "1", "--connect-timeout", "2"]);
+        let out = env.run(cmd, T);
+        let stdout = text(&out.stdout);
+        assert!(
+            !out.status.success() && stdout.contains("\"ok\":false"),
+            "p2 reached the private server at {target} without GCB: {out:?}"
+        );
+        println!("p2 -> {target} without GCB fails as it should: {stdout}");
+    }
+    // Nor is a plain (no shim) server in a1: it advertises the wildcard address.
+    let cmd = {
+        let mut c = env.plain(Host::A1, "gcb-echo-server");
+        c.args(["--bind", "0.0.0.0:7001"]);
+        c
+    };
+    let line = env.start(cmd, "plain-echo-server");
+    assert_eq!(line, "listening on 0.0.0.0:7001");
+    env.lab.wait_for_tcp_listen(Host::A1, 7001, T).unwrap();
+    for target in ["10.1.0.11:7001", "203.0.113.1:7001"] {
+        let mut cmd = env.plain(Host::P2, "gcb-echo-client");
+        cmd.args([target, "--count", "1", "--connect-timeout", "2"]);
+        let out = env.run(cmd, T);
+        assert!(!out.status.success(), "p2 reached {target}: {out:?}");
+        println!("p2 -> {target} (plain server) fails: {}", text(&out.stdout));
+    }
+    // ... while a2, on the same LAN, reaches it directly (the lab is not just broken).
+    let r = echo_client(&env, Host::A2, false, "10.1.0.11:7001", &["--count", "2"]);
+    assert_eq!(r["echoes"].num(), 2.0);
+
+    // After all that, the GCB server still serves.
+    let r = echo_client(&env, Host::P2, false, &addr, &["--count", "3"]);
+    assert_eq!(r["echoes"].num(), 3.0);
+    env.assert_alive();
+}
+
+// ---------------------------------------------------------------------------------------
+// mini grid pool
+
+const COLLECTOR: &str = "203.0.113.10:9618";
+
+fn start_worker(env: &mut Env, host: Host, name: &str, shim: bool) -> String {
+    let tag = format!("worker-{name}");
+    let mut cmd = if shim {
+        env.gcb(host, "gcb-pool-worker", &tag)
+    } else {
+        env.plain(host, "gcb-pool-worker")
+    };
+    cmd.args(["--collector", COLLECTOR, "--name", name, "--interval", "2"]);
+    let line = env.start(cmd, &tag);
+    let prefix = format!("advertising {name} ");
+    line.strip_prefix(&prefix)
+        .unwrap_or_else(|| panic!("worker {name} printed {line:?}"))
+        .to_owned()
+}
+
+fn scheduler(env: &Env, from: Host, shim: bool, ads: &BTreeMap<&str, String>) {
+    let tag = format!("scheduler-{from}{}", if shim { "-gcb" } else { "" });
+    let mut cmd = if shim {
+        env.gcb(from, "gcb-pool-scheduler", &tag)
+    } else {
+        env.plain(from, "gcb-pool-scheduler")
+    };
+    let jobs = 5;
+    cmd.args(["--collector", COLLECTOR, "--size", "100000", "--wait", "20"])
+        .arg("--jobs")
+        .arg(jobs.to_string())
+        .arg("--min-workers")
+        .arg(ads.len().to_string());
+    let out = env.run(cmd, CLIENT_T);
+    let r = json_result(&tag, &out);
+    let workers = r["workers"].arr();
+    let seen: BTreeMap<&str, &str> = workers
+        .iter()
+        .map(|w| (w["name"].str(), w["addr"].str()))
+        .collect();
+    let want: BTreeMap<&str, &str> = ads.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    assert_eq!(seen, want, "{tag}: the collector's ads");
+    for w in workers {
+        assert_eq!(w["jobs_ok"].num(), f64::from(jobs), "{tag}: {w:?}");
+        assert_eq!(w["jobs_failed"].num(), 0.0, "{tag}: {w:?}");
+    }
+    assert_eq!(r["jobs_failed"].num(), 0.0, "{tag}");
+    assert_eq!(
+        r["jobs_ok"].num(),
+        f64::from(jobs) * ads.len() as f64,
+        "{tag}"
+    );
+}
+
+#[test]
+fn mini_pool_runs_jobs_on_private_workers_through_the_broker() {
+    let mut env = Env::up();
+    env.start_broker();
+
+    // The collector is public (on the broker's host, as HTCondor runs CCB in the
+    // collector); it needs no shim.
+    let cmd = {
+        let mut c = env.plain(Host::P1, "gcb-pool-collector");
+        c.args(["--bind", COLLECTOR]);
+        c
+    };
+    let line = env.start(cmd, "collector");
+    assert_eq!(line, format!("listening on {COLLECTOR}"));
+
+    let mut ads = BTreeMap::new();
+    ads.insert("w-a1", start_worker(&mut env, Host::A1, "w-a1", true));
+    ads.insert("w-b1", start_worker(&mut env, Host::B1, "w-b1", true));
+    ads.insert("w-p2", start_worker(&mut env, Host::P2, "w-p2", false));
+
+    // Private workers advertise the broker's proxy, not their private address; the plain
+    // public worker advertises its own address.
+    for name in ["w-a1", "w-b1"] {
+        let ad = &ads[name];
+        assert!(
+            ad.starts_with(&format!("{BROKER}:")) && *ad != format!("{BROKER}:{BROKER_PORT}"),
+            "{name} advertised {ad}, not a proxy address on the broker"
+        );
+    }
+    assert!(
+        ads["w-p2"].starts_with("203.0.113.11:"),
+        "w-p2 advertised {}",
+        ads["w-p2"]
+    );
+
+    // A public plain scheduler, and GCB schedulers in both private networks.
+    scheduler(&env, Host::P2, false, &ads);
+    scheduler(&env, Host::A2, true, &ads);
+    scheduler(&env, Host::B1, true, &ads);
+    env.assert_alive();
+}
