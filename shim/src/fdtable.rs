@@ -305,6 +305,19 @@ pub fn remove_range(lo: u32, hi: u32) -> Vec<Arc<FdEntry>> {
     out
 }
 
+/// The fd numbers that refer to `entry` (slow: scans the table; for exec handoff).
+pub fn fds_of(entry: &Arc<FdEntry>) -> Vec<c_int> {
+    let _g = ReadGuard::new();
+    let mut fds = Vec::new();
+    let want: *const FdEntry = Arc::as_ptr(entry);
+    for_each_locked(0, (MAX_FD - 1) as u32, |fd, e| {
+        if std::ptr::eq(e, want) {
+            fds.push(fd);
+        }
+    });
+    fds
+}
+
 /// Visit occupied slots in `lo..=hi` (lock held by caller).
 fn for_each_locked(lo: u32, hi: u32, mut f: impl FnMut(c_int, &FdEntry)) {
     let hi = (hi as usize).min(MAX_FD - 1);

@@ -151,7 +151,14 @@ fn install_gcb(broker: &str) -> &'static str {
             }
         },
     };
-    crate::layer::install(Box::new(crate::gcb::GcbLayer::new(addr, key)));
+    let layer = crate::gcb::GcbLayer::new(addr, key);
+    if let Some(spec) = getenv(c"GCB_INHERIT") {
+        layer.adopt(&spec);
+        // Only the image it was made for adopts it; later execs get a fresh one.
+        // SAFETY: the name is NUL-terminated; init runs before the program's threads.
+        unsafe { libc::unsetenv(c"GCB_INHERIT".as_ptr()) };
+    }
+    crate::layer::install(Box::new(layer));
     "gcb"
 }
 

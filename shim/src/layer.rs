@@ -212,9 +212,9 @@ pub trait Layer: Send + Sync {
     fn fork_child_locks(&self) {}
     /// In the child of fork() (locks already re-initialised).
     fn on_fork_child(&self) {}
-    /// Just before exec: the seam for handing GCB state to the new image (e.g. an env var
-    /// naming inherited registered fds). Return a replacement environment, or None.
-    fn exec_env(&self) -> Option<Vec<std::ffi::CString>> {
+    /// Just before exec (never in a vfork child): the value of `GCB_INHERIT` that hands
+    /// the layer's state to the new image, or None.
+    fn exec_handoff(&self) -> Option<String> {
         None
     }
 }

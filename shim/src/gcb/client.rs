@@ -1,6 +1,26 @@
-//! The GCB client of one process: its management (control) socket to the broker, the
-//! reliable-UDP endpoint, the registrations of its listening sockets, and the
+//! The GCB client of one process: its control channels to the broker, the registrations
+//! of the listening sockets it holds, the mailbox of brokered connections, and the
 //! asynchronous event handler ([`Client::pump`]) that the interposed blocking calls run.
+//!
+//! ## Channels
+//! * A **registration channel** (UDP socket connected to the broker) carries register,
+//!   heartbeat and unregister requests, and receives the broker's `connect_back` and
+//!   `reregister_request`. Like the paper's management socket it shares the fate of the
+//!   listening sockets: it is inherited across fork (and handed across exec), so every
+//!   process that holds a registered listener (socat `fork` children, pre-fork workers, a
+//!   daemon's exec'd child) can serve the broker's commands, and the broker sees one
+//!   client. Any holder sends heartbeats, so the registration lives while any process
+//!   runs the AEH; it is removed when the last holder closes the socket.
+//! * A **private channel** per process carries connect requests, so their answers are
+//!   never read by a sibling process.
+//!
+//! ## The mailbox
+//! A brokered connection is dialed by whichever family member read the `connect_back`,
+//! but any member may accept the placeholder. So the dialer posts the connection's fd
+//! into the family's mailbox (an inherited `AF_UNIX` datagram socketpair, `SCM_RIGHTS`)
+//! keyed by the placeholder's source port *before* the placeholder connects, then closes
+//! its copies. The accepting process takes the fd out of the mailbox; messages for other
+//! keys are posted back. Unaccepted entries expire.
 //!
 //! All methods run with the re-entrancy guard set and the client lock held.
 
@@ -21,11 +41,14 @@ pub const REGISTER_DEADLINE: Duration = Duration::from_secs(3);
 pub const CONNECT_DEADLINE: Duration = Duration::from_secs(5);
 /// Dial-backs and relay connections must be set up within this.
 pub const DIAL_TIMEOUT: Duration = Duration::from_secs(3);
-/// A placeholder nobody accepts is dropped after this.
-const READY_TTL: Duration = Duration::from_secs(60);
+/// A brokered connection nobody accepts is dropped after this.
+const READY_TTL_SECS: u64 = 60;
 /// A destination the broker does not know (or an unreachable broker) is not asked again
 /// for this long.
 pub const NEGATIVE_TTL: Duration = Duration::from_secs(60);
+/// Source address of placeholder connections to wildcard-bound listeners: a loopback
+/// address no ordinary client uses, so accept() knows a placeholder when it sees one.
+pub const PLACEHOLDER_IP: Ipv4Addr = Ipv4Addr::new(127, 71, 66, 1);
 
 /// Length of the dial-back / relay preamble: `GCB-CONNECT <32 hex>\n`.
 pub const PREAMBLE_LEN: usize = 45;
@@ -45,36 +68,73 @@ pub fn now() -> Now {
     }
 }
 
+fn errstr(e: c_int) -> String {
+    std::io::Error::from_raw_os_error(e).to_string()
+}
+
 fn random_u64() -> u64 {
     let mut b = [0u8; 8];
     // SAFETY: b is a writable 8-byte buffer.
     let n = unsafe { libc::getrandom(b.as_mut_ptr() as *mut libc::c_void, 8, 0) };
     if n != 8 {
-        // Not security relevant (the session only spreads message ids); mix what we have.
+        // Not security relevant (the session only spreads message ids).
         let t = now();
-        // SAFETY: getpid never fails.
-        let pid = unsafe { libc::getpid() } as u64;
-        return t.unix_ms ^ (pid << 32) ^ (t.mono.elapsed().as_nanos() as u64);
+        return t.unix_ms ^ ((getpid() as u64) << 32);
     }
     u64::from_ne_bytes(b)
 }
 
-/// One registered listening socket of this process.
+pub fn getpid() -> i32 {
+    // SAFETY: getpid never fails.
+    unsafe { libc::getpid() }
+}
+
+/// The inode of the file an fd refers to (identifies a socket across processes).
+pub fn inode(fd: c_int) -> Option<u64> {
+    // SAFETY: zeroed stat is a valid out-buffer.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: st is writable.
+    (unsafe { libc::fstat(fd, &mut st) } == 0).then_some(st.st_ino)
+}
+
+/// Does any process other than us hold the socket with this inode? (Scans /proc; runs
+/// only when a registered listener's last fd in this process is closed.)
+fn held_elsewhere(ino: u64) -> bool {
+    let me = getpid().to_string();
+    let needle = format!("socket:[{ino}]");
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    for p in procs.flatten() {
+        let name = p.file_name();
+        let name = name.to_string_lossy();
+        if name == me || !name.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let Ok(fds) = std::fs::read_dir(p.path().join("fd")) else {
+            continue;
+        };
+        for f in fds.flatten() {
+            if std::fs::read_link(f.path()).is_ok_and(|l| l.as_os_str() == needle.as_str()) {
+                return true;
+            }
+        }
+    }
+    false
+}
+
+/// One registered listening socket held by this process.
 struct Registration {
     /// The address registered as the socket's real local address.
     local: SocketAddrV4,
     /// Where a placeholder connection reaches the listening socket.
     listen_at: SocketAddrV4,
+    /// The socket's inode (to know whether other processes still hold it).
+    inode: u64,
+    /// Id of the registration channel it was registered on.
+    chan: u64,
     /// The socket's table entry (to update its proxy after a re-registration).
     entry: Weak<FdEntry>,
-}
-
-/// A brokered connection waiting to come out of the program's accept().
-struct Ready {
-    fd: c_int,
-    placeholder: Arc<ShimFd>,
-    logical_peer: SocketAddrV4,
-    since: Instant,
 }
 
 /// What a request in flight is for, when nobody blocks on it.
@@ -93,33 +153,128 @@ pub enum Answer {
     Timeout,
 }
 
+/// A UDP socket connected to the broker, with its reliable-UDP endpoint.
+struct Channel {
+    id: u64,
+    fd: Arc<ShimFd>,
+    ep: Endpoint,
+    pending: HashMap<RequestId, Pending>,
+    answers: HashMap<RequestId, Answer>,
+    /// The process that created it (registration channels are shared with descendants).
+    creator: i32,
+}
+
+/// The family's mailbox of brokered connections: an inherited datagram socketpair.
+struct Mailbox {
+    tx: Arc<ShimFd>,
+    rx: Arc<ShimFd>,
+}
+
+/// A mailbox message: placeholder source port, logical peer, expiry (unix seconds).
+const MAIL_LEN: usize = 2 + 4 + 2 + 8;
+
 pub struct Client {
     pub broker: SocketAddrV4,
     key: Option<PoolKey>,
-    pid: i32,
-    ctl: Option<Arc<ShimFd>>,
     /// Our IP on the route to the broker.
     pub local_ip: Option<Ipv4Addr>,
-    ep: Endpoint,
+    families: Vec<Channel>,
+    private: Option<Channel>,
+    mailbox: Option<Mailbox>,
     regs: HashMap<SocketAddrV4, Registration>,
-    pending: HashMap<RequestId, Pending>,
-    answers: HashMap<RequestId, Answer>,
-    ready: HashMap<SocketAddrV4, Ready>,
     heartbeat: Ticker,
     /// Destinations (proxy candidates) not to broker, until the given time.
     negative: HashMap<SocketAddrV4, Instant>,
-    /// Epoll sets our control socket has been added to.
-    pub epolls: HashSet<c_int>,
+    /// Epoll sets our registration channels have been added to: (epfd, channel fd).
+    pub epolls: HashSet<(c_int, c_int)>,
 }
 
-fn endpoint_config() -> gcb_proto::Config {
+fn endpoint(key: &Option<PoolKey>) -> Endpoint {
     // Faster retransmission than the default: the shim blocks the program while it
     // waits, and the control path may be lossy (30 % in the lab's fault tests).
-    gcb_proto::Config {
+    let cfg = gcb_proto::Config {
         initial_rto: Duration::from_millis(100),
         max_rto: Duration::from_millis(500),
         request_deadline: CONNECT_DEADLINE,
         ..gcb_proto::Config::default()
+    };
+    Endpoint::new(cfg, key.clone(), random_u64())
+}
+
+impl Channel {
+    fn open(
+        broker: SocketAddrV4,
+        key: &Option<PoolKey>,
+    ) -> Result<(Channel, Option<Ipv4Addr>), c_int> {
+        let fd = net::socket(libc::SOCK_DGRAM | libc::SOCK_NONBLOCK, false)?;
+        if let Err(e) = net::connect_raw(fd, broker) {
+            net::close(fd);
+            return Err(e);
+        }
+        let local_ip = net::sock_name(fd, false).map(|a| *a.ip());
+        let owned = fdtable::own_fd(fd, "gcb-control")?;
+        Ok((Channel::adopt(owned, key, getpid()), local_ip))
+    }
+
+    fn adopt(fd: Arc<ShimFd>, key: &Option<PoolKey>, creator: i32) -> Channel {
+        Channel {
+            id: random_u64(),
+            fd,
+            ep: endpoint(key),
+            pending: HashMap::new(),
+            answers: HashMap::new(),
+            creator,
+        }
+    }
+
+    fn flush(&mut self) {
+        let fd = self.fd.fd();
+        while let Some(t) = self.ep.poll_transmit() {
+            // SAFETY: payload is a valid readable buffer; fd is connected to the broker.
+            let n = unsafe {
+                libc::send(
+                    fd,
+                    t.payload.as_ptr() as *const libc::c_void,
+                    t.payload.len(),
+                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                )
+            };
+            if n < 0 {
+                // Lost like any datagram; the endpoint retransmits.
+                crate::trace!("control send failed: {}", std::io::Error::last_os_error());
+            }
+        }
+    }
+
+    /// Read what arrived and run timers; returns the endpoint's events.
+    fn poll(&mut self, from: SocketAddr) -> Vec<Event> {
+        let fd = self.fd.fd();
+        let mut buf = [0u8; 2048];
+        loop {
+            // SAFETY: buf is writable for its length.
+            let n = unsafe {
+                libc::recv(
+                    fd,
+                    buf.as_mut_ptr() as *mut libc::c_void,
+                    buf.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if n < 0 {
+                if std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+                    continue;
+                }
+                // EAGAIN, or ECONNREFUSED from an ICMP error: nothing (more) to read.
+                break;
+            }
+            self.ep.handle_datagram(now(), from, &buf[..n as usize]);
+        }
+        self.ep.handle_timeout(now());
+        std::iter::from_fn(|| self.ep.poll_event()).collect()
+    }
+
+    fn close(self) {
+        drop_owned(&self.fd);
     }
 }
 
@@ -127,71 +282,96 @@ impl Client {
     pub fn new(broker: SocketAddrV4, key: Option<PoolKey>) -> Client {
         Client {
             broker,
-            ep: Endpoint::new(endpoint_config(), key.clone(), random_u64()),
             key,
-            // SAFETY: getpid never fails.
-            pid: unsafe { libc::getpid() },
-            ctl: None,
             local_ip: None,
+            families: Vec::new(),
+            private: None,
+            mailbox: None,
             regs: HashMap::new(),
-            pending: HashMap::new(),
-            answers: HashMap::new(),
-            ready: HashMap::new(),
             heartbeat: Ticker::new(gcb_proto::rudp::HEARTBEAT_INTERVAL),
             negative: HashMap::new(),
             epolls: HashSet::new(),
         }
     }
 
-    /// In a fork child: the parent keeps its registrations, control socket and queued
-    /// connections; the child starts a client of its own (lazily).
+    /// In a fork child. The child holds the same listening sockets, so it keeps the
+    /// registrations, their channels and the mailbox (shared with the parent); requests
+    /// in flight belong to the parent's threads, and the private channel to the parent.
     pub fn reset_after_fork(&mut self) {
-        if let Some(ctl) = self.ctl.take() {
-            drop_owned(&ctl);
+        if let Some(p) = self.private.take() {
+            p.close();
         }
-        for (_, r) in self.ready.drain() {
-            net::close(r.fd);
-            drop_owned(&r.placeholder);
+        for f in &mut self.families {
+            f.pending.clear();
+            f.answers.clear();
+            f.ep = endpoint(&self.key);
         }
-        self.regs.clear();
-        self.pending.clear();
-        self.answers.clear();
-        self.epolls.clear();
-        self.local_ip = None;
-        self.ep = Endpoint::new(endpoint_config(), self.key.clone(), random_u64());
-        // SAFETY: getpid never fails.
-        self.pid = unsafe { libc::getpid() };
-    }
-
-    pub fn pid(&self) -> i32 {
-        self.pid
     }
 
     /// Does the AEH need to run while the program waits?
     pub fn needs_aeh(&self) -> bool {
-        self.ctl.is_some() && (!self.regs.is_empty() || !self.ready.is_empty())
+        !self.regs.is_empty() && !self.families.is_empty()
     }
 
-    pub fn ctl_fd(&self) -> Option<c_int> {
-        self.ctl.as_ref().map(|c| c.fd())
+    /// The registration channels' fds (what the AEH waits on), at most 4.
+    pub fn aeh_fds(&self) -> Vec<c_int> {
+        self.families.iter().take(4).map(|c| c.fd.fd()).collect()
     }
 
-    /// The control socket, created on first use: UDP, connected to the broker (so the
-    /// kernel drops datagrams from anyone else and tells us its route-local IP).
-    pub fn ensure_ctl(&mut self) -> Result<c_int, c_int> {
-        if let Some(c) = &self.ctl {
-            return Ok(c.fd());
+    fn ensure_local_ip(&mut self) {
+        if self.local_ip.is_none() {
+            if let Ok(fd) = net::socket(libc::SOCK_DGRAM, false) {
+                if net::connect_raw(fd, self.broker).is_ok() {
+                    self.local_ip = net::sock_name(fd, false).map(|a| *a.ip());
+                }
+                net::close(fd);
+            }
         }
-        let fd = net::socket(libc::SOCK_DGRAM | libc::SOCK_NONBLOCK, false)?;
-        if let Err(e) = net::connect_raw(fd, self.broker) {
-            net::close(fd);
-            return Err(e);
+    }
+
+    /// Our IP on the route to the broker.
+    pub fn route_ip(&mut self) -> Option<Ipv4Addr> {
+        self.ensure_local_ip();
+        self.local_ip
+    }
+
+    /// This process's own registration channel (and the family mailbox), created on
+    /// first use; returns the channel's id.
+    fn own_family(&mut self) -> Result<u64, c_int> {
+        let me = getpid();
+        if let Some(c) = self.families.iter().find(|c| c.creator == me) {
+            return Ok(c.id);
         }
-        self.local_ip = net::sock_name(fd, false).map(|a| *a.ip());
-        let owned = fdtable::own_fd(fd, "gcb-control").inspect_err(|_| net::close(fd))?;
-        let n = owned.fd();
-        self.ctl = Some(owned);
-        Ok(n)
+        if self.mailbox.is_none() {
+            self.mailbox = Some(Mailbox::open()?);
+        }
+        let (c, ip) = Channel::open(self.broker, &self.key)?;
+        if self.local_ip.is_none() {
+            self.local_ip = ip;
+        }
+        let id = c.id;
+        self.families.push(c);
+        Ok(id)
+    }
+
+    fn private_channel(&mut self) -> Result<u64, c_int> {
+        if let Some(c) = &self.private {
+            return Ok(c.id);
+        }
+        let (c, ip) = Channel::open(self.broker, &self.key)?;
+        if self.local_ip.is_none() {
+            self.local_ip = ip;
+        }
+        let id = c.id;
+        self.private = Some(c);
+        Ok(id)
+    }
+
+    fn chan(&mut self, id: u64) -> Option<&mut Channel> {
+        if let Some(p) = self.private.as_mut().filter(|p| p.id == id) {
+            return Some(p);
+        }
+        self.families.iter_mut().find(|c| c.id == id)
     }
 
     fn negative_hit(&mut self, dest: SocketAddrV4, now: Instant) -> bool {
@@ -217,109 +397,83 @@ impl Client {
         self.negative.insert(dest, Instant::now() + NEGATIVE_TTL);
     }
 
-    /// Send a request and run the AEH until its answer (or the deadline).
-    pub fn request(&mut self, body: Body, deadline: Duration) -> Result<Answer, c_int> {
-        self.ensure_ctl()?;
+    /// Send a request on channel `chan` and run the AEH until its answer (or deadline).
+    fn request_on(&mut self, chan: u64, body: Body, deadline: Duration) -> Result<Answer, c_int> {
         let to = SocketAddr::V4(self.broker);
-        let id = self
-            .ep
-            .send_request_with_deadline(now(), to, body, deadline)
-            .map_err(|_| libc::ENOBUFS)?;
-        self.pending.insert(id, Pending::Waiter);
+        let c = self.chan(chan).ok_or(libc::EBADF)?;
+        let id =
+            c.ep.send_request_with_deadline(now(), to, body, deadline)
+                .map_err(|_| libc::ENOBUFS)?;
+        c.pending.insert(id, Pending::Waiter);
         loop {
-            self.flush();
-            if let Some(a) = self.answers.remove(&id) {
+            let c = self.chan(chan).ok_or(libc::EBADF)?;
+            c.flush();
+            if let Some(a) = c.answers.remove(&id) {
                 return Ok(a);
             }
-            let wake = self.next_wakeup();
-            let ctl = self.ctl_fd().ok_or(libc::EBADF)?;
-            let left = wake.map_or(Duration::from_millis(100), |w| {
+            let fd = c.fd.fd();
+            let left = c.ep.poll_timeout().map_or(Duration::from_millis(100), |w| {
                 w.saturating_duration_since(Instant::now())
             });
-            let _ = net::wait_fd(ctl, libc::POLLIN, left);
+            let _ = net::wait_fd(fd, libc::POLLIN, left.min(Duration::from_millis(100)));
             self.pump();
         }
     }
 
+    /// A connect request on this process's private channel.
+    pub fn request(&mut self, body: Body, deadline: Duration) -> Result<Answer, c_int> {
+        let chan = self.private_channel()?;
+        self.request_on(chan, body, deadline)
+    }
+
     /// When the AEH must run next even if nothing arrives.
     pub fn next_wakeup(&self) -> Option<Instant> {
-        let mut t = self.ep.poll_timeout();
-        if !self.regs.is_empty() {
-            let hb = self.heartbeat.next_due().unwrap_or_else(Instant::now);
-            t = Some(t.map_or(hb, |x| x.min(hb)));
+        let mut t: Option<Instant> = None;
+        let mut add = |x: Instant| t = Some(t.map_or(x, |y| y.min(x)));
+        for c in self.families.iter().chain(self.private.as_ref()) {
+            if let Some(x) = c.ep.poll_timeout() {
+                add(x);
+            }
         }
-        if let Some(oldest) = self.ready.values().map(|r| r.since + READY_TTL).min() {
-            t = Some(t.map_or(oldest, |x| x.min(oldest)));
+        if !self.regs.is_empty() {
+            add(self.heartbeat.next_due().unwrap_or_else(Instant::now));
         }
         t
     }
 
-    fn flush(&mut self) {
-        let Some(ctl) = self.ctl_fd() else {
-            while self.ep.poll_transmit().is_some() {}
-            return;
-        };
-        while let Some(t) = self.ep.poll_transmit() {
-            // SAFETY: payload is a valid readable buffer; ctl is connected to the broker.
-            let n = unsafe {
-                libc::send(
-                    ctl,
-                    t.payload.as_ptr() as *const libc::c_void,
-                    t.payload.len(),
-                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-                )
-            };
-            if n < 0 {
-                // Lost like any datagram; the endpoint retransmits.
-                crate::trace!("control send failed: {}", std::io::Error::last_os_error());
-            }
-        }
-    }
-
-    /// The asynchronous event handler: read the control socket, run timers, act on the
-    /// broker's commands, send what is due. Never blocks longer than a dial-back.
+    /// The asynchronous event handler: read the channels, run timers, act on the
+    /// broker's commands, send heartbeats when due. Never blocks longer than a dial-back.
     pub fn pump(&mut self) {
-        let Some(ctl) = self.ctl_fd() else { return };
         let from = SocketAddr::V4(self.broker);
-        let mut buf = [0u8; 2048];
-        loop {
-            // SAFETY: buf is writable for its length.
-            let n = unsafe {
-                libc::recv(
-                    ctl,
-                    buf.as_mut_ptr() as *mut libc::c_void,
-                    buf.len(),
-                    libc::MSG_DONTWAIT,
-                )
-            };
-            if n < 0 {
-                let e = std::io::Error::last_os_error().raw_os_error();
-                if e == Some(libc::EINTR) {
-                    continue;
-                }
-                // EAGAIN, or ECONNREFUSED from an ICMP error: nothing to read.
-                break;
-            }
-            self.ep.handle_datagram(now(), from, &buf[..n as usize]);
+        let mut work: Vec<(u64, Event)> = Vec::new();
+        for c in self.families.iter_mut().chain(self.private.as_mut()) {
+            let id = c.id;
+            work.extend(c.poll(from).into_iter().map(|e| (id, e)));
+        }
+        for (chan, ev) in work {
+            self.on_event(chan, ev);
         }
         let t = now();
-        self.ep.handle_timeout(t);
         if !self.regs.is_empty() && self.heartbeat.poll(t.mono) {
-            let proxies: Vec<SocketAddr> = self.regs.keys().map(|p| SocketAddr::V4(*p)).collect();
-            for body in gcb_proto::msg::heartbeat_batches(&proxies) {
-                if let Ok(id) = self.ep.send_request(t, from, body) {
-                    self.pending.insert(id, Pending::Heartbeat);
+            let mut by_chan: HashMap<u64, Vec<SocketAddr>> = HashMap::new();
+            for (p, r) in &self.regs {
+                by_chan.entry(r.chan).or_default().push(SocketAddr::V4(*p));
+            }
+            for (chan, proxies) in by_chan {
+                let Some(c) = self.chan(chan) else { continue };
+                for body in gcb_proto::msg::heartbeat_batches(&proxies) {
+                    if let Ok(id) = c.ep.send_request(t, from, body) {
+                        c.pending.insert(id, Pending::Heartbeat);
+                    }
                 }
             }
         }
-        while let Some(ev) = self.ep.poll_event() {
-            self.on_event(ev);
+        for c in self.families.iter_mut().chain(self.private.as_mut()) {
+            c.flush();
         }
-        self.expire_ready(t.mono);
-        self.flush();
     }
 
-    fn on_event(&mut self, ev: Event) {
+    fn on_event(&mut self, chan: u64, ev: Event) {
         match ev {
             Event::Request { from, id, body } => {
                 let reply = match body {
@@ -331,7 +485,15 @@ impl Client {
                     } => self.on_connect_back(connect_id, dial, proxy, logical_peer),
                     Body::ReregisterRequest {} => {
                         crate::info!("broker {} asks us to register again", self.broker);
-                        self.reregister_all();
+                        let mine: Vec<SocketAddrV4> = self
+                            .regs
+                            .iter()
+                            .filter(|(_, r)| r.chan == chan)
+                            .map(|(p, _)| *p)
+                            .collect();
+                        for p in mine {
+                            self.reregister(p);
+                        }
                         Body::Ack {}
                     }
                     other => Body::error(
@@ -339,34 +501,44 @@ impl Client {
                         format!("a client does not serve {}", other.type_name()),
                     ),
                 };
-                let _ = self.ep.respond(now(), from, id, reply);
-            }
-            Event::Response { request, body, .. } => match self.pending.remove(&request) {
-                Some(Pending::Waiter) => {
-                    self.answers.insert(request, Answer::Body(body));
+                if let Some(c) = self.chan(chan) {
+                    let _ = c.ep.respond(now(), from, id, reply);
                 }
-                Some(Pending::Heartbeat) => {
-                    if let Body::HeartbeatAck { unknown } = body {
-                        for p in unknown.into_iter().filter_map(net::v4) {
-                            self.reregister(p);
+            }
+            Event::Response { request, body, .. } => {
+                let Some(c) = self.chan(chan) else { return };
+                match c.pending.remove(&request) {
+                    Some(Pending::Waiter) => {
+                        c.answers.insert(request, Answer::Body(body));
+                    }
+                    Some(Pending::Heartbeat) => {
+                        if let Body::HeartbeatAck { unknown } = body {
+                            for p in unknown.into_iter().filter_map(net::v4) {
+                                self.reregister(p);
+                            }
                         }
                     }
+                    Some(Pending::Reregister { old_proxy }) => {
+                        self.on_reregistered(old_proxy, body)
+                    }
+                    Some(Pending::Unregister) | None => {}
                 }
-                Some(Pending::Reregister { old_proxy }) => self.on_reregistered(old_proxy, body),
-                Some(Pending::Unregister) | None => {}
-            },
-            Event::Timeout { request, .. } => match self.pending.remove(&request) {
-                Some(Pending::Waiter) => {
-                    self.answers.insert(request, Answer::Timeout);
+            }
+            Event::Timeout { request, .. } => {
+                let Some(c) = self.chan(chan) else { return };
+                match c.pending.remove(&request) {
+                    Some(Pending::Waiter) => {
+                        c.answers.insert(request, Answer::Timeout);
+                    }
+                    Some(Pending::Heartbeat) => {
+                        crate::debug!("heartbeat to broker {} unanswered", self.broker)
+                    }
+                    Some(Pending::Reregister { old_proxy }) => {
+                        crate::warn!("re-registration of {} unanswered; will retry", old_proxy)
+                    }
+                    _ => {}
                 }
-                Some(Pending::Heartbeat) => {
-                    crate::debug!("heartbeat to broker {} unanswered", self.broker)
-                }
-                Some(Pending::Reregister { old_proxy }) => {
-                    crate::warn!("re-registration of {} unanswered; will retry", old_proxy)
-                }
-                _ => {}
-            },
+            }
         }
     }
 
@@ -376,18 +548,21 @@ impl Client {
         local: SocketAddrV4,
         listen_at: SocketAddrV4,
         entry: &Arc<FdEntry>,
-        previous: Option<SocketAddrV4>,
+        fd: c_int,
     ) -> Result<SocketAddrV4, String> {
+        let chan = self
+            .own_family()
+            .map_err(|e| format!("no control socket to broker {}: {}", self.broker, errstr(e)))?;
         let body = Body::Register {
             transport: Transport::Tcp,
             local: SocketAddr::V4(local),
-            previous_proxy: previous.map(SocketAddr::V4),
+            previous_proxy: None,
         };
-        match self.request(body, REGISTER_DEADLINE) {
+        match self.request_on(chan, body, REGISTER_DEADLINE) {
             Err(e) => Err(format!(
                 "cannot reach broker {}: {}",
                 self.broker,
-                std::io::Error::from_raw_os_error(e)
+                errstr(e)
             )),
             Ok(Answer::Timeout) => Err(format!(
                 "broker {} did not answer within {:?}",
@@ -400,6 +575,8 @@ impl Client {
                     Registration {
                         local,
                         listen_at,
+                        inode: inode(fd).unwrap_or(0),
+                        chan,
                         entry: Arc::downgrade(entry),
                     },
                 );
@@ -416,28 +593,30 @@ impl Client {
         }
     }
 
-    /// The last fd of a registered listening socket was closed in the owning process.
-    pub fn unregister(&mut self, proxy: SocketAddrV4) {
-        if self.regs.remove(&proxy).is_none() {
+    /// This process closed its last fd of the listening socket registered as `proxy`.
+    /// The registration ends when no other process holds the socket either.
+    pub fn release(&mut self, proxy: SocketAddrV4) {
+        let Some(reg) = self.regs.remove(&proxy) else {
+            return;
+        };
+        if reg.inode != 0 && held_elsewhere(reg.inode) {
+            crate::debug!(
+                "closed our copy of {} (proxy {}); another process still holds it",
+                reg.local,
+                proxy
+            );
             return;
         }
-        crate::info!("unregistering proxy {}", proxy);
-        let body = Body::Unregister {
-            proxy: SocketAddr::V4(proxy),
-        };
-        if let Ok(id) = self
-            .ep
-            .send_request(now(), SocketAddr::V4(self.broker), body)
-        {
-            self.pending.insert(id, Pending::Unregister);
-        }
-        self.flush();
-    }
-
-    fn reregister_all(&mut self) {
-        let proxies: Vec<SocketAddrV4> = self.regs.keys().copied().collect();
-        for p in proxies {
-            self.reregister(p);
+        crate::info!("unregistering proxy {} ({})", proxy, reg.local);
+        let to = SocketAddr::V4(self.broker);
+        if let Some(c) = self.chan(reg.chan) {
+            let body = Body::Unregister {
+                proxy: SocketAddr::V4(proxy),
+            };
+            if let Ok(id) = c.ep.send_request(now(), to, body) {
+                c.pending.insert(id, Pending::Unregister);
+            }
+            c.flush();
         }
     }
 
@@ -445,8 +624,10 @@ impl Client {
         let Some(reg) = self.regs.get(&old_proxy) else {
             return;
         };
-        if self
-            .pending
+        let (local, chan) = (reg.local, reg.chan);
+        let to = SocketAddr::V4(self.broker);
+        let Some(c) = self.chan(chan) else { return };
+        if c.pending
             .values()
             .any(|p| matches!(p, Pending::Reregister { old_proxy: o } if *o == old_proxy))
         {
@@ -454,14 +635,11 @@ impl Client {
         }
         let body = Body::Register {
             transport: Transport::Tcp,
-            local: SocketAddr::V4(reg.local),
+            local: SocketAddr::V4(local),
             previous_proxy: Some(SocketAddr::V4(old_proxy)),
         };
-        if let Ok(id) = self
-            .ep
-            .send_request(now(), SocketAddr::V4(self.broker), body)
-        {
-            self.pending.insert(id, Pending::Reregister { old_proxy });
+        if let Ok(id) = c.ep.send_request(now(), to, body) {
+            c.pending.insert(id, Pending::Reregister { old_proxy });
         }
     }
 
@@ -512,23 +690,14 @@ impl Client {
                 format!("{proxy} is not registered here"),
             );
         };
-        match self.dial_back(&id, dial, listen_at) {
-            Ok((fd, placeholder, key)) => {
+        match self.dial_back(&id, dial, listen_at, peer) {
+            Ok(key) => {
                 crate::debug!(
-                    "connect_back for {}: dialed {} for peer {}; queued as {}",
+                    "connect_back for {}: dialed {} for peer {}; placeholder {}",
                     proxy,
                     dial,
                     peer,
                     key
-                );
-                self.ready.insert(
-                    key,
-                    Ready {
-                        fd,
-                        placeholder,
-                        logical_peer: peer,
-                        since: Instant::now(),
-                    },
                 );
                 Body::Ack {}
             }
@@ -539,79 +708,412 @@ impl Client {
         }
     }
 
-    /// Dial `dial`, present the connect id, and put a placeholder connection into the
-    /// listening socket's kernel queue so accept()/select()/poll()/epoll() see it.
+    /// Dial `dial`, present the connect id, post the connection to the mailbox, and put
+    /// a placeholder connection into the listening socket's kernel queue so that
+    /// accept()/select()/poll()/epoll() see it in arrival order.
     fn dial_back(
         &mut self,
         id: &ConnectId,
         dial: SocketAddrV4,
         listen_at: SocketAddrV4,
-    ) -> Result<(c_int, Arc<ShimFd>, SocketAddrV4), String> {
-        let errs =
-            |what: &str, e: c_int| format!("{what}: {}", std::io::Error::from_raw_os_error(e));
+        peer: SocketAddrV4,
+    ) -> Result<SocketAddrV4, String> {
+        let err = |what: &str, e: c_int| format!("{what}: {}", errstr(e));
+        let mailbox = self.mailbox.as_ref().ok_or("no mailbox")?;
         // Inheritable: this becomes the program's connection.
-        let fd = net::socket(libc::SOCK_STREAM, true).map_err(|e| errs("socket", e))?;
-        let r = net::connect_timeout(fd, dial, DIAL_TIMEOUT)
-            .map_err(|e| errs("dial", e))
+        let fd = net::socket(libc::SOCK_STREAM, true).map_err(|e| err("socket", e))?;
+        let dialed = net::connect_timeout(fd, dial, DIAL_TIMEOUT)
+            .map_err(|e| err("dial", e))
             .and_then(|_| {
-                net::write_all(fd, &preamble(id), DIAL_TIMEOUT).map_err(|e| errs("preamble", e))
+                net::write_all(fd, &preamble(id), DIAL_TIMEOUT).map_err(|e| err("preamble", e))
             });
-        if let Err(e) = r {
-            net::close(fd);
-            return Err(e);
-        }
-        let ph = match net::socket(libc::SOCK_STREAM, false) {
+        let ph = dialed.and_then(|_| {
+            net::socket(libc::SOCK_STREAM, false).map_err(|e| err("placeholder socket", e))
+        });
+        let ph = match ph {
             Ok(ph) => ph,
             Err(e) => {
                 net::close(fd);
-                return Err(errs("placeholder socket", e));
-            }
-        };
-        let key = net::connect_timeout(ph, listen_at, DIAL_TIMEOUT)
-            .map_err(|e| errs("placeholder connect", e))
-            .and_then(|_| net::sock_name(ph, false).ok_or_else(|| "placeholder name".to_owned()));
-        let key = match key {
-            Ok(k) => k,
-            Err(e) => {
-                net::close(fd);
-                net::close(ph);
                 return Err(e);
             }
         };
-        match fdtable::own_fd(ph, "gcb-placeholder") {
-            Ok(owned) => Ok((fd, owned, key)),
-            Err(e) => {
-                net::close(fd);
-                net::close(ph);
-                Err(errs("placeholder fd", e))
+        let src = if listen_at.ip().is_loopback() {
+            PLACEHOLDER_IP
+        } else {
+            *listen_at.ip()
+        };
+        let key = net::bind(ph, SocketAddrV4::new(src, 0))
+            .map_err(|e| err("placeholder bind", e))
+            .and_then(|_| net::sock_name(ph, false).ok_or_else(|| "placeholder name".into()))
+            .and_then(|key| {
+                mailbox
+                    .post(key.port(), peer, fd)
+                    .map_err(|e| err("mailbox", e))?;
+                Ok(key)
+            });
+        // The mailbox holds its own reference to the connection now (or the post failed).
+        net::close(fd);
+        let r = key.and_then(|key| {
+            net::connect_timeout(ph, listen_at, DIAL_TIMEOUT)
+                .map_err(|e| err("placeholder connect", e))?;
+            Ok(key)
+        });
+        // The queued connection stays in the listener's backlog after we close our end.
+        net::close(ph);
+        r
+    }
+
+    /// accept() returned a connection from `peer`: if it is a placeholder, take the
+    /// brokered connection it stands for from the mailbox.
+    pub fn take_ready(&mut self, peer: SocketAddrV4) -> Option<(c_int, SocketAddrV4)> {
+        let certain = *peer.ip() == PLACEHOLDER_IP;
+        let maybe = self
+            .regs
+            .values()
+            .any(|r| !r.listen_at.ip().is_loopback() && r.listen_at.ip() == peer.ip());
+        if !certain && !maybe {
+            return None;
+        }
+        let mailbox = self.mailbox.as_ref()?;
+        // The dialer posts before it connects, so the message is there unless a sibling
+        // is holding it for a moment while it looks for its own.
+        let patience = if certain {
+            Duration::from_secs(1)
+        } else {
+            Duration::from_millis(20)
+        };
+        let r = mailbox.take(peer.port(), patience);
+        if r.is_none() && certain {
+            crate::warn!(
+                "placeholder {} has no brokered connection in the mailbox",
+                peer
+            );
+        }
+        r
+    }
+
+    /// The environment entry that hands this process's registrations to an exec'd image
+    /// (`GCB_INHERIT`), for the listening fds that survive exec. Clears close-on-exec on
+    /// the channel and mailbox fds they need.
+    pub fn handoff(&self) -> Option<String> {
+        let mbox = self.mailbox.as_ref()?;
+        let mut regs = Vec::new();
+        let mut chans = HashSet::new();
+        for (proxy, r) in &self.regs {
+            let Some(entry) = r.entry.upgrade() else {
+                continue;
+            };
+            for fd in fdtable::fds_of(&entry) {
+                let keeps = crate::sys::fcntl_raw(fd, libc::F_GETFD, 0)
+                    .is_ok_and(|f| f & libc::FD_CLOEXEC == 0);
+                if keeps {
+                    let Some(c) = self.families.iter().find(|c| c.id == r.chan) else {
+                        continue;
+                    };
+                    chans.insert(c.fd.fd());
+                    regs.push(format!(
+                        "reg={fd}:{}:{proxy}:{}:{}:{}",
+                        r.inode,
+                        r.local,
+                        r.listen_at,
+                        c.fd.fd()
+                    ));
+                }
             }
+        }
+        if regs.is_empty() {
+            return None;
+        }
+        let mut parts = vec!["v1".to_owned()];
+        for fd in chans.iter().copied().chain([mbox.tx.fd(), mbox.rx.fd()]) {
+            let _ = crate::sys::fcntl_raw(fd, libc::F_SETFD, 0);
+        }
+        for fd in chans {
+            parts.push(format!("ctl={fd}:{}", inode(fd).unwrap_or(0)));
+        }
+        parts.push(format!(
+            "mbox={}:{}:{}:{}",
+            mbox.tx.fd(),
+            inode(mbox.tx.fd()).unwrap_or(0),
+            mbox.rx.fd(),
+            inode(mbox.rx.fd()).unwrap_or(0)
+        ));
+        parts.extend(regs);
+        Some(parts.join(";"))
+    }
+
+    /// In a new image: take over what the exec'ing image handed over in `GCB_INHERIT`.
+    /// Every fd is checked against its recorded inode; anything that does not match is
+    /// ignored, and inherited channel fds that serve no listener are closed.
+    pub fn adopt(&mut self, spec: &str) -> Vec<(c_int, SocketAddrV4, SocketAddrV4)> {
+        let mut adopted = Vec::new();
+        let mut parts = spec.split(';');
+        if parts.next() != Some("v1") {
+            return adopted;
+        }
+        let fd_ok = |fd: c_int, ino: u64| ino != 0 && inode(fd) == Some(ino);
+        let mut ctls: HashMap<c_int, u64> = HashMap::new();
+        let mut mbox: Option<(c_int, c_int)> = None;
+        let mut regs = Vec::new();
+        for p in parts {
+            let (k, v) = p.split_once('=').unwrap_or(("", ""));
+            let f: Vec<&str> = v.split(':').collect();
+            let num = |i: usize| f.get(i).and_then(|s| s.parse::<u64>().ok());
+            let addr = |i: usize| {
+                Some(SocketAddrV4::new(
+                    f.get(i)?.parse().ok()?,
+                    f.get(i + 1)?.parse().ok()?,
+                ))
+            };
+            match k {
+                "ctl" => {
+                    if let (Some(fd), Some(ino)) = (num(0), num(1)) {
+                        if fd_ok(fd as c_int, ino) {
+                            ctls.insert(fd as c_int, ino);
+                        }
+                    }
+                }
+                "mbox" => {
+                    if let (Some(t), Some(ti), Some(r), Some(ri)) = (num(0), num(1), num(2), num(3))
+                    {
+                        if fd_ok(t as c_int, ti) && fd_ok(r as c_int, ri) {
+                            mbox = Some((t as c_int, r as c_int));
+                        }
+                    }
+                }
+                "reg" => {
+                    // fd:ino:proxyip:port:localip:port:listenip:port:ctlfd
+                    if let (
+                        Some(fd),
+                        Some(ino),
+                        Some(proxy),
+                        Some(local),
+                        Some(listen_at),
+                        Some(ctl),
+                    ) = (num(0), num(1), addr(2), addr(4), addr(6), num(8))
+                    {
+                        if fd_ok(fd as c_int, ino) {
+                            regs.push((fd as c_int, ino, proxy, local, listen_at, ctl as c_int));
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        let Some((tx, rx)) = mbox else {
+            for fd in ctls.keys() {
+                net::close(*fd);
+            }
+            return adopted;
+        };
+        let mut chan_of: HashMap<c_int, u64> = HashMap::new();
+        for (&fd, _) in ctls.iter() {
+            if !regs.iter().any(|r| r.5 == fd) {
+                net::close(fd);
+                continue;
+            }
+            if let Ok(owned) = fdtable::own_fd(fd, "gcb-control") {
+                let c = Channel::adopt(owned, &self.key, 0);
+                chan_of.insert(fd, c.id);
+                self.families.push(c);
+            }
+        }
+        if chan_of.is_empty() {
+            net::close(tx);
+            net::close(rx);
+            return adopted;
+        }
+        match (
+            fdtable::own_fd(tx, "gcb-mailbox"),
+            fdtable::own_fd(rx, "gcb-mailbox"),
+        ) {
+            (Ok(tx), Ok(rx)) => self.mailbox = Some(Mailbox { tx, rx }),
+            _ => return adopted,
+        }
+        for (fd, ino, proxy, local, listen_at, ctl) in regs {
+            let Some(&chan) = chan_of.get(&ctl) else {
+                continue;
+            };
+            let Some(entry) = super::socket_entry(fd, None) else {
+                continue;
+            };
+            super::set_gcb_state(&entry, GcbSock::Listener { proxy, local });
+            self.regs.insert(
+                proxy,
+                Registration {
+                    local,
+                    listen_at,
+                    inode: ino,
+                    chan,
+                    entry: Arc::downgrade(&entry),
+                },
+            );
+            adopted.push((fd, local, proxy));
+        }
+        if self.local_ip.is_none() {
+            self.ensure_local_ip();
+        }
+        adopted
+    }
+}
+
+impl Mailbox {
+    fn open() -> Result<Mailbox, c_int> {
+        let mut sv = [0 as c_int; 2];
+        // SAFETY: sv is a writable array of two ints.
+        let r = unsafe {
+            libc::socketpair(
+                libc::AF_UNIX,
+                libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+                0,
+                sv.as_mut_ptr(),
+            )
+        };
+        if r != 0 {
+            return Err(std::io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EIO));
+        }
+        let tx = fdtable::own_fd(sv[0], "gcb-mailbox").inspect_err(|_| net::close(sv[1]))?;
+        let rx = fdtable::own_fd(sv[1], "gcb-mailbox").inspect_err(|_| drop_owned(&tx))?;
+        Ok(Mailbox { tx, rx })
+    }
+
+    fn encode(key: u16, peer: SocketAddrV4, expires: u64) -> [u8; MAIL_LEN] {
+        let mut m = [0u8; MAIL_LEN];
+        m[0..2].copy_from_slice(&key.to_be_bytes());
+        m[2..6].copy_from_slice(&peer.ip().octets());
+        m[6..8].copy_from_slice(&peer.port().to_be_bytes());
+        m[8..16].copy_from_slice(&expires.to_be_bytes());
+        m
+    }
+
+    fn decode(m: &[u8; MAIL_LEN]) -> (u16, SocketAddrV4, u64) {
+        let key = u16::from_be_bytes([m[0], m[1]]);
+        let ip = Ipv4Addr::new(m[2], m[3], m[4], m[5]);
+        let port = u16::from_be_bytes([m[6], m[7]]);
+        let exp = u64::from_be_bytes(m[8..16].try_into().unwrap_or([0; 8]));
+        (key, SocketAddrV4::new(ip, port), exp)
+    }
+
+    /// Post connection `fd` under `key` (the kernel keeps a reference in flight).
+    fn post(&self, key: u16, peer: SocketAddrV4, fd: c_int) -> Result<(), c_int> {
+        let expires = now().unix_ms / 1000 + READY_TTL_SECS;
+        self.send(&Self::encode(key, peer, expires), fd)
+    }
+
+    fn send(&self, msg: &[u8; MAIL_LEN], fd: c_int) -> Result<(), c_int> {
+        let mut iov = libc::iovec {
+            iov_base: msg.as_ptr() as *mut libc::c_void,
+            iov_len: msg.len(),
+        };
+        // SAFETY: CMSG_SPACE is a pure size computation.
+        let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<c_int>() as u32) } as usize;
+        let mut cbuf = vec![0u64; space.div_ceil(8)];
+        // SAFETY: zeroed msghdr is valid; we fill the fields we use.
+        let mut mh: libc::msghdr = unsafe { std::mem::zeroed() };
+        mh.msg_iov = &mut iov;
+        mh.msg_iovlen = 1;
+        mh.msg_control = cbuf.as_mut_ptr() as *mut libc::c_void;
+        mh.msg_controllen = space;
+        // SAFETY: mh points at a control buffer of `space` bytes, enough for one
+        // SCM_RIGHTS header carrying one int; CMSG_FIRSTHDR/CMSG_DATA stay inside it.
+        let r = unsafe {
+            let cm = libc::CMSG_FIRSTHDR(&mh);
+            (*cm).cmsg_level = libc::SOL_SOCKET;
+            (*cm).cmsg_type = libc::SCM_RIGHTS;
+            (*cm).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<c_int>() as u32) as usize;
+            std::ptr::write_unaligned(libc::CMSG_DATA(cm) as *mut c_int, fd);
+            libc::sendmsg(self.tx.fd(), &mh, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+        };
+        if r < 0 {
+            Err(std::io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EIO))
+        } else {
+            Ok(())
         }
     }
 
-    /// accept() returned a connection from `peer`: if it is one of our placeholders, take
-    /// the brokered connection it stands for.
-    pub fn take_ready(&mut self, peer: SocketAddrV4) -> Option<(c_int, SocketAddrV4)> {
-        let r = self.ready.remove(&peer)?;
-        drop_owned(&r.placeholder);
-        Some((r.fd, r.logical_peer))
+    /// One message from the mailbox, if any: (message, fd).
+    fn recv(&self) -> Option<([u8; MAIL_LEN], c_int)> {
+        let mut msg = [0u8; MAIL_LEN];
+        let mut iov = libc::iovec {
+            iov_base: msg.as_mut_ptr() as *mut libc::c_void,
+            iov_len: msg.len(),
+        };
+        // SAFETY: CMSG_SPACE is a pure size computation.
+        let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<c_int>() as u32) } as usize;
+        let mut cbuf = vec![0u64; space.div_ceil(8)];
+        // SAFETY: zeroed msghdr is valid; we fill the fields we use.
+        let mut mh: libc::msghdr = unsafe { std::mem::zeroed() };
+        mh.msg_iov = &mut iov;
+        mh.msg_iovlen = 1;
+        mh.msg_control = cbuf.as_mut_ptr() as *mut libc::c_void;
+        mh.msg_controllen = space;
+        // SAFETY: mh describes valid buffers owned by this frame. MSG_CMSG_CLOEXEC: a
+        // received fd is ours until handed to the program.
+        let n = unsafe {
+            libc::recvmsg(
+                self.rx.fd(),
+                &mut mh,
+                libc::MSG_DONTWAIT | libc::MSG_CMSG_CLOEXEC,
+            )
+        };
+        if n != MAIL_LEN as isize {
+            return None;
+        }
+        // SAFETY: the kernel filled mh's control buffer; CMSG_* walk stays inside it.
+        let fd = unsafe {
+            let cm = libc::CMSG_FIRSTHDR(&mh);
+            if cm.is_null()
+                || (*cm).cmsg_level != libc::SOL_SOCKET
+                || (*cm).cmsg_type != libc::SCM_RIGHTS
+            {
+                return None;
+            }
+            std::ptr::read_unaligned(libc::CMSG_DATA(cm) as *const c_int)
+        };
+        Some((msg, fd))
     }
 
-    fn expire_ready(&mut self, now: Instant) {
-        let stale: Vec<SocketAddrV4> = self
-            .ready
-            .iter()
-            .filter(|(_, r)| now.saturating_duration_since(r.since) > READY_TTL)
-            .map(|(k, _)| *k)
-            .collect();
-        for k in stale {
-            if let Some(r) = self.ready.remove(&k) {
-                crate::warn!(
-                    "brokered connection from {} never accepted; closed",
-                    r.logical_peer
-                );
-                net::close(r.fd);
-                drop_owned(&r.placeholder);
+    /// Take the connection posted under `key`, waiting up to `patience`. Messages for
+    /// other keys are posted back; expired ones are closed.
+    fn take(&self, key: u16, patience: Duration) -> Option<(c_int, SocketAddrV4)> {
+        let deadline = Instant::now() + patience;
+        loop {
+            let mut others = Vec::new();
+            let mut found = None;
+            let now_s = now().unix_ms / 1000;
+            while let Some((msg, fd)) = self.recv() {
+                let (k, peer, exp) = Self::decode(&msg);
+                if k == key && found.is_none() {
+                    found = Some((fd, peer));
+                } else if exp < now_s {
+                    crate::warn!(
+                        "brokered connection from {} was never accepted; closed",
+                        peer
+                    );
+                    net::close(fd);
+                } else {
+                    others.push((msg, fd));
+                }
             }
+            for (msg, fd) in others {
+                if self.send(&msg, fd).is_err() {
+                    crate::warn!("mailbox full; dropped a brokered connection");
+                }
+                net::close(fd);
+            }
+            if let Some((fd, peer)) = found {
+                // The program's connection: inheritable unless accept4 asked otherwise.
+                let _ = crate::sys::fcntl_raw(fd, libc::F_SETFD, 0);
+                return Some((fd, peer));
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            let _ = net::wait_fd(self.rx.fd(), libc::POLLIN, Duration::from_millis(5));
         }
     }
 }

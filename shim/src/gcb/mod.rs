@@ -50,7 +50,6 @@ pub enum GcbSock {
     Listener {
         proxy: SocketAddrV4,
         local: SocketAddrV4,
-        owner: i32,
     },
     /// A brokered connection returned by accept(): its logical peer.
     Accepted { peer: SocketAddrV4 },
@@ -75,11 +74,6 @@ fn errno() -> c_int {
     std::io::Error::last_os_error()
         .raw_os_error()
         .unwrap_or(libc::EIO)
-}
-
-fn getpid() -> i32 {
-    // SAFETY: getpid never fails.
-    unsafe { libc::getpid() }
 }
 
 fn sock_opt(fd: c_int, level: c_int, opt: c_int) -> Option<c_int> {
@@ -122,14 +116,14 @@ fn gcb_state(entry: &FdEntry) -> Option<GcbSock> {
         .copied()
 }
 
-fn set_gcb_state(entry: &FdEntry, v: GcbSock) {
+pub(crate) fn set_gcb_state(entry: &FdEntry, v: GcbSock) {
     if let FdKind::Socket(s) = &entry.kind {
         s.state.lock().layer = Some(Box::new(v));
     }
 }
 
 /// The table entry for a program socket, created (and the fd marked managed) if needed.
-fn socket_entry(fd: c_int, entry: Option<&Arc<FdEntry>>) -> Option<Arc<FdEntry>> {
+pub(crate) fn socket_entry(fd: c_int, entry: Option<&Arc<FdEntry>>) -> Option<Arc<FdEntry>> {
     if let Some(e) = entry {
         return Some(e.clone());
     }
@@ -199,23 +193,41 @@ impl GcbLayer {
         &self.client
     }
 
-    /// Run the AEH once if this process has something to serve.
-    fn pump(&self) -> Option<(c_int, Option<Instant>)> {
+    /// Run the AEH once if this process has something to serve; returns the fds it
+    /// waits on and its next timer.
+    fn pump(&self) -> Option<(Vec<c_int>, Option<Instant>)> {
         let mut c = self.client.lock();
-        if !c.needs_aeh() || c.pid() != getpid() {
+        if !c.needs_aeh() {
             return None;
         }
         c.pump();
-        Some((c.ctl_fd()?, c.next_wakeup()))
+        Some((c.aeh_fds(), c.next_wakeup()))
     }
 
-    /// AEH state for a wait: our control fd and next timer, if the AEH must run.
-    fn aeh(&self) -> Option<(c_int, Option<Instant>)> {
+    /// AEH state for a wait: the fds it waits on and its next timer, if it must run.
+    fn aeh(&self) -> Option<(Vec<c_int>, Option<Instant>)> {
         let c = self.client.lock();
-        if !c.needs_aeh() || c.pid() != getpid() {
+        if !c.needs_aeh() {
             return None;
         }
-        Some((c.ctl_fd()?, c.next_wakeup()))
+        Some((c.aeh_fds(), c.next_wakeup()))
+    }
+
+    /// The `GCB_INHERIT` value for an exec, if registered listeners survive it.
+    pub fn handoff(&self) -> Option<String> {
+        self.client.lock().handoff()
+    }
+
+    /// At init of an exec'd image: adopt the registrations handed over in `spec`.
+    pub fn adopt(&self, spec: &str) {
+        for (fd, local, proxy) in self.client.lock().adopt(spec) {
+            crate::info!(
+                "inherited registration of fd {} ({}) as proxy {}",
+                fd,
+                local,
+                proxy
+            );
+        }
     }
 
     fn wait_poll(
@@ -226,7 +238,7 @@ impl GcbLayer {
         ts: *const libc::timespec,
         sigmask: *const libc::sigset_t,
     ) -> Outcome<c_int> {
-        let Some((ctl, mut wake)) = self.aeh() else {
+        let Some((ours, mut wake)) = self.aeh() else {
             return Outcome::Bypass;
         };
         let deadline = deadline_of(timeout_ms, ts);
@@ -236,11 +248,11 @@ impl GcbLayer {
             // SAFETY: the program passed `nfds` valid pollfd entries at `fds`.
             set.extend_from_slice(unsafe { std::slice::from_raw_parts(fds, n) });
         }
-        set.push(libc::pollfd {
-            fd: ctl,
+        set.extend(ours.iter().map(|&fd| libc::pollfd {
+            fd,
             events: libc::POLLIN,
             revents: 0,
-        });
+        }));
         loop {
             let ms = slice_ms(deadline, wake);
             let tspec = (ms >= 0).then(|| libc::timespec {
@@ -257,12 +269,12 @@ impl GcbLayer {
             if r < 0 {
                 return Outcome::Error(errno());
             }
-            if set[n].revents != 0 || r == 0 {
-                set[n].revents = 0;
-                match self.pump() {
-                    Some((_, w)) => wake = w,
-                    None => wake = None,
+            let aeh_ready = set[n..].iter().any(|p| p.revents != 0);
+            if aeh_ready || r == 0 {
+                for p in &mut set[n..] {
+                    p.revents = 0;
                 }
+                wake = self.pump().and_then(|(_, w)| w);
             }
             let ready = set[..n].iter().filter(|p| p.revents != 0).count();
             if ready > 0 || expired(deadline) {
@@ -289,12 +301,16 @@ impl GcbLayer {
         sigmask: *const libc::sigset_t,
         tv_out: *mut libc::timeval,
     ) -> Outcome<c_int> {
-        let Some((ctl, mut wake)) = self.aeh() else {
+        let Some((ours, mut wake)) = self.aeh() else {
             return Outcome::Bypass;
         };
-        if ctl >= libc::FD_SETSIZE as c_int {
+        let ours: Vec<c_int> = ours
+            .into_iter()
+            .filter(|&fd| fd < libc::FD_SETSIZE as c_int)
+            .collect();
+        let Some(&top) = ours.iter().max() else {
             return Outcome::Bypass;
-        }
+        };
         // SAFETY: fd_set is plain data; copies of the program's sets (null = empty/absent).
         let copy = |p: *mut libc::fd_set| (!p.is_null()).then(|| unsafe { *p });
         let (r0, w0, e0) = (copy(read), copy(write), copy(except));
@@ -303,8 +319,10 @@ impl GcbLayer {
             let mut rs: libc::fd_set = r0.unwrap_or_else(|| unsafe { std::mem::zeroed() });
             let mut ws = w0;
             let mut es = e0;
-            // SAFETY: ctl < FD_SETSIZE, checked above.
-            unsafe { libc::FD_SET(ctl, &mut rs) };
+            for &fd in &ours {
+                // SAFETY: fd < FD_SETSIZE, filtered above.
+                unsafe { libc::FD_SET(fd, &mut rs) };
+            }
             let ms = slice_ms(deadline, wake);
             let tspec = (ms >= 0).then(|| libc::timespec {
                 tv_sec: (ms / 1000) as libc::time_t,
@@ -315,16 +333,20 @@ impl GcbLayer {
                 .map_or(std::ptr::null(), |t| t as *const libc::timespec);
             let wp = ws.as_mut().map_or(std::ptr::null_mut(), |s| s as *mut _);
             let ep = es.as_mut().map_or(std::ptr::null_mut(), |s| s as *mut _);
-            // SAFETY: all set pointers are null or point at local fd_sets; nfds covers ctl.
-            let r = unsafe { libc::pselect(nfds.max(ctl + 1), &mut rs, wp, ep, tptr, sigmask) };
+            // SAFETY: all set pointers are null or point at local fd_sets; nfds covers ours.
+            let r = unsafe { libc::pselect(nfds.max(top + 1), &mut rs, wp, ep, tptr, sigmask) };
             if r < 0 {
                 return Outcome::Error(errno());
             }
-            // SAFETY: rs is a valid set and ctl < FD_SETSIZE.
-            let ctl_ready = unsafe { libc::FD_ISSET(ctl, &rs) };
-            if ctl_ready {
-                // SAFETY: as above.
-                unsafe { libc::FD_CLR(ctl, &mut rs) };
+            let mut ctl_ready = false;
+            for &fd in &ours {
+                // SAFETY: rs is a valid set and fd < FD_SETSIZE.
+                unsafe {
+                    if libc::FD_ISSET(fd, &rs) {
+                        ctl_ready = true;
+                        libc::FD_CLR(fd, &mut rs);
+                    }
+                }
             }
             if ctl_ready || r == 0 {
                 wake = self.pump().and_then(|(_, w)| w);
@@ -373,7 +395,7 @@ impl GcbLayer {
         ts: *const libc::timespec,
         sigmask: *const libc::sigset_t,
     ) -> Outcome<c_int> {
-        let Some((ctl, mut wake)) = self.aeh() else {
+        let Some((ours, mut wake)) = self.aeh() else {
             return Outcome::Bypass;
         };
         if maxevents <= 0 || events.is_null() {
@@ -381,15 +403,18 @@ impl GcbLayer {
         }
         {
             let mut c = self.client.lock();
-            if !c.epolls.contains(&epfd) {
+            for fd in ours {
+                if c.epolls.contains(&(epfd, fd)) {
+                    continue;
+                }
                 let mut ev = libc::epoll_event {
                     events: libc::EPOLLIN as u32,
                     u64: EPOLL_TAG,
                 };
                 // SAFETY: ev is a valid epoll_event; failure (EEXIST etc.) is harmless.
-                let r = unsafe { libc::epoll_ctl(epfd, libc::EPOLL_CTL_ADD, ctl, &mut ev) };
+                let r = unsafe { libc::epoll_ctl(epfd, libc::EPOLL_CTL_ADD, fd, &mut ev) };
                 if r == 0 || errno() == libc::EEXIST {
-                    c.epolls.insert(epfd);
+                    c.epolls.insert((epfd, fd));
                 } else {
                     return Outcome::Bypass;
                 }
@@ -581,17 +606,8 @@ impl Layer for GcbLayer {
             return Outcome::Handled(0);
         }
         let mut c = self.client.lock();
-        if let Err(e) = c.ensure_ctl() {
-            crate::warn!(
-                "listen on {}: no control socket to broker {} ({}); serving locally only",
-                local,
-                c.broker,
-                std::io::Error::from_raw_os_error(e)
-            );
-            return Outcome::Handled(0);
-        }
         let (reg_local, listen_at) = if local.ip().is_unspecified() {
-            let ip = c.local_ip.unwrap_or(Ipv4Addr::LOCALHOST);
+            let ip = c.route_ip().unwrap_or(Ipv4Addr::LOCALHOST);
             (
                 SocketAddrV4::new(ip, local.port()),
                 SocketAddrV4::new(Ipv4Addr::LOCALHOST, local.port()),
@@ -602,14 +618,13 @@ impl Layer for GcbLayer {
         let Some(entry) = socket_entry(fd, entry) else {
             return Outcome::Handled(0);
         };
-        match c.register(reg_local, listen_at, &entry, None) {
+        match c.register(reg_local, listen_at, &entry, fd) {
             Ok(proxy) => {
                 set_gcb_state(
                     &entry,
                     GcbSock::Listener {
                         proxy,
                         local: reg_local,
-                        owner: c.pid(),
                     },
                 );
                 crate::info!(
@@ -660,21 +675,20 @@ impl Layer for GcbLayer {
         loop {
             let aeh = self.pump();
             if !nonblock {
-                let mut set = [
-                    libc::pollfd {
-                        fd,
-                        events: libc::POLLIN,
-                        revents: 0,
-                    },
-                    libc::pollfd {
-                        fd: aeh.map_or(-1, |a| a.0),
-                        events: libc::POLLIN,
-                        revents: 0,
-                    },
-                ];
-                let ms = slice_ms(None, aeh.and_then(|a| a.1));
-                // SAFETY: set is a valid array of two pollfds (fd -1 is ignored).
-                let r = unsafe { libc::poll(set.as_mut_ptr(), 2, ms) };
+                let (ours, wake) = aeh.unwrap_or_default();
+                let mut set = vec![libc::pollfd {
+                    fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                }];
+                set.extend(ours.iter().map(|&fd| libc::pollfd {
+                    fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                }));
+                let ms = slice_ms(None, wake);
+                // SAFETY: set is a valid pollfd array of its length.
+                let r = unsafe { libc::poll(set.as_mut_ptr(), set.len() as libc::nfds_t, ms) };
                 if r < 0 {
                     return Outcome::Error(errno());
                 }
@@ -740,10 +754,7 @@ impl Layer for GcbLayer {
             {
                 return Outcome::Bypass;
             }
-            if c.ensure_ctl().is_err() {
-                return Outcome::Bypass;
-            }
-            (c.broker, c.local_ip)
+            (c.broker, c.route_ip())
         };
         if !is_tcp4(fd) {
             return Outcome::Bypass;
@@ -926,10 +937,8 @@ impl Layer for GcbLayer {
         if !last {
             return;
         }
-        if let Some(GcbSock::Listener { proxy, owner, .. }) = gcb_state(entry) {
-            if owner == getpid() {
-                self.client.lock().unregister(proxy);
-            }
+        if let Some(GcbSock::Listener { proxy, .. }) = gcb_state(entry) {
+            self.client.lock().release(proxy);
         }
     }
 
@@ -945,6 +954,10 @@ impl Layer for GcbLayer {
     fn fork_child_locks(&self) {
         // SAFETY: in the fork child (one thread); fork_prepare held the lock, no guard alive.
         unsafe { self.client.reset_in_child() };
+    }
+
+    fn exec_handoff(&self) -> Option<String> {
+        self.handoff()
     }
 
     fn on_fork_child(&self) {

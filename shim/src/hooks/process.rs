@@ -12,15 +12,16 @@
 //!   `execvpe` reach the kernel through the internal, non-interposable `__execve`.
 //!   `execl`, `execle` and `execlp` are C-variadic (not definable in stable Rust) and glibc
 //!   implements them by building an argv and calling `__execve`/`__execvpe` internally, so
-//!   they are NOT seen by the shim; a later GCB state handoff through the environment still
-//!   works for them as long as the variable is already in `environ` (set it at
-//!   registration time, not at exec time). `fexecve`/`execveat` and `posix_spawn` are not
-//!   hooked either.
+//!   they are NOT seen by the shim, so they get no GCB handoff. `fexecve`/`execveat` and
+//!   `posix_spawn` are not hooked either.
+//! * GCB handoff: when registered listening sockets survive the exec (no FD_CLOEXEC), the
+//!   layer's `exec_handoff` gives a `GCB_INHERIT` value (fds, inodes, proxies) that the
+//!   new image's shim adopts at init (see [`crate::gcb`]).
 //!
-//! These hooks allocate nothing: they may run in a vfork child.
+//! In a vfork child these hooks allocate nothing (the handoff is skipped there).
 
 use libc::{c_char, c_int, pid_t};
-use std::ffi::CStr;
+use std::ffi::{CStr, CString};
 
 use crate::call_real;
 use crate::guard::Guard;
@@ -61,21 +62,62 @@ impl std::fmt::Display for CDisplay {
     }
 }
 
-/// The exec seam. Today: log and pass through. Later: GCB hands its registrations to the
-/// new image here (e.g. `layer.exec_env()` producing an environment with `GCB_INHERIT=...`),
-/// in which case the hook calls the real function with the replacement envp.
-fn exec_seam(func: &str, path: *const c_char) {
+/// The exec seam: log, and ask the layer for a `GCB_INHERIT` value that hands its state
+/// (registered listening sockets that survive exec) to the new image. Not in a vfork
+/// child (shared memory, no allocation allowed).
+fn exec_seam(func: &str, path: *const c_char) -> Option<CString> {
     crate::debug!("{}({})", func, CDisplay(path));
-    if let Some(_l) = layer::active() {
-        // Seam: no layer implements exec handoff yet.
+    if crate::init::foreign_process() {
+        return None;
     }
+    let v = layer::active()?.exec_handoff()?;
+    crate::debug!("handing over to the new image: GCB_INHERIT={}", v);
+    CString::new(format!("{INHERIT}={v}")).ok()
 }
 
-#[inline(always)]
-fn seam_guarded(func: &str, path: *const c_char) {
-    if let Some(_g) = Guard::enter() {
-        let _ = std::panic::catch_unwind(|| exec_seam(func, path));
+const INHERIT: &str = "GCB_INHERIT";
+
+fn seam_guarded(func: &str, path: *const c_char) -> Option<CString> {
+    let _g = Guard::enter()?;
+    std::panic::catch_unwind(|| exec_seam(func, path))
+        .ok()
+        .flatten()
+}
+
+/// For the exec calls that use `environ`: put the handoff there.
+fn handoff_into_environ(entry: Option<CString>) {
+    let Some(entry) = entry else { return };
+    let Some(v) = entry.to_bytes().strip_prefix(b"GCB_INHERIT=") else {
+        return;
+    };
+    let Ok(v) = CString::new(v) else { return };
+    // SAFETY: both strings are NUL-terminated; we are about to exec, and setenv copies.
+    unsafe { libc::setenv(c"GCB_INHERIT".as_ptr(), v.as_ptr(), 1) };
+}
+
+/// For the exec calls with an explicit envp: a copy of it with our entry instead of any
+/// `GCB_INHERIT` it had. The returned vector owns nothing; `entry` must outlive it.
+fn envp_with(envp: *const *const c_char, entry: &CString) -> Vec<*const c_char> {
+    let mut out = Vec::new();
+    if !envp.is_null() {
+        let mut i = 0;
+        loop {
+            // SAFETY: envp is a NULL-terminated array of C strings (exec's contract).
+            let p = unsafe { *envp.add(i) };
+            if p.is_null() {
+                break;
+            }
+            // SAFETY: p is a NUL-terminated string.
+            let b = unsafe { CStr::from_ptr(p) }.to_bytes();
+            if !b.starts_with(b"GCB_INHERIT=") {
+                out.push(p);
+            }
+            i += 1;
+        }
     }
+    out.push(entry.as_ptr());
+    out.push(std::ptr::null());
+    out
 }
 
 #[no_mangle]
@@ -88,8 +130,13 @@ pub unsafe extern "C" fn execve(
     argv: *const *const c_char,
     envp: *const *const c_char,
 ) -> c_int {
-    seam_guarded("execve", path);
-    call_real!(sys::execve, path, argv, envp)
+    match seam_guarded("execve", path) {
+        Some(entry) => {
+            let env = envp_with(envp, &entry);
+            call_real!(sys::execve, path, argv, env.as_ptr())
+        }
+        None => call_real!(sys::execve, path, argv, envp),
+    }
 }
 
 #[no_mangle]
@@ -98,7 +145,7 @@ pub unsafe extern "C" fn execve(
 /// # Safety
 /// C ABI; same contract as libc execv.
 pub unsafe extern "C" fn execv(path: *const c_char, argv: *const *const c_char) -> c_int {
-    seam_guarded("execv", path);
+    handoff_into_environ(seam_guarded("execv", path));
     call_real!(sys::execv, path, argv)
 }
 
@@ -108,7 +155,7 @@ pub unsafe extern "C" fn execv(path: *const c_char, argv: *const *const c_char) 
 /// # Safety
 /// C ABI; same contract as libc execvp.
 pub unsafe extern "C" fn execvp(file: *const c_char, argv: *const *const c_char) -> c_int {
-    seam_guarded("execvp", file);
+    handoff_into_environ(seam_guarded("execvp", file));
     call_real!(sys::execvp, file, argv)
 }
 
@@ -122,6 +169,11 @@ pub unsafe extern "C" fn execvpe(
     argv: *const *const c_char,
     envp: *const *const c_char,
 ) -> c_int {
-    seam_guarded("execvpe", file);
-    call_real!(sys::execvpe, file, argv, envp)
+    match seam_guarded("execvpe", file) {
+        Some(entry) => {
+            let env = envp_with(envp, &entry);
+            call_real!(sys::execvpe, file, argv, env.as_ptr())
+        }
+        None => call_real!(sys::execvpe, file, argv, envp),
+    }
 }
