@@ -151,7 +151,17 @@ fn install_gcb(broker: &str) -> &'static str {
             }
         },
     };
-    let layer = crate::gcb::GcbLayer::new(addr, key);
+    // Heartbeats keep the NAT's UDP mapping and the broker's lease alive; the default
+    // is well under Linux conntrack's 30 s. GCB_HEARTBEAT_MS tunes it (e.g. for NATs
+    // that forget sooner, or short leases in tests).
+    let heartbeat = getenv(c"GCB_HEARTBEAT_MS")
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|&ms| ms >= 50)
+        .map_or(
+            gcb_proto::rudp::HEARTBEAT_INTERVAL,
+            std::time::Duration::from_millis,
+        );
+    let layer = crate::gcb::GcbLayer::new(addr, key, heartbeat);
     if let Some(spec) = getenv(c"GCB_INHERIT") {
         layer.adopt(&spec);
         // Only the image it was made for adopts it; later execs get a fresh one.

@@ -66,6 +66,7 @@
 //!
 //! Environment: `GCB_LOG=error|warn|info|debug|trace`, `GCB_LOG_FILE=path`,
 //! `GCB_BROKER=IP[:PORT]` (enables the [`gcb`] layer), `GCB_KEY_FILE=path` (pool key),
+//! `GCB_HEARTBEAT_MS` (heartbeat interval, default 10000),
 //! `GCB_DPF_SERVER` (recognised; the DPF layer is not implemented yet).
 
 pub mod fdtable;

@@ -279,7 +279,7 @@ impl Channel {
 }
 
 impl Client {
-    pub fn new(broker: SocketAddrV4, key: Option<PoolKey>) -> Client {
+    pub fn new(broker: SocketAddrV4, key: Option<PoolKey>, heartbeat: Duration) -> Client {
         Client {
             broker,
             key,
@@ -288,7 +288,7 @@ impl Client {
             private: None,
             mailbox: None,
             regs: HashMap::new(),
-            heartbeat: Ticker::new(gcb_proto::rudp::HEARTBEAT_INTERVAL),
+            heartbeat: Ticker::new(heartbeat),
             negative: HashMap::new(),
             epolls: HashSet::new(),
         }

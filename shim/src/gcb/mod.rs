@@ -183,9 +183,13 @@ fn expired(deadline: Option<Instant>) -> bool {
 }
 
 impl GcbLayer {
-    pub fn new(broker: SocketAddrV4, key: Option<gcb_proto::PoolKey>) -> GcbLayer {
+    pub fn new(
+        broker: SocketAddrV4,
+        key: Option<gcb_proto::PoolKey>,
+        heartbeat: Duration,
+    ) -> GcbLayer {
         GcbLayer {
-            client: ForkMutex::new(Client::new(broker, key)),
+            client: ForkMutex::new(Client::new(broker, key, heartbeat)),
         }
     }
 

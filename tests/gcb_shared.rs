@@ -1,0 +1,290 @@
+//! GCB with listening sockets shared by several processes, across the lab's NAT:
+//! a pre-fork server whose parent closes its copy (the workers keep the registration
+//! alive with their heartbeats and serve the broker's dial-backs), a daemon that hands its
+//! socket to an exec'd image, and the end of a registration when its last holder closes.
+//! Every transfer is checked with sha256 by the server and the client.
+
+use gcb_lab::{release_artifact, repo_root, sha256, Host, Lab, Proc};
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A server that answers each connection with the sha256 of what it read (until EOF),
+/// then its worker tag and the peer address accept() reported.
+const SERVE: &str = r#"
+import hashlib
+def serve(s, tag):
+    while True:
+        c, a = s.accept()
+        data = b""
+        while True:
+            b = c.recv(65536)
+            if not b:
+                break
+            data += b
+        c.sendall(("%s %s %s\n" % (hashlib.sha256(data).hexdigest(), tag, a[0])).encode())
+        c.close()
+"#;
+
+const PREFORK: &str = r#"
+import os, socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 9000))
+s.listen(64)
+print("ADDR %s:%d" % s.getsockname(), flush=True)
+for i in range(3):
+    if os.fork() == 0:
+        serve(s, "w%d" % i)
+s.close()  # the parent keeps no copy: only the workers hold the socket
+while True:
+    try:
+        os.wait()
+    except ChildProcessError:
+        break
+"#;
+
+const EXEC_PARENT: &str = r#"
+import os, socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 9001))
+s.listen(64)
+print("PARENT %s:%d" % s.getsockname(), flush=True)
+s.set_inheritable(True)
+os.execv(sys.executable, [sys.executable, sys.argv[1], str(s.fileno())])
+"#;
+
+const EXEC_CHILD: &str = r#"
+import socket, sys
+s = socket.socket(fileno=int(sys.argv[1]))
+print("CHILD %s:%d" % s.getsockname(), flush=True)
+serve(s, "child")
+"#;
+
+const CLOSE_AFTER_ONE: &str = r#"
+import socket, sys, time
+s = socket.socket()
+s.bind(("0.0.0.0", 9002))
+s.listen(8)
+print("ADDR %s:%d" % s.getsockname(), flush=True)
+c, a = s.accept()
+c.sendall(b"bye\n")
+c.close()
+s.close()
+print("CLOSED", flush=True)
+time.sleep(30)
+"#;
+
+struct Setup {
+    lab: Lab,
+    dir: PathBuf,
+    _broker: Proc,
+}
+
+fn setup(broker_args: &[&str]) -> Setup {
+    let lab = Lab::up();
+    let dir = std::env::temp_dir().join(format!("gcb-shared-{}", lab.name()));
+    fs::create_dir_all(&dir).unwrap();
+    let brokerd = release_artifact("gcb-brokerd");
+    assert!(
+        brokerd.exists(),
+        "{} missing: run `cargo build --release --workspace` first",
+        brokerd.display()
+    );
+    let log = fs::File::create(dir.join("broker.log")).unwrap();
+    let broker = lab
+        .spawn(
+            lab.cmd(Host::P1, &brokerd)
+                .args(["--listen", "203.0.113.10", "--log", "debug"])
+                .args(broker_args)
+                .stdout(Stdio::null())
+                .stderr(log),
+        )
+        .unwrap();
+    wait_for_file(
+        &dir.join("broker.log"),
+        "listening on",
+        Duration::from_secs(5),
+    );
+    Setup {
+        lab,
+        dir,
+        _broker: broker,
+    }
+}
+
+fn wait_for_file(path: &Path, needle: &str, timeout: Duration) -> String {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let text = fs::read_to_string(path).unwrap_or_default();
+        if let Some(line) = text.lines().find(|l| l.contains(needle)) {
+            return line.to_owned();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no line with {needle:?} in {} within {timeout:?}; it has:\n{text}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+impl Setup {
+    /// Run a python server (SERVE + `body`) in a1 under gcb-run; stdout goes to `name.out`.
+    fn server(&self, name: &str, body: &str, args: &[&str], env: &[(&str, &str)]) -> Proc {
+        let script = self.dir.join(format!("{name}.py"));
+        fs::write(&script, format!("{SERVE}\n{body}")).unwrap();
+        let out = fs::File::create(self.dir.join(format!("{name}.out"))).unwrap();
+        let mut cmd = self.lab.cmd(Host::A1, repo_root().join("scripts/gcb-run"));
+        cmd.args(["--broker", "203.0.113.10", "--log", "debug", "--log-file"])
+            .arg(self.dir.join(format!("{name}.shim.log")))
+            .args(["--", "python3", "-u"])
+            .arg(&script)
+            .args(args)
+            .stdout(out)
+            .stderr(Stdio::null());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        self.lab.spawn(&mut cmd).unwrap()
+    }
+
+    fn out_line(&self, name: &str, prefix: &str) -> String {
+        let line = wait_for_file(
+            &self.dir.join(format!("{name}.out")),
+            prefix,
+            Duration::from_secs(10),
+        );
+        line.trim_start_matches(prefix).trim().to_owned()
+    }
+
+    /// Send `payload` from `host` (under gcb-run if `gcb`) to `addr`; return the answer.
+    fn send(&self, host: Host, gcb: bool, addr: &str, payload: &Path) -> String {
+        let mut cmd: Command = if gcb {
+            let mut c = self.lab.cmd(host, repo_root().join("scripts/gcb-run"));
+            c.args(["--broker", "203.0.113.10", "--", "socat"]);
+            c
+        } else {
+            self.lab.cmd(host, "socat")
+        };
+        cmd.args(["-t", "10", "-T", "15", "-"])
+            .arg(format!("TCP4:{addr},shut-down"))
+            .stdin(fs::File::open(payload).unwrap())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let out = self
+            .lab
+            .spawn(&mut cmd)
+            .unwrap()
+            .finish(Duration::from_secs(20));
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    fn payload(&self, n: usize) -> (PathBuf, String) {
+        let data = gcb_lab::random_bytes(n);
+        let p = self.dir.join(format!("payload-{n}"));
+        fs::write(&p, &data).unwrap();
+        (p, sha256(&data))
+    }
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[test]
+fn prefork_workers_keep_the_registration_and_serve_after_the_parent_closes() {
+    // Short lease and heartbeat: the registration must outlive several leases on the
+    // workers' heartbeats alone (the parent closed its copy and sits in wait()).
+    let s = setup(&["--lease-ms", "1500"]);
+    let _srv = s.server("prefork", PREFORK, &[], &[("GCB_HEARTBEAT_MS", "300")]);
+    let addr = s.out_line("prefork", "ADDR");
+    assert!(
+        addr.starts_with("203.0.113.10:"),
+        "getsockname() is not the proxy: {addr}"
+    );
+    let (payload, want) = s.payload(200_000);
+    std::thread::sleep(Duration::from_secs(4)); // more than two leases
+    let mut workers = std::collections::BTreeSet::new();
+    for i in 0..9 {
+        let (host, gcb) = match i % 3 {
+            0 => (Host::P2, false), // plain client through the proxy
+            1 => (Host::B1, true),  // other private network: relay
+            _ => (Host::P2, true),  // public GCB client: reverse
+        };
+        let answer = s.send(host, gcb, &addr, &payload);
+        let mut f = answer.split_whitespace();
+        assert_eq!(
+            f.next(),
+            Some(want.as_str()),
+            "connection {i} from {host:?}: {answer:?}"
+        );
+        workers.insert(f.next().unwrap_or("").to_owned());
+    }
+    assert!(
+        workers.iter().all(|w| w.starts_with('w')),
+        "answers came from {workers:?}"
+    );
+    let log = fs::read_to_string(s.dir.join("broker.log")).unwrap();
+    assert!(!log.contains("expired"), "a lease expired:\n{log}");
+}
+
+#[test]
+fn exec_handoff_keeps_the_proxy_address_and_serves() {
+    let s = setup(&[]);
+    let child = s.dir.join("child.py");
+    fs::write(&child, format!("{SERVE}\n{EXEC_CHILD}")).unwrap();
+    let _srv = s.server("execparent", EXEC_PARENT, &[child.to_str().unwrap()], &[]);
+    let parent = s.out_line("execparent", "PARENT");
+    let child_addr = s.out_line("execparent", "CHILD");
+    assert!(parent.starts_with("203.0.113.10:"), "parent saw {parent}");
+    assert_eq!(
+        parent, child_addr,
+        "the exec'd image must report the same proxy"
+    );
+    let (payload, want) = s.payload(300_000);
+    for (host, gcb) in [(Host::P2, false), (Host::B1, true), (Host::A2, true)] {
+        let answer = s.send(host, gcb, &child_addr, &payload);
+        assert!(
+            answer.starts_with(&format!("{want} child ")),
+            "from {host:?}: {answer:?}"
+        );
+    }
+}
+
+#[test]
+fn closing_the_last_copy_unregisters_and_the_proxy_refuses() {
+    let s = setup(&[]);
+    let _srv = s.server("closer", CLOSE_AFTER_ONE, &[], &[]);
+    let addr = s.out_line("closer", "ADDR");
+    let (payload, _) = s.payload(10);
+    assert_eq!(s.send(Host::P2, false, &addr, &payload), "bye");
+    s.out_line("closer", "CLOSED");
+    let (ip, port) = addr.split_once(':').unwrap();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let t = Instant::now();
+        let ok = s.lab.tcp_connects(Host::P2, ip, port.parse().unwrap());
+        if !ok {
+            assert!(
+                t.elapsed() < Duration::from_secs(2),
+                "refusal was not prompt"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "proxy {addr} still accepts after close"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let log = fs::read_to_string(s.dir.join("broker.log")).unwrap();
+    assert!(
+        log.contains("unregister"),
+        "broker never saw the unregister:\n{log}"
+    );
+}
