@@ -14,7 +14,9 @@
 //!
 //! Needs root and the release build (`cargo build --release --workspace`); missing
 //! artifacts fail the test. Logs (broker, shim debug logs, program stderr) go to
-//! `/tmp/gcb-examples-<lab>/` and are printed when a test fails.
+//! `/tmp/gcb-examples-<lab>/` and are printed when a test fails; they are removed after
+//! a passing test unless `GCB_EXAMPLES_KEEP_LOGS` is set. `GCB_EXAMPLES_LOG` sets the
+//! shim log level (default debug).
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -37,6 +39,7 @@ const CLIENT_T: Duration = Duration::from_secs(90);
 /// A lab plus a log directory that is dumped to stderr if the test panics.
 struct Env {
     // Declared before `lab`: processes die before the namespaces go.
+    broker: Option<Proc>,
     procs: Vec<Proc>,
     logs: PathBuf,
     lab: Lab,
@@ -48,6 +51,7 @@ impl Env {
         let logs = std::env::temp_dir().join(format!("gcb-examples-{}", lab.name()));
         std::fs::create_dir_all(&logs).expect("create log dir");
         Env {
+            broker: None,
             procs: Vec::new(),
             logs,
             lab,
@@ -83,23 +87,38 @@ impl Env {
         cmd
     }
 
-    /// Starts gcb-brokerd on p1 and waits until it serves.
+    /// Starts gcb-brokerd on p1 (killing the running one first, if any) and waits until
+    /// it serves.
     fn start_broker(&mut self) {
+        let tag = match self.broker.take() {
+            Some(mut old) => {
+                old.kill().expect("kill gcb-brokerd");
+                "broker.restarted"
+            }
+            None => "broker",
+        };
         let mut cmd = self.lab.cmd(Host::P1, artifact("gcb-brokerd"));
         cmd.arg("--listen")
             .arg(BROKER)
             .arg("--log")
             .arg("debug")
-            .stdout(self.log_file("broker"))
-            .stderr(self.log_file("broker.err"));
-        self.procs
-            .push(self.lab.spawn(&mut cmd).expect("spawn gcb-brokerd"));
-        self.lab
+            .stdout(self.log_file(tag))
+            .stderr(self.log_file(&format!("{tag}.err")));
+        let mut broker = self.lab.spawn(&mut cmd).expect("spawn gcb-brokerd");
+        let ready = self
+            .lab
             .wait_for_udp_bind(Host::P1, BROKER_PORT, T)
-            .expect("broker control socket");
-        self.lab
-            .wait_for_tcp_listen(Host::P1, BROKER_PORT, T)
-            .expect("broker relay socket");
+            .and_then(|()| self.lab.wait_for_tcp_listen(Host::P1, BROKER_PORT, T));
+        // The ports being bound is not proof that this broker bound them.
+        let exited = broker
+            .wait_timeout(Duration::from_millis(100))
+            .ok()
+            .flatten();
+        self.broker = Some(broker);
+        if let Err(e) = ready {
+            panic!("gcb-brokerd not serving: {e}");
+        }
+        assert!(exited.is_none(), "gcb-brokerd exited: {exited:?}");
     }
 
     /// Spawns a long-running program whose stderr goes to `TAG.err.log`, and returns the
@@ -144,7 +163,7 @@ impl Env {
 
     /// Asserts that every long-running program (broker, servers, workers) is still alive.
     fn assert_alive(&mut self) {
-        for (i, p) in self.procs.iter_mut().enumerate() {
+        for (i, p) in self.procs.iter_mut().chain(&mut self.broker).enumerate() {
             let status = p.wait_timeout(Duration::ZERO).expect("wait");
             assert!(status.is_none(), "process #{i} exited early: {status:?}");
         }
@@ -154,10 +173,12 @@ impl Env {
 impl Drop for Env {
     fn drop(&mut self) {
         if !std::thread::panicking() {
-            let _ = std::fs::remove_dir_all(&self.logs);
+            if std::env::var_os("GCB_EXAMPLES_KEEP_LOGS").is_none() {
+                let _ = std::fs::remove_dir_all(&self.logs);
+            }
             return;
         }
-        for p in &mut self.procs {
+        for p in self.procs.iter_mut().chain(&mut self.broker) {
             let _ = p.kill();
         }
         eprintln!("==== logs in {} ====", self.logs.display());
@@ -551,21 +572,45 @@ fn start_worker(env: &mut Env, host: Host, name: &str, shim: bool) -> String {
         .to_owned()
 }
 
-fn scheduler(env: &Env, from: Host, shim: bool, ads: &BTreeMap<&str, String>) {
-    let tag = format!("scheduler-{from}{}", if shim { "-gcb" } else { "" });
+/// The scheduler command; `wait` and `timeout` are its `--wait` and `--timeout` (seconds).
+fn scheduler_cmd(
+    env: &Env,
+    (from, shim): (Host, bool),
+    workers: usize,
+    (wait, timeout): (u32, u32),
+    tag: &str,
+) -> Command {
     let mut cmd = if shim {
-        env.gcb(from, "gcb-pool-scheduler", &tag)
+        env.gcb(from, "gcb-pool-scheduler", tag)
     } else {
         env.plain(from, "gcb-pool-scheduler")
     };
-    let jobs = 5;
-    cmd.args(["--collector", COLLECTOR, "--size", "100000", "--wait", "20"])
+    cmd.args(["--collector", COLLECTOR, "--size", "100000"])
+        .arg("--wait")
+        .arg(wait.to_string())
+        .arg("--timeout")
+        .arg(timeout.to_string())
         .arg("--jobs")
-        .arg(jobs.to_string())
+        .arg(JOBS.to_string())
         .arg("--min-workers")
-        .arg(ads.len().to_string());
+        .arg(workers.to_string());
+    cmd
+}
+
+const JOBS: u32 = 5;
+
+/// Runs the scheduler in `from` and checks that every job ran, on exactly the workers
+/// (and addresses) in `ads`.
+fn scheduler(env: &Env, from: Host, shim: bool, ads: &BTreeMap<&str, String>) {
+    let tag = format!("scheduler-{from}{}", if shim { "-gcb" } else { "" });
+    let cmd = scheduler_cmd(env, (from, shim), ads.len(), (20, 30), &tag);
     let out = env.run(cmd, CLIENT_T);
-    let r = json_result(&tag, &out);
+    check_schedule(&tag, &out, ads);
+}
+
+fn check_schedule(tag: &str, out: &Output, ads: &BTreeMap<&str, String>) {
+    let jobs = JOBS;
+    let r = json_result(tag, out);
     let workers = r["workers"].arr();
     let seen: BTreeMap<&str, &str> = workers
         .iter()
@@ -624,5 +669,41 @@ fn mini_pool_runs_jobs_on_private_workers_through_the_broker() {
     scheduler(&env, Host::P2, false, &ads);
     scheduler(&env, Host::A2, true, &ads);
     scheduler(&env, Host::B1, true, &ads);
+    env.assert_alive();
+}
+
+#[test]
+fn mini_pool_survives_a_broker_restart() {
+    let mut env = Env::up();
+    env.start_broker();
+    let cmd = {
+        let mut c = env.plain(Host::P1, "gcb-pool-collector");
+        c.args(["--bind", COLLECTOR]);
+        c
+    };
+    env.start(cmd, "collector");
+    let mut ads = BTreeMap::new();
+    ads.insert("w-a1", start_worker(&mut env, Host::A1, "w-a1", true));
+    ads.insert("w-b1", start_worker(&mut env, Host::B1, "w-b1", true));
+    scheduler(&env, Host::P2, false, &ads);
+
+    // Restart the broker (paper 4.2.2): the workers' shims re-register on their next
+    // heartbeat and ask for their previous proxy port, so the ads stay valid and the
+    // unmodified workers never notice.
+    env.start_broker();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut attempts = 0;
+    let out = loop {
+        attempts += 1;
+        let cmd = scheduler_cmd(&env, (Host::P2, false), ads.len(), (1, 5), "scheduler-p2");
+        let out = env.run(cmd, CLIENT_T);
+        if out.status.success() || std::time::Instant::now() >= deadline {
+            break out;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    println!("pool usable again after the broker restart, attempt {attempts}");
+    check_schedule("scheduler-p2 after broker restart", &out, &ads);
+    scheduler(&env, Host::A2, true, &ads);
     env.assert_alive();
 }
