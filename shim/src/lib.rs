@@ -69,6 +69,7 @@
 //! `GCB_HEARTBEAT_MS` (heartbeat interval, default 10000),
 //! `GCB_DPF_SERVER` (recognised; the DPF layer is not implemented yet).
 
+pub mod control;
 pub mod fdtable;
 pub mod fork;
 pub mod forklock;

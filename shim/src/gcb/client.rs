@@ -24,15 +24,17 @@
 //!
 //! All methods run with the re-entrancy guard set and the client lock held.
 
-use gcb_proto::{Body, ConnectId, Endpoint, Event, Now, PoolKey, RequestId, Ticker, Transport};
+use gcb_proto::{Body, ConnectId, Event, PoolKey, Ticker, Transport};
 use libc::c_int;
 use std::collections::{HashMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::{Arc, Weak};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use super::net;
 use super::GcbSock;
+pub use crate::control::Answer;
+use crate::control::{self, drop_owned, getpid, now};
 use crate::fdtable::{self, FdEntry, FdKind, ShimFd};
 
 /// How long listen() waits for the broker before serving locally only.
@@ -57,36 +59,8 @@ pub fn preamble(id: &ConnectId) -> Vec<u8> {
     format!("GCB-CONNECT {id}\n").into_bytes()
 }
 
-pub fn now() -> Now {
-    let unix_ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0);
-    Now {
-        mono: Instant::now(),
-        unix_ms,
-    }
-}
-
 fn errstr(e: c_int) -> String {
     std::io::Error::from_raw_os_error(e).to_string()
-}
-
-fn random_u64() -> u64 {
-    let mut b = [0u8; 8];
-    // SAFETY: b is a writable 8-byte buffer.
-    let n = unsafe { libc::getrandom(b.as_mut_ptr() as *mut libc::c_void, 8, 0) };
-    if n != 8 {
-        // Not security relevant (the session only spreads message ids).
-        let t = now();
-        return t.unix_ms ^ ((getpid() as u64) << 32);
-    }
-    u64::from_ne_bytes(b)
-}
-
-pub fn getpid() -> i32 {
-    // SAFETY: getpid never fails.
-    unsafe { libc::getpid() }
 }
 
 /// The inode of the file an fd refers to (identifies a socket across processes).
@@ -148,21 +122,8 @@ enum Pending {
     Waiter,
 }
 
-pub enum Answer {
-    Body(Body),
-    Timeout,
-}
-
-/// A UDP socket connected to the broker, with its reliable-UDP endpoint.
-struct Channel {
-    id: u64,
-    fd: Arc<ShimFd>,
-    ep: Endpoint,
-    pending: HashMap<RequestId, Pending>,
-    answers: HashMap<RequestId, Answer>,
-    /// The process that created it (registration channels are shared with descendants).
-    creator: i32,
-}
+/// A control channel of the GCB client.
+type Channel = control::Channel<Pending>;
 
 /// The family's mailbox of brokered connections: an inherited datagram socketpair.
 struct Mailbox {
@@ -187,95 +148,6 @@ pub struct Client {
     negative: HashMap<SocketAddrV4, Instant>,
     /// Epoll sets our registration channels have been added to: (epfd, channel fd).
     pub epolls: HashSet<(c_int, c_int)>,
-}
-
-fn endpoint(key: &Option<PoolKey>) -> Endpoint {
-    // Faster retransmission than the default: the shim blocks the program while it
-    // waits, and the control path may be lossy (30 % in the lab's fault tests).
-    let cfg = gcb_proto::Config {
-        initial_rto: Duration::from_millis(100),
-        max_rto: Duration::from_millis(500),
-        request_deadline: CONNECT_DEADLINE,
-        ..gcb_proto::Config::default()
-    };
-    Endpoint::new(cfg, key.clone(), random_u64())
-}
-
-impl Channel {
-    fn open(
-        broker: SocketAddrV4,
-        key: &Option<PoolKey>,
-    ) -> Result<(Channel, Option<Ipv4Addr>), c_int> {
-        let fd = net::socket(libc::SOCK_DGRAM | libc::SOCK_NONBLOCK, false)?;
-        if let Err(e) = net::connect_raw(fd, broker) {
-            net::close(fd);
-            return Err(e);
-        }
-        let local_ip = net::sock_name(fd, false).map(|a| *a.ip());
-        let owned = fdtable::own_fd(fd, "gcb-control")?;
-        Ok((Channel::adopt(owned, key, getpid()), local_ip))
-    }
-
-    fn adopt(fd: Arc<ShimFd>, key: &Option<PoolKey>, creator: i32) -> Channel {
-        Channel {
-            id: random_u64(),
-            fd,
-            ep: endpoint(key),
-            pending: HashMap::new(),
-            answers: HashMap::new(),
-            creator,
-        }
-    }
-
-    fn flush(&mut self) {
-        let fd = self.fd.fd();
-        while let Some(t) = self.ep.poll_transmit() {
-            // SAFETY: payload is a valid readable buffer; fd is connected to the broker.
-            let n = unsafe {
-                libc::send(
-                    fd,
-                    t.payload.as_ptr() as *const libc::c_void,
-                    t.payload.len(),
-                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-                )
-            };
-            if n < 0 {
-                // Lost like any datagram; the endpoint retransmits.
-                crate::trace!("control send failed: {}", std::io::Error::last_os_error());
-            }
-        }
-    }
-
-    /// Read what arrived and run timers; returns the endpoint's events.
-    fn poll(&mut self, from: SocketAddr) -> Vec<Event> {
-        let fd = self.fd.fd();
-        let mut buf = [0u8; 2048];
-        loop {
-            // SAFETY: buf is writable for its length.
-            let n = unsafe {
-                libc::recv(
-                    fd,
-                    buf.as_mut_ptr() as *mut libc::c_void,
-                    buf.len(),
-                    libc::MSG_DONTWAIT,
-                )
-            };
-            if n < 0 {
-                if std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
-                    continue;
-                }
-                // EAGAIN, or ECONNREFUSED from an ICMP error: nothing (more) to read.
-                break;
-            }
-            self.ep.handle_datagram(now(), from, &buf[..n as usize]);
-        }
-        self.ep.handle_timeout(now());
-        std::iter::from_fn(|| self.ep.poll_event()).collect()
-    }
-
-    fn close(self) {
-        drop_owned(&self.fd);
-    }
 }
 
 impl Client {
@@ -304,7 +176,7 @@ impl Client {
         for f in &mut self.families {
             f.pending.clear();
             f.answers.clear();
-            f.ep = endpoint(&self.key);
+            f.ep = control::endpoint(&self.key);
         }
     }
 
@@ -1116,13 +988,6 @@ impl Mailbox {
             let _ = net::wait_fd(self.rx.fd(), libc::POLLIN, Duration::from_millis(5));
         }
     }
-}
-
-/// Close a shim-owned fd and forget it.
-pub fn drop_owned(s: &Arc<ShimFd>) {
-    let fd = s.fd();
-    drop(fdtable::remove(fd));
-    net::close(fd);
 }
 
 /// Update the proxy a listening socket reports.
