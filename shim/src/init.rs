@@ -113,16 +113,7 @@ fn init() {
         broker: getenv(c"GCB_BROKER"),
         dpf_server: getenv(c"GCB_DPF_SERVER"),
     };
-    let mode = match cfg.broker.as_deref() {
-        Some(b) => install_gcb(b),
-        None => "pass-through",
-    };
-    if cfg.dpf_server.is_some() {
-        crate::warn!(
-            "GCB_DPF_SERVER={:?} set, but this libgcb has no DPF layer yet",
-            cfg.dpf_server
-        );
-    }
+    let mode = install_layers(&cfg);
     crate::info!(
         "loaded (version {}), {} mode",
         env!("CARGO_PKG_VERSION"),
@@ -131,13 +122,12 @@ fn init() {
     let _ = CONFIG.set(cfg);
 }
 
-/// Install the GCB layer for `GCB_BROKER=IP[:PORT]`; on a bad setting, stay pass-through
-/// and say why in one line.
-fn install_gcb(broker: &str) -> &'static str {
-    let Some(addr) = crate::gcb::parse_broker(broker) else {
-        crate::error!("GCB_BROKER={:?} is not IP[:PORT]; GCB disabled", broker);
+/// Install the layers configured by `GCB_BROKER` and `GCB_DPF_SERVER`; on a bad setting,
+/// stay pass-through for that layer and say why in one line.
+fn install_layers(cfg: &Config) -> &'static str {
+    if cfg.broker.is_none() && cfg.dpf_server.is_none() {
         return "pass-through";
-    };
+    }
     let key = match getenv(c"GCB_KEY_FILE") {
         None => None,
         Some(path) => match std::fs::read(&path)
@@ -146,10 +136,36 @@ fn install_gcb(broker: &str) -> &'static str {
         {
             Ok(k) => Some(k),
             Err(e) => {
-                crate::error!("GCB_KEY_FILE {}: {}; GCB disabled", path, e);
+                crate::error!("GCB_KEY_FILE {}: {}; GCB and DPF disabled", path, e);
                 return "pass-through";
             }
         },
+    };
+    let gcb = cfg
+        .broker
+        .as_deref()
+        .and_then(|b| install_gcb(b, key.clone()));
+    let dpf = cfg.dpf_server.as_deref().and_then(|s| {
+        let addr = crate::dpf::parse_server(s);
+        if addr.is_none() {
+            crate::error!("GCB_DPF_SERVER={:?} is not IP[:PORT]; DPF disabled", s);
+        }
+        addr.map(|a| crate::dpf::DpfClient::new(a, key.clone()))
+    });
+    let stack = crate::stack::Stack { gcb, dpf };
+    let name = crate::layer::Layer::name(&stack);
+    if name != "none" {
+        crate::layer::install(Box::new(stack));
+    }
+    name
+}
+
+/// The GCB layer for `GCB_BROKER=IP[:PORT]`, with the registrations an exec'ing image
+/// handed over.
+fn install_gcb(broker: &str, key: Option<gcb_proto::PoolKey>) -> Option<crate::gcb::GcbLayer> {
+    let Some(addr) = crate::gcb::parse_broker(broker) else {
+        crate::error!("GCB_BROKER={:?} is not IP[:PORT]; GCB disabled", broker);
+        return None;
     };
     // Heartbeats keep the NAT's UDP mapping and the broker's lease alive; the default
     // is well under Linux conntrack's 30 s. GCB_HEARTBEAT_MS tunes it (e.g. for NATs
@@ -168,8 +184,7 @@ fn install_gcb(broker: &str) -> &'static str {
         // SAFETY: the name is NUL-terminated; init runs before the program's threads.
         unsafe { libc::unsetenv(c"GCB_INHERIT".as_ptr()) };
     }
-    crate::layer::install(Box::new(layer));
-    "gcb"
+    Some(layer)
 }
 
 fn open_log_file(path: &str) {

@@ -24,6 +24,9 @@
 //!   [`forklock`] — parking_lot locks a fork child can re-initialise.
 //! * [`real`], [`sys`] — cached `dlsym(RTLD_NEXT)` resolution of the real functions.
 //! * [`log`] — silent-by-default logging to stderr or `GCB_LOG_FILE`, never stdout.
+//! * [`dpf`] — the DPF client (paper 3.2.1): port-forwarding rules for bound sockets.
+//! * [`stack`] — the installed layer: DPF where it can, GCB for the rest.
+//! * [`control`] — a control channel to a daemon (UDP + reliable-UDP endpoint).
 //! * [`gcb`] — the GCB client layer (paper 4.2.1): registration of listening sockets,
 //!   brokered connects, and the asynchronous event handler run inside blocking calls.
 //!
@@ -67,9 +70,11 @@
 //! Environment: `GCB_LOG=error|warn|info|debug|trace`, `GCB_LOG_FILE=path`,
 //! `GCB_BROKER=IP[:PORT]` (enables the [`gcb`] layer), `GCB_KEY_FILE=path` (pool key),
 //! `GCB_HEARTBEAT_MS` (heartbeat interval, default 10000),
-//! `GCB_DPF_SERVER` (recognised; the DPF layer is not implemented yet).
+//! `GCB_DPF_SERVER=IP[:PORT]` (enables the [`dpf`] client; with both set, [`stack`] lets DPF
+//! serve the sockets it can and GCB the rest).
 
 pub mod control;
+pub mod dpf;
 pub mod fdtable;
 pub mod fork;
 pub mod forklock;
@@ -81,6 +86,7 @@ pub mod layer;
 #[macro_use]
 pub mod log;
 pub mod real;
+pub mod stack;
 pub mod sys;
 
 extern "C" fn gcb_constructor() {

@@ -73,7 +73,7 @@ pub fn inode(fd: c_int) -> Option<u64> {
 
 /// Does any process other than us hold the socket with this inode? (Scans /proc; runs
 /// only when a registered listener's last fd in this process is closed.)
-fn held_elsewhere(ino: u64) -> bool {
+pub fn held_elsewhere(ino: u64) -> bool {
     let me = getpid().to_string();
     let needle = format!("socket:[{ino}]");
     let Ok(procs) = std::fs::read_dir("/proc") else {

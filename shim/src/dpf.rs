@@ -1,0 +1,422 @@
+//! The DPF client (paper section 3.2.1), active when `GCB_DPF_SERVER` is set.
+//!
+//! * `bind()` of an IPv4 TCP or UDP socket (not loopback) asks portfwd, the root daemon
+//!   on the NAT gateway, for a forwarding rule public ip:port -> the socket's private
+//!   ip:port. With the rule in place `getsockname()` returns the public address, the one
+//!   the program will advertise; packets to it reach the socket through the NAT.
+//! * Each mapped socket is coupled to a *probe socket*: a passive TCP socket of the
+//!   shim's on the same private IP, created before the request and closed with the
+//!   socket's last fd. portfwd connects to it periodically; when it cannot, it removes
+//!   the rule. The probe socket's backlog is drained whenever the shim runs for the
+//!   socket, and is large enough for hours of probes in between.
+//! * `connect()` on a mapped socket makes it active: the rule is deleted first (paper:
+//!   only passive sockets keep rules).
+//! * `connect()` to a public address first asks portfwd whether it is one of its own
+//!   clients; if so the connection goes straight to the private address over the private
+//!   network. "Not ours" is remembered per IP for a minute, so a destination costs one
+//!   LAN round trip at most once a minute.
+//! * A refusal (port range, quota, owner...) fails the program's `bind()` with an errno
+//!   and one log line when DPF is the only layer; with a broker configured as well, the
+//!   socket is left to GCB (logged at debug level). An unreachable portfwd never fails
+//!   `bind()`: the program serves locally and the shim logs one line.
+
+use gcb_proto::{Body, ErrorCode, PoolKey, Transport};
+use libc::c_int;
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::control::{drop_owned, Answer, Channel};
+use crate::fdtable::{self, FdEntry, FdKind, ShimFd};
+use crate::forklock::ForkMutex;
+use crate::gcb::net;
+
+/// Default portfwd control port (UDP).
+pub const DEFAULT_DPF_PORT: u16 = 9651;
+/// How long bind() waits for portfwd.
+const FORWARD_DEADLINE: Duration = Duration::from_secs(3);
+/// How long connect() waits for a same-network answer.
+const QUERY_DEADLINE: Duration = Duration::from_secs(1);
+/// Backlog of a probe socket (capped by net.core.somaxconn).
+const PROBE_BACKLOG: c_int = 4096;
+const NEGATIVE_TTL: Duration = Duration::from_secs(60);
+
+/// Per-socket DPF state, kept in the fd table entry.
+pub struct DpfSock {
+    pub transport: Transport,
+    pub private: SocketAddrV4,
+    pub public: SocketAddrV4,
+    pub probe: Arc<ShimFd>,
+    pub inode: u64,
+}
+
+/// Why a bind was not mapped.
+pub enum Refusal {
+    /// portfwd said no: errno for the program, and the reason.
+    Refused(c_int, String),
+    /// portfwd could not be asked (fail open).
+    Unreachable(String),
+    /// Not a socket DPF maps (loopback, not IPv4, not TCP/UDP).
+    NotApplicable,
+}
+
+struct State {
+    chan: Option<Channel<()>>,
+    local_ip: Option<Ipv4Addr>,
+    /// portfwd's public IP, learned from its replies.
+    public_ip: Option<Ipv4Addr>,
+    /// Destination IPs that are not portfwd's, until the given time.
+    negative: HashMap<Ipv4Addr, Instant>,
+    /// Our probe sockets, to drain their backlog.
+    probes: Vec<Arc<ShimFd>>,
+}
+
+pub struct DpfClient {
+    server: SocketAddrV4,
+    key: Option<PoolKey>,
+    state: ForkMutex<State>,
+}
+
+/// Parse `IP[:PORT]`.
+pub fn parse_server(s: &str) -> Option<SocketAddrV4> {
+    let s = s.trim();
+    if let Ok(a) = s.parse::<SocketAddrV4>() {
+        return Some(a);
+    }
+    s.parse::<Ipv4Addr>()
+        .ok()
+        .map(|ip| SocketAddrV4::new(ip, DEFAULT_DPF_PORT))
+}
+
+fn errno_for(code: ErrorCode) -> c_int {
+    match code {
+        ErrorCode::NotOwner | ErrorCode::Unauthorized => libc::EACCES,
+        _ => libc::EADDRNOTAVAIL,
+    }
+}
+
+fn sock_type(fd: c_int) -> Option<Transport> {
+    let mut v: c_int = 0;
+    let mut len = std::mem::size_of::<c_int>() as libc::socklen_t;
+    let mut dom: c_int = 0;
+    let mut dlen = len;
+    // SAFETY: v/len and dom/dlen describe writable c_ints.
+    let ok = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_TYPE,
+            &mut v as *mut c_int as *mut libc::c_void,
+            &mut len,
+        ) == 0
+            && libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_DOMAIN,
+                &mut dom as *mut c_int as *mut libc::c_void,
+                &mut dlen,
+            ) == 0
+    };
+    if !ok || dom != libc::AF_INET {
+        return None;
+    }
+    match v {
+        libc::SOCK_STREAM => Some(Transport::Tcp),
+        libc::SOCK_DGRAM => Some(Transport::Udp),
+        _ => None,
+    }
+}
+
+/// The DPF state of a socket entry, if mapped.
+pub fn dpf_state(entry: &FdEntry) -> Option<(Transport, SocketAddrV4, SocketAddrV4, u64)> {
+    let FdKind::Socket(s) = &entry.kind else {
+        return None;
+    };
+    let st = s.state.lock();
+    st.layer
+        .as_ref()
+        .and_then(|l| l.downcast_ref::<DpfSock>())
+        .map(|d| (d.transport, d.private, d.public, d.inode))
+}
+
+fn take_dpf_state(entry: &FdEntry) -> Option<DpfSock> {
+    let FdKind::Socket(s) = &entry.kind else {
+        return None;
+    };
+    let mut st = s.state.lock();
+    if st.layer.as_ref().is_some_and(|l| l.is::<DpfSock>()) {
+        return st
+            .layer
+            .take()
+            .and_then(|l| l.downcast::<DpfSock>().ok())
+            .map(|b| *b);
+    }
+    None
+}
+
+impl DpfClient {
+    pub fn new(server: SocketAddrV4, key: Option<PoolKey>) -> DpfClient {
+        DpfClient {
+            server,
+            key,
+            state: ForkMutex::new(State {
+                chan: None,
+                local_ip: None,
+                public_ip: None,
+                negative: HashMap::new(),
+                probes: Vec::new(),
+            }),
+        }
+    }
+
+    fn request(&self, st: &mut State, body: Body, deadline: Duration) -> Result<Answer, c_int> {
+        if st.chan.is_none() {
+            let (c, ip) = Channel::<()>::open(self.server, &self.key)?;
+            st.chan = Some(c);
+            if st.local_ip.is_none() {
+                st.local_ip = ip;
+            }
+        }
+        let chan = st.chan.as_mut().ok_or(libc::EBADF)?;
+        chan.request(self.server, body, deadline)
+    }
+
+    /// Accept and close whatever probes queued on our probe sockets.
+    pub fn drain_probes(&self) {
+        let st = self.state.lock();
+        for p in &st.probes {
+            loop {
+                // SAFETY: null address arguments are allowed; the fd is ours.
+                let c = unsafe {
+                    libc::accept4(
+                        p.fd(),
+                        std::ptr::null_mut(),
+                        std::ptr::null_mut(),
+                        libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                    )
+                };
+                if c < 0 {
+                    break;
+                }
+                net::close(c);
+            }
+        }
+    }
+
+    /// After a successful bind of `fd`: ask portfwd for a mapping.
+    pub fn on_bound(&self, fd: c_int, entry: Option<&Arc<FdEntry>>) -> Result<(), Refusal> {
+        let transport = sock_type(fd).ok_or(Refusal::NotApplicable)?;
+        let local = net::sock_name(fd, false).ok_or(Refusal::NotApplicable)?;
+        if local.ip().is_loopback() || local.port() == 0 {
+            return Err(Refusal::NotApplicable);
+        }
+        if entry.is_some_and(|e| dpf_state(e).is_some()) {
+            return Ok(());
+        }
+        let mut st = self.state.lock();
+        let ip = if local.ip().is_unspecified() {
+            if st.local_ip.is_none() {
+                if let Ok(s) = net::socket(libc::SOCK_DGRAM, false) {
+                    if net::connect_raw(s, self.server).is_ok() {
+                        st.local_ip = net::sock_name(s, false).map(|a| *a.ip());
+                    }
+                    net::close(s);
+                }
+            }
+            st.local_ip
+                .ok_or_else(|| Refusal::Unreachable("no route to portfwd".into()))?
+        } else {
+            *local.ip()
+        };
+        let private = SocketAddrV4::new(ip, local.port());
+        let probe = open_probe(ip).map_err(|e| {
+            Refusal::Unreachable(format!(
+                "probe socket: {}",
+                std::io::Error::from_raw_os_error(e)
+            ))
+        })?;
+        let probe_port = net::sock_name(probe.fd(), false).map_or(0, |a| a.port());
+        let body = Body::Forward {
+            transport,
+            private: SocketAddr::V4(private),
+            desired_public_port: None,
+            probe_port,
+        };
+        let answer = self.request(&mut st, body, FORWARD_DEADLINE);
+        let fail = |r: Refusal| {
+            drop_owned(&probe);
+            Err(r)
+        };
+        match answer {
+            Ok(Answer::Body(Body::Forwarded { public, .. })) => {
+                let Some(public) = net::v4(public) else {
+                    return fail(Refusal::Unreachable("IPv6 public address".into()));
+                };
+                st.public_ip = Some(*public.ip());
+                st.probes.push(probe.clone());
+                drop(st);
+                let Some(entry) = crate::gcb::socket_entry(fd, entry) else {
+                    return fail(Refusal::NotApplicable);
+                };
+                if let FdKind::Socket(s) = &entry.kind {
+                    s.state.lock().layer = Some(Box::new(DpfSock {
+                        transport,
+                        private,
+                        public,
+                        probe,
+                        inode: crate::gcb::client::inode(fd).unwrap_or(0),
+                    }));
+                }
+                crate::info!(
+                    "DPF mapped {:?} {} -> public {} (portfwd {})",
+                    transport,
+                    private,
+                    public,
+                    self.server
+                );
+                Ok(())
+            }
+            Ok(Answer::Body(Body::Error { code, reason })) => fail(Refusal::Refused(
+                errno_for(code),
+                format!(
+                    "portfwd {} refused {:?} {}: {:?}: {}",
+                    self.server, transport, private, code, reason
+                ),
+            )),
+            Ok(Answer::Body(other)) => fail(Refusal::Unreachable(format!(
+                "unexpected answer {} from portfwd",
+                other.type_name()
+            ))),
+            Ok(Answer::Timeout) => fail(Refusal::Unreachable(format!(
+                "portfwd {} did not answer within {:?}",
+                self.server, FORWARD_DEADLINE
+            ))),
+            Err(e) => fail(Refusal::Unreachable(format!(
+                "cannot reach portfwd {}: {}",
+                self.server,
+                std::io::Error::from_raw_os_error(e)
+            ))),
+        }
+    }
+
+    /// The socket is becoming active (connect) or its last fd here is closing: drop the
+    /// mapping (unless another process still holds the socket) and the probe socket.
+    pub fn release(&self, entry: &Arc<FdEntry>, closing: bool) {
+        let Some(d) = take_dpf_state(entry) else {
+            return;
+        };
+        let mut st = self.state.lock();
+        st.probes.retain(|p| !Arc::ptr_eq(p, &d.probe));
+        drop_owned(&d.probe);
+        if closing && d.inode != 0 && crate::gcb::client::held_elsewhere(d.inode) {
+            return;
+        }
+        let body = Body::Delete {
+            transport: d.transport,
+            private: SocketAddr::V4(d.private),
+        };
+        // Closing: don't make close() wait; the probe would remove it anyway.
+        let deadline = if closing {
+            Duration::from_millis(300)
+        } else {
+            FORWARD_DEADLINE
+        };
+        match self.request(&mut st, body, deadline) {
+            Ok(Answer::Body(Body::Deleted { .. })) => {
+                crate::info!("DPF mapping {} -> {} deleted", d.public, d.private)
+            }
+            _ => crate::debug!(
+                "DPF delete of {} not confirmed; portfwd's probe will remove it",
+                d.private
+            ),
+        }
+    }
+
+    /// Same-network shortcut: the private address behind `dest`, if `dest` is one of
+    /// portfwd's public addresses.
+    pub fn lookup(&self, fd: c_int, dest: SocketAddrV4) -> Option<SocketAddrV4> {
+        if net::is_private(*dest.ip()) || net::never_brokered(*dest.ip()) {
+            return None;
+        }
+        let transport = sock_type(fd)?;
+        let mut st = self.state.lock();
+        let known_public = st.public_ip == Some(*dest.ip());
+        if !known_public {
+            if let Some(&until) = st.negative.get(dest.ip()) {
+                if until > Instant::now() {
+                    return None;
+                }
+            }
+        }
+        let body = Body::Query {
+            transport,
+            public: SocketAddr::V4(dest),
+        };
+        match self.request(&mut st, body, QUERY_DEADLINE) {
+            Ok(Answer::Body(Body::QueryResult { private, .. })) => {
+                match private.and_then(net::v4) {
+                    Some(p) => {
+                        st.public_ip = Some(*dest.ip());
+                        crate::debug!("DPF: {} is our neighbour {}; connecting directly", dest, p);
+                        Some(p)
+                    }
+                    None => {
+                        if !known_public {
+                            st.negative
+                                .insert(*dest.ip(), Instant::now() + NEGATIVE_TTL);
+                        }
+                        None
+                    }
+                }
+            }
+            _ => {
+                st.negative
+                    .insert(*dest.ip(), Instant::now() + NEGATIVE_TTL);
+                None
+            }
+        }
+    }
+
+    pub fn fork_prepare(&self) {
+        self.state.lock_raw();
+    }
+
+    pub fn fork_parent(&self) {
+        // SAFETY: fork_prepare locked it on this thread.
+        unsafe { self.state.unlock_raw() };
+    }
+
+    pub fn fork_child_locks(&self) {
+        // SAFETY: in the fork child (one thread); fork_prepare held the lock.
+        unsafe { self.state.reset_in_child() };
+    }
+
+    /// In a fork child: the channel is the parent's; probe sockets are shared like the
+    /// mapped sockets they belong to.
+    pub fn on_fork_child(&self) {
+        if let Some(c) = self.state.lock().chan.take() {
+            c.close();
+        }
+    }
+}
+
+/// A passive TCP socket on `ip`, shim-owned (fd >= the shim's floor, close-on-exec).
+fn open_probe(ip: Ipv4Addr) -> Result<Arc<ShimFd>, c_int> {
+    let s = net::socket(libc::SOCK_STREAM | libc::SOCK_NONBLOCK, false)?;
+    let r = net::bind(s, SocketAddrV4::new(ip, 0)).and_then(|_| {
+        // SAFETY: s is our socket.
+        if unsafe { libc::listen(s, PROBE_BACKLOG) } == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EIO))
+        }
+    });
+    if let Err(e) = r {
+        net::close(s);
+        return Err(e);
+    }
+    fdtable::own_fd(s, "dpf-probe").inspect_err(|_| net::close(s))
+}

@@ -1,0 +1,197 @@
+//! The installed layer: DPF and GCB together. DPF serves the sockets it can (portfwd
+//! mapped them at bind); GCB serves the rest (listening sockets it registers with the
+//! broker, brokered connects). Either may be absent.
+
+use libc::{c_int, ssize_t};
+use std::sync::Arc;
+
+use crate::dpf::{self, DpfClient, Refusal};
+use crate::fdtable::FdEntry;
+use crate::gcb::{net, GcbLayer};
+use crate::layer::{AddrIn, AddrOut, IoCall, Layer, Outcome, WaitCall};
+
+pub struct Stack {
+    pub gcb: Option<GcbLayer>,
+    pub dpf: Option<DpfClient>,
+}
+
+fn errno() -> c_int {
+    std::io::Error::last_os_error()
+        .raw_os_error()
+        .unwrap_or(libc::EIO)
+}
+
+impl Layer for Stack {
+    fn name(&self) -> &'static str {
+        match (&self.gcb, &self.dpf) {
+            (Some(_), Some(_)) => "gcb+dpf",
+            (Some(_), None) => "gcb",
+            (None, Some(_)) => "dpf",
+            (None, None) => "none",
+        }
+    }
+
+    fn on_bind(&self, fd: c_int, entry: Option<&Arc<FdEntry>>, addr: AddrIn) -> Outcome<c_int> {
+        let Some(d) = &self.dpf else {
+            return Outcome::Bypass;
+        };
+        // SAFETY: the program's own arguments, under bind's contract.
+        if unsafe { libc::bind(fd, addr.ptr, addr.len) } != 0 {
+            return Outcome::Error(errno());
+        }
+        match d.on_bound(fd, entry) {
+            Ok(()) | Err(Refusal::NotApplicable) => Outcome::Handled(0),
+            Err(Refusal::Refused(e, why)) => {
+                if self.gcb.is_some() {
+                    crate::debug!("{}; GCB serves this socket", why);
+                    Outcome::Handled(0)
+                } else {
+                    crate::warn!("{}", why);
+                    Outcome::Error(e)
+                }
+            }
+            Err(Refusal::Unreachable(why)) => {
+                crate::warn!("{}; serving locally only", why);
+                Outcome::Handled(0)
+            }
+        }
+    }
+
+    fn on_listen(&self, fd: c_int, entry: Option<&Arc<FdEntry>>, backlog: c_int) -> Outcome<c_int> {
+        if let Some(d) = &self.dpf {
+            d.drain_probes();
+        }
+        if entry.is_some_and(|e| dpf::dpf_state(e).is_some()) {
+            crate::debug!("listen on fd {}: served by DPF", fd);
+            return Outcome::Bypass;
+        }
+        match &self.gcb {
+            Some(g) => g.on_listen(fd, entry, backlog),
+            None => Outcome::Bypass,
+        }
+    }
+
+    fn on_connect(&self, fd: c_int, entry: Option<&Arc<FdEntry>>, addr: AddrIn) -> Outcome<c_int> {
+        if let Some(d) = &self.dpf {
+            if let Some(e) = entry {
+                // An active socket keeps no rule (paper 3.2.1).
+                d.release(e, false);
+            }
+            if let Some(dest) = net::addr_in(addr) {
+                if let Some(private) = d.lookup(fd, dest) {
+                    return match net::connect_raw(fd, private) {
+                        Ok(()) => Outcome::Handled(0),
+                        Err(e) => Outcome::Error(e),
+                    };
+                }
+            }
+        }
+        match &self.gcb {
+            Some(g) => g.on_connect(fd, entry, addr),
+            None => Outcome::Bypass,
+        }
+    }
+
+    fn on_accept(
+        &self,
+        fd: c_int,
+        entry: &Arc<FdEntry>,
+        addr: AddrOut,
+        flags: c_int,
+    ) -> Outcome<c_int> {
+        if let Some(d) = &self.dpf {
+            d.drain_probes();
+        }
+        match &self.gcb {
+            Some(g) => g.on_accept(fd, entry, addr, flags),
+            None => Outcome::Bypass,
+        }
+    }
+
+    fn on_name(
+        &self,
+        fd: c_int,
+        entry: &Arc<FdEntry>,
+        peer: bool,
+        addr: AddrOut,
+    ) -> Outcome<c_int> {
+        if !peer {
+            if let Some((_, _, public, _)) = dpf::dpf_state(entry) {
+                net::write_addr_out(addr, public);
+                return Outcome::Handled(0);
+            }
+        }
+        match &self.gcb {
+            Some(g) => g.on_name(fd, entry, peer, addr),
+            None => Outcome::Bypass,
+        }
+    }
+
+    fn on_io(&self, fd: c_int, entry: &Arc<FdEntry>, call: IoCall) -> Outcome<ssize_t> {
+        match &self.gcb {
+            Some(g) => g.on_io(fd, entry, call),
+            None => Outcome::Bypass,
+        }
+    }
+
+    fn on_wait(&self, call: WaitCall) -> Outcome<c_int> {
+        if let Some(d) = &self.dpf {
+            d.drain_probes();
+        }
+        match &self.gcb {
+            Some(g) => g.on_wait(call),
+            None => Outcome::Bypass,
+        }
+    }
+
+    fn on_close(&self, fd: c_int, entry: &Arc<FdEntry>, last: bool) {
+        if last {
+            if let Some(d) = &self.dpf {
+                d.release(entry, true);
+            }
+        }
+        if let Some(g) = &self.gcb {
+            g.on_close(fd, entry, last);
+        }
+    }
+
+    fn fork_prepare(&self) {
+        if let Some(g) = &self.gcb {
+            g.fork_prepare();
+        }
+        if let Some(d) = &self.dpf {
+            d.fork_prepare();
+        }
+    }
+
+    fn fork_parent(&self) {
+        if let Some(d) = &self.dpf {
+            d.fork_parent();
+        }
+        if let Some(g) = &self.gcb {
+            g.fork_parent();
+        }
+    }
+
+    fn fork_child_locks(&self) {
+        if let Some(d) = &self.dpf {
+            d.fork_child_locks();
+        }
+        if let Some(g) = &self.gcb {
+            g.fork_child_locks();
+        }
+    }
+
+    fn on_fork_child(&self) {
+        if let Some(g) = &self.gcb {
+            g.on_fork_child();
+        }
+        if let Some(d) = &self.dpf {
+            d.on_fork_child();
+        }
+    }
+
+    fn exec_handoff(&self) -> Option<String> {
+        self.gcb.as_ref().and_then(|g| g.exec_handoff())
+    }
+}
