@@ -1,0 +1,233 @@
+//! `gcb-dpf-request`: send DPF requests to a `gcb-portfwd` and print the
+//! replies as JSON, one line each. An operator's and tester's tool: it
+//! speaks exactly the protocol the libgcb shim speaks.
+//!
+//! Exit status: 0 for a non-error reply, 2 for an `error` reply, 1 when no
+//! reply came or the tool itself failed.
+
+use std::io::Write;
+use std::net::{IpAddr, SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use gcb_portfwd::client::Client;
+use gcb_portfwd::server::DEFAULT_PORT;
+use gcb_proto::{Body, PoolKey, Transport};
+
+/// Send one DPF request (forward, delete, query) to gcb-portfwd and print
+/// the reply body as one JSON line.
+#[derive(Parser, Debug)]
+#[command(name = "gcb-dpf-request", version)]
+struct Args {
+    /// The server, IP[:PORT] (default port 9651).
+    #[arg(long, value_parser = parse_server)]
+    server: SocketAddr,
+    /// Pool key file (as the server's --key-file).
+    #[arg(long, value_name = "FILE")]
+    key_file: Option<PathBuf>,
+    /// Local address of the control socket (default: any).
+    #[arg(long, value_name = "IP:PORT")]
+    bind: Option<SocketAddr>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Ask for a public port forwarded to PRIVATE (ip:port).
+    Forward {
+        /// The private address (must be this host's: the server checks it
+        /// against the request's source).
+        private: SocketAddr,
+        /// UDP instead of TCP.
+        #[arg(long)]
+        udp: bool,
+        /// Desired public port.
+        #[arg(long, value_name = "PORT")]
+        desired_port: Option<u16>,
+        /// Port of an existing management socket on PRIVATE's IP. Without
+        /// it (or with --hold) this tool opens one itself.
+        #[arg(long, value_name = "PORT")]
+        probe_port: Option<u16>,
+        /// Keep running (and keep the management socket open, accepting
+        /// and closing the server's probes) until killed: the mapping lives
+        /// as long as this process.
+        #[arg(long)]
+        hold: bool,
+        /// Forward COUNT consecutive private ports starting at PRIVATE's
+        /// (benchmarks); prints one summary line.
+        #[arg(long, default_value_t = 1)]
+        count: u16,
+        /// Requests in flight at once with --count.
+        #[arg(long, default_value_t = 64)]
+        window: usize,
+    },
+    /// Delete the mapping of PRIVATE.
+    Delete {
+        /// The private address.
+        private: SocketAddr,
+        /// UDP instead of TCP.
+        #[arg(long)]
+        udp: bool,
+    },
+    /// Ask which private address PUBLIC (ip:port) forwards to.
+    Query {
+        /// The public address.
+        public: SocketAddr,
+        /// UDP instead of TCP.
+        #[arg(long)]
+        udp: bool,
+    },
+}
+
+fn parse_server(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    s.parse::<IpAddr>()
+        .map(|ip| SocketAddr::new(ip, DEFAULT_PORT))
+        .map_err(|_| format!("{s:?} is not IP or IP:PORT"))
+}
+
+fn transport(udp: bool) -> Transport {
+    if udp {
+        Transport::Udp
+    } else {
+        Transport::Tcp
+    }
+}
+
+fn print(body: &Body) -> i32 {
+    let json =
+        serde_json::to_string(body).unwrap_or_else(|e| format!("{{\"print_error\":\"{e}\"}}"));
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{json}");
+    let _ = out.flush();
+    if matches!(body, Body::Error { .. }) {
+        2
+    } else {
+        0
+    }
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let key = match &args.key_file {
+        Some(p) => Some(
+            PoolKey::from_file_contents(
+                &std::fs::read(p).with_context(|| format!("reading {}", p.display()))?,
+            )
+            .context("key file")?,
+        ),
+        None => None,
+    };
+    let mut client =
+        Client::new(args.server, args.bind, key).context("binding the control socket")?;
+    let code = match args.cmd {
+        Cmd::Forward {
+            private,
+            udp,
+            desired_port,
+            probe_port,
+            hold,
+            count,
+            window,
+        } => {
+            let mut mgmt = None;
+            let probe_port = match probe_port {
+                Some(p) if !hold => p,
+                p => {
+                    let l = TcpListener::bind((private.ip(), p.unwrap_or(0)))
+                        .context("opening the management socket")?;
+                    let port = l.local_addr()?.port();
+                    mgmt = Some(l);
+                    port
+                }
+            };
+            if let Some(l) = mgmt.as_ref().and_then(|l| l.try_clone().ok()) {
+                // Drain the probes so the accept queue never fills.
+                std::thread::spawn(move || {
+                    for c in l.incoming() {
+                        drop(c);
+                    }
+                });
+            }
+            let t = transport(udp);
+            let code = if count <= 1 {
+                let reply = client.request(Body::Forward {
+                    transport: t,
+                    private,
+                    desired_public_port: desired_port,
+                    probe_port,
+                });
+                match reply {
+                    Ok(b) => print(&b),
+                    Err(e) => {
+                        eprintln!("gcb-dpf-request: {e}");
+                        1
+                    }
+                }
+            } else {
+                let bodies: Vec<Body> = (0..count)
+                    .map(|i| Body::Forward {
+                        transport: t,
+                        private: SocketAddr::new(private.ip(), private.port().wrapping_add(i)),
+                        desired_public_port: desired_port.map(|d| d.wrapping_add(i)),
+                        probe_port,
+                    })
+                    .collect();
+                let start = Instant::now();
+                let replies = client.request_many(bodies, window)?;
+                let ms = start.elapsed().as_secs_f64() * 1000.0;
+                let ok = replies
+                    .iter()
+                    .filter(|r| matches!(r, Some(Body::Forwarded { .. })))
+                    .count();
+                let none = replies.iter().filter(|r| r.is_none()).count();
+                let first_err = replies
+                    .iter()
+                    .flatten()
+                    .find(|r| matches!(r, Body::Error { .. }));
+                println!(
+                    "{{\"count\":{count},\"forwarded\":{ok},\"timeouts\":{none},\"elapsed_ms\":{ms:.1},\"first_error\":{}}}",
+                    first_err.map(|b| serde_json::to_string(b).unwrap_or_default()).unwrap_or("null".into())
+                );
+                if ok == usize::from(count) {
+                    0
+                } else {
+                    2
+                }
+            };
+            if hold {
+                let _keep = mgmt;
+                loop {
+                    std::thread::park();
+                }
+            }
+            code
+        }
+        Cmd::Delete { private, udp } => match client.request(Body::Delete {
+            transport: transport(udp),
+            private,
+        }) {
+            Ok(b) => print(&b),
+            Err(e) => {
+                eprintln!("gcb-dpf-request: {e}");
+                1
+            }
+        },
+        Cmd::Query { public, udp } => match client.request(Body::Query {
+            transport: transport(udp),
+            public,
+        }) {
+            Ok(b) => print(&b),
+            Err(e) => {
+                eprintln!("gcb-dpf-request: {e}");
+                1
+            }
+        },
+    };
+    std::process::exit(code);
+}

@@ -1,0 +1,110 @@
+//! # gcb-portfwd: the DPF server
+//!
+//! Dynamic Port Forwarding (paper section 3): a root daemon on the NAT
+//! gateway that forwards public ports of the gateway to sockets of clients
+//! in the private network, on request, and removes the forwarding when the
+//! client socket is gone.
+//!
+//! ```text
+//! gcb-portfwd --public 203.0.113.1 --private 10.1.0.0/24 --ports 20000-29999 \
+//!             --state /var/lib/gcb-portfwd [--listen 10.1.0.1[:9651]] [--key-file F] \
+//!             [--probe-interval-secs 10] [--quota 256] [--rate 50 --burst 200]
+//! ```
+//!
+//! The control socket is UDP port 9651 on the gateway's first address
+//! inside `--private` unless `--listen` says otherwise. `--help` documents
+//! every flag. SIGTERM/SIGINT stop it (mappings are kept: table, mirror and
+//! kernel stay as they are); `kill -9` loses nothing either.
+//!
+//! ## Architecture
+//!
+//! * [`table`]: the mapping table (public port -> private address, probe
+//!   port), indexed by public port, private address and client;
+//! * [`mirror`]: the mirror file, append-only, checksummed, fsynced,
+//!   compacted at sync;
+//! * [`kernel`]: the kernel table behind [`kernel::KernelBackend`]:
+//!   nftables dnat maps in the daemon's own `table ip gcb_portfwd`
+//!   ([`kernel::NftKernel`]) or an in-memory fake for tests;
+//! * [`core`]: the paper's orders (add: table, mirror, kernel; delete:
+//!   table, kernel, mirror), rule reuse, policy, rollback, probe results,
+//!   sync;
+//! * [`server`]: the mio loop (control UDP socket + gcb-proto `Endpoint`,
+//!   non-blocking probe connections);
+//! * [`client`]: a blocking client, used by the `gcb-dpf-request` tool.
+//!
+//! ## Protocol contract for the shim's DPF client
+//!
+//! Requests are gcb-proto messages over reliable UDP to the control port
+//! (with the pool key if the server has one). Every successful reply
+//! carries `epoch`, which grows by one at every daemon start.
+//!
+//! * **`forward{transport, private, desired_public_port, probe_port}`** ->
+//!   `forwarded{public, epoch}`. Send it right after `bind()` of a TCP or
+//!   UDP socket; `private` is the socket's bound address and must be the
+//!   client host's own IPv4 address as the server sees it (the datagram's
+//!   source IP): a socket bound to `0.0.0.0` must be reported with the
+//!   address that faces the server. `getsockname()` then reports `public`.
+//!   - Idempotent: the same request again (same private, same probe port)
+//!     returns the same public port and changes nothing. A different
+//!     `probe_port` for the same private address only updates the client
+//!     information (same public port).
+//!   - `desired_public_port`: that port if free and in range (if it is the
+//!     private address's current port, nothing moves); absent: the
+//!     private port's number if free and in range, else the next free
+//!     port. Asking a different port for an already-mapped private
+//!     address moves the mapping.
+//!   - Refusals (`error{code, reason}`, nothing installed):
+//!     `unauthorized` (source not in `--private`), `not_owner` (`private`
+//!     is not the sender's address), `port_range` (desired port outside
+//!     `--ports` or used by another socket; range exhausted), `quota`
+//!     (`--quota` mappings per client IP), `busy` (rate limit: back off
+//!     and retry), `bad_request` (private port 0, probe port 0, IPv6),
+//!     `internal` (mirror or kernel failure, rolled back).
+//! * **`delete{transport, private}`** -> `deleted{epoch}`. Send it when the
+//!   program makes the socket active (`connect()`) or closes it. Deleting
+//!   an unmapped address also answers `deleted` (idempotent). Only the
+//!   owner (source IP) may delete.
+//! * **`query{transport, public}`** -> `query_result{private, epoch}`:
+//!   `private` is the address behind `public` if it is one of this
+//!   server's mappings (a same-network peer: connect to `private`
+//!   directly), else absent. Any client in `--private` may ask.
+//! * **Management (probe) socket**: a passive TCP socket on the client's
+//!   private IP, `probe_port` in `forward`, that lives exactly as long as
+//!   the client socket (shares its fate across dup, fork, exec, close).
+//!   Each probe round (every `--probe-interval-secs`, default 10 s) the
+//!   server connects to it once and closes at once, sending no data. A
+//!   refused connection removes the socket's mappings at once; timeouts
+//!   remove them after `--probe-failures` (default 3) rounds in a row.
+//!   **The client must accept and close these connections** (from its
+//!   event handler or a helper thread): the kernel keeps even closed
+//!   probe connections in the accept queue, and a full queue makes probes
+//!   time out, which removes the mapping. One management socket may
+//!   serve several mappings (the server probes each distinct socket once
+//!   per round).
+//! * **Epoch**: if a reply's epoch differs from the one the client saw
+//!   before, the server restarted. Its mappings survived (the mirror file),
+//!   but the client should re-send `forward` for each live socket with
+//!   `desired_public_port` = its current public port (idempotent; this also
+//!   re-creates a mapping that was removed while the client was
+//!   unreachable).
+//! * Same public port reuse: a public port handed to a new client has its
+//!   old connection-tracking entries removed before the reply is sent.
+//!
+//! ## Kernel table
+//!
+//! See [`kernel`]. Forwarded packets also cross the gateway's forward
+//! hook; a filter with `policy drop` needs `ct status dnat accept`. The
+//! table holds a hairpin masquerade so private hosts may also use the
+//! public address of a private peer.
+
+#![warn(missing_docs)]
+
+#[macro_use]
+pub mod log;
+pub mod cidr;
+pub mod client;
+pub mod core;
+pub mod kernel;
+pub mod mirror;
+pub mod server;
+pub mod table;
