@@ -1176,9 +1176,9 @@ fn short_lease_does_not_drop_a_live_listener() {
     );
 }
 
-/// (c) 30 % random loss on gwa (both directions, every packet it forwards): 10 plain
-/// connects from p2 and 5 GCB (relay) connects from b1 to a socat server in a1 all succeed
-/// with verified data.
+/// (c) 30 % random loss on gwa (both directions, every packet it forwards: control
+/// datagrams, dial-backs and data): 10 plain connects from p2 and 5 GCB (relay) connects
+/// from b1 to a socat server in a1 all succeed with verified data (16 KiB each).
 #[test]
 fn fault_thirty_percent_loss_every_brokered_connect_succeeds() {
     let rig = Rig::up();
@@ -1191,15 +1191,15 @@ fn fault_thirty_percent_loss_every_brokered_connect_succeeds() {
 
     rig.lab.loss(Host::Gwa, 30);
     let t0 = Instant::now();
-    // Two clients at a time: the p2 ones in one thread, the b1 ones in another, each
-    // sequential (the backlog under concurrency is the socat test's business).
+    // Three clients at a time (two p2 threads, one b1 thread, each sequential): within
+    // socat's listen backlog; concurrency itself is the socat test's business.
     let p2 = |i: usize| {
-        let (p, sha) = rig.payload(&format!("p2-{i}.bin"), 64 * 1024 + i);
+        let (p, sha) = rig.payload(&format!("p2-{i}.bin"), 16 * 1024 + i);
         let out = socat_client(&rig, Host::P2, proxy, &p).finish(Duration::from_secs(50));
         (format!("p2 plain {i}"), sha, out)
     };
     let b1 = |i: usize| {
-        let (p, sha) = rig.payload(&format!("b1-{i}.bin"), 64 * 1024 + 100 + i);
+        let (p, sha) = rig.payload(&format!("b1-{i}.bin"), 16 * 1024 + 100 + i);
         let clog = rig.path(&format!("b1-{i}.shim.log"));
         let mut c = rig.gcb(Host::B1, P1, "debug", &clog, "socat");
         c.args(["-t", "30", "-T", "30", "STDIO", &format!("TCP4:{proxy}")])
@@ -1208,10 +1208,12 @@ fn fault_thirty_percent_loss_every_brokered_connect_succeeds() {
         (format!("b1 gcb {i}"), sha, out)
     };
     let results: Vec<(String, String, Output)> = thread::scope(|s| {
-        let a = s.spawn(|| (0..10).map(p2).collect::<Vec<_>>());
-        let b = s.spawn(|| (0..5).map(b1).collect::<Vec<_>>());
+        let a = s.spawn(|| (0..5).map(p2).collect::<Vec<_>>());
+        let b = s.spawn(|| (5..10).map(p2).collect::<Vec<_>>());
+        let c = s.spawn(|| (0..5).map(b1).collect::<Vec<_>>());
         let mut r = a.join().unwrap();
         r.extend(b.join().unwrap());
+        r.extend(c.join().unwrap());
         r
     });
     let mut failures = Vec::new();
