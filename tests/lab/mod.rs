@@ -34,7 +34,7 @@
 //!
 //! let lab = Lab::up();
 //! let broker = lab
-//!     .spawn(lab.cmd(Host::P1, gcb_lab::release_artifact("brokerd")).arg("--listen=0.0.0.0:7000"))
+//!     .spawn(lab.cmd(Host::P1, gcb_lab::release_artifact("gcb-brokerd")).arg("--listen=203.0.113.10:7000"))
 //!     .unwrap();
 //! lab.wait_for_udp_bind(Host::P1, 7000, Duration::from_secs(5)).unwrap();
 //! let out = lab.run(Host::A1, "ncat", ["-w", "1", "-z", "203.0.113.10", "22"], Duration::from_secs(3));
