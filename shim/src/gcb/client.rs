@@ -148,7 +148,14 @@ pub struct Client {
     negative: HashMap<SocketAddrV4, Instant>,
     /// Epoll sets our registration channels have been added to: (epfd, channel fd).
     pub epolls: HashSet<(c_int, c_int)>,
+    /// Proxies of listeners this process closed, by local address: a program that
+    /// listens again on the same address (iperf3 does after every test) asks for the
+    /// same proxy back, so the address it advertised stays valid.
+    recent: HashMap<SocketAddrV4, (SocketAddrV4, Instant)>,
 }
+
+/// How long a closed listener's proxy is asked for again.
+const RECENT_TTL: Duration = Duration::from_secs(600);
 
 impl Client {
     pub fn new(broker: SocketAddrV4, key: Option<PoolKey>, heartbeat: Duration) -> Client {
@@ -163,6 +170,7 @@ impl Client {
             heartbeat: Ticker::new(heartbeat),
             negative: HashMap::new(),
             epolls: HashSet::new(),
+            recent: HashMap::new(),
         }
     }
 
@@ -425,10 +433,15 @@ impl Client {
         let chan = self
             .own_family()
             .map_err(|e| format!("no control socket to broker {}: {}", self.broker, errstr(e)))?;
+        let previous = self
+            .recent
+            .remove(&local)
+            .filter(|(_, at)| at.elapsed() < RECENT_TTL)
+            .map(|(p, _)| SocketAddr::V4(p));
         let body = Body::Register {
             transport: Transport::Tcp,
             local: SocketAddr::V4(local),
-            previous_proxy: None,
+            previous_proxy: previous,
         };
         match self.request_on(chan, body, REGISTER_DEADLINE) {
             Err(e) => Err(format!(
@@ -480,6 +493,10 @@ impl Client {
             return;
         }
         crate::info!("unregistering proxy {} ({})", proxy, reg.local);
+        if self.recent.len() >= 256 {
+            self.recent.retain(|_, (_, at)| at.elapsed() < RECENT_TTL);
+        }
+        self.recent.insert(reg.local, (proxy, Instant::now()));
         let to = SocketAddr::V4(self.broker);
         if let Some(c) = self.chan(reg.chan) {
             let body = Body::Unregister {
