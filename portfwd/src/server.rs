@@ -93,7 +93,13 @@ impl<K: KernelBackend> Server<K> {
         let poll = Poll::new()?;
         poll.registry()
             .register(&mut control, CONTROL, Interest::READABLE)?;
-        let ep = Endpoint::new(gcb_proto::Config::default(), cfg.key.clone(), random_u64());
+        // Every request is remembered for the reply-cache TTL (30 s); a burst
+        // of installs (thousands of sockets) must not hit the default cap.
+        let ep_cfg = gcb_proto::Config {
+            max_cache_entries: 65_536,
+            ..gcb_proto::Config::default()
+        };
+        let ep = Endpoint::new(ep_cfg, cfg.key.clone(), random_u64());
         let t = Instant::now();
         Ok(Server {
             next_round: t + cfg.probe_interval,

@@ -60,7 +60,8 @@ enum Cmd {
         /// (benchmarks); prints one summary line.
         #[arg(long, default_value_t = 1)]
         count: u16,
-        /// Requests in flight at once with --count.
+        /// Requests in flight at once with --count (1: sequential, and the
+        /// summary includes median and p99 latency).
         #[arg(long, default_value_t = 64)]
         window: usize,
     },
@@ -179,8 +180,27 @@ fn main() -> Result<()> {
                     })
                     .collect();
                 let start = Instant::now();
-                let replies = client.request_many(bodies, window)?;
+                let mut lat_us: Vec<u64> = Vec::new();
+                let replies = if window <= 1 {
+                    // sequential: per-request latency
+                    let mut v = Vec::new();
+                    for b in bodies {
+                        let t = Instant::now();
+                        v.push(client.request(b).ok());
+                        lat_us.push(t.elapsed().as_micros() as u64);
+                    }
+                    v
+                } else {
+                    client.request_many(bodies, window)?
+                };
                 let ms = start.elapsed().as_secs_f64() * 1000.0;
+                lat_us.sort_unstable();
+                let pct = |q: f64| {
+                    lat_us
+                        .get(((lat_us.len() as f64 - 1.0) * q).round() as usize)
+                        .map(|v| v.to_string())
+                        .unwrap_or("null".into())
+                };
                 let ok = replies
                     .iter()
                     .filter(|r| matches!(r, Some(Body::Forwarded { .. })))
@@ -191,7 +211,9 @@ fn main() -> Result<()> {
                     .flatten()
                     .find(|r| matches!(r, Body::Error { .. }));
                 println!(
-                    "{{\"count\":{count},\"forwarded\":{ok},\"timeouts\":{none},\"elapsed_ms\":{ms:.1},\"first_error\":{}}}",
+                    "{{\"count\":{count},\"forwarded\":{ok},\"timeouts\":{none},\"elapsed_ms\":{ms:.1},\"median_us\":{},\"p99_us\":{},\"first_error\":{}}}",
+                    pct(0.5),
+                    pct(0.99),
                     first_err.map(|b| serde_json::to_string(b).unwrap_or_default()).unwrap_or("null".into())
                 );
                 if ok == usize::from(count) {
