@@ -61,20 +61,34 @@ pub enum Refusal {
     NotApplicable,
 }
 
+/// A live mapping of this process, for the periodic refresh.
+struct Live {
+    transport: Transport,
+    private: SocketAddrV4,
+    public: SocketAddrV4,
+    probe_port: u16,
+    probe: Arc<ShimFd>,
+    entry: std::sync::Weak<FdEntry>,
+}
+
 struct State {
     chan: Option<Channel<()>>,
+    /// portfwd's epoch as last seen (it changes when the daemon restarts).
+    epoch: Option<u64>,
+    live: Vec<Live>,
+    next_drain: Instant,
+    next_refresh: Instant,
     local_ip: Option<Ipv4Addr>,
     /// portfwd's public IP, learned from its replies.
     public_ip: Option<Ipv4Addr>,
     /// Destination IPs that are not portfwd's, until the given time.
     negative: HashMap<Ipv4Addr, Instant>,
-    /// Our probe sockets, to drain their backlog.
-    probes: Vec<Arc<ShimFd>>,
 }
 
 pub struct DpfClient {
     server: SocketAddrV4,
     key: Option<PoolKey>,
+    refresh: Duration,
     state: ForkMutex<State>,
 }
 
@@ -156,16 +170,21 @@ fn take_dpf_state(entry: &FdEntry) -> Option<DpfSock> {
 }
 
 impl DpfClient {
-    pub fn new(server: SocketAddrV4, key: Option<PoolKey>) -> DpfClient {
+    /// `refresh`: how often a process checks that portfwd still has its mappings.
+    pub fn new(server: SocketAddrV4, key: Option<PoolKey>, refresh: Duration) -> DpfClient {
         DpfClient {
             server,
             key,
+            refresh,
             state: ForkMutex::new(State {
                 chan: None,
+                epoch: None,
+                live: Vec::new(),
+                next_drain: Instant::now(),
+                next_refresh: Instant::now() + refresh,
                 local_ip: None,
                 public_ip: None,
                 negative: HashMap::new(),
-                probes: Vec::new(),
             }),
         }
     }
@@ -182,24 +201,93 @@ impl DpfClient {
         chan.request(self.server, body, deadline)
     }
 
-    /// Accept and close whatever probes queued on our probe sockets.
-    pub fn drain_probes(&self) {
-        let st = self.state.lock();
-        for p in &st.probes {
-            loop {
-                // SAFETY: null address arguments are allowed; the fd is ours.
-                let c = unsafe {
-                    libc::accept4(
-                        p.fd(),
-                        std::ptr::null_mut(),
-                        std::ptr::null_mut(),
-                        libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-                    )
-                };
-                if c < 0 {
-                    break;
+    /// Housekeeping, run from the program's waits (cheap when nothing is due): accept
+    /// and close the probes queued on our probe sockets (at most once a second), and
+    /// every `refresh` check that portfwd still has our mappings: a daemon that lost
+    /// its state (new epoch, or the mapping is gone) gets them forwarded again, with the
+    /// same public ports.
+    pub fn maintain(&self) {
+        let now = Instant::now();
+        let mut st = self.state.lock();
+        if st.live.is_empty() || now < st.next_drain.min(st.next_refresh) {
+            return;
+        }
+        if now >= st.next_drain {
+            st.next_drain = now + Duration::from_secs(1);
+            for l in &st.live {
+                drain(l.probe.fd());
+            }
+        }
+        if now >= st.next_refresh {
+            st.next_refresh = now + self.refresh;
+            self.refresh_locked(&mut st);
+        }
+    }
+
+    fn refresh_locked(&self, st: &mut State) {
+        // Sockets closed behind our back (e.g. close_range): close their probes too.
+        st.live.retain(|l| {
+            let alive = l.entry.strong_count() > 0;
+            if !alive {
+                drop_owned(&l.probe);
+            }
+            alive
+        });
+        let live: Vec<(Transport, SocketAddrV4, SocketAddrV4, u16)> = st
+            .live
+            .iter()
+            .map(|l| (l.transport, l.private, l.public, l.probe_port))
+            .collect();
+        for (transport, private, public, probe_port) in live {
+            let body = Body::Query {
+                transport,
+                public: SocketAddr::V4(public),
+            };
+            let lost = match self.request(st, body, Duration::from_millis(500)) {
+                Ok(Answer::Body(Body::QueryResult { private: p, epoch })) => {
+                    let restarted = st.epoch.is_some_and(|e| e != epoch);
+                    st.epoch = Some(epoch);
+                    p.and_then(net::v4) != Some(private) || restarted
                 }
-                net::close(c);
+                // Unreachable now: try again next time.
+                _ => return,
+            };
+            if !lost {
+                continue;
+            }
+            let body = Body::Forward {
+                transport,
+                private: SocketAddr::V4(private),
+                desired_public_port: Some(public.port()),
+                probe_port,
+            };
+            match self.request(st, body, FORWARD_DEADLINE) {
+                Ok(Answer::Body(Body::Forwarded { public: p, epoch })) => {
+                    st.epoch = Some(epoch);
+                    if net::v4(p) == Some(public) {
+                        crate::info!(
+                            "DPF: portfwd had lost {} -> {}; forwarded again",
+                            public,
+                            private
+                        );
+                    } else {
+                        crate::warn!(
+                            "DPF: portfwd had lost {} -> {}; it is now {:?} (the old public port was taken)",
+                            public,
+                            private,
+                            p
+                        );
+                    }
+                }
+                other => crate::warn!(
+                    "DPF: portfwd lost {} -> {} and refused it again: {}",
+                    public,
+                    private,
+                    match other {
+                        Ok(Answer::Body(b)) => format!("{b:?}"),
+                        _ => "no answer".into(),
+                    }
+                ),
             }
         }
     }
@@ -249,16 +337,24 @@ impl DpfClient {
             Err(r)
         };
         match answer {
-            Ok(Answer::Body(Body::Forwarded { public, .. })) => {
+            Ok(Answer::Body(Body::Forwarded { public, epoch })) => {
                 let Some(public) = net::v4(public) else {
                     return fail(Refusal::Unreachable("IPv6 public address".into()));
                 };
-                st.public_ip = Some(*public.ip());
-                st.probes.push(probe.clone());
-                drop(st);
                 let Some(entry) = crate::gcb::socket_entry(fd, entry) else {
                     return fail(Refusal::NotApplicable);
                 };
+                st.public_ip = Some(*public.ip());
+                st.epoch = Some(epoch);
+                st.live.push(Live {
+                    transport,
+                    private,
+                    public,
+                    probe_port,
+                    probe: probe.clone(),
+                    entry: Arc::downgrade(&entry),
+                });
+                drop(st);
                 if let FdKind::Socket(s) = &entry.kind {
                     s.state.lock().layer = Some(Box::new(DpfSock {
                         transport,
@@ -307,7 +403,7 @@ impl DpfClient {
             return;
         };
         let mut st = self.state.lock();
-        st.probes.retain(|p| !Arc::ptr_eq(p, &d.probe));
+        st.live.retain(|l| !Arc::ptr_eq(&l.probe, &d.probe));
         drop_owned(&d.probe);
         if closing && d.inode != 0 && crate::gcb::client::held_elsewhere(d.inode) {
             return;
@@ -398,6 +494,25 @@ impl DpfClient {
         if let Some(c) = self.state.lock().chan.take() {
             c.close();
         }
+    }
+}
+
+/// Accept and close every queued connection of a (non-blocking) probe socket.
+fn drain(fd: c_int) {
+    loop {
+        // SAFETY: null address arguments are allowed; the fd is ours.
+        let c = unsafe {
+            libc::accept4(
+                fd,
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            )
+        };
+        if c < 0 {
+            break;
+        }
+        net::close(c);
     }
 }
 

@@ -150,7 +150,14 @@ fn install_layers(cfg: &Config) -> &'static str {
         if addr.is_none() {
             crate::error!("GCB_DPF_SERVER={:?} is not IP[:PORT]; DPF disabled", s);
         }
-        addr.map(|a| crate::dpf::DpfClient::new(a, key.clone()))
+        let refresh = getenv(c"GCB_DPF_REFRESH_MS")
+            .and_then(|v| v.parse::<u64>().ok())
+            .filter(|&ms| ms >= 100)
+            .map_or(
+                std::time::Duration::from_secs(30),
+                std::time::Duration::from_millis,
+            );
+        addr.map(|a| crate::dpf::DpfClient::new(a, key.clone(), refresh))
     });
     let stack = crate::stack::Stack { gcb, dpf };
     let name = crate::layer::Layer::name(&stack);

@@ -59,7 +59,7 @@ impl Layer for Stack {
 
     fn on_listen(&self, fd: c_int, entry: Option<&Arc<FdEntry>>, backlog: c_int) -> Outcome<c_int> {
         if let Some(d) = &self.dpf {
-            d.drain_probes();
+            d.maintain();
         }
         if entry.is_some_and(|e| dpf::dpf_state(e).is_some()) {
             crate::debug!("listen on fd {}: served by DPF", fd);
@@ -100,7 +100,7 @@ impl Layer for Stack {
         flags: c_int,
     ) -> Outcome<c_int> {
         if let Some(d) = &self.dpf {
-            d.drain_probes();
+            d.maintain();
         }
         match &self.gcb {
             Some(g) => g.on_accept(fd, entry, addr, flags),
@@ -136,7 +136,7 @@ impl Layer for Stack {
 
     fn on_wait(&self, call: WaitCall) -> Outcome<c_int> {
         if let Some(d) = &self.dpf {
-            d.drain_probes();
+            d.maintain();
         }
         match &self.gcb {
             Some(g) => g.on_wait(call),
