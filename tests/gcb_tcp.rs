@@ -755,6 +755,50 @@ fn socat_fork_server_sequential_and_concurrent_clients() {
     );
 }
 
+/// A burst of brokered connections larger than the program's listen backlog (socat
+/// `backlog=2`, 10 clients at once, twice) must lose none: without GCB the kernel's SYN
+/// retries absorb such a burst; the placeholders must not do worse.
+#[test]
+fn burst_larger_than_listen_backlog_loses_no_connection() {
+    let rig = Rig::up();
+    let broker = rig.broker(Host::P1, P1, &[], "broker");
+    let log = rig.path("socat.shim.log");
+    let mut cmd = rig.gcb(Host::A1, P1, "info", &log, "socat");
+    cmd.args([
+        "TCP4-LISTEN:7000,fork,reuseaddr,backlog=2",
+        "SYSTEM:sha256sum",
+    ]);
+    let _server = rig.start(&mut cmd, "socat");
+    let proxy = broker.proxy_of(&format!("{A1}:7000"), UP);
+    for round in 0..2 {
+        let inputs: Vec<(PathBuf, String)> = (0..10)
+            .map(|i| rig.payload(&format!("burst{round}-{i}.bin"), 64 * 1024 + i))
+            .collect();
+        let clients: Vec<Proc> = inputs
+            .iter()
+            .map(|(p, _)| socat_client(&rig, Host::P2, proxy, p))
+            .collect();
+        let mut lost = Vec::new();
+        for (i, (c, (_, sha))) in clients.into_iter().zip(&inputs).enumerate() {
+            let out = c.finish(Duration::from_secs(20));
+            if text(&out.stdout).trim() != format!("{sha}  -") {
+                lost.push(format!(
+                    "client {i}: {:?} {:?}",
+                    out.status,
+                    text(&out.stdout)
+                ));
+            }
+        }
+        assert!(
+            lost.is_empty(),
+            "round {round}: {} of 10 connections lost:\n{}\nserver shim:\n{}",
+            lost.len(),
+            lost.join("\n"),
+            read(&log)
+        );
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // 6. iperf3
 // ---------------------------------------------------------------------------------------
