@@ -474,6 +474,116 @@ impl DpfClient {
         }
     }
 
+    /// `dpf=` entries of `GCB_INHERIT` for the mapped sockets that survive an exec:
+    /// `dpf=fd:ino:tcp|udp:privip:port:pubip:port:probefd:probeino`. Clears the probe
+    /// sockets' close-on-exec so they keep sharing the sockets' fate.
+    pub fn handoff(&self) -> Vec<String> {
+        let st = self.state.lock();
+        let mut out = Vec::new();
+        for l in &st.live {
+            let Some(entry) = l.entry.upgrade() else {
+                continue;
+            };
+            let Some((_, _, _, ino)) = dpf_state(&entry) else {
+                continue;
+            };
+            for fd in fdtable::fds_of(&entry) {
+                let keeps = crate::sys::fcntl_raw(fd, libc::F_GETFD, 0)
+                    .is_ok_and(|f| f & libc::FD_CLOEXEC == 0);
+                if !keeps {
+                    continue;
+                }
+                let pfd = l.probe.fd();
+                let _ = crate::sys::fcntl_raw(pfd, libc::F_SETFD, 0);
+                out.push(format!(
+                    "dpf={fd}:{ino}:{}:{}:{}:{pfd}:{}",
+                    match l.transport {
+                        Transport::Tcp => "tcp",
+                        Transport::Udp => "udp",
+                    },
+                    l.private,
+                    l.public,
+                    crate::gcb::client::inode(pfd).unwrap_or(0)
+                ));
+            }
+        }
+        out
+    }
+
+    /// In an exec'd image: adopt the `dpf=` entries of `GCB_INHERIT` whose fds still are
+    /// what they were (inodes checked); close probe fds that serve no socket.
+    pub fn adopt(&self, spec: &str) {
+        let mut parts = spec.split(';');
+        if parts.next() != Some("v1") {
+            return;
+        }
+        let inode = crate::gcb::client::inode;
+        for p in parts {
+            let Some(v) = p.strip_prefix("dpf=") else {
+                continue;
+            };
+            let f: Vec<&str> = v.split(':').collect();
+            let num = |i: usize| f.get(i).and_then(|s| s.parse::<u64>().ok());
+            let addr = |i: usize| {
+                Some(SocketAddrV4::new(
+                    f.get(i)?.parse().ok()?,
+                    f.get(i + 1)?.parse().ok()?,
+                ))
+            };
+            let transport = match f.get(2) {
+                Some(&"tcp") => Transport::Tcp,
+                Some(&"udp") => Transport::Udp,
+                _ => continue,
+            };
+            let (Some(fd), Some(ino), Some(private), Some(public), Some(pfd), Some(pino)) =
+                (num(0), num(1), addr(3), addr(5), num(7), num(8))
+            else {
+                continue;
+            };
+            let (fd, pfd) = (fd as c_int, pfd as c_int);
+            if pino == 0 || inode(pfd) != Some(pino) {
+                continue;
+            }
+            if ino == 0 || inode(fd) != Some(ino) {
+                net::close(pfd);
+                continue;
+            }
+            let Ok(probe) = fdtable::own_fd(pfd, "dpf-probe") else {
+                continue;
+            };
+            let Some(entry) = crate::gcb::socket_entry(fd, None) else {
+                drop_owned(&probe);
+                continue;
+            };
+            let probe_port = net::sock_name(probe.fd(), false).map_or(0, |a| a.port());
+            if let FdKind::Socket(s) = &entry.kind {
+                s.state.lock().layer = Some(Box::new(DpfSock {
+                    transport,
+                    private,
+                    public,
+                    probe: probe.clone(),
+                    inode: ino,
+                }));
+            }
+            let mut st = self.state.lock();
+            st.public_ip = Some(*public.ip());
+            st.live.push(Live {
+                transport,
+                private,
+                public,
+                probe_port,
+                probe,
+                entry: Arc::downgrade(&entry),
+            });
+            crate::info!(
+                "inherited DPF mapping of fd {} ({} -> {})",
+                fd,
+                public,
+                private
+            );
+        }
+    }
+
     pub fn fork_prepare(&self) {
         self.state.lock_raw();
     }

@@ -114,7 +114,7 @@ fn init() {
         dpf_server: getenv(c"GCB_DPF_SERVER"),
     };
     let mode = install_layers(&cfg);
-    crate::info!(
+    crate::debug!(
         "loaded (version {}), {} mode",
         env!("CARGO_PKG_VERSION"),
         mode
@@ -160,6 +160,12 @@ fn install_layers(cfg: &Config) -> &'static str {
         addr.map(|a| crate::dpf::DpfClient::new(a, key.clone(), refresh))
     });
     let stack = crate::stack::Stack { gcb, dpf };
+    if let Some(spec) = getenv(c"GCB_INHERIT") {
+        stack.adopt(&spec);
+        // Only the image it was made for adopts it; later execs get a fresh one.
+        // SAFETY: the name is NUL-terminated; init runs before the program's threads.
+        unsafe { libc::unsetenv(c"GCB_INHERIT".as_ptr()) };
+    }
     let name = crate::layer::Layer::name(&stack);
     if name != "none" {
         crate::layer::install(Box::new(stack));
@@ -184,14 +190,7 @@ fn install_gcb(broker: &str, key: Option<gcb_proto::PoolKey>) -> Option<crate::g
             gcb_proto::rudp::HEARTBEAT_INTERVAL,
             std::time::Duration::from_millis,
         );
-    let layer = crate::gcb::GcbLayer::new(addr, key, heartbeat);
-    if let Some(spec) = getenv(c"GCB_INHERIT") {
-        layer.adopt(&spec);
-        // Only the image it was made for adopts it; later execs get a fresh one.
-        // SAFETY: the name is NUL-terminated; init runs before the program's threads.
-        unsafe { libc::unsetenv(c"GCB_INHERIT".as_ptr()) };
-    }
-    Some(layer)
+    Some(crate::gcb::GcbLayer::new(addr, key, heartbeat))
 }
 
 fn open_log_file(path: &str) {

@@ -232,7 +232,7 @@ pub fn install(layer: Box<dyn Layer>) -> bool {
     let name = layer.name();
     let ok = LAYER.set(layer).is_ok();
     if ok {
-        crate::info!("layer {} active", name);
+        crate::debug!("layer {} active", name);
     }
     ok
 }

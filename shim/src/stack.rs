@@ -21,6 +21,18 @@ fn errno() -> c_int {
         .unwrap_or(libc::EIO)
 }
 
+impl Stack {
+    /// In an exec'd image: take over what the exec'ing image handed over.
+    pub fn adopt(&self, spec: &str) {
+        if let Some(g) = &self.gcb {
+            g.adopt(spec);
+        }
+        if let Some(d) = &self.dpf {
+            d.adopt(spec);
+        }
+    }
+}
+
 impl Layer for Stack {
     fn name(&self) -> &'static str {
         match (&self.gcb, &self.dpf) {
@@ -191,7 +203,16 @@ impl Layer for Stack {
         }
     }
 
+    /// `GCB_INHERIT`: `v1;` then the GCB entries (`ctl=`, `mbox=`, `reg=`) and the DPF
+    /// entries (`dpf=`); each layer adopts its own keys and ignores the others'.
     fn exec_handoff(&self) -> Option<String> {
-        self.gcb.as_ref().and_then(|g| g.exec_handoff())
+        let mut parts: Vec<String> = Vec::new();
+        if let Some(g) = self.gcb.as_ref().and_then(|g| g.exec_handoff()) {
+            parts.extend(g.split(';').skip(1).map(str::to_owned));
+        }
+        if let Some(d) = &self.dpf {
+            parts.extend(d.handoff());
+        }
+        (!parts.is_empty()).then(|| format!("v1;{}", parts.join(";")))
     }
 }
