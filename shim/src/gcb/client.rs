@@ -42,9 +42,12 @@ pub const REGISTER_DEADLINE: Duration = Duration::from_secs(3);
 /// How long connect() waits for a brokering decision.
 pub const CONNECT_DEADLINE: Duration = Duration::from_secs(5);
 /// Dial-backs and relay connections must be set up within this.
-pub const DIAL_TIMEOUT: Duration = Duration::from_secs(3);
+pub const DIAL_TIMEOUT: Duration = Duration::from_secs(8);
 /// A brokered connection nobody accepts is dropped after this.
 const READY_TTL_SECS: u64 = 60;
+const READY_TTL: Duration = Duration::from_secs(READY_TTL_SECS);
+/// A new dial attempt is started this often until one connects (see `connect_race`).
+pub const DIAL_SPACING: Duration = Duration::from_millis(250);
 /// A destination the broker does not know (or an unreachable broker) is not asked again
 /// for this long.
 pub const NEGATIVE_TTL: Duration = Duration::from_secs(60);
@@ -152,6 +155,10 @@ pub struct Client {
     /// listens again on the same address (iperf3 does after every test) asks for the
     /// same proxy back, so the address it advertised stays valid.
     recent: HashMap<SocketAddrV4, (SocketAddrV4, Instant)>,
+    /// Placeholder connections still being established (the listener's backlog was full).
+    placeholders: Vec<(c_int, Instant)>,
+    /// The configured heartbeat interval; the broker's lease may ask for more often.
+    heartbeat_every: Duration,
 }
 
 /// How long a closed listener's proxy is asked for again.
@@ -171,6 +178,8 @@ impl Client {
             negative: HashMap::new(),
             epolls: HashSet::new(),
             recent: HashMap::new(),
+            placeholders: Vec::new(),
+            heartbeat_every: heartbeat,
         }
     }
 
@@ -318,6 +327,9 @@ impl Client {
         if !self.regs.is_empty() {
             add(self.heartbeat.next_due().unwrap_or_else(Instant::now));
         }
+        if !self.placeholders.is_empty() {
+            add(Instant::now() + Duration::from_millis(50));
+        }
         t
     }
 
@@ -347,6 +359,9 @@ impl Client {
                     }
                 }
             }
+        }
+        if !self.placeholders.is_empty() {
+            self.reap_placeholders();
         }
         for c in self.families.iter_mut().chain(self.private.as_mut()) {
             c.flush();
@@ -453,8 +468,11 @@ impl Client {
                 "broker {} did not answer within {:?}",
                 self.broker, REGISTER_DEADLINE
             )),
-            Ok(Answer::Body(Body::Registered { proxy, .. })) => {
+            Ok(Answer::Body(Body::Registered {
+                proxy, lease_ms, ..
+            })) => {
                 let proxy = net::v4(proxy).ok_or("broker gave an IPv6 proxy")?;
+                self.fit_heartbeat(lease_ms);
                 self.regs.insert(
                     proxy,
                     Registration {
@@ -475,6 +493,17 @@ impl Client {
                 "unexpected answer {} to register",
                 other.type_name()
             )),
+        }
+    }
+
+    /// Heartbeat at least three times per lease the broker grants, so one lost
+    /// heartbeat never costs the registration.
+    fn fit_heartbeat(&mut self, lease_ms: u64) {
+        let want = Duration::from_millis(lease_ms / 3).max(Duration::from_millis(50));
+        if want < self.heartbeat.interval() {
+            crate::debug!("broker lease {} ms: heartbeat every {:?}", lease_ms, want);
+            self.heartbeat = Ticker::new(want.min(self.heartbeat_every));
+            self.heartbeat.reset(Instant::now());
         }
     }
 
@@ -533,6 +562,9 @@ impl Client {
     }
 
     fn on_reregistered(&mut self, old_proxy: SocketAddrV4, body: Body) {
+        if let Body::Registered { lease_ms, .. } = &body {
+            self.fit_heartbeat(*lease_ms);
+        }
         let Body::Registered { proxy, .. } = body else {
             crate::warn!(
                 "re-registration of {} refused: {:?}; will retry",
@@ -610,14 +642,13 @@ impl Client {
         let err = |what: &str, e: c_int| format!("{what}: {}", errstr(e));
         let mailbox = self.mailbox.as_ref().ok_or("no mailbox")?;
         // Inheritable: this becomes the program's connection.
-        let fd = net::socket(libc::SOCK_STREAM, true).map_err(|e| err("socket", e))?;
-        let dialed = net::connect_timeout(fd, dial, DIAL_TIMEOUT)
-            .map_err(|e| err("dial", e))
-            .and_then(|_| {
-                net::write_all(fd, &preamble(id), DIAL_TIMEOUT).map_err(|e| err("preamble", e))
-            });
+        let fd = net::connect_race(dial, DIAL_SPACING, DIAL_TIMEOUT, true)
+            .map_err(|e| err("dial", e))?;
+        let dialed =
+            net::write_all(fd, &preamble(id), DIAL_TIMEOUT).map_err(|e| err("preamble", e));
         let ph = dialed.and_then(|_| {
-            net::socket(libc::SOCK_STREAM, false).map_err(|e| err("placeholder socket", e))
+            net::socket(libc::SOCK_STREAM | libc::SOCK_NONBLOCK, false)
+                .map_err(|e| err("placeholder socket", e))
         });
         let ph = match ph {
             Ok(ph) => ph,
@@ -642,14 +673,46 @@ impl Client {
             });
         // The mailbox holds its own reference to the connection now (or the post failed).
         net::close(fd);
-        let r = key.and_then(|key| {
-            net::connect_timeout(ph, listen_at, DIAL_TIMEOUT)
-                .map_err(|e| err("placeholder connect", e))?;
-            Ok(key)
+        let key = match key {
+            Ok(k) => k,
+            Err(e) => {
+                net::close(ph);
+                return Err(e);
+            }
+        };
+        // Don't wait for the placeholder here: when the program's backlog is full the
+        // kernel drops its SYN and retries later, and the program can only make room if
+        // we return. A connected placeholder is closed by `reap_placeholders` (the queued
+        // connection stays in the listener's backlog after we close our end).
+        match net::connect_raw(ph, listen_at) {
+            Ok(()) => net::close(ph),
+            Err(libc::EINPROGRESS) => self.placeholders.push((ph, Instant::now() + READY_TTL)),
+            Err(e) => {
+                net::close(ph);
+                return Err(err("placeholder connect", e));
+            }
+        }
+        Ok(key)
+    }
+
+    /// Close placeholders whose connection completed (or failed, or waited too long).
+    fn reap_placeholders(&mut self) {
+        let now = Instant::now();
+        self.placeholders.retain(|&(ph, deadline)| {
+            let done = net::wait_fd(ph, libc::POLLOUT, Duration::ZERO).unwrap_or(true);
+            if done || now >= deadline {
+                let e = net::so_error(ph);
+                if e != 0 || !done {
+                    crate::warn!(
+                        "placeholder for a brokered connection failed: {}",
+                        if done { errstr(e) } else { "timed out".into() }
+                    );
+                }
+                net::close(ph);
+                return false;
+            }
+            true
         });
-        // The queued connection stays in the listener's backlog after we close our end.
-        net::close(ph);
-        r
     }
 
     /// accept() returned a connection from `peer`: if it is a placeholder, take the

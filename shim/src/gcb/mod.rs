@@ -481,20 +481,32 @@ impl GcbLayer {
         Ok(())
     }
 
-    /// connect() through the relay: connect to the broker's relay port and present the id.
+    /// connect() through the relay: connect to the broker's relay port (racing attempts,
+    /// so a lossy path costs little), present the id, and put the connection under the
+    /// program's fd.
     fn connect_relay(
         &self,
         fd: c_int,
         relay: SocketAddrV4,
         id: &gcb_proto::ConnectId,
     ) -> Outcome<c_int> {
-        let fl = match crate::sys::fcntl_raw(fd, libc::F_GETFL, 0) {
-            Ok(f) => f,
-            Err(e) => return Outcome::Error(e),
-        };
-        let r = net::connect_timeout(fd, relay, client::DIAL_TIMEOUT)
-            .and_then(|_| net::write_all(fd, &client::preamble(id), client::DIAL_TIMEOUT));
-        let _ = crate::sys::fcntl_raw(fd, libc::F_SETFL, fl as libc::c_ulong);
+        let r = net::connect_race(relay, client::DIAL_SPACING, client::DIAL_TIMEOUT, true)
+            .and_then(
+                |c| match net::write_all(c, &client::preamble(id), client::DIAL_TIMEOUT) {
+                    Ok(()) => Ok(c),
+                    Err(e) => {
+                        net::close(c);
+                        Err(e)
+                    }
+                },
+            )
+            .and_then(|c| match self.install_connection(fd, c) {
+                Ok(()) => Ok(()),
+                Err(e) => {
+                    net::close(c);
+                    Err(e)
+                }
+            });
         match r {
             Ok(()) => Outcome::Handled(0),
             Err(e) => {

@@ -313,3 +313,78 @@ pub fn is_private(ip: Ipv4Addr) -> bool {
     let o = ip.octets();
     ip.is_private() || ip.is_link_local() || (o[0] == 100 && (o[1] & 0xc0) == 64)
 }
+
+/// Connect a new TCP socket to `a`, racing a fresh attempt every `spacing` until one
+/// succeeds or `timeout` passes. Linux retries a lost SYN only after 1 s and 3 s, so on
+/// a lossy path a single attempt often needs seconds; staggered attempts need one
+/// round trip that gets through. The winner is returned in blocking mode (inheritable if
+/// asked); the losers are closed.
+pub fn connect_race(
+    a: SocketAddrV4,
+    spacing: Duration,
+    timeout: Duration,
+    inheritable: bool,
+) -> Result<c_int, c_int> {
+    let deadline = Instant::now() + timeout;
+    let mut tries: Vec<c_int> = Vec::new();
+    let mut next = Instant::now();
+    let mut last_err = libc::ETIMEDOUT;
+    let close_all = |v: &mut Vec<c_int>| v.drain(..).for_each(close);
+    loop {
+        let now = Instant::now();
+        if now >= next && tries.len() < 32 {
+            let s = socket(libc::SOCK_STREAM | libc::SOCK_NONBLOCK, inheritable)?;
+            match connect_raw(s, a) {
+                Ok(()) => {
+                    close_all(&mut tries);
+                    set_nonblocking(s, false)?;
+                    return Ok(s);
+                }
+                Err(libc::EINPROGRESS) => tries.push(s),
+                Err(e) => {
+                    close(s);
+                    last_err = e;
+                }
+            }
+            next = now + spacing;
+        }
+        if now >= deadline {
+            close_all(&mut tries);
+            return Err(last_err);
+        }
+        let mut set: Vec<libc::pollfd> = tries
+            .iter()
+            .map(|&fd| libc::pollfd {
+                fd,
+                events: libc::POLLOUT,
+                revents: 0,
+            })
+            .collect();
+        let wait = next.min(deadline).saturating_duration_since(Instant::now());
+        // SAFETY: set is a valid pollfd array of its length.
+        let r = unsafe { libc::poll(set.as_mut_ptr(), set.len() as libc::nfds_t, ms_ceil(wait)) };
+        if r <= 0 {
+            continue;
+        }
+        let mut i = 0;
+        while i < tries.len() {
+            if set[i].revents == 0 {
+                i += 1;
+                continue;
+            }
+            let s = tries.remove(i);
+            set.remove(i);
+            match so_error(s) {
+                0 => {
+                    close_all(&mut tries);
+                    set_nonblocking(s, false)?;
+                    return Ok(s);
+                }
+                e => {
+                    last_err = e;
+                    close(s);
+                }
+            }
+        }
+    }
+}
