@@ -517,7 +517,11 @@ impl Server {
                 Debug,
                 "duplicate register from {from} for {local}: proxy {proxy}"
             );
-            return Body::Registered { proxy, lease_ms };
+            return Body::Registered {
+                proxy,
+                lease_ms,
+                token: None,
+            };
         }
         if let Err(e) = self.registry.check_quota(from) {
             return self.refuse(from, ErrorCode::Quota, e.to_string());
@@ -568,7 +572,11 @@ impl Server {
             Info,
             "registered tcp listener local {local} client {from} -> proxy {proxy}"
         );
-        Body::Registered { proxy, lease_ms }
+        Body::Registered {
+            proxy,
+            lease_ms,
+            token: None,
+        }
     }
 
     fn on_connect_request(

@@ -21,7 +21,11 @@ fn register(c: &mut Client, local: SocketAddr, previous: Option<SocketAddr>) -> 
         local,
         previous_proxy: previous,
     }) {
-        Some(Body::Registered { proxy, lease_ms }) => {
+        Some(Body::Registered {
+            proxy,
+            lease_ms,
+            token: None,
+        }) => {
             assert!(lease_ms > 0);
             proxy
         }

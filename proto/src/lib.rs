@@ -3,8 +3,9 @@
 //! The shim (`libgcb.so`), the GCB broker (`brokerd`) and the DPF daemon
 //! (`portfwd`) talk request/response over UDP. This crate is that protocol
 //! and nothing else: message types ([`msg`]), framing and pool-key
-//! authentication ([`auth`]), and a sans-IO reliable request/response state
-//! machine ([`rudp`]). It opens no sockets, starts no threads, reads no clock
+//! authentication ([`auth`]), a sans-IO reliable request/response state
+//! machine ([`rudp`]), and the GCB UDP data-plane frame between a UDP
+//! listener and its proxy on the broker ([`udp`]). It opens no sockets, starts no threads, reads no clock
 //! and draws no randomness: time and random session ids come in as arguments,
 //! datagrams and timers go out (the quinn-proto shape).
 //!
@@ -75,7 +76,7 @@
 //!    `ep.poll_event()` yields `Event::Request { from, id: RequestId(7301),
 //!    body: Register{..} }`. The broker opens a proxy socket and calls
 //!    `ep.respond(now, from, RequestId(7301), Body::Registered { proxy,
-//!    lease_ms })`, which queues the reply and caches it for 30 s.
+//!    lease_ms, token: None })`, which queues the reply and caches it for 30 s.
 //! 4. The reply is lost too; the shim retransmits. The broker's endpoint
 //!    sees `(from, 7301)` answered and re-sends the cached reply without
 //!    surfacing anything: the registration happens once.
@@ -109,12 +110,12 @@
 //! broker.handle_datagram(now, shim_addr, &tx.payload); // received by the broker
 //! let Some(Event::Request { from, id, .. }) = broker.poll_event() else { panic!() };
 //! let proxy = "203.0.113.10:40001".parse().unwrap();
-//! broker.respond(now, from, id, Body::Registered { proxy, lease_ms: 60_000 }).unwrap();
+//! broker.respond(now, from, id, Body::Registered { proxy, lease_ms: 60_000, token: None }).unwrap();
 //! let tx = broker.poll_transmit().unwrap();
 //! shim.handle_datagram(now, broker_addr, &tx.payload);
 //! assert_eq!(
 //!     shim.poll_event(),
-//!     Some(Event::Response { from: broker_addr, request: req, body: Body::Registered { proxy, lease_ms: 60_000 } })
+//!     Some(Event::Response { from: broker_addr, request: req, body: Body::Registered { proxy, lease_ms: 60_000, token: None } })
 //! );
 //! assert_eq!(shim.poll_timeout(), None); // nothing left to retransmit
 //! ```
@@ -131,6 +132,7 @@
 pub mod auth;
 pub mod msg;
 pub mod rudp;
+pub mod udp;
 
 pub use auth::{KeyError, Opener, PoolKey, RejectReason, Sealer};
 pub use msg::{
@@ -138,3 +140,4 @@ pub use msg::{
     Transport, MAX_DATAGRAM, MAX_ENVELOPE, PROTOCOL_VERSION,
 };
 pub use rudp::{Config, Endpoint, Event, Now, RequestId, SendError, Stats, Ticker, Transmit};
+pub use udp::{UdpKind, MAX_UDP_PAYLOAD, UDP_HEADER_LEN, UDP_TOKEN_LEN};

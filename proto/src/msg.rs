@@ -241,6 +241,12 @@ pub enum Body {
         proxy: SocketAddr,
         /// The registration lapses unless a heartbeat names it within this.
         lease_ms: u64,
+        /// UDP registrations only: a fresh random 128-bit token (32 lowercase
+        /// hex characters) that the listener presents in its `Dummy` frames
+        /// to the proxy ([`crate::udp`]), proving which UDP socket is the
+        /// registrant's. Absent (`None`) for TCP registrations.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        token: Option<String>,
     },
     /// Drop a registration (the last holder of the listening socket closed it).
     Unregister {
@@ -686,6 +692,12 @@ mod tests {
             Body::Registered {
                 proxy: a("203.0.113.10:40001"),
                 lease_ms: 60_000,
+                token: None,
+            },
+            Body::Registered {
+                proxy: a("203.0.113.10:40002"),
+                lease_ms: 60_000,
+                token: Some("00112233445566778899aabbccddeeff".into()),
             },
             Body::Unregister {
                 proxy: a("203.0.113.10:40001"),
@@ -812,6 +824,43 @@ mod tests {
             "{json}"
         );
         assert_eq!(Envelope::decode(json.as_bytes()).unwrap(), new);
+    }
+
+    #[test]
+    fn registered_token_only_for_udp() {
+        // TCP registrations: no token on the wire, and old replies without
+        // one decode as None.
+        let tcp = Envelope::response(
+            3,
+            1,
+            Body::Registered {
+                proxy: a("203.0.113.10:40001"),
+                lease_ms: 35_000,
+                token: None,
+            },
+        );
+        let json = String::from_utf8(tcp.encode().unwrap()).unwrap();
+        assert_eq!(
+            json,
+            r#"{"v":1,"id":3,"re":1,"body":{"type":"registered","proxy":"203.0.113.10:40001","lease_ms":35000}}"#
+        );
+        assert_eq!(Envelope::decode(json.as_bytes()).unwrap(), tcp);
+        // UDP registrations carry the 32-hex-char token.
+        let udp = Envelope::response(
+            4,
+            2,
+            Body::Registered {
+                proxy: a("203.0.113.10:40002"),
+                lease_ms: 35_000,
+                token: Some("00112233445566778899aabbccddeeff".into()),
+            },
+        );
+        let json = String::from_utf8(udp.encode().unwrap()).unwrap();
+        assert!(
+            json.contains(r#""token":"00112233445566778899aabbccddeeff""#),
+            "{json}"
+        );
+        assert_eq!(Envelope::decode(json.as_bytes()).unwrap(), udp);
     }
 
     #[test]

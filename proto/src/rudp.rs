@@ -729,6 +729,7 @@ mod tests {
             let reply = Body::Registered {
                 proxy: addr(B),
                 lease_ms: 1,
+                token: None,
             };
             b.respond(clk.now(), addr(A), *id, reply.clone()).unwrap();
             let r = drain(&mut b);

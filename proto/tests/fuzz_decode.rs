@@ -45,6 +45,7 @@ fn samples() -> Vec<Envelope> {
             Body::Registered {
                 proxy: a,
                 lease_ms: 60_000,
+                token: Some("0123456789abcdef0123456789abcdef".into()),
             },
         ),
         Envelope::request(
