@@ -1222,7 +1222,11 @@ fn short_lease_does_not_drop_a_live_listener() {
 
 /// (c) 30 % random loss on gwa (both directions, every packet it forwards: control
 /// datagrams, dial-backs and data): 10 plain connects from p2 and 5 GCB (relay) connects
-/// from b1 to a socat server in a1 all succeed with verified data (16 KiB each).
+/// from b1 to a socat server in a1 all succeed with verified data (4 KiB each). The data
+/// legs cross the lossy gateway too, and TCP's own exponential backoff can stall a
+/// connection for tens of seconds at this loss rate, so the clients wait up to 2 minutes
+/// of inactivity: what is tested is that no brokered connect is lost, not TCP's speed.
+const LOSSY: Duration = Duration::from_secs(150);
 #[test]
 fn fault_thirty_percent_loss_every_brokered_connect_succeeds() {
     let rig = Rig::up();
@@ -1238,17 +1242,27 @@ fn fault_thirty_percent_loss_every_brokered_connect_succeeds() {
     // Three clients at a time (two p2 threads, one b1 thread, each sequential): within
     // socat's listen backlog; concurrency itself is the socat test's business.
     let p2 = |i: usize| {
-        let (p, sha) = rig.payload(&format!("p2-{i}.bin"), 16 * 1024 + i);
-        let out = socat_client(&rig, Host::P2, proxy, &p).finish(Duration::from_secs(50));
+        let (p, sha) = rig.payload(&format!("p2-{i}.bin"), 4 * 1024 + i);
+        let mut c = rig.cmd(Host::P2, "socat");
+        c.args(["-t", "120", "-T", "120", "STDIO", &format!("TCP4:{proxy}")])
+            .stdin(File::open(&p).unwrap())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let out = rig
+            .lab
+            .spawn(&mut c)
+            .expect("spawn socat client")
+            .capture()
+            .finish(LOSSY);
         (format!("p2 plain {i}"), sha, out)
     };
     let b1 = |i: usize| {
-        let (p, sha) = rig.payload(&format!("b1-{i}.bin"), 16 * 1024 + 100 + i);
+        let (p, sha) = rig.payload(&format!("b1-{i}.bin"), 4 * 1024 + 100 + i);
         let clog = rig.path(&format!("b1-{i}.shim.log"));
         let mut c = rig.gcb(Host::B1, P1, "debug", &clog, "socat");
-        c.args(["-t", "30", "-T", "30", "STDIO", &format!("TCP4:{proxy}")])
+        c.args(["-t", "120", "-T", "120", "STDIO", &format!("TCP4:{proxy}")])
             .stdin(File::open(&p).unwrap());
-        let out = rig.output(&mut c, Duration::from_secs(50));
+        let out = rig.output(&mut c, LOSSY);
         (format!("b1 gcb {i}"), sha, out)
     };
     let results: Vec<(String, String, Output)> = thread::scope(|s| {
