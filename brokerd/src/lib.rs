@@ -17,7 +17,11 @@
 //! * **relay port**: TCP on the same `IP:PORT`. Every connection to it
 //!   starts with the 45-byte preamble `GCB-CONNECT <32 hex connect id>\n`
 //!   ([`preamble`]); two connections presenting the same id are spliced;
-//! * **proxy sockets**: one TCP listener per registration, `IP:<ephemeral>`.
+//! * **proxy sockets**: one per registration, `IP:<ephemeral>` (or the
+//!   `previous_proxy` port if free): a TCP listener for a TCP registration,
+//!   a UDP socket for a UDP registration. A proxy address names exactly one
+//!   registration: a TCP and a UDP proxy never share a port number, because
+//!   `heartbeat` and `unregister` name proxies by address only.
 //!
 //! ## Architecture
 //!
@@ -34,6 +38,10 @@
 //!   byte, so junk is dropped early and never over-read;
 //! * [`relay`]: two TCP sockets spliced through a pipe per direction with
 //!   splice(2) (zero copy), half-close and reset propagation;
+//! * [`udprules`]: UDP relay rules (proxy, sender) with idle expiry and
+//!   global / per-proxy limits;
+//! * [`udpproxy`]: the UDP data plane: proxy UDP sockets, Dummy/DummyAck,
+//!   From/To frames ([`gcb_proto::udp`]);
 //! * [`allow`]: the `--allow CIDR` source filter;
 //! * [`server`]: the event loop gluing them to gcb-proto's sans-IO
 //!   `Endpoint` (which does retransmission, duplicate suppression, auth, and
@@ -70,6 +78,33 @@
 //! `reverse` (the listener dials the connector) or `relay` (both dial the
 //! relay port with the same id, as in step 3).
 //!
+//! ## One UDP datagram, end to end (paper 4.2.2)
+//!
+//! 1. The program's UDP socket 10.1.0.5:9618 is bound under GCB: the shim
+//!    sends `register{udp, local: 10.1.0.5:9618}`; `B` binds a proxy UDP
+//!    socket 203.0.113.10:41300 and answers `registered{proxy, lease_ms,
+//!    token}` with a fresh random 128-bit token (32 lowercase hex chars).
+//! 2. The shim sends, **from the program's socket**, a `Dummy` frame
+//!    carrying the token to the proxy; NAT A maps it to 203.0.113.1:40777.
+//!    `B` checks the token, records 203.0.113.1:40777 as the listener's
+//!    *data address* and answers `DummyAck{addr: 203.0.113.1:40777,
+//!    token}`. The shim repeats the Dummy every ~10-15 s (keeps the NAT
+//!    mapping open); a good Dummy from a new source moves the data address.
+//! 3. `X` sends a datagram to 203.0.113.10:41300. `B` creates (or renews)
+//!    the relay rule (proxy, X) and sends `From{addr: X} | datagram` from
+//!    the proxy socket to the data address. The shim unwraps it and
+//!    `recvfrom()` reports `X`.
+//! 4. The program answers `sendto(X)`: the shim sends `To{addr: X} |
+//!    datagram` to the proxy; `B` accepts it only from the data address
+//!    and only because (proxy, X) has a live rule, and sends the bare
+//!    datagram from the proxy socket to `X`, which sees the reply coming
+//!    from the address it sent to.
+//! 5. A rule that relays nothing (either way) for `--udp-rule-idle-ms`
+//!    (60 s) expires; the listener can no longer send to `X` until `X`
+//!    sends again, which creates a new rule.
+//!
+//! Frame layout and the exact rules: [`gcb_proto::udp`] and [`udpproxy`].
+//!
 //! ## Contract for the shim
 //!
 //! * **Listener, on `connect_back{connect_id, dial, proxy, logical_peer}`**:
@@ -101,24 +136,49 @@
 //!   `reregister_request`; the client re-registers each unknown socket with
 //!   `previous_proxy` set, and gets the same proxy port back if it is free.
 //! * Registration is idempotent per (control source address, local
-//!   address); `unregister{proxy}` is accepted only from the registering
-//!   control address.
+//!   address, transport); a duplicate UDP register gets the same proxy and
+//!   the same token. `unregister{proxy}` is accepted only from the
+//!   registering control address. UDP registrations take leases,
+//!   heartbeats, `unregister` and `reregister_request` exactly as TCP ones;
+//!   a re-registration gets a new token (send a Dummy with it at once).
+//! * **UDP listener**: see the walk-through above. `connect_request{udp}`
+//!   is answered `error{unsupported}`: a GCB UDP sender sends to the proxy
+//!   like any sender.
 //!
 //! ## Limits and refusals
 //!
-//! `--max-registrations` / `--max-per-client` answer `register` with
-//! `error{quota}`; `--max-relays` (running relays plus pairings waiting for
+//! `--max-registrations` / `--max-per-client` (TCP and UDP registrations
+//! together) answer `register` with `error{quota}`; `--max-relays` (running relays plus pairings waiting for
 //! their partner) resets new proxy connections and answers relay decisions
 //! with `error{busy}`; `--max-preambles` resets relay-port connections over
 //! the cap. Each refusal logs a line and is counted in the stats line
 //! (`gcb-brokerd: INFO stats ...`), printed every `--stats-interval-secs`
 //! and at exit.
 //!
+//! UDP: `--max-udp-rules` (65536, broker-wide) and
+//! `--max-udp-rules-per-proxy` (4096): when full, a datagram from a *new*
+//! sender is dropped with a rate-limited log line (dead rules are purged
+//! first; live rules are never evicted). UDP drops are counted by reason in
+//! the stats line: `udp_drop_bad_token` (Dummy with a wrong or missing
+//! token), `udp_drop_no_listener` (sender datagram before any Dummy),
+//! `udp_drop_no_rule` (To to a destination without a live rule),
+//! `udp_drop_table_full`, `udp_drop_not_frame` (from the data address but
+//! not a Dummy/To frame), `udp_drop_stray` (other GCBU frames from anyone
+//! but the listener), `udp_drop_too_big` (sender datagrams over
+//! [`gcb_proto::udp::MAX_UDP_PAYLOAD`] = 65496 bytes cannot be wrapped into
+//! one IPv4 datagram), `udp_send_errors`; relayed traffic as
+//! `udp_to_listener[_bytes]`, `udp_from_listener[_bytes]`, plus
+//! `udp_proxies`, `udp_rules`, `udp_rules_created`, `udp_rules_expired`,
+//! `udp_dummies`.
+//!
 //! ## Not yet
 //!
-//! UDP registrations and the UDP relay (paper 4.2.2) answer
-//! `error{unsupported}`; hole punching is not attempted (relay is the
-//! fallback).
+//! Hole punching is not attempted (TCP: relay is the fallback; UDP:
+//! `connect_request{udp}` answers `error{unsupported}` and senders go
+//! through the proxy). UDP proxies need an IPv4 `--listen` (frames carry
+//! IPv4 addresses). A sender datagram whose bytes happen to start with a
+//! GCBU frame header is treated as a frame (dropped unless it is a Dummy
+//! with the right token).
 
 #[macro_use]
 pub mod log;
@@ -128,3 +188,5 @@ pub mod preamble;
 pub mod registry;
 pub mod relay;
 pub mod server;
+pub mod udpproxy;
+pub mod udprules;

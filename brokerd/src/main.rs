@@ -15,7 +15,8 @@ use gcb_proto::PoolKey;
 
 /// GCB broker daemon: registers listening sockets of GCB clients, opens a
 /// proxy socket for each, brokers connections to them (direct, reverse or
-/// relayed) and relays TCP between clients that cannot reach each other.
+/// relayed) and relays TCP and UDP (paper 4.2.2) between clients that
+/// cannot reach each other.
 #[derive(Parser, Debug)]
 #[command(name = "gcb-brokerd", version)]
 struct Args {
@@ -68,6 +69,24 @@ struct Args {
     /// How long (ms) a relay-port connection may take to send its preamble.
     #[arg(long, default_value_t = 5_000)]
     preamble_timeout_ms: u64,
+
+    /// UDP relay rule idle time (ms): a rule (proxy, sender address) that
+    /// relayed no datagram in either direction for this long expires; the
+    /// listener can no longer send to that sender until it sends again,
+    /// which creates a new rule (paper 4.2.2).
+    #[arg(long, default_value_t = 60_000)]
+    udp_rule_idle_ms: u64,
+
+    /// Maximum UDP relay rules, broker-wide. When full, datagrams from new
+    /// senders are dropped (counted, rate-limited log line); live rules are
+    /// never evicted.
+    #[arg(long, default_value_t = 65_536)]
+    max_udp_rules: usize,
+
+    /// Maximum UDP relay rules per UDP proxy (same refusal as
+    /// --max-udp-rules).
+    #[arg(long, default_value_t = 4096)]
+    max_udp_rules_per_proxy: usize,
 
     /// Log a stats line every this many seconds (0: only at exit).
     #[arg(long, default_value_t = 300)]
@@ -161,6 +180,9 @@ fn main() -> Result<()> {
         preamble_timeout: Duration::from_millis(args.preamble_timeout_ms),
         stats_interval: (args.stats_interval_secs > 0)
             .then(|| Duration::from_secs(args.stats_interval_secs)),
+        udp_rule_idle: Duration::from_millis(args.udp_rule_idle_ms.max(1)),
+        max_udp_rules: args.max_udp_rules,
+        max_udp_rules_per_proxy: args.max_udp_rules_per_proxy,
     };
     let mut server = Server::bind(cfg)?;
     let a = server.local_addr();

@@ -4,12 +4,17 @@
 //! Pure bookkeeping: the proxy sockets themselves live in the event loop,
 //! keyed by the same proxy address. A registration is identified by the
 //! client's *observed* control address (the datagram source, i.e. its NAT
-//! mapping) plus the listening socket's local address, and it lives as long
-//! as heartbeats renew its lease.
+//! mapping) plus the socket's local address and transport (a program may
+//! register a TCP and a UDP socket on the same port), and it lives as long
+//! as heartbeats renew its lease. Proxy addresses are unique across
+//! transports (heartbeats and unregister name only the address), which the
+//! event loop ensures when it binds proxy sockets.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
+
+use gcb_proto::Transport;
 
 /// One registered listening socket.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -18,6 +23,8 @@ pub struct Registration {
     pub observed: SocketAddr,
     /// The listening socket's own address.
     pub local: SocketAddr,
+    /// TCP listener or UDP socket.
+    pub transport: Transport,
     /// The broker's proxy socket for it.
     pub proxy: SocketAddr,
     /// The lease runs out at this instant unless renewed.
@@ -57,7 +64,7 @@ pub struct Limits {
 pub struct Registry {
     limits: Limits,
     by_proxy: HashMap<SocketAddr, Registration>,
-    by_key: HashMap<(SocketAddr, SocketAddr), SocketAddr>,
+    by_key: HashMap<(SocketAddr, SocketAddr, Transport), SocketAddr>,
     per_client: HashMap<SocketAddr, usize>,
 }
 
@@ -92,15 +99,16 @@ impl Registry {
         self.by_proxy.get(proxy)
     }
 
-    /// The proxy already registered for (client, local), if any: a duplicate
-    /// register is idempotent. Renews its lease.
+    /// The proxy already registered for (client, local, transport), if any:
+    /// a duplicate register is idempotent. Renews its lease.
     pub fn existing(
         &mut self,
         observed: SocketAddr,
         local: SocketAddr,
+        transport: Transport,
         now: Instant,
     ) -> Option<SocketAddr> {
-        let proxy = *self.by_key.get(&(observed, local))?;
+        let proxy = *self.by_key.get(&(observed, local, transport))?;
         if let Some(r) = self.by_proxy.get_mut(&proxy) {
             r.expires = now + self.limits.lease;
         }
@@ -124,14 +132,16 @@ impl Registry {
         &mut self,
         observed: SocketAddr,
         local: SocketAddr,
+        transport: Transport,
         proxy: SocketAddr,
         now: Instant,
     ) -> &Registration {
-        self.by_key.insert((observed, local), proxy);
+        self.by_key.insert((observed, local, transport), proxy);
         *self.per_client.entry(observed).or_insert(0) += 1;
         self.by_proxy.entry(proxy).or_insert(Registration {
             observed,
             local,
+            transport,
             proxy,
             expires: now + self.limits.lease,
         })
@@ -163,7 +173,7 @@ impl Registry {
 
     fn take(&mut self, proxy: SocketAddr) -> Option<Registration> {
         let r = self.by_proxy.remove(&proxy)?;
-        self.by_key.remove(&(r.observed, r.local));
+        self.by_key.remove(&(r.observed, r.local, r.transport));
         if let Some(n) = self.per_client.get_mut(&r.observed) {
             *n -= 1;
             if *n == 0 {
@@ -193,6 +203,7 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use gcb_proto::Transport::{Tcp, Udp};
 
     fn a(s: &str) -> SocketAddr {
         s.parse().unwrap()
@@ -210,11 +221,22 @@ mod tests {
         let mut r = reg(10, 10);
         let t = Instant::now();
         let (c, l, p) = (a("1.2.3.4:1000"), a("10.0.0.2:80"), a("5.6.7.8:40000"));
-        assert_eq!(r.existing(c, l, t), None);
-        r.insert(c, l, p, t);
-        assert_eq!(r.existing(c, l, t), Some(p));
+        assert_eq!(r.existing(c, l, Tcp, t), None);
+        r.insert(c, l, Tcp, p, t);
+        assert_eq!(r.existing(c, l, Tcp, t), Some(p));
         // Another client with the same local address is a different key.
-        assert_eq!(r.existing(a("1.2.3.4:1001"), l, t), None);
+        assert_eq!(r.existing(a("1.2.3.4:1001"), l, Tcp, t), None);
+        // So is a UDP socket on the same port.
+        assert_eq!(r.existing(c, l, Udp, t), None);
+        let pu = a("5.6.7.8:40001");
+        r.insert(c, l, Udp, pu, t);
+        assert_eq!(r.existing(c, l, Udp, t), Some(pu));
+        assert_eq!(r.existing(c, l, Tcp, t), Some(p));
+        assert_eq!(r.get(&pu).unwrap().transport, Udp);
+        assert_eq!(r.len(), 2);
+        r.remove(c, pu).unwrap();
+        assert_eq!(r.existing(c, l, Udp, t), None);
+        assert_eq!(r.existing(c, l, Tcp, t), Some(p));
         assert_eq!(r.len(), 1);
     }
 
@@ -225,8 +247,8 @@ mod tests {
         let c = a("1.2.3.4:1000");
         let p1 = a("5.6.7.8:40001");
         let p2 = a("5.6.7.8:40002");
-        r.insert(c, a("10.0.0.2:80"), p1, t0);
-        r.insert(c, a("10.0.0.2:81"), p2, t0);
+        r.insert(c, a("10.0.0.2:80"), Tcp, p1, t0);
+        r.insert(c, a("10.0.0.2:81"), Tcp, p2, t0);
         // Heartbeat at +30 s renews p1 only.
         assert!(r.renew(c, p1, t0 + Duration::from_secs(30)));
         assert!(r.expire(t0 + Duration::from_secs(34)).is_empty());
@@ -247,7 +269,7 @@ mod tests {
         let mut r = reg(10, 10);
         let t = Instant::now();
         let p = a("5.6.7.8:40001");
-        r.insert(a("1.2.3.4:1000"), a("10.0.0.2:80"), p, t);
+        r.insert(a("1.2.3.4:1000"), a("10.0.0.2:80"), Tcp, p, t);
         assert!(!r.renew(a("9.9.9.9:1000"), p, t));
         assert!(!r.renew(a("1.2.3.4:1000"), a("5.6.7.8:1"), t));
     }
@@ -258,11 +280,11 @@ mod tests {
         let t = Instant::now();
         let c1 = a("1.1.1.1:1");
         let c2 = a("2.2.2.2:2");
-        r.insert(c1, a("10.0.0.1:1"), a("9.9.9.9:1"), t);
-        r.insert(c1, a("10.0.0.1:2"), a("9.9.9.9:2"), t);
+        r.insert(c1, a("10.0.0.1:1"), Tcp, a("9.9.9.9:1"), t);
+        r.insert(c1, a("10.0.0.1:2"), Tcp, a("9.9.9.9:2"), t);
         assert_eq!(r.check_quota(c1), Err(RegistryError::ClientQuota(2)));
         assert_eq!(r.check_quota(c2), Ok(()));
-        r.insert(c2, a("10.0.0.2:1"), a("9.9.9.9:3"), t);
+        r.insert(c2, a("10.0.0.2:1"), Tcp, a("9.9.9.9:3"), t);
         assert_eq!(r.check_quota(c2), Err(RegistryError::TotalQuota(3)));
     }
 
@@ -272,7 +294,7 @@ mod tests {
         let t = Instant::now();
         let c = a("1.1.1.1:1");
         let p = a("9.9.9.9:1");
-        r.insert(c, a("10.0.0.1:1"), p, t);
+        r.insert(c, a("10.0.0.1:1"), Tcp, p, t);
         assert_eq!(r.remove(a("2.2.2.2:2"), p), Err(RegistryError::NotOwner(p)));
         assert_eq!(
             r.remove(c, a("9.9.9.9:2")),
@@ -280,6 +302,6 @@ mod tests {
         );
         assert_eq!(r.remove(c, p).unwrap().proxy, p);
         assert!(r.is_empty());
-        assert_eq!(r.existing(c, a("10.0.0.1:1"), t), None);
+        assert_eq!(r.existing(c, a("10.0.0.1:1"), Tcp, t), None);
     }
 }

@@ -24,6 +24,8 @@ use crate::decision::{decide, Decision, Party};
 use crate::preamble;
 use crate::registry::{Limits, Registry, RegistryError};
 use crate::relay::{Relay, RelayState};
+use crate::udpproxy::{UdpPlane, UdpProxy};
+use crate::udprules::RuleLimits;
 
 /// Default control (UDP) and relay (TCP) port.
 pub const DEFAULT_PORT: u16 = 9650;
@@ -64,6 +66,12 @@ pub struct Config {
     pub preamble_timeout: Duration,
     /// Period of the stats log line (None: only at exit).
     pub stats_interval: Option<Duration>,
+    /// A UDP relay rule unused for this long expires.
+    pub udp_rule_idle: Duration,
+    /// Maximum UDP relay rules broker-wide.
+    pub max_udp_rules: usize,
+    /// Maximum UDP relay rules per proxy.
+    pub max_udp_rules_per_proxy: usize,
 }
 
 /// Errors that stop the daemon at startup.
@@ -156,6 +164,7 @@ struct RelayEntry {
 
 enum Owner {
     Proxy(SocketAddr),
+    UdpProxy(SocketAddr),
     Preamble,
     Relay(usize),
 }
@@ -179,6 +188,10 @@ pub struct Server {
     owners: HashMap<Token, Owner>,
     next_token: usize,
     proxies: HashMap<SocketAddr, (Token, TcpListener)>,
+    /// UDP proxy sockets, relay rules and their counters.
+    udp: UdpPlane,
+    /// UDP proxies whose drain budget ran out: served again next turn.
+    udp_backlog: Vec<SocketAddr>,
     preambles: HashMap<Token, PreambleConn>,
     pending: HashMap<[u8; 16], Pending>,
     relays: HashMap<usize, RelayEntry>,
@@ -277,6 +290,14 @@ impl Server {
             max_per_client: cfg.max_per_client,
             lease: cfg.lease,
         });
+        let udp = UdpPlane::new(
+            RuleLimits {
+                idle: cfg.udp_rule_idle,
+                max_total: cfg.max_udp_rules,
+                max_per_proxy: cfg.max_udp_rules_per_proxy,
+            },
+            addr,
+        );
         let t = Instant::now();
         Ok(Server {
             next_stats: cfg.stats_interval.map(|d| t + d),
@@ -290,6 +311,8 @@ impl Server {
             owners: HashMap::new(),
             next_token: FIRST_DYNAMIC,
             proxies: HashMap::new(),
+            udp,
+            udp_backlog: Vec::new(),
             preambles: HashMap::new(),
             pending: HashMap::new(),
             relays: HashMap::new(),
@@ -319,6 +342,9 @@ impl Server {
             for ev in events.iter() {
                 self.dispatch(ev.token());
             }
+            for p in std::mem::take(&mut self.udp_backlog) {
+                self.on_udp_proxy(p);
+            }
             self.timers();
             self.flush_control();
         }
@@ -333,6 +359,9 @@ impl Server {
     }
 
     fn sleep_time(&self) -> Duration {
+        if !self.udp_backlog.is_empty() {
+            return Duration::ZERO;
+        }
         let t = Instant::now();
         let mut wake = self.next_sweep.max(t + Duration::from_millis(1));
         if let Some(w) = self.ep.poll_timeout() {
@@ -356,6 +385,10 @@ impl Server {
                 Some(Owner::Proxy(p)) => {
                     let p = *p;
                     self.on_proxy_accept(p);
+                }
+                Some(Owner::UdpProxy(p)) => {
+                    let p = *p;
+                    self.on_udp_proxy(p);
                 }
                 Some(Owner::Preamble) => self.on_preamble(t),
                 Some(Owner::Relay(id)) => {
@@ -456,9 +489,10 @@ impl Server {
                     self.close_proxy(r.proxy);
                     log!(
                         Info,
-                        "unregistered proxy {} (local {}, client {from})",
+                        "unregistered proxy {} (local {}, client {from}, {})",
                         r.proxy,
-                        r.local
+                        r.local,
+                        transport_name(r.transport)
                     );
                     Body::Ack {}
                 }
@@ -506,56 +540,127 @@ impl Server {
         previous_proxy: Option<SocketAddr>,
     ) -> Body {
         let lease_ms = self.registry.lease().as_millis() as u64;
-        if transport != Transport::Tcp {
+        if transport == Transport::Udp && !self.addr.is_ipv4() {
             return Body::error(
                 ErrorCode::Unsupported,
-                "udp registrations are not supported yet",
+                "udp registrations need a broker listening on IPv4",
             );
         }
-        if let Some(proxy) = self.registry.existing(from, local, Instant::now()) {
+        if let Some(proxy) = self
+            .registry
+            .existing(from, local, transport, Instant::now())
+        {
             log!(
                 Debug,
-                "duplicate register from {from} for {local}: proxy {proxy}"
+                "duplicate register from {from} for {} {local}: proxy {proxy}",
+                transport_name(transport)
             );
+            let token = self.udp.get(&proxy).map(UdpProxy::token_string);
             return Body::Registered {
                 proxy,
                 lease_ms,
-                token: None,
+                token,
             };
         }
         if let Err(e) = self.registry.check_quota(from) {
             return self.refuse(from, ErrorCode::Quota, e.to_string());
         }
-        let ip = self.addr.ip();
-        let mut listener = None;
-        if let Some(prev) = previous_proxy {
-            if prev.ip() == ip && prev.port() != 0 && prev.port() != self.addr.port() {
-                match TcpListener::bind(prev) {
-                    Ok(l) => listener = Some(l),
+        let bound = match transport {
+            Transport::Tcp => self.bind_tcp_proxy(from, previous_proxy),
+            Transport::Udp => self.bind_udp_proxy(from, local, previous_proxy),
+        };
+        let (proxy, token) = match bound {
+            Ok(x) => x,
+            Err(e) => {
+                log!(Error, "cannot bind a proxy socket: {e}");
+                return Body::error(
+                    ErrorCode::Internal,
+                    format!("cannot bind a proxy socket: {e}"),
+                );
+            }
+        };
+        self.registry
+            .insert(from, local, transport, proxy, Instant::now());
+        self.counters.registered += 1;
+        match transport {
+            Transport::Tcp => log!(
+                Info,
+                "registered tcp listener local {local} client {from} -> proxy {proxy}"
+            ),
+            Transport::Udp => log!(
+                Info,
+                "registered udp socket local {local} client {from} -> proxy {proxy}"
+            ),
+        }
+        Body::Registered {
+            proxy,
+            lease_ms,
+            token,
+        }
+    }
+
+    /// Whether `prev` can be asked for again: on our IP, not the control /
+    /// relay port, and not any registration's proxy (of either transport:
+    /// proxy addresses identify registrations).
+    fn previous_usable(&self, prev: Option<SocketAddr>) -> Option<SocketAddr> {
+        prev.filter(|p| {
+            p.ip() == self.addr.ip()
+                && p.port() != 0
+                && p.port() != self.addr.port()
+                && self.registry.get(p).is_none()
+        })
+    }
+
+    /// Binds a socket on our IP with `bind`, at `prev` if usable, else at an
+    /// ephemeral port not already some registration's proxy address.
+    fn bind_proxy_socket<S>(
+        &self,
+        from: SocketAddr,
+        prev: Option<SocketAddr>,
+        bind: impl Fn(SocketAddr) -> io::Result<S>,
+        addr_of: impl Fn(&S) -> io::Result<SocketAddr>,
+    ) -> io::Result<(S, SocketAddr)> {
+        if let Some(prev) = prev {
+            if let Some(p) = self.previous_usable(Some(prev)) {
+                match bind(p) {
+                    Ok(s) => return Ok((s, p)),
                     Err(e) => log!(
                         Info,
-                        "previous proxy {prev} for {from} unavailable ({e}); assigning a new one"
+                        "previous proxy {p} for {from} unavailable ({e}); assigning a new one"
                     ),
                 }
+            } else {
+                log!(
+                    Info,
+                    "previous proxy {prev} for {from} unavailable (not ours or in use); assigning a new one"
+                );
             }
         }
-        let mut listener = match listener {
-            Some(l) => l,
-            None => match TcpListener::bind(SocketAddr::new(ip, 0)) {
-                Ok(l) => l,
-                Err(e) => {
-                    log!(Error, "cannot bind a proxy socket: {e}");
-                    return Body::error(
-                        ErrorCode::Internal,
-                        format!("cannot bind a proxy socket: {e}"),
-                    );
-                }
-            },
-        };
-        let proxy = match listener.local_addr() {
-            Ok(a) => a,
-            Err(e) => return Body::error(ErrorCode::Internal, e.to_string()),
-        };
+        // TCP and UDP ephemeral ports are drawn independently: a port the
+        // other transport's proxy already has is skipped (held open while
+        // drawing again so the kernel picks another).
+        let mut skipped = Vec::new();
+        for _ in 0..16 {
+            let s = bind(SocketAddr::new(self.addr.ip(), 0))?;
+            let a = addr_of(&s)?;
+            if self.registry.get(&a).is_none() {
+                return Ok((s, a));
+            }
+            skipped.push(s);
+        }
+        Err(io::Error::new(
+            io::ErrorKind::AddrInUse,
+            "no proxy port free of other registrations",
+        ))
+    }
+
+    fn bind_tcp_proxy(
+        &mut self,
+        from: SocketAddr,
+        previous_proxy: Option<SocketAddr>,
+    ) -> io::Result<(SocketAddr, Option<String>)> {
+        let (mut listener, proxy) =
+            self.bind_proxy_socket(from, previous_proxy, TcpListener::bind, |l| l.local_addr())?;
         let token = self.token(Owner::Proxy(proxy));
         if let Err(e) = self
             .poll
@@ -563,19 +668,50 @@ impl Server {
             .register(&mut listener, token, Interest::READABLE)
         {
             self.owners.remove(&token);
-            return Body::error(ErrorCode::Internal, e.to_string());
+            return Err(e);
         }
         self.proxies.insert(proxy, (token, listener));
-        self.registry.insert(from, local, proxy, Instant::now());
-        self.counters.registered += 1;
-        log!(
-            Info,
-            "registered tcp listener local {local} client {from} -> proxy {proxy}"
-        );
-        Body::Registered {
-            proxy,
-            lease_ms,
-            token: None,
+        Ok((proxy, None))
+    }
+
+    fn bind_udp_proxy(
+        &mut self,
+        from: SocketAddr,
+        local: SocketAddr,
+        previous_proxy: Option<SocketAddr>,
+    ) -> io::Result<(SocketAddr, Option<String>)> {
+        let (mut sock, proxy) =
+            self.bind_proxy_socket(from, previous_proxy, UdpSocket::bind, |s| s.local_addr())?;
+        // Bursts (iperf3 -u) must not overflow the default buffers (best
+        // effort: the kernel caps them at net.core.{r,w}mem_max).
+        let _ = socket2::SockRef::from(&sock).set_recv_buffer_size(1 << 20);
+        let _ = socket2::SockRef::from(&sock).set_send_buffer_size(1 << 20);
+        let token = self.token(Owner::UdpProxy(proxy));
+        if let Err(e) = self
+            .poll
+            .registry()
+            .register(&mut sock, token, Interest::READABLE)
+        {
+            self.owners.remove(&token);
+            return Err(e);
+        }
+        let mut secret = [0u8; gcb_proto::UDP_TOKEN_LEN];
+        secret.copy_from_slice(hex(&random_bytes()).as_bytes());
+        let p = UdpProxy {
+            sock,
+            token,
+            secret,
+            data: None,
+            local,
+        };
+        let t = p.token_string();
+        self.udp.insert(proxy, p);
+        Ok((proxy, Some(t)))
+    }
+
+    fn on_udp_proxy(&mut self, proxy: SocketAddr) {
+        if self.udp.on_readable(proxy) && !self.udp_backlog.contains(&proxy) {
+            self.udp_backlog.push(proxy);
         }
     }
 
@@ -588,7 +724,12 @@ impl Server {
         connector_listen: Option<SocketAddr>,
     ) -> Body {
         if transport != Transport::Tcp {
-            return Body::error(ErrorCode::Unsupported, "udp brokering is not supported yet");
+            // GCB UDP senders send to the proxy like any sender: the
+            // broker relays (paper 4.2.2). Hole punching is not brokered yet.
+            return Body::error(
+                ErrorCode::Unsupported,
+                "udp connect_request is not supported: send to the proxy address",
+            );
         }
         let Some(reg) = self.registry.get(&proxy).cloned() else {
             return Body::error(
@@ -719,6 +860,11 @@ impl Server {
         if let Some((token, mut l)) = self.proxies.remove(&proxy) {
             let _ = self.poll.registry().deregister(&mut l);
             self.owners.remove(&token);
+        }
+        if let Some(mut p) = self.udp.remove(&proxy) {
+            let _ = self.poll.registry().deregister(&mut p.sock);
+            self.owners.remove(&p.token);
+            self.udp_backlog.retain(|b| *b != proxy);
         }
     }
 
@@ -1001,15 +1147,18 @@ impl Server {
             }
         }
 
+        self.udp.sweep(t.mono);
+
         for r in self.registry.expire(t.mono) {
             self.counters.expired += 1;
             self.close_proxy(r.proxy);
             log!(
                 Info,
-                "lease expired: proxy {} (local {}, client {})",
+                "lease expired: proxy {} (local {}, client {}, {})",
                 r.proxy,
                 r.local,
-                r.observed
+                r.observed,
+                transport_name(r.transport)
             );
         }
 
@@ -1066,9 +1215,15 @@ impl Server {
         &self.counters
     }
 
+    /// Counters of the UDP data plane.
+    pub fn udp_counters(&self) -> &crate::udpproxy::UdpCounters {
+        &self.udp.counters
+    }
+
     /// Logs the one-line stats summary.
     pub fn log_stats(&self) {
         let c = &self.counters;
+        let u = &self.udp.counters;
         let s = self.ep.stats();
         let junk = s.malformed + s.rejected_total();
         let active_bytes: u64 = self
@@ -1085,7 +1240,12 @@ impl Server {
              proxy_accepts={} conns_refused={} relays_started={} relays_done={} relays_reset={} \
              relay_bytes={} bad_preambles={} preamble_timeouts={} pairing_timeouts={} \
              connect_back_failures={} direct={} reverse={} relay={} reregister_sent={} \
-             datagrams_received={} junk_datagrams={} not_allowed={} error_replies={}",
+             datagrams_received={} junk_datagrams={} not_allowed={} error_replies={} \
+             udp_proxies={} udp_rules={} udp_rules_created={} udp_rules_expired={} \
+             udp_to_listener={} udp_to_listener_bytes={} udp_from_listener={} \
+             udp_from_listener_bytes={} udp_dummies={} udp_drop_bad_token={} \
+             udp_drop_no_listener={} udp_drop_no_rule={} udp_drop_table_full={} \
+             udp_drop_not_frame={} udp_drop_stray={} udp_drop_too_big={} udp_send_errors={}",
             self.registry.len(),
             self.relays.len(),
             self.pending.len(),
@@ -1110,7 +1270,31 @@ impl Server {
             junk,
             c.not_allowed,
             s.error_replies,
+            self.udp.len(),
+            self.udp.rules.len(),
+            self.udp.rules.created,
+            self.udp.rules.expired,
+            u.to_listener,
+            u.to_listener_bytes,
+            u.from_listener,
+            u.from_listener_bytes,
+            u.dummies,
+            u.drop_bad_token,
+            u.drop_no_listener,
+            u.drop_no_rule,
+            u.drop_table_full,
+            u.drop_not_frame,
+            u.drop_stray,
+            u.drop_too_big,
+            u.send_errors,
         );
+    }
+}
+
+fn transport_name(t: Transport) -> &'static str {
+    match t {
+        Transport::Tcp => "tcp",
+        Transport::Udp => "udp",
     }
 }
 

@@ -189,7 +189,7 @@ fn brokered_decisions_direct_and_relay() {
         other => panic!("{other:?}"),
     }
 
-    // Unknown proxy, udp.
+    // Unknown proxy.
     match same.request(Body::ConnectRequest {
         proxy: a("127.0.0.1:1"),
         transport: Transport::Tcp,
@@ -199,10 +199,12 @@ fn brokered_decisions_direct_and_relay() {
         Some(Body::Error { code, .. }) => assert_eq!(code, ErrorCode::NoSuchRegistration),
         other => panic!("{other:?}"),
     }
-    match same.request(Body::Register {
+    // UDP senders send to the proxy; a udp connect_request is not brokered.
+    match same.request(Body::ConnectRequest {
+        proxy,
         transport: Transport::Udp,
-        local: a("10.1.0.6:5000"),
-        previous_proxy: None,
+        connector_local: a("10.1.0.6:5000"),
+        connector_listen: None,
     }) {
         Some(Body::Error { code, .. }) => assert_eq!(code, ErrorCode::Unsupported),
         other => panic!("{other:?}"),

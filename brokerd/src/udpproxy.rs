@@ -1,0 +1,413 @@
+//! The UDP data plane: proxy UDP sockets of UDP registrations, and the
+//! relay between regular senders and the listener (paper 4.2.2, frames in
+//! [`gcb_proto::udp`]).
+//!
+//! Every datagram arriving at a proxy socket is classified by its source:
+//!
+//! * from the listener's **data address** (the source of the last good
+//!   `Dummy`): a `Dummy` keepalive (token checked, answered `DummyAck`) or
+//!   a `To` frame, sent unwrapped to its destination if that destination
+//!   has a live relay rule on this proxy; anything else is dropped
+//!   (`not_frame`, `bad_token`, `no_rule`);
+//! * from anywhere else, a `Dummy` frame: with the right token it sets or
+//!   moves the data address (NAT remapping) and is acked, else `bad_token`;
+//!   other GCBU frames are dropped (`stray`): the broker only ever sends
+//!   those, never relays them;
+//! * anything else is a **sender datagram**: its relay rule is renewed or
+//!   created ([`crate::udprules`]) and it goes to the data address wrapped
+//!   in a `From` frame. Dropped when there is no data address yet
+//!   (`no_listener`), the table is full (`table_full`, a rate-limited log
+//!   line) or it is too big to wrap (`too_big`).
+//!
+//! Datagrams are received into one fixed buffer at offset
+//! [`UDP_HEADER_LEN`], so wrapping writes the header in front of the
+//! payload in place: no per-datagram allocation or copy.
+
+use std::collections::{HashMap, HashSet};
+use std::io;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use gcb_proto::udp::{self, UdpKind, MAX_UDP_PAYLOAD, UDP_HEADER_LEN, UDP_TOKEN_LEN};
+use mio::net::UdpSocket;
+use mio::Token;
+
+use crate::udprules::{RuleLimits, RuleTable, Touch};
+
+/// Datagrams handled per proxy socket before the loop serves others (the
+/// rest is drained on the next turn of the event loop).
+pub const DRAIN_BUDGET: usize = 256;
+
+/// Largest datagram received (anything longer is truncated by the kernel,
+/// and is too big for a frame anyway).
+const RECV_MAX: usize = 65_535;
+
+/// One UDP registration's proxy socket.
+pub struct UdpProxy {
+    /// The socket (bound on the listen IP).
+    pub sock: UdpSocket,
+    /// Its poll token.
+    pub token: Token,
+    /// The registration token, ASCII lowercase hex.
+    pub secret: [u8; UDP_TOKEN_LEN],
+    /// Where the listener's frames come from and `From` frames go (the NAT
+    /// mapping of the program's socket toward the proxy), once a Dummy
+    /// arrived.
+    pub data: Option<SocketAddr>,
+    /// The listener's local address (for log lines).
+    pub local: SocketAddr,
+}
+
+impl UdpProxy {
+    /// The token as a string (for `registered{token}`).
+    pub fn token_string(&self) -> String {
+        String::from_utf8_lossy(&self.secret).into_owned()
+    }
+}
+
+/// Counters of the UDP data plane (printed in the stats line).
+#[derive(Debug, Default, Clone)]
+pub struct UdpCounters {
+    /// Sender datagrams relayed to listeners (`From` frames sent).
+    pub to_listener: u64,
+    /// Their payload bytes.
+    pub to_listener_bytes: u64,
+    /// Listener datagrams relayed to senders (`To` frames honoured).
+    pub from_listener: u64,
+    /// Their payload bytes.
+    pub from_listener_bytes: u64,
+    /// Good Dummy frames (acked).
+    pub dummies: u64,
+    /// Dummy frames with a wrong or missing token.
+    pub drop_bad_token: u64,
+    /// Sender datagrams before the listener sent any Dummy.
+    pub drop_no_listener: u64,
+    /// `To` frames to a destination without a live rule.
+    pub drop_no_rule: u64,
+    /// New senders refused because the rule table is full.
+    pub drop_table_full: u64,
+    /// Datagrams from the data address that are not a Dummy or To frame.
+    pub drop_not_frame: u64,
+    /// GCBU frames other than Dummy from addresses other than the data
+    /// address, and Dummies from the broker's own sockets.
+    pub drop_stray: u64,
+    /// Sender datagrams larger than [`MAX_UDP_PAYLOAD`].
+    pub drop_too_big: u64,
+    /// Sends that failed (full socket buffer, unreachable...).
+    pub send_errors: u64,
+}
+
+/// Logs at most once per interval, counting what it suppressed.
+#[derive(Debug)]
+pub struct RateLimit {
+    every: Duration,
+    next: Option<Instant>,
+    suppressed: u64,
+}
+
+impl RateLimit {
+    /// At most one line per `every`.
+    pub fn new(every: Duration) -> Self {
+        RateLimit {
+            every,
+            next: None,
+            suppressed: 0,
+        }
+    }
+
+    /// Some(lines suppressed since the last one) if a line may be logged now.
+    pub fn allow(&mut self, now: Instant) -> Option<u64> {
+        if self.next.is_some_and(|n| now < n) {
+            self.suppressed += 1;
+            return None;
+        }
+        self.next = Some(now + self.every);
+        Some(std::mem::take(&mut self.suppressed))
+    }
+}
+
+/// Proxy sockets, rules, counters and the receive buffer.
+pub struct UdpPlane {
+    /// Proxy sockets by proxy address.
+    proxies: HashMap<SocketAddr, UdpProxy>,
+    /// The broker's own UDP addresses (control and proxies): a Dummy from
+    /// one of them would make a relay loop, so it is dropped.
+    own: HashSet<SocketAddr>,
+    /// Relay rules.
+    pub rules: RuleTable,
+    /// Counters.
+    pub counters: UdpCounters,
+    buf: Box<[u8]>,
+    full_log: RateLimit,
+    drop_log: RateLimit,
+}
+
+/// " (N similar lines suppressed)" when N > 0.
+fn suppressed(n: u64) -> String {
+    if n == 0 {
+        String::new()
+    } else {
+        format!(" ({n} similar lines suppressed)")
+    }
+}
+
+fn would_block(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::WouldBlock
+}
+
+impl UdpPlane {
+    /// An empty plane.
+    pub fn new(limits: RuleLimits, control: SocketAddr) -> Self {
+        UdpPlane {
+            proxies: HashMap::new(),
+            own: HashSet::from([control]),
+            rules: RuleTable::new(limits),
+            counters: UdpCounters::default(),
+            buf: vec![0u8; UDP_HEADER_LEN + RECV_MAX].into_boxed_slice(),
+            full_log: RateLimit::new(Duration::from_secs(1)),
+            drop_log: RateLimit::new(Duration::from_secs(1)),
+        }
+    }
+
+    /// Adds a proxy socket (the caller registered it with the poller).
+    pub fn insert(&mut self, proxy: SocketAddr, p: UdpProxy) {
+        self.own.insert(proxy);
+        self.proxies.insert(proxy, p);
+    }
+
+    /// The proxy socket at `proxy`.
+    pub fn get(&self, proxy: &SocketAddr) -> Option<&UdpProxy> {
+        self.proxies.get(proxy)
+    }
+
+    /// Number of proxy sockets.
+    pub fn len(&self) -> usize {
+        self.proxies.len()
+    }
+
+    /// True when there are no proxy sockets.
+    pub fn is_empty(&self) -> bool {
+        self.proxies.is_empty()
+    }
+
+    /// Removes a proxy and its rules (the caller deregisters the socket).
+    pub fn remove(&mut self, proxy: &SocketAddr) -> Option<UdpProxy> {
+        let p = self.proxies.remove(proxy)?;
+        self.own.remove(proxy);
+        self.rules.remove_proxy(proxy);
+        Some(p)
+    }
+
+    /// Drains up to [`DRAIN_BUDGET`] datagrams from `proxy`'s socket.
+    /// Returns true if the budget ran out (more may be waiting: call again
+    /// on the next turn; edge-triggered readiness will not repeat).
+    pub fn on_readable(&mut self, proxy: SocketAddr) -> bool {
+        let UdpPlane {
+            proxies,
+            own,
+            rules,
+            counters,
+            buf,
+            full_log,
+            drop_log,
+        } = self;
+        let Some(p) = proxies.get_mut(&proxy) else {
+            return false;
+        };
+        for _ in 0..DRAIN_BUDGET {
+            let (n, src) = match p.sock.recv_from(&mut buf[UDP_HEADER_LEN..]) {
+                Ok(x) => x,
+                Err(e) if would_block(&e) => return false,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // Asynchronous errors (ICMP) are consumed by the call.
+                    log!(Debug, "udp proxy {proxy}: recv: {e}");
+                    continue;
+                }
+            };
+            let now = Instant::now();
+            let from_listener = p.data == Some(src);
+            let frame = &buf[UDP_HEADER_LEN..UDP_HEADER_LEN + n];
+            let parsed = udp::parse(frame);
+            match parsed {
+                Some((UdpKind::Dummy, _, tok)) => {
+                    if !udp::token_eq(tok, &p.secret) {
+                        counters.drop_bad_token += 1;
+                        if let Some(s) = drop_log.allow(now) {
+                            log!(
+                                Info,
+                                "udp proxy {proxy}: dropped Dummy with a wrong token from {src}{}",
+                                suppressed(s)
+                            );
+                        }
+                        continue;
+                    }
+                    if own.contains(&src) {
+                        counters.drop_stray += 1;
+                        log!(
+                            Warn,
+                            "udp proxy {proxy}: dropped Dummy from broker socket {src}"
+                        );
+                        continue;
+                    }
+                    let SocketAddr::V4(src4) = src else {
+                        counters.drop_stray += 1;
+                        continue;
+                    };
+                    counters.dummies += 1;
+                    match p.data {
+                        Some(old) if old == src => {
+                            log!(Debug, "udp proxy {proxy}: keepalive from {src}")
+                        }
+                        Some(old) => log!(
+                            Info,
+                            "udp proxy {proxy}: listener data address moved {old} -> {src} (local {})",
+                            p.local
+                        ),
+                        None => log!(
+                            Info,
+                            "udp proxy {proxy}: listener data address {src} (local {})",
+                            p.local
+                        ),
+                    }
+                    p.data = Some(src);
+                    let mut ack = [0u8; UDP_HEADER_LEN + UDP_TOKEN_LEN];
+                    let len =
+                        udp::write_frame(&mut ack, UdpKind::DummyAck, src4, &p.secret).unwrap_or(0);
+                    if let Err(e) = p.sock.send_to(&ack[..len], src) {
+                        counters.send_errors += 1;
+                        log!(Debug, "udp proxy {proxy}: DummyAck to {src}: {e}");
+                    }
+                }
+                Some((UdpKind::To, dest, payload)) if from_listener => {
+                    let dest = SocketAddr::V4(dest);
+                    if !rules.reply(proxy, dest, now) {
+                        counters.drop_no_rule += 1;
+                        if let Some(s) = drop_log.allow(now) {
+                            log!(
+                                Info,
+                                "udp proxy {proxy}: dropped listener datagram to {dest}: no live relay rule{}",
+                                suppressed(s)
+                            );
+                        }
+                        continue;
+                    }
+                    let len = payload.len();
+                    match p.sock.send_to(payload, dest) {
+                        Ok(_) => {
+                            counters.from_listener += 1;
+                            counters.from_listener_bytes += len as u64;
+                        }
+                        Err(e) => {
+                            counters.send_errors += 1;
+                            log!(Debug, "udp proxy {proxy}: send to {dest}: {e}");
+                        }
+                    }
+                }
+                _ if from_listener => {
+                    counters.drop_not_frame += 1;
+                    if let Some(s) = drop_log.allow(now) {
+                        log!(
+                            Info,
+                            "udp proxy {proxy}: dropped {n}-byte datagram from the listener ({src}): not a Dummy or To frame{}",
+                            suppressed(s)
+                        );
+                    }
+                }
+                Some((kind, ..)) => {
+                    counters.drop_stray += 1;
+                    if let Some(s) = drop_log.allow(now) {
+                        log!(
+                            Info,
+                            "udp proxy {proxy}: dropped stray {kind:?} frame from {src}{}",
+                            suppressed(s)
+                        );
+                    }
+                }
+                None => {
+                    // A sender datagram.
+                    if n > MAX_UDP_PAYLOAD {
+                        counters.drop_too_big += 1;
+                        if let Some(s) = drop_log.allow(now) {
+                            log!(
+                                Info,
+                                "udp proxy {proxy}: dropped {n}-byte datagram from {src}: larger than {MAX_UDP_PAYLOAD} cannot be relayed{}",
+                                suppressed(s)
+                            );
+                        }
+                        continue;
+                    }
+                    let SocketAddr::V4(src4) = src else {
+                        counters.drop_stray += 1;
+                        continue;
+                    };
+                    let Some(data) = p.data else {
+                        counters.drop_no_listener += 1;
+                        if let Some(s) = drop_log.allow(now) {
+                            log!(
+                                Info,
+                                "udp proxy {proxy}: dropped datagram from {src}: the listener has not sent its Dummy yet{}",
+                                suppressed(s)
+                            );
+                        }
+                        continue;
+                    };
+                    match rules.touch(proxy, src, now) {
+                        Touch::Live => {}
+                        Touch::Created => {
+                            log!(Debug, "udp proxy {proxy}: relay rule for {src}")
+                        }
+                        Touch::Full(why) => {
+                            counters.drop_table_full += 1;
+                            if let Some(s) = full_log.allow(now) {
+                                log!(
+                                    Warn,
+                                    "udp proxy {proxy}: refused new sender {src}: {why}{}",
+                                    suppressed(s)
+                                );
+                            }
+                            continue;
+                        }
+                    }
+                    buf[..UDP_HEADER_LEN].copy_from_slice(&udp::write_header(UdpKind::From, src4));
+                    match p.sock.send_to(&buf[..UDP_HEADER_LEN + n], data) {
+                        Ok(_) => {
+                            counters.to_listener += 1;
+                            counters.to_listener_bytes += n as u64;
+                        }
+                        Err(e) => {
+                            counters.send_errors += 1;
+                            log!(Debug, "udp proxy {proxy}: send to listener {data}: {e}");
+                        }
+                    }
+                }
+            }
+        }
+        true
+    }
+
+    /// Removes dead rules (called by the sweep).
+    pub fn sweep(&mut self, now: Instant) {
+        for (proxy, sender) in self.rules.expire(now) {
+            log!(Debug, "udp proxy {proxy}: relay rule for {sender} expired");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_limit_counts_suppressed_lines() {
+        let mut r = RateLimit::new(Duration::from_secs(1));
+        let t = Instant::now();
+        assert_eq!(r.allow(t), Some(0));
+        assert_eq!(r.allow(t + Duration::from_millis(10)), None);
+        assert_eq!(r.allow(t + Duration::from_millis(999)), None);
+        assert_eq!(r.allow(t + Duration::from_millis(1000)), Some(2));
+        assert_eq!(r.allow(t + Duration::from_millis(2500)), Some(0));
+        assert_eq!(suppressed(0), "");
+        assert_eq!(suppressed(3), " (3 similar lines suppressed)");
+    }
+}
