@@ -396,6 +396,7 @@ local_addr = "%(a1)s:7000"
                 "iperf-gcb")
         m = wait_file_re(dlog, r"DPF mapped Tcp %s:5202 -> public ([0-9.]+:\d+)" % re.escape(A1))
         s["iperf_dpf"] = m.group(1)
+        self.dpf_log = dlog
         m = wait_file_re(glog, r"registered %s:5203 with broker.*?: proxy ([0-9.]+:\d+)" % re.escape(A1))
         s["iperf_gcb"] = m.group(1)
         log("iperf3 servers: plain a1:5201 (static %s:31000), DPF %s, GCB proxy %s"
@@ -431,6 +432,11 @@ local_addr = "%(a1)s:7000"
         for r in range(self.iperf_runs):
             order = C[r % len(C):] + C[:r % len(C)]
             for (k, title, host, pre, (h, p), udp) in order:
+                if k in ("dpf", "udp_dpf"):
+                    # The mapping's public port can change when iperf3 re-listens (see
+                    # BENCHMARKS.md): use the one the shim logged last.
+                    h, p = re.findall(r"DPF mapped Tcp %s:5202 -> public ([0-9.]+):(\d+)" % re.escape(A1),
+                                      open(self.dpf_log).read())[-1]
                 cmd = pre + ["iperf3", "-c", h, "-p", p, "-t", str(self.iperf_t), "-J",
                              "--connect-timeout", "5000"]
                 if udp:
@@ -511,17 +517,20 @@ local_addr = "%(a1)s:7000"
         # listener behind NAT: the broker also sends connect_back) and direct (same NAT)
         runs = 3 if self.quick else 5
         dur = "2" if self.quick else "3"
-        res = {"reverse": [], "direct": [], "raw": []}
+        res = {"reverse": [], "direct": [], "raw": [], "reverse_pre_busy": [], "direct_pre_busy": []}
+        # A fresh broker for every (run, kind): the broker's reply cache is global
+        # (see BENCHMARKS.md), so one kind's requests must not starve the next one's.
         for r in range(runs):
-            port = str(9710 + r)
-            b = L.spawn("p1", [BROKERD, "--listen", P1 + ":" + port, "--stats-interval-secs", "0"],
-                        "broker-conn%d" % r)
-            time.sleep(0.4)
-            lst = L.spawn("a1", [REG, "--broker", P1 + ":" + port, "--bind", A1, "listen"],
-                          "conn-listener%d" % r, stdout=subprocess.PIPE)
-            proxy = json.loads(read_line(lst, 15, "proxy"))["proxy"]
-            for kind, host, bind, extra in (("reverse", "p2", P2, ["--connector-listen", P2 + ":5999"]),
-                                            ("direct", "a2", "10.1.0.12", [])):
+            for ki, (kind, host, bind, extra) in enumerate(
+                    (("reverse", "p2", P2, ["--connector-listen", P2 + ":5999"]),
+                     ("direct", "a2", "10.1.0.12", []))):
+                port = str(9710 + 2 * r + ki)
+                b = L.spawn("p1", [BROKERD, "--listen", P1 + ":" + port, "--stats-interval-secs", "0"],
+                            "broker-conn%d%s" % (r, kind))
+                time.sleep(0.4)
+                lst = L.spawn("a1", [REG, "--broker", P1 + ":" + port, "--bind", A1, "listen"],
+                              "conn-listener%d%s" % (r, kind), stdout=subprocess.PIPE)
+                proxy = json.loads(read_line(lst, 15, "proxy"))["proxy"]
                 o = L.sh(host, [REG, "--broker", P1 + ":" + port, "--bind", bind, "connect",
                                 "--proxy", proxy, "--duration", dur, "--window", "64"] + extra,
                          check=False, timeout=60)
@@ -532,9 +541,12 @@ local_addr = "%(a1)s:7000"
                 jj["kind"], jj["run"] = kind, r
                 res["raw"].append(jj)
                 res[kind].append(jj.get("decisions_per_s", 0))
-            L.stop(lst)
-            L.stop(b)
+                res[kind + "_pre_busy"].append(jj.get("rate_before_first_busy") or jj.get("decisions_per_s", 0))
+                L.stop(lst)
+                L.stop(b)
         sc["connects"] = {"reverse_per_s": spread(res["reverse"]), "direct_per_s": spread(res["direct"]),
+                          "reverse_per_s_before_first_busy": spread(res["reverse_pre_busy"]),
+                          "direct_per_s_before_first_busy": spread(res["direct_pre_busy"]),
                           "raw": res["raw"], "duration_s": float(dur), "window": 64}
         log("  connects/s: reverse %s direct %s" % (med(res["reverse"]), med(res["direct"])))
         # (c) 1,000 concurrent relayed connections (plain p2 -> proxy -> a1 GCB server)

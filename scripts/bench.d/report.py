@@ -114,10 +114,13 @@ def scale_md(res):
         def s(v):
             return "%.0f/s (%.0f-%.0f)" % (v["median"], v["min"], v["max"]) if v.get("median") is not None else "n/a"
         out.append("- brokered connects (connect_request -> connect_decision, window %s, %s s per run, fresh broker per run): "
-                   "reverse **%s**, direct **%s**" % (c["window"], c["duration_s"], s(c["reverse_per_s"]), s(c["direct_per_s"])))
+                   "reverse **%s**, direct **%s** sustained; before the first `busy`: reverse %s, direct %s"
+                   % (c["window"], c["duration_s"], s(c["reverse_per_s"]), s(c["direct_per_s"]),
+                      s(c.get("reverse_per_s_before_first_busy", {})), s(c.get("direct_per_s_before_first_busy", {}))))
         for raw in c.get("raw", [])[:2]:
-            out.append("  - run %s %s: sent %s, by route %s, latency median %s us p99 %s us"
+            out.append("  - run %s %s: sent %s, by route %s, first busy after %s decisions at %.3f s, latency median %s us p99 %s us"
                        % (raw.get("run"), raw.get("kind"), raw.get("sent"), raw.get("by_route"),
+                          raw.get("first_busy_after"), raw.get("first_busy_at_s") or 0,
                           raw.get("latency_us_median"), raw.get("latency_us_p99")))
     rl = sc.get("relays")
     if rl:

@@ -72,7 +72,10 @@ fn now() -> Now {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0);
-    Now { mono: Instant::now(), unix_ms }
+    Now {
+        mono: Instant::now(),
+        unix_ms,
+    }
 }
 
 struct Gen {
@@ -87,8 +90,16 @@ impl Gen {
         let sock = UdpSocket::bind(SocketAddr::new(bind, 0))?;
         let r = random_bytes(8)?;
         let session = u64::from_le_bytes(r.try_into().unwrap_or([7; 8]));
-        let cfg = Config { max_outstanding: 4096, ..Config::default() };
-        Ok(Gen { sock, ep: Endpoint::new(cfg, None, session), broker, connect_backs: 0 })
+        let cfg = Config {
+            max_outstanding: 4096,
+            ..Config::default()
+        };
+        Ok(Gen {
+            sock,
+            ep: Endpoint::new(cfg, None, session),
+            broker,
+            connect_backs: 0,
+        })
     }
 
     fn flush(&mut self) {
@@ -171,7 +182,11 @@ fn register(g: &mut Gen, bind: IpAddr, count: usize, window: usize, hold: u64, m
         }
         while inflight.len() < window {
             let Some(i) = todo.pop_front() else { break };
-            let body = Body::Register { transport: Transport::Tcp, local: local(i), previous_proxy: None };
+            let body = Body::Register {
+                transport: Transport::Tcp,
+                local: local(i),
+                previous_proxy: None,
+            };
             match g.request(body) {
                 Some(id) => {
                     inflight.insert(id, i);
@@ -188,7 +203,9 @@ fn register(g: &mut Gen, bind: IpAddr, count: usize, window: usize, hold: u64, m
                 Event::Timeout { request, .. } => (request, None),
                 Event::Request { .. } => continue,
             };
-            let Some(i) = inflight.remove(&req) else { continue };
+            let Some(i) = inflight.remove(&req) else {
+                continue;
+            };
             match body {
                 Some(Body::Registered { proxy, .. }) => proxies.push(proxy),
                 Some(b) => {
@@ -235,12 +252,19 @@ fn register(g: &mut Gen, bind: IpAddr, count: usize, window: usize, hold: u64, m
 }
 
 fn register_one(g: &mut Gen, local: SocketAddr) -> SocketAddr {
-    let _ = g.request(Body::Register { transport: Transport::Tcp, local, previous_proxy: None });
+    let _ = g.request(Body::Register {
+        transport: Transport::Tcp,
+        local,
+        previous_proxy: None,
+    });
     let t0 = Instant::now();
     while t0.elapsed() < Duration::from_secs(15) {
         for ev in g.pump(Duration::from_millis(20)) {
             match ev {
-                Event::Response { body: Body::Registered { proxy, .. }, .. } => return proxy,
+                Event::Response {
+                    body: Body::Registered { proxy, .. },
+                    ..
+                } => return proxy,
                 Event::Response { body, .. } => die(PROG, format!("register: {}", code_of(&body))),
                 Event::Timeout { .. } => die(PROG, "register: timeout"),
                 Event::Request { .. } => {}
@@ -270,7 +294,14 @@ fn listen(g: &mut Gen, bind: IpAddr, port: u16) -> ! {
     }
 }
 
-fn connect(g: &mut Gen, bind: IpAddr, proxy: SocketAddr, duration: f64, window: usize, cl: Option<SocketAddr>) {
+fn connect(
+    g: &mut Gen,
+    bind: IpAddr,
+    proxy: SocketAddr,
+    duration: f64,
+    window: usize,
+    cl: Option<SocketAddr>,
+) {
     let local = SocketAddr::new(bind, g.sock.local_addr().map(|a| a.port()).unwrap_or(1));
     let mut inflight: HashMap<RequestId, Instant> = HashMap::new();
     let mut routes: BTreeMap<String, u64> = BTreeMap::new();
@@ -278,9 +309,17 @@ fn connect(g: &mut Gen, bind: IpAddr, proxy: SocketAddr, duration: f64, window: 
     let t0 = Instant::now();
     let end = t0 + Duration::from_secs_f64(duration);
     let mut sent = 0u64;
-    while Instant::now() < end || (!inflight.is_empty() && t0.elapsed().as_secs_f64() < duration + 12.0) {
+    let mut first_busy: Option<(u64, f64)> = None;
+    while Instant::now() < end
+        || (!inflight.is_empty() && t0.elapsed().as_secs_f64() < duration + 12.0)
+    {
         while Instant::now() < end && inflight.len() < window {
-            let body = Body::ConnectRequest { proxy, transport: Transport::Tcp, connector_local: local, connector_listen: cl };
+            let body = Body::ConnectRequest {
+                proxy,
+                transport: Transport::Tcp,
+                connector_local: local,
+                connector_listen: cl,
+            };
             match g.request(body) {
                 Some(id) => {
                     inflight.insert(id, Instant::now());
@@ -294,9 +333,15 @@ fn connect(g: &mut Gen, bind: IpAddr, proxy: SocketAddr, duration: f64, window: 
                 Event::Response { request, body, .. } => (
                     request,
                     match body {
-                        Body::ConnectDecision { route: Route::Direct { .. } } => "direct".to_owned(),
-                        Body::ConnectDecision { route: Route::Reverse { .. } } => "reverse".to_owned(),
-                        Body::ConnectDecision { route: Route::Relay { .. } } => "relay".to_owned(),
+                        Body::ConnectDecision {
+                            route: Route::Direct { .. },
+                        } => "direct".to_owned(),
+                        Body::ConnectDecision {
+                            route: Route::Reverse { .. },
+                        } => "reverse".to_owned(),
+                        Body::ConnectDecision {
+                            route: Route::Relay { .. },
+                        } => "relay".to_owned(),
                         other => format!("error:{}", code_of(&other)),
                     },
                 ),
@@ -304,6 +349,14 @@ fn connect(g: &mut Gen, bind: IpAddr, proxy: SocketAddr, duration: f64, window: 
                 Event::Request { .. } => continue,
             };
             if let Some(t) = inflight.remove(&req) {
+                if key == "error:busy" && first_busy.is_none() {
+                    let ok: u64 = routes
+                        .iter()
+                        .filter(|(k, _)| !k.starts_with("error") && *k != "timeout")
+                        .map(|(_, v)| v)
+                        .sum();
+                    first_busy = Some((ok, t0.elapsed().as_secs_f64()));
+                }
                 if !key.starts_with("error") && key != "timeout" {
                     lat_us.push(t.elapsed().as_micros() as u64);
                 }
@@ -312,7 +365,11 @@ fn connect(g: &mut Gen, bind: IpAddr, proxy: SocketAddr, duration: f64, window: 
         }
     }
     let secs = t0.elapsed().as_secs_f64().min(duration).max(1e-9);
-    let ok: u64 = routes.iter().filter(|(k, _)| !k.starts_with("error") && *k != "timeout").map(|(_, v)| v).sum();
+    let ok: u64 = routes
+        .iter()
+        .filter(|(k, _)| !k.starts_with("error") && *k != "timeout")
+        .map(|(_, v)| v)
+        .sum();
     lat_us.sort_unstable();
     let med = lat_us.get(lat_us.len() / 2).copied();
     let p99 = lat_us.get(lat_us.len() * 99 / 100).copied();
@@ -321,6 +378,9 @@ fn connect(g: &mut Gen, bind: IpAddr, proxy: SocketAddr, duration: f64, window: 
         json!({"ok": ok > 0, "sent": sent, "decisions": ok, "duration_s": secs,
                "decisions_per_s": ok as f64 / secs, "window": window, "by_route": routes,
                "latency_us_median": med, "latency_us_p99": p99,
+               "first_busy_after": first_busy.map(|(n, _)| n),
+               "first_busy_at_s": first_busy.map(|(_, s)| s),
+               "rate_before_first_busy": first_busy.map(|(n, s)| n as f64 / s.max(1e-9)),
                "retransmits": g.ep.stats().retransmits}),
     );
 }
@@ -329,12 +389,18 @@ fn main() {
     let args = Args::parse();
     let mut g = Gen::new(args.bind, args.broker).unwrap_or_else(|e| die(PROG, e));
     match args.cmd {
-        Cmd::Register { count, window, hold_secs, max_secs } => {
-            register(&mut g, args.bind, count, window, hold_secs, max_secs)
-        }
+        Cmd::Register {
+            count,
+            window,
+            hold_secs,
+            max_secs,
+        } => register(&mut g, args.bind, count, window, hold_secs, max_secs),
         Cmd::Listen { port } => listen(&mut g, args.bind, port),
-        Cmd::Connect { proxy, duration, window, connector_listen } => {
-            connect(&mut g, args.bind, proxy, duration, window, connector_listen)
-        }
+        Cmd::Connect {
+            proxy,
+            duration,
+            window,
+            connector_listen,
+        } => connect(&mut g, args.bind, proxy, duration, window, connector_listen),
     }
 }
