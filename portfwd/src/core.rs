@@ -186,6 +186,10 @@ pub struct Core<K: KernelBackend> {
     epoch: u64,
     next_port: u16,
     born: HashMap<Key, Instant>,
+    /// The private address each public port was last handed to (memory only): a port
+    /// handed back to the same private address keeps its conntrack flows, which are that
+    /// socket's own (iperf3 -u re-binds its port while a connected flow still uses it).
+    last_holder: HashMap<Key, SocketAddrV4>,
     failures: HashMap<SocketAddrV4, u32>,
     buckets: HashMap<Ipv4Addr, Bucket>,
     counters: Counters,
@@ -258,6 +262,7 @@ impl<K: KernelBackend> Core<K> {
             kernel,
             epoch,
             born,
+            last_holder: HashMap::new(),
             failures: HashMap::new(),
             buckets: HashMap::new(),
             counters: Counters::default(),
@@ -517,6 +522,8 @@ impl<K: KernelBackend> Core<K> {
                 };
                 let key = (t, port);
                 let removed = self.table.insert(key, entry);
+                // Old flows to this port are flushed unless they were this address's own.
+                let same_holder = self.last_holder.insert(key, private) == Some(private);
                 let mut plan = Plan {
                     reply: Some(Body::Forwarded {
                         public: public(port),
@@ -524,7 +531,7 @@ impl<K: KernelBackend> Core<K> {
                     }),
                     kind: PlanKind::Added,
                     pre: vec![Record::Add(key, entry)],
-                    flush: vec![key],
+                    flush: if same_holder { vec![] } else { vec![key] },
                     undo: vec![Undo::Remove(key)],
                     ..Plan::default()
                 };
@@ -1118,6 +1125,36 @@ mod tests {
         assert_consistent(&c);
         // The port handed out had its conntrack entries flushed.
         assert_eq!(c.kernel().flushed, vec![(Transport::Tcp, 20000)]);
+    }
+
+    #[test]
+    fn a_port_back_to_its_last_holder_keeps_its_flows() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = open(dir.path());
+        let del = |ip, port| Body::Delete {
+            transport: Transport::Tcp,
+            private: sa(ip, port),
+        };
+        assert_eq!(
+            public_port(&one(&mut c, A1, fwd(A1, 8080, Some(20005), 41000))),
+            20005
+        );
+        one(&mut c, A1, del(A1, 8080));
+        c.kernel_mut().flushed.clear();
+        // The same socket address re-binds (iperf3 -u): its own flows stay.
+        assert_eq!(
+            public_port(&one(&mut c, A1, fwd(A1, 8080, Some(20005), 41001))),
+            20005
+        );
+        assert!(c.kernel().flushed.is_empty(), "{:?}", c.kernel().flushed);
+        one(&mut c, A1, del(A1, 8080));
+        // Another client gets the port: the old flows go.
+        assert_eq!(
+            public_port(&one(&mut c, A2, fwd(A2, 9090, Some(20005), 41002))),
+            20005
+        );
+        assert_eq!(c.kernel().flushed, vec![(Transport::Tcp, 20005)]);
+        assert_consistent(&c);
     }
 
     #[test]

@@ -83,6 +83,8 @@ struct State {
     public_ip: Option<Ipv4Addr>,
     /// Destination IPs that are not portfwd's, until the given time.
     negative: HashMap<Ipv4Addr, Instant>,
+    /// Public ports of mappings this process released, by (transport, private address).
+    recent: HashMap<(Transport, SocketAddrV4), u16>,
 }
 
 pub struct DpfClient {
@@ -185,6 +187,7 @@ impl DpfClient {
                 local_ip: None,
                 public_ip: None,
                 negative: HashMap::new(),
+                recent: HashMap::new(),
             }),
         }
     }
@@ -325,13 +328,38 @@ impl DpfClient {
             ))
         })?;
         let probe_port = net::sock_name(probe.fd(), false).map_or(0, |a| a.port());
-        let body = Body::Forward {
+        // Ask for the public port this private address had (a program that re-creates its
+        // socket, as iperf3 does after each test, keeps its advertised address) or that
+        // the other protocol has on it (iperf3 -u uses TCP and UDP on one port).
+        let desired = st
+            .recent
+            .get(&(transport, private))
+            .copied()
+            .or_else(|| {
+                st.live
+                    .iter()
+                    .find(|l| l.private == private)
+                    .map(|l| l.public.port())
+            })
+            .or_else(|| {
+                st.recent
+                    .iter()
+                    .find(|((_, p), _)| *p == private)
+                    .map(|(_, port)| *port)
+            });
+        let forward = |desired_public_port| Body::Forward {
             transport,
             private: SocketAddr::V4(private),
-            desired_public_port: None,
+            desired_public_port,
             probe_port,
         };
-        let answer = self.request(&mut st, body, FORWARD_DEADLINE);
+        let mut answer = self.request(&mut st, forward(desired), FORWARD_DEADLINE);
+        if desired.is_some()
+            && matches!(&answer, Ok(Answer::Body(Body::Error { code, .. })) if *code == ErrorCode::PortRange)
+        {
+            // Our old port went to someone else: take any.
+            answer = self.request(&mut st, forward(None), FORWARD_DEADLINE);
+        }
         let fail = |r: Refusal| {
             drop_owned(&probe);
             Err(r)
@@ -404,6 +432,10 @@ impl DpfClient {
         };
         let mut st = self.state.lock();
         st.live.retain(|l| !Arc::ptr_eq(&l.probe, &d.probe));
+        if st.recent.len() >= 256 {
+            st.recent.clear();
+        }
+        st.recent.insert((d.transport, d.private), d.public.port());
         drop_owned(&d.probe);
         if closing && d.inode != 0 && crate::gcb::client::held_elsewhere(d.inode) {
             return;
