@@ -109,8 +109,13 @@ pub fn write_line(level: Level, args: fmt::Arguments<'_>) {
     let fd = LOG_FD.load(Ordering::Relaxed);
     let mut off = 0;
     while off < b.len {
-        // SAFETY: the pointer/length pair lies within `b.buf`. write(2) is not interposed.
-        let r = unsafe { libc::write(fd, b.buf[off..].as_ptr().cast(), b.len - off) };
+        // The real write(2), not our hook: logging happens with or without the guard, and
+        // the log file is a shim-owned fd the hook would refuse.
+        let r = match crate::sys::write() {
+            // SAFETY: the pointer/length pair lies within `b.buf`.
+            Some(w) => unsafe { w(fd, b.buf[off..].as_ptr().cast(), b.len - off) },
+            None => -1,
+        };
         if r <= 0 {
             // SAFETY: see above.
             if r < 0 && unsafe { *libc::__errno_location() } == libc::EINTR {

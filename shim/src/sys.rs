@@ -148,6 +148,20 @@ real_fn!(
 );
 
 real_fn!(
+    READ,
+    read,
+    read_loaded,
+    c"read",
+    unsafe extern "C" fn(c_int, *mut c_void, size_t) -> ssize_t
+);
+real_fn!(
+    WRITE,
+    write,
+    write_loaded,
+    c"write",
+    unsafe extern "C" fn(c_int, *const c_void, size_t) -> ssize_t
+);
+real_fn!(
     RECV,
     recv,
     recv_loaded,
@@ -316,6 +330,8 @@ pub fn resolve_all() {
     let _ = epoll_wait();
     let _ = epoll_pwait();
     let _ = epoll_pwait2();
+    let _ = read();
+    let _ = write();
     let _ = recv();
     let _ = recv_chk();
     let _ = recvfrom();

@@ -1,8 +1,9 @@
-//! recv, __recv_chk, recvfrom, __recvfrom_chk, recvmsg, send, sendto, sendmsg.
+//! read, write, recv, __recv_chk, recvfrom, __recvfrom_chk, recvmsg, send, sendto, sendmsg.
 //!
 //! The hot path of every program: an unmanaged fd costs one table lookup and the real call.
-//! (read/write are not interposed yet; a GCB layer that needs the AEH inside read() on a
-//! managed socket adds them here with the same shape.)
+//! read/write reach the layer as `recv`/`send` with no flags and no address, only for
+//! managed sockets (a GCB UDP socket's datagrams carry relay framing that read() must not
+//! show; iperf3 reads its UDP socket with read()).
 
 use libc::{c_int, c_void, msghdr, size_t, sockaddr, socklen_t, ssize_t};
 
@@ -26,6 +27,78 @@ const NO_ADDR: AddrOut = AddrOut {
     ptr: std::ptr::null_mut(),
     len: std::ptr::null_mut(),
 };
+
+#[no_mangle]
+/// Hook for read(2).
+///
+/// # Safety
+/// C ABI; same contract as libc read.
+pub unsafe extern "C" fn read(fd: c_int, buf: *mut c_void, len: size_t) -> ssize_t {
+    if !fdtable::is_marked(fd) {
+        if let Some(f) = sys::read_loaded() {
+            // SAFETY: the real function, with the program's unchanged arguments.
+            return unsafe { f(fd, buf, len) };
+        }
+    }
+    #[inline(never)]
+    unsafe fn slow(fd: c_int, buf: *mut c_void, len: size_t) -> ssize_t {
+        let real = move || call_real!(sys::read, fd, buf, len);
+        run(
+            move || {
+                io_logic(
+                    fd,
+                    IoCall::Recv {
+                        buf,
+                        len,
+                        flags: 0,
+                        from: NO_ADDR,
+                    },
+                )
+            },
+            real,
+        )
+    }
+    // SAFETY: the same arguments, under the same C contract.
+    unsafe { slow(fd, buf, len) }
+}
+
+#[no_mangle]
+/// Hook for write(2).
+///
+/// # Safety
+/// C ABI; same contract as libc write.
+pub unsafe extern "C" fn write(fd: c_int, buf: *const c_void, len: size_t) -> ssize_t {
+    if !fdtable::is_marked(fd) {
+        if let Some(f) = sys::write_loaded() {
+            // SAFETY: the real function, with the program's unchanged arguments.
+            return unsafe { f(fd, buf, len) };
+        }
+    }
+    #[inline(never)]
+    unsafe fn slow(fd: c_int, buf: *const c_void, len: size_t) -> ssize_t {
+        let real = move || call_real!(sys::write, fd, buf, len);
+        let to = AddrIn {
+            ptr: std::ptr::null(),
+            len: 0,
+        };
+        run(
+            move || {
+                io_logic(
+                    fd,
+                    IoCall::Send {
+                        buf,
+                        len,
+                        flags: 0,
+                        to,
+                    },
+                )
+            },
+            real,
+        )
+    }
+    // SAFETY: the same arguments, under the same C contract.
+    unsafe { slow(fd, buf, len) }
+}
 
 #[no_mangle]
 /// Hook for recv(2).
