@@ -134,7 +134,10 @@ fn open(addr: SocketAddr, timeout: Duration) -> io::Result<(TcpStream, Duration)
     s.read_exact(&mut g).map_err(|e| ctx(e, "first byte"))?;
     let dt = t0.elapsed();
     if g[0] != b'G' {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, "bad greeting byte"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "bad greeting byte",
+        ));
     }
     s.set_write_timeout(Some(timeout))?;
     s.set_nodelay(true)?;
@@ -145,7 +148,8 @@ fn echo_tcp(s: &mut TcpStream, data: &[u8]) -> io::Result<Duration> {
     let mut back = vec![0u8; data.len()];
     let t0 = Instant::now();
     s.write_all(data).map_err(|e| ctx(e, "send"))?;
-    s.read_exact(&mut back).map_err(|e| ctx(e, "receive echo"))?;
+    s.read_exact(&mut back)
+        .map_err(|e| ctx(e, "receive echo"))?;
     let dt = t0.elapsed();
     if back != data {
         return Err(io::Error::new(io::ErrorKind::InvalidData, "echo mismatch"));
@@ -162,22 +166,44 @@ fn echo_udp(s: &UdpSocket, data: &[u8]) -> io::Result<()> {
             match s.recv(&mut buf) {
                 Ok(n) if &buf[..n] == data => return Ok(()),
                 Ok(_) => continue, // a late echo of an earlier try
-                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => break,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    break
+                }
                 Err(e) => return Err(ctx(e, "recv")),
             }
         }
     }
-    Err(io::Error::new(io::ErrorKind::TimedOut, "no udp echo after 5 tries"))
+    Err(io::Error::new(
+        io::ErrorKind::TimedOut,
+        "no udp echo after 5 tries",
+    ))
 }
 
-fn client(addr: SocketAddr, count: usize, size: usize, udp: bool, timeout: Duration) -> io::Result<serde_json::Value> {
+fn client(
+    addr: SocketAddr,
+    count: usize,
+    size: usize,
+    udp: bool,
+    timeout: Duration,
+) -> io::Result<serde_json::Value> {
     let mut conn = Vec::with_capacity(count);
     let mut echo = Vec::with_capacity(count);
     for i in 0..count {
         let data = random_bytes(size)?;
         if udp {
             let t0 = Instant::now();
-            let bind: SocketAddr = if addr.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().unwrap();
+            let bind: SocketAddr = if addr.is_ipv4() {
+                "0.0.0.0:0"
+            } else {
+                "[::]:0"
+            }
+            .parse()
+            .unwrap();
             let s = UdpSocket::bind(bind)?;
             s.connect(addr)?;
             s.set_read_timeout(Some(timeout.min(Duration::from_secs(1))))?;
@@ -196,7 +222,12 @@ fn client(addr: SocketAddr, count: usize, size: usize, udp: bool, timeout: Durat
     Ok(json!({"ok": true, "connect_us": conn, "echo_us": echo}))
 }
 
-fn hold(addr: SocketAddr, n: usize, size: usize, timeout: Duration) -> (serde_json::Value, Vec<TcpStream>) {
+fn hold(
+    addr: SocketAddr,
+    n: usize,
+    size: usize,
+    timeout: Duration,
+) -> (serde_json::Value, Vec<TcpStream>) {
     let t0 = Instant::now();
     let mut conns = Vec::with_capacity(n);
     let mut err = None;
@@ -230,25 +261,38 @@ fn hold(addr: SocketAddr, n: usize, size: usize, timeout: Duration) -> (serde_js
         }
     }
     let total_ms = t0.elapsed().as_millis() as u64;
-    (json!({"ok": err.is_none() && verified == n, "requested": n, "opened": conns.len(),
+    (
+        json!({"ok": err.is_none() && verified == n, "requested": n, "opened": conns.len(),
            "verified": verified, "bytes_each": size, "open_ms": open_ms, "total_ms": total_ms,
-           "error": err}), conns)
+           "error": err}),
+        conns,
+    )
 }
 
 fn main() {
     let args = Args::parse();
     match args.cmd {
         Cmd::Serve { bind, udp } => serve(bind, udp),
-        Cmd::Client { addr, count, size, udp, timeout } => {
-            match client(addr, count, size, udp, Duration::from_secs(timeout)) {
-                Ok(v) => say(PROG, v),
-                Err(e) => {
-                    say(PROG, json!({"ok": false, "error": e.to_string()}));
-                    std::process::exit(1);
-                }
+        Cmd::Client {
+            addr,
+            count,
+            size,
+            udp,
+            timeout,
+        } => match client(addr, count, size, udp, Duration::from_secs(timeout)) {
+            Ok(v) => say(PROG, v),
+            Err(e) => {
+                say(PROG, json!({"ok": false, "error": e.to_string()}));
+                std::process::exit(1);
             }
-        }
-        Cmd::Hold { addr, conns, size, timeout, linger } => {
+        },
+        Cmd::Hold {
+            addr,
+            conns,
+            size,
+            timeout,
+            linger,
+        } => {
             let (v, held) = hold(addr, conns, size, Duration::from_secs(timeout));
             let ok = v["ok"].as_bool().unwrap_or(false);
             say(PROG, v);
