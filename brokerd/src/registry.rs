@@ -63,7 +63,9 @@ pub struct Limits {
 #[derive(Debug)]
 pub struct Registry {
     limits: Limits,
-    by_proxy: HashMap<SocketAddr, Registration>,
+    /// Keyed by (transport, proxy): a TCP and a UDP proxy may share a port (HTCondor
+    /// and iperf3 -u use one port number for both).
+    by_proxy: HashMap<(Transport, SocketAddr), Registration>,
     by_key: HashMap<(SocketAddr, SocketAddr, Transport), SocketAddr>,
     per_client: HashMap<SocketAddr, usize>,
 }
@@ -94,9 +96,9 @@ impl Registry {
         self.by_proxy.is_empty()
     }
 
-    /// The registration behind a proxy address.
-    pub fn get(&self, proxy: &SocketAddr) -> Option<&Registration> {
-        self.by_proxy.get(proxy)
+    /// The registration behind a proxy address of a transport.
+    pub fn get(&self, transport: Transport, proxy: &SocketAddr) -> Option<&Registration> {
+        self.by_proxy.get(&(transport, *proxy))
     }
 
     /// The proxy already registered for (client, local, transport), if any:
@@ -109,7 +111,7 @@ impl Registry {
         now: Instant,
     ) -> Option<SocketAddr> {
         let proxy = *self.by_key.get(&(observed, local, transport))?;
-        if let Some(r) = self.by_proxy.get_mut(&proxy) {
+        if let Some(r) = self.by_proxy.get_mut(&(transport, proxy)) {
             r.expires = now + self.limits.lease;
         }
         Some(proxy)
@@ -138,41 +140,56 @@ impl Registry {
     ) -> &Registration {
         self.by_key.insert((observed, local, transport), proxy);
         *self.per_client.entry(observed).or_insert(0) += 1;
-        self.by_proxy.entry(proxy).or_insert(Registration {
-            observed,
-            local,
-            transport,
-            proxy,
-            expires: now + self.limits.lease,
-        })
+        self.by_proxy
+            .entry((transport, proxy))
+            .or_insert(Registration {
+                observed,
+                local,
+                transport,
+                proxy,
+                expires: now + self.limits.lease,
+            })
     }
 
-    /// Renews `proxy` if `observed` owns it; false if unknown to this client.
+    /// Renews the registrations (of either transport) at `proxy` that `observed` owns;
+    /// false if none is known to this client. Heartbeats name proxies by address only.
     pub fn renew(&mut self, observed: SocketAddr, proxy: SocketAddr, now: Instant) -> bool {
-        match self.by_proxy.get_mut(&proxy) {
-            Some(r) if r.observed == observed => {
-                r.expires = now + self.limits.lease;
-                true
+        let mut any = false;
+        for t in [Transport::Tcp, Transport::Udp] {
+            if let Some(r) = self.by_proxy.get_mut(&(t, proxy)) {
+                if r.observed == observed {
+                    r.expires = now + self.limits.lease;
+                    any = true;
+                }
             }
-            _ => false,
         }
+        any
     }
 
-    /// Removes `proxy` on behalf of `observed`.
+    /// Removes the registration at `proxy` on behalf of `observed`: of `transport`, or
+    /// (None, from an older client) of the transport registered there (TCP first).
     pub fn remove(
         &mut self,
         observed: SocketAddr,
+        transport: Option<Transport>,
         proxy: SocketAddr,
     ) -> Result<Registration, RegistryError> {
-        match self.by_proxy.get(&proxy) {
+        let t = match transport {
+            Some(t) => t,
+            None => [Transport::Tcp, Transport::Udp]
+                .into_iter()
+                .find(|t| self.by_proxy.contains_key(&(*t, proxy)))
+                .ok_or(RegistryError::NoSuch(proxy))?,
+        };
+        match self.by_proxy.get(&(t, proxy)) {
             None => Err(RegistryError::NoSuch(proxy)),
             Some(r) if r.observed != observed => Err(RegistryError::NotOwner(proxy)),
-            Some(_) => Ok(self.take(proxy).expect("present")),
+            Some(_) => Ok(self.take((t, proxy)).expect("present")),
         }
     }
 
-    fn take(&mut self, proxy: SocketAddr) -> Option<Registration> {
-        let r = self.by_proxy.remove(&proxy)?;
+    fn take(&mut self, key: (Transport, SocketAddr)) -> Option<Registration> {
+        let r = self.by_proxy.remove(&key)?;
         self.by_key.remove(&(r.observed, r.local, r.transport));
         if let Some(n) = self.per_client.get_mut(&r.observed) {
             *n -= 1;
@@ -185,11 +202,11 @@ impl Registry {
 
     /// Removes and returns every registration whose lease ran out.
     pub fn expire(&mut self, now: Instant) -> Vec<Registration> {
-        let dead: Vec<SocketAddr> = self
+        let dead: Vec<(Transport, SocketAddr)> = self
             .by_proxy
             .values()
             .filter(|r| r.expires <= now)
-            .map(|r| r.proxy)
+            .map(|r| (r.transport, r.proxy))
             .collect();
         dead.into_iter().filter_map(|p| self.take(p)).collect()
     }
@@ -232,9 +249,9 @@ mod tests {
         r.insert(c, l, Udp, pu, t);
         assert_eq!(r.existing(c, l, Udp, t), Some(pu));
         assert_eq!(r.existing(c, l, Tcp, t), Some(p));
-        assert_eq!(r.get(&pu).unwrap().transport, Udp);
+        assert_eq!(r.get(Udp, &pu).unwrap().transport, Udp);
         assert_eq!(r.len(), 2);
-        r.remove(c, pu).unwrap();
+        r.remove(c, Some(Udp), pu).unwrap();
         assert_eq!(r.existing(c, l, Udp, t), None);
         assert_eq!(r.existing(c, l, Tcp, t), Some(p));
         assert_eq!(r.len(), 1);
@@ -255,13 +272,34 @@ mod tests {
         let dead = r.expire(t0 + Duration::from_secs(35));
         assert_eq!(dead.len(), 1);
         assert_eq!(dead[0].proxy, p2);
-        assert!(r.get(&p2).is_none());
-        assert!(r.get(&p1).is_some());
+        assert!(r.get(Tcp, &p2).is_none());
+        assert!(r.get(Tcp, &p1).is_some());
         let dead = r.expire(t0 + Duration::from_secs(65));
         assert_eq!(dead.len(), 1);
         assert!(r.is_empty());
         // Counters went back to zero: the client may register again.
         assert_eq!(r.check_quota(c), Ok(()));
+    }
+
+    #[test]
+    fn tcp_and_udp_share_a_proxy_port() {
+        let mut r = reg(10, 10);
+        let t = Instant::now();
+        let (c, l, p) = (a("1.2.3.4:1000"), a("10.0.0.2:5201"), a("5.6.7.8:40000"));
+        r.insert(c, l, Tcp, p, t);
+        r.insert(c, l, Udp, p, t);
+        assert_eq!(r.len(), 2);
+        assert!(r.renew(c, p, t + Duration::from_secs(30)));
+        assert!(
+            r.expire(t + Duration::from_secs(40)).is_empty(),
+            "both renewed"
+        );
+        // Closing the TCP listener leaves the UDP socket registered.
+        assert_eq!(r.remove(c, Some(Tcp), p).unwrap().transport, Tcp);
+        assert!(r.get(Udp, &p).is_some());
+        // An older client's unregister without a transport takes what is there.
+        assert_eq!(r.remove(c, None, p).unwrap().transport, Udp);
+        assert!(r.is_empty());
     }
 
     #[test]
@@ -295,12 +333,15 @@ mod tests {
         let c = a("1.1.1.1:1");
         let p = a("9.9.9.9:1");
         r.insert(c, a("10.0.0.1:1"), Tcp, p, t);
-        assert_eq!(r.remove(a("2.2.2.2:2"), p), Err(RegistryError::NotOwner(p)));
         assert_eq!(
-            r.remove(c, a("9.9.9.9:2")),
+            r.remove(a("2.2.2.2:2"), Some(Tcp), p),
+            Err(RegistryError::NotOwner(p))
+        );
+        assert_eq!(
+            r.remove(c, Some(Tcp), a("9.9.9.9:2")),
             Err(RegistryError::NoSuch(a("9.9.9.9:2")))
         );
-        assert_eq!(r.remove(c, p).unwrap().proxy, p);
+        assert_eq!(r.remove(c, None, p).unwrap().proxy, p);
         assert!(r.is_empty());
         assert_eq!(r.existing(c, a("10.0.0.1:1"), Tcp, t), None);
     }

@@ -484,23 +484,25 @@ impl Server {
                 local,
                 previous_proxy,
             } => self.on_register(from, transport, local, previous_proxy),
-            Body::Unregister { proxy } => match self.registry.remove(from, proxy) {
-                Ok(r) => {
-                    self.close_proxy(r.proxy);
-                    log!(
-                        Info,
-                        "unregistered proxy {} (local {}, client {from}, {})",
-                        r.proxy,
-                        r.local,
-                        transport_name(r.transport)
-                    );
-                    Body::Ack {}
+            Body::Unregister { proxy, transport } => {
+                match self.registry.remove(from, transport, proxy) {
+                    Ok(r) => {
+                        self.close_proxy(r.transport, r.proxy);
+                        log!(
+                            Info,
+                            "unregistered proxy {} (local {}, client {from}, {})",
+                            r.proxy,
+                            r.local,
+                            transport_name(r.transport)
+                        );
+                        Body::Ack {}
+                    }
+                    Err(e @ RegistryError::NotOwner(_)) => {
+                        Body::error(ErrorCode::NotOwner, e.to_string())
+                    }
+                    Err(e) => Body::error(ErrorCode::NoSuchRegistration, e.to_string()),
                 }
-                Err(e @ RegistryError::NotOwner(_)) => {
-                    Body::error(ErrorCode::NotOwner, e.to_string())
-                }
-                Err(e) => Body::error(ErrorCode::NoSuchRegistration, e.to_string()),
-            },
+            }
             Body::Heartbeat { proxies } => {
                 let t = Instant::now();
                 let unknown: Vec<SocketAddr> = proxies
@@ -599,15 +601,20 @@ impl Server {
         }
     }
 
-    /// Whether `prev` can be asked for again: on our IP, not the control /
-    /// relay port, and not any registration's proxy (of either transport:
-    /// proxy addresses identify registrations).
-    fn previous_usable(&self, prev: Option<SocketAddr>) -> Option<SocketAddr> {
+    /// Whether `prev` can be asked for again for `transport`: on our IP, not the
+    /// control / relay port, and not another registration's proxy of that transport.
+    /// (The other transport's proxy on the same port is fine: a program that uses one
+    /// port number for TCP and UDP keeps one number through the broker too.)
+    fn previous_usable(
+        &self,
+        transport: Transport,
+        prev: Option<SocketAddr>,
+    ) -> Option<SocketAddr> {
         prev.filter(|p| {
             p.ip() == self.addr.ip()
                 && p.port() != 0
                 && p.port() != self.addr.port()
-                && self.registry.get(p).is_none()
+                && self.registry.get(transport, p).is_none()
         })
     }
 
@@ -615,13 +622,14 @@ impl Server {
     /// ephemeral port not already some registration's proxy address.
     fn bind_proxy_socket<S>(
         &self,
+        transport: Transport,
         from: SocketAddr,
         prev: Option<SocketAddr>,
         bind: impl Fn(SocketAddr) -> io::Result<S>,
         addr_of: impl Fn(&S) -> io::Result<SocketAddr>,
     ) -> io::Result<(S, SocketAddr)> {
         if let Some(prev) = prev {
-            if let Some(p) = self.previous_usable(Some(prev)) {
+            if let Some(p) = self.previous_usable(transport, Some(prev)) {
                 match bind(p) {
                     Ok(s) => return Ok((s, p)),
                     Err(e) => log!(
@@ -643,7 +651,11 @@ impl Server {
         for _ in 0..16 {
             let s = bind(SocketAddr::new(self.addr.ip(), 0))?;
             let a = addr_of(&s)?;
-            if self.registry.get(&a).is_none() {
+            // A fresh port is kept free of the other transport's proxies too, so
+            // that a later registration can ask for the same number.
+            if self.registry.get(Transport::Tcp, &a).is_none()
+                && self.registry.get(Transport::Udp, &a).is_none()
+            {
                 return Ok((s, a));
             }
             skipped.push(s);
@@ -659,8 +671,13 @@ impl Server {
         from: SocketAddr,
         previous_proxy: Option<SocketAddr>,
     ) -> io::Result<(SocketAddr, Option<String>)> {
-        let (mut listener, proxy) =
-            self.bind_proxy_socket(from, previous_proxy, TcpListener::bind, |l| l.local_addr())?;
+        let (mut listener, proxy) = self.bind_proxy_socket(
+            Transport::Tcp,
+            from,
+            previous_proxy,
+            TcpListener::bind,
+            |l| l.local_addr(),
+        )?;
         let token = self.token(Owner::Proxy(proxy));
         if let Err(e) = self
             .poll
@@ -681,7 +698,9 @@ impl Server {
         previous_proxy: Option<SocketAddr>,
     ) -> io::Result<(SocketAddr, Option<String>)> {
         let (mut sock, proxy) =
-            self.bind_proxy_socket(from, previous_proxy, UdpSocket::bind, |s| s.local_addr())?;
+            self.bind_proxy_socket(Transport::Udp, from, previous_proxy, UdpSocket::bind, |s| {
+                s.local_addr()
+            })?;
         // Bursts (iperf3 -u) must not overflow the default buffers (best
         // effort: the kernel caps them at net.core.{r,w}mem_max).
         let _ = socket2::SockRef::from(&sock).set_recv_buffer_size(1 << 20);
@@ -731,7 +750,7 @@ impl Server {
                 "udp connect_request is not supported: send to the proxy address",
             );
         }
-        let Some(reg) = self.registry.get(&proxy).cloned() else {
+        let Some(reg) = self.registry.get(Transport::Tcp, &proxy).cloned() else {
             return Body::error(
                 ErrorCode::NoSuchRegistration,
                 format!("no registration for {proxy}"),
@@ -856,10 +875,13 @@ impl Server {
         self.relays.len() + self.pending.len()
     }
 
-    fn close_proxy(&mut self, proxy: SocketAddr) {
-        if let Some((token, mut l)) = self.proxies.remove(&proxy) {
-            let _ = self.poll.registry().deregister(&mut l);
-            self.owners.remove(&token);
+    fn close_proxy(&mut self, transport: Transport, proxy: SocketAddr) {
+        if transport == Transport::Tcp {
+            if let Some((token, mut l)) = self.proxies.remove(&proxy) {
+                let _ = self.poll.registry().deregister(&mut l);
+                self.owners.remove(&token);
+            }
+            return;
         }
         if let Some(mut p) = self.udp.remove(&proxy) {
             let _ = self.poll.registry().deregister(&mut p.sock);
@@ -886,7 +908,7 @@ impl Server {
                 }
             };
             self.counters.proxy_accepts += 1;
-            let Some(reg) = self.registry.get(&proxy).cloned() else {
+            let Some(reg) = self.registry.get(Transport::Tcp, &proxy).cloned() else {
                 return;
             };
             if self.relay_load() >= self.cfg.max_relays {
@@ -1151,7 +1173,7 @@ impl Server {
 
         for r in self.registry.expire(t.mono) {
             self.counters.expired += 1;
-            self.close_proxy(r.proxy);
+            self.close_proxy(r.transport, r.proxy);
             log!(
                 Info,
                 "lease expired: proxy {} (local {}, client {}, {})",

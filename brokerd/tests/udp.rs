@@ -247,7 +247,10 @@ fn udp_relay_both_ways_and_bad_input() {
     silent(&sender, "To from the old data address");
 
     // Unregister closes the proxy socket.
-    match ctl.request(Body::Unregister { proxy }) {
+    match ctl.request(Body::Unregister {
+        proxy,
+        transport: Some(Transport::Udp),
+    }) {
         Some(Body::Ack {}) => {}
         other => panic!("{other:?}"),
     }
@@ -402,11 +405,22 @@ fn udp_registration_lease_previous_proxy_and_distinct_ports() {
     silent(&data, "old token");
     dummy(&data, proxy, &token2);
     round_trip(&sender, &data, proxy, b"new lease", b"ok");
-    // A TCP registration asking for the UDP proxy's address gets another
-    // port: proxy addresses name one registration.
+    // A TCP registration asking for the UDP proxy's address gets the same port
+    // (one port number for TCP and UDP, as HTCondor and iperf3 -u use), and the
+    // UDP registration there keeps working.
     match ctl.request(Body::Register {
         transport: Transport::Tcp,
         local: a("10.1.0.5:7001"),
+        previous_proxy: Some(proxy),
+    }) {
+        Some(Body::Registered { proxy: p, .. }) => assert_eq!(p, proxy),
+        other => panic!("{other:?}"),
+    }
+    round_trip(&sender, &data, proxy, b"still udp", b"ok");
+    // A second UDP registration cannot take a port a UDP proxy already has.
+    match ctl.request(Body::Register {
+        transport: Transport::Udp,
+        local: a("10.1.0.5:7002"),
         previous_proxy: Some(proxy),
     }) {
         Some(Body::Registered { proxy: p, .. }) => assert_ne!(p, proxy),

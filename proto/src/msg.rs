@@ -252,6 +252,10 @@ pub enum Body {
     Unregister {
         /// The proxy address `registered` returned.
         proxy: SocketAddr,
+        /// Which registration at that address (a TCP and a UDP proxy may share a
+        /// port); absent from older clients: the one registered there.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        transport: Option<Transport>,
     },
     /// Keep-alive for the listed registrations and the client's NAT hole.
     Heartbeat {
@@ -701,6 +705,11 @@ mod tests {
             },
             Body::Unregister {
                 proxy: a("203.0.113.10:40001"),
+                transport: None,
+            },
+            Body::Unregister {
+                proxy: a("203.0.113.10:40001"),
+                transport: Some(Transport::Udp),
             },
             Body::Heartbeat {
                 proxies: vec![a("203.0.113.10:40001"), a("[2001:db8::1]:7")],

@@ -44,29 +44,38 @@ impl Layer for Stack {
     }
 
     fn on_bind(&self, fd: c_int, entry: Option<&Arc<FdEntry>>, addr: AddrIn) -> Outcome<c_int> {
-        let Some(d) = &self.dpf else {
+        if self.dpf.is_none() && self.gcb.is_none() {
             return Outcome::Bypass;
-        };
+        }
         // SAFETY: the program's own arguments, under bind's contract.
         if unsafe { libc::bind(fd, addr.ptr, addr.len) } != 0 {
             return Outcome::Error(errno());
         }
-        match d.on_bound(fd, entry) {
-            Ok(()) | Err(Refusal::NotApplicable) => Outcome::Handled(0),
-            Err(Refusal::Refused(e, why)) => {
-                if self.gcb.is_some() {
+        if let Some(d) = &self.dpf {
+            match d.on_bound(fd, entry) {
+                Ok(()) => return Outcome::Handled(0),
+                Err(Refusal::NotApplicable) => {}
+                Err(Refusal::Refused(e, why)) => {
+                    if self.gcb.is_none() {
+                        crate::warn!("{}", why);
+                        return Outcome::Error(e);
+                    }
                     crate::debug!("{}; GCB serves this socket", why);
-                    Outcome::Handled(0)
-                } else {
-                    crate::warn!("{}", why);
-                    Outcome::Error(e)
+                }
+                Err(Refusal::Unreachable(why)) => {
+                    if self.gcb.is_none() {
+                        crate::warn!("{}; serving locally only", why);
+                        return Outcome::Handled(0);
+                    }
+                    crate::warn!("{}; GCB serves this socket", why);
                 }
             }
-            Err(Refusal::Unreachable(why)) => {
-                crate::warn!("{}; serving locally only", why);
-                Outcome::Handled(0)
-            }
         }
+        if let Some(g) = &self.gcb {
+            // UDP sockets register at bind; TCP listeners at listen().
+            g.on_bound_udp(fd, entry);
+        }
+        Outcome::Handled(0)
     }
 
     fn on_listen(&self, fd: c_int, entry: Option<&Arc<FdEntry>>, backlog: c_int) -> Outcome<c_int> {

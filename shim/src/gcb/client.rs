@@ -112,18 +112,31 @@ struct Registration {
     chan: u64,
     /// The socket's table entry (to update its proxy after a re-registration).
     entry: Weak<FdEntry>,
+    /// For a UDP socket: its keepalive state.
+    udp: Option<UdpReg>,
+}
+
+/// A registered UDP socket's token and Dummy schedule.
+struct UdpReg {
+    token: Vec<u8>,
+    acked: bool,
+    next_dummy: Instant,
+    backoff: Duration,
 }
 
 /// What a request in flight is for, when nobody blocks on it.
 enum Pending {
     Heartbeat,
     Reregister {
-        old_proxy: SocketAddrV4,
+        old: RegKey,
     },
     Unregister,
     /// A caller is blocked in [`Client::request`]; its answer goes to `answers`.
     Waiter,
 }
+
+/// A registration's identity: its transport and proxy address.
+type RegKey = (Transport, SocketAddrV4);
 
 /// A control channel of the GCB client.
 type Channel = control::Channel<Pending>;
@@ -145,7 +158,8 @@ pub struct Client {
     families: Vec<Channel>,
     private: Option<Channel>,
     mailbox: Option<Mailbox>,
-    regs: HashMap<SocketAddrV4, Registration>,
+    /// Keyed by (transport, proxy): a TCP and a UDP proxy may share a port.
+    regs: HashMap<RegKey, Registration>,
     heartbeat: Ticker,
     /// Destinations (proxy candidates) not to broker, until the given time.
     negative: HashMap<SocketAddrV4, Instant>,
@@ -154,12 +168,17 @@ pub struct Client {
     /// Proxies of listeners this process closed, by local address: a program that
     /// listens again on the same address (iperf3 does after every test) asks for the
     /// same proxy back, so the address it advertised stays valid.
-    recent: HashMap<SocketAddrV4, (SocketAddrV4, Instant)>,
+    recent: HashMap<(Transport, SocketAddrV4), (SocketAddrV4, Instant)>,
     /// Placeholder connections still being established (the listener's backlog was full).
     placeholders: Vec<(c_int, Instant)>,
     /// The configured heartbeat interval; the broker's lease may ask for more often.
     heartbeat_every: Duration,
+    /// Stray datagrams dropped on GCB UDP sockets.
+    udp_stray: u64,
 }
+
+/// First retry of an unacknowledged Dummy (doubling up to the heartbeat interval).
+const DUMMY_RETRY: Duration = Duration::from_millis(200);
 
 /// How long a closed listener's proxy is asked for again.
 const RECENT_TTL: Duration = Duration::from_secs(600);
@@ -180,6 +199,7 @@ impl Client {
             recent: HashMap::new(),
             placeholders: Vec::new(),
             heartbeat_every: heartbeat,
+            udp_stray: 0,
         }
     }
 
@@ -330,6 +350,9 @@ impl Client {
         if !self.placeholders.is_empty() {
             add(Instant::now() + Duration::from_millis(50));
         }
+        for u in self.regs.values().filter_map(|r| r.udp.as_ref()) {
+            add(u.next_dummy);
+        }
         t
     }
 
@@ -348,8 +371,11 @@ impl Client {
         let t = now();
         if !self.regs.is_empty() && self.heartbeat.poll(t.mono) {
             let mut by_chan: HashMap<u64, Vec<SocketAddr>> = HashMap::new();
-            for (p, r) in &self.regs {
-                by_chan.entry(r.chan).or_default().push(SocketAddr::V4(*p));
+            for ((_, p), r) in &self.regs {
+                let v = by_chan.entry(r.chan).or_default();
+                if !v.contains(&SocketAddr::V4(*p)) {
+                    v.push(SocketAddr::V4(*p));
+                }
             }
             for (chan, proxies) in by_chan {
                 let Some(c) = self.chan(chan) else { continue };
@@ -363,6 +389,7 @@ impl Client {
         if !self.placeholders.is_empty() {
             self.reap_placeholders();
         }
+        self.udp_keepalive(t.mono);
         for c in self.families.iter_mut().chain(self.private.as_mut()) {
             c.flush();
         }
@@ -380,14 +407,14 @@ impl Client {
                     } => self.on_connect_back(connect_id, dial, proxy, logical_peer),
                     Body::ReregisterRequest {} => {
                         crate::info!("broker {} asks us to register again", self.broker);
-                        let mine: Vec<SocketAddrV4> = self
+                        let mine: Vec<RegKey> = self
                             .regs
                             .iter()
                             .filter(|(_, r)| r.chan == chan)
-                            .map(|(p, _)| *p)
+                            .map(|(k, _)| *k)
                             .collect();
-                        for p in mine {
-                            self.reregister(p);
+                        for k in mine {
+                            self.reregister(k);
                         }
                         Body::Ack {}
                     }
@@ -409,13 +436,13 @@ impl Client {
                     Some(Pending::Heartbeat) => {
                         if let Body::HeartbeatAck { unknown } = body {
                             for p in unknown.into_iter().filter_map(net::v4) {
-                                self.reregister(p);
+                                for t in [Transport::Tcp, Transport::Udp] {
+                                    self.reregister((t, p));
+                                }
                             }
                         }
                     }
-                    Some(Pending::Reregister { old_proxy }) => {
-                        self.on_reregistered(old_proxy, body)
-                    }
+                    Some(Pending::Reregister { old }) => self.on_reregistered(old, body),
                     Some(Pending::Unregister) | None => {}
                 }
             }
@@ -428,8 +455,8 @@ impl Client {
                     Some(Pending::Heartbeat) => {
                         crate::debug!("heartbeat to broker {} unanswered", self.broker)
                     }
-                    Some(Pending::Reregister { old_proxy }) => {
-                        crate::warn!("re-registration of {} unanswered; will retry", old_proxy)
+                    Some(Pending::Reregister { old }) => {
+                        crate::warn!("re-registration of {} unanswered; will retry", old.1)
                     }
                     _ => {}
                 }
@@ -448,11 +475,7 @@ impl Client {
         let chan = self
             .own_family()
             .map_err(|e| format!("no control socket to broker {}: {}", self.broker, errstr(e)))?;
-        let previous = self
-            .recent
-            .remove(&local)
-            .filter(|(_, at)| at.elapsed() < RECENT_TTL)
-            .map(|(p, _)| SocketAddr::V4(p));
+        let previous = self.previous_for(Transport::Tcp, local);
         let body = Body::Register {
             transport: Transport::Tcp,
             local: SocketAddr::V4(local),
@@ -474,13 +497,14 @@ impl Client {
                 let proxy = net::v4(proxy).ok_or("broker gave an IPv6 proxy")?;
                 self.fit_heartbeat(lease_ms);
                 self.regs.insert(
-                    proxy,
+                    (Transport::Tcp, proxy),
                     Registration {
                         local,
                         listen_at,
                         inode: inode(fd).unwrap_or(0),
                         chan,
                         entry: Arc::downgrade(entry),
+                        udp: None,
                     },
                 );
                 self.heartbeat.reset(Instant::now());
@@ -493,6 +517,135 @@ impl Client {
                 "unexpected answer {} to register",
                 other.type_name()
             )),
+        }
+    }
+
+    /// Register a bound UDP socket; returns its proxy and token.
+    pub fn register_udp(
+        &mut self,
+        local: SocketAddrV4,
+        entry: &Arc<FdEntry>,
+        fd: c_int,
+    ) -> Result<(SocketAddrV4, Vec<u8>), String> {
+        let chan = self
+            .own_family()
+            .map_err(|e| format!("no control socket to broker {}: {}", self.broker, errstr(e)))?;
+        let previous = self.previous_for(Transport::Udp, local);
+        let body = Body::Register {
+            transport: Transport::Udp,
+            local: SocketAddr::V4(local),
+            previous_proxy: previous,
+        };
+        match self.request_on(chan, body, REGISTER_DEADLINE) {
+            Err(e) => Err(format!(
+                "cannot reach broker {}: {}",
+                self.broker,
+                errstr(e)
+            )),
+            Ok(Answer::Timeout) => Err(format!(
+                "broker {} did not answer within {:?}",
+                self.broker, REGISTER_DEADLINE
+            )),
+            Ok(Answer::Body(Body::Registered {
+                proxy,
+                lease_ms,
+                token: Some(token),
+            })) => {
+                let proxy = net::v4(proxy).ok_or("broker gave an IPv6 proxy")?;
+                self.fit_heartbeat(lease_ms);
+                let token = token.into_bytes();
+                self.regs.insert(
+                    (Transport::Udp, proxy),
+                    Registration {
+                        local,
+                        listen_at: local,
+                        inode: inode(fd).unwrap_or(0),
+                        chan,
+                        entry: Arc::downgrade(entry),
+                        udp: Some(UdpReg {
+                            token: token.clone(),
+                            acked: false,
+                            next_dummy: Instant::now() + DUMMY_RETRY,
+                            backoff: DUMMY_RETRY,
+                        }),
+                    },
+                );
+                self.heartbeat.reset(Instant::now());
+                Ok((proxy, token))
+            }
+            Ok(Answer::Body(Body::Error { code, reason })) => {
+                Err(format!("broker refused: {code:?}: {reason}"))
+            }
+            Ok(Answer::Body(other)) => {
+                Err(format!("unexpected answer {:?} to a udp register", other))
+            }
+        }
+    }
+
+    /// The proxy to ask for when registering `local` for `transport`: the one it had
+    /// before (a re-created socket keeps its advertised address), else the number the
+    /// other transport has on the same local address (one port for TCP and UDP).
+    fn previous_for(&mut self, transport: Transport, local: SocketAddrV4) -> Option<SocketAddr> {
+        let recent = self
+            .recent
+            .remove(&(transport, local))
+            .filter(|(_, at)| at.elapsed() < RECENT_TTL)
+            .map(|(p, _)| p);
+        let sibling = || {
+            self.regs
+                .iter()
+                .find(|((t, _), r)| *t != transport && r.local == local)
+                .map(|((_, p), _)| *p)
+        };
+        recent.or_else(sibling).map(SocketAddr::V4)
+    }
+
+    /// The broker acknowledged a Dummy of the UDP socket registered as `proxy`.
+    pub fn udp_acked(&mut self, proxy: SocketAddrV4) {
+        let every = self.heartbeat.interval();
+        if let Some(u) = self
+            .regs
+            .get_mut(&(Transport::Udp, proxy))
+            .and_then(|r| r.udp.as_mut())
+        {
+            u.acked = true;
+            u.backoff = DUMMY_RETRY;
+            u.next_dummy = Instant::now() + every;
+        }
+    }
+
+    /// Count a stray datagram dropped on a GCB UDP socket; returns the total.
+    pub fn count_udp_stray(&mut self) -> u64 {
+        self.udp_stray += 1;
+        self.udp_stray
+    }
+
+    /// Keepalive Dummies from the program's UDP sockets: until the broker acks one,
+    /// retried quickly with backoff; then once per heartbeat interval (keeps the NAT
+    /// mapping toward the proxy open).
+    fn udp_keepalive(&mut self, now: Instant) {
+        let every = self.heartbeat.interval();
+        for ((_, proxy), r) in self.regs.iter_mut() {
+            let Some(u) = r.udp.as_mut() else { continue };
+            if now < u.next_dummy {
+                continue;
+            }
+            let Some(fd) = r
+                .entry
+                .upgrade()
+                .and_then(|e| fdtable::fds_of(&e).first().copied())
+            else {
+                continue;
+            };
+            super::udp::send_dummy(fd, *proxy, &u.token);
+            if u.acked {
+                // Expect an ack again; if none comes, fall back to quick retries.
+                u.acked = false;
+                u.next_dummy = now + every;
+            } else {
+                u.backoff = (u.backoff * 2).min(every);
+                u.next_dummy = now + u.backoff;
+            }
         }
     }
 
@@ -509,8 +662,8 @@ impl Client {
 
     /// This process closed its last fd of the listening socket registered as `proxy`.
     /// The registration ends when no other process holds the socket either.
-    pub fn release(&mut self, proxy: SocketAddrV4) {
-        let Some(reg) = self.regs.remove(&proxy) else {
+    pub fn release(&mut self, transport: Transport, proxy: SocketAddrV4) {
+        let Some(reg) = self.regs.remove(&(transport, proxy)) else {
             return;
         };
         if reg.inode != 0 && held_elsewhere(reg.inode) {
@@ -525,11 +678,13 @@ impl Client {
         if self.recent.len() >= 256 {
             self.recent.retain(|_, (_, at)| at.elapsed() < RECENT_TTL);
         }
-        self.recent.insert(reg.local, (proxy, Instant::now()));
+        self.recent
+            .insert((transport, reg.local), (proxy, Instant::now()));
         let to = SocketAddr::V4(self.broker);
         if let Some(c) = self.chan(reg.chan) {
             let body = Body::Unregister {
                 proxy: SocketAddr::V4(proxy),
+                transport: Some(transport),
             };
             if let Ok(id) = c.ep.send_request(now(), to, body) {
                 c.pending.insert(id, Pending::Unregister);
@@ -538,34 +693,41 @@ impl Client {
         }
     }
 
-    fn reregister(&mut self, old_proxy: SocketAddrV4) {
-        let Some(reg) = self.regs.get(&old_proxy) else {
+    fn reregister(&mut self, old: RegKey) {
+        let old_proxy = old.1;
+        let Some(reg) = self.regs.get(&old) else {
             return;
         };
         let (local, chan) = (reg.local, reg.chan);
+        let transport = if reg.udp.is_some() {
+            Transport::Udp
+        } else {
+            Transport::Tcp
+        };
         let to = SocketAddr::V4(self.broker);
         let Some(c) = self.chan(chan) else { return };
         if c.pending
             .values()
-            .any(|p| matches!(p, Pending::Reregister { old_proxy: o } if *o == old_proxy))
+            .any(|p| matches!(p, Pending::Reregister { old: o } if *o == old))
         {
             return;
         }
         let body = Body::Register {
-            transport: Transport::Tcp,
+            transport,
             local: SocketAddr::V4(local),
             previous_proxy: Some(SocketAddr::V4(old_proxy)),
         };
         if let Ok(id) = c.ep.send_request(now(), to, body) {
-            c.pending.insert(id, Pending::Reregister { old_proxy });
+            c.pending.insert(id, Pending::Reregister { old });
         }
     }
 
-    fn on_reregistered(&mut self, old_proxy: SocketAddrV4, body: Body) {
+    fn on_reregistered(&mut self, old: RegKey, body: Body) {
+        let old_proxy = old.1;
         if let Body::Registered { lease_ms, .. } = &body {
             self.fit_heartbeat(*lease_ms);
         }
-        let Body::Registered { proxy, .. } = body else {
+        let Body::Registered { proxy, token, .. } = body else {
             crate::warn!(
                 "re-registration of {} refused: {:?}; will retry",
                 old_proxy,
@@ -574,9 +736,16 @@ impl Client {
             return;
         };
         let Some(proxy) = net::v4(proxy) else { return };
-        let Some(reg) = self.regs.remove(&old_proxy) else {
+        let Some(mut reg) = self.regs.remove(&old) else {
             return;
         };
+        if let (Some(u), Some(t)) = (reg.udp.as_mut(), token) {
+            // A new registration has a new token: punch again with it.
+            u.token = t.into_bytes();
+            u.acked = false;
+            u.backoff = DUMMY_RETRY;
+            u.next_dummy = Instant::now();
+        }
         if proxy != old_proxy {
             crate::warn!(
                 "re-registered {} with a NEW proxy {} (the old {} was taken)",
@@ -590,7 +759,7 @@ impl Client {
         } else {
             crate::info!("re-registered {} as proxy {}", reg.local, proxy);
         }
-        self.regs.insert(proxy, reg);
+        self.regs.insert((old.0, proxy), reg);
     }
 
     /// The broker asks us to dial out for a connection to our listener at `proxy`.
@@ -605,7 +774,7 @@ impl Client {
         else {
             return Body::error(gcb_proto::ErrorCode::BadRequest, "IPv4 only");
         };
-        let Some(listen_at) = self.regs.get(&proxy).map(|r| r.listen_at) else {
+        let Some(listen_at) = self.regs.get(&(Transport::Tcp, proxy)).map(|r| r.listen_at) else {
             return Body::error(
                 gcb_proto::ErrorCode::NoSuchRegistration,
                 format!("{proxy} is not registered here"),
@@ -751,7 +920,7 @@ impl Client {
         let mbox = self.mailbox.as_ref()?;
         let mut regs = Vec::new();
         let mut chans = HashSet::new();
-        for (proxy, r) in &self.regs {
+        for ((_, proxy), r) in &self.regs {
             let Some(entry) = r.entry.upgrade() else {
                 continue;
             };
@@ -891,13 +1060,14 @@ impl Client {
             };
             super::set_gcb_state(&entry, GcbSock::Listener { proxy, local });
             self.regs.insert(
-                proxy,
+                (Transport::Tcp, proxy),
                 Registration {
                     local,
                     listen_at,
                     inode: ino,
                     chan,
                     entry: Arc::downgrade(&entry),
+                    udp: None,
                 },
             );
             adopted.push((fd, local, proxy));
@@ -1074,10 +1244,11 @@ impl Mailbox {
 pub fn set_listener_proxy(entry: &Arc<FdEntry>, proxy: SocketAddrV4) {
     if let FdKind::Socket(s) = &entry.kind {
         let mut st = s.state.lock();
-        if let Some(GcbSock::Listener { proxy: p, .. }) =
-            st.layer.as_mut().and_then(|l| l.downcast_mut::<GcbSock>())
-        {
+        let Some(l) = st.layer.as_mut() else { return };
+        if let Some(GcbSock::Listener { proxy: p, .. }) = l.downcast_mut::<GcbSock>() {
             *p = proxy;
+        } else if let Some(u) = l.downcast_mut::<super::udp::UdpSock>() {
+            u.proxy = proxy;
         }
     }
 }

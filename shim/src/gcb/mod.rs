@@ -25,6 +25,7 @@
 
 pub mod client;
 pub mod net;
+pub mod udp;
 
 use gcb_proto::{Body, Route, Transport};
 use libc::{c_int, ssize_t};
@@ -76,7 +77,7 @@ fn errno() -> c_int {
         .unwrap_or(libc::EIO)
 }
 
-fn sock_opt(fd: c_int, level: c_int, opt: c_int) -> Option<c_int> {
+pub(crate) fn sock_opt(fd: c_int, level: c_int, opt: c_int) -> Option<c_int> {
     let mut v: c_int = 0;
     let mut len = std::mem::size_of::<c_int>() as libc::socklen_t;
     // SAFETY: v/len describe a writable c_int.
@@ -199,7 +200,7 @@ impl GcbLayer {
 
     /// Run the AEH once if this process has something to serve; returns the fds it
     /// waits on and its next timer.
-    fn pump(&self) -> Option<(Vec<c_int>, Option<Instant>)> {
+    pub(crate) fn pump(&self) -> Option<(Vec<c_int>, Option<Instant>)> {
         let mut c = self.client.lock();
         if !c.needs_aeh() {
             return None;
@@ -673,7 +674,17 @@ impl Layer for GcbLayer {
                 net::write_addr_out(addr, peer);
                 Outcome::Handled(0)
             }
-            _ => Outcome::Bypass,
+            _ => match (udp::state(entry), peer) {
+                (Some((proxy, _)), false) => {
+                    net::write_addr_out(addr, proxy);
+                    Outcome::Handled(0)
+                }
+                (Some((_, Some(p))), true) => {
+                    net::write_addr_out(addr, p);
+                    Outcome::Handled(0)
+                }
+                _ => Outcome::Bypass,
+            },
         }
     }
 
@@ -880,8 +891,11 @@ impl Layer for GcbLayer {
         }
     }
 
-    fn on_io(&self, _fd: c_int, _entry: &Arc<FdEntry>, _call: IoCall) -> Outcome<ssize_t> {
-        Outcome::Bypass
+    fn on_io(&self, fd: c_int, entry: &Arc<FdEntry>, call: IoCall) -> Outcome<ssize_t> {
+        match call {
+            IoCall::Recv { .. } | IoCall::RecvMsg { .. } => self.udp_recv(fd, entry, call),
+            IoCall::Send { .. } | IoCall::SendMsg { .. } => self.udp_send(fd, entry, call),
+        }
     }
 
     fn on_wait(&self, call: WaitCall) -> Outcome<c_int> {
@@ -954,7 +968,9 @@ impl Layer for GcbLayer {
             return;
         }
         if let Some(GcbSock::Listener { proxy, .. }) = gcb_state(entry) {
-            self.client.lock().release(proxy);
+            self.client.lock().release(Transport::Tcp, proxy);
+        } else if let Some((proxy, _)) = udp::state(entry) {
+            self.client.lock().release(Transport::Udp, proxy);
         }
     }
 

@@ -1,0 +1,527 @@
+//! GCB over UDP, the listener side (paper 4.2.1: UDP message buffer, receiver list,
+//! DUMMY/DUMMY_ACK).
+//!
+//! A UDP socket the program binds (not loopback) is registered with the broker, which
+//! opens a proxy UDP socket and returns its address and a token; `getsockname()` then
+//! reports the proxy. The shim sends a `Dummy` frame carrying the token *from the
+//! program's own socket* to the proxy: that opens the NAT mapping the broker relays
+//! through, and tells the broker where the socket is. Keepalive Dummies follow (see
+//! [`super::client::Client::pump`]).
+//!
+//! Datagrams that senders send to the proxy arrive as `From` frames (11-byte header with
+//! the original sender, then the datagram). The interposed receive calls read with one
+//! extra 11-byte iovec in front of the program's buffers: a frame's header lands there
+//! and its payload lands exactly in the program's buffers, at no extra copy; an ordinary
+//! datagram from anyone else is shifted back into place. The program sees the sender's
+//! address, unchanged payload and boundaries; Dummy acks and anything else of the
+//! shim's never reach it. Senders seen this way form the receiver list; a datagram the
+//! program sends to one of them goes back through the proxy as a `To` frame (so the
+//! sender sees the reply from the address it sent to). `connect()` to such a sender is
+//! virtual (the kernel would otherwise drop the proxy's frames).
+
+use gcb_proto::udp::{self, UdpKind};
+use gcb_proto::UDP_HEADER_LEN;
+use libc::{c_int, c_void, iovec, msghdr, sockaddr_in, socklen_t, ssize_t};
+use std::collections::HashSet;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::{net, GcbLayer};
+use crate::fdtable::{FdEntry, FdKind};
+use crate::layer::{AddrOut, IoCall, Outcome};
+
+/// Most senders a socket remembers for replies (a new one beyond it replaces the list).
+const MAX_RECEIVERS: usize = 4096;
+
+/// Per-socket state of a GCB-registered UDP socket, in the fd table entry.
+pub struct UdpSock {
+    pub proxy: SocketAddrV4,
+    /// `connect()`ed to this relayed sender (virtually: the kernel stays unconnected).
+    pub peer: Option<SocketAddrV4>,
+    /// Senders seen through the proxy: replies to them go back through it.
+    pub receivers: HashSet<SocketAddrV4>,
+}
+
+pub fn state(entry: &FdEntry) -> Option<(SocketAddrV4, Option<SocketAddrV4>)> {
+    let FdKind::Socket(s) = &entry.kind else {
+        return None;
+    };
+    let st = s.state.lock();
+    st.layer
+        .as_ref()
+        .and_then(|l| l.downcast_ref::<UdpSock>())
+        .map(|u| (u.proxy, u.peer))
+}
+
+fn with_state<R>(entry: &FdEntry, f: impl FnOnce(&mut UdpSock) -> R) -> Option<R> {
+    let FdKind::Socket(s) = &entry.kind else {
+        return None;
+    };
+    let mut st = s.state.lock();
+    st.layer
+        .as_mut()
+        .and_then(|l| l.downcast_mut::<UdpSock>())
+        .map(f)
+}
+
+fn errno() -> c_int {
+    std::io::Error::last_os_error()
+        .raw_os_error()
+        .unwrap_or(libc::EIO)
+}
+
+pub fn is_udp4(fd: c_int) -> bool {
+    super::sock_opt(fd, libc::SOL_SOCKET, libc::SO_DOMAIN) == Some(libc::AF_INET)
+        && super::sock_opt(fd, libc::SOL_SOCKET, libc::SO_TYPE) == Some(libc::SOCK_DGRAM)
+}
+
+/// Send a Dummy with `token` from the program's socket `fd` to `proxy`.
+pub fn send_dummy(fd: c_int, proxy: SocketAddrV4, token: &[u8]) {
+    let mut buf = [0u8; UDP_HEADER_LEN + 64];
+    let Some(n) = udp::write_frame(
+        &mut buf,
+        UdpKind::Dummy,
+        SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0),
+        token,
+    ) else {
+        return;
+    };
+    let frame = &buf[..n];
+    let sin = net::to_sockaddr_in(proxy);
+    // SAFETY: frame and sin are valid for the call; fd is the program's UDP socket.
+    let r = unsafe {
+        libc::sendto(
+            fd,
+            frame.as_ptr() as *const c_void,
+            frame.len(),
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            &sin as *const sockaddr_in as *const libc::sockaddr,
+            std::mem::size_of::<sockaddr_in>() as socklen_t,
+        )
+    };
+    if r < 0 {
+        crate::debug!(
+            "dummy to {} failed: {}",
+            proxy,
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+impl GcbLayer {
+    /// After a successful bind of a UDP socket: register it, and punch the NAT mapping.
+    pub fn on_bound_udp(&self, fd: c_int, entry: Option<&Arc<FdEntry>>) {
+        if !is_udp4(fd) || entry.is_some_and(|e| state(e).is_some()) {
+            return;
+        }
+        let Some(local) = net::sock_name(fd, false) else {
+            return;
+        };
+        if local.ip().is_loopback() || local.port() == 0 {
+            return;
+        }
+        let mut c = self.client().lock();
+        let reg_local = if local.ip().is_unspecified() {
+            SocketAddrV4::new(c.route_ip().unwrap_or(Ipv4Addr::LOCALHOST), local.port())
+        } else {
+            local
+        };
+        let Some(entry) = super::socket_entry(fd, entry) else {
+            return;
+        };
+        match c.register_udp(reg_local, &entry, fd) {
+            Ok((proxy, token)) => {
+                if let FdKind::Socket(s) = &entry.kind {
+                    s.state.lock().layer = Some(Box::new(UdpSock {
+                        proxy,
+                        peer: None,
+                        receivers: HashSet::new(),
+                    }));
+                }
+                send_dummy(fd, proxy, &token);
+                crate::info!(
+                    "registered udp {} with broker {}: proxy {}",
+                    reg_local,
+                    c.broker,
+                    proxy
+                );
+            }
+            Err(why) => crate::warn!("bind udp {}: {}; serving locally only", local, why),
+        }
+    }
+
+    /// `connect()` on a registered UDP socket: virtual for a relayed sender.
+    pub fn udp_connect(&self, entry: &Arc<FdEntry>, dest: Option<SocketAddrV4>) -> Outcome<c_int> {
+        let r = with_state(entry, |u| match dest {
+            Some(d) if u.receivers.contains(&d) => {
+                u.peer = Some(d);
+                true
+            }
+            _ => {
+                u.peer = None;
+                false
+            }
+        });
+        match r {
+            Some(true) => Outcome::Handled(0),
+            _ => Outcome::Bypass,
+        }
+    }
+
+    /// recv/recvfrom/recvmsg/read on a registered UDP socket.
+    pub fn udp_recv(&self, fd: c_int, entry: &Arc<FdEntry>, call: IoCall) -> Outcome<ssize_t> {
+        let Some((proxy, vpeer)) = state(entry) else {
+            return Outcome::Bypass;
+        };
+        // The program's buffers and result slots.
+        let (prog_iov, flags, msg, from): (Vec<iovec>, c_int, *mut msghdr, AddrOut) = match call {
+            IoCall::Recv {
+                buf,
+                len,
+                flags,
+                from,
+            } => (
+                vec![iovec {
+                    iov_base: buf,
+                    iov_len: len,
+                }],
+                flags,
+                std::ptr::null_mut(),
+                from,
+            ),
+            IoCall::RecvMsg { msg, flags } => {
+                if msg.is_null() {
+                    return Outcome::Bypass;
+                }
+                // SAFETY: the program's msghdr, valid for the call (recvmsg's contract).
+                let m = unsafe { &*msg };
+                let iov = if m.msg_iov.is_null() || m.msg_iovlen == 0 {
+                    Vec::new()
+                } else {
+                    // SAFETY: msg_iov holds msg_iovlen iovecs (recvmsg's contract).
+                    unsafe { std::slice::from_raw_parts(m.msg_iov, m.msg_iovlen) }.to_vec()
+                };
+                (
+                    iov,
+                    flags,
+                    msg,
+                    AddrOut {
+                        ptr: std::ptr::null_mut(),
+                        len: std::ptr::null_mut(),
+                    },
+                )
+            }
+            _ => return Outcome::Bypass,
+        };
+        if flags & libc::MSG_ERRQUEUE != 0 {
+            return Outcome::Bypass;
+        }
+        let cap: usize = prog_iov.iter().map(|v| v.iov_len).sum();
+        let peek = flags & libc::MSG_PEEK != 0;
+        let blocking = flags & libc::MSG_DONTWAIT == 0 && !net::is_nonblocking(fd);
+        loop {
+            if blocking {
+                match self.wait_readable(fd) {
+                    Ok(true) => {}
+                    Ok(false) => continue,
+                    Err(e) => return Outcome::Error(e),
+                }
+            }
+            let mut hdr = [0u8; UDP_HEADER_LEN];
+            let mut iov = Vec::with_capacity(prog_iov.len() + 1);
+            iov.push(iovec {
+                iov_base: hdr.as_mut_ptr() as *mut c_void,
+                iov_len: hdr.len(),
+            });
+            iov.extend_from_slice(&prog_iov);
+            // SAFETY: zeroed sockaddr_in / msghdr are valid; filled below.
+            let mut name: sockaddr_in = unsafe { std::mem::zeroed() };
+            // SAFETY: as above.
+            let mut mh: msghdr = unsafe { std::mem::zeroed() };
+            mh.msg_name = &mut name as *mut sockaddr_in as *mut c_void;
+            mh.msg_namelen = std::mem::size_of::<sockaddr_in>() as socklen_t;
+            mh.msg_iov = iov.as_mut_ptr();
+            mh.msg_iovlen = iov.len();
+            if !msg.is_null() {
+                // SAFETY: the program's msghdr (see above).
+                let m = unsafe { &*msg };
+                mh.msg_control = m.msg_control;
+                mh.msg_controllen = m.msg_controllen;
+            }
+            // MSG_TRUNC: the kernel returns the datagram's real length.
+            let real_flags = (flags | libc::MSG_DONTWAIT | libc::MSG_TRUNC) & !libc::MSG_WAITALL;
+            // SAFETY: mh describes buffers valid for the call: ours and the program's.
+            let n = unsafe { libc::recvmsg(fd, &mut mh, real_flags) };
+            if n < 0 {
+                let e = errno();
+                if (e == libc::EAGAIN || e == libc::EINTR) && blocking {
+                    if e == libc::EINTR {
+                        return Outcome::Error(e);
+                    }
+                    continue;
+                }
+                return Outcome::Error(e);
+            }
+            let total = n as usize;
+            let got = total.min(UDP_HEADER_LEN + cap);
+            let src =
+                (name.sin_family as c_int == libc::AF_INET).then(|| net::from_sockaddr_in(&name));
+            let frame = (src == Some(proxy) && got >= UDP_HEADER_LEN)
+                .then(|| udp::parse(&hdr))
+                .flatten();
+            if src == Some(proxy) {
+                let consume = |fd: c_int| {
+                    if peek {
+                        let mut b = [0u8; 1];
+                        // SAFETY: b is writable; this discards the peeked datagram.
+                        unsafe {
+                            libc::recv(fd, b.as_mut_ptr() as *mut c_void, 1, libc::MSG_DONTWAIT)
+                        };
+                    }
+                };
+                match frame {
+                    Some((UdpKind::From, sender, _)) => {
+                        if vpeer.is_some_and(|p| p != sender) {
+                            // A virtually connected socket hears only its peer.
+                            consume(fd);
+                            self.count_stray();
+                            continue;
+                        }
+                        with_state(entry, |u| {
+                            if u.receivers.len() >= MAX_RECEIVERS && !u.receivers.contains(&sender)
+                            {
+                                u.receivers.clear();
+                            }
+                            u.receivers.insert(sender);
+                        });
+                        let payload = total - UDP_HEADER_LEN;
+                        let delivered = payload.min(cap);
+                        net::write_addr_out(from, sender);
+                        self.finish_msg(msg, sender, payload > cap, &mh);
+                        let ret = if flags & libc::MSG_TRUNC != 0 {
+                            payload
+                        } else {
+                            delivered
+                        };
+                        return Outcome::Handled(ret as ssize_t);
+                    }
+                    Some((UdpKind::DummyAck, _, _)) => {
+                        self.client().lock().udp_acked(proxy);
+                        // Not the program's: look again (a non-blocking socket then
+                        // gets EAGAIN, as if the ack never arrived).
+                        consume(fd);
+                        continue;
+                    }
+                    _ => {
+                        consume(fd);
+                        self.count_stray();
+                        continue;
+                    }
+                }
+            }
+            if vpeer.is_some() {
+                // A virtually connected socket hears only its peer (via the proxy).
+                if peek {
+                    let mut b = [0u8; 1];
+                    // SAFETY: b is writable; this discards the peeked datagram.
+                    unsafe { libc::recv(fd, b.as_mut_ptr() as *mut c_void, 1, libc::MSG_DONTWAIT) };
+                }
+                continue;
+            }
+            // An ordinary datagram: put its first bytes back in front.
+            unshift(
+                &prog_iov,
+                &hdr[..got.min(UDP_HEADER_LEN)],
+                got.saturating_sub(UDP_HEADER_LEN),
+            );
+            if let Some(s) = src {
+                net::write_addr_out(from, s);
+            }
+            if let Some(s) = src {
+                self.finish_msg(msg, s, total > cap, &mh);
+            }
+            let ret = if flags & libc::MSG_TRUNC != 0 {
+                total
+            } else {
+                total.min(cap)
+            };
+            return Outcome::Handled(ret as ssize_t);
+        }
+    }
+
+    /// send/sendto/sendmsg/write on a registered UDP socket: to a relayed sender, as a
+    /// `To` frame through the proxy; to anyone else, as is.
+    pub fn udp_send(&self, fd: c_int, entry: &Arc<FdEntry>, call: IoCall) -> Outcome<ssize_t> {
+        let (prog_iov, flags, to, msg): (Vec<iovec>, c_int, Option<SocketAddrV4>, *const msghdr) =
+            match call {
+                IoCall::Send {
+                    buf,
+                    len,
+                    flags,
+                    to,
+                } => (
+                    vec![iovec {
+                        iov_base: buf as *mut c_void,
+                        iov_len: len,
+                    }],
+                    flags,
+                    net::addr_in(to),
+                    std::ptr::null(),
+                ),
+                IoCall::SendMsg { msg, flags } => {
+                    if msg.is_null() {
+                        return Outcome::Bypass;
+                    }
+                    // SAFETY: the program's msghdr, valid for the call.
+                    let m = unsafe { &*msg };
+                    let iov = if m.msg_iov.is_null() || m.msg_iovlen == 0 {
+                        Vec::new()
+                    } else {
+                        // SAFETY: msg_iov holds msg_iovlen iovecs.
+                        unsafe { std::slice::from_raw_parts(m.msg_iov, m.msg_iovlen) }.to_vec()
+                    };
+                    let to = net::addr_in(crate::layer::AddrIn {
+                        ptr: m.msg_name as *const libc::sockaddr,
+                        len: m.msg_namelen,
+                    });
+                    (iov, flags, to, msg)
+                }
+                _ => return Outcome::Bypass,
+            };
+        let relayed = with_state(entry, |u| {
+            let dest = to.or(u.peer)?;
+            u.receivers.contains(&dest).then_some((u.proxy, dest))
+        })
+        .flatten();
+        let Some((proxy, dest)) = relayed else {
+            return Outcome::Bypass;
+        };
+        let hdr = udp::write_header(UdpKind::To, dest);
+        let mut iov = Vec::with_capacity(prog_iov.len() + 1);
+        iov.push(iovec {
+            iov_base: hdr.as_ptr() as *mut c_void,
+            iov_len: hdr.len(),
+        });
+        iov.extend_from_slice(&prog_iov);
+        let mut name = net::to_sockaddr_in(proxy);
+        // SAFETY: zeroed msghdr is valid; filled below.
+        let mut mh: msghdr = unsafe { std::mem::zeroed() };
+        mh.msg_name = &mut name as *mut sockaddr_in as *mut c_void;
+        mh.msg_namelen = std::mem::size_of::<sockaddr_in>() as socklen_t;
+        mh.msg_iov = iov.as_mut_ptr();
+        mh.msg_iovlen = iov.len();
+        if !msg.is_null() {
+            // SAFETY: the program's msghdr.
+            let m = unsafe { &*msg };
+            mh.msg_control = m.msg_control;
+            mh.msg_controllen = m.msg_controllen;
+        }
+        // SAFETY: mh describes buffers valid for the call.
+        let n = unsafe { libc::sendmsg(fd, &mh, flags | libc::MSG_NOSIGNAL) };
+        if n < 0 {
+            return Outcome::Error(errno());
+        }
+        Outcome::Handled((n as usize).saturating_sub(UDP_HEADER_LEN) as ssize_t)
+    }
+
+    /// For recvmsg: the program's msg_name (the logical sender), msg_flags, controllen.
+    fn finish_msg(&self, msg: *mut msghdr, sender: SocketAddrV4, truncated: bool, mh: &msghdr) {
+        if msg.is_null() {
+            return;
+        }
+        // SAFETY: the program's msghdr, valid and writable for recvmsg.
+        let m = unsafe { &mut *msg };
+        if !m.msg_name.is_null() {
+            let mut len = m.msg_namelen;
+            net::write_addr_out(
+                AddrOut {
+                    ptr: m.msg_name as *mut libc::sockaddr,
+                    len: &mut len,
+                },
+                sender,
+            );
+            m.msg_namelen = len;
+        }
+        m.msg_controllen = mh.msg_controllen;
+        m.msg_flags =
+            (mh.msg_flags & !libc::MSG_TRUNC) | if truncated { libc::MSG_TRUNC } else { 0 };
+    }
+
+    fn count_stray(&self) {
+        let n = self.client().lock().count_udp_stray();
+        if n.is_power_of_two() {
+            crate::info!("dropped {} stray datagram(s) on GCB UDP sockets", n);
+        }
+    }
+
+    /// Block until `fd` is readable, running the AEH meanwhile (heartbeats, keepalive
+    /// Dummies, broker commands). Ok(false): woke for the AEH only.
+    fn wait_readable(&self, fd: c_int) -> Result<bool, c_int> {
+        let (ours, wake) = self.pump().unwrap_or_default();
+        let mut set = vec![libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        set.extend(ours.iter().map(|&fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        }));
+        let ms = wake.map_or(-1, |w| {
+            net::ms_ceil(w.saturating_duration_since(Instant::now()))
+        });
+        // SAFETY: set is a valid pollfd array of its length.
+        let r = unsafe { libc::poll(set.as_mut_ptr(), set.len() as libc::nfds_t, ms) };
+        if r < 0 {
+            return Err(errno());
+        }
+        Ok(set[0].revents != 0)
+    }
+}
+
+/// The program's buffers got a datagram's bytes from offset 11 on; the first (up to 11)
+/// bytes are in `head`. Shift the program's `tail_len` bytes right and put `head` in front,
+/// within the buffers' capacity (bytes that no longer fit were beyond it anyway).
+fn unshift(iov: &[iovec], head: &[u8], tail_len: usize) {
+    let cap: usize = iov.iter().map(|v| v.iov_len).sum();
+    let keep = tail_len.min(cap.saturating_sub(head.len()));
+    if iov.len() == 1 {
+        let base = iov[0].iov_base as *mut u8;
+        // SAFETY: the program's buffer holds cap bytes; tail_len <= cap were written by the
+        // kernel; keep + head.len() <= cap. ptr::copy handles the overlap.
+        unsafe {
+            std::ptr::copy(base, base.add(head.len()), keep);
+            std::ptr::copy_nonoverlapping(head.as_ptr(), base, head.len().min(cap));
+        }
+        return;
+    }
+    // Several buffers: gather, then scatter back.
+    let mut linear = Vec::with_capacity(head.len() + keep);
+    linear.extend_from_slice(head);
+    let mut left = keep;
+    for v in iov {
+        if left == 0 {
+            break;
+        }
+        let take = v.iov_len.min(left);
+        // SAFETY: the kernel wrote these bytes into the program's buffer.
+        linear.extend_from_slice(unsafe {
+            std::slice::from_raw_parts(v.iov_base as *const u8, take)
+        });
+        left -= take;
+    }
+    let mut off = 0;
+    for v in iov {
+        if off >= linear.len() {
+            break;
+        }
+        let take = v.iov_len.min(linear.len() - off);
+        // SAFETY: writing within the program's buffer.
+        unsafe {
+            std::ptr::copy_nonoverlapping(linear[off..].as_ptr(), v.iov_base as *mut u8, take)
+        };
+        off += take;
+    }
+}
