@@ -118,6 +118,10 @@ struct Registration {
 
 /// A registered UDP socket's token and Dummy schedule.
 struct UdpReg {
+    /// Every socket of this process bound to the registered local address (a program
+    /// may bind several with SO_REUSEADDR: iperf3 -u binds the next one while the first
+    /// serves a test); the registration ends with the last.
+    holders: Vec<Weak<FdEntry>>,
     token: Vec<u8>,
     acked: bool,
     next_dummy: Instant,
@@ -527,6 +531,17 @@ impl Client {
         entry: &Arc<FdEntry>,
         fd: c_int,
     ) -> Result<(SocketAddrV4, Vec<u8>), String> {
+        // Another socket of ours on the same address shares its registration.
+        if let Some(((_, proxy), u)) = self
+            .regs
+            .iter_mut()
+            .filter(|(_, r)| r.local == local)
+            .find_map(|(k, r)| r.udp.as_mut().map(|u| (k, u)))
+        {
+            u.holders.retain(|h| h.strong_count() > 0);
+            u.holders.push(Arc::downgrade(entry));
+            return Ok((*proxy, u.token.clone()));
+        }
         let chan = self
             .own_family()
             .map_err(|e| format!("no control socket to broker {}: {}", self.broker, errstr(e)))?;
@@ -563,6 +578,7 @@ impl Client {
                         chan,
                         entry: Arc::downgrade(entry),
                         udp: Some(UdpReg {
+                            holders: vec![Arc::downgrade(entry)],
                             token: token.clone(),
                             acked: false,
                             next_dummy: Instant::now() + DUMMY_RETRY,
@@ -630,10 +646,11 @@ impl Client {
             if now < u.next_dummy {
                 continue;
             }
-            let Some(fd) = r
-                .entry
-                .upgrade()
-                .and_then(|e| fdtable::fds_of(&e).first().copied())
+            let Some(fd) = u
+                .holders
+                .iter()
+                .filter_map(|h| h.upgrade())
+                .find_map(|e| fdtable::fds_of(&e).first().copied())
             else {
                 continue;
             };
@@ -662,7 +679,18 @@ impl Client {
 
     /// This process closed its last fd of the listening socket registered as `proxy`.
     /// The registration ends when no other process holds the socket either.
-    pub fn release(&mut self, transport: Transport, proxy: SocketAddrV4) {
+    pub fn release(&mut self, transport: Transport, proxy: SocketAddrV4, entry: &Arc<FdEntry>) {
+        if let Some(u) = self
+            .regs
+            .get_mut(&(transport, proxy))
+            .and_then(|r| r.udp.as_mut())
+        {
+            u.holders
+                .retain(|h| h.strong_count() > 0 && !std::ptr::eq(h.as_ptr(), Arc::as_ptr(entry)));
+            if !u.holders.is_empty() {
+                return; // another socket of ours still holds the address
+            }
+        }
         let Some(reg) = self.regs.remove(&(transport, proxy)) else {
             return;
         };

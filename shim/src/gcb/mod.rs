@@ -768,7 +768,10 @@ impl Layer for GcbLayer {
         }
     }
 
-    fn on_connect(&self, fd: c_int, _entry: Option<&Arc<FdEntry>>, addr: AddrIn) -> Outcome<c_int> {
+    fn on_connect(&self, fd: c_int, entry: Option<&Arc<FdEntry>>, addr: AddrIn) -> Outcome<c_int> {
+        if let Some(e) = entry.filter(|e| udp::state(e).is_some()) {
+            return self.udp_connect(fd, e, net::addr_in(addr));
+        }
         let Some(dest) = net::addr_in(addr) else {
             return Outcome::Bypass;
         };
@@ -968,9 +971,9 @@ impl Layer for GcbLayer {
             return;
         }
         if let Some(GcbSock::Listener { proxy, .. }) = gcb_state(entry) {
-            self.client.lock().release(Transport::Tcp, proxy);
+            self.client.lock().release(Transport::Tcp, proxy, entry);
         } else if let Some((proxy, _)) = udp::state(entry) {
-            self.client.lock().release(Transport::Udp, proxy);
+            self.client.lock().release(Transport::Udp, proxy, entry);
         }
     }
 

@@ -151,21 +151,34 @@ impl GcbLayer {
         }
     }
 
-    /// `connect()` on a registered UDP socket: virtual for a relayed sender.
-    pub fn udp_connect(&self, entry: &Arc<FdEntry>, dest: Option<SocketAddrV4>) -> Outcome<c_int> {
+    /// `connect()` on a registered UDP socket to a relayed sender: the kernel socket is
+    /// connected to the *proxy* (so datagrams from it come here and not to a sibling
+    /// socket on the same port, and nothing else does), and the shim keeps the sender as
+    /// the logical peer: only its frames are delivered, sends go to it. Any other
+    /// destination (or AF_UNSPEC) is a real connect and leaves the relay.
+    pub fn udp_connect(
+        &self,
+        fd: c_int,
+        entry: &Arc<FdEntry>,
+        dest: Option<SocketAddrV4>,
+    ) -> Outcome<c_int> {
         let r = with_state(entry, |u| match dest {
             Some(d) if u.receivers.contains(&d) => {
                 u.peer = Some(d);
-                true
+                Some(u.proxy)
             }
             _ => {
                 u.peer = None;
-                false
+                None
             }
         });
-        match r {
-            Some(true) => Outcome::Handled(0),
-            _ => Outcome::Bypass,
+        crate::debug!("udp connect fd {} to {:?}: relayed via {:?}", fd, dest, r);
+        match r.flatten() {
+            Some(proxy) => match net::connect_raw(fd, proxy) {
+                Ok(()) => Outcome::Handled(0),
+                Err(e) => Outcome::Error(e),
+            },
+            None => Outcome::Bypass,
         }
     }
 
