@@ -62,12 +62,15 @@ struct Args {
     lease_ms: u64,
 
     /// How long (ms) a connect id waits for its partner connection before
-    /// the waiting side is closed.
-    #[arg(long, default_value_t = 10_000)]
+    /// the waiting side is closed. Generous: on a lossy path TCP's own backoff
+    /// can delay a dial-back by seconds.
+    #[arg(long, default_value_t = 20_000)]
     connect_timeout_ms: u64,
 
-    /// How long (ms) a relay-port connection may take to send its preamble.
-    #[arg(long, default_value_t = 5_000)]
+    /// How long (ms) a relay-port connection may take to send its preamble
+    /// (a 45-byte segment that TCP may have to retransmit several times on a
+    /// lossy path).
+    #[arg(long, default_value_t = 15_000)]
     preamble_timeout_ms: u64,
 
     /// UDP relay rule idle time (ms): a rule (proxy, sender address) that

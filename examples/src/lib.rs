@@ -108,7 +108,7 @@ mod tests {
     fn sha_and_median() {
         assert_eq!(
             sha256_hex(b""),
-            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7855b852"
+            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
         );
         assert_eq!(median(&mut [5, 1, 3]), 3);
         assert_eq!(median(&mut []), 0);
