@@ -10,10 +10,20 @@
 //! Jobs: a connection sends `JOB N\n` and N bytes; the worker answers with the lowercase
 //! hex SHA-256 of the bytes and its name, one per line. Several jobs may follow on one
 //! connection.
+//!
+//! UDP status (as HTCondor daemons update their collector): from a UDP socket of its own
+//! (bound to 0.0.0.0:0), the worker sends `STATUS NAME JOBS_DONE\n` to the collector's
+//! address every `--status-interval` seconds and after each job, and waits up to
+//! `--status-timeout` seconds for `ACK NAME\n` from that address. It logs (stderr) the
+//! first ACK, a missing ACK (`no ACK from the collector ...`, once until ACKs resume) and
+//! when ACKs resume.
 
 use std::io::{self, BufRead, BufReader, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::time::Duration;
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use clap::Parser;
 use gcb_examples::{die, hex, parse_secs, read_line, say};
@@ -41,6 +51,95 @@ struct Args {
     /// Largest job payload accepted, in bytes.
     #[arg(long, default_value_t = 256 << 20)]
     max_job: u64,
+    /// Seconds between UDP status updates to the collector (one also follows each job).
+    #[arg(long, default_value = "5", value_parser = parse_secs)]
+    status_interval: Duration,
+    /// Seconds to wait for the collector's ACK of a status update.
+    #[arg(long, default_value = "2", value_parser = parse_secs)]
+    status_timeout: Duration,
+}
+
+/// Sends one status datagram and waits for its ACK from the collector's address.
+fn send_status(sock: &UdpSocket, args: &Args, jobs: u64) -> io::Result<()> {
+    sock.send_to(
+        format!("STATUS {} {jobs}\n", args.name).as_bytes(),
+        args.collector,
+    )?;
+    let want = format!("ACK {}\n", args.name);
+    let deadline = Instant::now() + args.status_timeout;
+    let mut buf = [0u8; 512];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "timed out"));
+        }
+        sock.set_read_timeout(Some(left))?;
+        match sock.recv_from(&mut buf) {
+            // An ACK of an earlier, late update is as good: it has the same content.
+            Ok((n, from)) if from == args.collector && buf[..n] == *want.as_bytes() => {
+                return Ok(())
+            }
+            Ok((n, from)) => eprintln!(
+                "{PROG}: status socket: ignored {n} bytes from {from}: {:?}",
+                String::from_utf8_lossy(&buf[..n.min(64)])
+            ),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Sends a status update every `--status-interval` and whenever `kick` fires (a job
+/// finished), forever.
+fn status_forever(args: &Args, jobs: &AtomicU64, kick: &mpsc::Receiver<()>) {
+    let sock = match UdpSocket::bind("0.0.0.0:0") {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("{PROG}: status socket: {e}; no UDP status updates");
+            return;
+        }
+    };
+    let mut acked_once = false;
+    let mut failing = false;
+    loop {
+        let n = jobs.load(Ordering::SeqCst);
+        match send_status(&sock, args, n) {
+            Ok(()) => {
+                if !acked_once {
+                    eprintln!(
+                        "{PROG}: collector {} acknowledged status ({n} jobs)",
+                        args.collector
+                    );
+                    acked_once = true;
+                }
+                if failing {
+                    eprintln!(
+                        "{PROG}: collector {} acknowledges status again",
+                        args.collector
+                    );
+                    failing = false;
+                }
+            }
+            Err(e) => {
+                if !failing {
+                    eprintln!(
+                        "{PROG}: no ACK from the collector {} for status ({n} jobs): {e}",
+                        args.collector
+                    );
+                    failing = true;
+                }
+            }
+        }
+        match kick.recv_timeout(args.status_interval) {
+            Ok(()) => while kick.try_recv().is_ok() {},
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => return,
+        }
+    }
 }
 
 /// Advertises once; returns the address advertised.
@@ -91,8 +190,14 @@ fn advertise_forever(args: &Args, listen: SocketAddr) {
     }
 }
 
+/// Jobs done so far, and the status thread's wake-up.
+struct Done {
+    jobs: Arc<AtomicU64>,
+    kick: mpsc::Sender<()>,
+}
+
 /// Serves jobs on one connection until the client closes it.
-fn serve(s: TcpStream, name: &str, max_job: u64) -> io::Result<u64> {
+fn serve(s: TcpStream, name: &str, max_job: u64, done: &Done) -> io::Result<u64> {
     s.set_read_timeout(Some(Duration::from_secs(60)))?;
     s.set_write_timeout(Some(Duration::from_secs(60)))?;
     let mut r = BufReader::new(&s);
@@ -130,6 +235,8 @@ fn serve(s: TcpStream, name: &str, max_job: u64) -> io::Result<u64> {
         }
         (&s).write_all(format!("{}\n{name}\n", hex(&hasher.finalize())).as_bytes())?;
         jobs += 1;
+        done.jobs.fetch_add(1, Ordering::SeqCst);
+        let _ = done.kick.send(());
     }
 }
 
@@ -146,13 +253,25 @@ fn main() {
         .unwrap_or_else(|e| die(PROG, format!("getsockname: {e}")));
     let name = args.name.clone();
     let max_job = args.max_job;
+    let jobs = Arc::new(AtomicU64::new(0));
+    let (kick, kicked) = mpsc::channel();
+    let args = Arc::new(args);
+    {
+        let args = Arc::clone(&args);
+        let jobs = Arc::clone(&jobs);
+        std::thread::spawn(move || status_forever(&args, &jobs, &kicked));
+    }
     std::thread::spawn(move || advertise_forever(&args, listen));
     loop {
         match listener.accept() {
             Ok((s, peer)) => {
                 let name = name.clone();
+                let done = Done {
+                    jobs: Arc::clone(&jobs),
+                    kick: kick.clone(),
+                };
                 std::thread::spawn(move || {
-                    if let Err(e) = serve(s, &name, max_job) {
+                    if let Err(e) = serve(s, &name, max_job, &done) {
                         eprintln!("{PROG}: job connection from {peer}: {e}");
                     }
                 });
