@@ -38,6 +38,8 @@ const CLIENT_T: Duration = Duration::from_secs(90);
 
 /// A lab plus a log directory that is dumped to stderr if the test panics.
 struct Env {
+    /// The collector the schedulers ask, when not [`COLLECTOR`].
+    collector: Option<String>,
     // Declared before `lab`: processes die before the namespaces go.
     broker: Option<Proc>,
     procs: Vec<Proc>,
@@ -51,6 +53,7 @@ impl Env {
         let logs = std::env::temp_dir().join(format!("gcb-examples-{}", lab.name()));
         std::fs::create_dir_all(&logs).expect("create log dir");
         Env {
+            collector: None,
             broker: None,
             procs: Vec::new(),
             logs,
@@ -558,13 +561,19 @@ fn echo_suite_reaches_a_private_server_through_the_broker() {
 const COLLECTOR: &str = "203.0.113.10:9618";
 
 fn start_worker(env: &mut Env, host: Host, name: &str, shim: bool) -> String {
+    start_worker_at(env, host, name, shim, COLLECTOR)
+}
+
+/// A worker of the collector at `collector`; returns the address it advertised.
+fn start_worker_at(env: &mut Env, host: Host, name: &str, shim: bool, collector: &str) -> String {
     let tag = format!("worker-{name}");
     let mut cmd = if shim {
         env.gcb(host, "gcb-pool-worker", &tag)
     } else {
         env.plain(host, "gcb-pool-worker")
     };
-    cmd.args(["--collector", COLLECTOR, "--name", name, "--interval", "2"]);
+    cmd.args(["--collector", collector, "--name", name, "--interval", "2"])
+        .args(["--status-interval", "2"]);
     let line = env.start(cmd, &tag);
     let prefix = format!("advertising {name} ");
     line.strip_prefix(&prefix)
@@ -585,7 +594,9 @@ fn scheduler_cmd(
     } else {
         env.plain(from, "gcb-pool-scheduler")
     };
-    cmd.args(["--collector", COLLECTOR, "--size", "100000"])
+    cmd.arg("--collector")
+        .arg(env.collector.as_deref().unwrap_or(COLLECTOR))
+        .args(["--size", "100000"])
         .arg("--wait")
         .arg(wait.to_string())
         .arg("--timeout")
@@ -705,5 +716,138 @@ fn mini_pool_survives_a_broker_restart() {
     println!("pool usable again after the broker restart, attempt {attempts}");
     check_schedule("scheduler-p2 after broker restart", &out, &ads);
     scheduler(&env, Host::A2, true, &ads);
+    env.assert_alive();
+}
+
+// ---------------------------------------------------------------------------------------
+// mini grid pool: UDP status updates (issue 5)
+
+/// The collector's `STATUS?` answer, asked from p2 without the shim: name -> (jobs done,
+/// the sender address the collector's recvfrom() saw).
+fn status_query(env: &Env, collector: &str) -> BTreeMap<String, (u64, String)> {
+    let (ip, port) = collector.split_once(':').expect("IP:PORT");
+    let out = env.lab.sh(
+        Host::P2,
+        &format!("printf 'STATUS?\\n' | ncat -w 5 {ip} {port}"),
+        T,
+    );
+    assert!(out.status.success(), "STATUS? to {collector}: {out:?}");
+    text(&out.stdout)
+        .lines()
+        .map(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            assert_eq!(w.len(), 4, "bad STATUS? line {l:?}");
+            (
+                w[0].to_owned(),
+                (w[1].parse().expect("jobs"), w[2].to_owned()),
+            )
+        })
+        .collect()
+}
+
+/// Waits until the collector records `JOBS` jobs done by every worker in `want` (name ->
+/// the public IP its status comes from), and checks the workers saw the ACKs.
+fn check_status(env: &Env, collector: &str, want: &[(&str, &str)]) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let st = loop {
+        let st = status_query(env, collector);
+        let done = want
+            .iter()
+            .all(|(n, _)| st.get(*n).is_some_and(|(j, _)| *j == u64::from(JOBS)));
+        if done || std::time::Instant::now() >= deadline {
+            break st;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    println!("collector {collector} status: {st:?}");
+    for (name, ip) in want {
+        let (jobs, from) = st
+            .get(*name)
+            .unwrap_or_else(|| panic!("no UDP status from {name} at {collector}: {st:?}"));
+        assert_eq!(*jobs, u64::from(JOBS), "{name}: {st:?}");
+        assert!(
+            from.starts_with(&format!("{ip}:")),
+            "{name}'s status came from {from}, not {ip}: {st:?}"
+        );
+        let log = read_log(&env.log(&format!("worker-{name}.err")));
+        assert!(
+            log.contains("acknowledged status") && !log.contains("no ACK"),
+            "{name} did not get its ACKs:\n{log}"
+        );
+    }
+    assert_eq!(st.len(), want.len(), "unexpected workers: {st:?}");
+}
+
+#[test]
+fn mini_pool_workers_send_udp_status_to_a_public_collector() {
+    let mut env = Env::up();
+    env.start_broker();
+    let cmd = {
+        let mut c = env.plain(Host::P1, "gcb-pool-collector");
+        c.args(["--bind", COLLECTOR]);
+        c
+    };
+    env.start(cmd, "collector");
+    let mut ads = BTreeMap::new();
+    ads.insert("w-a1", start_worker(&mut env, Host::A1, "w-a1", true));
+    ads.insert("w-b1", start_worker(&mut env, Host::B1, "w-b1", true));
+    scheduler(&env, Host::P2, false, &ads);
+    // a1 -> p1 and b1 -> p1: the private workers' datagrams go straight out through their
+    // NATs, and the ACKs come back the same way.
+    check_status(
+        &env,
+        COLLECTOR,
+        &[("w-a1", "203.0.113.1"), ("w-b1", "203.0.113.2")],
+    );
+    env.assert_alive();
+}
+
+#[test]
+fn mini_pool_udp_status_reaches_a_private_collector_under_gcb() {
+    let mut env = Env::up();
+    env.start_broker();
+    let cmd = {
+        let mut c = env.gcb(Host::A1, "gcb-pool-collector", "collector");
+        c.args(["--bind", "0.0.0.0:9618"]);
+        c
+    };
+    let line = env.start(cmd, "collector");
+    let collector = line
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("collector printed {line:?}"))
+        .to_owned();
+    assert!(
+        collector.starts_with(&format!("{BROKER}:")),
+        "the collector in a1 must advertise a proxy, got {collector}"
+    );
+    // Its UDP socket on the same local port got the same proxy address.
+    let err = env.log("collector.err");
+    let deadline = std::time::Instant::now() + T;
+    while !read_log(&err).contains("udp status on") && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        read_log(&err).contains(&format!("udp status on {collector}")),
+        "the UDP status socket is not at {collector}:\n{}",
+        read_log(&err)
+    );
+    env.collector = Some(collector.clone());
+    let mut ads = BTreeMap::new();
+    ads.insert(
+        "w-p2",
+        start_worker_at(&mut env, Host::P2, "w-p2", false, &collector),
+    );
+    ads.insert(
+        "w-b1",
+        start_worker_at(&mut env, Host::B1, "w-b1", true, &collector),
+    );
+    scheduler(&env, Host::P2, false, &ads);
+    // p2 (plain) and b1 (GCB) send to the collector's proxy; the broker relays, the
+    // collector sees the original senders and its ACKs go back through the proxy.
+    check_status(
+        &env,
+        &collector,
+        &[("w-p2", "203.0.113.11"), ("w-b1", "203.0.113.2")],
+    );
     env.assert_alive();
 }
