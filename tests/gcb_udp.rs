@@ -1,0 +1,1189 @@
+//! GCB over UDP in the lab (issue 5, "Shown in the lab"; paper 4.2.1-4.2.2): unmodified
+//! datagram programs (python3 sockets, socat, iperf3, the examples' UDP echo) in a1 under
+//! `scripts/gcb-run`, reached through the broker's proxy UDP address by p2 without the
+//! shim, p2 with it and b1 with it (a1 <-> b1: both private, the broker relays), and a GCB
+//! program in a1 talking to a plain server on p1. Every datagram is checked end to end
+//! (sha256 of what was sent against what came back), and so is the sender address the
+//! server's recvfrom() reported (the echo servers put it in front of their answer).
+//!
+//! Each test builds a lab of its own and starts `gcb-brokerd` on p1 at `--log debug`.
+//! Broker counters are read from the stats line it prints at SIGTERM. Logs go to
+//! `/tmp/gcb-udp-<lab>/`, kept (and named in the panic message) when a test fails.
+//! Nothing is built here: a missing release artifact is a failure, never a skip. Needs
+//! root (the lab panics without it).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fs::{self, File};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use gcb_lab::{random_bytes, release_artifact, repo_root, sha256, Host, Lab, Proc};
+
+const BROKER: &str = "203.0.113.10";
+const BROKER_PORT: u16 = 9650;
+/// Time for a server to come up and register.
+const UP: Duration = Duration::from_secs(10);
+/// Generous bound for one client run.
+const RUN: Duration = Duration::from_secs(40);
+
+// ---------------------------------------------------------------------------------------
+// Programs
+// ---------------------------------------------------------------------------------------
+
+/// A UDP echo server. `echo.py PORT`: binds 0.0.0.0:PORT, prints `ADDR IP:PORT`
+/// (getsockname()), then for every datagram prints
+/// `RECV SENDER LEN SHA256 TAG` and answers `SENDER TAG\n` + the datagram to its sender.
+/// SENDER is what recvfrom() reported. TAG: `OK`/`BAD` for a `GCBT SEQ SHA256\n BODY`
+/// datagram whose body does/does not hash to SHA256, `RAW` for anything else. A datagram
+/// starting with `LATE` is answered a second time 3 s later (`LATE-REPLY`).
+const ECHO: &str = r#"
+import hashlib, socket, sys, threading
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", int(sys.argv[1])))
+print("ADDR %s:%d" % s.getsockname(), flush=True)
+while True:
+    data, peer = s.recvfrom(65536)
+    seen = "%s:%d" % peer
+    tag = "RAW"
+    if data.startswith(b"GCBT "):
+        head, _, body = data.partition(b"\n")
+        f = head.split()
+        tag = "OK" if len(f) == 3 and hashlib.sha256(body).hexdigest().encode() == f[2] else "BAD"
+    print("RECV %s %d %s %s" % (seen, len(data), hashlib.sha256(data).hexdigest(), tag), flush=True)
+    s.sendto(("%s %s\n" % (seen, tag)).encode() + data, peer)
+    if data.startswith(b"LATE"):
+        threading.Timer(3.0, s.sendto, (b"LATE-REPLY", peer)).start()
+"#;
+
+/// The client side, several modes (all print `LOCAL IP:PORT`, getsockname() after the
+/// first send):
+/// * `echo TARGET RAW|ADDR SIZE...`: one random datagram per SIZE, waits (5 s) for the
+///   answer; prints `ECHO SIZE SHA_SENT SHA_BACK REPLY_FROM SEEN TAG RTT_MS` (SEEN/TAG from
+///   the answer's header with ADDR, `-` with RAW: the server echoes the bare datagram), or
+///   `TIMEOUT SIZE`. `--bind PORT` binds the socket first (under GCB it registers).
+///   `--pause SECS AT`: sleep SECS before the AT-th datagram.
+/// * `stream TARGET N`: N numbered `GCBT SEQ SHA256\n BODY` datagrams (bodies of 16..1200
+///   random bytes), 4 ms apart, never retransmitted; prints `SENT SEQ SHA256(datagram)` for
+///   each and `REPLY REPLY_FROM SEEN TAG SEQ SHA256(echoed datagram)` for each answer
+///   (`GARBLED HEX` for an answer that does not parse), until 4 s after the last send.
+/// * `late TARGET`: sends one `LATE...` datagram, prints `FIRST REPLY_FROM INTACT` for the
+///   answer, then `EXTRA ...` for anything else within 5 s, or `NOTHING-MORE`.
+/// * `send TARGET HEX...`: sends each HEX (or `zeros:N`) as one datagram (one socket).
+/// * `listen PORT SECS`: prints `GOT SENDER LEN` for every datagram received in SECS.
+const CLIENT: &str = r#"
+import hashlib, os, random, select, socket, sys, time
+mode, rest = sys.argv[1], sys.argv[2:]
+def addr(t):
+    h, p = t.rsplit(":", 1)
+    return (h, int(p))
+def sha(b):
+    return hashlib.sha256(b).hexdigest()
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+if "--bind" in rest:
+    i = rest.index("--bind")
+    s.bind(("0.0.0.0", int(rest[i + 1])))
+    del rest[i:i + 2]
+pause = None
+if "--pause" in rest:
+    i = rest.index("--pause")
+    pause = (float(rest[i + 1]), int(rest[i + 2]))
+    del rest[i:i + 3]
+local_shown = False
+def show_local():
+    global local_shown
+    if not local_shown:
+        print("LOCAL %s:%d" % s.getsockname(), flush=True)
+        local_shown = True
+if mode == "echo":
+    target, kind, sizes = addr(rest[0]), rest[1], [int(x) for x in rest[2:]]
+    s.settimeout(5)
+    for k, n in enumerate(sizes):
+        if pause and k == pause[1]:
+            time.sleep(pause[0])
+        data = os.urandom(n)
+        while data[:4] in (b"GCBT", b"GCBU", b"LATE"):
+            data = os.urandom(n)
+        t0 = time.time()
+        s.sendto(data, target)
+        show_local()
+        try:
+            back, frm = s.recvfrom(70000)
+        except socket.timeout:
+            print("TIMEOUT %d" % n, flush=True)
+            continue
+        rtt = (time.time() - t0) * 1000
+        seen, tag, body = "-", "-", back
+        if kind == "ADDR":
+            head, _, body = back.partition(b"\n")
+            f = head.decode("ascii", "replace").split()
+            seen, tag = (f + ["?", "?"])[:2]
+        print("ECHO %d %s %s %s:%d %s %s %.1f" % (n, sha(data), sha(body), frm[0], frm[1], seen, tag, rtt), flush=True)
+elif mode == "stream":
+    target, count = addr(rest[0]), int(rest[1])
+    s.setblocking(False)
+    def drain():
+        while True:
+            try:
+                back, frm = s.recvfrom(70000)
+            except BlockingIOError:
+                return
+            head, nl, body = back.partition(b"\n")
+            f = head.decode("ascii", "replace").split()
+            b = body.partition(b"\n")[0].split()
+            if not nl or len(f) != 2 or len(b) != 3 or b[0] != b"GCBT":
+                print("GARBLED %s" % back[:64].hex(), flush=True)
+                continue
+            print("REPLY %s:%d %s %s %s %s" % (frm[0], frm[1], f[0], f[1], b[1].decode("ascii", "replace"), sha(body)), flush=True)
+    for seq in range(count):
+        body = os.urandom(random.randint(16, 1200))
+        data = b"GCBT %d %s\n" % (seq, sha(body).encode()) + body
+        s.sendto(data, target)
+        show_local()
+        print("SENT %d %s" % (seq, sha(data)), flush=True)
+        end = time.time() + 0.004
+        while time.time() < end:
+            select.select([s], [], [], max(0, end - time.time()))
+            drain()
+    end = time.time() + 4
+    while time.time() < end:
+        select.select([s], [], [], max(0, end - time.time()))
+        drain()
+elif mode == "late":
+    target = addr(rest[0])
+    s.settimeout(5)
+    data = b"LATE" + os.urandom(20)
+    s.sendto(data, target)
+    show_local()
+    back, frm = s.recvfrom(70000)
+    print("FIRST %s:%d %s" % (frm[0], frm[1], sha(back.partition(b"\n")[2]) == sha(data)), flush=True)
+    try:
+        back, frm = s.recvfrom(70000)
+        print("EXTRA %s:%d %r" % (frm[0], frm[1], back[:40]), flush=True)
+    except socket.timeout:
+        print("NOTHING-MORE", flush=True)
+elif mode == "send":
+    target = addr(rest[0])
+    for h in rest[1:]:
+        s.sendto(bytes(int(h[6:])) if h.startswith("zeros:") else bytes.fromhex(h), target)
+        show_local()
+        time.sleep(0.01)
+elif mode == "listen":
+    s.bind(("0.0.0.0", int(rest[0])))
+    print("LISTENING", flush=True)
+    s.settimeout(0.2)
+    end = time.time() + float(rest[1])
+    while time.time() < end:
+        try:
+            data, frm = s.recvfrom(70000)
+            print("GOT %s:%d %d" % (frm[0], frm[1], len(data)), flush=True)
+        except socket.timeout:
+            pass
+"#;
+
+// ---------------------------------------------------------------------------------------
+// Harness
+// ---------------------------------------------------------------------------------------
+
+/// A release artifact that must exist (the test builds nothing).
+fn artifact(name: &str) -> PathBuf {
+    let p = release_artifact(name);
+    assert!(
+        p.exists(),
+        "missing build artifact {name} (looked at {}): build the workspace first with \
+         `cargo build --release --workspace`",
+        p.display()
+    );
+    p
+}
+
+/// The real python3 executable (not a pyenv shim script), resolved once.
+fn python() -> &'static str {
+    static PY: OnceLock<String> = OnceLock::new();
+    PY.get_or_init(|| {
+        let out = Command::new("python3")
+            .args(["-c", "import sys; print(sys.executable)"])
+            .output()
+            .expect("python3 must be installed (scripts/install-deps)");
+        assert!(out.status.success(), "python3 failed: {out:?}");
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    })
+}
+
+fn read(p: &Path) -> String {
+    fs::read(p)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).trim().to_owned()
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Waits until a line of `path` satisfies `pred`; returns it.
+fn wait_line(path: &Path, timeout: Duration, pred: impl Fn(&str) -> bool) -> Option<String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(l) = read(path).lines().find(|l| pred(l)) {
+            return Some(l.to_owned());
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        thread::sleep(Duration::from_millis(30));
+    }
+}
+
+/// Where a host's datagrams come from on the public segment, for the broker or p1.
+fn public_ip(host: Host) -> String {
+    host.public_addr().to_string()
+}
+
+struct Rig {
+    // Processes die before the namespaces go.
+    broker: Option<Proc>,
+    procs: Vec<Proc>,
+    dir: PathBuf,
+    lab: Lab,
+}
+
+impl Rig {
+    fn up(broker_args: &[&str]) -> Rig {
+        let lab = Lab::up();
+        let dir = std::env::temp_dir().join(format!("gcb-udp-{}", lab.name()));
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join("echo.py"), ECHO).unwrap();
+        fs::write(dir.join("client.py"), CLIENT).unwrap();
+        let mut rig = Rig {
+            broker: None,
+            procs: Vec::new(),
+            dir,
+            lab,
+        };
+        let mut cmd = rig.lab.cmd(Host::P1, artifact("gcb-brokerd"));
+        cmd.args(["--listen", BROKER, "--log", "debug"])
+            .args(broker_args)
+            .stdout(Stdio::null())
+            .stderr(File::create(rig.path("broker.log")).unwrap());
+        rig.broker = Some(rig.lab.spawn(&mut cmd).expect("spawn gcb-brokerd"));
+        rig.lab
+            .wait_for_udp_bind(Host::P1, BROKER_PORT, UP)
+            .unwrap_or_else(|e| panic!("broker not up: {e}\n{}", rig.broker_log()));
+        rig
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    fn broker_log(&self) -> String {
+        read(&self.path("broker.log"))
+    }
+
+    /// `program` in `host`, under gcb-run (shim log `TAG.shim.log`) when `gcb`.
+    fn cmd(
+        &self,
+        host: Host,
+        gcb: bool,
+        tag: &str,
+        program: impl AsRef<std::ffi::OsStr>,
+    ) -> Command {
+        if !gcb {
+            return self.lab.cmd(host, program);
+        }
+        let mut c = self.lab.cmd(host, repo_root().join("scripts/gcb-run"));
+        c.env("GCB_LIB", artifact("libgcb.so"))
+            .args(["--broker", BROKER, "--log", "debug", "--log-file"])
+            .arg(self.path(&format!("{tag}.shim.log")))
+            .arg("--")
+            .arg(program);
+        c
+    }
+
+    /// Spawns a long-running program, stdout to `TAG.out`, stderr to `TAG.err`.
+    fn start(&mut self, mut cmd: Command, tag: &str) {
+        cmd.stdout(File::create(self.path(&format!("{tag}.out"))).unwrap())
+            .stderr(File::create(self.path(&format!("{tag}.err"))).unwrap());
+        let p = self
+            .lab
+            .spawn(&mut cmd)
+            .unwrap_or_else(|e| panic!("spawn {tag}: {e}"));
+        self.procs.push(p);
+    }
+
+    /// The echo server (`ECHO`) on PORT in `host`; returns the address it printed.
+    fn echo_server(&mut self, host: Host, gcb: bool, port: u16, tag: &str) -> String {
+        let mut cmd = self.cmd(host, gcb, tag, python());
+        cmd.arg("-u")
+            .arg(self.path("echo.py"))
+            .arg(port.to_string());
+        self.start(cmd, tag);
+        self.out_addr(tag, "ADDR ")
+    }
+
+    /// The address after `prefix` in the first such line of `TAG.out`.
+    fn out_addr(&self, tag: &str, prefix: &str) -> String {
+        let out = self.path(&format!("{tag}.out"));
+        let line = wait_line(&out, UP, |l| l.starts_with(prefix)).unwrap_or_else(|| {
+            panic!(
+                "{tag} printed no {prefix:?} line: stdout {:?} stderr {:?}\n{}",
+                read(&out),
+                read(&self.path(&format!("{tag}.err"))),
+                self.logs()
+            )
+        });
+        line[prefix.len()..].trim().to_owned()
+    }
+
+    /// Runs the python client (`CLIENT`) in `host` to completion.
+    fn client(&self, host: Host, gcb: bool, tag: &str, args: &[String]) -> Output {
+        let mut cmd = self.cmd(host, gcb, tag, python());
+        cmd.arg("-u").arg(self.path("client.py")).args(args);
+        self.run(cmd, RUN)
+    }
+
+    fn run(&self, mut cmd: Command, timeout: Duration) -> Output {
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        self.lab
+            .spawn(&mut cmd)
+            .expect("spawn client")
+            .finish(timeout)
+    }
+
+    /// Every long-running program and the broker are still alive.
+    fn assert_alive(&mut self) {
+        for (i, p) in self.procs.iter_mut().chain(&mut self.broker).enumerate() {
+            let st = p.wait_timeout(Duration::ZERO).expect("wait");
+            assert!(st.is_none(), "process #{i} exited: {st:?}\n{}", self.logs());
+        }
+    }
+
+    /// Tails of every log, for failure messages.
+    fn logs(&self) -> String {
+        let mut files: Vec<PathBuf> = fs::read_dir(&self.dir)
+            .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
+            .unwrap_or_default();
+        files.sort();
+        let mut s = format!("==== logs in {} ====\n", self.dir.display());
+        for f in files
+            .iter()
+            .filter(|f| f.extension().is_some_and(|e| e != "py"))
+        {
+            let t = read(f);
+            let lines: Vec<&str> = t.lines().collect();
+            s.push_str(&format!(
+                "---- {} ----\n{}\n",
+                f.file_name().unwrap_or_default().to_string_lossy(),
+                lines[lines.len().saturating_sub(25)..].join("\n")
+            ));
+        }
+        s
+    }
+
+    /// SIGTERMs the broker and returns the counters of the stats line it prints at exit.
+    fn broker_stats(&mut self) -> HashMap<String, u64> {
+        let mut b = self.broker.take().expect("broker running");
+        b.signal_group(libc::SIGTERM);
+        let st = b.wait_timeout(Duration::from_secs(5)).expect("wait broker");
+        assert!(st.is_some(), "broker did not exit on SIGTERM");
+        let log = self.broker_log();
+        let line = log
+            .lines()
+            .rev()
+            .find(|l| l.contains(" stats "))
+            .unwrap_or_else(|| panic!("no stats line in the broker log:\n{log}"));
+        line.split_whitespace()
+            .filter_map(|w| w.split_once('='))
+            .filter_map(|(k, v)| Some((k.to_owned(), v.parse().ok()?)))
+            .collect()
+    }
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        for p in self.procs.iter_mut().chain(&mut self.broker) {
+            let _ = p.kill();
+        }
+        if thread::panicking() {
+            eprintln!("gcb_udp: logs kept in {}", self.dir.display());
+        } else {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// One `ECHO` line of the client.
+#[derive(Debug)]
+struct Echo {
+    size: usize,
+    sent: String,
+    back: String,
+    reply_from: String,
+    seen: String,
+    tag: String,
+    rtt_ms: f64,
+}
+
+/// Parses the client's output: (LOCAL address, echoes); panics on TIMEOUT or a failed run.
+fn echoes(what: &str, out: &Output, rig: &Rig) -> (String, Vec<Echo>) {
+    let stdout = text(&out.stdout);
+    let fail = |why: &str| -> ! {
+        panic!(
+            "{what}: {why}\nstatus {:?}\nstdout:\n{stdout}\nstderr:\n{}\n{}",
+            out.status,
+            text(&out.stderr),
+            rig.logs()
+        )
+    };
+    if !out.status.success() {
+        fail("client failed");
+    }
+    let mut local = String::new();
+    let mut v = Vec::new();
+    for l in stdout.lines() {
+        let w: Vec<&str> = l.split_whitespace().collect();
+        match w.first().copied() {
+            Some("LOCAL") => local = w[1].to_owned(),
+            Some("ECHO") if w.len() == 8 => v.push(Echo {
+                size: w[1].parse().unwrap(),
+                sent: w[2].to_owned(),
+                back: w[3].to_owned(),
+                reply_from: w[4].to_owned(),
+                seen: w[5].to_owned(),
+                tag: w[6].to_owned(),
+                rtt_ms: w[7].parse().unwrap(),
+            }),
+            Some("TIMEOUT") => fail(&format!("no answer: {l}")),
+            _ => fail(&format!("unexpected line {l:?}")),
+        }
+    }
+    (local, v)
+}
+
+/// Sends one datagram of each size from `host` (under the shim if `gcb`) to the echo
+/// server at `target` and checks every answer: same bytes back, from `target`, and (for
+/// an `ECHO` server, `addr_header`) the server saw the sender at `sender_ip` and, if
+/// `sender_port_is_local`, at the client's own port. Returns the echoes.
+#[allow(clippy::too_many_arguments)]
+fn check_echo(
+    rig: &Rig,
+    (host, gcb): (Host, bool),
+    target: &str,
+    addr_header: bool,
+    sizes: &[usize],
+    extra: &[&str],
+    sender_ip: &str,
+    sender_port_is_local: bool,
+) -> Vec<Echo> {
+    let tag = format!(
+        "client-{host}{}-{}",
+        if gcb { "-gcb" } else { "" },
+        target.replace([':', '.'], "_")
+    );
+    let mut args: Vec<String> = vec!["echo".into(), target.into()];
+    args.push(if addr_header { "ADDR" } else { "RAW" }.into());
+    args.extend(sizes.iter().map(|s| s.to_string()));
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let out = rig.client(host, gcb, &tag, &args);
+    let (local, v) = echoes(&tag, &out, rig);
+    let ctx = || format!("{tag}: local {local}\n{}", text(&out.stdout));
+    assert_eq!(
+        v.iter().map(|e| e.size).collect::<Vec<_>>(),
+        sizes,
+        "{}",
+        ctx()
+    );
+    let local_port = local.rsplit(':').next().unwrap_or("").to_owned();
+    for e in &v {
+        assert_eq!(
+            e.sent,
+            e.back,
+            "{}: payload of {} bytes changed",
+            ctx(),
+            e.size
+        );
+        assert_eq!(
+            e.reply_from,
+            target,
+            "{}: answer not from the address sent to",
+            ctx()
+        );
+        if addr_header {
+            assert_eq!(e.tag, "RAW", "{}", ctx());
+            let (ip, port) = e
+                .seen
+                .rsplit_once(':')
+                .unwrap_or_else(|| panic!("{}", ctx()));
+            assert_eq!(ip, sender_ip, "{}: the server saw the wrong sender", ctx());
+            if sender_port_is_local {
+                assert_eq!(port, local_port, "{}: the server saw the wrong port", ctx());
+            }
+            assert_eq!(e.seen, v[0].seen, "{}: sender address changed", ctx());
+        }
+    }
+    println!(
+        "{tag}: {} echoes ok, server saw {}, rtt ms {:?}",
+        v.len(),
+        v.first().map(|e| e.seen.as_str()).unwrap_or("-"),
+        v.iter().map(|e| e.rtt_ms).collect::<Vec<_>>()
+    );
+    v
+}
+
+const SIZES: [usize; 6] = [1, 100, 1400, 8000, 60000, 1];
+
+// ---------------------------------------------------------------------------------------
+// 1. request/response
+// ---------------------------------------------------------------------------------------
+
+/// Request/response with unmodified programs in every pattern: p2 plain, p2 GCB and b1 GCB
+/// to servers in a1 (python recvfrom/sendto echo, the examples' `gcb-echo-server --udp`,
+/// `socat UDP4-RECVFROM,fork` and `socat UDP4-LISTEN` (connect()s to its first sender));
+/// a1 GCB to a GCB server in b1; a1 GCB (unbound and bound, i.e. registered) to a plain
+/// server on p1, answered directly and at once.
+#[test]
+fn request_response_in_every_pattern() {
+    let mut rig = Rig::up(&[]);
+    let py = rig.echo_server(Host::A1, true, 9000, "echo-a1");
+    assert!(
+        py.starts_with(&format!("{BROKER}:")) && py != format!("{BROKER}:{BROKER_PORT}"),
+        "getsockname() of the UDP socket in a1 is not a proxy on the broker: {py}"
+    );
+    let mut cmd = rig.cmd(
+        Host::A1,
+        true,
+        "gcb-echo-server",
+        artifact("gcb-echo-server"),
+    );
+    cmd.args(["--bind", "0.0.0.0:9001", "--udp"]);
+    rig.start(cmd, "gcb-echo-server");
+    let ex = rig.out_addr("gcb-echo-server", "listening on ");
+    assert!(ex.starts_with(&format!("{BROKER}:")), "examples echo: {ex}");
+    let mut cmd = rig.cmd(Host::A1, true, "socat-fork", "socat");
+    cmd.args(["-d", "-d", "-b", "65536", "UDP4-RECVFROM:9002,fork", "PIPE"]);
+    rig.start(cmd, "socat-fork");
+    let mut cmd = rig.cmd(Host::A1, true, "socat-listen", "socat");
+    cmd.args(["-d", "-d", "-b", "65536", "UDP4-LISTEN:9003", "PIPE"]);
+    rig.start(cmd, "socat-listen");
+    let proxy_of = |rig: &Rig, tag: &str, port: u16| -> String {
+        let needle = format!("registered udp 10.1.0.11:{port} with broker");
+        let log = rig.path(&format!("{tag}.shim.log"));
+        let l = wait_line(&log, UP, |l| l.contains(&needle))
+            .unwrap_or_else(|| panic!("{tag} did not register udp :{port}\n{}", rig.logs()));
+        l.rsplit("proxy ").next().unwrap().trim().to_owned()
+    };
+    let socat_fork = proxy_of(&rig, "socat-fork", 9002);
+    let socat_listen = proxy_of(&rig, "socat-listen", 9003);
+    let b1 = rig.echo_server(Host::B1, true, 9000, "echo-b1");
+    let p1 = rig.echo_server(Host::P1, false, 9000, "echo-p1");
+    assert_eq!(p1, "0.0.0.0:9000");
+
+    // The python echo: payloads and the sender address the server saw.
+    for (host, gcb) in [(Host::P2, false), (Host::P2, true), (Host::B1, true)] {
+        check_echo(
+            &rig,
+            (host, gcb),
+            &py,
+            true,
+            &SIZES,
+            &[],
+            &public_ip(host),
+            true,
+        );
+    }
+    // a1 -> b1: both private, through b1's proxy.
+    check_echo(
+        &rig,
+        (Host::A1, true),
+        &b1,
+        true,
+        &SIZES,
+        &[],
+        &public_ip(Host::A1),
+        true,
+    );
+    // a1 -> p1: a GCB program sending to a plain public server goes direct (p1 is not a
+    // proxy), unbound and bound (a registered socket); the first answer comes at once.
+    let to_p1 = "203.0.113.10:9000";
+    for extra in [&[][..], &["--bind", "9100"][..]] {
+        let v = check_echo(
+            &rig,
+            (Host::A1, true),
+            to_p1,
+            true,
+            &SIZES,
+            extra,
+            "203.0.113.1",
+            false,
+        );
+        assert!(
+            v[0].rtt_ms < 500.0,
+            "a1 -> p1 first datagram took {} ms",
+            v[0].rtt_ms
+        );
+    }
+    let bound_log = read(&rig.path("client-a1-gcb-203_0_113_10_9000.shim.log"));
+    assert!(
+        bound_log.contains("registered udp 10.1.0.11:9100 with broker"),
+        "the bound a1 client did not register (so the case proves nothing):\n{bound_log}"
+    );
+    assert!(
+        read(&rig.path("echo-p1.out")).contains("RECV 203.0.113.1:9100 "),
+        "p1 did not see the bound a1 socket at 203.0.113.1:9100:\n{}",
+        read(&rig.path("echo-p1.out"))
+    );
+
+    // The examples' echo and socat: raw echoes (gcb-echo-client checks them itself too).
+    for (host, gcb) in [(Host::P2, false), (Host::P2, true), (Host::B1, true)] {
+        check_echo(&rig, (host, gcb), &ex, false, &SIZES, &[], "", false);
+        let mut cmd = rig.cmd(
+            host,
+            gcb,
+            &format!("gcb-echo-client-{host}-{gcb}"),
+            artifact("gcb-echo-client"),
+        );
+        cmd.args([
+            &ex,
+            "--udp",
+            "--size",
+            "1400",
+            "--count",
+            "20",
+            "--timeout",
+            "3",
+        ]);
+        let out = rig.run(cmd, RUN);
+        let line = text(&out.stdout);
+        assert!(
+            out.status.success() && line.contains("\"ok\":true") && line.contains("\"echoes\":20"),
+            "gcb-echo-client --udp from {host} gcb={gcb}: {line}\n{}\n{}",
+            text(&out.stderr),
+            rig.logs()
+        );
+        check_echo(
+            &rig,
+            (host, gcb),
+            &socat_fork,
+            false,
+            &[1, 1400, 8000, 60000],
+            &[],
+            "",
+            false,
+        );
+    }
+    let socat_log = read(&rig.path("socat-fork.err"));
+    for ip in ["203.0.113.11", "203.0.113.2"] {
+        assert!(
+            socat_log.contains(&format!("receiving packet from AF=2 {ip}:")),
+            "socat did not see a sender at {ip}:\n{socat_log}"
+        );
+    }
+    assert!(
+        !socat_log.contains("from AF=2 203.0.113.10"),
+        "socat saw the proxy as a sender:\n{socat_log}"
+    );
+    // socat UDP4-LISTEN connect()s to its first sender and then send()/recv()s.
+    check_echo(
+        &rig,
+        (Host::B1, true),
+        &socat_listen,
+        false,
+        &[1, 1400, 8000, 60000],
+        &[],
+        "",
+        false,
+    );
+
+    // The servers in a1 saw nothing but the clients' datagrams.
+    let a1 = read(&rig.path("echo-a1.out"));
+    let recv: Vec<&str> = a1.lines().filter(|l| l.starts_with("RECV")).collect();
+    assert_eq!(recv.len(), 3 * SIZES.len(), "echo-a1:\n{a1}");
+    rig.assert_alive();
+    let st = rig.broker_stats();
+    assert!(st["udp_to_listener"] >= 3 * SIZES.len() as u64, "{st:?}");
+    assert_eq!(st["udp_drop_too_big"], 0, "{st:?}");
+}
+
+// ---------------------------------------------------------------------------------------
+// 2. iperf3 -u
+// ---------------------------------------------------------------------------------------
+
+/// (error, packets, lost_percent) of an `iperf3 -u -J` client report (`end.sum`).
+fn iperf_udp_summary(json: &[u8]) -> Result<(String, f64, f64), String> {
+    let script = "import json,sys\nd=json.load(sys.stdin)\ns=d['end'].get('sum') or d['end']['sum_received']\n\
+                  print(repr(d.get('error','')))\nprint(s['packets'])\nprint(s['lost_percent'])";
+    let mut c = Command::new(python());
+    c.args(["-c", script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn().expect("python3");
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        let _ = stdin.write_all(json);
+    }
+    let out = child.wait_with_output().unwrap();
+    if !out.status.success() {
+        return Err(format!("cannot read iperf3 JSON ({})", text(&out.stderr)));
+    }
+    let t = text(&out.stdout);
+    let l: Vec<&str> = t.lines().collect();
+    let num = |i: usize| l.get(i).and_then(|x| x.trim().parse().ok()).unwrap_or(-1.0);
+    Ok((l.first().copied().unwrap_or("").to_owned(), num(1), num(2)))
+}
+
+/// iperf3 -u: the server in a1 under GCB (TCP control and UDP data socket share the proxy
+/// port), clients p2 plain and b1 under GCB, each twice in a row on the same proxy port.
+#[test]
+fn iperf3_udp_through_the_broker_twice() {
+    let mut rig = Rig::up(&[]);
+    let mut cmd = rig.cmd(Host::A1, true, "iperf3-server", "iperf3");
+    cmd.args(["-s", "-4", "-p", "5201"]);
+    rig.start(cmd, "iperf3-server");
+    let slog = rig.path("iperf3-server.shim.log");
+    let line = wait_line(&slog, UP, |l| {
+        l.contains("registered 10.1.0.11:5201 with broker")
+    })
+    .unwrap_or_else(|| panic!("iperf3 server did not register\n{}", rig.logs()));
+    let proxy = line.rsplit("proxy ").next().unwrap().trim().to_owned();
+    let (ip, port) = proxy.split_once(':').unwrap();
+    assert_eq!(ip, BROKER, "{line}");
+    let mut packets_total = 0.0;
+    for round in 0..2 {
+        for (host, gcb) in [(Host::P2, false), (Host::B1, true)] {
+            let tag = format!("iperf3-{host}-{gcb}-{round}");
+            let mut cmd = rig.cmd(host, gcb, &tag, "iperf3");
+            cmd.args([
+                "-4", "-u", "-b", "100M", "-c", ip, "-p", port, "-t", "2", "-J",
+            ]);
+            let out = rig.run(cmd, RUN);
+            let summary = iperf_udp_summary(&out.stdout);
+            let ok = matches!(&summary, Ok((e, p, l)) if e == "''" && *p > 0.0 && (0.0..5.0).contains(l));
+            assert!(
+                out.status.success() && ok,
+                "{tag}: status {:?} summary {summary:?}\nstdout {}\nstderr {}\n{}",
+                out.status,
+                text(&out.stdout),
+                text(&out.stderr),
+                rig.logs()
+            );
+            let (_, packets, lost) = summary.unwrap();
+            println!("{tag}: {packets} packets, {lost}% lost");
+            packets_total += packets;
+        }
+    }
+    // The UDP data socket registered on the same port, and the datagrams went through the
+    // proxy (not some other path).
+    let shim = read(&slog);
+    assert!(
+        shim.contains(&format!(
+            "registered udp 10.1.0.11:5201 with broker {BROKER}:{BROKER_PORT}: proxy {proxy}"
+        )),
+        "the UDP socket did not get the TCP proxy port {proxy}:\n{shim}"
+    );
+    rig.assert_alive();
+    let st = rig.broker_stats();
+    assert!(
+        st["udp_to_listener"] as f64 >= packets_total * 0.95,
+        "{packets_total} packets, but {st:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// 3. loss
+// ---------------------------------------------------------------------------------------
+
+/// Streams `n` numbered, self-hashed datagrams from `host` to `target` and checks every
+/// answer: intact, one of ours, not twice, seen from `sender_ip`. Returns how many came back.
+fn check_stream(
+    rig: &Rig,
+    (host, gcb): (Host, bool),
+    target: &str,
+    n: usize,
+    sender_ip: &str,
+) -> usize {
+    let tag = format!("stream-{host}{}", if gcb { "-gcb" } else { "" });
+    let out = rig.client(
+        host,
+        gcb,
+        &tag,
+        &["stream".into(), target.into(), n.to_string()],
+    );
+    let stdout = text(&out.stdout);
+    let ctx = || {
+        format!(
+            "{tag}: status {:?}\nstderr {}\n{}",
+            out.status,
+            text(&out.stderr),
+            rig.logs()
+        )
+    };
+    assert!(out.status.success(), "{}", ctx());
+    let mut sent = HashMap::new();
+    let mut got = BTreeSet::new();
+    let mut local = String::new();
+    for l in stdout.lines() {
+        let w: Vec<&str> = l.split_whitespace().collect();
+        match w[..] {
+            ["LOCAL", a] => local = a.to_owned(),
+            ["SENT", seq, sha] => {
+                sent.insert(seq.to_owned(), sha.to_owned());
+            }
+            ["REPLY", from, seen, tag, seq, sha] => {
+                assert_eq!(from, target, "{l}: answer not from the proxy\n{}", ctx());
+                assert_eq!(
+                    tag,
+                    "OK",
+                    "{l}: the server got a corrupted datagram\n{}",
+                    ctx()
+                );
+                assert_eq!(
+                    sent.get(seq).map(String::as_str),
+                    Some(sha),
+                    "{l}: not what was sent\n{}",
+                    ctx()
+                );
+                let (ip, port) = seen.rsplit_once(':').unwrap();
+                assert_eq!(ip, sender_ip, "{l}: misaddressed\n{}", ctx());
+                assert_eq!(
+                    port,
+                    local.rsplit(':').next().unwrap(),
+                    "{l}: misaddressed\n{}",
+                    ctx()
+                );
+                assert!(
+                    got.insert(seq.to_owned()),
+                    "{l}: seq {seq} answered twice\n{}",
+                    ctx()
+                );
+            }
+            _ => panic!("{tag}: unexpected line {l:?}\n{}", ctx()),
+        }
+    }
+    assert_eq!(sent.len(), n, "{}", ctx());
+    println!("{tag}: {} of {n} answers, all intact", got.len());
+    got.len()
+}
+
+/// 30 % loss on both gateways: datagrams are lost, but nothing the server or the clients
+/// receive is corrupted, duplicated or misaddressed, and a reasonable share arrives.
+#[test]
+fn loss_on_the_gateways_loses_but_never_corrupts_duplicates_or_misaddresses() {
+    let mut rig = Rig::up(&[]);
+    let py = rig.echo_server(Host::A1, true, 9000, "echo-a1");
+    // Registered and working before the loss starts.
+    check_echo(
+        &rig,
+        (Host::P2, false),
+        &py,
+        true,
+        &[100],
+        &[],
+        "203.0.113.11",
+        true,
+    );
+    rig.lab.loss(Host::Gwa, 30);
+    rig.lab.loss(Host::Gwb, 30);
+    const N: usize = 300;
+    // p2 -> a1: each round trip crosses gwa twice (0.7^2 = 49 % expected).
+    let p2 = check_stream(&rig, (Host::P2, false), &py, N, "203.0.113.11");
+    // b1 -> a1: gwb and gwa, twice each (0.7^4 = 24 %).
+    let b1 = check_stream(&rig, (Host::B1, true), &py, N, "203.0.113.2");
+    assert!(p2 >= N / 4, "p2: only {p2} of {N} answers at 30 % loss");
+    assert!(b1 >= N / 10, "b1: only {b1} of {N} answers at 30 % loss");
+    // The server: every datagram intact, none twice.
+    let out = read(&rig.path("echo-a1.out"));
+    let mut seen = BTreeSet::new();
+    let mut n = 0;
+    for l in out.lines().filter(|l| l.starts_with("RECV")) {
+        let w: Vec<&str> = l.split_whitespace().collect();
+        assert_ne!(w[4], "BAD", "server got a corrupted datagram: {l}");
+        assert!(
+            w[1].starts_with("203.0.113.11:") || w[1].starts_with("203.0.113.2:"),
+            "{l}"
+        );
+        assert!(
+            seen.insert((w[1].to_owned(), w[3].to_owned())),
+            "server got a datagram twice: {l}"
+        );
+        n += 1;
+    }
+    assert!(
+        n > p2 + b1,
+        "the server received {n}, fewer than answered {}",
+        p2 + b1
+    );
+    rig.lab.loss(Host::Gwa, 0);
+    rig.lab.loss(Host::Gwb, 0);
+    check_echo(
+        &rig,
+        (Host::B1, true),
+        &py,
+        true,
+        &SIZES,
+        &[],
+        "203.0.113.2",
+        true,
+    );
+    rig.assert_alive();
+}
+
+// ---------------------------------------------------------------------------------------
+// 4. bad input
+// ---------------------------------------------------------------------------------------
+
+/// A GCBU frame: magic, kind, IPv4, port (big endian), payload.
+fn frame(kind: u8, ip: [u8; 4], port: u16, payload: &[u8]) -> Vec<u8> {
+    let mut f = b"GCBU".to_vec();
+    f.push(kind);
+    f.extend_from_slice(&ip);
+    f.extend_from_slice(&port.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+fn send_hex(rig: &Rig, host: Host, tag: &str, target: &str, datagrams: &[Vec<u8>], extra: &[&str]) {
+    let mut args = vec!["send".to_owned(), target.to_owned()];
+    args.extend(datagrams.iter().map(|d| hex(d)));
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let out = rig.client(host, false, tag, &args);
+    assert!(out.status.success(), "{tag}: {out:?}");
+}
+
+/// Forged and stray datagrams: GCBU frames sent to the proxy by a stranger (Dummy with a
+/// wrong or no token, From, DummyAck, a To that would make the broker send to p2) are
+/// dropped and counted by the broker; datagrams that merely look like frames (too short,
+/// unknown kind) and random bytes are ordinary data and reach the program intact; a
+/// datagram too big to wrap is dropped and counted; junk sent to the listener's public
+/// data address and a forged From frame sent by a LAN neighbour straight to the program's
+/// socket never reach the program as what they claim. The program receives exactly the
+/// legitimate datagrams, with the right sender; nothing crashes.
+#[test]
+fn forged_and_stray_datagrams_never_reach_the_program_as_frames() {
+    let mut rig = Rig::up(&[]);
+    let py = rig.echo_server(Host::A1, true, 9000, "echo-a1");
+    let mut legit: Vec<String> = Vec::new();
+    let v = check_echo(
+        &rig,
+        (Host::P2, false),
+        &py,
+        true,
+        &[10],
+        &[],
+        "203.0.113.11",
+        true,
+    );
+    legit.extend(v.iter().map(|e| e.sent.clone()));
+    let needle = format!("udp proxy {py}: listener data address ");
+    let line = wait_line(&rig.path("broker.log"), UP, |l| l.contains(&needle))
+        .unwrap_or_else(|| panic!("no data address for {py}\n{}", rig.logs()));
+    let data_addr = line
+        .split(&needle)
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned();
+    assert!(data_addr.starts_with("203.0.113.1:"), "{line}");
+
+    // p2 listens on 7777 for anything a forged To frame would make the broker send there.
+    let mut listen = rig.cmd(Host::P2, false, "p2-listen", python());
+    listen
+        .arg("-u")
+        .arg(rig.path("client.py"))
+        .args(["listen", "7777", "6"]);
+    rig.start(listen, "p2-listen");
+    wait_line(&rig.path("p2-listen.out"), UP, |l| l == "LISTENING").expect("p2 listens");
+
+    let forged = [
+        frame(b'D', [0; 4], 0, b"0123456789abcdef0123456789abcdef"), // wrong token
+        frame(b'D', [0; 4], 0, b""),                                 // no token
+        frame(b'F', [6, 6, 6, 6], 666, b"FORGED-F"),
+        frame(b'A', [203, 0, 113, 11], 7777, b"FORGED-A"),
+        frame(b'T', [203, 0, 113, 11], 7777, b"REFLECT"),
+    ];
+    let mut ordinary = vec![
+        b"GCBU".to_vec(),                              // shorter than a frame header
+        frame(b'X', [1, 2, 3, 4], 5, b"unknown kind"), // not a frame kind
+    ];
+    for n in [1, 500, 3000, 20000] {
+        ordinary.push(random_bytes(n));
+    }
+    let mut all = forged.to_vec();
+    all.extend(ordinary.iter().cloned());
+    all.extend(forged.iter().cloned());
+    send_hex(&rig, Host::P2, "p2-junk", &py, &all, &["zeros:65500"]);
+    legit.extend(ordinary.iter().map(|d| sha256(d)));
+    // Junk at the listener's public data address: the NAT drops it, or the shim must.
+    let direct = [
+        frame(b'F', [6, 6, 6, 6], 666, b"FORGED-DIRECT"),
+        frame(b'A', [0; 4], 0, b"0123456789abcdef0123456789abcdef"),
+        random_bytes(100),
+    ];
+    send_hex(&rig, Host::P2, "p2-direct", &data_addr, &direct, &[]);
+    send_hex(&rig, Host::P1, "p1-direct", &data_addr, &direct, &[]);
+    // A LAN neighbour reaches the program's real socket: a forged From frame must not be
+    // taken for a relayed datagram; ordinary datagrams are served directly.
+    send_hex(
+        &rig,
+        Host::A2,
+        "a2-forged",
+        "10.1.0.11:9000",
+        &direct[..2],
+        &[],
+    );
+    let v = check_echo(
+        &rig,
+        (Host::A2, false),
+        "10.1.0.11:9000",
+        true,
+        &[1, 1400],
+        &[],
+        "10.1.0.12",
+        true,
+    );
+    legit.extend(v.iter().map(|e| e.sent.clone()));
+    // And the relay still serves.
+    for (host, gcb) in [(Host::P2, false), (Host::B1, true)] {
+        let v = check_echo(
+            &rig,
+            (host, gcb),
+            &py,
+            true,
+            &SIZES,
+            &[],
+            &public_ip(host),
+            true,
+        );
+        legit.extend(v.iter().map(|e| e.sent.clone()));
+    }
+    thread::sleep(Duration::from_millis(300));
+
+    let out = read(&rig.path("echo-a1.out"));
+    let mut got: Vec<String> = Vec::new();
+    for l in out.lines().filter(|l| l.starts_with("RECV")) {
+        let w: Vec<&str> = l.split_whitespace().collect();
+        assert!(
+            ["203.0.113.11:", "203.0.113.2:", "10.1.0.12:"]
+                .iter()
+                .any(|p| w[1].starts_with(p)),
+            "the program got a datagram from {}: {l}\n{}",
+            w[1],
+            rig.logs()
+        );
+        got.push(w[3].to_owned());
+    }
+    // The a2 frames came from a2 itself, not through the proxy: the shim may drop them, or
+    // deliver them verbatim from 10.1.0.12 (what the program would get without GCB), but
+    // never as the datagram of 6.6.6.6:666 they claim to carry.
+    for f in &direct[..2] {
+        let sha = sha256(f);
+        if let Some(i) = got.iter().position(|g| *g == sha) {
+            got.remove(i);
+            let line = out.lines().find(|l| l.contains(&sha)).unwrap();
+            assert!(line.starts_with("RECV 10.1.0.12:"), "{line}");
+        }
+        let inner = sha256(&f[11..]);
+        assert!(
+            !got.contains(&inner),
+            "a forged frame from a2 was unwrapped:\n{out}"
+        );
+    }
+    got.sort();
+    legit.sort();
+    assert_eq!(
+        got, legit,
+        "the program must get exactly the legitimate datagrams:\n{out}"
+    );
+    let p2_listen = read(&rig.path("p2-listen.out"));
+    assert!(
+        !p2_listen.contains("GOT"),
+        "a forged To frame was relayed to p2:\n{p2_listen}"
+    );
+    rig.assert_alive();
+    let st = rig.broker_stats();
+    println!(
+        "broker udp counters: {:?}",
+        st.iter()
+            .filter(|(k, _)| k.starts_with("udp"))
+            .collect::<BTreeMap<_, _>>()
+    );
+    assert!(
+        st["udp_drop_bad_token"] >= 4,
+        "two forged Dummies, twice: {st:?}"
+    );
+    assert!(
+        st["udp_drop_stray"] >= 6,
+        "F, A and T frames from p2, twice: {st:?}"
+    );
+    assert!(st["udp_drop_too_big"] >= 1, "{st:?}");
+    assert_eq!(
+        st["udp_from_listener"], st["udp_to_listener"],
+        "one answer per datagram relayed: {st:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// 5. relay rule expiry
+// ---------------------------------------------------------------------------------------
+
+/// With `--udp-rule-idle-ms 1500`, a sender that pauses 3 s loses its relay rule and gets a
+/// new one when it talks again (same socket, same address seen); an answer the program
+/// sends after the rule expired is not delivered (the broker sends only to live senders)
+/// and is counted.
+#[test]
+fn relay_rules_expire_and_resume() {
+    let mut rig = Rig::up(&["--udp-rule-idle-ms", "1500"]);
+    let py = rig.echo_server(Host::A1, true, 9000, "echo-a1");
+    let sizes = [100, 1400, 8000, 100, 1400, 8000];
+    for (host, gcb) in [(Host::P2, false), (Host::B1, true)] {
+        let v = check_echo(
+            &rig,
+            (host, gcb),
+            &py,
+            true,
+            &sizes,
+            &["--pause", "3", "3"],
+            &public_ip(host),
+            true,
+        );
+        let sender = &v[0].seen;
+        let log = rig.broker_log();
+        let created = log
+            .lines()
+            .filter(|l| l.ends_with(&format!("relay rule for {sender}")))
+            .count();
+        let expired = log
+            .lines()
+            .filter(|l| l.ends_with(&format!("relay rule for {sender} expired")))
+            .count();
+        assert!(
+            created >= 2 && expired >= 1,
+            "{sender}: {created} rules created, {expired} expired:\n{log}"
+        );
+    }
+    let out = rig.client(Host::P2, false, "late", &["late".into(), py.clone()]);
+    let t = text(&out.stdout);
+    assert!(
+        t.contains(&format!("FIRST {py} True")),
+        "late: {t}\n{}",
+        rig.logs()
+    );
+    assert!(
+        t.contains("NOTHING-MORE"),
+        "an answer after the rule expired was delivered: {t}"
+    );
+    rig.assert_alive();
+    let st = rig.broker_stats();
+    assert!(st["udp_rules_expired"] >= 2, "{st:?}");
+    assert!(st["udp_rules_created"] >= 4, "{st:?}");
+    assert!(st["udp_drop_no_rule"] >= 1, "the late answer: {st:?}");
+}
