@@ -468,22 +468,20 @@ impl Client {
         }
     }
 
-    /// Register a listening socket; returns its proxy address.
-    pub fn register(
+    /// Ask the broker to register `local` for `transport` on this process's own
+    /// registration channel; returns the channel, the proxy, the lease and the token.
+    fn register_request(
         &mut self,
+        transport: Transport,
         local: SocketAddrV4,
-        listen_at: SocketAddrV4,
-        entry: &Arc<FdEntry>,
-        fd: c_int,
-    ) -> Result<SocketAddrV4, String> {
+    ) -> Result<(u64, SocketAddrV4, Option<String>), String> {
         let chan = self
             .own_family()
             .map_err(|e| format!("no control socket to broker {}: {}", self.broker, errstr(e)))?;
-        let previous = self.previous_for(Transport::Tcp, local);
         let body = Body::Register {
-            transport: Transport::Tcp,
+            transport,
             local: SocketAddr::V4(local),
-            previous_proxy: previous,
+            previous_proxy: self.previous_for(transport, local),
         };
         match self.request_on(chan, body, REGISTER_DEADLINE) {
             Err(e) => Err(format!(
@@ -496,23 +494,14 @@ impl Client {
                 self.broker, REGISTER_DEADLINE
             )),
             Ok(Answer::Body(Body::Registered {
-                proxy, lease_ms, ..
+                proxy,
+                lease_ms,
+                token,
             })) => {
                 let proxy = net::v4(proxy).ok_or("broker gave an IPv6 proxy")?;
                 self.fit_heartbeat(lease_ms);
-                self.regs.insert(
-                    (Transport::Tcp, proxy),
-                    Registration {
-                        local,
-                        listen_at,
-                        inode: inode(fd).unwrap_or(0),
-                        chan,
-                        entry: Arc::downgrade(entry),
-                        udp: None,
-                    },
-                );
                 self.heartbeat.reset(Instant::now());
-                Ok(proxy)
+                Ok((chan, proxy, token))
             }
             Ok(Answer::Body(Body::Error { code, reason })) => {
                 Err(format!("broker refused: {code:?}: {reason}"))
@@ -522,6 +511,29 @@ impl Client {
                 other.type_name()
             )),
         }
+    }
+
+    /// Register a listening socket; returns its proxy address.
+    pub fn register(
+        &mut self,
+        local: SocketAddrV4,
+        listen_at: SocketAddrV4,
+        entry: &Arc<FdEntry>,
+        fd: c_int,
+    ) -> Result<SocketAddrV4, String> {
+        let (chan, proxy, _) = self.register_request(Transport::Tcp, local)?;
+        self.regs.insert(
+            (Transport::Tcp, proxy),
+            Registration {
+                local,
+                listen_at,
+                inode: inode(fd).unwrap_or(0),
+                chan,
+                entry: Arc::downgrade(entry),
+                udp: None,
+            },
+        );
+        Ok(proxy)
     }
 
     /// Register a bound UDP socket; returns its proxy and token.
@@ -542,60 +554,28 @@ impl Client {
             u.holders.push(Arc::downgrade(entry));
             return Ok((*proxy, u.token.clone()));
         }
-        let chan = self
-            .own_family()
-            .map_err(|e| format!("no control socket to broker {}: {}", self.broker, errstr(e)))?;
-        let previous = self.previous_for(Transport::Udp, local);
-        let body = Body::Register {
-            transport: Transport::Udp,
-            local: SocketAddr::V4(local),
-            previous_proxy: previous,
-        };
-        match self.request_on(chan, body, REGISTER_DEADLINE) {
-            Err(e) => Err(format!(
-                "cannot reach broker {}: {}",
-                self.broker,
-                errstr(e)
-            )),
-            Ok(Answer::Timeout) => Err(format!(
-                "broker {} did not answer within {:?}",
-                self.broker, REGISTER_DEADLINE
-            )),
-            Ok(Answer::Body(Body::Registered {
-                proxy,
-                lease_ms,
-                token: Some(token),
-            })) => {
-                let proxy = net::v4(proxy).ok_or("broker gave an IPv6 proxy")?;
-                self.fit_heartbeat(lease_ms);
-                let token = token.into_bytes();
-                self.regs.insert(
-                    (Transport::Udp, proxy),
-                    Registration {
-                        local,
-                        listen_at: local,
-                        inode: inode(fd).unwrap_or(0),
-                        chan,
-                        entry: Arc::downgrade(entry),
-                        udp: Some(UdpReg {
-                            holders: vec![Arc::downgrade(entry)],
-                            token: token.clone(),
-                            acked: false,
-                            next_dummy: Instant::now() + DUMMY_RETRY,
-                            backoff: DUMMY_RETRY,
-                        }),
-                    },
-                );
-                self.heartbeat.reset(Instant::now());
-                Ok((proxy, token))
-            }
-            Ok(Answer::Body(Body::Error { code, reason })) => {
-                Err(format!("broker refused: {code:?}: {reason}"))
-            }
-            Ok(Answer::Body(other)) => {
-                Err(format!("unexpected answer {:?} to a udp register", other))
-            }
-        }
+        let (chan, proxy, token) = self.register_request(Transport::Udp, local)?;
+        let token = token
+            .ok_or("broker gave no token for a udp registration")?
+            .into_bytes();
+        self.regs.insert(
+            (Transport::Udp, proxy),
+            Registration {
+                local,
+                listen_at: local,
+                inode: inode(fd).unwrap_or(0),
+                chan,
+                entry: Arc::downgrade(entry),
+                udp: Some(UdpReg {
+                    holders: vec![Arc::downgrade(entry)],
+                    token: token.clone(),
+                    acked: false,
+                    next_dummy: Instant::now() + DUMMY_RETRY,
+                    backoff: DUMMY_RETRY,
+                }),
+            },
+        );
+        Ok((proxy, token))
     }
 
     /// The proxy to ask for when registering `local` for `transport`: the one it had
