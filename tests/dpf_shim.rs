@@ -1264,3 +1264,74 @@ fn dpf_and_gcb_together() {
         "b1 without a broker: want one warn line about serving locally: {warns:#?}"
     );
 }
+
+/// A daemon that hands its bound socket to an exec'd image: the mapping and its probe
+/// socket go with it (the probe socket shares the socket's fate across exec), so the
+/// mapping survives several probe rounds after the exec, still serves, and goes away
+/// when the exec'd image dies.
+#[test]
+fn exec_handoff_keeps_the_mapping_alive() {
+    let mut s = Setup::new("exec");
+    s.start_portfwd(PORTS, &[]);
+    let child = s.path("exec_child.py");
+    fs::write(
+        &child,
+        SHA_SERVER.replace(
+            "s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)\ns.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\ns.bind((\"0.0.0.0\", int(sys.argv[1])))\ns.listen(16)",
+            "s = socket.socket(fileno=int(sys.argv[1]))",
+        ),
+    )
+    .unwrap();
+    assert!(
+        fs::read_to_string(&child).unwrap().contains("fileno="),
+        "the child script must adopt the inherited fd"
+    );
+    fs::write(
+        s.path("exec_parent.py"),
+        r#"
+import os, socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 7100))
+s.listen(16)
+print("PARENT %s:%d" % s.getsockname(), flush=True)
+s.set_inheritable(True)
+os.execv(sys.executable, [sys.executable, "-u", sys.argv[1], str(s.fileno())])
+"#,
+    )
+    .unwrap();
+    let mut server = s.py_shim(
+        Host::A1,
+        "exec",
+        &[],
+        "exec_parent.py",
+        &[child.to_str().unwrap()],
+    );
+    let q = s.mapped("exec", "Tcp", "10.1.0.11:7100");
+    let parent = wait_line(&s.path("exec.out"), "PARENT ", T);
+    let addr = s.addr("exec");
+    assert_eq!(
+        parent.trim_start_matches("PARENT ").trim(),
+        addr,
+        "the exec'd image must report the same public address"
+    );
+    assert_eq!(addr, format!("{PUBLIC}:{q}"));
+    // Several probe rounds after the exec: a probe socket lost in the exec would have
+    // been refused by now and the mapping removed.
+    std::thread::sleep(Duration::from_secs(3 * PROBE_SECS));
+    assert!(s.has_map("tcp", q, "10.1.0.11:7100"), "{}", s.maps());
+    s.sha_roundtrip(Host::P1, None, &addr, 100_000);
+    assert!(
+        s.read("exec.shim.log").contains("inherited DPF mapping"),
+        "{}",
+        s.read("exec.shim.log")
+    );
+    server.signal_group(libc::SIGKILL);
+    server.wait_timeout(T).unwrap();
+    drop(server);
+    wait_until(
+        "the exec'd image's mapping is removed after it dies",
+        Duration::from_secs(PROBE_SECS + 2),
+        || !s.has_map("tcp", q, "10.1.0.11:7100"),
+    );
+}
