@@ -1187,3 +1187,134 @@ fn relay_rules_expire_and_resume() {
     assert!(st["udp_rules_created"] >= 4, "{st:?}");
     assert!(st["udp_drop_no_rule"] >= 1, "the late answer: {st:?}");
 }
+
+// ---------------------------------------------------------------------------------------
+// 6. readiness
+// ---------------------------------------------------------------------------------------
+
+/// Two blocking UDP sockets (ports P and P+1) served from one readiness loop: `select`,
+/// `poll` or `epoll` (argv[2]). For every socket reported readable it calls recvfrom()
+/// once (blocking, as such programs do: readable means a datagram is there) and echoes
+/// like `ECHO`. Prints `ADDR IP:PORT` for both sockets.
+const MUX: &str = r#"
+import select, socket, sys
+port, how = int(sys.argv[1]), sys.argv[2]
+socks = []
+for p in (port, port + 1):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("0.0.0.0", p))
+    print("ADDR %s:%d" % s.getsockname(), flush=True)
+    socks.append(s)
+byfd = {s.fileno(): s for s in socks}
+if how == "poll":
+    po = select.poll()
+    for s in socks:
+        po.register(s, select.POLLIN)
+    wait = lambda: [byfd[fd] for fd, ev in po.poll()]
+elif how == "epoll":
+    ep = select.epoll()
+    for s in socks:
+        ep.register(s.fileno(), select.EPOLLIN)
+    wait = lambda: [byfd[fd] for fd, ev in ep.poll()]
+else:
+    wait = lambda: select.select(socks, [], [])[0]
+while True:
+    for s in wait():
+        data, peer = s.recvfrom(65536)
+        seen = "%s:%d" % peer
+        print("RECV %s %d" % (seen, len(data)), flush=True)
+        s.sendto(("%s RAW\n" % seen).encode() + data, peer)
+"#;
+
+/// select/poll/epoll servers with two registered UDP sockets: readiness must mean a
+/// datagram for the program (the shim's own DummyAcks must not make a socket readable and
+/// then block the program in recvfrom()), so each socket is served independently and at
+/// once, in both orders, also across a keepalive.
+#[test]
+fn select_poll_epoll_servers_serve_each_socket_at_once() {
+    let mut rig = Rig::up(&[]);
+    fs::write(rig.path("mux.py"), MUX).unwrap();
+    let mut targets = Vec::new();
+    for (i, how) in ["select", "poll", "epoll"].into_iter().enumerate() {
+        let port = 9000 + 10 * i as u16;
+        let tag = format!("mux-{how}");
+        let mut cmd = rig.cmd(Host::A1, true, &tag, python());
+        cmd.arg("-u")
+            .arg(rig.path("mux.py"))
+            .arg(port.to_string())
+            .arg(how);
+        rig.start(cmd, &tag);
+        let out = rig.path(&format!("{tag}.out"));
+        let mut addrs = Vec::new();
+        let deadline = Instant::now() + UP;
+        while addrs.len() < 2 && Instant::now() < deadline {
+            addrs = read(&out)
+                .lines()
+                .filter_map(|l| l.strip_prefix("ADDR "))
+                .map(str::to_owned)
+                .collect();
+            thread::sleep(Duration::from_millis(30));
+        }
+        assert_eq!(addrs.len(), 2, "{tag}: {}\n{}", read(&out), rig.logs());
+        targets.push((tag, addrs));
+    }
+    // Control: the same program without GCB (in a2, reached from a1 on the LAN) serves
+    // both sockets at once.
+    let mut cmd = rig.cmd(Host::A2, false, "mux-plain", python());
+    cmd.arg("-u")
+        .arg(rig.path("mux.py"))
+        .args(["9000", "select"]);
+    rig.start(cmd, "mux-plain");
+    rig.lab.wait_for_udp_bind(Host::A2, 9001, UP).unwrap();
+    for target in ["10.1.0.12:9001", "10.1.0.12:9000"] {
+        check_echo(
+            &rig,
+            (Host::A1, false),
+            target,
+            true,
+            &[1, 1400],
+            &[],
+            "10.1.0.11",
+            true,
+        );
+    }
+    // Let the DummyAcks arrive before the first datagram.
+    thread::sleep(Duration::from_millis(500));
+    let mut failures = Vec::new();
+    for round in 0..2 {
+        for (tag, addrs) in &targets {
+            // The second socket first: a program blocked on the first would never answer.
+            for target in [&addrs[1], &addrs[0]] {
+                let ctag = format!("{tag}-{round}-{}", target.replace([':', '.'], "_"));
+                let args = ["echo", target, "ADDR", "1", "1400"].map(String::from);
+                let out = rig.client(Host::P2, false, &ctag, &args);
+                let t = text(&out.stdout);
+                let ok = t.lines().filter(|l| l.starts_with("ECHO ")).count() == 2
+                    && t.lines().filter(|l| l.starts_with("ECHO ")).all(|l| {
+                        let w: Vec<&str> = l.split_whitespace().collect();
+                        w[2] == w[3] && w[4] == target && w[5].starts_with("203.0.113.11:")
+                    });
+                println!("{ctag}: {}", if ok { "ok" } else { "FAILED" });
+                if !ok {
+                    failures.push(format!("{tag} round {round} socket {target}: {t}"));
+                }
+            }
+        }
+        if round == 0 {
+            // Past a keepalive Dummy (10-15 s after registering) and its DummyAck.
+            thread::sleep(Duration::from_secs(16));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "sockets not served:\n{}\n{}",
+        failures.join("\n"),
+        rig.logs()
+    );
+    rig.assert_alive();
+    let st = rig.broker_stats();
+    assert!(
+        st["udp_dummies"] >= 12,
+        "6 sockets, a keepalive each: {st:?}"
+    );
+}
