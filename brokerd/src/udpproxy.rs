@@ -230,7 +230,7 @@ impl UdpPlane {
             let frame = &buf[UDP_HEADER_LEN..UDP_HEADER_LEN + n];
             let parsed = udp::parse(frame);
             match parsed {
-                Some((UdpKind::Dummy, _, tok)) => {
+                Some((kind @ (UdpKind::Dummy | UdpKind::KeepAlive), _, tok)) => {
                     if !udp::token_eq(tok, &p.secret) {
                         counters.drop_bad_token += 1;
                         if let Some(s) = drop_log.allow(now) {
@@ -271,6 +271,9 @@ impl UdpPlane {
                         ),
                     }
                     p.data = Some(src);
+                    if kind == UdpKind::KeepAlive {
+                        continue; // no ack: the listener asked for none
+                    }
                     let mut ack = [0u8; UDP_HEADER_LEN + UDP_TOKEN_LEN];
                     let len =
                         udp::write_frame(&mut ack, UdpKind::DummyAck, src4, &p.secret).unwrap_or(0);

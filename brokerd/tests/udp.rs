@@ -430,3 +430,24 @@ fn udp_registration_lease_previous_proxy_and_distinct_ports() {
     assert_eq!(stat(&log, "expired"), 1);
     assert_eq!(stat(&log, "udp_drop_bad_token"), 1);
 }
+
+/// The shim's keepalive (`KeepAlive`, a Dummy without ack) records the data address like
+/// a Dummy, and nothing is sent back to the listener's socket (which belongs to the
+/// program); a wrong token is still refused.
+#[test]
+fn keepalive_sets_the_data_address_without_an_ack() {
+    let broker = Broker::start("127.0.0.1:0", &[]);
+    let mut ctl = Client::new(broker.addr);
+    let (proxy, token) = register_udp(&mut ctl, a("10.1.0.5:5001"), None);
+    let data = sock("127.0.0.1:0");
+    let sender = sock("127.0.0.1:0");
+    let keepalive = |t: &str| frame(UdpKind::KeepAlive, v4(a("0.0.0.0:0")), t.as_bytes());
+    data.send_to(&keepalive(&"0".repeat(32)), proxy).unwrap();
+    silent(&data, "ack or data after a wrong-token keepalive");
+    data.send_to(&keepalive(&token), proxy).unwrap();
+    silent(&data, "ack after a keepalive");
+    round_trip(&sender, &data, proxy, b"via keepalive", b"ok");
+    let log = broker.stop();
+    assert_eq!(stat(&log, "udp_drop_bad_token"), 1);
+    assert_eq!(stat(&log, "udp_dummies"), 1);
+}

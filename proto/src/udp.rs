@@ -18,6 +18,7 @@
 //! | kind | byte | direction | address | payload |
 //! |---|---|---|---|---|
 //! | [`Dummy`](UdpKind::Dummy) | `D` | listener -> proxy | `0.0.0.0:0` | the registration token (32 ASCII hex chars) |
+//! | [`KeepAlive`](UdpKind::KeepAlive) | `K` | listener -> proxy | `0.0.0.0:0` | the token; like `Dummy` but never acknowledged |
 //! | [`DummyAck`](UdpKind::DummyAck) | `A` | proxy -> listener | the Dummy's source as the broker saw it | the token |
 //! | [`From`](UdpKind::From) | `F` | proxy -> listener | the original sender | the sender's datagram, unchanged |
 //! | [`To`](UdpKind::To) | `T` | listener -> proxy | the destination | the datagram to send, unchanged |
@@ -63,6 +64,10 @@ pub const MAX_UDP_PAYLOAD: usize = MAX_IPV4_UDP - UDP_HEADER_LEN;
 pub enum UdpKind {
     /// Listener -> proxy: token, keeps the NAT mapping open (`b'D'`).
     Dummy,
+    /// Listener -> proxy: like `Dummy`, but the broker sends no `DummyAck` (`b'K'`).
+    /// The shim's keepalive: an ack would land in the program's socket and make it
+    /// readable for select/poll/epoll with nothing there for the program.
+    KeepAlive,
     /// Proxy -> listener: answer to a good Dummy (`b'A'`).
     DummyAck,
     /// Proxy -> listener: a sender's datagram (`b'F'`).
@@ -76,6 +81,7 @@ impl UdpKind {
     pub const fn byte(self) -> u8 {
         match self {
             UdpKind::Dummy => b'D',
+            UdpKind::KeepAlive => b'K',
             UdpKind::DummyAck => b'A',
             UdpKind::From => b'F',
             UdpKind::To => b'T',
@@ -86,6 +92,7 @@ impl UdpKind {
     pub const fn from_byte(b: u8) -> Option<UdpKind> {
         match b {
             b'D' => Some(UdpKind::Dummy),
+            b'K' => Some(UdpKind::KeepAlive),
             b'A' => Some(UdpKind::DummyAck),
             b'F' => Some(UdpKind::From),
             b'T' => Some(UdpKind::To),
@@ -170,6 +177,7 @@ mod tests {
         let mut buf = [0u8; 64];
         for kind in [
             UdpKind::Dummy,
+            UdpKind::KeepAlive,
             UdpKind::DummyAck,
             UdpKind::From,
             UdpKind::To,

@@ -123,9 +123,10 @@ struct UdpReg {
     /// serves a test); the registration ends with the last.
     holders: Vec<Weak<FdEntry>>,
     token: Vec<u8>,
-    acked: bool,
+    /// Quick repeats still to send after registering (a lost first keepalive would
+    /// otherwise leave the socket unreachable for a whole interval).
+    quick_left: u8,
     next_dummy: Instant,
-    backoff: Duration,
 }
 
 /// What a request in flight is for, when nobody blocks on it.
@@ -181,8 +182,10 @@ pub struct Client {
     udp_stray: u64,
 }
 
-/// First retry of an unacknowledged Dummy (doubling up to the heartbeat interval).
-const DUMMY_RETRY: Duration = Duration::from_millis(200);
+/// Spacing of the quick keepalive repeats after a UDP registration.
+const DUMMY_RETRY: Duration = Duration::from_millis(150);
+/// How many quick repeats follow the first keepalive.
+const DUMMY_REPEATS: u8 = 3;
 
 /// How long a closed listener's proxy is asked for again.
 const RECENT_TTL: Duration = Duration::from_secs(600);
@@ -569,9 +572,8 @@ impl Client {
                 udp: Some(UdpReg {
                     holders: vec![Arc::downgrade(entry)],
                     token: token.clone(),
-                    acked: false,
+                    quick_left: DUMMY_REPEATS,
                     next_dummy: Instant::now() + DUMMY_RETRY,
-                    backoff: DUMMY_RETRY,
                 }),
             },
         );
@@ -596,29 +598,16 @@ impl Client {
         recent.or_else(sibling).map(SocketAddr::V4)
     }
 
-    /// The broker acknowledged a Dummy of the UDP socket registered as `proxy`.
-    pub fn udp_acked(&mut self, proxy: SocketAddrV4) {
-        let every = self.heartbeat.interval();
-        if let Some(u) = self
-            .regs
-            .get_mut(&(Transport::Udp, proxy))
-            .and_then(|r| r.udp.as_mut())
-        {
-            u.acked = true;
-            u.backoff = DUMMY_RETRY;
-            u.next_dummy = Instant::now() + every;
-        }
-    }
-
     /// Count a stray datagram dropped on a GCB UDP socket; returns the total.
     pub fn count_udp_stray(&mut self) -> u64 {
         self.udp_stray += 1;
         self.udp_stray
     }
 
-    /// Keepalive Dummies from the program's UDP sockets: until the broker acks one,
-    /// retried quickly with backoff; then once per heartbeat interval (keeps the NAT
-    /// mapping toward the proxy open).
+    /// Keepalives from the program's UDP sockets (they keep the NAT mapping toward the
+    /// proxy open and tell the broker where the socket is): a few quick repeats after
+    /// registering, then one per heartbeat interval. They ask for no ack, so nothing of
+    /// the shim's lands in the program's socket.
     fn udp_keepalive(&mut self, now: Instant) {
         let every = self.heartbeat.interval();
         for ((_, proxy), r) in self.regs.iter_mut() {
@@ -634,14 +623,12 @@ impl Client {
             else {
                 continue;
             };
-            super::udp::send_dummy(fd, *proxy, &u.token);
-            if u.acked {
-                // Expect an ack again; if none comes, fall back to quick retries.
-                u.acked = false;
-                u.next_dummy = now + every;
+            super::udp::send_keepalive(fd, *proxy, &u.token);
+            if u.quick_left > 0 {
+                u.quick_left -= 1;
+                u.next_dummy = now + DUMMY_RETRY * 2;
             } else {
-                u.backoff = (u.backoff * 2).min(every);
-                u.next_dummy = now + u.backoff;
+                u.next_dummy = now + every;
             }
         }
     }
@@ -750,8 +737,7 @@ impl Client {
         if let (Some(u), Some(t)) = (reg.udp.as_mut(), token) {
             // A new registration has a new token: punch again with it.
             u.token = t.into_bytes();
-            u.acked = false;
-            u.backoff = DUMMY_RETRY;
+            u.quick_left = DUMMY_REPEATS;
             u.next_dummy = Instant::now();
         }
         if proxy != old_proxy {

@@ -3,10 +3,12 @@
 //!
 //! A UDP socket the program binds (not loopback) is registered with the broker, which
 //! opens a proxy UDP socket and returns its address and a token; `getsockname()` then
-//! reports the proxy. The shim sends a `Dummy` frame carrying the token *from the
-//! program's own socket* to the proxy: that opens the NAT mapping the broker relays
-//! through, and tells the broker where the socket is. Keepalive Dummies follow (see
-//! [`super::client::Client::pump`]).
+//! reports the proxy. The shim sends a `KeepAlive` frame (a Dummy the broker does not
+//! acknowledge) carrying the token *from the program's own socket* to the proxy: that
+//! opens the NAT mapping the broker relays through, and tells the broker where the socket
+//! is; a few quick repeats and then one per heartbeat interval follow (see
+//! [`super::client::Client::pump`]). Nothing of the shim's is ever sent *to* the
+//! program's socket, so select/poll/epoll readiness is the program's own.
 //!
 //! Datagrams that senders send to the proxy arrive as `From` frames (11-byte header with
 //! the original sender, then the datagram). The interposed receive calls read with one
@@ -76,12 +78,12 @@ pub fn is_udp4(fd: c_int) -> bool {
         && super::sock_opt(fd, libc::SOL_SOCKET, libc::SO_TYPE) == Some(libc::SOCK_DGRAM)
 }
 
-/// Send a Dummy with `token` from the program's socket `fd` to `proxy`.
-pub fn send_dummy(fd: c_int, proxy: SocketAddrV4, token: &[u8]) {
+/// Send a keepalive with `token` from the program's socket `fd` to `proxy`.
+pub fn send_keepalive(fd: c_int, proxy: SocketAddrV4, token: &[u8]) {
     let mut buf = [0u8; UDP_HEADER_LEN + 64];
     let Some(n) = udp::write_frame(
         &mut buf,
-        UdpKind::Dummy,
+        UdpKind::KeepAlive,
         SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0),
         token,
     ) else {
@@ -102,7 +104,7 @@ pub fn send_dummy(fd: c_int, proxy: SocketAddrV4, token: &[u8]) {
     };
     if r < 0 {
         crate::debug!(
-            "dummy to {} failed: {}",
+            "keepalive to {} failed: {}",
             proxy,
             std::io::Error::last_os_error()
         );
@@ -139,7 +141,7 @@ impl GcbLayer {
                         receivers: HashSet::new(),
                     }));
                 }
-                send_dummy(fd, proxy, &token);
+                send_keepalive(fd, proxy, &token);
                 crate::info!(
                     "registered udp {} with broker {}: proxy {}",
                     reg_local,
@@ -318,13 +320,6 @@ impl GcbLayer {
                             delivered
                         };
                         return Outcome::Handled(ret as ssize_t);
-                    }
-                    Some((UdpKind::DummyAck, _, _)) => {
-                        self.client().lock().udp_acked(proxy);
-                        // Not the program's: look again (a non-blocking socket then
-                        // gets EAGAIN, as if the ack never arrived).
-                        consume(fd);
-                        continue;
                     }
                     _ => {
                         consume(fd);
