@@ -328,6 +328,17 @@ impl GcbLayer {
                     }
                 }
             }
+            if got >= UDP_HEADER_LEN && udp::parse(&hdr).is_some() {
+                // A relay frame that did not come from our proxy is forged: dropped and
+                // counted, never unwrapped.
+                if peek {
+                    let mut b = [0u8; 1];
+                    // SAFETY: b is writable; this discards the peeked datagram.
+                    unsafe { libc::recv(fd, b.as_mut_ptr() as *mut c_void, 1, libc::MSG_DONTWAIT) };
+                }
+                self.count_stray();
+                continue;
+            }
             if vpeer.is_some() {
                 // A virtually connected socket hears only its peer (via the proxy).
                 if peek {
