@@ -372,6 +372,11 @@ impl GcbLayer {
     /// send/sendto/sendmsg/write on a registered UDP socket: to a relayed sender, as a
     /// `To` frame through the proxy; to anyone else, as is.
     pub fn udp_send(&self, fd: c_int, entry: &Arc<FdEntry>, call: IoCall) -> Outcome<ssize_t> {
+        // Other managed sockets (e.g. brokered TCP connections) pass straight through,
+        // before anything is allocated.
+        if state(entry).is_none() {
+            return Outcome::Bypass;
+        }
         let (prog_iov, flags, to, msg): (Vec<iovec>, c_int, Option<SocketAddrV4>, *const msghdr) =
             match call {
                 IoCall::Send {
