@@ -8,7 +8,7 @@
 //! Races are benign: two threads resolving the same symbol store the same pointer.
 //!
 //! The simple, always-present POSIX calls (socket, bind, listen, ...) use `redhook::hook!`
-//! instead; see [`crate::hooks::socket`].
+//! instead; see [`crate::hooks::sock`].
 
 use std::ffi::{c_void, CStr};
 use std::sync::atomic::{AtomicPtr, Ordering};

@@ -18,10 +18,16 @@
 //!   the connect id). Destinations the broker does not know, and an unreachable broker,
 //!   are remembered for a minute (negative cache), so a plain connect is delayed once.
 //!
-//! Limits today: IPv4 TCP only (UDP is a later issue); one broker per process; a
-//! registration belongs to the process that called listen() (a fork child that shares
-//! the socket does not unregister it on close, but does not take it over either);
-//! registrations are not handed across exec.
+//! * A bound UDP socket registers too; see [`udp`] (relay frames, keepalives, the
+//!   receiver list).
+//! * Shared listeners (see [`client`]): the registration channel and a mailbox of
+//!   brokered connections are inherited across fork and handed across exec
+//!   (`GCB_INHERIT`), so every process holding the socket can serve it; the registration
+//!   ends when no process holds the socket.
+//!
+//! Limits today: IPv4 only; one broker per process; no hole punching (UDP between two
+//! GCB peers, and TCP between two private networks, go through the broker's relay); UDP
+//! registrations are not handed across exec; `execl*`/`posix_spawn` get no handoff.
 
 pub mod client;
 pub mod net;

@@ -8,7 +8,7 @@
 //!   (vfork itself cannot be wrapped by a normal function: the child would return through
 //!   the wrapper's stack frame, which the parent then reuses.)
 //! * `execve`, `execv`, `execvp`, `execvpe`: pass-through, with the seam for GCB state
-//!   handoff in [`exec_seam`]. Each is hooked separately because glibc's `execv`/`execvp`/
+//!   handoff in `exec_seam`. Each is hooked separately because glibc's `execv`/`execvp`/
 //!   `execvpe` reach the kernel through the internal, non-interposable `__execve`.
 //!   `execl`, `execle` and `execlp` are C-variadic (not definable in stable Rust) and glibc
 //!   implements them by building an argv and calling `__execve`/`__execvpe` internally, so
