@@ -64,7 +64,6 @@ TABLE_TITLES = {"t1": "Table 1: private -> public (client a1, server p2)",
 CFG_TITLES = {"regular": "regular", "dpf": "DPF", "gcb_regpub": "GCB, regular public peer",
               "gcb_gcbpub": "GCB, GCB public peer", "gcb": "GCB (both private)",
               "rathole": "rathole (peer)", "socat": "socat relay on p1 (peer)"}
-NA_GCB_UDP = "n/a (issue 5)"
 
 
 def log(*a):
@@ -269,12 +268,15 @@ class Bench:
         S("p2_plain", "p2", [], P2 + ":7000")
         S("p2_plain_u", "p2", [], P2 + ":7000", udp=True)
         S("p2_gcb", "p2", gcb(P1), P2 + ":7001")
+        # GCB over UDP (relay path only): getsockname() of the bound socket is its proxy.
+        S("p2_gcb_u", "p2", gcb(P1), P2 + ":7001", udp=True)
         # a1 (private): plain (behind static forwarding), DPF, GCB.
         S("a1_plain", "a1", [], A1 + ":7000")
         S("a1_plain_u", "a1", [], A1 + ":7000", udp=True)
         S("a1_dpf", "a1", gcb(None, "10.1.0.1"), A1 + ":7002")
         S("a1_dpf_u", "a1", gcb(None, "10.1.0.1"), A1 + ":7002", udp=True)
         S("a1_gcb", "a1", gcb(P1), A1 + ":7003")
+        S("a1_gcb_u", "a1", gcb(P1), A1 + ":7003", udp=True)
         self.servers["static"] = "%s:30000" % GWA_PUB
         if self.rathole:
             self.start_rathole()
@@ -318,13 +320,17 @@ local_addr = "%(a1)s:7000"
         for proto, plain in (("tcp", s["p2_plain"]), ("udp", s["p2_plain_u"])):
             C.append(("t1", "regular", proto, "a1", [], plain))
             C.append(("t1", "dpf", proto, "a1", gcb(None, "10.1.0.1"), plain))
-        C.append(("t1", "gcb_regpub", "tcp", "a1", gcb(P1), s["p2_plain"]))
-        C.append(("t1", "gcb_gcbpub", "tcp", "a1", gcb(P1), s["p2_gcb"]))
+        # t1 GCB UDP: to a plain server only the shim is added; to a GCB server on p2 the
+        # client sends to its proxy, i.e. through the broker's relay (no hole punching).
+        for proto, sfx in (("tcp", ""), ("udp", "_u")):
+            C.append(("t1", "gcb_regpub", proto, "a1", gcb(P1), s["p2_plain" + sfx]))
+            C.append(("t1", "gcb_gcbpub", proto, "a1", gcb(P1), s["p2_gcb" + sfx]))
         for proto, dp in (("tcp", dpf_pub), ("udp", dpf_pub_u)):
             C.append(("t2", "regular", proto, "p2", [], s["static"]))
             C.append(("t2", "dpf", proto, "p2", [], dp))
-        C.append(("t2", "gcb_regpub", "tcp", "p2", [], s["a1_gcb"]))
-        C.append(("t2", "gcb_gcbpub", "tcp", "p2", gcb(P1), s["a1_gcb"]))
+        for proto, sfx in (("tcp", ""), ("udp", "_u")):
+            C.append(("t2", "gcb_regpub", proto, "p2", [], s["a1_gcb" + sfx]))
+            C.append(("t2", "gcb_gcbpub", proto, "p2", gcb(P1), s["a1_gcb" + sfx]))
         if self.rathole:
             C.append(("t2", "rathole", "tcp", "p2", [], "%s:5301" % P1))
         C.append(("t2", "socat", "tcp", "p2", [], "%s:5401" % P1))
@@ -332,6 +338,7 @@ local_addr = "%(a1)s:7000"
             C.append(("t3", "regular", proto, "b1", [], s["static"]))
             C.append(("t3", "dpf", proto, "b1", [], dp))
         C.append(("t3", "gcb", "tcp", "b1", gcb(P1), s["a1_gcb"]))
+        C.append(("t3", "gcb", "udp", "b1", gcb(P1), s["a1_gcb_u"]))
         return C
 
     def run_tables(self):

@@ -29,8 +29,6 @@ def fmt_ratio(v):
 def cell(protos, proto, cfg, metric):
     v = protos.get(proto)
     if v is None:
-        if proto == "udp" and cfg.startswith("gcb"):
-            return "n/a (issue 5)", "", ""
         return "n/a", "", ""
     if v.get("n_errors"):
         err = " (%d failed runs)" % v["n_errors"]
