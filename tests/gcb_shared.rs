@@ -288,3 +288,48 @@ fn closing_the_last_copy_unregisters_and_the_proxy_refuses() {
         "broker never saw the unregister:\n{log}"
     );
 }
+
+/// An epoll program that closes its registered listener and keeps waiting on other fds:
+/// the shim's control socket (added to the program's epoll set with a private tag while
+/// the AEH was needed) must not show up in the program's events afterwards.
+const EPOLL_AFTER_CLOSE: &str = r#"
+import os, select, socket, time
+s = socket.socket()
+s.bind(("0.0.0.0", 9004))
+s.listen(8)
+print("ADDR %s:%d" % s.getsockname(), flush=True)
+r, w = os.pipe()
+ep = select.epoll()
+ep.register(s.fileno(), select.EPOLLIN)
+ep.register(r, select.EPOLLIN)
+ep.poll(0.3)
+ep.unregister(s.fileno())
+s.close()  # unregisters at the broker; its answer arrives on the shim's control socket
+stray = []
+end = time.time() + 3
+while time.time() < end:
+    for fd, ev in ep.poll(0.5):
+        if fd != r:
+            stray.append(fd)
+print("STRAY %d %s" % (len(stray), stray[:5]), flush=True)
+time.sleep(30)
+"#;
+
+#[test]
+fn epoll_program_sees_no_shim_event_after_its_listener_closes() {
+    let s = setup(&[]);
+    let _srv = s.server("epoll", EPOLL_AFTER_CLOSE, &[], &[]);
+    let addr = s.out_line("epoll", "ADDR");
+    assert!(addr.starts_with("203.0.113.10:"), "not registered: {addr}");
+    let stray = wait_for_file(&s.dir.join("epoll.out"), "STRAY", Duration::from_secs(15));
+    assert_eq!(
+        stray.trim(),
+        "STRAY []",
+        "the program saw the shim's events"
+    );
+    let log = fs::read_to_string(s.dir.join("broker.log")).unwrap();
+    assert!(
+        log.contains("unregister"),
+        "the listener never unregistered:\n{log}"
+    );
+}

@@ -661,6 +661,14 @@ impl Client {
         let Some(reg) = self.regs.remove(&(transport, proxy)) else {
             return;
         };
+        if self.regs.is_empty() {
+            // The AEH stops running in the program's waits: take our control sockets out
+            // of its epoll sets, or their (tagged) events would reach the program.
+            for (epfd, fd) in self.epolls.drain() {
+                // SAFETY: plain syscall; a stale pair just fails (ENOENT/EBADF).
+                unsafe { libc::epoll_ctl(epfd, libc::EPOLL_CTL_DEL, fd, std::ptr::null_mut()) };
+            }
+        }
         if reg.inode != 0 && held_elsewhere(reg.inode) {
             crate::debug!(
                 "closed our copy of {} (proxy {}); another process still holds it",

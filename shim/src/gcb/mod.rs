@@ -415,9 +415,9 @@ impl GcbLayer {
         {
             let mut c = self.client.lock();
             for fd in ours {
-                if c.epolls.contains(&(epfd, fd)) {
-                    continue;
-                }
+                // Added on every wait (EEXIST is the usual answer): a cache keyed by the
+                // epoll fd's number would go stale when the program closes the epoll set
+                // and a new one gets the same number.
                 let mut ev = libc::epoll_event {
                     events: libc::EPOLLIN as u32,
                     u64: EPOLL_TAG,
