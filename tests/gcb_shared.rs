@@ -324,7 +324,7 @@ fn epoll_program_sees_no_shim_event_after_its_listener_closes() {
     let stray = wait_for_file(&s.dir.join("epoll.out"), "STRAY", Duration::from_secs(15));
     assert_eq!(
         stray.trim(),
-        "STRAY []",
+        "STRAY 0 []",
         "the program saw the shim's events"
     );
     let log = fs::read_to_string(s.dir.join("broker.log")).unwrap();
