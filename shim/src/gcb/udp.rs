@@ -482,7 +482,9 @@ impl GcbLayer {
     /// Block until `fd` is readable, running the AEH meanwhile (heartbeats, keepalive
     /// Dummies, broker commands). Ok(false): woke for the AEH only.
     fn wait_readable(&self, fd: c_int) -> Result<bool, c_int> {
-        let (ours, wake) = self.pump().unwrap_or_default();
+        // The AEH runs only when its sockets have something or a timer is due, so a
+        // datagram ping-pong costs one poll and one recvmsg per datagram.
+        let (ours, wake) = self.aeh().unwrap_or_default();
         let mut set = vec![libc::pollfd {
             fd,
             events: libc::POLLIN,
@@ -500,6 +502,10 @@ impl GcbLayer {
         let r = unsafe { libc::poll(set.as_mut_ptr(), set.len() as libc::nfds_t, ms) };
         if r < 0 {
             return Err(errno());
+        }
+        let timer_due = wake.is_some_and(|w| Instant::now() >= w);
+        if timer_due || set[1..].iter().any(|p| p.revents != 0) {
+            self.pump();
         }
         Ok(set[0].revents != 0)
     }
