@@ -432,9 +432,15 @@ impl Lab {
     /// Drops `percent`% (0-100) of the packets `gw` (Gwa or Gwb) forwards, both directions;
     /// replaces the previous setting, 0 removes it. Panics on a bad argument or failure.
     pub fn loss(&self, gw: Host, percent: u8) {
+        self.loss_of(gw, percent, "all");
+    }
+
+    /// Like [`Lab::loss`], for one protocol only: `"udp"` (the GCB/DPF control plane),
+    /// `"tcp"` or `"all"`.
+    pub fn loss_of(&self, gw: Host, percent: u8, proto: &str) {
         assert!(gw.is_gateway(), "loss: {gw} is not a gateway");
         assert!(percent <= 100, "loss: {percent}% is not a percentage");
-        self.netlab(&["loss", &self.name, gw.name(), &percent.to_string()]);
+        self.netlab(&["loss", &self.name, gw.name(), &percent.to_string(), proto]);
     }
 
     /// Runs `scripts/netlab ARGS...`, panicking with its stderr if it fails.
