@@ -308,12 +308,7 @@ impl DpfClient {
         let mut st = self.state.lock();
         let ip = if local.ip().is_unspecified() {
             if st.local_ip.is_none() {
-                if let Ok(s) = net::socket(libc::SOCK_DGRAM, false) {
-                    if net::connect_raw(s, self.server).is_ok() {
-                        st.local_ip = net::sock_name(s, false).map(|a| *a.ip());
-                    }
-                    net::close(s);
-                }
+                st.local_ip = net::route_ip(self.server);
             }
             st.local_ip
                 .ok_or_else(|| Refusal::Unreachable("no route to portfwd".into()))?

@@ -236,12 +236,7 @@ impl Client {
 
     fn ensure_local_ip(&mut self) {
         if self.local_ip.is_none() {
-            if let Ok(fd) = net::socket(libc::SOCK_DGRAM, false) {
-                if net::connect_raw(fd, self.broker).is_ok() {
-                    self.local_ip = net::sock_name(fd, false).map(|a| *a.ip());
-                }
-                net::close(fd);
-            }
+            self.local_ip = net::route_ip(self.broker);
         }
     }
 

@@ -94,6 +94,17 @@ pub fn sock_name(fd: c_int, peer: bool) -> Option<SocketAddrV4> {
     (r == 0 && sin.sin_family as c_int == libc::AF_INET).then(|| from_sockaddr_in(&sin))
 }
 
+/// Our IP on the route to `to` (a connected UDP socket's name; nothing is sent).
+pub fn route_ip(to: SocketAddrV4) -> Option<Ipv4Addr> {
+    let fd = socket(libc::SOCK_DGRAM, false).ok()?;
+    let ip = connect_raw(fd, to)
+        .ok()
+        .and_then(|_| sock_name(fd, false))
+        .map(|a| *a.ip());
+    close(fd);
+    ip
+}
+
 /// A new IPv4 socket of the shim's (close-on-exec unless `inheritable`).
 pub fn socket(ty: c_int, inheritable: bool) -> Result<c_int, c_int> {
     let flags = if inheritable { 0 } else { libc::SOCK_CLOEXEC };

@@ -286,20 +286,11 @@ impl GcbLayer {
                 .then(|| udp::parse(&hdr))
                 .flatten();
             if src == Some(proxy) {
-                let consume = |fd: c_int| {
-                    if peek {
-                        let mut b = [0u8; 1];
-                        // SAFETY: b is writable; this discards the peeked datagram.
-                        unsafe {
-                            libc::recv(fd, b.as_mut_ptr() as *mut c_void, 1, libc::MSG_DONTWAIT)
-                        };
-                    }
-                };
                 match frame {
                     Some((UdpKind::From, sender, _)) => {
                         if vpeer.is_some_and(|p| p != sender) {
                             // A virtually connected socket hears only its peer.
-                            consume(fd);
+                            discard_peeked(fd, peek);
                             self.count_stray();
                             continue;
                         }
@@ -322,7 +313,7 @@ impl GcbLayer {
                         return Outcome::Handled(ret as ssize_t);
                     }
                     _ => {
-                        consume(fd);
+                        discard_peeked(fd, peek);
                         self.count_stray();
                         continue;
                     }
@@ -331,21 +322,13 @@ impl GcbLayer {
             if got >= UDP_HEADER_LEN && udp::parse(&hdr).is_some() {
                 // A relay frame that did not come from our proxy is forged: dropped and
                 // counted, never unwrapped.
-                if peek {
-                    let mut b = [0u8; 1];
-                    // SAFETY: b is writable; this discards the peeked datagram.
-                    unsafe { libc::recv(fd, b.as_mut_ptr() as *mut c_void, 1, libc::MSG_DONTWAIT) };
-                }
+                discard_peeked(fd, peek);
                 self.count_stray();
                 continue;
             }
             if vpeer.is_some() {
                 // A virtually connected socket hears only its peer (via the proxy).
-                if peek {
-                    let mut b = [0u8; 1];
-                    // SAFETY: b is writable; this discards the peeked datagram.
-                    unsafe { libc::recv(fd, b.as_mut_ptr() as *mut c_void, 1, libc::MSG_DONTWAIT) };
-                }
+                discard_peeked(fd, peek);
                 continue;
             }
             // An ordinary datagram: put its first bytes back in front.
@@ -508,6 +491,15 @@ impl GcbLayer {
             self.pump();
         }
         Ok(set[0].revents != 0)
+    }
+}
+
+/// After a MSG_PEEK that showed a datagram the program must not see: consume it.
+fn discard_peeked(fd: c_int, peek: bool) {
+    if peek {
+        let mut b = [0u8; 1];
+        // SAFETY: b is writable; this discards the peeked datagram.
+        unsafe { libc::recv(fd, b.as_mut_ptr() as *mut c_void, 1, libc::MSG_DONTWAIT) };
     }
 }
 
