@@ -423,6 +423,14 @@ impl Endpoint {
         self.events.pop_front()
     }
 
+    /// When the next retransmission or request deadline is due, ignoring reply-cache
+    /// expiry. For a caller that should not wake up only to forget cached replies (the
+    /// shim runs inside the program's blocking calls): the cache is still purged by
+    /// every [`Endpoint::handle_timeout`] call, and it is bounded.
+    pub fn poll_request_timeout(&self) -> Option<Instant> {
+        self.timers.first().map(|(t, _)| *t)
+    }
+
     /// When [`Endpoint::handle_timeout`] should next be called.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let t = self.timers.first().map(|(t, _)| *t);
@@ -699,6 +707,28 @@ mod tests {
 
     fn events(ep: &mut Endpoint) -> Vec<Event> {
         std::iter::from_fn(|| ep.poll_event()).collect()
+    }
+
+    #[test]
+    fn request_timeout_ignores_the_reply_cache() {
+        let clk = Clock::new();
+        let mut a = Endpoint::new(Config::default(), None, 1);
+        let mut b = Endpoint::new(Config::default(), None, 2);
+        assert_eq!(a.poll_request_timeout(), None);
+        a.send_request(clk.now(), addr(B), body()).unwrap();
+        let t = a
+            .poll_request_timeout()
+            .expect("a retransmission is scheduled");
+        assert_eq!(a.poll_timeout(), Some(t));
+        let tx = drain(&mut a);
+        b.handle_datagram(clk.now(), addr(A), &tx[0].payload);
+        let Some(Event::Request { id, .. }) = b.poll_event() else {
+            panic!("no request")
+        };
+        b.respond(clk.now(), addr(A), id, Body::Ack {}).unwrap();
+        // The cached reply expires later: poll_timeout says so, the request timer not.
+        assert!(b.poll_timeout().is_some());
+        assert_eq!(b.poll_request_timeout(), None);
     }
 
     #[test]

@@ -342,7 +342,7 @@ impl Client {
         let mut t: Option<Instant> = None;
         let mut add = |x: Instant| t = Some(t.map_or(x, |y| y.min(x)));
         for c in self.families.iter().chain(self.private.as_ref()) {
-            if let Some(x) = c.ep.poll_timeout() {
+            if let Some(x) = c.ep.poll_request_timeout() {
                 add(x);
             }
         }
