@@ -184,9 +184,10 @@
 pub mod log;
 pub mod allow;
 pub mod decision;
-pub mod preamble;
+pub use gcb_proto::preamble;
 pub mod registry;
 pub mod relay;
 pub mod server;
+pub mod standby;
 pub mod udpproxy;
 pub mod udprules;

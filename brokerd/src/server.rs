@@ -21,9 +21,10 @@ use mio::{Events, Interest, Poll, Token};
 
 use crate::allow::AllowList;
 use crate::decision::{decide, Decision, Party};
-use crate::preamble;
+use crate::preamble::{self, Preamble};
 use crate::registry::{Limits, Registry, RegistryError};
 use crate::relay::{Relay, RelayState};
+use crate::standby::{ParkError, StandbyPool};
 use crate::udpproxy::{UdpPlane, UdpProxy};
 use crate::udprules::RuleLimits;
 
@@ -125,6 +126,14 @@ pub struct Counters {
     pub preamble_timeouts: u64,
     /// Connect ids whose partner never arrived.
     pub pairing_timeouts: u64,
+    /// Standby connections parked (see [`crate::standby`]).
+    pub standby_parked: u64,
+    /// Standby connections refused (unknown key, proxy full).
+    pub standby_refused: u64,
+    /// Proxy connections served by a standby.
+    pub standby_claimed: u64,
+    /// Claims not acked in time (fell back to connect_back).
+    pub standby_fallbacks: u64,
     /// connect_back requests the listener never answered.
     pub connect_back_failures: u64,
     /// Decisions by route.
@@ -164,10 +173,34 @@ struct RelayEntry {
 
 enum Owner {
     Proxy(SocketAddr),
+    /// A parked standby connection.
+    Standby,
+    /// A standby with a claim written, waiting for the shim's ack.
+    Claim,
     UdpProxy(SocketAddr),
     Preamble,
     Relay(usize),
 }
+
+/// A standby connection that was handed a connection: waiting for the shim's ack byte.
+struct Claim {
+    stream: TcpStream,
+    /// The standby's source address.
+    peer: SocketAddr,
+    /// The pairing it completes once acked.
+    id: [u8; 16],
+    proxy: SocketAddr,
+    /// Where a fallback connect_back goes (the registration's control address).
+    listener: SocketAddr,
+    /// The connector as the program will see it.
+    logical_peer: SocketAddr,
+    deadline: Instant,
+}
+
+/// How long a claimed standby's owner has to ack before the broker falls back to
+/// `connect_back` (the owner is not running the shim's event handler, e.g. a pre-fork
+/// master asleep in waitpid()).
+const CLAIM_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// What an outstanding request of ours was for.
 enum Outgoing {
@@ -195,6 +228,8 @@ pub struct Server {
     preambles: HashMap<Token, PreambleConn>,
     pending: HashMap<[u8; 16], Pending>,
     relays: HashMap<usize, RelayEntry>,
+    standby: StandbyPool<Token, TcpStream>,
+    claims: HashMap<Token, Claim>,
     outgoing: HashMap<RequestId, Outgoing>,
     reregistering: HashSet<SocketAddr>,
     counters: Counters,
@@ -325,6 +360,8 @@ impl Server {
             preambles: HashMap::new(),
             pending: HashMap::new(),
             relays: HashMap::new(),
+            standby: StandbyPool::new(),
+            claims: HashMap::new(),
             outgoing: HashMap::new(),
             reregistering: HashSet::new(),
             counters: Counters::default(),
@@ -400,6 +437,8 @@ impl Server {
                     self.on_udp_proxy(p);
                 }
                 Some(Owner::Preamble) => self.on_preamble(t),
+                Some(Owner::Standby) => self.on_standby_event(t),
+                Some(Owner::Claim) => self.on_claim_event(t),
                 Some(Owner::Relay(id)) => {
                     let id = *id;
                     self.pump_relay(id);
@@ -566,7 +605,10 @@ impl Server {
                 "duplicate register from {from} for {} {local}: proxy {proxy}",
                 transport_name(transport)
             );
-            let token = self.udp.get(&proxy).map(UdpProxy::token_string);
+            let token = match transport {
+                Transport::Udp => self.udp.get(&proxy).map(UdpProxy::token_string),
+                Transport::Tcp => self.standby.key_of(&proxy).map(|k| hex(&k)),
+            };
             return Body::Registered {
                 proxy,
                 lease_ms,
@@ -581,6 +623,10 @@ impl Server {
             Transport::Udp => self.bind_udp_proxy(from, local, previous_proxy),
         };
         let (proxy, token) = match bound {
+            Ok((proxy, None)) if transport == Transport::Tcp => {
+                // A TCP registration's token is its standby key.
+                (proxy, Some(hex(&self.standby.key_for(proxy, random_bytes))))
+            }
             Ok(x) => x,
             Err(e) => {
                 log!(Error, "cannot bind a proxy socket: {e}");
@@ -808,8 +854,13 @@ impl Server {
                 self.counters.relay += 1;
                 let id = random_bytes();
                 let peer = connector_listen.unwrap_or(from);
-                let Some(req) = self.send_connect_back(&reg.observed, id, proxy, peer) else {
-                    return Body::error(ErrorCode::Busy, "cannot reach the listener now");
+                let connect_back = if self.claim_standby(proxy, id, reg.observed, peer) {
+                    None
+                } else {
+                    let Some(req) = self.send_connect_back(&reg.observed, id, proxy, peer) else {
+                        return Body::error(ErrorCode::Busy, "cannot reach the listener now");
+                    };
+                    Some(req)
                 };
                 self.pending.insert(
                     id,
@@ -817,7 +868,7 @@ impl Server {
                         proxy,
                         waiting: None,
                         deadline: Instant::now() + self.cfg.connect_timeout,
-                        connect_back: Some(req),
+                        connect_back,
                     },
                 );
                 Route::Relay {
@@ -890,6 +941,10 @@ impl Server {
                 let _ = self.poll.registry().deregister(&mut l);
                 self.owners.remove(&token);
             }
+            for (tok, mut p) in self.standby.drop_proxy(&proxy) {
+                let _ = self.poll.registry().deregister(&mut p.stream);
+                self.owners.remove(&tok);
+            }
             return;
         }
         if let Some(mut p) = self.udp.remove(&proxy) {
@@ -931,6 +986,24 @@ impl Server {
                 continue;
             }
             let id = random_bytes();
+            if self.claim_standby(proxy, id, reg.observed, peer) {
+                // The connector's stream waits unread in the kernel until the splice.
+                self.pending.insert(
+                    id,
+                    Pending {
+                        proxy,
+                        waiting: Some((stream, peer)),
+                        deadline: Instant::now() + self.cfg.connect_timeout,
+                        connect_back: None,
+                    },
+                );
+                log!(
+                    Info,
+                    "connection from {peer} to proxy {proxy}: standby claimed ({})",
+                    hex(&id)
+                );
+                continue;
+            }
             let Some(req) = self.send_connect_back(&reg.observed, id, proxy, peer) else {
                 self.counters.conns_refused += 1;
                 reset(stream);
@@ -1015,6 +1088,7 @@ impl Server {
                 break Ok(true);
             }
             match c.stream.read(&mut c.buf[c.got..]) {
+                Ok(0) if c.got == 0 => break Err(String::new()),
                 Ok(0) => break Err("connection closed before the preamble".to_owned()),
                 Ok(n) => {
                     c.got += n;
@@ -1029,6 +1103,13 @@ impl Server {
         };
         match result {
             Ok(false) => {}
+            Err(why) if why.is_empty() => {
+                // Closed before sending anything: a connector's speculative dial that
+                // its decision did not need. Not an error.
+                if let Some(c) = self.drop_preamble(token) {
+                    log!(Debug, "relay port: {} closed without a preamble", c.peer);
+                }
+            }
             Err(why) => {
                 let c = self.drop_preamble(token);
                 self.counters.bad_preambles += 1;
@@ -1041,16 +1122,209 @@ impl Server {
                 let Some(c) = self.drop_preamble(token) else {
                     return;
                 };
-                let id = match preamble::parse(&c.buf) {
-                    Ok(id) => id,
+                match preamble::parse_any(&c.buf) {
+                    Ok(Preamble::Connect(id)) => self.on_arrival(id, c.stream, c.peer),
+                    Ok(Preamble::Standby(key)) => self.on_standby(key, c.stream, c.peer),
                     Err(e) => {
                         self.counters.bad_preambles += 1;
                         log!(Warn, "relay port: dropped {}: {e}", c.peer);
                         reset(c.stream);
-                        return;
                     }
+                }
+            }
+        }
+    }
+
+    /// A relay-port connection presented a standby key: park it for its proxy.
+    fn on_standby(&mut self, key: [u8; 16], mut stream: TcpStream, peer: SocketAddr) {
+        let tok = self.token(Owner::Standby);
+        if let Err(e) = self
+            .poll
+            .registry()
+            .register(&mut stream, tok, Interest::READABLE)
+        {
+            log!(Warn, "register standby from {peer}: {e}");
+            self.owners.remove(&tok);
+            return;
+        }
+        match self.standby.park(&key, tok, stream, peer) {
+            Ok(proxy) => {
+                self.counters.standby_parked += 1;
+                log!(Debug, "standby from {peer} parked for proxy {proxy}");
+            }
+            Err((why, mut stream)) => {
+                self.counters.standby_refused += 1;
+                let _ = self.poll.registry().deregister(&mut stream);
+                self.owners.remove(&tok);
+                match why {
+                    ParkError::UnknownKey => {
+                        log!(Debug, "standby from {peer} refused: {why}")
+                    }
+                    ParkError::Full => log!(Warn, "standby from {peer} refused: {why}"),
+                }
+                // A plain close: the shim re-dials after a back-off (after a broker
+                // restart it registers again first and gets a new key).
+                drop(stream);
+            }
+        }
+    }
+
+    /// A parked standby became readable: it closed, or sent bytes it must not send.
+    fn on_standby_event(&mut self, tok: Token) {
+        let Some(p) = self.standby.remove(&tok) else {
+            return;
+        };
+        let mut stream = p.stream;
+        let mut buf = [0u8; 64];
+        let keep = loop {
+            match stream.read(&mut buf) {
+                Ok(0) => break false,
+                Ok(_) => {
+                    log!(
+                        Warn,
+                        "standby from {} sent data before a claim; closed",
+                        p.peer
+                    );
+                    break false;
+                }
+                Err(e) if would_block(&e) => break true,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => break false,
+            }
+        };
+        if keep {
+            // Spurious wake-up: park it again.
+            if let Some(k) = self.standby.key_of(&p.proxy) {
+                match self.standby.park(&k, tok, stream, p.peer) {
+                    Ok(_) => return,
+                    Err((_, s)) => stream = s,
+                }
+            }
+        }
+        log!(
+            Debug,
+            "standby from {} for proxy {} closed",
+            p.peer,
+            p.proxy
+        );
+        let _ = self.poll.registry().deregister(&mut stream);
+        self.owners.remove(&tok);
+    }
+
+    /// Hands the pairing `id` (for `proxy`, seen by the program as `logical_peer`) to a
+    /// standby of the proxy, if one takes the claim. False: none could; use connect_back.
+    fn claim_standby(
+        &mut self,
+        proxy: SocketAddr,
+        id: [u8; 16],
+        listener: SocketAddr,
+        logical_peer: SocketAddr,
+    ) -> bool {
+        use std::io::Write;
+        let SocketAddr::V4(logical_v4) = logical_peer else {
+            return false;
+        };
+        let go = preamble::encode_go(logical_v4);
+        while let Some((tok, p)) = self.standby.take(&proxy) {
+            let mut stream = p.stream;
+            // Acknowledge the shim's ack byte at once: a program without TCP_NODELAY
+            // writes its first bytes right behind it, and Nagle holds them until then.
+            let sock = socket2::SockRef::from(&stream);
+            let _ = sock.set_quickack(true);
+            let _ = sock.set_nodelay(true);
+            // 12 bytes into an idle connection's empty send buffer: all or nothing.
+            match stream.write(&go) {
+                Ok(n) if n == go.len() => {
+                    self.owners.insert(tok, Owner::Claim);
+                    self.claims.insert(
+                        tok,
+                        Claim {
+                            stream,
+                            peer: p.peer,
+                            id,
+                            proxy,
+                            listener,
+                            logical_peer,
+                            deadline: Instant::now() + CLAIM_TIMEOUT,
+                        },
+                    );
+                    log!(
+                        Debug,
+                        "connect id {} for proxy {proxy}: claimed standby from {}",
+                        hex(&id),
+                        p.peer
+                    );
+                    return true;
+                }
+                _ => {
+                    let _ = self.poll.registry().deregister(&mut stream);
+                    self.owners.remove(&tok);
+                    reset(stream);
+                }
+            }
+        }
+        false
+    }
+
+    /// A claimed standby became readable: the shim's ack (then pair), or a failure.
+    fn on_claim_event(&mut self, tok: Token) {
+        let Some(c) = self.claims.get_mut(&tok) else {
+            return;
+        };
+        let mut b = [0u8; 1];
+        let acked = loop {
+            match c.stream.read(&mut b) {
+                Ok(1) if b[0] == preamble::CLAIM_ACK => break Some(true),
+                Ok(_) => break Some(false),
+                Err(e) if would_block(&e) => break None,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => break Some(false),
+            }
+        };
+        match acked {
+            None => {}
+            Some(true) => {
+                let Some(mut c) = self.claims.remove(&tok) else {
+                    return;
                 };
-                self.on_arrival(id, c.stream, c.peer);
+                let _ = self.poll.registry().deregister(&mut c.stream);
+                self.owners.remove(&tok);
+                self.counters.standby_claimed += 1;
+                self.on_arrival(c.id, c.stream, c.peer);
+            }
+            Some(false) => self.claim_failed(tok, "closed or answered junk"),
+        }
+    }
+
+    /// A claim failed or timed out: close the standby and fall back to connect_back.
+    fn claim_failed(&mut self, tok: Token, why: &str) {
+        let Some(mut c) = self.claims.remove(&tok) else {
+            return;
+        };
+        let _ = self.poll.registry().deregister(&mut c.stream);
+        self.owners.remove(&tok);
+        reset(c.stream);
+        self.counters.standby_fallbacks += 1;
+        log!(
+            Warn,
+            "standby from {} for proxy {} {why}; falling back to connect_back",
+            c.peer,
+            c.proxy
+        );
+        if !self.pending.contains_key(&c.id) {
+            return;
+        }
+        match self.send_connect_back(&c.listener, c.id, c.proxy, c.logical_peer) {
+            Some(req) => {
+                if let Some(p) = self.pending.get_mut(&c.id) {
+                    p.connect_back = Some(req);
+                    p.deadline = Instant::now() + self.cfg.connect_timeout;
+                }
+            }
+            None => {
+                if let Some(p) = self.pending.remove(&c.id) {
+                    drop_conn(p.waiting);
+                }
             }
         }
     }
@@ -1207,6 +1481,16 @@ impl Server {
             }
         }
 
+        let late: Vec<Token> = self
+            .claims
+            .iter()
+            .filter(|(_, c)| c.deadline <= t.mono)
+            .map(|(tok, _)| *tok)
+            .collect();
+        for tok in late {
+            self.claim_failed(tok, "was not acked in time");
+        }
+
         let late: Vec<[u8; 16]> = self
             .pending
             .iter()
@@ -1276,7 +1560,9 @@ impl Server {
              udp_to_listener={} udp_to_listener_bytes={} udp_from_listener={} \
              udp_from_listener_bytes={} udp_dummies={} udp_drop_bad_token={} \
              udp_drop_no_listener={} udp_drop_no_rule={} udp_drop_table_full={} \
-             udp_drop_not_frame={} udp_drop_stray={} udp_drop_too_big={} udp_send_errors={}",
+             udp_drop_not_frame={} udp_drop_stray={} udp_drop_too_big={} udp_send_errors={} \
+             standbys={} standby_parked={} standby_refused={} standby_claimed={} \
+             standby_fallbacks={}",
             self.registry.len(),
             self.relays.len(),
             self.pending.len(),
@@ -1318,6 +1604,11 @@ impl Server {
             u.drop_stray,
             u.drop_too_big,
             u.send_errors,
+            self.standby.len(),
+            c.standby_parked,
+            c.standby_refused,
+            c.standby_claimed,
+            c.standby_fallbacks,
         );
     }
 }

@@ -32,6 +32,7 @@ use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use super::net;
+use super::standby::{Standby, StandbyEvent, StandbySlot, Watch};
 use super::GcbSock;
 pub use crate::control::Answer;
 use crate::control::{self, drop_owned, getpid, now};
@@ -62,9 +63,7 @@ pub fn preamble(id: &ConnectId) -> Vec<u8> {
     format!("GCB-CONNECT {id}\n").into_bytes()
 }
 
-fn errstr(e: c_int) -> String {
-    std::io::Error::from_raw_os_error(e).to_string()
-}
+use super::net::errstr;
 
 /// The inode of the file an fd refers to (identifies a socket across processes).
 pub fn inode(fd: c_int) -> Option<u64> {
@@ -114,6 +113,8 @@ struct Registration {
     entry: Weak<FdEntry>,
     /// For a UDP socket: its keepalive state.
     udp: Option<UdpReg>,
+    /// For a TCP listener this process registered: its standby connection.
+    standby: Option<StandbySlot>,
 }
 
 /// A registered UDP socket's token and Dummy schedule.
@@ -180,6 +181,13 @@ pub struct Client {
     heartbeat_every: Duration,
     /// Stray datagrams dropped on GCB UDP sockets.
     udp_stray: u64,
+    /// The epoll fd watching this process's parked standby connections.
+    watch: Option<Watch>,
+    /// While the AEH runs inside a blocking accept() on the listener reached at this
+    /// address: a brokered connection for it skips the placeholder and goes straight
+    /// into `direct` (the accept returns it).
+    direct_for: Option<SocketAddrV4>,
+    direct: Option<(c_int, SocketAddrV4)>,
 }
 
 /// Spacing of the quick keepalive repeats after a UDP registration.
@@ -207,6 +215,9 @@ impl Client {
             placeholders: Vec::new(),
             heartbeat_every: heartbeat,
             udp_stray: 0,
+            watch: None,
+            direct_for: None,
+            direct: None,
         }
     }
 
@@ -217,6 +228,16 @@ impl Client {
         if let Some(p) = self.private.take() {
             p.close();
         }
+        // Standbys belong to the process that registered (see `standby`): close the
+        // copies we inherited; the parent keeps using its own.
+        for r in self.regs.values_mut() {
+            if let Some(conn) = r.standby.take().and_then(|s| s.conn) {
+                conn.forget_in_child();
+            }
+        }
+        if let Some(w) = self.watch.take() {
+            w.close();
+        }
         for f in &mut self.families {
             f.pending.clear();
             f.answers.clear();
@@ -224,14 +245,31 @@ impl Client {
         }
     }
 
+    /// Run the AEH for a blocking accept() on the listener registered as `proxy`:
+    /// returns a brokered connection for it, if one came in (see `direct_for`).
+    pub fn pump_for_accept(&mut self, proxy: SocketAddrV4) -> Option<(c_int, SocketAddrV4)> {
+        self.direct_for = self.regs.get(&(Transport::Tcp, proxy)).map(|r| r.listen_at);
+        self.pump();
+        self.direct_for = None;
+        self.direct.take()
+    }
+
     /// Does the AEH need to run while the program waits?
     pub fn needs_aeh(&self) -> bool {
         !self.regs.is_empty() && !self.families.is_empty()
     }
 
-    /// The registration channels' fds (what the AEH waits on), at most 4.
+    /// What the AEH waits on: the registration channels' fds (at most 4), then the
+    /// standby watch (see [`Client::watch_fd`]).
     pub fn aeh_fds(&self) -> Vec<c_int> {
-        self.families.iter().take(4).map(|c| c.fd.fd()).collect()
+        let mut v: Vec<c_int> = self.families.iter().take(4).map(|c| c.fd.fd()).collect();
+        v.extend(self.watch_fd());
+        v
+    }
+
+    /// The standby watch's fd: added edge-triggered to a program's epoll sets.
+    pub fn watch_fd(&self) -> Option<c_int> {
+        self.watch.as_ref().map(|w| w.fd())
     }
 
     fn ensure_local_ip(&mut self) {
@@ -355,6 +393,11 @@ impl Client {
         for u in self.regs.values().filter_map(|r| r.udp.as_ref()) {
             add(u.next_dummy);
         }
+        for s in self.regs.values().filter_map(|r| r.standby.as_ref()) {
+            if let Some(x) = s.wakeup() {
+                add(x);
+            }
+        }
         t
     }
 
@@ -391,6 +434,7 @@ impl Client {
         if !self.placeholders.is_empty() {
             self.reap_placeholders();
         }
+        self.service_standbys();
         self.udp_keepalive(t.mono);
         for c in self.families.iter_mut().chain(self.private.as_mut()) {
             c.flush();
@@ -519,7 +563,8 @@ impl Client {
         entry: &Arc<FdEntry>,
         fd: c_int,
     ) -> Result<SocketAddrV4, String> {
-        let (chan, proxy, _) = self.register_request(Transport::Tcp, local)?;
+        let (chan, proxy, token) = self.register_request(Transport::Tcp, local)?;
+        let standby = self.standby_slot(token.as_deref());
         self.regs.insert(
             (Transport::Tcp, proxy),
             Registration {
@@ -529,6 +574,7 @@ impl Client {
                 chan,
                 entry: Arc::downgrade(entry),
                 udp: None,
+                standby,
             },
         );
         Ok(proxy)
@@ -570,6 +616,7 @@ impl Client {
                     quick_left: DUMMY_REPEATS,
                     next_dummy: Instant::now() + DUMMY_RETRY,
                 }),
+                standby: None,
             },
         );
         Ok((proxy, token))
@@ -653,9 +700,12 @@ impl Client {
                 return; // another socket of ours still holds the address
             }
         }
-        let Some(reg) = self.regs.remove(&(transport, proxy)) else {
+        let Some(mut reg) = self.regs.remove(&(transport, proxy)) else {
             return;
         };
+        if let Some(conn) = reg.standby.take().and_then(|s| s.conn) {
+            self.drop_standby(conn);
+        }
         if self.regs.is_empty() {
             // The AEH stops running in the program's waits: take our control sockets out
             // of its epoll sets, or their (tagged) events would reach the program.
@@ -737,6 +787,19 @@ impl Client {
         let Some(mut reg) = self.regs.remove(&old) else {
             return;
         };
+        if reg.udp.is_none() {
+            // A new registration has a new standby key: the old standby is refused.
+            if let Some(conn) = reg.standby.take().and_then(|s| s.conn) {
+                self.drop_standby(conn);
+            }
+            let mine = self
+                .families
+                .iter()
+                .any(|c| c.id == reg.chan && c.creator == getpid());
+            if mine {
+                reg.standby = self.standby_slot(token.as_deref());
+            }
+        }
         if let (Some(u), Some(t)) = (reg.udp.as_mut(), token) {
             // A new registration has a new token: punch again with it.
             u.token = t.into_bytes();
@@ -806,16 +869,41 @@ impl Client {
         peer: SocketAddrV4,
     ) -> Result<SocketAddrV4, String> {
         let err = |what: &str, e: c_int| format!("{what}: {}", errstr(e));
-        let mailbox = self.mailbox.as_ref().ok_or("no mailbox")?;
+        if self.mailbox.is_none() {
+            return Err("no mailbox".into());
+        }
         // Inheritable: this becomes the program's connection.
         let fd = net::connect_race(dial, DIAL_SPACING, DIAL_TIMEOUT, true)
             .map_err(|e| err("dial", e))?;
-        let dialed =
-            net::write_all(fd, &preamble(id), DIAL_TIMEOUT).map_err(|e| err("preamble", e));
-        let ph = dialed.and_then(|_| {
-            net::socket(libc::SOCK_STREAM | libc::SOCK_NONBLOCK, false)
-                .map_err(|e| err("placeholder socket", e))
-        });
+        if let Err(e) = net::write_all(fd, &preamble(id), DIAL_TIMEOUT) {
+            net::close(fd);
+            return Err(err("preamble", e));
+        }
+        self.hand_over(fd, listen_at, peer)
+    }
+
+    /// Give brokered connection `fd` (ours; closed here) to the program: post it to
+    /// the mailbox and put a placeholder connection into the listening socket's kernel
+    /// queue so that accept()/select()/poll()/epoll() see it in arrival order.
+    fn hand_over(
+        &mut self,
+        fd: c_int,
+        listen_at: SocketAddrV4,
+        peer: SocketAddrV4,
+    ) -> Result<SocketAddrV4, String> {
+        let err = |what: &str, e: c_int| format!("{what}: {}", errstr(e));
+        if self.direct.is_none() && self.direct_for == Some(listen_at) {
+            // The program is blocked in accept() on this very listener: hand it over
+            // directly (no placeholder handshake, no mailbox round trip).
+            self.direct = Some((fd, peer));
+            return Ok(listen_at);
+        }
+        let Some(mailbox) = self.mailbox.as_ref() else {
+            net::close(fd);
+            return Err("no mailbox".into());
+        };
+        let ph = net::socket(libc::SOCK_STREAM | libc::SOCK_NONBLOCK, false)
+            .map_err(|e| err("placeholder socket", e));
         let ph = match ph {
             Ok(ph) => ph,
             Err(e) => {
@@ -859,6 +947,96 @@ impl Client {
             }
         }
         Ok(key)
+    }
+
+    /// A standby slot for a TCP registration whose token is `token` (its standby key),
+    /// with the watch opened; None if the broker gave no key or the watch fails.
+    fn standby_slot(&mut self, token: Option<&str>) -> Option<StandbySlot> {
+        let key = super::standby::parse_key(token?)?;
+        if self.watch.is_none() {
+            match Watch::open() {
+                Ok(w) => self.watch = Some(w),
+                Err(e) => {
+                    crate::debug!("no standby watch: {}", errstr(e));
+                    return None;
+                }
+            }
+        }
+        Some(StandbySlot::new(key))
+    }
+
+    fn drop_standby(&mut self, conn: Standby) {
+        if let Some(w) = &self.watch {
+            w.remove(conn.fd());
+        }
+        conn.close();
+    }
+
+    /// Park connected standbys, hand claimed ones to the program, then dial the
+    /// missing ones (after the hand-overs: those are on a connection's critical path).
+    fn service_standbys(&mut self) {
+        let mut claimed: Vec<(c_int, SocketAddrV4, SocketAddrV4)> = Vec::new();
+        let watch = self.watch.as_ref();
+        for r in self.regs.values_mut() {
+            let Some(slot) = r.standby.as_mut() else {
+                continue;
+            };
+            let Some(conn) = slot.conn.as_mut() else {
+                continue;
+            };
+            let (ev, parked) = conn.poll();
+            if parked {
+                watch.inspect(|w| w.parked(conn.fd()));
+            }
+            match ev {
+                StandbyEvent::Idle => {}
+                StandbyEvent::Dead(why) => {
+                    if let Some(c) = slot.conn.take() {
+                        watch.inspect(|w| w.remove(c.fd()));
+                        c.close();
+                    }
+                    if !why.is_empty() {
+                        crate::debug!("standby for {}: {}", r.local, why);
+                    }
+                    slot.failed(Instant::now());
+                }
+                StandbyEvent::Claimed(fd, peer) => {
+                    watch.inspect(|w| w.remove(fd));
+                    slot.worked();
+                    let Some(c) = slot.conn.take() else { continue };
+                    match c.into_connection() {
+                        Ok(cfd) => claimed.push((cfd, r.listen_at, peer)),
+                        Err(e) => {
+                            crate::warn!("standby connection from {} lost: {}", peer, errstr(e))
+                        }
+                    }
+                }
+            }
+        }
+        for (fd, listen_at, peer) in claimed {
+            match self.hand_over(fd, listen_at, peer) {
+                Ok(key) => crate::debug!("standby claimed for peer {}: placeholder {}", peer, key),
+                Err(why) => crate::warn!("standby connection from {} lost: {}", peer, why),
+            }
+        }
+        let now = Instant::now();
+        let relay = self.broker;
+        let watch = self.watch.as_ref();
+        for r in self.regs.values_mut() {
+            let Some(slot) = r.standby.as_mut().filter(|s| s.due(now)) else {
+                continue;
+            };
+            match Standby::dial(relay, slot.key) {
+                Ok(c) => {
+                    watch.inspect(|w| w.add_connecting(c.fd()));
+                    slot.conn = Some(c);
+                }
+                Err(e) => {
+                    crate::debug!("standby dial to {}: {}", relay, errstr(e));
+                    slot.failed(now);
+                }
+            }
+        }
     }
 
     /// Close placeholders whose connection completed (or failed, or waited too long).
@@ -1065,6 +1243,7 @@ impl Client {
                     chan,
                     entry: Arc::downgrade(&entry),
                     udp: None,
+                    standby: None,
                 },
             );
             adopted.push((fd, local, proxy));

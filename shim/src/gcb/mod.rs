@@ -31,6 +31,7 @@
 
 pub mod client;
 pub mod net;
+pub mod standby;
 pub mod udp;
 
 use gcb_proto::{Body, Route, Transport};
@@ -241,6 +242,26 @@ impl GcbLayer {
         }
     }
 
+    /// Return brokered connection `rfd` from accept4() with `flags`, as from `logical`.
+    fn accepted(&self, rfd: c_int, logical: SocketAddrV4, addr: AddrOut, flags: c_int) -> c_int {
+        if flags & libc::SOCK_NONBLOCK != 0 {
+            let _ = net::set_nonblocking(rfd, true);
+        }
+        // Inheritable unless accept4 asked otherwise.
+        let cloexec = if flags & libc::SOCK_CLOEXEC != 0 {
+            libc::FD_CLOEXEC as libc::c_ulong
+        } else {
+            0
+        };
+        let _ = crate::sys::fcntl_raw(rfd, libc::F_SETFD, cloexec);
+        if let Some(e) = socket_entry(rfd, None) {
+            set_gcb_state(&e, GcbSock::Accepted { peer: logical });
+        }
+        net::write_addr_out(addr, logical);
+        crate::debug!("accept: brokered connection from {} as fd {}", logical, rfd);
+        rfd
+    }
+
     fn wait_poll(
         &self,
         fds: *mut libc::pollfd,
@@ -414,12 +435,19 @@ impl GcbLayer {
         }
         {
             let mut c = self.client.lock();
+            let watch = c.watch_fd();
             for fd in ours {
                 // Added on every wait (EEXIST is the usual answer): a cache keyed by the
                 // epoll fd's number would go stale when the program closes the epoll set
-                // and a new one gets the same number.
+                // and a new one gets the same number. The standby watch is edge-triggered
+                // (see `standby`: a fork child sharing the set must not spin on it).
+                let edge = if Some(fd) == watch {
+                    libc::EPOLLET as u32
+                } else {
+                    0
+                };
                 let mut ev = libc::epoll_event {
-                    events: libc::EPOLLIN as u32,
+                    events: libc::EPOLLIN as u32 | edge,
                     u64: EPOLL_TAG,
                 };
                 // SAFETY: ev is a valid epoll_event; failure (EEXIST etc.) is harmless.
@@ -701,12 +729,28 @@ impl Layer for GcbLayer {
         addr: AddrOut,
         flags: c_int,
     ) -> Outcome<c_int> {
-        let Some(GcbSock::Listener { .. }) = gcb_state(entry) else {
+        let Some(GcbSock::Listener { proxy, .. }) = gcb_state(entry) else {
             return Outcome::Bypass;
         };
         let nonblock = net::is_nonblocking(fd);
         loop {
-            let aeh = self.pump();
+            let (aeh, direct) = {
+                let mut c = self.client.lock();
+                if c.needs_aeh() {
+                    let direct = if nonblock {
+                        c.pump();
+                        None
+                    } else {
+                        c.pump_for_accept(proxy)
+                    };
+                    (Some((c.aeh_fds(), c.next_wakeup())), direct)
+                } else {
+                    (None, None)
+                }
+            };
+            if let Some((rfd, logical)) = direct {
+                return Outcome::Handled(self.accepted(rfd, logical, addr, flags));
+            }
             if !nonblock {
                 let (ours, wake) = aeh.unwrap_or_default();
                 let mut set = vec![libc::pollfd {
@@ -758,19 +802,7 @@ impl Layer for GcbLayer {
                 return Outcome::Handled(n);
             };
             net::close(n);
-            if flags & libc::SOCK_NONBLOCK != 0 {
-                let _ = net::set_nonblocking(rfd, true);
-            }
-            if flags & libc::SOCK_CLOEXEC != 0 {
-                let _ =
-                    crate::sys::fcntl_raw(rfd, libc::F_SETFD, libc::FD_CLOEXEC as libc::c_ulong);
-            }
-            if let Some(e) = socket_entry(rfd, None) {
-                set_gcb_state(&e, GcbSock::Accepted { peer: logical });
-            }
-            net::write_addr_out(addr, logical);
-            crate::debug!("accept: brokered connection from {} as fd {}", logical, rfd);
-            return Outcome::Handled(rfd);
+            return Outcome::Handled(self.accepted(rfd, logical, addr, flags));
         }
     }
 

@@ -246,6 +246,64 @@ pub fn so_error(fd: c_int) -> c_int {
     }
 }
 
+/// An errno as text.
+pub fn errstr(e: c_int) -> String {
+    std::io::Error::from_raw_os_error(e).to_string()
+}
+
+/// One non-blocking send (no SIGPIPE): the count sent, or the errno.
+pub fn send_some(fd: c_int, buf: &[u8]) -> Result<usize, c_int> {
+    loop {
+        // SAFETY: buf is a valid readable slice.
+        let n = unsafe {
+            libc::send(
+                fd,
+                buf.as_ptr() as *const libc::c_void,
+                buf.len(),
+                libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+            )
+        };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        match last_errno() {
+            libc::EINTR => {}
+            e => return Err(e),
+        }
+    }
+}
+
+fn recv_flags(fd: c_int, buf: &mut [u8], flags: c_int) -> Result<usize, c_int> {
+    loop {
+        // SAFETY: buf is a valid writable slice.
+        let n = unsafe {
+            libc::recv(
+                fd,
+                buf.as_mut_ptr() as *mut libc::c_void,
+                buf.len(),
+                flags | libc::MSG_DONTWAIT,
+            )
+        };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        match last_errno() {
+            libc::EINTR => {}
+            e => return Err(e),
+        }
+    }
+}
+
+/// One non-blocking recv: the count (0 = EOF), or the errno (EAGAIN: nothing yet).
+pub fn recv_some(fd: c_int, buf: &mut [u8]) -> Result<usize, c_int> {
+    recv_flags(fd, buf, 0)
+}
+
+/// Like [`recv_some`] but leaves the bytes queued.
+pub fn recv_peek(fd: c_int, buf: &mut [u8]) -> Result<usize, c_int> {
+    recv_flags(fd, buf, libc::MSG_PEEK)
+}
+
 /// Write all of `buf` to a blocking or non-blocking socket within `timeout`.
 pub fn write_all(fd: c_int, mut buf: &[u8], timeout: Duration) -> Result<(), c_int> {
     let deadline = Instant::now() + timeout;
