@@ -106,7 +106,7 @@ print("ECHOED %d/%d" % (ok, count), flush=True)
 
 /// Binds the sockets named on the command line (`tcp:PORT` / `udp:PORT`, optionally
 /// `tcp:IP:PORT`) one after the other and reports each: `tcp PORT OK ip:port` (getsockname
-/// after listen) or `tcp PORT ERR errno`. TCP listeners answer like SHA_SERVER. Prints
+/// after listen) or `tcp PORT ERR errno` (of bind, listen or getsockname). TCP listeners answer like SHA_SERVER. Prints
 /// `READY`, then on a line on stdin (not at EOF) closes every socket and prints `CLOSED`.
 const BINDER: &str = r#"
 import hashlib, socket, sys, threading, time
@@ -138,10 +138,18 @@ for spec in sys.argv[1:]:
         print("%s %d ERR %d" % (kind, port, e.errno), flush=True)
         s.close()
         continue
+    try:
+        # (For a port-0 socket DPF forwards here, at listen() or getsockname().)
+        if kind == "tcp":
+            s.listen(8)
+        name = s.getsockname()
+    except OSError as e:
+        print("%s %d ERR %d" % (kind, port, e.errno), flush=True)
+        s.close()
+        continue
     if kind == "tcp":
-        s.listen(8)
         threading.Thread(target=serve, args=(s,), daemon=True).start()
-    print("%s %d OK %s:%d" % ((kind, port) + s.getsockname()), flush=True)
+    print("%s %d OK %s:%d" % ((kind, port) + name), flush=True)
     socks.append(s)
 print("READY", flush=True)
 if not sys.stdin.readline():
@@ -150,6 +158,66 @@ for s in socks:
     s.close()
 print("CLOSED", flush=True)
 time.sleep(60)
+"#;
+
+/// A UDP client on an ephemeral port, as clients are written: `bind(("", 0))`, then COUNT
+/// random datagrams of SIZE bytes to HOST:PORT (unconnected sendto), each retried until an
+/// echo with the same sha256 comes back from HOST:PORT; prints `ECHOED ok/count`, then
+/// waits for the file GO before closing (so the test can look at the gateway meanwhile).
+const EPHEMERAL_UDP_CLIENT: &str = r#"
+import hashlib, os, socket, sys, time
+host, port, count, size, go = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("", 0))
+s.settimeout(0.3)
+ok = 0
+for i in range(count):
+    d = os.urandom(size)
+    want = hashlib.sha256(d).hexdigest()
+    got = False
+    for attempt in range(10):
+        s.sendto(d, (host, port))
+        deadline = time.time() + 0.3
+        while time.time() < deadline and not got:
+            try:
+                r, a = s.recvfrom(65535)
+            except socket.timeout:
+                break
+            got = hashlib.sha256(r).hexdigest() == want and a == (host, port)
+        if got:
+            break
+    ok += got
+print("ECHOED %d/%d" % (ok, count), flush=True)
+while not os.path.exists(go):
+    time.sleep(0.05)
+s.close()
+"#;
+
+/// A TCP server on an ephemeral port that does not ask its address until told: bind port
+/// 0, listen, print `LISTENING`, wait for the file argv[1], then print `ADDR ip:port`
+/// (getsockname) and answer connections like SHA_SERVER.
+const LAZY_TCP_SERVER: &str = r#"
+import hashlib, os, socket, sys, threading, time
+s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+s.bind(("0.0.0.0", 0))
+s.listen(16)
+print("LISTENING", flush=True)
+while not os.path.exists(sys.argv[1]):
+    time.sleep(0.05)
+print("ADDR %s:%d" % s.getsockname(), flush=True)
+while True:
+    c, a = s.accept()
+    c.settimeout(20)
+    h = hashlib.sha256()
+    n = 0
+    while True:
+        b = c.recv(65536)
+        if not b:
+            break
+        h.update(b)
+        n += len(b)
+    c.sendall(("%s %d %s\n" % (h.hexdigest(), n, a[0])).encode())
+    c.close()
 "#;
 
 struct Setup {
@@ -257,6 +325,8 @@ impl Setup {
             ("udp_echo.py", UDP_ECHO),
             ("udp_client.py", UDP_CLIENT),
             ("binder.py", BINDER),
+            ("eph_udp_client.py", EPHEMERAL_UDP_CLIENT),
+            ("lazy_tcp_server.py", LAZY_TCP_SERVER),
         ] {
             fs::write(dir.join(name), body).unwrap();
         }
@@ -1105,6 +1175,7 @@ fn refusals_fail_bind_or_fall_back_to_gcb() {
         "udp:7102",
         "udp:7103",
         "tcp:10.1.0.13:7104",
+        "udp:0",
     ];
     let only = s.py_shim(Host::A1, "only", &[], "binder.py", &binds);
     wait_line(&s.path("only.out"), "READY", T);
@@ -1117,6 +1188,8 @@ fn refusals_fail_bind_or_fall_back_to_gcb() {
         format!("udp 7102 OK {PUBLIC}:20000"),
         format!("udp 7103 ERR {eaddrnotavail}"),
         format!("tcp 7104 ERR {eacces}"),
+        // Port 0: refused at its getsockname(), which fails.
+        format!("udp 0 ERR {eaddrnotavail}"),
     ] {
         assert!(
             out.contains(&want),
@@ -1138,7 +1211,11 @@ fn refusals_fail_bind_or_fall_back_to_gcb() {
     one("range", &["refused", "10.1.0.11:7101", "PortRange"]);
     one("quota", &["refused", "10.1.0.11:7103", "Quota"]);
     one("owner", &["refused", "10.1.0.13:7104", "NotOwner"]);
-    assert_eq!(warns.len(), 3, "{warns:#?}");
+    one(
+        "quota at getsockname",
+        &["refused", "Quota", "(at getsockname)"],
+    );
+    assert_eq!(warns.len(), 4, "{warns:#?}");
     // Nothing installed for the refused ones.
     assert_eq!(s.map_elements(), 2, "{}", s.maps());
     assert!(s.has_map("tcp", 20000, "10.1.0.11:7100") && s.has_map("udp", 20000, "10.1.0.11:7102"));
@@ -1151,14 +1228,16 @@ fn refusals_fail_bind_or_fall_back_to_gcb() {
         || s.map_elements() == 0,
     );
 
-    // With a broker as well: DPF where it can, GCB for the refused socket.
+    // With a broker as well: DPF where it can, GCB for the refused socket. Two port-0
+    // UDP sockets: the first is DPF's (quota 2), the second is refused at getsockname()
+    // and registered with the broker there and then.
     let _broker = s.start_broker();
     let _both = s.py_shim(
         Host::A1,
         "both",
         &["--broker", BROKER],
         "binder.py",
-        &["tcp:7200", "tcp:7201"],
+        &["tcp:7200", "tcp:7201", "udp:0", "udp:0"],
     );
     wait_line(&s.path("both.out"), "READY", T);
     let out = s.read("both.out");
@@ -1178,13 +1257,21 @@ fn refusals_fail_bind_or_fall_back_to_gcb() {
         s.read("both.shim.log")
     );
     let gaddr = gcb_line.rsplit(' ').next().unwrap().to_owned();
+    let udp0: Vec<&str> = out.lines().filter(|l| l.starts_with("udp 0 ")).collect();
+    assert!(
+        udp0.len() == 2
+            && udp0[0] == format!("udp 0 OK {PUBLIC}:20000")
+            && udp0[1].starts_with(&format!("udp 0 OK {BROKER}:")),
+        "port-0 UDP sockets: want DPF's public address, then GCB's proxy: {out}\n{}",
+        s.read("both.shim.log")
+    );
     // GCB's accept() reports the real peer (p2), not the proxy.
     assert_eq!(
         s.sha_roundtrip(Host::P2, None, &gaddr, 300_000),
         "203.0.113.11"
     );
     s.sha_roundtrip(Host::P2, None, &format!("{PUBLIC}:20000"), 300_000);
-    assert_eq!(s.map_elements(), 1, "{}", s.maps());
+    assert_eq!(s.map_elements(), 2, "{}", s.maps());
     assert!(
         s.warn_lines("both").is_empty(),
         "a refusal left to GCB is not a warning: {:?}",
@@ -1334,4 +1421,239 @@ os.execv(sys.executable, [sys.executable, "-u", sys.argv[1], str(s.fileno())])
         Duration::from_secs(PROBE_SECS + 2),
         || !s.has_map("tcp", q, "10.1.0.11:7100"),
     );
+}
+
+/// The gcb-portfwd nft maps hold no rule for a private address of a1 whose port is `port`
+/// (any public port); for failure messages, the maps.
+fn no_rule_for(s: &Setup, port: u16) -> Result<(), String> {
+    let maps = s.maps();
+    if maps.contains(&format!("10.1.0.11 . {port}")) {
+        Err(maps)
+    } else {
+        Ok(())
+    }
+}
+
+/// Clients bind port 0 (Python `bind(("", 0))`, Rust `UdpSocket::bind("0.0.0.0:0")` +
+/// `connect`): under DPF they exchange verified datagrams with a public server without
+/// any forwarding rule being requested (the replies come back through the NAT's
+/// conntrack), so they pay no portfwd round trip.
+#[test]
+fn ephemeral_udp_clients_get_no_forwarding_rule() {
+    let mut s = Setup::new("ephudp");
+    s.start_portfwd(PORTS, &[]);
+    let py = python();
+    let _srv = s
+        .lab
+        .spawn(
+            s.lab
+                .cmd(Host::P2, &py)
+                .arg("-u")
+                .arg(s.path("udp_echo.py"))
+                .arg("7001")
+                .stdout(fs::File::create(s.path("p2echo.out")).unwrap())
+                .stderr(Stdio::null()),
+        )
+        .unwrap();
+    assert_eq!(s.addr("p2echo"), "0.0.0.0:7001");
+
+    // Python, unconnected sendto/recvfrom; the maps are checked while it still holds the
+    // socket.
+    let go = s.path("eph.go");
+    let mut client = s.shim(
+        Host::A1,
+        "eph",
+        &["--dpf", "10.1.0.1"],
+        &[
+            &py,
+            "-u",
+            s.path("eph_udp_client.py").to_str().unwrap(),
+            "203.0.113.11",
+            "7001",
+            "20",
+            "1200",
+            go.to_str().unwrap(),
+        ],
+        None,
+    );
+    let line = wait_line(&s.path("eph.out"), "ECHOED", Duration::from_secs(30));
+    assert_eq!(line.trim(), "ECHOED 20/20", "{}", s.read("eph.shim.log"));
+    let ss = s
+        .lab
+        .sh(Host::A1, "ss -uanpH | grep python | grep UNCONN", T);
+    let port = String::from_utf8_lossy(&ss.stdout)
+        .split_whitespace()
+        .nth(3)
+        .map(port_of)
+        .unwrap_or_else(|| panic!("the client's socket in ss: {}", text(&ss)));
+    assert_ne!(port, 0);
+    no_rule_for(&s, port).unwrap_or_else(|m| panic!("a rule for the client's port {port}:\n{m}"));
+    assert_eq!(s.map_elements(), 0, "{}", s.maps());
+    fs::write(&go, b"").unwrap();
+    let st = client.wait_timeout(T).unwrap();
+    assert!(st.is_some_and(|st| st.success()), "client: {st:?}");
+    let log = s.read("eph.shim.log");
+    assert!(!log.contains("DPF mapped"), "the shim forwarded:\n{log}");
+
+    // The benchmark client (Rust std: bind 0, connect, send/recv, 1 KiB verified echo).
+    let out = s
+        .lab
+        .spawn(
+            s.lab
+                .cmd(Host::A1, repo_root().join("scripts/gcb-run"))
+                .args(["--dpf", "10.1.0.1", "--log", "info", "--log-file"])
+                .arg(s.path("bench.shim.log"))
+                .arg("--")
+                .arg(release_artifact("gcb-bench-conn"))
+                .args(["client", "203.0.113.11:7001", "--udp", "--count", "5"])
+                .args(["--size", "1024"])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped()),
+        )
+        .unwrap()
+        .finish(Duration::from_secs(30));
+    assert!(
+        out.status.success() && text(&out).contains("\"ok\":true"),
+        "gcb-bench-conn client: {}",
+        text(&out)
+    );
+    let log = s.read("bench.shim.log");
+    assert!(!log.contains("DPF mapped"), "the shim forwarded:\n{log}");
+    assert_eq!(s.map_elements(), 0, "{}", s.maps());
+    assert!(
+        s.warn_lines("eph").is_empty() && s.warn_lines("bench").is_empty(),
+        "{:?} {:?}",
+        s.warn_lines("eph"),
+        s.warn_lines("bench")
+    );
+}
+
+/// A UDP socket bound to port 0 that asks its own address (getsockname) is forwarded
+/// then: it learns 203.0.113.1:N, and p2's datagrams to that address reach it (echoed
+/// intact).
+#[test]
+fn ephemeral_udp_socket_is_forwarded_at_getsockname() {
+    let mut s = Setup::new("ephname");
+    s.start_portfwd(PORTS, &[]);
+    let _echo = s.py_shim(Host::A1, "echo", &[], "udp_echo.py", &["0"]);
+    let addr = s.addr("echo");
+    let log = wait_line(&s.path("echo.shim.log"), "DPF mapped Udp ", T);
+    let private = log
+        .split("DPF mapped Udp ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no mapping in the shim log:\n{log}"))
+        .to_owned();
+    assert!(private.starts_with("10.1.0.11:"), "{private}");
+    let q = s.mapped("echo", "Udp", &private);
+    assert_eq!(
+        addr,
+        format!("{PUBLIC}:{q}"),
+        "getsockname() of the UDP socket"
+    );
+    assert!(s.has_map("udp", q, &private), "{}", s.maps());
+    s.udp_echo_ok(Host::P2, &addr, 20)
+        .unwrap_or_else(|e| panic!("p2 -> {addr}: {e}"));
+    assert!(
+        s.warn_lines("echo").is_empty(),
+        "{:?}",
+        s.warn_lines("echo")
+    );
+}
+
+/// TCP bind(0) + listen(): forwarded at listen(), before the program asks its address;
+/// getsockname() then reports the public address and p2 reaches the server through it.
+#[test]
+fn ephemeral_tcp_listener_is_forwarded_at_listen() {
+    let mut s = Setup::new("ephtcp");
+    s.start_portfwd(PORTS, &[]);
+    let go = s.path("tcp.go");
+    let _srv = s.py_shim(
+        Host::A1,
+        "lazy",
+        &[],
+        "lazy_tcp_server.py",
+        &[go.to_str().unwrap()],
+    );
+    wait_line(&s.path("lazy.out"), "LISTENING", T);
+    let log = s.path("lazy.shim.log");
+    // Forwarded at listen(): the program has not called getsockname() yet.
+    wait_line(&log, "DPF mapped Tcp 10.1.0.11:", T);
+    assert!(!s.read("lazy.out").contains("ADDR"));
+    let text_log = s.read("lazy.shim.log");
+    let private = text_log
+        .split("DPF mapped Tcp ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap()
+        .to_owned();
+    let q = s.mapped("lazy", "Tcp", &private);
+    assert!(s.has_map("tcp", q, &private), "{}", s.maps());
+    fs::write(&go, b"").unwrap();
+    let addr = s.addr("lazy");
+    assert_eq!(
+        addr,
+        format!("{PUBLIC}:{q}"),
+        "getsockname() after listen()"
+    );
+    assert_eq!(
+        s.sha_roundtrip(Host::P2, None, &addr, 300_000),
+        "203.0.113.11"
+    );
+    assert_eq!(
+        mapped_ports(&s.read("lazy.shim.log"), "Tcp", &private),
+        vec![q],
+        "one forward only"
+    );
+    assert!(
+        s.warn_lines("lazy").is_empty(),
+        "{:?}",
+        s.warn_lines("lazy")
+    );
+}
+
+/// A port-0 UDP socket handed to an exec'd image before anyone asked its address stays
+/// pending there: the new image's getsockname() forwards it, reports the public address,
+/// and p2 reaches it.
+#[test]
+fn pending_socket_is_forwarded_in_the_execd_image() {
+    let mut s = Setup::new("execq");
+    s.start_portfwd(PORTS, &[]);
+    let child = s.path("execq_child.py");
+    fs::write(
+        &child,
+        UDP_ECHO.replace(
+            "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\ns.bind((\"0.0.0.0\", int(sys.argv[1])))",
+            "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, fileno=int(sys.argv[1]))",
+        ),
+    )
+    .unwrap();
+    assert!(fs::read_to_string(&child).unwrap().contains("fileno="));
+    fs::write(
+        s.path("execq_parent.py"),
+        r#"
+import os, socket, sys
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+u.bind(("0.0.0.0", 0))
+u.set_inheritable(True)
+os.execv(sys.executable, [sys.executable, "-u", sys.argv[1], str(u.fileno())])
+"#,
+    )
+    .unwrap();
+    let _srv = s.py_shim(
+        Host::A1,
+        "execq",
+        &[],
+        "execq_parent.py",
+        &[child.to_str().unwrap()],
+    );
+    let addr = s.addr("execq");
+    assert!(
+        addr.starts_with(&format!("{PUBLIC}:")),
+        "getsockname() in the exec'd image: {addr}\n{}",
+        s.read("execq.shim.log")
+    );
+    s.udp_echo_ok(Host::P2, &addr, 10)
+        .unwrap_or_else(|e| panic!("p2 -> {addr}: {e}"));
+    assert_eq!(s.map_elements(), 1, "{}", s.maps());
 }

@@ -1,9 +1,23 @@
 //! The DPF client (paper section 3.2.1), active when `GCB_DPF_SERVER` is set.
 //!
-//! * `bind()` of an IPv4 TCP or UDP socket (not loopback) asks portfwd, the root daemon
-//!   on the NAT gateway, for a forwarding rule public ip:port -> the socket's private
-//!   ip:port. With the rule in place `getsockname()` returns the public address, the one
-//!   the program will advertise; packets to it reach the socket through the NAT.
+//! * `bind()` of an IPv4 TCP or UDP socket (not loopback) to an explicit port asks
+//!   portfwd, the root daemon on the NAT gateway, for a forwarding rule public ip:port ->
+//!   the socket's private ip:port. With the rule in place `getsockname()` returns the
+//!   public address, the one the program will advertise; packets to it reach the socket
+//!   through the NAT.
+//! * `bind()` to port 0 (an ephemeral port: clients, `UdpSocket::bind("0.0.0.0:0")`, TCP
+//!   clients that bind before connecting) asks nothing: the socket is only marked
+//!   *pending*. Its replies come back through the NAT's own connection tracking, so a
+//!   socket that only sends or connects never costs a portfwd round trip (each install
+//!   takes portfwd ~15-40 ms). The forwarding is requested lazily, at the first sign
+//!   that the program wants to be reached at a public address: `getsockname()` (the only
+//!   way a program learns the address it would advertise) or, for TCP, `listen()`. From
+//!   then on the socket is mapped exactly as if it had been bound to its port. A
+//!   `connect()` of a pending socket drops the mark (an active socket keeps no rule, see
+//!   below; it then only gets the same-network query). A pending socket handed to an
+//!   exec'd image stays pending there (`dpfq=` entries of `GCB_INHERIT`). With a broker
+//!   configured as well, GCB does not register a pending socket at bind either; it gets
+//!   the socket only if the lazy request is refused (see refusals).
 //! * Each mapped socket is coupled to a *probe socket*: a passive TCP socket of the
 //!   shim's on the same private IP, created before the request and closed with the
 //!   socket's last fd. portfwd connects to it periodically; when it cannot, it removes
@@ -17,8 +31,13 @@
 //!   LAN round trip at most once a minute.
 //! * A refusal (port range, quota, owner...) fails the program's `bind()` with an errno
 //!   and one log line when DPF is the only layer; with a broker configured as well, the
-//!   socket is left to GCB (logged at debug level). An unreachable portfwd never fails
-//!   `bind()`: the program serves locally and the shim logs one line.
+//!   socket is left to GCB (logged at debug level). For a pending socket the refusal
+//!   fails the call that asked (`listen()` or `getsockname()`) the same way, once; the
+//!   socket is then an ordinary local one. Left to GCB, a pending UDP socket is
+//!   registered with the broker there and then, a TCP socket at its `listen()` (as
+//!   GCB always does), and `getsockname()` reports GCB's proxy once registered, the
+//!   private address before. An unreachable portfwd never fails a call: the program
+//!   serves locally (its private address) and the shim logs one line.
 
 use gcb_proto::{Body, ErrorCode, PoolKey, Transport};
 use libc::c_int;
@@ -49,6 +68,20 @@ pub struct DpfSock {
     pub public: SocketAddrV4,
     pub probe: Arc<ShimFd>,
     pub inode: u64,
+}
+
+/// A socket bound to port 0: its forwarding waits for `getsockname()` or `listen()`.
+pub struct DpfPending {
+    pub transport: Transport,
+}
+
+/// What `on_bound` did with a socket DPF serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bound {
+    /// portfwd forwards it (now, or it already did).
+    Mapped,
+    /// Port 0: marked pending, nothing asked yet.
+    Pending,
 }
 
 /// Why a bind was not mapped.
@@ -154,6 +187,42 @@ pub fn dpf_state(entry: &FdEntry) -> Option<(Transport, SocketAddrV4, SocketAddr
         .as_ref()
         .and_then(|l| l.downcast_ref::<DpfSock>())
         .map(|d| (d.transport, d.private, d.public, d.inode))
+}
+
+/// The transport of a pending socket (bound to port 0, not forwarded yet).
+pub fn pending(entry: &FdEntry) -> Option<Transport> {
+    let FdKind::Socket(s) = &entry.kind else {
+        return None;
+    };
+    let st = s.state.lock();
+    st.layer
+        .as_ref()
+        .and_then(|l| l.downcast_ref::<DpfPending>())
+        .map(|p| p.transport)
+}
+
+/// Clear a socket's pending mark; its transport if it had one.
+fn take_pending(entry: &FdEntry) -> Option<Transport> {
+    let FdKind::Socket(s) = &entry.kind else {
+        return None;
+    };
+    let mut st = s.state.lock();
+    let t = st
+        .layer
+        .as_ref()
+        .and_then(|l| l.downcast_ref::<DpfPending>())
+        .map(|p| p.transport)?;
+    st.layer = None;
+    Some(t)
+}
+
+fn mark_pending(entry: &FdEntry, transport: Transport) {
+    if let FdKind::Socket(s) = &entry.kind {
+        let mut st = s.state.lock();
+        if st.layer.is_none() {
+            st.layer = Some(Box::new(DpfPending { transport }));
+        }
+    }
 }
 
 fn take_dpf_state(entry: &FdEntry) -> Option<DpfSock> {
@@ -295,16 +364,65 @@ impl DpfClient {
         }
     }
 
-    /// After a successful bind of `fd`: ask portfwd for a mapping.
-    pub fn on_bound(&self, fd: c_int, entry: Option<&Arc<FdEntry>>) -> Result<(), Refusal> {
+    /// After a successful bind of `fd` to `requested` (the program's address; None if
+    /// not IPv4): ask portfwd for a mapping, or for port 0 only mark the socket pending.
+    pub fn on_bound(
+        &self,
+        fd: c_int,
+        entry: Option<&Arc<FdEntry>>,
+        requested: Option<SocketAddrV4>,
+    ) -> Result<Bound, Refusal> {
+        if let Some(req) = requested.filter(|a| a.port() == 0) {
+            // The cheap path, taken by every client that binds: the bind of an AF_INET
+            // address succeeded, so the socket is AF_INET; only its type is asked.
+            if req.ip().is_loopback() {
+                return Err(Refusal::NotApplicable);
+            }
+            let transport = match crate::gcb::sock_opt(fd, libc::SOL_SOCKET, libc::SO_TYPE) {
+                Some(libc::SOCK_STREAM) => Transport::Tcp,
+                Some(libc::SOCK_DGRAM) => Transport::Udp,
+                _ => return Err(Refusal::NotApplicable),
+            };
+            let entry = crate::gcb::socket_entry(fd, entry).ok_or(Refusal::NotApplicable)?;
+            mark_pending(&entry, transport);
+            crate::debug!(
+                "DPF: {:?} socket fd {} bound to port 0; forwarded at getsockname()/listen() only",
+                transport,
+                fd
+            );
+            return Ok(Bound::Pending);
+        }
         let transport = sock_type(fd).ok_or(Refusal::NotApplicable)?;
         let local = net::sock_name(fd, false).ok_or(Refusal::NotApplicable)?;
         if local.ip().is_loopback() || local.port() == 0 {
             return Err(Refusal::NotApplicable);
         }
         if entry.is_some_and(|e| dpf_state(e).is_some()) {
-            return Ok(());
+            return Ok(Bound::Mapped);
         }
+        self.forward(fd, entry, transport, local)
+            .map(|()| Bound::Mapped)
+    }
+
+    /// The first `getsockname()` or `listen()` of a pending socket: forward it now (and
+    /// clear the mark, whatever the answer). NotApplicable if it is not pending.
+    pub fn settle(&self, fd: c_int, entry: &Arc<FdEntry>) -> Result<(), Refusal> {
+        let transport = take_pending(entry).ok_or(Refusal::NotApplicable)?;
+        let local = net::sock_name(fd, false).ok_or(Refusal::NotApplicable)?;
+        if local.port() == 0 {
+            return Err(Refusal::NotApplicable);
+        }
+        self.forward(fd, Some(entry), transport, local)
+    }
+
+    /// Ask portfwd to forward a public port to `fd`, bound to `local`.
+    fn forward(
+        &self,
+        fd: c_int,
+        entry: Option<&Arc<FdEntry>>,
+        transport: Transport,
+        local: SocketAddrV4,
+    ) -> Result<(), Refusal> {
         let mut st = self.state.lock();
         let ip = if local.ip().is_unspecified() {
             if st.local_ip.is_none() {
@@ -421,8 +539,10 @@ impl DpfClient {
 
     /// The socket is becoming active (connect) or its last fd here is closing: drop the
     /// mapping (unless another process still holds the socket) and the probe socket.
+    /// A pending socket just loses its mark.
     pub fn release(&self, entry: &Arc<FdEntry>, closing: bool) {
         let Some(d) = take_dpf_state(entry) else {
+            take_pending(entry);
             return;
         };
         let mut st = self.state.lock();
@@ -462,7 +582,6 @@ impl DpfClient {
         if net::is_private(*dest.ip()) || net::never_brokered(*dest.ip()) {
             return None;
         }
-        let transport = sock_type(fd)?;
         let mut st = self.state.lock();
         let known_public = st.public_ip == Some(*dest.ip());
         if !known_public {
@@ -472,6 +591,7 @@ impl DpfClient {
                 }
             }
         }
+        let transport = sock_type(fd)?;
         let body = Body::Query {
             transport,
             public: SocketAddr::V4(dest),
@@ -503,10 +623,20 @@ impl DpfClient {
 
     /// `dpf=` entries of `GCB_INHERIT` for the mapped sockets that survive an exec:
     /// `dpf=fd:ino:tcp|udp:privip:port:pubip:port:probefd:probeino`. Clears the probe
-    /// sockets' close-on-exec so they keep sharing the sockets' fate.
+    /// sockets' close-on-exec so they keep sharing the sockets' fate. Pending sockets
+    /// that survive it: `dpfq=fd:ino:tcp|udp`.
     pub fn handoff(&self) -> Vec<String> {
-        let st = self.state.lock();
         let mut out = Vec::new();
+        // (The sockets' own locks are taken outside the table scan.)
+        for fd in fdtable::fds_matching(|e| matches!(e.kind, FdKind::Socket(_))) {
+            let keeps = crate::sys::fcntl_raw(fd, libc::F_GETFD, 0)
+                .is_ok_and(|f| f & libc::FD_CLOEXEC == 0);
+            let transport = fdtable::get(fd).and_then(|e| pending(&e));
+            if let (true, Some(t), Some(ino)) = (keeps, transport, crate::gcb::client::inode(fd)) {
+                out.push(format!("dpfq={fd}:{ino}:{}", transport_name(t)));
+            }
+        }
+        let st = self.state.lock();
         for l in &st.live {
             let Some(entry) = l.entry.upgrade() else {
                 continue;
@@ -524,10 +654,7 @@ impl DpfClient {
                 let _ = crate::sys::fcntl_raw(pfd, libc::F_SETFD, 0);
                 out.push(format!(
                     "dpf={fd}:{ino}:{}:{}:{}:{pfd}:{}",
-                    match l.transport {
-                        Transport::Tcp => "tcp",
-                        Transport::Udp => "udp",
-                    },
+                    transport_name(l.transport),
                     l.private,
                     l.public,
                     crate::gcb::client::inode(pfd).unwrap_or(0)
@@ -546,6 +673,10 @@ impl DpfClient {
         }
         let inode = crate::gcb::client::inode;
         for p in parts {
+            if let Some(v) = p.strip_prefix("dpfq=") {
+                adopt_pending(v);
+                continue;
+            }
             let Some(v) = p.strip_prefix("dpf=") else {
                 continue;
             };
@@ -631,6 +762,36 @@ impl DpfClient {
         if let Some(c) = self.state.lock().chan.take() {
             c.close();
         }
+    }
+}
+
+fn transport_name(t: Transport) -> &'static str {
+    match t {
+        Transport::Tcp => "tcp",
+        Transport::Udp => "udp",
+    }
+}
+
+/// A `dpfq=fd:ino:tcp|udp` entry: mark the fd pending again if it still is that socket.
+fn adopt_pending(v: &str) {
+    let f: Vec<&str> = v.split(':').collect();
+    let (Some(fd), Some(ino)) = (
+        f.first().and_then(|s| s.parse::<c_int>().ok()),
+        f.get(1).and_then(|s| s.parse::<u64>().ok()),
+    ) else {
+        return;
+    };
+    let transport = match f.get(2) {
+        Some(&"tcp") => Transport::Tcp,
+        Some(&"udp") => Transport::Udp,
+        _ => return,
+    };
+    if ino == 0 || crate::gcb::client::inode(fd) != Some(ino) {
+        return;
+    }
+    if let Some(entry) = crate::gcb::socket_entry(fd, fdtable::get(fd).as_ref()) {
+        mark_pending(&entry, transport);
+        crate::debug!("inherited pending DPF socket fd {}", fd);
     }
 }
 

@@ -318,6 +318,22 @@ pub fn fds_of(entry: &Arc<FdEntry>) -> Vec<c_int> {
     fds
 }
 
+/// The fd numbers whose entry satisfies `f` (slow: scans the table; for exec handoff).
+/// `f` runs with the table locked: it must not take locks.
+pub fn fds_matching(f: impl Fn(&FdEntry) -> bool) -> Vec<c_int> {
+    if SLOTS.load(Ordering::Relaxed) == 0 {
+        return Vec::new();
+    }
+    let _g = ReadGuard::new();
+    let mut fds = Vec::new();
+    for_each_locked(0, (MAX_FD - 1) as u32, |fd, e| {
+        if f(e) {
+            fds.push(fd);
+        }
+    });
+    fds
+}
+
 /// Visit occupied slots in `lo..=hi` (lock held by caller).
 fn for_each_locked(lo: u32, hi: u32, mut f: impl FnMut(c_int, &FdEntry)) {
     let hi = (hi as usize).min(MAX_FD - 1);

@@ -1,11 +1,12 @@
 //! The installed layer: DPF and GCB together. DPF serves the sockets it can (portfwd
-//! mapped them at bind); GCB serves the rest (listening sockets it registers with the
-//! broker, brokered connects). Either may be absent.
+//! mapped them at bind, or, for a socket bound to port 0, at its first `getsockname()`
+//! or `listen()`); GCB serves the rest (listening sockets it registers with the broker,
+//! brokered connects). Either may be absent.
 
 use libc::{c_int, ssize_t};
 use std::sync::Arc;
 
-use crate::dpf::{self, DpfClient, Refusal};
+use crate::dpf::{self, Bound, DpfClient, Refusal};
 use crate::fdtable::FdEntry;
 use crate::gcb::{net, GcbLayer};
 use crate::layer::{AddrIn, AddrOut, IoCall, Layer, Outcome, WaitCall};
@@ -22,6 +23,38 @@ fn errno() -> c_int {
 }
 
 impl Stack {
+    /// A pending socket's first `getsockname()`/`listen()` (`what`): let DPF forward it.
+    /// `Ok(true)`: it was pending and DPF did not take it (left to GCB, or to local
+    /// service); `Ok(false)`: not pending, or now DPF's; `Err(errno)`: refused with DPF as
+    /// the only layer.
+    fn settle(
+        &self,
+        d: &DpfClient,
+        fd: c_int,
+        entry: &Arc<FdEntry>,
+        what: &str,
+    ) -> Result<bool, c_int> {
+        match d.settle(fd, entry) {
+            Ok(()) | Err(Refusal::NotApplicable) => Ok(false),
+            Err(Refusal::Refused(e, why)) => {
+                if self.gcb.is_none() {
+                    crate::warn!("{} (at {})", why, what);
+                    return Err(e);
+                }
+                crate::debug!("{}; GCB serves this socket", why);
+                Ok(true)
+            }
+            Err(Refusal::Unreachable(why)) => {
+                if self.gcb.is_none() {
+                    crate::warn!("{}; serving locally only", why);
+                } else {
+                    crate::warn!("{}; GCB serves this socket", why);
+                }
+                Ok(true)
+            }
+        }
+    }
+
     /// In an exec'd image: take over what the exec'ing image handed over.
     pub fn adopt(&self, spec: &str) {
         if let Some(g) = &self.gcb {
@@ -52,8 +85,10 @@ impl Layer for Stack {
             return Outcome::Error(errno());
         }
         if let Some(d) = &self.dpf {
-            match d.on_bound(fd, entry) {
-                Ok(()) => return Outcome::Handled(0),
+            // Port 0 (pending): GCB waits too; it gets the socket if DPF's lazy request is
+            // refused.
+            match d.on_bound(fd, entry, net::addr_in(addr)) {
+                Ok(Bound::Mapped | Bound::Pending) => return Outcome::Handled(0),
                 Err(Refusal::NotApplicable) => {}
                 Err(Refusal::Refused(e, why)) => {
                     if self.gcb.is_none() {
@@ -81,6 +116,11 @@ impl Layer for Stack {
     fn on_listen(&self, fd: c_int, entry: Option<&Arc<FdEntry>>, backlog: c_int) -> Outcome<c_int> {
         if let Some(d) = &self.dpf {
             d.maintain();
+            if let Some(e) = entry {
+                if let Err(errno) = self.settle(d, fd, e, "listen") {
+                    return Outcome::Error(errno);
+                }
+            }
         }
         if entry.is_some_and(|e| dpf::dpf_state(e).is_some()) {
             crate::debug!("listen on fd {}: served by DPF", fd);
@@ -137,6 +177,18 @@ impl Layer for Stack {
         addr: AddrOut,
     ) -> Outcome<c_int> {
         if !peer {
+            if let Some(d) = &self.dpf {
+                match self.settle(d, fd, entry, "getsockname") {
+                    Err(errno) => return Outcome::Error(errno),
+                    // Left to GCB: a UDP socket registers now (a TCP one at listen()).
+                    Ok(true) => {
+                        if let Some(g) = &self.gcb {
+                            g.on_bound_udp(fd, Some(entry));
+                        }
+                    }
+                    Ok(false) => {}
+                }
+            }
             if let Some((_, _, public, _)) = dpf::dpf_state(entry) {
                 net::write_addr_out(addr, public);
                 return Outcome::Handled(0);
