@@ -464,6 +464,165 @@ fn pattern1_public_plain_clients_reach_private_servers_via_proxy() {
     assert_same(&out.stdout, &down_sha, "ncat download a1 -> p2 via proxy");
 }
 
+/// Standby relay connections: the listener's shim parks a connection at the broker, so a
+/// plain client's connection to the proxy is spliced onto it without a `connect_back`.
+/// Every connection (an unmodified python http.server that polls, then ncat that blocks in
+/// accept) arrives intact with the right peer, and the broker's log shows the standbys
+/// were used and no `connect_back` was needed.
+#[test]
+fn standby_connections_carry_proxy_connections_without_connect_back() {
+    let rig = Rig::up();
+    let broker = rig.broker(Host::P1, P1, &[], "broker");
+    let sha = www_payload(&rig, "s.bin", MIB);
+    let (http, proxy) = rig.http_server(Host::A1, Some(P1), 8000, "http", &[]);
+    for i in 0..6 {
+        let body = rig.curl(Host::P2, None, &url(proxy, "s.bin"));
+        assert_same(&body, &sha, &format!("curl {i} p2 -> a1 via a standby"));
+    }
+    assert_eq!(wait_http_peers(&http, "s.bin", 6), vec![P2.to_owned(); 6]);
+    let claimed = count_lines(&broker.log, |l| {
+        l.contains(&format!("to proxy {proxy}: standby claimed"))
+    });
+    // The first standby is parked when the AEH first runs after listen(); the next one
+    // is dialed right after each claim, so a connection may beat it and use connect_back.
+    assert!(
+        claimed >= 4,
+        "only {claimed} of 6 connections used a standby:\n{}",
+        broker.text()
+    );
+
+    // ncat -l: one connection, blocking accept; the sender's data arrives intact.
+    let (src, want) = rig.payload("up.bin", 2 * MIB);
+    let dst = rig.path("up.recv");
+    let nlog = rig.path("ncat.shim.log");
+    let mut cmd = rig.gcb(Host::A1, P1, "debug", &nlog, "ncat");
+    cmd.args(["-4", "-l", "7001", "--recv-only", "-o"])
+        .arg(&dst);
+    let mut server = rig.start(&mut cmd, "ncat");
+    let nproxy = shim_proxy(&nlog, &format!("{A1}:7001"), UP);
+    // Wait until its standby is parked (the shim logs nothing per standby at info; the
+    // broker at info logs claims only), then send.
+    thread::sleep(Duration::from_millis(300));
+    let mut send = rig.cmd(Host::P2, "ncat");
+    send.args(["-4", "--send-only", &nproxy.ip().to_string()])
+        .arg(nproxy.port().to_string())
+        .stdin(File::open(&src).unwrap());
+    let out = rig.output(&mut send, RUN);
+    assert!(out.status.success(), "ncat send: {out:?}");
+    let st = server.proc.wait_timeout(RUN).unwrap();
+    assert!(st.is_some_and(|s| s.success()), "ncat -l: {st:?}");
+    assert_file(&dst, &want, "ncat upload p2 -> a1 via a standby");
+    assert_eq!(
+        count_lines(&broker.log, |l| l
+            .contains(&format!("to proxy {nproxy}: standby claimed"))),
+        1,
+        "{}",
+        broker.text()
+    );
+    assert_eq!(
+        count_lines(&broker.log, |l| l.contains("connect_back")
+            && l.contains("sent to")),
+        6 - claimed,
+        "connections without a standby use connect_back:\n{}",
+        broker.text()
+    );
+}
+
+/// A claimed standby whose owner does not run the shim's event handler (a pre-fork master
+/// asleep in a non-interposed call while its workers accept) is abandoned after a second
+/// and the broker falls back to `connect_back`, which a worker serves: the connection is
+/// delayed, never lost, and later ones go straight to `connect_back`.
+#[test]
+fn unanswered_standby_claim_falls_back_to_connect_back() {
+    let rig = Rig::up();
+    let broker = rig.broker(Host::P1, P1, &[], "broker");
+    let script = r#"
+import os, select, socket, sys, time
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 7100))
+s.listen(16)
+# one wait in the shim: its event handler parks the standby connection
+select.select([s], [], [], 0.5)
+for _ in range(2):
+    if os.fork() == 0:
+        while True:
+            c, _ = s.accept()
+            data = b""
+            while True:
+                b = c.recv(65536)
+                if not b:
+                    break
+                data += b
+            c.sendall(data)
+            c.close()
+print("ready", flush=True)
+time.sleep(300)
+"#;
+    let log = rig.path("prefork.shim.log");
+    let mut cmd = rig.gcb(Host::A1, P1, "debug", &log, python());
+    cmd.args(["-u", "-c", script]);
+    let server = rig.start(&mut cmd, "prefork");
+    let proxy = broker.proxy_of(&format!("{A1}:7100"), UP);
+    assert!(
+        wait_line(&server.out, UP, |l| l == "ready").is_some(),
+        "server: {}",
+        read(&server.err)
+    );
+    let client = r#"
+import hashlib, os, socket, sys
+host, port = sys.argv[1], int(sys.argv[2])
+data = os.urandom(300000)
+c = socket.create_connection((host, port), timeout=20)
+c.sendall(data)
+c.shutdown(socket.SHUT_WR)
+got = b""
+while True:
+    b = c.recv(65536)
+    if not b:
+        break
+    got += b
+print("ok" if got == data else "MISMATCH %d of %d" % (len(got), len(data)))
+"#;
+    for i in 0..2 {
+        let mut c = rig.cmd(Host::P2, python());
+        c.args([
+            "-c",
+            client,
+            &proxy.ip().to_string(),
+            &proxy.port().to_string(),
+        ]);
+        let out = rig.output(&mut c, RUN);
+        assert_eq!(
+            text(&out.stdout).trim(),
+            "ok",
+            "connection {i}: {out:?}\nbroker:\n{}\nshim:\n{}",
+            broker.text(),
+            read(&log)
+        );
+    }
+    let t = broker.text();
+    assert_eq!(
+        t.lines().filter(|l| l.contains("standby claimed")).count(),
+        1,
+        "the master's one standby is claimed once:\n{t}"
+    );
+    assert_eq!(
+        t.lines()
+            .filter(|l| l.contains("was not acked in time; falling back to connect_back"))
+            .count(),
+        1,
+        "{t}"
+    );
+    assert!(
+        t.lines()
+            .filter(|l| l.contains("connect_back") && l.contains("sent to"))
+            .count()
+            >= 1,
+        "the second connection goes to connect_back directly:\n{t}"
+    );
+}
+
 /// Pattern 2: a GCB client in p2 (public) gets a reverse connection from the server in a1.
 #[test]
 fn pattern2_public_gcb_client_gets_reverse_connection() {
@@ -1233,7 +1392,10 @@ fn fault_thirty_percent_loss_every_brokered_connect_succeeds() {
     let broker = rig.broker(Host::P1, P1, &[], "broker");
     let log = rig.path("socat.shim.log");
     let mut cmd = rig.gcb(Host::A1, P1, "info", &log, "socat");
-    cmd.args(["TCP4-LISTEN:7000,fork,reuseaddr", "SYSTEM:sha256sum"]);
+    // Without standby connections: every brokered connect then needs the listener's
+    // UDP control channel (connect_back through gwa), which is what this test loses.
+    cmd.env("GCB_STANDBY", "0")
+        .args(["TCP4-LISTEN:7000,fork,reuseaddr", "SYSTEM:sha256sum"]);
     let server = rig.start(&mut cmd, "socat");
     let proxy = broker.proxy_of(&format!("{A1}:7000"), UP);
 

@@ -190,7 +190,10 @@ fn install_gcb(broker: &str, key: Option<gcb_proto::PoolKey>) -> Option<crate::g
             gcb_proto::rudp::HEARTBEAT_INTERVAL,
             std::time::Duration::from_millis,
         );
-    Some(crate::gcb::GcbLayer::new(addr, key, heartbeat))
+    // Standby relay connections (see gcb::standby) are on unless GCB_STANDBY=0: one idle
+    // TCP connection to the broker per registered listener, for faster relayed connects.
+    let standby = getenv(c"GCB_STANDBY").is_none_or(|v| v.trim() != "0");
+    Some(crate::gcb::GcbLayer::new(addr, key, heartbeat, standby))
 }
 
 fn open_log_file(path: &str) {

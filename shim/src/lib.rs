@@ -69,7 +69,8 @@
 //!
 //! Environment: `GCB_LOG=error|warn|info|debug|trace`, `GCB_LOG_FILE=path`,
 //! `GCB_BROKER=IP[:PORT]` (enables the [`gcb`] layer), `GCB_KEY_FILE=path` (pool key),
-//! `GCB_HEARTBEAT_MS` (heartbeat interval, default 10000), `GCB_DPF_REFRESH_MS` (how often
+//! `GCB_HEARTBEAT_MS` (heartbeat interval, default 10000), `GCB_STANDBY=0` (no standby relay
+//! connections, see `gcb::standby`), `GCB_DPF_REFRESH_MS` (how often
 //! a process checks that portfwd still has its mappings, default 30000),
 //! `GCB_DPF_SERVER=IP[:PORT]` (enables the [`dpf`] client; with both set, [`stack`] lets DPF
 //! serve the sockets it can and GCB the rest).

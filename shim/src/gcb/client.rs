@@ -188,6 +188,8 @@ pub struct Client {
     /// into `direct` (the accept returns it).
     direct_for: Option<SocketAddrV4>,
     direct: Option<(c_int, SocketAddrV4)>,
+    /// `GCB_STANDBY` is not 0.
+    standby_enabled: bool,
 }
 
 /// Spacing of the quick keepalive repeats after a UDP registration.
@@ -199,7 +201,12 @@ const DUMMY_REPEATS: u8 = 3;
 const RECENT_TTL: Duration = Duration::from_secs(600);
 
 impl Client {
-    pub fn new(broker: SocketAddrV4, key: Option<PoolKey>, heartbeat: Duration) -> Client {
+    pub fn new(
+        broker: SocketAddrV4,
+        key: Option<PoolKey>,
+        heartbeat: Duration,
+        standby: bool,
+    ) -> Client {
         Client {
             broker,
             key,
@@ -218,6 +225,7 @@ impl Client {
             watch: None,
             direct_for: None,
             direct: None,
+            standby_enabled: standby,
         }
     }
 
@@ -952,6 +960,9 @@ impl Client {
     /// A standby slot for a TCP registration whose token is `token` (its standby key),
     /// with the watch opened; None if the broker gave no key or the watch fails.
     fn standby_slot(&mut self, token: Option<&str>) -> Option<StandbySlot> {
+        if !self.standby_enabled {
+            return None;
+        }
         let key = super::standby::parse_key(token?)?;
         if self.watch.is_none() {
             match Watch::open() {

@@ -195,9 +195,10 @@ impl GcbLayer {
         broker: SocketAddrV4,
         key: Option<gcb_proto::PoolKey>,
         heartbeat: Duration,
+        standby: bool,
     ) -> GcbLayer {
         GcbLayer {
-            client: ForkMutex::new(Client::new(broker, key, heartbeat)),
+            client: ForkMutex::new(Client::new(broker, key, heartbeat, standby)),
         }
     }
 
