@@ -16,6 +16,15 @@ fn a(s: &str) -> SocketAddr {
 }
 
 fn register(c: &mut Client, local: SocketAddr, previous: Option<SocketAddr>) -> SocketAddr {
+    register_with_key(c, local, previous).0
+}
+
+/// Registers a TCP listener; returns its proxy and its standby key (the token).
+fn register_with_key(
+    c: &mut Client,
+    local: SocketAddr,
+    previous: Option<SocketAddr>,
+) -> (SocketAddr, String) {
     match c.request(Body::Register {
         transport: Transport::Tcp,
         local,
@@ -24,10 +33,14 @@ fn register(c: &mut Client, local: SocketAddr, previous: Option<SocketAddr>) -> 
         Some(Body::Registered {
             proxy,
             lease_ms,
-            token: None,
+            token: Some(key),
         }) => {
             assert!(lease_ms > 0);
-            proxy
+            assert!(
+                ConnectId::parse(&key).is_ok(),
+                "a TCP registration's token is a 32-hex standby key: {key:?}"
+            );
+            (proxy, key)
         }
         other => panic!("register: {other:?}"),
     }
@@ -442,4 +455,113 @@ fn allow_list_drops_other_sources() {
     let log = broker.stop();
     assert!(stat(&log, "not_allowed") >= 1);
     drop(denied);
+}
+
+/// Parks a standby connection for `key` at the relay port.
+fn park_standby(relay: SocketAddr, key: &str) -> TcpStream {
+    let mut s = TcpStream::connect(relay).unwrap();
+    s.write_all(format!("GCB-STANDBY {key}\n").as_bytes())
+        .unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s
+}
+
+/// Reads a standby's claim and returns the logical peer it names.
+fn read_claim(s: &mut TcpStream) -> SocketAddr {
+    let mut go = [0u8; gcb_proto::preamble::GO_LEN];
+    s.read_exact(&mut go).unwrap();
+    SocketAddr::V4(gcb_proto::preamble::parse_go(&go).expect("a GCB-GO claim"))
+}
+
+#[test]
+fn standby_is_claimed_for_a_proxy_connection_without_connect_back() {
+    let broker = Broker::start("127.0.0.1:0", &[]);
+    let mut listener = Client::new(broker.addr);
+    let (proxy, key) = register_with_key(&mut listener, a("10.1.0.5:9700"), None);
+    let mut standby = park_standby(broker.addr, &key);
+    std::thread::sleep(Duration::from_millis(100));
+
+    // A plain connector: the broker claims the standby with the connector's address.
+    let connector = TcpStream::connect(proxy).unwrap();
+    let connector_addr = connector.local_addr().unwrap();
+    assert_eq!(read_claim(&mut standby), connector_addr);
+    standby
+        .write_all(&[gcb_proto::preamble::CLAIM_ACK])
+        .unwrap();
+    // No connect_back was sent for it.
+    assert!(listener
+        .wait_request(Duration::from_millis(300), |b| matches!(
+            b,
+            Body::ConnectBack { .. }
+        ))
+        .is_none());
+    exchange_half_close(connector, standby, 11);
+
+    // A relay decision (a private connector) claims the next standby as well.
+    let mut standby = park_standby(broker.addr, &key);
+    std::thread::sleep(Duration::from_millis(100));
+    // From another "NAT" (127.0.0.2): a relay decision.
+    let mut connector_ctl = Client::bind("127.0.0.2:0", broker.addr, None);
+    let route = match connector_ctl.request(Body::ConnectRequest {
+        proxy,
+        transport: Transport::Tcp,
+        connector_local: a("10.2.0.9:0"),
+        connector_listen: None,
+    }) {
+        Some(Body::ConnectDecision { route }) => route,
+        other => panic!("no decision: {other:?}"),
+    };
+    let Route::Relay { addr, connect_id } = route else {
+        panic!("expected relay, got {route:?}")
+    };
+    assert_eq!(
+        read_claim(&mut standby).ip(),
+        connector_ctl.local_addr().ip()
+    );
+    standby
+        .write_all(&[gcb_proto::preamble::CLAIM_ACK])
+        .unwrap();
+    let connector = dial_with_id(addr, &connect_id.to_string());
+    exchange_full_duplex(connector, standby, 12);
+
+    let log = broker.stop();
+    assert_eq!(stat(&log, "standby_claimed"), 2);
+    assert_eq!(stat(&log, "standby_fallbacks"), 0);
+    assert_eq!(stat(&log, "relays_started"), 2);
+}
+
+#[test]
+fn standby_with_unknown_key_is_closed_and_unacked_claim_falls_back() {
+    let broker = Broker::start("127.0.0.1:0", &[]);
+    let mut listener = Client::new(broker.addr);
+    let (proxy, key) = register_with_key(&mut listener, a("10.1.0.5:9701"), None);
+
+    // A standby presenting a key no registration has: closed without a claim.
+    let mut bogus = park_standby(broker.addr, &"ab".repeat(16));
+    let mut buf = [0u8; 1];
+    assert!(matches!(bogus.read(&mut buf), Ok(0) | Err(_)));
+
+    // A standby that never acks its claim: after a second the broker sends a
+    // connect_back instead, and the dial-back carries the connection.
+    let mut mute = park_standby(broker.addr, &key);
+    std::thread::sleep(Duration::from_millis(100));
+    let t0 = Instant::now();
+    let connector = TcpStream::connect(proxy).unwrap();
+    assert_eq!(read_claim(&mut mute), connector.local_addr().unwrap());
+    let (id, dial, p, _) = expect_connect_back(&mut listener);
+    assert!(
+        t0.elapsed() >= Duration::from_millis(900),
+        "fell back too early"
+    );
+    assert_eq!(p, proxy);
+    // The abandoned standby is reset.
+    assert!(matches!(mute.read(&mut buf), Ok(0) | Err(_)));
+    let back = dial_with_id(dial, &id.to_string());
+    exchange_half_close(connector, back, 13);
+
+    let log = broker.stop();
+    assert_eq!(stat(&log, "standby_refused"), 1);
+    assert_eq!(stat(&log, "standby_fallbacks"), 1);
+    assert_eq!(stat(&log, "standby_claimed"), 0);
+    assert_eq!(stat(&log, "relays_started"), 1);
 }

@@ -135,17 +135,20 @@ fn udp_relay_both_ways_and_bad_input() {
     // Idempotent: same proxy, same token.
     assert_eq!(register_udp(&mut ctl, local, None), (proxy, token.clone()));
     // A TCP listener on the same local address is a separate registration
-    // with its own proxy and no token.
+    // with its own proxy and its own token (a standby key, not the UDP token).
     match ctl.request(Body::Register {
         transport: Transport::Tcp,
         local,
         previous_proxy: None,
     }) {
         Some(Body::Registered {
-            proxy: p, token, ..
+            proxy: p,
+            token: tcp_token,
+            ..
         }) => {
             assert_ne!(p, proxy);
-            assert_eq!(token, None);
+            let (token, udp_token) = (tcp_token, token.clone());
+            assert!(token.as_ref().is_some_and(|t| *t != udp_token), "{token:?}");
         }
         other => panic!("{other:?}"),
     }

@@ -169,6 +169,9 @@ pub struct Client {
     heartbeat: Ticker,
     /// Destinations (proxy candidates) not to broker, until the given time.
     negative: HashMap<SocketAddrV4, Instant>,
+    /// Proxies whose last connect decision was `relay`: the next connect to one starts
+    /// its TCP handshake with the relay port while it asks the broker.
+    pub relayed: HashSet<SocketAddrV4>,
     /// Epoll sets our registration channels have been added to: (epfd, channel fd).
     pub epolls: HashSet<(c_int, c_int)>,
     /// Proxies of listeners this process closed, by local address: a program that
@@ -217,6 +220,7 @@ impl Client {
             regs: HashMap::new(),
             heartbeat: Ticker::new(heartbeat),
             negative: HashMap::new(),
+            relayed: HashSet::new(),
             epolls: HashSet::new(),
             recent: HashMap::new(),
             placeholders: Vec::new(),

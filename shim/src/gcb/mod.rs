@@ -525,8 +525,24 @@ impl GcbLayer {
         fd: c_int,
         relay: SocketAddrV4,
         id: &gcb_proto::ConnectId,
+        speculative: Option<c_int>,
     ) -> Outcome<c_int> {
-        let r = net::connect_race(relay, client::DIAL_SPACING, client::DIAL_TIMEOUT, true)
+        // The speculative dial, if it connected (or connects within the dial time);
+        // otherwise a fresh (racing) dial.
+        let spec = speculative.and_then(|s| {
+            let ok = net::wait_fd(s, libc::POLLOUT, client::DIAL_TIMEOUT) == Ok(true)
+                && net::so_error(s) == 0
+                && net::set_nonblocking(s, false).is_ok();
+            if !ok {
+                net::close(s);
+            }
+            ok.then_some(s)
+        });
+        let dialed = match spec {
+            Some(s) => Ok(s),
+            None => net::connect_race(relay, client::DIAL_SPACING, client::DIAL_TIMEOUT, true),
+        };
+        let r = dialed
             .and_then(
                 |c| match net::write_all(c, &client::preamble(id), client::DIAL_TIMEOUT) {
                     Ok(()) => Ok(c),
@@ -833,6 +849,26 @@ impl Layer for GcbLayer {
         let rev = (!net::is_private(local_ip) && !local_ip.is_unspecified())
             .then(|| self.reverse_listener(local_ip))
             .flatten();
+        // Speculation: if this proxy was relayed last time, dial the relay port (the
+        // broker's own address) now, in parallel with the request; a different decision
+        // closes it unused (the broker ignores a connection closed before its preamble).
+        let speculative = rev
+            .is_none()
+            .then(|| self.client.lock().relayed.contains(&dest))
+            .filter(|&r| r)
+            .and_then(|_| net::socket(libc::SOCK_STREAM | libc::SOCK_NONBLOCK, true).ok())
+            .filter(|&s| match net::connect_raw(s, broker) {
+                Ok(()) | Err(libc::EINPROGRESS) => true,
+                Err(_) => {
+                    net::close(s);
+                    false
+                }
+            });
+        let close_spec = || {
+            if let Some(s) = speculative {
+                net::close(s);
+            }
+        };
         let body = Body::ConnectRequest {
             proxy: SocketAddr::V4(dest),
             transport: Transport::Tcp,
@@ -846,9 +882,21 @@ impl Layer for GcbLayer {
             }
         };
         let route = match answer {
-            Ok(Answer::Body(Body::ConnectDecision { route })) => route,
+            Ok(Answer::Body(Body::ConnectDecision { route })) => {
+                let mut c = self.client.lock();
+                if matches!(route, Route::Relay { .. }) {
+                    if c.relayed.len() >= 1024 {
+                        c.relayed.clear();
+                    }
+                    c.relayed.insert(dest);
+                } else {
+                    c.relayed.remove(&dest);
+                }
+                route
+            }
             Ok(Answer::Body(Body::Error { code, reason })) => {
                 close_rev();
+                close_spec();
                 crate::debug!(
                     "broker {} on {}: {:?} {}; connecting plainly",
                     broker,
@@ -863,6 +911,7 @@ impl Layer for GcbLayer {
             }
             Ok(Answer::Timeout) | Err(_) => {
                 close_rev();
+                close_spec();
                 crate::warn!(
                     "broker {} did not answer for {}; connecting plainly",
                     broker,
@@ -873,6 +922,7 @@ impl Layer for GcbLayer {
             }
             Ok(Answer::Body(other)) => {
                 close_rev();
+                close_spec();
                 crate::warn!(
                     "unexpected broker answer {}; connecting plainly",
                     other.type_name()
@@ -881,6 +931,13 @@ impl Layer for GcbLayer {
             }
         };
         crate::debug!("connect {} via broker {}: {:?}", dest, broker, route);
+        let spec = match (&route, speculative) {
+            (Route::Relay { addr, .. }, Some(s)) if net::v4(*addr) == Some(broker) => Some(s),
+            _ => {
+                close_spec();
+                None
+            }
+        };
         match route {
             Route::Direct { addr } => {
                 close_rev();
@@ -903,7 +960,7 @@ impl Layer for GcbLayer {
             Route::Relay { addr, connect_id } => {
                 close_rev();
                 match net::v4(addr) {
-                    Some(relay) => self.connect_relay(fd, relay, &connect_id),
+                    Some(relay) => self.connect_relay(fd, relay, &connect_id, spec),
                     None => Outcome::Bypass,
                 }
             }
