@@ -1034,6 +1034,11 @@ impl Client {
                 Err(why) => crate::warn!("standby connection from {} lost: {}", peer, why),
             }
         }
+        if self.direct.is_some() {
+            // A blocking accept() returns a connection from this run: dial the next
+            // standby on the next run, after the program has its connection.
+            return;
+        }
         let now = Instant::now();
         let relay = self.broker;
         let watch = self.watch.as_ref();
