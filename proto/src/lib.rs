@@ -131,6 +131,7 @@
 
 pub mod auth;
 pub mod msg;
+pub mod punch;
 pub mod rudp;
 pub mod udp;
 
