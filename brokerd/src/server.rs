@@ -206,6 +206,8 @@ const CLAIM_TIMEOUT: Duration = Duration::from_secs(1);
 enum Outgoing {
     ConnectBack([u8; 16]),
     Reregister(SocketAddr),
+    /// A `punch_back` to a UDP registrant (its answer is only logged).
+    PunchBack,
 }
 
 /// The broker.
@@ -575,6 +577,11 @@ impl Server {
                 connector_local,
                 connector_listen,
             } => self.on_connect_request(from, proxy, transport, connector_local, connector_listen),
+            Body::PunchRequest {
+                proxy,
+                from_proxy,
+                token,
+            } => self.on_punch_request(from, proxy, from_proxy, &token),
             other => Body::error(
                 ErrorCode::BadRequest,
                 format!("{} is not a request the broker serves", other.type_name()),
@@ -922,6 +929,11 @@ impl Server {
                     }
                 }
             },
+            Some(Outgoing::PunchBack) if !matches!(body, Some(Body::Ack {})) => {
+                self.udp.counters.punch_back_failures += 1;
+                log!(Info, "punch_back to {peer} failed: {body:?}");
+            }
+            Some(Outgoing::PunchBack) => {}
             None => {}
         }
     }
@@ -1561,8 +1573,9 @@ impl Server {
              udp_from_listener_bytes={} udp_dummies={} udp_drop_bad_token={} \
              udp_drop_no_listener={} udp_drop_no_rule={} udp_drop_table_full={} \
              udp_drop_not_frame={} udp_drop_stray={} udp_drop_too_big={} udp_send_errors={} \
-             standbys={} standby_parked={} standby_refused={} standby_claimed={} \
-             standby_fallbacks={}",
+                          standbys={} standby_parked={} standby_refused={} standby_claimed={} \
+             standby_fallbacks={} \
+             udp_punches={} udp_punch_refused={} udp_punch_back_failures={}",
             self.registry.len(),
             self.relays.len(),
             self.pending.len(),
@@ -1609,7 +1622,76 @@ impl Server {
             c.standby_refused,
             c.standby_claimed,
             c.standby_fallbacks,
+            u.punches,
+            u.punch_refused,
+            u.punch_back_failures,
         );
+    }
+
+    /// `punch_request` (GCB <-> GCB UDP hole punching, paper 4.2.1; see
+    /// [`gcb_proto::punch`]): hands both registrants the other's data
+    /// address and one fresh nonce. The broker only sends control messages
+    /// here; the punch itself is between the two shims.
+    fn on_punch_request(
+        &mut self,
+        from: SocketAddr,
+        proxy: SocketAddr,
+        from_proxy: SocketAddr,
+        token: &str,
+    ) -> Body {
+        let (dest_data, src_data) = match self.udp.punch_pair(&proxy, &from_proxy, token) {
+            Ok(x) => x,
+            Err((code, why)) => {
+                log!(
+                    Info,
+                    "punch {from_proxy} -> {proxy} (client {from}) refused: {why}"
+                );
+                return Body::error(code, why);
+            }
+        };
+        let (Some(dest), Some(src)) = (
+            self.registry.get(Transport::Udp, &proxy).cloned(),
+            self.registry.get(Transport::Udp, &from_proxy).cloned(),
+        ) else {
+            self.udp.counters.punch_refused += 1;
+            return Body::error(ErrorCode::NoSuchRegistration, "no such udp registration");
+        };
+        // Same public IP: both behind one NAT, which may not hairpin; the
+        // private addresses are tried too.
+        let same_nat = dest_data.ip() == src_data.ip();
+        let nonce = hex(&random_bytes());
+        let back = Body::PunchBack {
+            proxy,
+            peer: src_data,
+            peer_local: same_nat.then_some(src.local).and_then(v4_of),
+            nonce: nonce.clone(),
+        };
+        if self
+            .send(dest.observed, back, Outgoing::PunchBack)
+            .is_none()
+        {
+            self.udp.counters.punch_refused += 1;
+            return Body::error(ErrorCode::Busy, "cannot reach the destination now");
+        }
+        self.udp.counters.punches += 1;
+        log!(
+            Info,
+            "punch {from_proxy} (data {src_data}) <-> {proxy} (data {dest_data}){}",
+            if same_nat { ", same NAT" } else { "" }
+        );
+        Body::Punch {
+            peer: dest_data,
+            peer_local: same_nat.then_some(dest.local).and_then(v4_of),
+            me: src_data,
+            nonce,
+        }
+    }
+}
+
+fn v4_of(a: SocketAddr) -> Option<std::net::SocketAddrV4> {
+    match a {
+        SocketAddr::V4(a) => Some(a),
+        SocketAddr::V6(_) => None,
     }
 }
 

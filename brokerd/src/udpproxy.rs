@@ -25,7 +25,9 @@
 
 use std::collections::{HashMap, HashSet};
 use std::io;
-use std::net::SocketAddr;
+use std::net::{SocketAddr, SocketAddrV4};
+
+use gcb_proto::ErrorCode;
 use std::time::{Duration, Instant};
 
 use gcb_proto::udp::{self, UdpKind, MAX_UDP_PAYLOAD, UDP_HEADER_LEN, UDP_TOKEN_LEN};
@@ -95,6 +97,12 @@ pub struct UdpCounters {
     pub drop_too_big: u64,
     /// Sends that failed (full socket buffer, unreachable...).
     pub send_errors: u64,
+    /// Hole punches brokered (`punch_request` answered `punch`).
+    pub punches: u64,
+    /// `punch_request`s refused (unknown proxy, bad token, no data address).
+    pub punch_refused: u64,
+    /// `punch_back`s the destination did not acknowledge.
+    pub punch_back_failures: u64,
 }
 
 /// Logs at most once per interval, counting what it suppressed.
@@ -387,6 +395,60 @@ impl UdpPlane {
             }
         }
         true
+    }
+
+    /// The data addresses for a hole punch from the registrant of
+    /// `from_proxy` (which proves it with its registration `token`) to the
+    /// registrant of `proxy`: `(destination's, initiator's)`. Refusals are
+    /// counted.
+    pub fn punch_pair(
+        &mut self,
+        proxy: &SocketAddr,
+        from_proxy: &SocketAddr,
+        token: &str,
+    ) -> Result<(SocketAddrV4, SocketAddrV4), (ErrorCode, String)> {
+        let r = self.punch_pair_inner(proxy, from_proxy, token);
+        if r.is_err() {
+            self.counters.punch_refused += 1;
+        }
+        r
+    }
+
+    fn punch_pair_inner(
+        &self,
+        proxy: &SocketAddr,
+        from_proxy: &SocketAddr,
+        token: &str,
+    ) -> Result<(SocketAddrV4, SocketAddrV4), (ErrorCode, String)> {
+        let Some(dest) = self.proxies.get(proxy) else {
+            return Err((
+                ErrorCode::NoSuchRegistration,
+                format!("{proxy} is not a udp proxy"),
+            ));
+        };
+        let src = self
+            .proxies
+            .get(from_proxy)
+            .filter(|s| udp::token_eq(token.as_bytes(), &s.secret))
+            .ok_or_else(|| {
+                (
+                    ErrorCode::NotOwner,
+                    format!("{from_proxy}: unknown proxy or wrong token"),
+                )
+            })?;
+        if proxy == from_proxy {
+            return Err((
+                ErrorCode::BadRequest,
+                "a socket does not punch to itself".into(),
+            ));
+        }
+        match (dest.data, src.data) {
+            (Some(SocketAddr::V4(d)), Some(SocketAddr::V4(s))) => Ok((d, s)),
+            _ => Err((
+                ErrorCode::Busy,
+                "no data address yet (no keepalive arrived)".into(),
+            )),
+        }
     }
 
     /// Removes dead rules (called by the sweep).

@@ -132,6 +132,7 @@
 pub mod auth;
 pub mod msg;
 pub mod preamble;
+pub mod punch;
 pub mod rudp;
 pub mod udp;
 

@@ -7,7 +7,7 @@
 //! newer `v` with `error{code: version}`.
 
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{SocketAddr, SocketAddrV4};
 
 use serde::{Deserialize, Serialize};
 
@@ -215,6 +215,8 @@ pub enum Route {
 /// | `reregister_request` | `ack` | broker -> shim |
 /// | `connect_request` | `connect_decision` | shim -> broker |
 /// | `connect_back` | `ack` | broker -> shim (listener) |
+/// | `punch_request` | `punch` | shim (UDP registrant) -> broker |
+/// | `punch_back` | `ack` | broker -> shim (UDP registrant) |
 /// | `forward` | `forwarded` | shim -> portfwd |
 /// | `delete` | `deleted` | shim -> portfwd |
 /// | `query` | `query_result` | shim -> portfwd |
@@ -300,6 +302,53 @@ pub enum Body {
         /// The address accept()/getpeername() report.
         logical_peer: SocketAddr,
     },
+    /// A registered GCB UDP socket sends to `proxy`, another UDP
+    /// registration's proxy: the sender's shim asks for a UDP hole punch
+    /// (paper 4.2.1, [`crate::punch`]). `from_proxy` is the sender's own
+    /// registration and `token` its registration token (proves it is the
+    /// registrant). Answered by `punch`, or `error{no_such_registration}`
+    /// when `proxy` is not a UDP proxy (the shim caches that).
+    PunchRequest {
+        /// The destination's proxy (what the program sends to).
+        proxy: SocketAddr,
+        /// The sender's own UDP registration.
+        from_proxy: SocketAddr,
+        /// The sender's registration token.
+        token: String,
+    },
+    /// Reply to `punch_request`: send `Dummy` frames carrying `nonce` from
+    /// the program's socket to `peer` (and `peer_local`, when both are behind
+    /// the same NAT); direct datagrams carry `me` as their logical source.
+    Punch {
+        /// The destination's observed data address (its NAT mapping).
+        peer: SocketAddrV4,
+        /// The destination's private address, only when both parties share
+        /// a public IP (same NAT; hairpinning may not work).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        peer_local: Option<SocketAddrV4>,
+        /// The sender's own observed data address: what the destination's
+        /// program sees as the sender (as it does through the relay).
+        me: SocketAddrV4,
+        /// Random 128-bit punch nonce, 32 lowercase hex characters.
+        nonce: String,
+    },
+    /// Broker -> the destination of a `punch_request`: the registrant whose
+    /// data address is `peer` is about to punch toward your UDP socket
+    /// registered as `proxy`; send `Dummy` frames with `nonce` to `peer` (and
+    /// `peer_local`). `peer` is also the logical peer: the address the
+    /// program sees the initiator at (as through the relay). Answered by
+    /// `ack`.
+    PunchBack {
+        /// The registration (UDP socket) concerned.
+        proxy: SocketAddr,
+        /// The initiator's observed data address.
+        peer: SocketAddrV4,
+        /// The initiator's private address (same NAT only).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        peer_local: Option<SocketAddrV4>,
+        /// The punch nonce (same as in the initiator's `punch`).
+        nonce: String,
+    },
 
     // ---------------- DPF (paper section 3) ----------------
     /// Ask portfwd for a forwarding rule public -> `private`.
@@ -373,6 +422,9 @@ pub const KNOWN_TYPES: &[&str] = &[
     "connect_request",
     "connect_decision",
     "connect_back",
+    "punch_request",
+    "punch",
+    "punch_back",
     "forward",
     "forwarded",
     "delete",
@@ -396,6 +448,9 @@ impl Body {
             Body::ConnectRequest { .. } => "connect_request",
             Body::ConnectDecision { .. } => "connect_decision",
             Body::ConnectBack { .. } => "connect_back",
+            Body::PunchRequest { .. } => "punch_request",
+            Body::Punch { .. } => "punch",
+            Body::PunchBack { .. } => "punch_back",
             Body::Forward { .. } => "forward",
             Body::Forwarded { .. } => "forwarded",
             Body::Delete { .. } => "delete",
@@ -673,6 +728,10 @@ mod tests {
         s.parse().unwrap()
     }
 
+    fn v4(s: &str) -> SocketAddrV4 {
+        s.parse().unwrap()
+    }
+
     fn cid() -> ConnectId {
         ConnectId::from_bytes([
             0x00, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88, 0x99, 0xaa, 0xbb, 0xcc, 0xdd,
@@ -747,6 +806,29 @@ mod tests {
                 dial: a("203.0.113.10:9001"),
                 proxy: a("203.0.113.10:40001"),
                 logical_peer: a("203.0.113.2:33000"),
+            },
+            Body::PunchRequest {
+                proxy: a("203.0.113.10:40001"),
+                from_proxy: a("203.0.113.10:40002"),
+                token: "00112233445566778899aabbccddeeff".into(),
+            },
+            Body::Punch {
+                peer: v4("203.0.113.1:9000"),
+                peer_local: None,
+                me: v4("203.0.113.2:9000"),
+                nonce: "00112233445566778899aabbccddeeff".into(),
+            },
+            Body::Punch {
+                peer: v4("203.0.113.1:9000"),
+                peer_local: Some(v4("10.1.0.12:9000")),
+                me: v4("203.0.113.1:9001"),
+                nonce: "00112233445566778899aabbccddeeff".into(),
+            },
+            Body::PunchBack {
+                proxy: a("203.0.113.10:40001"),
+                peer: v4("203.0.113.2:9000"),
+                peer_local: None,
+                nonce: "00112233445566778899aabbccddeeff".into(),
             },
             Body::Forward {
                 transport: Transport::Tcp,

@@ -139,6 +139,11 @@ enum Pending {
     Unregister,
     /// A caller is blocked in [`Client::request`]; its answer goes to `answers`.
     Waiter,
+    /// A UDP hole punch toward `dest` asked for by the socket `entry` (see `punch`).
+    Punch {
+        entry: Weak<FdEntry>,
+        dest: SocketAddrV4,
+    },
 }
 
 /// A registration's identity: its transport and proxy address.
@@ -410,6 +415,9 @@ impl Client {
                 add(x);
             }
         }
+        if let Some(x) = self.punch_next_due() {
+            add(x);
+        }
         t
     }
 
@@ -448,6 +456,7 @@ impl Client {
         }
         self.service_standbys();
         self.udp_keepalive(t.mono);
+        self.punch_tick(t.mono);
         for c in self.families.iter_mut().chain(self.private.as_mut()) {
             c.flush();
         }
@@ -463,6 +472,12 @@ impl Client {
                         proxy,
                         logical_peer,
                     } => self.on_connect_back(connect_id, dial, proxy, logical_peer),
+                    Body::PunchBack {
+                        proxy,
+                        peer,
+                        peer_local,
+                        nonce,
+                    } => self.on_punch_back(proxy, peer, peer_local, &nonce),
                     Body::ReregisterRequest {} => {
                         crate::info!("broker {} asks us to register again", self.broker);
                         let mine: Vec<RegKey> = self
@@ -501,6 +516,11 @@ impl Client {
                         }
                     }
                     Some(Pending::Reregister { old }) => self.on_reregistered(old, body),
+                    Some(Pending::Punch { entry, dest }) => {
+                        if let Some(e) = entry.upgrade() {
+                            super::punch::on_answer(&e, dest, Some(body));
+                        }
+                    }
                     Some(Pending::Unregister) | None => {}
                 }
             }
@@ -515,6 +535,11 @@ impl Client {
                     }
                     Some(Pending::Reregister { old }) => {
                         crate::warn!("re-registration of {} unanswered; will retry", old.1)
+                    }
+                    Some(Pending::Punch { entry, dest }) => {
+                        if let Some(e) = entry.upgrade() {
+                            super::punch::on_answer(&e, dest, None);
+                        }
                     }
                     _ => {}
                 }
@@ -1272,6 +1297,90 @@ impl Client {
             self.ensure_local_ip();
         }
         adopted
+    }
+
+    /// UDP hole punching (see [`super::punch`]): the socket `entry`, registered as
+    /// `my_proxy`, sends to `dest`, an address on the broker. Asks the broker on the
+    /// registration's channel without waiting; the answer arrives in the AEH.
+    pub fn request_punch(
+        &mut self,
+        my_proxy: SocketAddrV4,
+        dest: SocketAddrV4,
+        entry: &Arc<FdEntry>,
+    ) {
+        let Some((chan, token)) = self
+            .regs
+            .get(&(Transport::Udp, my_proxy))
+            .and_then(|r| Some((r.chan, r.udp.as_ref()?.token.clone())))
+        else {
+            return;
+        };
+        let to = SocketAddr::V4(self.broker);
+        let Some(c) = self.chan(chan) else { return };
+        let body = Body::PunchRequest {
+            proxy: SocketAddr::V4(dest),
+            from_proxy: SocketAddr::V4(my_proxy),
+            token: String::from_utf8_lossy(&token).into_owned(),
+        };
+        match c.ep.send_request(now(), to, body) {
+            Ok(id) => {
+                c.pending.insert(
+                    id,
+                    Pending::Punch {
+                        entry: Arc::downgrade(entry),
+                        dest,
+                    },
+                );
+                c.flush();
+                crate::debug!("punch: asked broker about {} (from {})", dest, my_proxy);
+            }
+            Err(_) => crate::debug!("punch: cannot ask about {}", dest),
+        }
+    }
+
+    /// The first live socket of each UDP registration (the one that sends keepalives).
+    fn punch_entries(&self) -> impl Iterator<Item = Arc<FdEntry>> + '_ {
+        self.regs
+            .values()
+            .filter_map(|r| r.udp.as_ref())
+            .filter_map(|u| u.holders.iter().find_map(|h| h.upgrade()))
+    }
+
+    fn punch_tick(&mut self, now: Instant) {
+        for e in self.punch_entries() {
+            super::punch::tick(&e, now);
+        }
+    }
+
+    fn punch_next_due(&self) -> Option<Instant> {
+        self.punch_entries()
+            .filter_map(|e| super::punch::next_due(&e))
+            .min()
+    }
+
+    /// The broker's `punch_back` for our UDP registration `proxy`.
+    fn on_punch_back(
+        &mut self,
+        proxy: SocketAddr,
+        peer: SocketAddrV4,
+        peer_local: Option<SocketAddrV4>,
+        nonce: &str,
+    ) -> Body {
+        let Some(proxy) = net::v4(proxy) else {
+            return Body::error(gcb_proto::ErrorCode::BadRequest, "IPv4 only");
+        };
+        let entry = self
+            .regs
+            .get(&(Transport::Udp, proxy))
+            .and_then(|r| r.udp.as_ref())
+            .and_then(|u| u.holders.iter().find_map(|h| h.upgrade()));
+        match entry {
+            Some(e) => super::punch::on_punch_back(&e, peer, peer_local, nonce),
+            None => Body::error(
+                gcb_proto::ErrorCode::NoSuchRegistration,
+                format!("{proxy} is not registered here"),
+            ),
+        }
     }
 }
 

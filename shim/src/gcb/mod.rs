@@ -31,6 +31,7 @@
 
 pub mod client;
 pub mod net;
+pub mod punch;
 pub mod standby;
 pub mod udp;
 

@@ -20,7 +20,14 @@
 //! program sends to one of them goes back through the proxy as a `To` frame (so the
 //! sender sees the reply from the address it sent to). `connect()` to such a sender is
 //! virtual (the kernel would otherwise drop the proxy's frames).
+//!
+//! GCB <-> GCB: a send to another registration's proxy also starts a hole punch in the
+//! background ([`super::punch`], [`gcb_proto::punch`]); once the peer answered, datagrams
+//! to it go straight to its NAT mapping as `From` frames carrying the logical source, and
+//! its direct frames are accepted only from its verified address. Frames from anyone
+//! else that is not our proxy are dropped and counted, never unwrapped.
 
+use gcb_proto::punch::{PunchTable, Verdict};
 use gcb_proto::udp::{self, UdpKind};
 use gcb_proto::UDP_HEADER_LEN;
 use libc::{c_int, c_void, iovec, msghdr, sockaddr_in, socklen_t, ssize_t};
@@ -43,6 +50,10 @@ pub struct UdpSock {
     pub peer: Option<SocketAddrV4>,
     /// Senders seen through the proxy: replies to them go back through it.
     pub receivers: HashSet<SocketAddrV4>,
+    /// Punched peers (GCB <-> GCB, see [`super::punch`]): datagrams to them go direct.
+    pub punch: PunchTable,
+    /// The broker's IP: a send to another address on it may be punched.
+    pub broker: Ipv4Addr,
 }
 
 pub fn state(entry: &FdEntry) -> Option<(SocketAddrV4, Option<SocketAddrV4>)> {
@@ -139,6 +150,8 @@ impl GcbLayer {
                         proxy,
                         peer: None,
                         receivers: HashSet::new(),
+                        punch: PunchTable::new(),
+                        broker: *c.broker.ip(),
                     }));
                 }
                 send_keepalive(fd, proxy, &token);
@@ -319,12 +332,51 @@ impl GcbLayer {
                     }
                 }
             }
-            if got >= UDP_HEADER_LEN && udp::parse(&hdr).is_some() {
-                // A relay frame that did not come from our proxy is forged: dropped and
-                // counted, never unwrapped.
-                discard_peeked(fd, peek);
-                self.count_stray();
-                continue;
+            if let (Some(s), Some((kind, addr, _))) = (src, frame_hdr(&hdr, got)) {
+                // Not from our proxy: a punched peer's frame (see `punch`), or forged.
+                let nonce = match kind {
+                    UdpKind::Dummy | UdpKind::DummyAck => gather(&prog_iov, got - UDP_HEADER_LEN),
+                    _ => Vec::new(),
+                };
+                let now = Instant::now();
+                let verdict = with_state(entry, |u| u.punch.on_frame(s, kind, addr, &nonce, now))
+                    .unwrap_or(Verdict::Forged);
+                match verdict {
+                    Verdict::Deliver(sender) if vpeer.is_none_or(|p| p == sender) => {
+                        let payload = total - UDP_HEADER_LEN;
+                        net::write_addr_out(from, sender);
+                        self.finish_msg(msg, sender, payload > cap, &mh);
+                        let ret = if flags & libc::MSG_TRUNC != 0 {
+                            payload
+                        } else {
+                            payload.min(cap)
+                        };
+                        return Outcome::Handled(ret as ssize_t);
+                    }
+                    Verdict::Ack(to, n) => {
+                        discard_peeked(fd, peek);
+                        super::punch::send_frame(
+                            fd,
+                            to,
+                            UdpKind::DummyAck,
+                            SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0),
+                            &n,
+                        );
+                        continue;
+                    }
+                    Verdict::Consumed => {
+                        discard_peeked(fd, peek);
+                        crate::debug!("punch: DummyAck from {}: direct", s);
+                        continue;
+                    }
+                    _ => {
+                        // A relay frame that did not come from our proxy or a verified
+                        // peer is forged: dropped and counted, never unwrapped.
+                        discard_peeked(fd, peek);
+                        self.count_stray();
+                        continue;
+                    }
+                }
             }
             if vpeer.is_some() {
                 // A virtually connected socket hears only its peer (via the proxy).
@@ -396,40 +448,69 @@ impl GcbLayer {
                 }
                 _ => return Outcome::Bypass,
             };
-        let relayed = with_state(entry, |u| {
+        let len: usize = prog_iov.iter().map(|v| v.iov_len).sum();
+        let now = Instant::now();
+        let plan = with_state(entry, |u| {
             let dest = to.or(u.peer)?;
-            u.receivers.contains(&dest).then_some((u.proxy, dest))
+            if u.peer.is_none() && len <= gcb_proto::MAX_UDP_PAYLOAD {
+                if let Some((direct, me)) = u.punch.route(dest, now) {
+                    return Some(Plan::Direct { dest, direct, me });
+                }
+            }
+            if u.receivers.contains(&dest) {
+                return Some(Plan::Relay(u.proxy, dest));
+            }
+            (u.peer.is_none()
+                && *dest.ip() == u.broker
+                && dest != u.proxy
+                && u.punch.should_ask(dest, now))
+            .then_some(Plan::Ask(u.proxy, dest))
         })
         .flatten();
-        let Some((proxy, dest)) = relayed else {
-            return Outcome::Bypass;
+        let (proxy, dest) = match plan {
+            None => return Outcome::Bypass,
+            Some(Plan::Ask(mine, dest)) => {
+                // This datagram goes through the relay; the punch is set up meanwhile.
+                self.client().lock().request_punch(mine, dest, entry);
+                return Outcome::Bypass;
+            }
+            Some(Plan::Relay(proxy, dest)) => (proxy, dest),
+            Some(Plan::Direct { dest, direct, me }) => {
+                match send_framed(fd, UdpKind::From, me, direct, &prog_iov, msg, flags) {
+                    Ok(n) => return Outcome::Handled(n as ssize_t),
+                    Err(e)
+                        if matches!(
+                            e,
+                            libc::EAGAIN | libc::EINTR | libc::ENOBUFS | libc::EMSGSIZE
+                        ) =>
+                    {
+                        return Outcome::Error(e)
+                    }
+                    Err(e) => {
+                        // The direct path broke: relay from now on (and this datagram).
+                        crate::debug!(
+                            "punch: direct send to {} ({}) failed: errno {}; relay",
+                            dest,
+                            direct,
+                            e
+                        );
+                        let relay = with_state(entry, |u| {
+                            u.punch.on_send_error(dest, now);
+                            u.receivers.contains(&dest).then_some(u.proxy)
+                        })
+                        .flatten();
+                        match relay {
+                            Some(proxy) => (proxy, dest),
+                            None => return Outcome::Bypass,
+                        }
+                    }
+                }
+            }
         };
-        let hdr = udp::write_header(UdpKind::To, dest);
-        let mut iov = Vec::with_capacity(prog_iov.len() + 1);
-        iov.push(iovec {
-            iov_base: hdr.as_ptr() as *mut c_void,
-            iov_len: hdr.len(),
-        });
-        iov.extend_from_slice(&prog_iov);
-        let mut name = net::to_sockaddr_in(proxy);
-        // SAFETY: zeroed msghdr is valid; filled below.
-        let mut mh: msghdr = unsafe { std::mem::zeroed() };
-        mh.msg_name = &mut name as *mut sockaddr_in as *mut c_void;
-        mh.msg_namelen = std::mem::size_of::<sockaddr_in>() as socklen_t;
-        mh.msg_iov = iov.as_mut_ptr();
-        mh.msg_iovlen = iov.len();
-        if !msg.is_null() {
-            // SAFETY: the program's msghdr.
-            let m = unsafe { &*msg };
-            mh.msg_control = m.msg_control;
-            mh.msg_controllen = m.msg_controllen;
+        match send_framed(fd, UdpKind::To, dest, proxy, &prog_iov, msg, flags) {
+            Ok(n) => Outcome::Handled(n as ssize_t),
+            Err(e) => Outcome::Error(e),
         }
-        // SAFETY: mh describes buffers valid for the call.
-        let n = unsafe { libc::sendmsg(fd, &mh, flags | libc::MSG_NOSIGNAL) };
-        if n < 0 {
-            return Outcome::Error(errno());
-        }
-        Outcome::Handled((n as usize).saturating_sub(UDP_HEADER_LEN) as ssize_t)
     }
 
     /// For recvmsg: the program's msg_name (the logical sender), msg_flags, controllen.
@@ -546,4 +627,86 @@ fn unshift(iov: &[iovec], head: &[u8], tail_len: usize) {
         };
         off += take;
     }
+}
+
+/// Where a datagram the program sends on a registered socket goes.
+enum Plan {
+    /// To a punched peer: a `From` frame carrying `me` straight to `direct`.
+    Direct {
+        dest: SocketAddrV4,
+        direct: SocketAddrV4,
+        me: SocketAddrV4,
+    },
+    /// To a relayed sender: a `To` frame through our proxy.
+    Relay(SocketAddrV4, SocketAddrV4),
+    /// To another registration's proxy: as is (the broker relays it), and ask for a
+    /// punch (our proxy, the destination).
+    Ask(SocketAddrV4, SocketAddrV4),
+}
+
+/// The GCBU header of a received datagram of `got` bytes (header included), if it has one.
+fn frame_hdr(hdr: &[u8; UDP_HEADER_LEN], got: usize) -> Option<(UdpKind, SocketAddrV4, &[u8])> {
+    (got >= UDP_HEADER_LEN).then(|| udp::parse(hdr)).flatten()
+}
+
+/// The first (up to 64) of the `len` bytes the kernel wrote into the program's buffers
+/// (a punch frame's nonce).
+fn gather(iov: &[iovec], len: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64);
+    let mut left = len.min(64);
+    for v in iov {
+        if left == 0 {
+            break;
+        }
+        let take = v.iov_len.min(left);
+        if take > 0 && !v.iov_base.is_null() {
+            // SAFETY: the kernel just wrote at least `take` bytes into this buffer of the
+            // program's (take <= iov_len and <= the datagram's received length).
+            out.extend_from_slice(unsafe {
+                std::slice::from_raw_parts(v.iov_base as *const u8, take)
+            });
+        }
+        left -= take;
+    }
+    out
+}
+
+/// Sends the program's datagram (`prog_iov`, its msghdr's control data if any) from
+/// `fd` to `to`, behind a `kind` header carrying `addr`; returns the program's bytes
+/// sent, or errno.
+fn send_framed(
+    fd: c_int,
+    kind: UdpKind,
+    addr: SocketAddrV4,
+    to: SocketAddrV4,
+    prog_iov: &[iovec],
+    msg: *const msghdr,
+    flags: c_int,
+) -> Result<usize, c_int> {
+    let hdr = udp::write_header(kind, addr);
+    let mut iov = Vec::with_capacity(prog_iov.len() + 1);
+    iov.push(iovec {
+        iov_base: hdr.as_ptr() as *mut c_void,
+        iov_len: hdr.len(),
+    });
+    iov.extend_from_slice(prog_iov);
+    let mut name = net::to_sockaddr_in(to);
+    // SAFETY: zeroed msghdr is valid; filled below.
+    let mut mh: msghdr = unsafe { std::mem::zeroed() };
+    mh.msg_name = &mut name as *mut sockaddr_in as *mut c_void;
+    mh.msg_namelen = std::mem::size_of::<sockaddr_in>() as socklen_t;
+    mh.msg_iov = iov.as_mut_ptr();
+    mh.msg_iovlen = iov.len();
+    if !msg.is_null() {
+        // SAFETY: the program's msghdr, valid for the call.
+        let m = unsafe { &*msg };
+        mh.msg_control = m.msg_control;
+        mh.msg_controllen = m.msg_controllen;
+    }
+    // SAFETY: mh describes buffers valid for the call (ours and the program's).
+    let n = unsafe { libc::sendmsg(fd, &mh, flags | libc::MSG_NOSIGNAL) };
+    if n < 0 {
+        return Err(errno());
+    }
+    Ok((n as usize).saturating_sub(UDP_HEADER_LEN))
 }

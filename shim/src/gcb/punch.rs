@@ -1,0 +1,178 @@
+//! GCB <-> GCB UDP hole punching in the shim (paper 4.2.1; the protocol, the records and
+//! their timers are [`gcb_proto::punch`], this is the IO around them).
+//!
+//! * A registered UDP socket whose program sends to an address on the broker (another
+//!   registration's UDP proxy) sends that datagram through the relay as before and asks
+//!   the broker in the background (`punch_request` on the registration channel, see
+//!   [`super::client::Client::request_punch`]); the broker's `punch` answer and its
+//!   `punch_back` to the destination's shim each start a record in the socket's
+//!   [`gcb_proto::punch::PunchTable`] (kept in its [`super::udp::UdpSock`], i.e. per socket and per
+//!   process).
+//! * The AEH ([`tick`], from [`super::client::Client::pump`]) sends the records' due
+//!   `Dummy` frames from the program's own socket; the interposed receive calls consume
+//!   the peer's `Dummy`/`DummyAck`/direct `From` frames ([`super::udp`]) and answer
+//!   Dummies ([`send_frame`]). Nothing of this reaches the program: a direct datagram is
+//!   delivered with the address the program would see through the relay.
+//! * Limits: only unconnected sockets punch (a `connect()`ed socket's kernel filter
+//!   would drop the peer's frames); a program whose receive buffer is shorter than a
+//!   nonce (32 bytes) never verifies a punch and stays on the relay; a peer Dummy makes
+//!   the program's socket readable for select/poll/epoll once, with nothing for the
+//!   program (a blocking receive just keeps waiting; a non-blocking one gets EAGAIN),
+//!   during the punch window and the checks every [`gcb_proto::punch::RECHECK_EVERY`].
+
+use gcb_proto::punch::RETRY_AFTER;
+use gcb_proto::udp::{self, UdpKind};
+use gcb_proto::{Body, UDP_HEADER_LEN};
+use libc::{c_int, c_void, sockaddr_in, socklen_t};
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::net;
+use super::udp::UdpSock;
+use crate::fdtable::{self, FdEntry, FdKind};
+
+/// Runs `f` on the socket's punch state, if it is a GCB UDP socket.
+pub fn with_sock<R>(entry: &FdEntry, f: impl FnOnce(&mut UdpSock) -> R) -> Option<R> {
+    let FdKind::Socket(s) = &entry.kind else {
+        return None;
+    };
+    let mut st = s.state.lock();
+    st.layer
+        .as_mut()
+        .and_then(|l| l.downcast_mut::<UdpSock>())
+        .map(f)
+}
+
+/// Sends one frame (`kind`, header address `addr`, `payload`) from the program's socket
+/// `fd` to `to`, never blocking. Errors are only logged (the timers retry).
+pub fn send_frame(fd: c_int, to: SocketAddrV4, kind: UdpKind, addr: SocketAddrV4, payload: &[u8]) {
+    let mut buf = [0u8; UDP_HEADER_LEN + 64];
+    let Some(n) = udp::write_frame(&mut buf, kind, addr, payload) else {
+        return;
+    };
+    let sin = net::to_sockaddr_in(to);
+    // SAFETY: buf[..n] and sin are valid for the call; fd is the program's UDP socket.
+    let r = unsafe {
+        libc::sendto(
+            fd,
+            buf.as_ptr() as *const c_void,
+            n,
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            &sin as *const sockaddr_in as *const libc::sockaddr,
+            std::mem::size_of::<sockaddr_in>() as socklen_t,
+        )
+    };
+    if r < 0 {
+        crate::debug!(
+            "punch: {:?} to {} failed: {}",
+            kind,
+            to,
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+fn unspecified() -> SocketAddrV4 {
+    SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)
+}
+
+/// The AEH's punch timers for one socket: sends its due Dummies; returns when it must
+/// run again.
+pub fn tick(entry: &Arc<FdEntry>, now: Instant) -> Option<Instant> {
+    let mut due = Vec::new();
+    let next = with_sock(entry, |u| {
+        if u.punch.is_empty() {
+            return None;
+        }
+        u.punch.poll(now, &mut due);
+        u.punch.next_due()
+    })
+    .flatten();
+    if !due.is_empty() {
+        if let Some(&fd) = fdtable::fds_of(entry).first() {
+            for (to, nonce) in due {
+                crate::debug!("punch: Dummy to {}", to);
+                send_frame(fd, to, UdpKind::Dummy, unspecified(), &nonce);
+            }
+        }
+    }
+    next
+}
+
+/// When the socket's punch timers are due next.
+pub fn next_due(entry: &FdEntry) -> Option<Instant> {
+    with_sock(entry, |u| u.punch.next_due()).flatten()
+}
+
+/// The broker's answer to our `punch_request` for `dest` (None: no answer).
+pub fn on_answer(entry: &Arc<FdEntry>, dest: SocketAddrV4, body: Option<Body>) {
+    let now = Instant::now();
+    let r = with_sock(entry, |u| match body {
+        Some(Body::Punch {
+            peer,
+            peer_local,
+            me,
+            nonce,
+        }) => {
+            let mut targets = vec![peer];
+            targets.extend(peer_local);
+            if u.punch.add(dest, me, nonce.as_bytes(), &targets, now) {
+                format!("punching to {dest} via {targets:?} as {me}")
+            } else {
+                u.punch.refused(dest, now, RETRY_AFTER);
+                "bad punch answer (or too many peers)".to_owned()
+            }
+        }
+        other => {
+            u.punch.refused(dest, now, RETRY_AFTER);
+            match other {
+                Some(Body::Error { code, reason }) => format!("refused: {code}: {reason}"),
+                Some(b) => format!("unexpected answer {}", b.type_name()),
+                None => "no answer".to_owned(),
+            }
+        }
+    });
+    if let Some(what) = r {
+        crate::debug!("punch {}: {}", dest, what);
+        tick(entry, now);
+    }
+}
+
+/// The broker's `punch_back`: the registrant at data address `peer` (also the address
+/// our program sees it at) is punching toward our socket `entry`.
+pub fn on_punch_back(
+    entry: &Arc<FdEntry>,
+    peer: SocketAddrV4,
+    peer_local: Option<SocketAddrV4>,
+    nonce: &str,
+) -> Body {
+    let logical_peer = peer;
+    let now = Instant::now();
+    let r = with_sock(entry, |u| {
+        if u.peer.is_some() {
+            return Err("the socket is connected");
+        }
+        let mut targets = vec![peer];
+        targets.extend(peer_local);
+        if u.punch
+            .add(logical_peer, u.proxy, nonce.as_bytes(), &targets, now)
+        {
+            Ok(())
+        } else {
+            Err("bad nonce or too many peers")
+        }
+    });
+    match r {
+        Some(Ok(())) => {
+            crate::debug!("punch_back: punching to {} ({:?})", logical_peer, peer);
+            tick(entry, now);
+            Body::Ack {}
+        }
+        Some(Err(why)) => Body::error(gcb_proto::ErrorCode::BadRequest, why),
+        None => Body::error(
+            gcb_proto::ErrorCode::NoSuchRegistration,
+            "not a GCB UDP socket",
+        ),
+    }
+}
