@@ -1335,16 +1335,7 @@ fn median_rtt(v: &[Echo], skip: usize) -> f64 {
 /// port for the peer's own opening packet: a punch then works only when both sides'
 /// first Dummies cross in flight (a race that parallel tests on two cores often lose).
 fn cpe_gateways(rig: &Rig) {
-    for gw in [Host::Gwa, Host::Gwb] {
-        let out = rig.lab.sh(
-            gw,
-            "nft add table inet cpe && \
-             nft add chain inet cpe input '{ type filter hook input priority 0; policy accept; }' && \
-             nft add rule inet cpe input ip saddr 203.0.113.0/24 meta l4proto udp ct state new drop",
-            Duration::from_secs(5),
-        );
-        assert!(out.status.success(), "nft on {gw}: {out:?}");
-    }
+    rig.lab.cpe(true);
 }
 
 /// The shim log of the python client `check_echo` ran in `host` toward `target`.

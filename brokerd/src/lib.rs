@@ -15,8 +15,10 @@
 //! * **control**: UDP `IP:PORT`, the gcb-proto request/response protocol
 //!   (reliable UDP, optional pool-key HMAC);
 //! * **relay port**: TCP on the same `IP:PORT`. Every connection to it
-//!   starts with the 45-byte preamble `GCB-CONNECT <32 hex connect id>\n`
-//!   ([`preamble`]); two connections presenting the same id are spliced;
+//!   starts with a 45-byte preamble ([`preamble`]): `GCB-CONNECT <32 hex
+//!   connect id>\n` (two connections presenting the same id are spliced), or
+//!   `GCB-STANDBY <32 hex standby key>\n` (a listener's parked *standby*
+//!   connection, see [`standby`]);
 //! * **proxy sockets**: one per registration, `IP:<ephemeral>` (or the
 //!   `previous_proxy` port if free): a TCP listener for a TCP registration,
 //!   a UDP socket for a UDP registration. A proxy address names exactly one
@@ -36,6 +38,7 @@
 //! * [`decision`]: direct / reverse / relay (paper 4.1);
 //! * [`preamble`]: parse and check the data-connection preamble byte by
 //!   byte, so junk is dropped early and never over-read;
+//! * [`standby`]: standby keys and parked standby connections per proxy;
 //! * [`relay`]: two TCP sockets spliced through a pipe per direction with
 //!   splice(2) (zero copy), half-close and reset propagation;
 //! * [`udprules`]: UDP relay rules (proxy, sender) with idle expiry and
@@ -59,13 +62,22 @@
 //!    `registered{proxy, lease_ms}`. `S`'s `getsockname()` now reports the
 //!    proxy, which is what it advertises. Heartbeats every ~10 s renew the
 //!    lease and keep NAT A's UDP mapping open.
-//! 2. `X` connects to 203.0.113.10:41234. `B` accepts, does **not** read
-//!    (X's first bytes wait in the kernel), draws a random 128-bit connect
-//!    id and sends `connect_back{connect_id, dial: 203.0.113.10:9650,
-//!    proxy, logical_peer: X's address}` to 203.0.113.1:40001: through the
-//!    hole the heartbeats keep open.
-//! 3. `S`'s shim acks, connects *out* to 203.0.113.10:9650 (TCP, the relay
-//!    port) and writes `GCB-CONNECT <id>\n`. `B` reads exactly those 45
+//!    The `registered` answer also carries a random standby key (`token`);
+//!    `S`'s shim dials the relay port 203.0.113.10:9650 once and writes
+//!    `GCB-STANDBY <key>\n`: `B` parks that connection for the proxy.
+//! 2. `X` connects to 203.0.113.10:41234. `B` accepts and does **not** read
+//!    (X's first bytes wait in the kernel). It takes the proxy's parked
+//!    standby, writes the 12-byte claim `GCB-GO` + X's address on it, and
+//!    splices the two as soon as the shim answers the one-byte ack; the shim
+//!    hands the standby to `S`'s `accept()` as coming from X and dials a new
+//!    standby. No datagram and no new TCP handshake on the critical path.
+//! 3. Without a standby (none parked yet, `GCB_STANDBY=0`, or a claim not
+//!    acked within a second because `S` is not running the shim's event
+//!    handler), `B` draws a random 128-bit connect id and sends
+//!    `connect_back{connect_id, dial: 203.0.113.10:9650, proxy,
+//!    logical_peer: X's address}` to 203.0.113.1:40001: through the hole
+//!    the heartbeats keep open. `S`'s shim acks, connects *out* to the relay
+//!    port and writes `GCB-CONNECT <id>\n`. `B` reads exactly those 45
 //!    bytes, finds the id, and splices the two connections; the shim hands
 //!    the outbound connection to `S`'s `accept()` as coming from
 //!    `logical_peer`.
@@ -75,8 +87,9 @@
 //!
 //! A GCB-aware connector instead asks `B` first (`connect_request`) and
 //! gets a [`decision`]: `direct` (connect to the listener's real address),
-//! `reverse` (the listener dials the connector) or `relay` (both dial the
-//! relay port with the same id, as in step 3).
+//! `reverse` (the listener dials the connector) or `relay` (the connector
+//! dials the relay port with the id; the listener's side is a claimed
+//! standby, else a dial-back with the same id, as in step 3).
 //!
 //! ## One UDP datagram, end to end (paper 4.2.2)
 //!
@@ -141,9 +154,19 @@
 //!   registering control address. UDP registrations take leases,
 //!   heartbeats, `unregister` and `reregister_request` exactly as TCP ones;
 //!   a re-registration gets a new token (send a Dummy with it at once).
+//! * **Listener, standby**: a TCP registration's `registered.token` is its
+//!   standby key. Park a relay-port connection with `GCB-STANDBY <key>\n`
+//!   (at most [`standby::MAX_PER_PROXY`] per proxy); when `GCB-GO` + 6
+//!   bytes (IPv4 + port of the logical peer) arrive on it, answer one `!`
+//!   byte and use it as an accepted connection from that peer. Anything else
+//!   on a parked standby closes it. A claim not acked within a second is
+//!   abandoned (reset) and the broker sends `connect_back` instead.
 //! * **UDP listener**: see the walk-through above. `connect_request{udp}`
 //!   is answered `error{unsupported}`: a GCB UDP sender sends to the proxy
-//!   like any sender.
+//!   like any sender, and a *registered* GCB sender also asks for a hole
+//!   punch (`punch_request`; the broker answers `punch` and tells the
+//!   destination `punch_back`, see [`gcb_proto::punch`]) so that its
+//!   datagrams go direct once both sides' Dummy/DummyAck crossed.
 //!
 //! ## Limits and refusals
 //!
@@ -173,10 +196,8 @@
 //!
 //! ## Not yet
 //!
-//! Hole punching is not attempted (TCP: relay is the fallback; UDP:
-//! `connect_request{udp}` answers `error{unsupported}` and senders go
-//! through the proxy). UDP proxies need an IPv4 `--listen` (frames carry
-//! IPv4 addresses). A sender datagram whose bytes happen to start with a
+//! TCP hole punching is not attempted (relay is the fallback). UDP proxies
+//! need an IPv4 `--listen` (frames carry IPv4 addresses). A sender datagram whose bytes happen to start with a
 //! GCBU frame header is treated as a frame (dropped unless it is a Dummy
 //! with the right token).
 

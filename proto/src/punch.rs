@@ -357,6 +357,15 @@ impl PunchTable {
                             left: PROBE_TRIES,
                             next: now,
                         });
+                    } else if p.state == State::Punching {
+                        // The peer's Dummy came through, so its NAT has a hole for us
+                        // now: send our next Dummy there at once, not at the next tick
+                        // (our first one may have arrived before that hole existed).
+                        p.targets.retain(|t| *t != src);
+                        p.targets.insert(0, src);
+                        if let Some(pr) = p.probe.as_mut() {
+                            pr.next = now;
+                        }
                     }
                     return Verdict::Ack(src, p.nonce);
                 }
@@ -534,6 +543,29 @@ mod tests {
         assert_eq!(t.route(proxy, t0).map(|r| r.0), Some(peer));
         assert!(!t.add(evil, z, b"not a nonce", &[evil], t0));
         assert!(!t.add(evil, z, N2, &[], t0));
+    }
+
+    #[test]
+    fn a_peer_dummy_while_punching_makes_our_next_dummy_due_at_once() {
+        let t0 = Instant::now();
+        let mut t = PunchTable::new();
+        let proxy = v4("203.0.113.10:40001");
+        let peer = v4("203.0.113.1:9000");
+        t.add(proxy, v4("203.0.113.2:9001"), N, &[peer], t0);
+        assert_eq!(dummies(&mut t, t0).len(), 1, "the first Dummy goes at once");
+        let later = t0 + PROBE_EVERY / 10;
+        assert!(
+            dummies(&mut t, later).is_empty(),
+            "the next one waits a tick"
+        );
+        // The peer's Dummy arrives (from a port its NAT chose): acked, and ours is due now.
+        let mapped = v4("203.0.113.1:9002");
+        assert_eq!(
+            t.on_frame(mapped, UdpKind::Dummy, v4("0.0.0.0:0"), N, later),
+            Verdict::Ack(mapped, *N)
+        );
+        let out = dummies(&mut t, later);
+        assert_eq!(out.first().map(|d| d.0), Some(mapped), "{out:?}");
     }
 
     #[test]

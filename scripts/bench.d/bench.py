@@ -66,6 +66,14 @@ CFG_TITLES = {"regular": "regular", "dpf": "DPF", "gcb_regpub": "GCB, regular pu
               "rathole": "rathole (peer)", "socat": "socat relay on p1 (peer)"}
 
 
+# UDP clients: unconnected sendto()/recvfrom() (how a GCB sender punches through to a GCB
+# listener), and UDP_WARM_MS of small echoes between the connection datagram and the timed
+# echo, so the echo time is that of the settled channel (punched, where it can be), for every
+# configuration alike.
+UDP_WARM_MS = 20
+UDP_CLIENT = ["--udp", "--unconnected", "--warm-ms", str(UDP_WARM_MS)]
+
+
 def log(*a):
     print("[bench %s]" % time.strftime("%H:%M:%S"), *a, flush=True)
 
@@ -228,7 +236,10 @@ class Bench:
     def setup_lab(self):
         L = self.lab
         L.up()
-        log("lab %s up (work dir %s)" % (L.name, self.work))
+        # Home-router gateways (netlab cpe): no conntrack entries for unsolicited UDP to the
+        # gateways themselves, so GCB<->GCB UDP hole punching is not a race (see netlab).
+        subprocess.run([NETLAB, "cpe", L.name, "on"], check=True)
+        log("lab %s up, cpe on (work dir %s)" % (L.name, self.work))
         self.broker_log = os.path.join(self.work, "broker.err")
         self.broker = L.spawn("p1", [BROKERD, "--listen", P1, "--max-registrations", "20000",
                                      "--max-per-client", "20000", "--max-relays", "4096",
@@ -350,7 +361,7 @@ local_addr = "%(a1)s:7000"
             order = C[r % len(C):] + C[:r % len(C)]  # rotate the start: no fixed position bias
             for (t, cfg, proto, host, prefix, addr) in order:
                 cmd = prefix + [CONN, "client", addr, "--count", str(self.K + 1),
-                                "--size", str(self.size)] + (["--udp"] if proto == "udp" else [])
+                                "--size", str(self.size)] + (UDP_CLIENT if proto == "udp" else [])
                 k = (t, cfg, proto)
                 d = raw.setdefault(k, {"conn_runs": [], "echo_runs": [], "conn_all": [],
                                        "echo_all": [], "errors": []})

@@ -443,6 +443,12 @@ impl Lab {
         self.netlab(&["loss", &self.name, gw.name(), &percent.to_string(), proto]);
     }
 
+    /// Home-router behaviour on both gateways (`netlab cpe NAME on|off`): new UDP from the
+    /// public segment to a gateway itself is dropped, as UDP hole punching expects.
+    pub fn cpe(&self, on: bool) {
+        self.netlab(&["cpe", &self.name, if on { "on" } else { "off" }]);
+    }
+
     /// Runs `scripts/netlab ARGS...`, panicking with its stderr if it fails.
     pub fn netlab(&self, args: &[&str]) {
         let out = netlab().args(args).output().expect("run scripts/netlab");

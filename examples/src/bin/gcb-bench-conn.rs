@@ -9,6 +9,10 @@
 //!   side exists cannot look fast), then S random bytes are echoed and verified on that
 //!   connection (= echo time); close. UDP: socket() -> first 1-byte datagram echoed
 //!   (connection time, as in the paper), then an S-byte datagram echoed (echo time).
+//!   `--unconnected`: UDP with sendto()/recvfrom() to ADDR instead of connect() (the way
+//!   GCB-to-GCB hole punching applies; replies from other addresses are ignored).
+//!   `--warm-ms M`: between the two, keep echoing small datagrams for M ms (so the echo
+//!   time is that of the settled channel, e.g. after a hole punch).
 //!   Prints `{"ok":true,"connect_us":[..],"echo_us":[..]}`.
 //! * `hold ADDR --conns N --size S`: opens N connections one after another and keeps them
 //!   ALL open (each got the server's first byte), then echoes S random bytes on every one
@@ -49,6 +53,12 @@ enum Cmd {
         size: usize,
         #[arg(long)]
         udp: bool,
+        /// UDP: sendto()/recvfrom() instead of connect() + send()/recv().
+        #[arg(long)]
+        unconnected: bool,
+        /// UDP: echo small datagrams for this many ms before timing the echo.
+        #[arg(long, default_value_t = 0)]
+        warm_ms: u64,
         /// Per-operation timeout (seconds).
         #[arg(long, default_value_t = 10)]
         timeout: u64,
@@ -157,15 +167,24 @@ fn echo_tcp(s: &mut TcpStream, data: &[u8]) -> io::Result<Duration> {
     Ok(dt)
 }
 
-/// Sends `data` and waits for the identical datagram, retrying on timeout (up to 5 tries).
-fn echo_udp(s: &UdpSocket, data: &[u8]) -> io::Result<()> {
+/// Sends `data` (to `to`, unconnected; else on the connected socket) and waits for the
+/// identical datagram, retrying on timeout (up to 5 tries).
+fn echo_udp(s: &UdpSocket, to: Option<SocketAddr>, data: &[u8]) -> io::Result<()> {
     let mut buf = vec![0u8; 65536];
     for _ in 0..5 {
-        s.send(data).map_err(|e| ctx(e, "send"))?;
+        match to {
+            Some(a) => s.send_to(data, a),
+            None => s.send(data),
+        }
+        .map_err(|e| ctx(e, "send"))?;
         loop {
-            match s.recv(&mut buf) {
-                Ok(n) if &buf[..n] == data => return Ok(()),
-                Ok(_) => continue, // a late echo of an earlier try
+            let got = match to {
+                Some(a) => s.recv_from(&mut buf).map(|(n, from)| (n, from == a)),
+                None => s.recv(&mut buf).map(|n| (n, true)),
+            };
+            match got {
+                Ok((n, true)) if &buf[..n] == data => return Ok(()),
+                Ok(_) => continue, // a late echo of an earlier try, or another sender
                 Err(e)
                     if matches!(
                         e.kind(),
@@ -184,18 +203,25 @@ fn echo_udp(s: &UdpSocket, data: &[u8]) -> io::Result<()> {
     ))
 }
 
+/// How a UDP client runs.
+#[derive(Clone, Copy)]
+struct UdpMode {
+    unconnected: bool,
+    warm: Duration,
+}
+
 fn client(
     addr: SocketAddr,
     count: usize,
     size: usize,
-    udp: bool,
+    udp: Option<UdpMode>,
     timeout: Duration,
 ) -> io::Result<serde_json::Value> {
     let mut conn = Vec::with_capacity(count);
     let mut echo = Vec::with_capacity(count);
     for i in 0..count {
         let data = random_bytes(size)?;
-        if udp {
+        if let Some(mode) = udp {
             let t0 = Instant::now();
             let bind: SocketAddr = if addr.is_ipv4() {
                 "0.0.0.0:0"
@@ -205,13 +231,24 @@ fn client(
             .parse()
             .unwrap();
             let s = UdpSocket::bind(bind)?;
-            s.connect(addr)?;
+            let to = if mode.unconnected {
+                Some(addr)
+            } else {
+                s.connect(addr)?;
+                None
+            };
             s.set_read_timeout(Some(timeout.min(Duration::from_secs(1))))?;
             let hello = [b'h', (i & 0xff) as u8];
-            echo_udp(&s, &hello)?;
+            echo_udp(&s, to, &hello)?;
             conn.push(us(t0.elapsed()));
+            let settle = Instant::now();
+            let mut k = 0u8;
+            while settle.elapsed() < mode.warm {
+                k = k.wrapping_add(1);
+                echo_udp(&s, to, &[b'w', k])?;
+            }
             let t1 = Instant::now();
-            echo_udp(&s, &data)?;
+            echo_udp(&s, to, &data)?;
             echo.push(us(t1.elapsed()));
         } else {
             let (mut s, dt) = open(addr, timeout)?;
@@ -278,8 +315,19 @@ fn main() {
             count,
             size,
             udp,
+            unconnected,
+            warm_ms,
             timeout,
-        } => match client(addr, count, size, udp, Duration::from_secs(timeout)) {
+        } => match client(
+            addr,
+            count,
+            size,
+            udp.then_some(UdpMode {
+                unconnected,
+                warm: Duration::from_millis(warm_ms),
+            }),
+            Duration::from_secs(timeout),
+        ) {
             Ok(v) => say(PROG, v),
             Err(e) => {
                 say(PROG, json!({"ok": false, "error": e.to_string()}));
