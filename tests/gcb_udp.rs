@@ -1506,3 +1506,75 @@ fn gcb_to_gcb_udp_falls_back_to_the_relay_when_punching_is_blocked() {
     assert!(st["udp_to_listener"] >= n, "{st:?}");
     assert!(st["udp_from_listener"] >= n, "{st:?}");
 }
+
+/// A program's receive timeout (SO_RCVTIMEO) holds under GCB: a blocking recvfrom() on a
+/// registered UDP socket and a blocking accept() on a registered listener give up with
+/// EAGAIN after the timeout, as without the shim, instead of waiting inside the shim
+/// for ever; and a datagram that does come is still delivered.
+#[test]
+fn receive_timeouts_are_honoured_on_registered_sockets() {
+    let rig = Rig::up(&[]);
+    let script = r#"
+import errno, socket, struct, sys, time
+tv = struct.pack("ll", 0, 300000)
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+u.bind(("0.0.0.0", 7300))
+u.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+print("UDP", *u.getsockname(), flush=True)
+t = socket.socket()
+t.bind(("0.0.0.0", 7301))
+t.listen(4)
+t.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+for what, call in (("recvfrom", lambda: u.recvfrom(2048)), ("accept", t.accept)):
+    t0 = time.monotonic()
+    try:
+        call()
+        print(what, "RETURNED", flush=True)
+    except OSError as e:
+        print(what, errno.errorcode.get(e.errno, e.errno), round(time.monotonic() - t0, 2), flush=True)
+u.settimeout(10)
+data, peer = u.recvfrom(2048)
+print("GOT", data.decode(), flush=True)
+"#;
+    let mut cmd = rig.cmd(Host::A1, true, "timeouts", python());
+    cmd.args(["-u", "-c", script]);
+    let out = rig.path("timeouts.out");
+    cmd.stdout(File::create(&out).unwrap())
+        .stderr(File::create(rig.path("timeouts.err")).unwrap());
+    let mut p = rig.lab.spawn(&mut cmd).expect("spawn");
+    let proxy_ip = wait_line(&out, UP, |l| l.starts_with("UDP "))
+        .unwrap_or_else(|| panic!("no UDP line: {}", read(&rig.path("timeouts.err"))));
+    let w: Vec<&str> = proxy_ip.split_whitespace().collect();
+    assert_eq!(w[1], BROKER, "registered with the broker: {proxy_ip}");
+    let proxy = format!("{}:{}", w[1], w[2]);
+    for what in ["recvfrom", "accept"] {
+        let line = wait_line(&out, Duration::from_secs(10), |l| l.starts_with(what))
+            .unwrap_or_else(|| {
+                panic!(
+                    "{what} did not return within 10 s (timeout 0.3 s):\n{}\n{}",
+                    read(&out),
+                    read(&rig.path("timeouts.shim.log"))
+                )
+            });
+        let w: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(w[1], "EAGAIN", "{what}: {line}");
+        let secs: f64 = w[2].parse().unwrap();
+        assert!((0.25..5.0).contains(&secs), "{what} after {secs} s: {line}");
+    }
+    // The socket still receives: a plain sender in p2 sends to the proxy.
+    let send = format!(
+        "import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); \
+         [s.sendto(b'late', ('{}', {})) for _ in range(3)]",
+        proxy.split(':').next().unwrap(),
+        proxy.split(':').nth(1).unwrap()
+    );
+    let mut c = rig.lab.cmd(Host::P2, python());
+    c.args(["-c", &send]);
+    assert!(c.status().unwrap().success());
+    assert!(
+        wait_line(&out, Duration::from_secs(10), |l| l == "GOT late").is_some(),
+        "{}",
+        read(&out)
+    );
+    let _ = p.wait_timeout(Duration::from_secs(5));
+}

@@ -1059,16 +1059,13 @@ impl Server {
                 reset(stream);
                 continue;
             }
-            let token = self.token(Owner::Preamble);
-            if let Err(e) = self
-                .poll
-                .registry()
-                .register(&mut stream, token, Interest::READABLE)
-            {
-                log!(Warn, "register relay-port connection: {e}");
-                self.owners.remove(&token);
-                continue;
-            }
+            let token = match self.watch_readable(&mut stream, Owner::Preamble) {
+                Ok(t) => t,
+                Err(e) => {
+                    log!(Warn, "register relay-port connection: {e}");
+                    continue;
+                }
+            };
             self.preambles.insert(
                 token,
                 PreambleConn {
@@ -1081,6 +1078,20 @@ impl Server {
             );
             self.on_preamble(token);
         }
+    }
+
+    /// Registers `stream` for readability under a new token owned by `owner`.
+    fn watch_readable(&mut self, stream: &mut TcpStream, owner: Owner) -> io::Result<Token> {
+        let tok = self.token(owner);
+        if let Err(e) = self
+            .poll
+            .registry()
+            .register(stream, tok, Interest::READABLE)
+        {
+            self.owners.remove(&tok);
+            return Err(e);
+        }
+        Ok(tok)
     }
 
     fn drop_preamble(&mut self, token: Token) -> Option<PreambleConn> {
@@ -1149,16 +1160,13 @@ impl Server {
 
     /// A relay-port connection presented a standby key: park it for its proxy.
     fn on_standby(&mut self, key: [u8; 16], mut stream: TcpStream, peer: SocketAddr) {
-        let tok = self.token(Owner::Standby);
-        if let Err(e) = self
-            .poll
-            .registry()
-            .register(&mut stream, tok, Interest::READABLE)
-        {
-            log!(Warn, "register standby from {peer}: {e}");
-            self.owners.remove(&tok);
-            return;
-        }
+        let tok = match self.watch_readable(&mut stream, Owner::Standby) {
+            Ok(t) => t,
+            Err(e) => {
+                log!(Warn, "register standby from {peer}: {e}");
+                return;
+            }
+        };
         match self.standby.park(&key, tok, stream, peer) {
             Ok(proxy) => {
                 self.counters.standby_parked += 1;

@@ -67,7 +67,7 @@ CFG_TITLES = {"regular": "regular", "dpf": "DPF", "gcb_regpub": "GCB, regular pu
 
 
 # UDP clients: unconnected sendto()/recvfrom() (how a GCB sender punches through to a GCB
-# listener), and UDP_WARM_MS of small echoes between the connection datagram and the timed
+# listener), and UDP_WARM_MS idle in recv() between the connection datagram and the timed
 # echo, so the echo time is that of the settled channel (punched, where it can be), for every
 # configuration alike.
 UDP_WARM_MS = 20

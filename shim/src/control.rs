@@ -111,18 +111,9 @@ impl<P> Channel<P> {
     pub fn flush(&mut self) {
         let fd = self.fd.fd();
         while let Some(t) = self.ep.poll_transmit() {
-            // SAFETY: payload is a valid readable buffer; fd is connected to the daemon.
-            let n = unsafe {
-                libc::send(
-                    fd,
-                    t.payload.as_ptr() as *const libc::c_void,
-                    t.payload.len(),
-                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-                )
-            };
-            if n < 0 {
+            if let Err(e) = net::send_some(fd, &t.payload) {
                 // Lost like any datagram; the endpoint retransmits.
-                crate::trace!("control send failed: {}", std::io::Error::last_os_error());
+                crate::trace!("control send failed: {}", net::errstr(e));
             }
         }
     }
@@ -131,24 +122,9 @@ impl<P> Channel<P> {
     pub fn poll(&mut self, from: SocketAddr) -> Vec<Event> {
         let fd = self.fd.fd();
         let mut buf = [0u8; 2048];
-        loop {
-            // SAFETY: buf is writable for its length.
-            let n = unsafe {
-                libc::recv(
-                    fd,
-                    buf.as_mut_ptr() as *mut libc::c_void,
-                    buf.len(),
-                    libc::MSG_DONTWAIT,
-                )
-            };
-            if n < 0 {
-                if std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
-                    continue;
-                }
-                // EAGAIN, or ECONNREFUSED from an ICMP error: nothing (more) to read.
-                break;
-            }
-            self.ep.handle_datagram(now(), from, &buf[..n as usize]);
+        // Until EAGAIN (or ECONNREFUSED from an ICMP error): nothing (more) to read.
+        while let Ok(n) = net::recv_some(fd, &mut buf) {
+            self.ep.handle_datagram(now(), from, &buf[..n]);
         }
         self.ep.handle_timeout(now());
         std::iter::from_fn(|| self.ep.poll_event()).collect()

@@ -751,7 +751,14 @@ impl Layer for GcbLayer {
             return Outcome::Bypass;
         };
         let nonblock = net::is_nonblocking(fd);
+        let deadline = (!nonblock)
+            .then(|| net::rcv_timeout(fd))
+            .flatten()
+            .map(|t| Instant::now() + t);
         loop {
+            if expired(deadline) {
+                return Outcome::Error(libc::EAGAIN);
+            }
             let (aeh, direct) = {
                 let mut c = self.client.lock();
                 if c.needs_aeh() {
@@ -781,7 +788,7 @@ impl Layer for GcbLayer {
                     events: libc::POLLIN,
                     revents: 0,
                 }));
-                let ms = slice_ms(None, wake);
+                let ms = slice_ms(deadline, wake);
                 // SAFETY: set is a valid pollfd array of its length.
                 let r = unsafe { libc::poll(set.as_mut_ptr(), set.len() as libc::nfds_t, ms) };
                 if r < 0 {

@@ -246,6 +246,29 @@ pub fn so_error(fd: c_int) -> c_int {
     }
 }
 
+/// The socket's receive timeout (SO_RCVTIMEO), if the program set one: a blocking
+/// recv()/accept() the shim waits in for the program must give up after it (EAGAIN), as
+/// the kernel's would.
+pub fn rcv_timeout(fd: c_int) -> Option<Duration> {
+    // SAFETY: zeroed timeval is valid; tv/len describe it.
+    let mut tv: libc::timeval = unsafe { mem::zeroed() };
+    let mut len = mem::size_of::<libc::timeval>() as socklen_t;
+    // SAFETY: tv/len describe a writable timeval.
+    let r = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            &mut tv as *mut libc::timeval as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    if r != 0 || (tv.tv_sec <= 0 && tv.tv_usec <= 0) {
+        return None;
+    }
+    Some(Duration::new(tv.tv_sec as u64, 0) + Duration::from_micros(tv.tv_usec.max(0) as u64))
+}
+
 /// An errno as text.
 pub fn errstr(e: c_int) -> String {
     std::io::Error::from_raw_os_error(e).to_string()

@@ -65,7 +65,7 @@ pub fn send_frame(fd: c_int, to: SocketAddrV4, kind: UdpKind, addr: SocketAddrV4
     };
     if r < 0 {
         crate::debug!(
-            "punch: {:?} to {} failed: {}",
+            "{:?} frame to {} failed: {}",
             kind,
             to,
             std::io::Error::last_os_error()

@@ -91,35 +91,13 @@ pub fn is_udp4(fd: c_int) -> bool {
 
 /// Send a keepalive with `token` from the program's socket `fd` to `proxy`.
 pub fn send_keepalive(fd: c_int, proxy: SocketAddrV4, token: &[u8]) {
-    let mut buf = [0u8; UDP_HEADER_LEN + 64];
-    let Some(n) = udp::write_frame(
-        &mut buf,
+    super::punch::send_frame(
+        fd,
+        proxy,
         UdpKind::KeepAlive,
         SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0),
         token,
-    ) else {
-        return;
-    };
-    let frame = &buf[..n];
-    let sin = net::to_sockaddr_in(proxy);
-    // SAFETY: frame and sin are valid for the call; fd is the program's UDP socket.
-    let r = unsafe {
-        libc::sendto(
-            fd,
-            frame.as_ptr() as *const c_void,
-            frame.len(),
-            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-            &sin as *const sockaddr_in as *const libc::sockaddr,
-            std::mem::size_of::<sockaddr_in>() as socklen_t,
-        )
-    };
-    if r < 0 {
-        crate::debug!(
-            "keepalive to {} failed: {}",
-            proxy,
-            std::io::Error::last_os_error()
-        );
-    }
+    );
 }
 
 impl GcbLayer {
@@ -248,10 +226,17 @@ impl GcbLayer {
         let cap: usize = prog_iov.iter().map(|v| v.iov_len).sum();
         let peek = flags & libc::MSG_PEEK != 0;
         let blocking = flags & libc::MSG_DONTWAIT == 0 && !net::is_nonblocking(fd);
+        let deadline = blocking
+            .then(|| net::rcv_timeout(fd))
+            .flatten()
+            .map(|t| Instant::now() + t);
         loop {
             if blocking {
-                match self.wait_readable(fd) {
+                match self.wait_readable(fd, deadline) {
                     Ok(true) => {}
+                    Ok(false) if deadline.is_some_and(|d| Instant::now() >= d) => {
+                        return Outcome::Error(libc::EAGAIN);
+                    }
                     Ok(false) => continue,
                     Err(e) => return Outcome::Error(e),
                 }
@@ -545,7 +530,8 @@ impl GcbLayer {
 
     /// Block until `fd` is readable, running the AEH meanwhile (heartbeats, keepalive
     /// Dummies, broker commands). Ok(false): woke for the AEH only.
-    fn wait_readable(&self, fd: c_int) -> Result<bool, c_int> {
+    /// Wait until `fd` is readable (true), the AEH ran, or `deadline` passed (false).
+    fn wait_readable(&self, fd: c_int, deadline: Option<Instant>) -> Result<bool, c_int> {
         // The AEH runs only when its sockets have something or a timer is due, so a
         // datagram ping-pong costs one poll and one recvmsg per datagram.
         let (ours, wake) = self.aeh().unwrap_or_default();
@@ -559,7 +545,11 @@ impl GcbLayer {
             events: libc::POLLIN,
             revents: 0,
         }));
-        let ms = wake.map_or(-1, |w| {
+        let until = match (wake, deadline) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let ms = until.map_or(-1, |w| {
             net::ms_ceil(w.saturating_duration_since(Instant::now()))
         });
         // SAFETY: set is a valid pollfd array of its length.
