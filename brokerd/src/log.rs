@@ -28,7 +28,15 @@ pub fn enabled(l: Level) -> bool {
     (l as u8) <= LEVEL.load(Ordering::Relaxed)
 }
 
-/// Writes one log line (use the macros).
+/// Lines written since the last [`flush`]. The event loop flushes before it waits, so
+/// log output never sits between a request and its answer (a brokered connect used to
+/// pay one or two write(2) calls on its critical path), and comes out whole and in order.
+static PENDING: std::sync::Mutex<Vec<u8>> = std::sync::Mutex::new(Vec::new());
+
+/// Flush at once beyond this much pending output.
+const PENDING_MAX: usize = 64 * 1024;
+
+/// Writes one log line (use the macros). Buffered until [`flush`].
 pub fn write(l: Level, args: std::fmt::Arguments<'_>) {
     use std::io::Write;
     let tag = match l {
@@ -37,11 +45,22 @@ pub fn write(l: Level, args: std::fmt::Arguments<'_>) {
         Level::Info => "INFO",
         Level::Debug => "DEBUG",
     };
-    // Formatted first and written with one call: `writeln!` on unbuffered stderr issues
-    // a write(2) per fragment (~90 for a connect line), which cost the broker ~100 us per
-    // brokered connection and let lines of concurrent writers interleave.
-    let line = format!("gcb-brokerd: {tag} {args}\n");
-    let _ = std::io::stderr().lock().write_all(line.as_bytes());
+    let mut p = PENDING.lock().unwrap_or_else(|e| e.into_inner());
+    let _ = writeln!(p, "gcb-brokerd: {tag} {args}");
+    if p.len() >= PENDING_MAX {
+        let _ = std::io::stderr().lock().write_all(&p);
+        p.clear();
+    }
+}
+
+/// Writes the pending lines to stderr (one write for all).
+pub fn flush() {
+    use std::io::Write;
+    let mut p = PENDING.lock().unwrap_or_else(|e| e.into_inner());
+    if !p.is_empty() {
+        let _ = std::io::stderr().lock().write_all(&p);
+        p.clear();
+    }
 }
 
 /// Logs at a level: `log!(Info, "x {}", y)`.

@@ -168,6 +168,7 @@ fn main() -> Result<()> {
             }
         );
     }
+    gcb_brokerd::log::flush();
     install_signal_handlers()?;
     raise_fd_limit();
     let cfg = Config {
@@ -190,6 +191,8 @@ fn main() -> Result<()> {
     let mut server = Server::bind(cfg)?;
     let a = server.local_addr();
     eprintln!("gcb-brokerd: listening on udp {a}, relay tcp {a}");
-    server.run(&STOP)?;
+    let r = server.run(&STOP);
+    gcb_brokerd::log::flush();
+    r?;
     Ok(())
 }

@@ -380,15 +380,29 @@ impl Server {
     /// Runs until `stop` becomes true. Logs the stats line on the way out.
     pub fn run(&mut self, stop: &AtomicBool) -> io::Result<()> {
         let mut events = Events::with_capacity(1024);
+        let mut rest: Vec<Token> = Vec::with_capacity(1024);
         while !stop.load(Ordering::Relaxed) {
             let timeout = self.sleep_time();
+            crate::log::flush();
             match self.poll.poll(&mut events, Some(timeout)) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
             }
+            // Control first, and its answers out at once: a connector's speculative
+            // relay-port dial arrives together with its connect_request, whose answer it
+            // is waiting for.
+            rest.clear();
             for ev in events.iter() {
-                self.dispatch(ev.token());
+                if ev.token() == CONTROL {
+                    self.on_control();
+                    self.flush_control();
+                } else {
+                    rest.push(ev.token());
+                }
+            }
+            for &t in &rest {
+                self.dispatch(t);
             }
             for p in std::mem::take(&mut self.udp_backlog) {
                 self.on_udp_proxy(p);
@@ -403,6 +417,7 @@ impl Server {
             self.relays.len()
         );
         self.log_stats();
+        crate::log::flush();
         Ok(())
     }
 

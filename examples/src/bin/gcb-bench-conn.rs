@@ -13,8 +13,9 @@
 //!   GCB-to-GCB hole punching applies; replies from other addresses are ignored).
 //!   `--warm-ms M`: between the two, wait M ms in recv() (idle, as a program waiting for
 //!   its next message; the shim's event handler runs there), so the echo time is that of
-//!   the settled channel, e.g. after a hole punch. (Not a busy echo loop: on this VM a
-//!   busy ping-pong leaves the next round trips 2-3x slower, plain sockets included.)
+//!   the settled channel, e.g. after a hole punch; one untimed 1-byte echo follows, so the
+//!   timed one does not pay the CPUs' wake-up from idle. (Not a busy echo loop: on this
+//!   VM a busy ping-pong leaves the next round trips 2-3x slower, plain sockets included.)
 //!   Prints `{"ok":true,"connect_us":[..],"echo_us":[..]}`.
 //! * `hold ADDR --conns N --size S`: opens N connections one after another and keeps them
 //!   ALL open (each got the server's first byte), then echoes S random bytes on every one
@@ -264,6 +265,9 @@ fn client(
                     }
                 }
                 s.set_read_timeout(Some(timeout.min(Duration::from_secs(1))))?;
+                // One untimed round trip first: the first after an idle spell pays the
+                // CPUs' wake-up from idle (2-3x here, plain sockets too), not the path.
+                echo_udp(&s, to, b"w")?;
             }
             let t1 = Instant::now();
             echo_udp(&s, to, &data)?;

@@ -500,7 +500,8 @@ impl GcbLayer {
             (libc::SOL_SOCKET, libc::SO_KEEPALIVE),
             (libc::SOL_SOCKET, libc::SO_OOBINLINE),
         ] {
-            if let Some(v) = sock_opt(fd, level, opt) {
+            // The new socket has the defaults (0): copy only what the program changed.
+            if let Some(v) = sock_opt(fd, level, opt).filter(|&v| v != 0) {
                 set_sock_opt(newfd, level, opt, v);
             }
         }
@@ -514,7 +515,10 @@ impl GcbLayer {
             return Err(errno());
         }
         net::close(newfd);
-        crate::sys::fcntl_raw(fd, libc::F_SETFL, fl as libc::c_ulong)?;
+        // The dialed socket is blocking now; restore O_NONBLOCK etc. if the program had them.
+        if fl & libc::O_NONBLOCK != 0 || fl & libc::O_ASYNC != 0 {
+            crate::sys::fcntl_raw(fd, libc::F_SETFL, fl as libc::c_ulong)?;
+        }
         Ok(())
     }
 
