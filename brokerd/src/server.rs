@@ -427,7 +427,10 @@ impl Server {
         }
         let t = Instant::now();
         let mut wake = self.next_sweep.max(t + Duration::from_millis(1));
-        if let Some(w) = self.ep.poll_timeout() {
+        // Retransmissions and deadlines only: cached replies are forgotten at the sweep
+        // (waking for each one's expiry woke the broker every millisecond for 12 s after
+        // a burst of requests, on machines where every wake-up competes with the relays).
+        if let Some(w) = self.ep.poll_request_timeout() {
             wake = wake.min(w.max(t));
         }
         wake.saturating_duration_since(t).min(MAX_SLEEP)
@@ -1470,11 +1473,12 @@ impl Server {
 
     fn timers(&mut self) {
         let t = now();
-        if self.ep.poll_timeout().is_some_and(|w| w <= t.mono) {
+        let sweep = t.mono >= self.next_sweep;
+        if sweep || self.ep.poll_request_timeout().is_some_and(|w| w <= t.mono) {
             self.ep.handle_timeout(t);
             self.handle_events();
         }
-        if t.mono < self.next_sweep {
+        if !sweep {
             return;
         }
         self.next_sweep = t.mono + SWEEP_INTERVAL;
