@@ -678,6 +678,31 @@ fn pattern3_private_to_other_private_is_relayed() {
         "relay joins b1's and a1's NAT addresses: {relays:?}"
     );
     assert_eq!(wait_http_peers(&http, "f.bin", 1), vec![GWB.to_owned()]);
+
+    // One process fetching twice more: its shim remembers the relay decision and connects
+    // straight to the proxy (the same relay, onto a1's standby) without asking again.
+    let log2 = rig.path("client2.shim.log");
+    let mut cmd = rig.gcb(Host::B1, P1, "debug", &log2, "curl");
+    cmd.args(["-sS", "--max-time", "25", "-o", "/dev/null", "-o", "-"])
+        .arg(url(proxy, "f.bin"))
+        .arg(url(proxy, "f.bin"));
+    // (http.server speaks HTTP/1.0 and closes after each response: two connections)
+    let out = rig.output(&mut cmd, RUN);
+    assert!(out.status.success(), "curl x2: {out:?}");
+    assert_same(
+        &out.stdout,
+        &sha,
+        "gcb curl b1 -> a1, second fetch of the process",
+    );
+    let t = read(&log2);
+    let routes: Vec<&str> = t.lines().filter(|l| l.contains(" via broker ")).collect();
+    assert_eq!(routes.len(), 2, "two connects, two route lines:\n{t}");
+    assert!(routes[1].contains("Relay (proxy, cached)"), "{routes:?}");
+    assert_eq!(
+        broker.decisions(proxy).len(),
+        2,
+        "one more decision (the process's first connect), none for its second"
+    );
 }
 
 /// Parses curl's `-w '%{time_connect} %{time_total}'`.
@@ -1043,8 +1068,19 @@ fn iperf3_through_patterns_1_to_3() {
             }
             Some(r) => {
                 let d = broker.decisions(proxy);
-                assert_eq!(d.len(), 2, "control + data connection: {d:?}");
                 assert!(d.iter().all(|l| l.contains(&format!(": {r} {{"))), "{d:?}");
+                if r == "Relay" {
+                    // The control connection asks; the data connection reuses the relay
+                    // decision and connects to the proxy (the same relay).
+                    assert_eq!(d.len(), 1, "control connection only: {d:?}");
+                    let n = count_lines(&broker.log, |l| {
+                        l.contains(&format!("from {GWB}:"))
+                            && l.contains(&format!("to proxy {proxy}:"))
+                    });
+                    assert_eq!(n, 1, "data connection via the proxy:\n{}", broker.text());
+                } else {
+                    assert_eq!(d.len(), 2, "control + data connection: {d:?}");
+                }
             }
         }
     }

@@ -60,6 +60,21 @@ def tables_md(res):
                 e = cell(protos, proto, cfg, "echo_us")
                 out.append("| %s | %s | %s | %s | %s | %s | %s | %s |" % (CFG[cfg], proto, c[0], c[1], c[2], e[0], e[1], e[2]))
         out.append("")
+    # The first connection of each client process (its warm-up, not in the tables above).
+    rows = []
+    for t in ("t1", "t2", "t3"):
+        for cfg in ORDER[t]:
+            v = tb.get(t, {}).get(cfg, {}).get("tcp", {}).get("first_conn_us")
+            if v and v.get("median") is not None:
+                rows.append("| %s | %s | %s | %s |" % (t, CFG[cfg], fmt_us(v), fmt_ratio(v)))
+    if rows:
+        out.append("First TCP connection of each client process (the warm-up sample above: "
+                   "a GCB client asks the broker for it; later connections to a proxy it "
+                   "relayed go straight to the proxy):\n")
+        out.append("| table | config | connect us: median (min-max of runs) | ratio to regular's first [run range] |")
+        out.append("|---|---|---|---|")
+        out += rows
+        out.append("")
     return "\n".join(out)
 
 

@@ -174,9 +174,10 @@ pub struct Client {
     heartbeat: Ticker,
     /// Destinations (proxy candidates) not to broker, until the given time.
     negative: HashMap<SocketAddrV4, Instant>,
-    /// Proxies whose last connect decision was `relay`: the next connect to one starts
-    /// its TCP handshake with the relay port while it asks the broker.
-    pub relayed: HashSet<SocketAddrV4>,
+    /// Proxies whose last connect decision was `relay`, until when that is trusted: a
+    /// connect to one goes straight to the proxy address (the broker relays through the
+    /// proxy socket, onto the listener's standby), without asking first.
+    pub relayed: HashMap<SocketAddrV4, Instant>,
     /// Epoll sets our registration channels have been added to: (epfd, channel fd).
     pub epolls: HashSet<(c_int, c_int)>,
     /// Proxies of listeners this process closed, by local address: a program that
@@ -225,7 +226,7 @@ impl Client {
             regs: HashMap::new(),
             heartbeat: Ticker::new(heartbeat),
             negative: HashMap::new(),
-            relayed: HashSet::new(),
+            relayed: HashMap::new(),
             epolls: HashSet::new(),
             recent: HashMap::new(),
             placeholders: Vec::new(),

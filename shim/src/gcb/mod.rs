@@ -48,6 +48,8 @@ use client::{Answer, Client};
 
 /// Default broker control port (UDP; the relay is TCP on the same port).
 pub const DEFAULT_BROKER_PORT: u16 = 9650;
+/// How long a `relay` decision for a proxy is reused without asking the broker again.
+const RELAYED_TTL: Duration = Duration::from_secs(60);
 
 /// Tag of our control socket in a program's epoll set.
 const EPOLL_TAG: u64 = 0x6763_625f_6374_6c00; // "gcb_ctl\0"
@@ -530,23 +532,8 @@ impl GcbLayer {
         fd: c_int,
         relay: SocketAddrV4,
         id: &gcb_proto::ConnectId,
-        speculative: Option<c_int>,
     ) -> Outcome<c_int> {
-        // The speculative dial, if it connected (or connects within the dial time);
-        // otherwise a fresh (racing) dial.
-        let spec = speculative.and_then(|s| {
-            let ok = net::wait_fd(s, libc::POLLOUT, client::DIAL_TIMEOUT) == Ok(true)
-                && net::so_error(s) == 0
-                && net::set_nonblocking(s, false).is_ok();
-            if !ok {
-                net::close(s);
-            }
-            ok.then_some(s)
-        });
-        let dialed = match spec {
-            Some(s) => Ok(s),
-            None => net::connect_race(relay, client::DIAL_SPACING, client::DIAL_TIMEOUT, true),
-        };
+        let dialed = net::connect_race(relay, client::DIAL_SPACING, client::DIAL_TIMEOUT, true);
         let r = dialed
             .and_then(
                 |c| match net::write_all(c, &client::preamble(id), client::DIAL_TIMEOUT) {
@@ -851,6 +838,20 @@ impl Layer for GcbLayer {
             {
                 return Outcome::Bypass;
             }
+            if c.relayed
+                .get(&dest)
+                .is_some_and(|until| *until > Instant::now())
+            {
+                // The broker relayed this proxy a moment ago, so it will again: connecting
+                // to the proxy address as a plain client is that same relay (onto the
+                // listener's standby), without the request round trip.
+                crate::debug!(
+                    "connect {} via broker {}: Relay (proxy, cached)",
+                    dest,
+                    c.broker
+                );
+                return Outcome::Bypass;
+            }
             (c.broker, c.route_ip())
         };
         if !is_tcp4(fd) {
@@ -861,26 +862,6 @@ impl Layer for GcbLayer {
         let rev = (!net::is_private(local_ip) && !local_ip.is_unspecified())
             .then(|| self.reverse_listener(local_ip))
             .flatten();
-        // Speculation: if this proxy was relayed last time, dial the relay port (the
-        // broker's own address) now, in parallel with the request; a different decision
-        // closes it unused (the broker ignores a connection closed before its preamble).
-        let speculative = rev
-            .is_none()
-            .then(|| self.client.lock().relayed.contains(&dest))
-            .filter(|&r| r)
-            .and_then(|_| net::socket(libc::SOCK_STREAM | libc::SOCK_NONBLOCK, true).ok())
-            .filter(|&s| match net::connect_raw(s, broker) {
-                Ok(()) | Err(libc::EINPROGRESS) => true,
-                Err(_) => {
-                    net::close(s);
-                    false
-                }
-            });
-        let close_spec = || {
-            if let Some(s) = speculative {
-                net::close(s);
-            }
-        };
         let body = Body::ConnectRequest {
             proxy: SocketAddr::V4(dest),
             transport: Transport::Tcp,
@@ -898,9 +879,10 @@ impl Layer for GcbLayer {
                 let mut c = self.client.lock();
                 if matches!(route, Route::Relay { .. }) {
                     if c.relayed.len() >= 1024 {
-                        c.relayed.clear();
+                        let now = Instant::now();
+                        c.relayed.retain(|_, until| *until > now);
                     }
-                    c.relayed.insert(dest);
+                    c.relayed.insert(dest, Instant::now() + RELAYED_TTL);
                 } else {
                     c.relayed.remove(&dest);
                 }
@@ -908,7 +890,6 @@ impl Layer for GcbLayer {
             }
             Ok(Answer::Body(Body::Error { code, reason })) => {
                 close_rev();
-                close_spec();
                 crate::debug!(
                     "broker {} on {}: {:?} {}; connecting plainly",
                     broker,
@@ -923,7 +904,6 @@ impl Layer for GcbLayer {
             }
             Ok(Answer::Timeout) | Err(_) => {
                 close_rev();
-                close_spec();
                 crate::warn!(
                     "broker {} did not answer for {}; connecting plainly",
                     broker,
@@ -934,7 +914,6 @@ impl Layer for GcbLayer {
             }
             Ok(Answer::Body(other)) => {
                 close_rev();
-                close_spec();
                 crate::warn!(
                     "unexpected broker answer {}; connecting plainly",
                     other.type_name()
@@ -943,13 +922,6 @@ impl Layer for GcbLayer {
             }
         };
         crate::debug!("connect {} via broker {}: {:?}", dest, broker, route);
-        let spec = match (&route, speculative) {
-            (Route::Relay { addr, .. }, Some(s)) if net::v4(*addr) == Some(broker) => Some(s),
-            _ => {
-                close_spec();
-                None
-            }
-        };
         match route {
             Route::Direct { addr } => {
                 close_rev();
@@ -972,7 +944,7 @@ impl Layer for GcbLayer {
             Route::Relay { addr, connect_id } => {
                 close_rev();
                 match net::v4(addr) {
-                    Some(relay) => self.connect_relay(fd, relay, &connect_id, spec),
+                    Some(relay) => self.connect_relay(fd, relay, &connect_id),
                     None => Outcome::Bypass,
                 }
             }
