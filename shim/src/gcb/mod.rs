@@ -11,12 +11,20 @@
 //!   accept queue holds an entry in arrival order and every readiness call wakes up as
 //!   for a kernel connection. The interposed `accept()` recognises the placeholder by
 //!   its source address, closes it and returns the brokered connection instead, with the
-//!   logical peer as its address (also from `getpeername()`).
+//!   logical peer as its address (also from `getpeername()`). When the program is
+//!   blocked in `accept()` on that very listener, the connection is returned directly.
+//! * Faster still, the registering process keeps a *standby* connection parked at the
+//!   broker's relay port ([`standby`]): a connection to the proxy is spliced onto it at
+//!   once (the broker writes a 12-byte claim, the AEH acks and hands it over as above),
+//!   without the `connect_back` datagram and the dial; `connect_back` is the fallback.
 //! * `connect()` to an address on the broker's IP asks the broker how: `direct` (connect
 //!   to the listener's real address), `reverse` (we listen, the listener dials us and
 //!   presents the connect id), or `relay` (connect to the broker's relay port and present
 //!   the connect id). Destinations the broker does not know, and an unreachable broker,
 //!   are remembered for a minute (negative cache), so a plain connect is delayed once.
+//!   A proxy the broker just *relayed* is also remembered for a minute: connecting to
+//!   it plainly is that same relay (through the proxy socket, onto the standby), so the
+//!   process's next connects skip the question.
 //!
 //! * A bound UDP socket registers too; see [`udp`] (relay frames, keepalives, the
 //!   receiver list).
@@ -25,9 +33,12 @@
 //!   (`GCB_INHERIT`), so every process holding the socket can serve it; the registration
 //!   ends when no process holds the socket.
 //!
-//! Limits today: IPv4 only; one broker per process; no hole punching (UDP between two
-//! GCB peers, and TCP between two private networks, go through the broker's relay); UDP
-//! registrations are not handed across exec; `execl*`/`posix_spawn` get no handoff.
+//! * UDP between two registered GCB sockets punches a hole through both NATs ([`punch`]);
+//!   the relay carries the first datagrams and everything where punching fails.
+//!
+//! Limits today: IPv4 only; one broker per process; no TCP hole punching (TCP between
+//! two private networks goes through the broker's relay); UDP registrations are not
+//! handed across exec; `execl*`/`posix_spawn` get no handoff.
 
 pub mod client;
 pub mod net;
