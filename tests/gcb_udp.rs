@@ -1578,3 +1578,59 @@ print("GOT", data.decode(), flush=True)
     );
     let _ = p.wait_timeout(Duration::from_secs(5));
 }
+
+/// Unmodified socat on both sides, both under GCB, across both NATs: socat's UDP4-SENDTO
+/// client sends, waits in select() and reads with a blocking recvfrom(), exiting after 1 s
+/// of silence (-T1). The two shims punch a hole meanwhile, so the client's socket also
+/// receives the peer's Dummy frames: select() must not report those as readable (the
+/// blocking recvfrom() would then wait for data that never comes, and socat never exits).
+/// Every run must exit by itself with its data echoed intact.
+#[test]
+fn socat_select_clients_never_stall_on_punch_frames() {
+    let mut rig = Rig::up(&[]);
+    cpe_gateways(&rig);
+    let mut cmd = rig.cmd(Host::A1, true, "socat-srv", "socat");
+    cmd.args([
+        "-d",
+        "-d",
+        "UDP4-RECVFROM:7500,reuseaddr,fork",
+        "SYSTEM:cat",
+    ]);
+    rig.start(cmd, "socat-srv");
+    let log = rig.path("socat-srv.shim.log");
+    let line = wait_line(&log, UP, |l| l.contains("registered udp 10.1.0.11:7500"))
+        .unwrap_or_else(|| panic!("server did not register:\n{}", read(&log)));
+    let proxy = line.rsplit("proxy ").next().unwrap().trim().to_owned();
+    for i in 0..6 {
+        let data = gcb_lab::random_bytes(900 + i);
+        let input = rig.path(&format!("in-{i}.bin"));
+        fs::write(&input, &data).unwrap();
+        let mut c = rig.cmd(Host::B1, true, &format!("socat-cli-{i}"), "socat");
+        c.args([
+            "-T1",
+            "-",
+            &format!("UDP4-SENDTO:{proxy},bind=0.0.0.0:7501"),
+        ])
+        .stdin(File::open(&input).unwrap())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+        let out = rig
+            .lab
+            .spawn(&mut c)
+            .expect("spawn socat client")
+            .capture()
+            .finish(Duration::from_secs(20));
+        assert!(
+            out.status.success(),
+            "socat client {i} did not exit by itself: {:?} {}\n{}",
+            out.status,
+            text(&out.stderr),
+            read(&rig.path(&format!("socat-cli-{i}.shim.log")))
+        );
+        assert_eq!(
+            gcb_lab::sha256(&out.stdout),
+            gcb_lab::sha256(&data),
+            "echo {i} intact"
+        );
+    }
+}

@@ -380,7 +380,6 @@ impl Server {
     /// Runs until `stop` becomes true. Logs the stats line on the way out.
     pub fn run(&mut self, stop: &AtomicBool) -> io::Result<()> {
         let mut events = Events::with_capacity(1024);
-        let mut rest: Vec<Token> = Vec::with_capacity(1024);
         while !stop.load(Ordering::Relaxed) {
             let timeout = self.sleep_time();
             crate::log::flush();
@@ -389,20 +388,10 @@ impl Server {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
             }
-            // Control first, and its answers out at once: a connector's speculative
-            // relay-port dial arrives together with its connect_request, whose answer it
-            // is waiting for.
-            rest.clear();
+            // In the kernel's order: a UDP registration's first keepalive (proxy socket)
+            // must be seen before a punch request (control socket) that follows it.
             for ev in events.iter() {
-                if ev.token() == CONTROL {
-                    self.on_control();
-                    self.flush_control();
-                } else {
-                    rest.push(ev.token());
-                }
-            }
-            for &t in &rest {
-                self.dispatch(t);
+                self.dispatch(ev.token());
             }
             for p in std::mem::take(&mut self.udp_backlog) {
                 self.on_udp_proxy(p);

@@ -187,7 +187,9 @@ fn deadline_of(timeout_ms: c_int, ts: *const libc::timespec) -> Option<Instant> 
     } else {
         Duration::from_millis(timeout_ms as u64)
     };
-    Some(Instant::now() + d)
+    // A timeout too large for the clock (some programs pass LONG_MAX for "forever") is
+    // no deadline at all.
+    Instant::now().checked_add(d)
 }
 
 /// The slice to wait now: until the program's deadline or the AEH's next timer.
@@ -323,6 +325,12 @@ impl GcbLayer {
                 }
                 wake = self.pump().and_then(|(_, w)| w);
             }
+            for p in set[..n].iter_mut() {
+                if p.revents & libc::POLLIN != 0 && !self.udp_has_program_data(p.fd) {
+                    // Only the shim's own datagrams were queued (now handled).
+                    p.revents &= !(libc::POLLIN | libc::POLLRDNORM);
+                }
+            }
             let ready = set[..n].iter().filter(|p| p.revents != 0).count();
             if ready > 0 || expired(deadline) {
                 if n > 0 {
@@ -397,6 +405,16 @@ impl GcbLayer {
             }
             if ctl_ready || r == 0 {
                 wake = self.pump().and_then(|(_, w)| w);
+            }
+            if r0.is_some() {
+                for fd in 0..nfds.min(libc::FD_SETSIZE as c_int) {
+                    // SAFETY: fd < FD_SETSIZE; rs is a valid set.
+                    if unsafe { libc::FD_ISSET(fd, &rs) } && !self.udp_has_program_data(fd) {
+                        // Only the shim's own datagrams were queued (now handled).
+                        // SAFETY: as above.
+                        unsafe { libc::FD_CLR(fd, &mut rs) };
+                    }
+                }
             }
             let count = |s: &libc::fd_set| {
                 // SAFETY: i < nfds <= FD_SETSIZE (the program's own contract).
@@ -756,7 +774,7 @@ impl Layer for GcbLayer {
         let deadline = (!nonblock)
             .then(|| net::rcv_timeout(fd))
             .flatten()
-            .map(|t| Instant::now() + t);
+            .and_then(|t| Instant::now().checked_add(t));
         loop {
             if expired(deadline) {
                 return Outcome::Error(libc::EAGAIN);
@@ -1008,15 +1026,16 @@ impl Layer for GcbLayer {
                 except,
                 timeout,
             } => {
-                let deadline = (!timeout.is_null()).then(|| {
-                    // SAFETY: the program passed a valid timeval.
-                    let t = unsafe { *timeout };
-                    Instant::now()
-                        + Duration::new(
+                let deadline = (!timeout.is_null())
+                    .then(|| {
+                        // SAFETY: the program passed a valid timeval.
+                        let t = unsafe { *timeout };
+                        Instant::now().checked_add(Duration::new(
                             t.tv_sec.max(0) as u64,
                             (t.tv_usec.clamp(0, 999_999) * 1000) as u32,
-                        )
-                });
+                        ))
+                    })
+                    .flatten();
                 self.wait_select(
                     nfds,
                     read,

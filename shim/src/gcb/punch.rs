@@ -22,11 +22,14 @@
 
 use gcb_proto::punch::RETRY_AFTER;
 use gcb_proto::udp::{self, UdpKind};
-use gcb_proto::{Body, UDP_HEADER_LEN};
+use gcb_proto::{Body, ErrorCode, UDP_HEADER_LEN};
 use libc::{c_int, c_void, sockaddr_in, socklen_t};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+/// How soon to ask again after a `busy` punch refusal.
+const BUSY_RETRY: Duration = Duration::from_millis(250);
 
 use super::net;
 use super::udp::UdpSock;
@@ -125,7 +128,11 @@ pub fn on_answer(entry: &Arc<FdEntry>, dest: SocketAddrV4, body: Option<Body>) {
             }
         }
         other => {
-            u.punch.refused(dest, now, RETRY_AFTER);
+            // `busy` (the broker has no data address for one side yet: its first keepalive
+            // is still on the way) is worth asking again soon; anything else is not.
+            let busy = matches!(&other, Some(Body::Error { code, .. }) if *code == ErrorCode::Busy);
+            u.punch
+                .refused(dest, now, if busy { BUSY_RETRY } else { RETRY_AFTER });
             match other {
                 Some(Body::Error { code, reason }) => format!("refused: {code}: {reason}"),
                 Some(b) => format!("unexpected answer {}", b.type_name()),

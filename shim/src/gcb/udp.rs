@@ -229,7 +229,7 @@ impl GcbLayer {
         let deadline = blocking
             .then(|| net::rcv_timeout(fd))
             .flatten()
-            .map(|t| Instant::now() + t);
+            .and_then(|t| Instant::now().checked_add(t));
         loop {
             if blocking {
                 match self.wait_readable(fd, deadline) {
@@ -519,6 +519,92 @@ impl GcbLayer {
         m.msg_controllen = mh.msg_controllen;
         m.msg_flags =
             (mh.msg_flags & !libc::MSG_TRUNC) | if truncated { libc::MSG_TRUNC } else { 0 };
+    }
+
+    /// Before a wait tells the program that registered UDP socket `fd` is readable: take
+    /// the shim's own datagrams (punch Dummies and acks, strays) off the head of its queue
+    /// and act on them, as the recv path would. True if a datagram for the program is
+    /// queued. Without this, a peer's Dummy made select()/poll() report the socket ready and
+    /// the program's following blocking recv() waited for real data that might never come.
+    pub fn udp_has_program_data(&self, fd: c_int) -> bool {
+        let Some(entry) = crate::fdtable::get(fd) else {
+            return true;
+        };
+        let Some((proxy, _)) = state(&entry) else {
+            return true;
+        };
+        loop {
+            // Header plus the start of the payload (a Dummy's nonce).
+            let mut buf = [0u8; UDP_HEADER_LEN + 64];
+            // SAFETY: zeroed sockaddr_in is valid; len describes it.
+            let mut name: sockaddr_in = unsafe { std::mem::zeroed() };
+            let mut len = std::mem::size_of::<sockaddr_in>() as socklen_t;
+            // SAFETY: buf, name and len are valid for the call; MSG_PEEK leaves the queue.
+            let n = unsafe {
+                libc::recvfrom(
+                    fd,
+                    buf.as_mut_ptr() as *mut c_void,
+                    buf.len(),
+                    libc::MSG_PEEK | libc::MSG_DONTWAIT,
+                    &mut name as *mut sockaddr_in as *mut libc::sockaddr,
+                    &mut len,
+                )
+            };
+            if n < 0 {
+                // EAGAIN: nothing queued (an error is the recv call's to report).
+                return std::io::Error::last_os_error().raw_os_error() != Some(libc::EAGAIN);
+            }
+            let got = n as usize;
+            let Some(src) =
+                (name.sin_family as c_int == libc::AF_INET).then(|| net::from_sockaddr_in(&name))
+            else {
+                return true;
+            };
+            let mut hdr = [0u8; UDP_HEADER_LEN];
+            hdr.copy_from_slice(&buf[..UDP_HEADER_LEN]);
+            let Some((kind, addr, _)) = frame_hdr(&hdr, got) else {
+                return true; // an ordinary datagram: the program's
+            };
+            if src == proxy {
+                if kind == UdpKind::From {
+                    return true;
+                }
+            } else {
+                let payload = &buf[UDP_HEADER_LEN..got.min(buf.len())];
+                let nonce = match kind {
+                    UdpKind::Dummy | UdpKind::DummyAck => payload.to_vec(),
+                    _ => Vec::new(),
+                };
+                // A From frame from a verified peer is the program's: classify without
+                // consuming anything else (on_frame only updates the record's timers).
+                let verdict = with_state(&entry, |u| {
+                    u.punch.on_frame(src, kind, addr, &nonce, Instant::now())
+                })
+                .unwrap_or(Verdict::Forged);
+                match verdict {
+                    Verdict::Deliver(_) => return true,
+                    Verdict::Ack(to, n) => {
+                        discard_peeked(fd, true);
+                        super::punch::send_frame(
+                            fd,
+                            to,
+                            UdpKind::DummyAck,
+                            SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0),
+                            &n,
+                        );
+                        continue;
+                    }
+                    Verdict::Consumed => {
+                        discard_peeked(fd, true);
+                        crate::debug!("punch: DummyAck from {}: direct", src);
+                        continue;
+                    }
+                    _ => {}
+                }
+            }
+            discard_peeked(fd, true);
+            self.count_stray();
+        }
     }
 
     fn count_stray(&self) {
