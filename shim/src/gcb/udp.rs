@@ -338,27 +338,8 @@ impl GcbLayer {
                         };
                         return Outcome::Handled(ret as ssize_t);
                     }
-                    Verdict::Ack(to, n) => {
-                        discard_peeked(fd, peek);
-                        super::punch::send_frame(
-                            fd,
-                            to,
-                            UdpKind::DummyAck,
-                            SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0),
-                            &n,
-                        );
-                        continue;
-                    }
-                    Verdict::Consumed => {
-                        discard_peeked(fd, peek);
-                        crate::debug!("punch: DummyAck from {}: direct", s);
-                        continue;
-                    }
-                    _ => {
-                        // A relay frame that did not come from our proxy or a verified
-                        // peer is forged: dropped and counted, never unwrapped.
-                        discard_peeked(fd, peek);
-                        self.count_stray();
+                    v => {
+                        self.consume_punch_frame(fd, peek, s, v);
                         continue;
                     }
                 }
@@ -583,27 +564,32 @@ impl GcbLayer {
                 .unwrap_or(Verdict::Forged);
                 match verdict {
                     Verdict::Deliver(_) => return true,
-                    Verdict::Ack(to, n) => {
-                        discard_peeked(fd, true);
-                        super::punch::send_frame(
-                            fd,
-                            to,
-                            UdpKind::DummyAck,
-                            SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0),
-                            &n,
-                        );
+                    v => {
+                        self.consume_punch_frame(fd, true, src, v);
                         continue;
                     }
-                    Verdict::Consumed => {
-                        discard_peeked(fd, true);
-                        crate::debug!("punch: DummyAck from {}: direct", src);
-                        continue;
-                    }
-                    _ => {}
                 }
             }
             discard_peeked(fd, true);
             self.count_stray();
+        }
+    }
+
+    /// A peeked punch-path frame from `src` that is not the program's: take it off the
+    /// queue and act on `verdict` (answer a Dummy, note an ack; anything else, e.g. a
+    /// relay frame not from our proxy or a verified peer, is forged: dropped and counted).
+    fn consume_punch_frame(&self, fd: c_int, peek: bool, src: SocketAddrV4, verdict: Verdict) {
+        discard_peeked(fd, peek);
+        match verdict {
+            Verdict::Ack(to, n) => super::punch::send_frame(
+                fd,
+                to,
+                UdpKind::DummyAck,
+                SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0),
+                &n,
+            ),
+            Verdict::Consumed => crate::debug!("punch: DummyAck from {}: direct", src),
+            _ => self.count_stray(),
         }
     }
 
