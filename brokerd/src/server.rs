@@ -1495,12 +1495,7 @@ impl Server {
             );
         }
 
-        let late: Vec<Token> = self
-            .preambles
-            .iter()
-            .filter(|(_, c)| c.deadline <= t.mono)
-            .map(|(tok, _)| *tok)
-            .collect();
+        let late = due(&self.preambles, t.mono, |c| c.deadline);
         for tok in late {
             if let Some(c) = self.drop_preamble(tok) {
                 self.counters.preamble_timeouts += 1;
@@ -1509,22 +1504,12 @@ impl Server {
             }
         }
 
-        let late: Vec<Token> = self
-            .claims
-            .iter()
-            .filter(|(_, c)| c.deadline <= t.mono)
-            .map(|(tok, _)| *tok)
-            .collect();
+        let late = due(&self.claims, t.mono, |c| c.deadline);
         for tok in late {
             self.claim_failed(tok, "was not acked in time");
         }
 
-        let late: Vec<[u8; 16]> = self
-            .pending
-            .iter()
-            .filter(|(_, p)| p.deadline <= t.mono)
-            .map(|(id, _)| *id)
-            .collect();
+        let late = due(&self.pending, t.mono, |p| p.deadline);
         for id in late {
             if let Some(p) = self.pending.remove(&id) {
                 self.counters.pairing_timeouts += 1;
@@ -1709,6 +1694,14 @@ fn v4_of(a: SocketAddr) -> Option<std::net::SocketAddrV4> {
         SocketAddr::V4(a) => Some(a),
         SocketAddr::V6(_) => None,
     }
+}
+
+/// The keys of `map` whose deadline has passed at `now`.
+fn due<K: Copy, V>(map: &HashMap<K, V>, now: Instant, deadline: impl Fn(&V) -> Instant) -> Vec<K> {
+    map.iter()
+        .filter(|(_, v)| deadline(v) <= now)
+        .map(|(k, _)| *k)
+        .collect()
 }
 
 fn transport_name(t: Transport) -> &'static str {

@@ -248,20 +248,9 @@ impl GcbLayer {
                 iov_len: hdr.len(),
             });
             iov.extend_from_slice(&prog_iov);
-            // SAFETY: zeroed sockaddr_in / msghdr are valid; filled below.
+            // SAFETY: zeroed sockaddr_in is valid; the kernel fills it.
             let mut name: sockaddr_in = unsafe { std::mem::zeroed() };
-            // SAFETY: as above.
-            let mut mh: msghdr = unsafe { std::mem::zeroed() };
-            mh.msg_name = &mut name as *mut sockaddr_in as *mut c_void;
-            mh.msg_namelen = std::mem::size_of::<sockaddr_in>() as socklen_t;
-            mh.msg_iov = iov.as_mut_ptr();
-            mh.msg_iovlen = iov.len();
-            if !msg.is_null() {
-                // SAFETY: the program's msghdr (see above).
-                let m = unsafe { &*msg };
-                mh.msg_control = m.msg_control;
-                mh.msg_controllen = m.msg_controllen;
-            }
+            let mut mh = framed_msghdr(&mut name, &mut iov, msg);
             // MSG_TRUNC: the kernel returns the datagram's real length.
             let real_flags = (flags | libc::MSG_DONTWAIT | libc::MSG_TRUNC) & !libc::MSG_WAITALL;
             // SAFETY: mh describes buffers valid for the call: ours and the program's.
@@ -706,6 +695,25 @@ enum Plan {
     Ask(SocketAddrV4, SocketAddrV4),
 }
 
+/// A msghdr over `name` and `iov` (our header in front of the program's buffers), with the
+/// program's ancillary data buffer if it passed a msghdr (null: none). Valid while `name`
+/// and `iov` live.
+fn framed_msghdr(name: &mut sockaddr_in, iov: &mut [iovec], msg: *const msghdr) -> msghdr {
+    // SAFETY: zeroed msghdr is valid; the fields we use are filled below.
+    let mut mh: msghdr = unsafe { std::mem::zeroed() };
+    mh.msg_name = name as *mut sockaddr_in as *mut c_void;
+    mh.msg_namelen = std::mem::size_of::<sockaddr_in>() as socklen_t;
+    mh.msg_iov = iov.as_mut_ptr();
+    mh.msg_iovlen = iov.len();
+    if !msg.is_null() {
+        // SAFETY: the program's msghdr, valid for the call it passed it to.
+        let m = unsafe { &*msg };
+        mh.msg_control = m.msg_control;
+        mh.msg_controllen = m.msg_controllen;
+    }
+    mh
+}
+
 /// The GCBU header of a received datagram of `got` bytes (header included), if it has one.
 fn frame_hdr(hdr: &[u8; UDP_HEADER_LEN], got: usize) -> Option<(UdpKind, SocketAddrV4, &[u8])> {
     (got >= UDP_HEADER_LEN).then(|| udp::parse(hdr)).flatten()
@@ -753,18 +761,7 @@ fn send_framed(
     });
     iov.extend_from_slice(prog_iov);
     let mut name = net::to_sockaddr_in(to);
-    // SAFETY: zeroed msghdr is valid; filled below.
-    let mut mh: msghdr = unsafe { std::mem::zeroed() };
-    mh.msg_name = &mut name as *mut sockaddr_in as *mut c_void;
-    mh.msg_namelen = std::mem::size_of::<sockaddr_in>() as socklen_t;
-    mh.msg_iov = iov.as_mut_ptr();
-    mh.msg_iovlen = iov.len();
-    if !msg.is_null() {
-        // SAFETY: the program's msghdr, valid for the call.
-        let m = unsafe { &*msg };
-        mh.msg_control = m.msg_control;
-        mh.msg_controllen = m.msg_controllen;
-    }
+    let mh = framed_msghdr(&mut name, &mut iov, msg);
     // SAFETY: mh describes buffers valid for the call (ours and the program's).
     let n = unsafe { libc::sendmsg(fd, &mh, flags | libc::MSG_NOSIGNAL) };
     if n < 0 {
