@@ -1437,8 +1437,27 @@ fn gcb_to_gcb_udp_punches_through_both_nats_and_drops_forged_punch_frames() {
         v2[0].seen, v[0].seen,
         "the server saw b1 at another address"
     );
+    // A plain program now sends from the same b1 address (the punched client exited):
+    // it reaches a1 through the relay from the address a1's direct record names. a1
+    // must answer through the relay too (the new program knows nothing of the punch),
+    // not send it GCB frames directly.
+    let plain = [1, 1400, 1024, 1024];
+    let v3 = check_echo(
+        &rig,
+        (Host::B1, false),
+        &py,
+        true,
+        &plain,
+        &["--bind", "9100"],
+        "203.0.113.2",
+        true,
+    );
+    assert_eq!(
+        v3[0].seen, v[0].seen,
+        "the server saw b1 at another address"
+    );
     rig.assert_alive();
-    let total = (sizes.len() + 8) as u64;
+    let total = (sizes.len() + 8 + plain.len()) as u64;
     let st = rig.broker_stats();
     println!("broker: {st:?}");
     assert!(st["udp_punches"] >= 2, "{st:?}");

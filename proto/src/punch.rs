@@ -52,6 +52,10 @@
 //!   mapping blackholes traffic for at most one check interval.
 //! * A record with no traffic either way for [`IDLE`] is removed.
 //!
+//! * A datagram from a direct peer that arrives through the relay (the peer
+//!   lost its side: another program now uses its address) sends the record
+//!   back to the relay at once; see [`PunchTable::on_relayed`].
+//!
 //! A record in the relay state still accepts direct frames from its
 //! verified address (the peer may not have noticed yet) and still answers
 //! the peer's Dummies, so the two sides converge on the relay without loss.
@@ -77,6 +81,9 @@ pub const SILENT_AFTER: Duration = Duration::from_secs(5);
 pub const IDLE: Duration = Duration::from_secs(120);
 /// After a failed punch (or a refusal), the initiator asks again after this.
 pub const RETRY_AFTER: Duration = Duration::from_secs(60);
+/// A direct record younger than this ignores the peer's relayed datagrams
+/// (ones sent before the peer went direct may still be on their way).
+pub const RELAYED_GRACE: Duration = Duration::from_secs(1);
 /// A punch request in flight is not repeated for this long.
 pub const ASK_HOLD: Duration = Duration::from_secs(5);
 /// Most records per socket (more peers are served by the relay).
@@ -118,6 +125,8 @@ pub struct Peer {
     pub direct: Option<SocketAddrV4>,
     /// The record's state.
     pub state: State,
+    /// When the record last became direct.
+    direct_since: Instant,
     last_rx: Instant,
     last_tx: Instant,
     probe: Option<Probe>,
@@ -149,6 +158,8 @@ pub struct Counters {
     pub forged: u64,
     /// Dummies handed out by [`PunchTable::poll`].
     pub dummies: u64,
+    /// Direct records sent back to the relay by the peer's relayed datagrams.
+    pub relayed: u64,
 }
 
 /// The punched peers of one UDP socket (the paper's receiver list records
@@ -228,6 +239,7 @@ impl PunchTable {
                 targets: t,
                 direct: None,
                 state: State::Punching,
+                direct_since: now,
                 last_rx: now,
                 last_tx: now,
                 probe: Some(Probe {
@@ -303,6 +315,34 @@ impl PunchTable {
         }
     }
 
+    /// A datagram from `logical` arrived through the relay (for the
+    /// destination of a punch: framed by its proxy; for the initiator: plain,
+    /// from the destination's proxy). A peer that holds its side of a direct
+    /// record sends directly, so one that uses the relay has lost it: another
+    /// program now uses its address (a restart, or a plain program, which would
+    /// take our frames for data), or it fell back. A record that has been
+    /// direct for [`RELAYED_GRACE`] goes to the relay without any probe (a
+    /// Dummy could be someone else's data too): a GCB peer punches again
+    /// through the broker (the initiator asks again at its next send; the
+    /// destination gets a fresh `punch_back`, or the peer's Dummies restart the
+    /// exchange). Younger records are left alone: datagrams sent through the
+    /// relay just before the peer went direct may still be arriving. True if
+    /// the record went to the relay.
+    pub fn on_relayed(&mut self, logical: SocketAddrV4, now: Instant) -> bool {
+        let Some(p) = self.peers.get_mut(&logical) else {
+            return false;
+        };
+        if p.state != State::Direct || now.saturating_duration_since(p.direct_since) < RELAYED_GRACE
+        {
+            return false;
+        }
+        p.state = State::Relay;
+        p.probe = None;
+        p.retry_at = now;
+        self.counters.relayed += 1;
+        true
+    }
+
     /// A GCBU frame (`kind`, header address `addr`, `payload`) that arrived
     /// from `src`, which is not the socket's proxy.
     pub fn on_frame(
@@ -371,6 +411,7 @@ impl PunchTable {
                 }
                 if p.state != State::Direct {
                     self.counters.established += 1;
+                    p.direct_since = now;
                 }
                 p.state = State::Direct;
                 p.probe = None;
@@ -452,6 +493,53 @@ mod tests {
         let mut v = Vec::new();
         t.poll(now, &mut v);
         v
+    }
+
+    #[test]
+    fn relayed_datagram_from_a_direct_peer_sends_it_to_the_relay() {
+        let t0 = Instant::now();
+        let mut t = PunchTable::new();
+        // The destination's view: the initiator at its data address.
+        let peer = v4("203.0.113.2:9100");
+        let me = v4("203.0.113.10:40001");
+        assert!(t.add(peer, me, N, &[peer], t0));
+        dummies(&mut t, t0);
+        assert!(!t.on_relayed(peer, t0), "punching: nothing to undo");
+        assert_eq!(
+            t.on_frame(peer, UdpKind::DummyAck, v4("0.0.0.0:0"), N, t0),
+            Verdict::Consumed
+        );
+        assert_eq!(t.route(peer, t0), Some((peer, me)));
+        // Unknown records are left alone; so is a young direct record (relayed
+        // datagrams sent before the peer went direct).
+        assert!(!t.on_relayed(v4("198.51.100.7:1"), t0));
+        assert!(!t.on_relayed(peer, t0 + RELAYED_GRACE / 2));
+        assert_eq!(t.route(peer, t0), Some((peer, me)));
+        // Later, the peer's address talks through the relay: relay at once, no Dummies
+        // (another program may own that address now).
+        let t1 = t0 + Duration::from_secs(3);
+        assert!(t.on_relayed(peer, t1));
+        assert!(!t.on_relayed(peer, t1), "already on the relay");
+        assert_eq!(t.counters.relayed, 1);
+        assert_eq!(t.route(peer, t1), None);
+        assert_eq!(dummies(&mut t, t1), vec![]);
+        assert_eq!(t.get(&peer).map(|p| p.state), Some(State::Relay));
+        // The initiator side may ask the broker again at once.
+        assert!(t.should_ask(peer, t1));
+        // A GCB peer that still holds the nonce restarts the exchange with a Dummy.
+        assert_eq!(
+            t.on_frame(peer, UdpKind::Dummy, v4("0.0.0.0:0"), N, t1),
+            Verdict::Ack(peer, *N)
+        );
+        assert_eq!(dummies(&mut t, t1), vec![(peer, *N)]);
+        assert_eq!(
+            t.on_frame(peer, UdpKind::DummyAck, v4("0.0.0.0:0"), N, t1),
+            Verdict::Consumed
+        );
+        assert_eq!(t.route(peer, t1), Some((peer, me)));
+        // ...and the grace runs from that moment.
+        assert!(!t.on_relayed(peer, t1 + RELAYED_GRACE / 2));
+        assert!(t.on_relayed(peer, t1 + RELAYED_GRACE));
     }
 
     #[test]

@@ -281,13 +281,19 @@ impl GcbLayer {
                             self.count_stray();
                             continue;
                         }
-                        with_state(entry, |u| {
+                        let relayed = with_state(entry, |u| {
                             if u.receivers.len() >= MAX_RECEIVERS && !u.receivers.contains(&sender)
                             {
                                 u.receivers.clear();
                             }
                             u.receivers.insert(sender);
+                            // A direct peer that uses the relay lost its side of the punch
+                            // (e.g. another program on its address): answer via the relay.
+                            !u.punch.is_empty() && u.punch.on_relayed(sender, Instant::now())
                         });
+                        if relayed == Some(true) {
+                            crate::debug!("punch {}: heard through the relay: relay", sender);
+                        }
                         let payload = total - UDP_HEADER_LEN;
                         let delivered = payload.min(cap);
                         net::write_addr_out(from, sender);
@@ -346,9 +352,14 @@ impl GcbLayer {
             );
             if let Some(s) = src {
                 net::write_addr_out(from, s);
-            }
-            if let Some(s) = src {
                 self.finish_msg(msg, s, total > cap, &mh);
+                // A punched destination answering through its proxy has lost its side.
+                let relayed = with_state(entry, |u| {
+                    !u.punch.is_empty() && u.punch.on_relayed(s, Instant::now())
+                });
+                if relayed == Some(true) {
+                    crate::debug!("punch {}: heard through the relay: relay", s);
+                }
             }
             let ret = if flags & libc::MSG_TRUNC != 0 {
                 total
