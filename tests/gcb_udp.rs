@@ -1322,6 +1322,95 @@ fn select_poll_epoll_servers_serve_each_socket_at_once() {
 // 7. GCB <-> GCB hole punching (paper 4.2.1)
 // ---------------------------------------------------------------------------------------
 
+/// A GCB client in b1 for [`punch_frames_never_block_mux_servers`]: one echo on the first
+/// address (which starts a punch), a second of waiting inside select() (the punch's
+/// Dummies reach the server meanwhile), then an echo on the second address and another on
+/// the first, each with a 3 s timeout. Prints `OK n`/`TIMEOUT n`/`BAD n`.
+const PUNCH_THEN_OTHER: &str = r#"
+import select, socket, sys, time
+def addr(t):
+    h, p = t.rsplit(":", 1)
+    return (h, int(p))
+first, second = addr(sys.argv[1]), addr(sys.argv[2])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", int(sys.argv[3])))
+s.settimeout(3)
+for n, (to, wait) in enumerate([(first, 1.0), (second, 0), (first, 0)]):
+    msg = b"PING-%d-" % n + bytes(range(256)) * 4
+    s.sendto(msg, to)
+    try:
+        data, peer = s.recvfrom(65536)
+        good = data.endswith(msg) and peer == to
+        print("%s %d" % ("OK" if good else "BAD", n), flush=True)
+    except socket.timeout:
+        print("TIMEOUT %d" % n, flush=True)
+    end = time.time() + wait
+    while time.time() < end:
+        if select.select([s], [], [], max(0, end - time.time()))[0]:
+            print("UNEXPECTED %r" % (s.recvfrom(65536),), flush=True)
+"#;
+
+/// select/poll/epoll servers with two blocking registered UDP sockets, and a GCB client
+/// that punches to the first: the client's punch Dummies reach the server's first socket
+/// while the server waits. They must not make that socket readable (the server would then
+/// block in recvfrom() on it, and never answer on the second socket).
+#[test]
+fn punch_frames_never_block_mux_servers() {
+    let mut rig = Rig::up(&[]);
+    cpe_gateways(&rig);
+    fs::write(rig.path("mux.py"), MUX).unwrap();
+    fs::write(rig.path("punch_then_other.py"), PUNCH_THEN_OTHER).unwrap();
+    let mut failures = Vec::new();
+    for (i, how) in ["select", "poll", "epoll"].into_iter().enumerate() {
+        let port = 9000 + 10 * i as u16;
+        let tag = format!("mux-{how}");
+        let mut cmd = rig.cmd(Host::A1, true, &tag, python());
+        cmd.arg("-u")
+            .arg(rig.path("mux.py"))
+            .arg(port.to_string())
+            .arg(how);
+        rig.start(cmd, &tag);
+        let out = rig.path(&format!("{tag}.out"));
+        let mut addrs = Vec::new();
+        let deadline = Instant::now() + UP;
+        while addrs.len() < 2 && Instant::now() < deadline {
+            addrs = read(&out)
+                .lines()
+                .filter_map(|l| l.strip_prefix("ADDR "))
+                .map(str::to_owned)
+                .collect();
+            thread::sleep(Duration::from_millis(30));
+        }
+        assert_eq!(addrs.len(), 2, "{tag}: {}\n{}", read(&out), rig.logs());
+        let ctag = format!("punch-{how}");
+        let mut cmd = rig.cmd(Host::B1, true, &ctag, python());
+        cmd.arg("-u").arg(rig.path("punch_then_other.py")).args([
+            &addrs[0],
+            &addrs[1],
+            &(9100 + i).to_string(),
+        ]);
+        let o = rig.run(cmd, RUN);
+        let t = text(&o.stdout);
+        println!("{ctag}: {}", t.trim().replace('\n', ", "));
+        if t.trim() != "OK 0\nOK 1\nOK 2" || !o.status.success() {
+            failures.push(format!("{how}: {t}{}", text(&o.stderr)));
+        }
+        let shim = read(&rig.path(&format!("{tag}.shim.log")));
+        assert!(
+            shim.contains("punch: DummyAck from 203.0.113.2:"),
+            "{how}: the server never punched, so this test showed nothing:\n{}",
+            rig.logs()
+        );
+    }
+    assert!(
+        failures.is_empty(),
+        "servers blocked by punch frames:\n{}\n{}",
+        failures.join("\n"),
+        rig.logs()
+    );
+    rig.assert_alive();
+}
+
 /// Median of the echo round trips from the `skip`-th on, in ms.
 fn median_rtt(v: &[Echo], skip: usize) -> f64 {
     let mut r: Vec<f64> = v.iter().skip(skip).map(|e| e.rtt_ms).collect();

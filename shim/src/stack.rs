@@ -217,6 +217,20 @@ impl Layer for Stack {
         }
     }
 
+    fn on_epoll_ctl(
+        &self,
+        epfd: c_int,
+        op: c_int,
+        fd: c_int,
+        entry: &Arc<FdEntry>,
+        ev: *mut libc::epoll_event,
+    ) -> Outcome<c_int> {
+        match &self.gcb {
+            Some(g) => g.on_epoll_ctl(epfd, op, fd, entry, ev),
+            None => Outcome::Bypass,
+        }
+    }
+
     fn on_close(&self, fd: c_int, entry: &Arc<FdEntry>, last: bool) {
         if last {
             if let Some(d) = &self.dpf {

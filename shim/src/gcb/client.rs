@@ -180,6 +180,9 @@ pub struct Client {
     pub relayed: HashMap<SocketAddrV4, Instant>,
     /// Epoll sets our registration channels have been added to: (epfd, channel fd).
     pub epolls: HashSet<(c_int, c_int)>,
+    /// The program's UDP sockets in its epoll sets, as it added them: (epfd, event data)
+    /// -> (fd, event mask). A hint for `udp_epoll`, checked against the kernel before use.
+    pub udp_epoll: HashMap<(c_int, u64), (c_int, u32)>,
     /// Proxies of listeners this process closed, by local address: a program that
     /// listens again on the same address (iperf3 does after every test) asks for the
     /// same proxy back, so the address it advertised stays valid.
@@ -228,6 +231,7 @@ impl Client {
             negative: HashMap::new(),
             relayed: HashMap::new(),
             epolls: HashSet::new(),
+            udp_epoll: HashMap::new(),
             recent: HashMap::new(),
             placeholders: Vec::new(),
             heartbeat_every: heartbeat,

@@ -34,7 +34,9 @@
 //!   ends when no process holds the socket.
 //!
 //! * UDP between two registered GCB sockets punches a hole through both NATs ([`punch`]);
-//!   the relay carries the first datagrams and everything where punching fails.
+//!   the relay carries the first datagrams and everything where punching fails. The
+//!   shim's own datagrams on a registered UDP socket never make it readable for the
+//!   program: select/poll and epoll ([`udp_epoll`]) hide readiness they alone caused.
 //!
 //! Limits today: IPv4 only; one broker per process; no TCP hole punching (TCP between
 //! two private networks goes through the broker's relay); UDP registrations are not
@@ -45,6 +47,7 @@ pub mod net;
 pub mod punch;
 pub mod standby;
 pub mod udp;
+pub mod udp_epoll;
 
 use gcb_proto::{Body, Route, Transport};
 use libc::{c_int, ssize_t};
@@ -515,6 +518,7 @@ impl GcbLayer {
             if ours || r == 0 {
                 wake = self.pump().and_then(|(_, w)| w);
             }
+            let kept = self.hide_shim_only_readiness(epfd, &mut evs[..kept]);
             if kept > 0 || expired(deadline) {
                 return Outcome::Handled(kept as c_int);
             }
@@ -1076,7 +1080,20 @@ impl Layer for GcbLayer {
         }
     }
 
-    fn on_close(&self, _fd: c_int, entry: &Arc<FdEntry>, last: bool) {
+    fn on_epoll_ctl(
+        &self,
+        epfd: c_int,
+        op: c_int,
+        fd: c_int,
+        entry: &Arc<FdEntry>,
+        ev: *mut libc::epoll_event,
+    ) -> Outcome<c_int> {
+        self.note_udp_epoll_ctl(epfd, op, fd, entry, ev);
+        Outcome::Bypass
+    }
+
+    fn on_close(&self, fd: c_int, entry: &Arc<FdEntry>, last: bool) {
+        self.forget_udp_epoll(fd);
         if !last {
             return;
         }

@@ -15,10 +15,9 @@
 //!   delivered with the address the program would see through the relay.
 //! * Limits: only unconnected sockets punch (a `connect()`ed socket's kernel filter
 //!   would drop the peer's frames); a program whose receive buffer is shorter than a
-//!   nonce (32 bytes) never verifies a punch and stays on the relay; a peer Dummy makes
-//!   the program's socket readable for select/poll/epoll once, with nothing for the
-//!   program (a blocking receive just keeps waiting; a non-blocking one gets EAGAIN),
-//!   during the punch window and the checks every [`gcb_proto::punch::RECHECK_EVERY`].
+//!   nonce (32 bytes) never verifies a punch and stays on the relay. A peer's Dummy does
+//!   not make the program's socket readable: select/poll ([`super::udp`]) and epoll
+//!   ([`super::udp_epoll`]) handle such frames and hide the readiness they alone caused.
 
 use gcb_proto::punch::RETRY_AFTER;
 use gcb_proto::udp::{self, UdpKind};
