@@ -1435,6 +1435,129 @@ fn client_log(rig: &Rig, host: Host, target: &str) -> String {
     )))
 }
 
+/// A GCB program in a1 with a socket bound to port 0 (`LAZY`): echoes with a public
+/// server first (`ECHO ok|BAD n`), prints `TALKED`, waits for the file argv[2], then asks
+/// for its address (`LOCAL ip:port`) and echoes one datagram it receives (`SERVED n`).
+const LAZY: &str = r#"
+import os, socket, sys, time
+h, p = sys.argv[1].rsplit(":", 1)
+public, trigger = (h, int(p)), sys.argv[2]
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", 0))
+s.settimeout(5)
+for n in (1, 1400, 8000):
+    data = os.urandom(n)
+    s.sendto(data, public)
+    back, frm = s.recvfrom(70000)
+    print("ECHO %s %d" % ("ok" if back.endswith(data) and frm == public else "BAD", n), flush=True)
+print("TALKED", flush=True)
+while not os.path.exists(trigger):
+    time.sleep(0.02)
+print("LOCAL %s:%d" % s.getsockname(), flush=True)
+s.settimeout(20)
+data, peer = s.recvfrom(70000)
+s.sendto(("%s:%d RAW\n" % peer).encode() + data, peer)
+print("SERVED %d" % len(data), flush=True)
+time.sleep(600)
+"#;
+
+/// A socket bound to port 0 registers only when its address matters: talking to a public
+/// host, it is a plain socket (no registration, the public server sees its NAT mapping);
+/// getsockname() then registers it and returns a proxy that a plain sender can reach; and
+/// a port-0 socket's first datagram to another registration's proxy registers it first,
+/// so it punches.
+#[test]
+fn port_zero_udp_sockets_register_when_needed() {
+    let mut rig = Rig::up(&[]);
+    cpe_gateways(&rig);
+    rig.echo_server(Host::P2, false, 9500, "echo-p2");
+    let public = "203.0.113.11:9500";
+    fs::write(rig.path("lazy.py"), LAZY).unwrap();
+    let trigger = rig.path("lazy.go");
+    let mut cmd = rig.cmd(Host::A1, true, "lazy", python());
+    cmd.arg("-u")
+        .arg(rig.path("lazy.py"))
+        .arg(public)
+        .arg(&trigger);
+    rig.start(cmd, "lazy");
+    let out = rig.path("lazy.out");
+    assert!(
+        wait_line(&out, RUN, |l| l == "TALKED").is_some(),
+        "{}\n{}",
+        read(&out),
+        rig.logs()
+    );
+    assert_eq!(
+        read(&out)
+            .lines()
+            .filter(|l| l.starts_with("ECHO ok"))
+            .count(),
+        3,
+        "{}\n{}",
+        read(&out),
+        rig.logs()
+    );
+    let seen: Vec<String> = read(&rig.path("echo-p2.out"))
+        .lines()
+        .filter(|l| l.starts_with("RECV "))
+        .filter_map(|l| l.split_whitespace().nth(1).map(str::to_owned))
+        .collect();
+    assert!(
+        seen.len() == 3 && seen.iter().all(|a| a.starts_with("203.0.113.1:")),
+        "the public server should see a1's NAT mapping: {seen:?}"
+    );
+    assert!(
+        !rig.broker_log().contains("registered udp socket"),
+        "a port-0 socket that only talked to a public host registered:\n{}",
+        rig.logs()
+    );
+    fs::write(&trigger, b"").unwrap();
+    let proxy = rig.out_addr("lazy", "LOCAL ");
+    assert!(
+        proxy.starts_with(&format!("{BROKER}:")) && proxy != format!("{BROKER}:{BROKER_PORT}"),
+        "getsockname() did not register: {proxy}\n{}",
+        rig.logs()
+    );
+    let v = check_echo(
+        &rig,
+        (Host::P2, false),
+        &proxy,
+        true,
+        &[1400],
+        &[],
+        "203.0.113.11",
+        true,
+    );
+    assert_eq!(v.len(), 1);
+    assert!(
+        wait_line(&out, UP, |l| l == "SERVED 1400").is_some(),
+        "{}",
+        read(&out)
+    );
+
+    // A port-0 socket in b1 to a GCB server's proxy in a1: registered at its first
+    // datagram, so it punches.
+    let py = rig.echo_server(Host::A1, true, 9000, "echo-a1");
+    let mut sizes = vec![1, 1400];
+    sizes.extend([1024; 10]);
+    check_echo(
+        &rig,
+        (Host::B1, true),
+        &py,
+        true,
+        &sizes,
+        &["--bind", "0", "--pause", "1.5", "2"],
+        "203.0.113.2",
+        false,
+    );
+    assert!(
+        client_log(&rig, Host::B1, &py).contains("punch: DummyAck from 203.0.113.1:9000: direct"),
+        "the port-0 socket did not punch:\n{}",
+        rig.logs()
+    );
+    rig.assert_alive();
+}
+
 /// GCB to GCB over UDP (issue 5, paper 4.2.1): b1 and a1, behind two different NATs
 /// (home-router-like: see `cpe_gateways`), both under GCB with registered (bound) sockets. The first datagram goes through the
 /// relay; the shims punch through both NATs (Dummy/DummyAck with the broker's nonce) and

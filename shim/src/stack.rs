@@ -107,8 +107,8 @@ impl Layer for Stack {
             }
         }
         if let Some(g) = &self.gcb {
-            // UDP sockets register at bind; TCP listeners at listen().
-            g.on_bound_udp(fd, entry);
+            // UDP sockets register at bind (port 0: when needed); TCP ones at listen().
+            g.on_bound_udp_lazy(fd, entry, net::addr_in(addr));
         }
         Outcome::Handled(0)
     }

@@ -26,7 +26,8 @@
 //!   it plainly is that same relay (through the proxy socket, onto the standby), so the
 //!   process's next connects skip the question.
 //!
-//! * A bound UDP socket registers too; see [`udp`] (relay frames, keepalives, the
+//! * A bound UDP socket registers too (port 0: at its first getsockname() or send to the
+//!   broker's host); see [`udp`] (relay frames, keepalives, the
 //!   receiver list).
 //! * Shared listeners (see [`client`]): the registration channel and a mailbox of
 //!   brokered connections are inherited across fork and handed across exec
@@ -736,11 +737,14 @@ impl Layer for GcbLayer {
 
     fn on_name(
         &self,
-        _fd: c_int,
+        fd: c_int,
         entry: &Arc<FdEntry>,
         peer: bool,
         addr: AddrOut,
     ) -> Outcome<c_int> {
+        if !peer {
+            self.settle_pending_udp(fd, entry);
+        }
         match (gcb_state(entry), peer) {
             (Some(GcbSock::Listener { proxy, .. }), false) => {
                 net::write_addr_out(addr, proxy);

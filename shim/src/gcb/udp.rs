@@ -3,7 +3,8 @@
 //!
 //! A UDP socket the program binds (not loopback) is registered with the broker, which
 //! opens a proxy UDP socket and returns its address and a token; `getsockname()` then
-//! reports the proxy. The shim sends a `KeepAlive` frame (a Dummy the broker does not
+//! reports the proxy. A socket bound to port 0 registers later, when needed (see
+//! [`UdpPending`]). The shim sends a `KeepAlive` frame (a Dummy the broker does not
 //! acknowledge) carrying the token *from the program's own socket* to the proxy: that
 //! opens the NAT mapping the broker relays through, and tells the broker where the socket
 //! is; a few quick repeats and then one per heartbeat interval follow (see
@@ -56,6 +57,52 @@ pub struct UdpSock {
     pub broker: Ipv4Addr,
 }
 
+/// Marks a UDP socket the program bound to port 0: it registers only when its address
+/// matters, at its first getsockname() or its first send to the broker's host (another
+/// registration's proxy, where it may punch). Until then it is a plain socket: the
+/// kernel's port, no proxy, nothing at the broker. A client that only talks to public
+/// hosts (through its NAT, like any UDP client) never pays the registration round trip
+/// and never holds a proxy. (A socket the program never bound, which the kernel binds at
+/// its first send, does not register at all.)
+pub struct UdpPending;
+
+fn is_pending(entry: &FdEntry) -> bool {
+    let FdKind::Socket(s) = &entry.kind else {
+        return false;
+    };
+    let st = s.state.lock();
+    st.layer.as_ref().is_some_and(|l| l.is::<UdpPending>())
+}
+
+/// Removes the pending mark; true if there was one.
+fn take_pending(entry: &FdEntry) -> bool {
+    let FdKind::Socket(s) = &entry.kind else {
+        return false;
+    };
+    let mut st = s.state.lock();
+    if st.layer.as_ref().is_some_and(|l| l.is::<UdpPending>()) {
+        st.layer = None;
+        return true;
+    }
+    false
+}
+
+/// Where a send call goes (None: the kernel-connected peer).
+fn send_dest(call: &IoCall) -> Option<SocketAddrV4> {
+    match *call {
+        IoCall::Send { to, .. } => net::addr_in(to),
+        IoCall::SendMsg { msg, .. } if !msg.is_null() => {
+            // SAFETY: the program's msghdr, valid for the call.
+            let m = unsafe { &*msg };
+            net::addr_in(crate::layer::AddrIn {
+                ptr: m.msg_name as *const libc::sockaddr,
+                len: m.msg_namelen,
+            })
+        }
+        _ => None,
+    }
+}
+
 pub fn state(entry: &FdEntry) -> Option<(SocketAddrV4, Option<SocketAddrV4>)> {
     let FdKind::Socket(s) = &entry.kind else {
         return None;
@@ -102,6 +149,35 @@ pub fn send_keepalive(fd: c_int, proxy: SocketAddrV4, token: &[u8]) {
 
 impl GcbLayer {
     /// After a successful bind of a UDP socket: register it, and punch the NAT mapping.
+    /// bind() of a socket succeeded; `requested` is the address the program asked for.
+    /// A UDP socket bound to a port registers now; one bound to port 0 is marked
+    /// [`UdpPending`].
+    pub fn on_bound_udp_lazy(
+        &self,
+        fd: c_int,
+        entry: Option<&Arc<FdEntry>>,
+        requested: Option<SocketAddrV4>,
+    ) {
+        let lazy = requested.is_some_and(|a| a.port() == 0 && !a.ip().is_loopback());
+        if !lazy || !is_udp4(fd) || entry.is_some_and(|e| state(e).is_some()) {
+            return self.on_bound_udp(fd, entry);
+        }
+        let Some(entry) = super::socket_entry(fd, entry) else {
+            return;
+        };
+        if let FdKind::Socket(s) = &entry.kind {
+            s.state.lock().layer = Some(Box::new(UdpPending));
+            crate::debug!("udp fd {}: bound to port 0, registers when needed", fd);
+        }
+    }
+
+    /// A [`UdpPending`] socket registers now (its address is asked for).
+    pub fn settle_pending_udp(&self, fd: c_int, entry: &Arc<FdEntry>) {
+        if take_pending(entry) {
+            self.on_bound_udp(fd, Some(entry));
+        }
+    }
+
     pub fn on_bound_udp(&self, fd: c_int, entry: Option<&Arc<FdEntry>>) {
         if !is_udp4(fd) || entry.is_some_and(|e| state(e).is_some()) {
             return;
@@ -376,7 +452,17 @@ impl GcbLayer {
         // Other managed sockets (e.g. brokered TCP connections) pass straight through,
         // before anything is allocated.
         if state(entry).is_none() {
-            return Outcome::Bypass;
+            // A pending socket's first datagram to the broker's host: register first, so
+            // this exchange can punch (and the peer sees one address throughout).
+            let to_broker =
+                || send_dest(&call).is_some_and(|d| d.ip() == self.client().lock().broker.ip());
+            if !is_pending(entry) || !to_broker() {
+                return Outcome::Bypass;
+            }
+            self.settle_pending_udp(fd, entry);
+            if state(entry).is_none() {
+                return Outcome::Bypass;
+            }
         }
         let (prog_iov, flags, to, msg): (Vec<iovec>, c_int, Option<SocketAddrV4>, *const msghdr) =
             match call {
