@@ -452,17 +452,7 @@ impl GcbLayer {
         // Other managed sockets (e.g. brokered TCP connections) pass straight through,
         // before anything is allocated.
         if state(entry).is_none() {
-            // A pending socket's first datagram to the broker's host: register first, so
-            // this exchange can punch (and the peer sees one address throughout).
-            let to_broker =
-                || send_dest(&call).is_some_and(|d| d.ip() == self.client().lock().broker.ip());
-            if !is_pending(entry) || !to_broker() {
-                return Outcome::Bypass;
-            }
-            self.settle_pending_udp(fd, entry);
-            if state(entry).is_none() {
-                return Outcome::Bypass;
-            }
+            return self.first_send_of_pending(fd, entry, call);
         }
         let (prog_iov, flags, to, msg): (Vec<iovec>, c_int, Option<SocketAddrV4>, *const msghdr) =
             match call {
@@ -563,6 +553,49 @@ impl GcbLayer {
             Ok(n) => Outcome::Handled(n as ssize_t),
             Err(e) => Outcome::Error(e),
         }
+    }
+
+    /// A send on a managed but unregistered UDP socket. A [`UdpPending`] socket's first
+    /// datagram to the broker's host (another registration's proxy) registers it, so the
+    /// exchange can punch. The datagram goes first, as is (to that proxy, exactly what the
+    /// registered path sends first), and the registration round trip runs while it is on
+    /// its way; an answer that arrives meanwhile waits in the socket's queue.
+    fn first_send_of_pending(
+        &self,
+        fd: c_int,
+        entry: &Arc<FdEntry>,
+        call: IoCall,
+    ) -> Outcome<ssize_t> {
+        let Some(dest) = send_dest(&call) else {
+            return Outcome::Bypass;
+        };
+        if !is_pending(entry) || dest.ip() != self.client().lock().broker.ip() {
+            return Outcome::Bypass;
+        }
+        let sent = match call {
+            // SAFETY: the program's own arguments, under sendto's contract.
+            IoCall::Send {
+                buf,
+                len,
+                flags,
+                to,
+            } => unsafe { libc::sendto(fd, buf, len, flags, to.ptr, to.len) },
+            // SAFETY: the program's own msghdr, under sendmsg's contract.
+            IoCall::SendMsg { msg, flags } => unsafe { libc::sendmsg(fd, msg, flags) },
+            _ => return Outcome::Bypass,
+        };
+        if sent < 0 {
+            return Outcome::Error(errno());
+        }
+        self.settle_pending_udp(fd, entry);
+        let ask = with_state(entry, |u| {
+            (dest != u.proxy && u.punch.should_ask(dest, Instant::now())).then_some(u.proxy)
+        })
+        .flatten();
+        if let Some(mine) = ask {
+            self.client().lock().request_punch(mine, dest, entry);
+        }
+        Outcome::Handled(sent)
     }
 
     /// For recvmsg: the program's msg_name (the logical sender), msg_flags, controllen.
