@@ -143,7 +143,16 @@ fn raise_fd_limit() {
     }
 }
 
-fn main() -> Result<()> {
+/// Errors end the process with one line (the context chain), exit status 1, and no
+/// backtrace even when RUST_BACKTRACE is set: an administrator reads this, not a developer.
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("gcb-brokerd: error: {}", gcb_proto::error_line(e.as_ref()));
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<()> {
     let args = Args::parse();
     log::set_level(args.log);
     let key = match &args.key_file {

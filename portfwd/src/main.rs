@@ -132,7 +132,16 @@ fn install_signal_handlers() -> Result<()> {
     Ok(())
 }
 
-fn main() -> Result<()> {
+/// Errors end the process with one line (the context chain), exit status 1, and no
+/// backtrace even when RUST_BACKTRACE is set: an administrator reads this, not a developer.
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("gcb-portfwd: error: {}", gcb_proto::error_line(e.as_ref()));
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<()> {
     let args = Args::parse();
     log::set_level(args.log);
     if args.private.contains(args.public) {

@@ -143,3 +143,53 @@ pub use msg::{
 };
 pub use rudp::{Config, Endpoint, Event, Now, RequestId, SendError, Stats, Ticker, Transmit};
 pub use udp::{UdpKind, MAX_UDP_PAYLOAD, UDP_HEADER_LEN, UDP_TOKEN_LEN};
+
+/// One line for an error and its causes, `outer: cause: root`, for the daemons' fatal
+/// errors. A cause whose text the line already ends with is skipped (an error whose message
+/// shows its source, as the daemons' `thiserror` types do for their log lines, would
+/// otherwise print it twice).
+pub fn error_line(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !line.ends_with(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        cause = c.source();
+    }
+    line
+}
+
+#[cfg(test)]
+mod error_line_tests {
+    use super::error_line;
+    use std::fmt;
+
+    #[derive(Debug)]
+    struct Wrap(&'static str, Option<Box<Wrap>>);
+    impl fmt::Display for Wrap {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str(self.0)
+        }
+    }
+    impl std::error::Error for Wrap {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            self.1.as_deref().map(|w| w as _)
+        }
+    }
+
+    #[test]
+    fn chains_causes_once() {
+        let root = Wrap("permission denied", None);
+        let shows_source = Wrap("bind 1.2.3.4:5: permission denied", Some(Box::new(root)));
+        let top = Wrap("starting", Some(Box::new(shows_source)));
+        assert_eq!(
+            error_line(&top),
+            "starting: bind 1.2.3.4:5: permission denied"
+        );
+        let plain = Wrap("a", Some(Box::new(Wrap("b", None))));
+        assert_eq!(error_line(&plain), "a: b");
+    }
+}

@@ -113,7 +113,19 @@ fn print(body: &Body) -> i32 {
     }
 }
 
-fn main() -> Result<()> {
+/// Errors end the process with one line (the context chain), exit status 1, and no
+/// backtrace even when RUST_BACKTRACE is set: an administrator reads this, not a developer.
+fn main() {
+    if let Err(e) = run() {
+        eprintln!(
+            "gcb-dpf-request: error: {}",
+            gcb_proto::error_line(e.as_ref())
+        );
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<()> {
     let args = Args::parse();
     let key = match &args.key_file {
         Some(p) => Some(
