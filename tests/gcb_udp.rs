@@ -72,7 +72,7 @@ while True:
 /// * `late TARGET`: sends one `LATE...` datagram, prints `FIRST REPLY_FROM INTACT` for the
 ///   answer, then `EXTRA ...` for anything else within 5 s, or `NOTHING-MORE`.
 /// * `send TARGET HEX...`: sends each HEX (or `zeros:N`) as one datagram (one socket).
-/// * `listen PORT SECS`: prints `GOT SENDER LEN` for every datagram received in SECS.
+/// * `listen PORT SECS`: prints `GOT SENDER LEN SHA256` for every datagram received in SECS.
 const CLIENT: &str = r#"
 import hashlib, os, random, select, socket, sys, time
 mode, rest = sys.argv[1], sys.argv[2:]
@@ -178,7 +178,7 @@ elif mode == "listen":
     while time.time() < end:
         try:
             data, frm = s.recvfrom(70000)
-            print("GOT %s:%d %d" % (frm[0], frm[1], len(data)), flush=True)
+            print("GOT %s:%d %d %s" % (frm[0], frm[1], len(data), sha(data)), flush=True)
         except socket.timeout:
             pass
 "#;
@@ -1681,6 +1681,112 @@ fn gcb_to_gcb_udp_punches_through_both_nats_and_drops_forged_punch_frames() {
         st["udp_from_listener"] <= 20,
         "the bulk of the {total} replies a1 -> b1 should have gone direct: {st:?}"
     );
+}
+
+/// A server that answers like `ECHO` (`SENDER RAW\n` + the datagram, printing nothing)
+/// and sends on request: `server.py PORT TRIGGER` prints `ADDR IP:PORT`, and whenever the
+/// file TRIGGER exists, reads `IP:PORT HEX` from it, removes it, sends the datagram HEX
+/// to IP:PORT and prints `SENT IP:PORT`.
+const TRIGGERED: &str = r#"
+import os, socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", int(sys.argv[1])))
+trigger = sys.argv[2]
+print("ADDR %s:%d" % s.getsockname(), flush=True)
+s.settimeout(0.1)
+while True:
+    try:
+        data, peer = s.recvfrom(65536)
+        s.sendto(("%s:%d RAW\n" % peer).encode() + data, peer)
+    except socket.timeout:
+        pass
+    if os.path.exists(trigger):
+        to, payload = open(trigger).read().split()
+        os.remove(trigger)
+        host, port = to.rsplit(":", 1)
+        s.sendto(bytes.fromhex(payload), (host, int(port)))
+        print("SENT %s" % to, flush=True)
+"#;
+
+/// A punched peer that exits ends the punch (the broker's `punch_end`): a GCB client on
+/// b1:9100 punches with a GCB server in a1 and exits; then a plain program that only
+/// listens takes b1:9100, and a1's program sends to b1 as it knows it (203.0.113.2:9100,
+/// b1's NAT mapping). The plain program must get that datagram intact and bare, from
+/// a1's proxy: through the relay, not as a direct GCBU frame from a1's NAT mapping.
+#[test]
+fn a_punched_peer_that_exits_gets_the_server_datagrams_through_the_relay() {
+    let mut rig = Rig::up(&[]);
+    cpe_gateways(&rig);
+    fs::write(rig.path("server.py"), TRIGGERED).unwrap();
+    let trigger = rig.path("trigger");
+    let mut cmd = rig.cmd(Host::A1, true, "server-a1", python());
+    cmd.arg("-u")
+        .arg(rig.path("server.py"))
+        .arg("9000")
+        .arg(&trigger);
+    rig.start(cmd, "server-a1");
+    let py = rig.out_addr("server-a1", "ADDR ");
+    let mut sizes = vec![1, 100, 1400];
+    sizes.extend(std::iter::repeat_n(1024, 20));
+    check_echo(
+        &rig,
+        (Host::B1, true),
+        &py,
+        true,
+        &sizes,
+        &["--bind", "9100", "--pause", "1.5", "3"],
+        "203.0.113.2",
+        false,
+    );
+    let a1_shim = rig.path("server-a1.shim.log");
+    assert!(
+        read(&a1_shim).contains("punch: DummyAck from 203.0.113.2:9100: direct")
+            && client_log(&rig, Host::B1, &py)
+                .contains("punch: DummyAck from 203.0.113.1:9000: direct"),
+        "b1 and a1 did not punch through (so the case proves nothing):\n{}",
+        rig.logs()
+    );
+    // The client exited; its broker registration ended with it. Give a1's shim a moment
+    // to hear of it (not asserted here: the datagram below is what matters).
+    wait_line(&a1_shim, Duration::from_secs(5), |l| {
+        l.contains("punch_end")
+    });
+    let mut listen = rig.cmd(Host::B1, false, "b1-listen", python());
+    listen
+        .arg("-u")
+        .arg(rig.path("client.py"))
+        .args(["listen", "9100", "20"]);
+    rig.start(listen, "b1-listen");
+    wait_line(&rig.path("b1-listen.out"), UP, |l| l == "LISTENING").expect("b1 listens");
+
+    let mut payload = random_bytes(300);
+    payload[..4].copy_from_slice(b"DATA");
+    let tmp = rig.path("trigger.tmp");
+    fs::write(&tmp, format!("203.0.113.2:9100 {}", hex(&payload))).unwrap();
+    fs::rename(&tmp, &trigger).unwrap();
+    wait_line(&rig.path("server-a1.out"), UP, |l| {
+        l == "SENT 203.0.113.2:9100"
+    })
+    .unwrap_or_else(|| panic!("a1's program did not send\n{}", rig.logs()));
+    let got = wait_line(&rig.path("b1-listen.out"), Duration::from_secs(5), |l| {
+        l.starts_with("GOT ")
+    })
+    .unwrap_or_else(|| panic!("b1's new program got nothing\n{}", rig.logs()));
+    let w: Vec<&str> = got.split_whitespace().collect();
+    assert_eq!(
+        w[2..],
+        [payload.len().to_string(), sha256(&payload)],
+        "b1's new program did not get the bare datagram (a direct GCBU frame would be {} \
+         bytes): {got}\n{}",
+        payload.len() + 11,
+        rig.logs()
+    );
+    assert_eq!(w[1], py, "not through a1's proxy: {got}\n{}", rig.logs());
+    rig.assert_alive();
+    let st = rig.broker_stats();
+    assert!(st["udp_punches"] >= 1, "{st:?}");
+    assert!(st["udp_punch_ends"] >= 1, "{st:?}");
+    assert_eq!(st["udp_punch_end_failures"], 0, "{st:?}");
 }
 
 /// Same exchange as above with punching blocked (gwb drops UDP from gwa's public

@@ -166,7 +166,11 @@
 //!   like any sender, and a *registered* GCB sender also asks for a hole
 //!   punch (`punch_request`; the broker answers `punch` and tells the
 //!   destination `punch_back`, see [`gcb_proto::punch`]) so that its
-//!   datagrams go direct once both sides' Dummy/DummyAck crossed.
+//!   datagrams go direct once both sides' Dummy/DummyAck crossed. When a
+//!   UDP registration goes away (unregister, lease expiry), every
+//!   registration it was paired with (the last [`udpproxy::MAX_PUNCHED`])
+//!   that is still registered gets `punch_end` naming it, and its shim
+//!   drops the direct record (`udp_punch_ends`, `udp_punch_end_failures`).
 //!
 //! ## Limits and refusals
 //!

@@ -25,7 +25,7 @@ use crate::preamble::{self, Preamble};
 use crate::registry::{Limits, Registry, RegistryError};
 use crate::relay::{Relay, RelayState};
 use crate::standby::{ParkError, StandbyPool};
-use crate::udpproxy::{UdpPlane, UdpProxy};
+use crate::udpproxy::{PunchEnd, UdpPlane, UdpProxy};
 use crate::udprules::RuleLimits;
 
 /// Default control (UDP) and relay (TCP) port.
@@ -208,6 +208,8 @@ enum Outgoing {
     Reregister(SocketAddr),
     /// A `punch_back` to a UDP registrant (its answer is only logged).
     PunchBack,
+    /// A `punch_end` to a UDP registrant (likewise).
+    PunchEnd,
 }
 
 /// The broker.
@@ -791,6 +793,7 @@ impl Server {
             secret,
             data: None,
             local,
+            punched: Vec::new(),
         };
         let t = p.token_string();
         self.udp.insert(proxy, p);
@@ -941,6 +944,11 @@ impl Server {
                 log!(Info, "punch_back to {peer} failed: {body:?}");
             }
             Some(Outgoing::PunchBack) => {}
+            Some(Outgoing::PunchEnd) if !matches!(body, Some(Body::Ack {})) => {
+                self.udp.counters.punch_end_failures += 1;
+                log!(Info, "punch_end to {peer} failed: {body:?}");
+            }
+            Some(Outgoing::PunchEnd) => {}
             None => {}
         }
     }
@@ -966,10 +974,41 @@ impl Server {
             }
             return;
         }
-        if let Some(mut p) = self.udp.remove(&proxy) {
+        if let Some((mut p, ends)) = self.udp.remove(&proxy) {
             let _ = self.poll.registry().deregister(&mut p.sock);
             self.owners.remove(&p.token);
             self.udp_backlog.retain(|b| *b != proxy);
+            for end in ends {
+                self.send_punch_end(end);
+            }
+        }
+    }
+
+    /// Tells a registrant that a registration it was paired with for a hole punch is
+    /// gone, so its shim stops sending direct frames to an address another program may
+    /// take next (see [`gcb_proto::punch`]). Nothing if the partner is gone too.
+    fn send_punch_end(&mut self, end: PunchEnd) {
+        let Some(observed) = self
+            .registry
+            .get(Transport::Udp, &end.to)
+            .map(|r| r.observed)
+        else {
+            return;
+        };
+        let body = Body::PunchEnd {
+            proxy: end.to,
+            peer: end.peer,
+            peer_proxy: end.peer_proxy,
+        };
+        if self.send(observed, body, Outgoing::PunchEnd).is_some() {
+            self.udp.counters.punch_ends += 1;
+            log!(
+                Debug,
+                "punch_end to {} (client {observed}): {} (data {}) is gone",
+                end.to,
+                end.peer_proxy,
+                end.peer
+            );
         }
     }
 
@@ -1576,7 +1615,8 @@ impl Server {
              udp_drop_not_frame={} udp_drop_stray={} udp_drop_too_big={} udp_send_errors={} \
                           standbys={} standby_parked={} standby_refused={} standby_claimed={} \
              standby_fallbacks={} \
-             udp_punches={} udp_punch_refused={} udp_punch_back_failures={}",
+             udp_punches={} udp_punch_refused={} udp_punch_back_failures={} \
+             udp_punch_ends={} udp_punch_end_failures={}",
             self.registry.len(),
             self.relays.len(),
             self.pending.len(),
@@ -1626,6 +1666,8 @@ impl Server {
             u.punches,
             u.punch_refused,
             u.punch_back_failures,
+            u.punch_ends,
+            u.punch_end_failures,
         );
     }
 

@@ -19,6 +19,13 @@
 //!   (`no_listener`), the table is full (`table_full`, a rate-limited log
 //!   line) or it is too big to wrap (`too_big`).
 //!
+//! Hole punching (GCB <-> GCB, [`gcb_proto::punch`]): [`UdpPlane::punch_pair`]
+//! hands out both sides' data addresses and remembers the pairing on both
+//! registrations (at most [`MAX_PUNCHED`] each, oldest forgotten first; none
+//! for a registration that never punched), so that when one goes away
+//! ([`UdpPlane::remove`]) the other's shim can be told (`punch_end`) to drop
+//! its direct record before another program takes the gone side's address.
+//!
 //! Datagrams are received into one fixed buffer at offset
 //! [`UDP_HEADER_LEN`], so wrapping writes the header in front of the
 //! payload in place: no per-datagram allocation or copy.
@@ -40,6 +47,12 @@ use crate::udprules::{RuleLimits, RuleTable, Touch};
 /// rest is drained on the next turn of the event loop).
 pub const DRAIN_BUDGET: usize = 256;
 
+/// Most pairings remembered per registration (two IPv4 addresses each: at
+/// most 1 KiB per registration). A registration punched with more peers
+/// forgets the oldest; their records end by the shim's own rules (relayed
+/// datagram, failed check, idle).
+pub const MAX_PUNCHED: usize = 64;
+
 /// Largest datagram received (anything longer is truncated by the kernel,
 /// and is too big for a frame anyway).
 const RECV_MAX: usize = 65_535;
@@ -58,6 +71,32 @@ pub struct UdpProxy {
     pub data: Option<SocketAddr>,
     /// The listener's local address (for log lines).
     pub local: SocketAddr,
+    /// The registrations `punch_pair` paired this one with, oldest first (at most
+    /// [`MAX_PUNCHED`]; empty, without an allocation, for most registrations).
+    pub punched: Vec<Punched>,
+}
+
+/// One pairing of a registration by [`UdpPlane::punch_pair`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Punched {
+    /// The other registration's proxy.
+    pub partner: SocketAddrV4,
+    /// This registration's data address as handed to the partner: the partner's
+    /// record key for us when we initiated the punch (a NAT remapping since does
+    /// not change that key). When the partner initiated, its key is our proxy.
+    pub data: SocketAddrV4,
+}
+
+/// A `punch_end` to send: tell the registrant of `to` that the registration
+/// with data address `peer` and proxy `peer_proxy` is gone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PunchEnd {
+    /// The partner's proxy (its registration).
+    pub to: SocketAddr,
+    /// The gone registration's data address, as handed to the partner.
+    pub peer: SocketAddrV4,
+    /// The gone registration's proxy.
+    pub peer_proxy: SocketAddrV4,
 }
 
 impl UdpProxy {
@@ -103,6 +142,10 @@ pub struct UdpCounters {
     pub punch_refused: u64,
     /// `punch_back`s the destination did not acknowledge.
     pub punch_back_failures: u64,
+    /// `punch_end`s sent (a paired registration went away).
+    pub punch_ends: u64,
+    /// `punch_end`s the partner did not acknowledge.
+    pub punch_end_failures: u64,
 }
 
 /// Logs at most once per interval, counting what it suppressed.
@@ -198,12 +241,31 @@ impl UdpPlane {
         self.proxies.is_empty()
     }
 
-    /// Removes a proxy and its rules (the caller deregisters the socket).
-    pub fn remove(&mut self, proxy: &SocketAddr) -> Option<UdpProxy> {
-        let p = self.proxies.remove(proxy)?;
+    /// Removes a proxy and its rules (the caller deregisters the socket), and
+    /// its pairings from its partners' lists. Returns it and the `punch_end`s
+    /// its partners need (the caller sends those to partners still registered).
+    pub fn remove(&mut self, proxy: &SocketAddr) -> Option<(UdpProxy, Vec<PunchEnd>)> {
+        let mut p = self.proxies.remove(proxy)?;
         self.own.remove(proxy);
         self.rules.remove_proxy(proxy);
-        Some(p)
+        let SocketAddr::V4(gone) = *proxy else {
+            return Some((p, Vec::new()));
+        };
+        let ends = std::mem::take(&mut p.punched)
+            .into_iter()
+            .map(|x| {
+                let to = SocketAddr::V4(x.partner);
+                if let Some(partner) = self.proxies.get_mut(&to) {
+                    partner.punched.retain(|y| y.partner != gone);
+                }
+                PunchEnd {
+                    to,
+                    peer: x.data,
+                    peer_proxy: gone,
+                }
+            })
+            .collect();
+        Some((p, ends))
     }
 
     /// Drains up to [`DRAIN_BUDGET`] datagrams from `proxy`'s socket.
@@ -408,10 +470,40 @@ impl UdpPlane {
         token: &str,
     ) -> Result<(SocketAddrV4, SocketAddrV4), (ErrorCode, String)> {
         let r = self.punch_pair_inner(proxy, from_proxy, token);
-        if r.is_err() {
-            self.counters.punch_refused += 1;
+        match (&r, proxy, from_proxy) {
+            (Ok((d, s)), SocketAddr::V4(p), SocketAddr::V4(f)) => {
+                // Each side's record key for the other: see `Punched::data`.
+                self.remember(
+                    proxy,
+                    Punched {
+                        partner: *f,
+                        data: *d,
+                    },
+                );
+                self.remember(
+                    from_proxy,
+                    Punched {
+                        partner: *p,
+                        data: *s,
+                    },
+                );
+            }
+            (Ok(_), ..) => {}
+            (Err(_), ..) => self.counters.punch_refused += 1,
         }
         r
+    }
+
+    /// Adds a pairing to `proxy`'s list (again: moved to the newest end).
+    fn remember(&mut self, proxy: &SocketAddr, x: Punched) {
+        let Some(p) = self.proxies.get_mut(proxy) else {
+            return;
+        };
+        p.punched.retain(|y| *y != x);
+        if p.punched.len() >= MAX_PUNCHED {
+            p.punched.remove(0);
+        }
+        p.punched.push(x);
     }
 
     fn punch_pair_inner(
@@ -462,6 +554,126 @@ impl UdpPlane {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn v4(s: &str) -> SocketAddrV4 {
+        s.parse().unwrap()
+    }
+
+    /// A plane with UDP registrations at `proxies` (their sockets are real but unused),
+    /// each with token `"0"*31 + i` and data address 203.0.113.(i+1):9000.
+    fn plane(proxies: &[SocketAddrV4]) -> UdpPlane {
+        let mut u = UdpPlane::new(
+            RuleLimits {
+                idle: Duration::from_secs(60),
+                max_total: 16,
+                max_per_proxy: 16,
+            },
+            "203.0.113.10:9650".parse().unwrap(),
+        );
+        for (i, p) in proxies.iter().enumerate() {
+            let mut secret = [b'0'; UDP_TOKEN_LEN];
+            secret[UDP_TOKEN_LEN - 1] = b'0' + i as u8;
+            u.insert(
+                SocketAddr::V4(*p),
+                UdpProxy {
+                    sock: UdpSocket::bind("127.0.0.1:0".parse().unwrap()).unwrap(),
+                    token: Token(i),
+                    secret,
+                    data: Some(SocketAddr::V4(data_of(i))),
+                    local: "10.1.0.5:9000".parse().unwrap(),
+                    punched: Vec::new(),
+                },
+            );
+        }
+        u
+    }
+
+    fn data_of(i: usize) -> SocketAddrV4 {
+        SocketAddrV4::new([203, 0, 113, 1 + i as u8].into(), 9000)
+    }
+
+    fn pair(u: &mut UdpPlane, proxies: &[SocketAddrV4], dest: usize, from: usize) {
+        let token = u.proxies[&SocketAddr::V4(proxies[from])].token_string();
+        let r = u.punch_pair(
+            &SocketAddr::V4(proxies[dest]),
+            &SocketAddr::V4(proxies[from]),
+            &token,
+        );
+        assert_eq!(r, Ok((data_of(dest), data_of(from))));
+    }
+
+    #[test]
+    fn a_gone_registration_ends_its_partners_punches() {
+        let ps = [
+            v4("203.0.113.10:40001"),
+            v4("203.0.113.10:40002"),
+            v4("203.0.113.10:40003"),
+        ];
+        let mut u = plane(&ps);
+        // 1 punches to 0 (twice: remembered once), 2 punches to 1; refusals remember nothing.
+        pair(&mut u, &ps, 0, 1);
+        pair(&mut u, &ps, 0, 1);
+        pair(&mut u, &ps, 1, 2);
+        assert!(u
+            .punch_pair(&SocketAddr::V4(ps[1]), &SocketAddr::V4(ps[0]), "bad")
+            .is_err());
+        assert_eq!(u.counters.punch_refused, 1);
+        let punched = |u: &UdpPlane, i: usize| u.proxies[&SocketAddr::V4(ps[i])].punched.clone();
+        assert_eq!(punched(&u, 0).len(), 1);
+        assert_eq!(punched(&u, 1).len(), 2);
+        // The registration in the middle goes: each partner hears of it under the keys
+        // it uses (the destination 0: 1's data address; the initiator 2: 1's proxy).
+        let (gone, mut ends) = u.remove(&SocketAddr::V4(ps[1])).unwrap();
+        assert!(gone.punched.is_empty(), "taken");
+        ends.sort_by_key(|e| e.to);
+        assert_eq!(
+            ends,
+            vec![
+                PunchEnd {
+                    to: SocketAddr::V4(ps[0]),
+                    peer: data_of(1),
+                    peer_proxy: ps[1],
+                },
+                PunchEnd {
+                    to: SocketAddr::V4(ps[2]),
+                    peer: data_of(1),
+                    peer_proxy: ps[1],
+                },
+            ]
+        );
+        // ...and is no longer in their lists: nothing more when they go.
+        assert!(punched(&u, 0).is_empty());
+        assert!(punched(&u, 2).is_empty());
+        assert_eq!(u.remove(&SocketAddr::V4(ps[0])).unwrap().1, vec![]);
+        assert!(u.remove(&SocketAddr::V4(ps[0])).is_none());
+    }
+
+    #[test]
+    fn pairings_per_registration_are_bounded_oldest_forgotten() {
+        let hub = v4("203.0.113.10:40000");
+        let mut ps = vec![hub];
+        ps.extend(
+            (1..=MAX_PUNCHED as u16 + 2)
+                .map(|i| SocketAddrV4::new([203, 0, 113, 10].into(), 40000 + i)),
+        );
+        let mut u = plane(&ps);
+        for i in 1..ps.len() {
+            pair(&mut u, &ps, 0, i);
+        }
+        let list = &u.proxies[&SocketAddr::V4(hub)].punched;
+        assert_eq!(list.len(), MAX_PUNCHED);
+        assert_eq!(list[0].partner, ps[3], "the two oldest are forgotten");
+        assert_eq!(list[MAX_PUNCHED - 1].partner, ps[ps.len() - 1]);
+        assert!(
+            std::mem::size_of::<Punched>() * MAX_PUNCHED <= 1024,
+            "the bound the docs state"
+        );
+        let (_, ends) = u.remove(&SocketAddr::V4(hub)).unwrap();
+        assert_eq!(ends.len(), MAX_PUNCHED);
+        assert!(ends
+            .iter()
+            .all(|e| e.peer == data_of(0) && e.peer_proxy == hub));
+    }
 
     #[test]
     fn rate_limit_counts_suppressed_lines() {

@@ -454,3 +454,98 @@ fn keepalive_sets_the_data_address_without_an_ack() {
     assert_eq!(stat(&log, "udp_drop_bad_token"), 1);
     assert_eq!(stat(&log, "udp_dummies"), 1);
 }
+
+/// `punch_request` as the registrant of `from` (token `token`) toward `to`: the
+/// `punch` answer's (peer, me).
+fn punch(
+    c: &mut Client,
+    to: SocketAddr,
+    from: SocketAddr,
+    token: &str,
+) -> (SocketAddrV4, SocketAddrV4) {
+    match c.request(Body::PunchRequest {
+        proxy: to,
+        from_proxy: from,
+        token: token.to_owned(),
+    }) {
+        Some(Body::Punch { peer, me, .. }) => (peer, me),
+        other => panic!("punch {from} -> {to}: {other:?}"),
+    }
+}
+
+/// When a UDP registration that was paired for a hole punch goes away (unregister, or
+/// its lease runs out), its still-registered partner gets `punch_end` naming the gone
+/// side by its data address as handed out and by its proxy, and acks it.
+#[test]
+fn punch_end_tells_the_partner_when_a_paired_registration_goes() {
+    let broker = Broker::start("127.0.0.1:0", &["--lease-ms", "2000"]);
+    let (mut ctl_a, mut ctl_b) = (Client::new(broker.addr), Client::new(broker.addr));
+    let (pa, ta) = register_udp(&mut ctl_a, a("10.1.0.5:9000"), None);
+    let (pb, tb) = register_udp(&mut ctl_b, a("10.2.0.5:9100"), None);
+    let (da, db) = (sock("127.0.0.1:0"), sock("127.0.0.1:0"));
+    let (data_a, data_b) = (dummy(&da, pa, &ta), dummy(&db, pb, &tb));
+    let is_end = |b: &Body| matches!(b, Body::PunchEnd { .. });
+    let wait = Duration::from_secs(5);
+
+    // B punches to A, then unregisters: A (the destination) keys its record by B's data
+    // address.
+    assert_eq!(punch(&mut ctl_b, pa, pb, &tb), (data_a, data_b));
+    assert!(ctl_a
+        .wait_request(wait, |b| matches!(b, Body::PunchBack { .. }))
+        .is_some());
+    assert!(ctl_b
+        .wait_request(Duration::from_millis(300), is_end)
+        .is_none());
+    match ctl_b.request(Body::Unregister {
+        proxy: pb,
+        transport: Some(Transport::Udp),
+    }) {
+        Some(Body::Ack {}) => {}
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        ctl_a.wait_request(wait, is_end),
+        Some(Body::PunchEnd {
+            proxy: pa,
+            peer: data_b,
+            peer_proxy: v4(pb),
+        })
+    );
+
+    // A punches to C, then stops renewing its lease: C hears of it when it expires.
+    let (pc, tc) = register_udp(&mut ctl_b, a("10.2.0.5:9200"), None);
+    let dc = sock("127.0.0.1:0");
+    let data_c = dummy(&dc, pc, &tc);
+    assert!(matches!(
+        ctl_a.request(Body::Heartbeat { proxies: vec![pa] }),
+        Some(Body::HeartbeatAck { .. })
+    ));
+    assert_eq!(punch(&mut ctl_a, pc, pa, &ta), (data_c, data_a));
+    let t = Instant::now();
+    let end = loop {
+        assert!(t.elapsed() < Duration::from_secs(10), "no punch_end for C");
+        assert!(matches!(
+            ctl_b.request(Body::Heartbeat { proxies: vec![pc] }),
+            Some(Body::HeartbeatAck { unknown }) if unknown.is_empty()
+        ));
+        if let Some(e) = ctl_b.wait_request(Duration::from_millis(300), is_end) {
+            break e;
+        }
+    };
+    assert_eq!(
+        end,
+        Body::PunchEnd {
+            proxy: pc,
+            peer: data_a,
+            peer_proxy: v4(pa),
+        }
+    );
+    broker.wait_log(&format!("lease expired: proxy {pa}"), wait);
+    ctl_b.idle(Duration::from_millis(200)); // the ack goes out
+
+    let log = broker.stop();
+    assert_eq!(stat(&log, "udp_punches"), 2);
+    assert_eq!(stat(&log, "udp_punch_ends"), 2);
+    assert_eq!(stat(&log, "udp_punch_end_failures"), 0);
+    assert_eq!(stat(&log, "expired"), 1);
+}

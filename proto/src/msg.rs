@@ -217,6 +217,7 @@ pub enum Route {
 /// | `connect_back` | `ack` | broker -> shim (listener) |
 /// | `punch_request` | `punch` | shim (UDP registrant) -> broker |
 /// | `punch_back` | `ack` | broker -> shim (UDP registrant) |
+/// | `punch_end` | `ack` | broker -> shim (UDP registrant) |
 /// | `forward` | `forwarded` | shim -> portfwd |
 /// | `delete` | `deleted` | shim -> portfwd |
 /// | `query` | `query_result` | shim -> portfwd |
@@ -349,6 +350,21 @@ pub enum Body {
         /// The punch nonce (same as in the initiator's `punch`).
         nonce: String,
     },
+    /// Broker -> a registrant whose UDP socket registered as `proxy` was paired by
+    /// `punch_request` with a registration that is now gone (unregistered, lease
+    /// expired): forget the punched record for it, whose address another program may
+    /// take next. The gone side is named by both addresses a record is keyed by:
+    /// `peer`, its data address as the pairing handed it out (a destination's key for
+    /// its initiator), and `peer_proxy` (an initiator's key for its destination).
+    /// Answered by `ack`.
+    PunchEnd {
+        /// The registration (UDP socket) concerned.
+        proxy: SocketAddr,
+        /// The gone registration's data address, as handed out by the pairing.
+        peer: SocketAddrV4,
+        /// The gone registration's proxy.
+        peer_proxy: SocketAddrV4,
+    },
 
     // ---------------- DPF (paper section 3) ----------------
     /// Ask portfwd for a forwarding rule public -> `private`.
@@ -425,6 +441,7 @@ pub const KNOWN_TYPES: &[&str] = &[
     "punch_request",
     "punch",
     "punch_back",
+    "punch_end",
     "forward",
     "forwarded",
     "delete",
@@ -451,6 +468,7 @@ impl Body {
             Body::PunchRequest { .. } => "punch_request",
             Body::Punch { .. } => "punch",
             Body::PunchBack { .. } => "punch_back",
+            Body::PunchEnd { .. } => "punch_end",
             Body::Forward { .. } => "forward",
             Body::Forwarded { .. } => "forwarded",
             Body::Delete { .. } => "delete",
@@ -830,6 +848,11 @@ mod tests {
                 peer_local: None,
                 nonce: "00112233445566778899aabbccddeeff".into(),
             },
+            Body::PunchEnd {
+                proxy: a("203.0.113.10:40001"),
+                peer: v4("203.0.113.2:9000"),
+                peer_proxy: v4("203.0.113.10:40002"),
+            },
             Body::Forward {
                 transport: Transport::Tcp,
                 private: a("10.1.0.5:8080"),
@@ -1050,6 +1073,8 @@ mod tests {
             br#"{"v":1,"id":9,"body":{"type":7}}"#,
             br#"{"v":0,"id":9,"body":{"type":"ack"}}"#,
             br#"{"v":1,"id":9,"body":{"type":"forward","transport":"tcp","private":"1.2.3.4:5","probe_port":70000}}"#,
+            br#"{"v":1,"id":9,"body":{"type":"punch_end","proxy":"1.2.3.4:5","peer":"[::1]:5","peer_proxy":"1.2.3.4:6"}}"#,
+            br#"{"v":1,"id":9,"body":{"type":"punch_end","proxy":"1.2.3.4:5","peer":"1.2.3.4:7"}}"#,
         ];
         for j in bad {
             let e = Envelope::decode(j).unwrap_err();

@@ -55,6 +55,15 @@
 //! * A datagram from a direct peer that arrives through the relay (the peer
 //!   lost its side: another program now uses its address) sends the record
 //!   back to the relay at once; see [`PunchTable::on_relayed`].
+//! * The peer's registration ends (its program closed the socket, or its
+//!   lease expired at the broker): the broker sends `punch_end` to every
+//!   registration it paired with it (naming the peer's data address and its
+//!   proxy, so both sides' keys are covered) and the record is removed at
+//!   once ([`PunchTable::remove`]). Without that, a program that takes the
+//!   peer's address next would receive our direct frames (and Dummies) as
+//!   data until a check failed. The broker remembers a bounded number of
+//!   pairings per registration (see brokerd); a record it forgot still goes
+//!   by the rules above.
 //!
 //! A record in the relay state still accepts direct frames from its
 //! verified address (the peer may not have noticed yet) and still answers
@@ -251,6 +260,13 @@ impl PunchTable {
             },
         );
         true
+    }
+
+    /// Removes the record for `logical` (the broker's `punch_end`: the peer's
+    /// registration is gone, and another program may take its address, which
+    /// would receive our direct frames as data). True if there was one.
+    pub fn remove(&mut self, logical: &SocketAddrV4) -> bool {
+        self.peers.remove(logical).is_some()
     }
 
     /// Should the shim ask the broker to punch toward `dest` now? True at
@@ -540,6 +556,38 @@ mod tests {
         // ...and the grace runs from that moment.
         assert!(!t.on_relayed(peer, t1 + RELAYED_GRACE / 2));
         assert!(t.on_relayed(peer, t1 + RELAYED_GRACE));
+    }
+
+    #[test]
+    fn remove_forgets_a_direct_record_at_once() {
+        let t0 = Instant::now();
+        let mut t = PunchTable::new();
+        let proxy = v4("203.0.113.10:40001");
+        let peer = v4("203.0.113.2:9100");
+        let me = v4("203.0.113.1:9000");
+        assert!(t.add(proxy, me, N, &[peer], t0));
+        assert_eq!(
+            t.on_frame(peer, UdpKind::DummyAck, v4("0.0.0.0:0"), N, t0),
+            Verdict::Consumed
+        );
+        assert_eq!(t.route(proxy, t0), Some((peer, me)));
+        assert!(!t.remove(&peer), "keyed by the logical address only");
+        assert!(t.remove(&proxy));
+        assert!(!t.remove(&proxy), "already gone");
+        assert!(t.is_empty());
+        // Nothing goes directly any more, no Dummies, and the old peer's frames are forged.
+        assert_eq!(t.route(proxy, t0), None);
+        assert_eq!(dummies(&mut t, t0 + RECHECK_EVERY), vec![]);
+        assert_eq!(
+            t.on_frame(peer, UdpKind::From, proxy, b"x", t0),
+            Verdict::Forged
+        );
+        assert_eq!(
+            t.on_frame(peer, UdpKind::Dummy, v4("0.0.0.0:0"), N, t0),
+            Verdict::Forged
+        );
+        // The next send may ask the broker again (it knows whether the peer is back).
+        assert!(t.should_ask(proxy, t0));
     }
 
     #[test]

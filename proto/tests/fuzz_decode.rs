@@ -1,7 +1,7 @@
 //! Property tests: untrusted bytes never panic the decoder, the auth layer or
 //! the endpoint, and well-formed messages roundtrip.
 
-use std::net::SocketAddr;
+use std::net::{SocketAddr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
 use gcb_proto::{
@@ -27,6 +27,7 @@ fn peer() -> SocketAddr {
     "10.1.0.5:4000".parse().unwrap()
 }
 
+/// One envelope of most kinds ([`SAMPLES`] of them), for mutation.
 fn samples() -> Vec<Envelope> {
     let a: SocketAddr = "203.0.113.10:40001".parse().unwrap();
     let id = ConnectId::from_bytes([7; 16]);
@@ -100,8 +101,19 @@ fn samples() -> Vec<Envelope> {
             },
         ),
         Envelope::response(9, 3, Body::error(gcb_proto::ErrorCode::Quota, "full")),
+        Envelope::request(
+            10,
+            Body::PunchEnd {
+                proxy: a,
+                peer: SocketAddrV4::new([203, 0, 113, 2].into(), 9100),
+                peer_proxy: SocketAddrV4::new([203, 0, 113, 10].into(), 40002),
+            },
+        ),
     ]
 }
+
+/// How many [`samples`] there are.
+const SAMPLES: usize = 10;
 
 /// A mutation applied to a valid byte string.
 #[derive(Debug, Clone)]
@@ -169,6 +181,7 @@ fn jsonish() -> impl Strategy<Value = String> {
         Just("connect_back"),
         Just("forward"),
         Just("query_result"),
+        Just("punch_end"),
         Just("error"),
         Just("ack"),
         Just("zzz"),
@@ -200,6 +213,8 @@ fn jsonish() -> impl Strategy<Value = String> {
         Just("reason"),
         Just("lease_ms"),
         Just("epoch"),
+        Just("peer"),
+        Just("peer_proxy"),
         Just("other"),
     ];
     (
@@ -265,7 +280,7 @@ proptest! {
     }
 
     #[test]
-    fn decode_mutated_envelopes(i in 0..9usize, ms in proptest::collection::vec(mutation(), 1..4)) {
+    fn decode_mutated_envelopes(i in 0..SAMPLES, ms in proptest::collection::vec(mutation(), 1..4)) {
         let json = samples()[i].encode().unwrap();
         let _ = Envelope::decode(&apply(json, &ms));
     }
@@ -282,7 +297,7 @@ proptest! {
     #[test]
     fn endpoint_mutated_frames(
         keyed in any::<bool>(),
-        i in 0..9usize,
+        i in 0..SAMPLES,
         ms in proptest::collection::vec(mutation(), 0..4),
     ) {
         let json = samples()[i].encode().unwrap();
@@ -309,4 +324,9 @@ proptest! {
             prop_assert_eq!(Envelope::decode(&env.encode().unwrap()).unwrap(), env);
         }
     }
+}
+
+#[test]
+fn every_sample_is_mutated() {
+    assert_eq!(samples().len(), SAMPLES);
 }

@@ -483,6 +483,11 @@ impl Client {
                         peer_local,
                         nonce,
                     } => self.on_punch_back(proxy, peer, peer_local, &nonce),
+                    Body::PunchEnd {
+                        proxy,
+                        peer,
+                        peer_proxy,
+                    } => self.on_punch_end(proxy, &[peer, peer_proxy]),
                     Body::ReregisterRequest {} => {
                         crate::info!("broker {} asks us to register again", self.broker);
                         let mine: Vec<RegKey> = self
@@ -1363,6 +1368,27 @@ impl Client {
             .min()
     }
 
+    /// The live sockets of our UDP registration `proxy` (the first one sends keepalives
+    /// and punches), or the error to answer the broker with.
+    fn udp_holders(&self, proxy: SocketAddr) -> Result<Vec<Arc<FdEntry>>, Body> {
+        let Some(proxy) = net::v4(proxy) else {
+            return Err(Body::error(gcb_proto::ErrorCode::BadRequest, "IPv4 only"));
+        };
+        let live: Vec<Arc<FdEntry>> = self
+            .regs
+            .get(&(Transport::Udp, proxy))
+            .and_then(|r| r.udp.as_ref())
+            .map(|u| u.holders.iter().filter_map(|h| h.upgrade()).collect())
+            .unwrap_or_default();
+        if live.is_empty() {
+            return Err(Body::error(
+                gcb_proto::ErrorCode::NoSuchRegistration,
+                format!("{proxy} is not registered here"),
+            ));
+        }
+        Ok(live)
+    }
+
     /// The broker's `punch_back` for our UDP registration `proxy`.
     fn on_punch_back(
         &mut self,
@@ -1371,20 +1397,23 @@ impl Client {
         peer_local: Option<SocketAddrV4>,
         nonce: &str,
     ) -> Body {
-        let Some(proxy) = net::v4(proxy) else {
-            return Body::error(gcb_proto::ErrorCode::BadRequest, "IPv4 only");
-        };
-        let entry = self
-            .regs
-            .get(&(Transport::Udp, proxy))
-            .and_then(|r| r.udp.as_ref())
-            .and_then(|u| u.holders.iter().find_map(|h| h.upgrade()));
-        match entry {
-            Some(e) => super::punch::on_punch_back(&e, peer, peer_local, nonce),
-            None => Body::error(
-                gcb_proto::ErrorCode::NoSuchRegistration,
-                format!("{proxy} is not registered here"),
-            ),
+        match self.udp_holders(proxy) {
+            Ok(live) => super::punch::on_punch_back(&live[0], peer, peer_local, nonce),
+            Err(answer) => answer,
+        }
+    }
+
+    /// The broker's `punch_end` for our UDP registration `proxy`: a registration we
+    /// punched with is gone, named by the addresses our records may be keyed by.
+    fn on_punch_end(&mut self, proxy: SocketAddr, gone: &[SocketAddrV4]) -> Body {
+        match self.udp_holders(proxy) {
+            Ok(live) => {
+                for e in &live {
+                    super::punch::on_punch_end(e, gone);
+                }
+                Body::Ack {}
+            }
+            Err(answer) => answer,
         }
     }
 }

@@ -13,6 +13,11 @@
 //!   the peer's `Dummy`/`DummyAck`/direct `From` frames ([`super::udp`]) and answer
 //!   Dummies ([`send_frame`]). Nothing of this reaches the program: a direct datagram is
 //!   delivered with the address the program would see through the relay.
+//! * A record lives until it is idle for [`gcb_proto::punch::IDLE`] (a failed check, or
+//!   the peer heard through the relay, only sends it back to the relay), or until the
+//!   broker's `punch_end` says the peer's registration is gone (its program closed the socket, or its lease expired):
+//!   [`on_punch_end`] drops it from every socket of our registration at once, so a
+//!   program that takes the peer's address next does not get our frames as data.
 //! * Limits: only unconnected sockets punch (a `connect()`ed socket's kernel filter
 //!   would drop the peer's frames); a program whose receive buffer is shorter than a
 //!   nonce (32 bytes) never verifies a punch and stays on the relay. A peer's Dummy does
@@ -181,4 +186,16 @@ pub fn on_punch_back(
             "not a GCB UDP socket",
         ),
     }
+}
+
+/// The broker's `punch_end`: the registration our socket `entry` punched with, known by
+/// one of the `gone` addresses, has ended; its address may go to another program, which
+/// would take our direct frames for data. Drops the record: datagrams to that address
+/// go through the relay again.
+pub fn on_punch_end(entry: &FdEntry, gone: &[SocketAddrV4]) {
+    let removed: Vec<SocketAddrV4> = with_sock(entry, |u| {
+        gone.iter().copied().filter(|a| u.punch.remove(a)).collect()
+    })
+    .unwrap_or_default();
+    crate::debug!("punch_end: {:?} gone: removed {:?}", gone, removed);
 }
