@@ -41,6 +41,7 @@
 //! handed across exec; `execl*`/`posix_spawn` get no handoff.
 
 pub mod client;
+pub mod inherit;
 pub mod net;
 pub mod punch;
 pub mod standby;
@@ -249,13 +250,21 @@ impl GcbLayer {
 
     /// At init of an exec'd image: adopt the registrations handed over in `spec`.
     pub fn adopt(&self, spec: &str) {
-        for (fd, local, proxy) in self.client.lock().adopt(spec) {
-            crate::info!(
-                "inherited registration of fd {} ({}) as proxy {}",
-                fd,
-                local,
-                proxy
-            );
+        for (fd, transport, local, proxy) in self.client.lock().adopt(spec) {
+            match transport {
+                Transport::Tcp => crate::info!(
+                    "inherited registration of fd {} ({}) as proxy {}",
+                    fd,
+                    local,
+                    proxy
+                ),
+                Transport::Udp => crate::info!(
+                    "inherited udp registration of fd {} ({}) as proxy {}",
+                    fd,
+                    local,
+                    proxy
+                ),
+            }
         }
     }
 

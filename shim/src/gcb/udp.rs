@@ -56,6 +56,20 @@ pub struct UdpSock {
     pub broker: Ipv4Addr,
 }
 
+impl UdpSock {
+    /// A registered socket's state: relayed through `proxy` on the broker at `broker`,
+    /// no sender heard yet, nothing punched.
+    pub fn new(proxy: SocketAddrV4, broker: Ipv4Addr) -> UdpSock {
+        UdpSock {
+            proxy,
+            peer: None,
+            receivers: HashSet::new(),
+            punch: PunchTable::new(),
+            broker,
+        }
+    }
+}
+
 pub fn state(entry: &FdEntry) -> Option<(SocketAddrV4, Option<SocketAddrV4>)> {
     let FdKind::Socket(s) = &entry.kind else {
         return None;
@@ -124,13 +138,7 @@ impl GcbLayer {
         match c.register_udp(reg_local, &entry, fd) {
             Ok((proxy, token)) => {
                 if let FdKind::Socket(s) = &entry.kind {
-                    s.state.lock().layer = Some(Box::new(UdpSock {
-                        proxy,
-                        peer: None,
-                        receivers: HashSet::new(),
-                        punch: PunchTable::new(),
-                        broker: *c.broker.ip(),
-                    }));
+                    s.state.lock().layer = Some(Box::new(UdpSock::new(proxy, *c.broker.ip())));
                 }
                 send_keepalive(fd, proxy, &token);
                 crate::info!(

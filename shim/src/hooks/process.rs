@@ -71,7 +71,10 @@ fn exec_seam(func: &str, path: *const c_char) -> Option<CString> {
         return None;
     }
     let v = layer::active()?.exec_handoff()?;
-    crate::debug!("handing over to the new image: GCB_INHERIT={}", v);
+    crate::debug!(
+        "handing over to the new image: GCB_INHERIT={}",
+        crate::gcb::inherit::redacted(&v)
+    );
     CString::new(format!("{INHERIT}={v}")).ok()
 }
 
