@@ -6,11 +6,12 @@
 //! * A **registration channel** (UDP socket connected to the broker) carries register,
 //!   heartbeat and unregister requests, and receives the broker's `connect_back` and
 //!   `reregister_request`. Like the paper's management socket it shares the fate of the
-//!   listening sockets: it is inherited across fork (and handed across exec), so every
-//!   process that holds a registered listener (socat `fork` children, pre-fork workers, a
-//!   daemon's exec'd child) can serve the broker's commands, and the broker sees one
-//!   client. Any holder sends heartbeats, so the registration lives while any process
-//!   runs the AEH; it is removed when the last holder closes the socket.
+//!   registered sockets: it is inherited across fork (and handed across exec), so every
+//!   process that holds a registered listener or UDP socket (socat `fork` children,
+//!   pre-fork workers, a daemon's exec'd child) can serve the broker's commands, and the
+//!   broker sees one client. Any holder sends heartbeats (and, for UDP, keepalives), so
+//!   the registration lives while any process runs the AEH; it is removed when the last
+//!   holder closes the socket.
 //! * A **private channel** per process carries connect requests, so their answers are
 //!   never read by a sibling process.
 //!

@@ -28,17 +28,18 @@
 //!
 //! * A bound UDP socket registers too; see [`udp`] (relay frames, keepalives, the
 //!   receiver list).
-//! * Shared listeners (see [`client`]): the registration channel and a mailbox of
+//! * Shared sockets (see [`client`]): the registration channel and a mailbox of
 //!   brokered connections are inherited across fork and handed across exec
-//!   (`GCB_INHERIT`), so every process holding the socket can serve it; the registration
-//!   ends when no process holds the socket.
+//!   (`GCB_INHERIT`, see [`inherit`]), so every process holding a registered TCP listener
+//!   or UDP socket can serve it and keep it alive; the registration ends when no process
+//!   holds the socket.
 //!
 //! * UDP between two registered GCB sockets punches a hole through both NATs ([`punch`]);
 //!   the relay carries the first datagrams and everything where punching fails.
 //!
 //! Limits today: IPv4 only; one broker per process; no TCP hole punching (TCP between
-//! two private networks goes through the broker's relay); UDP registrations are not
-//! handed across exec; `execl*`/`posix_spawn` get no handoff.
+//! two private networks goes through the broker's relay); `execl*`/`posix_spawn` get no
+//! handoff.
 
 pub mod client;
 pub mod inherit;
@@ -243,7 +244,7 @@ impl GcbLayer {
         Some((c.aeh_fds(), c.next_wakeup()))
     }
 
-    /// The `GCB_INHERIT` value for an exec, if registered listeners survive it.
+    /// The `GCB_INHERIT` value for an exec, if registered sockets survive it.
     pub fn handoff(&self) -> Option<String> {
         self.client.lock().handoff()
     }

@@ -26,6 +26,14 @@
 //! to it go straight to its NAT mapping as `From` frames carrying the logical source, and
 //! its direct frames are accepted only from its verified address. Frames from anyone
 //! else that is not our proxy are dropped and counted, never unwrapped.
+//!
+//! fork and exec: a fork child holds the socket and the registration like its parent. A
+//! socket that survives exec (no close-on-exec) is handed to the new image in
+//! `GCB_INHERIT` (`udp=`, see [`super::inherit`]) with its proxy, token and channel: the
+//! new image keeps the proxy address, strips frames, replies through the relay and sends
+//! keepalives and heartbeats; its receiver list starts empty (it refills from the next
+//! `From` frames) and punched peers punch again. Whichever holder runs the AEH keeps the
+//! registration alive; the last one to close the socket unregisters it.
 
 use gcb_proto::punch::{PunchTable, Verdict};
 use gcb_proto::udp::{self, UdpKind};
