@@ -33,19 +33,28 @@ const RUN: Duration = Duration::from_secs(40);
 // Programs
 // ---------------------------------------------------------------------------------------
 
-/// A UDP echo server. `echo.py PORT`: binds 0.0.0.0:PORT, prints `ADDR IP:PORT`
-/// (getsockname()), then for every datagram prints
+/// A UDP echo server. `echo.py PORT`: binds 0.0.0.0:PORT (`echo.py fd=N`: serves the
+/// already bound socket N instead, one an exec'ing image handed over), prints
+/// `ADDR IP:PORT` (getsockname()), then for every datagram prints
 /// `RECV SENDER LEN SHA256 TAG` and answers `SENDER TAG\n` + the datagram to its sender.
 /// SENDER is what recvfrom() reported. TAG: `OK`/`BAD` for a `GCBT SEQ SHA256\n BODY`
 /// datagram whose body does/does not hash to SHA256, `RAW` for anything else. A datagram
-/// starting with `LATE` is answered a second time 3 s later (`LATE-REPLY`).
+/// starting with `LATE` is answered a second time 3 s later (`LATE-REPLY`). The datagram
+/// `QUIT` closes the socket, prints `CLOSED` and exits.
 const ECHO: &str = r#"
 import hashlib, socket, sys, threading
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind(("0.0.0.0", int(sys.argv[1])))
+if sys.argv[1].startswith("fd="):
+    s = socket.socket(fileno=int(sys.argv[1][3:]))
+else:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("0.0.0.0", int(sys.argv[1])))
 print("ADDR %s:%d" % s.getsockname(), flush=True)
 while True:
     data, peer = s.recvfrom(65536)
+    if data == b"QUIT":
+        s.close()
+        print("CLOSED", flush=True)
+        sys.exit(0)
     seen = "%s:%d" % peer
     tag = "RAW"
     if data.startswith(b"GCBT "):
@@ -1969,5 +1978,241 @@ fn socat_select_clients_never_stall_on_punch_frames() {
             gcb_lab::sha256(&data),
             "echo {i} intact"
         );
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Exec handoff
+// ---------------------------------------------------------------------------------------
+
+/// A daemon that hands its bound UDP socket to an exec'd image (HTCondor-style).
+/// `exec_udp.py PORT ECHO_SCRIPT exec|fork`: binds 0.0.0.0:PORT (under GCB it registers),
+/// prints `PARENT IP:PORT` (getsockname()), keeps the socket across exec and then
+/// * `exec`: also binds a close-on-exec socket on PORT+1 (registered too; printed as
+///   `OTHER IP:PORT`), then execs `ECHO_SCRIPT fd=N` in its own place;
+/// * `fork`: forks a child that execs `ECHO_SCRIPT fd=N`, keeps its own copy and waits in
+///   select() (so its shim runs) until the child exits, prints `CHILD-EXITED`, and then
+///   serves the echo itself on the same socket (`ADDR` again, then as `ECHO`).
+const EXEC_UDP: &str = r#"
+import os, select, socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", int(sys.argv[1])))
+print("PARENT %s:%d" % s.getsockname(), flush=True)
+s.set_inheritable(True)
+echo = sys.argv[2]
+child = [sys.executable, "-u", echo, "fd=%d" % s.fileno()]
+if sys.argv[3] == "exec":
+    other = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    other.bind(("0.0.0.0", int(sys.argv[1]) + 1))
+    print("OTHER %s:%d" % other.getsockname(), flush=True)
+    os.execv(sys.executable, child)
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.executable, child)
+while os.waitpid(pid, os.WNOHANG) == (0, 0):
+    select.select([], [], [], 0.2)
+print("CHILD-EXITED", flush=True)
+fd = s.detach()
+sys.argv = [echo, "fd=%d" % fd]
+exec(compile(open(echo).read(), echo, "exec"))
+"#;
+
+/// Starts `EXEC_UDP` in a1 under GCB on `port` in `mode`; returns the address the
+/// registering image printed.
+fn exec_udp_server(rig: &mut Rig, port: u16, mode: &str, tag: &str) -> String {
+    fs::write(rig.path("exec_udp.py"), EXEC_UDP).unwrap();
+    let mut cmd = rig.cmd(Host::A1, true, tag, python());
+    cmd.arg("-u")
+        .arg(rig.path("exec_udp.py"))
+        .arg(port.to_string())
+        .arg(rig.path("echo.py"))
+        .arg(mode);
+    rig.start(cmd, tag);
+    rig.out_addr(tag, "PARENT ")
+}
+
+/// How many broker log lines contain `needle`.
+fn broker_lines(rig: &Rig, needle: &str) -> usize {
+    rig.broker_log()
+        .lines()
+        .filter(|l| l.contains(needle))
+        .count()
+}
+
+/// A registered UDP socket handed to an exec'd image keeps its registration: the new
+/// image reports the same proxy from getsockname(), strips the relay's frames (every
+/// payload comes back intact), answers through the relay (replies come from the proxy)
+/// and keeps the registration alive on its own: with a 1.5 s lease the registering image
+/// heartbeats every 500 ms, and the exec'd image must too (several leases pass before
+/// the clients send). The broker sees one registration, no re-registration, no expiry.
+/// A close-on-exec registered socket of the same image is not handed over.
+#[test]
+fn exec_handoff_keeps_the_udp_registration_and_serves() {
+    let mut rig = Rig::up(&["--lease-ms", "1500"]);
+    let parent = exec_udp_server(&mut rig, 9300, "exec", "udpexec");
+    assert!(
+        parent.starts_with(&format!("{BROKER}:")),
+        "getsockname() before the exec is not a proxy: {parent}"
+    );
+    let child = rig.out_addr("udpexec", "ADDR ");
+    assert_eq!(
+        child,
+        parent,
+        "getsockname() in the exec'd image is not the proxy\n{}",
+        rig.logs()
+    );
+    thread::sleep(Duration::from_secs(4)); // more than two leases
+    for (host, gcb) in [(Host::P2, false), (Host::B1, true), (Host::P2, false)] {
+        check_echo(
+            &rig,
+            (host, gcb),
+            &parent,
+            true,
+            &SIZES,
+            &[],
+            &public_ip(host),
+            true,
+        );
+    }
+    // Only the inheritable socket was handed over (the close-on-exec one on 9301 died
+    // with the exec), and its token never reached the log.
+    let other = rig.out_addr("udpexec", "OTHER ");
+    assert!(other.starts_with(&format!("{BROKER}:")), "{other}");
+    let shim_log = read(&rig.path("udpexec.shim.log"));
+    let inherited: Vec<&str> = shim_log
+        .lines()
+        .filter(|l| l.contains("inherited udp registration"))
+        .collect();
+    assert_eq!(inherited.len(), 1, "{shim_log}");
+    assert!(
+        inherited[0].contains(&format!("(10.1.0.11:9300) as proxy {parent}")),
+        "{shim_log}"
+    );
+    let handoff = shim_log
+        .lines()
+        .find(|l| l.contains("GCB_INHERIT="))
+        .unwrap_or_else(|| panic!("no handoff line:\n{shim_log}"));
+    assert!(
+        !handoff.contains(":9301") && !handoff.contains(&other) && handoff.contains("<token>"),
+        "{handoff}"
+    );
+    rig.assert_alive();
+    assert_eq!(
+        broker_lines(&rig, "registered udp socket local 10.1.0.11:9300 "),
+        1,
+        "{}",
+        rig.broker_log()
+    );
+    assert_eq!(
+        broker_lines(&rig, &format!("lease expired: proxy {parent} ")),
+        0,
+        "{}",
+        rig.broker_log()
+    );
+    for bad in [
+        "heartbeat from unknown client",
+        "duplicate register",
+        "unregistered",
+    ] {
+        assert_eq!(broker_lines(&rig, bad), 0, "{bad}:\n{}", rig.broker_log());
+    }
+}
+
+/// fork, then exec in the child, with the parent keeping its copy: both hold the
+/// registered socket. The child (the exec'd image) serves; when it closes its copy and
+/// exits, the registration stays (the parent still holds the socket) and the parent
+/// serves on the same proxy; when the parent, the last holder, closes it, the broker
+/// unregisters it at once.
+#[test]
+fn fork_exec_child_and_parent_share_the_udp_registration() {
+    let mut rig = Rig::up(&["--lease-ms", "1500"]);
+    let parent = exec_udp_server(&mut rig, 9301, "fork", "udpfork");
+    assert!(parent.starts_with(&format!("{BROKER}:")), "{parent}");
+    let child = rig.out_addr("udpfork", "ADDR ");
+    assert_eq!(child, parent, "the exec'd child's getsockname()");
+    thread::sleep(Duration::from_secs(3)); // two leases
+    for (host, gcb) in [(Host::P2, false), (Host::B1, true)] {
+        check_echo(
+            &rig,
+            (host, gcb),
+            &parent,
+            true,
+            &SIZES,
+            &[],
+            &public_ip(host),
+            true,
+        );
+    }
+    // The child closes its copy and exits: the parent still holds the socket.
+    send_hex(
+        &rig,
+        Host::P2,
+        "quit-child",
+        &parent,
+        &[b"QUIT".to_vec()],
+        &[],
+    );
+    let out = rig.path("udpfork.out");
+    wait_line(&out, UP, |l| l == "CHILD-EXITED")
+        .unwrap_or_else(|| panic!("the child did not exit\n{}", rig.logs()));
+    let wait_second_addr = Instant::now() + UP;
+    while read(&out)
+        .lines()
+        .filter(|l| l.starts_with("ADDR "))
+        .count()
+        < 2
+    {
+        assert!(Instant::now() < wait_second_addr, "{}", read(&out));
+        thread::sleep(Duration::from_millis(30));
+    }
+    let lines: Vec<String> = read(&out)
+        .lines()
+        .filter(|l| l.starts_with("ADDR "))
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(
+        lines[1],
+        format!("ADDR {parent}"),
+        "the parent's getsockname()"
+    );
+    thread::sleep(Duration::from_secs(3)); // two leases on the parent's heartbeats alone
+    assert_eq!(
+        broker_lines(&rig, "unregistered"),
+        0,
+        "the child's close unregistered the parent's socket:\n{}",
+        rig.broker_log()
+    );
+    check_echo(
+        &rig,
+        (Host::P2, false),
+        &parent,
+        true,
+        &SIZES,
+        &[],
+        &public_ip(Host::P2),
+        true,
+    );
+    // The parent, the last holder, closes it: unregistered now, not at lease expiry.
+    send_hex(
+        &rig,
+        Host::P2,
+        "quit-parent",
+        &parent,
+        &[b"QUIT".to_vec()],
+        &[],
+    );
+    let t = Instant::now();
+    let line = wait_line(&rig.path("broker.log"), Duration::from_secs(5), |l| {
+        l.contains("unregistered proxy")
+    })
+    .unwrap_or_else(|| panic!("no unregister after the last close\n{}", rig.logs()));
+    assert!(
+        line.contains(&format!("unregistered proxy {parent} ")),
+        "{line}"
+    );
+    assert!(t.elapsed() < Duration::from_secs(2), "unregister was late");
+    assert_eq!(broker_lines(&rig, "registered udp socket"), 1);
+    for bad in ["lease expired", "heartbeat from unknown client"] {
+        assert_eq!(broker_lines(&rig, bad), 0, "{bad}:\n{}", rig.broker_log());
     }
 }

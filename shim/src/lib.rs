@@ -56,9 +56,12 @@
 //! pthread_atfork handlers take the table lock and every entry lock before fork and
 //! re-initialise them in the child. vfork/posix_spawn children share our memory and run no
 //! handlers; hooks detect them by pid and never mutate the table there. exec is
-//! pass-through with a seam for handing GCB state to the new image; `execl*` are variadic
-//! and reach the kernel through glibc internals, so they are not seen (see
-//! [`hooks::process`]).
+//! pass-through except that, just before it, the layers write `GCB_INHERIT`: the
+//! registered sockets that survive the exec (no close-on-exec) — GCB's TCP listeners and
+//! UDP sockets with their proxies, UDP tokens and channels, DPF's mappings — which the
+//! new image's shim adopts at load after checking that each fd still is that socket (see
+//! [`gcb::inherit`], [`dpf`]). `execl*` are variadic and reach the kernel through glibc
+//! internals, so they are not seen (see [`hooks::process`]).
 //!
 //! ## Initialisation
 //!

@@ -6,11 +6,12 @@
 //! * A **registration channel** (UDP socket connected to the broker) carries register,
 //!   heartbeat and unregister requests, and receives the broker's `connect_back` and
 //!   `reregister_request`. Like the paper's management socket it shares the fate of the
-//!   listening sockets: it is inherited across fork (and handed across exec), so every
-//!   process that holds a registered listener (socat `fork` children, pre-fork workers, a
-//!   daemon's exec'd child) can serve the broker's commands, and the broker sees one
-//!   client. Any holder sends heartbeats, so the registration lives while any process
-//!   runs the AEH; it is removed when the last holder closes the socket.
+//!   registered sockets: it is inherited across fork (and handed across exec), so every
+//!   process that holds a registered listener or UDP socket (socat `fork` children,
+//!   pre-fork workers, a daemon's exec'd child) can serve the broker's commands, and the
+//!   broker sees one client. Any holder sends heartbeats (and, for UDP, keepalives), so
+//!   the registration lives while any process runs the AEH; it is removed when the last
+//!   holder closes the socket.
 //! * A **private channel** per process carries connect requests, so their answers are
 //!   never read by a sibling process.
 //!
@@ -31,6 +32,7 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
+use super::inherit::{self, Entry, UdpEntry};
 use super::net;
 use super::standby::{Standby, StandbyEvent, StandbySlot, Watch};
 use super::GcbSock;
@@ -71,6 +73,11 @@ pub fn inode(fd: c_int) -> Option<u64> {
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
     // SAFETY: st is writable.
     (unsafe { libc::fstat(fd, &mut st) } == 0).then_some(st.st_ino)
+}
+
+/// Whether `fd` stays open across exec (no close-on-exec).
+fn survives_exec(fd: c_int) -> bool {
+    crate::sys::fcntl_raw(fd, libc::F_GETFD, 0).is_ok_and(|f| f & libc::FD_CLOEXEC == 0)
 }
 
 /// Does any process other than us hold the socket with this inode? (Scans /proc; runs
@@ -1144,122 +1151,145 @@ impl Client {
     }
 
     /// The environment entry that hands this process's registrations to an exec'd image
-    /// (`GCB_INHERIT`), for the listening fds that survive exec. Clears close-on-exec on
-    /// the channel and mailbox fds they need.
+    /// (`GCB_INHERIT`, see [`super::inherit`]), for the registered sockets whose fds
+    /// survive exec (close-on-exec ones are left out): TCP listeners (`reg=`) and UDP
+    /// sockets (`udp=`, with their token), the channels they are registered on, the
+    /// mailbox, and the heartbeat interval (fitted to a lease the new image has not
+    /// seen). Clears close-on-exec on the channel and mailbox fds they need.
     pub fn handoff(&self) -> Option<String> {
         let mbox = self.mailbox.as_ref()?;
-        let mut regs = Vec::new();
+        let mut regs: Vec<Entry> = Vec::new();
         let mut chans = HashSet::new();
         for ((_, proxy), r) in &self.regs {
-            let Some(entry) = r.entry.upgrade() else {
+            let Some(c) = self.families.iter().find(|c| c.id == r.chan) else {
                 continue;
             };
-            for fd in fdtable::fds_of(&entry) {
-                let keeps = crate::sys::fcntl_raw(fd, libc::F_GETFD, 0)
-                    .is_ok_and(|f| f & libc::FD_CLOEXEC == 0);
-                if keeps {
-                    let Some(c) = self.families.iter().find(|c| c.id == r.chan) else {
+            let ctl = c.fd.fd();
+            let before = regs.len();
+            match &r.udp {
+                None => {
+                    let Some(entry) = r.entry.upgrade().filter(|_| r.inode != 0) else {
                         continue;
                     };
-                    chans.insert(c.fd.fd());
-                    regs.push(format!(
-                        "reg={fd}:{}:{proxy}:{}:{}:{}",
-                        r.inode,
-                        r.local,
-                        r.listen_at,
-                        c.fd.fd()
-                    ));
+                    for fd in fdtable::fds_of(&entry) {
+                        if survives_exec(fd) {
+                            regs.push(Entry::Reg {
+                                fd,
+                                ino: r.inode,
+                                proxy: *proxy,
+                                local: r.local,
+                                listen_at: r.listen_at,
+                                ctl,
+                            });
+                        }
+                    }
                 }
+                // Every socket of ours that holds the registration, every fd of each.
+                Some(u) => {
+                    for entry in u.holders.iter().filter_map(Weak::upgrade) {
+                        for fd in fdtable::fds_of(&entry) {
+                            let Some(ino) = inode(fd).filter(|_| survives_exec(fd)) else {
+                                continue;
+                            };
+                            regs.push(Entry::Udp(UdpEntry {
+                                fd,
+                                ino,
+                                proxy: *proxy,
+                                local: r.local,
+                                ctl,
+                                token: u.token.clone(),
+                            }));
+                        }
+                    }
+                }
+            }
+            if regs.len() > before {
+                chans.insert(ctl);
             }
         }
         if regs.is_empty() {
             return None;
         }
-        let mut parts = vec!["v1".to_owned()];
+        let mut parts = vec![inherit::VERSION.to_owned()];
         for fd in chans.iter().copied().chain([mbox.tx.fd(), mbox.rx.fd()]) {
             let _ = crate::sys::fcntl_raw(fd, libc::F_SETFD, 0);
         }
         for fd in chans {
-            parts.push(format!("ctl={fd}:{}", inode(fd).unwrap_or(0)));
+            parts.push(
+                Entry::Ctl {
+                    fd,
+                    ino: inode(fd).unwrap_or(0),
+                }
+                .format(),
+            );
         }
-        parts.push(format!(
-            "mbox={}:{}:{}:{}",
-            mbox.tx.fd(),
-            inode(mbox.tx.fd()).unwrap_or(0),
-            mbox.rx.fd(),
-            inode(mbox.rx.fd()).unwrap_or(0)
-        ));
-        parts.extend(regs);
+        parts.push(
+            Entry::Mbox {
+                tx: mbox.tx.fd(),
+                tx_ino: inode(mbox.tx.fd()).unwrap_or(0),
+                rx: mbox.rx.fd(),
+                rx_ino: inode(mbox.rx.fd()).unwrap_or(0),
+            }
+            .format(),
+        );
+        parts.extend(regs.iter().map(Entry::format));
+        parts.push(Entry::Heartbeat(self.heartbeat.interval()).format());
         Some(parts.join(";"))
     }
 
     /// In a new image: take over what the exec'ing image handed over in `GCB_INHERIT`.
-    /// Every fd is checked against its recorded inode; anything that does not match is
-    /// ignored, and inherited channel fds that serve no listener are closed.
-    pub fn adopt(&mut self, spec: &str) -> Vec<(c_int, SocketAddrV4, SocketAddrV4)> {
+    /// Every fd is checked against its recorded inode (it must still be that socket);
+    /// anything that does not match is ignored, a malformed entry with one log line.
+    /// Inherited channel fds that serve no registration are closed. Returns what was
+    /// adopted: (fd, transport, local, proxy).
+    pub fn adopt(&mut self, spec: &str) -> Vec<(c_int, Transport, SocketAddrV4, SocketAddrV4)> {
         let mut adopted = Vec::new();
-        let mut parts = spec.split(';');
-        if parts.next() != Some("v1") {
-            return adopted;
+        let (entries, bad) = inherit::parse(spec);
+        for why in bad {
+            crate::warn!("GCB_INHERIT: ignored {}", why);
         }
-        let fd_ok = |fd: c_int, ino: u64| ino != 0 && inode(fd) == Some(ino);
-        let mut ctls: HashMap<c_int, u64> = HashMap::new();
+        let fd_ok = |fd: c_int, ino: u64| inode(fd) == Some(ino);
+        let mut ctls: HashSet<c_int> = HashSet::new();
         let mut mbox: Option<(c_int, c_int)> = None;
         let mut regs = Vec::new();
-        for p in parts {
-            let (k, v) = p.split_once('=').unwrap_or(("", ""));
-            let f: Vec<&str> = v.split(':').collect();
-            let num = |i: usize| f.get(i).and_then(|s| s.parse::<u64>().ok());
-            let addr = |i: usize| {
-                Some(SocketAddrV4::new(
-                    f.get(i)?.parse().ok()?,
-                    f.get(i + 1)?.parse().ok()?,
-                ))
-            };
-            match k {
-                "ctl" => {
-                    if let (Some(fd), Some(ino)) = (num(0), num(1)) {
-                        if fd_ok(fd as c_int, ino) {
-                            ctls.insert(fd as c_int, ino);
-                        }
-                    }
+        let mut udps: Vec<UdpEntry> = Vec::new();
+        let mut heartbeat = None;
+        for e in entries {
+            match e {
+                Entry::Ctl { fd, ino } if fd_ok(fd, ino) => {
+                    ctls.insert(fd);
                 }
-                "mbox" => {
-                    if let (Some(t), Some(ti), Some(r), Some(ri)) = (num(0), num(1), num(2), num(3))
-                    {
-                        if fd_ok(t as c_int, ti) && fd_ok(r as c_int, ri) {
-                            mbox = Some((t as c_int, r as c_int));
-                        }
-                    }
-                }
-                "reg" => {
-                    // fd:ino:proxyip:port:localip:port:listenip:port:ctlfd
-                    if let (
-                        Some(fd),
-                        Some(ino),
-                        Some(proxy),
-                        Some(local),
-                        Some(listen_at),
-                        Some(ctl),
-                    ) = (num(0), num(1), addr(2), addr(4), addr(6), num(8))
-                    {
-                        if fd_ok(fd as c_int, ino) {
-                            regs.push((fd as c_int, ino, proxy, local, listen_at, ctl as c_int));
-                        }
-                    }
-                }
-                _ => {}
+                Entry::Mbox {
+                    tx,
+                    tx_ino,
+                    rx,
+                    rx_ino,
+                } if fd_ok(tx, tx_ino) && fd_ok(rx, rx_ino) => mbox = Some((tx, rx)),
+                Entry::Reg {
+                    fd,
+                    ino,
+                    proxy,
+                    local,
+                    listen_at,
+                    ctl,
+                } if fd_ok(fd, ino) => regs.push((fd, ino, proxy, local, listen_at, ctl)),
+                Entry::Udp(u) if fd_ok(u.fd, u.ino) && super::udp::is_udp4(u.fd) => udps.push(u),
+                Entry::Heartbeat(d) => heartbeat = Some(d),
+                other => crate::debug!(
+                    "GCB_INHERIT: {} is no longer what it was; ignored",
+                    inherit::redacted(&other.format())
+                ),
             }
         }
         let Some((tx, rx)) = mbox else {
-            for fd in ctls.keys() {
-                net::close(*fd);
+            for fd in ctls {
+                net::close(fd);
             }
             return adopted;
         };
         let mut chan_of: HashMap<c_int, u64> = HashMap::new();
-        for (&fd, _) in ctls.iter() {
-            if !regs.iter().any(|r| r.5 == fd) {
+        for fd in ctls {
+            if !regs.iter().any(|r| r.5 == fd) && !udps.iter().any(|u| u.ctl == fd) {
                 net::close(fd);
                 continue;
             }
@@ -1281,6 +1311,11 @@ impl Client {
             (Ok(tx), Ok(rx)) => self.mailbox = Some(Mailbox { tx, rx }),
             _ => return adopted,
         }
+        // The exec'ing image's heartbeat may have been fitted to the broker's lease.
+        if let Some(d) = heartbeat.filter(|d| *d < self.heartbeat.interval()) {
+            crate::debug!("heartbeat every {:?}, as the exec'ing image did", d);
+            self.heartbeat = Ticker::new(d);
+        }
         for (fd, ino, proxy, local, listen_at, ctl) in regs {
             let Some(&chan) = chan_of.get(&ctl) else {
                 continue;
@@ -1301,12 +1336,84 @@ impl Client {
                     standby: None,
                 },
             );
-            adopted.push((fd, local, proxy));
+            adopted.push((fd, Transport::Tcp, local, proxy));
         }
+        self.adopt_udp(udps, &chan_of, &mut adopted);
         if self.local_ip.is_none() {
             self.ensure_local_ip();
         }
         adopted
+    }
+
+    /// Adopt inherited registered UDP sockets (fds already checked): each gets its
+    /// [`super::udp::UdpSock`] back with the same proxy (an empty receiver list, no
+    /// punch records: peers punch again) and holds the registration with its token; the
+    /// first keepalive goes out at the AEH's first run.
+    fn adopt_udp(
+        &mut self,
+        udps: Vec<UdpEntry>,
+        chan_of: &HashMap<c_int, u64>,
+        adopted: &mut Vec<(c_int, Transport, SocketAddrV4, SocketAddrV4)>,
+    ) {
+        // dup'd fds of one socket share one table entry, as in the exec'ing image.
+        let mut by_ino: HashMap<u64, Arc<FdEntry>> = HashMap::new();
+        for u in udps {
+            let Some(&chan) = chan_of.get(&u.ctl) else {
+                continue;
+            };
+            let key = (Transport::Udp, u.proxy);
+            if self.regs.get(&key).is_some_and(|r| r.local != u.local) {
+                crate::warn!(
+                    "GCB_INHERIT: udp fd {} claims proxy {} of another local address; ignored",
+                    u.fd,
+                    u.proxy
+                );
+                continue;
+            }
+            if let Some(e) = by_ino.get(&u.ino) {
+                if let Ok(displaced) = fdtable::insert(u.fd, e.clone()) {
+                    drop(displaced);
+                    adopted.push((u.fd, Transport::Udp, u.local, u.proxy));
+                }
+                continue;
+            }
+            let Some(entry) = super::socket_entry(u.fd, None) else {
+                continue;
+            };
+            if let FdKind::Socket(s) = &entry.kind {
+                s.state.lock().layer = Some(Box::new(super::udp::UdpSock::new(
+                    u.proxy,
+                    *self.broker.ip(),
+                )));
+            }
+            match self.regs.get_mut(&key).and_then(|r| r.udp.as_mut()) {
+                // Another socket on the same local address (SO_REUSEADDR) holds it too.
+                Some(reg) => reg.holders.push(Arc::downgrade(&entry)),
+                None => {
+                    self.regs.insert(
+                        key,
+                        Registration {
+                            local: u.local,
+                            listen_at: u.local,
+                            inode: u.ino,
+                            chan,
+                            entry: Arc::downgrade(&entry),
+                            udp: Some(UdpReg {
+                                holders: vec![Arc::downgrade(&entry)],
+                                token: u.token,
+                                // The NAT mapping and the broker's data address are
+                                // the exec'ing image's: one keepalive refreshes them.
+                                quick_left: 0,
+                                next_dummy: Instant::now(),
+                            }),
+                            standby: None,
+                        },
+                    );
+                }
+            }
+            by_ino.insert(u.ino, entry);
+            adopted.push((u.fd, Transport::Udp, u.local, u.proxy));
+        }
     }
 
     /// UDP hole punching (see [`super::punch`]): the socket `entry`, registered as

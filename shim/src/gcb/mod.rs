@@ -29,10 +29,11 @@
 //! * A bound UDP socket registers too (port 0: at its first getsockname() or send to the
 //!   broker's host); see [`udp`] (relay frames, keepalives, the
 //!   receiver list).
-//! * Shared listeners (see [`client`]): the registration channel and a mailbox of
+//! * Shared sockets (see [`client`]): the registration channel and a mailbox of
 //!   brokered connections are inherited across fork and handed across exec
-//!   (`GCB_INHERIT`), so every process holding the socket can serve it; the registration
-//!   ends when no process holds the socket.
+//!   (`GCB_INHERIT`, see [`inherit`]), so every process holding a registered TCP listener
+//!   or UDP socket can serve it and keep it alive; the registration ends when no process
+//!   holds the socket.
 //!
 //! * UDP between two registered GCB sockets punches a hole through both NATs ([`punch`]);
 //!   the relay carries the first datagrams and everything where punching fails. The
@@ -40,10 +41,11 @@
 //!   program: select/poll and epoll ([`udp_epoll`]) hide readiness they alone caused.
 //!
 //! Limits today: IPv4 only; one broker per process; no TCP hole punching (TCP between
-//! two private networks goes through the broker's relay); UDP registrations are not
-//! handed across exec; `execl*`/`posix_spawn` get no handoff.
+//! two private networks goes through the broker's relay); `execl*`/`posix_spawn` get no
+//! handoff.
 
 pub mod client;
+pub mod inherit;
 pub mod net;
 pub mod punch;
 pub mod standby;
@@ -246,20 +248,28 @@ impl GcbLayer {
         Some((c.aeh_fds(), c.next_wakeup()))
     }
 
-    /// The `GCB_INHERIT` value for an exec, if registered listeners survive it.
+    /// The `GCB_INHERIT` value for an exec, if registered sockets survive it.
     pub fn handoff(&self) -> Option<String> {
         self.client.lock().handoff()
     }
 
     /// At init of an exec'd image: adopt the registrations handed over in `spec`.
     pub fn adopt(&self, spec: &str) {
-        for (fd, local, proxy) in self.client.lock().adopt(spec) {
-            crate::info!(
-                "inherited registration of fd {} ({}) as proxy {}",
-                fd,
-                local,
-                proxy
-            );
+        for (fd, transport, local, proxy) in self.client.lock().adopt(spec) {
+            match transport {
+                Transport::Tcp => crate::info!(
+                    "inherited registration of fd {} ({}) as proxy {}",
+                    fd,
+                    local,
+                    proxy
+                ),
+                Transport::Udp => crate::info!(
+                    "inherited udp registration of fd {} ({}) as proxy {}",
+                    fd,
+                    local,
+                    proxy
+                ),
+            }
         }
     }
 

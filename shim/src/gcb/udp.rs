@@ -27,6 +27,14 @@
 //! to it go straight to its NAT mapping as `From` frames carrying the logical source, and
 //! its direct frames are accepted only from its verified address. Frames from anyone
 //! else that is not our proxy are dropped and counted, never unwrapped.
+//!
+//! fork and exec: a fork child holds the socket and the registration like its parent. A
+//! socket that survives exec (no close-on-exec) is handed to the new image in
+//! `GCB_INHERIT` (`udp=`, see [`super::inherit`]) with its proxy, token and channel: the
+//! new image keeps the proxy address, strips frames, replies through the relay and sends
+//! keepalives and heartbeats; its receiver list starts empty (it refills from the next
+//! `From` frames) and punched peers punch again. Whichever holder runs the AEH keeps the
+//! registration alive; the last one to close the socket unregisters it.
 
 use gcb_proto::punch::{PunchTable, Verdict};
 use gcb_proto::udp::{self, UdpKind};
@@ -55,6 +63,20 @@ pub struct UdpSock {
     pub punch: PunchTable,
     /// The broker's IP: a send to another address on it may be punched.
     pub broker: Ipv4Addr,
+}
+
+impl UdpSock {
+    /// A registered socket's state: relayed through `proxy` on the broker at `broker`,
+    /// no sender heard yet, nothing punched.
+    pub fn new(proxy: SocketAddrV4, broker: Ipv4Addr) -> UdpSock {
+        UdpSock {
+            proxy,
+            peer: None,
+            receivers: HashSet::new(),
+            punch: PunchTable::new(),
+            broker,
+        }
+    }
 }
 
 /// Marks a UDP socket the program bound to port 0: it registers only when its address
@@ -200,13 +222,7 @@ impl GcbLayer {
         match c.register_udp(reg_local, &entry, fd) {
             Ok((proxy, token)) => {
                 if let FdKind::Socket(s) = &entry.kind {
-                    s.state.lock().layer = Some(Box::new(UdpSock {
-                        proxy,
-                        peer: None,
-                        receivers: HashSet::new(),
-                        punch: PunchTable::new(),
-                        broker: *c.broker.ip(),
-                    }));
+                    s.state.lock().layer = Some(Box::new(UdpSock::new(proxy, *c.broker.ip())));
                 }
                 send_keepalive(fd, proxy, &token);
                 crate::info!(

@@ -14,9 +14,10 @@
 //!   implements them by building an argv and calling `__execve`/`__execvpe` internally, so
 //!   they are NOT seen by the shim, so they get no GCB handoff. `fexecve`/`execveat` and
 //!   `posix_spawn` are not hooked either.
-//! * GCB handoff: when registered listening sockets survive the exec (no FD_CLOEXEC), the
-//!   layer's `exec_handoff` gives a `GCB_INHERIT` value (fds, inodes, proxies) that the
-//!   new image's shim adopts at init (see [`crate::gcb`]).
+//! * GCB handoff: when registered sockets (TCP listeners, UDP sockets, DPF mappings)
+//!   survive the exec (no FD_CLOEXEC), the layer's `exec_handoff` gives a `GCB_INHERIT`
+//!   value (fds, inodes, proxies, UDP tokens) that the new image's shim adopts at init
+//!   (see [`crate::gcb::inherit`]). The debug log line shows it without the tokens.
 //!
 //! In a vfork child these hooks allocate nothing (the handoff is skipped there).
 
@@ -63,7 +64,7 @@ impl std::fmt::Display for CDisplay {
 }
 
 /// The exec seam: log, and ask the layer for a `GCB_INHERIT` value that hands its state
-/// (registered listening sockets that survive exec) to the new image. Not in a vfork
+/// (registered sockets that survive exec) to the new image. Not in a vfork
 /// child (shared memory, no allocation allowed).
 fn exec_seam(func: &str, path: *const c_char) -> Option<CString> {
     crate::debug!("{}({})", func, CDisplay(path));
@@ -71,7 +72,10 @@ fn exec_seam(func: &str, path: *const c_char) -> Option<CString> {
         return None;
     }
     let v = layer::active()?.exec_handoff()?;
-    crate::debug!("handing over to the new image: GCB_INHERIT={}", v);
+    crate::debug!(
+        "handing over to the new image: GCB_INHERIT={}",
+        crate::gcb::inherit::redacted(&v)
+    );
     CString::new(format!("{INHERIT}={v}")).ok()
 }
 
