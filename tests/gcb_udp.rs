@@ -1567,6 +1567,70 @@ fn port_zero_udp_sockets_register_when_needed() {
     rig.assert_alive();
 }
 
+/// Binds a UDP socket to port 0 (so it is not registered yet), execs itself with the
+/// socket kept open, and in the new image prints `AFTER ip:port` (getsockname()) and
+/// echoes one datagram (`SERVED n`).
+const PENDING_EXEC: &str = r#"
+import os, socket, sys, time
+if len(sys.argv) > 2 and sys.argv[1] == "after":
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, 0, int(sys.argv[2]))
+    print("AFTER %s:%d" % s.getsockname(), flush=True)
+    data, peer = s.recvfrom(70000)
+    s.sendto(("%s:%d RAW\n" % peer).encode() + data, peer)
+    print("SERVED %d" % len(data), flush=True)
+    time.sleep(600)
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", 0))
+os.set_inheritable(s.fileno(), True)
+os.execv(sys.executable, [sys.executable, "-u", sys.argv[0], "after", str(s.fileno())])
+"#;
+
+/// A port-0 socket that has not registered yet is handed across exec as such: the new
+/// image registers it at its first getsockname(), and a plain sender reaches it there.
+#[test]
+fn pending_udp_socket_registers_after_exec() {
+    let mut rig = Rig::up(&[]);
+    fs::write(rig.path("pending_exec.py"), PENDING_EXEC).unwrap();
+    let mut cmd = rig.cmd(Host::A1, true, "pending-exec", python());
+    cmd.arg("-u").arg(rig.path("pending_exec.py"));
+    rig.start(cmd, "pending-exec");
+    let proxy = rig.out_addr("pending-exec", "AFTER ");
+    assert!(
+        proxy.starts_with(&format!("{BROKER}:")) && proxy != format!("{BROKER}:{BROKER_PORT}"),
+        "the exec'd image's getsockname() is not a proxy: {proxy}\n{}",
+        rig.logs()
+    );
+    let shim = read(&rig.path("pending-exec.shim.log"));
+    assert!(
+        shim.contains("inherited pending udp fd"),
+        "not handed over as pending:\n{}",
+        rig.logs()
+    );
+    check_echo(
+        &rig,
+        (Host::P2, false),
+        &proxy,
+        true,
+        &[1400],
+        &[],
+        "203.0.113.11",
+        true,
+    );
+    let out = rig.path("pending-exec.out");
+    assert!(
+        wait_line(&out, UP, |l| l == "SERVED 1400").is_some(),
+        "{}",
+        read(&out)
+    );
+    assert_eq!(
+        rig.broker_log().matches("registered udp socket").count(),
+        1,
+        "{}",
+        rig.logs()
+    );
+    rig.assert_alive();
+}
+
 /// GCB to GCB over UDP (issue 5, paper 4.2.1): b1 and a1, behind two different NATs
 /// (home-router-like: see `cpe_gateways`), both under GCB with registered (bound) sockets. The first datagram goes through the
 /// relay; the shims punch through both NATs (Dummy/DummyAck with the broker's nonce) and

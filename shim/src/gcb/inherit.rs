@@ -12,7 +12,9 @@
 //!   its registration token (the broker's 32 lowercase hex characters, which the new
 //!   image's keepalives carry);
 //! * `hb=MS` — the heartbeat interval the exec'ing image used (fitted to the broker's
-//!   lease, which the new image has not seen).
+//!   lease, which the new image has not seen);
+//! * `udpq=FD:INO` — a UDP socket bound to port 0 that has not registered yet
+//!   ([`super::udp::UdpPending`]; formatted and adopted in [`super::udp`]).
 //!
 //! This module only formats and parses; the adopting image checks every fd against its
 //! inode (the fd must still be that socket) before it trusts an entry. A malformed entry

@@ -250,11 +250,22 @@ impl GcbLayer {
 
     /// The `GCB_INHERIT` value for an exec, if registered sockets survive it.
     pub fn handoff(&self) -> Option<String> {
-        self.client.lock().handoff()
+        let pending = udp::pending_handoff();
+        let regs = self.client.lock().handoff();
+        if pending.is_empty() {
+            return regs;
+        }
+        let mut v = regs.unwrap_or_else(|| inherit::VERSION.to_owned());
+        for p in pending {
+            v.push(';');
+            v.push_str(&p);
+        }
+        Some(v)
     }
 
     /// At init of an exec'd image: adopt the registrations handed over in `spec`.
     pub fn adopt(&self, spec: &str) {
+        udp::adopt_pending(spec);
         for (fd, transport, local, proxy) in self.client.lock().adopt(spec) {
             match transport {
                 Transport::Tcp => crate::info!(

@@ -46,7 +46,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::{net, GcbLayer};
-use crate::fdtable::{FdEntry, FdKind};
+use crate::fdtable::{self, FdEntry, FdKind};
 use crate::layer::{AddrOut, IoCall, Outcome};
 
 /// Most senders a socket remembers for replies (a new one beyond it replaces the list).
@@ -107,6 +107,47 @@ fn take_pending(entry: &FdEntry) -> bool {
         return true;
     }
     false
+}
+
+/// `udpq=FD:INO` entries of `GCB_INHERIT` for the [`UdpPending`] sockets that survive an
+/// exec (not close-on-exec): the new image marks them pending again.
+pub fn pending_handoff() -> Vec<String> {
+    // (The sockets' own locks are taken outside the table scan.)
+    fdtable::fds_matching(|e| matches!(e.kind, FdKind::Socket(_)))
+        .into_iter()
+        .filter(|&fd| fdtable::get(fd).is_some_and(|e| is_pending(&e)))
+        .filter(|&fd| {
+            crate::sys::fcntl_raw(fd, libc::F_GETFD, 0).is_ok_and(|f| f & libc::FD_CLOEXEC == 0)
+        })
+        .filter_map(|fd| Some(format!("udpq={fd}:{}", super::client::inode(fd)?)))
+        .collect()
+}
+
+/// In an exec'd image: mark the `udpq=` sockets of `spec` pending again, each if its fd
+/// still is that UDP socket (inode checked); malformed entries are skipped.
+pub fn adopt_pending(spec: &str) {
+    for v in spec.split(';').filter_map(|p| p.strip_prefix("udpq=")) {
+        let Some((fd, ino)) = v
+            .split_once(':')
+            .and_then(|(fd, ino)| Some((fd.parse::<c_int>().ok()?, ino.parse::<u64>().ok()?)))
+        else {
+            crate::warn!("GCB_INHERIT: ignored malformed udpq= entry");
+            continue;
+        };
+        if ino == 0 || super::client::inode(fd) != Some(ino) || !is_udp4(fd) {
+            continue;
+        }
+        let entry = fdtable::get(fd);
+        if entry.as_ref().is_some_and(|e| state(e).is_some()) {
+            continue;
+        }
+        if let Some(entry) = super::socket_entry(fd, entry.as_ref()) {
+            if let FdKind::Socket(s) = &entry.kind {
+                s.state.lock().layer = Some(Box::new(UdpPending));
+                crate::debug!("inherited pending udp fd {}", fd);
+            }
+        }
+    }
 }
 
 /// Where a send call goes (None: the kernel-connected peer).
