@@ -1234,6 +1234,31 @@ while True:
         s.sendto(("%s RAW\n" % seen).encode() + data, peer)
 "#;
 
+/// Starts `MUX` (written to mux.py) under GCB in a1 on `port` and `port + 1`, waiting
+/// with `how`; returns its tag and the two addresses it printed (proxies).
+fn start_mux(rig: &mut Rig, how: &str, port: u16) -> (String, Vec<String>) {
+    let tag = format!("mux-{how}");
+    let mut cmd = rig.cmd(Host::A1, true, &tag, python());
+    cmd.arg("-u")
+        .arg(rig.path("mux.py"))
+        .arg(port.to_string())
+        .arg(how);
+    rig.start(cmd, &tag);
+    let out = rig.path(&format!("{tag}.out"));
+    let mut addrs = Vec::new();
+    let deadline = Instant::now() + UP;
+    while addrs.len() < 2 && Instant::now() < deadline {
+        addrs = read(&out)
+            .lines()
+            .filter_map(|l| l.strip_prefix("ADDR "))
+            .map(str::to_owned)
+            .collect();
+        thread::sleep(Duration::from_millis(30));
+    }
+    assert_eq!(addrs.len(), 2, "{tag}: {}\n{}", read(&out), rig.logs());
+    (tag, addrs)
+}
+
 /// select/poll/epoll servers with two registered UDP sockets: readiness must mean a
 /// datagram for the program (the shim's own DummyAcks must not make a socket readable and
 /// then block the program in recvfrom()), so each socket is served independently and at
@@ -1244,26 +1269,7 @@ fn select_poll_epoll_servers_serve_each_socket_at_once() {
     fs::write(rig.path("mux.py"), MUX).unwrap();
     let mut targets = Vec::new();
     for (i, how) in ["select", "poll", "epoll"].into_iter().enumerate() {
-        let port = 9000 + 10 * i as u16;
-        let tag = format!("mux-{how}");
-        let mut cmd = rig.cmd(Host::A1, true, &tag, python());
-        cmd.arg("-u")
-            .arg(rig.path("mux.py"))
-            .arg(port.to_string())
-            .arg(how);
-        rig.start(cmd, &tag);
-        let out = rig.path(&format!("{tag}.out"));
-        let mut addrs = Vec::new();
-        let deadline = Instant::now() + UP;
-        while addrs.len() < 2 && Instant::now() < deadline {
-            addrs = read(&out)
-                .lines()
-                .filter_map(|l| l.strip_prefix("ADDR "))
-                .map(str::to_owned)
-                .collect();
-            thread::sleep(Duration::from_millis(30));
-        }
-        assert_eq!(addrs.len(), 2, "{tag}: {}\n{}", read(&out), rig.logs());
+        let (tag, addrs) = start_mux(&mut rig, how, 9000 + 10 * i as u16);
         targets.push((tag, addrs));
     }
     // Control: the same program without GCB (in a2, reached from a1 on the LAN) serves
@@ -1371,26 +1377,7 @@ fn punch_frames_never_block_mux_servers() {
     fs::write(rig.path("punch_then_other.py"), PUNCH_THEN_OTHER).unwrap();
     let mut failures = Vec::new();
     for (i, how) in ["select", "poll", "epoll"].into_iter().enumerate() {
-        let port = 9000 + 10 * i as u16;
-        let tag = format!("mux-{how}");
-        let mut cmd = rig.cmd(Host::A1, true, &tag, python());
-        cmd.arg("-u")
-            .arg(rig.path("mux.py"))
-            .arg(port.to_string())
-            .arg(how);
-        rig.start(cmd, &tag);
-        let out = rig.path(&format!("{tag}.out"));
-        let mut addrs = Vec::new();
-        let deadline = Instant::now() + UP;
-        while addrs.len() < 2 && Instant::now() < deadline {
-            addrs = read(&out)
-                .lines()
-                .filter_map(|l| l.strip_prefix("ADDR "))
-                .map(str::to_owned)
-                .collect();
-            thread::sleep(Duration::from_millis(30));
-        }
-        assert_eq!(addrs.len(), 2, "{tag}: {}\n{}", read(&out), rig.logs());
+        let (tag, addrs) = start_mux(&mut rig, how, 9000 + 10 * i as u16);
         let ctag = format!("punch-{how}");
         let mut cmd = rig.cmd(Host::B1, true, &ctag, python());
         cmd.arg("-u").arg(rig.path("punch_then_other.py")).args([
