@@ -88,7 +88,9 @@
 //!   re-creates a mapping that was removed while the client was
 //!   unreachable).
 //! * Same public port reuse: a public port handed to a new client has its
-//!   old connection-tracking entries removed before the reply is sent.
+//!   old connection-tracking entries removed before the reply is sent (only
+//!   ports that may have some run the conntrack tool; see
+//!   [`core`], "Conntrack", also for the residual risk).
 //!
 //! ## Kernel table
 //!
