@@ -25,7 +25,9 @@
 //! chain with `policy drop` needs `ct status dnat accept` (the admin's
 //! decision; the daemon never edits other tables).
 //!
-//! Every change is one `nft -f -` transaction (atomic: all or nothing). The
+//! Every change is one nft transaction (atomic: all or nothing), run by
+//! libnftables inside the daemon ([`crate::libnft`]; ~0.05 ms) or, if the
+//! library cannot be loaded, by spawning `nft -f -` (~2 ms). The
 //! structure is verified by the rule comments, which name the configuration;
 //! a table that is missing, flushed or edited is replaced as a whole from
 //! the mapping table ([`KernelBackend::replace_all`]).
@@ -47,6 +49,7 @@ use std::process::{Command, Stdio};
 use gcb_proto::Transport;
 
 use crate::cidr::Cidr;
+use crate::libnft::Libnft;
 use crate::table::Key;
 
 /// The kernel's view: public (transport, port) -> private address.
@@ -123,8 +126,9 @@ fn map_name(t: Transport) -> &'static str {
     }
 }
 
-/// The real backend: the `nft` and `conntrack` command-line tools.
-#[derive(Debug, Clone)]
+/// The real backend: libnftables (or the `nft` tool) and the `conntrack`
+/// tool.
+#[derive(Debug)]
 pub struct NftKernel {
     /// The gateway's public address (the dnat rules match it).
     pub public: Ipv4Addr,
@@ -134,16 +138,22 @@ pub struct NftKernel {
     pub nft: String,
     /// `conntrack` program.
     pub conntrack: String,
+    /// libnftables in this process, for transactions ([`NftKernel::apply`]
+    /// and [`NftKernel::replace_all`]); `None`: they spawn `nft -f -`.
+    /// Listings always spawn `nft -j`.
+    pub libnft: Option<Libnft>,
 }
 
 impl NftKernel {
-    /// A backend using `nft` and `conntrack` from `$PATH`.
+    /// A backend using libnftables if it loads (else `nft` from `$PATH`)
+    /// and `conntrack` from `$PATH`.
     pub fn new(public: Ipv4Addr, private: Cidr) -> NftKernel {
         NftKernel {
             public,
             private,
             nft: "nft".into(),
             conntrack: "conntrack".into(),
+            libnft: Libnft::load(),
         }
     }
 
@@ -275,7 +285,13 @@ impl NftKernel {
         ))
     }
 
-    fn nft_script(&self, script: &str) -> Result<(), KernelError> {
+    fn nft_script(&mut self, script: &str) -> Result<(), KernelError> {
+        if let Some(lib) = self.libnft.as_mut() {
+            return lib.run(script).map_err(|e| KernelError::Failed {
+                tool: "nft".into(),
+                stderr: e.chars().take(400).collect(),
+            });
+        }
         let (ok, _, stderr) = self.run(&self.nft, &["-f", "-"], Some(script))?;
         if ok {
             Ok(())

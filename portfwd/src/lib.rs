@@ -25,6 +25,8 @@
 //! * [`kernel`]: the kernel table behind [`kernel::KernelBackend`]:
 //!   nftables dnat maps in the daemon's own `table ip gcb_portfwd`
 //!   ([`kernel::NftKernel`]) or an in-memory fake for tests;
+//! * [`libnft`]: libnftables loaded at run time, so a transaction does not
+//!   spawn `nft`;
 //! * [`core`]: the paper's orders (add: table, mirror, kernel; delete:
 //!   table, kernel, mirror), rule reuse, policy, rollback, probe results,
 //!   sync;
@@ -107,6 +109,7 @@ pub mod cidr;
 pub mod client;
 pub mod core;
 pub mod kernel;
+pub mod libnft;
 pub mod mirror;
 pub mod server;
 pub mod table;
