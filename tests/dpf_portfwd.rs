@@ -85,6 +85,20 @@ fn hold(lab: &Lab, private: &str, udp: bool) -> (Proc, u16) {
     (p, public_port(&line))
 }
 
+/// `hold` from any private host, with extra `forward` arguments.
+fn hold_on(lab: &Lab, host: Host, private: &str, extra: &[&str]) -> (Proc, u16) {
+    let mut cmd = lab.cmd(host, release_artifact("gcb-dpf-request"));
+    cmd.args(["--server", "10.1.0.1", "forward", private, "--hold"])
+        .args(extra);
+    let mut p = lab.spawn(cmd.stdout(Stdio::piped())).unwrap();
+    let mut line = String::new();
+    BufReader::new(p.child_mut().stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.contains("\"forwarded\""), "hold {private}: {line}");
+    (p, public_port(&line))
+}
+
 fn nft(lab: &Lab, args: &str) -> String {
     let out = lab.sh(Host::Gwa, &format!("nft {args}"), T);
     assert!(out.status.success(), "nft {args}: {}", text(&out));
@@ -351,6 +365,74 @@ fn dpf_forward_restart_flush_probe_refusals() {
 
     // Clean stop: the daemon prints its stats line.
     daemon.signal_group(libc::SIGTERM);
+    drop(daemon);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A public port handed to another holder loses the old holder's flows before
+/// the new holder hears (the conntrack flush of a dirty port): a UDP flow from
+/// p1 that never pauses kept its dnat to a1 forever without it.
+#[test]
+fn dpf_port_handed_to_another_holder_drops_old_flows() {
+    let lab = Lab::up();
+    let dir = state_dir(&lab);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let daemon = start_portfwd(&lab);
+    let recv = |host: Host, ip: &str, name: &str| {
+        let out = dir.join(name);
+        let p = lab
+            .spawn(
+                lab.cmd(host, "socat")
+                    .arg("-u")
+                    .arg(format!("UDP-RECV:7001,bind={ip}"))
+                    .arg(format!("CREATE:{}", out.display())),
+            )
+            .unwrap();
+        lab.wait_for_udp_bind(host, 7001, T).unwrap();
+        (p, out)
+    };
+    let got = |f: &PathBuf| std::fs::read(f).map(|b| b.len()).unwrap_or(0);
+
+    let (a1_rx, a1_out) = recv(Host::A1, "10.1.0.11", "a1.out");
+    let (a1_hold, port) = hold_on(
+        &lab,
+        Host::A1,
+        "10.1.0.11:7001",
+        &["--udp", "--desired-port", "20050"],
+    );
+    assert_eq!(port, 20050);
+    // p1: one datagram every 50 ms from one source port, until the test ends.
+    let _flow = lab
+        .spawn(lab.cmd(Host::P1, "python3").arg("-c").arg(
+            "import socket, time\n\
+             s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+             s.bind(('203.0.113.10', 5555))\n\
+             while True:\n    s.sendto(b'x' * 100, ('203.0.113.1', 20050)); time.sleep(0.05)",
+        ))
+        .unwrap();
+    wait_until("p1's flow reaches a1", T, || got(&a1_out) > 0);
+
+    let (rc, out) = request(&lab, Host::A1, &["delete", "10.1.0.11:7001", "--udp"]);
+    assert_eq!(rc, 0, "{out}");
+    drop(a1_hold);
+    let (a2_rx, a2_out) = recv(Host::A2, "10.1.0.12", "a2.out");
+    let (_a2_hold, port) = hold_on(
+        &lab,
+        Host::A2,
+        "10.1.0.12:7001",
+        &["--udp", "--desired-port", "20050"],
+    );
+    assert_eq!(port, 20050);
+    let at_handout = got(&a1_out);
+    wait_until("p1's flow reaches a2", T, || got(&a2_out) > 0);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        got(&a1_out),
+        at_handout,
+        "a1 got nothing after the hand-out"
+    );
+    drop((a1_rx, a2_rx));
     drop(daemon);
     let _ = std::fs::remove_dir_all(&dir);
 }

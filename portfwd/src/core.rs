@@ -20,8 +20,55 @@
 //!   make the table equal to it, compact the file, then make our kernel
 //!   table equal to it (re-installing what an operator or a reboot removed;
 //!   since the table is ours alone, elements not in the mirror are removed).
+//!
+//! ## Conntrack
+//!
+//! A dnat decision lives in the conntrack entry of a flow, not in the map:
+//! after a mapping is removed, its flows keep going to the old holder. So a
+//! public port handed to a new holder has the entries to it (original
+//! destination public address, that transport and port) removed before the
+//! reply is sent ([`KernelBackend::flush_conntrack`]), unless it goes back
+//! to the private address it was last handed to (those flows are that
+//! socket's own). Every filtered `conntrack` command walks the whole
+//! conntrack table (~10 ms even when it is empty, four times an nft
+//! transaction), so the flush only runs for *dirty* ports, and handing out
+//! a *clean* one runs no conntrack tool at all. Keys are (transport, port):
+//! TCP 20000 and UDP 20000 are separate ports with separate entries.
+//!
+//! * At the start, after the kernel table matches the mirror file (so no
+//!   stale element creates entries any more), one listing
+//!   ([`KernelBackend::conntrack_ports`]) finds the ports that have entries
+//!   now: those are dirty, and so is every mapped port. This covers
+//!   mappings a previous run removed before it crashed: their entries, if
+//!   still alive, are in the listing. If the listing fails, every port is
+//!   dirty (each hand-out flushes, as before) until a sync lists again.
+//! * A port becomes dirty when its mapping goes: deleted, moved to another
+//!   public port, removed after a failed probe, dropped from the table by a
+//!   sync, or its kernel element removed or replaced by a sync. A kernel
+//!   table replaced without knowing its elements (missing, or edited by
+//!   hand) makes every port dirty until the next listing (the same sync).
+//! * A successful flush makes the port clean (later entries are the new
+//!   holder's); a failed one leaves it dirty, so the next hand-out flushes
+//!   again (the mapping is installed either way, as before).
+//!
+//! Residual risk: an entry that did not go through our dnat is not
+//! tracked. Traffic to a clean port while nobody holds it (a scanner, a
+//! peer using a stale address) creates an entry to the gateway itself; if
+//! the port is then handed out, that one flow (same addresses and ports)
+//! keeps reaching the gateway instead of the new holder until the entry
+//! expires. For TCP this costs nothing in practice (a new connection uses a
+//! new source port, and a SYN that meets a closed entry re-creates it
+//! through the nat). For UDP the entry lives 30 s after its last packet
+//! (`nf_conntrack_udp_timeout`): a peer that keeps sending from the same
+//! port, more often than that, since before the hand-out, never reaches the
+//! new holder; `conntrack -D -p udp --orig-dst PUBLIC --orig-port-dst PORT`
+//! on the gateway clears it. Peers normally learn a public port from the
+//! holder, after the reply, so their flows start after the mapping.
+//! (Flushing at every hand-out would remove these too, for ~10 ms each.)
+//! The same applies to a port handed back to its last holder (never
+//! flushed, dirty or not).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::File;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
@@ -117,6 +164,9 @@ pub struct Counters {
     pub kernel_repairs: u64,
     /// Ports whose old conntrack entries were flushed.
     pub conntrack_flushed: u64,
+    /// Ports handed to a new holder without running the conntrack tool
+    /// (clean: nothing to flush).
+    pub conntrack_skipped: u64,
 }
 
 /// What one sync did.
@@ -190,6 +240,12 @@ pub struct Core<K: KernelBackend> {
     /// handed back to the same private address keeps its conntrack flows, which are that
     /// socket's own (iperf3 -u re-binds its port while a connected flow still uses it).
     last_holder: HashMap<Key, SocketAddrV4>,
+    /// Ports that may have conntrack entries from an earlier mapping (module docs,
+    /// "Conntrack"); a port not in here and not mapped has none.
+    dirty: BTreeSet<Key>,
+    /// No conntrack listing since the start or since the kernel table was replaced
+    /// without knowing its elements: every port is dirty until [`Core::relist`] succeeds.
+    all_dirty: bool,
     failures: HashMap<SocketAddrV4, u32>,
     buckets: HashMap<Ipv4Addr, Bucket>,
     counters: Counters,
@@ -263,6 +319,8 @@ impl<K: KernelBackend> Core<K> {
             epoch,
             born,
             last_holder: HashMap::new(),
+            dirty: BTreeSet::new(),
+            all_dirty: true,
             failures: HashMap::new(),
             buckets: HashMap::new(),
             counters: Counters::default(),
@@ -270,6 +328,9 @@ impl<K: KernelBackend> Core<K> {
         };
         let mut report = core.sync_kernel()?;
         report.replay = replay;
+        // After the kernel table is as the mirror says: no stale element can
+        // create entries any more.
+        core.relist();
         Ok((core, report))
     }
 
@@ -301,6 +362,32 @@ impl<K: KernelBackend> Core<K> {
     /// The mirror file, mutably (tests).
     pub fn mirror_mut(&mut self) -> &mut Mirror {
         &mut self.mirror
+    }
+
+    /// Whether handing `key` to a new holder runs the conntrack flush (it may
+    /// have entries from an earlier mapping).
+    pub fn is_dirty(&self, key: Key) -> bool {
+        self.all_dirty || self.dirty.contains(&key)
+    }
+
+    /// Lists the conntrack entries to the public address and makes them the
+    /// dirty ports, with every mapped port. On failure every port stays dirty
+    /// (retried at the next sync).
+    fn relist(&mut self) {
+        match self.kernel.conntrack_ports() {
+            Ok(present) => {
+                self.dirty = present;
+                self.dirty.extend(self.table.iter().map(|(k, _)| k));
+                self.all_dirty = false;
+            }
+            Err(e) => {
+                self.counters.kernel_errors += 1;
+                log!(
+                    Warn,
+                    "listing conntrack entries: {e}; every port handed out is flushed until a listing works"
+                );
+            }
+        }
     }
 
     /// The counters.
@@ -537,6 +624,7 @@ impl<K: KernelBackend> Core<K> {
                 };
                 for (k, e) in removed {
                     // the same private address moved to another public port
+                    self.dirty.insert(k);
                     plan.ops.push(Op::Del(k));
                     plan.post.push(Record::Del(k));
                     plan.undo.push(Undo::Restore(k, e));
@@ -559,6 +647,9 @@ impl<K: KernelBackend> Core<K> {
                     Some(p) => {
                         let key = (t, p);
                         let old = self.table.remove(key).expect("indexed");
+                        // Its flows stay (they may be the client's own) until
+                        // the port goes to another holder.
+                        self.dirty.insert(key);
                         Plan {
                             reply,
                             ops: vec![Op::Del(key)],
@@ -609,6 +700,8 @@ impl<K: KernelBackend> Core<K> {
                 Undo::Remove(k) => {
                     self.table.remove(k);
                     self.born.remove(&k);
+                    // Planning recorded the new holder; it never held the port.
+                    self.last_holder.remove(&k);
                     comp.push(Record::Del(k));
                 }
                 Undo::Restore(k, e) => {
@@ -665,18 +758,29 @@ impl<K: KernelBackend> Core<K> {
             self.retry_kernel(&mut plans, &mut failed);
         }
 
-        // Old flows to newly handed-out ports go before the client hears.
-        let flush: Vec<Key> = plans
+        // Old flows to newly handed-out ports go before the client hears;
+        // clean ports have none (module docs, "Conntrack").
+        let (flush, clean): (Vec<Key>, Vec<Key>) = plans
             .iter()
             .zip(&failed)
             .filter(|(_, f)| !**f)
             .flat_map(|(p, _)| p.flush.iter().copied())
-            .collect();
-        match self.kernel.flush_conntrack(&flush) {
-            Ok(n) => self.counters.conntrack_flushed += n as u64,
-            Err(e) => {
-                self.counters.kernel_errors += 1;
-                log!(Warn, "conntrack flush of {} ports: {e}", flush.len());
+            .partition(|k| self.is_dirty(*k));
+        self.counters.conntrack_skipped += clean.len() as u64;
+        if !flush.is_empty() {
+            match self.kernel.flush_conntrack(&flush) {
+                Ok(n) => {
+                    self.counters.conntrack_flushed += n as u64;
+                    // Entries made from now on are the new holder's.
+                    for k in &flush {
+                        self.dirty.remove(k);
+                    }
+                }
+                Err(e) => {
+                    // They stay dirty: the next hand-out flushes again.
+                    self.counters.kernel_errors += 1;
+                    log!(Warn, "conntrack flush of {} ports: {e}", flush.len());
+                }
             }
         }
 
@@ -746,6 +850,8 @@ impl<K: KernelBackend> Core<K> {
         match self.kernel.list() {
             Ok(None) => {
                 let want = self.table.kernel_elements();
+                // Its elements are unknown: any port may have had one.
+                self.all_dirty = true;
                 if self.kernel.replace_all(&want).is_ok() {
                     self.counters.kernel_repairs += 1;
                     log!(
@@ -851,6 +957,7 @@ impl<K: KernelBackend> Core<K> {
         for (k, target, outcome) in &dead {
             if let Some(e) = self.table.remove(*k) {
                 self.born.remove(k);
+                self.dirty.insert(*k);
                 log!(
                     Info,
                     "removed {}:{}/{} -> {} (management socket {target}: {:?})",
@@ -916,6 +1023,9 @@ impl<K: KernelBackend> Core<K> {
                         "mapping table differed from the mirror file in {} mappings: reloaded",
                         report.table_fixed
                     );
+                    for (k, _) in a.iter().filter(|(k, v)| b.get(k) != Some(v)) {
+                        self.dirty.insert(*k);
+                    }
                     let now = Instant::now();
                     self.born.retain(|k, _| mtable.get(*k).is_some());
                     for (k, _) in mtable.iter() {
@@ -944,6 +1054,9 @@ impl<K: KernelBackend> Core<K> {
                 log!(Error, "kernel sync: {e}");
             }
         }
+        if self.all_dirty {
+            self.relist();
+        }
         report
     }
 
@@ -965,6 +1078,12 @@ impl<K: KernelBackend> Core<K> {
                 );
                 r.kernel_added = ops.iter().filter(|o| matches!(o, Op::Add(..))).count();
                 r.kernel_removed = ops.len() - r.kernel_added;
+                // A removed or replaced element may have created entries.
+                for op in &ops {
+                    if let Op::Del(k) = op {
+                        self.dirty.insert(*k);
+                    }
+                }
                 if let Err(e) = self.kernel.apply(&ops) {
                     log!(Warn, "kernel reconcile failed ({e}); re-creating the table");
                     self.kernel.replace_all(&want)?;
@@ -979,6 +1098,8 @@ impl<K: KernelBackend> Core<K> {
                 );
             }
             None => {
+                // Missing or edited by hand: its elements are unknown.
+                self.all_dirty = true;
                 self.kernel.replace_all(&want)?;
                 r.kernel_replaced = true;
                 r.kernel_added = want.len();
@@ -1123,8 +1244,161 @@ mod tests {
         );
         assert_eq!(seen.borrow().as_slice(), &[(Transport::Tcp, 20000)]);
         assert_consistent(&c);
-        // The port handed out had its conntrack entries flushed.
-        assert_eq!(c.kernel().flushed, vec![(Transport::Tcp, 20000)]);
+        // A port nobody held since the start has no entries to flush.
+        assert!(c.kernel().flushed.is_empty());
+    }
+
+    fn flushes(c: &Core<FakeKernel>) -> Vec<String> {
+        c.kernel()
+            .journal
+            .iter()
+            .filter(|j| j.starts_with("flush") || j.starts_with("conntrack"))
+            .cloned()
+            .collect()
+    }
+
+    fn del(ip: [u8; 4], port: u16) -> Body {
+        Body::Delete {
+            transport: Transport::Tcp,
+            private: sa(ip, port),
+        }
+    }
+
+    #[test]
+    fn a_fresh_port_skips_the_conntrack_flush() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = open(dir.path());
+        // one listing at the start, after the kernel table is synced
+        assert_eq!(flushes(&c), ["conntrack_ports"]);
+        assert_eq!(c.kernel().journal.last().unwrap(), "conntrack_ports");
+        let r = c.handle_batch(
+            Instant::now(),
+            vec![
+                (IpAddr::from(A1), fwd(A1, 1, Some(20001), 1)),
+                (IpAddr::from(A1), fwd(A1, 2, Some(20002), 1)),
+            ],
+        );
+        assert_eq!((public_port(&r[0]), public_port(&r[1])), (20001, 20002));
+        assert_eq!(flushes(&c), ["conntrack_ports"], "no conntrack tool run");
+        assert_eq!(c.counters().conntrack_skipped, 2);
+        assert_consistent(&c);
+    }
+
+    #[test]
+    fn a_released_port_is_flushed_when_handed_to_another_holder() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = open(dir.path());
+        let k = (Transport::Tcp, 20005);
+        one(&mut c, A1, fwd(A1, 8080, Some(20005), 1));
+        assert!(!c.is_dirty((Transport::Udp, 20005)));
+        one(&mut c, A1, del(A1, 8080));
+        assert!(c.is_dirty(k), "released");
+        assert!(!c.is_dirty((Transport::Udp, 20005)), "UDP is another port");
+        c.kernel_mut().conntrack.insert(k);
+        assert_eq!(
+            public_port(&one(&mut c, A2, fwd(A2, 9, Some(20005), 1))),
+            20005
+        );
+        assert_eq!(c.kernel().flushed, vec![k]);
+        assert!(c.kernel().conntrack.is_empty());
+        assert_eq!(c.counters().conntrack_flushed, 1);
+        assert!(!c.is_dirty(k), "flushed: clean while A2 holds it");
+        // a moved mapping releases its old port
+        assert_eq!(
+            public_port(&one(&mut c, A2, fwd(A2, 9, Some(20006), 1))),
+            20006
+        );
+        assert!(c.is_dirty(k));
+        // a probe removal releases it too
+        let m: SocketAddrV4 = "10.1.0.12:1".parse().unwrap();
+        let removed = c.apply_probe_results(Instant::now(), &[(m, ProbeOutcome::Refused)]);
+        assert_eq!(removed, vec![(Transport::Tcp, 20006)]);
+        assert!(c.is_dirty((Transport::Tcp, 20006)));
+        c.kernel_mut().flushed.clear();
+        one(&mut c, A1, fwd(A1, 7, Some(20006), 1));
+        assert_eq!(c.kernel().flushed, vec![(Transport::Tcp, 20006)]);
+        assert_consistent(&c);
+    }
+
+    #[test]
+    fn ports_with_entries_at_startup_are_flushed() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = open(dir.path());
+        one(&mut c, A1, fwd(A1, 1, Some(20001), 1));
+        drop(c);
+        // entries of a mapping deleted by the previous run, just before a crash
+        let mut k = FakeKernel::new();
+        k.elems = None;
+        k.conntrack.insert((Transport::Tcp, 20003));
+        let (mut c, _) = Core::open(cfg(), k, dir.path()).unwrap();
+        assert!(c.is_dirty((Transport::Tcp, 20001)), "restored mapping");
+        assert!(c.is_dirty((Transport::Tcp, 20003)));
+        assert!(!c.is_dirty((Transport::Udp, 20003)));
+        assert!(!c.is_dirty((Transport::Tcp, 20004)));
+        one(&mut c, A2, fwd(A2, 3, Some(20003), 1));
+        one(&mut c, A2, fwd(A2, 4, Some(20004), 1));
+        assert_eq!(c.kernel().flushed, vec![(Transport::Tcp, 20003)]);
+        assert_eq!(c.counters().conntrack_skipped, 1);
+        assert_consistent(&c);
+    }
+
+    #[test]
+    fn a_failed_flush_leaves_the_port_dirty() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = open(dir.path());
+        let k = (Transport::Tcp, 20005);
+        one(&mut c, A1, fwd(A1, 8080, Some(20005), 1));
+        one(&mut c, A1, del(A1, 8080));
+        c.kernel_mut().conntrack.insert(k);
+        c.kernel_mut().fail_conntrack = true;
+        // the mapping is installed; the failure is logged and counted
+        assert_eq!(
+            public_port(&one(&mut c, A2, fwd(A2, 9, Some(20005), 1))),
+            20005
+        );
+        assert_eq!(flushes(&c).last().unwrap(), "flush [(Tcp, 20005)]");
+        assert_eq!(c.counters().kernel_errors, 1);
+        assert!(c.is_dirty(k));
+        c.kernel_mut().fail_conntrack = false;
+        one(&mut c, A2, del(A2, 9));
+        one(&mut c, A1, fwd(A1, 8080, Some(20005), 1));
+        assert_eq!(c.kernel().flushed, vec![k]);
+        assert!(!c.is_dirty(k));
+        assert_consistent(&c);
+    }
+
+    #[test]
+    fn unknown_conntrack_state_flushes_every_port_until_a_listing_works() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut k = FakeKernel::new();
+        k.fail_conntrack = true;
+        let (mut c, _) = Core::open(cfg(), k, dir.path()).unwrap();
+        assert!(c.is_dirty((Transport::Tcp, 20001)));
+        c.kernel_mut().fail_conntrack = false;
+        one(&mut c, A1, fwd(A1, 1, Some(20001), 1));
+        assert_eq!(c.kernel().flushed, vec![(Transport::Tcp, 20001)]);
+        c.sync(Instant::now()); // lists again
+        assert!(!c.is_dirty((Transport::Tcp, 20002)));
+        one(&mut c, A1, fwd(A1, 2, Some(20002), 1));
+        assert_eq!(c.kernel().flushed.len(), 1);
+        // The kernel table vanished (its elements unknown): every port is
+        // dirty until the listing the same sync makes.
+        c.kernel_mut().elems = None;
+        c.kernel_mut().conntrack.insert((Transport::Udp, 20007));
+        c.sync(Instant::now());
+        assert!(c.is_dirty((Transport::Udp, 20007)));
+        assert!(c.is_dirty((Transport::Tcp, 20002)), "mapped");
+        assert!(!c.is_dirty((Transport::Tcp, 20008)));
+        // an element removed by the sync (added by hand) makes its port dirty
+        let stray = (Transport::Tcp, 20009);
+        c.kernel_mut()
+            .elems
+            .as_mut()
+            .unwrap()
+            .insert(stray, "10.1.0.12:9".parse().unwrap());
+        c.sync(Instant::now());
+        assert!(c.is_dirty(stray));
+        assert_consistent(&c);
     }
 
     #[test]

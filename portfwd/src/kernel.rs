@@ -25,10 +25,20 @@
 //! chain with `policy drop` needs `ct status dnat accept` (the admin's
 //! decision; the daemon never edits other tables).
 //!
-//! Every change is one `nft -f -` transaction (atomic: all or nothing). The
+//! Every change is one nft transaction (atomic: all or nothing), run by
+//! libnftables inside the daemon ([`crate::libnft`]; ~0.05 ms) or, if the
+//! library cannot be loaded, by spawning `nft -f -` (~2 ms). The
 //! structure is verified by the rule comments, which name the configuration;
 //! a table that is missing, flushed or edited is replaced as a whole from
 //! the mapping table ([`KernelBackend::replace_all`]).
+//!
+//! Connection tracking: [`KernelBackend::conntrack_ports`] lists the ports
+//! with entries to the public address (`conntrack -L -f ipv4 --orig-dst
+//! PUBLIC`) and [`KernelBackend::flush_conntrack`] deletes them per port
+//! (`conntrack -D ... -p PROTO --orig-dst PUBLIC --orig-port-dst PORT`).
+//! Each is one walk of the whole conntrack table (~10 ms on an empty one),
+//! so the core calls them only for ports that may have entries (see
+//! "Conntrack" in [`crate::core`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -39,6 +49,7 @@ use std::process::{Command, Stdio};
 use gcb_proto::Transport;
 
 use crate::cidr::Cidr;
+use crate::libnft::Libnft;
 use crate::table::Key;
 
 /// The kernel's view: public (transport, port) -> private address.
@@ -92,8 +103,13 @@ pub trait KernelBackend {
     fn replace_all(&mut self, elems: &Elements) -> Result<(), KernelError>;
     /// Removes the connection-tracking entries of traffic to these public
     /// ports (so a port handed to a new client does not keep forwarding old
-    /// flows to the previous one). Returns how many ports had entries.
+    /// flows to the previous one). Returns how many ports had entries. An
+    /// error means some entries may be left.
     fn flush_conntrack(&mut self, keys: &[Key]) -> Result<usize, KernelError>;
+    /// The public ports (transport, port) that have connection-tracking
+    /// entries now (any entry whose original destination is the public
+    /// address). One full dump of the conntrack table.
+    fn conntrack_ports(&mut self) -> Result<BTreeSet<Key>, KernelError>;
 }
 
 fn proto(t: Transport) -> &'static str {
@@ -110,8 +126,9 @@ fn map_name(t: Transport) -> &'static str {
     }
 }
 
-/// The real backend: the `nft` and `conntrack` command-line tools.
-#[derive(Debug, Clone)]
+/// The real backend: libnftables (or the `nft` tool) and the `conntrack`
+/// tool.
+#[derive(Debug)]
 pub struct NftKernel {
     /// The gateway's public address (the dnat rules match it).
     pub public: Ipv4Addr,
@@ -121,16 +138,22 @@ pub struct NftKernel {
     pub nft: String,
     /// `conntrack` program.
     pub conntrack: String,
+    /// libnftables in this process, for transactions ([`NftKernel::apply`]
+    /// and [`NftKernel::replace_all`]); `None`: they spawn `nft -f -`.
+    /// Listings always spawn `nft -j`.
+    pub libnft: Option<Libnft>,
 }
 
 impl NftKernel {
-    /// A backend using `nft` and `conntrack` from `$PATH`.
+    /// A backend using libnftables if it loads (else `nft` from `$PATH`)
+    /// and `conntrack` from `$PATH`.
     pub fn new(public: Ipv4Addr, private: Cidr) -> NftKernel {
         NftKernel {
             public,
             private,
             nft: "nft".into(),
             conntrack: "conntrack".into(),
+            libnft: Libnft::load(),
         }
     }
 
@@ -262,7 +285,13 @@ impl NftKernel {
         ))
     }
 
-    fn nft_script(&self, script: &str) -> Result<(), KernelError> {
+    fn nft_script(&mut self, script: &str) -> Result<(), KernelError> {
+        if let Some(lib) = self.libnft.as_mut() {
+            return lib.run(script).map_err(|e| KernelError::Failed {
+                tool: "nft".into(),
+                stderr: e.chars().take(400).collect(),
+            });
+        }
         let (ok, _, stderr) = self.run(&self.nft, &["-f", "-"], Some(script))?;
         if ok {
             Ok(())
@@ -340,6 +369,16 @@ impl NftKernel {
         Ok(Some(elems))
     }
 
+    /// The count in `conntrack -D`'s summary line ("conntrack v1.4.7
+    /// (conntrack-tools): 3 flow entries have been deleted."); `None` if
+    /// there is none (the command failed).
+    pub fn parse_deleted(stderr: &str) -> Option<usize> {
+        stderr.lines().find_map(|l| {
+            let head = l.strip_suffix(" flow entries have been deleted.")?;
+            head.rsplit(' ').next()?.parse().ok()
+        })
+    }
+
     /// Parses `conntrack -L` output: (protocol, original destination port)
     /// of each entry.
     pub fn parse_conntrack(text: &str) -> BTreeSet<Key> {
@@ -389,27 +428,22 @@ impl KernelBackend for NftKernel {
     }
 
     fn flush_conntrack(&mut self, keys: &[Key]) -> Result<usize, KernelError> {
-        if keys.is_empty() {
-            return Ok(0);
-        }
+        // Every conntrack command with a filter walks the whole conntrack
+        // table (~10 ms even when it is empty): one port costs one `-D`; more
+        // cost one `-L` plus one `-D` per port that has entries.
+        let present: Vec<Key> = match keys {
+            [] => return Ok(0),
+            [k] => vec![*k],
+            _ => {
+                let have = self.conntrack_ports()?;
+                keys.iter().copied().filter(|k| have.contains(k)).collect()
+            }
+        };
         let public = self.public.to_string();
-        let (ok, out, stderr) = self.run(
-            &self.conntrack,
-            &["-L", "-f", "ipv4", "--orig-dst", &public],
-            None,
-        )?;
-        if !ok {
-            return Err(KernelError::Failed {
-                tool: "conntrack".into(),
-                stderr,
-            });
-        }
-        let present = Self::parse_conntrack(&out);
         let mut n = 0;
-        for k in keys.iter().filter(|k| present.contains(k)) {
+        for k in present {
             let port = k.1.to_string();
-            // Exit status 1 means "0 entries deleted" (raced with expiry).
-            self.run(
+            let (_, _, stderr) = self.run(
                 &self.conntrack,
                 &[
                     "-D",
@@ -424,9 +458,36 @@ impl KernelBackend for NftKernel {
                 ],
                 None,
             )?;
-            n += 1;
+            // Exit status 1 means "0 entries deleted" as well as failure; the
+            // summary line tells them apart.
+            match Self::parse_deleted(&stderr) {
+                Some(0) => {}
+                Some(_) => n += 1,
+                None => {
+                    return Err(KernelError::Failed {
+                        tool: "conntrack".into(),
+                        stderr,
+                    })
+                }
+            }
         }
         Ok(n)
+    }
+
+    fn conntrack_ports(&mut self) -> Result<BTreeSet<Key>, KernelError> {
+        let public = self.public.to_string();
+        let (ok, out, stderr) = self.run(
+            &self.conntrack,
+            &["-L", "-f", "ipv4", "--orig-dst", &public],
+            None,
+        )?;
+        if !ok {
+            return Err(KernelError::Failed {
+                tool: "conntrack".into(),
+                stderr,
+            });
+        }
+        Ok(Self::parse_conntrack(&out))
     }
 }
 
@@ -442,8 +503,13 @@ pub struct FakeKernel {
     pub fail_keys: BTreeSet<Key>,
     /// Every apply/replace fails.
     pub fail_all: bool,
-    /// Ports flushed from "conntrack".
+    /// Ports flushed from "conntrack" (every key asked for).
     pub flushed: Vec<Key>,
+    /// Ports that have "conntrack" entries (listed by `conntrack_ports`,
+    /// removed by a flush).
+    pub conntrack: BTreeSet<Key>,
+    /// Conntrack listings and flushes fail.
+    pub fail_conntrack: bool,
     /// Called at the start of every `apply` with the ops (order checks).
     #[allow(clippy::type_complexity)]
     pub on_apply: Option<Box<dyn FnMut(&[Op])>>,
@@ -529,8 +595,19 @@ impl KernelBackend for FakeKernel {
 
     fn flush_conntrack(&mut self, keys: &[Key]) -> Result<usize, KernelError> {
         self.journal.push(format!("flush {keys:?}"));
+        if self.fail_conntrack {
+            return Err(Self::fail("injected conntrack failure"));
+        }
         self.flushed.extend_from_slice(keys);
-        Ok(keys.len())
+        Ok(keys.iter().filter(|k| self.conntrack.remove(k)).count())
+    }
+
+    fn conntrack_ports(&mut self) -> Result<BTreeSet<Key>, KernelError> {
+        self.journal.push("conntrack_ports".into());
+        if self.fail_conntrack {
+            return Err(Self::fail("injected conntrack failure"));
+        }
+        Ok(self.conntrack.clone())
     }
 }
 
@@ -611,5 +688,19 @@ mod tests {
                     udp      17 29 src=203.0.113.10 dst=203.0.113.1 sport=5 dport=20001 [UNREPLIED] src=203.0.113.1 dst=203.0.113.10 sport=20001 dport=5 mark=0 use=1\n";
         let got: Vec<Key> = NftKernel::parse_conntrack(text).into_iter().collect();
         assert_eq!(got, vec![(Transport::Tcp, 20000), (Transport::Udp, 20001)]);
+        let del = |s| NftKernel::parse_deleted(s);
+        assert_eq!(
+            del("conntrack v1.4.7 (conntrack-tools): 3 flow entries have been deleted.\n"),
+            Some(3)
+        );
+        assert_eq!(
+            del("conntrack v1.4.7 (conntrack-tools): 0 flow entries have been deleted."),
+            Some(0)
+        );
+        assert_eq!(
+            del("conntrack v1.4.7 (conntrack-tools): Operation not permitted"),
+            None
+        );
+        assert_eq!(del(""), None);
     }
 }

@@ -25,6 +25,8 @@
 //! * [`kernel`]: the kernel table behind [`kernel::KernelBackend`]:
 //!   nftables dnat maps in the daemon's own `table ip gcb_portfwd`
 //!   ([`kernel::NftKernel`]) or an in-memory fake for tests;
+//! * [`libnft`]: libnftables loaded at run time, so a transaction does not
+//!   spawn `nft`;
 //! * [`core`]: the paper's orders (add: table, mirror, kernel; delete:
 //!   table, kernel, mirror), rule reuse, policy, rollback, probe results,
 //!   sync;
@@ -88,7 +90,9 @@
 //!   re-creates a mapping that was removed while the client was
 //!   unreachable).
 //! * Same public port reuse: a public port handed to a new client has its
-//!   old connection-tracking entries removed before the reply is sent.
+//!   old connection-tracking entries removed before the reply is sent (only
+//!   ports that may have some run the conntrack tool; see
+//!   [`core`], "Conntrack", also for the residual risk).
 //!
 //! ## Kernel table
 //!
@@ -105,6 +109,7 @@ pub mod cidr;
 pub mod client;
 pub mod core;
 pub mod kernel;
+pub mod libnft;
 pub mod mirror;
 pub mod server;
 pub mod table;

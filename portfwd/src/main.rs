@@ -186,6 +186,12 @@ fn run() -> Result<()> {
     }
     install_signal_handlers()?;
     let kernel = NftKernel::new(args.public, args.private);
+    if kernel.libnft.is_none() {
+        gcb_portfwd::log!(
+            Info,
+            "libnftables.so.1 not loadable: every nft transaction spawns nft (~2 ms)"
+        );
+    }
     let cfg = CoreConfig {
         public: args.public,
         private: args.private,
