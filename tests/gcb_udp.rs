@@ -482,7 +482,7 @@ fn echoes(what: &str, out: &Output, rig: &Rig) -> (String, Vec<Echo>) {
 #[allow(clippy::too_many_arguments)]
 fn check_echo(
     rig: &Rig,
-    (host, gcb): (Host, bool),
+    client: (Host, bool),
     target: &str,
     addr_header: bool,
     sizes: &[usize],
@@ -490,6 +490,19 @@ fn check_echo(
     sender_ip: &str,
     sender_port_is_local: bool,
 ) -> Vec<Echo> {
+    let spec = (target, addr_header, sizes, extra);
+    check_echo_local(rig, client, spec, sender_ip, sender_port_is_local).1
+}
+
+/// [`check_echo`], also returning the client's LOCAL address (its getsockname() right
+/// after its first datagram).
+fn check_echo_local(
+    rig: &Rig,
+    (host, gcb): (Host, bool),
+    (target, addr_header, sizes, extra): (&str, bool, &[usize], &[&str]),
+    sender_ip: &str,
+    sender_port_is_local: bool,
+) -> (String, Vec<Echo>) {
     let tag = format!(
         "client-{host}{}-{}",
         if gcb { "-gcb" } else { "" },
@@ -542,7 +555,7 @@ fn check_echo(
         v.first().map(|e| e.seen.as_str()).unwrap_or("-"),
         v.iter().map(|e| e.rtt_ms).collect::<Vec<_>>()
     );
-    v
+    (local, v)
 }
 
 const SIZES: [usize; 6] = [1, 100, 1400, 8000, 60000, 1];
@@ -1531,20 +1544,32 @@ fn port_zero_udp_sockets_register_when_needed() {
         read(&out)
     );
 
-    // A port-0 socket in b1 to a GCB server's proxy in a1: registered at its first
-    // datagram, so it punches.
+    // A port-0 socket in b1 to a GCB server's proxy in a1: its first datagram starts its
+    // registration (answered while it waits for the echo), so it punches; the client's
+    // getsockname() right after that first sendto() (its LOCAL line) waits for the
+    // registration and returns the proxy.
     let py = rig.echo_server(Host::A1, true, 9000, "echo-a1");
     let mut sizes = vec![1, 1400];
     sizes.extend([1024; 10]);
-    check_echo(
+    let (local, _) = check_echo_local(
         &rig,
         (Host::B1, true),
-        &py,
-        true,
-        &sizes,
-        &["--bind", "0", "--pause", "1.5", "2"],
+        (&py, true, &sizes, &["--bind", "0", "--pause", "1.5", "2"]),
         "203.0.113.2",
         false,
+    );
+    let registered = client_log(&rig, Host::B1, &py)
+        .lines()
+        .find_map(|l| {
+            l.split("registered udp 10.2.0.11:")
+                .nth(1)
+                .map(str::to_owned)
+        })
+        .unwrap_or_default();
+    assert!(
+        registered.ends_with(&format!("proxy {local}")) && local.starts_with(BROKER),
+        "the port-0 socket in b1: getsockname() {local}, registration {registered:?}\n{}",
+        rig.logs()
     );
     assert!(
         client_log(&rig, Host::B1, &py).contains("punch: DummyAck from 203.0.113.1:9000: direct"),

@@ -151,6 +151,14 @@ enum Pending {
         entry: Weak<FdEntry>,
         dest: SocketAddrV4,
     },
+    /// The registration of the UDP socket `entry` (fd `fd`, bound to `local`), started by
+    /// its first datagram to `dest` on the broker (see [`Client::register_udp_start`]).
+    RegisterUdp {
+        entry: Weak<FdEntry>,
+        local: SocketAddrV4,
+        fd: c_int,
+        dest: SocketAddrV4,
+    },
 }
 
 /// A registration's identity: its transport and proxy address.
@@ -283,9 +291,16 @@ impl Client {
         self.direct.take()
     }
 
-    /// Does the AEH need to run while the program waits?
+    /// Does the AEH need to run while the program waits? (Registrations to serve, or a
+    /// UDP registration on its way.)
     pub fn needs_aeh(&self) -> bool {
-        !self.regs.is_empty() && !self.families.is_empty()
+        !self.families.is_empty()
+            && (!self.regs.is_empty()
+                || self.families.iter().any(|c| {
+                    c.pending
+                        .values()
+                        .any(|p| matches!(p, Pending::RegisterUdp { .. }))
+                }))
     }
 
     /// What the AEH waits on: the registration channels' fds (at most 4), then the
@@ -538,6 +553,12 @@ impl Client {
                             super::punch::on_answer(&e, dest, Some(body));
                         }
                     }
+                    Some(Pending::RegisterUdp {
+                        entry,
+                        local,
+                        fd,
+                        dest,
+                    }) => self.finish_udp_registration(chan, entry, local, fd, dest, Some(body)),
                     Some(Pending::Unregister) | None => {}
                 }
             }
@@ -558,6 +579,12 @@ impl Client {
                             super::punch::on_answer(&e, dest, None);
                         }
                     }
+                    Some(Pending::RegisterUdp {
+                        entry,
+                        local,
+                        fd,
+                        dest,
+                    }) => self.finish_udp_registration(chan, entry, local, fd, dest, None),
                     _ => {}
                 }
             }
@@ -641,21 +668,43 @@ impl Client {
         entry: &Arc<FdEntry>,
         fd: c_int,
     ) -> Result<(SocketAddrV4, Vec<u8>), String> {
-        // Another socket of ours on the same address shares its registration.
-        if let Some(((_, proxy), u)) = self
-            .regs
-            .iter_mut()
-            .filter(|(_, r)| r.local == local)
-            .find_map(|(k, r)| r.udp.as_mut().map(|u| (k, u)))
-        {
-            u.holders.retain(|h| h.strong_count() > 0);
-            u.holders.push(Arc::downgrade(entry));
-            return Ok((*proxy, u.token.clone()));
+        if let Some(shared) = self.share_udp(local, entry) {
+            return Ok(shared);
         }
         let (chan, proxy, token) = self.register_request(Transport::Udp, local)?;
         let token = token
             .ok_or("broker gave no token for a udp registration")?
             .into_bytes();
+        self.insert_udp_registration(chan, local, proxy, &token, entry, fd);
+        Ok((proxy, token))
+    }
+
+    /// Another socket of ours on the same address (SO_REUSEADDR) shares its registration:
+    /// `entry` becomes one of its holders. Its proxy and token, if there is one.
+    fn share_udp(
+        &mut self,
+        local: SocketAddrV4,
+        entry: &Arc<FdEntry>,
+    ) -> Option<(SocketAddrV4, Vec<u8>)> {
+        let ((_, proxy), u) = self
+            .regs
+            .iter_mut()
+            .filter(|(_, r)| r.local == local)
+            .find_map(|(k, r)| r.udp.as_mut().map(|u| (k, u)))?;
+        u.holders.retain(|h| h.strong_count() > 0);
+        u.holders.push(Arc::downgrade(entry));
+        Some((*proxy, u.token.clone()))
+    }
+
+    fn insert_udp_registration(
+        &mut self,
+        chan: u64,
+        local: SocketAddrV4,
+        proxy: SocketAddrV4,
+        token: &[u8],
+        entry: &Arc<FdEntry>,
+        fd: c_int,
+    ) {
         self.regs.insert(
             (Transport::Udp, proxy),
             Registration {
@@ -666,14 +715,116 @@ impl Client {
                 entry: Arc::downgrade(entry),
                 udp: Some(UdpReg {
                     holders: vec![Arc::downgrade(entry)],
-                    token: token.clone(),
+                    token: token.to_vec(),
                     quick_left: DUMMY_REPEATS,
                     next_dummy: Instant::now() + DUMMY_RETRY,
                 }),
                 standby: None,
             },
         );
-        Ok((proxy, token))
+    }
+
+    /// Starts registering the UDP socket `entry` (fd `fd`, bound to `local`) without
+    /// waiting for the answer, which the AEH handles ([`Self::finish_udp_registration`],
+    /// then a punch toward `dest`). `Ok(Some(..))`: another socket of ours on the same
+    /// address already holds a registration, shared at once.
+    pub fn register_udp_start(
+        &mut self,
+        local: SocketAddrV4,
+        entry: &Arc<FdEntry>,
+        fd: c_int,
+        dest: SocketAddrV4,
+    ) -> Result<Option<(SocketAddrV4, Vec<u8>)>, String> {
+        if let Some(shared) = self.share_udp(local, entry) {
+            return Ok(Some(shared));
+        }
+        let chan = self
+            .own_family()
+            .map_err(|e| format!("no control socket to broker {}: {}", self.broker, errstr(e)))?;
+        let body = Body::Register {
+            transport: Transport::Udp,
+            local: SocketAddr::V4(local),
+            previous_proxy: self.previous_for(Transport::Udp, local),
+        };
+        let to = SocketAddr::V4(self.broker);
+        let c = self.chan(chan).ok_or("no control channel")?;
+        let id =
+            c.ep.send_request_with_deadline(now(), to, body, REGISTER_DEADLINE)
+                .map_err(|_| "control channel full".to_owned())?;
+        c.pending.insert(
+            id,
+            Pending::RegisterUdp {
+                entry: Arc::downgrade(entry),
+                local,
+                fd,
+                dest,
+            },
+        );
+        c.flush();
+        Ok(None)
+    }
+
+    /// The broker's answer (None: none in time) to a [`Self::register_udp_start`]: the
+    /// socket becomes a registered one (keepalive, then the punch it was started for),
+    /// or, refused, a plain socket again with one log line. A registration whose socket
+    /// was closed meanwhile is given back at once.
+    fn finish_udp_registration(
+        &mut self,
+        chan: u64,
+        entry: Weak<FdEntry>,
+        local: SocketAddrV4,
+        fd: c_int,
+        dest: SocketAddrV4,
+        body: Option<Body>,
+    ) {
+        let granted = match body {
+            Some(Body::Registered {
+                proxy,
+                lease_ms,
+                token: Some(token),
+            }) => net::v4(proxy).map(|p| (p, lease_ms, token.into_bytes())),
+            _ => None,
+        };
+        let live = entry.upgrade().filter(|e| super::udp::take_registering(e));
+        let Some((proxy, lease_ms, token)) = granted else {
+            if live.is_some() {
+                crate::warn!(
+                    "bind udp {}: broker {} did not register it; serving locally only",
+                    local,
+                    self.broker
+                );
+            }
+            return;
+        };
+        self.fit_heartbeat(lease_ms);
+        let Some(e) = live else {
+            // Closed (or taken over) meanwhile: give the proxy back.
+            crate::debug!(
+                "udp {}: closed before its registration came; unregistering",
+                local
+            );
+            self.send_unregister(chan, Transport::Udp, proxy);
+            return;
+        };
+        self.insert_udp_registration(chan, local, proxy, &token, &e, fd);
+        if let FdKind::Socket(s) = &e.kind {
+            s.state.lock().layer =
+                Some(Box::new(super::udp::UdpSock::new(proxy, *self.broker.ip())));
+        }
+        let fd = fdtable::fds_of(&e).first().copied().unwrap_or(fd);
+        super::udp::send_keepalive(fd, proxy, &token);
+        crate::info!(
+            "registered udp {} with broker {}: proxy {}",
+            local,
+            self.broker,
+            proxy
+        );
+        let ask = super::punch::with_sock(&e, |u| {
+            dest != u.proxy && u.punch.should_ask(dest, Instant::now())
+        });
+        if ask == Some(true) {
+            self.request_punch(proxy, dest, &e);
+        }
     }
 
     /// The proxy to ask for when registering `local` for `transport`: the one it had
@@ -782,8 +933,13 @@ impl Client {
         }
         self.recent
             .insert((transport, reg.local), (proxy, Instant::now()));
+        self.send_unregister(reg.chan, transport, proxy);
+    }
+
+    /// Tells the broker (on channel `chan`) that `proxy` is no longer wanted.
+    fn send_unregister(&mut self, chan: u64, transport: Transport, proxy: SocketAddrV4) {
         let to = SocketAddr::V4(self.broker);
-        if let Some(c) = self.chan(reg.chan) {
+        if let Some(c) = self.chan(chan) {
             let body = Body::Unregister {
                 proxy: SocketAddr::V4(proxy),
                 transport: Some(transport),

@@ -1149,5 +1149,6 @@ impl Layer for GcbLayer {
 
     fn on_fork_child(&self) {
         self.client.lock().reset_after_fork();
+        udp::registering_to_pending_after_fork();
     }
 }

@@ -88,25 +88,67 @@ impl UdpSock {
 /// its first send, does not register at all.)
 pub struct UdpPending;
 
-fn is_pending(entry: &FdEntry) -> bool {
+/// Marks a [`UdpPending`] socket whose registration is on its way (started by its first
+/// datagram to the broker's host, answered in the AEH; see
+/// [`super::client::Client::register_udp_start`]). Meanwhile it is a plain socket, as
+/// before; getsockname() waits for the answer.
+pub struct UdpRegistering;
+
+fn has_marker<T: 'static>(entry: &FdEntry) -> bool {
     let FdKind::Socket(s) = &entry.kind else {
         return false;
     };
     let st = s.state.lock();
-    st.layer.as_ref().is_some_and(|l| l.is::<UdpPending>())
+    st.layer.as_ref().is_some_and(|l| l.is::<T>())
 }
 
-/// Removes the pending mark; true if there was one.
-fn take_pending(entry: &FdEntry) -> bool {
+/// Removes a `T` marker; true if there was one.
+fn take_marker<T: 'static>(entry: &FdEntry) -> bool {
     let FdKind::Socket(s) = &entry.kind else {
         return false;
     };
     let mut st = s.state.lock();
-    if st.layer.as_ref().is_some_and(|l| l.is::<UdpPending>()) {
+    if st.layer.as_ref().is_some_and(|l| l.is::<T>()) {
         st.layer = None;
         return true;
     }
     false
+}
+
+fn set_marker<T: Send + 'static>(entry: &FdEntry, marker: T) {
+    if let FdKind::Socket(s) = &entry.kind {
+        s.state.lock().layer = Some(Box::new(marker));
+    }
+}
+
+/// Removes the [`UdpRegistering`] mark; true if there was one (the AEH's answer applies).
+pub fn take_registering(entry: &FdEntry) -> bool {
+    take_marker::<UdpRegistering>(entry)
+}
+
+fn is_registering(entry: &FdEntry) -> bool {
+    has_marker::<UdpRegistering>(entry)
+}
+
+/// In a fork child: a registration the parent started is the parent's (its answer goes to
+/// the parent's pending list); the child's copies of such sockets are pending again.
+pub fn registering_to_pending_after_fork() {
+    for fd in fdtable::fds_matching(|e| matches!(e.kind, FdKind::Socket(_))) {
+        if let Some(e) = fdtable::get(fd) {
+            if take_registering(&e) {
+                set_marker(&e, UdpPending);
+            }
+        }
+    }
+}
+
+fn is_pending(entry: &FdEntry) -> bool {
+    has_marker::<UdpPending>(entry)
+}
+
+/// Removes the pending mark; true if there was one.
+fn take_pending(entry: &FdEntry) -> bool {
+    take_marker::<UdpPending>(entry)
 }
 
 /// `udpq=FD:INO` entries of `GCB_INHERIT` for the [`UdpPending`] sockets that survive an
@@ -115,7 +157,7 @@ pub fn pending_handoff() -> Vec<String> {
     // (The sockets' own locks are taken outside the table scan.)
     fdtable::fds_matching(|e| matches!(e.kind, FdKind::Socket(_)))
         .into_iter()
-        .filter(|&fd| fdtable::get(fd).is_some_and(|e| is_pending(&e)))
+        .filter(|&fd| fdtable::get(fd).is_some_and(|e| is_pending(&e) || is_registering(&e)))
         .filter(|&fd| {
             crate::sys::fcntl_raw(fd, libc::F_GETFD, 0).is_ok_and(|f| f & libc::FD_CLOEXEC == 0)
         })
@@ -142,10 +184,8 @@ pub fn adopt_pending(spec: &str) {
             continue;
         }
         if let Some(entry) = super::socket_entry(fd, entry.as_ref()) {
-            if let FdKind::Socket(s) = &entry.kind {
-                s.state.lock().layer = Some(Box::new(UdpPending));
-                crate::debug!("inherited pending udp fd {}", fd);
-            }
+            set_marker(&entry, UdpPending);
+            crate::debug!("inherited pending udp fd {}", fd);
         }
     }
 }
@@ -228,35 +268,59 @@ impl GcbLayer {
         let Some(entry) = super::socket_entry(fd, entry) else {
             return;
         };
-        if let FdKind::Socket(s) = &entry.kind {
-            s.state.lock().layer = Some(Box::new(UdpPending));
-            crate::debug!("udp fd {}: bound to port 0, registers when needed", fd);
-        }
+        set_marker(&entry, UdpPending);
+        crate::debug!("udp fd {}: bound to port 0, registers when needed", fd);
     }
 
-    /// A [`UdpPending`] socket registers now (its address is asked for).
+    /// A [`UdpPending`] socket registers now (its address is asked for); a
+    /// [`UdpRegistering`] one waits for its registration's answer (bounded by the
+    /// registration deadline, after which it is a plain socket).
     pub fn settle_pending_udp(&self, fd: c_int, entry: &Arc<FdEntry>) {
         if take_pending(entry) {
             self.on_bound_udp(fd, Some(entry));
+            return;
         }
+        let deadline = Instant::now() + super::client::REGISTER_DEADLINE;
+        while is_registering(entry) && Instant::now() < deadline {
+            let _ = self.pump();
+            if is_registering(entry) {
+                std::thread::sleep(std::time::Duration::from_micros(200));
+            }
+        }
+        if take_registering(entry) {
+            crate::warn!(
+                "udp fd {}: no registration in time; serving locally only",
+                fd
+            );
+        }
+    }
+
+    /// The address a UDP socket registers as (its bound address, the route's IP for a
+    /// wildcard), or None for a socket that is not registered (loopback, no port).
+    fn registration_local(&self, fd: c_int) -> Option<SocketAddrV4> {
+        let local = net::sock_name(fd, false)?;
+        if local.ip().is_loopback() || local.port() == 0 {
+            return None;
+        }
+        if !local.ip().is_unspecified() {
+            return Some(local);
+        }
+        let ip = self
+            .client()
+            .lock()
+            .route_ip()
+            .unwrap_or(Ipv4Addr::LOCALHOST);
+        Some(SocketAddrV4::new(ip, local.port()))
     }
 
     pub fn on_bound_udp(&self, fd: c_int, entry: Option<&Arc<FdEntry>>) {
         if !is_udp4(fd) || entry.is_some_and(|e| state(e).is_some()) {
             return;
         }
-        let Some(local) = net::sock_name(fd, false) else {
+        let Some(reg_local) = self.registration_local(fd) else {
             return;
         };
-        if local.ip().is_loopback() || local.port() == 0 {
-            return;
-        }
         let mut c = self.client().lock();
-        let reg_local = if local.ip().is_unspecified() {
-            SocketAddrV4::new(c.route_ip().unwrap_or(Ipv4Addr::LOCALHOST), local.port())
-        } else {
-            local
-        };
         let Some(entry) = super::socket_entry(fd, entry) else {
             return;
         };
@@ -273,7 +337,7 @@ impl GcbLayer {
                     proxy
                 );
             }
-            Err(why) => crate::warn!("bind udp {}: {}; serving locally only", local, why),
+            Err(why) => crate::warn!("bind udp {}: {}; serving locally only", reg_local, why),
         }
     }
 
@@ -310,6 +374,9 @@ impl GcbLayer {
 
     /// recv/recvfrom/recvmsg/read on a registered UDP socket.
     pub fn udp_recv(&self, fd: c_int, entry: &Arc<FdEntry>, call: IoCall) -> Outcome<ssize_t> {
+        if state(entry).is_none() {
+            self.poll_registering(entry);
+        }
         let Some((proxy, vpeer)) = state(entry) else {
             return Outcome::Bypass;
         };
@@ -508,7 +575,7 @@ impl GcbLayer {
     pub fn udp_send(&self, fd: c_int, entry: &Arc<FdEntry>, call: IoCall) -> Outcome<ssize_t> {
         // Other managed sockets (e.g. brokered TCP connections) pass straight through,
         // before anything is allocated.
-        if state(entry).is_none() {
+        if state(entry).is_none() && !self.poll_registering(entry) {
             return self.first_send_of_pending(fd, entry, call);
         }
         let (prog_iov, flags, to, msg): (Vec<iovec>, c_int, Option<SocketAddrV4>, *const msghdr) =
@@ -644,15 +711,37 @@ impl GcbLayer {
         if sent < 0 {
             return Outcome::Error(errno());
         }
-        self.settle_pending_udp(fd, entry);
-        let ask = with_state(entry, |u| {
-            (dest != u.proxy && u.punch.should_ask(dest, Instant::now())).then_some(u.proxy)
-        })
-        .flatten();
-        if let Some(mine) = ask {
-            self.client().lock().request_punch(mine, dest, entry);
+        if !take_pending(entry) {
+            return Outcome::Handled(sent);
+        }
+        let Some(local) = self.registration_local(fd) else {
+            return Outcome::Handled(sent);
+        };
+        let mut c = self.client().lock();
+        match c.register_udp_start(local, entry, fd, dest) {
+            // The marker is set under the client lock, before the AEH can see the answer.
+            Ok(None) => set_marker(entry, UdpRegistering),
+            Ok(Some((proxy, token))) => {
+                set_marker(entry, UdpSock::new(proxy, *c.broker.ip()));
+                send_keepalive(fd, proxy, &token);
+                if with_state(entry, |u| u.punch.should_ask(dest, Instant::now())) == Some(true) {
+                    c.request_punch(proxy, dest, entry);
+                }
+            }
+            Err(why) => crate::warn!("bind udp {}: {}; serving locally only", local, why),
         }
         Outcome::Handled(sent)
+    }
+
+    /// A managed UDP socket that is not registered (yet): run the AEH once if its
+    /// registration is on its way, so its answer is taken as early as the program's next
+    /// call on the socket. True if that made it a registered socket.
+    fn poll_registering(&self, entry: &Arc<FdEntry>) -> bool {
+        if !is_registering(entry) {
+            return false;
+        }
+        let _ = self.pump();
+        state(entry).is_some()
     }
 
     /// For recvmsg: the program's msg_name (the logical sender), msg_flags, controllen.
