@@ -794,6 +794,7 @@ impl Client {
                     self.broker
                 );
             }
+            self.leave_epolls_if_idle();
             return;
         };
         self.fit_heartbeat(lease_ms);
@@ -804,6 +805,7 @@ impl Client {
                 local
             );
             self.send_unregister(chan, Transport::Udp, proxy);
+            self.leave_epolls_if_idle();
             return;
         };
         self.insert_udp_registration(chan, local, proxy, &token, &e, fd);
@@ -911,14 +913,7 @@ impl Client {
         if let Some(conn) = reg.standby.take().and_then(|s| s.conn) {
             self.drop_standby(conn);
         }
-        if self.regs.is_empty() {
-            // The AEH stops running in the program's waits: take our control sockets out
-            // of its epoll sets, or their (tagged) events would reach the program.
-            for (epfd, fd) in self.epolls.drain() {
-                // SAFETY: plain syscall; a stale pair just fails (ENOENT/EBADF).
-                unsafe { libc::epoll_ctl(epfd, libc::EPOLL_CTL_DEL, fd, std::ptr::null_mut()) };
-            }
-        }
+        self.leave_epolls_if_idle();
         if reg.inode != 0 && held_elsewhere(reg.inode) {
             crate::debug!(
                 "closed our copy of {} (proxy {}); another process still holds it",
@@ -934,6 +929,19 @@ impl Client {
         self.recent
             .insert((transport, reg.local), (proxy, Instant::now()));
         self.send_unregister(reg.chan, transport, proxy);
+    }
+
+    /// When the AEH stops running in the program's waits (nothing left to serve), takes
+    /// our control sockets out of the program's epoll sets, or their (tagged) events would
+    /// reach the program.
+    fn leave_epolls_if_idle(&mut self) {
+        if self.needs_aeh() {
+            return;
+        }
+        for (epfd, fd) in self.epolls.drain() {
+            // SAFETY: plain syscall; a stale pair just fails (ENOENT/EBADF).
+            unsafe { libc::epoll_ctl(epfd, libc::EPOLL_CTL_DEL, fd, std::ptr::null_mut()) };
+        }
     }
 
     /// Tells the broker (on channel `chan`) that `proxy` is no longer wanted.
