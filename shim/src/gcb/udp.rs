@@ -206,6 +206,32 @@ fn send_dest(call: &IoCall) -> Option<SocketAddrV4> {
     }
 }
 
+/// What the GCB UDP layer holds for a managed socket, read under one lock (the receive and
+/// send hooks ask this for every managed socket, brokered TCP connections included).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum UdpView {
+    /// Registered: its proxy and its virtual peer.
+    Registered(SocketAddrV4, Option<SocketAddrV4>),
+    /// Its registration is on its way ([`UdpRegistering`]).
+    Registering,
+    /// Anything else (pending, a TCP socket...).
+    Other,
+}
+
+fn view(entry: &FdEntry) -> UdpView {
+    let FdKind::Socket(s) = &entry.kind else {
+        return UdpView::Other;
+    };
+    let st = s.state.lock();
+    match st.layer.as_ref() {
+        Some(l) if l.is::<UdpRegistering>() => UdpView::Registering,
+        Some(l) => l
+            .downcast_ref::<UdpSock>()
+            .map_or(UdpView::Other, |u| UdpView::Registered(u.proxy, u.peer)),
+        None => UdpView::Other,
+    }
+}
+
 pub fn state(entry: &FdEntry) -> Option<(SocketAddrV4, Option<SocketAddrV4>)> {
     let FdKind::Socket(s) = &entry.kind else {
         return None;
@@ -374,11 +400,13 @@ impl GcbLayer {
 
     /// recv/recvfrom/recvmsg/read on a registered UDP socket.
     pub fn udp_recv(&self, fd: c_int, entry: &Arc<FdEntry>, call: IoCall) -> Outcome<ssize_t> {
-        if state(entry).is_none() {
-            self.poll_registering(entry);
-        }
-        let Some((proxy, vpeer)) = state(entry) else {
-            return Outcome::Bypass;
+        let (proxy, vpeer) = match view(entry) {
+            UdpView::Registered(p, v) => (p, v),
+            UdpView::Registering => match self.poll_registering(entry) {
+                Some(pv) => pv,
+                None => return Outcome::Bypass,
+            },
+            UdpView::Other => return Outcome::Bypass,
         };
         // The program's buffers and result slots.
         let (prog_iov, flags, msg, from): (Vec<iovec>, c_int, *mut msghdr, AddrOut) = match call {
@@ -575,8 +603,10 @@ impl GcbLayer {
     pub fn udp_send(&self, fd: c_int, entry: &Arc<FdEntry>, call: IoCall) -> Outcome<ssize_t> {
         // Other managed sockets (e.g. brokered TCP connections) pass straight through,
         // before anything is allocated.
-        if state(entry).is_none() && !self.poll_registering(entry) {
-            return self.first_send_of_pending(fd, entry, call);
+        match view(entry) {
+            UdpView::Registered(..) => {}
+            UdpView::Registering if self.poll_registering(entry).is_some() => {}
+            _ => return self.first_send_of_pending(fd, entry, call),
         }
         let (prog_iov, flags, to, msg): (Vec<iovec>, c_int, Option<SocketAddrV4>, *const msghdr) =
             match call {
@@ -733,15 +763,15 @@ impl GcbLayer {
         Outcome::Handled(sent)
     }
 
-    /// A managed UDP socket that is not registered (yet): run the AEH once if its
-    /// registration is on its way, so its answer is taken as early as the program's next
-    /// call on the socket. True if that made it a registered socket.
-    fn poll_registering(&self, entry: &Arc<FdEntry>) -> bool {
-        if !is_registering(entry) {
-            return false;
-        }
+    /// A socket whose registration is on its way: run the AEH once, so the answer is taken
+    /// as early as the program's next call on the socket. Its proxy and virtual peer if
+    /// that made it a registered socket.
+    fn poll_registering(
+        &self,
+        entry: &Arc<FdEntry>,
+    ) -> Option<(SocketAddrV4, Option<SocketAddrV4>)> {
         let _ = self.pump();
-        state(entry).is_some()
+        state(entry)
     }
 
     /// For recvmsg: the program's msg_name (the logical sender), msg_flags, controllen.
