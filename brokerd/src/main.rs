@@ -29,7 +29,7 @@ struct Args {
 
     /// Pool key file: every control datagram must carry an HMAC made with
     /// this key (at least 16 bytes; surrounding whitespace is ignored).
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", env = "GCB_KEY_FILE")]
     key_file: Option<PathBuf>,
 
     /// Accept control datagrams only from these networks (CIDR or bare IP;

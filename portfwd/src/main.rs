@@ -52,7 +52,7 @@ struct Args {
     /// Pool key file: every control datagram must carry an HMAC made with
     /// this key (at least 16 bytes). Without it, requests are only
     /// filtered by source address (--private).
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", env = "GCB_KEY_FILE")]
     key_file: Option<PathBuf>,
 
     /// Seconds between probe rounds (each client's management socket is

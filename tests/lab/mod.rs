@@ -273,6 +273,27 @@ fn fresh_name() -> String {
     )
 }
 
+/// Writes a fresh random pool key (64 hex characters, mode 0600) for lab `name`.
+fn write_pool_key(name: &str) -> PathBuf {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut random = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut random))
+        .expect("read /dev/urandom");
+    let hex: String = random.iter().map(|b| format!("{b:02x}")).collect();
+    let path = std::env::temp_dir().join(format!("gcb-lab-{name}.key"));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)
+        .unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
+    writeln!(f, "{hex}").unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+    path
+}
+
 fn netlab() -> Command {
     let mut cmd = Command::new("bash");
     cmd.arg(repo_root().join("scripts/netlab"));
@@ -285,6 +306,8 @@ fn netlab() -> Command {
 #[derive(Debug)]
 pub struct Lab {
     name: String,
+    /// The lab's pool key file (see [`Lab::key_file`]).
+    key_file: PathBuf,
 }
 
 impl Lab {
@@ -300,7 +323,8 @@ impl Lab {
                 .output()
                 .expect("run scripts/netlab");
             if out.status.success() {
-                return Lab { name };
+                let key_file = write_pool_key(&name);
+                return Lab { name, key_file };
             }
             last_err = String::from_utf8_lossy(&out.stderr).into_owned();
             if !last_err.contains("already exists") {
@@ -315,6 +339,15 @@ impl Lab {
         &self.name
     }
 
+    /// The lab's pool key file: random, written at [`Lab::up`], removed at drop. Every
+    /// command made by [`Lab::cmd`] has `GCB_KEY_FILE` set to it, so the daemons
+    /// (`--key-file` defaults to `$GCB_KEY_FILE`), `gcb-run` and the shim all run keyed, as
+    /// a deployment does. A test of the unkeyed mode removes the variable
+    /// (`cmd.env_remove("GCB_KEY_FILE")`) and starts the daemon with `--insecure`.
+    pub fn key_file(&self) -> &std::path::Path {
+        &self.key_file
+    }
+
     /// The network namespace of `host`.
     pub fn ns(&self, host: Host) -> String {
         format!("{}-{}", self.name, host.name())
@@ -326,6 +359,7 @@ impl Lab {
     pub fn cmd(&self, host: Host, program: impl AsRef<OsStr>) -> Command {
         let mut cmd = Command::new("ip");
         cmd.arg("netns").arg("exec").arg(self.ns(host)).arg(program);
+        cmd.env("GCB_KEY_FILE", &self.key_file);
         cmd
     }
 
@@ -468,6 +502,7 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.key_file);
         match netlab().arg("down").arg(&self.name).output() {
             Ok(out) if out.status.success() => {}
             Ok(out) => eprintln!(

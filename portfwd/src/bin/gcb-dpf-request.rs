@@ -25,7 +25,7 @@ struct Args {
     #[arg(long, value_parser = parse_server)]
     server: SocketAddr,
     /// Pool key file (as the server's --key-file).
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", env = "GCB_KEY_FILE")]
     key_file: Option<PathBuf>,
     /// Local address of the control socket (default: any).
     #[arg(long, value_name = "IP:PORT")]
