@@ -38,6 +38,12 @@ impl FromStr for Cidr {
     }
 }
 
+impl std::fmt::Display for Cidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.net, self.prefix)
+    }
+}
+
 impl Cidr {
     /// True if `ip` is inside this network.
     pub fn contains(&self, ip: IpAddr) -> bool {

@@ -15,8 +15,10 @@
 //! 1. [`Decision::Direct`] to `L.local` when L and C share a NAT or host
 //!    (same observed IP), when L is public, or when both are un-NATed and
 //!    private (the broker's own private realm).
-//! 2. [`Decision::Reverse`] when C is public and offers `connector_listen`:
-//!    the listener dials the connector.
+//! 2. [`Decision::Reverse`] when C is public and offers a `connector_listen` on its own
+//!    observed IP: the listener dials the connector. Never anywhere else: a
+//!    `connector_listen` on another IP (a LAN host of the listener, its loopback, a third
+//!    party) would make the listener dial it for whoever asked.
 //! 3. Otherwise [`Decision::Relay`]: both connect to the broker's relay port.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -63,7 +65,9 @@ pub fn decide(l: &Party, c: &Party, connector_listen: Option<SocketAddr>) -> Dec
     }
     if c.public() {
         if let Some(listen) = connector_listen {
-            return Decision::Reverse(listen);
+            if canonical(listen.ip()) == canonical(c.observed.ip()) && listen.port() != 0 {
+                return Decision::Reverse(listen);
+            }
         }
     }
     Decision::Relay
@@ -188,6 +192,24 @@ mod tests {
         assert_eq!(decide(&l, &c, Some(listen)), Decision::Reverse(listen));
         // Without a dial-back address the connector must use the relay.
         assert_eq!(decide(&l, &c, None), Decision::Relay);
+    }
+
+    #[test]
+    fn reverse_only_to_the_connectors_own_ip() {
+        // The SSRF of issue #10: a public connector names a dial-back address on the
+        // listener's LAN, its loopback, or a third party. None is ever dialed.
+        let l = p("203.0.113.1:40001", "10.1.0.11:5000");
+        let c = p("203.0.113.11:5555", "203.0.113.11:5555");
+        for listen in [
+            "10.1.0.12:8022",
+            "127.0.0.1:8022",
+            "203.0.113.99:80",
+            "203.0.113.11:0",
+        ] {
+            assert_eq!(decide(&l, &c, Some(a(listen))), Decision::Relay, "{listen}");
+        }
+        let own = a("203.0.113.11:7000");
+        assert_eq!(decide(&l, &c, Some(own)), Decision::Reverse(own));
     }
 
     #[test]

@@ -24,18 +24,42 @@ struct Args {
     /// protocol uses UDP on it and the relay TCP on the same IP:PORT; proxy
     /// sockets are bound on the same IP with ephemeral ports. Must be a
     /// specific IP (it is advertised). Port 0 picks a free port.
-    #[arg(long, value_parser = parse_listen)]
-    listen: SocketAddr,
+    #[arg(long, value_parser = parse_listen, required_unless_present = "generate_key")]
+    listen: Option<SocketAddr>,
 
     /// Pool key file: every control datagram must carry an HMAC made with
-    /// this key (at least 16 bytes; surrounding whitespace is ignored).
+    /// this key (at least 16 bytes; surrounding whitespace is ignored), and
+    /// tokens on the relay port and the UDP proxies are derived with it.
+    /// Required unless --insecure. Make one with --generate-key.
     #[arg(long, value_name = "FILE", env = "GCB_KEY_FILE")]
     key_file: Option<PathBuf>,
 
+    /// Run without a pool key: control requests are then not authenticated, so
+    /// they are accepted only from loopback and the --allow networks, the
+    /// listener is never asked to dial out for a request before its connector
+    /// has connected to the relay port, and proxy addresses do not survive a
+    /// broker restart. For a closed test network; say it explicitly.
+    #[arg(long)]
+    insecure: bool,
+
     /// Accept control datagrams only from these networks (CIDR or bare IP;
-    /// repeatable). Default: from everywhere. Applies with or without a key.
+    /// repeatable). With a key, default: from everywhere (the key
+    /// authenticates). With --insecure: loopback plus these.
     #[arg(long = "allow", value_name = "CIDR")]
     allow: Vec<Cidr>,
+
+    /// Write a new random pool key (256 bits, hex) to FILE (mode 0600; an
+    /// existing file is never overwritten) and exit. Copy it to every host of
+    /// the pool and give it to the daemons (--key-file) and to gcb-run
+    /// (--key-file or GCB_KEY_FILE).
+    #[arg(long, value_name = "FILE")]
+    generate_key: Option<PathBuf>,
+
+    /// Seconds a freed proxy address (unregistered, lease expired) stays
+    /// reserved for its owner: only a re-registration that proves it owned the
+    /// address gets it back meanwhile. At least two heartbeat intervals.
+    #[arg(long, default_value_t = 120, value_name = "SECS")]
+    proxy_reserve_secs: u64,
 
     /// Maximum registrations (proxy sockets), broker-wide.
     #[arg(long, default_value_t = 4096)]
@@ -152,9 +176,36 @@ fn main() {
     }
 }
 
+/// Writes a fresh random pool key to `path`: 64 hex characters and a newline, mode 0600,
+/// never over an existing file.
+fn generate_key(path: &std::path::Path) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut bytes = [0u8; 32];
+    bytes[..16].copy_from_slice(&gcb_brokerd::server::random_bytes());
+    bytes[16..].copy_from_slice(&gcb_brokerd::server::random_bytes());
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating key file {}", path.display()))?;
+    writeln!(f, "{hex}").with_context(|| format!("writing key file {}", path.display()))?;
+    f.sync_all()
+        .with_context(|| format!("writing key file {}", path.display()))?;
+    Ok(())
+}
+
 fn run() -> Result<()> {
     let args = Args::parse();
     log::set_level(args.log);
+    if let Some(path) = &args.generate_key {
+        generate_key(path)?;
+        eprintln!("gcb-brokerd: wrote a new pool key to {}", path.display());
+        return Ok(());
+    }
+    let listen = args.listen.context("--listen is required")?;
     let key = match &args.key_file {
         Some(path) => {
             let bytes = std::fs::read(path)
@@ -166,24 +217,38 @@ fn run() -> Result<()> {
         }
         None => None,
     };
-    if key.is_none() {
-        gcb_brokerd::log!(
-            Warn,
-            "no pool key configured (--key-file): control datagrams are not authenticated; accepted from {}",
-            if args.allow.is_empty() {
-                "everywhere (use --allow CIDR to restrict)".to_owned()
-            } else {
-                format!("{:?}", args.allow)
-            }
-        );
+    let mut allow = args.allow.clone();
+    match (&key, args.insecure) {
+        (None, false) => anyhow::bail!(
+            "no pool key: give --key-file FILE (or GCB_KEY_FILE; make one with \
+             `gcb-brokerd --generate-key FILE`), or --insecure to accept unauthenticated \
+             control requests from loopback and the --allow networks only"
+        ),
+        (None, true) => {
+            allow.push("127.0.0.0/8".parse().expect("valid CIDR"));
+            allow.push("::1".parse().expect("valid CIDR"));
+            gcb_brokerd::log!(
+                Warn,
+                "--insecure: no pool key; control requests are not authenticated and are accepted only from {}",
+                allow
+                    .iter()
+                    .map(|c| c.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        (Some(_), true) => {
+            gcb_brokerd::log!(Warn, "--insecure ignored: a pool key is configured");
+        }
+        (Some(_), false) => {}
     }
     gcb_brokerd::log::flush();
     install_signal_handlers()?;
     raise_fd_limit();
     let cfg = Config {
-        listen: args.listen,
+        listen,
         key,
-        allow: AllowList(args.allow),
+        allow: AllowList(allow),
         max_registrations: args.max_registrations,
         max_per_client: args.max_per_client,
         max_relays: args.max_relays,
@@ -196,6 +261,7 @@ fn run() -> Result<()> {
         udp_rule_idle: Duration::from_millis(args.udp_rule_idle_ms.max(1)),
         max_udp_rules: args.max_udp_rules,
         max_udp_rules_per_proxy: args.max_udp_rules_per_proxy,
+        proxy_reserve: Duration::from_secs(args.proxy_reserve_secs),
     };
     let mut server = Server::bind(cfg)?;
     let a = server.local_addr();

@@ -13,6 +13,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use gcb_proto::token::{self, OwnerSecret, Use};
 use gcb_proto::{
     Body, ConnectId, Endpoint, ErrorCode, Event, Now, PoolKey, RequestId, Route, Transport,
 };
@@ -20,7 +21,7 @@ use mio::net::{TcpListener, TcpStream, UdpSocket};
 use mio::{Events, Interest, Poll, Token};
 
 use crate::allow::AllowList;
-use crate::decision::{decide, Decision, Party};
+use crate::decision::{canonical, decide, Decision, Party};
 use crate::preamble::{self, Preamble};
 use crate::registry::{Limits, Registry, RegistryError};
 use crate::relay::{Relay, RelayState};
@@ -73,6 +74,9 @@ pub struct Config {
     pub max_udp_rules: usize,
     /// Maximum UDP relay rules per proxy.
     pub max_udp_rules_per_proxy: usize,
+    /// How long a freed proxy address stays reserved for its owner (only a
+    /// `register{previous_proxy}` with the ownership proof gets it back meanwhile).
+    pub proxy_reserve: Duration,
 }
 
 /// Errors that stop the daemon at startup.
@@ -144,6 +148,10 @@ pub struct Counters {
     pub relay: u64,
     /// reregister_request messages sent.
     pub reregister_sent: u64,
+    /// `previous_proxy` or `unregister` requests without a valid ownership proof.
+    pub ownership_refused: u64,
+    /// Standby or connect presentations from an IP they are not bound to.
+    pub foreign_presentations: u64,
 }
 
 /// A relay-port connection still reading its 45-byte preamble.
@@ -155,14 +163,33 @@ struct PreambleConn {
     deadline: Instant,
 }
 
-/// A connect id waiting for (the rest of) its pair.
+/// A connect id waiting for (the rest of) its pair. Keyed in `Server::pending` by the
+/// id's presentation ([`Use::Connect`]), which is what the relay port reads.
 struct Pending {
+    /// The connect id itself (what `connect_back` and `connect_decision` carry).
+    raw: [u8; 16],
     proxy: SocketAddr,
+    /// The IPs allowed to present the id: the listener's observed IP, and for a
+    /// connect_request the connector's.
+    allowed: Vec<IpAddr>,
+    /// An unauthenticated connect_request's listener side, started only when the
+    /// connector's own connection has presented the id from its observed IP (a spoofed
+    /// datagram then costs the listener nothing).
+    deferred: Option<Deferred>,
     /// The connection that arrived first (a proxy connector, or the first of
     /// two relay-port arrivals).
     waiting: Option<(TcpStream, SocketAddr)>,
     deadline: Instant,
     connect_back: Option<RequestId>,
+}
+
+/// What an unauthenticated relay decision still has to do once its connector arrives.
+struct Deferred {
+    connector_ip: IpAddr,
+    /// The registration's control address (where a connect_back goes).
+    listener: SocketAddr,
+    /// The connector as the program will see it.
+    logical_peer: SocketAddr,
 }
 
 struct RelayEntry {
@@ -236,6 +263,10 @@ pub struct Server {
     claims: HashMap<Token, Claim>,
     outgoing: HashMap<RequestId, Outgoing>,
     reregistering: HashSet<SocketAddr>,
+    /// Computes registration tokens ([`gcb_proto::token`]).
+    owner: OwnerSecret,
+    /// Freed proxy addresses reserved for their owners, until when.
+    reserved: HashMap<(Transport, SocketAddr), Instant>,
     counters: Counters,
     next_sweep: Instant,
     next_stats: Option<Instant>,
@@ -333,6 +364,17 @@ impl Server {
             ..gcb_proto::Config::default()
         };
         let ep = Endpoint::new(ep_cfg, cfg.key.clone(), session);
+        // Keyed: every broker of the pool computes the same tokens, before and after a
+        // restart. Unkeyed: a secret of this run only (see gcb_proto::token).
+        let owner = match &cfg.key {
+            Some(k) => OwnerSecret::from_pool_key(k),
+            None => {
+                let mut b = [0u8; 32];
+                b[..16].copy_from_slice(&random_bytes());
+                b[16..].copy_from_slice(&random_bytes());
+                OwnerSecret::from_random(b)
+            }
+        };
         let registry = Registry::new(Limits {
             max_total: cfg.max_registrations,
             max_per_client: cfg.max_per_client,
@@ -368,6 +410,8 @@ impl Server {
             claims: HashMap::new(),
             outgoing: HashMap::new(),
             reregistering: HashSet::new(),
+            owner,
+            reserved: HashMap::new(),
             counters: Counters::default(),
             next_sweep: t,
             retry_accept: false,
@@ -542,8 +586,36 @@ impl Server {
                 transport,
                 local,
                 previous_proxy,
-            } => self.on_register(from, transport, local, previous_proxy),
-            Body::Unregister { proxy, transport } => {
+                previous_token,
+            } => self.on_register(
+                from,
+                transport,
+                local,
+                previous_proxy,
+                previous_token.as_deref(),
+            ),
+            Body::Unregister {
+                proxy,
+                transport,
+                token,
+            } => {
+                let owned = [Transport::Tcp, Transport::Udp]
+                    .into_iter()
+                    .filter(|t| transport.is_none_or(|want| want == *t))
+                    .find(|t| self.registry.get(*t, &proxy).is_some());
+                if let Some(t) = owned {
+                    if !self.ownership_proven(t, proxy, token.as_deref()) {
+                        self.counters.ownership_refused += 1;
+                        log!(
+                            Info,
+                            "refused unregister of {proxy} from {from}: no valid ownership proof"
+                        );
+                        return Body::error(
+                            ErrorCode::NotOwner,
+                            "unregister needs the registration's ownership proof",
+                        );
+                    }
+                }
                 match self.registry.remove(from, transport, proxy) {
                     Ok(r) => {
                         self.close_proxy(r.transport, r.proxy);
@@ -598,12 +670,44 @@ impl Server {
         }
     }
 
+    /// The registration token of the `transport` registration at `proxy`, as hex.
+    fn token_hex(&self, transport: Transport, proxy: SocketAddr) -> String {
+        token::to_hex(&self.owner.token(transport, proxy))
+    }
+
+    /// What a holder of the registration at `proxy` presents for `what`.
+    fn presentation(&self, what: Use, transport: Transport, proxy: SocketAddr) -> [u8; 16] {
+        token::present(
+            self.cfg.key.as_ref(),
+            what,
+            &self.owner.token(transport, proxy),
+        )
+    }
+
+    /// The presentation of connect id `raw` on the relay port.
+    fn connect_presentation(&self, raw: &[u8; 16]) -> [u8; 16] {
+        token::present(self.cfg.key.as_ref(), Use::Connect, raw)
+    }
+
+    /// Whether `proof` proves ownership of the `transport` registration at `proxy` (see
+    /// [`gcb_proto::token`]): its token presented for [`Use::Ownership`].
+    fn ownership_proven(
+        &self,
+        transport: Transport,
+        proxy: SocketAddr,
+        proof: Option<&str>,
+    ) -> bool {
+        let want = token::to_hex(&self.presentation(Use::Ownership, transport, proxy));
+        proof.is_some_and(|p| token::same(p.as_bytes(), want.as_bytes()))
+    }
+
     fn on_register(
         &mut self,
         from: SocketAddr,
         transport: Transport,
         local: SocketAddr,
         previous_proxy: Option<SocketAddr>,
+        previous_token: Option<&str>,
     ) -> Body {
         let lease_ms = self.registry.lease().as_millis() as u64;
         if transport == Transport::Udp && !self.addr.is_ipv4() {
@@ -621,29 +725,51 @@ impl Server {
                 "duplicate register from {from} for {} {local}: proxy {proxy}",
                 transport_name(transport)
             );
-            let token = match transport {
-                Transport::Udp => self.udp.get(&proxy).map(UdpProxy::token_string),
-                Transport::Tcp => self.standby.key_of(&proxy).map(|k| hex(&k)),
-            };
             return Body::Registered {
                 proxy,
                 lease_ms,
-                token,
+                token: Some(self.token_hex(transport, proxy)),
             };
         }
         if let Err(e) = self.registry.check_quota(from) {
             return self.refuse(from, ErrorCode::Quota, e.to_string());
         }
+        let t = Instant::now();
+        self.reserved.retain(|_, until| *until > t);
+        // The old address only with the old registration's proof: otherwise whoever asks
+        // first after a broker restart or an unregister would take over its clients.
+        let previous_proxy = match previous_proxy {
+            // The other transport's proof counts too: a program keeps one port number
+            // for TCP and UDP (the shim asks for its sibling registration's proxy).
+            Some(p)
+                if self.ownership_proven(Transport::Tcp, p, previous_token)
+                    || self.ownership_proven(Transport::Udp, p, previous_token) =>
+            {
+                Some(p)
+            }
+            Some(p) => {
+                self.counters.ownership_refused += 1;
+                log!(
+                    Info,
+                    "register from {from}: no valid ownership proof for previous proxy {p}; assigning a new one"
+                );
+                None
+            }
+            None => None,
+        };
         let bound = match transport {
             Transport::Tcp => self.bind_tcp_proxy(from, previous_proxy),
             Transport::Udp => self.bind_udp_proxy(from, local, previous_proxy),
         };
-        let (proxy, token) = match bound {
-            Ok((proxy, None)) if transport == Transport::Tcp => {
-                // A TCP registration's token is its standby key.
-                (proxy, Some(hex(&self.standby.key_for(proxy, random_bytes))))
+        let proxy = match bound {
+            Ok((proxy, _)) => {
+                self.reserved.remove(&(transport, proxy));
+                if transport == Transport::Tcp {
+                    let key = self.presentation(Use::Standby, Transport::Tcp, proxy);
+                    self.standby.key_for(proxy, || key);
+                }
+                proxy
             }
-            Ok(x) => x,
             Err(e) => {
                 log!(Error, "cannot bind a proxy socket: {e}");
                 return Body::error(
@@ -668,7 +794,7 @@ impl Server {
         Body::Registered {
             proxy,
             lease_ms,
-            token,
+            token: Some(self.token_hex(transport, proxy)),
         }
     }
 
@@ -726,6 +852,8 @@ impl Server {
             // that a later registration can ask for the same number.
             if self.registry.get(Transport::Tcp, &a).is_none()
                 && self.registry.get(Transport::Udp, &a).is_none()
+                && !self.reserved.contains_key(&(Transport::Tcp, a))
+                && !self.reserved.contains_key(&(Transport::Udp, a))
             {
                 return Ok((s, a));
             }
@@ -786,11 +914,14 @@ impl Server {
             return Err(e);
         }
         let mut secret = [0u8; gcb_proto::UDP_TOKEN_LEN];
-        secret.copy_from_slice(hex(&random_bytes()).as_bytes());
+        secret.copy_from_slice(
+            token::to_hex(&self.presentation(Use::UdpDummy, Transport::Udp, proxy)).as_bytes(),
+        );
         let p = UdpProxy {
             sock,
             token,
             secret,
+            owner_ip: canonical(from.ip()),
             data: None,
             local,
             punched: Vec::new(),
@@ -836,28 +967,37 @@ impl Server {
             observed: from,
             local: connector_local,
         };
-        let route = match decide(&l, &c, connector_listen) {
+        // Without a pool key nothing proves the request came from `from`: the listener is
+        // not asked to dial anything for it (no reverse, no claim, no connect_back) until
+        // the connector's own TCP connection shows up at the relay port.
+        let authenticated = self.cfg.key.is_some();
+        let decision = match decide(&l, &c, connector_listen) {
+            Decision::Reverse(_) if !authenticated => Decision::Relay,
+            d => d,
+        };
+        let route = match decision {
             Decision::Direct(addr) => {
                 self.counters.direct += 1;
                 Route::Direct { addr }
             }
             Decision::Reverse(dial) => {
                 self.counters.reverse += 1;
-                let id = random_bytes();
+                let raw = random_bytes();
                 let body = Body::ConnectBack {
-                    connect_id: ConnectId::from_bytes(id),
+                    connect_id: ConnectId::from_bytes(raw),
                     dial,
                     proxy,
                     logical_peer: dial,
                 };
+                let pid = self.connect_presentation(&raw);
                 if self
-                    .send(reg.observed, body, Outgoing::ConnectBack(id))
+                    .send(reg.observed, body, Outgoing::ConnectBack(pid))
                     .is_none()
                 {
                     return Body::error(ErrorCode::Busy, "cannot reach the listener now");
                 }
                 Route::Reverse {
-                    connect_id: ConnectId::from_bytes(id),
+                    connect_id: ConnectId::from_bytes(raw),
                 }
             }
             Decision::Relay => {
@@ -869,20 +1009,36 @@ impl Server {
                     );
                 }
                 self.counters.relay += 1;
-                let id = random_bytes();
-                let peer = connector_listen.unwrap_or(from);
-                let connect_back = if self.claim_standby(proxy, id, reg.observed, peer) {
+                let raw = random_bytes();
+                let pid = self.connect_presentation(&raw);
+                // The program sees the connector's dial-back address only when it is the
+                // connector's own (as for a reverse); else its observed address.
+                let peer = connector_listen
+                    .filter(|a| canonical(a.ip()) == canonical(from.ip()))
+                    .unwrap_or(from);
+                let mut deferred = None;
+                let connect_back = if !authenticated {
+                    deferred = Some(Deferred {
+                        connector_ip: canonical(from.ip()),
+                        listener: reg.observed,
+                        logical_peer: peer,
+                    });
+                    None
+                } else if self.claim_standby(proxy, pid, reg.observed, peer) {
                     None
                 } else {
-                    let Some(req) = self.send_connect_back(&reg.observed, id, proxy, peer) else {
+                    let Some(req) = self.send_connect_back(&reg.observed, raw, proxy, peer) else {
                         return Body::error(ErrorCode::Busy, "cannot reach the listener now");
                     };
                     Some(req)
                 };
                 self.pending.insert(
-                    id,
+                    pid,
                     Pending {
+                        raw,
                         proxy,
+                        allowed: vec![canonical(from.ip()), canonical(reg.observed.ip())],
+                        deferred,
                         waiting: None,
                         deadline: Instant::now() + self.cfg.connect_timeout,
                         connect_back,
@@ -890,7 +1046,7 @@ impl Server {
                 );
                 Route::Relay {
                     addr: self.addr,
-                    connect_id: ConnectId::from_bytes(id),
+                    connect_id: ConnectId::from_bytes(raw),
                 }
             }
         };
@@ -898,20 +1054,23 @@ impl Server {
         Body::ConnectDecision { route }
     }
 
+    /// Asks the listener to dial the relay port with connect id `raw` (its pairing is
+    /// `pending[presentation of raw]`).
     fn send_connect_back(
         &mut self,
         listener: &SocketAddr,
-        id: [u8; 16],
+        raw: [u8; 16],
         proxy: SocketAddr,
         logical_peer: SocketAddr,
     ) -> Option<RequestId> {
         let body = Body::ConnectBack {
-            connect_id: ConnectId::from_bytes(id),
+            connect_id: ConnectId::from_bytes(raw),
             dial: self.addr,
             proxy,
             logical_peer,
         };
-        self.send(*listener, body, Outgoing::ConnectBack(id))
+        let pid = self.connect_presentation(&raw);
+        self.send(*listener, body, Outgoing::ConnectBack(pid))
     }
 
     fn on_response(&mut self, peer: SocketAddr, request: RequestId, body: Option<Body>) {
@@ -963,6 +1122,10 @@ impl Server {
     }
 
     fn close_proxy(&mut self, transport: Transport, proxy: SocketAddr) {
+        // Kept from other registrations for a while: its owner may be re-registering
+        // (a restarted program, a lost lease) and its clients still know the address.
+        self.reserved
+            .insert((transport, proxy), Instant::now() + self.cfg.proxy_reserve);
         if transport == Transport::Tcp {
             if let Some((token, mut l)) = self.proxies.remove(&proxy) {
                 let _ = self.poll.registry().deregister(&mut l);
@@ -1043,13 +1206,17 @@ impl Server {
                 reset(stream);
                 continue;
             }
-            let id = random_bytes();
+            let raw = random_bytes();
+            let id = self.connect_presentation(&raw);
             if self.claim_standby(proxy, id, reg.observed, peer) {
                 // The connector's stream waits unread in the kernel until the splice.
                 self.pending.insert(
                     id,
                     Pending {
+                        raw,
                         proxy,
+                        allowed: vec![canonical(reg.observed.ip())],
+                        deferred: None,
                         waiting: Some((stream, peer)),
                         deadline: Instant::now() + self.cfg.connect_timeout,
                         connect_back: None,
@@ -1062,7 +1229,7 @@ impl Server {
                 );
                 continue;
             }
-            let Some(req) = self.send_connect_back(&reg.observed, id, proxy, peer) else {
+            let Some(req) = self.send_connect_back(&reg.observed, raw, proxy, peer) else {
                 self.counters.conns_refused += 1;
                 reset(stream);
                 continue;
@@ -1078,7 +1245,10 @@ impl Server {
             self.pending.insert(
                 id,
                 Pending {
+                    raw,
                     proxy,
+                    allowed: vec![canonical(reg.observed.ip())],
+                    deferred: None,
                     waiting: Some((stream, peer)),
                     deadline: Instant::now() + self.cfg.connect_timeout,
                     connect_back: Some(req),
@@ -1206,6 +1376,23 @@ impl Server {
 
     /// A relay-port connection presented a standby key: park it for its proxy.
     fn on_standby(&mut self, key: [u8; 16], mut stream: TcpStream, peer: SocketAddr) {
+        // A standby key is valid only from its registration's observed IP: one read off
+        // the wire and replayed from elsewhere would get that proxy's next client.
+        let owner_ip = self
+            .standby
+            .proxy_of(&key)
+            .and_then(|p| self.registry.get(Transport::Tcp, &p))
+            .map(|r| canonical(r.observed.ip()));
+        if owner_ip.is_some_and(|ip| ip != canonical(peer.ip())) {
+            self.counters.standby_refused += 1;
+            self.counters.foreign_presentations += 1;
+            log!(
+                Warn,
+                "standby from {peer} refused: its key belongs to a registration at another address"
+            );
+            reset(stream);
+            return;
+        }
         let tok = match self.watch_readable(&mut stream, Owner::Standby) {
             Ok(t) => t,
             Err(e) => {
@@ -1377,10 +1564,10 @@ impl Server {
             c.peer,
             c.proxy
         );
-        if !self.pending.contains_key(&c.id) {
+        let Some(raw) = self.pending.get(&c.id).map(|p| p.raw) else {
             return;
-        }
-        match self.send_connect_back(&c.listener, c.id, c.proxy, c.logical_peer) {
+        };
+        match self.send_connect_back(&c.listener, raw, c.proxy, c.logical_peer) {
             Some(req) => {
                 if let Some(p) = self.pending.get_mut(&c.id) {
                     p.connect_back = Some(req);
@@ -1395,7 +1582,8 @@ impl Server {
         }
     }
 
-    /// A relay-port connection presented connect id `id`.
+    /// A relay-port connection presented connect id `id` (its presentation, the key of
+    /// `pending`).
     fn on_arrival(&mut self, id: [u8; 16], stream: TcpStream, peer: SocketAddr) {
         let Some(p) = self.pending.get_mut(&id) else {
             self.counters.bad_preambles += 1;
@@ -1407,6 +1595,55 @@ impl Server {
             reset(stream);
             return;
         };
+        let ip = canonical(peer.ip());
+        if !p.allowed.contains(&ip) {
+            // The pairing stays: its real parties may still come.
+            self.counters.bad_preambles += 1;
+            self.counters.foreign_presentations += 1;
+            log!(
+                Warn,
+                "relay port: {peer} presented connect id {} bound to other addresses",
+                hex(&id)
+            );
+            reset(stream);
+            return;
+        }
+        if p.deferred.as_ref().is_some_and(|d| d.connector_ip == ip) {
+            // An unauthenticated relay decision: its connector is real. Now ask the
+            // listener's side (a standby claim, else a connect_back).
+            let d = p.deferred.take().expect("checked");
+            let (raw, proxy) = (p.raw, p.proxy);
+            p.waiting = Some((stream, peer));
+            if !self.claim_standby(proxy, id, d.listener, d.logical_peer) {
+                let req = self.send_connect_back(&d.listener, raw, proxy, d.logical_peer);
+                match (req, self.pending.get_mut(&id)) {
+                    (Some(req), Some(p)) => p.connect_back = Some(req),
+                    (None, _) => {
+                        if let Some(p) = self.pending.remove(&id) {
+                            drop_conn(p.waiting);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            log!(
+                Debug,
+                "relay port: connector {peer} is first for {}",
+                hex(&id)
+            );
+            return;
+        }
+        if p.deferred.is_some() && p.waiting.is_none() {
+            // The listener side before its connector: impossible unless forged.
+            self.counters.bad_preambles += 1;
+            log!(
+                Warn,
+                "relay port: {peer} came before its connector for {}",
+                hex(&id)
+            );
+            reset(stream);
+            return;
+        }
         match p.waiting.take() {
             None => {
                 log!(Debug, "relay port: {peer} is first for {}", hex(&id));

@@ -10,9 +10,11 @@
 //! is in. A claim that is not acked in time (the owning process is not running the
 //! shim's event handler) is abandoned and the broker falls back to `connect_back`.
 //!
-//! Each TCP registration gets a random 128-bit standby key (sent in
-//! `registered.token`); a standby presents it in its preamble
-//! (`GCB-STANDBY <32 hex>\n`). This module is the bookkeeping only (keys, parked
+//! Each TCP registration's standby key is its registration token presented for
+//! standbys ([`gcb_proto::token`]: keyed with the pool key when there is one, so the
+//! `registered.token` an observer reads is not the key); a standby presents it in its
+//! preamble (`GCB-STANDBY <32 hex>\n`), and is parked only when it comes from the
+//! registration's observed IP. This module is the bookkeeping only (keys, parked
 //! connections per proxy, bounded), generic over the stream so it is unit-tested
 //! without sockets; the event loop in [`crate::server`] owns the I/O.
 
@@ -80,6 +82,11 @@ impl<T: Copy + Eq + std::hash::Hash, S> StandbyPool<T, S> {
         self.proxy_key.insert(proxy, k);
         self.key_proxy.insert(k, proxy);
         k
+    }
+
+    /// The proxy whose key is `key`, if any.
+    pub fn proxy_of(&self, key: &[u8; 16]) -> Option<SocketAddr> {
+        self.key_proxy.get(key).copied()
     }
 
     /// The key of `proxy`, if it has one.

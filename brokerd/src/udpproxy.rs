@@ -63,8 +63,12 @@ pub struct UdpProxy {
     pub sock: UdpSocket,
     /// Its poll token.
     pub token: Token,
-    /// The registration token, ASCII lowercase hex.
+    /// The Dummy token: the registration token presented for UDP Dummy frames
+    /// ([`gcb_proto::token`]), ASCII lowercase hex.
     pub secret: [u8; UDP_TOKEN_LEN],
+    /// The registration's observed IP: Dummy frames count only from there (a token read
+    /// off the wire and replayed from elsewhere must not move the data address).
+    pub owner_ip: std::net::IpAddr,
     /// Where the listener's frames come from and `From` frames go (the NAT
     /// mapping of the program's socket toward the proxy), once a Dummy
     /// arrived.
@@ -301,12 +305,14 @@ impl UdpPlane {
             let parsed = udp::parse(frame);
             match parsed {
                 Some((kind @ (UdpKind::Dummy | UdpKind::KeepAlive), _, tok)) => {
-                    if !udp::token_eq(tok, &p.secret) {
+                    if !udp::token_eq(tok, &p.secret)
+                        || crate::decision::canonical(src.ip()) != p.owner_ip
+                    {
                         counters.drop_bad_token += 1;
                         if let Some(s) = drop_log.allow(now) {
                             log!(
                                 Info,
-                                "udp proxy {proxy}: dropped Dummy with a wrong token from {src}{}",
+                                "udp proxy {proxy}: dropped Dummy with a wrong token or from a foreign address: {src}{}",
                                 suppressed(s)
                             );
                         }
@@ -579,6 +585,7 @@ mod tests {
                     sock: UdpSocket::bind("127.0.0.1:0".parse().unwrap()).unwrap(),
                     token: Token(i),
                     secret,
+                    owner_ip: "203.0.113.1".parse().unwrap(),
                     data: Some(SocketAddr::V4(data_of(i))),
                     local: "10.1.0.5:9000".parse().unwrap(),
                     punched: Vec::new(),

@@ -7,7 +7,7 @@ use std::net::{Shutdown, SocketAddr, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
 use common::*;
-use gcb_proto::{Body, ConnectId, ErrorCode, Route, Transport};
+use gcb_proto::{token, Body, ConnectId, ErrorCode, Route, Transport};
 
 const MIB: usize = 1 << 20;
 
@@ -19,7 +19,22 @@ fn register(c: &mut Client, local: SocketAddr, previous: Option<SocketAddr>) -> 
     register_with_key(c, local, previous).0
 }
 
-/// Registers a TCP listener; returns its proxy and its standby key (the token).
+/// Registration tokens handed out, by proxy.
+static TOKENS: std::sync::Mutex<Vec<(SocketAddr, [u8; 16])>> = std::sync::Mutex::new(Vec::new());
+
+/// The ownership proof of the TCP registration at `proxy` (gcb_proto::token).
+fn proof(proxy: SocketAddr) -> Option<String> {
+    let tokens = TOKENS.lock().unwrap();
+    let (_, t) = tokens.iter().rev().find(|(p, _)| *p == proxy)?;
+    Some(token::present_hex(
+        Some(&test_key()),
+        token::Use::Ownership,
+        t,
+    ))
+}
+
+/// Registers a TCP listener (proving it owned `previous`, if given); returns its proxy
+/// and its standby key (the registration token presented for standbys).
 fn register_with_key(
     c: &mut Client,
     local: SocketAddr,
@@ -29,17 +44,19 @@ fn register_with_key(
         transport: Transport::Tcp,
         local,
         previous_proxy: previous,
+        previous_token: previous.and_then(proof),
     }) {
         Some(Body::Registered {
             proxy,
             lease_ms,
-            token: Some(key),
+            token: Some(tok),
         }) => {
             assert!(lease_ms > 0);
-            assert!(
-                ConnectId::parse(&key).is_ok(),
-                "a TCP registration's token is a 32-hex standby key: {key:?}"
-            );
+            let t = token::from_hex(&tok)
+                .unwrap_or_else(|| panic!("a registration token is 32 hex: {tok:?}"));
+            TOKENS.lock().unwrap().push((proxy, t));
+            let key = token::present_hex(Some(&test_key()), token::Use::Standby, &t);
+            assert_ne!(key, tok, "the standby key is not the token");
             (proxy, key)
         }
         other => panic!("register: {other:?}"),
@@ -163,7 +180,7 @@ fn brokered_decisions_direct_and_relay() {
     let proxy = register(&mut listener, a("10.1.0.5:9618"), None);
 
     // Connector from another "NAT" (127.0.0.2): relay.
-    let mut connector = Client::bind("127.0.0.2:0", broker.addr, None);
+    let mut connector = Client::bind("127.0.0.2:0", broker.addr, Some(TEST_KEY));
     let route = match connector.request(Body::ConnectRequest {
         proxy,
         transport: Transport::Tcp,
@@ -383,6 +400,7 @@ fn limits_are_enforced_with_explicit_refusals() {
         transport: Transport::Tcp,
         local: a("10.1.0.5:2"),
         previous_proxy: None,
+        previous_token: None,
     }) {
         Some(Body::Error { code, reason }) => {
             assert_eq!(code, ErrorCode::Quota);
@@ -397,6 +415,7 @@ fn limits_are_enforced_with_explicit_refusals() {
         transport: Transport::Tcp,
         local: a("10.1.0.7:1"),
         previous_proxy: None,
+        previous_token: None,
     }) {
         Some(Body::Error { code, .. }) => assert_eq!(code, ErrorCode::Quota),
         other => panic!("{other:?}"),
@@ -431,6 +450,7 @@ fn pool_key_is_required_when_configured() {
             transport: Transport::Tcp,
             local: a("10.1.0.5:2"),
             previous_proxy: None,
+            previous_token: None,
         }),
         None,
         "unkeyed request must get no answer"
@@ -445,16 +465,47 @@ fn pool_key_is_required_when_configured() {
 #[test]
 fn allow_list_drops_other_sources() {
     let broker = Broker::start("127.0.0.1:0", &["--allow", "127.0.0.2/32"]);
-    let mut ok = Client::bind("127.0.0.2:0", broker.addr, None);
+    let mut ok = Client::bind("127.0.0.2:0", broker.addr, Some(TEST_KEY));
     register(&mut ok, a("10.1.0.5:1"), None);
-    let log_line = broker.wait_log("no pool key configured", Duration::from_secs(1));
-    assert!(log_line.contains("127.0.0.2"));
-    let denied = Client::bind("127.0.0.1:0", broker.addr, None);
+    let denied = Client::bind("127.0.0.1:0", broker.addr, Some(TEST_KEY));
     denied.sock.send_to(b"hello", broker.addr).unwrap();
     std::thread::sleep(Duration::from_millis(200));
     let log = broker.stop();
     assert!(stat(&log, "not_allowed") >= 1);
     drop(denied);
+}
+
+/// Without a key the broker refuses to start unless told `--insecure`; then it says so
+/// once and serves unauthenticated requests from loopback.
+#[test]
+fn no_key_needs_insecure_and_is_said_out_loud() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gcb-brokerd"))
+        .args(["--listen", "127.0.0.1:0"])
+        .env_remove("GCB_KEY_FILE")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.starts_with("gcb-brokerd: error: no pool key"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+
+    let broker = Broker::start("127.0.0.1:0", &["--insecure", "--allow", "10.9.0.0/16"]);
+    let line = broker.wait_log("--insecure: no pool key", Duration::from_secs(2));
+    assert!(
+        line.contains("127.0.0.0/8") && line.contains("10.9.0.0/16"),
+        "{line}"
+    );
+    let mut c = Client::bind("127.0.0.1:0", broker.addr, None);
+    match c.request(Body::Register {
+        transport: Transport::Tcp,
+        local: a("10.1.0.5:1"),
+        previous_proxy: None,
+        previous_token: None,
+    }) {
+        Some(Body::Registered { .. }) => {}
+        other => panic!("{other:?}"),
+    }
+    broker.stop();
 }
 
 /// Parks a standby connection for `key` at the relay port.
@@ -501,7 +552,7 @@ fn standby_is_claimed_for_a_proxy_connection_without_connect_back() {
     let mut standby = park_standby(broker.addr, &key);
     std::thread::sleep(Duration::from_millis(100));
     // From another "NAT" (127.0.0.2): a relay decision.
-    let mut connector_ctl = Client::bind("127.0.0.2:0", broker.addr, None);
+    let mut connector_ctl = Client::bind("127.0.0.2:0", broker.addr, Some(TEST_KEY));
     let route = match connector_ctl.request(Body::ConnectRequest {
         proxy,
         transport: Transport::Tcp,

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use gcb_proto::udp::{self, UdpKind, MAX_UDP_PAYLOAD};
-use gcb_proto::{Body, Transport};
+use gcb_proto::{token, Body, Transport};
 
 const QUIET: Duration = Duration::from_millis(300);
 
@@ -25,6 +25,37 @@ fn v4(s: SocketAddr) -> SocketAddrV4 {
     }
 }
 
+/// Registration tokens by proxy, as the broker handed them out (an unkeyed broker).
+static TOKENS: std::sync::Mutex<Vec<(SocketAddr, Transport, [u8; 16])>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// The ownership proof of the `transport` registration at `proxy` (gcb_proto::token).
+fn proof_of(transport: Transport, proxy: SocketAddr) -> Option<String> {
+    let tokens = TOKENS.lock().unwrap();
+    let (_, _, t) = tokens
+        .iter()
+        .rev()
+        .find(|(p, tr, _)| *p == proxy && *tr == transport)?;
+    Some(token::present_hex(
+        Some(&test_key()),
+        token::Use::Ownership,
+        t,
+    ))
+}
+
+fn proof(proxy: SocketAddr) -> Option<String> {
+    proof_of(Transport::Udp, proxy)
+}
+
+fn remember(proxy: SocketAddr, transport: Transport, tok: &str) -> [u8; 16] {
+    let t = token::from_hex(tok).unwrap_or_else(|| panic!("token {tok:?}"));
+    TOKENS.lock().unwrap().push((proxy, transport, t));
+    t
+}
+
+/// Registers a UDP socket (with the ownership proof of `prev`, if any); returns the
+/// proxy and the Dummy token the shim would send (the registration token presented for
+/// Dummy frames).
 fn register_udp(
     c: &mut Client,
     local: SocketAddr,
@@ -34,15 +65,18 @@ fn register_udp(
         transport: Transport::Udp,
         local,
         previous_proxy: prev,
+        previous_token: prev.and_then(proof),
     }) {
         Some(Body::Registered {
             proxy,
             lease_ms,
-            token: Some(token),
+            token: Some(tok),
         }) => {
             assert!(lease_ms > 0);
-            assert!(udp::is_token(token.as_bytes()), "token {token:?}");
-            (proxy, token)
+            let t = remember(proxy, Transport::Udp, &tok);
+            let dummy = token::present_hex(Some(&test_key()), token::Use::UdpDummy, &t);
+            assert!(udp::is_token(dummy.as_bytes()));
+            (proxy, dummy)
         }
         other => panic!("register udp: {other:?}"),
     }
@@ -140,6 +174,7 @@ fn udp_relay_both_ways_and_bad_input() {
         transport: Transport::Tcp,
         local,
         previous_proxy: None,
+        previous_token: None,
     }) {
         Some(Body::Registered {
             proxy: p,
@@ -253,6 +288,15 @@ fn udp_relay_both_ways_and_bad_input() {
     match ctl.request(Body::Unregister {
         proxy,
         transport: Some(Transport::Udp),
+        token: None,
+    }) {
+        Some(Body::Error { code, .. }) => assert_eq!(code, gcb_proto::ErrorCode::NotOwner),
+        other => panic!("unregister without the proof: {other:?}"),
+    }
+    match ctl.request(Body::Unregister {
+        proxy,
+        transport: Some(Transport::Udp),
+        token: proof(proxy),
     }) {
         Some(Body::Ack {}) => {}
         other => panic!("{other:?}"),
@@ -395,17 +439,31 @@ fn udp_registration_lease_previous_proxy_and_distinct_ports() {
     );
     sender.send_to(b"anyone?", proxy).unwrap();
     silent(&data, "expired registration");
-    // Registering again asking for the previous proxy gets it back, with a
-    // fresh token; the old token no longer works.
+    // Asking for the previous proxy without the proof of ownership gets another one
+    // (the address stays reserved for its owner); with the proof, it comes back, with
+    // the same token (a registration token is the proxy's, see gcb_proto::token).
+    match ctl.request(Body::Register {
+        transport: Transport::Udp,
+        local: a("10.1.0.5:7002"),
+        previous_proxy: Some(proxy),
+        previous_token: Some("00112233445566778899aabbccddeeff".into()),
+    }) {
+        Some(Body::Registered { proxy: p, .. }) => assert_ne!(p, proxy, "taken over"),
+        other => panic!("{other:?}"),
+    }
     let (again, token2) = register_udp(&mut ctl, local, Some(proxy));
     assert_eq!(again, proxy);
-    assert_ne!(token2, token);
-    data.send_to(
-        &frame(UdpKind::Dummy, v4(a("0.0.0.0:0")), token.as_bytes()),
-        proxy,
-    )
-    .unwrap();
-    silent(&data, "old token");
+    assert_eq!(token2, token);
+    // The right token from another IP than the registration's is refused (read off
+    // the wire, it must not move the data address).
+    let elsewhere = sock("127.0.0.3:0");
+    elsewhere
+        .send_to(
+            &frame(UdpKind::Dummy, v4(a("0.0.0.0:0")), token2.as_bytes()),
+            proxy,
+        )
+        .unwrap();
+    silent(&elsewhere, "Dummy from a foreign IP");
     dummy(&data, proxy, &token2);
     round_trip(&sender, &data, proxy, b"new lease", b"ok");
     // A TCP registration asking for the UDP proxy's address gets the same port
@@ -415,6 +473,7 @@ fn udp_registration_lease_previous_proxy_and_distinct_ports() {
         transport: Transport::Tcp,
         local: a("10.1.0.5:7001"),
         previous_proxy: Some(proxy),
+        previous_token: proof(proxy),
     }) {
         Some(Body::Registered { proxy: p, .. }) => assert_eq!(p, proxy),
         other => panic!("{other:?}"),
@@ -425,6 +484,7 @@ fn udp_registration_lease_previous_proxy_and_distinct_ports() {
         transport: Transport::Udp,
         local: a("10.1.0.5:7002"),
         previous_proxy: Some(proxy),
+        previous_token: None,
     }) {
         Some(Body::Registered { proxy: p, .. }) => assert_ne!(p, proxy),
         other => panic!("{other:?}"),
@@ -499,6 +559,7 @@ fn punch_end_tells_the_partner_when_a_paired_registration_goes() {
     match ctl_b.request(Body::Unregister {
         proxy: pb,
         transport: Some(Transport::Udp),
+        token: proof(pb),
     }) {
         Some(Body::Ack {}) => {}
         other => panic!("{other:?}"),

@@ -80,7 +80,7 @@ impl PoolKey {
         Ok(PoolKey(key.to_vec()))
     }
 
-    fn mac(&self) -> HmacSha256 {
+    pub(crate) fn mac(&self) -> HmacSha256 {
         // HMAC accepts keys of any length; this cannot fail.
         <HmacSha256 as Mac>::new_from_slice(&self.0).unwrap_or_else(|_| unreachable!())
     }

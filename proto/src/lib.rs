@@ -134,6 +134,7 @@ pub mod msg;
 pub mod preamble;
 pub mod punch;
 pub mod rudp;
+pub mod token;
 pub mod udp;
 
 pub use auth::{KeyError, Opener, PoolKey, RejectReason, Sealer};

@@ -237,6 +237,11 @@ pub enum Body {
         /// the broker hands the same address back if it is still free.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         previous_proxy: Option<SocketAddr>,
+        /// Proof that the sender owned `previous_proxy`: the old registration's token
+        /// presented for [`Use::Ownership`](crate::token::Use::Ownership) (32 lowercase
+        /// hex characters). Without a valid proof the broker assigns a new proxy.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        previous_token: Option<String>,
     },
     /// Reply to `register`: the proxy address the program now advertises.
     Registered {
@@ -244,10 +249,10 @@ pub enum Body {
         proxy: SocketAddr,
         /// The registration lapses unless a heartbeat names it within this.
         lease_ms: u64,
-        /// UDP registrations only: a fresh random 128-bit token (32 lowercase
-        /// hex characters) that the listener presents in its `Dummy` frames
-        /// to the proxy ([`crate::udp`]), proving which UDP socket is the
-        /// registrant's. Absent (`None`) for TCP registrations.
+        /// The registration token (32 lowercase hex characters, [`crate::token`]): never
+        /// sent as is on a data plane; the shim derives from it its standby key (TCP), its
+        /// `Dummy` token (UDP, [`crate::udp`]) and the ownership proof that
+        /// `unregister` and a later `register{previous_proxy}` carry.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         token: Option<String>,
     },
@@ -259,6 +264,9 @@ pub enum Body {
         /// port); absent from older clients: the one registered there.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         transport: Option<Transport>,
+        /// The ownership proof (see `register.previous_token`); required.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        token: Option<String>,
     },
     /// Keep-alive for the listed registrations and the client's NAT hole.
     Heartbeat {
@@ -764,11 +772,13 @@ mod tests {
                 transport: Transport::Tcp,
                 local: a("10.1.0.5:9618"),
                 previous_proxy: None,
+                previous_token: None,
             },
             Body::Register {
                 transport: Transport::Tcp,
                 local: a("10.1.0.5:9618"),
                 previous_proxy: Some(a("203.0.113.10:40001")),
+                previous_token: None,
             },
             Body::Registered {
                 proxy: a("203.0.113.10:40001"),
@@ -783,10 +793,12 @@ mod tests {
             Body::Unregister {
                 proxy: a("203.0.113.10:40001"),
                 transport: None,
+                token: None,
             },
             Body::Unregister {
                 proxy: a("203.0.113.10:40001"),
                 transport: Some(Transport::Udp),
+                token: None,
             },
             Body::Heartbeat {
                 proxies: vec![a("203.0.113.10:40001"), a("[2001:db8::1]:7")],
@@ -922,6 +934,7 @@ mod tests {
                 transport: Transport::Tcp,
                 local: a("10.1.0.5:9618"),
                 previous_proxy: None,
+                previous_token: None,
             }
         );
         let new = Envelope::request(
@@ -930,6 +943,7 @@ mod tests {
                 transport: Transport::Tcp,
                 local: a("10.1.0.5:9618"),
                 previous_proxy: Some(a("203.0.113.10:40001")),
+                previous_token: None,
             },
         );
         let json = String::from_utf8(new.encode().unwrap()).unwrap();
@@ -985,6 +999,7 @@ mod tests {
                 transport: Transport::Tcp,
                 local: a("10.1.0.5:9618"),
                 previous_proxy: None,
+                previous_token: None,
             },
         );
         assert_eq!(

@@ -698,6 +698,7 @@ mod tests {
             transport: Transport::Tcp,
             local: addr(A),
             previous_proxy: None,
+            previous_token: None,
         }
     }
 

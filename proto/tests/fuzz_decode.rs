@@ -38,6 +38,7 @@ fn samples() -> Vec<Envelope> {
                 transport: Transport::Tcp,
                 local: peer(),
                 previous_proxy: Some(a),
+                previous_token: None,
             },
         ),
         Envelope::response(

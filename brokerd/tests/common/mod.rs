@@ -33,11 +33,19 @@ pub struct Broker {
 impl Broker {
     /// Starts `gcb-brokerd --listen <listen> <extra...>` and waits for the
     /// startup line.
+    /// Keyed with [`TEST_KEY`] (as a deployment is), unless `extra` has `--key-file` or
+    /// `--insecure`.
     pub fn start(listen: &str, extra: &[&str]) -> Broker {
+        let own = extra
+            .iter()
+            .any(|a| a.starts_with("--key-file") || *a == "--insecure");
+        let default_key = (!own).then(|| ["--key-file".to_owned(), test_key_file()]);
         let mut child = Command::new(env!("CARGO_BIN_EXE_gcb-brokerd"))
             .arg("--listen")
             .arg(listen)
             .args(extra)
+            .args(default_key.iter().flatten())
+            .env_remove("GCB_KEY_FILE")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -165,9 +173,28 @@ pub struct Client {
     responses: HashMap<RequestId, Option<Body>>,
 }
 
+/// The pool key of the brokers [`Broker::start`] starts by default.
+pub const TEST_KEY: &[u8] = b"a-pool-key-for-the-broker-tests\n";
+
+pub fn test_key() -> PoolKey {
+    PoolKey::from_file_contents(TEST_KEY).unwrap()
+}
+
+/// A file holding [`TEST_KEY`] (written once per test process).
+pub fn test_key_file() -> String {
+    static PATH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    PATH.get_or_init(|| {
+        let p = std::env::temp_dir().join(format!("gcb-brokerd-tests-{}.key", std::process::id()));
+        std::fs::write(&p, TEST_KEY).unwrap();
+        p.to_string_lossy().into_owned()
+    })
+    .clone()
+}
+
 impl Client {
+    /// A client keyed with [`TEST_KEY`].
     pub fn new(broker: SocketAddr) -> Client {
-        Client::bind("127.0.0.1:0", broker, None)
+        Client::bind("127.0.0.1:0", broker, Some(TEST_KEY))
     }
 
     pub fn bind(local: &str, broker: SocketAddr, key: Option<&[u8]>) -> Client {
@@ -283,9 +310,12 @@ pub fn sha256(data: &[u8]) -> [u8; 32] {
     sha2::Sha256::digest(data).into()
 }
 
-/// The preamble for a connect id given as 32 hex chars.
+/// The preamble for a connect id given as 32 hex chars: its presentation under
+/// [`TEST_KEY`] (see gcb_proto::token).
 pub fn preamble(id: &str) -> Vec<u8> {
-    format!("GCB-CONNECT {id}\n").into_bytes()
+    let raw = gcb_proto::token::from_hex(id).expect("a 32-hex connect id");
+    let p = gcb_proto::token::present_hex(Some(&test_key()), gcb_proto::token::Use::Connect, &raw);
+    format!("GCB-CONNECT {p}\n").into_bytes()
 }
 
 /// Connects to `addr` and sends the preamble.

@@ -186,6 +186,7 @@ fn register(g: &mut Gen, bind: IpAddr, count: usize, window: usize, hold: u64, m
                 transport: Transport::Tcp,
                 local: local(i),
                 previous_proxy: None,
+                previous_token: None,
             };
             match g.request(body) {
                 Some(id) => {
@@ -256,6 +257,7 @@ fn register_one(g: &mut Gen, local: SocketAddr) -> SocketAddr {
         transport: Transport::Tcp,
         local,
         previous_proxy: None,
+        previous_token: None,
     });
     let t0 = Instant::now();
     while t0.elapsed() < Duration::from_secs(15) {

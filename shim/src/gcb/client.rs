@@ -605,6 +605,7 @@ impl Client {
             transport,
             local: SocketAddr::V4(local),
             previous_proxy: self.previous_for(transport, local),
+            previous_token: None,
         };
         match self.request_on(chan, body, REGISTER_DEADLINE) {
             Err(e) => Err(format!(
@@ -745,6 +746,7 @@ impl Client {
             transport: Transport::Udp,
             local: SocketAddr::V4(local),
             previous_proxy: self.previous_for(Transport::Udp, local),
+            previous_token: None,
         };
         let to = SocketAddr::V4(self.broker);
         let c = self.chan(chan).ok_or("no control channel")?;
@@ -951,6 +953,7 @@ impl Client {
             let body = Body::Unregister {
                 proxy: SocketAddr::V4(proxy),
                 transport: Some(transport),
+                token: None,
             };
             if let Ok(id) = c.ep.send_request(now(), to, body) {
                 c.pending.insert(id, Pending::Unregister);
@@ -982,6 +985,7 @@ impl Client {
             transport,
             local: SocketAddr::V4(local),
             previous_proxy: Some(SocketAddr::V4(old_proxy)),
+            previous_token: None,
         };
         if let Ok(id) = c.ep.send_request(now(), to, body) {
             c.pending.insert(id, Pending::Reregister { old });
