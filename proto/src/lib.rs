@@ -64,7 +64,7 @@
 //! A program in a private network calls `listen()`; the shim registers it.
 //!
 //! 1. Shim: `ep.send_request(now, broker, Body::Register { transport: Tcp,
-//!    local, previous_proxy: None })` returns `RequestId(7301)` and queues a frame. The shim sends
+//!    local, previous_proxy: None, previous_token: None })` returns `RequestId(7301)` and queues a frame. The shim sends
 //!    each [`Transmit`] from `ep.poll_transmit()` on its UDP socket and sleeps
 //!    until `ep.poll_timeout()` or socket readability.
 //! 2. The datagram is lost. At the timeout the shim calls
@@ -104,6 +104,7 @@
 //!         transport: Transport::Tcp,
 //!         local: shim_addr,
 //!         previous_proxy: None,
+//!         previous_token: None,
 //!     })
 //!     .unwrap();
 //! let tx = shim.poll_transmit().unwrap();            // send on the UDP socket

@@ -25,6 +25,7 @@
 //!
 //! All methods run with the re-entrancy guard set and the client lock held.
 
+use gcb_proto::token::{self, Use};
 use gcb_proto::{Body, ConnectId, Event, PoolKey, Ticker, Transport};
 use libc::c_int;
 use std::collections::{HashMap, HashSet};
@@ -61,8 +62,12 @@ pub const PLACEHOLDER_IP: Ipv4Addr = Ipv4Addr::new(127, 71, 66, 1);
 /// Length of the dial-back / relay preamble: `GCB-CONNECT <32 hex>\n`.
 pub const PREAMBLE_LEN: usize = 45;
 
-pub fn preamble(id: &ConnectId) -> Vec<u8> {
-    format!("GCB-CONNECT {id}\n").into_bytes()
+/// The connect preamble for connect id `id`: the id presented for connects
+/// ([`gcb_proto::token`]), so that an id read off a control datagram is not enough to
+/// take the connection where the pool has a key.
+pub fn preamble(key: Option<&PoolKey>, id: &ConnectId) -> Vec<u8> {
+    let p = token::present_hex(key, Use::Connect, id.as_bytes());
+    format!("GCB-CONNECT {p}\n").into_bytes()
 }
 
 use super::net::errstr;
@@ -217,6 +222,10 @@ pub struct Client {
     direct: Option<(c_int, SocketAddrV4)>,
     /// `GCB_STANDBY` is not 0.
     standby_enabled: bool,
+    /// Ownership proofs ([`gcb_proto::token`]) of our registrations and of recently
+    /// closed ones, by (transport, proxy): `unregister` and `register{previous_proxy}`
+    /// carry them.
+    proofs: HashMap<RegKey, String>,
 }
 
 /// Spacing of the quick keepalive repeats after a UDP registration.
@@ -255,7 +264,56 @@ impl Client {
             direct_for: None,
             direct: None,
             standby_enabled: standby,
+            proofs: HashMap::new(),
         }
+    }
+
+    /// The pool key, if any.
+    pub fn key(&self) -> Option<&PoolKey> {
+        self.key.as_ref()
+    }
+
+    /// Takes the registration token the broker gave the `transport` registration at
+    /// `proxy`: keeps its ownership proof and returns what this registration presents
+    /// on its data plane (the standby key of a TCP registration, the Dummy token of a UDP
+    /// one), as 32 hex characters. None if the broker gave no valid token.
+    fn take_token(
+        &mut self,
+        transport: Transport,
+        proxy: SocketAddrV4,
+        tok: Option<&str>,
+    ) -> Option<String> {
+        let t = token::from_hex(tok?)?;
+        let key = self.key.as_ref();
+        if self.proofs.len() >= 4096 {
+            let (regs, recent) = (&self.regs, &self.recent);
+            self.proofs.retain(|k, _| {
+                regs.contains_key(k) || recent.iter().any(|((t, _), (p, _))| (*t, *p) == *k)
+            });
+        }
+        self.proofs.insert(
+            (transport, proxy),
+            token::present_hex(key, Use::Ownership, &t),
+        );
+        let what = match transport {
+            Transport::Tcp => Use::Standby,
+            Transport::Udp => Use::UdpDummy,
+        };
+        Some(token::present_hex(key, what, &t))
+    }
+
+    /// The ownership proof we hold for `proxy` (either transport: a program keeps one
+    /// port number for TCP and UDP, and the broker accepts the sibling's proof).
+    fn proof_for(&self, transport: Transport, proxy: SocketAddr) -> Option<String> {
+        let p = net::v4(proxy)?;
+        let other = match transport {
+            Transport::Tcp => Transport::Udp,
+            Transport::Udp => Transport::Tcp,
+        };
+        self.proofs
+            .get(&(transport, p))
+            .or_else(|| self.proofs.get(&(other, p)))
+            .cloned()
     }
 
     /// In a fork child. The child holds the same listening sockets, so it keeps the
@@ -601,11 +659,12 @@ impl Client {
         let chan = self
             .own_family()
             .map_err(|e| format!("no control socket to broker {}: {}", self.broker, errstr(e)))?;
+        let previous_proxy = self.previous_for(transport, local);
         let body = Body::Register {
             transport,
             local: SocketAddr::V4(local),
-            previous_proxy: self.previous_for(transport, local),
-            previous_token: None,
+            previous_proxy,
+            previous_token: previous_proxy.and_then(|p| self.proof_for(transport, p)),
         };
         match self.request_on(chan, body, REGISTER_DEADLINE) {
             Err(e) => Err(format!(
@@ -646,7 +705,8 @@ impl Client {
         fd: c_int,
     ) -> Result<SocketAddrV4, String> {
         let (chan, proxy, token) = self.register_request(Transport::Tcp, local)?;
-        let standby = self.standby_slot(token.as_deref());
+        let standby_key = self.take_token(Transport::Tcp, proxy, token.as_deref());
+        let standby = self.standby_slot(standby_key.as_deref());
         self.regs.insert(
             (Transport::Tcp, proxy),
             Registration {
@@ -673,8 +733,9 @@ impl Client {
             return Ok(shared);
         }
         let (chan, proxy, token) = self.register_request(Transport::Udp, local)?;
-        let token = token
-            .ok_or("broker gave no token for a udp registration")?
+        let token = self
+            .take_token(Transport::Udp, proxy, token.as_deref())
+            .ok_or("broker gave no valid token for a udp registration")?
             .into_bytes();
         self.insert_udp_registration(chan, local, proxy, &token, entry, fd);
         Ok((proxy, token))
@@ -742,11 +803,12 @@ impl Client {
         let chan = self
             .own_family()
             .map_err(|e| format!("no control socket to broker {}: {}", self.broker, errstr(e)))?;
+        let previous_proxy = self.previous_for(Transport::Udp, local);
         let body = Body::Register {
             transport: Transport::Udp,
             local: SocketAddr::V4(local),
-            previous_proxy: self.previous_for(Transport::Udp, local),
-            previous_token: None,
+            previous_proxy,
+            previous_token: previous_proxy.and_then(|p| self.proof_for(Transport::Udp, p)),
         };
         let to = SocketAddr::V4(self.broker);
         let c = self.chan(chan).ok_or("no control channel")?;
@@ -783,8 +845,11 @@ impl Client {
             Some(Body::Registered {
                 proxy,
                 lease_ms,
-                token: Some(token),
-            }) => net::v4(proxy).map(|p| (p, lease_ms, token.into_bytes())),
+                token,
+            }) => net::v4(proxy).and_then(|p| {
+                let dummy = self.take_token(Transport::Udp, p, token.as_deref())?;
+                Some((p, lease_ms, dummy.into_bytes()))
+            }),
             _ => None,
         };
         let live = entry.upgrade().filter(|e| super::udp::take_registering(e));
@@ -949,11 +1014,12 @@ impl Client {
     /// Tells the broker (on channel `chan`) that `proxy` is no longer wanted.
     fn send_unregister(&mut self, chan: u64, transport: Transport, proxy: SocketAddrV4) {
         let to = SocketAddr::V4(self.broker);
+        let token = self.proofs.get(&(transport, proxy)).cloned();
         if let Some(c) = self.chan(chan) {
             let body = Body::Unregister {
                 proxy: SocketAddr::V4(proxy),
                 transport: Some(transport),
-                token: None,
+                token,
             };
             if let Ok(id) = c.ep.send_request(now(), to, body) {
                 c.pending.insert(id, Pending::Unregister);
@@ -974,6 +1040,7 @@ impl Client {
             Transport::Tcp
         };
         let to = SocketAddr::V4(self.broker);
+        let previous_token = self.proof_for(transport, SocketAddr::V4(old_proxy));
         let Some(c) = self.chan(chan) else { return };
         if c.pending
             .values()
@@ -985,7 +1052,7 @@ impl Client {
             transport,
             local: SocketAddr::V4(local),
             previous_proxy: Some(SocketAddr::V4(old_proxy)),
-            previous_token: None,
+            previous_token,
         };
         if let Ok(id) = c.ep.send_request(now(), to, body) {
             c.pending.insert(id, Pending::Reregister { old });
@@ -1006,6 +1073,11 @@ impl Client {
             return;
         };
         let Some(proxy) = net::v4(proxy) else { return };
+        if !self.regs.contains_key(&old) {
+            return;
+        }
+        let transport = old.0;
+        let token = self.take_token(transport, proxy, token.as_deref());
         let Some(mut reg) = self.regs.remove(&old) else {
             return;
         };
@@ -1097,7 +1169,7 @@ impl Client {
         // Inheritable: this becomes the program's connection.
         let fd = net::connect_race(dial, DIAL_SPACING, DIAL_TIMEOUT, true)
             .map_err(|e| err("dial", e))?;
-        if let Err(e) = net::write_all(fd, &preamble(id), DIAL_TIMEOUT) {
+        if let Err(e) = net::write_all(fd, &preamble(self.key.as_ref(), id), DIAL_TIMEOUT) {
             net::close(fd);
             return Err(err("preamble", e));
         }
@@ -1373,6 +1445,18 @@ impl Client {
             }
             if regs.len() > before {
                 chans.insert(ctl);
+                let transport = if r.udp.is_some() {
+                    Transport::Udp
+                } else {
+                    Transport::Tcp
+                };
+                if let Some(proof) = self.proofs.get(&(transport, *proxy)) {
+                    regs.push(Entry::Own {
+                        transport,
+                        proxy: *proxy,
+                        proof: proof.clone(),
+                    });
+                }
             }
         }
         if regs.is_empty() {
@@ -1442,6 +1526,13 @@ impl Client {
                     ctl,
                 } if fd_ok(fd, ino) => regs.push((fd, ino, proxy, local, listen_at, ctl)),
                 Entry::Udp(u) if fd_ok(u.fd, u.ino) && super::udp::is_udp4(u.fd) => udps.push(u),
+                Entry::Own {
+                    transport,
+                    proxy,
+                    proof,
+                } => {
+                    self.proofs.insert((transport, proxy), proof);
+                }
                 Entry::Heartbeat(d) => heartbeat = Some(d),
                 other => crate::debug!(
                     "GCB_INHERIT: {} is no longer what it was; ignored",

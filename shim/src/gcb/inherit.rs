@@ -11,6 +11,9 @@
 //! * `udp=FD:INO:PROXYIP:PORT:LOCALIP:PORT:CTLFD:TOKEN` — a registered UDP socket, with
 //!   its registration token (the broker's 32 lowercase hex characters, which the new
 //!   image's keepalives carry);
+//! * `own=t|u:PROXYIP:PORT:PROOF` — the ownership proof of the TCP (`t`) or UDP (`u`)
+//!   registration at that proxy (32 lowercase hex, [`gcb_proto::token`]), which the new
+//!   image's `unregister` and `register{previous_proxy}` carry;
 //! * `hb=MS` — the heartbeat interval the exec'ing image used (fitted to the broker's
 //!   lease, which the new image has not seen);
 //! * `udpq=FD:INO` — a UDP socket bound to port 0 that has not registered yet
@@ -67,6 +70,12 @@ pub enum Entry {
         ctl: c_int,
     },
     Udp(UdpEntry),
+    /// An ownership proof (`own=`).
+    Own {
+        transport: gcb_proto::Transport,
+        proxy: SocketAddrV4,
+        proof: String,
+    },
     Heartbeat(Duration),
 }
 
@@ -99,6 +108,17 @@ impl Entry {
                 // A token is ASCII hex (checked when parsed; the broker sends no other).
                 String::from_utf8_lossy(&u.token)
             ),
+            Entry::Own {
+                transport,
+                proxy,
+                proof,
+            } => {
+                let t = match transport {
+                    gcb_proto::Transport::Tcp => 't',
+                    gcb_proto::Transport::Udp => 'u',
+                };
+                format!("own={t}:{proxy}:{proof}")
+            }
             Entry::Heartbeat(d) => format!("hb={}", d.as_millis()),
         }
     }
@@ -198,6 +218,23 @@ fn parse_entry(key: &str, v: &str) -> Result<Option<Entry>, String> {
                 token,
             })
         }
+        "own" => {
+            let transport = match f.next()? {
+                "t" => gcb_proto::Transport::Tcp,
+                "u" => gcb_proto::Transport::Udp,
+                _ => return Err("field 1: not t or u".into()),
+            };
+            let proxy = f.addr()?;
+            let proof = f.next()?;
+            if gcb_proto::token::from_hex(proof).is_none() {
+                return Err(format!("field {}: not an ownership proof", f.n));
+            }
+            Entry::Own {
+                transport,
+                proxy,
+                proof: proof.to_owned(),
+            }
+        }
         "hb" => {
             let ms = f
                 .next()?
@@ -241,12 +278,16 @@ pub fn parse(spec: &str) -> (Vec<Entry>, Vec<String>) {
 /// registration's data address).
 pub fn redacted(spec: &str) -> String {
     spec.split(';')
-        .map(|p| match p.strip_prefix("udp=") {
-            Some(v) => match v.rsplit_once(':') {
-                Some((head, _)) => format!("udp={head}:<token>"),
-                None => "udp=<token>".to_owned(),
-            },
-            None => p.to_owned(),
+        .map(|p| {
+            for key in ["udp=", "own="] {
+                if let Some(v) = p.strip_prefix(key) {
+                    return match v.rsplit_once(':') {
+                        Some((head, _)) => format!("{key}{head}:<token>"),
+                        None => format!("{key}<token>"),
+                    };
+                }
+            }
+            p.to_owned()
         })
         .collect::<Vec<_>>()
         .join(";")
@@ -366,6 +407,26 @@ mod tests {
             assert!(entries.is_empty(), "{spec:?}");
             assert_eq!(complaints.len(), 1, "{spec:?}: {complaints:?}");
         }
+    }
+
+    #[test]
+    fn ownership_proofs_round_trip_and_are_redacted() {
+        let own = Entry::Own {
+            transport: gcb_proto::Transport::Udp,
+            proxy: a("203.0.113.10:33865"),
+            proof: TOKEN.to_owned(),
+        };
+        let spec = format!("v1;{}", own.format());
+        assert_eq!(spec, format!("v1;own=u:203.0.113.10:33865:{TOKEN}"));
+        assert_eq!(parse(&spec), (vec![own], vec![]));
+        assert_eq!(redacted(&spec), "v1;own=u:203.0.113.10:33865:<token>");
+        let (entries, complaints) = parse("v1;own=x:203.0.113.10:1:00;own=t:1.2.3.4:5:zz");
+        assert!(entries.is_empty());
+        assert_eq!(complaints.len(), 2, "{complaints:?}");
+        assert!(
+            complaints.iter().all(|c| !c.contains("zz")),
+            "{complaints:?}"
+        );
     }
 
     #[test]

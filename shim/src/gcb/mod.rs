@@ -588,10 +588,11 @@ impl GcbLayer {
         relay: SocketAddrV4,
         id: &gcb_proto::ConnectId,
     ) -> Outcome<c_int> {
+        let preamble = client::preamble(self.client.lock().key(), id);
         let dialed = net::connect_race(relay, client::DIAL_SPACING, client::DIAL_TIMEOUT, true);
         let r = dialed
             .and_then(
-                |c| match net::write_all(c, &client::preamble(id), client::DIAL_TIMEOUT) {
+                |c| match net::write_all(c, &preamble, client::DIAL_TIMEOUT) {
                     Ok(()) => Ok(c),
                     Err(e) => {
                         net::close(c);
@@ -643,7 +644,7 @@ impl GcbLayer {
 
     /// Reverse: wait on `lsock` for the listener's dial-back presenting `id`.
     fn await_reverse(&self, lsock: c_int, id: &gcb_proto::ConnectId) -> Result<c_int, String> {
-        let want = client::preamble(id);
+        let want = client::preamble(self.client.lock().key(), id);
         let deadline = Instant::now() + client::DIAL_TIMEOUT;
         while Instant::now() < deadline {
             let ready =
