@@ -205,13 +205,14 @@ fn run() -> Result<()> {
         .with_context(|| format!("starting with state directory {}", args.state.display()))?;
     gcb_portfwd::log!(
         Info,
-        "epoch {}: {} mappings restored from {} ({} records, {} bad, {} torn bytes); kernel: {} installed{}",
+        "epoch {}: {} mappings restored from {} ({} records, {} corrupt, {} torn bytes, {} mappings quarantined); kernel: {} installed{}",
         core.epoch(),
         core.table().len(),
         core.mirror().path().display(),
         report.replay.records,
         report.replay.bad,
         report.replay.torn_bytes,
+        report.replay.quarantined.len(),
         report.kernel_added,
         if report.kernel_replaced { " (table re-created)" } else { "" }
     );

@@ -373,7 +373,7 @@ impl<K: KernelBackend> Server<K> {
             "stats mappings={} epoch={} requests={} batches={} added={} reused={} updated={} deleted={} \
              queries={} refused={} rate_limited={} rolled_back={} probe_rounds={} probes_ok={} \
              probes_refused={} probes_failed={} removed_by_probe={} kernel_repairs={} \
-             conntrack_flushed={} conntrack_skipped={} mirror_errors={} kernel_errors={} datagrams_received={} \
+             conntrack_flushed={} conntrack_skipped={} quarantined={} mirror_errors={} kernel_errors={} datagrams_received={} \
              junk_datagrams={} error_replies={} duplicates={}",
             self.core.table().len(),
             self.core.epoch(),
@@ -395,6 +395,7 @@ impl<K: KernelBackend> Server<K> {
             c.kernel_repairs,
             c.conntrack_flushed,
             c.conntrack_skipped,
+            c.quarantined,
             c.mirror_errors,
             c.kernel_errors,
             s.received,
