@@ -475,7 +475,10 @@ fn portfwd_mirror_replay_rechecks_policy() {
         );
     }
     let log2 = fs::read_to_string(dir.join("2.log")).unwrap();
-    let quarantined: Vec<&str> = log2.lines().filter(|l| l.contains("quarantined")).collect();
+    let quarantined: Vec<&str> = log2
+        .lines()
+        .filter(|l| l.contains("quarantined, not installed"))
+        .collect();
     assert_eq!(quarantined.len(), 3, "one line per record:\n{log2}");
     let text = fs::read_to_string(&mirror).unwrap();
     assert!(
