@@ -8,7 +8,10 @@
 //!   (public port, private address, probe port) changes nothing; the same
 //!   public port and private address with different client information (a
 //!   new probe port) changes only the table and the mirror.
-//! * **Delete**: table, kernel, mirror.
+//! * **Delete**: table, kernel, mirror. Exception: a port freed and taken
+//!   again in one batch has its delete record written with the batch's adds,
+//!   before the new holder's record (the mirror's history then never gives a
+//!   port from one client to another without a delete in between).
 //! * **Refusals** change nothing. A failure after the table changed (mirror
 //!   write, kernel transaction) is rolled back: table restored, a
 //!   compensating mirror record appended, so nothing stays half-installed.
@@ -735,6 +738,28 @@ impl<K: KernelBackend> Core<K> {
             .into_iter()
             .map(|(from, b)| self.plan(now, from, b))
             .collect();
+        // A port freed by one request and taken by a later one of the same batch: its
+        // delete record goes with the adds, before the new holder's record, so the
+        // file's history never shows a port passing from one client to another without
+        // a delete (and a replay ends with the new holder, not with nothing).
+        for j in 1..plans.len() {
+            let taken: Vec<Key> = plans[j]
+                .pre
+                .iter()
+                .filter_map(|r| match r {
+                    Record::Add(k, _) => Some(*k),
+                    Record::Del(_) => None,
+                })
+                .collect();
+            for k in taken {
+                for p in &mut plans[..j] {
+                    if let Some(i) = p.post.iter().position(|r| *r == Record::Del(k)) {
+                        p.post.remove(i);
+                        p.pre.push(Record::Del(k));
+                    }
+                }
+            }
+        }
         let mut failed = vec![false; plans.len()];
         let fail_reply = |p: &mut Plan, why: String| {
             p.reply = Some(err(ErrorCode::Internal, why));
@@ -1417,6 +1442,32 @@ mod tests {
         c.sync(Instant::now());
         assert!(c.is_dirty(stray));
         assert_consistent(&c);
+    }
+
+    #[test]
+    fn a_port_freed_and_taken_in_one_batch_stays_in_the_mirror() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = open(dir.path());
+        one(&mut c, A1, fwd(A1, 8080, Some(20005), 1));
+        // a1 lets 20005 go and a2 asks for it, in the same batch
+        let r = c.handle_batch(
+            Instant::now(),
+            vec![
+                (IpAddr::from(A1), del(A1, 8080)),
+                (IpAddr::from(A2), fwd(A2, 9090, Some(20005), 1)),
+            ],
+        );
+        assert_eq!(r[0], Body::Deleted { epoch: 1 });
+        assert_eq!(public_port(&r[1]), 20005);
+        assert_consistent(&c);
+        // ...and a restart neither loses a2's mapping nor sees a conflict
+        drop(c);
+        let (c, rep) = Core::open(cfg(), FakeKernel::new(), dir.path()).unwrap();
+        assert_eq!(rep.replay.quarantined, vec![]);
+        assert_eq!(
+            c.table().get((Transport::Tcp, 20005)).map(|e| e.owner()),
+            Some(Ipv4Addr::from(A2))
+        );
     }
 
     #[test]
