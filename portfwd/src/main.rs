@@ -71,7 +71,8 @@ struct Args {
     /// control address (every one with an address inside --private when
     /// --listen is 0.0.0.0), loopback, and these. Datagrams arriving on
     /// any other interface (the WAN side) are dropped and counted
-    /// (dropped_wrong_interface), whatever their source address says.
+    /// (dropped_wrong_interface), whatever their source address says. The
+    /// interface must exist at start.
     #[arg(long = "lan-if", value_name = "IFNAME")]
     lan_if: Vec<String>,
 
