@@ -8,7 +8,10 @@
 //!   (public port, private address, probe port) changes nothing; the same
 //!   public port and private address with different client information (a
 //!   new probe port) changes only the table and the mirror.
-//! * **Delete**: table, kernel, mirror.
+//! * **Delete**: table, kernel, mirror. Exception: a port freed and taken
+//!   again in one batch has its delete record written with the batch's adds,
+//!   before the new holder's record (the mirror's history then never gives a
+//!   port from one client to another without a delete in between).
 //! * **Refusals** change nothing. A failure after the table changed (mirror
 //!   write, kernel transaction) is rolled back: table restored, a
 //!   compensating mirror record appended, so nothing stays half-installed.
@@ -16,7 +19,9 @@
 //!   against the table, then committed with one mirror append (one fsync)
 //!   and one nft transaction; if that transaction fails, each request is
 //!   retried alone so only the failing ones are refused.
-//! * **Sync** (3.2.2.1), after each probe round: replay the mirror file,
+//! * **Sync** (3.2.2.1), after each probe round: replay the mirror file
+//!   (under today's policy: see [`crate::mirror`], "Replay never installs
+//!   what today's daemon would refuse"),
 //!   make the table equal to it, compact the file, then make our kernel
 //!   table equal to it (re-installing what an operator or a reboot removed;
 //!   since the table is ours alone, elements not in the mirror are removed).
@@ -79,7 +84,7 @@ use gcb_proto::{Body, ErrorCode, Transport};
 
 use crate::cidr::{Cidr, PortRange};
 use crate::kernel::{Elements, KernelBackend, KernelError, Op};
-use crate::mirror::{write_atomic, Mirror, Record, Replay};
+use crate::mirror::{write_atomic, Mirror, Policy, Record, Replay};
 use crate::table::{Entry, Key, Table};
 
 /// File holding the epoch in the state directory.
@@ -167,6 +172,9 @@ pub struct Counters {
     /// Ports handed to a new holder without running the conntrack tool
     /// (clean: nothing to flush).
     pub conntrack_skipped: u64,
+    /// Mappings in the mirror file that replay did not install (out of
+    /// today's policy, conflicting, or before a corrupt record).
+    pub quarantined: u64,
 }
 
 /// What one sync did.
@@ -307,7 +315,14 @@ impl<K: KernelBackend> Core<K> {
         .max(1);
         write_atomic(dir, EPOCH_FILE, format!("{epoch}\n").as_bytes())
             .map_err(st("write epoch"))?;
-        let (mirror, table, replay) = Mirror::open(dir).map_err(st("open mirror"))?;
+        let policy = Policy {
+            private: cfg.private,
+            ports: cfg.ports,
+            quota: cfg.quota,
+        };
+        let (mirror, table, replay) = Mirror::open(dir, policy).map_err(st("open mirror"))?;
+        // Before the kernel is touched: what is quarantined is named first.
+        replay.log();
         let now = Instant::now();
         let born = table.iter().map(|(k, _)| (k, now)).collect();
         let mut core = Core {
@@ -323,7 +338,10 @@ impl<K: KernelBackend> Core<K> {
             all_dirty: true,
             failures: HashMap::new(),
             buckets: HashMap::new(),
-            counters: Counters::default(),
+            counters: Counters {
+                quarantined: replay.quarantined.len() as u64,
+                ..Counters::default()
+            },
             _lock: lock,
         };
         let mut report = core.sync_kernel()?;
@@ -720,6 +738,28 @@ impl<K: KernelBackend> Core<K> {
             .into_iter()
             .map(|(from, b)| self.plan(now, from, b))
             .collect();
+        // A port freed by one request and taken by a later one of the same batch: its
+        // delete record goes with the adds, before the new holder's record, so the
+        // file's history never shows a port passing from one client to another without
+        // a delete (and a replay ends with the new holder, not with nothing).
+        for j in 1..plans.len() {
+            let taken: Vec<Key> = plans[j]
+                .pre
+                .iter()
+                .filter_map(|r| match r {
+                    Record::Add(k, _) => Some(*k),
+                    Record::Del(_) => None,
+                })
+                .collect();
+            for k in taken {
+                for p in &mut plans[..j] {
+                    if let Some(i) = p.post.iter().position(|r| *r == Record::Del(k)) {
+                        p.post.remove(i);
+                        p.pre.push(Record::Del(k));
+                    }
+                }
+            }
+        }
         let mut failed = vec![false; plans.len()];
         let fail_reply = |p: &mut Plan, why: String| {
             p.reply = Some(err(ErrorCode::Internal, why));
@@ -1004,14 +1044,8 @@ impl<K: KernelBackend> Core<K> {
         let mut report = SyncReport::default();
         match self.mirror.read() {
             Ok((mtable, replay)) => {
-                if replay.bad > 0 || replay.torn_bytes > 0 {
-                    log!(
-                        Warn,
-                        "mirror file: {} bad records skipped, {} torn bytes ignored",
-                        replay.bad,
-                        replay.torn_bytes
-                    );
-                }
+                replay.log();
+                self.counters.quarantined += replay.quarantined.len() as u64;
                 report.replay = replay;
                 if mtable != self.table {
                     let a = self.table.kernel_elements();
@@ -1162,6 +1196,15 @@ mod tests {
         }
     }
 
+    /// The tests' policy for reading a mirror file (no quota).
+    fn policy() -> Policy {
+        Policy {
+            private: cfg().private,
+            ports: cfg().ports,
+            quota: usize::MAX,
+        }
+    }
+
     fn sa(ip: [u8; 4], port: u16) -> SocketAddr {
         SocketAddr::from((ip, port))
     }
@@ -1200,7 +1243,7 @@ mod tests {
     }
 
     fn mirror_table(c: &Core<FakeKernel>) -> Table {
-        replay(&std::fs::read(c.mirror().path()).unwrap()).0
+        replay(&std::fs::read(c.mirror().path()).unwrap(), &policy()).0
     }
 
     /// The three representations hold the same mappings.
@@ -1222,7 +1265,7 @@ mod tests {
         let s2 = seen.clone();
         c.kernel_mut().on_apply = Some(Box::new(move |ops| {
             // When the kernel is asked, the record is already durable.
-            let on_disk = replay(&std::fs::read(&path).unwrap()).0;
+            let on_disk = replay(&std::fs::read(&path).unwrap(), &policy()).0;
             for op in ops {
                 if let Op::Add(k, a) = op {
                     assert_eq!(
@@ -1402,6 +1445,32 @@ mod tests {
     }
 
     #[test]
+    fn a_port_freed_and_taken_in_one_batch_stays_in_the_mirror() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = open(dir.path());
+        one(&mut c, A1, fwd(A1, 8080, Some(20005), 1));
+        // a1 lets 20005 go and a2 asks for it, in the same batch
+        let r = c.handle_batch(
+            Instant::now(),
+            vec![
+                (IpAddr::from(A1), del(A1, 8080)),
+                (IpAddr::from(A2), fwd(A2, 9090, Some(20005), 1)),
+            ],
+        );
+        assert_eq!(r[0], Body::Deleted { epoch: 1 });
+        assert_eq!(public_port(&r[1]), 20005);
+        assert_consistent(&c);
+        // ...and a restart neither loses a2's mapping nor sees a conflict
+        drop(c);
+        let (c, rep) = Core::open(cfg(), FakeKernel::new(), dir.path()).unwrap();
+        assert_eq!(rep.replay.quarantined, vec![]);
+        assert_eq!(
+            c.table().get((Transport::Tcp, 20005)).map(|e| e.owner()),
+            Some(Ipv4Addr::from(A2))
+        );
+    }
+
+    #[test]
     fn a_port_back_to_its_last_holder_keeps_its_flows() {
         let dir = tempfile::tempdir().unwrap();
         let mut c = open(dir.path());
@@ -1443,7 +1512,7 @@ mod tests {
             for op in ops {
                 if let Op::Del(k) = op {
                     // Kernel before mirror: the mirror still has it.
-                    let on_disk = replay(&std::fs::read(&path).unwrap()).0;
+                    let on_disk = replay(&std::fs::read(&path).unwrap(), &policy()).0;
                     assert!(on_disk.get(*k).is_some(), "kernel before mirror");
                     *ch.borrow_mut() += 1;
                 }
@@ -1722,21 +1791,61 @@ mod tests {
     }
 
     #[test]
-    fn bad_checksum_record_is_skipped() {
+    fn a_corrupt_delete_record_does_not_resurrect_the_mapping_in_the_kernel() {
         let dir = tempfile::tempdir().unwrap();
         let mut c = open(dir.path());
         one(&mut c, A1, fwd(A1, 1, Some(20001), 1));
         one(&mut c, A1, fwd(A1, 2, Some(20002), 1));
+        one(&mut c, A1, del(A1, 2));
+        one(&mut c, A2, fwd(A2, 3, Some(20003), 1));
+        // kill -9: the kernel keeps its elements
+        let kernel_then = c.kernel().elems.clone();
         drop(c);
         let path = dir.path().join("mirror");
-        let text = std::fs::read_to_string(&path)
-            .unwrap()
-            .replace("10.1.0.11:2 ", "10.1.0.99:2 ");
-        std::fs::write(&path, text).unwrap();
-        let (c, rep) = Core::open(cfg(), FakeKernel::new(), dir.path()).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.contains(" D tcp 20002\n"), "{text}");
+        std::fs::write(&path, text.replace(" D tcp 20002\n", " D tcp 20003\n")).unwrap();
+        let mut k = FakeKernel::new();
+        k.elems = kernel_then;
+        let (c, rep) = Core::open(cfg(), k, dir.path()).unwrap();
         assert_eq!(rep.replay.bad, 1);
-        assert_eq!(c.table().len(), 1);
-        assert!(c.table().get((Transport::Tcp, 20001)).is_some());
+        let kernel = c.kernel().elems.as_ref().unwrap();
+        assert!(
+            !kernel.contains_key(&(Transport::Tcp, 20002)),
+            "resurrected"
+        );
+        // 20001 was live before the corrupt line: it may have been its target
+        assert!(!kernel.contains_key(&(Transport::Tcp, 20001)), "{kernel:?}");
+        assert!(kernel.contains_key(&(Transport::Tcp, 20003)), "after it");
+        // 20001 and 20002 (whose delete was the corrupt line)
+        assert_eq!(c.counters().quarantined, 2);
+        assert_consistent(&c);
+    }
+
+    #[test]
+    fn restart_with_a_narrower_policy_removes_what_it_refuses_from_the_kernel() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = open(dir.path());
+        one(&mut c, A1, fwd(A1, 1, Some(20001), 1));
+        one(&mut c, A1, fwd(A1, 9, Some(20009), 1));
+        one(&mut c, A2, fwd(A2, 2, Some(20002), 1));
+        let kernel_then = c.kernel().elems.clone();
+        drop(c);
+        let mut narrow = cfg();
+        narrow.private = "10.1.0.8/30".parse().unwrap(); // a1 (.11) in, a2 (.12) out
+        narrow.ports = "20000-20005".parse().unwrap();
+        let mut k = FakeKernel::new();
+        k.elems = kernel_then;
+        let (c, rep) = Core::open(narrow.clone(), k, dir.path()).unwrap();
+        let keys: Vec<u16> = c.table().iter().map(|(k, _)| k.1).collect();
+        assert_eq!(keys, vec![20001]);
+        assert_eq!(rep.replay.quarantined.len(), 2);
+        assert_eq!(
+            c.kernel().elems.as_ref().unwrap(),
+            &c.table().kernel_elements(),
+            "kernel == table"
+        );
+        assert_eq!(mirror_table(&c), *c.table(), "compacted away");
     }
 
     #[test]

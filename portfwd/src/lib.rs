@@ -7,7 +7,8 @@
 //!
 //! ```text
 //! gcb-portfwd --public 203.0.113.1 --private 10.1.0.0/24 --ports 20000-29999 \
-//!             --state /var/lib/gcb-portfwd [--listen 10.1.0.1[:9651]] [--key-file F] \
+//!             --state /var/lib/gcb-portfwd (--key-file F | --insecure) \
+//!             [--listen 10.1.0.1[:9651]] [--lan-if IFNAME]... \
 //!             [--probe-interval-secs 10] [--quota 256] [--rate 50 --burst 200]
 //! ```
 //!
@@ -15,6 +16,23 @@
 //! inside `--private` unless `--listen` says otherwise. `--help` documents
 //! every flag. SIGTERM/SIGINT stop it (mappings are kept: table, mirror and
 //! kernel stay as they are); `kill -9` loses nothing either.
+//!
+//! ## Secure by default
+//!
+//! * **Pool key required**: without `--key-file` (default `$GCB_KEY_FILE`)
+//!   the daemon refuses to start (one line on stderr, exit status 1) unless
+//!   `--insecure` is given; then it says once that requests are not
+//!   authenticated and are accepted only from `--private` on the LAN
+//!   interfaces.
+//! * **LAN side only**: a control datagram is accepted only if it arrived
+//!   on a LAN interface (the one holding the control address, loopback,
+//!   and any `--lan-if`), whatever its source address claims; others are
+//!   dropped and counted (`dropped_wrong_interface`). See [`server`].
+//! * **Replay is not a way around policy**: at start (and at every sync)
+//!   the mirror file is replayed under today's `--private`, `--ports` and
+//!   `--quota`; what fails is quarantined (logged, not installed, dropped
+//!   from the file), and a corrupt record never resurrects a deleted
+//!   mapping. See [`mirror`].
 //!
 //! ## Architecture
 //!
@@ -56,7 +74,8 @@
 //!     port. Asking a different port for an already-mapped private
 //!     address moves the mapping.
 //!   - Refusals (`error{code, reason}`, nothing installed):
-//!     `unauthorized` (source not in `--private`), `not_owner` (`private`
+//!     `unauthorized` (source not in `--private`; a datagram that arrived
+//!     on a non-LAN interface gets no answer at all), `not_owner` (`private`
 //!     is not the sender's address), `port_range` (desired port outside
 //!     `--ports` or used by another socket; range exhausted), `quota`
 //!     (`--quota` mappings per client IP), `busy` (rate limit: back off

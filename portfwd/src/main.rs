@@ -30,7 +30,8 @@ struct Args {
     public: Ipv4Addr,
 
     /// The private network served (IPv4 CIDR): requests are accepted only
-    /// from it, and a client may only forward to its own address in it.
+    /// from it (arriving on a LAN interface: see --lan-if), and a client
+    /// may only forward to its own address in it.
     #[arg(long, value_name = "CIDR")]
     private: Cidr,
 
@@ -40,7 +41,10 @@ struct Args {
     ports: PortRange,
 
     /// State directory (created if missing): the mirror file, the epoch
-    /// and a lock. Keep it across restarts: mappings come back from it.
+    /// and a lock. Keep it across restarts: mappings come back from it,
+    /// re-checked against today's --private, --ports and --quota (what
+    /// fails is logged and not installed; so is everything before a
+    /// corrupt record).
     #[arg(long, value_name = "DIR")]
     state: PathBuf,
 
@@ -50,10 +54,27 @@ struct Args {
     listen: Option<SocketAddr>,
 
     /// Pool key file: every control datagram must carry an HMAC made with
-    /// this key (at least 16 bytes). Without it, requests are only
-    /// filtered by source address (--private).
+    /// this key (at least 16 bytes). Required unless --insecure is given.
     #[arg(long, value_name = "FILE", env = "GCB_KEY_FILE")]
     key_file: Option<PathBuf>,
+
+    /// Run without a pool key: control requests are then not
+    /// authenticated, and are accepted from any host inside --private whose
+    /// datagram arrives on a LAN interface. Only for a LAN whose hosts are
+    /// all trusted. Without a key and without this flag, gcb-portfwd
+    /// refuses to start.
+    #[arg(long)]
+    insecure: bool,
+
+    /// A further LAN interface (repeatable). Control datagrams are accepted
+    /// only when they arrive on a LAN interface: the one holding the
+    /// control address (every one with an address inside --private when
+    /// --listen is 0.0.0.0), loopback, and these. Datagrams arriving on
+    /// any other interface (the WAN side) are dropped and counted
+    /// (dropped_wrong_interface), whatever their source address says. The
+    /// interface must exist at start.
+    #[arg(long = "lan-if", value_name = "IFNAME")]
+    lan_if: Vec<String>,
 
     /// Seconds between probe rounds (each client's management socket is
     /// connected to once per round; failures remove mappings, then the
@@ -154,6 +175,17 @@ fn run() -> Result<()> {
     if args.quota == 0 {
         bail!("--quota must be at least 1");
     }
+    if args.key_file.is_none() && !args.insecure {
+        bail!(
+            "no pool key: give --key-file FILE (or set GCB_KEY_FILE) with the pool's key, \
+             or --insecure to accept unauthenticated requests from the LAN"
+        );
+    }
+    for name in &args.lan_if {
+        if !server::interface_exists(name) {
+            bail!("--lan-if {name}: no such interface");
+        }
+    }
     let key = match &args.key_file {
         Some(path) => {
             let bytes = std::fs::read(path)
@@ -177,11 +209,18 @@ fn run() -> Result<()> {
             SocketAddr::new(ip.into(), DEFAULT_PORT)
         }
     };
+    let mut lan_ifs = server::lan_interfaces(listen.ip(), args.private);
+    for name in &args.lan_if {
+        if !lan_ifs.contains(name) {
+            lan_ifs.push(name.clone());
+        }
+    }
     if key.is_none() {
         gcb_portfwd::log!(
             Warn,
-            "no pool key configured (--key-file): control datagrams are not authenticated; requests accepted only from {}",
-            args.private
+            "--insecure, no pool key: control requests are not authenticated; accepted only from {} arriving on the LAN interfaces {}",
+            args.private,
+            lan_ifs.join(", ")
         );
     }
     install_signal_handlers()?;
@@ -205,19 +244,21 @@ fn run() -> Result<()> {
         .with_context(|| format!("starting with state directory {}", args.state.display()))?;
     gcb_portfwd::log!(
         Info,
-        "epoch {}: {} mappings restored from {} ({} records, {} bad, {} torn bytes); kernel: {} installed{}",
+        "epoch {}: {} mappings restored from {} ({} records, {} corrupt, {} torn bytes, {} mappings quarantined); kernel: {} installed{}",
         core.epoch(),
         core.table().len(),
         core.mirror().path().display(),
         report.replay.records,
         report.replay.bad,
         report.replay.torn_bytes,
+        report.replay.quarantined.len(),
         report.kernel_added,
         if report.kernel_replaced { " (table re-created)" } else { "" }
     );
     let scfg = Config {
         listen,
         key,
+        lan_ifs: lan_ifs.clone(),
         probe_interval: Duration::from_secs(args.probe_interval_secs.max(1)),
         probe_timeout: Duration::from_millis(args.probe_timeout_ms.max(1)),
         probe_concurrency: args.probe_concurrency.max(1),
@@ -227,8 +268,9 @@ fn run() -> Result<()> {
     let mut server =
         Server::bind(scfg, core).with_context(|| format!("binding control socket udp {listen}"))?;
     eprintln!(
-        "gcb-portfwd: listening on udp {}, public {}, ports {}, private {}",
+        "gcb-portfwd: listening on udp {} (LAN interfaces {}), public {}, ports {}, private {}",
         server.local_addr(),
+        lan_ifs.join(", "),
         args.public,
         args.ports,
         args.private

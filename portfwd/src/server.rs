@@ -1,10 +1,30 @@
 //! The event loop: one mio `Poll` over the control UDP socket and the
 //! probe connections, driving gcb-proto's sans-IO `Endpoint` and the
 //! [`Core`].
+//!
+//! ## Control requests only from the LAN side
+//!
+//! A source address proves nothing: a host on the WAN side can send a
+//! datagram with the source address of a LAN host (a route to the LAN
+//! through the gateway is all it takes). So every control datagram is
+//! received with the index of the interface it arrived on (`IP_PKTINFO`,
+//! or `IPV6_PKTINFO` for an IPv6 control socket) and is dropped, before any
+//! parsing, unless that interface is a LAN interface ([`Config::lan_ifs`]:
+//! the interface holding the control address, loopback, and any given with
+//! `--lan-if`; see [`lan_interfaces`]). Drops are counted
+//! (`dropped_wrong_interface` in the stats line); the first from each
+//! interface is logged. Interface indexes are resolved by name and cached
+//! until the next probe round, so a re-created interface is picked up.
+//!
+//! `IP_PKTINFO` rather than `SO_BINDTODEVICE`: one socket then serves
+//! several LAN interfaces and loopback (a socket is bound to at most one
+//! device), and a datagram from the wrong side reaches us to be counted and
+//! logged instead of vanishing in the kernel.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
-use std::net::{IpAddr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::os::unix::io::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -32,6 +52,9 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Pool key for the control protocol.
     pub key: Option<PoolKey>,
+    /// Names of the LAN interfaces: control datagrams arriving on any other
+    /// interface are dropped (module docs).
+    pub lan_ifs: Vec<String>,
     /// Time between probe rounds.
     pub probe_interval: Duration,
     /// Time a probe connection may take.
@@ -51,6 +74,9 @@ pub struct Counters {
     pub batches: u64,
     /// Probe rounds completed.
     pub probe_rounds: u64,
+    /// Control datagrams dropped because they arrived on an interface
+    /// that is not a LAN interface (or without interface information).
+    pub dropped_wrong_interface: u64,
 }
 
 struct Probe {
@@ -79,6 +105,10 @@ pub struct Server<K: KernelBackend> {
     next_token: usize,
     next_stats: Option<Instant>,
     counters: Counters,
+    /// Interface index -> is it a LAN interface (cleared every probe round).
+    lan_by_index: HashMap<u32, bool>,
+    /// Interfaces whose first dropped datagram was logged.
+    warned_ifs: HashSet<Option<u32>>,
 }
 
 fn would_block(e: &io::Error) -> bool {
@@ -89,6 +119,7 @@ impl<K: KernelBackend> Server<K> {
     /// Binds the control socket.
     pub fn bind(cfg: Config, core: Core<K>) -> io::Result<Server<K>> {
         let mut control = UdpSocket::bind(cfg.listen)?;
+        enable_pktinfo(control.as_raw_fd(), cfg.listen.is_ipv6())?;
         let addr = control.local_addr()?;
         let poll = Poll::new()?;
         poll.registry()
@@ -113,6 +144,8 @@ impl<K: KernelBackend> Server<K> {
             round: None,
             next_token: 1,
             counters: Counters::default(),
+            lan_by_index: HashMap::new(),
+            warned_ifs: HashSet::new(),
         })
     }
 
@@ -124,6 +157,38 @@ impl<K: KernelBackend> Server<K> {
     /// The core.
     pub fn core(&self) -> &Core<K> {
         &self.core
+    }
+
+    /// The server's counters.
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    /// Is the interface `ifindex` a LAN interface? No index: no.
+    fn on_lan(&mut self, ifindex: Option<u32>) -> bool {
+        let Some(i) = ifindex else {
+            return false;
+        };
+        if let Some(ok) = self.lan_by_index.get(&i) {
+            return *ok;
+        }
+        let ok = interface_name(i).is_some_and(|n| self.cfg.lan_ifs.contains(&n));
+        self.lan_by_index.insert(i, ok);
+        ok
+    }
+
+    fn drop_wrong_interface(&mut self, from: SocketAddr, ifindex: Option<u32>) {
+        self.counters.dropped_wrong_interface += 1;
+        if self.warned_ifs.insert(ifindex) {
+            let name = ifindex
+                .and_then(interface_name)
+                .unwrap_or_else(|| "an unknown interface".to_owned());
+            log!(
+                Warn,
+                "dropped a control datagram from {from} that arrived on {name}, not on a LAN interface ({}; --lan-if adds one); later ones from there are only counted (dropped_wrong_interface)",
+                self.cfg.lan_ifs.join(", ")
+            );
+        }
     }
 
     /// Runs until `stop` becomes true; logs the stats line on the way out.
@@ -183,8 +248,12 @@ impl<K: KernelBackend> Server<K> {
             let mut batch: Vec<(SocketAddr, RequestId, Body)> = Vec::new();
             let mut drained = false;
             while batch.len() < MAX_BATCH {
-                match self.control.recv_from(&mut buf) {
-                    Ok((n, from)) => {
+                match recv_with_ifindex(self.control.as_raw_fd(), &mut buf) {
+                    Ok((n, from, ifindex)) => {
+                        if !self.on_lan(ifindex) {
+                            self.drop_wrong_interface(from, ifindex);
+                            continue;
+                        }
                         self.ep.handle_datagram(now(), from, &buf[..n]);
                         while let Some(ev) = self.ep.poll_event() {
                             if let Event::Request { from, id, body } = ev {
@@ -351,6 +420,8 @@ impl<K: KernelBackend> Server<K> {
 
     fn finish_round(&mut self, r: Round) {
         self.counters.probe_rounds += 1;
+        // Interfaces may have been re-created (new indexes) meanwhile.
+        self.lan_by_index.clear();
         let removed = self.core.apply_probe_results(r.started, &r.results);
         let rep = self.core.sync(Instant::now());
         log!(
@@ -373,8 +444,8 @@ impl<K: KernelBackend> Server<K> {
             "stats mappings={} epoch={} requests={} batches={} added={} reused={} updated={} deleted={} \
              queries={} refused={} rate_limited={} rolled_back={} probe_rounds={} probes_ok={} \
              probes_refused={} probes_failed={} removed_by_probe={} kernel_repairs={} \
-             conntrack_flushed={} conntrack_skipped={} mirror_errors={} kernel_errors={} datagrams_received={} \
-             junk_datagrams={} error_replies={} duplicates={}",
+             conntrack_flushed={} conntrack_skipped={} quarantined={} mirror_errors={} kernel_errors={} datagrams_received={} \
+             junk_datagrams={} error_replies={} duplicates={} dropped_wrong_interface={}",
             self.core.table().len(),
             self.core.epoch(),
             self.counters.requests,
@@ -395,45 +466,222 @@ impl<K: KernelBackend> Server<K> {
             c.kernel_repairs,
             c.conntrack_flushed,
             c.conntrack_skipped,
+            c.quarantined,
             c.mirror_errors,
             c.kernel_errors,
             s.received,
             s.malformed + s.rejected_total(),
             s.error_replies,
             s.duplicates_answered_from_cache + s.duplicates_pending,
+            self.counters.dropped_wrong_interface,
         );
     }
 }
 
-/// The first address of this host inside `net` (the default `--listen`).
-pub fn local_ip_in(net: crate::cidr::Cidr) -> Option<std::net::Ipv4Addr> {
+/// One address of one interface of this host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InterfaceAddr {
+    /// The interface's name.
+    pub name: String,
+    /// The address.
+    pub ip: IpAddr,
+    /// The interface is a loopback interface.
+    pub loopback: bool,
+}
+
+/// Every IPv4 and IPv6 address of this host's interfaces (getifaddrs).
+pub fn interface_addrs() -> Vec<InterfaceAddr> {
     let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs fills `ifap` with a list we free below.
     if unsafe { libc::getifaddrs(&mut ifap) } != 0 {
-        return None;
+        return Vec::new();
     }
-    let mut found = None;
+    let mut out = Vec::new();
     let mut cur = ifap;
     while !cur.is_null() {
         // SAFETY: `cur` is a node of the list getifaddrs returned.
         let ifa = unsafe { &*cur };
-        if !ifa.ifa_addr.is_null() {
-            // SAFETY: ifa_addr points to a sockaddr of family sa_family.
-            let fam = i32::from(unsafe { (*ifa.ifa_addr).sa_family });
-            if fam == libc::AF_INET {
+        cur = ifa.ifa_next;
+        if ifa.ifa_addr.is_null() || ifa.ifa_name.is_null() {
+            continue;
+        }
+        // SAFETY: ifa_name is a NUL-terminated string owned by the list.
+        let name = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) }
+            .to_string_lossy()
+            .into_owned();
+        // SAFETY: ifa_addr points to a sockaddr of family sa_family.
+        let ip = match i32::from(unsafe { (*ifa.ifa_addr).sa_family }) {
+            libc::AF_INET => {
                 // SAFETY: AF_INET addresses are sockaddr_in.
                 let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
-                let ip = std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
-                if net.contains(ip) && found.is_none() {
-                    found = Some(ip);
-                }
+                IpAddr::V4(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)))
             }
-        }
-        cur = ifa.ifa_next;
+            libc::AF_INET6 => {
+                // SAFETY: AF_INET6 addresses are sockaddr_in6.
+                let sin6 = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in6) };
+                IpAddr::V6(Ipv6Addr::from(sin6.sin6_addr.s6_addr))
+            }
+            _ => continue,
+        };
+        let loopback = ifa.ifa_flags & libc::IFF_LOOPBACK as u32 != 0;
+        out.push(InterfaceAddr { name, ip, loopback });
     }
     // SAFETY: freeing the list getifaddrs allocated, once.
     unsafe { libc::freeifaddrs(ifap) };
-    found
+    out
+}
+
+/// The first address of this host inside `net` (the default `--listen`).
+pub fn local_ip_in(net: crate::cidr::Cidr) -> Option<Ipv4Addr> {
+    interface_addrs().into_iter().find_map(|a| match a.ip {
+        IpAddr::V4(ip) if net.contains(ip) => Some(ip),
+        _ => None,
+    })
+}
+
+/// The LAN interfaces for a control socket on `listen` (module docs): the
+/// loopback interfaces and the interface holding `listen`, or, for an
+/// unspecified `listen`, every interface with an address inside `private`.
+/// Sorted, without duplicates; `--lan-if` names are added by the caller.
+pub fn lan_interfaces(listen: IpAddr, private: crate::cidr::Cidr) -> Vec<String> {
+    let mut names: Vec<String> = interface_addrs()
+        .into_iter()
+        .filter(|a| {
+            a.loopback
+                || if listen.is_unspecified() {
+                    matches!(a.ip, IpAddr::V4(ip) if private.contains(ip))
+                } else {
+                    a.ip == listen
+                }
+        })
+        .map(|a| a.name)
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
+/// The name of the interface with index `ifindex`, if it exists.
+pub fn interface_name(ifindex: u32) -> Option<String> {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: `buf` has the IF_NAMESIZE bytes if_indextoname may write.
+    let p = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr()) };
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: on success `buf` holds a NUL-terminated name.
+    let name = unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) };
+    Some(name.to_string_lossy().into_owned())
+}
+
+/// Does an interface named `name` exist?
+pub fn interface_exists(name: &str) -> bool {
+    let Ok(c) = std::ffi::CString::new(name) else {
+        return false;
+    };
+    // SAFETY: `c` is a NUL-terminated string that outlives the call.
+    unsafe { libc::if_nametoindex(c.as_ptr()) != 0 }
+}
+
+/// Asks the kernel to attach the arrival interface to every datagram.
+fn enable_pktinfo(fd: RawFd, ipv6: bool) -> io::Result<()> {
+    let (level, opt) = if ipv6 {
+        (libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO)
+    } else {
+        (libc::IPPROTO_IP, libc::IP_PKTINFO)
+    };
+    let one: libc::c_int = 1;
+    // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from `one`, which lives across
+    // the call; `fd` is our open socket.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            opt,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Receives one datagram (non-blocking socket) with its source and the index of the
+/// interface it arrived on (`None` if the kernel attached no packet info).
+fn recv_with_ifindex(fd: RawFd, buf: &mut [u8]) -> io::Result<(usize, SocketAddr, Option<u32>)> {
+    // SAFETY: all-zero is a valid sockaddr_storage and msghdr.
+    let mut name: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // Room for one in_pktinfo or in6_pktinfo message, u64-aligned as cmsghdr needs.
+    let mut control = [0u64; 16];
+    // SAFETY: as above.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_name = (&mut name as *mut libc::sockaddr_storage).cast();
+    msg.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&control);
+    // SAFETY: every pointer in `msg` points to a live buffer of the stated length.
+    let n = unsafe { libc::recvmsg(fd, &mut msg, 0) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut ifindex = None;
+    // SAFETY: `msg` was filled by recvmsg; the CMSG_* macros stay inside msg_control.
+    let mut c = unsafe { libc::CMSG_FIRSTHDR(&msg) };
+    while !c.is_null() {
+        // SAFETY: `c` is a header inside the control buffer (CMSG_FIRSTHDR/NXTHDR).
+        let h = unsafe { &*c };
+        // SAFETY: the data of a header of these types is an in_pktinfo / in6_pktinfo; it may be
+        // unaligned, so it is read with read_unaligned.
+        unsafe {
+            if h.cmsg_level == libc::IPPROTO_IP && h.cmsg_type == libc::IP_PKTINFO {
+                let info: libc::in_pktinfo =
+                    std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<libc::in_pktinfo>());
+                ifindex = u32::try_from(info.ipi_ifindex).ok();
+            } else if h.cmsg_level == libc::IPPROTO_IPV6 && h.cmsg_type == libc::IPV6_PKTINFO {
+                let info: libc::in6_pktinfo =
+                    std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<libc::in6_pktinfo>());
+                ifindex = Some(info.ipi6_ifindex);
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+    }
+    let from = match i32::from(name.ss_family) {
+        libc::AF_INET => {
+            // SAFETY: an AF_INET source is a sockaddr_in.
+            let sin =
+                unsafe { &*(&name as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+            SocketAddr::V4(SocketAddrV4::new(
+                Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)),
+                u16::from_be(sin.sin_port),
+            ))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: an AF_INET6 source is a sockaddr_in6.
+            let sin6 =
+                unsafe { &*(&name as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
+            SocketAddr::V6(SocketAddrV6::new(
+                Ipv6Addr::from(sin6.sin6_addr.s6_addr),
+                u16::from_be(sin6.sin6_port),
+                sin6.sin6_flowinfo,
+                sin6.sin6_scope_id,
+            ))
+        }
+        f => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("datagram from address family {f}"),
+            ))
+        }
+    };
+    Ok((n as usize, from, ifindex))
 }
 
 /// Is `ip` one of this host's addresses?
