@@ -209,6 +209,7 @@
 pub mod log;
 pub mod allow;
 pub mod decision;
+pub mod iplimits;
 pub use gcb_proto::preamble;
 pub mod registry;
 pub mod relay;

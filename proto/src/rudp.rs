@@ -62,9 +62,7 @@ use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use crate::auth::{
-    Opener, PoolKey, RejectReason, Sealer, DEFAULT_MAX_SESSIONS, UNKEYED_OVERHEAD,
-};
+use crate::auth::{Opener, PoolKey, RejectReason, Sealer, DEFAULT_MAX_SESSIONS, UNKEYED_OVERHEAD};
 use crate::msg::{Body, DecodeError, EncodeError, Envelope, ErrorCode, MAX_ENVELOPE};
 
 /// An unkeyed endpoint pads its requests to at least this many bytes (frame included), so
@@ -821,7 +819,10 @@ mod tests {
         // A shorter datagram than the minimal error gets nothing at all.
         let mini = b"GCB1\x00{\"v\":1,\"id\":8,\"body\":{\"type\":\"ack\"}}";
         b.handle_datagram(clk.now(), addr(A), mini);
-        assert!(drain(&mut b).is_empty(), "an ack is no request we answer big");
+        assert!(
+            drain(&mut b).is_empty(),
+            "an ack is no request we answer big"
+        );
         // An undecodable request's error reply obeys it too.
         let bad = b"GCB1\x00{\"v\":1,\"id\":9,\"body\":{\"type\":\"nonsense_type_x\"}}";
         b.handle_datagram(clk.now(), addr(A), bad);
@@ -837,7 +838,12 @@ mod tests {
         let req = drain(&mut a).remove(0);
         assert_eq!(req.payload.len(), UNKEYED_REQUEST_MIN);
         b.handle_datagram(clk.now(), addr(A), &req.payload);
-        let Event::Request { from, id, body: got } = events(&mut b).remove(0) else {
+        let Event::Request {
+            from,
+            id,
+            body: got,
+        } = events(&mut b).remove(0)
+        else {
             panic!("expected a request")
         };
         assert_eq!(got, body(), "padding is invisible to the receiver");
@@ -1097,7 +1103,10 @@ mod tests {
 
     /// An unkeyed frame padded like an honest peer's request (module docs).
     fn raw_frame(json: &str) -> Vec<u8> {
-        let padded = format!("{json:<width$}", width = UNKEYED_REQUEST_MIN - UNKEYED_OVERHEAD);
+        let padded = format!(
+            "{json:<width$}",
+            width = UNKEYED_REQUEST_MIN - UNKEYED_OVERHEAD
+        );
         crate::auth::Sealer::new(None, 9).seal(0, padded.as_bytes())
     }
 
