@@ -280,10 +280,15 @@ fn restart_recovery_reregisters_with_same_proxy() {
         Some(Body::HeartbeatAck { unknown }) => assert_eq!(unknown, vec![proxy]),
         other => panic!("{other:?}"),
     }
-    c.wait_request(Duration::from_secs(5), |b| {
-        matches!(b, Body::ReregisterRequest {})
-    })
-    .expect("reregister_request after a heartbeat from an unknown client");
+    // Unkeyed, the heartbeat's source is unproven: no reregister_request (a retransmitted
+    // request would amplify a spoofed heartbeat); `unknown` above is the client's cue.
+    assert!(
+        c.wait_request(Duration::from_secs(2), |b| {
+            matches!(b, Body::ReregisterRequest {})
+        })
+        .is_none(),
+        "an unkeyed broker must not send reregister_request"
+    );
     assert_eq!(register(&mut c, local, Some(proxy)), proxy);
     // Known again.
     match c.request(Body::Heartbeat {
@@ -303,7 +308,7 @@ fn restart_recovery_reregisters_with_same_proxy() {
     back.read_exact(&mut buf).unwrap();
     assert_eq!(&buf, b"hello");
     let log = broker.stop();
-    assert_eq!(stat(&log, "reregister_sent"), 1);
+    assert_eq!(stat(&log, "reregister_sent"), 0);
 }
 
 #[test]
@@ -369,7 +374,7 @@ fn limits_are_enforced_with_explicit_refusals() {
     let broker = Broker::start(
         "127.0.0.1:0",
         &[
-            "--max-per-client",
+            "--max-registrations-per-ip",
             "1",
             "--max-registrations",
             "2",
@@ -386,13 +391,24 @@ fn limits_are_enforced_with_explicit_refusals() {
     }) {
         Some(Body::Error { code, reason }) => {
             assert_eq!(code, ErrorCode::Quota);
-            assert!(reason.contains("per-client"), "{reason}");
+            assert!(reason.contains("per-IP"), "{reason}");
         }
         other => panic!("{other:?}"),
     }
-    let mut c2 = Client::new(broker.addr);
+    // The quota is per IP: another source port of the same host shares it.
+    let mut c1b = Client::new(broker.addr);
+    match c1b.request(Body::Register {
+        transport: Transport::Tcp,
+        local: a("10.1.0.5:3"),
+        previous_proxy: None,
+    }) {
+        Some(Body::Error { code, .. }) => assert_eq!(code, ErrorCode::Quota),
+        other => panic!("{other:?}"),
+    }
+    // Other hosts (other loopback IPs) have their own; then the global cap holds.
+    let mut c2 = Client::bind("127.0.0.2:0", broker.addr, None);
     register(&mut c2, a("10.1.0.6:1"), None);
-    let mut c3 = Client::new(broker.addr);
+    let mut c3 = Client::bind("127.0.0.3:0", broker.addr, None);
     match c3.request(Body::Register {
         transport: Transport::Tcp,
         local: a("10.1.0.7:1"),
@@ -410,7 +426,7 @@ fn limits_are_enforced_with_explicit_refusals() {
     assert!(matches!(&r, Ok(v) if v.is_empty()) || r.is_err());
     broker.wait_log("relay limit (1) reached", Duration::from_secs(5));
     let log = broker.stop();
-    assert_eq!(stat(&log, "refused"), 2);
+    assert_eq!(stat(&log, "refused"), 3);
     assert_eq!(stat(&log, "conns_refused"), 1);
 }
 
