@@ -164,8 +164,11 @@ elif mode == "udp_spray":
     socks = []
     for i in range(n):
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.bind(("0.0.0.0", 20000 + i))  # distinct source ports, even after closing
         s.sendto(b"spray %d" % i, (ip, port))
         socks.append(s)
+        if i % 20 == 19:
+            time.sleep(0.002)  # no drops in the proxy socket's buffer
         if len(socks) >= 500:
             for x in socks:
                 x.close()
@@ -524,6 +527,14 @@ fn udp_spray_from_many_ports_of_one_host_leaves_rules_for_others() {
         RUN,
     );
     assert!(out.status.success(), "{out:?}");
+    thread::sleep(Duration::from_millis(2500));
+    let stats = broker.text();
+    let stats = stats
+        .lines()
+        .rev()
+        .find(|l| l.contains(" stats "))
+        .unwrap_or("");
+    eprintln!("after the spray: {stats}");
     let payload = random_bytes(700);
     let hex: String = payload.iter().map(|b| format!("{b:02x}")).collect();
     for host in [Host::P1, Host::B1] {
@@ -588,7 +599,7 @@ fn broker_killed_mid_transfer_resets_the_receiver() {
     })
     .unwrap_or_else(|| panic!("the receiver never finished: {}", read(&sink_out)));
     let w: Vec<&str> = line.split_whitespace().collect();
-    let got: usize = w[2].parse().unwrap();
+    let got: usize = w[w.len() - 1].parse().unwrap();
     assert!(
         got < 20 << 20,
         "the transfer finished before the kill: {line}"
