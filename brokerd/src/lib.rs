@@ -34,7 +34,7 @@
 //!
 //! * [`registry`]: registrations keyed by (client's observed control
 //!   address, listening socket's local address), with leases renewed by
-//!   heartbeats and per-client / global quotas;
+//!   heartbeats and per-IP / global quotas;
 //! * [`decision`]: direct / reverse / relay (paper 4.1);
 //! * [`preamble`]: parse and check the data-connection preamble byte by
 //!   byte, so junk is dropped early and never over-read;
@@ -42,10 +42,11 @@
 //! * [`relay`]: two TCP sockets spliced through a pipe per direction with
 //!   splice(2) (zero copy), half-close and reset propagation;
 //! * [`udprules`]: UDP relay rules (proxy, sender) with idle expiry and
-//!   global / per-proxy limits;
+//!   global / per-proxy / per-sender-IP limits;
 //! * [`udpproxy`]: the UDP data plane: proxy UDP sockets, Dummy/DummyAck,
 //!   From/To frames ([`gcb_proto::udp`]);
 //! * [`allow`]: the `--allow CIDR` source filter;
+//! * [`iplimits`]: the per-IP token bucket of control datagrams;
 //! * [`server`]: the event loop gluing them to gcb-proto's sans-IO
 //!   `Endpoint` (which does retransmission, duplicate suppression, auth, and
 //!   counts every malformed or rejected datagram).
@@ -145,8 +146,8 @@
 //!   * `error{..}`: `no_such_registration` (not a proxy of this broker or
 //!     lapsed), `unsupported` (udp), `busy` (relay limit).
 //! * **Restart recovery (paper 4.2.2)**: a heartbeat naming proxies the
-//!   broker does not know for that client gets `heartbeat_ack{unknown}` and a
-//!   `reregister_request`; the client re-registers each unknown socket with
+//!   broker does not know for that client gets `heartbeat_ack{unknown}` (and,
+//!   with a pool key only, a `reregister_request`); the client re-registers each unknown socket with
 //!   `previous_proxy` set, and gets the same proxy port back if it is free.
 //! * Registration is idempotent per (control source address, local
 //!   address, transport); a duplicate UDP register gets the same proxy and
@@ -174,11 +175,24 @@
 //!
 //! ## Limits and refusals
 //!
-//! `--max-registrations` / `--max-per-client` (TCP and UDP registrations
-//! together) answer `register` with `error{quota}`; `--max-relays` (running relays plus pairings waiting for
-//! their partner) resets new proxy connections and answers relay decisions
-//! with `error{busy}`; `--max-preambles` resets relay-port connections over
-//! the cap. Each refusal logs a line and is counted in the stats line
+//! Every resource has a broker-wide cap and a per-source-IP cap (per IP, not
+//! IP:port: a host gets new source ports for free), chosen so that a whole pool
+//! behind one NAT fits in one IP's share while one host cannot take all (the
+//! reasoning is in each flag's `--help`): `--max-registrations` (16384) /
+//! `--max-registrations-per-ip` (2048) answer `register` with `error{quota}`;
+//! `--max-relays` (1024, running relays plus pairings waiting for their partner)
+//! / `--max-relays-per-ip` (256, counted against the connector) /
+//! `--max-pending-per-proxy` (64) / `--max-pending-per-ip` (32) reset new proxy
+//! connections and answer relay decisions with `error{busy}`; `--max-preambles`
+//! (1024) / `--max-preambles-per-ip` (128) reset relay-port connections;
+//! `--control-rate-per-ip` (200/s, burst `--control-burst-per-ip` 2000) drops
+//! control datagrams over a token bucket per IP; `--relay-idle-secs` (3600)
+//! resets relays that moved no byte for that long. Relayed sockets carry
+//! `SO_LINGER 0` while the relay runs, so a broker that dies resets both ends
+//! (see [`relay`]). Without a key, replies are never larger than the request
+//! (see [`gcb_proto::rudp`]) and no `reregister_request` is sent; with a key,
+//! frames stamped before the broker's start are refused. Each refusal logs a
+//! line (at most one per second per limit) and is counted in the stats line
 //! (`gcb-brokerd: INFO stats ...`), printed every `--stats-interval-secs`
 //! and at exit.
 //!
@@ -209,6 +223,7 @@
 pub mod log;
 pub mod allow;
 pub mod decision;
+pub mod iplimits;
 pub use gcb_proto::preamble;
 pub mod registry;
 pub mod relay;

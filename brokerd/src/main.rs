@@ -61,14 +61,17 @@ struct Args {
     #[arg(long, default_value_t = 120, value_name = "SECS")]
     proxy_reserve_secs: u64,
 
-    /// Maximum registrations (proxy sockets), broker-wide.
-    #[arg(long, default_value_t = 4096)]
+    /// Maximum registrations (proxy sockets, one fd each), broker-wide.
+    #[arg(long, default_value_t = 16_384)]
     max_registrations: usize,
 
-    /// Maximum registrations per client (one client = one control socket,
-    /// identified by the source address of its datagrams).
-    #[arg(long, default_value_t = 256)]
-    max_per_client: usize,
+    /// Maximum registrations per client IP (all its source ports together:
+    /// a host gets new ports for free). A whole pool behind one NAT shares
+    /// its public IP: 2048 covers hundreds of workers with a few listeners
+    /// each (500 x 4), while one host takes at most an eighth of the
+    /// broker-wide cap. Refused with error{quota}.
+    #[arg(long, default_value_t = 2048)]
+    max_registrations_per_ip: usize,
 
     /// Maximum concurrent relayed connections (including pairings still
     /// waiting for their second side). Connections beyond it are reset and
@@ -76,9 +79,64 @@ struct Args {
     #[arg(long, default_value_t = 1024)]
     max_relays: usize,
 
+    /// Maximum relays (running plus waiting) per connector IP: the IP of a
+    /// client connecting to a proxy, or of the GCB client that asked
+    /// (connect_request). The listener's side does not count, so a busy pool
+    /// behind one NAT serving many clients is not capped. 256 is many
+    /// concurrent relayed connections for one host or NAT, and a quarter of
+    /// --max-relays: one host cannot take all relays (e.g. by opening idle
+    /// connections to a proxy).
+    #[arg(long, default_value_t = 256)]
+    max_relays_per_ip: usize,
+
+    /// Maximum connections per proxy waiting for their listener (accepted or
+    /// brokered, not yet paired with the listener's standby or dial-back).
+    /// A pairing normally waits one round trip; 64 absorbs a burst of
+    /// connections to one listener, yet a flood cannot queue more phantom
+    /// connections at a listener than that.
+    #[arg(long, default_value_t = 64)]
+    max_pending_per_proxy: usize,
+
+    /// Maximum connections per connector IP waiting for their listener (any
+    /// proxy). Half of --max-pending-per-proxy, so one host cannot fill a
+    /// proxy's waiting slots by itself.
+    #[arg(long, default_value_t = 32)]
+    max_pending_per_ip: usize,
+
     /// Maximum relay-port connections still sending their preamble.
     #[arg(long, default_value_t = 1024)]
     max_preambles: usize,
+
+    /// Maximum relay-port connections still sending their preamble, per
+    /// source IP. An honest preamble arrives with the connection (microseconds
+    /// to one round trip), so even a pool restarting behind one NAT rarely
+    /// has more than a few in flight; a refused dial is retried by the shim.
+    /// 128 is an eighth of --max-preambles: slow preambles from one host
+    /// cannot block the relay port.
+    #[arg(long, default_value_t = 128)]
+    max_preambles_per_ip: usize,
+
+    /// Control datagrams per second per source IP (token bucket; excess is
+    /// dropped and counted; 0: no limit). A pool of 1,000 shim processes
+    /// behind one NAT heartbeats at ~100/s (one per client per 10 s) plus
+    /// its connection requests; 200/s leaves room, and one host gets a small
+    /// share of what the broker serves (~10,000 requests/s).
+    #[arg(long, default_value_t = 200)]
+    control_rate_per_ip: u32,
+
+    /// Token bucket size of --control-rate-per-ip: a whole pool restarting
+    /// behind one NAT (2,000 registrations at once) passes without loss.
+    #[arg(long, default_value_t = 2000)]
+    control_burst_per_ip: u32,
+
+    /// A relay that moved no byte either way for this many seconds is reset
+    /// (both ends), freeing its slot (0: never). One hour: longer than any
+    /// pause of a working transfer or an interactive session's coffee break,
+    /// short enough that idle connections opened to exhaust the relays do
+    /// not hold them for good. TCP keepalive probes carry no bytes: programs
+    /// that stay silent longer should send application keepalives.
+    #[arg(long, default_value_t = 3600)]
+    relay_idle_secs: u64,
 
     /// Registration lease in milliseconds: a registration not renewed by a
     /// heartbeat within this loses its proxy socket.
@@ -114,6 +172,14 @@ struct Args {
     /// --max-udp-rules).
     #[arg(long, default_value_t = 4096)]
     max_udp_rules_per_proxy: usize,
+
+    /// Maximum UDP relay rules per UDP proxy from one sender IP (all its
+    /// source ports). A quarter of --max-udp-rules-per-proxy: one host
+    /// spraying datagrams from thousands of ports cannot fill a proxy's table,
+    /// while 1,024 senders behind one NAT (a pool sending to one collector)
+    /// still fit.
+    #[arg(long, default_value_t = 1024)]
+    max_udp_rules_per_sender_ip: usize,
 
     /// Log a stats line every this many seconds (0: only at exit).
     #[arg(long, default_value_t = 300)]
@@ -250,9 +316,16 @@ fn run() -> Result<()> {
         key,
         allow: AllowList(allow),
         max_registrations: args.max_registrations,
-        max_per_client: args.max_per_client,
+        max_registrations_per_ip: args.max_registrations_per_ip,
         max_relays: args.max_relays,
+        max_relays_per_ip: args.max_relays_per_ip,
+        max_pending_per_proxy: args.max_pending_per_proxy,
+        max_pending_per_ip: args.max_pending_per_ip,
         max_preambles: args.max_preambles,
+        max_preambles_per_ip: args.max_preambles_per_ip,
+        control_rate_per_ip: args.control_rate_per_ip,
+        control_burst_per_ip: args.control_burst_per_ip,
+        relay_idle: (args.relay_idle_secs > 0).then(|| Duration::from_secs(args.relay_idle_secs)),
         lease: Duration::from_millis(args.lease_ms),
         connect_timeout: Duration::from_millis(args.connect_timeout_ms),
         preamble_timeout: Duration::from_millis(args.preamble_timeout_ms),
@@ -262,6 +335,7 @@ fn run() -> Result<()> {
         max_udp_rules: args.max_udp_rules,
         max_udp_rules_per_proxy: args.max_udp_rules_per_proxy,
         proxy_reserve: Duration::from_secs(args.proxy_reserve_secs),
+        max_udp_rules_per_sender_ip: args.max_udp_rules_per_sender_ip,
     };
     let mut server = Server::bind(cfg)?;
     let a = server.local_addr();

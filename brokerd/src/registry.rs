@@ -9,9 +9,12 @@
 //! as heartbeats renew its lease. Proxy addresses are unique across
 //! transports (heartbeats and unregister name only the address), which the
 //! event loop ensures when it binds proxy sockets.
+//!
+//! Quotas: a broker-wide cap, and a cap per client *IP* (not IP:port: a host
+//! gets new source ports for free, so a per-address quota is none).
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use gcb_proto::Transport;
@@ -37,9 +40,9 @@ pub enum RegistryError {
     /// The broker-wide registration limit is reached.
     #[error("broker registration limit ({0}) reached")]
     TotalQuota(usize),
-    /// The per-client registration limit is reached.
-    #[error("per-client registration limit ({0}) reached")]
-    ClientQuota(usize),
+    /// The per-IP registration limit is reached.
+    #[error("per-IP registration limit ({0}) reached")]
+    IpQuota(usize),
     /// No registration has that proxy address.
     #[error("no registration for proxy {0}")]
     NoSuch(SocketAddr),
@@ -53,8 +56,8 @@ pub enum RegistryError {
 pub struct Limits {
     /// Maximum registrations broker-wide.
     pub max_total: usize,
-    /// Maximum registrations per observed client address.
-    pub max_per_client: usize,
+    /// Maximum registrations per client IP (all its source ports together).
+    pub max_per_ip: usize,
     /// Lease granted by register and renewed by heartbeats.
     pub lease: Duration,
 }
@@ -67,7 +70,7 @@ pub struct Registry {
     /// and iperf3 -u use one port number for both).
     by_proxy: HashMap<(Transport, SocketAddr), Registration>,
     by_key: HashMap<(SocketAddr, SocketAddr, Transport), SocketAddr>,
-    per_client: HashMap<SocketAddr, usize>,
+    per_ip: HashMap<IpAddr, usize>,
 }
 
 impl Registry {
@@ -77,7 +80,7 @@ impl Registry {
             limits,
             by_proxy: HashMap::new(),
             by_key: HashMap::new(),
-            per_client: HashMap::new(),
+            per_ip: HashMap::new(),
         }
     }
 
@@ -122,8 +125,8 @@ impl Registry {
         if self.by_proxy.len() >= self.limits.max_total {
             return Err(RegistryError::TotalQuota(self.limits.max_total));
         }
-        if self.per_client.get(&observed).copied().unwrap_or(0) >= self.limits.max_per_client {
-            return Err(RegistryError::ClientQuota(self.limits.max_per_client));
+        if self.per_ip.get(&observed.ip()).copied().unwrap_or(0) >= self.limits.max_per_ip {
+            return Err(RegistryError::IpQuota(self.limits.max_per_ip));
         }
         Ok(())
     }
@@ -139,7 +142,7 @@ impl Registry {
         now: Instant,
     ) -> &Registration {
         self.by_key.insert((observed, local, transport), proxy);
-        *self.per_client.entry(observed).or_insert(0) += 1;
+        *self.per_ip.entry(observed.ip()).or_insert(0) += 1;
         self.by_proxy
             .entry((transport, proxy))
             .or_insert(Registration {
@@ -191,10 +194,10 @@ impl Registry {
     fn take(&mut self, key: (Transport, SocketAddr)) -> Option<Registration> {
         let r = self.by_proxy.remove(&key)?;
         self.by_key.remove(&(r.observed, r.local, r.transport));
-        if let Some(n) = self.per_client.get_mut(&r.observed) {
+        if let Some(n) = self.per_ip.get_mut(&r.observed.ip()) {
             *n -= 1;
             if *n == 0 {
-                self.per_client.remove(&r.observed);
+                self.per_ip.remove(&r.observed.ip());
             }
         }
         Some(r)
@@ -225,10 +228,10 @@ mod tests {
     fn a(s: &str) -> SocketAddr {
         s.parse().unwrap()
     }
-    fn reg(max_total: usize, max_per_client: usize) -> Registry {
+    fn reg(max_total: usize, max_per_ip: usize) -> Registry {
         Registry::new(Limits {
             max_total,
-            max_per_client,
+            max_per_ip,
             lease: Duration::from_secs(35),
         })
     }
@@ -320,7 +323,12 @@ mod tests {
         let c2 = a("2.2.2.2:2");
         r.insert(c1, a("10.0.0.1:1"), Tcp, a("9.9.9.9:1"), t);
         r.insert(c1, a("10.0.0.1:2"), Tcp, a("9.9.9.9:2"), t);
-        assert_eq!(r.check_quota(c1), Err(RegistryError::ClientQuota(2)));
+        assert_eq!(r.check_quota(c1), Err(RegistryError::IpQuota(2)));
+        // Another source port of the same host shares the quota.
+        assert_eq!(
+            r.check_quota(a("1.1.1.1:9")),
+            Err(RegistryError::IpQuota(2))
+        );
         assert_eq!(r.check_quota(c2), Ok(()));
         r.insert(c2, a("10.0.0.2:1"), Tcp, a("9.9.9.9:3"), t);
         assert_eq!(r.check_quota(c2), Err(RegistryError::TotalQuota(3)));

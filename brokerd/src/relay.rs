@@ -17,11 +17,19 @@
 //! * When both directions have seen EOF and been drained, the relay is done.
 //! * A hard error (reset, EPIPE) on either socket aborts the relay: both
 //!   sockets are closed with `SO_LINGER = 0`, so the peer sees a reset too.
+//! * Crash visibility: both sockets carry `SO_LINGER {on, 0}` for as long as
+//!   the relay runs, so if the broker dies (kill -9, OOM) the kernel resets
+//!   both connections and each end sees an error, not a clean end of stream
+//!   after a truncated transfer. Only a relay that finished cleanly (both
+//!   directions at EOF, drained and half-closed) gets the normal linger back
+//!   before it is closed, so its last bytes are delivered.
+//! * Idle: [`Relay::last_moved`] is when a byte last moved either way; the
+//!   event loop aborts relays idle longer than `--relay-idle-secs`.
 
 use std::io;
 use std::net::Shutdown;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use mio::net::TcpStream;
 
@@ -166,6 +174,7 @@ pub struct Relay {
     b: TcpStream,
     ab: Direction,
     ba: Direction,
+    last_moved: Instant,
 }
 
 impl Relay {
@@ -173,7 +182,8 @@ impl Relay {
     ///
     /// Sets `TCP_NODELAY` (the relay must not add Nagle delays to what the
     /// endpoints send) and TCP keepalive (60 s idle, 10 s x 6 probes), so a
-    /// peer that vanished without FIN or RST does not pin the relay forever.
+    /// peer that vanished without FIN or RST does not pin the relay forever,
+    /// and `SO_LINGER {on, 0}` (see module docs: a dying broker resets both).
     pub fn new(a: TcpStream, b: TcpStream) -> io::Result<Relay> {
         let ka = socket2::TcpKeepalive::new()
             .with_time(Duration::from_secs(60))
@@ -183,12 +193,14 @@ impl Relay {
             let r = socket2::SockRef::from(s);
             r.set_nodelay(true)?;
             r.set_tcp_keepalive(&ka)?;
+            r.set_linger(Some(Duration::ZERO))?;
         }
         Ok(Relay {
             a,
             b,
             ab: Direction::new()?,
             ba: Direction::new()?,
+            last_moved: Instant::now(),
         })
     }
 
@@ -207,6 +219,11 @@ impl Relay {
         (self.ab.bytes, self.ba.bytes)
     }
 
+    /// When a byte last moved (or a direction ended), either way.
+    pub fn last_moved(&self) -> Instant {
+        self.last_moved
+    }
+
     /// Moves bytes in both directions until neither can progress.
     pub fn pump(&mut self) -> RelayState {
         loop {
@@ -214,7 +231,15 @@ impl Relay {
             let r2 = self.ba.pump(&self.b, &self.a);
             match (r1, r2) {
                 (Ok(p1), Ok(p2)) => {
+                    if p1 || p2 {
+                        self.last_moved = Instant::now();
+                    }
                     if self.ab.shut && self.ba.shut {
+                        // Clean end: everything is in the kernel's send buffers;
+                        // a normal close delivers it (linger 0 would cut it).
+                        for s in [&self.a, &self.b] {
+                            let _ = socket2::SockRef::from(s).set_linger(None);
+                        }
                         return RelayState::Done;
                     }
                     if !p1 && !p2 {
@@ -289,11 +314,55 @@ mod tests {
             y.shutdown(Shutdown::Write).unwrap();
             got
         });
+        // While running, a dying broker would reset both ends.
+        for s in [&r.a, &r.b] {
+            assert_eq!(
+                socket2::SockRef::from(s).linger().unwrap(),
+                Some(Duration::ZERO)
+            );
+        }
+        let before = r.last_moved();
         let st = drive(&mut r, || false);
         assert_eq!(st, RelayState::Done);
+        assert!(r.last_moved() > before);
+        // A clean end closes normally, delivering what is still buffered.
+        for s in [&r.a, &r.b] {
+            assert_eq!(socket2::SockRef::from(s).linger().unwrap(), None);
+        }
         assert_eq!(ty.join().unwrap(), data);
         assert_eq!(tx.join().unwrap(), b"thanks");
         assert_eq!(r.bytes(), (300_000, 6));
+    }
+
+    /// The broker process dying mid-transfer (here: the relay dropped without a clean
+    /// end, as the kernel does for a killed process) resets the receiver: no clean EOF.
+    #[test]
+    fn relay_dropped_mid_transfer_resets_both_ends() {
+        let (mut x, xs) = pair();
+        let (mut y, ys) = pair();
+        let mut r = Relay::new(xs, ys).unwrap();
+        x.write_all(&[7u8; 10_000]).unwrap();
+        let mut got = vec![0u8; 10_000];
+        for _ in 0..2000 {
+            assert_eq!(r.pump(), RelayState::Open);
+            if r.bytes().0 == 10_000 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        y.read_exact(&mut got).unwrap();
+        drop(r); // what exit does to the broker's fds
+        let mut buf = [0u8; 16];
+        let e = y.read(&mut buf);
+        assert!(
+            matches!(&e, Err(e) if e.kind() == io::ErrorKind::ConnectionReset),
+            "{e:?}"
+        );
+        let e = x.read(&mut buf);
+        assert!(
+            matches!(&e, Err(e) if e.kind() == io::ErrorKind::ConnectionReset),
+            "{e:?}"
+        );
     }
 
     #[test]

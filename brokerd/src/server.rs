@@ -22,11 +22,12 @@ use mio::{Events, Interest, Poll, Token};
 
 use crate::allow::AllowList;
 use crate::decision::{canonical, decide, Decision, Party};
+use crate::iplimits::RateLimiter;
 use crate::preamble::{self, Preamble};
 use crate::registry::{Limits, Registry, RegistryError};
 use crate::relay::{Relay, RelayState};
 use crate::standby::{ParkError, StandbyPool};
-use crate::udpproxy::{PunchEnd, UdpPlane, UdpProxy};
+use crate::udpproxy::{PunchEnd, RateLimit, UdpPlane, UdpProxy};
 use crate::udprules::RuleLimits;
 
 /// Default control (UDP) and relay (TCP) port.
@@ -53,13 +54,28 @@ pub struct Config {
     pub allow: AllowList,
     /// Maximum registrations broker-wide.
     pub max_registrations: usize,
-    /// Maximum registrations per client (observed control address).
-    pub max_per_client: usize,
+    /// Maximum registrations per client IP (all its source ports together).
+    pub max_registrations_per_ip: usize,
     /// Maximum concurrent relays, counting pairings still waiting for their
     /// second connection.
     pub max_relays: usize,
+    /// Maximum relays plus pairings waiting, per connector IP (the proxy
+    /// client's IP, or the IP that sent the `connect_request`).
+    pub max_relays_per_ip: usize,
+    /// Maximum pairings waiting for their listener, per proxy.
+    pub max_pending_per_proxy: usize,
+    /// Maximum pairings waiting for their listener, per connector IP.
+    pub max_pending_per_ip: usize,
     /// Maximum relay-port connections still reading their preamble.
     pub max_preambles: usize,
+    /// Maximum relay-port connections still reading their preamble, per source IP.
+    pub max_preambles_per_ip: usize,
+    /// Control datagrams per second per source IP (token bucket; 0: no limit).
+    pub control_rate_per_ip: u32,
+    /// Token bucket size of `control_rate_per_ip`.
+    pub control_burst_per_ip: u32,
+    /// A relay that moved no byte either way for this long is reset (None: never).
+    pub relay_idle: Option<Duration>,
     /// Registration lease.
     pub lease: Duration,
     /// How long a connect id waits for its partner connection.
@@ -77,6 +93,8 @@ pub struct Config {
     /// How long a freed proxy address stays reserved for its owner (only a
     /// `register{previous_proxy}` with the ownership proof gets it back meanwhile).
     pub proxy_reserve: Duration,
+    /// Maximum UDP relay rules per proxy from one sender IP.
+    pub max_udp_rules_per_sender_ip: usize,
 }
 
 /// Errors that stop the daemon at startup.
@@ -152,6 +170,15 @@ pub struct Counters {
     pub ownership_refused: u64,
     /// Standby or connect presentations from an IP they are not bound to.
     pub foreign_presentations: u64,
+    /// Control datagrams dropped by the per-IP rate limit.
+    pub control_rate_limited: u64,
+    /// Proxy connections and relay decisions refused by a relay limit (global,
+    /// per proxy or per IP; also counted in `conns_refused` / `refused`).
+    pub relay_limit_refusals: u64,
+    /// Relay-port connections refused by the per-IP preamble limit.
+    pub preamble_limit_refusals: u64,
+    /// Relays reset for moving no byte for --relay-idle-secs.
+    pub relays_idle_closed: u64,
 }
 
 /// A relay-port connection still reading its 45-byte preamble.
@@ -196,6 +223,8 @@ struct RelayEntry {
     relay: Relay,
     tokens: [Token; 2],
     label: String,
+    /// The connector's IP, which the relay counts against (--max-relays-per-ip).
+    connector: Option<IpAddr>,
 }
 
 enum Owner {
@@ -267,6 +296,14 @@ pub struct Server {
     owner: OwnerSecret,
     /// Freed proxy addresses reserved for their owners, until when.
     reserved: HashMap<(Transport, SocketAddr), Instant>,
+    /// Connector IP of each pairing admitted (proxy accepts and relay decisions):
+    /// what its pending entry and then its relay count against. Entries whose id
+    /// is no longer pending are dropped at the sweep and when the relay starts.
+    connector_of: HashMap<[u8; 16], IpAddr>,
+    /// Per-IP token buckets for control datagrams.
+    control_rate: RateLimiter,
+    /// Rate limits of the "limit reached" log lines, by limit.
+    limit_logs: HashMap<&'static str, RateLimit>,
     counters: Counters,
     next_sweep: Instant,
     next_stats: Option<Instant>,
@@ -363,7 +400,9 @@ impl Server {
             max_cache_entries: 131_072,
             ..gcb_proto::Config::default()
         };
-        let ep = Endpoint::new(ep_cfg, cfg.key.clone(), session);
+        let mut ep = Endpoint::new(ep_cfg, cfg.key.clone(), session);
+        // Keyed frames captured before this start are not accepted after it.
+        ep.set_not_before(now().unix_ms);
         // Keyed: every broker of the pool computes the same tokens, before and after a
         // restart. Unkeyed: a secret of this run only (see gcb_proto::token).
         let owner = match &cfg.key {
@@ -377,7 +416,7 @@ impl Server {
         };
         let registry = Registry::new(Limits {
             max_total: cfg.max_registrations,
-            max_per_client: cfg.max_per_client,
+            max_per_ip: cfg.max_registrations_per_ip,
             lease: cfg.lease,
         });
         let udp = UdpPlane::new(
@@ -385,9 +424,13 @@ impl Server {
                 idle: cfg.udp_rule_idle,
                 max_total: cfg.max_udp_rules,
                 max_per_proxy: cfg.max_udp_rules_per_proxy,
+                max_per_sender_ip: cfg.max_udp_rules_per_sender_ip,
             },
             addr,
         );
+        // 65,536 tracked IPs: a few MB at most (see iplimits).
+        let control_rate =
+            RateLimiter::new(cfg.control_rate_per_ip, cfg.control_burst_per_ip, 65_536);
         let t = Instant::now();
         Ok(Server {
             next_stats: cfg.stats_interval.map(|d| t + d),
@@ -412,6 +455,9 @@ impl Server {
             reregistering: HashSet::new(),
             owner,
             reserved: HashMap::new(),
+            connector_of: HashMap::new(),
+            control_rate,
+            limit_logs: HashMap::new(),
             counters: Counters::default(),
             next_sweep: t,
             retry_accept: false,
@@ -517,6 +563,15 @@ impl Server {
                         log!(Debug, "dropped datagram from {from}: not in --allow");
                         continue;
                     }
+                    if !self.control_rate.allow(from.ip(), Instant::now()) {
+                        self.counters.control_rate_limited += 1;
+                        let (rate, burst) =
+                            (self.cfg.control_rate_per_ip, self.cfg.control_burst_per_ip);
+                        self.limit_hit("control-rate", || {
+                            format!("control datagrams from {} over the per-IP rate limit ({rate}/s, burst {burst}): dropped", from.ip())
+                        });
+                        continue;
+                    }
                     self.ep.handle_datagram(now(), from, &buf[..n]);
                     self.handle_events();
                 }
@@ -576,7 +631,8 @@ impl Server {
 
     fn refuse(&mut self, from: SocketAddr, code: ErrorCode, reason: String) -> Body {
         self.counters.refused += 1;
-        log!(Warn, "refused {from}: {code}: {reason}");
+        // Rate-limited: a flood of refused requests must not flood the log.
+        self.limit_hit("refused", || format!("refused {from}: {code}: {reason}"));
         Body::error(code, reason)
     }
 
@@ -640,7 +696,13 @@ impl Server {
                     .into_iter()
                     .filter(|p| !self.registry.renew(from, *p, t))
                     .collect();
-                if !unknown.is_empty() && !self.reregistering.contains(&from) {
+                // Only to authenticated clients: an unkeyed heartbeat's source may be
+                // spoofed, and a retransmitted request would multiply what a victim gets
+                // (heartbeat_ack's `unknown` already makes the shim re-register).
+                if self.cfg.key.is_some()
+                    && !unknown.is_empty()
+                    && !self.reregistering.contains(&from)
+                {
                     log!(Info, "heartbeat from unknown client {from} ({} unknown proxies): sending reregister_request", unknown.len());
                     if self
                         .send(from, Body::ReregisterRequest {}, Outgoing::Reregister(from))
@@ -657,7 +719,23 @@ impl Server {
                 transport,
                 connector_local,
                 connector_listen,
-            } => self.on_connect_request(from, proxy, transport, connector_local, connector_listen),
+            } => {
+                if transport == Transport::Tcp {
+                    if let Err(why) = self.relay_admission(from.ip(), proxy) {
+                        self.counters.relay_limit_refusals += 1;
+                        return self.refuse(from, ErrorCode::Busy, why);
+                    }
+                }
+                let reply = self.on_connect_request(
+                    from,
+                    proxy,
+                    transport,
+                    connector_local,
+                    connector_listen,
+                );
+                self.note_connector(&reply, from.ip());
+                reply
+            }
             Body::PunchRequest {
                 proxy,
                 from_proxy,
@@ -1121,6 +1199,72 @@ impl Server {
         self.relays.len() + self.pending.len()
     }
 
+    /// Whether a new pairing for `proxy` whose connector is `ip` fits the limits:
+    /// broker-wide relays, pairings waiting per proxy and per connector IP, and
+    /// relays plus waiting pairings per connector IP. Err: why not.
+    fn relay_admission(&self, ip: IpAddr, proxy: SocketAddr) -> Result<(), String> {
+        if self.relay_load() >= self.cfg.max_relays {
+            return Err(format!("relay limit ({}) reached", self.cfg.max_relays));
+        }
+        let for_proxy = self.pending.values().filter(|p| p.proxy == proxy).count();
+        if for_proxy >= self.cfg.max_pending_per_proxy {
+            return Err(format!(
+                "{for_proxy} connections already wait for this listener (--max-pending-per-proxy)"
+            ));
+        }
+        let waiting = self
+            .connector_of
+            .iter()
+            .filter(|(id, c)| **c == ip && self.pending.contains_key(*id))
+            .count();
+        if waiting >= self.cfg.max_pending_per_ip {
+            return Err(format!(
+                "{waiting} connections from {ip} already wait for a listener (--max-pending-per-ip)"
+            ));
+        }
+        let running = self
+            .relays
+            .values()
+            .filter(|e| e.connector == Some(ip))
+            .count();
+        if running + waiting >= self.cfg.max_relays_per_ip {
+            return Err(format!(
+                "{} relays from {ip} (--max-relays-per-ip)",
+                running + waiting
+            ));
+        }
+        Ok(())
+    }
+
+    /// Records the connector IP of a relay or reverse decision's pairing.
+    fn note_connector(&mut self, reply: &Body, ip: IpAddr) {
+        if let Body::ConnectDecision {
+            route: Route::Relay { connect_id, .. } | Route::Reverse { connect_id },
+        } = reply
+        {
+            // Pairings are keyed by the id's presentation (what the relay port reads).
+            let id = self.connect_presentation(connect_id.as_bytes());
+            self.connector_of.insert(id, ip);
+        }
+    }
+
+    /// Logs a "limit reached" line, at most one per second per limit `kind`
+    /// (floods must not flood the log too), saying how many were suppressed.
+    fn limit_hit(&mut self, kind: &'static str, line: impl FnOnce() -> String) {
+        let rl = self
+            .limit_logs
+            .entry(kind)
+            .or_insert_with(|| RateLimit::new(Duration::from_secs(1)));
+        if let Some(n) = rl.allow(Instant::now()) {
+            let more = if n > 0 {
+                format!(" ({n} similar lines suppressed)")
+            } else {
+                String::new()
+            };
+            log!(Warn, "{}{more}", line());
+        }
+    }
+
     fn close_proxy(&mut self, transport: Transport, proxy: SocketAddr) {
         // Kept from other registrations for a while: its owner may be re-registering
         // (a restarted program, a lost lease) and its clients still know the address.
@@ -1196,18 +1340,18 @@ impl Server {
             let Some(reg) = self.registry.get(Transport::Tcp, &proxy).cloned() else {
                 return;
             };
-            if self.relay_load() >= self.cfg.max_relays {
+            if let Err(why) = self.relay_admission(peer.ip(), proxy) {
                 self.counters.conns_refused += 1;
-                log!(
-                    Warn,
-                    "refused connection from {peer} to proxy {proxy}: relay limit ({}) reached",
-                    self.cfg.max_relays
-                );
+                self.counters.relay_limit_refusals += 1;
+                self.limit_hit("proxy-accept", || {
+                    format!("refused connection from {peer} to proxy {proxy}: {why}")
+                });
                 reset(stream);
                 continue;
             }
             let raw = random_bytes();
             let id = self.connect_presentation(&raw);
+            self.connector_of.insert(id, peer.ip());
             if self.claim_standby(proxy, id, reg.observed, peer) {
                 // The connector's stream waits unread in the kernel until the splice.
                 self.pending.insert(
@@ -1271,7 +1415,25 @@ impl Server {
             };
             if self.preambles.len() >= self.cfg.max_preambles {
                 self.counters.conns_refused += 1;
-                log!(Warn, "refused relay-port connection from {peer}: {} connections already reading a preamble", self.preambles.len());
+                let n = self.preambles.len();
+                self.limit_hit("preambles", || {
+                    format!("refused relay-port connection from {peer}: {n} connections already reading a preamble")
+                });
+                reset(stream);
+                continue;
+            }
+            let from_ip = self
+                .preambles
+                .values()
+                .filter(|c| c.peer.ip() == peer.ip())
+                .count();
+            if from_ip >= self.cfg.max_preambles_per_ip {
+                self.counters.conns_refused += 1;
+                self.counters.preamble_limit_refusals += 1;
+                let cap = self.cfg.max_preambles_per_ip;
+                self.limit_hit("preambles-per-ip", || {
+                    format!("refused relay-port connection from {peer}: per-IP preamble limit ({cap}) reached")
+                });
                 reset(stream);
                 continue;
             }
@@ -1662,12 +1824,13 @@ impl Server {
                     p.proxy,
                     hex(&id)
                 );
-                self.start_relay(first, stream, label);
+                self.start_relay(first, stream, label, id);
             }
         }
     }
 
-    fn start_relay(&mut self, a: TcpStream, b: TcpStream, label: String) {
+    fn start_relay(&mut self, a: TcpStream, b: TcpStream, label: String, id: [u8; 16]) {
+        let connector = self.connector_of.remove(&id);
         let mut relay = match Relay::new(a, b) {
             Ok(r) => r,
             Err(e) => {
@@ -1698,6 +1861,7 @@ impl Server {
                 relay,
                 tokens: [ta, tb],
                 label,
+                connector,
             },
         );
         self.pump_relay(rid);
@@ -1711,7 +1875,14 @@ impl Server {
         if state == RelayState::Open {
             return;
         }
-        let mut e = self.relays.remove(&rid).expect("present");
+        self.finish_relay(rid, state);
+    }
+
+    /// Drops a relay that ended (`state` is not Open) and counts it.
+    fn finish_relay(&mut self, rid: usize, state: RelayState) {
+        let Some(mut e) = self.relays.remove(&rid) else {
+            return;
+        };
         for t in e.tokens {
             self.owners.remove(&t);
         }
@@ -1757,6 +1928,25 @@ impl Server {
         }
 
         self.udp.sweep(t.mono);
+
+        if let Some(idle) = self.cfg.relay_idle {
+            let idle_rids: Vec<usize> = self
+                .relays
+                .iter()
+                .filter(|(_, e)| e.relay.last_moved() + idle <= t.mono)
+                .map(|(rid, _)| *rid)
+                .collect();
+            for rid in idle_rids {
+                if let Some(e) = self.relays.get_mut(&rid) {
+                    e.relay.abort();
+                    self.counters.relays_idle_closed += 1;
+                    let why = format!("no byte moved for {} s", idle.as_secs());
+                    self.finish_relay(rid, RelayState::Reset(why));
+                }
+            }
+        }
+        let pending = &self.pending;
+        self.connector_of.retain(|id, _| pending.contains_key(id));
 
         for r in self.registry.expire(t.mono) {
             self.counters.expired += 1;
@@ -1853,7 +2043,10 @@ impl Server {
                           standbys={} standby_parked={} standby_refused={} standby_claimed={} \
              standby_fallbacks={} \
              udp_punches={} udp_punch_refused={} udp_punch_back_failures={} \
-             udp_punch_ends={} udp_punch_end_failures={}",
+             udp_punch_ends={} udp_punch_end_failures={} \
+             control_rate_limited={} relay_limit_refusals={} preamble_limit_refusals={} \
+             relays_idle_closed={} udp_drop_sender_ip_full={} replies_shrunk={} \
+             replies_withheld={}",
             self.registry.len(),
             self.relays.len(),
             self.pending.len(),
@@ -1905,6 +2098,13 @@ impl Server {
             u.punch_back_failures,
             u.punch_ends,
             u.punch_end_failures,
+            c.control_rate_limited,
+            c.relay_limit_refusals,
+            c.preamble_limit_refusals,
+            c.relays_idle_closed,
+            u.drop_sender_ip_full,
+            s.replies_shrunk,
+            s.replies_withheld,
         );
     }
 

@@ -41,7 +41,7 @@ use gcb_proto::udp::{self, UdpKind, MAX_UDP_PAYLOAD, UDP_HEADER_LEN, UDP_TOKEN_L
 use mio::net::UdpSocket;
 use mio::Token;
 
-use crate::udprules::{RuleLimits, RuleTable, Touch};
+use crate::udprules::{Full, RuleLimits, RuleTable, Touch};
 
 /// Datagrams handled per proxy socket before the loop serves others (the
 /// rest is drained on the next turn of the event loop).
@@ -129,8 +129,10 @@ pub struct UdpCounters {
     pub drop_no_listener: u64,
     /// `To` frames to a destination without a live rule.
     pub drop_no_rule: u64,
-    /// New senders refused because the rule table is full.
+    /// New senders refused because the rule table is full (broker-wide or per proxy).
     pub drop_table_full: u64,
+    /// New senders refused because their IP has its share of the proxy's rules.
+    pub drop_sender_ip_full: u64,
     /// Datagrams from the data address that are not a Dummy or To frame.
     pub drop_not_frame: u64,
     /// GCBU frames other than Dummy from addresses other than the data
@@ -437,7 +439,11 @@ impl UdpPlane {
                             log!(Debug, "udp proxy {proxy}: relay rule for {src}")
                         }
                         Touch::Full(why) => {
-                            counters.drop_table_full += 1;
+                            if matches!(why, Full::PerSenderIp(_)) {
+                                counters.drop_sender_ip_full += 1;
+                            } else {
+                                counters.drop_table_full += 1;
+                            }
                             if let Some(s) = full_log.allow(now) {
                                 log!(
                                     Warn,
@@ -573,6 +579,7 @@ mod tests {
                 idle: Duration::from_secs(60),
                 max_total: 16,
                 max_per_proxy: 16,
+                max_per_sender_ip: 16,
             },
             "203.0.113.10:9650".parse().unwrap(),
         );

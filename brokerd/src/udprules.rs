@@ -9,14 +9,17 @@
 //! once, whether or not the sweep has removed it yet; traffic after that
 //! creates a new rule.
 //!
-//! The table is bounded globally and per proxy. When a bound is reached a
+//! The table is bounded globally, per proxy, and per (proxy, sender IP): one host
+//! spraying datagrams from thousands of source ports gets at most
+//! `max_per_sender_ip` rules on a proxy, so it cannot fill the proxy's table
+//! for everyone else. When a bound is reached a
 //! *new* sender is refused; live rules are never evicted to make room
 //! (dead ones are purged first).
 //!
 //! Pure bookkeeping, no sockets; time comes in as arguments.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 /// Table limits.
@@ -28,6 +31,8 @@ pub struct RuleLimits {
     pub max_total: usize,
     /// Most rules per proxy (`--max-udp-rules-per-proxy`).
     pub max_per_proxy: usize,
+    /// Most rules per proxy from one sender IP (`--max-udp-rules-per-sender-ip`).
+    pub max_per_sender_ip: usize,
 }
 
 /// Which limit refused a new sender.
@@ -37,6 +42,8 @@ pub enum Full {
     Total(usize),
     /// The per-proxy limit.
     PerProxy(usize),
+    /// The per-proxy limit for one sender IP.
+    PerSenderIp(usize),
 }
 
 impl std::fmt::Display for Full {
@@ -44,6 +51,9 @@ impl std::fmt::Display for Full {
         match self {
             Full::Total(n) => write!(f, "broker-wide udp rule limit ({n}) reached"),
             Full::PerProxy(n) => write!(f, "per-proxy udp rule limit ({n}) reached"),
+            Full::PerSenderIp(n) => {
+                write!(f, "udp rule limit per proxy and sender IP ({n}) reached")
+            }
         }
     }
 }
@@ -65,6 +75,8 @@ pub struct RuleTable {
     limits: RuleLimits,
     /// proxy -> sender -> last use.
     by_proxy: HashMap<SocketAddr, HashMap<SocketAddr, Instant>>,
+    /// (proxy, sender IP) -> rules.
+    per_ip: HashMap<(SocketAddr, IpAddr), usize>,
     total: usize,
     /// No rule can be dead before this instant (a lower bound on the
     /// earliest `last + idle`), so sweeps before it need not scan.
@@ -82,6 +94,7 @@ impl RuleTable {
         RuleTable {
             limits,
             by_proxy: HashMap::new(),
+            per_ip: HashMap::new(),
             total: 0,
             no_expiry_before: None,
             created: 0,
@@ -131,14 +144,15 @@ impl RuleTable {
             self.created += 1;
             return Touch::Created;
         }
-        if let Some(full) = self.full(&proxy) {
+        if let Some(full) = self.full(&proxy, sender.ip()) {
             // Make room from dead rules only, then look again.
             self.expire(now);
-            if self.full(&proxy).is_some() {
+            if self.full(&proxy, sender.ip()).is_some() {
                 return Touch::Full(full);
             }
         }
         self.by_proxy.entry(proxy).or_default().insert(sender, now);
+        *self.per_ip.entry((proxy, sender.ip())).or_insert(0) += 1;
         self.total += 1;
         self.created += 1;
         if self.no_expiry_before.is_none() {
@@ -147,13 +161,26 @@ impl RuleTable {
         Touch::Created
     }
 
-    fn full(&self, proxy: &SocketAddr) -> Option<Full> {
+    fn full(&self, proxy: &SocketAddr, ip: IpAddr) -> Option<Full> {
         if self.total >= self.limits.max_total {
             Some(Full::Total(self.limits.max_total))
         } else if self.len_for(proxy) >= self.limits.max_per_proxy {
             Some(Full::PerProxy(self.limits.max_per_proxy))
+        } else if self.per_ip.get(&(*proxy, ip)).copied().unwrap_or(0)
+            >= self.limits.max_per_sender_ip
+        {
+            Some(Full::PerSenderIp(self.limits.max_per_sender_ip))
         } else {
             None
+        }
+    }
+
+    fn forget_ip(&mut self, proxy: SocketAddr, ip: IpAddr) {
+        if let Some(n) = self.per_ip.get_mut(&(proxy, ip)) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_ip.remove(&(proxy, ip));
+            }
         }
     }
 
@@ -202,6 +229,9 @@ impl RuleTable {
             });
             !senders.is_empty()
         });
+        for (proxy, sender) in &dead {
+            self.forget_ip(*proxy, sender.ip());
+        }
         self.total -= dead.len();
         self.expired += dead.len() as u64;
         self.no_expiry_before = earliest;
@@ -212,6 +242,7 @@ impl RuleTable {
     /// many there were.
     pub fn remove_proxy(&mut self, proxy: &SocketAddr) -> usize {
         let n = self.by_proxy.remove(proxy).map_or(0, |m| m.len());
+        self.per_ip.retain(|(p, _), _| p != proxy);
         self.total -= n;
         n
     }
@@ -230,7 +261,33 @@ mod tests {
             idle: Duration::from_millis(idle_ms),
             max_total,
             max_per_proxy,
+            max_per_sender_ip: usize::MAX,
         })
+    }
+
+    #[test]
+    fn one_sender_ip_cannot_fill_a_proxy() {
+        let mut t = RuleTable::new(RuleLimits {
+            idle: Duration::from_millis(1000),
+            max_total: 100,
+            max_per_proxy: 10,
+            max_per_sender_ip: 3,
+        });
+        let t0 = Instant::now();
+        let p = a(P1);
+        let spray: Vec<Touch> = (1..=6)
+            .map(|port| t.touch(p, a(&format!("198.51.100.7:{port}")), t0))
+            .collect();
+        assert_eq!(spray.iter().filter(|x| **x == Touch::Created).count(), 3);
+        assert_eq!(spray[5], Touch::Full(Full::PerSenderIp(3)));
+        // Another host still gets in; the same host on another proxy too.
+        assert_eq!(t.touch(p, a("198.51.100.8:1"), t0), Touch::Created);
+        assert_eq!(t.touch(a(P2), a("198.51.100.7:9"), t0), Touch::Created);
+        // When the sprayer's rules die, its budget comes back.
+        let later = t0 + Duration::from_millis(1500);
+        assert_eq!(t.touch(p, a("198.51.100.7:99"), later), Touch::Created);
+        assert_eq!(t.remove_proxy(&p), 1);
+        assert!(t.per_ip.keys().all(|(x, _)| *x != p));
     }
 
     const P1: &str = "203.0.113.10:40001";

@@ -280,6 +280,30 @@ fn lease_expiry_closes_proxy_and_heartbeats_keep_it() {
     assert_eq!(stat(&log, "expired"), 1);
 }
 
+/// Unkeyed, a heartbeat's source is unproven: an unknown one gets its `heartbeat_ack`
+/// (whose `unknown` list is the client's cue) but no `reregister_request`, whose
+/// retransmissions would amplify a spoofed heartbeat toward its victim.
+#[test]
+fn unkeyed_unknown_heartbeat_gets_no_reregister_request() {
+    let broker = Broker::start("127.0.0.1:0", &["--insecure"]);
+    let mut c = Client::bind("127.0.0.1:0", broker.addr, None);
+    let ghost = a("127.0.0.1:1");
+    match c.request(Body::Heartbeat {
+        proxies: vec![ghost],
+    }) {
+        Some(Body::HeartbeatAck { unknown }) => assert_eq!(unknown, vec![ghost]),
+        other => panic!("{other:?}"),
+    }
+    assert!(c
+        .wait_request(Duration::from_secs(2), |b| matches!(
+            b,
+            Body::ReregisterRequest {}
+        ))
+        .is_none());
+    let log = broker.stop();
+    assert_eq!(stat(&log, "reregister_sent"), 0);
+}
+
 #[test]
 fn restart_recovery_reregisters_with_same_proxy() {
     let broker = Broker::start("127.0.0.1:0", &[]);
@@ -297,10 +321,13 @@ fn restart_recovery_reregisters_with_same_proxy() {
         Some(Body::HeartbeatAck { unknown }) => assert_eq!(unknown, vec![proxy]),
         other => panic!("{other:?}"),
     }
+    // Keyed, the heartbeat is authenticated: the broker asks the client to re-register.
     c.wait_request(Duration::from_secs(5), |b| {
         matches!(b, Body::ReregisterRequest {})
     })
     .expect("reregister_request after a heartbeat from an unknown client");
+    // The proxy comes back only with the proof of ownership (the restarted broker
+    // recomputes the token from the pool key).
     assert_eq!(register(&mut c, local, Some(proxy)), proxy);
     // Known again.
     match c.request(Body::Heartbeat {
@@ -386,7 +413,7 @@ fn limits_are_enforced_with_explicit_refusals() {
     let broker = Broker::start(
         "127.0.0.1:0",
         &[
-            "--max-per-client",
+            "--max-registrations-per-ip",
             "1",
             "--max-registrations",
             "2",
@@ -404,13 +431,25 @@ fn limits_are_enforced_with_explicit_refusals() {
     }) {
         Some(Body::Error { code, reason }) => {
             assert_eq!(code, ErrorCode::Quota);
-            assert!(reason.contains("per-client"), "{reason}");
+            assert!(reason.contains("per-IP"), "{reason}");
         }
         other => panic!("{other:?}"),
     }
-    let mut c2 = Client::new(broker.addr);
+    // The quota is per IP: another source port of the same host shares it.
+    let mut c1b = Client::new(broker.addr);
+    match c1b.request(Body::Register {
+        transport: Transport::Tcp,
+        local: a("10.1.0.5:3"),
+        previous_proxy: None,
+        previous_token: None,
+    }) {
+        Some(Body::Error { code, .. }) => assert_eq!(code, ErrorCode::Quota),
+        other => panic!("{other:?}"),
+    }
+    // Other hosts (other loopback IPs) have their own; then the global cap holds.
+    let mut c2 = Client::bind("127.0.0.2:0", broker.addr, Some(TEST_KEY));
     register(&mut c2, a("10.1.0.6:1"), None);
-    let mut c3 = Client::new(broker.addr);
+    let mut c3 = Client::bind("127.0.0.3:0", broker.addr, Some(TEST_KEY));
     match c3.request(Body::Register {
         transport: Transport::Tcp,
         local: a("10.1.0.7:1"),
@@ -429,7 +468,7 @@ fn limits_are_enforced_with_explicit_refusals() {
     assert!(matches!(&r, Ok(v) if v.is_empty()) || r.is_err());
     broker.wait_log("relay limit (1) reached", Duration::from_secs(5));
     let log = broker.stop();
-    assert_eq!(stat(&log, "refused"), 2);
+    assert_eq!(stat(&log, "refused"), 3);
     assert_eq!(stat(&log, "conns_refused"), 1);
 }
 

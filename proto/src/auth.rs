@@ -24,6 +24,14 @@
 //! us, and silently accepting its frames would hide that (the daemons'
 //! operators see the counter and fix the configuration).
 //!
+//! **Not before**: a receiver that restarted has forgotten every nonce it saw, so a
+//! frame captured before the restart would pass the replay window again while its
+//! timestamp is inside the clock window. [`Opener::set_not_before`] (the daemons give
+//! their start time) refuses keyed frames stamped before that instant as
+//! [`RejectReason::StaleTimestamp`]. A sender whose clock runs behind the receiver's is
+//! refused for that many milliseconds after the receiver starts (it retransmits with
+//! fresh timestamps); clocks are expected to agree within the window anyway.
+//!
 //! Bounded memory: at most `max_sessions` sender sessions are tracked; when a
 //! new one arrives the least recently seen session is evicted. A session idle
 //! for longer than the timestamp window cannot be replayed anyway (its old
@@ -105,7 +113,7 @@ pub enum RejectReason {
     UnexpectedMac,
     /// The MAC does not verify under our key.
     BadMac,
-    /// Timestamp outside ± the window of our clock.
+    /// Timestamp outside ± the window of our clock, or before the not-before time.
     StaleTimestamp,
     /// `(session, counter)` already seen, or older than the window.
     Replayed,
@@ -277,6 +285,8 @@ pub struct Opener {
     lru: BTreeMap<u64, u64>,
     tick: u64,
     premature_evictions: u64,
+    /// Keyed frames stamped before this (unix ms) are stale (see module docs).
+    not_before_ms: u64,
 }
 
 impl Opener {
@@ -291,7 +301,14 @@ impl Opener {
             lru: BTreeMap::new(),
             tick: 0,
             premature_evictions: 0,
+            not_before_ms: 0,
         }
+    }
+
+    /// Refuses keyed frames whose timestamp is before `unix_ms` (the receiver's start:
+    /// frames captured before a restart cannot be replayed after it).
+    pub fn set_not_before(&mut self, unix_ms: u64) {
+        self.not_before_ms = unix_ms;
     }
 
     /// True if a MAC is required.
@@ -342,7 +359,7 @@ impl Opener {
         let ts = be_u64(&frame[5..13]);
         let session = be_u64(&frame[13..21]);
         let counter = be_u64(&frame[21..29]);
-        if ts.abs_diff(unix_ms) > self.window_ms {
+        if ts.abs_diff(unix_ms) > self.window_ms || ts < self.not_before_ms {
             return Err(RejectReason::StaleTimestamp);
         }
         if let Some(s) = self.sessions.get(&session) {
@@ -508,6 +525,24 @@ mod tests {
         assert_eq!(o.open(NOW, &old), Err(RejectReason::StaleTimestamp));
         assert_eq!(o.open(NOW, &future), Err(RejectReason::StaleTimestamp));
         assert!(o.open(NOW, &edge).is_ok());
+    }
+
+    #[test]
+    fn reject_frames_from_before_the_start() {
+        let (mut s, _) = keyed();
+        // Captured before the receiver (re)started at NOW, inside the clock window.
+        let captured = s.seal(NOW - 5_000, b"{}");
+        let fresh = s.seal(NOW, b"{}");
+        let mut restarted = Opener::new(Some(key()), DEFAULT_WINDOW_MS, 8);
+        restarted.set_not_before(NOW);
+        assert_eq!(
+            restarted.open(NOW + 1_000, &captured),
+            Err(RejectReason::StaleTimestamp)
+        );
+        assert!(restarted.open(NOW + 1_000, &fresh).is_ok());
+        // Without a not-before time the captured frame would have passed.
+        let mut plain = Opener::new(Some(key()), DEFAULT_WINDOW_MS, 8);
+        assert!(plain.open(NOW + 1_000, &captured).is_ok());
     }
 
     #[test]

@@ -39,6 +39,19 @@
 //!   the auth layer's `max_sessions`.
 //! - Malformed or rejected datagrams are counted in [`Stats`] and dropped.
 //!
+//! **No amplification without a key**: an unkeyed datagram's source address is not
+//! proven, so an unkeyed endpoint never sends a reply frame larger than the request
+//! datagram it answers (the reply would flood a spoofed victim). A reply that does not
+//! fit is replaced by the smallest `error{bad_request}` envelope (reason empty); if
+//! even that does not fit, nothing is sent. Both are counted
+//! ([`Stats::replies_shrunk`], [`Stats::replies_withheld`]). So that honest peers' replies
+//! fit, an unkeyed endpoint pads its own requests with trailing JSON whitespace to
+//! [`UNKEYED_REQUEST_MIN`] bytes. Keyed endpoints neither pad nor limit: a keyed
+//! request is authenticated and cannot be replayed from a spoofed address.
+//!
+//! **Not before**: [`Endpoint::set_not_before`] refuses keyed frames stamped before the
+//! owner's start (see [`crate::auth`]).
+//!
 //! Message ids start at a value derived from the caller's random `session`,
 //! so a restarted peer does not collide with the ids in our reply cache.
 //!
@@ -49,8 +62,14 @@ use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use crate::auth::{Opener, PoolKey, RejectReason, Sealer, DEFAULT_MAX_SESSIONS};
-use crate::msg::{Body, DecodeError, EncodeError, Envelope, ErrorCode};
+use crate::auth::{Opener, PoolKey, RejectReason, Sealer, DEFAULT_MAX_SESSIONS, UNKEYED_OVERHEAD};
+use crate::msg::{Body, DecodeError, EncodeError, Envelope, ErrorCode, MAX_ENVELOPE};
+
+/// An unkeyed endpoint pads its requests to at least this many bytes (frame included), so
+/// that the answers it expects fit the no-amplification rule (see module docs): the
+/// largest reply of the protocol (`registered` with a token, `punch`, a forward mapping)
+/// stays well under it.
+pub const UNKEYED_REQUEST_MIN: usize = 512;
 
 /// The current time, as the owner read it: monotonic for timers, wall clock
 /// (unix ms) for auth timestamps.
@@ -198,6 +217,10 @@ pub struct Stats {
     pub rejected: [u64; RejectReason::COUNT],
     /// Datagrams dropped because the transmit queue was full.
     pub transmit_queue_drops: u64,
+    /// Unkeyed replies larger than their request, replaced by a minimal error.
+    pub replies_shrunk: u64,
+    /// Unkeyed replies not sent at all: even the minimal error was larger than the request.
+    pub replies_withheld: u64,
 }
 
 impl Stats {
@@ -229,8 +252,9 @@ impl Outstanding {
 
 #[derive(Debug)]
 enum Incoming {
-    /// Surfaced, not yet answered.
-    Pending { expires: Instant },
+    /// Surfaced, not yet answered; `req_len` is the request datagram's size (the
+    /// unkeyed reply limit).
+    Pending { expires: Instant, req_len: usize },
     /// Answered; `json` is replayed to duplicates.
     Answered { json: Vec<u8>, expires: Instant },
 }
@@ -238,7 +262,7 @@ enum Incoming {
 impl Incoming {
     fn expires(&self) -> Instant {
         match self {
-            Incoming::Pending { expires } | Incoming::Answered { expires, .. } => *expires,
+            Incoming::Pending { expires, .. } | Incoming::Answered { expires, .. } => *expires,
         }
     }
 }
@@ -290,6 +314,12 @@ impl Endpoint {
             events: VecDeque::new(),
             stats: Stats::default(),
         }
+    }
+
+    /// Refuses keyed frames stamped before `unix_ms` (give the process start: a frame
+    /// captured before a restart is not accepted after it).
+    pub fn set_not_before(&mut self, unix_ms: u64) {
+        self.opener.set_not_before(unix_ms);
     }
 
     /// The configuration.
@@ -358,7 +388,14 @@ impl Endpoint {
             return Err(SendError::TooManyOutstanding);
         }
         let id = self.next_id;
-        let json = Envelope::request(id, body).encode()?;
+        let mut json = Envelope::request(id, body).encode()?;
+        if !self.sealer.is_keyed() {
+            // Trailing whitespace is valid JSON: room for the reply (see module docs).
+            let want = (UNKEYED_REQUEST_MIN - UNKEYED_OVERHEAD).min(MAX_ENVELOPE);
+            if json.len() < want {
+                json.resize(want, b' ');
+            }
+        }
         self.alloc_id();
         self.queue(now, to, &json);
         self.stats.requests_sent += 1;
@@ -384,19 +421,51 @@ impl Endpoint {
         body: Body,
     ) -> Result<(), SendError> {
         let key = (to, request.0);
-        if !self.incoming.contains_key(&key) {
-            self.purge(now.mono);
-            if self.incoming.len() >= self.config.max_cache_entries {
-                return Err(SendError::CacheFull);
+        // Unknown (expired) requests get no unkeyed reply: their size is forgotten.
+        let req_len = match self.incoming.get(&key) {
+            Some(Incoming::Pending { req_len, .. }) => *req_len,
+            Some(Incoming::Answered { .. }) => usize::MAX,
+            None => {
+                self.purge(now.mono);
+                if self.incoming.len() >= self.config.max_cache_entries {
+                    return Err(SendError::CacheFull);
+                }
+                0
             }
-        }
+        };
         let id = self.next_id;
         let json = Envelope::response(id, request.0, body).encode()?;
         self.alloc_id();
-        self.queue(now, to, &json);
+        let json = self.fit_reply(json, id, request.0, req_len);
+        if let Some(json) = &json {
+            self.queue(now, to, json);
+        }
         self.stats.responses_sent += 1;
-        self.cache_answer(now, key, json);
+        self.cache_answer(now, key, json.unwrap_or_default());
         Ok(())
+    }
+
+    /// The no-amplification rule (module docs): `json` (reply `id` to request `re`) as
+    /// is when keyed or when its frame fits in `limit` bytes, else the minimal error if
+    /// that fits, else None (nothing may be sent).
+    fn fit_reply(&mut self, json: Vec<u8>, id: u64, re: u64, limit: usize) -> Option<Vec<u8>> {
+        if self.sealer.is_keyed() || json.len() + UNKEYED_OVERHEAD <= limit {
+            return Some(json);
+        }
+        let small = Envelope::response(id, re, Body::error(ErrorCode::BadRequest, ""))
+            .encode()
+            .ok()
+            .filter(|j| j.len() + UNKEYED_OVERHEAD <= limit);
+        match small {
+            Some(j) => {
+                self.stats.replies_shrunk += 1;
+                Some(j)
+            }
+            None => {
+                self.stats.replies_withheld += 1;
+                None
+            }
+        }
     }
 
     fn cache_answer(&mut self, now: Now, key: PeerId, json: Vec<u8>) {
@@ -498,9 +567,9 @@ impl Endpoint {
         match Envelope::decode(json) {
             Ok(env) => match env.re {
                 Some(re) => self.on_response(from, re, env.body),
-                None => self.on_request(now, from, env.id, env.body),
+                None => self.on_request(now, from, env.id, env.body, bytes.len()),
             },
-            Err(e) => self.on_undecodable(now, from, e),
+            Err(e) => self.on_undecodable(now, from, e, bytes.len()),
         }
     }
 
@@ -526,14 +595,22 @@ impl Endpoint {
 
     /// Looks up (from, id). Returns true if the request is new and a cache
     /// slot was reserved for it; otherwise handles the duplicate/refusal.
-    fn admit(&mut self, now: Now, from: SocketAddr, id: u64) -> bool {
+    fn admit(&mut self, now: Now, from: SocketAddr, id: u64, req_len: usize) -> bool {
         self.purge(now.mono);
         let key = (from, id);
         match self.incoming.get(&key) {
             Some(Incoming::Answered { json, .. }) => {
                 let json = json.clone();
                 self.stats.duplicates_answered_from_cache += 1;
-                self.queue(now, from, &json);
+                // Empty: the reply was withheld. A duplicate may be smaller than the
+                // request that was answered: the size rule holds for it too.
+                if json.is_empty()
+                    || (!self.sealer.is_keyed() && json.len() + UNKEYED_OVERHEAD > req_len)
+                {
+                    self.stats.replies_withheld += 1;
+                } else {
+                    self.queue(now, from, &json);
+                }
                 false
             }
             Some(Incoming::Pending { .. }) => {
@@ -546,7 +623,9 @@ impl Endpoint {
                 let body = Body::error(ErrorCode::Busy, "request cache full");
                 if let Ok(json) = Envelope::response(reply, id, body).encode() {
                     self.alloc_id();
-                    self.queue(now, from, &json);
+                    if let Some(json) = self.fit_reply(json, reply, id, req_len) {
+                        self.queue(now, from, &json);
+                    }
                 }
                 false
             }
@@ -554,13 +633,13 @@ impl Endpoint {
         }
     }
 
-    fn on_request(&mut self, now: Now, from: SocketAddr, id: u64, body: Body) {
-        if !self.admit(now, from, id) {
+    fn on_request(&mut self, now: Now, from: SocketAddr, id: u64, body: Body, req_len: usize) {
+        if !self.admit(now, from, id, req_len) {
             return;
         }
         let expires = now.mono + self.config.reply_cache_ttl;
         self.incoming
-            .insert((from, id), Incoming::Pending { expires });
+            .insert((from, id), Incoming::Pending { expires, req_len });
         self.expiry.push_back((expires, (from, id)));
         self.stats.requests_received += 1;
         self.events.push_back(Event::Request {
@@ -570,7 +649,7 @@ impl Endpoint {
         });
     }
 
-    fn on_undecodable(&mut self, now: Now, from: SocketAddr, e: DecodeError) {
+    fn on_undecodable(&mut self, now: Now, from: SocketAddr, e: DecodeError, req_len: usize) {
         let (Some((id, re)), Some(code)) = (e.header(), e.error_code()) else {
             self.stats.malformed += 1;
             return;
@@ -582,15 +661,18 @@ impl Endpoint {
                 self.on_response(from, re, body);
             }
             None => {
-                if !self.admit(now, from, id) {
+                if !self.admit(now, from, id, req_len) {
                     return;
                 }
                 self.stats.error_replies += 1;
                 let reply = self.next_id;
                 if let Ok(json) = Envelope::response(reply, id, body).encode() {
                     self.alloc_id();
-                    self.queue(now, from, &json);
-                    self.cache_answer(now, (from, id), json);
+                    let json = self.fit_reply(json, reply, id, req_len);
+                    if let Some(json) = &json {
+                        self.queue(now, from, json);
+                    }
+                    self.cache_answer(now, (from, id), json.unwrap_or_default());
                 }
             }
         }
@@ -708,6 +790,98 @@ mod tests {
 
     fn events(ep: &mut Endpoint) -> Vec<Event> {
         std::iter::from_fn(|| ep.poll_event()).collect()
+    }
+
+    fn big_reply() -> Body {
+        Body::Registered {
+            proxy: addr(B),
+            lease_ms: 35_000,
+            token: Some("0123456789abcdef0123456789abcdef".into()),
+        }
+    }
+
+    #[test]
+    fn unkeyed_replies_never_exceed_the_request() {
+        let clk = Clock::new();
+        let mut b = Endpoint::new(Config::default(), None, 2);
+        // A minimal hand-made (unpadded) request from a spoofable source.
+        let tiny = b"GCB1\x00{\"v\":1,\"id\":7,\"body\":{\"type\":\"heartbeat\",\"proxies\":[]}}";
+        b.handle_datagram(clk.now(), addr(A), tiny);
+        let Event::Request { from, id, .. } = events(&mut b).remove(0) else {
+            panic!("expected a request")
+        };
+        b.respond(clk.now(), from, id, big_reply()).unwrap();
+        let out = drain(&mut b);
+        assert!(out.iter().all(|t| t.payload.len() <= tiny.len()), "{out:?}");
+        assert_eq!(b.stats().replies_shrunk + b.stats().replies_withheld, 1);
+        // A duplicate is answered from the cache under the same rule.
+        b.handle_datagram(clk.now(), addr(A), tiny);
+        assert!(drain(&mut b).iter().all(|t| t.payload.len() <= tiny.len()));
+        // A shorter datagram than the minimal error gets nothing at all.
+        let mini = b"GCB1\x00{\"v\":1,\"id\":8,\"body\":{\"type\":\"ack\"}}";
+        b.handle_datagram(clk.now(), addr(A), mini);
+        assert!(
+            drain(&mut b).is_empty(),
+            "an ack is no request we answer big"
+        );
+        // An undecodable request's error reply obeys it too.
+        let bad = b"GCB1\x00{\"v\":1,\"id\":9,\"body\":{\"type\":\"nonsense_type_x\"}}";
+        b.handle_datagram(clk.now(), addr(A), bad);
+        assert!(drain(&mut b).iter().all(|t| t.payload.len() <= bad.len()));
+    }
+
+    #[test]
+    fn unkeyed_requests_are_padded_so_honest_replies_fit() {
+        let clk = Clock::new();
+        let mut a = Endpoint::new(Config::default(), None, 1);
+        let mut b = Endpoint::new(Config::default(), None, 2);
+        a.send_request(clk.now(), addr(B), body()).unwrap();
+        let req = drain(&mut a).remove(0);
+        assert_eq!(req.payload.len(), UNKEYED_REQUEST_MIN);
+        b.handle_datagram(clk.now(), addr(A), &req.payload);
+        let Event::Request {
+            from,
+            id,
+            body: got,
+        } = events(&mut b).remove(0)
+        else {
+            panic!("expected a request")
+        };
+        assert_eq!(got, body(), "padding is invisible to the receiver");
+        b.respond(clk.now(), from, id, big_reply()).unwrap();
+        let rep = drain(&mut b).remove(0);
+        a.handle_datagram(clk.now(), addr(B), &rep.payload);
+        assert!(
+            matches!(&events(&mut a)[..], [Event::Response { body, .. }] if *body == big_reply()),
+            "the full reply arrives"
+        );
+        assert_eq!(b.stats().replies_shrunk + b.stats().replies_withheld, 0);
+        // Keyed: no padding, no limit.
+        let mut ka = Endpoint::new(Config::default(), key(), 3);
+        ka.send_request(clk.now(), addr(B), body()).unwrap();
+        assert!(drain(&mut ka)[0].payload.len() < UNKEYED_REQUEST_MIN);
+    }
+
+    #[test]
+    fn keyed_frames_from_before_the_start_are_refused() {
+        let clk = Clock::new();
+        let mut a = Endpoint::new(Config::default(), key(), 1);
+        a.send_request(clk.now(), addr(B), body()).unwrap();
+        let captured = drain(&mut a).remove(0);
+        // The receiver restarts 2 s later: the captured frame is inside the clock
+        // window and its nonce is unknown to the new process, but it predates the start.
+        let mut later = clk.now();
+        later.unix_ms += 2_000;
+        let mut b = Endpoint::new(Config::default(), key(), 2);
+        b.set_not_before(later.unix_ms);
+        b.handle_datagram(later, addr(A), &captured.payload);
+        assert!(events(&mut b).is_empty());
+        assert_eq!(b.stats().rejected(RejectReason::StaleTimestamp), 1);
+        // A fresh frame from the same sender is accepted.
+        let mut a2 = Endpoint::new(Config::default(), key(), 3);
+        a2.send_request(later, addr(B), body()).unwrap();
+        b.handle_datagram(later, addr(A), &drain(&mut a2)[0].payload);
+        assert_eq!(events(&mut b).len(), 1);
     }
 
     #[test]
@@ -928,8 +1102,13 @@ mod tests {
         assert_eq!(b.poll_timeout(), None);
     }
 
+    /// An unkeyed frame padded like an honest peer's request (module docs).
     fn raw_frame(json: &str) -> Vec<u8> {
-        crate::auth::Sealer::new(None, 9).seal(0, json.as_bytes())
+        let padded = format!(
+            "{json:<width$}",
+            width = UNKEYED_REQUEST_MIN - UNKEYED_OVERHEAD
+        );
+        crate::auth::Sealer::new(None, 9).seal(0, padded.as_bytes())
     }
 
     #[test]
