@@ -45,6 +45,7 @@
 //! handoff.
 
 pub mod client;
+pub mod dial;
 pub mod inherit;
 pub mod net;
 pub mod punch;
@@ -751,6 +752,8 @@ impl Layer for GcbLayer {
             }
             Err(why) => {
                 crate::warn!("listen on {}: {}; serving locally only", local, why);
+                // Fail open now, register when the broker answers (the AEH asks again).
+                c.register_later(reg_local, listen_at, &entry);
             }
         }
         Outcome::Handled(0)
@@ -796,8 +799,12 @@ impl Layer for GcbLayer {
         addr: AddrOut,
         flags: c_int,
     ) -> Outcome<c_int> {
-        let Some(GcbSock::Listener { proxy, .. }) = gcb_state(entry) else {
-            return Outcome::Bypass;
+        let mut proxy = match gcb_state(entry) {
+            Some(GcbSock::Listener { proxy, .. }) => Some(proxy),
+            // Not registered yet: the AEH must run while the program waits in accept(),
+            // or the retry that registers it never comes.
+            _ if self.client.lock().awaits_registration(entry) => None,
+            _ => return Outcome::Bypass,
         };
         let nonblock = net::is_nonblocking(fd);
         let deadline = (!nonblock)
@@ -808,14 +815,18 @@ impl Layer for GcbLayer {
             if expired(deadline) {
                 return Outcome::Error(libc::EAGAIN);
             }
+            if let Some(GcbSock::Listener { proxy: p, .. }) = gcb_state(entry) {
+                proxy = Some(p); // registered meanwhile (or again, with a new proxy)
+            }
             let (aeh, direct) = {
                 let mut c = self.client.lock();
                 if c.needs_aeh() {
-                    let direct = if nonblock {
-                        c.pump();
-                        None
-                    } else {
-                        c.pump_for_accept(proxy)
+                    let direct = match proxy {
+                        Some(p) if !nonblock => c.pump_for_accept(p),
+                        _ => {
+                            c.pump();
+                            None
+                        }
                     };
                     (Some((c.aeh_fds(), c.next_wakeup())), direct)
                 } else {
