@@ -157,7 +157,9 @@ enum Pending {
     /// A caller is blocked in [`Client::request`]; its answer goes to `answers`.
     Waiter,
     /// A registration retry of a listener (see [`RegisterRetry`]), by its id.
-    RegisterRetry { id: u64 },
+    RegisterRetry {
+        id: u64,
+    },
     /// A UDP hole punch toward `dest` asked for by the socket `entry` (see `punch`).
     Punch {
         entry: Weak<FdEntry>,
@@ -756,7 +758,10 @@ impl Client {
     ) {
         self.retries.retain(|r| r.entry.strong_count() > 0);
         if self.retries.len() >= MAX_REGISTER_RETRIES {
-            crate::debug!("listen on {}: too many listeners to retry; not retried", local);
+            crate::debug!(
+                "listen on {}: too many listeners to retry; not retried",
+                local
+            );
             return;
         }
         self.retries.push(RegisterRetry {
@@ -783,8 +788,11 @@ impl Client {
         if self.retries.is_empty() {
             return;
         }
-        self.retries
-            .retain(|r| r.entry.upgrade().is_some_and(|e| !fdtable::fds_of(&e).is_empty()));
+        self.retries.retain(|r| {
+            r.entry
+                .upgrade()
+                .is_some_and(|e| !fdtable::fds_of(&e).is_empty())
+        });
         let due: Vec<(u64, SocketAddrV4)> = self
             .retries
             .iter()
@@ -1348,7 +1356,10 @@ impl Client {
                     proxy,
                     errstr(e)
                 );
-                Body::error(gcb_proto::ErrorCode::Internal, format!("dial: {}", errstr(e)))
+                Body::error(
+                    gcb_proto::ErrorCode::Internal,
+                    format!("dial: {}", errstr(e)),
+                )
             }
         }
     }

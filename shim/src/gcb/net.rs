@@ -512,7 +512,13 @@ mod tests {
     #[test]
     fn dial_targets_on_the_public_internet_are_allowed() {
         let broker = ip("203.0.113.10");
-        for t in ["203.0.113.11", "8.8.8.8", "100.63.255.255", "100.128.0.1", "172.32.0.1"] {
+        for t in [
+            "203.0.113.11",
+            "8.8.8.8",
+            "100.63.255.255",
+            "100.128.0.1",
+            "172.32.0.1",
+        ] {
             assert_eq!(dial_refusal(ip(t), broker), None, "{t}");
         }
     }
@@ -546,6 +552,9 @@ mod tests {
         for b in ["10.1.0.1", "127.0.0.1", "100.64.0.9", "203.0.113.10"] {
             assert_eq!(dial_refusal(ip(b), ip(b)), None, "{b}");
         }
-        assert_eq!(dial_refusal(ip("10.1.0.2"), ip("10.1.0.1")), Some("private"));
+        assert_eq!(
+            dial_refusal(ip("10.1.0.2"), ip("10.1.0.1")),
+            Some("private")
+        );
     }
 }
