@@ -23,6 +23,15 @@
 //! its copies. The accepting process takes the fd out of the mailbox; messages for other
 //! keys are posted back. Unaccepted entries expire.
 //!
+//! ## What the AEH never does
+//! It never waits for the network inside the program's call: a `connect_back` dial is
+//! started and finished later ([`super::dial`]; only a dial to the broker's relay port
+//! may take up to `RELAY_DIAL_QUICK` at once), and a listener the broker did not
+//! register at listen() is registered again by requests it does not wait for
+//! (`RegisterRetry`). It dials only public addresses and the broker's own
+//! ([`net::dial_refusal`]): a fooled or spoofed broker cannot point it at the host's
+//! loopback or its LAN.
+//!
 //! All methods run with the re-entrancy guard set and the client lock held.
 
 use gcb_proto::{Body, ConnectId, Event, PoolKey, Ticker, Transport};
@@ -513,7 +522,7 @@ impl Client {
 
     /// The asynchronous event handler: read the channels, run timers, act on the
     /// broker's commands, send heartbeats when due. Never waits for the network (a
-    /// dial-back to the broker's relay port at most [`RELAY_DIAL_QUICK`]).
+    /// dial-back to the broker's relay port at most `RELAY_DIAL_QUICK`).
     pub fn pump(&mut self) {
         let from = SocketAddr::V4(self.broker);
         let mut work: Vec<(u64, Event)> = Vec::new();
@@ -749,7 +758,7 @@ impl Client {
 
     /// listen() could not register `entry` (local address `local`, reached at
     /// `listen_at`): it serves as a plain socket, and the AEH registers it later (see
-    /// [`RegisterRetry`]).
+    /// `RegisterRetry`).
     pub fn register_later(
         &mut self,
         local: SocketAddrV4,

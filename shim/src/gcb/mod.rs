@@ -2,11 +2,16 @@
 //!
 //! * `listen()` on an IPv4 TCP socket registers it with the broker, which opens a proxy
 //!   socket; from then on `getsockname()` reports the proxy address, the address the
-//!   program will advertise.
+//!   program will advertise. If the broker does not answer (or refuses), listen() still
+//!   succeeds and the socket serves locally (one log line); the AEH asks again, after 1 s
+//!   and then twice as long each time up to 30 s, and from the registration on
+//!   `getsockname()` reports the proxy.
 //! * The broker's `connect_back` arrives on the process's control socket while the
 //!   program waits in accept/select/poll/epoll (the AEH runs inside those calls). The
 //!   shim dials out (to the connector for a reversed connection, to the broker's relay
-//!   port otherwise), presents the single-use connect id, and then makes a loopback
+//!   port otherwise; never to loopback, private, link-local or multicast addresses other
+//!   than the broker's own, and without ever waiting for the dial in the program's call:
+//!   see [`dial`]), presents the single-use connect id, and then makes a loopback
 //!   *placeholder* connection to the program's own listening socket, so the kernel's
 //!   accept queue holds an entry in arrival order and every readiness call wakes up as
 //!   for a kernel connection. The interposed `accept()` recognises the placeholder by
@@ -710,6 +715,9 @@ impl Layer for GcbLayer {
         }
         if let Some(GcbSock::Listener { .. }) = entry.and_then(|e| gcb_state(e)) {
             return Outcome::Bypass; // listen() again (backlog change): already registered
+        }
+        if entry.is_some_and(|e| self.client.lock().awaits_registration(e)) {
+            return Outcome::Bypass; // listen() again: the AEH registers it later
         }
         // SAFETY: plain syscall on the program's fd, as it asked.
         if unsafe { libc::listen(fd, backlog) } != 0 {
