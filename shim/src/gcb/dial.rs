@@ -63,14 +63,31 @@ enum Attempt {
     Failed(c_int),
 }
 
-/// Start one non-blocking connect to `target`.
-fn attempt(target: SocketAddrV4, watch: Option<&Watch>) -> Attempt {
+/// Start one non-blocking connect to `target`, waiting at most `quick` for it to
+/// complete (then it never enters the fd table or the watch: the fast path).
+fn attempt(target: SocketAddrV4, quick: Duration, watch: Option<&Watch>) -> Attempt {
     let fd = match net::socket(libc::SOCK_STREAM | libc::SOCK_NONBLOCK, false) {
         Ok(fd) => fd,
         Err(e) => return Attempt::Failed(e),
     };
-    match net::connect_raw(fd, target) {
-        Ok(()) => Attempt::Connected(fd),
+    let connected = match net::connect_raw(fd, target) {
+        Err(libc::EINPROGRESS) if !quick.is_zero() => {
+            match net::wait_fd(fd, libc::POLLOUT, quick) {
+                Ok(true) => match net::so_error(fd) {
+                    0 => Ok(()),
+                    e => Err(e),
+                },
+                Ok(false) => Err(libc::EINPROGRESS),
+                Err(e) => Err(e),
+            }
+        }
+        r => r,
+    };
+    match connected {
+        Ok(()) => {
+            let _ = net::set_nonblocking(fd, false);
+            Attempt::Connected(fd)
+        }
         Err(libc::EINPROGRESS) => match fdtable::own_fd(fd, "gcb-dial") {
             Ok(owned) => {
                 if let Some(w) = watch {
@@ -147,25 +164,11 @@ impl<T> Dials<T> {
         if self.is_full() {
             return Err((libc::EAGAIN, what));
         }
-        let s = match attempt(target, watch) {
-            Attempt::Connected(fd) => {
-                let _ = net::set_nonblocking(fd, false);
-                return Ok(Some((fd, what)));
-            }
+        let s = match attempt(target, quick, watch) {
+            Attempt::Connected(fd) => return Ok(Some((fd, what))),
             Attempt::Failed(e) => return Err((e, what)),
             Attempt::InProgress(s) => s,
         };
-        if !quick.is_zero() && net::wait_fd(s.fd(), libc::POLLOUT, quick).unwrap_or(false) {
-            let e = net::so_error(s.fd());
-            if e != 0 {
-                close_attempt(&s, watch);
-                return Err((e, what));
-            }
-            return match into_connection(&s, watch) {
-                Ok(fd) => Ok(Some((fd, what))),
-                Err(e) => Err((e, what)),
-            };
-        }
         let now = Instant::now();
         self.list.push(Dial {
             target,
@@ -242,13 +245,12 @@ impl<T> Dials<T> {
             }
             if due && budget > 0 {
                 d.started += 1;
-                match attempt(d.target, watch) {
+                match attempt(d.target, Duration::ZERO, watch) {
                     Attempt::Connected(fd) => {
                         for s in &d.attempts {
                             close_attempt(s, watch);
                         }
                         budget += d.attempts.len();
-                        let _ = net::set_nonblocking(fd, false);
                         events.push(DialEvent::Connected(fd, d.target, d.what));
                         continue;
                     }
