@@ -70,6 +70,15 @@ const REGISTER_RETRY_FIRST: Duration = Duration::from_secs(1);
 const REGISTER_RETRY_MAX: Duration = Duration::from_secs(30);
 /// Listeners waiting for a registration retry at most (more are served locally only).
 const MAX_REGISTER_RETRIES: usize = 256;
+/// How many listeners of this process wait for a registration retry: lets accept() and
+/// listen() on ordinary sockets skip the client lock (see [`awaiting_registration`]).
+static RETRIES_PENDING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// May some listener of this process be waiting for a registration retry? (No lock: false
+/// means certainly not.)
+pub fn awaiting_registration() -> bool {
+    RETRIES_PENDING.load(std::sync::atomic::Ordering::Relaxed) > 0
+}
 /// A destination the broker does not know (or an unreachable broker) is not asked again
 /// for this long.
 pub const NEGATIVE_TTL: Duration = Duration::from_secs(60);
@@ -336,6 +345,7 @@ impl Client {
         // Dials in flight and registration retries are the parent's too.
         self.dials.forget_in_child();
         self.retries.clear();
+        self.note_retries();
         if let Some(w) = self.watch.take() {
             w.close();
         }
@@ -782,6 +792,11 @@ impl Client {
             backoff: REGISTER_RETRY_FIRST,
             asking: false,
         });
+        self.note_retries();
+    }
+
+    fn note_retries(&self) {
+        RETRIES_PENDING.store(self.retries.len(), std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Is `entry` a listener waiting for a registration retry?
@@ -797,11 +812,9 @@ impl Client {
         if self.retries.is_empty() {
             return;
         }
-        self.retries.retain(|r| {
-            r.entry
-                .upgrade()
-                .is_some_and(|e| !fdtable::fds_of(&e).is_empty())
-        });
+        // A closed listener's table entry is gone (we hold it weakly).
+        self.retries.retain(|r| r.entry.strong_count() > 0);
+        self.note_retries();
         let due: Vec<(u64, SocketAddrV4)> = self
             .retries
             .iter()
@@ -870,6 +883,7 @@ impl Client {
             return;
         };
         let r = self.retries.remove(i);
+        self.note_retries();
         self.fit_heartbeat(lease_ms);
         let live = r.entry.upgrade().and_then(|e| {
             let fd = *fdtable::fds_of(&e).first()?;

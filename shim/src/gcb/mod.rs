@@ -716,7 +716,9 @@ impl Layer for GcbLayer {
         if let Some(GcbSock::Listener { .. }) = entry.and_then(|e| gcb_state(e)) {
             return Outcome::Bypass; // listen() again (backlog change): already registered
         }
-        if entry.is_some_and(|e| self.client.lock().awaits_registration(e)) {
+        if client::awaiting_registration()
+            && entry.is_some_and(|e| self.client.lock().awaits_registration(e))
+        {
             return Outcome::Bypass; // listen() again: the AEH registers it later
         }
         // SAFETY: plain syscall on the program's fd, as it asked.
@@ -811,7 +813,11 @@ impl Layer for GcbLayer {
             Some(GcbSock::Listener { proxy, .. }) => Some(proxy),
             // Not registered yet: the AEH must run while the program waits in accept(),
             // or the retry that registers it never comes.
-            _ if self.client.lock().awaits_registration(entry) => None,
+            _ if client::awaiting_registration()
+                && self.client.lock().awaits_registration(entry) =>
+            {
+                None
+            }
             _ => return Outcome::Bypass,
         };
         let nonblock = net::is_nonblocking(fd);
