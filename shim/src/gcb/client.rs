@@ -23,6 +23,15 @@
 //! its copies. The accepting process takes the fd out of the mailbox; messages for other
 //! keys are posted back. Unaccepted entries expire.
 //!
+//! ## What the AEH never does
+//! It never waits for the network inside the program's call: a `connect_back` dial is
+//! started and finished later ([`super::dial`]; only a dial to the broker's relay port
+//! may take up to `RELAY_DIAL_QUICK` at once), and a listener the broker did not
+//! register at listen() is registered again by requests it does not wait for
+//! (`RegisterRetry`). It dials only public addresses and the broker's own
+//! ([`net::dial_refusal`]): a fooled or spoofed broker cannot point it at the host's
+//! loopback or its LAN.
+//!
 //! All methods run with the re-entrancy guard set and the client lock held.
 
 use gcb_proto::token::{self, Use};
@@ -33,6 +42,7 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
+use super::dial::{DialEvent, Dials};
 use super::inherit::{self, Entry, UdpEntry};
 use super::net;
 use super::standby::{Standby, StandbyEvent, StandbySlot, Watch};
@@ -52,6 +62,24 @@ const READY_TTL_SECS: u64 = 60;
 const READY_TTL: Duration = Duration::from_secs(READY_TTL_SECS);
 /// A new dial attempt is started this often until one connects (see `connect_race`).
 pub const DIAL_SPACING: Duration = Duration::from_millis(250);
+/// How long a dial-back to the broker's relay port may hold the AEH before it continues
+/// in the background (on a LAN it completes well within this; see [`super::dial`]).
+const RELAY_DIAL_QUICK: Duration = Duration::from_millis(2);
+/// First pause before registering again a listener the broker did not register at
+/// listen(), doubled after each failure up to [`REGISTER_RETRY_MAX`].
+const REGISTER_RETRY_FIRST: Duration = Duration::from_secs(1);
+const REGISTER_RETRY_MAX: Duration = Duration::from_secs(30);
+/// Listeners waiting for a registration retry at most (more are served locally only).
+const MAX_REGISTER_RETRIES: usize = 256;
+/// How many listeners of this process wait for a registration retry: lets accept() and
+/// listen() on ordinary sockets skip the client lock (see [`awaiting_registration`]).
+static RETRIES_PENDING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// May some listener of this process be waiting for a registration retry? (No lock: false
+/// means certainly not.)
+pub fn awaiting_registration() -> bool {
+    RETRIES_PENDING.load(std::sync::atomic::Ordering::Relaxed) > 0
+}
 /// A destination the broker does not know (or an unreachable broker) is not asked again
 /// for this long.
 pub const NEGATIVE_TTL: Duration = Duration::from_secs(60);
@@ -151,6 +179,10 @@ enum Pending {
     Unregister,
     /// A caller is blocked in [`Client::request`]; its answer goes to `answers`.
     Waiter,
+    /// A registration retry of a listener (see [`RegisterRetry`]), by its id.
+    RegisterRetry {
+        id: u64,
+    },
     /// A UDP hole punch toward `dest` asked for by the socket `entry` (see `punch`).
     Punch {
         entry: Weak<FdEntry>,
@@ -164,6 +196,38 @@ enum Pending {
         fd: c_int,
         dest: SocketAddrV4,
     },
+}
+
+/// A listening socket the broker did not register at listen() (unreachable, refused):
+/// it serves as a plain socket meanwhile, and the AEH asks again with back-off, so it
+/// gets its proxy once the broker answers.
+struct RegisterRetry {
+    id: u64,
+    local: SocketAddrV4,
+    listen_at: SocketAddrV4,
+    entry: Weak<FdEntry>,
+    next: Instant,
+    backoff: Duration,
+    /// A register request for it is in flight.
+    asking: bool,
+}
+
+impl RegisterRetry {
+    /// No registration this time: the next try after the back-off, which doubles.
+    fn failed(&mut self, now: Instant) {
+        self.asking = false;
+        self.next = now + self.backoff;
+        self.backoff = (self.backoff * 2).min(REGISTER_RETRY_MAX);
+    }
+}
+
+/// What a dial-back in flight is for: the connection `id` to our listener registered
+/// as `proxy` (reached at `listen_at`), from the logical peer `peer`.
+struct DialFor {
+    id: ConnectId,
+    proxy: SocketAddrV4,
+    listen_at: SocketAddrV4,
+    peer: SocketAddrV4,
 }
 
 /// A registration's identity: its transport and proxy address.
@@ -226,6 +290,10 @@ pub struct Client {
     /// closed ones, by (transport, proxy): `unregister` and `register{previous_proxy}`
     /// carry them.
     proofs: HashMap<RegKey, String>,
+    /// Dial-backs in flight (see [`super::dial`]); the AEH never waits for one.
+    dials: Dials<DialFor>,
+    /// Listeners to register again (see [`RegisterRetry`]).
+    retries: Vec<RegisterRetry>,
 }
 
 /// Spacing of the quick keepalive repeats after a UDP registration.
@@ -265,6 +333,8 @@ impl Client {
             direct: None,
             standby_enabled: standby,
             proofs: HashMap::new(),
+            dials: Dials::new(DIAL_SPACING),
+            retries: Vec::new(),
         }
     }
 
@@ -330,6 +400,10 @@ impl Client {
                 conn.forget_in_child();
             }
         }
+        // Dials in flight and registration retries are the parent's too.
+        self.dials.forget_in_child();
+        self.retries.clear();
+        self.note_retries();
         if let Some(w) = self.watch.take() {
             w.close();
         }
@@ -349,16 +423,18 @@ impl Client {
         self.direct.take()
     }
 
-    /// Does the AEH need to run while the program waits? (Registrations to serve, or a
-    /// UDP registration on its way.)
+    /// Does the AEH need to run while the program waits? (Registrations to serve, a
+    /// UDP registration on its way, dial-backs in flight, listeners to register again.)
     pub fn needs_aeh(&self) -> bool {
-        !self.families.is_empty()
+        (!self.families.is_empty()
             && (!self.regs.is_empty()
                 || self.families.iter().any(|c| {
                     c.pending
                         .values()
                         .any(|p| matches!(p, Pending::RegisterUdp { .. }))
-                }))
+                })))
+            || !self.dials.is_empty()
+            || !self.retries.is_empty()
     }
 
     /// What the AEH waits on: the registration channels' fds (at most 4), then the
@@ -503,11 +579,18 @@ impl Client {
         if let Some(x) = self.punch_next_due() {
             add(x);
         }
+        if let Some(x) = self.dials.wakeup(self.watch.is_some()) {
+            add(x);
+        }
+        for r in self.retries.iter().filter(|r| !r.asking) {
+            add(r.next);
+        }
         t
     }
 
     /// The asynchronous event handler: read the channels, run timers, act on the
-    /// broker's commands, send heartbeats when due. Never blocks longer than a dial-back.
+    /// broker's commands, send heartbeats when due. Never waits for the network (a
+    /// dial-back to the broker's relay port at most `RELAY_DIAL_QUICK`).
     pub fn pump(&mut self) {
         let from = SocketAddr::V4(self.broker);
         let mut work: Vec<(u64, Event)> = Vec::new();
@@ -518,6 +601,7 @@ impl Client {
         for (chan, ev) in work {
             self.on_event(chan, ev);
         }
+        self.service_dials();
         let t = now();
         if !self.regs.is_empty() && self.heartbeat.poll(t.mono) {
             let mut by_chan: HashMap<u64, Vec<SocketAddr>> = HashMap::new();
@@ -540,6 +624,7 @@ impl Client {
             self.reap_placeholders();
         }
         self.service_standbys();
+        self.register_retries(t.mono);
         self.udp_keepalive(t.mono);
         self.punch_tick(t.mono);
         for c in self.families.iter_mut().chain(self.private.as_mut()) {
@@ -617,6 +702,9 @@ impl Client {
                         fd,
                         dest,
                     }) => self.finish_udp_registration(chan, entry, local, fd, dest, Some(body)),
+                    Some(Pending::RegisterRetry { id }) => {
+                        self.finish_register_retry(chan, id, Some(body))
+                    }
                     Some(Pending::Unregister) | None => {}
                 }
             }
@@ -643,6 +731,9 @@ impl Client {
                         fd,
                         dest,
                     }) => self.finish_udp_registration(chan, entry, local, fd, dest, None),
+                    Some(Pending::RegisterRetry { id }) => {
+                        self.finish_register_retry(chan, id, None)
+                    }
                     _ => {}
                 }
             }
@@ -706,7 +797,30 @@ impl Client {
     ) -> Result<SocketAddrV4, String> {
         let (chan, proxy, token) = self.register_request(Transport::Tcp, local)?;
         let standby_key = self.take_token(Transport::Tcp, proxy, token.as_deref());
-        let standby = self.standby_slot(standby_key.as_deref());
+        self.insert_tcp_registration(
+            chan,
+            local,
+            listen_at,
+            proxy,
+            standby_key.as_deref(),
+            entry,
+            fd,
+        );
+        Ok(proxy)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn insert_tcp_registration(
+        &mut self,
+        chan: u64,
+        local: SocketAddrV4,
+        listen_at: SocketAddrV4,
+        proxy: SocketAddrV4,
+        token: Option<&str>,
+        entry: &Arc<FdEntry>,
+        fd: c_int,
+    ) {
+        let standby = self.standby_slot(token);
         self.regs.insert(
             (Transport::Tcp, proxy),
             Registration {
@@ -719,7 +833,165 @@ impl Client {
                 standby,
             },
         );
-        Ok(proxy)
+    }
+
+    /// listen() could not register `entry` (local address `local`, reached at
+    /// `listen_at`): it serves as a plain socket, and the AEH registers it later (see
+    /// `RegisterRetry`).
+    pub fn register_later(
+        &mut self,
+        local: SocketAddrV4,
+        listen_at: SocketAddrV4,
+        entry: &Arc<FdEntry>,
+    ) {
+        self.retries.retain(|r| r.entry.strong_count() > 0);
+        if self.retries.len() >= MAX_REGISTER_RETRIES {
+            crate::debug!(
+                "listen on {}: too many listeners to retry; not retried",
+                local
+            );
+            return;
+        }
+        self.retries.push(RegisterRetry {
+            id: crate::control::random_u64(),
+            local,
+            listen_at,
+            entry: Arc::downgrade(entry),
+            next: Instant::now() + REGISTER_RETRY_FIRST,
+            backoff: REGISTER_RETRY_FIRST,
+            asking: false,
+        });
+        self.note_retries();
+    }
+
+    fn note_retries(&self) {
+        RETRIES_PENDING.store(self.retries.len(), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Is `entry` a listener waiting for a registration retry?
+    pub fn awaits_registration(&self, entry: &Arc<FdEntry>) -> bool {
+        self.retries
+            .iter()
+            .any(|r| std::ptr::eq(r.entry.as_ptr(), Arc::as_ptr(entry)))
+    }
+
+    /// Ask the broker again for the listeners whose retry is due (without waiting: the
+    /// answer comes to [`Self::finish_register_retry`]). Closed listeners are forgotten.
+    fn register_retries(&mut self, at: Instant) {
+        if self.retries.is_empty() {
+            return;
+        }
+        // A closed listener's table entry is gone (we hold it weakly).
+        self.retries.retain(|r| r.entry.strong_count() > 0);
+        self.note_retries();
+        let due: Vec<(u64, SocketAddrV4)> = self
+            .retries
+            .iter()
+            .filter(|r| !r.asking && r.next <= at)
+            .map(|r| (r.id, r.local))
+            .collect();
+        if due.is_empty() {
+            self.leave_epolls_if_idle();
+            return;
+        }
+        let chan = self.own_family();
+        let to = SocketAddr::V4(self.broker);
+        for (id, local) in due {
+            let previous_proxy = self.previous_for(Transport::Tcp, local);
+            let previous_token = previous_proxy.and_then(|p| self.proof_for(Transport::Tcp, p));
+            let sent = chan.ok().and_then(|chan| {
+                let c = self.chan(chan)?;
+                let body = Body::Register {
+                    transport: Transport::Tcp,
+                    local: SocketAddr::V4(local),
+                    previous_proxy,
+                    previous_token,
+                };
+                let rid =
+                    c.ep.send_request_with_deadline(now(), to, body, REGISTER_DEADLINE)
+                        .ok()?;
+                c.pending.insert(rid, Pending::RegisterRetry { id });
+                c.flush();
+                Some(())
+            });
+            if let Some(r) = self.retries.iter_mut().find(|r| r.id == id) {
+                match sent {
+                    Some(()) => r.asking = true,
+                    None => r.failed(at),
+                }
+            }
+            crate::debug!("listen on {}: asking broker {} again", local, self.broker);
+        }
+    }
+
+    /// The broker's answer (None: none in time) to a registration retry: the listener
+    /// gets its proxy (getsockname() reports it from now on), or waits longer.
+    fn finish_register_retry(&mut self, chan: u64, id: u64, body: Option<Body>) {
+        let Some(i) = self.retries.iter().position(|r| r.id == id) else {
+            return;
+        };
+        let granted = match body {
+            Some(Body::Registered {
+                proxy,
+                lease_ms,
+                token,
+            }) => net::v4(proxy).map(|p| (p, lease_ms, token)),
+            other => {
+                let r = &mut self.retries[i];
+                r.failed(Instant::now());
+                crate::debug!(
+                    "listen on {}: broker {} did not register it ({}); next try in {:?}",
+                    r.local,
+                    self.broker,
+                    other.map_or("no answer".to_owned(), |b| format!("{b:?}")),
+                    r.next.saturating_duration_since(Instant::now())
+                );
+                return;
+            }
+        };
+        let Some((proxy, lease_ms, token)) = granted else {
+            self.retries[i].failed(Instant::now());
+            return;
+        };
+        let r = self.retries.remove(i);
+        self.note_retries();
+        self.fit_heartbeat(lease_ms);
+        let token = self.take_token(Transport::Tcp, proxy, token.as_deref());
+        let live = r.entry.upgrade().and_then(|e| {
+            let fd = *fdtable::fds_of(&e).first()?;
+            Some((e, fd))
+        });
+        let Some((entry, fd)) = live else {
+            // Closed meanwhile: give the proxy back.
+            self.send_unregister(chan, Transport::Tcp, proxy);
+            self.leave_epolls_if_idle();
+            return;
+        };
+        if self.regs.is_empty() {
+            self.heartbeat.reset(Instant::now());
+        }
+        self.insert_tcp_registration(
+            chan,
+            r.local,
+            r.listen_at,
+            proxy,
+            token.as_deref(),
+            &entry,
+            fd,
+        );
+        super::set_gcb_state(
+            &entry,
+            super::GcbSock::Listener {
+                proxy,
+                local: r.local,
+            },
+        );
+        crate::info!(
+            "registered {} with broker {}: proxy {}",
+            r.local,
+            self.broker,
+            proxy
+        );
     }
 
     /// Register a bound UDP socket; returns its proxy and token.
@@ -1116,7 +1388,9 @@ impl Client {
         self.regs.insert((old.0, proxy), reg);
     }
 
-    /// The broker asks us to dial out for a connection to our listener at `proxy`.
+    /// The broker asks us to dial out for a connection to our listener at `proxy`. The
+    /// dial is started here and finished by the AEH ([`Self::service_dials`]): the
+    /// answer goes out at once, and the program's waits never stall on a dead address.
     fn on_connect_back(
         &mut self,
         id: ConnectId,
@@ -1134,46 +1408,131 @@ impl Client {
                 format!("{proxy} is not registered here"),
             );
         };
-        match self.dial_back(&id, dial, listen_at, peer) {
-            Ok(key) => {
-                crate::debug!(
-                    "connect_back for {}: dialed {} for peer {}; placeholder {}",
-                    proxy,
-                    dial,
-                    peer,
-                    key
-                );
-                Body::Ack {}
+        if let Some(why) = net::dial_refusal(*dial.ip(), *self.broker.ip()) {
+            crate::warn!(
+                "connect_back for {} refused: dial target {} is {}",
+                proxy,
+                dial,
+                why
+            );
+            return Body::error(
+                gcb_proto::ErrorCode::BadRequest,
+                format!("dial target {dial} is {why}"),
+            );
+        }
+        if self.mailbox.is_none() {
+            return Body::error(gcb_proto::ErrorCode::Internal, "no mailbox");
+        }
+        if self.watch.is_none() {
+            match Watch::open() {
+                Ok(w) => self.watch = Some(w),
+                // The dials are then checked on a short timer (see `Dials::wakeup`).
+                Err(e) => crate::debug!("no watch for dial-backs: {}", errstr(e)),
             }
-            Err(why) => {
-                crate::warn!("connect_back to {} for {} failed: {}", dial, proxy, why);
-                Body::error(gcb_proto::ErrorCode::Internal, why)
+        }
+        let quick = if dial.ip() == self.broker.ip() {
+            RELAY_DIAL_QUICK
+        } else {
+            Duration::ZERO
+        };
+        let what = DialFor {
+            id,
+            proxy,
+            listen_at,
+            peer,
+        };
+        match self
+            .dials
+            .start(dial, what, DIAL_TIMEOUT, quick, self.watch.as_ref())
+        {
+            Ok(None) => Body::Ack {},
+            Ok(Some((fd, what))) => match self.finish_dial(fd, dial, what) {
+                Ok(()) => Body::Ack {},
+                Err(why) => Body::error(gcb_proto::ErrorCode::Internal, why),
+            },
+            Err((libc::EAGAIN, _)) => {
+                crate::warn!(
+                    "connect_back to {} for {} refused: {} dial-backs in flight",
+                    dial,
+                    proxy,
+                    super::dial::MAX_DIALS
+                );
+                Body::error(gcb_proto::ErrorCode::Busy, "too many dial-backs in flight")
+            }
+            Err((e, _)) => {
+                crate::warn!(
+                    "connect_back to {} for {} failed: dial: {}",
+                    dial,
+                    proxy,
+                    errstr(e)
+                );
+                Body::error(
+                    gcb_proto::ErrorCode::Internal,
+                    format!("dial: {}", errstr(e)),
+                )
             }
         }
     }
 
-    /// Dial `dial`, present the connect id, post the connection to the mailbox, and put
-    /// a placeholder connection into the listening socket's kernel queue so that
-    /// accept()/select()/poll()/epoll() see it in arrival order.
-    fn dial_back(
-        &mut self,
-        id: &ConnectId,
-        dial: SocketAddrV4,
-        listen_at: SocketAddrV4,
-        peer: SocketAddrV4,
-    ) -> Result<SocketAddrV4, String> {
-        let err = |what: &str, e: c_int| format!("{what}: {}", errstr(e));
-        if self.mailbox.is_none() {
-            return Err("no mailbox".into());
-        }
-        // Inheritable: this becomes the program's connection.
-        let fd = net::connect_race(dial, DIAL_SPACING, DIAL_TIMEOUT, true)
-            .map_err(|e| err("dial", e))?;
-        if let Err(e) = net::write_all(fd, &preamble(self.key.as_ref(), id), DIAL_TIMEOUT) {
+    /// A dial-back connected (`fd`, ours): present the connect id, then hand the
+    /// connection to the program. Failures are logged here.
+    fn finish_dial(&mut self, fd: c_int, dial: SocketAddrV4, what: DialFor) -> Result<(), String> {
+        let live = self
+            .regs
+            .values()
+            .any(|r| r.udp.is_none() && r.listen_at == what.listen_at);
+        let handed = if !live {
             net::close(fd);
-            return Err(err("preamble", e));
+            Err("the listener is gone".to_owned())
+        } else if net::send_some(fd, &preamble(self.key.as_ref(), &what.id)) != Ok(PREAMBLE_LEN) {
+            // 45 bytes into a fresh connection's empty send buffer: all or nothing.
+            net::close(fd);
+            Err("preamble not sent".to_owned())
+        } else {
+            self.hand_over(fd, what.listen_at, what.peer)
+        };
+        match handed {
+            Ok(key) => {
+                crate::debug!(
+                    "connect_back for {}: dialed {} for peer {}; placeholder {}",
+                    what.proxy,
+                    dial,
+                    what.peer,
+                    key
+                );
+                Ok(())
+            }
+            Err(why) => {
+                crate::warn!(
+                    "connect_back to {} for {} failed: {}",
+                    dial,
+                    what.proxy,
+                    why
+                );
+                Err(why)
+            }
         }
-        self.hand_over(fd, listen_at, peer)
+    }
+
+    /// Finish the dial-backs in flight that connected; log the ones that failed.
+    fn service_dials(&mut self) {
+        if self.dials.is_empty() {
+            return;
+        }
+        for ev in self.dials.poll(Instant::now(), self.watch.as_ref()) {
+            match ev {
+                DialEvent::Connected(fd, dial, what) => {
+                    let _ = self.finish_dial(fd, dial, what);
+                }
+                DialEvent::Failed(dial, what, why) => crate::warn!(
+                    "connect_back to {} for {} failed: dial: {}",
+                    dial,
+                    what.proxy,
+                    why
+                ),
+            }
+        }
+        self.leave_epolls_if_idle();
     }
 
     /// Give brokered connection `fd` (ours; closed here) to the program: post it to

@@ -2,11 +2,16 @@
 //!
 //! * `listen()` on an IPv4 TCP socket registers it with the broker, which opens a proxy
 //!   socket; from then on `getsockname()` reports the proxy address, the address the
-//!   program will advertise.
+//!   program will advertise. If the broker does not answer (or refuses), listen() still
+//!   succeeds and the socket serves locally (one log line); the AEH asks again, after 1 s
+//!   and then twice as long each time up to 30 s, and from the registration on
+//!   `getsockname()` reports the proxy.
 //! * The broker's `connect_back` arrives on the process's control socket while the
 //!   program waits in accept/select/poll/epoll (the AEH runs inside those calls). The
 //!   shim dials out (to the connector for a reversed connection, to the broker's relay
-//!   port otherwise), presents the single-use connect id, and then makes a loopback
+//!   port otherwise; never to loopback, private, link-local or multicast addresses other
+//!   than the broker's own, and without ever waiting for the dial in the program's call:
+//!   see [`dial`]), presents the single-use connect id, and then makes a loopback
 //!   *placeholder* connection to the program's own listening socket, so the kernel's
 //!   accept queue holds an entry in arrival order and every readiness call wakes up as
 //!   for a kernel connection. The interposed `accept()` recognises the placeholder by
@@ -45,6 +50,7 @@
 //! handoff.
 
 pub mod client;
+pub mod dial;
 pub mod inherit;
 pub mod net;
 pub mod punch;
@@ -711,6 +717,11 @@ impl Layer for GcbLayer {
         if let Some(GcbSock::Listener { .. }) = entry.and_then(|e| gcb_state(e)) {
             return Outcome::Bypass; // listen() again (backlog change): already registered
         }
+        if client::awaiting_registration()
+            && entry.is_some_and(|e| self.client.lock().awaits_registration(e))
+        {
+            return Outcome::Bypass; // listen() again: the AEH registers it later
+        }
         // SAFETY: plain syscall on the program's fd, as it asked.
         if unsafe { libc::listen(fd, backlog) } != 0 {
             return Outcome::Error(errno());
@@ -752,6 +763,8 @@ impl Layer for GcbLayer {
             }
             Err(why) => {
                 crate::warn!("listen on {}: {}; serving locally only", local, why);
+                // Fail open now, register when the broker answers (the AEH asks again).
+                c.register_later(reg_local, listen_at, &entry);
             }
         }
         Outcome::Handled(0)
@@ -797,8 +810,16 @@ impl Layer for GcbLayer {
         addr: AddrOut,
         flags: c_int,
     ) -> Outcome<c_int> {
-        let Some(GcbSock::Listener { proxy, .. }) = gcb_state(entry) else {
-            return Outcome::Bypass;
+        let mut proxy = match gcb_state(entry) {
+            Some(GcbSock::Listener { proxy, .. }) => Some(proxy),
+            // Not registered yet: the AEH must run while the program waits in accept(),
+            // or the retry that registers it never comes.
+            _ if client::awaiting_registration()
+                && self.client.lock().awaits_registration(entry) =>
+            {
+                None
+            }
+            _ => return Outcome::Bypass,
         };
         let nonblock = net::is_nonblocking(fd);
         let deadline = (!nonblock)
@@ -809,14 +830,18 @@ impl Layer for GcbLayer {
             if expired(deadline) {
                 return Outcome::Error(libc::EAGAIN);
             }
+            if let Some(GcbSock::Listener { proxy: p, .. }) = gcb_state(entry) {
+                proxy = Some(p); // registered meanwhile (or again, with a new proxy)
+            }
             let (aeh, direct) = {
                 let mut c = self.client.lock();
                 if c.needs_aeh() {
-                    let direct = if nonblock {
-                        c.pump();
-                        None
-                    } else {
-                        c.pump_for_accept(proxy)
+                    let direct = match proxy {
+                        Some(p) if !nonblock => c.pump_for_accept(p),
+                        _ => {
+                            c.pump();
+                            None
+                        }
                     };
                     (Some((c.aeh_fds(), c.next_wakeup())), direct)
                 } else {

@@ -403,6 +403,29 @@ pub fn is_private(ip: Ipv4Addr) -> bool {
     ip.is_private() || ip.is_link_local() || (o[0] == 100 && (o[1] & 0xc0) == 64)
 }
 
+/// Why a `connect_back` must not dial `target`, or None if it may. The broker names the
+/// address to dial; a broker that was fooled (or spoofed, without a pool key) must not
+/// make us reach our own host or our LAN on someone's behalf (server-side request
+/// forgery): only public addresses are dialed, plus the broker's own (its relay port).
+pub fn dial_refusal(target: Ipv4Addr, broker: Ipv4Addr) -> Option<&'static str> {
+    if target == broker {
+        return None;
+    }
+    if target.is_loopback() {
+        Some("loopback")
+    } else if target.is_unspecified() {
+        Some("unspecified")
+    } else if target.is_multicast() || target.is_broadcast() {
+        Some("multicast/broadcast")
+    } else if target.is_link_local() {
+        Some("link-local")
+    } else if is_private(target) {
+        Some("private")
+    } else {
+        None
+    }
+}
+
 /// Connect a new TCP socket to `a`, racing a fresh attempt every `spacing` until one
 /// succeeds or `timeout` passes. Linux retries a lost SYN only after 1 s and 3 s, so on
 /// a lossy path a single attempt often needs seconds; staggered attempts need one
@@ -475,5 +498,63 @@ pub fn connect_race(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> Ipv4Addr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn dial_targets_on_the_public_internet_are_allowed() {
+        let broker = ip("203.0.113.10");
+        for t in [
+            "203.0.113.11",
+            "8.8.8.8",
+            "100.63.255.255",
+            "100.128.0.1",
+            "172.32.0.1",
+        ] {
+            assert_eq!(dial_refusal(ip(t), broker), None, "{t}");
+        }
+    }
+
+    #[test]
+    fn dial_targets_inside_private_or_special_ranges_are_refused() {
+        let broker = ip("203.0.113.10");
+        let cases = [
+            ("127.0.0.1", "loopback"),
+            ("127.71.66.1", "loopback"),
+            ("0.0.0.0", "unspecified"),
+            ("224.0.0.1", "multicast/broadcast"),
+            ("239.255.255.250", "multicast/broadcast"),
+            ("255.255.255.255", "multicast/broadcast"),
+            ("169.254.169.254", "link-local"),
+            ("10.1.0.12", "private"),
+            ("172.16.0.1", "private"),
+            ("172.31.255.254", "private"),
+            ("192.168.1.1", "private"),
+            ("100.64.0.1", "private"),
+            ("100.127.255.254", "private"),
+        ];
+        for (t, why) in cases {
+            assert_eq!(dial_refusal(ip(t), broker), Some(why), "{t}");
+        }
+    }
+
+    #[test]
+    fn the_brokers_own_address_is_always_allowed() {
+        // A broker on a private address (its relay port is what we dial for a relay).
+        for b in ["10.1.0.1", "127.0.0.1", "100.64.0.9", "203.0.113.10"] {
+            assert_eq!(dial_refusal(ip(b), ip(b)), None, "{b}");
+        }
+        assert_eq!(
+            dial_refusal(ip("10.1.0.2"), ip("10.1.0.1")),
+            Some("private")
+        );
     }
 }
