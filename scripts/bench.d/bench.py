@@ -204,6 +204,11 @@ class Bench:
         self.res = {"meta": {}, "tables": {}, "throughput": {}, "scale": {}, "shim": {},
                     "portfwd": {}, "targets": []}
         self.work = tempfile.mkdtemp(prefix="gcb-bench.")
+        # Keyed, as a deployment is: every daemon, gcb-run, the shim and the load
+        # generators read the pool key from GCB_KEY_FILE (inherited by every spawn).
+        key = os.path.join(self.work, "pool.key")
+        subprocess.run([BROKERD, "--generate-key", key], check=True, capture_output=True)
+        os.environ["GCB_KEY_FILE"] = key
         self.lab = Lab("bn%d" % random.randint(0, 99999), self.work)
         self.servers = {}
         self.rathole = shutil.which("rathole") or (
@@ -241,9 +246,14 @@ class Bench:
         subprocess.run([NETLAB, "cpe", L.name, "on"], check=True)
         log("lab %s up, cpe on (work dir %s)" % (L.name, self.work))
         self.broker_log = os.path.join(self.work, "broker.err")
+        # The benchmark's clients all run on a few lab hosts: per-IP limits above their load.
         self.broker = L.spawn("p1", [BROKERD, "--listen", P1, "--max-registrations", "20000",
-                                     "--max-per-client", "20000", "--max-relays", "4096",
-                                     "--max-preambles", "4096", "--stats-interval-secs", "0"],
+                                     "--max-registrations-per-ip", "20000", "--max-relays", "4096",
+                                     "--max-relays-per-ip", "4096", "--max-pending-per-ip", "4096",
+                                     "--max-preambles", "4096", "--max-preambles-per-ip", "4096",
+                                     "--control-rate-per-ip", "1000000",
+                                     "--control-burst-per-ip", "1000000",
+                                     "--stats-interval-secs", "0"],
                               "broker")
         os.makedirs(os.path.join(self.work, "pf"), exist_ok=True)
         self.portfwd = L.spawn("gwa", [PORTFWD, "--public", GWA_PUB, "--private", "10.1.0.0/24",
@@ -508,7 +518,9 @@ local_addr = "%(a1)s:7000"
         n_reg = 2000 if self.quick else 10000
         # (a) registrations on a fresh broker
         b = L.spawn("p1", [BROKERD, "--listen", P1 + ":9700", "--max-registrations", "20000",
-                           "--max-per-client", "20000", "--stats-interval-secs", "0"], "broker-reg")
+                           "--max-registrations-per-ip", "20000",
+                           "--control-rate-per-ip", "1000000", "--control-burst-per-ip", "1000000",
+                           "--stats-interval-secs", "0"], "broker-reg")
         time.sleep(0.5)
         rss0 = rss_kb(b.pid)
         g = L.spawn("a1", [REG, "--broker", P1 + ":9700", "--bind", A1, "register", "--count",
@@ -547,7 +559,11 @@ local_addr = "%(a1)s:7000"
                     (("reverse", "p2", P2, ["--connector-listen", P2 + ":5999"]),
                      ("direct", "a2", "10.1.0.12", []))):
                 port = str(9710 + 2 * r + ki)
-                b = L.spawn("p1", [BROKERD, "--listen", P1 + ":" + port, "--stats-interval-secs", "0"],
+                b = L.spawn("p1", [BROKERD, "--listen", P1 + ":" + port, "--stats-interval-secs", "0",
+                                   "--control-rate-per-ip", "1000000",
+                                   "--control-burst-per-ip", "1000000",
+                                   "--max-pending-per-ip", "100000",
+                                   "--max-relays-per-ip", "100000"],
                             "broker-conn%d%s" % (r, kind))
                 time.sleep(0.4)
                 lst = L.spawn("a1", [REG, "--broker", P1 + ":" + port, "--bind", A1, "listen"],

@@ -1,5 +1,6 @@
 //! Load generator for `scripts/bench`: speaks the GCB control protocol to gcb-brokerd with
-//! gcb-proto's `Endpoint` (reliable UDP, no pool key), without real listening sockets.
+//! gcb-proto's `Endpoint` (reliable UDP, keyed with `--key-file` / `GCB_KEY_FILE` as a
+//! shim is), without real listening sockets.
 //!
 //! * `register --count N --window W`: registers N TCP listeners (distinct local ports on
 //!   the bind IP, one control socket = one client), W requests in flight; a `busy` answer
@@ -20,7 +21,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use clap::{Parser, Subcommand};
 use gcb_examples::{die, random_bytes, say};
 use gcb_proto::msg::heartbeat_batches;
-use gcb_proto::{Body, Config, Endpoint, Event, Now, RequestId, Route, Transport};
+use gcb_proto::{Body, Config, Endpoint, Event, Now, PoolKey, RequestId, Route, Transport};
 use serde_json::json;
 
 const PROG: &str = "gcb-bench-register";
@@ -34,6 +35,9 @@ struct Args {
     /// Local IP to bind the control socket to (also the registrations' local IP).
     #[arg(long)]
     bind: IpAddr,
+    /// The pool key file (as the broker's); without it, requests go unkeyed.
+    #[arg(long, value_name = "FILE", env = "GCB_KEY_FILE")]
+    key_file: Option<std::path::PathBuf>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -86,7 +90,7 @@ struct Gen {
 }
 
 impl Gen {
-    fn new(bind: IpAddr, broker: SocketAddr) -> io::Result<Gen> {
+    fn new(bind: IpAddr, broker: SocketAddr, key: Option<PoolKey>) -> io::Result<Gen> {
         let sock = UdpSocket::bind(SocketAddr::new(bind, 0))?;
         let r = random_bytes(8)?;
         let session = u64::from_le_bytes(r.try_into().unwrap_or([7; 8]));
@@ -96,7 +100,7 @@ impl Gen {
         };
         Ok(Gen {
             sock,
-            ep: Endpoint::new(cfg, None, session),
+            ep: Endpoint::new(cfg, key, session),
             broker,
             connect_backs: 0,
         })
@@ -389,7 +393,13 @@ fn connect(
 
 fn main() {
     let args = Args::parse();
-    let mut g = Gen::new(args.bind, args.broker).unwrap_or_else(|e| die(PROG, e));
+    let key = args.key_file.as_ref().map(|path| {
+        let bytes = std::fs::read(path)
+            .unwrap_or_else(|e| die(PROG, format!("key file {}: {e}", path.display())));
+        PoolKey::from_file_contents(&bytes)
+            .unwrap_or_else(|e| die(PROG, format!("key file {}: {e}", path.display())))
+    });
+    let mut g = Gen::new(args.bind, args.broker, key).unwrap_or_else(|e| die(PROG, e));
     match args.cmd {
         Cmd::Register {
             count,
