@@ -63,9 +63,14 @@
 //!    `registered{proxy, lease_ms}`. `S`'s `getsockname()` now reports the
 //!    proxy, which is what it advertises. Heartbeats every ~10 s renew the
 //!    lease and keep NAT A's UDP mapping open.
-//!    The `registered` answer also carries a random standby key (`token`);
-//!    `S`'s shim dials the relay port 203.0.113.10:9650 once and writes
-//!    `GCB-STANDBY <key>\n`: `B` parks that connection for the proxy.
+//!    The `registered` answer also carries the registration token `T`
+//!    ([`gcb_proto::token`]); `S`'s shim derives the standby key from it
+//!    (an HMAC under the pool key), dials the relay port 203.0.113.10:9650
+//!    once and writes `GCB-STANDBY <key>\n`: `B` parks that connection for
+//!    the proxy, because it comes from the registration's observed IP
+//!    203.0.113.1 (a key replayed from elsewhere is refused). `S` keeps
+//!    `T`'s ownership proof for `unregister` and for asking for the same
+//!    proxy again (`register{previous_proxy, previous_token}`).
 //! 2. `X` connects to 203.0.113.10:41234. `B` accepts and does **not** read
 //!    (X's first bytes wait in the kernel). It takes the proxy's parked
 //!    standby, writes the 12-byte claim `GCB-GO` + X's address on it, and
@@ -97,10 +102,11 @@
 //! 1. The program's UDP socket 10.1.0.5:9618 is bound under GCB: the shim
 //!    sends `register{udp, local: 10.1.0.5:9618}`; `B` binds a proxy UDP
 //!    socket 203.0.113.10:41300 and answers `registered{proxy, lease_ms,
-//!    token}` with a fresh random 128-bit token (32 lowercase hex chars).
+//!    token}` with the registration token `T` (32 lowercase hex chars).
 //! 2. The shim sends, **from the program's socket**, a `Dummy` frame
-//!    carrying the token to the proxy; NAT A maps it to 203.0.113.1:40777.
-//!    `B` checks the token, records 203.0.113.1:40777 as the listener's
+//!    carrying the Dummy token derived from `T` ([`gcb_proto::token`]) to
+//!    the proxy; NAT A maps it to 203.0.113.1:40777. `B` checks the token
+//!    and that it comes from the registration's observed IP, records 203.0.113.1:40777 as the listener's
 //!    *data address* and answers `DummyAck{addr: 203.0.113.1:40777,
 //!    token}`. The shim repeats the Dummy every ~10-15 s (keeps the NAT
 //!    mapping open); a good Dummy from a new source moves the data address.

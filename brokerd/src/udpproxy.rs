@@ -104,7 +104,7 @@ pub struct PunchEnd {
 }
 
 impl UdpProxy {
-    /// The token as a string (for `registered{token}`).
+    /// The Dummy token as a string.
     pub fn token_string(&self) -> String {
         String::from_utf8_lossy(&self.secret).into_owned()
     }

@@ -56,8 +56,10 @@
 //! missing or bad MACs, timestamps more than 30 s off their clock, and
 //! replayed nonces ([`RejectReason`]). Without a key, frames carry no MAC and
 //! a keyless receiver rejects keyed frames (`unexpected_mac`) rather than
-//! silently accept a misconfigured peer. Daemons without a key must restrict
-//! by source address themselves (DESIGN.md).
+//! silently accept a misconfigured peer. The daemons refuse to start without a
+//! key unless told `--insecure`, and then restrict by source address and
+//! interface themselves (docs/THREAT-MODEL.md). What registrations present on
+//! the data planes is derived from their tokens with the key ([`token`]).
 //!
 //! ## One request, end to end
 //!

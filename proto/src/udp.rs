@@ -17,7 +17,7 @@
 //!
 //! | kind | byte | direction | address | payload |
 //! |---|---|---|---|---|
-//! | [`Dummy`](UdpKind::Dummy) | `D` | listener -> proxy | `0.0.0.0:0` | the registration token (32 ASCII hex chars) |
+//! | [`Dummy`](UdpKind::Dummy) | `D` | listener -> proxy | `0.0.0.0:0` | the Dummy token: the registration token presented for Dummy frames ([`crate::token`]), 32 ASCII hex chars |
 //! | [`KeepAlive`](UdpKind::KeepAlive) | `K` | listener -> proxy | `0.0.0.0:0` | the token; like `Dummy` but never acknowledged |
 //! | [`DummyAck`](UdpKind::DummyAck) | `A` | proxy -> listener | the Dummy's source as the broker saw it | the token |
 //! | [`From`](UdpKind::From) | `F` | proxy -> listener | the original sender | the sender's datagram, unchanged |
@@ -25,9 +25,10 @@
 //!
 //! * **Dummy** (the paper's DUMMY): sent right after registering and every
 //!   10-15 s as a keepalive of the NAT mapping. A Dummy with the right
-//!   token makes its source address the listener's *data address* (a later
-//!   one from another source moves it: the NAT remapped); the broker
-//!   answers DummyAck. Wrong or missing token: dropped and counted.
+//!   token, from the registration's observed IP, makes its source address
+//!   the listener's *data address* (a later one from another source port
+//!   moves it: the NAT remapped); the broker answers DummyAck. Wrong or
+//!   missing token, or another IP: dropped and counted.
 //! * **From**: every datagram a sender sends to the proxy, wrapped, sent to
 //!   the data address from the proxy socket.
 //! * **To**: accepted only from the data address and only to a destination

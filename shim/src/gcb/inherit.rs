@@ -9,8 +9,8 @@
 //! * `reg=FD:INO:PROXYIP:PORT:LOCALIP:PORT:LISTENIP:PORT:CTLFD` — a registered TCP
 //!   listener;
 //! * `udp=FD:INO:PROXYIP:PORT:LOCALIP:PORT:CTLFD:TOKEN` — a registered UDP socket, with
-//!   its registration token (the broker's 32 lowercase hex characters, which the new
-//!   image's keepalives carry);
+//!   its Dummy token (32 lowercase hex characters derived from the registration token,
+//!   which the new image's keepalives carry);
 //! * `own=t|u:PROXYIP:PORT:PROOF` — the ownership proof of the TCP (`t`) or UDP (`u`)
 //!   registration at that proxy (32 lowercase hex, [`gcb_proto::token`]), which the new
 //!   image's `unregister` and `register{previous_proxy}` carry;
