@@ -130,7 +130,9 @@ impl<K: KernelBackend> Server<K> {
             max_cache_entries: 65_536,
             ..gcb_proto::Config::default()
         };
-        let ep = Endpoint::new(ep_cfg, cfg.key.clone(), random_u64());
+        let mut ep = Endpoint::new(ep_cfg, cfg.key.clone(), random_u64());
+        // Keyed frames captured before this start are not accepted after it.
+        ep.set_not_before(crate::client::now().unix_ms);
         let t = Instant::now();
         Ok(Server {
             next_round: t + cfg.probe_interval,
