@@ -13,13 +13,15 @@
 
 use std::fs::{self, File};
 use std::net::SocketAddrV4;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
-use std::sync::OnceLock;
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use gcb_lab::{random_bytes, release_artifact, repo_root, sha256, Host, Lab, Proc};
+use gcb_lab::{
+    artifact, python, random_bytes, read_text as read, repo_root, sha256, wait_line, Host, Lab,
+    Proc,
+};
 
 const P1: &str = "203.0.113.10";
 const A1: &str = "10.1.0.11";
@@ -28,50 +30,10 @@ const RUN: Duration = Duration::from_secs(40);
 /// Broker flags for an unkeyed broker reachable from the lab's public hosts.
 const UNKEYED: &[&str] = &["--insecure", "--allow", "0.0.0.0/0"];
 
-fn artifact(name: &str) -> PathBuf {
-    let p = release_artifact(name);
-    assert!(
-        p.exists(),
-        "missing build artifact {name} ({}): run `cargo build --release --workspace`",
-        p.display()
-    );
-    p
-}
-
 fn brokerd() -> PathBuf {
     match std::env::var_os("GCB_TEST_BROKERD") {
         Some(p) => PathBuf::from(p),
         None => artifact("gcb-brokerd"),
-    }
-}
-
-fn python() -> &'static str {
-    static PY: OnceLock<String> = OnceLock::new();
-    PY.get_or_init(|| {
-        let out = Command::new("python3")
-            .args(["-c", "import sys; print(sys.executable)"])
-            .output()
-            .expect("python3 must be installed");
-        String::from_utf8(out.stdout).unwrap().trim().to_owned()
-    })
-}
-
-fn read(path: &Path) -> String {
-    fs::read(path)
-        .map(|b| String::from_utf8_lossy(&b).into_owned())
-        .unwrap_or_default()
-}
-
-fn wait_line(path: &Path, timeout: Duration, pred: impl Fn(&str) -> bool) -> Option<String> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(l) = read(path).lines().find(|l| pred(l)) {
-            return Some(l.to_owned());
-        }
-        if Instant::now() >= deadline {
-            return None;
-        }
-        thread::sleep(Duration::from_millis(20));
     }
 }
 

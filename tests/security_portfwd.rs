@@ -373,6 +373,35 @@ fn portfwd_drops_spoofed_requests_arriving_on_the_wan_side() {
     let _ = fs::remove_dir_all(&dir2);
 }
 
+/// The replay tests' wide policy. A long probe interval: no sync compacts the mirror
+/// between their steps.
+const WIDE: [&str; 6] = [
+    "--private",
+    "10.1.0.0/24",
+    "--ports",
+    "20000-20099",
+    "--probe-interval-secs",
+    "3600",
+];
+
+/// `gcb-dpf-request forward PRIVATE --desired-port PORT` from `host` (probe port 7999);
+/// panics unless it succeeds.
+fn forward_at(lab: &Lab, host: Host, private: &str, port: u16) {
+    let (rc, out) = request(
+        lab,
+        host,
+        &[
+            "forward",
+            private,
+            "--probe-port",
+            "7999",
+            "--desired-port",
+            &port.to_string(),
+        ],
+    );
+    assert_eq!(rc, 0, "forward {private}: {out}");
+}
+
 /// CRC-32 (IEEE), as the mirror file's records carry it.
 fn crc32(data: &[u8]) -> u32 {
     let mut crc = !0u32;
@@ -408,33 +437,10 @@ fn portfwd_mirror_replay_rechecks_policy() {
         .unwrap();
     lab.wait_for_tcp_listen(Host::A1, 7999, T).unwrap();
     lab.wait_for_tcp_listen(Host::A2, 7999, T).unwrap();
-    // A long probe interval: no sync compacts the mirror between our steps.
-    let wide = [
-        "--private",
-        "10.1.0.0/24",
-        "--ports",
-        "20000-20099",
-        "--probe-interval-secs",
-        "3600",
-    ];
-    let fwd = |host: Host, private: &str, port: u16| {
-        let (rc, out) = request(
-            &lab,
-            host,
-            &[
-                "forward",
-                private,
-                "--probe-port",
-                "7999",
-                "--desired-port",
-                &port.to_string(),
-            ],
-        );
-        assert_eq!(rc, 0, "forward {private}: {out}");
-    };
+    let fwd = |host: Host, private: &str, port: u16| forward_at(&lab, host, private, port);
 
     // 1. Narrowed policy at restart.
-    let d = start_portfwd(&lab, &dir, "1.log", true, &wide);
+    let d = start_portfwd(&lab, &dir, "1.log", true, &WIDE);
     fwd(Host::A1, "10.1.0.11:7001", 20001); // stays in policy
     fwd(Host::A2, "10.1.0.12:7004", 20040); // a2 is outside the narrowed --private
     fwd(Host::A1, "10.1.0.11:7005", 20060); // outside the narrowed --ports
@@ -500,30 +506,8 @@ fn portfwd_corrupt_delete_record_never_resurrects_the_mapping() {
         .spawn(lab.cmd(Host::A1, "ncat").args(["-lk", "10.1.0.11", "7999"]))
         .unwrap();
     lab.wait_for_tcp_listen(Host::A1, 7999, T).unwrap();
-    let wide = [
-        "--private",
-        "10.1.0.0/24",
-        "--ports",
-        "20000-20099",
-        "--probe-interval-secs",
-        "3600",
-    ];
-    let fwd = |host: Host, private: &str, port: u16| {
-        let (rc, out) = request(
-            &lab,
-            host,
-            &[
-                "forward",
-                private,
-                "--probe-port",
-                "7999",
-                "--desired-port",
-                &port.to_string(),
-            ],
-        );
-        assert_eq!(rc, 0, "forward {private}: {out}");
-    };
-    let d = start_portfwd(&lab, &dir, "1.log", true, &wide);
+    let fwd = |host: Host, private: &str, port: u16| forward_at(&lab, host, private, port);
+    let d = start_portfwd(&lab, &dir, "1.log", true, &WIDE);
     fwd(Host::A1, "10.1.0.11:7002", 20020);
     let (rc, out) = request(&lab, Host::A1, &["delete", "10.1.0.11:7002"]);
     assert_eq!(rc, 0, "{out}");
@@ -541,7 +525,7 @@ fn portfwd_corrupt_delete_record_never_resurrects_the_mapping() {
     *flipped.last_mut().unwrap() ^= 1;
     let flipped = String::from_utf8(flipped).unwrap();
     fs::write(&mirror, text.replace(&del, &flipped)).unwrap();
-    let d = start_portfwd(&lab, &dir, "2.log", true, &wide);
+    let d = start_portfwd(&lab, &dir, "2.log", true, &WIDE);
     let m = maps(&lab);
     assert!(
         !m.contains("20020 :") && !m.contains("10.1.0.11 . 7002"),

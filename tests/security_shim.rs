@@ -24,7 +24,9 @@ use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use gcb_lab::{random_bytes, release_artifact, repo_root, sha256, Host, Lab, Proc};
+use gcb_lab::{
+    artifact, random_bytes, read_text as read, repo_root, sha256, wait_line, Host, Lab, Proc,
+};
 
 const P1: &str = "203.0.113.10";
 const P2: &str = "203.0.113.11";
@@ -32,35 +34,6 @@ const A1: &str = "10.1.0.11";
 const A2: &str = "10.1.0.12";
 const BROKER_PORT: u16 = 9650;
 const UP: Duration = Duration::from_secs(10);
-
-fn artifact(name: &str) -> PathBuf {
-    let p = release_artifact(name);
-    assert!(
-        p.exists(),
-        "missing build artifact {name} ({}): run `cargo build --release --workspace` first",
-        p.display()
-    );
-    p
-}
-
-fn read(path: &Path) -> String {
-    fs::read(path)
-        .map(|b| String::from_utf8_lossy(&b).into_owned())
-        .unwrap_or_default()
-}
-
-fn wait_line(path: &Path, timeout: Duration, pred: impl Fn(&str) -> bool) -> Option<String> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(l) = read(path).lines().find(|l| pred(l)) {
-            return Some(l.to_owned());
-        }
-        if Instant::now() >= deadline {
-            return None;
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
-}
 
 /// A server that sends the file `PATH` to every connection and prints `NAME ip:port`
 /// whenever getsockname() of its listening socket changes. `MODE` `poll`: waits in a

@@ -230,6 +230,57 @@ pub fn release_artifact(name: &str) -> PathBuf {
         .clone()
 }
 
+/// [`release_artifact`] that must exist: panics with the command that builds it (a lab
+/// test builds nothing itself).
+pub fn artifact(name: &str) -> PathBuf {
+    let p = release_artifact(name);
+    assert!(
+        p.exists(),
+        "missing build artifact {name} ({}): run `cargo build --release --workspace` first \
+         (scripts/test-all does)",
+        p.display()
+    );
+    p
+}
+
+/// The real python3 executable (not a pyenv shim script), resolved once.
+pub fn python() -> &'static str {
+    static PY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    PY.get_or_init(|| {
+        let out = Command::new("python3")
+            .args(["-c", "import sys; print(sys.executable)"])
+            .output()
+            .expect("python3 must be installed (scripts/install-deps)");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    })
+}
+
+/// A file's text (lossy UTF-8); empty if it cannot be read (yet).
+pub fn read_text(path: &std::path::Path) -> String {
+    std::fs::read(path)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default()
+}
+
+/// Polls the file at `path` until one of its lines satisfies `pred`, for at most
+/// `timeout`; returns that line.
+pub fn wait_line(
+    path: &std::path::Path,
+    timeout: Duration,
+    pred: impl Fn(&str) -> bool,
+) -> Option<String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(l) = read_text(path).lines().find(|l| pred(l)) {
+            return Some(l.to_owned());
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Lowercase hex SHA-256 of `data`.
 pub fn sha256(data: &[u8]) -> String {
     let digest = Sha256::digest(data);
