@@ -606,6 +606,8 @@ fn spoofed_unregister_does_not_hand_the_proxy_to_an_attacker() {
             .any(|l| l.contains(&format!("{control} -> unregister"))),
         "the spoofed unregister never reached the broker (a test that cannot fail):\n{blog}"
     );
+    rig.assert_real_bytes(Host::B1, false, proxy, &sha, "b1 -> P", &broker);
+    rig.assert_real_bytes(Host::P2, false, proxy, &sha, "p2 -> P", &broker);
     let got = reply.split_whitespace().nth(1).unwrap_or("none");
     assert_ne!(
         got,
@@ -618,8 +620,6 @@ fn spoofed_unregister_does_not_hand_the_proxy_to_an_attacker() {
         "a forged unregister removed {proxy}:\n{}",
         tail(&blog, 20)
     );
-    rig.assert_real_bytes(Host::B1, false, proxy, &sha, "b1 -> P", &broker);
-    rig.assert_real_bytes(Host::P2, false, proxy, &sha, "p2 -> P", &broker);
     let served = read(&attacker.out);
     assert!(
         !served.contains("SERVED"),
