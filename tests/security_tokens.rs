@@ -23,13 +23,16 @@
 
 use std::fs::{self, File};
 use std::net::SocketAddrV4;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use gcb_lab::{random_bytes, release_artifact, repo_root, sha256, Host, Lab, Proc};
+use gcb_lab::{
+    artifact, python, random_bytes, read_text as read, repo_root, sha256, wait_line, Host, Lab,
+    Proc,
+};
 
 const P1: &str = "203.0.113.10";
 const GWA: &str = "203.0.113.1";
@@ -37,28 +40,6 @@ const GWB: &str = "203.0.113.2";
 const A1: &str = "10.1.0.11";
 const UP: Duration = Duration::from_secs(10);
 const RUN: Duration = Duration::from_secs(20);
-
-fn artifact(name: &str) -> PathBuf {
-    let p = release_artifact(name);
-    assert!(
-        p.exists(),
-        "missing build artifact {name} ({}): run `cargo build --release --workspace` first",
-        p.display()
-    );
-    p
-}
-
-/// The real python3 executable (not a pyenv shim script), resolved once.
-fn python() -> &'static str {
-    static PY: OnceLock<String> = OnceLock::new();
-    PY.get_or_init(|| {
-        let out = Command::new("python3")
-            .args(["-c", "import sys; print(sys.executable)"])
-            .output()
-            .expect("python3 must be installed (scripts/install-deps)");
-        String::from_utf8(out.stdout).unwrap().trim().to_owned()
-    })
-}
 
 /// Whether this gcb-brokerd has `--insecure` (brokers before issue #10 had no such flag
 /// and ran unkeyed when given no key).
@@ -72,25 +53,6 @@ fn broker_has_insecure_flag() -> bool {
             .expect("run gcb-brokerd --help");
         String::from_utf8_lossy(&out.stdout).contains("--insecure")
     })
-}
-
-fn read(path: &Path) -> String {
-    fs::read(path)
-        .map(|b| String::from_utf8_lossy(&b).into_owned())
-        .unwrap_or_default()
-}
-
-fn wait_line(path: &Path, timeout: Duration, pred: impl Fn(&str) -> bool) -> Option<String> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(l) = read(path).lines().find(|l| pred(l)) {
-            return Some(l.to_owned());
-        }
-        if Instant::now() >= deadline {
-            return None;
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
 }
 
 fn parse_after(line: &str, marker: &str) -> SocketAddrV4 {

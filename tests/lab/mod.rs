@@ -379,6 +379,9 @@ impl Lab {
             }
             last_err = String::from_utf8_lossy(&out.stderr).into_owned();
             if !last_err.contains("already exists") {
+                // A half-built lab (e.g. nft missing) must not outlive the test: CI
+                // fails on leftover namespaces.
+                let _ = netlab().arg("down").arg(&name).output();
                 break;
             }
         }
