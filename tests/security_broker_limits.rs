@@ -254,13 +254,8 @@ impl Rig {
         self.dir.join(name)
     }
 
-    /// `program` in `host`; without the pool key if `!keyed`.
     fn cmd(&self, host: Host, keyed: bool, program: impl AsRef<std::ffi::OsStr>) -> Command {
-        let mut c = self.lab.cmd(host, program);
-        if !keyed {
-            c.env_remove("GCB_KEY_FILE");
-        }
-        c
+        self.lab.cmd_keyed(host, keyed, program)
     }
 
     fn tool(&self, host: Host, args: &[&str]) -> Command {

@@ -17,7 +17,7 @@
 //! Every transfer is checked with sha256. Nothing is built here (`scripts/test-all`
 //! builds the workspace first); a missing artifact is a failure. Needs root.
 
-use std::fs::{self, File};
+use std::fs;
 use std::net::SocketAddrV4;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -25,7 +25,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use gcb_lab::{
-    artifact, random_bytes, read_text as read, repo_root, sha256, wait_line, Host, Lab, Proc,
+    artifact, random_bytes, read_text as read, repo_root, sha256, wait_line, Host, Lab,
+    Logged as Started,
 };
 
 const P1: &str = "203.0.113.10";
@@ -122,12 +123,6 @@ struct Rig {
     lab: Lab,
 }
 
-struct Started {
-    _proc: Proc,
-    out: PathBuf,
-    err: PathBuf,
-}
-
 impl Rig {
     fn up() -> Rig {
         artifact("gcb-brokerd");
@@ -144,19 +139,7 @@ impl Rig {
     }
 
     fn start(&self, cmd: &mut Command, name: &str) -> Started {
-        let out = self.path(&format!("{name}.out"));
-        let err = self.path(&format!("{name}.err"));
-        cmd.stdout(File::create(&out).unwrap())
-            .stderr(File::create(&err).unwrap());
-        let proc = self
-            .lab
-            .spawn(cmd)
-            .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
-        Started {
-            _proc: proc,
-            out,
-            err,
-        }
+        self.lab.spawn_logged(cmd, &self.dir, name)
     }
 
     /// `gcb-brokerd --listen P1 --log debug` on p1; `keyed` false: without the pool key,

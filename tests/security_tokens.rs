@@ -21,7 +21,7 @@
 //! that tree's target directory (see [`gcb_lab::target_dir`]); an older broker without
 //! `--insecure` is started unkeyed without it. Needs root.
 
-use std::fs::{self, File};
+use std::fs;
 use std::net::SocketAddrV4;
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use gcb_lab::{
     artifact, python, random_bytes, read_text as read, repo_root, sha256, wait_line, Host, Lab,
-    Proc,
+    Logged as Started,
 };
 
 const P1: &str = "203.0.113.10";
@@ -348,12 +348,6 @@ struct Rig {
     lab: Lab,
 }
 
-struct Started {
-    proc: Proc,
-    out: PathBuf,
-    err: PathBuf,
-}
-
 impl Rig {
     fn up() -> Rig {
         artifact("gcb-brokerd");
@@ -371,13 +365,8 @@ impl Rig {
         self.dir.join(name)
     }
 
-    /// `program` in `host`; without the pool key unless `keyed`.
     fn cmd(&self, host: Host, keyed: bool, program: impl AsRef<std::ffi::OsStr>) -> Command {
-        let mut c = self.lab.cmd(host, program);
-        if !keyed {
-            c.env_remove("GCB_KEY_FILE");
-        }
-        c
+        self.lab.cmd_keyed(host, keyed, program)
     }
 
     /// A TOOL mode in `host`, never keyed (the attacker has no key; the observer needs none).
@@ -388,15 +377,7 @@ impl Rig {
     }
 
     fn start(&self, cmd: &mut Command, name: &str) -> Started {
-        let out = self.path(&format!("{name}.out"));
-        let err = self.path(&format!("{name}.err"));
-        cmd.stdout(File::create(&out).unwrap())
-            .stderr(File::create(&err).unwrap());
-        let proc = self
-            .lab
-            .spawn(cmd)
-            .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
-        Started { proc, out, err }
+        self.lab.spawn_logged(cmd, &self.dir, name)
     }
 
     fn output(&self, cmd: &mut Command, timeout: Duration) -> Output {

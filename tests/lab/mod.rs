@@ -417,6 +417,31 @@ impl Lab {
         cmd
     }
 
+    /// [`Lab::cmd`], without the pool key unless `keyed` (what an unkeyed daemon, or a
+    /// stranger without the key, runs with).
+    pub fn cmd_keyed(&self, host: Host, keyed: bool, program: impl AsRef<OsStr>) -> Command {
+        let mut cmd = self.cmd(host, program);
+        if !keyed {
+            cmd.env_remove("GCB_KEY_FILE");
+        }
+        cmd
+    }
+
+    /// [`Lab::spawn`] with stdout and stderr going to `DIR/NAME.out` and `DIR/NAME.err`
+    /// (read them with [`read_text`] / [`wait_line`]); panics if it cannot start.
+    pub fn spawn_logged(&self, cmd: &mut Command, dir: &std::path::Path, name: &str) -> Logged {
+        let out = dir.join(format!("{name}.out"));
+        let err = dir.join(format!("{name}.err"));
+        let create = |p: &std::path::Path| {
+            std::fs::File::create(p).unwrap_or_else(|e| panic!("create {}: {e}", p.display()))
+        };
+        cmd.stdout(create(&out)).stderr(create(&err));
+        let proc = self
+            .spawn(cmd)
+            .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
+        Logged { proc, out, err }
+    }
+
     /// Spawns `cmd` (usually from [`Lab::cmd`]) in a process group of its own and returns a
     /// guard that kills the whole group when dropped. Stdin defaults to null unless the
     /// command set it.
@@ -567,6 +592,17 @@ impl Drop for Lab {
             Err(e) => eprintln!("gcb-lab: cannot run scripts/netlab down {}: {e}", self.name),
         }
     }
+}
+
+/// A process started by [`Lab::spawn_logged`], with where its output goes.
+#[derive(Debug)]
+pub struct Logged {
+    /// The process (killed with its group when dropped).
+    pub proc: Proc,
+    /// Its stdout file.
+    pub out: PathBuf,
+    /// Its stderr file.
+    pub err: PathBuf,
 }
 
 /// Network namespaces (from `ip netns list`) whose name starts with `prefix`.
