@@ -1,8 +1,10 @@
 //! The seam where GCB and DPF plug in.
 //!
 //! Hooks convert their raw arguments into the small descriptions below and ask the active
-//! [`Layer`] what to do; the answer is an [`Outcome`]. Today no layer exists, so every hook
-//! bypasses to libc. When is a layer consulted?
+//! [`Layer`] what to do; the answer is an [`Outcome`]. Without `GCB_BROKER` and
+//! `GCB_DPF_SERVER` no layer is installed and every hook bypasses to libc; with them the
+//! installed layer is [`crate::stack`] (DPF where it can map, GCB for the rest). When is a
+//! layer consulted?
 //!
 //! * fd-based calls (accept, recv*, send*, getsockname, getpeername, close, dup*, fcntl,
 //!   epoll_ctl): only when the fd table says the fd is managed (`FdKind::Socket`). The table

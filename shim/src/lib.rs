@@ -3,9 +3,13 @@
 //! Loaded with `LD_PRELOAD` into an unmodified program, this library defines the libc
 //! socket, descriptor, readiness, fork and exec functions, so the dynamic linker binds the
 //! program's calls to us first; we reach the real libc function with
-//! `dlsym(RTLD_NEXT, ...)`. Today it is a *transparent pass-through*: with no broker
-//! (`GCB_BROKER`) and no DPF server (`GCB_DPF_SERVER`) it changes nothing. It is the
-//! foundation on which the GCB and DPF client logic of the paper will be layered.
+//! `dlsym(RTLD_NEXT, ...)`. With no broker (`GCB_BROKER`) and no DPF server
+//! (`GCB_DPF_SERVER`) it is a transparent pass-through and changes nothing. With them, the
+//! installed layer ([`stack`]) runs the paper's clients: [`dpf`] installs a port-forwarding
+//! rule for a bound socket, and [`gcb`] registers listening sockets with the broker,
+//! brokers connects to proxy addresses and runs the asynchronous event handler inside the
+//! program's blocking calls. Control datagrams are authenticated with the pool key
+//! (`GCB_KEY_FILE`); see `docs/THREAT-MODEL.md` for what that protects.
 //!
 //! ## Modules
 //!
