@@ -1498,6 +1498,11 @@ fn fault_thirty_percent_loss_every_brokered_connect_succeeds() {
         let clog = rig.path(&format!("b1-{i}.shim.log"));
         assert_eq!(shim_route(&clog, proxy), "Relay", "{}", read(&clog));
     }
+    // gwa carries the listener's heartbeats and connect_backs (dozens of datagrams); gwb
+    // only b1's ten or so connect_request/decision datagrams, of which none is lost about
+    // once in 35 runs (0.7^10): the drops are asserted where there are enough of them,
+    // and the rule on gwb only shown to be there.
+    let mut dropped = Vec::new();
     for gw in [Host::Gwa, Host::Gwb] {
         let out = rig.lab.sh(
             gw,
@@ -1505,17 +1510,23 @@ fn fault_thirty_percent_loss_every_brokered_connect_succeeds() {
             Duration::from_secs(5),
         );
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let dropped: u64 = text
+        assert!(
+            text.contains("numgen random mod 100 < 30"),
+            "no loss rule on {gw}:\n{text}"
+        );
+        let n: u64 = text
             .split("packets ")
             .nth(1)
             .and_then(|t| t.split_whitespace().next())
             .and_then(|n| n.parse().ok())
             .unwrap_or(0);
-        assert!(
-            dropped > 0,
-            "no control datagram was dropped on {gw}:\n{text}"
-        );
+        dropped.push((gw, n, text));
     }
+    assert!(
+        dropped[0].1 > 0,
+        "no control datagram was dropped on gwa:\n{}",
+        dropped[0].2
+    );
 }
 
 /// Fail-open: with no broker at the configured address, a server in a1 under gcb-run still
