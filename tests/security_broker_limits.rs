@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use gcb_lab::{
     artifact, python, random_bytes, read_text as read, repo_root, sha256, wait_line, Host, Lab,
-    Proc,
+    Proc, Scratch,
 };
 
 const P1: &str = "203.0.113.10";
@@ -216,7 +216,7 @@ elif mode == "heartbeat_victim":
 "#;
 
 struct Rig {
-    dir: PathBuf,
+    dir: Scratch,
     lab: Lab,
 }
 
@@ -243,8 +243,7 @@ impl Rig {
         artifact("libgcb.so");
         brokerd();
         let lab = Lab::up();
-        let dir = std::env::temp_dir().join(format!("gcb-seclim-{}", lab.name()));
-        let _ = fs::remove_dir_all(&dir);
+        let dir = Scratch::new("seclim", &lab);
         fs::create_dir_all(dir.join("www")).unwrap();
         fs::write(dir.join("tool.py"), TOOL).unwrap();
         Rig { dir, lab }
@@ -353,19 +352,6 @@ impl Rig {
 fn tail(s: &str, n: usize) -> String {
     let v: Vec<&str> = s.lines().collect();
     v[v.len().saturating_sub(n)..].join("\n")
-}
-
-impl Drop for Rig {
-    fn drop(&mut self) {
-        if thread::panicking() {
-            eprintln!(
-                "security_broker_limits: logs kept in {}",
-                self.dir.display()
-            );
-        } else {
-            let _ = fs::remove_dir_all(&self.dir);
-        }
-    }
 }
 
 /// Recipe: 1,100 idle TCP connections from p2 to a proxy (they took all 1,024 relays and

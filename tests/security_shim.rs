@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use gcb_lab::{
     artifact, random_bytes, read_text as read, repo_root, sha256, wait_line, Host, Lab,
-    Logged as Started,
+    Logged as Started, Scratch,
 };
 
 const P1: &str = "203.0.113.10";
@@ -119,7 +119,7 @@ except socket.timeout:
 "#;
 
 struct Rig {
-    dir: PathBuf,
+    dir: Scratch,
     lab: Lab,
 }
 
@@ -128,9 +128,7 @@ impl Rig {
         artifact("gcb-brokerd");
         artifact("libgcb.so");
         let lab = Lab::up();
-        let dir = std::env::temp_dir().join(format!("gcb-secshim-{}", lab.name()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).expect("scratch dir");
+        let dir = Scratch::new("secshim", &lab);
         Rig { dir, lab }
     }
 
@@ -262,16 +260,6 @@ impl Rig {
         let p = self.path(name);
         fs::write(&p, &data).expect("payload");
         (p, sha256(&data))
-    }
-}
-
-impl Drop for Rig {
-    fn drop(&mut self) {
-        if thread::panicking() || std::env::var_os("GCB_TEST_KEEP").is_some() {
-            eprintln!("security_shim: logs kept in {}", self.dir.display());
-        } else {
-            let _ = fs::remove_dir_all(&self.dir);
-        }
     }
 }
 

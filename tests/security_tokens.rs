@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use gcb_lab::{
     artifact, python, random_bytes, read_text as read, repo_root, sha256, wait_line, Host, Lab,
-    Logged as Started,
+    Logged as Started, Scratch,
 };
 
 const P1: &str = "203.0.113.10";
@@ -344,7 +344,7 @@ elif mode == "fetch":
 "#;
 
 struct Rig {
-    dir: PathBuf,
+    dir: Scratch,
     lab: Lab,
 }
 
@@ -353,9 +353,7 @@ impl Rig {
         artifact("gcb-brokerd");
         artifact("libgcb.so");
         let lab = Lab::up();
-        let dir = std::env::temp_dir().join(format!("gcb-sectok-{}", lab.name()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).expect("scratch dir");
+        let dir = Scratch::new("sectok", &lab);
         fs::write(dir.join("tool.py"), TOOL).unwrap();
         fs::write(dir.join("server.py"), SERVER).unwrap();
         Rig { dir, lab }
@@ -501,16 +499,6 @@ impl Rig {
             256 << 10,
             tail(&read(&broker.err), 25)
         );
-    }
-}
-
-impl Drop for Rig {
-    fn drop(&mut self) {
-        if thread::panicking() || std::env::var_os("GCB_TEST_KEEP").is_some() {
-            eprintln!("security_tokens: logs kept in {}", self.dir.display());
-        } else {
-            let _ = fs::remove_dir_all(&self.dir);
-        }
     }
 }
 

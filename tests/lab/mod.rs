@@ -594,6 +594,42 @@ impl Drop for Lab {
     }
 }
 
+/// A test's scratch directory (logs, payloads, helper programs), named after its lab:
+/// created empty, removed when dropped unless the test is panicking or `GCB_TEST_KEEP` is
+/// set (then its path is printed, so a failure's logs can be read).
+#[derive(Debug)]
+pub struct Scratch {
+    dir: PathBuf,
+}
+
+impl Scratch {
+    /// `$TMPDIR/gcb-TAG-LABNAME`, emptied.
+    pub fn new(tag: &str, lab: &Lab) -> Scratch {
+        let dir = std::env::temp_dir().join(format!("gcb-{tag}-{}", lab.name()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)
+            .unwrap_or_else(|e| panic!("create scratch dir {}: {e}", dir.display()));
+        Scratch { dir }
+    }
+}
+
+impl std::ops::Deref for Scratch {
+    type Target = std::path::Path;
+    fn deref(&self) -> &std::path::Path {
+        &self.dir
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if thread::panicking() || std::env::var_os("GCB_TEST_KEEP").is_some() {
+            eprintln!("gcb-lab: logs kept in {}", self.dir.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
 /// A process started by [`Lab::spawn_logged`], with where its output goes.
 #[derive(Debug)]
 pub struct Logged {
