@@ -132,6 +132,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod addr;
 pub mod auth;
 pub mod msg;
 pub mod preamble;

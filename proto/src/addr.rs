@@ -1,0 +1,148 @@
+//! `IP[:PORT]` parsing shared by every binary and the shim, so that one address written
+//! in a flag, an environment variable or a config file means the same thing everywhere and
+//! a mistake gets the same clear error.
+//!
+//! Accepted forms: `1.2.3.4`, `1.2.3.4:80`, `::1`, `[::1]`, `[::1]:80` (surrounding
+//! whitespace ignored). Host names are not resolved: the daemons and the shim must not
+//! block on DNS, and an administrator should see which address is used. Where IPv6 is not
+//! supported yet, [`parse_endpoint_v4`] says so instead of calling the input malformed.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+
+/// Why a string is not a usable `IP[:PORT]`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AddrError {
+    #[error("empty address (expected IP or IP:PORT)")]
+    Empty,
+    #[error("{input:?}: port {port:?} is not a number from 0 to 65535")]
+    BadPort { input: String, port: String },
+    #[error("{input:?} is not IP or IP:PORT (host names are not resolved; IPv6 as [ADDR]:PORT)")]
+    NotAnAddress { input: String },
+    #[error("{input:?} is an IPv6 address, which is not supported here yet; give an IPv4 address")]
+    Ipv6Unsupported { input: String },
+}
+
+/// Parses `IP[:PORT]`, IPv4 or IPv6; a missing port is `default_port`.
+pub fn parse_endpoint(input: &str, default_port: u16) -> Result<SocketAddr, AddrError> {
+    let s = input.trim();
+    if s.is_empty() {
+        return Err(AddrError::Empty);
+    }
+    let not_addr = || AddrError::NotAnAddress {
+        input: input.to_string(),
+    };
+    let port_of = |p: &str| {
+        p.parse::<u16>().map_err(|_| AddrError::BadPort {
+            input: input.to_string(),
+            port: p.to_string(),
+        })
+    };
+    if let Some(rest) = s.strip_prefix('[') {
+        // [v6] or [v6]:port
+        let (host, after) = rest.split_once(']').ok_or_else(not_addr)?;
+        let ip: Ipv6Addr = host.parse().map_err(|_| not_addr())?;
+        let port = match after {
+            "" => default_port,
+            p => port_of(p.strip_prefix(':').ok_or_else(not_addr)?)?,
+        };
+        return Ok(SocketAddr::V6(SocketAddrV6::new(ip, port, 0, 0)));
+    }
+    if let Ok(ip) = s.parse::<IpAddr>() {
+        // A bare IPv4 or IPv6 address (a bare v6 address cannot carry a port).
+        return Ok(SocketAddr::new(ip, default_port));
+    }
+    let (host, port) = s.rsplit_once(':').ok_or_else(not_addr)?;
+    let ip: Ipv4Addr = host.parse().map_err(|_| not_addr())?;
+    Ok(SocketAddr::V4(SocketAddrV4::new(ip, port_of(port)?)))
+}
+
+/// Parses `IP[:PORT]` where only IPv4 is supported; an IPv6 address is
+/// [`AddrError::Ipv6Unsupported`], not "malformed".
+pub fn parse_endpoint_v4(input: &str, default_port: u16) -> Result<SocketAddrV4, AddrError> {
+    match parse_endpoint(input, default_port)? {
+        SocketAddr::V4(a) => Ok(a),
+        SocketAddr::V6(_) => Err(AddrError::Ipv6Unsupported {
+            input: input.to_string(),
+        }),
+    }
+}
+
+/// A `clap` `value_parser` for `IP[:PORT]` with `DEFAULT` as the port.
+pub fn endpoint_arg<const DEFAULT: u16>(s: &str) -> Result<SocketAddr, AddrError> {
+    parse_endpoint(s, DEFAULT)
+}
+
+/// A `clap` `value_parser` for an IPv4-only `IP[:PORT]` with `DEFAULT` as the port.
+pub fn endpoint_v4_arg<const DEFAULT: u16>(s: &str) -> Result<SocketAddrV4, AddrError> {
+    parse_endpoint_v4(s, DEFAULT)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok(s: &str) -> SocketAddr {
+        parse_endpoint(s, 9650).unwrap()
+    }
+
+    #[test]
+    fn accepted_forms() {
+        assert_eq!(ok("1.2.3.4"), "1.2.3.4:9650".parse().unwrap());
+        assert_eq!(ok(" 1.2.3.4:7 "), "1.2.3.4:7".parse().unwrap());
+        assert_eq!(ok("1.2.3.4:0"), "1.2.3.4:0".parse().unwrap());
+        assert_eq!(ok("::1"), "[::1]:9650".parse().unwrap());
+        assert_eq!(ok("[::1]"), "[::1]:9650".parse().unwrap());
+        assert_eq!(ok("[::1]:8"), "[::1]:8".parse().unwrap());
+        assert_eq!(
+            ok("::ffff:10.0.0.1"),
+            "[::ffff:10.0.0.1]:9650".parse().unwrap()
+        );
+    }
+
+    #[test]
+    fn errors_say_what_is_wrong() {
+        assert_eq!(parse_endpoint("", 1), Err(AddrError::Empty));
+        assert_eq!(parse_endpoint("  ", 1), Err(AddrError::Empty));
+        assert!(matches!(
+            parse_endpoint("127.0.0.1:99999", 1),
+            Err(AddrError::BadPort { ref port, .. }) if port == "99999"
+        ));
+        assert!(matches!(
+            parse_endpoint("127.0.0.1:", 1),
+            Err(AddrError::BadPort { .. })
+        ));
+        assert!(matches!(
+            parse_endpoint("[::1]:x", 1),
+            Err(AddrError::BadPort { .. })
+        ));
+        for bad in [
+            "nope",
+            "host:80",
+            "1.2.3:4",
+            "[::1",
+            "[::1]x",
+            "[1.2.3.4]:5",
+            "1.2.3.4:5:6",
+        ] {
+            assert!(
+                matches!(parse_endpoint(bad, 1), Err(AddrError::NotAnAddress { .. })),
+                "{bad}"
+            );
+        }
+        let e = parse_endpoint("127.0.0.1:99999", 1)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("99999") && e.contains("65535"), "{e}");
+    }
+
+    #[test]
+    fn v4_only_names_ipv6() {
+        assert_eq!(
+            parse_endpoint_v4("10.0.0.1", 5).unwrap(),
+            "10.0.0.1:5".parse().unwrap()
+        );
+        let e = parse_endpoint_v4("[::1]:41203", 5).unwrap_err();
+        assert!(matches!(e, AddrError::Ipv6Unsupported { .. }));
+        assert!(e.to_string().contains("IPv6"), "{e}");
+    }
+}
