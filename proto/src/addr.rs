@@ -12,14 +12,29 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV
 /// Why a string is not a usable `IP[:PORT]`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AddrError {
+    /// Nothing but whitespace.
     #[error("empty address (expected IP or IP:PORT)")]
     Empty,
+    /// The part after the last `:` is not a port.
     #[error("{input:?}: port {port:?} is not a number from 0 to 65535")]
-    BadPort { input: String, port: String },
+    BadPort {
+        /// The whole input.
+        input: String,
+        /// The port as written.
+        port: String,
+    },
+    /// Neither `IP` nor `IP:PORT` (a host name, a typo).
     #[error("{input:?} is not IP or IP:PORT (host names are not resolved; IPv6 as [ADDR]:PORT)")]
-    NotAnAddress { input: String },
+    NotAnAddress {
+        /// The whole input.
+        input: String,
+    },
+    /// An IPv6 address where only IPv4 is supported.
     #[error("{input:?} is an IPv6 address, which is not supported here yet; give an IPv4 address")]
-    Ipv6Unsupported { input: String },
+    Ipv6Unsupported {
+        /// The whole input.
+        input: String,
+    },
 }
 
 /// Parses `IP[:PORT]`, IPv4 or IPv6; a missing port is `default_port`.
