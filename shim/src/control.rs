@@ -10,7 +10,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::fdtable::{self, ShimFd};
-use crate::gcb::net;
+use crate::net;
+pub use crate::procid::getpid;
 
 /// How long a request is retransmitted before it times out.
 pub const REQUEST_DEADLINE: Duration = Duration::from_secs(5);
@@ -24,11 +25,6 @@ pub fn now() -> Now {
         mono: Instant::now(),
         unix_ms,
     }
-}
-
-pub fn getpid() -> i32 {
-    // SAFETY: getpid never fails.
-    unsafe { libc::getpid() }
 }
 
 pub fn random_u64() -> u64 {

@@ -49,7 +49,7 @@ use std::time::{Duration, Instant};
 use crate::control::{drop_owned, Answer, Channel};
 use crate::fdtable::{self, FdEntry, FdKind, ShimFd};
 use crate::forklock::ForkMutex;
-use crate::gcb::net;
+use crate::net;
 
 /// Default portfwd control port (UDP).
 pub const DEFAULT_DPF_PORT: u16 = 9651;
@@ -502,7 +502,7 @@ impl DpfClient {
                         private,
                         public,
                         probe,
-                        inode: crate::gcb::client::inode(fd).unwrap_or(0),
+                        inode: crate::procid::inode(fd).unwrap_or(0),
                     }));
                 }
                 crate::info!(
@@ -552,7 +552,7 @@ impl DpfClient {
         }
         st.recent.insert((d.transport, d.private), d.public.port());
         drop_owned(&d.probe);
-        if closing && d.inode != 0 && crate::gcb::client::held_elsewhere(d.inode) {
+        if closing && d.inode != 0 && crate::procid::held_elsewhere(d.inode) {
             return;
         }
         let body = Body::Delete {
@@ -632,7 +632,7 @@ impl DpfClient {
             let keeps = crate::sys::fcntl_raw(fd, libc::F_GETFD, 0)
                 .is_ok_and(|f| f & libc::FD_CLOEXEC == 0);
             let transport = fdtable::get(fd).and_then(|e| pending(&e));
-            if let (true, Some(t), Some(ino)) = (keeps, transport, crate::gcb::client::inode(fd)) {
+            if let (true, Some(t), Some(ino)) = (keeps, transport, crate::procid::inode(fd)) {
                 out.push(format!("dpfq={fd}:{ino}:{}", transport_name(t)));
             }
         }
@@ -657,7 +657,7 @@ impl DpfClient {
                     transport_name(l.transport),
                     l.private,
                     l.public,
-                    crate::gcb::client::inode(pfd).unwrap_or(0)
+                    crate::procid::inode(pfd).unwrap_or(0)
                 ));
             }
         }
@@ -671,7 +671,7 @@ impl DpfClient {
         if parts.next() != Some("v1") {
             return;
         }
-        let inode = crate::gcb::client::inode;
+        let inode = crate::procid::inode;
         for p in parts {
             if let Some(v) = p.strip_prefix("dpfq=") {
                 adopt_pending(v);
@@ -786,7 +786,7 @@ fn adopt_pending(v: &str) {
         Some(&"udp") => Transport::Udp,
         _ => return,
     };
-    if ino == 0 || crate::gcb::client::inode(fd) != Some(ino) {
+    if ino == 0 || crate::procid::inode(fd) != Some(ino) {
         return;
     }
     if let Some(entry) = crate::gcb::socket_entry(fd, fdtable::get(fd).as_ref()) {

@@ -416,7 +416,7 @@ pub fn relocate_owned(fd: c_int) -> Option<Arc<ShimFd>> {
     drop(_g);
     drop(displaced);
     drop(moved);
-    crate::init::shim_fd_moved();
+    crate::log::fd_moved(fd, new);
     crate::debug!(
         "moved shim fd {} ({}) to {} for the program",
         fd,

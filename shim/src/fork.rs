@@ -1,7 +1,7 @@
 //! fork() safety: the shim's locks are taken around fork() with pthread_atfork handlers
 //! (registered once at init), so a fork while another thread holds a shim lock never leaves
 //! the child with a lock that nobody will release. The child re-initialises the lock words
-//! and records its pid (see [`crate::init::foreign_process`] for vfork/posix_spawn children,
+//! and records its pid (see [`crate::procid::foreign_process`] for vfork/posix_spawn children,
 //! which run no atfork handlers and must not touch the shared table).
 
 // Lock order: the layer's locks before the table's (layer code takes the table lock while
@@ -30,7 +30,7 @@ extern "C" fn child() {
         if let Some(l) = crate::layer::active() {
             l.fork_child_locks();
         }
-        crate::init::set_pid_after_fork();
+        crate::procid::record_pid();
     });
 }
 

@@ -8,7 +8,7 @@
 //! calls it makes (open, fcntl, pthread_atfork...) bypass the hooks.
 
 use std::ffi::CStr;
-use std::sync::atomic::{AtomicI32, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 
 use crate::guard::Guard;
 use crate::log::{self, Level};
@@ -18,8 +18,6 @@ const RUNNING: u8 = 1;
 const READY: u8 = 2;
 
 static STATE: AtomicU8 = AtomicU8::new(UNINIT);
-/// pid of the process whose fd table this memory describes (updated in the fork child).
-static PID: AtomicI32 = AtomicI32::new(0);
 
 /// Configuration read from the environment.
 #[derive(Debug, Default)]
@@ -83,8 +81,7 @@ fn getenv(name: &CStr) -> Option<String> {
 }
 
 fn init() {
-    // SAFETY: getpid has no preconditions.
-    PID.store(unsafe { libc::getpid() }, Ordering::Relaxed);
+    crate::procid::record_pid();
     let level = getenv(c"GCB_LOG").map(|v| Level::parse(&v).unwrap_or(Level::Info));
     log::set_level(level.unwrap_or(Level::Off));
     if level.is_some_and(|l| l > Level::Off) {
@@ -213,36 +210,8 @@ fn open_log_file(path: &str) {
         return;
     }
     match crate::fdtable::own_fd(fd, "log file") {
-        Ok(sfd) => {
-            log::set_fd(sfd.fd());
-            let _ = LOG_SHIMFD.set(sfd);
-        }
+        // The table keeps the ShimFd alive; fdtable tells the logger when it moves.
+        Ok(sfd) => log::set_fd(sfd.fd()),
         Err(_) => crate::sys::close_raw(fd),
     }
-}
-
-static LOG_SHIMFD: once_cell::sync::OnceCell<std::sync::Arc<crate::fdtable::ShimFd>> =
-    once_cell::sync::OnceCell::new();
-
-/// Called after a shim fd moved (dup2 by the program onto it).
-pub fn shim_fd_moved() {
-    if let Some(s) = LOG_SHIMFD.get() {
-        log::set_fd(s.fd());
-    }
-}
-
-/// True when this memory image belongs to a different process than the one that last
-/// initialised/forked it: a vfork() or posix_spawn() child (shared memory with the parent)
-/// or a child of a raw clone/_Fork. Such callers must not mutate the fd table. A syscall:
-/// use on slow paths only.
-pub fn foreign_process() -> bool {
-    // SAFETY: getpid has no preconditions.
-    let me = unsafe { libc::getpid() };
-    let p = PID.load(Ordering::Relaxed);
-    p != 0 && p != me
-}
-
-pub(crate) fn set_pid_after_fork() {
-    // SAFETY: getpid has no preconditions.
-    PID.store(unsafe { libc::getpid() }, Ordering::Relaxed);
 }

@@ -27,103 +27,15 @@
 //! Pointers inside these descriptions are exactly what the program passed; a layer may
 //! dereference them only under the C contract of the call they came from.
 
-use libc::{
-    c_int, c_uint, epoll_event, fd_set, msghdr, nfds_t, pollfd, sigset_t, sockaddr, socklen_t,
-    ssize_t, timespec, timeval,
-};
+use libc::{c_int, c_uint, epoll_event, ssize_t};
 use once_cell::sync::OnceCell;
 use std::sync::Arc;
 
+pub use crate::abi::{AddrIn, AddrOut, IoCall, Outcome, WaitCall};
 use crate::fdtable::{FdEntry, SocketState};
 
-/// What a hook should do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome<T> {
-    /// Call the real libc function with the program's arguments.
-    Bypass,
-    /// Return this value to the program (errno untouched).
-    Handled(T),
-    /// Return -1 (or the call's error value) with this errno.
-    Error(c_int),
-}
-
-/// A socket address the program passed in.
-#[derive(Clone, Copy, Debug)]
-pub struct AddrIn {
-    pub ptr: *const sockaddr,
-    pub len: socklen_t,
-}
-
-/// A socket address buffer the program passed for the result (may be null).
-#[derive(Clone, Copy, Debug)]
-pub struct AddrOut {
-    pub ptr: *mut sockaddr,
-    pub len: *mut socklen_t,
-}
-
-/// A data-transfer call on a managed socket.
-#[derive(Clone, Copy, Debug)]
-pub enum IoCall {
-    /// recv, __recv_chk, recvfrom, __recvfrom_chk (`from` is null for recv).
-    Recv {
-        buf: *mut libc::c_void,
-        len: usize,
-        flags: c_int,
-        from: AddrOut,
-    },
-    RecvMsg {
-        msg: *mut msghdr,
-        flags: c_int,
-    },
-    /// send, sendto (`to.ptr` is null for send).
-    Send {
-        buf: *const libc::c_void,
-        len: usize,
-        flags: c_int,
-        to: AddrIn,
-    },
-    SendMsg {
-        msg: *const msghdr,
-        flags: c_int,
-    },
-}
-
-/// A readiness wait (where the AEH runs).
-#[derive(Clone, Copy, Debug)]
-pub enum WaitCall {
-    Select {
-        nfds: c_int,
-        read: *mut fd_set,
-        write: *mut fd_set,
-        except: *mut fd_set,
-        timeout: *mut timeval,
-    },
-    PSelect {
-        nfds: c_int,
-        read: *mut fd_set,
-        write: *mut fd_set,
-        except: *mut fd_set,
-        timeout: *const timespec,
-        sigmask: *const sigset_t,
-    },
-    /// poll, __poll_chk, ppoll, __ppoll_chk (`timeout_ms` is -2 when `timeout` is used).
-    Poll {
-        fds: *mut pollfd,
-        nfds: nfds_t,
-        timeout_ms: c_int,
-        timeout: *const timespec,
-        sigmask: *const sigset_t,
-    },
-    /// epoll_wait, epoll_pwait, epoll_pwait2 (`timeout_ms` is -2 when `timeout` is used).
-    Epoll {
-        epfd: c_int,
-        events: *mut epoll_event,
-        maxevents: c_int,
-        timeout_ms: c_int,
-        timeout: *const timespec,
-        sigmask: *const sigset_t,
-    },
-}
+/// Bypass reason of the trait's defaults.
+pub const NOT_HANDLED: &str = "the layer does not handle this call";
 
 /// The GCB/DPF logic. Every method has a pass-through default.
 pub trait Layer: Send + Sync {
@@ -142,7 +54,7 @@ pub trait Layer: Send + Sync {
     }
     /// DPF: ask portfwd for a public mapping.
     fn on_bind(&self, _fd: c_int, _entry: Option<&Arc<FdEntry>>, _addr: AddrIn) -> Outcome<c_int> {
-        Outcome::Bypass
+        Outcome::Bypass(NOT_HANDLED)
     }
     /// GCB: register the listening socket with the broker.
     fn on_listen(
@@ -151,7 +63,7 @@ pub trait Layer: Send + Sync {
         _entry: Option<&Arc<FdEntry>>,
         _backlog: c_int,
     ) -> Outcome<c_int> {
-        Outcome::Bypass
+        Outcome::Bypass(NOT_HANDLED)
     }
     /// GCB: broker the connection; DPF: same-network lookup, drop the mapping.
     fn on_connect(
@@ -160,7 +72,7 @@ pub trait Layer: Send + Sync {
         _entry: Option<&Arc<FdEntry>>,
         _addr: AddrIn,
     ) -> Outcome<c_int> {
-        Outcome::Bypass
+        Outcome::Bypass(NOT_HANDLED)
     }
     /// GCB: return placeholder-replaced / reversed connections in arrival order.
     fn on_accept(
@@ -170,7 +82,7 @@ pub trait Layer: Send + Sync {
         _addr: AddrOut,
         _flags: c_int,
     ) -> Outcome<c_int> {
-        Outcome::Bypass
+        Outcome::Bypass(NOT_HANDLED)
     }
     /// getsockname (`peer == false`) / getpeername: report the proxy/public/logical address.
     fn on_name(
@@ -180,13 +92,13 @@ pub trait Layer: Send + Sync {
         _peer: bool,
         _addr: AddrOut,
     ) -> Outcome<c_int> {
-        Outcome::Bypass
+        Outcome::Bypass(NOT_HANDLED)
     }
     fn on_io(&self, _fd: c_int, _entry: &Arc<FdEntry>, _call: IoCall) -> Outcome<ssize_t> {
-        Outcome::Bypass
+        Outcome::Bypass(NOT_HANDLED)
     }
     fn on_wait(&self, _call: WaitCall) -> Outcome<c_int> {
-        Outcome::Bypass
+        Outcome::Bypass(NOT_HANDLED)
     }
     /// epoll_ctl on a managed fd (e.g. to also watch a placeholder or relay fd).
     fn on_epoll_ctl(
@@ -197,7 +109,7 @@ pub trait Layer: Send + Sync {
         _entry: &Arc<FdEntry>,
         _ev: *mut epoll_event,
     ) -> Outcome<c_int> {
-        Outcome::Bypass
+        Outcome::Bypass(NOT_HANDLED)
     }
     /// The program closed one fd number of a managed socket (the table slot is already
     /// cleared; `last` says no other fd number in this process refers to it). Registration

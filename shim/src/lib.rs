@@ -82,6 +82,7 @@
 //! `GCB_DPF_SERVER=IP[:PORT]` (enables the [`dpf`] client; with both set, [`stack`] lets DPF
 //! serve the sockets it can and GCB the rest).
 
+pub mod abi;
 pub mod control;
 pub mod dpf;
 pub mod fdtable;
@@ -92,8 +93,10 @@ pub mod guard;
 pub mod hooks;
 pub mod init;
 pub mod layer;
+pub mod net;
 #[macro_use]
 pub mod log;
+pub mod procid;
 pub mod real;
 pub mod stack;
 pub mod sys;

@@ -57,6 +57,12 @@ pub fn set_fd(fd: i32) {
     LOG_FD.store(fd, Ordering::Relaxed);
 }
 
+/// A shim-owned fd moved from `old` to `new` (the program dup2()ed onto it): if it was the
+/// log file, follow it. A compare-exchange, so stderr (fd 2, never shim-owned) is unaffected.
+pub fn fd_moved(old: i32, new: i32) {
+    let _ = LOG_FD.compare_exchange(old, new, Ordering::Relaxed, Ordering::Relaxed);
+}
+
 pub fn log_fd() -> i32 {
     LOG_FD.load(Ordering::Relaxed)
 }

@@ -8,8 +8,9 @@ use std::sync::Arc;
 
 use crate::dpf::{self, Bound, DpfClient, Refusal};
 use crate::fdtable::FdEntry;
-use crate::gcb::{net, GcbLayer};
+use crate::gcb::GcbLayer;
 use crate::layer::{AddrIn, AddrOut, IoCall, Layer, Outcome, WaitCall};
+use crate::net;
 
 pub struct Stack {
     pub gcb: Option<GcbLayer>,
@@ -78,7 +79,7 @@ impl Layer for Stack {
 
     fn on_bind(&self, fd: c_int, entry: Option<&Arc<FdEntry>>, addr: AddrIn) -> Outcome<c_int> {
         if self.dpf.is_none() && self.gcb.is_none() {
-            return Outcome::Bypass;
+            return Outcome::Bypass("neither DPF nor GCB configured");
         }
         // SAFETY: the program's own arguments, under bind's contract.
         if unsafe { libc::bind(fd, addr.ptr, addr.len) } != 0 {
@@ -124,11 +125,11 @@ impl Layer for Stack {
         }
         if entry.is_some_and(|e| dpf::dpf_state(e).is_some()) {
             crate::debug!("listen on fd {}: served by DPF", fd);
-            return Outcome::Bypass;
+            return Outcome::Bypass("served by DPF");
         }
         match &self.gcb {
             Some(g) => g.on_listen(fd, entry, backlog),
-            None => Outcome::Bypass,
+            None => Outcome::Bypass("GCB not configured"),
         }
     }
 
@@ -149,7 +150,7 @@ impl Layer for Stack {
         }
         match &self.gcb {
             Some(g) => g.on_connect(fd, entry, addr),
-            None => Outcome::Bypass,
+            None => Outcome::Bypass("GCB not configured"),
         }
     }
 
@@ -165,7 +166,7 @@ impl Layer for Stack {
         }
         match &self.gcb {
             Some(g) => g.on_accept(fd, entry, addr, flags),
-            None => Outcome::Bypass,
+            None => Outcome::Bypass("GCB not configured"),
         }
     }
 
@@ -196,14 +197,14 @@ impl Layer for Stack {
         }
         match &self.gcb {
             Some(g) => g.on_name(fd, entry, peer, addr),
-            None => Outcome::Bypass,
+            None => Outcome::Bypass("GCB not configured"),
         }
     }
 
     fn on_io(&self, fd: c_int, entry: &Arc<FdEntry>, call: IoCall) -> Outcome<ssize_t> {
         match &self.gcb {
             Some(g) => g.on_io(fd, entry, call),
-            None => Outcome::Bypass,
+            None => Outcome::Bypass("GCB not configured"),
         }
     }
 
@@ -213,7 +214,7 @@ impl Layer for Stack {
         }
         match &self.gcb {
             Some(g) => g.on_wait(call),
-            None => Outcome::Bypass,
+            None => Outcome::Bypass("GCB not configured"),
         }
     }
 
@@ -227,7 +228,7 @@ impl Layer for Stack {
     ) -> Outcome<c_int> {
         match &self.gcb {
             Some(g) => g.on_epoll_ctl(epfd, op, fd, entry, ev),
-            None => Outcome::Bypass,
+            None => Outcome::Bypass("GCB not configured"),
         }
     }
 

@@ -99,44 +99,11 @@ pub fn preamble(key: Option<&PoolKey>, id: &ConnectId) -> Vec<u8> {
 }
 
 use super::net::errstr;
-
-/// The inode of the file an fd refers to (identifies a socket across processes).
-pub fn inode(fd: c_int) -> Option<u64> {
-    // SAFETY: zeroed stat is a valid out-buffer.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: st is writable.
-    (unsafe { libc::fstat(fd, &mut st) } == 0).then_some(st.st_ino)
-}
+pub use crate::procid::{held_elsewhere, inode};
 
 /// Whether `fd` stays open across exec (no close-on-exec).
 fn survives_exec(fd: c_int) -> bool {
     crate::sys::fcntl_raw(fd, libc::F_GETFD, 0).is_ok_and(|f| f & libc::FD_CLOEXEC == 0)
-}
-
-/// Does any process other than us hold the socket with this inode? (Scans /proc; runs
-/// only when a registered listener's last fd in this process is closed.)
-pub fn held_elsewhere(ino: u64) -> bool {
-    let me = getpid().to_string();
-    let needle = format!("socket:[{ino}]");
-    let Ok(procs) = std::fs::read_dir("/proc") else {
-        return false;
-    };
-    for p in procs.flatten() {
-        let name = p.file_name();
-        let name = name.to_string_lossy();
-        if name == me || !name.bytes().all(|b| b.is_ascii_digit()) {
-            continue;
-        }
-        let Ok(fds) = std::fs::read_dir(p.path().join("fd")) else {
-            continue;
-        };
-        for f in fds.flatten() {
-            if std::fs::read_link(f.path()).is_ok_and(|l| l.as_os_str() == needle.as_str()) {
-                return true;
-            }
-        }
-    }
-    false
 }
 
 /// One registered listening socket held by this process.

@@ -50,9 +50,9 @@
 //! handoff.
 
 pub mod client;
+pub(crate) use crate::net;
 pub mod dial;
 pub mod inherit;
-pub mod net;
 pub mod punch;
 pub mod standby;
 pub mod udp;
@@ -319,7 +319,7 @@ impl GcbLayer {
         sigmask: *const libc::sigset_t,
     ) -> Outcome<c_int> {
         let Some((ours, mut wake)) = self.aeh() else {
-            return Outcome::Bypass;
+            return Outcome::Bypass("no GCB management sockets to watch");
         };
         let deadline = deadline_of(timeout_ms, ts);
         let n = nfds as usize;
@@ -388,14 +388,14 @@ impl GcbLayer {
         tv_out: *mut libc::timeval,
     ) -> Outcome<c_int> {
         let Some((ours, mut wake)) = self.aeh() else {
-            return Outcome::Bypass;
+            return Outcome::Bypass("no GCB management sockets to watch");
         };
         let ours: Vec<c_int> = ours
             .into_iter()
             .filter(|&fd| fd < libc::FD_SETSIZE as c_int)
             .collect();
         let Some(&top) = ours.iter().max() else {
-            return Outcome::Bypass;
+            return Outcome::Bypass("no management socket fits in an fd_set");
         };
         // SAFETY: fd_set is plain data; copies of the program's sets (null = empty/absent).
         let copy = |p: *mut libc::fd_set| (!p.is_null()).then(|| unsafe { *p });
@@ -492,10 +492,10 @@ impl GcbLayer {
         sigmask: *const libc::sigset_t,
     ) -> Outcome<c_int> {
         let Some((ours, mut wake)) = self.aeh() else {
-            return Outcome::Bypass;
+            return Outcome::Bypass("no GCB management sockets to watch");
         };
         if maxevents <= 0 || events.is_null() {
-            return Outcome::Bypass;
+            return Outcome::Bypass("no room for events: the kernel reports the error");
         }
         {
             let mut c = self.client.lock();
@@ -519,7 +519,7 @@ impl GcbLayer {
                 if r == 0 || errno() == libc::EEXIST {
                     c.epolls.insert((epfd, fd));
                 } else {
-                    return Outcome::Bypass;
+                    return Outcome::Bypass("cannot add the management sockets to this epoll set");
                 }
             }
         }
@@ -712,15 +712,15 @@ impl Layer for GcbLayer {
 
     fn on_listen(&self, fd: c_int, entry: Option<&Arc<FdEntry>>, backlog: c_int) -> Outcome<c_int> {
         if !is_tcp4(fd) {
-            return Outcome::Bypass;
+            return Outcome::Bypass("not an IPv4 TCP socket");
         }
         if let Some(GcbSock::Listener { .. }) = entry.and_then(|e| gcb_state(e)) {
-            return Outcome::Bypass; // listen() again (backlog change): already registered
+            return Outcome::Bypass("listen() again (backlog change): already registered");
         }
         if client::awaiting_registration()
             && entry.is_some_and(|e| self.client.lock().awaits_registration(e))
         {
-            return Outcome::Bypass; // listen() again: the AEH registers it later
+            return Outcome::Bypass("listen() again: the AEH registers it later");
         }
         // SAFETY: plain syscall on the program's fd, as it asked.
         if unsafe { libc::listen(fd, backlog) } != 0 {
@@ -798,7 +798,7 @@ impl Layer for GcbLayer {
                     net::write_addr_out(addr, p);
                     Outcome::Handled(0)
                 }
-                _ => Outcome::Bypass,
+                _ => Outcome::Bypass("not a GCB listener or accepted connection"),
             },
         }
     }
@@ -819,7 +819,7 @@ impl Layer for GcbLayer {
             {
                 None
             }
-            _ => return Outcome::Bypass,
+            _ => return Outcome::Bypass("not a GCB listener or accepted connection"),
         };
         let nonblock = net::is_nonblocking(fd);
         let deadline = (!nonblock)
@@ -911,16 +911,16 @@ impl Layer for GcbLayer {
             return self.udp_connect(fd, e, net::addr_in(addr));
         }
         let Some(dest) = net::addr_in(addr) else {
-            return Outcome::Bypass;
+            return Outcome::Bypass("not an IPv4 destination");
         };
         if net::never_brokered(*dest.ip()) {
-            return Outcome::Bypass;
+            return Outcome::Bypass("destination never brokered (loopback, multicast...)");
         }
         let (broker, local_ip) = {
             let mut c = self.client.lock();
             if *dest.ip() != *c.broker.ip() || dest.port() == c.broker.port() || c.is_negative(dest)
             {
-                return Outcome::Bypass;
+                return Outcome::Bypass("not a proxy on the broker (or known not to be one)");
             }
             if c.relayed
                 .get(&dest)
@@ -934,12 +934,12 @@ impl Layer for GcbLayer {
                     dest,
                     c.broker
                 );
-                return Outcome::Bypass;
+                return Outcome::Bypass("broker unreachable: connecting plainly");
             }
             (c.broker, c.route_ip())
         };
         if !is_tcp4(fd) {
-            return Outcome::Bypass;
+            return Outcome::Bypass("not an IPv4 TCP socket");
         }
         let local_ip = local_ip.unwrap_or(Ipv4Addr::UNSPECIFIED);
         // Offer a reverse connection only when we look reachable (not a private address).
@@ -984,7 +984,7 @@ impl Layer for GcbLayer {
                 if code == gcb_proto::ErrorCode::NoSuchRegistration {
                     self.client.lock().mark_negative(dest);
                 }
-                return Outcome::Bypass;
+                return Outcome::Bypass("no such registration at the broker: connecting plainly");
             }
             Ok(Answer::Timeout) | Err(_) => {
                 close_rev();
@@ -994,7 +994,7 @@ impl Layer for GcbLayer {
                     dest
                 );
                 self.client.lock().mark_negative(dest);
-                return Outcome::Bypass;
+                return Outcome::Bypass("broker did not answer: connecting plainly");
             }
             Ok(Answer::Body(other)) => {
                 close_rev();
@@ -1002,7 +1002,7 @@ impl Layer for GcbLayer {
                     "unexpected broker answer {}; connecting plainly",
                     other.type_name()
                 );
-                return Outcome::Bypass;
+                return Outcome::Bypass("unexpected broker answer: connecting plainly");
             }
         };
         crate::debug!("connect {} via broker {}: {:?}", dest, broker, route);
@@ -1010,7 +1010,7 @@ impl Layer for GcbLayer {
             Route::Direct { addr } => {
                 close_rev();
                 let Some(a) = net::v4(addr) else {
-                    return Outcome::Bypass;
+                    return Outcome::Bypass("direct route to a non-IPv4 address");
                 };
                 match self.connect_direct(fd, a) {
                     Ok(()) => Outcome::Handled(0),
@@ -1021,7 +1021,7 @@ impl Layer for GcbLayer {
                             std::io::Error::from_raw_os_error(e),
                             dest
                         );
-                        Outcome::Bypass
+                        Outcome::Bypass("direct route failed: connecting to the proxy")
                     }
                 }
             }
@@ -1029,12 +1029,12 @@ impl Layer for GcbLayer {
                 close_rev();
                 match net::v4(addr) {
                     Some(relay) => self.connect_relay(fd, relay, &connect_id),
-                    None => Outcome::Bypass,
+                    None => Outcome::Bypass("relay address is not IPv4"),
                 }
             }
             Route::Reverse { connect_id } => {
                 let Some((lsock, _)) = rev else {
-                    return Outcome::Bypass;
+                    return Outcome::Bypass("no reverse listener: connecting to the proxy");
                 };
                 let got = self.await_reverse(lsock, &connect_id);
                 net::close(lsock);
@@ -1047,11 +1047,11 @@ impl Layer for GcbLayer {
                             fd,
                             e
                         );
-                        Outcome::Bypass
+                        Outcome::Bypass("reverse connection not made: connecting to the proxy")
                     }
                     Err(why) => {
                         crate::info!("reverse connection for {}: {}; using the proxy", dest, why);
-                        Outcome::Bypass
+                        Outcome::Bypass("reverse connection not made: connecting to the proxy")
                     }
                 }
             }
@@ -1140,7 +1140,7 @@ impl Layer for GcbLayer {
         ev: *mut libc::epoll_event,
     ) -> Outcome<c_int> {
         self.note_udp_epoll_ctl(epfd, op, fd, entry, ev);
-        Outcome::Bypass
+        Outcome::Bypass("epoll_ctl on a managed socket goes to the kernel as is")
     }
 
     fn on_close(&self, fd: c_int, entry: &Arc<FdEntry>, last: bool) {

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use crate::control::drop_owned;
 use crate::fdtable::{self, ShimFd};
-use crate::gcb::net;
+use crate::net;
 use gcb_proto::preamble;
 
 /// First and longest pause before re-dialing a standby that failed.

@@ -394,7 +394,7 @@ impl GcbLayer {
                 Ok(()) => Outcome::Handled(0),
                 Err(e) => Outcome::Error(e),
             },
-            None => Outcome::Bypass,
+            None => Outcome::Bypass("no proxy: a plain UDP connect"),
         }
     }
 
@@ -404,9 +404,9 @@ impl GcbLayer {
             UdpView::Registered(p, v) => (p, v),
             UdpView::Registering => match self.poll_registering(entry) {
                 Some(pv) => pv,
-                None => return Outcome::Bypass,
+                None => return Outcome::Bypass("registration not answered: plain socket"),
             },
-            UdpView::Other => return Outcome::Bypass,
+            UdpView::Other => return Outcome::Bypass("not a registered UDP socket"),
         };
         // The program's buffers and result slots.
         let (prog_iov, flags, msg, from): (Vec<iovec>, c_int, *mut msghdr, AddrOut) = match call {
@@ -426,7 +426,7 @@ impl GcbLayer {
             ),
             IoCall::RecvMsg { msg, flags } => {
                 if msg.is_null() {
-                    return Outcome::Bypass;
+                    return Outcome::Bypass("null msghdr: the kernel reports the error");
                 }
                 // SAFETY: the program's msghdr, valid for the call (recvmsg's contract).
                 let m = unsafe { &*msg };
@@ -446,10 +446,10 @@ impl GcbLayer {
                     },
                 )
             }
-            _ => return Outcome::Bypass,
+            _ => return Outcome::Bypass("not a receive call"),
         };
         if flags & libc::MSG_ERRQUEUE != 0 {
-            return Outcome::Bypass;
+            return Outcome::Bypass("MSG_ERRQUEUE: kernel error queue, no relay framing");
         }
         let cap: usize = prog_iov.iter().map(|v| v.iov_len).sum();
         let peek = flags & libc::MSG_PEEK != 0;
@@ -626,7 +626,7 @@ impl GcbLayer {
                 ),
                 IoCall::SendMsg { msg, flags } => {
                     if msg.is_null() {
-                        return Outcome::Bypass;
+                        return Outcome::Bypass("null msghdr: the kernel reports the error");
                     }
                     // SAFETY: the program's msghdr, valid for the call.
                     let m = unsafe { &*msg };
@@ -642,7 +642,7 @@ impl GcbLayer {
                     });
                     (iov, flags, to, msg)
                 }
-                _ => return Outcome::Bypass,
+                _ => return Outcome::Bypass("not a send call"),
             };
         let len: usize = prog_iov.iter().map(|v| v.iov_len).sum();
         let now = Instant::now();
@@ -664,11 +664,11 @@ impl GcbLayer {
         })
         .flatten();
         let (proxy, dest) = match plan {
-            None => return Outcome::Bypass,
+            None => return Outcome::Bypass("destination not through the proxy"),
             Some(Plan::Ask(mine, dest)) => {
                 // This datagram goes through the relay; the punch is set up meanwhile.
                 self.client().lock().request_punch(mine, dest, entry);
-                return Outcome::Bypass;
+                return Outcome::Bypass("relayed through the proxy while the punch is set up");
             }
             Some(Plan::Relay(proxy, dest)) => (proxy, dest),
             Some(Plan::Direct { dest, direct, me }) => {
@@ -697,7 +697,7 @@ impl GcbLayer {
                         .flatten();
                         match relay {
                             Some(proxy) => (proxy, dest),
-                            None => return Outcome::Bypass,
+                            None => return Outcome::Bypass("no relay for this destination"),
                         }
                     }
                 }
@@ -721,10 +721,10 @@ impl GcbLayer {
         call: IoCall,
     ) -> Outcome<ssize_t> {
         let Some(dest) = send_dest(&call) else {
-            return Outcome::Bypass;
+            return Outcome::Bypass("no destination address");
         };
         if !is_pending(entry) || dest.ip() != self.client().lock().broker.ip() {
-            return Outcome::Bypass;
+            return Outcome::Bypass("not a pending socket sending to the broker's host");
         }
         let sent = match call {
             // SAFETY: the program's own arguments, under sendto's contract.
@@ -736,7 +736,7 @@ impl GcbLayer {
             } => unsafe { libc::sendto(fd, buf, len, flags, to.ptr, to.len) },
             // SAFETY: the program's own msghdr, under sendmsg's contract.
             IoCall::SendMsg { msg, flags } => unsafe { libc::sendmsg(fd, msg, flags) },
-            _ => return Outcome::Bypass,
+            _ => return Outcome::Bypass("not a send call"),
         };
         if sent < 0 {
             return Outcome::Error(errno());

@@ -21,21 +21,21 @@
 
 use libc::{c_int, c_uint, c_ulong};
 
-use super::{run, shim_fd_outcome, Outcome};
+use super::{run, shim_fd_outcome, why, Outcome};
 use crate::call_real;
 use crate::fdtable::{self, FdKind};
-use crate::{init, layer, sys};
+use crate::{layer, procid, sys};
 
 fn close_logic(fd: c_int) -> Outcome<c_int> {
     let Some(e) = fdtable::get(fd) else {
-        return Outcome::Bypass;
+        return Outcome::Bypass(why::UNMANAGED);
     };
     if let FdKind::ShimOwned(s) = &e.kind {
         crate::debug!("program close({}) of shim fd ({}): EBADF", fd, s.label);
         return shim_fd_outcome();
     }
-    if init::foreign_process() {
-        return Outcome::Bypass;
+    if procid::foreign_process() {
+        return Outcome::Bypass(why::FOREIGN_PROCESS);
     }
     let removed = fdtable::remove(fd);
     if let (Some(l), Some(r)) = (layer::active(), removed.as_ref()) {
@@ -45,7 +45,7 @@ fn close_logic(fd: c_int) -> Outcome<c_int> {
     }
     drop(removed);
     drop(e);
-    Outcome::Bypass
+    Outcome::Bypass("the table forgot the fd; the kernel closes it")
 }
 
 #[no_mangle]
@@ -73,17 +73,17 @@ pub unsafe extern "C" fn close(fd: c_int) -> c_int {
 /// Real close_range over `lo..=hi` minus the shim-owned fds in it.
 fn close_range_split(lo: c_uint, hi: c_uint, flags: c_int) -> Outcome<c_int> {
     if lo > hi {
-        return Outcome::Bypass; // kernel says EINVAL
+        return Outcome::Bypass("empty range: the kernel reports EINVAL"); // kernel says EINVAL
     }
     if let Some(l) = layer::active() {
         l.on_close_range(lo, hi, flags);
     }
-    if flags & (libc::CLOSE_RANGE_CLOEXEC as c_int) == 0 && !init::foreign_process() {
+    if flags & (libc::CLOSE_RANGE_CLOEXEC as c_int) == 0 && !procid::foreign_process() {
         drop(fdtable::remove_range(lo, hi));
     }
     let owned = fdtable::owned_in_range(lo, hi);
     if owned.is_empty() {
-        return Outcome::Bypass;
+        return Outcome::Bypass("no shim-owned fd in the range");
     }
     let Some(real) = sys::close_range() else {
         return Outcome::Error(libc::ENOSYS);
@@ -151,7 +151,7 @@ pub unsafe extern "C" fn closefrom(lo: c_int) {
     }
     run(
         || match close_range_split(lo as c_uint, c_uint::MAX, 0) {
-            Outcome::Bypass => Outcome::Bypass,
+            Outcome::Bypass(why) => Outcome::Bypass(why),
             // closefrom returns nothing; on a failed split fall back to the real one,
             // which would not spare shim fds, so only after the split failed.
             Outcome::Handled(_) => Outcome::Handled(()),
@@ -163,7 +163,7 @@ pub unsafe extern "C" fn closefrom(lo: c_int) {
 
 /// Shared by dup/dup2/dup3/fcntl(F_DUPFD*): after the real call returned `new`.
 fn after_dup(old: c_int, new: c_int) {
-    if new < 0 || init::foreign_process() {
+    if new < 0 || procid::foreign_process() {
         return;
     }
     let displaced = fdtable::dup_to(old, new);
@@ -277,7 +277,7 @@ fn fcntl_logic(fd: c_int, cmd: c_int, real: impl Fn() -> c_int) -> Outcome<c_int
         after_dup(fd, new);
         return Outcome::Handled(new);
     }
-    Outcome::Bypass
+    Outcome::Bypass("not a shim-owned target")
 }
 
 #[no_mangle]

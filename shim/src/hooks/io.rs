@@ -7,7 +7,7 @@
 
 use libc::{c_int, c_void, msghdr, size_t, sockaddr, socklen_t, ssize_t};
 
-use super::{run, shim_fd_outcome, Outcome};
+use super::{run, shim_fd_outcome, why, Outcome};
 use crate::call_real;
 use crate::fdtable::{self, FdKind};
 use crate::layer::{self, AddrIn, AddrOut, IoCall};
@@ -15,11 +15,13 @@ use crate::sys;
 
 fn io_logic(fd: c_int, call: IoCall) -> Outcome<ssize_t> {
     let Some(e) = fdtable::get(fd) else {
-        return Outcome::Bypass;
+        return Outcome::Bypass(why::UNMANAGED);
     };
     match &e.kind {
         FdKind::ShimOwned(_) => shim_fd_outcome(),
-        FdKind::Socket(_) => layer::active().map_or(Outcome::Bypass, |l| l.on_io(fd, &e, call)),
+        FdKind::Socket(_) => {
+            layer::active().map_or(Outcome::Bypass(why::NO_LAYER), |l| l.on_io(fd, &e, call))
+        }
     }
 }
 

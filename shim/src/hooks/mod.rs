@@ -16,8 +16,8 @@
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
+pub use crate::abi::{why, Outcome};
 use crate::guard::Guard;
-pub use crate::layer::Outcome;
 
 pub mod fds;
 pub mod io;
@@ -43,7 +43,10 @@ impl Ret for () {
 #[inline(always)]
 pub fn finish<T: Ret>(out: Outcome<T>, real: impl FnOnce() -> T) -> T {
     match out {
-        Outcome::Bypass => real(),
+        Outcome::Bypass(why) => {
+            crate::trace!("bypass: {}", why);
+            real()
+        }
         Outcome::Handled(v) => v,
         Outcome::Error(e) => {
             // SAFETY: errno location is always valid for the calling thread.
@@ -68,7 +71,7 @@ pub fn run<T: Ret>(logic: impl FnOnce() -> Outcome<T>, real: impl FnOnce() -> T)
         };
         crate::init::ensure();
         // A panic is reported once by the panic hook installed at init; then pass through.
-        catch_unwind(AssertUnwindSafe(logic)).unwrap_or(Outcome::Bypass)
+        catch_unwind(AssertUnwindSafe(logic)).unwrap_or(Outcome::Bypass(why::PANICKED))
     };
     finish(out, real)
 }

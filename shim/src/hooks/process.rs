@@ -4,7 +4,7 @@
 //!   registered at init (see [`crate::fork`]), which also cover programs that reach fork
 //!   some other way through glibc. In the child, the layer gets `on_fork_child`.
 //!   `vfork`/`posix_spawn` children run no atfork handlers and share the parent's memory:
-//!   the hooks detect them ([`crate::init::foreign_process`]) and leave the table alone.
+//!   the hooks detect them ([`crate::procid::foreign_process`]) and leave the table alone.
 //!   (vfork itself cannot be wrapped by a normal function: the child would return through
 //!   the wrapper's stack frame, which the parent then reuses.)
 //! * `execve`, `execv`, `execvp`, `execvpe`: pass-through, with the seam for GCB state
@@ -68,7 +68,7 @@ impl std::fmt::Display for CDisplay {
 /// child (shared memory, no allocation allowed).
 fn exec_seam(func: &str, path: *const c_char) -> Option<CString> {
     crate::debug!("{}({})", func, CDisplay(path));
-    if crate::init::foreign_process() {
+    if crate::procid::foreign_process() {
         return None;
     }
     let v = layer::active()?.exec_handoff()?;

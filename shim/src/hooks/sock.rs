@@ -7,7 +7,7 @@
 use libc::{c_int, sockaddr, socklen_t};
 use std::sync::Arc;
 
-use super::{run, shim_fd_outcome, Outcome};
+use super::{run, shim_fd_outcome, why, Outcome};
 use crate::fdtable::{self, FdEntry, FdKind, SocketEntry};
 use crate::layer::{self, AddrIn, AddrOut};
 
@@ -68,7 +68,7 @@ redhook::hook! {
         }
         run(move || match socket_entry(fd) {
             Err(()) => shim_fd_outcome(),
-            Ok(e) => layer::active().map_or(Outcome::Bypass, |l| {
+            Ok(e) => layer::active().map_or(Outcome::Bypass(why::NO_LAYER), |l| {
                 l.on_bind(fd, e.as_ref(), AddrIn { ptr: addr, len })
             }),
         }, real)
@@ -85,7 +85,7 @@ redhook::hook! {
         }
         run(move || match socket_entry(fd) {
             Err(()) => shim_fd_outcome(),
-            Ok(e) => layer::active().map_or(Outcome::Bypass, |l| l.on_listen(fd, e.as_ref(), backlog)),
+            Ok(e) => layer::active().map_or(Outcome::Bypass(why::NO_LAYER), |l| l.on_listen(fd, e.as_ref(), backlog)),
         }, real)
     }
 }
@@ -100,7 +100,7 @@ redhook::hook! {
         }
         run(move || match socket_entry(fd) {
             Err(()) => shim_fd_outcome(),
-            Ok(e) => layer::active().map_or(Outcome::Bypass, |l| {
+            Ok(e) => layer::active().map_or(Outcome::Bypass(why::NO_LAYER), |l| {
                 l.on_connect(fd, e.as_ref(), AddrIn { ptr: addr, len })
             }),
         }, real)
@@ -110,10 +110,10 @@ redhook::hook! {
 fn accept_common(fd: c_int, addr: AddrOut, flags: c_int) -> Outcome<c_int> {
     match socket_entry(fd) {
         Err(()) => shim_fd_outcome(),
-        Ok(None) => Outcome::Bypass,
-        Ok(Some(e)) => {
-            layer::active().map_or(Outcome::Bypass, |l| l.on_accept(fd, &e, addr, flags))
-        }
+        Ok(None) => Outcome::Bypass(why::UNMANAGED),
+        Ok(Some(e)) => layer::active().map_or(Outcome::Bypass(why::NO_LAYER), |l| {
+            l.on_accept(fd, &e, addr, flags)
+        }),
     }
 }
 
@@ -150,8 +150,10 @@ redhook::hook! {
 fn name_common(fd: c_int, peer: bool, addr: AddrOut) -> Outcome<c_int> {
     match socket_entry(fd) {
         Err(()) => shim_fd_outcome(),
-        Ok(None) => Outcome::Bypass,
-        Ok(Some(e)) => layer::active().map_or(Outcome::Bypass, |l| l.on_name(fd, &e, peer, addr)),
+        Ok(None) => Outcome::Bypass(why::UNMANAGED),
+        Ok(Some(e)) => layer::active().map_or(Outcome::Bypass(why::NO_LAYER), |l| {
+            l.on_name(fd, &e, peer, addr)
+        }),
     }
 }
 

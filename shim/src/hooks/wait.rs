@@ -6,7 +6,7 @@
 
 use libc::{c_int, epoll_event, fd_set, nfds_t, pollfd, sigset_t, size_t, timespec, timeval};
 
-use super::{run, shim_fd_outcome, Outcome};
+use super::{run, shim_fd_outcome, why, Outcome};
 use crate::call_real;
 use crate::fdtable::{self, FdKind};
 use crate::layer::{self, WaitCall};
@@ -14,7 +14,7 @@ use crate::sys;
 
 #[inline(always)]
 fn wait_logic(call: WaitCall) -> Outcome<c_int> {
-    layer::active().map_or(Outcome::Bypass, |l| l.on_wait(call))
+    layer::active().map_or(Outcome::Bypass(why::NO_LAYER), |l| l.on_wait(call))
 }
 
 #[no_mangle]
@@ -212,12 +212,13 @@ pub unsafe extern "C" fn epoll_ctl(
                 return shim_fd_outcome();
             }
             let Some(e) = fdtable::get(fd) else {
-                return Outcome::Bypass;
+                return Outcome::Bypass(why::UNMANAGED);
             };
             match &e.kind {
                 FdKind::ShimOwned(_) => shim_fd_outcome(),
-                FdKind::Socket(_) => layer::active()
-                    .map_or(Outcome::Bypass, |l| l.on_epoll_ctl(epfd, op, fd, &e, ev)),
+                FdKind::Socket(_) => layer::active().map_or(Outcome::Bypass(why::NO_LAYER), |l| {
+                    l.on_epoll_ctl(epfd, op, fd, &e, ev)
+                }),
             }
         },
         real,
