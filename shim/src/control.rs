@@ -59,9 +59,8 @@ pub fn endpoint(key: &Option<PoolKey>) -> Endpoint {
 
 /// Close a shim-owned fd and forget it.
 pub fn drop_owned(s: &Arc<ShimFd>) {
-    let fd = s.fd();
-    drop(fdtable::remove(fd));
-    net::close(fd);
+    drop(fdtable::remove(s.fd()));
+    s.close();
 }
 
 /// A UDP socket connected to a daemon, with its endpoint. `P` says what each request in

@@ -49,6 +49,7 @@ use std::time::{Duration, Instant};
 use crate::control::{drop_owned, Answer, Channel};
 use crate::fdtable::{self, FdEntry, FdKind, ShimFd};
 use crate::forklock::ForkMutex;
+use crate::sockstate::SockState;
 use crate::net;
 
 /// Default portfwd control port (UDP).
@@ -61,19 +62,7 @@ const QUERY_DEADLINE: Duration = Duration::from_secs(1);
 const PROBE_BACKLOG: c_int = 4096;
 const NEGATIVE_TTL: Duration = Duration::from_secs(60);
 
-/// Per-socket DPF state, kept in the fd table entry.
-pub struct DpfSock {
-    pub transport: Transport,
-    pub private: SocketAddrV4,
-    pub public: SocketAddrV4,
-    pub probe: Arc<ShimFd>,
-    pub inode: u64,
-}
-
-/// A socket bound to port 0: its forwarding waits for `getsockname()` or `listen()`.
-pub struct DpfPending {
-    pub transport: Transport,
-}
+pub use crate::sockstate::DpfSock;
 
 /// What `on_bound` did with a socket DPF serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -179,65 +168,27 @@ fn sock_type(fd: c_int) -> Option<Transport> {
 
 /// The DPF state of a socket entry, if mapped.
 pub fn dpf_state(entry: &FdEntry) -> Option<(Transport, SocketAddrV4, SocketAddrV4, u64)> {
-    let FdKind::Socket(s) = &entry.kind else {
-        return None;
-    };
-    let st = s.state.lock();
-    st.layer
-        .as_ref()
-        .and_then(|l| l.downcast_ref::<DpfSock>())
-        .map(|d| (d.transport, d.private, d.public, d.inode))
+    entry
+        .with_state(|s| s.dpf().map(|d| (d.transport, d.private, d.public, d.inode)))
+        .flatten()
 }
 
 /// The transport of a pending socket (bound to port 0, not forwarded yet).
 pub fn pending(entry: &FdEntry) -> Option<Transport> {
-    let FdKind::Socket(s) = &entry.kind else {
-        return None;
-    };
-    let st = s.state.lock();
-    st.layer
-        .as_ref()
-        .and_then(|l| l.downcast_ref::<DpfPending>())
-        .map(|p| p.transport)
+    entry.with_state(|s| s.dpf_pending()).flatten()
 }
 
 /// Clear a socket's pending mark; its transport if it had one.
 fn take_pending(entry: &FdEntry) -> Option<Transport> {
-    let FdKind::Socket(s) = &entry.kind else {
-        return None;
-    };
-    let mut st = s.state.lock();
-    let t = st
-        .layer
-        .as_ref()
-        .and_then(|l| l.downcast_ref::<DpfPending>())
-        .map(|p| p.transport)?;
-    st.layer = None;
-    Some(t)
+    entry.with_state(SockState::take_dpf_pending).flatten()
 }
 
 fn mark_pending(entry: &FdEntry, transport: Transport) {
-    if let FdKind::Socket(s) = &entry.kind {
-        let mut st = s.state.lock();
-        if st.layer.is_none() {
-            st.layer = Some(Box::new(DpfPending { transport }));
-        }
-    }
+    entry.with_state(|s| s.mark_dpf_pending(transport));
 }
 
 fn take_dpf_state(entry: &FdEntry) -> Option<DpfSock> {
-    let FdKind::Socket(s) = &entry.kind else {
-        return None;
-    };
-    let mut st = s.state.lock();
-    if st.layer.as_ref().is_some_and(|l| l.is::<DpfSock>()) {
-        return st
-            .layer
-            .take()
-            .and_then(|l| l.downcast::<DpfSock>().ok())
-            .map(|b| *b);
-    }
-    None
+    entry.with_state(SockState::take_dpf).flatten()
 }
 
 impl DpfClient {
@@ -378,12 +329,12 @@ impl DpfClient {
             if req.ip().is_loopback() {
                 return Err(Refusal::NotApplicable);
             }
-            let transport = match crate::gcb::sock_opt(fd, libc::SOL_SOCKET, libc::SO_TYPE) {
+            let transport = match net::sock_opt(fd, libc::SOL_SOCKET, libc::SO_TYPE) {
                 Some(libc::SOCK_STREAM) => Transport::Tcp,
                 Some(libc::SOCK_DGRAM) => Transport::Udp,
                 _ => return Err(Refusal::NotApplicable),
             };
-            let entry = crate::gcb::socket_entry(fd, entry).ok_or(Refusal::NotApplicable)?;
+            let entry = fdtable::socket_entry(fd, entry).ok_or(Refusal::NotApplicable)?;
             mark_pending(&entry, transport);
             crate::debug!(
                 "DPF: {:?} socket fd {} bound to port 0; forwarded at getsockname()/listen() only",
@@ -482,7 +433,7 @@ impl DpfClient {
                 let Some(public) = net::v4(public) else {
                     return fail(Refusal::Unreachable("IPv6 public address".into()));
                 };
-                let Some(entry) = crate::gcb::socket_entry(fd, entry) else {
+                let Some(entry) = fdtable::socket_entry(fd, entry) else {
                     return fail(Refusal::NotApplicable);
                 };
                 st.public_ip = Some(*public.ip());
@@ -496,15 +447,15 @@ impl DpfClient {
                     entry: Arc::downgrade(&entry),
                 });
                 drop(st);
-                if let FdKind::Socket(s) = &entry.kind {
-                    s.state.lock().layer = Some(Box::new(DpfSock {
+                entry.with_state(|s| {
+                    *s = SockState::DpfMapped(DpfSock {
                         transport,
                         private,
                         public,
                         probe,
                         inode: crate::procid::inode(fd).unwrap_or(0),
-                    }));
-                }
+                    });
+                });
                 crate::info!(
                     "DPF mapped {:?} {} -> public {} (portfwd {})",
                     transport,
@@ -709,20 +660,20 @@ impl DpfClient {
             let Ok(probe) = fdtable::own_fd(pfd, "dpf-probe") else {
                 continue;
             };
-            let Some(entry) = crate::gcb::socket_entry(fd, None) else {
+            let Some(entry) = fdtable::socket_entry(fd, None) else {
                 drop_owned(&probe);
                 continue;
             };
             let probe_port = net::sock_name(probe.fd(), false).map_or(0, |a| a.port());
-            if let FdKind::Socket(s) = &entry.kind {
-                s.state.lock().layer = Some(Box::new(DpfSock {
+            entry.with_state(|s| {
+                *s = SockState::DpfMapped(DpfSock {
                     transport,
                     private,
                     public,
                     probe: probe.clone(),
                     inode: ino,
-                }));
-            }
+                });
+            });
             let mut st = self.state.lock();
             st.public_ip = Some(*public.ip());
             st.live.push(Live {
@@ -789,7 +740,7 @@ fn adopt_pending(v: &str) {
     if ino == 0 || crate::procid::inode(fd) != Some(ino) {
         return;
     }
-    if let Some(entry) = crate::gcb::socket_entry(fd, fdtable::get(fd).as_ref()) {
+    if let Some(entry) = fdtable::socket_entry(fd, fdtable::get(fd).as_ref()) {
         mark_pending(&entry, transport);
         crate::debug!("inherited pending DPF socket fd {}", fd);
     }

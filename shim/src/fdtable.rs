@@ -22,15 +22,16 @@
 //! a floor so they never take 0-2 or the low numbers that shells and daemons assume.
 
 use parking_lot::lock_api::RawRwLock as _;
-use std::any::Any;
 use std::cell::UnsafeCell;
 use std::os::raw::c_int;
 use std::ptr;
-use std::sync::atomic::{AtomicI32, AtomicPtr, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use crate::forklock::{ForkMutex, ForkRwLock};
-use crate::sys;
+pub use crate::ownfd::ShimFd;
+use crate::sockstate::SockState;
+use crate::{net, sys};
 
 pub const CHUNK_BITS: u32 = 10;
 pub const CHUNK: usize = 1 << CHUNK_BITS;
@@ -73,6 +74,9 @@ impl std::fmt::Debug for FdEntry {
     }
 }
 
+// Entries live behind an Arc, one per socket; boxing the socket variant would add a
+// pointer chase to every managed call for no memory saved.
+#[allow(clippy::large_enum_variant)]
 pub enum FdKind {
     /// An fd the shim opened for itself (log file, later the management sockets).
     ShimOwned(Arc<ShimFd>),
@@ -80,32 +84,36 @@ pub enum FdKind {
     Socket(SocketEntry),
 }
 
-/// A program socket under management. Layers keep their per-socket state in `state`.
+/// A program socket under management: its kind (for the layers' quick checks) and its
+/// [`SockState`].
 ///
 /// Lock rule: never hold `state` across a blocking call and never acquire the table lock
 /// while holding `state` (the fork handler takes the table lock, then every entry lock).
 pub struct SocketEntry {
     pub domain: c_int,
     pub sock_type: c_int,
-    pub state: ForkMutex<SocketState>,
+    pub state: ForkMutex<SockState>,
 }
 
-#[derive(Default)]
-pub struct SocketState {
-    /// Opaque per-socket data of the active layer (GCB registration, DPF mapping...).
-    pub layer: Option<Box<dyn Any + Send>>,
-}
+impl FdEntry {
+    /// A managed program socket's entry with the given state.
+    pub fn socket(domain: c_int, sock_type: c_int, state: SockState) -> FdEntry {
+        FdEntry {
+            kind: FdKind::Socket(SocketEntry {
+                domain,
+                sock_type,
+                state: ForkMutex::new(state),
+            }),
+        }
+    }
 
-/// A shim-owned fd. Its number can change (when the program dup2()s onto it, the shim fd is
-/// moved first), so users read `fd()` at each use.
-pub struct ShimFd {
-    fd: AtomicI32,
-    pub label: &'static str,
-}
-
-impl ShimFd {
-    pub fn fd(&self) -> c_int {
-        self.fd.load(Ordering::Acquire)
+    /// Runs `f` on the socket's state (None for a shim-owned fd). Keep `f` short: it
+    /// holds the entry's lock.
+    pub fn with_state<R>(&self, f: impl FnOnce(&mut SockState) -> R) -> Option<R> {
+        match &self.kind {
+            FdKind::Socket(s) => Some(f(&mut s.state.lock())),
+            FdKind::ShimOwned(_) => None,
+        }
     }
 }
 
@@ -271,6 +279,21 @@ pub fn dup_to(old: c_int, new: c_int) -> Option<Arc<FdEntry>> {
     swap_locked(new, src)
 }
 
+/// The table entry for a program socket: `existing` if the caller holds it, else a new
+/// [`SockState::Plain`] entry (with the socket's real domain and type) put at `fd`, which
+/// makes the fd managed. None for fds beyond the table.
+pub fn socket_entry(fd: c_int, existing: Option<&Arc<FdEntry>>) -> Option<Arc<FdEntry>> {
+    if let Some(e) = existing {
+        return Some(e.clone());
+    }
+    let domain = net::sock_opt(fd, libc::SOL_SOCKET, libc::SO_DOMAIN).unwrap_or(libc::AF_INET);
+    let ty = net::sock_opt(fd, libc::SOL_SOCKET, libc::SO_TYPE).unwrap_or(libc::SOCK_STREAM);
+    let e = Arc::new(FdEntry::socket(domain, ty, SockState::Plain));
+    let displaced = insert(fd, e.clone()).ok()?;
+    drop(displaced);
+    Some(e)
+}
+
 /// Shim-owned fds within `lo..=hi`, ascending (empty without a scan if there are none).
 pub fn owned_in_range(lo: u32, hi: u32) -> Vec<c_int> {
     let mut out = Vec::new();
@@ -368,10 +391,7 @@ fn for_each_locked(lo: u32, hi: u32, mut f: impl FnMut(c_int, &FdEntry)) {
 /// it as shim-owned. On success the original number is closed; on failure it is untouched.
 pub fn own_fd(fd: c_int, label: &'static str) -> Result<Arc<ShimFd>, c_int> {
     let new = move_high(fd)?;
-    let sfd = Arc::new(ShimFd {
-        fd: AtomicI32::new(new),
-        label,
-    });
+    let sfd = Arc::new(ShimFd::new(new, label));
     let entry = Arc::new(FdEntry {
         kind: FdKind::ShimOwned(sfd.clone()),
     });
@@ -381,10 +401,8 @@ pub fn own_fd(fd: c_int, label: &'static str) -> Result<Arc<ShimFd>, c_int> {
             sys::close_raw(fd);
             Ok(sfd)
         }
-        Err(_) => {
-            sys::close_raw(new);
-            Err(libc::EMFILE)
-        }
+        // Dropping the entry and `sfd` closes `new`.
+        Err(_) => Err(libc::EMFILE),
     }
 }
 
@@ -412,7 +430,7 @@ pub fn relocate_owned(fd: c_int) -> Option<Arc<ShimFd>> {
     let moved = swap_locked(fd, None);
     note_insert(&e);
     let displaced = swap_locked(new, Some(e.clone()));
-    sfd.fd.store(new, Ordering::Release);
+    sfd.moved_to(new);
     drop(_g);
     drop(displaced);
     drop(moved);
@@ -501,13 +519,11 @@ mod tests {
     use super::*;
 
     fn sock() -> Arc<FdEntry> {
-        Arc::new(FdEntry {
-            kind: FdKind::Socket(SocketEntry {
-                domain: libc::AF_INET,
-                sock_type: libc::SOCK_STREAM,
-                state: ForkMutex::new(SocketState::default()),
-            }),
-        })
+        Arc::new(FdEntry::socket(
+            libc::AF_INET,
+            libc::SOCK_STREAM,
+            SockState::Plain,
+        ))
     }
 
     // The table is global; each test uses its own fd range.
@@ -552,10 +568,8 @@ mod tests {
     fn remove_range_keeps_owned() {
         let base = 300_000;
         insert(base, sock()).unwrap();
-        let sfd = Arc::new(ShimFd {
-            fd: AtomicI32::new(base + 1),
-            label: "t",
-        });
+        // SAFETY: plain syscall; the ShimFd owns (and closes) the new fd.
+        let sfd = Arc::new(ShimFd::new(unsafe { libc::dup(2) }, "t"));
         insert(
             base + 1,
             Arc::new(FdEntry {

@@ -9,7 +9,7 @@
 //! * fd-based calls (accept, recv*, send*, getsockname, getpeername, close, dup*, fcntl,
 //!   epoll_ctl): only when the fd table says the fd is managed (`FdKind::Socket`). The table
 //!   is the switch: a layer that wants to see a socket's calls (e.g. to run the AEH inside
-//!   `recv`) marks it managed in [`Layer::on_new_socket`] or later.
+//!   `recv`) puts it in the table when it starts managing it (bind, listen, connect).
 //! * calls that create or name sockets (socket, bind, listen, connect) and the readiness
 //!   calls (select, pselect, poll, ppoll, epoll_wait, epoll_pwait, epoll_pwait2): whenever a
 //!   layer is installed, because GCB must see a `listen()` on any TCP socket, broker any
@@ -32,7 +32,7 @@ use once_cell::sync::OnceCell;
 use std::sync::Arc;
 
 pub use crate::abi::{AddrIn, AddrOut, IoCall, Outcome, WaitCall};
-use crate::fdtable::{FdEntry, SocketState};
+use crate::fdtable::FdEntry;
 
 /// Bypass reason of the trait's defaults.
 pub const NOT_HANDLED: &str = "the layer does not handle this call";
@@ -41,17 +41,6 @@ pub const NOT_HANDLED: &str = "the layer does not handle this call";
 pub trait Layer: Send + Sync {
     fn name(&self) -> &'static str;
 
-    /// The program created a socket (the real socket() succeeded with `fd`). Return state to
-    /// make the fd managed.
-    fn on_new_socket(
-        &self,
-        _fd: c_int,
-        _domain: c_int,
-        _ty: c_int,
-        _proto: c_int,
-    ) -> Option<SocketState> {
-        None
-    }
     /// DPF: ask portfwd for a public mapping.
     fn on_bind(&self, _fd: c_int, _entry: Option<&Arc<FdEntry>>, _addr: AddrIn) -> Outcome<c_int> {
         Outcome::Bypass(NOT_HANDLED)

@@ -94,10 +94,12 @@ pub mod hooks;
 pub mod init;
 pub mod layer;
 pub mod net;
+pub mod ownfd;
 #[macro_use]
 pub mod log;
 pub mod procid;
 pub mod real;
+pub mod sockstate;
 pub mod stack;
 pub mod sys;
 

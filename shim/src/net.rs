@@ -5,17 +5,48 @@
 //! code), so each libc call goes straight to the real function.
 
 use libc::{c_int, sockaddr, sockaddr_in, socklen_t};
-use std::io;
 use std::mem;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
-use crate::layer::{AddrIn, AddrOut};
+use crate::abi::{AddrIn, AddrOut};
 
-fn last_errno() -> c_int {
-    io::Error::last_os_error()
+/// The calling thread's errno (EIO if none).
+pub fn errno() -> c_int {
+    std::io::Error::last_os_error()
         .raw_os_error()
         .unwrap_or(libc::EIO)
+}
+
+/// An int socket option, or None on error.
+pub fn sock_opt(fd: c_int, level: c_int, opt: c_int) -> Option<c_int> {
+    let mut v: c_int = 0;
+    let mut len = std::mem::size_of::<c_int>() as libc::socklen_t;
+    // SAFETY: v/len describe a writable c_int.
+    let r = unsafe {
+        libc::getsockopt(
+            fd,
+            level,
+            opt,
+            &mut v as *mut c_int as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    (r == 0).then_some(v)
+}
+
+/// Sets an int socket option (errors ignored: best effort).
+pub fn set_sock_opt(fd: c_int, level: c_int, opt: c_int, v: c_int) {
+    // SAFETY: v is a readable c_int of the given length.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            opt,
+            &v as *const c_int as *const libc::c_void,
+            std::mem::size_of::<c_int>() as libc::socklen_t,
+        );
+    }
 }
 
 /// The IPv4 socket address the program passed, if it is one (GCB brokers IPv4 only).
@@ -111,7 +142,7 @@ pub fn socket(ty: c_int, inheritable: bool) -> Result<c_int, c_int> {
     // SAFETY: plain syscall with constant arguments.
     let fd = unsafe { libc::socket(libc::AF_INET, ty | flags, 0) };
     if fd < 0 {
-        Err(last_errno())
+        Err(errno())
     } else {
         Ok(fd)
     }
@@ -126,7 +157,7 @@ pub fn set_nonblocking(fd: c_int, on: bool) -> Result<(), c_int> {
     // SAFETY: FIONBIO reads one int; v outlives the call. One syscall instead of
     // F_GETFL + F_SETFL (this runs on every brokered connection's path).
     if unsafe { libc::ioctl(fd, libc::FIONBIO, &mut v) } != 0 {
-        return Err(last_errno());
+        return Err(errno());
     }
     Ok(())
 }
@@ -148,7 +179,7 @@ pub fn bind(fd: c_int, a: SocketAddrV4) -> Result<(), c_int> {
     if r == 0 {
         Ok(())
     } else {
-        Err(last_errno())
+        Err(errno())
     }
 }
 
@@ -166,7 +197,7 @@ pub fn connect_raw(fd: c_int, a: SocketAddrV4) -> Result<(), c_int> {
     if r == 0 {
         Ok(())
     } else {
-        Err(last_errno())
+        Err(errno())
     }
 }
 
@@ -191,7 +222,7 @@ pub fn wait_fd(fd: c_int, events: i16, timeout: Duration) -> Result<bool, c_int>
             }
             continue;
         }
-        let e = last_errno();
+        let e = errno();
         if e != libc::EINTR {
             return Err(e);
         }
@@ -237,7 +268,7 @@ pub fn so_error(fd: c_int) -> c_int {
         )
     };
     if r != 0 {
-        last_errno()
+        errno()
     } else {
         err
     }
@@ -286,7 +317,7 @@ pub fn send_some(fd: c_int, buf: &[u8]) -> Result<usize, c_int> {
         if n >= 0 {
             return Ok(n as usize);
         }
-        match last_errno() {
+        match errno() {
             libc::EINTR => {}
             e => return Err(e),
         }
@@ -307,7 +338,7 @@ fn recv_flags(fd: c_int, buf: &mut [u8], flags: c_int) -> Result<usize, c_int> {
         if n >= 0 {
             return Ok(n as usize);
         }
-        match last_errno() {
+        match errno() {
             libc::EINTR => {}
             e => return Err(e),
         }
@@ -341,7 +372,7 @@ pub fn write_all(fd: c_int, mut buf: &[u8], timeout: Duration) -> Result<(), c_i
             buf = &buf[n as usize..];
             continue;
         }
-        let e = if n == 0 { libc::EPIPE } else { last_errno() };
+        let e = if n == 0 { libc::EPIPE } else { errno() };
         match e {
             libc::EINTR => {}
             libc::EAGAIN => {
@@ -378,7 +409,7 @@ pub fn read_exact(fd: c_int, buf: &mut [u8], timeout: Duration) -> Result<(), c_
         if n == 0 {
             return Err(libc::ECONNRESET);
         }
-        match last_errno() {
+        match errno() {
             libc::EINTR => {}
             libc::EAGAIN => {
                 let left = deadline.saturating_duration_since(Instant::now());

@@ -49,7 +49,8 @@ use super::standby::{Standby, StandbyEvent, StandbySlot, Watch};
 use super::GcbSock;
 pub use crate::control::Answer;
 use crate::control::{self, drop_owned, getpid, now};
-use crate::fdtable::{self, FdEntry, FdKind, ShimFd};
+use crate::fdtable::{self, FdEntry, ShimFd};
+use crate::sockstate::{SockState, UdpSock};
 
 /// How long listen() waits for the broker before serving locally only.
 pub const REGISTER_DEADLINE: Duration = Duration::from_secs(3);
@@ -1115,10 +1116,9 @@ impl Client {
             return;
         };
         self.insert_udp_registration(chan, local, proxy, &token, &e, fd);
-        if let FdKind::Socket(s) = &e.kind {
-            s.state.lock().layer =
-                Some(Box::new(super::udp::UdpSock::new(proxy, *self.broker.ip())));
-        }
+        e.with_state(|s| {
+            *s = SockState::UdpRegistered(UdpSock::new(proxy, *self.broker.ip()));
+        });
         let fd = fdtable::fds_of(&e).first().copied().unwrap_or(fd);
         super::udp::send_keepalive(fd, proxy, &token);
         crate::info!(
@@ -1905,7 +1905,7 @@ impl Client {
             let Some(&chan) = chan_of.get(&ctl) else {
                 continue;
             };
-            let Some(entry) = super::socket_entry(fd, None) else {
+            let Some(entry) = fdtable::socket_entry(fd, None) else {
                 continue;
             };
             super::set_gcb_state(&entry, GcbSock::Listener { proxy, local });
@@ -1962,15 +1962,12 @@ impl Client {
                 }
                 continue;
             }
-            let Some(entry) = super::socket_entry(u.fd, None) else {
+            let Some(entry) = fdtable::socket_entry(u.fd, None) else {
                 continue;
             };
-            if let FdKind::Socket(s) = &entry.kind {
-                s.state.lock().layer = Some(Box::new(super::udp::UdpSock::new(
-                    u.proxy,
-                    *self.broker.ip(),
-                )));
-            }
+            entry.with_state(|s| {
+                *s = SockState::UdpRegistered(UdpSock::new(u.proxy, *self.broker.ip()));
+            });
             match self.regs.get_mut(&key).and_then(|r| r.udp.as_mut()) {
                 // Another socket on the same local address (SO_REUSEADDR) holds it too.
                 Some(reg) => reg.holders.push(Arc::downgrade(&entry)),
@@ -2273,13 +2270,5 @@ impl Mailbox {
 
 /// Update the proxy a listening socket reports.
 pub fn set_listener_proxy(entry: &Arc<FdEntry>, proxy: SocketAddrV4) {
-    if let FdKind::Socket(s) = &entry.kind {
-        let mut st = s.state.lock();
-        let Some(l) = st.layer.as_mut() else { return };
-        if let Some(GcbSock::Listener { proxy: p, .. }) = l.downcast_mut::<GcbSock>() {
-            *p = proxy;
-        } else if let Some(u) = l.downcast_mut::<super::udp::UdpSock>() {
-            u.proxy = proxy;
-        }
-    }
+    entry.with_state(|s| s.set_proxy(proxy));
 }

@@ -64,7 +64,8 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::fdtable::{self, FdEntry, FdKind, SocketEntry, SocketState};
+use crate::fdtable::{self, FdEntry};
+use crate::sockstate::SockState;
 use crate::forklock::ForkMutex;
 use crate::layer::{AddrIn, AddrOut, IoCall, Layer, Outcome, WaitCall};
 use client::{Answer, Client};
@@ -77,17 +78,7 @@ const RELAYED_TTL: Duration = Duration::from_secs(60);
 /// Tag of our control socket in a program's epoll set.
 const EPOLL_TAG: u64 = 0x6763_625f_6374_6c00; // "gcb_ctl\0"
 
-/// Per-socket GCB state, kept in the fd table entry (shared by dup'd fds).
-#[derive(Debug, Clone, Copy)]
-pub enum GcbSock {
-    /// A registered listening socket.
-    Listener {
-        proxy: SocketAddrV4,
-        local: SocketAddrV4,
-    },
-    /// A brokered connection returned by accept(): its logical peer.
-    Accepted { peer: SocketAddrV4 },
-}
+pub use crate::sockstate::GcbSock;
 
 pub struct GcbLayer {
     client: ForkMutex<Client>,
@@ -104,82 +95,17 @@ pub fn parse_broker(s: &str) -> Option<SocketAddrV4> {
         .map(|ip| SocketAddrV4::new(ip, DEFAULT_BROKER_PORT))
 }
 
-fn errno() -> c_int {
-    std::io::Error::last_os_error()
-        .raw_os_error()
-        .unwrap_or(libc::EIO)
-}
-
-pub(crate) fn sock_opt(fd: c_int, level: c_int, opt: c_int) -> Option<c_int> {
-    let mut v: c_int = 0;
-    let mut len = std::mem::size_of::<c_int>() as libc::socklen_t;
-    // SAFETY: v/len describe a writable c_int.
-    let r = unsafe {
-        libc::getsockopt(
-            fd,
-            level,
-            opt,
-            &mut v as *mut c_int as *mut libc::c_void,
-            &mut len,
-        )
-    };
-    (r == 0).then_some(v)
-}
-
-fn set_sock_opt(fd: c_int, level: c_int, opt: c_int, v: c_int) {
-    // SAFETY: v is a readable c_int of the given length.
-    unsafe {
-        libc::setsockopt(
-            fd,
-            level,
-            opt,
-            &v as *const c_int as *const libc::c_void,
-            std::mem::size_of::<c_int>() as libc::socklen_t,
-        );
-    }
-}
-
 fn gcb_state(entry: &FdEntry) -> Option<GcbSock> {
-    let FdKind::Socket(s) = &entry.kind else {
-        return None;
-    };
-    let st = s.state.lock();
-    st.layer
-        .as_ref()
-        .and_then(|l| l.downcast_ref::<GcbSock>())
-        .copied()
+    entry.with_state(|s| s.gcb()).flatten()
 }
 
 pub(crate) fn set_gcb_state(entry: &FdEntry, v: GcbSock) {
-    if let FdKind::Socket(s) = &entry.kind {
-        s.state.lock().layer = Some(Box::new(v));
-    }
-}
-
-/// The table entry for a program socket, created (and the fd marked managed) if needed.
-pub(crate) fn socket_entry(fd: c_int, entry: Option<&Arc<FdEntry>>) -> Option<Arc<FdEntry>> {
-    if let Some(e) = entry {
-        return Some(e.clone());
-    }
-    let e = Arc::new(FdEntry {
-        kind: FdKind::Socket(SocketEntry {
-            domain: libc::AF_INET,
-            sock_type: libc::SOCK_STREAM,
-            state: ForkMutex::new(SocketState::default()),
-        }),
-    });
-    match fdtable::insert(fd, e.clone()) {
-        Ok(displaced) => {
-            drop(displaced);
-            Some(e)
-        }
-        Err(_) => None,
-    }
+    entry.with_state(|s| *s = SockState::Gcb(v));
 }
 
 fn is_tcp4(fd: c_int) -> bool {
-    sock_opt(fd, libc::SOL_SOCKET, libc::SO_DOMAIN) == Some(libc::AF_INET)
-        && sock_opt(fd, libc::SOL_SOCKET, libc::SO_TYPE) == Some(libc::SOCK_STREAM)
+    net::sock_opt(fd, libc::SOL_SOCKET, libc::SO_DOMAIN) == Some(libc::AF_INET)
+        && net::sock_opt(fd, libc::SOL_SOCKET, libc::SO_TYPE) == Some(libc::SOCK_STREAM)
 }
 
 /// A program-side deadline from a poll-style timeout (ms, -1 infinite, -2: use `ts`).
@@ -302,7 +228,7 @@ impl GcbLayer {
             0
         };
         let _ = crate::sys::fcntl_raw(rfd, libc::F_SETFD, cloexec);
-        if let Some(e) = socket_entry(rfd, None) {
+        if let Some(e) = fdtable::socket_entry(rfd, None) {
             set_gcb_state(&e, GcbSock::Accepted { peer: logical });
         }
         net::write_addr_out(addr, logical);
@@ -347,7 +273,7 @@ impl GcbLayer {
             let r =
                 unsafe { libc::ppoll(set.as_mut_ptr(), set.len() as libc::nfds_t, tptr, sigmask) };
             if r < 0 {
-                return Outcome::Error(errno());
+                return Outcome::Error(net::errno());
             }
             let aeh_ready = set[n..].iter().any(|p| p.revents != 0);
             if aeh_ready || r == 0 {
@@ -422,7 +348,7 @@ impl GcbLayer {
             // SAFETY: all set pointers are null or point at local fd_sets; nfds covers ours.
             let r = unsafe { libc::pselect(nfds.max(top + 1), &mut rs, wp, ep, tptr, sigmask) };
             if r < 0 {
-                return Outcome::Error(errno());
+                return Outcome::Error(net::errno());
             }
             let mut ctl_ready = false;
             for &fd in &ours {
@@ -516,7 +442,7 @@ impl GcbLayer {
                 };
                 // SAFETY: ev is a valid epoll_event; failure (EEXIST etc.) is harmless.
                 let r = unsafe { libc::epoll_ctl(epfd, libc::EPOLL_CTL_ADD, fd, &mut ev) };
-                if r == 0 || errno() == libc::EEXIST {
+                if r == 0 || net::errno() == libc::EEXIST {
                     c.epolls.insert((epfd, fd));
                 } else {
                     return Outcome::Bypass("cannot add the management sockets to this epoll set");
@@ -529,7 +455,7 @@ impl GcbLayer {
             // SAFETY: events holds maxevents writable entries (program's contract).
             let r = unsafe { libc::epoll_pwait(epfd, events, maxevents, ms, sigmask) };
             if r < 0 {
-                return Outcome::Error(errno());
+                return Outcome::Error(net::errno());
             }
             // SAFETY: the kernel filled `r` entries.
             let evs = unsafe { std::slice::from_raw_parts_mut(events, r as usize) };
@@ -564,8 +490,8 @@ impl GcbLayer {
             (libc::SOL_SOCKET, libc::SO_OOBINLINE),
         ] {
             // The new socket has the defaults (0): copy only what the program changed.
-            if let Some(v) = sock_opt(fd, level, opt).filter(|&v| v != 0) {
-                set_sock_opt(newfd, level, opt, v);
+            if let Some(v) = net::sock_opt(fd, level, opt).filter(|&v| v != 0) {
+                net::set_sock_opt(newfd, level, opt, v);
             }
         }
         let cloexec = if fdfl & libc::FD_CLOEXEC != 0 {
@@ -575,7 +501,7 @@ impl GcbLayer {
         };
         // SAFETY: both are open fds of this process.
         if unsafe { libc::dup3(newfd, fd, cloexec) } < 0 {
-            return Err(errno());
+            return Err(net::errno());
         }
         net::close(newfd);
         // The dialed socket is blocking now; restore O_NONBLOCK etc. if the program had them.
@@ -724,7 +650,7 @@ impl Layer for GcbLayer {
         }
         // SAFETY: plain syscall on the program's fd, as it asked.
         if unsafe { libc::listen(fd, backlog) } != 0 {
-            return Outcome::Error(errno());
+            return Outcome::Error(net::errno());
         }
         let Some(local) = net::sock_name(fd, false) else {
             return Outcome::Handled(0);
@@ -742,7 +668,7 @@ impl Layer for GcbLayer {
         } else {
             (local, local)
         };
-        let Some(entry) = socket_entry(fd, entry) else {
+        let Some(entry) = fdtable::socket_entry(fd, entry) else {
             return Outcome::Handled(0);
         };
         match c.register(reg_local, listen_at, &entry, fd) {
@@ -867,7 +793,7 @@ impl Layer for GcbLayer {
                 // SAFETY: set is a valid pollfd array of its length.
                 let r = unsafe { libc::poll(set.as_mut_ptr(), set.len() as libc::nfds_t, ms) };
                 if r < 0 {
-                    return Outcome::Error(errno());
+                    return Outcome::Error(net::errno());
                 }
                 if set[0].revents == 0 {
                     continue;
@@ -886,7 +812,7 @@ impl Layer for GcbLayer {
                 )
             };
             if n < 0 {
-                let e = errno();
+                let e = net::errno();
                 if e == libc::EAGAIN && !nonblock {
                     continue; // another process took it
                 }

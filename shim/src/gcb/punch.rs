@@ -36,19 +36,12 @@ use std::time::{Duration, Instant};
 const BUSY_RETRY: Duration = Duration::from_millis(250);
 
 use super::net;
-use super::udp::UdpSock;
-use crate::fdtable::{self, FdEntry, FdKind};
+use crate::sockstate::UdpSock;
+use crate::fdtable::{self, FdEntry};
 
 /// Runs `f` on the socket's punch state, if it is a GCB UDP socket.
 pub fn with_sock<R>(entry: &FdEntry, f: impl FnOnce(&mut UdpSock) -> R) -> Option<R> {
-    let FdKind::Socket(s) = &entry.kind else {
-        return None;
-    };
-    let mut st = s.state.lock();
-    st.layer
-        .as_mut()
-        .and_then(|l| l.downcast_mut::<UdpSock>())
-        .map(f)
+    entry.with_state(|s| s.udp_mut().map(f)).flatten()
 }
 
 /// Sends one frame (`kind`, header address `addr`, `payload`) from the program's socket

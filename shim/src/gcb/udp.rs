@@ -4,7 +4,7 @@
 //! A UDP socket the program binds (not loopback) is registered with the broker, which
 //! opens a proxy UDP socket and returns its address and a token; `getsockname()` then
 //! reports the proxy. A socket bound to port 0 registers later, when needed (see
-//! [`UdpPending`]). The shim sends a `KeepAlive` frame (a Dummy the broker does not
+//! [`SockState::UdpPending`]). The shim sends a `KeepAlive` frame (a Dummy the broker does not
 //! acknowledge) carrying the token *from the program's own socket* to the proxy: that
 //! opens the NAT mapping the broker relays through, and tells the broker where the socket
 //! is; a few quick repeats and then one per heartbeat interval follow (see
@@ -36,98 +36,39 @@
 //! `From` frames) and punched peers punch again. Whichever holder runs the AEH keeps the
 //! registration alive; the last one to close the socket unregisters it.
 
-use gcb_proto::punch::{PunchTable, Verdict};
+use gcb_proto::punch::Verdict;
 use gcb_proto::udp::{self, UdpKind};
 use gcb_proto::UDP_HEADER_LEN;
 use libc::{c_int, c_void, iovec, msghdr, sockaddr_in, socklen_t, ssize_t};
-use std::collections::HashSet;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::Arc;
 use std::time::Instant;
 
 use super::{net, GcbLayer};
 use crate::fdtable::{self, FdEntry, FdKind};
+use crate::sockstate::SockState;
 use crate::layer::{AddrOut, IoCall, Outcome};
 
 /// Most senders a socket remembers for replies (a new one beyond it replaces the list).
 const MAX_RECEIVERS: usize = 4096;
 
-/// Per-socket state of a GCB-registered UDP socket, in the fd table entry.
-pub struct UdpSock {
-    pub proxy: SocketAddrV4,
-    /// `connect()`ed to this relayed sender (virtually: the kernel stays unconnected).
-    pub peer: Option<SocketAddrV4>,
-    /// Senders seen through the proxy: replies to them go back through it.
-    pub receivers: HashSet<SocketAddrV4>,
-    /// Punched peers (GCB <-> GCB, see [`super::punch`]): datagrams to them go direct.
-    pub punch: PunchTable,
-    /// The broker's IP: a send to another address on it may be punched.
-    pub broker: Ipv4Addr,
+pub use crate::sockstate::UdpSock;
+
+fn is_state(entry: &FdEntry, f: impl FnOnce(&SockState) -> bool) -> bool {
+    entry.with_state(|s| f(s)).unwrap_or(false)
 }
 
-impl UdpSock {
-    /// A registered socket's state: relayed through `proxy` on the broker at `broker`,
-    /// no sender heard yet, nothing punched.
-    pub fn new(proxy: SocketAddrV4, broker: Ipv4Addr) -> UdpSock {
-        UdpSock {
-            proxy,
-            peer: None,
-            receivers: HashSet::new(),
-            punch: PunchTable::new(),
-            broker,
-        }
-    }
+fn set_state(entry: &FdEntry, new: SockState) {
+    entry.with_state(|s| *s = new);
 }
 
-/// Marks a UDP socket the program bound to port 0: it registers only when its address
-/// matters, at its first getsockname() or its first send to the broker's host (another
-/// registration's proxy, where it may punch). Until then it is a plain socket: the
-/// kernel's port, no proxy, nothing at the broker. A client that only talks to public
-/// hosts (through its NAT, like any UDP client) never pays the registration round trip
-/// and never holds a proxy. (A socket the program never bound, which the kernel binds at
-/// its first send, does not register at all.)
-pub struct UdpPending;
-
-/// Marks a [`UdpPending`] socket whose registration is on its way (started by its first
-/// datagram to the broker's host, answered in the AEH; see
-/// [`super::client::Client::register_udp_start`]). Meanwhile it is a plain socket, as
-/// before; getsockname() waits for the answer.
-pub struct UdpRegistering;
-
-fn has_marker<T: 'static>(entry: &FdEntry) -> bool {
-    let FdKind::Socket(s) = &entry.kind else {
-        return false;
-    };
-    let st = s.state.lock();
-    st.layer.as_ref().is_some_and(|l| l.is::<T>())
-}
-
-/// Removes a `T` marker; true if there was one.
-fn take_marker<T: 'static>(entry: &FdEntry) -> bool {
-    let FdKind::Socket(s) = &entry.kind else {
-        return false;
-    };
-    let mut st = s.state.lock();
-    if st.layer.as_ref().is_some_and(|l| l.is::<T>()) {
-        st.layer = None;
-        return true;
-    }
-    false
-}
-
-fn set_marker<T: Send + 'static>(entry: &FdEntry, marker: T) {
-    if let FdKind::Socket(s) = &entry.kind {
-        s.state.lock().layer = Some(Box::new(marker));
-    }
-}
-
-/// Removes the [`UdpRegistering`] mark; true if there was one (the AEH's answer applies).
+/// Ends [`SockState::UdpRegistering`]; true if it was (the AEH's answer applies).
 pub fn take_registering(entry: &FdEntry) -> bool {
-    take_marker::<UdpRegistering>(entry)
+    entry.with_state(SockState::take_udp_registering) == Some(true)
 }
 
 fn is_registering(entry: &FdEntry) -> bool {
-    has_marker::<UdpRegistering>(entry)
+    is_state(entry, |s| matches!(s, SockState::UdpRegistering))
 }
 
 /// In a fork child: a registration the parent started is the parent's (its answer goes to
@@ -136,22 +77,22 @@ pub fn registering_to_pending_after_fork() {
     for fd in fdtable::fds_matching(|e| matches!(e.kind, FdKind::Socket(_))) {
         if let Some(e) = fdtable::get(fd) {
             if take_registering(&e) {
-                set_marker(&e, UdpPending);
+                set_state(&e, SockState::UdpPending);
             }
         }
     }
 }
 
 fn is_pending(entry: &FdEntry) -> bool {
-    has_marker::<UdpPending>(entry)
+    is_state(entry, |s| matches!(s, SockState::UdpPending))
 }
 
-/// Removes the pending mark; true if there was one.
+/// Ends [`SockState::UdpPending`]; true if it was.
 fn take_pending(entry: &FdEntry) -> bool {
-    take_marker::<UdpPending>(entry)
+    entry.with_state(SockState::take_udp_pending) == Some(true)
 }
 
-/// `udpq=FD:INO` entries of `GCB_INHERIT` for the [`UdpPending`] sockets that survive an
+/// `udpq=FD:INO` entries of `GCB_INHERIT` for the [`SockState::UdpPending`] sockets that survive an
 /// exec (not close-on-exec): the new image marks them pending again.
 pub fn pending_handoff() -> Vec<String> {
     // (The sockets' own locks are taken outside the table scan.)
@@ -161,7 +102,7 @@ pub fn pending_handoff() -> Vec<String> {
         .filter(|&fd| {
             crate::sys::fcntl_raw(fd, libc::F_GETFD, 0).is_ok_and(|f| f & libc::FD_CLOEXEC == 0)
         })
-        .filter_map(|fd| Some(format!("udpq={fd}:{}", super::client::inode(fd)?)))
+        .filter_map(|fd| Some(format!("udpq={fd}:{}", crate::procid::inode(fd)?)))
         .collect()
 }
 
@@ -176,15 +117,15 @@ pub fn adopt_pending(spec: &str) {
             crate::warn!("GCB_INHERIT: ignored malformed udpq= entry");
             continue;
         };
-        if ino == 0 || super::client::inode(fd) != Some(ino) || !is_udp4(fd) {
+        if ino == 0 || crate::procid::inode(fd) != Some(ino) || !is_udp4(fd) {
             continue;
         }
         let entry = fdtable::get(fd);
         if entry.as_ref().is_some_and(|e| state(e).is_some()) {
             continue;
         }
-        if let Some(entry) = super::socket_entry(fd, entry.as_ref()) {
-            set_marker(&entry, UdpPending);
+        if let Some(entry) = fdtable::socket_entry(fd, entry.as_ref()) {
+            set_state(&entry, SockState::UdpPending);
             crate::debug!("inherited pending udp fd {}", fd);
         }
     }
@@ -212,46 +153,32 @@ fn send_dest(call: &IoCall) -> Option<SocketAddrV4> {
 enum UdpView {
     /// Registered: its proxy and its virtual peer.
     Registered(SocketAddrV4, Option<SocketAddrV4>),
-    /// Its registration is on its way ([`UdpRegistering`]).
+    /// Its registration is on its way ([`SockState::UdpRegistering`]).
     Registering,
     /// Anything else (pending, a TCP socket...).
     Other,
 }
 
 fn view(entry: &FdEntry) -> UdpView {
-    let FdKind::Socket(s) = &entry.kind else {
-        return UdpView::Other;
-    };
-    let st = s.state.lock();
-    match st.layer.as_ref() {
-        Some(l) if l.is::<UdpRegistering>() => UdpView::Registering,
-        Some(l) => l
-            .downcast_ref::<UdpSock>()
-            .map_or(UdpView::Other, |u| UdpView::Registered(u.proxy, u.peer)),
-        None => UdpView::Other,
-    }
+    entry
+        .with_state(|s| match s {
+            SockState::UdpRegistering => UdpView::Registering,
+            SockState::UdpRegistered(u) => UdpView::Registered(u.proxy, u.peer),
+            _ => UdpView::Other,
+        })
+        .unwrap_or(UdpView::Other)
 }
 
+/// A registered UDP socket's proxy and virtual peer.
 pub fn state(entry: &FdEntry) -> Option<(SocketAddrV4, Option<SocketAddrV4>)> {
-    let FdKind::Socket(s) = &entry.kind else {
-        return None;
-    };
-    let st = s.state.lock();
-    st.layer
-        .as_ref()
-        .and_then(|l| l.downcast_ref::<UdpSock>())
-        .map(|u| (u.proxy, u.peer))
+    entry
+        .with_state(|s| s.udp().map(|u| (u.proxy, u.peer)))
+        .flatten()
 }
 
-fn with_state<R>(entry: &FdEntry, f: impl FnOnce(&mut UdpSock) -> R) -> Option<R> {
-    let FdKind::Socket(s) = &entry.kind else {
-        return None;
-    };
-    let mut st = s.state.lock();
-    st.layer
-        .as_mut()
-        .and_then(|l| l.downcast_mut::<UdpSock>())
-        .map(f)
+/// Runs `f` on a registered UDP socket's state.
+pub fn with_state<R>(entry: &FdEntry, f: impl FnOnce(&mut UdpSock) -> R) -> Option<R> {
+    entry.with_state(|s| s.udp_mut().map(f)).flatten()
 }
 
 fn errno() -> c_int {
@@ -261,8 +188,8 @@ fn errno() -> c_int {
 }
 
 pub fn is_udp4(fd: c_int) -> bool {
-    super::sock_opt(fd, libc::SOL_SOCKET, libc::SO_DOMAIN) == Some(libc::AF_INET)
-        && super::sock_opt(fd, libc::SOL_SOCKET, libc::SO_TYPE) == Some(libc::SOCK_DGRAM)
+    net::sock_opt(fd, libc::SOL_SOCKET, libc::SO_DOMAIN) == Some(libc::AF_INET)
+        && net::sock_opt(fd, libc::SOL_SOCKET, libc::SO_TYPE) == Some(libc::SOCK_DGRAM)
 }
 
 /// Send a keepalive with `token` from the program's socket `fd` to `proxy`.
@@ -280,7 +207,7 @@ impl GcbLayer {
     /// After a successful bind of a UDP socket: register it, and punch the NAT mapping.
     /// bind() of a socket succeeded; `requested` is the address the program asked for.
     /// A UDP socket bound to a port registers now; one bound to port 0 is marked
-    /// [`UdpPending`].
+    /// [`SockState::UdpPending`].
     pub fn on_bound_udp_lazy(
         &self,
         fd: c_int,
@@ -291,15 +218,15 @@ impl GcbLayer {
         if !lazy || !is_udp4(fd) || entry.is_some_and(|e| state(e).is_some()) {
             return self.on_bound_udp(fd, entry);
         }
-        let Some(entry) = super::socket_entry(fd, entry) else {
+        let Some(entry) = fdtable::socket_entry(fd, entry) else {
             return;
         };
-        set_marker(&entry, UdpPending);
+        set_state(&entry, SockState::UdpPending);
         crate::debug!("udp fd {}: bound to port 0, registers when needed", fd);
     }
 
-    /// A [`UdpPending`] socket registers now (its address is asked for); a
-    /// [`UdpRegistering`] one waits for its registration's answer (bounded by the
+    /// A [`SockState::UdpPending`] socket registers now (its address is asked for); a
+    /// [`SockState::UdpRegistering`] one waits for its registration's answer (bounded by the
     /// registration deadline, after which it is a plain socket).
     pub fn settle_pending_udp(&self, fd: c_int, entry: &Arc<FdEntry>) {
         if take_pending(entry) {
@@ -347,14 +274,12 @@ impl GcbLayer {
             return;
         };
         let mut c = self.client().lock();
-        let Some(entry) = super::socket_entry(fd, entry) else {
+        let Some(entry) = fdtable::socket_entry(fd, entry) else {
             return;
         };
         match c.register_udp(reg_local, &entry, fd) {
             Ok((proxy, token)) => {
-                if let FdKind::Socket(s) = &entry.kind {
-                    s.state.lock().layer = Some(Box::new(UdpSock::new(proxy, *c.broker.ip())));
-                }
+                set_state(&entry, SockState::UdpRegistered(UdpSock::new(proxy, *c.broker.ip())));
                 send_keepalive(fd, proxy, &token);
                 crate::info!(
                     "registered udp {} with broker {}: proxy {}",
@@ -709,7 +634,7 @@ impl GcbLayer {
         }
     }
 
-    /// A send on a managed but unregistered UDP socket. A [`UdpPending`] socket's first
+    /// A send on a managed but unregistered UDP socket. A [`SockState::UdpPending`] socket's first
     /// datagram to the broker's host (another registration's proxy) registers it, so the
     /// exchange can punch. The datagram goes first, as is (to that proxy, exactly what the
     /// registered path sends first), and the registration round trip runs while it is on
@@ -750,9 +675,12 @@ impl GcbLayer {
         let mut c = self.client().lock();
         match c.register_udp_start(local, entry, fd, dest) {
             // The marker is set under the client lock, before the AEH can see the answer.
-            Ok(None) => set_marker(entry, UdpRegistering),
+            Ok(None) => set_state(entry, SockState::UdpRegistering),
             Ok(Some((proxy, token))) => {
-                set_marker(entry, UdpSock::new(proxy, *c.broker.ip()));
+                set_state(
+                    entry,
+                    SockState::UdpRegistered(UdpSock::new(proxy, *c.broker.ip())),
+                );
                 send_keepalive(fd, proxy, &token);
                 if with_state(entry, |u| u.punch.should_ask(dest, Instant::now())) == Some(true) {
                     c.request_punch(proxy, dest, entry);

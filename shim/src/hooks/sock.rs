@@ -8,7 +8,7 @@ use libc::{c_int, sockaddr, socklen_t};
 use std::sync::Arc;
 
 use super::{run, shim_fd_outcome, why, Outcome};
-use crate::fdtable::{self, FdEntry, FdKind, SocketEntry};
+use crate::fdtable::{self, FdEntry, FdKind};
 use crate::layer::{self, AddrIn, AddrOut};
 
 /// A new fd came back from the kernel: whatever the table held for that number is stale
@@ -17,22 +17,6 @@ use crate::layer::{self, AddrIn, AddrOut};
 fn fresh_fd(fd: c_int) {
     if fd >= 0 && fdtable::is_marked(fd) {
         drop(fdtable::remove(fd));
-    }
-}
-
-fn manage_new(fd: c_int, domain: c_int, ty: c_int, proto: c_int) {
-    let Some(l) = layer::active() else { return };
-    if let Some(state) = l.on_new_socket(fd, domain, ty, proto) {
-        let e = Arc::new(FdEntry {
-            kind: FdKind::Socket(SocketEntry {
-                domain,
-                sock_type: ty,
-                state: crate::forklock::ForkMutex::new(state),
-            }),
-        });
-        if fdtable::insert(fd, e).is_err() {
-            crate::warn!("fd {} beyond the fd table; socket left unmanaged", fd);
-        }
     }
 }
 
@@ -50,12 +34,8 @@ redhook::hook! {
         // SAFETY: real socket() with the program's arguments.
         let fd = unsafe { redhook::real!(socket)(domain, ty, protocol) };
         fresh_fd(fd);
-        if fd >= 0 && layer::active().is_some() {
-            run(move || { manage_new(fd, domain, ty, protocol); Outcome::Handled(fd) }, || fd)
-        } else {
-            crate::trace!("socket({}, {:#x}, {}) = {}", domain, ty, protocol, fd);
-            fd
-        }
+        crate::trace!("socket({}, {:#x}, {}) = {}", domain, ty, protocol, fd);
+        fd
     }
 }
 
