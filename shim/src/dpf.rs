@@ -49,8 +49,8 @@ use std::time::{Duration, Instant};
 use crate::control::{drop_owned, Answer, Channel};
 use crate::fdtable::{self, FdEntry, FdKind, ShimFd};
 use crate::forklock::ForkMutex;
-use crate::sockstate::SockState;
 use crate::net;
+use crate::sockstate::SockState;
 
 /// Default portfwd control port (UDP).
 pub const DEFAULT_DPF_PORT: u16 = 9651;

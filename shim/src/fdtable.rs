@@ -107,6 +107,12 @@ impl FdEntry {
         }
     }
 
+    /// Makes a GCB TCP socket of this entry (a registered listener or a brokered
+    /// connection).
+    pub fn set_gcb(&self, v: crate::sockstate::GcbSock) {
+        self.with_state(|s| *s = SockState::Gcb(v));
+    }
+
     /// Runs `f` on the socket's state (None for a shim-owned fd). Keep `f` short: it
     /// holds the entry's lock.
     pub fn with_state<R>(&self, f: impl FnOnce(&mut SockState) -> R) -> Option<R> {

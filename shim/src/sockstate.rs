@@ -145,7 +145,8 @@ impl SockState {
 
     /// UdpPending -> Plain; true if it was pending.
     pub fn take_udp_pending(&mut self) -> bool {
-        self.take_if(|s| matches!(s, SockState::UdpPending)).is_some()
+        self.take_if(|s| matches!(s, SockState::UdpPending))
+            .is_some()
     }
 
     /// UdpRegistering -> Plain; true if it was registering (the AEH's answer applies).
@@ -225,8 +226,15 @@ mod tests {
         let mut u = SockState::UdpRegistered(UdpSock::new(a("1.1.1.1:3"), Ipv4Addr::LOCALHOST));
         u.set_proxy(a("1.1.1.1:4"));
         assert_eq!(u.udp().unwrap().proxy, a("1.1.1.1:4"));
-        let mut acc = SockState::Gcb(GcbSock::Accepted { peer: a("2.2.2.2:5") });
+        let mut acc = SockState::Gcb(GcbSock::Accepted {
+            peer: a("2.2.2.2:5"),
+        });
         acc.set_proxy(a("1.1.1.1:4"));
-        assert_eq!(acc.gcb(), Some(GcbSock::Accepted { peer: a("2.2.2.2:5") }));
+        assert_eq!(
+            acc.gcb(),
+            Some(GcbSock::Accepted {
+                peer: a("2.2.2.2:5")
+            })
+        );
     }
 }

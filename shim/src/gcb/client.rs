@@ -44,12 +44,12 @@ use std::time::{Duration, Instant};
 
 use super::dial::{DialEvent, Dials};
 use super::inherit::{self, Entry, UdpEntry};
-use super::net;
 use super::standby::{Standby, StandbyEvent, StandbySlot, Watch};
-use super::GcbSock;
 pub use crate::control::Answer;
 use crate::control::{self, drop_owned, getpid, now};
 use crate::fdtable::{self, FdEntry, ShimFd};
+use crate::net;
+use crate::sockstate::GcbSock;
 use crate::sockstate::{SockState, UdpSock};
 
 /// How long listen() waits for the broker before serving locally only.
@@ -99,7 +99,7 @@ pub fn preamble(key: Option<&PoolKey>, id: &ConnectId) -> Vec<u8> {
     format!("GCB-CONNECT {p}\n").into_bytes()
 }
 
-use super::net::errstr;
+use crate::net::errstr;
 pub use crate::procid::{held_elsewhere, inode};
 
 /// Whether `fd` stays open across exec (no close-on-exec).
@@ -947,13 +947,10 @@ impl Client {
             &entry,
             fd,
         );
-        super::set_gcb_state(
-            &entry,
-            super::GcbSock::Listener {
-                proxy,
-                local: r.local,
-            },
-        );
+        entry.set_gcb(GcbSock::Listener {
+            proxy,
+            local: r.local,
+        });
         crate::info!(
             "registered {} with broker {}: proxy {}",
             r.local,
@@ -1908,7 +1905,7 @@ impl Client {
             let Some(entry) = fdtable::socket_entry(fd, None) else {
                 continue;
             };
-            super::set_gcb_state(&entry, GcbSock::Listener { proxy, local });
+            entry.set_gcb(GcbSock::Listener { proxy, local });
             self.regs.insert(
                 (Transport::Tcp, proxy),
                 Registration {

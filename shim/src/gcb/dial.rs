@@ -18,10 +18,10 @@ use std::net::SocketAddrV4;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::net;
 use super::standby::Watch;
 use crate::control::drop_owned;
 use crate::fdtable::{self, ShimFd};
+use crate::net;
 
 /// Dials in flight at most; a `connect_back` beyond this is refused.
 pub const MAX_DIALS: usize = 64;

@@ -50,7 +50,6 @@
 //! handoff.
 
 pub mod client;
-pub(crate) use crate::net;
 pub mod dial;
 pub mod inherit;
 pub mod punch;
@@ -65,9 +64,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::fdtable::{self, FdEntry};
-use crate::sockstate::SockState;
 use crate::forklock::ForkMutex;
 use crate::layer::{AddrIn, AddrOut, IoCall, Layer, Outcome, WaitCall};
+use crate::net;
 use client::{Answer, Client};
 
 /// Default broker control port (UDP; the relay is TCP on the same port).
@@ -97,10 +96,6 @@ pub fn parse_broker(s: &str) -> Option<SocketAddrV4> {
 
 fn gcb_state(entry: &FdEntry) -> Option<GcbSock> {
     entry.with_state(|s| s.gcb()).flatten()
-}
-
-pub(crate) fn set_gcb_state(entry: &FdEntry, v: GcbSock) {
-    entry.with_state(|s| *s = SockState::Gcb(v));
 }
 
 fn is_tcp4(fd: c_int) -> bool {
@@ -229,7 +224,7 @@ impl GcbLayer {
         };
         let _ = crate::sys::fcntl_raw(rfd, libc::F_SETFD, cloexec);
         if let Some(e) = fdtable::socket_entry(rfd, None) {
-            set_gcb_state(&e, GcbSock::Accepted { peer: logical });
+            e.set_gcb(GcbSock::Accepted { peer: logical });
         }
         net::write_addr_out(addr, logical);
         crate::debug!("accept: brokered connection from {} as fd {}", logical, rfd);
@@ -673,13 +668,10 @@ impl Layer for GcbLayer {
         };
         match c.register(reg_local, listen_at, &entry, fd) {
             Ok(proxy) => {
-                set_gcb_state(
-                    &entry,
-                    GcbSock::Listener {
-                        proxy,
-                        local: reg_local,
-                    },
-                );
+                entry.set_gcb(GcbSock::Listener {
+                    proxy,
+                    local: reg_local,
+                });
                 crate::info!(
                     "registered {} with broker {}: proxy {}",
                     reg_local,

@@ -35,9 +35,9 @@ use std::time::{Duration, Instant};
 /// How soon to ask again after a `busy` punch refusal.
 const BUSY_RETRY: Duration = Duration::from_millis(250);
 
-use super::net;
-use crate::sockstate::UdpSock;
 use crate::fdtable::{self, FdEntry};
+use crate::net;
+use crate::sockstate::UdpSock;
 
 /// Runs `f` on the socket's punch state, if it is a GCB UDP socket.
 pub fn with_sock<R>(entry: &FdEntry, f: impl FnOnce(&mut UdpSock) -> R) -> Option<R> {

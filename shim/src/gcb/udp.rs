@@ -44,10 +44,11 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::{net, GcbLayer};
+use super::GcbLayer;
 use crate::fdtable::{self, FdEntry, FdKind};
-use crate::sockstate::SockState;
 use crate::layer::{AddrOut, IoCall, Outcome};
+use crate::net;
+use crate::sockstate::SockState;
 
 /// Most senders a socket remembers for replies (a new one beyond it replaces the list).
 const MAX_RECEIVERS: usize = 4096;
@@ -279,7 +280,10 @@ impl GcbLayer {
         };
         match c.register_udp(reg_local, &entry, fd) {
             Ok((proxy, token)) => {
-                set_state(&entry, SockState::UdpRegistered(UdpSock::new(proxy, *c.broker.ip())));
+                set_state(
+                    &entry,
+                    SockState::UdpRegistered(UdpSock::new(proxy, *c.broker.ip())),
+                );
                 send_keepalive(fd, proxy, &token);
                 crate::info!(
                     "registered udp {} with broker {}: proxy {}",
