@@ -18,6 +18,18 @@ pub fn errno() -> c_int {
         .unwrap_or(libc::EIO)
 }
 
+/// An IPv4 UDP socket?
+pub fn is_udp4(fd: c_int) -> bool {
+    sock_opt(fd, libc::SOL_SOCKET, libc::SO_DOMAIN) == Some(libc::AF_INET)
+        && sock_opt(fd, libc::SOL_SOCKET, libc::SO_TYPE) == Some(libc::SOCK_DGRAM)
+}
+
+/// An IPv4 TCP socket?
+pub fn is_tcp4(fd: c_int) -> bool {
+    sock_opt(fd, libc::SOL_SOCKET, libc::SO_DOMAIN) == Some(libc::AF_INET)
+        && sock_opt(fd, libc::SOL_SOCKET, libc::SO_TYPE) == Some(libc::SOCK_STREAM)
+}
+
 /// An int socket option, or None on error.
 pub fn sock_opt(fd: c_int, level: c_int, opt: c_int) -> Option<c_int> {
     let mut v: c_int = 0;

@@ -1089,7 +1089,9 @@ impl Client {
             }),
             _ => None,
         };
-        let live = entry.upgrade().filter(|e| super::udp::take_registering(e));
+        let live = entry
+            .upgrade()
+            .filter(|e| e.with_state(SockState::take_udp_registering) == Some(true));
         let Some((proxy, lease_ms, token)) = granted else {
             if live.is_some() {
                 crate::warn!(
@@ -1117,7 +1119,7 @@ impl Client {
             *s = SockState::UdpRegistered(UdpSock::new(proxy, *self.broker.ip()));
         });
         let fd = fdtable::fds_of(&e).first().copied().unwrap_or(fd);
-        super::udp::send_keepalive(fd, proxy, &token);
+        super::punch::send_keepalive(fd, proxy, &token);
         crate::info!(
             "registered udp {} with broker {}: proxy {}",
             local,
@@ -1175,7 +1177,7 @@ impl Client {
             else {
                 continue;
             };
-            super::udp::send_keepalive(fd, *proxy, &u.token);
+            super::punch::send_keepalive(fd, *proxy, &u.token);
             if u.quick_left > 0 {
                 u.quick_left -= 1;
                 u.next_dummy = now + DUMMY_RETRY * 2;
@@ -1848,7 +1850,7 @@ impl Client {
                     listen_at,
                     ctl,
                 } if fd_ok(fd, ino) => regs.push((fd, ino, proxy, local, listen_at, ctl)),
-                Entry::Udp(u) if fd_ok(u.fd, u.ino) && super::udp::is_udp4(u.fd) => udps.push(u),
+                Entry::Udp(u) if fd_ok(u.fd, u.ino) && net::is_udp4(u.fd) => udps.push(u),
                 Entry::Own {
                     transport,
                     proxy,
@@ -1928,7 +1930,7 @@ impl Client {
     }
 
     /// Adopt inherited registered UDP sockets (fds already checked): each gets its
-    /// [`super::udp::UdpSock`] back with the same proxy (an empty receiver list, no
+    /// [`UdpSock`] back with the same proxy (an empty receiver list, no
     /// punch records: peers punch again) and holds the registration with its token; the
     /// first keepalive goes out at the AEH's first run.
     fn adopt_udp(

@@ -98,11 +98,6 @@ fn gcb_state(entry: &FdEntry) -> Option<GcbSock> {
     entry.with_state(|s| s.gcb()).flatten()
 }
 
-fn is_tcp4(fd: c_int) -> bool {
-    net::sock_opt(fd, libc::SOL_SOCKET, libc::SO_DOMAIN) == Some(libc::AF_INET)
-        && net::sock_opt(fd, libc::SOL_SOCKET, libc::SO_TYPE) == Some(libc::SOCK_STREAM)
-}
-
 /// A program-side deadline from a poll-style timeout (ms, -1 infinite, -2: use `ts`).
 fn deadline_of(timeout_ms: c_int, ts: *const libc::timespec) -> Option<Instant> {
     let d = if timeout_ms == -2 {
@@ -632,7 +627,7 @@ impl Layer for GcbLayer {
     }
 
     fn on_listen(&self, fd: c_int, entry: Option<&Arc<FdEntry>>, backlog: c_int) -> Outcome<c_int> {
-        if !is_tcp4(fd) {
+        if !net::is_tcp4(fd) {
             return Outcome::Bypass("not an IPv4 TCP socket");
         }
         if let Some(GcbSock::Listener { .. }) = entry.and_then(|e| gcb_state(e)) {
@@ -856,7 +851,7 @@ impl Layer for GcbLayer {
             }
             (c.broker, c.route_ip())
         };
-        if !is_tcp4(fd) {
+        if !net::is_tcp4(fd) {
             return Outcome::Bypass("not an IPv4 TCP socket");
         }
         let local_ip = local_ip.unwrap_or(Ipv4Addr::UNSPECIFIED);

@@ -44,6 +44,17 @@ pub fn with_sock<R>(entry: &FdEntry, f: impl FnOnce(&mut UdpSock) -> R) -> Optio
     entry.with_state(|s| s.udp_mut().map(f)).flatten()
 }
 
+/// Send a keepalive with `token` from the program's socket `fd` to `proxy`.
+pub fn send_keepalive(fd: c_int, proxy: SocketAddrV4, token: &[u8]) {
+    send_frame(
+        fd,
+        proxy,
+        UdpKind::KeepAlive,
+        SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0),
+        token,
+    );
+}
+
 /// Sends one frame (`kind`, header address `addr`, `payload`) from the program's socket
 /// `fd` to `to`, never blocking. Errors are only logged (the timers retry).
 pub fn send_frame(fd: c_int, to: SocketAddrV4, kind: UdpKind, addr: SocketAddrV4, payload: &[u8]) {

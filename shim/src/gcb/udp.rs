@@ -118,7 +118,7 @@ pub fn adopt_pending(spec: &str) {
             crate::warn!("GCB_INHERIT: ignored malformed udpq= entry");
             continue;
         };
-        if ino == 0 || crate::procid::inode(fd) != Some(ino) || !is_udp4(fd) {
+        if ino == 0 || crate::procid::inode(fd) != Some(ino) || !net::is_udp4(fd) {
             continue;
         }
         let entry = fdtable::get(fd);
@@ -188,21 +188,7 @@ fn errno() -> c_int {
         .unwrap_or(libc::EIO)
 }
 
-pub fn is_udp4(fd: c_int) -> bool {
-    net::sock_opt(fd, libc::SOL_SOCKET, libc::SO_DOMAIN) == Some(libc::AF_INET)
-        && net::sock_opt(fd, libc::SOL_SOCKET, libc::SO_TYPE) == Some(libc::SOCK_DGRAM)
-}
-
-/// Send a keepalive with `token` from the program's socket `fd` to `proxy`.
-pub fn send_keepalive(fd: c_int, proxy: SocketAddrV4, token: &[u8]) {
-    super::punch::send_frame(
-        fd,
-        proxy,
-        UdpKind::KeepAlive,
-        SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0),
-        token,
-    );
-}
+pub use super::punch::send_keepalive;
 
 impl GcbLayer {
     /// After a successful bind of a UDP socket: register it, and punch the NAT mapping.
@@ -216,7 +202,7 @@ impl GcbLayer {
         requested: Option<SocketAddrV4>,
     ) {
         let lazy = requested.is_some_and(|a| a.port() == 0 && !a.ip().is_loopback());
-        if !lazy || !is_udp4(fd) || entry.is_some_and(|e| state(e).is_some()) {
+        if !lazy || !net::is_udp4(fd) || entry.is_some_and(|e| state(e).is_some()) {
             return self.on_bound_udp(fd, entry);
         }
         let Some(entry) = fdtable::socket_entry(fd, entry) else {
@@ -268,7 +254,7 @@ impl GcbLayer {
     }
 
     pub fn on_bound_udp(&self, fd: c_int, entry: Option<&Arc<FdEntry>>) {
-        if !is_udp4(fd) || entry.is_some_and(|e| state(e).is_some()) {
+        if !net::is_udp4(fd) || entry.is_some_and(|e| state(e).is_some()) {
             return;
         }
         let Some(reg_local) = self.registration_local(fd) else {

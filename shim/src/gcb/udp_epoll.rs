@@ -42,7 +42,7 @@ impl GcbLayer {
         entry: &Arc<FdEntry>,
         ev: *const epoll_event,
     ) {
-        if super::udp::state(entry).is_none() && !super::udp::is_udp4(fd) {
+        if super::udp::state(entry).is_none() && !crate::net::is_udp4(fd) {
             return;
         }
         let event = match op {
