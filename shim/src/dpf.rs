@@ -116,15 +116,9 @@ pub struct DpfClient {
     state: ForkMutex<State>,
 }
 
-/// Parse `IP[:PORT]`.
-pub fn parse_server(s: &str) -> Option<SocketAddrV4> {
-    let s = s.trim();
-    if let Ok(a) = s.parse::<SocketAddrV4>() {
-        return Some(a);
-    }
-    s.parse::<Ipv4Addr>()
-        .ok()
-        .map(|ip| SocketAddrV4::new(ip, DEFAULT_DPF_PORT))
+/// Parses `GCB_DPF_SERVER` (`IP[:PORT]`, IPv4 only for now).
+pub fn parse_server(s: &str) -> Result<SocketAddrV4, gcb_proto::addr::AddrError> {
+    gcb_proto::addr::parse_endpoint_v4(s, DEFAULT_DPF_PORT)
 }
 
 fn errno_for(code: ErrorCode) -> c_int {

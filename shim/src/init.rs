@@ -143,10 +143,9 @@ fn install_layers(cfg: &Config) -> &'static str {
         .as_deref()
         .and_then(|b| install_gcb(b, key.clone()));
     let dpf = cfg.dpf_server.as_deref().and_then(|s| {
-        let addr = crate::dpf::parse_server(s);
-        if addr.is_none() {
-            crate::error!("GCB_DPF_SERVER={:?} is not IP[:PORT]; DPF disabled", s);
-        }
+        let addr = crate::dpf::parse_server(s)
+            .map_err(|e| crate::error!("GCB_DPF_SERVER: {}; DPF disabled", e))
+            .ok();
         let refresh = getenv(c"GCB_DPF_REFRESH_MS")
             .and_then(|v| v.parse::<u64>().ok())
             .filter(|&ms| ms >= 100)
@@ -173,9 +172,12 @@ fn install_layers(cfg: &Config) -> &'static str {
 /// The GCB layer for `GCB_BROKER=IP[:PORT]`, with the registrations an exec'ing image
 /// handed over.
 fn install_gcb(broker: &str, key: Option<gcb_proto::PoolKey>) -> Option<crate::gcb::GcbLayer> {
-    let Some(addr) = crate::gcb::parse_broker(broker) else {
-        crate::error!("GCB_BROKER={:?} is not IP[:PORT]; GCB disabled", broker);
-        return None;
+    let addr = match crate::gcb::parse_broker(broker) {
+        Ok(a) => a,
+        Err(e) => {
+            crate::error!("GCB_BROKER: {}; GCB disabled", e);
+            return None;
+        }
     };
     // Heartbeats keep the NAT's UDP mapping and the broker's lease alive; the default
     // is well under Linux conntrack's 30 s. GCB_HEARTBEAT_MS tunes it (e.g. for NATs

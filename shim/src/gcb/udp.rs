@@ -44,7 +44,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::GcbLayer;
+use super::core::GcbLayer;
 use crate::fdtable::{self, FdEntry, FdKind};
 use crate::layer::{AddrOut, IoCall, Outcome};
 use crate::net;

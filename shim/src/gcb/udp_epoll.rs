@@ -22,7 +22,7 @@
 
 use libc::{c_int, epoll_event};
 
-use super::GcbLayer;
+use super::core::GcbLayer;
 use crate::fdtable::FdEntry;
 use std::sync::Arc;
 

@@ -1,0 +1,556 @@
+//! GCB over TCP: `listen()` registers the socket with the broker, `getsockname()` and
+//! `getpeername()` report the proxy and the logical peer, `accept()` returns brokered
+//! connections in arrival order, and `connect()` to a proxy asks the broker for the route
+//! (direct, reverse or relay) and makes that connection on the program's socket.
+
+use gcb_proto::{Body, Route, Transport};
+use libc::c_int;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::abi::{AddrIn, AddrOut, Outcome};
+use crate::fdtable::{self, FdEntry};
+use crate::net;
+use crate::sockstate::GcbSock;
+
+use super::client::{self, Answer};
+use super::core::{expired, gcb_state, slice_ms, GcbLayer};
+use super::udp;
+
+/// How long a `relay` decision for a proxy is reused without asking the broker again.
+const RELAYED_TTL: Duration = Duration::from_secs(60);
+
+impl GcbLayer {
+    /// Return brokered connection `rfd` from accept4() with `flags`, as from `logical`.
+    pub(super) fn accepted(
+        &self,
+        rfd: c_int,
+        logical: SocketAddrV4,
+        addr: AddrOut,
+        flags: c_int,
+    ) -> c_int {
+        if flags & libc::SOCK_NONBLOCK != 0 {
+            let _ = net::set_nonblocking(rfd, true);
+        }
+        // Inheritable unless accept4 asked otherwise.
+        let cloexec = if flags & libc::SOCK_CLOEXEC != 0 {
+            libc::FD_CLOEXEC as libc::c_ulong
+        } else {
+            0
+        };
+        let _ = crate::sys::fcntl_raw(rfd, libc::F_SETFD, cloexec);
+        if let Some(e) = fdtable::socket_entry(rfd, None) {
+            e.set_gcb(GcbSock::Accepted { peer: logical });
+        }
+        net::write_addr_out(addr, logical);
+        crate::debug!("accept: brokered connection from {} as fd {}", logical, rfd);
+        rfd
+    }
+
+    /// Swap the connection `newfd` into the program's `fd`, keeping the program's
+    /// O_NONBLOCK, FD_CLOEXEC and the socket options it is likely to have set.
+    fn install_connection(&self, fd: c_int, newfd: c_int) -> Result<(), c_int> {
+        let fl = crate::sys::fcntl_raw(fd, libc::F_GETFL, 0)?;
+        let fdfl = crate::sys::fcntl_raw(fd, libc::F_GETFD, 0)?;
+        for (level, opt) in [
+            (libc::IPPROTO_TCP, libc::TCP_NODELAY),
+            (libc::SOL_SOCKET, libc::SO_KEEPALIVE),
+            (libc::SOL_SOCKET, libc::SO_OOBINLINE),
+        ] {
+            // The new socket has the defaults (0): copy only what the program changed.
+            if let Some(v) = net::sock_opt(fd, level, opt).filter(|&v| v != 0) {
+                net::set_sock_opt(newfd, level, opt, v);
+            }
+        }
+        let cloexec = if fdfl & libc::FD_CLOEXEC != 0 {
+            libc::O_CLOEXEC
+        } else {
+            0
+        };
+        // SAFETY: both are open fds of this process.
+        if unsafe { libc::dup3(newfd, fd, cloexec) } < 0 {
+            return Err(net::errno());
+        }
+        net::close(newfd);
+        // The dialed socket is blocking now; restore O_NONBLOCK etc. if the program had them.
+        if fl & libc::O_NONBLOCK != 0 || fl & libc::O_ASYNC != 0 {
+            crate::sys::fcntl_raw(fd, libc::F_SETFL, fl as libc::c_ulong)?;
+        }
+        Ok(())
+    }
+
+    /// connect() through the relay: connect to the broker's relay port (racing attempts,
+    /// so a lossy path costs little), present the id, and put the connection under the
+    /// program's fd.
+    fn connect_relay(
+        &self,
+        fd: c_int,
+        relay: SocketAddrV4,
+        id: &gcb_proto::ConnectId,
+    ) -> Outcome<c_int> {
+        let preamble = client::preamble(self.client.lock().key(), id);
+        let dialed = net::connect_race(relay, client::DIAL_SPACING, client::DIAL_TIMEOUT, true);
+        let r = dialed
+            .and_then(
+                |c| match net::write_all(c, &preamble, client::DIAL_TIMEOUT) {
+                    Ok(()) => Ok(c),
+                    Err(e) => {
+                        net::close(c);
+                        Err(e)
+                    }
+                },
+            )
+            .and_then(|c| match self.install_connection(fd, c) {
+                Ok(()) => Ok(()),
+                Err(e) => {
+                    net::close(c);
+                    Err(e)
+                }
+            });
+        match r {
+            Ok(()) => Outcome::Handled(0),
+            Err(e) => {
+                crate::warn!(
+                    "relay connect to {} failed: {}",
+                    relay,
+                    std::io::Error::from_raw_os_error(e)
+                );
+                Outcome::Error(libc::ECONNREFUSED)
+            }
+        }
+    }
+
+    /// A direct connection to the listener's real address, bounded; Err if it failed and
+    /// the caller should fall back to the proxy.
+    fn connect_direct(&self, fd: c_int, addr: SocketAddrV4) -> Result<(), c_int> {
+        let fl = crate::sys::fcntl_raw(fd, libc::F_GETFL, 0)?;
+        let r = net::connect_timeout(fd, addr, Duration::from_secs(2));
+        let _ = crate::sys::fcntl_raw(fd, libc::F_SETFL, fl as libc::c_ulong);
+        if r.is_err() {
+            // Reset the socket so it can connect again (AF_UNSPEC dissolves the attempt).
+            // SAFETY: a zeroed sockaddr with family AF_UNSPEC is a valid argument.
+            unsafe {
+                let mut sa: libc::sockaddr = std::mem::zeroed();
+                sa.sa_family = libc::AF_UNSPEC as libc::sa_family_t;
+                libc::connect(
+                    fd,
+                    &sa,
+                    std::mem::size_of::<libc::sockaddr>() as libc::socklen_t,
+                );
+            }
+        }
+        r
+    }
+
+    /// Reverse: wait on `lsock` for the listener's dial-back presenting `id`.
+    fn await_reverse(&self, lsock: c_int, id: &gcb_proto::ConnectId) -> Result<c_int, String> {
+        let want = client::preamble(self.client.lock().key(), id);
+        let deadline = Instant::now() + client::DIAL_TIMEOUT;
+        while Instant::now() < deadline {
+            let ready =
+                net::wait_fd(lsock, libc::POLLIN, Duration::from_millis(20)).unwrap_or(false);
+            self.client.lock().pump();
+            if !ready {
+                continue;
+            }
+            // SAFETY: null address arguments are allowed.
+            let c = unsafe {
+                libc::accept4(
+                    lsock,
+                    std::ptr::null_mut(),
+                    std::ptr::null_mut(),
+                    libc::SOCK_CLOEXEC,
+                )
+            };
+            if c < 0 {
+                continue;
+            }
+            let mut got = [0u8; client::PREAMBLE_LEN];
+            match net::read_exact(c, &mut got, client::DIAL_TIMEOUT) {
+                Ok(()) if got[..] == want[..] => {
+                    // The program's socket must not be close-on-exec unless it was.
+                    let _ = crate::sys::fcntl_raw(c, libc::F_SETFD, 0);
+                    return Ok(c);
+                }
+                _ => {
+                    crate::warn!(
+                        "dropped a reverse connection that did not present our connect id"
+                    );
+                    net::close(c);
+                }
+            }
+        }
+        Err("no dial-back in time".into())
+    }
+
+    fn reverse_listener(&self, local_ip: Ipv4Addr) -> Option<(c_int, SocketAddrV4)> {
+        let s = net::socket(libc::SOCK_STREAM, false).ok()?;
+        let ok = net::bind(s, SocketAddrV4::new(local_ip, 0)).is_ok()
+            // SAFETY: s is our socket.
+            && unsafe { libc::listen(s, 4) } == 0;
+        let addr = net::sock_name(s, false);
+        match (ok, addr) {
+            (true, Some(a)) => Some((s, a)),
+            _ => {
+                net::close(s);
+                None
+            }
+        }
+    }
+
+    pub(super) fn tcp_listen(
+        &self,
+        fd: c_int,
+        entry: Option<&Arc<FdEntry>>,
+        backlog: c_int,
+    ) -> Outcome<c_int> {
+        if !net::is_tcp4(fd) {
+            return Outcome::Bypass("not an IPv4 TCP socket");
+        }
+        if let Some(GcbSock::Listener { .. }) = entry.and_then(|e| gcb_state(e)) {
+            return Outcome::Bypass("listen() again (backlog change): already registered");
+        }
+        if client::awaiting_registration()
+            && entry.is_some_and(|e| self.client.lock().awaits_registration(e))
+        {
+            return Outcome::Bypass("listen() again: the AEH registers it later");
+        }
+        // SAFETY: plain syscall on the program's fd, as it asked.
+        if unsafe { libc::listen(fd, backlog) } != 0 {
+            return Outcome::Error(net::errno());
+        }
+        let Some(local) = net::sock_name(fd, false) else {
+            return Outcome::Handled(0);
+        };
+        if local.ip().is_loopback() {
+            return Outcome::Handled(0);
+        }
+        let mut c = self.client.lock();
+        let (reg_local, listen_at) = if local.ip().is_unspecified() {
+            let ip = c.route_ip().unwrap_or(Ipv4Addr::LOCALHOST);
+            (
+                SocketAddrV4::new(ip, local.port()),
+                SocketAddrV4::new(Ipv4Addr::LOCALHOST, local.port()),
+            )
+        } else {
+            (local, local)
+        };
+        let Some(entry) = fdtable::socket_entry(fd, entry) else {
+            return Outcome::Handled(0);
+        };
+        match c.register(reg_local, listen_at, &entry, fd) {
+            Ok(proxy) => {
+                entry.set_gcb(GcbSock::Listener {
+                    proxy,
+                    local: reg_local,
+                });
+                crate::info!(
+                    "registered {} with broker {}: proxy {}",
+                    reg_local,
+                    c.broker,
+                    proxy
+                );
+            }
+            Err(why) => {
+                crate::warn!("listen on {}: {}; serving locally only", local, why);
+                // Fail open now, register when the broker answers (the AEH asks again).
+                c.register_later(reg_local, listen_at, &entry);
+            }
+        }
+        Outcome::Handled(0)
+    }
+
+    pub(super) fn tcp_name(
+        &self,
+        fd: c_int,
+        entry: &Arc<FdEntry>,
+        peer: bool,
+        addr: AddrOut,
+    ) -> Outcome<c_int> {
+        if !peer {
+            self.settle_pending_udp(fd, entry);
+        }
+        match (gcb_state(entry), peer) {
+            (Some(GcbSock::Listener { proxy, .. }), false) => {
+                net::write_addr_out(addr, proxy);
+                Outcome::Handled(0)
+            }
+            (Some(GcbSock::Accepted { peer }), true) => {
+                net::write_addr_out(addr, peer);
+                Outcome::Handled(0)
+            }
+            _ => match (udp::state(entry), peer) {
+                (Some((proxy, _)), false) => {
+                    net::write_addr_out(addr, proxy);
+                    Outcome::Handled(0)
+                }
+                (Some((_, Some(p))), true) => {
+                    net::write_addr_out(addr, p);
+                    Outcome::Handled(0)
+                }
+                _ => Outcome::Bypass("not a GCB listener or accepted connection"),
+            },
+        }
+    }
+
+    pub(super) fn tcp_accept(
+        &self,
+        fd: c_int,
+        entry: &Arc<FdEntry>,
+        addr: AddrOut,
+        flags: c_int,
+    ) -> Outcome<c_int> {
+        let mut proxy = match gcb_state(entry) {
+            Some(GcbSock::Listener { proxy, .. }) => Some(proxy),
+            // Not registered yet: the AEH must run while the program waits in accept(),
+            // or the retry that registers it never comes.
+            _ if client::awaiting_registration()
+                && self.client.lock().awaits_registration(entry) =>
+            {
+                None
+            }
+            _ => return Outcome::Bypass("not a GCB listener or accepted connection"),
+        };
+        let nonblock = net::is_nonblocking(fd);
+        let deadline = (!nonblock)
+            .then(|| net::rcv_timeout(fd))
+            .flatten()
+            .and_then(|t| Instant::now().checked_add(t));
+        loop {
+            if expired(deadline) {
+                return Outcome::Error(libc::EAGAIN);
+            }
+            if let Some(GcbSock::Listener { proxy: p, .. }) = gcb_state(entry) {
+                proxy = Some(p); // registered meanwhile (or again, with a new proxy)
+            }
+            let (aeh, direct) = {
+                let mut c = self.client.lock();
+                if c.needs_aeh() {
+                    let direct = match proxy {
+                        Some(p) if !nonblock => c.pump_for_accept(p),
+                        _ => {
+                            c.pump();
+                            None
+                        }
+                    };
+                    (Some((c.aeh_fds(), c.next_wakeup())), direct)
+                } else {
+                    (None, None)
+                }
+            };
+            if let Some((rfd, logical)) = direct {
+                return Outcome::Handled(self.accepted(rfd, logical, addr, flags));
+            }
+            if !nonblock {
+                let (ours, wake) = aeh.unwrap_or_default();
+                let mut set = vec![libc::pollfd {
+                    fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                }];
+                set.extend(ours.iter().map(|&fd| libc::pollfd {
+                    fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                }));
+                let ms = slice_ms(deadline, wake);
+                // SAFETY: set is a valid pollfd array of its length.
+                let r = unsafe { libc::poll(set.as_mut_ptr(), set.len() as libc::nfds_t, ms) };
+                if r < 0 {
+                    return Outcome::Error(net::errno());
+                }
+                if set[0].revents == 0 {
+                    continue;
+                }
+            }
+            // SAFETY: zeroed sockaddr_in is valid; len describes it.
+            let mut sin: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+            let mut len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            // SAFETY: sin/len describe a writable sockaddr_in.
+            let n = unsafe {
+                libc::accept4(
+                    fd,
+                    &mut sin as *mut _ as *mut libc::sockaddr,
+                    &mut len,
+                    flags,
+                )
+            };
+            if n < 0 {
+                let e = net::errno();
+                if e == libc::EAGAIN && !nonblock {
+                    continue; // another process took it
+                }
+                return Outcome::Error(e);
+            }
+            let peer = net::from_sockaddr_in(&sin);
+            let taken = {
+                let mut c = self.client.lock();
+                c.take_ready(peer)
+            };
+            let Some((rfd, logical)) = taken else {
+                net::write_addr_out(addr, peer);
+                return Outcome::Handled(n);
+            };
+            net::close(n);
+            return Outcome::Handled(self.accepted(rfd, logical, addr, flags));
+        }
+    }
+
+    pub(super) fn tcp_connect(
+        &self,
+        fd: c_int,
+        entry: Option<&Arc<FdEntry>>,
+        addr: AddrIn,
+    ) -> Outcome<c_int> {
+        if let Some(e) = entry.filter(|e| udp::state(e).is_some()) {
+            return self.udp_connect(fd, e, net::addr_in(addr));
+        }
+        let Some(dest) = net::addr_in(addr) else {
+            return Outcome::Bypass("not an IPv4 destination");
+        };
+        if net::never_brokered(*dest.ip()) {
+            return Outcome::Bypass("destination never brokered (loopback, multicast...)");
+        }
+        let (broker, local_ip) = {
+            let mut c = self.client.lock();
+            if *dest.ip() != *c.broker.ip() || dest.port() == c.broker.port() || c.is_negative(dest)
+            {
+                return Outcome::Bypass("not a proxy on the broker (or known not to be one)");
+            }
+            if c.relayed
+                .get(&dest)
+                .is_some_and(|until| *until > Instant::now())
+            {
+                // The broker relayed this proxy a moment ago, so it will again: connecting
+                // to the proxy address as a plain client is that same relay (onto the
+                // listener's standby), without the request round trip.
+                crate::debug!(
+                    "connect {} via broker {}: Relay (proxy, cached)",
+                    dest,
+                    c.broker
+                );
+                return Outcome::Bypass("broker unreachable: connecting plainly");
+            }
+            (c.broker, c.route_ip())
+        };
+        if !net::is_tcp4(fd) {
+            return Outcome::Bypass("not an IPv4 TCP socket");
+        }
+        let local_ip = local_ip.unwrap_or(Ipv4Addr::UNSPECIFIED);
+        // Offer a reverse connection only when we look reachable (not a private address).
+        let rev = (!net::is_private(local_ip) && !local_ip.is_unspecified())
+            .then(|| self.reverse_listener(local_ip))
+            .flatten();
+        let body = Body::ConnectRequest {
+            proxy: SocketAddr::V4(dest),
+            transport: Transport::Tcp,
+            connector_local: SocketAddr::V4(SocketAddrV4::new(local_ip, 0)),
+            connector_listen: rev.map(|r| SocketAddr::V4(r.1)),
+        };
+        let answer = self.client.lock().request(body, client::CONNECT_DEADLINE);
+        let close_rev = || {
+            if let Some((s, _)) = rev {
+                net::close(s);
+            }
+        };
+        let route = match answer {
+            Ok(Answer::Body(Body::ConnectDecision { route })) => {
+                let mut c = self.client.lock();
+                if matches!(route, Route::Relay { .. }) {
+                    if c.relayed.len() >= 1024 {
+                        let now = Instant::now();
+                        c.relayed.retain(|_, until| *until > now);
+                    }
+                    c.relayed.insert(dest, Instant::now() + RELAYED_TTL);
+                } else {
+                    c.relayed.remove(&dest);
+                }
+                route
+            }
+            Ok(Answer::Body(Body::Error { code, reason })) => {
+                close_rev();
+                crate::debug!(
+                    "broker {} on {}: {:?} {}; connecting plainly",
+                    broker,
+                    dest,
+                    code,
+                    reason
+                );
+                if code == gcb_proto::ErrorCode::NoSuchRegistration {
+                    self.client.lock().mark_negative(dest);
+                }
+                return Outcome::Bypass("no such registration at the broker: connecting plainly");
+            }
+            Ok(Answer::Timeout) | Err(_) => {
+                close_rev();
+                crate::warn!(
+                    "broker {} did not answer for {}; connecting plainly",
+                    broker,
+                    dest
+                );
+                self.client.lock().mark_negative(dest);
+                return Outcome::Bypass("broker did not answer: connecting plainly");
+            }
+            Ok(Answer::Body(other)) => {
+                close_rev();
+                crate::warn!(
+                    "unexpected broker answer {}; connecting plainly",
+                    other.type_name()
+                );
+                return Outcome::Bypass("unexpected broker answer: connecting plainly");
+            }
+        };
+        crate::debug!("connect {} via broker {}: {:?}", dest, broker, route);
+        match route {
+            Route::Direct { addr } => {
+                close_rev();
+                let Some(a) = net::v4(addr) else {
+                    return Outcome::Bypass("direct route to a non-IPv4 address");
+                };
+                match self.connect_direct(fd, a) {
+                    Ok(()) => Outcome::Handled(0),
+                    Err(e) => {
+                        crate::info!(
+                            "direct connect to {} failed ({}); using the proxy {}",
+                            a,
+                            std::io::Error::from_raw_os_error(e),
+                            dest
+                        );
+                        Outcome::Bypass("direct route failed: connecting to the proxy")
+                    }
+                }
+            }
+            Route::Relay { addr, connect_id } => {
+                close_rev();
+                match net::v4(addr) {
+                    Some(relay) => self.connect_relay(fd, relay, &connect_id),
+                    None => Outcome::Bypass("relay address is not IPv4"),
+                }
+            }
+            Route::Reverse { connect_id } => {
+                let Some((lsock, _)) = rev else {
+                    return Outcome::Bypass("no reverse listener: connecting to the proxy");
+                };
+                let got = self.await_reverse(lsock, &connect_id);
+                net::close(lsock);
+                match got.map(|c| (c, self.install_connection(fd, c))) {
+                    Ok((_, Ok(()))) => Outcome::Handled(0),
+                    Ok((c, Err(e))) => {
+                        net::close(c);
+                        crate::warn!(
+                            "reverse connection could not replace fd {}: errno {}",
+                            fd,
+                            e
+                        );
+                        Outcome::Bypass("reverse connection not made: connecting to the proxy")
+                    }
+                    Err(why) => {
+                        crate::info!("reverse connection for {}: {}; using the proxy", dest, why);
+                        Outcome::Bypass("reverse connection not made: connecting to the proxy")
+                    }
+                }
+            }
+        }
+    }
+}
