@@ -22,203 +22,35 @@ const BROKER: &str = "203.0.113.10";
 
 /// A TCP server: each connection is read to EOF and answered with
 /// `<sha256> <bytes> <peer ip>`; prints `ADDR ip:port` (getsockname) once listening.
-const SHA_SERVER: &str = r#"
-import hashlib, socket, sys, threading
-s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("0.0.0.0", int(sys.argv[1])))
-s.listen(16)
-print("ADDR %s:%d" % s.getsockname(), flush=True)
-def handle(c, a):
-    c.settimeout(20)
-    h = hashlib.sha256()
-    n = 0
-    while True:
-        b = c.recv(65536)
-        if not b:
-            break
-        h.update(b)
-        n += len(b)
-    c.sendall(("%s %d %s\n" % (h.hexdigest(), n, a[0])).encode())
-    c.close()
-    print("PEER %s %d" % (a[0], n), flush=True)
-while True:
-    c, a = s.accept()
-    threading.Thread(target=handle, args=(c, a), daemon=True).start()
-"#;
+const SHA_SERVER: &str = include_str!("programs/dpf_sha_server.py");
 
 /// Sends N random bytes to HOST:PORT, half-closes, prints `SENT <sha256> <n>` and
 /// `GOT <answer>`.
-const SHA_CLIENT: &str = r#"
-import hashlib, os, socket, sys
-host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-data = os.urandom(n)
-c = socket.create_connection((host, port), timeout=5)
-c.sendall(data)
-c.shutdown(socket.SHUT_WR)
-r = b""
-while True:
-    b = c.recv(4096)
-    if not b:
-        break
-    r += b
-print("SENT %s %d" % (hashlib.sha256(data).hexdigest(), n))
-print("GOT %s" % r.decode().strip(), flush=True)
-"#;
+const SHA_CLIENT: &str = include_str!("programs/sha_client.py");
 
 /// A UDP echo server; prints `ADDR ip:port` (getsockname) once bound.
-const UDP_ECHO: &str = r#"
-import socket, sys
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind(("0.0.0.0", int(sys.argv[1])))
-print("ADDR %s:%d" % s.getsockname(), flush=True)
-while True:
-    d, a = s.recvfrom(65535)
-    s.sendto(d, a)
-"#;
+const UDP_ECHO: &str = include_str!("programs/dpf_udp_echo.py");
 
 /// Sends COUNT random datagrams of SIZE bytes to HOST:PORT, each retried until an echo
 /// with the same sha256 comes back from HOST:PORT; prints `ECHOED ok/count`.
-const UDP_CLIENT: &str = r#"
-import hashlib, os, socket, sys, time
-host, port, count, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.settimeout(0.3)
-ok = 0
-for i in range(count):
-    d = os.urandom(size)
-    want = hashlib.sha256(d).hexdigest()
-    got = False
-    for attempt in range(10):
-        s.sendto(d, (host, port))
-        deadline = time.time() + 0.3
-        while time.time() < deadline and not got:
-            try:
-                r, a = s.recvfrom(65535)
-            except socket.timeout:
-                break
-            got = hashlib.sha256(r).hexdigest() == want and a == (host, port)
-        if got:
-            break
-    ok += got
-print("ECHOED %d/%d" % (ok, count), flush=True)
-"#;
+const UDP_CLIENT: &str = include_str!("programs/dpf_udp_client.py");
 
 /// Binds the sockets named on the command line (`tcp:PORT` / `udp:PORT`, optionally
 /// `tcp:IP:PORT`) one after the other and reports each: `tcp PORT OK ip:port` (getsockname
 /// after listen) or `tcp PORT ERR errno` (of bind, listen or getsockname). TCP listeners answer like SHA_SERVER. Prints
 /// `READY`, then on a line on stdin (not at EOF) closes every socket and prints `CLOSED`.
-const BINDER: &str = r#"
-import hashlib, socket, sys, threading, time
-def serve(s):
-    while True:
-        try:
-            c, a = s.accept()
-        except OSError:
-            return
-        h = hashlib.sha256()
-        n = 0
-        while True:
-            b = c.recv(65536)
-            if not b:
-                break
-            h.update(b)
-            n += len(b)
-        c.sendall(("%s %d %s\n" % (h.hexdigest(), n, a[0])).encode())
-        c.close()
-socks = []
-for spec in sys.argv[1:]:
-    parts = spec.split(":")
-    kind, port = parts[0], int(parts[-1])
-    ip = parts[1] if len(parts) == 3 else "0.0.0.0"
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM if kind == "tcp" else socket.SOCK_DGRAM)
-    try:
-        s.bind((ip, port))
-    except OSError as e:
-        print("%s %d ERR %d" % (kind, port, e.errno), flush=True)
-        s.close()
-        continue
-    try:
-        # (For a port-0 socket DPF forwards here, at listen() or getsockname().)
-        if kind == "tcp":
-            s.listen(8)
-        name = s.getsockname()
-    except OSError as e:
-        print("%s %d ERR %d" % (kind, port, e.errno), flush=True)
-        s.close()
-        continue
-    if kind == "tcp":
-        threading.Thread(target=serve, args=(s,), daemon=True).start()
-    print("%s %d OK %s:%d" % ((kind, port) + name), flush=True)
-    socks.append(s)
-print("READY", flush=True)
-if not sys.stdin.readline():
-    time.sleep(600)
-for s in socks:
-    s.close()
-print("CLOSED", flush=True)
-time.sleep(60)
-"#;
+const BINDER: &str = include_str!("programs/dpf_binder.py");
 
 /// A UDP client on an ephemeral port, as clients are written: `bind(("", 0))`, then COUNT
 /// random datagrams of SIZE bytes to HOST:PORT (unconnected sendto), each retried until an
 /// echo with the same sha256 comes back from HOST:PORT; prints `ECHOED ok/count`, then
 /// waits for the file GO before closing (so the test can look at the gateway meanwhile).
-const EPHEMERAL_UDP_CLIENT: &str = r#"
-import hashlib, os, socket, sys, time
-host, port, count, size, go = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind(("", 0))
-s.settimeout(0.3)
-ok = 0
-for i in range(count):
-    d = os.urandom(size)
-    want = hashlib.sha256(d).hexdigest()
-    got = False
-    for attempt in range(10):
-        s.sendto(d, (host, port))
-        deadline = time.time() + 0.3
-        while time.time() < deadline and not got:
-            try:
-                r, a = s.recvfrom(65535)
-            except socket.timeout:
-                break
-            got = hashlib.sha256(r).hexdigest() == want and a == (host, port)
-        if got:
-            break
-    ok += got
-print("ECHOED %d/%d" % (ok, count), flush=True)
-while not os.path.exists(go):
-    time.sleep(0.05)
-s.close()
-"#;
+const EPHEMERAL_UDP_CLIENT: &str = include_str!("programs/dpf_ephemeral_udp_client.py");
 
 /// A TCP server on an ephemeral port that does not ask its address until told: bind port
 /// 0, listen, print `LISTENING`, wait for the file argv[1], then print `ADDR ip:port`
 /// (getsockname) and answer connections like SHA_SERVER.
-const LAZY_TCP_SERVER: &str = r#"
-import hashlib, os, socket, sys, threading, time
-s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-s.bind(("0.0.0.0", 0))
-s.listen(16)
-print("LISTENING", flush=True)
-while not os.path.exists(sys.argv[1]):
-    time.sleep(0.05)
-print("ADDR %s:%d" % s.getsockname(), flush=True)
-while True:
-    c, a = s.accept()
-    c.settimeout(20)
-    h = hashlib.sha256()
-    n = 0
-    while True:
-        b = c.recv(65536)
-        if not b:
-            break
-        h.update(b)
-        n += len(b)
-    c.sendall(("%s %d %s\n" % (h.hexdigest(), n, a[0])).encode())
-    c.close()
-"#;
+const LAZY_TCP_SERVER: &str = include_str!("programs/dpf_lazy_tcp_server.py");
 
 struct Setup {
     dir: PathBuf,
@@ -1375,16 +1207,7 @@ fn exec_handoff_keeps_the_mapping_alive() {
     );
     fs::write(
         s.path("exec_parent.py"),
-        r#"
-import os, socket, sys
-s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("0.0.0.0", 7100))
-s.listen(16)
-print("PARENT %s:%d" % s.getsockname(), flush=True)
-s.set_inheritable(True)
-os.execv(sys.executable, [sys.executable, "-u", sys.argv[1], str(s.fileno())])
-"#,
+        include_str!("programs/dpf_exec_tcp_parent.py"),
     )
     .unwrap();
     let mut server = s.py_shim(
@@ -1631,13 +1454,7 @@ fn pending_socket_is_forwarded_in_the_execd_image() {
     assert!(fs::read_to_string(&child).unwrap().contains("fileno="));
     fs::write(
         s.path("execq_parent.py"),
-        r#"
-import os, socket, sys
-u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-u.bind(("0.0.0.0", 0))
-u.set_inheritable(True)
-os.execv(sys.executable, [sys.executable, "-u", sys.argv[1], str(u.fileno())])
-"#,
+        include_str!("programs/dpf_exec_udp_parent.py"),
     )
     .unwrap();
     let _srv = s.py_shim(

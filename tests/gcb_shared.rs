@@ -12,70 +12,15 @@ use std::time::{Duration, Instant};
 
 /// A server that answers each connection with the sha256 of what it read (until EOF),
 /// then its worker tag and the peer address accept() reported.
-const SERVE: &str = r#"
-import hashlib
-def serve(s, tag):
-    while True:
-        c, a = s.accept()
-        data = b""
-        while True:
-            b = c.recv(65536)
-            if not b:
-                break
-            data += b
-        c.sendall(("%s %s %s\n" % (hashlib.sha256(data).hexdigest(), tag, a[0])).encode())
-        c.close()
-"#;
+const SERVE: &str = include_str!("programs/shared_serve.py");
 
-const PREFORK: &str = r#"
-import os, socket, sys
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("0.0.0.0", 9000))
-s.listen(64)
-print("ADDR %s:%d" % s.getsockname(), flush=True)
-for i in range(3):
-    if os.fork() == 0:
-        serve(s, "w%d" % i)
-s.close()  # the parent keeps no copy: only the workers hold the socket
-while True:
-    try:
-        os.wait()
-    except ChildProcessError:
-        break
-"#;
+const PREFORK: &str = include_str!("programs/shared_prefork.py");
 
-const EXEC_PARENT: &str = r#"
-import os, socket, sys
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("0.0.0.0", 9001))
-s.listen(64)
-print("PARENT %s:%d" % s.getsockname(), flush=True)
-s.set_inheritable(True)
-os.execv(sys.executable, [sys.executable, sys.argv[1], str(s.fileno())])
-"#;
+const EXEC_PARENT: &str = include_str!("programs/shared_exec_parent.py");
 
-const EXEC_CHILD: &str = r#"
-import socket, sys
-s = socket.socket(fileno=int(sys.argv[1]))
-print("CHILD %s:%d" % s.getsockname(), flush=True)
-serve(s, "child")
-"#;
+const EXEC_CHILD: &str = include_str!("programs/shared_exec_child.py");
 
-const CLOSE_AFTER_ONE: &str = r#"
-import socket, sys, time
-s = socket.socket()
-s.bind(("0.0.0.0", 9002))
-s.listen(8)
-print("ADDR %s:%d" % s.getsockname(), flush=True)
-c, a = s.accept()
-c.sendall(b"bye\n")
-c.close()
-s.close()
-print("CLOSED", flush=True)
-time.sleep(30)
-"#;
+const CLOSE_AFTER_ONE: &str = include_str!("programs/shared_close_after_one.py");
 
 struct Setup {
     lab: Lab,
@@ -292,28 +237,7 @@ fn closing_the_last_copy_unregisters_and_the_proxy_refuses() {
 /// An epoll program that closes its registered listener and keeps waiting on other fds:
 /// the shim's control socket (added to the program's epoll set with a private tag while
 /// the AEH was needed) must not show up in the program's events afterwards.
-const EPOLL_AFTER_CLOSE: &str = r#"
-import os, select, socket, time
-s = socket.socket()
-s.bind(("0.0.0.0", 9004))
-s.listen(8)
-print("ADDR %s:%d" % s.getsockname(), flush=True)
-r, w = os.pipe()
-ep = select.epoll()
-ep.register(s.fileno(), select.EPOLLIN)
-ep.register(r, select.EPOLLIN)
-ep.poll(0.3)
-ep.unregister(s.fileno())
-s.close()  # unregisters at the broker; its answer arrives on the shim's control socket
-stray = []
-end = time.time() + 3
-while time.time() < end:
-    for fd, ev in ep.poll(0.5):
-        if fd != r:
-            stray.append(fd)
-print("STRAY %d %s" % (len(stray), stray[:5]), flush=True)
-time.sleep(30)
-"#;
+const EPOLL_AFTER_CLOSE: &str = include_str!("programs/shared_epoll_after_close.py");
 
 #[test]
 fn epoll_program_sees_no_shim_event_after_its_listener_closes() {

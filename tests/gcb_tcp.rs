@@ -536,29 +536,7 @@ fn standby_connections_carry_proxy_connections_without_connect_back() {
 fn unanswered_standby_claim_falls_back_to_connect_back() {
     let rig = Rig::up();
     let broker = rig.broker(Host::P1, P1, &[], "broker");
-    let script = r#"
-import os, select, socket, sys, time
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("0.0.0.0", 7100))
-s.listen(16)
-# one wait in the shim: its event handler parks the standby connection
-select.select([s], [], [], 0.5)
-for _ in range(2):
-    if os.fork() == 0:
-        while True:
-            c, _ = s.accept()
-            data = b""
-            while True:
-                b = c.recv(65536)
-                if not b:
-                    break
-                data += b
-            c.sendall(data)
-            c.close()
-print("ready", flush=True)
-time.sleep(300)
-"#;
+    let script = include_str!("programs/tcp_prefork_standby_echo.py");
     let log = rig.path("prefork.shim.log");
     let mut cmd = rig.gcb(Host::A1, P1, "debug", &log, python());
     cmd.args(["-u", "-c", script]);
@@ -569,21 +547,7 @@ time.sleep(300)
         "server: {}",
         read(&server.err)
     );
-    let client = r#"
-import hashlib, os, socket, sys
-host, port = sys.argv[1], int(sys.argv[2])
-data = os.urandom(300000)
-c = socket.create_connection((host, port), timeout=20)
-c.sendall(data)
-c.shutdown(socket.SHUT_WR)
-got = b""
-while True:
-    b = c.recv(65536)
-    if not b:
-        break
-    got += b
-print("ok" if got == data else "MISMATCH %d of %d" % (len(got), len(data)))
-"#;
+    let client = include_str!("programs/tcp_echo_check_client.py");
     for i in 0..2 {
         let mut c = rig.cmd(Host::P2, python());
         c.args([
@@ -1093,112 +1057,7 @@ fn iperf3_through_patterns_1_to_3() {
 /// An echo server in three flavours: `asyncio` (epoll), `poll` (poll(2)), `select`
 /// (select(2)). Prints `listening IP PORT` from getsockname(), and `accepted IP PORT` per
 /// connection; echoes until the client's EOF, then closes.
-const ECHO_PY: &str = r#"
-import asyncio, select, socket, sys
-
-mode, port = sys.argv[1], int(sys.argv[2])
-
-def listener():
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind(("0.0.0.0", port))
-    s.listen(16)
-    s.setblocking(False)
-    print("listening", *s.getsockname(), flush=True)
-    return s
-
-def loop(wait):
-    srv = listener()
-    conns = {}
-    while True:
-        rl = [srv] + [c for c, st in conns.items() if not st[1]]
-        wl = [c for c, st in conns.items() if st[0]]
-        readable, writable = wait(rl, wl)
-        for s in readable:
-            if s is srv:
-                try:
-                    c, peer = srv.accept()
-                except BlockingIOError:
-                    continue
-                c.setblocking(False)
-                conns[c] = [bytearray(), False]
-                print("accepted", *peer, flush=True)
-                continue
-            st = conns.get(s)
-            if st is None:
-                continue
-            try:
-                d = s.recv(65536)
-            except BlockingIOError:
-                continue
-            except OSError:
-                s.close(); del conns[s]; continue
-            if d:
-                st[0] += d
-            else:
-                st[1] = True
-        for s in writable:
-            st = conns.get(s)
-            if st is None or not st[0]:
-                continue
-            try:
-                n = s.send(st[0])
-                del st[0][:n]
-            except BlockingIOError:
-                pass
-            except OSError:
-                s.close(); del conns[s]
-        for s, st in list(conns.items()):
-            if st[1] and not st[0]:
-                s.close(); del conns[s]
-
-def wait_select(rl, wl):
-    r, w, _ = select.select(rl, wl, [])
-    return r, w
-
-def wait_poll(rl, wl):
-    p = select.poll()
-    by_fd = {}
-    for s in rl:
-        by_fd[s.fileno()] = s
-        p.register(s, select.POLLIN)
-    for s in wl:
-        by_fd[s.fileno()] = s
-        p.register(s, (select.POLLIN if s in rl else 0) | select.POLLOUT)
-    r, w = [], []
-    for fd, ev in p.poll():
-        s = by_fd[fd]
-        if ev & (select.POLLIN | select.POLLHUP | select.POLLERR):
-            if s in rl:
-                r.append(s)
-        if ev & select.POLLOUT:
-            w.append(s)
-    return r, w
-
-async def handle(reader, writer):
-    print("accepted", *writer.get_extra_info("peername"), flush=True)
-    while True:
-        d = await reader.read(65536)
-        if not d:
-            break
-        writer.write(d)
-        await writer.drain()
-    writer.close()
-    await writer.wait_closed()
-
-async def amain():
-    print("selector", type(asyncio.get_running_loop()._selector).__name__, flush=True)
-    srv = await asyncio.start_server(handle, sock=listener())
-    async with srv:
-        await srv.serve_forever()
-
-if mode == "asyncio":
-    asyncio.run(amain())
-elif mode == "poll":
-    loop(wait_poll)
-else:
-    loop(wait_select)
-"#;
+const ECHO_PY: &str = include_str!("programs/tcp_echo_server.py");
 
 /// 7: asyncio (epoll), poll(2) and select(2) echo servers in a1 under gcb-run, each
 /// reached from p2 via its proxy by 4 concurrent and then 2 more sequential connections,

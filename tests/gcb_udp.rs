@@ -41,31 +41,7 @@ const RUN: Duration = Duration::from_secs(40);
 /// datagram whose body does/does not hash to SHA256, `RAW` for anything else. A datagram
 /// starting with `LATE` is answered a second time 3 s later (`LATE-REPLY`). The datagram
 /// `QUIT` closes the socket, prints `CLOSED` and exits.
-const ECHO: &str = r#"
-import hashlib, socket, sys, threading
-if sys.argv[1].startswith("fd="):
-    s = socket.socket(fileno=int(sys.argv[1][3:]))
-else:
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.bind(("0.0.0.0", int(sys.argv[1])))
-print("ADDR %s:%d" % s.getsockname(), flush=True)
-while True:
-    data, peer = s.recvfrom(65536)
-    if data == b"QUIT":
-        s.close()
-        print("CLOSED", flush=True)
-        sys.exit(0)
-    seen = "%s:%d" % peer
-    tag = "RAW"
-    if data.startswith(b"GCBT "):
-        head, _, body = data.partition(b"\n")
-        f = head.split()
-        tag = "OK" if len(f) == 3 and hashlib.sha256(body).hexdigest().encode() == f[2] else "BAD"
-    print("RECV %s %d %s %s" % (seen, len(data), hashlib.sha256(data).hexdigest(), tag), flush=True)
-    s.sendto(("%s %s\n" % (seen, tag)).encode() + data, peer)
-    if data.startswith(b"LATE"):
-        threading.Timer(3.0, s.sendto, (b"LATE-REPLY", peer)).start()
-"#;
+const ECHO: &str = include_str!("programs/udp_echo.py");
 
 /// The client side, several modes (all print `LOCAL IP:PORT`, getsockname() after the
 /// first send):
@@ -82,115 +58,7 @@ while True:
 ///   answer, then `EXTRA ...` for anything else within 5 s, or `NOTHING-MORE`.
 /// * `send TARGET HEX...`: sends each HEX (or `zeros:N`) as one datagram (one socket).
 /// * `listen PORT SECS`: prints `GOT SENDER LEN SHA256` for every datagram received in SECS.
-const CLIENT: &str = r#"
-import hashlib, os, random, select, socket, sys, time
-mode, rest = sys.argv[1], sys.argv[2:]
-def addr(t):
-    h, p = t.rsplit(":", 1)
-    return (h, int(p))
-def sha(b):
-    return hashlib.sha256(b).hexdigest()
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-if "--bind" in rest:
-    i = rest.index("--bind")
-    s.bind(("0.0.0.0", int(rest[i + 1])))
-    del rest[i:i + 2]
-pause = None
-if "--pause" in rest:
-    i = rest.index("--pause")
-    pause = (float(rest[i + 1]), int(rest[i + 2]))
-    del rest[i:i + 3]
-local_shown = False
-def show_local():
-    global local_shown
-    if not local_shown:
-        print("LOCAL %s:%d" % s.getsockname(), flush=True)
-        local_shown = True
-if mode == "echo":
-    target, kind, sizes = addr(rest[0]), rest[1], [int(x) for x in rest[2:]]
-    s.settimeout(5)
-    for k, n in enumerate(sizes):
-        if pause and k == pause[1]:
-            time.sleep(pause[0])
-        data = os.urandom(n)
-        while data[:4] in (b"GCBT", b"GCBU", b"LATE"):
-            data = os.urandom(n)
-        t0 = time.time()
-        s.sendto(data, target)
-        show_local()
-        try:
-            back, frm = s.recvfrom(70000)
-        except socket.timeout:
-            print("TIMEOUT %d" % n, flush=True)
-            continue
-        rtt = (time.time() - t0) * 1000
-        seen, tag, body = "-", "-", back
-        if kind == "ADDR":
-            head, _, body = back.partition(b"\n")
-            f = head.decode("ascii", "replace").split()
-            seen, tag = (f + ["?", "?"])[:2]
-        print("ECHO %d %s %s %s:%d %s %s %.1f" % (n, sha(data), sha(body), frm[0], frm[1], seen, tag, rtt), flush=True)
-elif mode == "stream":
-    target, count = addr(rest[0]), int(rest[1])
-    s.setblocking(False)
-    def drain():
-        while True:
-            try:
-                back, frm = s.recvfrom(70000)
-            except BlockingIOError:
-                return
-            head, nl, body = back.partition(b"\n")
-            f = head.decode("ascii", "replace").split()
-            b = body.partition(b"\n")[0].split()
-            if not nl or len(f) != 2 or len(b) != 3 or b[0] != b"GCBT":
-                print("GARBLED %s" % back[:64].hex(), flush=True)
-                continue
-            print("REPLY %s:%d %s %s %s %s" % (frm[0], frm[1], f[0], f[1], b[1].decode("ascii", "replace"), sha(body)), flush=True)
-    for seq in range(count):
-        body = os.urandom(random.randint(16, 1200))
-        data = b"GCBT %d %s\n" % (seq, sha(body).encode()) + body
-        s.sendto(data, target)
-        show_local()
-        print("SENT %d %s" % (seq, sha(data)), flush=True)
-        end = time.time() + 0.004
-        while time.time() < end:
-            select.select([s], [], [], max(0, end - time.time()))
-            drain()
-    end = time.time() + 4
-    while time.time() < end:
-        select.select([s], [], [], max(0, end - time.time()))
-        drain()
-elif mode == "late":
-    target = addr(rest[0])
-    s.settimeout(5)
-    data = b"LATE" + os.urandom(20)
-    s.sendto(data, target)
-    show_local()
-    back, frm = s.recvfrom(70000)
-    print("FIRST %s:%d %s" % (frm[0], frm[1], sha(back.partition(b"\n")[2]) == sha(data)), flush=True)
-    try:
-        back, frm = s.recvfrom(70000)
-        print("EXTRA %s:%d %r" % (frm[0], frm[1], back[:40]), flush=True)
-    except socket.timeout:
-        print("NOTHING-MORE", flush=True)
-elif mode == "send":
-    target = addr(rest[0])
-    for h in rest[1:]:
-        s.sendto(bytes(int(h[6:])) if h.startswith("zeros:") else bytes.fromhex(h), target)
-        show_local()
-        time.sleep(0.01)
-elif mode == "listen":
-    s.bind(("0.0.0.0", int(rest[0])))
-    print("LISTENING", flush=True)
-    s.settimeout(0.2)
-    end = time.time() + float(rest[1])
-    while time.time() < end:
-        try:
-            data, frm = s.recvfrom(70000)
-            print("GOT %s:%d %d %s" % (frm[0], frm[1], len(data), sha(data)), flush=True)
-        except socket.timeout:
-            pass
-"#;
+const CLIENT: &str = include_str!("programs/udp_client.py");
 
 // ---------------------------------------------------------------------------------------
 // Harness
@@ -1217,35 +1085,7 @@ fn relay_rules_expire_and_resume() {
 /// `poll` or `epoll` (argv[2]). For every socket reported readable it calls recvfrom()
 /// once (blocking, as such programs do: readable means a datagram is there) and echoes
 /// like `ECHO`. Prints `ADDR IP:PORT` for both sockets.
-const MUX: &str = r#"
-import select, socket, sys
-port, how = int(sys.argv[1]), sys.argv[2]
-socks = []
-for p in (port, port + 1):
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.bind(("0.0.0.0", p))
-    print("ADDR %s:%d" % s.getsockname(), flush=True)
-    socks.append(s)
-byfd = {s.fileno(): s for s in socks}
-if how == "poll":
-    po = select.poll()
-    for s in socks:
-        po.register(s, select.POLLIN)
-    wait = lambda: [byfd[fd] for fd, ev in po.poll()]
-elif how == "epoll":
-    ep = select.epoll()
-    for s in socks:
-        ep.register(s.fileno(), select.EPOLLIN)
-    wait = lambda: [byfd[fd] for fd, ev in ep.poll()]
-else:
-    wait = lambda: select.select(socks, [], [])[0]
-while True:
-    for s in wait():
-        data, peer = s.recvfrom(65536)
-        seen = "%s:%d" % peer
-        print("RECV %s %d" % (seen, len(data)), flush=True)
-        s.sendto(("%s RAW\n" % seen).encode() + data, peer)
-"#;
+const MUX: &str = include_str!("programs/udp_mux.py");
 
 /// Starts `MUX` (written to mux.py) under GCB in a1 on `port` and `port + 1`, waiting
 /// with `how`; returns its tag and the two addresses it printed (proxies).
@@ -1354,29 +1194,7 @@ fn select_poll_epoll_servers_serve_each_socket_at_once() {
 /// address (which starts a punch), a second of waiting inside select() (the punch's
 /// Dummies reach the server meanwhile), then an echo on the second address and another on
 /// the first, each with a 3 s timeout. Prints `OK n`/`TIMEOUT n`/`BAD n`.
-const PUNCH_THEN_OTHER: &str = r#"
-import select, socket, sys, time
-def addr(t):
-    h, p = t.rsplit(":", 1)
-    return (h, int(p))
-first, second = addr(sys.argv[1]), addr(sys.argv[2])
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind(("0.0.0.0", int(sys.argv[3])))
-s.settimeout(3)
-for n, (to, wait) in enumerate([(first, 1.0), (second, 0), (first, 0)]):
-    msg = b"PING-%d-" % n + bytes(range(256)) * 4
-    s.sendto(msg, to)
-    try:
-        data, peer = s.recvfrom(65536)
-        good = data.endswith(msg) and peer == to
-        print("%s %d" % ("OK" if good else "BAD", n), flush=True)
-    except socket.timeout:
-        print("TIMEOUT %d" % n, flush=True)
-    end = time.time() + wait
-    while time.time() < end:
-        if select.select([s], [], [], max(0, end - time.time()))[0]:
-            print("UNEXPECTED %r" % (s.recvfrom(65536),), flush=True)
-"#;
+const PUNCH_THEN_OTHER: &str = include_str!("programs/udp_punch_then_other.py");
 
 /// select/poll/epoll servers with two blocking registered UDP sockets, and a GCB client
 /// that punches to the first: the client's punch Dummies reach the server's first socket
@@ -1447,28 +1265,7 @@ fn client_log(rig: &Rig, host: Host, target: &str) -> String {
 /// A GCB program in a1 with a socket bound to port 0 (`LAZY`): echoes with a public
 /// server first (`ECHO ok|BAD n`), prints `TALKED`, waits for the file argv[2], then asks
 /// for its address (`LOCAL ip:port`) and echoes one datagram it receives (`SERVED n`).
-const LAZY: &str = r#"
-import os, socket, sys, time
-h, p = sys.argv[1].rsplit(":", 1)
-public, trigger = (h, int(p)), sys.argv[2]
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind(("0.0.0.0", 0))
-s.settimeout(5)
-for n in (1, 1400, 8000):
-    data = os.urandom(n)
-    s.sendto(data, public)
-    back, frm = s.recvfrom(70000)
-    print("ECHO %s %d" % ("ok" if back.endswith(data) and frm == public else "BAD", n), flush=True)
-print("TALKED", flush=True)
-while not os.path.exists(trigger):
-    time.sleep(0.02)
-print("LOCAL %s:%d" % s.getsockname(), flush=True)
-s.settimeout(20)
-data, peer = s.recvfrom(70000)
-s.sendto(("%s:%d RAW\n" % peer).encode() + data, peer)
-print("SERVED %d" % len(data), flush=True)
-time.sleep(600)
-"#;
+const LAZY: &str = include_str!("programs/udp_lazy.py");
 
 /// A socket bound to port 0 registers only when its address matters: talking to a public
 /// host, it is a plain socket (no registration, the public server sees its NAT mapping);
@@ -1582,20 +1379,7 @@ fn port_zero_udp_sockets_register_when_needed() {
 /// Binds a UDP socket to port 0 (so it is not registered yet), execs itself with the
 /// socket kept open, and in the new image prints `AFTER ip:port` (getsockname()) and
 /// echoes one datagram (`SERVED n`).
-const PENDING_EXEC: &str = r#"
-import os, socket, sys, time
-if len(sys.argv) > 2 and sys.argv[1] == "after":
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, 0, int(sys.argv[2]))
-    print("AFTER %s:%d" % s.getsockname(), flush=True)
-    data, peer = s.recvfrom(70000)
-    s.sendto(("%s:%d RAW\n" % peer).encode() + data, peer)
-    print("SERVED %d" % len(data), flush=True)
-    time.sleep(600)
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind(("0.0.0.0", 0))
-os.set_inheritable(s.fileno(), True)
-os.execv(sys.executable, [sys.executable, "-u", sys.argv[0], "after", str(s.fileno())])
-"#;
+const PENDING_EXEC: &str = include_str!("programs/udp_pending_exec.py");
 
 /// A port-0 socket that has not registered yet is handed across exec as such: the new
 /// image registers it at its first getsockname(), and a plain sender reaches it there.
@@ -1772,26 +1556,7 @@ fn gcb_to_gcb_udp_punches_through_both_nats_and_drops_forged_punch_frames() {
 /// and sends on request: `server.py PORT TRIGGER` prints `ADDR IP:PORT`, and whenever the
 /// file TRIGGER exists, reads `IP:PORT HEX` from it, removes it, sends the datagram HEX
 /// to IP:PORT and prints `SENT IP:PORT`.
-const TRIGGERED: &str = r#"
-import os, socket, sys
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind(("0.0.0.0", int(sys.argv[1])))
-trigger = sys.argv[2]
-print("ADDR %s:%d" % s.getsockname(), flush=True)
-s.settimeout(0.1)
-while True:
-    try:
-        data, peer = s.recvfrom(65536)
-        s.sendto(("%s:%d RAW\n" % peer).encode() + data, peer)
-    except socket.timeout:
-        pass
-    if os.path.exists(trigger):
-        to, payload = open(trigger).read().split()
-        os.remove(trigger)
-        host, port = to.rsplit(":", 1)
-        s.sendto(bytes.fromhex(payload), (host, int(port)))
-        print("SENT %s" % to, flush=True)
-"#;
+const TRIGGERED: &str = include_str!("programs/udp_triggered.py");
 
 /// A punched peer that exits ends the punch (the broker's `punch_end`): a GCB client on
 /// b1:9100 punches with a GCB server in a1 and exits; then a plain program that only
@@ -1936,28 +1701,7 @@ fn gcb_to_gcb_udp_falls_back_to_the_relay_when_punching_is_blocked() {
 #[test]
 fn receive_timeouts_are_honoured_on_registered_sockets() {
     let rig = Rig::up(&[]);
-    let script = r#"
-import errno, socket, struct, sys, time
-tv = struct.pack("ll", 0, 300000)
-u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-u.bind(("0.0.0.0", 7300))
-u.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
-print("UDP", *u.getsockname(), flush=True)
-t = socket.socket()
-t.bind(("0.0.0.0", 7301))
-t.listen(4)
-t.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
-for what, call in (("recvfrom", lambda: u.recvfrom(2048)), ("accept", t.accept)):
-    t0 = time.monotonic()
-    try:
-        call()
-        print(what, "RETURNED", flush=True)
-    except OSError as e:
-        print(what, errno.errorcode.get(e.errno, e.errno), round(time.monotonic() - t0, 2), flush=True)
-u.settimeout(10)
-data, peer = u.recvfrom(2048)
-print("GOT", data.decode(), flush=True)
-"#;
+    let script = include_str!("programs/udp_recv_timeouts.py");
     let mut cmd = rig.cmd(Host::A1, true, "timeouts", python());
     cmd.args(["-u", "-c", script]);
     let out = rig.path("timeouts.out");
@@ -1984,14 +1728,11 @@ print("GOT", data.decode(), flush=True)
         assert!((0.25..5.0).contains(&secs), "{what} after {secs} s: {line}");
     }
     // The socket still receives: a plain sender in p2 sends to the proxy.
-    let send = format!(
-        "import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); \
-         [s.sendto(b'late', ('{}', {})) for _ in range(3)]",
-        proxy.split(':').next().unwrap(),
-        proxy.split(':').nth(1).unwrap()
-    );
+    let (proxy_host, proxy_port) = proxy.split_once(':').unwrap();
     let mut c = rig.lab.cmd(Host::P2, python());
-    c.args(["-c", &send]);
+    c.arg("-c")
+        .arg(include_str!("programs/udp_send.py"))
+        .args([proxy_host, proxy_port, "late", "3"]);
     assert!(c.status().unwrap().success());
     assert!(
         wait_line(&out, Duration::from_secs(10), |l| l == "GOT late").is_some(),
@@ -2069,29 +1810,7 @@ fn socat_select_clients_never_stall_on_punch_frames() {
 /// * `fork`: forks a child that execs `ECHO_SCRIPT fd=N`, keeps its own copy and waits in
 ///   select() (so its shim runs) until the child exits, prints `CHILD-EXITED`, and then
 ///   serves the echo itself on the same socket (`ADDR` again, then as `ECHO`).
-const EXEC_UDP: &str = r#"
-import os, select, socket, sys
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind(("0.0.0.0", int(sys.argv[1])))
-print("PARENT %s:%d" % s.getsockname(), flush=True)
-s.set_inheritable(True)
-echo = sys.argv[2]
-child = [sys.executable, "-u", echo, "fd=%d" % s.fileno()]
-if sys.argv[3] == "exec":
-    other = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    other.bind(("0.0.0.0", int(sys.argv[1]) + 1))
-    print("OTHER %s:%d" % other.getsockname(), flush=True)
-    os.execv(sys.executable, child)
-pid = os.fork()
-if pid == 0:
-    os.execv(sys.executable, child)
-while os.waitpid(pid, os.WNOHANG) == (0, 0):
-    select.select([], [], [], 0.2)
-print("CHILD-EXITED", flush=True)
-fd = s.detach()
-sys.argv = [echo, "fd=%d" % fd]
-exec(compile(open(echo).read(), echo, "exec"))
-"#;
+const EXEC_UDP: &str = include_str!("programs/udp_exec.py");
 
 /// Starts `EXEC_UDP` in a1 under GCB on `port` in `mode`; returns the address the
 /// registering image printed.

@@ -39,84 +39,14 @@ const UP: Duration = Duration::from_secs(10);
 /// A server that sends the file `PATH` to every connection and prints `NAME ip:port`
 /// whenever getsockname() of its listening socket changes. `MODE` `poll`: waits in a
 /// selector, then accepts; `accept`: blocks in accept().
-const SERVER: &str = r#"
-import selectors, socket, sys, threading, time
-mode, port, path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-data = open(path, "rb").read()
-s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("0.0.0.0", port))
-s.listen(16)
-def report():
-    last = None
-    while True:
-        n = "%s:%d" % s.getsockname()
-        if n != last:
-            print("NAME", n, flush=True)
-            last = n
-        time.sleep(0.1)
-threading.Thread(target=report, daemon=True).start()
-def serve(c):
-    try:
-        c.setblocking(True)
-        c.sendall(data)
-    except OSError:
-        pass  # a peer that hangs up early (the recorders do) must not end the server
-    c.close()
-if mode == "accept":
-    while True:
-        c, a = s.accept()
-        serve(c)
-sel = selectors.DefaultSelector()
-sel.register(s, selectors.EVENT_READ)
-while True:
-    for _ in sel.select(0.5):
-        c, a = s.accept()
-        serve(c)
-"#;
+const SERVER: &str = include_str!("programs/secshim_server.py");
 
 /// A TCP listener that prints `CONN peer first-bytes` for every connection it gets.
-const RECORDER: &str = r#"
-import socket, sys
-s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind((sys.argv[1], int(sys.argv[2])))
-s.listen(64)
-print("READY", flush=True)
-while True:
-    c, a = s.accept()
-    c.settimeout(1)
-    try:
-        d = c.recv(100)
-    except Exception:
-        d = b""
-    print("CONN %s:%d %r" % (a[0], a[1], d), flush=True)
-    c.close()
-"#;
+const RECORDER: &str = include_str!("programs/secshim_recorder.py");
 
 /// Sends one raw control datagram (`GCB1\0` + the JSON envelope in argv[3]) from
 /// P2:argv[1] to the broker argv[2]; prints the answer's JSON, or `NO ANSWER`.
-const RAW_REQUEST: &str = r#"
-import hashlib, hmac, os, socket, struct, sys, time
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind(("203.0.113.11", int(sys.argv[1])))
-s.settimeout(3)
-body = sys.argv[3].encode()
-key_file = os.environ.get("GCB_KEY_FILE")
-if key_file:
-    # A keyed frame (gcb_proto::auth): a pool member's request.
-    key = open(key_file, "rb").read().strip()
-    head = b"GCB1\x01" + struct.pack(">QQQ", int(time.time() * 1000), int.from_bytes(os.urandom(8), "big"), 1)
-    frame = head + hmac.new(key, head + body, hashlib.sha256).digest() + body
-else:
-    frame = b"GCB1\x00" + body
-s.sendto(frame, (sys.argv[2], 9650))
-try:
-    d, _ = s.recvfrom(65536)
-    print(d[61 if d[4] == 1 else 5:].decode(errors="replace"), flush=True)
-except socket.timeout:
-    print("NO ANSWER", flush=True)
-"#;
+const RAW_REQUEST: &str = include_str!("programs/secshim_raw_request.py");
 
 struct Rig {
     dir: Scratch,
