@@ -119,16 +119,10 @@ fn mapped_ports(log: &str, kind: &str, private: &str) -> Vec<u16> {
         .collect()
 }
 
-/// The first number after `key` at or after `from` in `json`.
-fn json_num(json: &str, from: &str, key: &str) -> Option<f64> {
-    let at = json.find(from)?;
-    let rest = &json[at..];
-    let k = rest.find(&format!("\"{key}\":"))?;
-    let v = rest[k + key.len() + 3..].trim_start();
-    let end = v
-        .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '-' || c == 'e' || c == '+'))
-        .unwrap_or(v.len());
-    v[..end].parse().ok()
+/// The number at `path` (object keys) in iperf3's JSON report, if it is there.
+fn json_num(json: &str, path: &[&str]) -> Option<f64> {
+    let v: serde_json::Value = serde_json::from_str(json).ok()?;
+    path.iter().try_fold(&v, |v, k| v.get(k))?.as_f64()
 }
 
 fn python() -> String {
@@ -569,7 +563,7 @@ fn tcp_iperf3_twice_at_the_same_public_port() {
             Duration::from_secs(15),
         );
         let json = String::from_utf8_lossy(&out.stdout).into_owned();
-        let bytes = json_num(&json, "\"sum_received\"", "bytes").unwrap_or(0.0);
+        let bytes = json_num(&json, &["end", "sum_received", "bytes"]).unwrap_or(0.0);
         let ok = out.status.success() && !json.contains("\"error\"") && bytes > 0.0;
         results.push(format!(
             "run {run}: exit {:?}, received {bytes} bytes{}",
@@ -684,8 +678,12 @@ fn udp_iperf3_from_p1() {
     let json = String::from_utf8_lossy(&out.stdout).into_owned();
     let log = s.read("iperf3u.shim.log");
     let udp_ports = mapped_ports(&log, "Udp", "10.1.0.11:5201");
-    let packets = json_num(&json, "\"end\"", "packets").unwrap_or(0.0);
-    let lost = json_num(&json, "\"end\"", "lost_percent").unwrap_or(100.0);
+    let packets = json_num(&json, &["end", "sum", "packets"])
+        .or_else(|| json_num(&json, &["end", "sum_received", "packets"]))
+        .unwrap_or(0.0);
+    let lost = json_num(&json, &["end", "sum", "lost_percent"])
+        .or_else(|| json_num(&json, &["end", "sum_received", "lost_percent"]))
+        .unwrap_or(100.0);
     assert!(
         out.status.success() && !json.contains("\"error\"") && packets > 0.0 && lost < 50.0,
         "iperf3 -u p1 -> {PUBLIC}:{q} (TCP control mapped to {q}, UDP data socket mapped to \

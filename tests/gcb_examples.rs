@@ -27,6 +27,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use gcb_lab::{release_artifact, repo_root, Host, Lab, Proc};
+use serde_json::Value as Json;
 
 const BROKER: &str = "203.0.113.10";
 const BROKER_PORT: u16 = 9650;
@@ -236,7 +237,8 @@ fn json_result(what: &str, out: &Output) -> Json {
         )
     };
     let line = stdout.lines().last().unwrap_or_default();
-    let json = Json::parse(line).unwrap_or_else(|e| panic!("{} (bad JSON: {e})", describe()));
+    let json: Json =
+        serde_json::from_str(line).unwrap_or_else(|e| panic!("{} (bad JSON: {e})", describe()));
     assert!(out.status.success(), "{}", describe());
     assert_eq!(json["ok"], Json::Bool(true), "{}", describe());
     println!("{what}: {line}");
@@ -244,216 +246,47 @@ fn json_result(what: &str, out: &Output) -> Json {
 }
 
 // ---------------------------------------------------------------------------------------
-// a minimal JSON reader (the lab crate has no JSON dependency)
+// reading the examples' JSON results (serde_json)
 
-#[derive(Debug, Clone, PartialEq)]
-enum Json {
-    Null,
-    Bool(bool),
-    Num(f64),
-    Str(String),
-    Arr(Vec<Json>),
-    Obj(BTreeMap<String, Json>),
+/// Typed access to a field the example must have printed: panics naming what it found.
+trait JsonField {
+    fn num(&self) -> f64;
+    fn str(&self) -> &str;
+    fn arr(&self) -> &[Json];
 }
 
-static NULL: Json = Json::Null;
-
-impl std::ops::Index<&str> for Json {
-    type Output = Json;
-    fn index(&self, key: &str) -> &Json {
-        match self {
-            Json::Obj(m) => m.get(key).unwrap_or(&NULL),
-            _ => &NULL,
-        }
-    }
-}
-
-impl Json {
-    fn parse(s: &str) -> Result<Json, String> {
-        let mut p = JsonParser {
-            s: s.as_bytes(),
-            i: 0,
-        };
-        let v = p.value()?;
-        p.ws();
-        if p.i != p.s.len() {
-            return Err(format!("trailing data at {}", p.i));
-        }
-        Ok(v)
-    }
-
+impl JsonField for Json {
     fn num(&self) -> f64 {
-        match self {
-            Json::Num(n) => *n,
-            other => panic!("not a number: {other:?}"),
-        }
+        self.as_f64()
+            .unwrap_or_else(|| panic!("not a number: {self:?}"))
     }
 
     fn str(&self) -> &str {
-        match self {
-            Json::Str(s) => s,
-            other => panic!("not a string: {other:?}"),
-        }
+        self.as_str()
+            .unwrap_or_else(|| panic!("not a string: {self:?}"))
     }
 
     fn arr(&self) -> &[Json] {
-        match self {
-            Json::Arr(a) => a,
-            other => panic!("not an array: {other:?}"),
-        }
-    }
-}
-
-struct JsonParser<'a> {
-    s: &'a [u8],
-    i: usize,
-}
-
-impl JsonParser<'_> {
-    fn ws(&mut self) {
-        while self.s.get(self.i).is_some_and(u8::is_ascii_whitespace) {
-            self.i += 1;
-        }
-    }
-
-    fn eat(&mut self, c: u8) -> Result<(), String> {
-        self.ws();
-        if self.s.get(self.i) == Some(&c) {
-            self.i += 1;
-            Ok(())
-        } else {
-            Err(format!("expected {:?} at {}", c as char, self.i))
-        }
-    }
-
-    fn value(&mut self) -> Result<Json, String> {
-        self.ws();
-        let rest = &self.s[self.i..];
-        for (word, v) in [
-            ("null", Json::Null),
-            ("true", Json::Bool(true)),
-            ("false", Json::Bool(false)),
-        ] {
-            if rest.starts_with(word.as_bytes()) {
-                self.i += word.len();
-                return Ok(v);
-            }
-        }
-        match rest.first() {
-            Some(b'"') => self.string().map(Json::Str),
-            Some(b'[') => {
-                self.i += 1;
-                let mut v = Vec::new();
-                self.ws();
-                if self.s.get(self.i) == Some(&b']') {
-                    self.i += 1;
-                    return Ok(Json::Arr(v));
-                }
-                loop {
-                    v.push(self.value()?);
-                    self.ws();
-                    match self.s.get(self.i) {
-                        Some(b',') => self.i += 1,
-                        Some(b']') => {
-                            self.i += 1;
-                            return Ok(Json::Arr(v));
-                        }
-                        _ => return Err(format!("bad array at {}", self.i)),
-                    }
-                }
-            }
-            Some(b'{') => {
-                self.i += 1;
-                let mut m = BTreeMap::new();
-                self.ws();
-                if self.s.get(self.i) == Some(&b'}') {
-                    self.i += 1;
-                    return Ok(Json::Obj(m));
-                }
-                loop {
-                    self.ws();
-                    let k = self.string()?;
-                    self.eat(b':')?;
-                    m.insert(k, self.value()?);
-                    self.ws();
-                    match self.s.get(self.i) {
-                        Some(b',') => self.i += 1,
-                        Some(b'}') => {
-                            self.i += 1;
-                            return Ok(Json::Obj(m));
-                        }
-                        _ => return Err(format!("bad object at {}", self.i)),
-                    }
-                }
-            }
-            _ => {
-                let end = rest
-                    .iter()
-                    .position(|c| !matches!(c, b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E'))
-                    .unwrap_or(rest.len());
-                let n = std::str::from_utf8(&rest[..end])
-                    .ok()
-                    .and_then(|t| t.parse().ok())
-                    .ok_or_else(|| format!("bad value at {}", self.i))?;
-                self.i += end;
-                Ok(Json::Num(n))
-            }
-        }
-    }
-
-    fn string(&mut self) -> Result<String, String> {
-        self.eat(b'"')?;
-        let mut out = String::new();
-        loop {
-            let c = *self.s.get(self.i).ok_or("unterminated string")?;
-            self.i += 1;
-            match c {
-                b'"' => return Ok(out),
-                b'\\' => {
-                    let e = *self.s.get(self.i).ok_or("bad escape")?;
-                    self.i += 1;
-                    out.push(match e {
-                        b'n' => '\n',
-                        b't' => '\t',
-                        b'r' => '\r',
-                        b'u' => {
-                            let hex = self.s.get(self.i..self.i + 4).ok_or("bad \\u")?;
-                            self.i += 4;
-                            std::str::from_utf8(hex)
-                                .ok()
-                                .and_then(|h| u32::from_str_radix(h, 16).ok())
-                                .and_then(char::from_u32)
-                                .unwrap_or('\u{fffd}')
-                        }
-                        other => other as char,
-                    });
-                }
-                _ => {
-                    // Copy a whole UTF-8 sequence.
-                    let start = self.i - 1;
-                    while self.s.get(self.i).is_some_and(|b| b & 0xc0 == 0x80) {
-                        self.i += 1;
-                    }
-                    out.push_str(&String::from_utf8_lossy(&self.s[start..self.i]));
-                }
-            }
-        }
+        self.as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_else(|| panic!("not an array: {self:?}"))
     }
 }
 
 #[test]
 fn json_reader_reads_what_the_examples_print() {
-    let j =
-        Json::parse(r#"{"ok":true,"n":-1.5e2,"s":"a\"b\u00e9","a":[1,{"x":null}],"e":[],"o":{}}"#)
-            .unwrap();
+    let j: Json = serde_json::from_str(
+        r#"{"ok":true,"n":-1.5e2,"s":"a\"b\u00e9","a":[1,{"x":null}],"e":[],"o":{}}"#,
+    )
+    .unwrap();
     assert_eq!(j["ok"], Json::Bool(true));
     assert_eq!(j["n"].num(), -150.0);
     assert_eq!(j["s"].str(), "a\"bé");
     assert_eq!(j["a"].arr()[1]["x"], Json::Null);
     assert!(j["e"].arr().is_empty());
     assert_eq!(j["missing"], Json::Null);
-    assert!(Json::parse("{\"ok\":true} x").is_err());
-    assert!(Json::parse("{\"ok\":").is_err());
+    assert!(serde_json::from_str::<Json>("{\"ok\":true} x").is_err());
+    assert!(serde_json::from_str::<Json>("{\"ok\":").is_err());
 }
 
 // ---------------------------------------------------------------------------------------

@@ -222,27 +222,13 @@ fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
-fn py_json(json: &[u8], expr: &str) -> String {
-    let mut c = Command::new("python3");
-    c.args([
-        "-c",
-        &format!("import json,sys; d=json.load(sys.stdin); print({expr})"),
-    ])
-    .stdin(Stdio::piped())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped());
-    let mut ch = c.spawn().unwrap();
-    {
-        use std::io::Write;
-        ch.stdin.take().unwrap().write_all(json).unwrap();
-    }
-    let out = ch.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "python json eval failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
+fn iperf3_json(json: &[u8]) -> serde_json::Value {
+    serde_json::from_slice(json).unwrap_or_else(|e| {
+        panic!(
+            "iperf3 JSON unreadable ({e}): {}",
+            String::from_utf8_lossy(json)
+        )
+    })
 }
 
 const T: Duration = Duration::from_secs(60);
@@ -447,25 +433,22 @@ fn iperf3(udp: bool) {
     let sout = srv.finish(T);
     assert!(sout.status.success(), "iperf3 server failed");
     for (who, json) in [("client", &out.stdout), ("server", &sout.stdout)] {
-        assert_eq!(
-            py_json(json, "d.get('error', 'none')"),
-            "none",
-            "iperf3 {who} reported an error"
-        );
+        let d = iperf3_json(json);
+        assert_eq!(d.get("error"), None, "iperf3 {who} reported an error");
         // end.sum_received: what reached the server (iperf3's server-side `sum` reports 0
         // bytes for UDP even without the shim).
-        let bytes: u64 = py_json(json, "d['end']['sum_received']['bytes']")
-            .parse()
-            .unwrap();
+        let bytes = d["end"]["sum_received"]["bytes"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("iperf3 {who}: no end.sum_received.bytes"));
         let proto = if udp { "udp" } else { "tcp" };
         assert!(
             bytes > 1_000_000,
             "iperf3 {who} ({proto}) moved only {bytes} bytes"
         );
         if udp {
-            let packets: u64 = py_json(json, "d['end']['sum_received']['packets']")
-                .parse()
-                .unwrap();
+            let packets = d["end"]["sum_received"]["packets"]
+                .as_u64()
+                .unwrap_or_else(|| panic!("iperf3 udp {who}: no end.sum_received.packets"));
             assert!(packets > 100, "iperf3 udp {who}: {packets} packets");
         }
     }
