@@ -15,11 +15,13 @@ use std::fs::{self, File};
 use std::net::SocketAddrV4;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::OnceLock;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use gcb_lab::{random_bytes, release_artifact, repo_root, sha256, Host, Lab, Proc};
+use gcb_lab::{
+    brokerd, gcb_run, gcb_run_script, libgcb, parse_after, python, random_bytes, read_text as read,
+    sha256, wait_line, Broker, Host, Lab, Proc, Scratch,
+};
 
 const P1: &str = "203.0.113.10";
 const P2: &str = "203.0.113.11";
@@ -38,65 +40,8 @@ const UP: Duration = Duration::from_secs(10);
 // Helpers
 // ---------------------------------------------------------------------------------------
 
-/// A release artifact that must exist (the test builds nothing).
-fn artifact(name: &str) -> PathBuf {
-    let p = release_artifact(name);
-    assert!(
-        p.exists(),
-        "missing build artifact {name} (looked at {}): build the workspace first with \
-         `cargo build --release --workspace` (scripts/test-all does)",
-        p.display()
-    );
-    p
-}
-
-fn brokerd() -> PathBuf {
-    artifact("gcb-brokerd")
-}
-
-fn libgcb() -> PathBuf {
-    artifact("libgcb.so")
-}
-
-fn gcb_run_script() -> PathBuf {
-    let p = repo_root().join("scripts/gcb-run");
-    assert!(p.exists(), "missing {}", p.display());
-    p
-}
-
-/// The real python3 executable (not a pyenv shim script), resolved once.
-fn python() -> &'static str {
-    static PY: OnceLock<String> = OnceLock::new();
-    PY.get_or_init(|| {
-        let out = Command::new("python3")
-            .args(["-c", "import sys; print(sys.executable)"])
-            .output()
-            .expect("python3 must be installed (scripts/install-deps)");
-        assert!(out.status.success(), "python3 failed: {out:?}");
-        String::from_utf8(out.stdout).unwrap().trim().to_owned()
-    })
-}
-
 fn text(out: &[u8]) -> String {
     String::from_utf8_lossy(out).into_owned()
-}
-
-fn read(path: &Path) -> String {
-    fs::read(path).map(|b| text(&b)).unwrap_or_default()
-}
-
-/// Polls `path` until a line satisfies `pred`; returns the first such line.
-fn wait_line(path: &Path, timeout: Duration, pred: impl Fn(&str) -> bool) -> Option<String> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(l) = read(path).lines().find(|l| pred(l)) {
-            return Some(l.to_owned());
-        }
-        if Instant::now() >= deadline {
-            return None;
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
 }
 
 fn count_lines(path: &Path, pred: impl Fn(&str) -> bool) -> usize {
@@ -106,7 +51,7 @@ fn count_lines(path: &Path, pred: impl Fn(&str) -> bool) -> usize {
 /// One lab plus a scratch directory (payloads, logs) that is removed on success and kept
 /// (and named on stderr) when the test fails.
 struct Rig {
-    dir: PathBuf,
+    dir: Scratch,
     lab: Lab,
 }
 
@@ -117,8 +62,7 @@ impl Rig {
         libgcb();
         gcb_run_script();
         let lab = Lab::up();
-        let dir = std::env::temp_dir().join(format!("gcb-tcp-{}", lab.name()));
-        let _ = fs::remove_dir_all(&dir);
+        let dir = Scratch::new("tcp", &lab);
         fs::create_dir_all(dir.join("www")).expect("create scratch dir");
         Rig { dir, lab }
     }
@@ -142,12 +86,14 @@ impl Rig {
 
     /// `gcb-run --broker BROKER --log LEVEL --log-file LOG -- program` in `host`.
     fn gcb(&self, host: Host, broker: &str, level: &str, log: &Path, program: &str) -> Command {
-        let mut c = self.lab.cmd(host, gcb_run_script());
-        c.env("GCB_LIB", libgcb())
-            .args(["--broker", broker, "--log", level, "--log-file"])
-            .arg(log)
-            .arg("--")
-            .arg(program);
+        let mut c = gcb_run(
+            &self.lab,
+            host,
+            true,
+            &["--broker", broker],
+            Some((level, log)),
+        );
+        c.arg(program);
         c
     }
 
@@ -172,18 +118,14 @@ impl Rig {
 
     /// Starts `gcb-brokerd --listen IP` in `host` and waits until it is ready.
     fn broker(&self, host: Host, ip: &str, extra: &[&str], name: &str) -> Broker {
-        let log = self.path(&format!("{name}.log"));
-        let mut cmd = self.cmd(host, brokerd());
-        cmd.args(["--listen", ip])
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(File::create(&log).unwrap());
-        let proc = self.lab.spawn(&mut cmd).expect("spawn gcb-brokerd");
-        let b = Broker { proc, log };
-        if wait_line(&b.log, UP, |l| l.contains("listening on udp")).is_none() {
-            panic!("gcb-brokerd did not come up on {ip}:\n{}", b.text());
-        }
-        b
+        Broker::start(
+            &self.lab,
+            host,
+            ip,
+            true,
+            extra,
+            &self.path(&format!("{name}.log")),
+        )
     }
 
     /// Serves `www/` (put payloads there) with `python3 -m http.server PORT` in a1, under
@@ -250,41 +192,26 @@ impl Rig {
     }
 }
 
-impl Drop for Rig {
-    fn drop(&mut self) {
-        if thread::panicking() {
-            eprintln!("gcb_tcp: logs and payloads kept in {}", self.dir.display());
-        } else {
-            let _ = fs::remove_dir_all(&self.dir);
-        }
-    }
-}
-
 struct Started {
     proc: Proc,
     out: PathBuf,
     err: PathBuf,
 }
 
-struct Broker {
-    proc: Proc,
-    log: PathBuf,
+/// What gcb_tcp reads in a broker's log.
+trait BrokerLog {
+    /// The proxy the broker assigned to the TCP listener with local address `local`.
+    fn tcp_proxy(&self, local: &str, timeout: Duration) -> SocketAddrV4;
+    /// Broker log lines with the decision for connections to `proxy`.
+    fn decisions(&self, proxy: SocketAddrV4) -> Vec<String>;
+    fn relays_started(&self) -> Vec<String>;
 }
 
-impl Broker {
-    fn text(&self) -> String {
-        read(&self.log)
+impl BrokerLog for Broker {
+    fn tcp_proxy(&self, local: &str, timeout: Duration) -> SocketAddrV4 {
+        self.proxy_of("tcp listener", local, timeout)
     }
 
-    /// The proxy the broker assigned to the listener with local address `local`.
-    fn proxy_of(&self, local: &str, timeout: Duration) -> SocketAddrV4 {
-        let needle = format!("registered tcp listener local {local} ");
-        let line = wait_line(&self.log, timeout, |l| l.contains(&needle))
-            .unwrap_or_else(|| panic!("no registration of {local}; broker log:\n{}", self.text()));
-        parse_after(&line, "-> proxy ")
-    }
-
-    /// Broker log lines with the decision for connections to `proxy`.
     fn decisions(&self, proxy: SocketAddrV4) -> Vec<String> {
         let needle = format!("-> proxy {proxy} (listener");
         self.text()
@@ -301,16 +228,6 @@ impl Broker {
             .map(str::to_owned)
             .collect()
     }
-}
-
-fn parse_after(line: &str, marker: &str) -> SocketAddrV4 {
-    let rest = line
-        .split(marker)
-        .nth(1)
-        .unwrap_or_else(|| panic!("no {marker:?} in {line:?}"));
-    let word = rest.split_whitespace().next().unwrap_or("");
-    word.parse()
-        .unwrap_or_else(|e| panic!("bad address {word:?} in {line:?}: {e}"))
 }
 
 /// The proxy the shim logged (info level) for its listener on `local`.
@@ -403,7 +320,7 @@ fn pattern1_public_plain_clients_reach_private_servers_via_proxy() {
     let sha = www_payload(&rig, "f.bin", 3 * MIB);
 
     let (http, advertised) = rig.http_server(Host::A1, Some(P1), 8000, "http", &[]);
-    let proxy = broker.proxy_of(&format!("{A1}:8000"), UP);
+    let proxy = broker.tcp_proxy(&format!("{A1}:8000"), UP);
     assert_eq!(
         advertised, proxy,
         "http.server must advertise (getsockname) the proxy the broker assigned"
@@ -428,7 +345,7 @@ fn pattern1_public_plain_clients_reach_private_servers_via_proxy() {
         .arg(&up_dst);
     let mut up_server = rig.start(&mut cmd, "ncat-up");
     let up_proxy = shim_proxy(&ncat_log, &format!("{A1}:7001"), UP);
-    assert_eq!(up_proxy, broker.proxy_of(&format!("{A1}:7001"), UP));
+    assert_eq!(up_proxy, broker.tcp_proxy(&format!("{A1}:7001"), UP));
     let mut send = rig.cmd(Host::P2, "ncat");
     send.args(["-4", "--send-only", &up_proxy.ip().to_string()])
         .arg(up_proxy.port().to_string())
@@ -541,7 +458,7 @@ fn unanswered_standby_claim_falls_back_to_connect_back() {
     let mut cmd = rig.gcb(Host::A1, P1, "debug", &log, python());
     cmd.args(["-u", "-c", script]);
     let server = rig.start(&mut cmd, "prefork");
-    let proxy = broker.proxy_of(&format!("{A1}:7100"), UP);
+    let proxy = broker.tcp_proxy(&format!("{A1}:7100"), UP);
     assert!(
         wait_line(&server.out, UP, |l| l == "ready").is_some(),
         "server: {}",
@@ -780,7 +697,7 @@ fn broker_on_gateway_serves_every_pattern() {
     let broker = rig.broker(Host::Gwa, GWA, &[], "broker");
     let sha = www_payload(&rig, "f.bin", 2 * MIB);
     let (http, proxy) = rig.http_server(Host::A1, Some(GWA), 8000, "http", &[]);
-    assert_eq!(proxy, broker.proxy_of(&format!("{A1}:8000"), UP));
+    assert_eq!(proxy, broker.tcp_proxy(&format!("{A1}:8000"), UP));
     assert_eq!(proxy.ip().to_string(), GWA);
 
     // 1: plain client in p2 via the proxy.
@@ -855,7 +772,7 @@ fn socat_fork_server_sequential_and_concurrent_clients() {
     let mut cmd = rig.gcb(Host::A1, P1, "info", &log, "socat");
     cmd.args(["TCP4-LISTEN:7000,fork,reuseaddr", "SYSTEM:sha256sum"]);
     let server = rig.start(&mut cmd, "socat");
-    let proxy = broker.proxy_of(&format!("{A1}:7000"), UP);
+    let proxy = broker.tcp_proxy(&format!("{A1}:7000"), UP);
     assert_eq!(proxy, shim_proxy(&log, &format!("{A1}:7000"), UP));
 
     for i in 0..20 {
@@ -917,7 +834,7 @@ fn burst_larger_than_listen_backlog_loses_no_connection() {
         "SYSTEM:sha256sum",
     ]);
     let _server = rig.start(&mut cmd, "socat");
-    let proxy = broker.proxy_of(&format!("{A1}:7000"), UP);
+    let proxy = broker.tcp_proxy(&format!("{A1}:7000"), UP);
     for round in 0..2 {
         let inputs: Vec<(PathBuf, String)> = (0..10)
             .map(|i| rig.payload(&format!("burst{round}-{i}.bin"), 64 * 1024 + i))
@@ -1060,7 +977,7 @@ fn epoll_poll_and_select_servers_echo_via_proxy() {
             .unwrap_or_else(|| panic!("{mode} server: {} {}", read(&s.out), read(&s.err)));
         let w: Vec<&str> = line.split_whitespace().collect();
         let advertised: SocketAddrV4 = format!("{}:{}", w[1], w[2]).parse().unwrap();
-        let proxy = broker.proxy_of(&format!("{A1}:{port}"), UP);
+        let proxy = broker.tcp_proxy(&format!("{A1}:{port}"), UP);
         assert_eq!(
             advertised, proxy,
             "{mode}: getsockname must return the proxy"
@@ -1136,7 +1053,7 @@ fn fault_broker_restart_listener_reregisters_on_same_proxy() {
     );
     let t0 = Instant::now();
     let broker2 = rig.broker(Host::P1, P1, &[], "broker2");
-    let again = broker2.proxy_of(&format!("{A1}:8000"), Duration::from_secs(25));
+    let again = broker2.tcp_proxy(&format!("{A1}:8000"), Duration::from_secs(25));
     let took = t0.elapsed();
     assert_eq!(again, proxy, "re-registration must keep the proxy address");
     assert!(
@@ -1272,7 +1189,7 @@ fn fault_thirty_percent_loss_every_brokered_connect_succeeds() {
     cmd.env("GCB_STANDBY", "0")
         .args(["TCP4-LISTEN:7000,fork,reuseaddr", "SYSTEM:sha256sum"]);
     let server = rig.start(&mut cmd, "socat");
-    let proxy = broker.proxy_of(&format!("{A1}:7000"), UP);
+    let proxy = broker.tcp_proxy(&format!("{A1}:7000"), UP);
 
     rig.lab.loss_of(Host::Gwa, 30, "udp");
     rig.lab.loss_of(Host::Gwb, 30, "udp");

@@ -59,6 +59,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use sha2::{Digest, Sha256};
 
+mod fixtures;
+pub use fixtures::*;
+
 /// The private subnet behind gwa.
 pub const NET_A: (Ipv4Addr, u8) = (Ipv4Addr::new(10, 1, 0, 0), 24);
 /// The private subnet behind gwb.
@@ -241,18 +244,6 @@ pub fn artifact(name: &str) -> PathBuf {
         p.display()
     );
     p
-}
-
-/// The real python3 executable (not a pyenv shim script), resolved once.
-pub fn python() -> &'static str {
-    static PY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    PY.get_or_init(|| {
-        let out = Command::new("python3")
-            .args(["-c", "import sys; print(sys.executable)"])
-            .output()
-            .expect("python3 must be installed (scripts/install-deps)");
-        String::from_utf8_lossy(&out.stdout).trim().to_owned()
-    })
 }
 
 /// A file's text (lossy UTF-8); empty if it cannot be read (yet).
