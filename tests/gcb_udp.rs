@@ -14,13 +14,15 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::{self, File};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
-use std::sync::OnceLock;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use gcb_lab::{random_bytes, release_artifact, repo_root, sha256, Host, Lab, Proc};
+use gcb_lab::{
+    artifact, gcb_run, python, random_bytes, read_text as read, sha256, wait_line, Broker, Host,
+    Lab, Proc, Scratch,
+};
 
 const BROKER: &str = "203.0.113.10";
 const BROKER_PORT: u16 = 9650;
@@ -64,57 +66,12 @@ const CLIENT: &str = include_str!("programs/udp_client.py");
 // Harness
 // ---------------------------------------------------------------------------------------
 
-/// A release artifact that must exist (the test builds nothing).
-fn artifact(name: &str) -> PathBuf {
-    let p = release_artifact(name);
-    assert!(
-        p.exists(),
-        "missing build artifact {name} (looked at {}): build the workspace first with \
-         `cargo build --release --workspace`",
-        p.display()
-    );
-    p
-}
-
-/// The real python3 executable (not a pyenv shim script), resolved once.
-fn python() -> &'static str {
-    static PY: OnceLock<String> = OnceLock::new();
-    PY.get_or_init(|| {
-        let out = Command::new("python3")
-            .args(["-c", "import sys; print(sys.executable)"])
-            .output()
-            .expect("python3 must be installed (scripts/install-deps)");
-        assert!(out.status.success(), "python3 failed: {out:?}");
-        String::from_utf8(out.stdout).unwrap().trim().to_owned()
-    })
-}
-
-fn read(p: &Path) -> String {
-    fs::read(p)
-        .map(|b| String::from_utf8_lossy(&b).into_owned())
-        .unwrap_or_default()
-}
-
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).trim().to_owned()
 }
 
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-/// Waits until a line of `path` satisfies `pred`; returns it.
-fn wait_line(path: &Path, timeout: Duration, pred: impl Fn(&str) -> bool) -> Option<String> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(l) = read(path).lines().find(|l| pred(l)) {
-            return Some(l.to_owned());
-        }
-        if Instant::now() >= deadline {
-            return None;
-        }
-        thread::sleep(Duration::from_millis(30));
-    }
 }
 
 /// Where a host's datagrams come from on the public segment, for the broker or p1.
@@ -124,35 +81,29 @@ fn public_ip(host: Host) -> String {
 
 struct Rig {
     // Processes die before the namespaces go.
-    broker: Option<Proc>,
+    broker: Option<Broker>,
     procs: Vec<Proc>,
-    dir: PathBuf,
+    dir: Scratch,
     lab: Lab,
 }
 
 impl Rig {
     fn up(broker_args: &[&str]) -> Rig {
         let lab = Lab::up();
-        let dir = std::env::temp_dir().join(format!("gcb-udp-{}", lab.name()));
-        fs::create_dir_all(&dir).unwrap();
+        let dir = Scratch::new("udp", &lab);
         fs::write(dir.join("echo.py"), ECHO).unwrap();
         fs::write(dir.join("client.py"), CLIENT).unwrap();
-        let mut rig = Rig {
-            broker: None,
+        let mut args = vec!["--log", "debug"];
+        args.extend_from_slice(broker_args);
+        let broker = Broker::start(&lab, Host::P1, BROKER, true, &args, &dir.join("broker.log"));
+        lab.wait_for_udp_bind(Host::P1, BROKER_PORT, UP)
+            .unwrap_or_else(|e| panic!("broker not up: {e}\n{}", broker.text()));
+        Rig {
+            broker: Some(broker),
             procs: Vec::new(),
             dir,
             lab,
-        };
-        let mut cmd = rig.lab.cmd(Host::P1, artifact("gcb-brokerd"));
-        cmd.args(["--listen", BROKER, "--log", "debug"])
-            .args(broker_args)
-            .stdout(Stdio::null())
-            .stderr(File::create(rig.path("broker.log")).unwrap());
-        rig.broker = Some(rig.lab.spawn(&mut cmd).expect("spawn gcb-brokerd"));
-        rig.lab
-            .wait_for_udp_bind(Host::P1, BROKER_PORT, UP)
-            .unwrap_or_else(|e| panic!("broker not up: {e}\n{}", rig.broker_log()));
-        rig
+        }
     }
 
     fn path(&self, name: &str) -> PathBuf {
@@ -174,12 +125,15 @@ impl Rig {
         if !gcb {
             return self.lab.cmd(host, program);
         }
-        let mut c = self.lab.cmd(host, repo_root().join("scripts/gcb-run"));
-        c.env("GCB_LIB", artifact("libgcb.so"))
-            .args(["--broker", BROKER, "--log", "debug", "--log-file"])
-            .arg(self.path(&format!("{tag}.shim.log")))
-            .arg("--")
-            .arg(program);
+        let log = self.path(&format!("{tag}.shim.log"));
+        let mut c = gcb_run(
+            &self.lab,
+            host,
+            true,
+            &["--broker", BROKER],
+            Some(("debug", &log)),
+        );
+        c.arg(program);
         c
     }
 
@@ -235,7 +189,8 @@ impl Rig {
 
     /// Every long-running program and the broker are still alive.
     fn assert_alive(&mut self) {
-        for (i, p) in self.procs.iter_mut().chain(&mut self.broker).enumerate() {
+        let broker = self.broker.as_mut().map(|b| &mut b.proc);
+        for (i, p) in self.procs.iter_mut().chain(broker).enumerate() {
             let st = p.wait_timeout(Duration::ZERO).expect("wait");
             assert!(st.is_none(), "process #{i} exited: {st:?}\n{}", self.logs());
         }
@@ -265,32 +220,21 @@ impl Rig {
 
     /// SIGTERMs the broker and returns the counters of the stats line it prints at exit.
     fn broker_stats(&mut self) -> HashMap<String, u64> {
+        // Taken: a stopped broker is no longer expected alive.
         let mut b = self.broker.take().expect("broker running");
-        b.signal_group(libc::SIGTERM);
-        let st = b.wait_timeout(Duration::from_secs(5)).expect("wait broker");
-        assert!(st.is_some(), "broker did not exit on SIGTERM");
-        let log = self.broker_log();
-        let line = log
-            .lines()
-            .rev()
-            .find(|l| l.contains(" stats "))
-            .unwrap_or_else(|| panic!("no stats line in the broker log:\n{log}"));
-        line.split_whitespace()
-            .filter_map(|w| w.split_once('='))
-            .filter_map(|(k, v)| Some((k.to_owned(), v.parse().ok()?)))
-            .collect()
+        b.stop_and_stats()
     }
 }
 
 impl Drop for Rig {
     fn drop(&mut self) {
-        for p in self.procs.iter_mut().chain(&mut self.broker) {
+        // Programs first, then the broker; the scratch dir is kept if the test failed.
+        for p in self
+            .procs
+            .iter_mut()
+            .chain(self.broker.as_mut().map(|b| &mut b.proc))
+        {
             let _ = p.kill();
-        }
-        if thread::panicking() {
-            eprintln!("gcb_udp: logs kept in {}", self.dir.display());
-        } else {
-            let _ = fs::remove_dir_all(&self.dir);
         }
     }
 }

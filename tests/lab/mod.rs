@@ -611,6 +611,12 @@ impl std::ops::Deref for Scratch {
     }
 }
 
+impl AsRef<std::path::Path> for Scratch {
+    fn as_ref(&self) -> &std::path::Path {
+        &self.dir
+    }
+}
+
 impl Drop for Scratch {
     fn drop(&mut self) {
         if thread::panicking() || std::env::var_os("GCB_TEST_KEEP").is_some() {
