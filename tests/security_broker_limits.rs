@@ -19,35 +19,14 @@ use std::thread;
 use std::time::Duration;
 
 use gcb_lab::{
-    artifact, python, random_bytes, read_text as read, repo_root, sha256, wait_line, Host, Lab,
-    Proc, Scratch,
+    brokerd, gcb_run, libgcb, python, random_bytes, read_text as read, sha256, tail, wait_line,
+    Broker, Host, Lab, Proc, Scratch,
 };
 
 const P1: &str = "203.0.113.10";
 const A1: &str = "10.1.0.11";
 const UP: Duration = Duration::from_secs(10);
 const RUN: Duration = Duration::from_secs(40);
-/// Broker flags for an unkeyed broker reachable from the lab's public hosts.
-const UNKEYED: &[&str] = &["--insecure", "--allow", "0.0.0.0/0"];
-
-fn brokerd() -> PathBuf {
-    match std::env::var_os("GCB_TEST_BROKERD") {
-        Some(p) => PathBuf::from(p),
-        None => artifact("gcb-brokerd"),
-    }
-}
-
-fn parse_after(line: &str, marker: &str) -> SocketAddrV4 {
-    let rest = &line[line
-        .find(marker)
-        .unwrap_or_else(|| panic!("{marker:?} in {line:?}"))
-        + marker.len()..];
-    let word = rest.split_whitespace().next().unwrap();
-    word.trim_end_matches([',', ')'])
-        .parse()
-        .unwrap_or_else(|e| panic!("cannot parse {word:?} in {line:?}: {e}"))
-}
-
 /// Python helpers, written to the scratch directory. Every mode prints one summary line.
 const TOOL: &str = include_str!("programs/seclim_tool.py");
 
@@ -56,27 +35,9 @@ struct Rig {
     lab: Lab,
 }
 
-struct Broker {
-    proc: Proc,
-    log: PathBuf,
-}
-
-impl Broker {
-    fn text(&self) -> String {
-        read(&self.log)
-    }
-
-    fn proxy_of(&self, what: &str, local: &str) -> SocketAddrV4 {
-        let needle = format!("registered {what} local {local} ");
-        let line = wait_line(&self.log, UP, |l| l.contains(&needle))
-            .unwrap_or_else(|| panic!("no registration of {local}; broker log:\n{}", self.text()));
-        parse_after(&line, "-> proxy ")
-    }
-}
-
 impl Rig {
     fn up() -> Rig {
-        artifact("libgcb.so");
+        libgcb();
         brokerd();
         let lab = Lab::up();
         let dir = Scratch::new("seclim", &lab);
@@ -100,12 +61,15 @@ impl Rig {
     }
 
     fn gcb(&self, host: Host, keyed: bool, name: &str, program: &str) -> Command {
-        let mut c = self.cmd(host, keyed, repo_root().join("scripts/gcb-run"));
-        c.env("GCB_LIB", artifact("libgcb.so"))
-            .args(["--broker", P1, "--log", "info", "--log-file"])
-            .arg(self.path(&format!("{name}.shim.log")))
-            .arg("--")
-            .arg(program);
+        let log = self.path(&format!("{name}.shim.log"));
+        let mut c = gcb_run(
+            &self.lab,
+            host,
+            keyed,
+            &["--broker", P1],
+            Some(("info", &log)),
+        );
+        c.arg(program);
         c
     }
 
@@ -122,21 +86,16 @@ impl Rig {
     }
 
     fn broker(&self, keyed: bool, extra: &[&str]) -> Broker {
-        let log = self.path("broker.log");
-        let mut cmd = self.cmd(Host::P1, keyed, brokerd());
-        cmd.args(["--listen", P1, "--stats-interval-secs", "2"])
-            .args(if keyed { &[][..] } else { UNKEYED })
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(File::create(&log).unwrap());
-        let proc = self.lab.spawn(&mut cmd).expect("spawn gcb-brokerd");
-        let b = Broker { proc, log };
-        assert!(
-            wait_line(&b.log, UP, |l| l.contains("listening on udp")).is_some(),
-            "broker did not start:\n{}",
-            b.text()
-        );
-        b
+        let mut args = vec!["--stats-interval-secs", "2"];
+        args.extend_from_slice(extra);
+        Broker::start(
+            &self.lab,
+            Host::P1,
+            P1,
+            keyed,
+            &args,
+            &self.path("broker.log"),
+        )
     }
 
     /// python http.server on 8000 in a1 under gcb-run, serving a random file; returns
@@ -148,7 +107,7 @@ impl Rig {
         cmd.args(["-u", "-m", "http.server", "8000", "--bind", "0.0.0.0"])
             .current_dir(self.path("www"));
         let (p, _) = self.start(&mut cmd, "http");
-        let proxy = broker.proxy_of("tcp listener", &format!("{A1}:8000"));
+        let proxy = broker.proxy_of("tcp listener", &format!("{A1}:8000"), UP);
         (p, proxy, sha256(&data))
     }
 
@@ -185,11 +144,6 @@ impl Rig {
     }
 }
 
-fn tail(s: &str, n: usize) -> String {
-    let v: Vec<&str> = s.lines().collect();
-    v[v.len().saturating_sub(n)..].join("\n")
-}
-
 /// Recipe: 1,100 idle TCP connections from p2 to a proxy (they took all 1,024 relays and
 /// never timed out). Now p2 gets at most --max-relays-per-ip; b1 still fetches.
 #[test]
@@ -221,7 +175,7 @@ fn slow_preambles_from_one_host_do_not_block_the_relay_port() {
         .env("GCB_STANDBY", "0")
         .current_dir(rig.path("www"));
     let _http = rig.start(&mut cmd, "http");
-    let proxy = broker.proxy_of("tcp listener", &format!("{A1}:8000"));
+    let proxy = broker.proxy_of("tcp listener", &format!("{A1}:8000"), UP);
     let (_flood, out) = rig.start(
         &mut rig.tool(Host::P2, &["hold", P1, "9650", "1100", "G"]),
         "hold",
@@ -289,7 +243,7 @@ fn udp_spray_from_many_ports_of_one_host_leaves_rules_for_others() {
         .arg(rig.path("tool.py"))
         .args(["udp_echo_server", "7700"]);
     let _echo = rig.start(&mut cmd, "echo");
-    let proxy = broker.proxy_of("udp socket", &format!("{A1}:7700"));
+    let proxy = broker.proxy_of("udp socket", &format!("{A1}:7700"), UP);
     // Let the listener's first Dummy reach the broker.
     thread::sleep(Duration::from_secs(2));
     let out = rig.output(
@@ -350,7 +304,7 @@ fn broker_killed_mid_transfer_resets_the_receiver() {
         .arg(rig.path("tool.py"))
         .args(["sink", "7800"]);
     let (mut sink, sink_out) = rig.start(&mut cmd, "sink");
-    let proxy = broker.proxy_of("tcp listener", &format!("{A1}:7800"));
+    let proxy = broker.proxy_of("tcp listener", &format!("{A1}:7800"), UP);
     let (_sender, send_out) = rig.start(
         &mut rig.tool(
             Host::P2,

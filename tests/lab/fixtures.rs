@@ -16,9 +16,13 @@ use crate::{artifact, read_text, repo_root, wait_line, Host, Lab, Proc};
 /// How long a daemon gets to come up.
 pub const DAEMON_UP: Duration = Duration::from_secs(10);
 
-/// The broker daemon (a release artifact that must exist).
+/// The broker daemon: `$GCB_TEST_BROKERD` if set (to run a test against another build,
+/// e.g. the code before a fix), else this build's release artifact, which must exist.
 pub fn brokerd() -> PathBuf {
-    artifact("gcb-brokerd")
+    match std::env::var_os("GCB_TEST_BROKERD") {
+        Some(p) => PathBuf::from(p),
+        None => artifact("gcb-brokerd"),
+    }
 }
 
 /// The shim (a release artifact that must exist).
