@@ -25,8 +25,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use gcb_lab::{
-    artifact, random_bytes, read_text as read, repo_root, sha256, wait_line, Host, Lab,
-    Logged as Started, Scratch,
+    brokerd, gcb_run, libgcb, random_bytes, read_text as read, sha256, wait_line, Broker, Host,
+    Lab, Logged as Started, Scratch,
 };
 
 const P1: &str = "203.0.113.10";
@@ -55,8 +55,8 @@ struct Rig {
 
 impl Rig {
     fn up() -> Rig {
-        artifact("gcb-brokerd");
-        artifact("libgcb.so");
+        brokerd();
+        libgcb();
         let lab = Lab::up();
         let dir = Scratch::new("secshim", &lab);
         Rig { dir, lab }
@@ -72,32 +72,24 @@ impl Rig {
 
     /// `gcb-brokerd --listen P1 --log debug` on p1; `keyed` false: without the pool key,
     /// open to every source (what a stranger needs to speak to it).
-    fn broker(&self, keyed: bool) -> Started {
-        let mut cmd = self.lab.cmd(Host::P1, artifact("gcb-brokerd"));
-        cmd.args(["--listen", P1, "--log", "debug"]);
-        if !keyed {
-            cmd.env_remove("GCB_KEY_FILE")
-                .args(["--insecure", "--allow", "0.0.0.0/0"]);
-        }
-        let b = self.start(&mut cmd, "broker");
-        if wait_line(&b.err, UP, |l| l.contains("listening on udp")).is_none() {
-            panic!("gcb-brokerd did not come up:\n{}", read(&b.err));
-        }
-        b
+    fn broker(&self, keyed: bool) -> Broker {
+        let log = self.path("broker.log");
+        Broker::start(&self.lab, Host::P1, P1, keyed, &["--log", "debug"], &log)
     }
 
     /// The SERVER script in a1 under gcb-run (broker P1, shim log at `level`).
     fn gcb_server(&self, keyed: bool, mode: &str, port: u16, payload: &Path) -> Started {
         let name = format!("server{port}");
-        let mut cmd = self.lab.cmd(Host::A1, repo_root().join("scripts/gcb-run"));
-        cmd.env("GCB_LIB", artifact("libgcb.so"))
-            .args(["--broker", P1, "--log", "debug", "--log-file"])
-            .arg(self.path(&format!("{name}.shim.log")))
-            .args(["--", "python3", "-u", "-c", SERVER, mode, &port.to_string()])
+        let log = self.path(&format!("{name}.shim.log"));
+        let mut cmd = gcb_run(
+            &self.lab,
+            Host::A1,
+            keyed,
+            &["--broker", P1],
+            Some(("debug", &log)),
+        );
+        cmd.args(["python3", "-u", "-c", SERVER, mode, &port.to_string()])
             .arg(payload);
-        if !keyed {
-            cmd.env_remove("GCB_KEY_FILE");
-        }
         self.start(&mut cmd, &name)
     }
 
@@ -255,7 +247,7 @@ fn ssrf_case(keyed: bool) {
     );
     // The broker reverses only to a connector's own IP (and never unauthenticated); the
     // shim's own refusal of private and loopback targets is its unit tests' (net.rs).
-    let blog = read(&broker.err);
+    let blog = read(&broker.log);
     for (port, target) in [
         (5555, format!("{A2}:8022")),
         (5556, "127.0.0.1:8023".to_owned()),
@@ -366,7 +358,7 @@ fn listener_registers_once_the_broker_comes_up() {
         let proxy = rig.server_name(s, port, Duration::from_secs(20), |a| {
             a.ip().to_string() == P1 && a.port() != BROKER_PORT
         });
-        let blog = read(&broker.err);
+        let blog = read(&broker.log);
         assert!(
             blog.lines().any(|l| l
                 .contains(&format!("registered tcp listener local {A1}:{port} "))

@@ -25,13 +25,12 @@ use std::fs;
 use std::net::SocketAddrV4;
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
-use std::sync::OnceLock;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use gcb_lab::{
-    artifact, python, random_bytes, read_text as read, repo_root, sha256, wait_line, Host, Lab,
-    Logged as Started, Scratch,
+    brokerd, gcb_run, libgcb, parse_after, python, random_bytes, read_text as read, sha256, tail,
+    wait_line, Broker, Host, Lab, Logged as Started, Scratch,
 };
 
 const P1: &str = "203.0.113.10";
@@ -40,35 +39,6 @@ const GWB: &str = "203.0.113.2";
 const A1: &str = "10.1.0.11";
 const UP: Duration = Duration::from_secs(10);
 const RUN: Duration = Duration::from_secs(20);
-
-/// Whether this gcb-brokerd has `--insecure` (brokers before issue #10 had no such flag
-/// and ran unkeyed when given no key).
-fn broker_has_insecure_flag() -> bool {
-    static HAS: OnceLock<bool> = OnceLock::new();
-    *HAS.get_or_init(|| {
-        let out = Command::new(artifact("gcb-brokerd"))
-            .arg("--help")
-            .env_remove("GCB_KEY_FILE")
-            .output()
-            .expect("run gcb-brokerd --help");
-        String::from_utf8_lossy(&out.stdout).contains("--insecure")
-    })
-}
-
-fn parse_after(line: &str, marker: &str) -> SocketAddrV4 {
-    let at = line
-        .find(marker)
-        .unwrap_or_else(|| panic!("{marker:?} in {line:?}"));
-    let word = line[at + marker.len()..].split_whitespace().next().unwrap();
-    word.trim_end_matches([',', ')'])
-        .parse()
-        .unwrap_or_else(|e| panic!("cannot parse {word:?} in {line:?}: {e}"))
-}
-
-fn tail(s: &str, n: usize) -> String {
-    let v: Vec<&str> = s.lines().collect();
-    v[v.len().saturating_sub(n)..].join("\n")
-}
 
 /// The GCB server: sends the file argv[2] to every connection on port argv[1].
 const SERVER: &str = include_str!("programs/sectok_server.py");
@@ -84,8 +54,8 @@ struct Rig {
 
 impl Rig {
     fn up() -> Rig {
-        artifact("gcb-brokerd");
-        artifact("libgcb.so");
+        brokerd();
+        libgcb();
         let lab = Lab::up();
         let dir = Scratch::new("sectok", &lab);
         fs::write(dir.join("tool.py"), TOOL).unwrap();
@@ -119,24 +89,10 @@ impl Rig {
 
     /// `gcb-brokerd --listen P1 --log debug` on p1, logging to `NAME.err`; `keyed` false:
     /// without the pool key, open to every source.
-    fn broker(&self, keyed: bool, name: &str) -> Started {
-        let mut cmd = self.cmd(Host::P1, keyed, artifact("gcb-brokerd"));
-        cmd.args([
-            "--listen",
-            P1,
-            "--log",
-            "debug",
-            "--stats-interval-secs",
-            "1",
-        ]);
-        if !keyed && broker_has_insecure_flag() {
-            cmd.args(["--insecure", "--allow", "0.0.0.0/0"]);
-        }
-        let b = self.start(&mut cmd, name);
-        if wait_line(&b.err, UP, |l| l.contains("listening on udp")).is_none() {
-            panic!("gcb-brokerd did not come up:\n{}", read(&b.err));
-        }
-        b
+    fn broker(&self, keyed: bool, name: &str) -> Broker {
+        let log = self.path(&format!("{name}.err"));
+        let args = ["--log", "debug", "--stats-interval-secs", "1"];
+        Broker::start(&self.lab, Host::P1, P1, keyed, &args, &log)
     }
 
     /// The observer: the sniffer on p1, writing to `sniff.txt`.
@@ -154,25 +110,29 @@ impl Rig {
 
     /// The SERVER in a1 under gcb-run on `port` with a fresh random 256 KiB file; returns
     /// it, its registration line in the broker log and the file's sha256.
-    fn server(&self, keyed: bool, port: u16, broker: &Started) -> (Started, String, String) {
+    fn server(&self, keyed: bool, port: u16, broker: &Broker) -> (Started, String, String) {
         let data = random_bytes(256 << 10);
         let file = self.path(&format!("payload{port}.bin"));
         fs::write(&file, &data).unwrap();
-        let mut cmd = self.cmd(Host::A1, keyed, repo_root().join("scripts/gcb-run"));
-        cmd.env("GCB_LIB", artifact("libgcb.so"))
-            .env("GCB_HEARTBEAT_MS", "2000")
-            .args(["--broker", P1, "--log", "debug", "--log-file"])
-            .arg(self.path(&format!("server{port}.shim.log")))
-            .args(["--", python(), "-u"])
+        let log = self.path(&format!("server{port}.shim.log"));
+        let mut cmd = gcb_run(
+            &self.lab,
+            Host::A1,
+            keyed,
+            &["--broker", P1],
+            Some(("debug", &log)),
+        );
+        cmd.env("GCB_HEARTBEAT_MS", "2000")
+            .args([python(), "-u"])
             .arg(self.path("server.py"))
             .arg(port.to_string())
             .arg(&file);
         let s = self.start(&mut cmd, &format!("server{port}"));
         let needle = format!("registered tcp listener local {A1}:{port} ");
-        let line = wait_line(&broker.err, UP, |l| l.contains(&needle)).unwrap_or_else(|| {
+        let line = wait_line(&broker.log, UP, |l| l.contains(&needle)).unwrap_or_else(|| {
             panic!(
                 "the server on {port} did not register:\nbroker:\n{}\nserver: {}\nshim log:\n{}",
-                read(&broker.err),
+                read(&broker.log),
                 read(&s.err),
                 read(&self.path(&format!("server{port}.shim.log")))
             )
@@ -186,11 +146,15 @@ impl Rig {
         let ip = proxy.ip().to_string();
         let port = proxy.port().to_string();
         let mut cmd = if gcb {
-            let mut c = self.cmd(host, true, repo_root().join("scripts/gcb-run"));
-            c.env("GCB_LIB", artifact("libgcb.so"))
-                .args(["--broker", P1, "--log", "debug", "--log-file"])
-                .arg(self.path(&format!("{name}.shim.log")))
-                .args(["--", python(), "-u"])
+            let log = self.path(&format!("{name}.shim.log"));
+            let mut c = gcb_run(
+                &self.lab,
+                host,
+                true,
+                &["--broker", P1],
+                Some(("debug", &log)),
+            );
+            c.args([python(), "-u"])
                 .arg(self.path("tool.py"))
                 .args(["fetch", &ip, &port]);
             c
@@ -216,7 +180,7 @@ impl Rig {
         proxy: SocketAddrV4,
         sha: &str,
         what: &str,
-        broker: &Started,
+        broker: &Broker,
     ) {
         let got = self.fetch(host, gcb, proxy, what);
         // The attackers here serve `ATTACKER-BYTES ` x 100.
@@ -231,7 +195,7 @@ impl Rig {
             "{what}: a client in {host} must get the real server's {} bytes (sha256 {sha}) \
              through {proxy}, got: {got}{whose}\nbroker log tail:\n{}",
             256 << 10,
-            tail(&read(&broker.err), 25)
+            tail(&read(&broker.log), 25)
         );
     }
 }
@@ -265,7 +229,7 @@ fn spoofed_unregister_does_not_hand_the_proxy_to_an_attacker() {
     let reply = wait_line(&attacker.out, UP, |l| l.starts_with("ATTACKER_PROXY "))
         .unwrap_or_else(|| panic!("attacker: {} {}", read(&attacker.out), read(&attacker.err)));
     // Control: the forged datagram did reach the broker, as coming from the listener.
-    let blog = read(&broker.err);
+    let blog = read(&broker.log);
     assert!(
         blog.lines()
             .any(|l| l.contains(&format!("{control} -> unregister"))),
@@ -344,13 +308,13 @@ fn standby_case(what: &str, port: u16) {
     let proxy = parse_after(&line, "-> proxy ");
     // The shim's own standby is parked first (the broker claims the newest first).
     let shim_log = rig.path(&format!("server{port}.shim.log"));
-    wait_line(&broker.err, UP, |l| {
+    wait_line(&broker.log, UP, |l| {
         l.contains("standby from 203.0.113.1:") && l.contains(&format!("parked for proxy {proxy}"))
     })
     .unwrap_or_else(|| {
         panic!(
             "a1's shim parked no standby:\n{}\n{}",
-            read(&broker.err),
+            read(&broker.log),
             read(&shim_log)
         )
     });
@@ -449,7 +413,7 @@ fn sniffed_connect_id_is_not_spliced_into_the_connection() {
         client.ends_with(&format!(" {} {sha}", 256 << 10)),
         "b1's GCB client must get the real server's bytes through {proxy}: {client}\n\
          attacker: {spliced}\nbroker log tail:\n{}\nclient shim log:\n{}",
-        tail(&read(&broker.err), 25),
+        tail(&read(&broker.log), 25),
         read(&rig.path("client.shim.log"))
     );
     let n: usize = spliced.split_whitespace().nth(1).unwrap().parse().unwrap();
@@ -493,7 +457,7 @@ fn keyed_register_captured_before_a_broker_restart_is_refused() {
     );
     // Let a stats line (every second) count it.
     thread::sleep(Duration::from_millis(2500));
-    let blog = read(&broker.err);
+    let blog = read(&broker.log);
     let replayed_registration = blog
         .lines()
         .find(|l| l.contains("registered tcp listener") && l.contains(" client 203.0.113.11:"));
@@ -515,8 +479,8 @@ fn keyed_register_captured_before_a_broker_restart_is_refused() {
     );
     // The real server registers again (heartbeat every 2 s, then register) and serves.
     let needle = format!("registered tcp listener local {A1}:8160 client {GWA}:");
-    let line = wait_line(&broker.err, UP, |l| l.contains(&needle))
-        .unwrap_or_else(|| panic!("a1 never re-registered:\n{}", read(&broker.err)));
+    let line = wait_line(&broker.log, UP, |l| l.contains(&needle))
+        .unwrap_or_else(|| panic!("a1 never re-registered:\n{}", read(&broker.log)));
     let proxy = parse_after(&line, "-> proxy ");
     rig.assert_real_bytes(
         Host::B1,
