@@ -4,7 +4,7 @@
 //! socket to an exec'd image, and the end of a registration when its last holder closes.
 //! Every transfer is checked with sha256 by the server and the client.
 
-use gcb_lab::{release_artifact, repo_root, sha256, Host, Lab, Proc};
+use gcb_lab::{gcb_run, sha256, wait_line_containing, Broker, Host, Lab, Proc, Scratch};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -23,57 +23,34 @@ const EXEC_CHILD: &str = include_str!("programs/shared_exec_child.py");
 const CLOSE_AFTER_ONE: &str = include_str!("programs/shared_close_after_one.py");
 
 struct Setup {
+    // Processes die before the namespaces go.
+    _broker: Broker,
+    dir: Scratch,
     lab: Lab,
-    dir: PathBuf,
-    _broker: Proc,
 }
 
 fn setup(broker_args: &[&str]) -> Setup {
     let lab = Lab::up();
-    let dir = std::env::temp_dir().join(format!("gcb-shared-{}", lab.name()));
-    fs::create_dir_all(&dir).unwrap();
-    let brokerd = release_artifact("gcb-brokerd");
-    assert!(
-        brokerd.exists(),
-        "{} missing: run `cargo build --release --workspace` first",
-        brokerd.display()
-    );
-    let log = fs::File::create(dir.join("broker.log")).unwrap();
-    let broker = lab
-        .spawn(
-            lab.cmd(Host::P1, &brokerd)
-                .args(["--listen", "203.0.113.10", "--log", "debug"])
-                .args(broker_args)
-                .stdout(Stdio::null())
-                .stderr(log),
-        )
-        .unwrap();
-    wait_for_file(
+    let dir = Scratch::new("shared", &lab);
+    let mut args = vec!["--log", "debug"];
+    args.extend_from_slice(broker_args);
+    let broker = Broker::start(
+        &lab,
+        Host::P1,
+        "203.0.113.10",
+        true,
+        &args,
         &dir.join("broker.log"),
-        "listening on",
-        Duration::from_secs(5),
     );
     Setup {
-        lab,
-        dir,
         _broker: broker,
+        dir,
+        lab,
     }
 }
 
 fn wait_for_file(path: &Path, needle: &str, timeout: Duration) -> String {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let text = fs::read_to_string(path).unwrap_or_default();
-        if let Some(line) = text.lines().find(|l| l.contains(needle)) {
-            return line.to_owned();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no line with {needle:?} in {} within {timeout:?}; it has:\n{text}",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_line_containing(path, needle, timeout)
 }
 
 impl Setup {
@@ -82,10 +59,10 @@ impl Setup {
         let script = self.dir.join(format!("{name}.py"));
         fs::write(&script, format!("{SERVE}\n{body}")).unwrap();
         let out = fs::File::create(self.dir.join(format!("{name}.out"))).unwrap();
-        let mut cmd = self.lab.cmd(Host::A1, repo_root().join("scripts/gcb-run"));
-        cmd.args(["--broker", "203.0.113.10", "--log", "debug", "--log-file"])
-            .arg(self.dir.join(format!("{name}.shim.log")))
-            .args(["--", "python3", "-u"])
+        let log = self.dir.join(format!("{name}.shim.log"));
+        let broker = ["--broker", "203.0.113.10"];
+        let mut cmd = gcb_run(&self.lab, Host::A1, true, &broker, Some(("debug", &log)));
+        cmd.args(["python3", "-u"])
             .arg(&script)
             .args(args)
             .stdout(out)
@@ -108,8 +85,8 @@ impl Setup {
     /// Send `payload` from `host` (under gcb-run if `gcb`) to `addr`; return the answer.
     fn send(&self, host: Host, gcb: bool, addr: &str, payload: &Path) -> String {
         let mut cmd: Command = if gcb {
-            let mut c = self.lab.cmd(host, repo_root().join("scripts/gcb-run"));
-            c.args(["--broker", "203.0.113.10", "--", "socat"]);
+            let mut c = gcb_run(&self.lab, host, true, &["--broker", "203.0.113.10"], None);
+            c.arg("socat");
             c
         } else {
             self.lab.cmd(host, "socat")
@@ -132,12 +109,6 @@ impl Setup {
         let p = self.dir.join(format!("payload-{n}"));
         fs::write(&p, &data).unwrap();
         (p, sha256(&data))
-    }
-}
-
-impl Drop for Setup {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.dir);
     }
 }
 
