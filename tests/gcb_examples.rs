@@ -14,8 +14,8 @@
 //!
 //! Needs root and the release build (`cargo build --release --workspace`); missing
 //! artifacts fail the test. Logs (broker, shim debug logs, program stderr) go to
-//! `/tmp/gcb-examples-<lab>/` and are printed when a test fails; they are removed after
-//! a passing test unless `GCB_EXAMPLES_KEEP_LOGS` is set. `GCB_EXAMPLES_LOG` sets the
+//! `/tmp/gcb-examples-<lab>/` and are printed (and kept) when a test fails; they are removed
+//! after a passing test unless `GCB_TEST_KEEP` is set. `GCB_EXAMPLES_LOG` sets the
 //! shim log level (default debug).
 
 use std::collections::BTreeMap;
@@ -26,7 +26,7 @@ use std::process::{Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use gcb_lab::{release_artifact, repo_root, Host, Lab, Proc};
+use gcb_lab::{artifact, gcb_run, tail, Broker, Host, Lab, Proc, Scratch};
 use serde_json::Value as Json;
 
 const BROKER: &str = "203.0.113.10";
@@ -42,17 +42,16 @@ struct Env {
     /// The collector the schedulers ask, when not [`COLLECTOR`].
     collector: Option<String>,
     // Declared before `lab`: processes die before the namespaces go.
-    broker: Option<Proc>,
+    broker: Option<Broker>,
     procs: Vec<Proc>,
-    logs: PathBuf,
+    logs: Scratch,
     lab: Lab,
 }
 
 impl Env {
     fn up() -> Env {
         let lab = Lab::up();
-        let logs = std::env::temp_dir().join(format!("gcb-examples-{}", lab.name()));
-        std::fs::create_dir_all(&logs).expect("create log dir");
+        let logs = Scratch::new("examples", &lab);
         Env {
             collector: None,
             broker: None,
@@ -78,16 +77,15 @@ impl Env {
     /// `PROGRAM` in `host` under `gcb-run --broker 203.0.113.10`, shim log in `TAG.shim.log`.
     fn gcb(&self, host: Host, program: &str, tag: &str) -> Command {
         let level = std::env::var("GCB_EXAMPLES_LOG").unwrap_or_else(|_| "debug".into());
-        let mut cmd = self.lab.cmd(host, repo_root().join("scripts/gcb-run"));
-        cmd.env("GCB_LIB", artifact("libgcb.so"))
-            .arg("--broker")
-            .arg(BROKER)
-            .arg("--log")
-            .arg(level)
-            .arg("--log-file")
-            .arg(self.log(&format!("{tag}.shim")))
-            .arg("--")
-            .arg(artifact(program));
+        let log = self.log(&format!("{tag}.shim"));
+        let mut cmd = gcb_run(
+            &self.lab,
+            host,
+            true,
+            &["--broker", BROKER],
+            Some((&level, &log)),
+        );
+        cmd.arg(artifact(program));
         cmd
     }
 
@@ -96,25 +94,21 @@ impl Env {
     fn start_broker(&mut self) {
         let tag = match self.broker.take() {
             Some(mut old) => {
-                old.kill().expect("kill gcb-brokerd");
+                old.proc.kill().expect("kill gcb-brokerd");
                 "broker.restarted"
             }
             None => "broker",
         };
-        let mut cmd = self.lab.cmd(Host::P1, artifact("gcb-brokerd"));
-        cmd.arg("--listen")
-            .arg(BROKER)
-            .arg("--log")
-            .arg("debug")
-            .stdout(self.log_file(tag))
-            .stderr(self.log_file(&format!("{tag}.err")));
-        let mut broker = self.lab.spawn(&mut cmd).expect("spawn gcb-brokerd");
+        let log = self.log(&format!("{tag}.err"));
+        let mut broker =
+            Broker::start(&self.lab, Host::P1, BROKER, true, &["--log", "debug"], &log);
         let ready = self
             .lab
             .wait_for_udp_bind(Host::P1, BROKER_PORT, T)
             .and_then(|()| self.lab.wait_for_tcp_listen(Host::P1, BROKER_PORT, T));
         // The ports being bound is not proof that this broker bound them.
         let exited = broker
+            .proc
             .wait_timeout(Duration::from_millis(100))
             .ok()
             .flatten();
@@ -167,7 +161,12 @@ impl Env {
 
     /// Asserts that every long-running program (broker, servers, workers) is still alive.
     fn assert_alive(&mut self) {
-        for (i, p) in self.procs.iter_mut().chain(&mut self.broker).enumerate() {
+        for (i, p) in self
+            .procs
+            .iter_mut()
+            .chain(self.broker.as_mut().map(|b| &mut b.proc))
+            .enumerate()
+        {
             let status = p.wait_timeout(Duration::ZERO).expect("wait");
             assert!(status.is_none(), "process #{i} exited early: {status:?}");
         }
@@ -176,17 +175,19 @@ impl Env {
 
 impl Drop for Env {
     fn drop(&mut self) {
+        // The scratch dir removes itself after a passing test (kept with GCB_TEST_KEEP).
         if !std::thread::panicking() {
-            if std::env::var_os("GCB_EXAMPLES_KEEP_LOGS").is_none() {
-                let _ = std::fs::remove_dir_all(&self.logs);
-            }
             return;
         }
-        for p in self.procs.iter_mut().chain(&mut self.broker) {
+        for p in self
+            .procs
+            .iter_mut()
+            .chain(self.broker.as_mut().map(|b| &mut b.proc))
+        {
             let _ = p.kill();
         }
         eprintln!("==== logs in {} ====", self.logs.display());
-        let mut files: Vec<_> = std::fs::read_dir(&self.logs)
+        let mut files: Vec<_> = std::fs::read_dir(&*self.logs)
             .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
             .unwrap_or_default();
         files.sort();
@@ -204,22 +205,6 @@ fn read_log(path: &Path) -> String {
     std::fs::read(path)
         .map(|b| String::from_utf8_lossy(&b).into_owned())
         .unwrap_or_else(|e| format!("<cannot read {}: {e}>", path.display()))
-}
-
-fn tail(text: &str, n: usize) -> String {
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
-}
-
-/// A release artifact that must exist.
-fn artifact(name: &str) -> PathBuf {
-    let p = release_artifact(name);
-    assert!(
-        p.is_file(),
-        "{} not found: build first with `cargo build --release --workspace`",
-        p.display()
-    );
-    p
 }
 
 fn text(b: &[u8]) -> String {
