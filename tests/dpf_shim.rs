@@ -8,10 +8,13 @@
 use std::fs;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
-use gcb_lab::{random_bytes, release_artifact, repo_root, sha256, Host, Lab, Proc};
+use gcb_lab::{
+    python, random_bytes, release_artifact, repo_root, sha256, wait_line_containing, wait_until,
+    Broker, Host, Lab, Proc, Scratch,
+};
 
 const T: Duration = Duration::from_secs(10);
 const PROBE_SECS: u64 = 2;
@@ -53,7 +56,7 @@ const EPHEMERAL_UDP_CLIENT: &str = include_str!("programs/dpf_ephemeral_udp_clie
 const LAZY_TCP_SERVER: &str = include_str!("programs/dpf_lazy_tcp_server.py");
 
 struct Setup {
-    dir: PathBuf,
+    dir: Scratch,
     portfwd: Option<Proc>,
     starts: u32,
     lab: Lab,
@@ -67,33 +70,8 @@ fn text(out: &Output) -> String {
     )
 }
 
-/// The first line of `path` containing `needle`, waiting up to `timeout` for it.
 fn wait_line(path: &Path, needle: &str, timeout: Duration) -> String {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let text = fs::read_to_string(path).unwrap_or_default();
-        if let Some(line) = text.lines().find(|l| l.contains(needle)) {
-            return line.to_owned();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no line with {needle:?} in {} within {timeout:?}; it has:\n{text}",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> Duration {
-    let t0 = Instant::now();
-    while !f() {
-        assert!(
-            t0.elapsed() < timeout,
-            "timed out after {timeout:?}: {what}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    t0.elapsed()
+    wait_line_containing(path, needle, timeout)
 }
 
 /// The port of an `ip:port` string.
@@ -125,26 +103,10 @@ fn json_num(json: &str, path: &[&str]) -> Option<f64> {
     path.iter().try_fold(&v, |v, k| v.get(k))?.as_f64()
 }
 
-fn python() -> String {
-    // The pyenv shim is a shell script; run the interpreter itself (one preloaded process).
-    let out = Command::new("python3")
-        .args(["-c", "import sys; print(sys.executable)"])
-        .output()
-        .expect("python3");
-    let p = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-    if p.is_empty() {
-        "python3".into()
-    } else {
-        p
-    }
-}
-
 impl Setup {
     fn new(tag: &str) -> Setup {
         let lab = Lab::up();
-        let dir = std::env::temp_dir().join(format!("gcb-dpf-shim-{tag}-{}", lab.name()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).unwrap();
+        let dir = Scratch::new(&format!("dpf-shim-{tag}"), &lab);
         for (name, body) in [
             ("sha_server.py", SHA_SERVER),
             ("sha_client.py", SHA_CLIENT),
@@ -204,20 +166,15 @@ impl Setup {
         wait_line(&self.path(&log_name), "listening on", T);
     }
 
-    fn start_broker(&self) -> Proc {
-        let log = fs::File::create(self.path("broker.log")).unwrap();
-        let p = self
-            .lab
-            .spawn(
-                self.lab
-                    .cmd(Host::P1, release_artifact("gcb-brokerd"))
-                    .args(["--listen", BROKER])
-                    .stdout(log.try_clone().unwrap())
-                    .stderr(log),
-            )
-            .unwrap();
-        wait_line(&self.path("broker.log"), "listening on", T);
-        p
+    fn start_broker(&self) -> Broker {
+        Broker::start(
+            &self.lab,
+            Host::P1,
+            BROKER,
+            true,
+            &[],
+            &self.path("broker.log"),
+        )
     }
 
     /// Runs `prog` in `host` under `gcb-run OPTS --log info --log-file DIR/NAME.shim.log`;
@@ -248,7 +205,7 @@ impl Setup {
     fn py_shim(&self, host: Host, name: &str, opts: &[&str], script: &str, args: &[&str]) -> Proc {
         let mut o = vec!["--dpf", "10.1.0.1"];
         o.extend_from_slice(opts);
-        let py = python();
+        let py = python().to_owned();
         let script = self.path(script);
         let mut prog = vec![py.as_str(), "-u", script.to_str().unwrap()];
         prog.extend_from_slice(args);
@@ -290,7 +247,7 @@ impl Setup {
         n: usize,
     ) -> Result<String, String> {
         let (ip, port) = addr.rsplit_once(':').unwrap();
-        let py = python();
+        let py = python().to_owned();
         let script = self.path("sha_client.py");
         let mut cmd = match shim_opts {
             Some(opts) => {
@@ -411,11 +368,7 @@ impl Setup {
 impl Drop for Setup {
     fn drop(&mut self) {
         drop(self.portfwd.take());
-        if !std::thread::panicking() {
-            let _ = fs::remove_dir_all(&self.dir);
-        } else {
-            eprintln!("dpf_shim: logs kept in {}", self.dir.display());
-        }
+        // The scratch dir is kept if the test failed.
     }
 }
 
@@ -471,7 +424,7 @@ fn tcp_ncat_and_http_server_reached_from_p1() {
     fs::create_dir_all(&www).unwrap();
     let data = random_bytes(3 << 20);
     fs::write(www.join("f.bin"), &data).unwrap();
-    let py = python();
+    let py = python().to_owned();
     let _http = s.shim(
         Host::A1,
         "http",
@@ -741,7 +694,7 @@ fn same_network_peer_connects_directly() {
     fs::create_dir_all(&www).unwrap();
     let data = random_bytes(1 << 20);
     fs::write(www.join("f.bin"), &data).unwrap();
-    let py = python();
+    let py = python().to_owned();
     let _http = s.shim(
         Host::A1,
         "http",
@@ -1132,7 +1085,7 @@ fn dpf_and_gcb_together() {
         "203.0.113.11"
     );
 
-    let py = python();
+    let py = python().to_owned();
     let script = s.path("sha_server.py");
     let _b = s.shim(
         Host::B1,
@@ -1263,7 +1216,7 @@ fn no_rule_for(s: &Setup, port: u16) -> Result<(), String> {
 fn ephemeral_udp_clients_get_no_forwarding_rule() {
     let mut s = Setup::new("ephudp");
     s.start_portfwd(PORTS, &[]);
-    let py = python();
+    let py = python().to_owned();
     let _srv = s
         .lab
         .spawn(
