@@ -42,6 +42,11 @@
 //! drop(broker); // kills the broker's whole process group
 //! ```
 //!
+//! Shared fixtures (module `fixtures`, re-exported here): [`Broker`] (started, ready, its
+//! log), [`gcb_run`] (a program under `scripts/gcb-run` with this build's shim), [`python`],
+//! the build artifacts, and log helpers; [`Scratch`] keeps a failed test's logs. The test
+//! programs are files under `tests/programs/`, compiled into the tests with `include_str!`.
+//!
 //! Lab tests need root. [`require_root`] (called by [`Lab::up`]) panics without it: a lab
 //! test never skips silently. Tools used: `ip`, `nft`, `ss`, plus whatever the test runs
 //! (`scripts/install-deps` installs ncat, socat, iperf3, curl, python3, ...).
