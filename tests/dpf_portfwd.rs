@@ -404,12 +404,11 @@ fn dpf_port_handed_to_another_holder_drops_old_flows() {
     assert_eq!(port, 20050);
     // p1: one datagram every 50 ms from one source port, until the test ends.
     let _flow = lab
-        .spawn(lab.cmd(Host::P1, "python3").arg("-c").arg(
-            "import socket, time\n\
-             s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
-             s.bind(('203.0.113.10', 5555))\n\
-             while True:\n    s.sendto(b'x' * 100, ('203.0.113.1', 20050)); time.sleep(0.05)",
-        ))
+        .spawn(
+            lab.cmd(Host::P1, "python3")
+                .arg("-c")
+                .arg(include_str!("programs/dpf_udp_flow.py")),
+        )
         .unwrap();
     wait_until("p1's flow reaches a1", T, || got(&a1_out) > 0);
 

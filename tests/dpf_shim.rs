@@ -8,10 +8,13 @@
 use std::fs;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
-use gcb_lab::{random_bytes, release_artifact, repo_root, sha256, Host, Lab, Proc};
+use gcb_lab::{
+    python, random_bytes, release_artifact, repo_root, sha256, wait_line_containing, wait_until,
+    Broker, Host, Lab, Proc, Scratch,
+};
 
 const T: Duration = Duration::from_secs(10);
 const PROBE_SECS: u64 = 2;
@@ -22,206 +25,38 @@ const BROKER: &str = "203.0.113.10";
 
 /// A TCP server: each connection is read to EOF and answered with
 /// `<sha256> <bytes> <peer ip>`; prints `ADDR ip:port` (getsockname) once listening.
-const SHA_SERVER: &str = r#"
-import hashlib, socket, sys, threading
-s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("0.0.0.0", int(sys.argv[1])))
-s.listen(16)
-print("ADDR %s:%d" % s.getsockname(), flush=True)
-def handle(c, a):
-    c.settimeout(20)
-    h = hashlib.sha256()
-    n = 0
-    while True:
-        b = c.recv(65536)
-        if not b:
-            break
-        h.update(b)
-        n += len(b)
-    c.sendall(("%s %d %s\n" % (h.hexdigest(), n, a[0])).encode())
-    c.close()
-    print("PEER %s %d" % (a[0], n), flush=True)
-while True:
-    c, a = s.accept()
-    threading.Thread(target=handle, args=(c, a), daemon=True).start()
-"#;
+const SHA_SERVER: &str = include_str!("programs/dpf_sha_server.py");
 
 /// Sends N random bytes to HOST:PORT, half-closes, prints `SENT <sha256> <n>` and
 /// `GOT <answer>`.
-const SHA_CLIENT: &str = r#"
-import hashlib, os, socket, sys
-host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-data = os.urandom(n)
-c = socket.create_connection((host, port), timeout=5)
-c.sendall(data)
-c.shutdown(socket.SHUT_WR)
-r = b""
-while True:
-    b = c.recv(4096)
-    if not b:
-        break
-    r += b
-print("SENT %s %d" % (hashlib.sha256(data).hexdigest(), n))
-print("GOT %s" % r.decode().strip(), flush=True)
-"#;
+const SHA_CLIENT: &str = include_str!("programs/sha_client.py");
 
 /// A UDP echo server; prints `ADDR ip:port` (getsockname) once bound.
-const UDP_ECHO: &str = r#"
-import socket, sys
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind(("0.0.0.0", int(sys.argv[1])))
-print("ADDR %s:%d" % s.getsockname(), flush=True)
-while True:
-    d, a = s.recvfrom(65535)
-    s.sendto(d, a)
-"#;
+const UDP_ECHO: &str = include_str!("programs/dpf_udp_echo.py");
 
 /// Sends COUNT random datagrams of SIZE bytes to HOST:PORT, each retried until an echo
 /// with the same sha256 comes back from HOST:PORT; prints `ECHOED ok/count`.
-const UDP_CLIENT: &str = r#"
-import hashlib, os, socket, sys, time
-host, port, count, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.settimeout(0.3)
-ok = 0
-for i in range(count):
-    d = os.urandom(size)
-    want = hashlib.sha256(d).hexdigest()
-    got = False
-    for attempt in range(10):
-        s.sendto(d, (host, port))
-        deadline = time.time() + 0.3
-        while time.time() < deadline and not got:
-            try:
-                r, a = s.recvfrom(65535)
-            except socket.timeout:
-                break
-            got = hashlib.sha256(r).hexdigest() == want and a == (host, port)
-        if got:
-            break
-    ok += got
-print("ECHOED %d/%d" % (ok, count), flush=True)
-"#;
+const UDP_CLIENT: &str = include_str!("programs/dpf_udp_client.py");
 
 /// Binds the sockets named on the command line (`tcp:PORT` / `udp:PORT`, optionally
 /// `tcp:IP:PORT`) one after the other and reports each: `tcp PORT OK ip:port` (getsockname
 /// after listen) or `tcp PORT ERR errno` (of bind, listen or getsockname). TCP listeners answer like SHA_SERVER. Prints
 /// `READY`, then on a line on stdin (not at EOF) closes every socket and prints `CLOSED`.
-const BINDER: &str = r#"
-import hashlib, socket, sys, threading, time
-def serve(s):
-    while True:
-        try:
-            c, a = s.accept()
-        except OSError:
-            return
-        h = hashlib.sha256()
-        n = 0
-        while True:
-            b = c.recv(65536)
-            if not b:
-                break
-            h.update(b)
-            n += len(b)
-        c.sendall(("%s %d %s\n" % (h.hexdigest(), n, a[0])).encode())
-        c.close()
-socks = []
-for spec in sys.argv[1:]:
-    parts = spec.split(":")
-    kind, port = parts[0], int(parts[-1])
-    ip = parts[1] if len(parts) == 3 else "0.0.0.0"
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM if kind == "tcp" else socket.SOCK_DGRAM)
-    try:
-        s.bind((ip, port))
-    except OSError as e:
-        print("%s %d ERR %d" % (kind, port, e.errno), flush=True)
-        s.close()
-        continue
-    try:
-        # (For a port-0 socket DPF forwards here, at listen() or getsockname().)
-        if kind == "tcp":
-            s.listen(8)
-        name = s.getsockname()
-    except OSError as e:
-        print("%s %d ERR %d" % (kind, port, e.errno), flush=True)
-        s.close()
-        continue
-    if kind == "tcp":
-        threading.Thread(target=serve, args=(s,), daemon=True).start()
-    print("%s %d OK %s:%d" % ((kind, port) + name), flush=True)
-    socks.append(s)
-print("READY", flush=True)
-if not sys.stdin.readline():
-    time.sleep(600)
-for s in socks:
-    s.close()
-print("CLOSED", flush=True)
-time.sleep(60)
-"#;
+const BINDER: &str = include_str!("programs/dpf_binder.py");
 
 /// A UDP client on an ephemeral port, as clients are written: `bind(("", 0))`, then COUNT
 /// random datagrams of SIZE bytes to HOST:PORT (unconnected sendto), each retried until an
 /// echo with the same sha256 comes back from HOST:PORT; prints `ECHOED ok/count`, then
 /// waits for the file GO before closing (so the test can look at the gateway meanwhile).
-const EPHEMERAL_UDP_CLIENT: &str = r#"
-import hashlib, os, socket, sys, time
-host, port, count, size, go = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind(("", 0))
-s.settimeout(0.3)
-ok = 0
-for i in range(count):
-    d = os.urandom(size)
-    want = hashlib.sha256(d).hexdigest()
-    got = False
-    for attempt in range(10):
-        s.sendto(d, (host, port))
-        deadline = time.time() + 0.3
-        while time.time() < deadline and not got:
-            try:
-                r, a = s.recvfrom(65535)
-            except socket.timeout:
-                break
-            got = hashlib.sha256(r).hexdigest() == want and a == (host, port)
-        if got:
-            break
-    ok += got
-print("ECHOED %d/%d" % (ok, count), flush=True)
-while not os.path.exists(go):
-    time.sleep(0.05)
-s.close()
-"#;
+const EPHEMERAL_UDP_CLIENT: &str = include_str!("programs/dpf_ephemeral_udp_client.py");
 
 /// A TCP server on an ephemeral port that does not ask its address until told: bind port
 /// 0, listen, print `LISTENING`, wait for the file argv[1], then print `ADDR ip:port`
 /// (getsockname) and answer connections like SHA_SERVER.
-const LAZY_TCP_SERVER: &str = r#"
-import hashlib, os, socket, sys, threading, time
-s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-s.bind(("0.0.0.0", 0))
-s.listen(16)
-print("LISTENING", flush=True)
-while not os.path.exists(sys.argv[1]):
-    time.sleep(0.05)
-print("ADDR %s:%d" % s.getsockname(), flush=True)
-while True:
-    c, a = s.accept()
-    c.settimeout(20)
-    h = hashlib.sha256()
-    n = 0
-    while True:
-        b = c.recv(65536)
-        if not b:
-            break
-        h.update(b)
-        n += len(b)
-    c.sendall(("%s %d %s\n" % (h.hexdigest(), n, a[0])).encode())
-    c.close()
-"#;
+const LAZY_TCP_SERVER: &str = include_str!("programs/dpf_lazy_tcp_server.py");
 
 struct Setup {
-    dir: PathBuf,
+    dir: Scratch,
     portfwd: Option<Proc>,
     starts: u32,
     lab: Lab,
@@ -235,33 +70,8 @@ fn text(out: &Output) -> String {
     )
 }
 
-/// The first line of `path` containing `needle`, waiting up to `timeout` for it.
 fn wait_line(path: &Path, needle: &str, timeout: Duration) -> String {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let text = fs::read_to_string(path).unwrap_or_default();
-        if let Some(line) = text.lines().find(|l| l.contains(needle)) {
-            return line.to_owned();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no line with {needle:?} in {} within {timeout:?}; it has:\n{text}",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> Duration {
-    let t0 = Instant::now();
-    while !f() {
-        assert!(
-            t0.elapsed() < timeout,
-            "timed out after {timeout:?}: {what}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    t0.elapsed()
+    wait_line_containing(path, needle, timeout)
 }
 
 /// The port of an `ip:port` string.
@@ -287,38 +97,16 @@ fn mapped_ports(log: &str, kind: &str, private: &str) -> Vec<u16> {
         .collect()
 }
 
-/// The first number after `key` at or after `from` in `json`.
-fn json_num(json: &str, from: &str, key: &str) -> Option<f64> {
-    let at = json.find(from)?;
-    let rest = &json[at..];
-    let k = rest.find(&format!("\"{key}\":"))?;
-    let v = rest[k + key.len() + 3..].trim_start();
-    let end = v
-        .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '-' || c == 'e' || c == '+'))
-        .unwrap_or(v.len());
-    v[..end].parse().ok()
-}
-
-fn python() -> String {
-    // The pyenv shim is a shell script; run the interpreter itself (one preloaded process).
-    let out = Command::new("python3")
-        .args(["-c", "import sys; print(sys.executable)"])
-        .output()
-        .expect("python3");
-    let p = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-    if p.is_empty() {
-        "python3".into()
-    } else {
-        p
-    }
+/// The number at `path` (object keys) in iperf3's JSON report, if it is there.
+fn json_num(json: &str, path: &[&str]) -> Option<f64> {
+    let v: serde_json::Value = serde_json::from_str(json).ok()?;
+    path.iter().try_fold(&v, |v, k| v.get(k))?.as_f64()
 }
 
 impl Setup {
     fn new(tag: &str) -> Setup {
         let lab = Lab::up();
-        let dir = std::env::temp_dir().join(format!("gcb-dpf-shim-{tag}-{}", lab.name()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).unwrap();
+        let dir = Scratch::new(&format!("dpf-shim-{tag}"), &lab);
         for (name, body) in [
             ("sha_server.py", SHA_SERVER),
             ("sha_client.py", SHA_CLIENT),
@@ -378,20 +166,15 @@ impl Setup {
         wait_line(&self.path(&log_name), "listening on", T);
     }
 
-    fn start_broker(&self) -> Proc {
-        let log = fs::File::create(self.path("broker.log")).unwrap();
-        let p = self
-            .lab
-            .spawn(
-                self.lab
-                    .cmd(Host::P1, release_artifact("gcb-brokerd"))
-                    .args(["--listen", BROKER])
-                    .stdout(log.try_clone().unwrap())
-                    .stderr(log),
-            )
-            .unwrap();
-        wait_line(&self.path("broker.log"), "listening on", T);
-        p
+    fn start_broker(&self) -> Broker {
+        Broker::start(
+            &self.lab,
+            Host::P1,
+            BROKER,
+            true,
+            &[],
+            &self.path("broker.log"),
+        )
     }
 
     /// Runs `prog` in `host` under `gcb-run OPTS --log info --log-file DIR/NAME.shim.log`;
@@ -422,7 +205,7 @@ impl Setup {
     fn py_shim(&self, host: Host, name: &str, opts: &[&str], script: &str, args: &[&str]) -> Proc {
         let mut o = vec!["--dpf", "10.1.0.1"];
         o.extend_from_slice(opts);
-        let py = python();
+        let py = python().to_owned();
         let script = self.path(script);
         let mut prog = vec![py.as_str(), "-u", script.to_str().unwrap()];
         prog.extend_from_slice(args);
@@ -464,7 +247,7 @@ impl Setup {
         n: usize,
     ) -> Result<String, String> {
         let (ip, port) = addr.rsplit_once(':').unwrap();
-        let py = python();
+        let py = python().to_owned();
         let script = self.path("sha_client.py");
         let mut cmd = match shim_opts {
             Some(opts) => {
@@ -585,11 +368,7 @@ impl Setup {
 impl Drop for Setup {
     fn drop(&mut self) {
         drop(self.portfwd.take());
-        if !std::thread::panicking() {
-            let _ = fs::remove_dir_all(&self.dir);
-        } else {
-            eprintln!("dpf_shim: logs kept in {}", self.dir.display());
-        }
+        // The scratch dir is kept if the test failed.
     }
 }
 
@@ -645,7 +424,7 @@ fn tcp_ncat_and_http_server_reached_from_p1() {
     fs::create_dir_all(&www).unwrap();
     let data = random_bytes(3 << 20);
     fs::write(www.join("f.bin"), &data).unwrap();
-    let py = python();
+    let py = python().to_owned();
     let _http = s.shim(
         Host::A1,
         "http",
@@ -737,7 +516,7 @@ fn tcp_iperf3_twice_at_the_same_public_port() {
             Duration::from_secs(15),
         );
         let json = String::from_utf8_lossy(&out.stdout).into_owned();
-        let bytes = json_num(&json, "\"sum_received\"", "bytes").unwrap_or(0.0);
+        let bytes = json_num(&json, &["end", "sum_received", "bytes"]).unwrap_or(0.0);
         let ok = out.status.success() && !json.contains("\"error\"") && bytes > 0.0;
         results.push(format!(
             "run {run}: exit {:?}, received {bytes} bytes{}",
@@ -852,8 +631,12 @@ fn udp_iperf3_from_p1() {
     let json = String::from_utf8_lossy(&out.stdout).into_owned();
     let log = s.read("iperf3u.shim.log");
     let udp_ports = mapped_ports(&log, "Udp", "10.1.0.11:5201");
-    let packets = json_num(&json, "\"end\"", "packets").unwrap_or(0.0);
-    let lost = json_num(&json, "\"end\"", "lost_percent").unwrap_or(100.0);
+    let packets = json_num(&json, &["end", "sum", "packets"])
+        .or_else(|| json_num(&json, &["end", "sum_received", "packets"]))
+        .unwrap_or(0.0);
+    let lost = json_num(&json, &["end", "sum", "lost_percent"])
+        .or_else(|| json_num(&json, &["end", "sum_received", "lost_percent"]))
+        .unwrap_or(100.0);
     assert!(
         out.status.success() && !json.contains("\"error\"") && packets > 0.0 && lost < 50.0,
         "iperf3 -u p1 -> {PUBLIC}:{q} (TCP control mapped to {q}, UDP data socket mapped to \
@@ -911,7 +694,7 @@ fn same_network_peer_connects_directly() {
     fs::create_dir_all(&www).unwrap();
     let data = random_bytes(1 << 20);
     fs::write(www.join("f.bin"), &data).unwrap();
-    let py = python();
+    let py = python().to_owned();
     let _http = s.shim(
         Host::A1,
         "http",
@@ -1302,7 +1085,7 @@ fn dpf_and_gcb_together() {
         "203.0.113.11"
     );
 
-    let py = python();
+    let py = python().to_owned();
     let script = s.path("sha_server.py");
     let _b = s.shim(
         Host::B1,
@@ -1375,16 +1158,7 @@ fn exec_handoff_keeps_the_mapping_alive() {
     );
     fs::write(
         s.path("exec_parent.py"),
-        r#"
-import os, socket, sys
-s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("0.0.0.0", 7100))
-s.listen(16)
-print("PARENT %s:%d" % s.getsockname(), flush=True)
-s.set_inheritable(True)
-os.execv(sys.executable, [sys.executable, "-u", sys.argv[1], str(s.fileno())])
-"#,
+        include_str!("programs/dpf_exec_tcp_parent.py"),
     )
     .unwrap();
     let mut server = s.py_shim(
@@ -1442,7 +1216,7 @@ fn no_rule_for(s: &Setup, port: u16) -> Result<(), String> {
 fn ephemeral_udp_clients_get_no_forwarding_rule() {
     let mut s = Setup::new("ephudp");
     s.start_portfwd(PORTS, &[]);
-    let py = python();
+    let py = python().to_owned();
     let _srv = s
         .lab
         .spawn(
@@ -1631,13 +1405,7 @@ fn pending_socket_is_forwarded_in_the_execd_image() {
     assert!(fs::read_to_string(&child).unwrap().contains("fileno="));
     fs::write(
         s.path("execq_parent.py"),
-        r#"
-import os, socket, sys
-u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-u.bind(("0.0.0.0", 0))
-u.set_inheritable(True)
-os.execv(sys.executable, [sys.executable, "-u", sys.argv[1], str(u.fileno())])
-"#,
+        include_str!("programs/dpf_exec_udp_parent.py"),
     )
     .unwrap();
     let _srv = s.py_shim(

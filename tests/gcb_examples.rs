@@ -14,8 +14,8 @@
 //!
 //! Needs root and the release build (`cargo build --release --workspace`); missing
 //! artifacts fail the test. Logs (broker, shim debug logs, program stderr) go to
-//! `/tmp/gcb-examples-<lab>/` and are printed when a test fails; they are removed after
-//! a passing test unless `GCB_EXAMPLES_KEEP_LOGS` is set. `GCB_EXAMPLES_LOG` sets the
+//! `/tmp/gcb-examples-<lab>/` and are printed (and kept) when a test fails; they are removed
+//! after a passing test unless `GCB_TEST_KEEP` is set. `GCB_EXAMPLES_LOG` sets the
 //! shim log level (default debug).
 
 use std::collections::BTreeMap;
@@ -26,7 +26,8 @@ use std::process::{Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use gcb_lab::{release_artifact, repo_root, Host, Lab, Proc};
+use gcb_lab::{artifact, gcb_run, tail, Broker, Host, Lab, Proc, Scratch};
+use serde_json::Value as Json;
 
 const BROKER: &str = "203.0.113.10";
 const BROKER_PORT: u16 = 9650;
@@ -41,17 +42,16 @@ struct Env {
     /// The collector the schedulers ask, when not [`COLLECTOR`].
     collector: Option<String>,
     // Declared before `lab`: processes die before the namespaces go.
-    broker: Option<Proc>,
+    broker: Option<Broker>,
     procs: Vec<Proc>,
-    logs: PathBuf,
+    logs: Scratch,
     lab: Lab,
 }
 
 impl Env {
     fn up() -> Env {
         let lab = Lab::up();
-        let logs = std::env::temp_dir().join(format!("gcb-examples-{}", lab.name()));
-        std::fs::create_dir_all(&logs).expect("create log dir");
+        let logs = Scratch::new("examples", &lab);
         Env {
             collector: None,
             broker: None,
@@ -77,16 +77,15 @@ impl Env {
     /// `PROGRAM` in `host` under `gcb-run --broker 203.0.113.10`, shim log in `TAG.shim.log`.
     fn gcb(&self, host: Host, program: &str, tag: &str) -> Command {
         let level = std::env::var("GCB_EXAMPLES_LOG").unwrap_or_else(|_| "debug".into());
-        let mut cmd = self.lab.cmd(host, repo_root().join("scripts/gcb-run"));
-        cmd.env("GCB_LIB", artifact("libgcb.so"))
-            .arg("--broker")
-            .arg(BROKER)
-            .arg("--log")
-            .arg(level)
-            .arg("--log-file")
-            .arg(self.log(&format!("{tag}.shim")))
-            .arg("--")
-            .arg(artifact(program));
+        let log = self.log(&format!("{tag}.shim"));
+        let mut cmd = gcb_run(
+            &self.lab,
+            host,
+            true,
+            &["--broker", BROKER],
+            Some((&level, &log)),
+        );
+        cmd.arg(artifact(program));
         cmd
     }
 
@@ -95,25 +94,21 @@ impl Env {
     fn start_broker(&mut self) {
         let tag = match self.broker.take() {
             Some(mut old) => {
-                old.kill().expect("kill gcb-brokerd");
+                old.proc.kill().expect("kill gcb-brokerd");
                 "broker.restarted"
             }
             None => "broker",
         };
-        let mut cmd = self.lab.cmd(Host::P1, artifact("gcb-brokerd"));
-        cmd.arg("--listen")
-            .arg(BROKER)
-            .arg("--log")
-            .arg("debug")
-            .stdout(self.log_file(tag))
-            .stderr(self.log_file(&format!("{tag}.err")));
-        let mut broker = self.lab.spawn(&mut cmd).expect("spawn gcb-brokerd");
+        let log = self.log(&format!("{tag}.err"));
+        let mut broker =
+            Broker::start(&self.lab, Host::P1, BROKER, true, &["--log", "debug"], &log);
         let ready = self
             .lab
             .wait_for_udp_bind(Host::P1, BROKER_PORT, T)
             .and_then(|()| self.lab.wait_for_tcp_listen(Host::P1, BROKER_PORT, T));
         // The ports being bound is not proof that this broker bound them.
         let exited = broker
+            .proc
             .wait_timeout(Duration::from_millis(100))
             .ok()
             .flatten();
@@ -166,7 +161,12 @@ impl Env {
 
     /// Asserts that every long-running program (broker, servers, workers) is still alive.
     fn assert_alive(&mut self) {
-        for (i, p) in self.procs.iter_mut().chain(&mut self.broker).enumerate() {
+        for (i, p) in self
+            .procs
+            .iter_mut()
+            .chain(self.broker.as_mut().map(|b| &mut b.proc))
+            .enumerate()
+        {
             let status = p.wait_timeout(Duration::ZERO).expect("wait");
             assert!(status.is_none(), "process #{i} exited early: {status:?}");
         }
@@ -175,17 +175,19 @@ impl Env {
 
 impl Drop for Env {
     fn drop(&mut self) {
+        // The scratch dir removes itself after a passing test (kept with GCB_TEST_KEEP).
         if !std::thread::panicking() {
-            if std::env::var_os("GCB_EXAMPLES_KEEP_LOGS").is_none() {
-                let _ = std::fs::remove_dir_all(&self.logs);
-            }
             return;
         }
-        for p in self.procs.iter_mut().chain(&mut self.broker) {
+        for p in self
+            .procs
+            .iter_mut()
+            .chain(self.broker.as_mut().map(|b| &mut b.proc))
+        {
             let _ = p.kill();
         }
         eprintln!("==== logs in {} ====", self.logs.display());
-        let mut files: Vec<_> = std::fs::read_dir(&self.logs)
+        let mut files: Vec<_> = std::fs::read_dir(&*self.logs)
             .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
             .unwrap_or_default();
         files.sort();
@@ -205,22 +207,6 @@ fn read_log(path: &Path) -> String {
         .unwrap_or_else(|e| format!("<cannot read {}: {e}>", path.display()))
 }
 
-fn tail(text: &str, n: usize) -> String {
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
-}
-
-/// A release artifact that must exist.
-fn artifact(name: &str) -> PathBuf {
-    let p = release_artifact(name);
-    assert!(
-        p.is_file(),
-        "{} not found: build first with `cargo build --release --workspace`",
-        p.display()
-    );
-    p
-}
-
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).trim().to_owned()
 }
@@ -236,7 +222,8 @@ fn json_result(what: &str, out: &Output) -> Json {
         )
     };
     let line = stdout.lines().last().unwrap_or_default();
-    let json = Json::parse(line).unwrap_or_else(|e| panic!("{} (bad JSON: {e})", describe()));
+    let json: Json =
+        serde_json::from_str(line).unwrap_or_else(|e| panic!("{} (bad JSON: {e})", describe()));
     assert!(out.status.success(), "{}", describe());
     assert_eq!(json["ok"], Json::Bool(true), "{}", describe());
     println!("{what}: {line}");
@@ -244,216 +231,47 @@ fn json_result(what: &str, out: &Output) -> Json {
 }
 
 // ---------------------------------------------------------------------------------------
-// a minimal JSON reader (the lab crate has no JSON dependency)
+// reading the examples' JSON results (serde_json)
 
-#[derive(Debug, Clone, PartialEq)]
-enum Json {
-    Null,
-    Bool(bool),
-    Num(f64),
-    Str(String),
-    Arr(Vec<Json>),
-    Obj(BTreeMap<String, Json>),
+/// Typed access to a field the example must have printed: panics naming what it found.
+trait JsonField {
+    fn num(&self) -> f64;
+    fn str(&self) -> &str;
+    fn arr(&self) -> &[Json];
 }
 
-static NULL: Json = Json::Null;
-
-impl std::ops::Index<&str> for Json {
-    type Output = Json;
-    fn index(&self, key: &str) -> &Json {
-        match self {
-            Json::Obj(m) => m.get(key).unwrap_or(&NULL),
-            _ => &NULL,
-        }
-    }
-}
-
-impl Json {
-    fn parse(s: &str) -> Result<Json, String> {
-        let mut p = JsonParser {
-            s: s.as_bytes(),
-            i: 0,
-        };
-        let v = p.value()?;
-        p.ws();
-        if p.i != p.s.len() {
-            return Err(format!("trailing data at {}", p.i));
-        }
-        Ok(v)
-    }
-
+impl JsonField for Json {
     fn num(&self) -> f64 {
-        match self {
-            Json::Num(n) => *n,
-            other => panic!("not a number: {other:?}"),
-        }
+        self.as_f64()
+            .unwrap_or_else(|| panic!("not a number: {self:?}"))
     }
 
     fn str(&self) -> &str {
-        match self {
-            Json::Str(s) => s,
-            other => panic!("not a string: {other:?}"),
-        }
+        self.as_str()
+            .unwrap_or_else(|| panic!("not a string: {self:?}"))
     }
 
     fn arr(&self) -> &[Json] {
-        match self {
-            Json::Arr(a) => a,
-            other => panic!("not an array: {other:?}"),
-        }
-    }
-}
-
-struct JsonParser<'a> {
-    s: &'a [u8],
-    i: usize,
-}
-
-impl JsonParser<'_> {
-    fn ws(&mut self) {
-        while self.s.get(self.i).is_some_and(u8::is_ascii_whitespace) {
-            self.i += 1;
-        }
-    }
-
-    fn eat(&mut self, c: u8) -> Result<(), String> {
-        self.ws();
-        if self.s.get(self.i) == Some(&c) {
-            self.i += 1;
-            Ok(())
-        } else {
-            Err(format!("expected {:?} at {}", c as char, self.i))
-        }
-    }
-
-    fn value(&mut self) -> Result<Json, String> {
-        self.ws();
-        let rest = &self.s[self.i..];
-        for (word, v) in [
-            ("null", Json::Null),
-            ("true", Json::Bool(true)),
-            ("false", Json::Bool(false)),
-        ] {
-            if rest.starts_with(word.as_bytes()) {
-                self.i += word.len();
-                return Ok(v);
-            }
-        }
-        match rest.first() {
-            Some(b'"') => self.string().map(Json::Str),
-            Some(b'[') => {
-                self.i += 1;
-                let mut v = Vec::new();
-                self.ws();
-                if self.s.get(self.i) == Some(&b']') {
-                    self.i += 1;
-                    return Ok(Json::Arr(v));
-                }
-                loop {
-                    v.push(self.value()?);
-                    self.ws();
-                    match self.s.get(self.i) {
-                        Some(b',') => self.i += 1,
-                        Some(b']') => {
-                            self.i += 1;
-                            return Ok(Json::Arr(v));
-                        }
-                        _ => return Err(format!("bad array at {}", self.i)),
-                    }
-                }
-            }
-            Some(b'{') => {
-                self.i += 1;
-                let mut m = BTreeMap::new();
-                self.ws();
-                if self.s.get(self.i) == Some(&b'}') {
-                    self.i += 1;
-                    return Ok(Json::Obj(m));
-                }
-                loop {
-                    self.ws();
-                    let k = self.string()?;
-                    self.eat(b':')?;
-                    m.insert(k, self.value()?);
-                    self.ws();
-                    match self.s.get(self.i) {
-                        Some(b',') => self.i += 1,
-                        Some(b'}') => {
-                            self.i += 1;
-                            return Ok(Json::Obj(m));
-                        }
-                        _ => return Err(format!("bad object at {}", self.i)),
-                    }
-                }
-            }
-            _ => {
-                let end = rest
-                    .iter()
-                    .position(|c| !matches!(c, b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E'))
-                    .unwrap_or(rest.len());
-                let n = std::str::from_utf8(&rest[..end])
-                    .ok()
-                    .and_then(|t| t.parse().ok())
-                    .ok_or_else(|| format!("bad value at {}", self.i))?;
-                self.i += end;
-                Ok(Json::Num(n))
-            }
-        }
-    }
-
-    fn string(&mut self) -> Result<String, String> {
-        self.eat(b'"')?;
-        let mut out = String::new();
-        loop {
-            let c = *self.s.get(self.i).ok_or("unterminated string")?;
-            self.i += 1;
-            match c {
-                b'"' => return Ok(out),
-                b'\\' => {
-                    let e = *self.s.get(self.i).ok_or("bad escape")?;
-                    self.i += 1;
-                    out.push(match e {
-                        b'n' => '\n',
-                        b't' => '\t',
-                        b'r' => '\r',
-                        b'u' => {
-                            let hex = self.s.get(self.i..self.i + 4).ok_or("bad \\u")?;
-                            self.i += 4;
-                            std::str::from_utf8(hex)
-                                .ok()
-                                .and_then(|h| u32::from_str_radix(h, 16).ok())
-                                .and_then(char::from_u32)
-                                .unwrap_or('\u{fffd}')
-                        }
-                        other => other as char,
-                    });
-                }
-                _ => {
-                    // Copy a whole UTF-8 sequence.
-                    let start = self.i - 1;
-                    while self.s.get(self.i).is_some_and(|b| b & 0xc0 == 0x80) {
-                        self.i += 1;
-                    }
-                    out.push_str(&String::from_utf8_lossy(&self.s[start..self.i]));
-                }
-            }
-        }
+        self.as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_else(|| panic!("not an array: {self:?}"))
     }
 }
 
 #[test]
 fn json_reader_reads_what_the_examples_print() {
-    let j =
-        Json::parse(r#"{"ok":true,"n":-1.5e2,"s":"a\"b\u00e9","a":[1,{"x":null}],"e":[],"o":{}}"#)
-            .unwrap();
+    let j: Json = serde_json::from_str(
+        r#"{"ok":true,"n":-1.5e2,"s":"a\"b\u00e9","a":[1,{"x":null}],"e":[],"o":{}}"#,
+    )
+    .unwrap();
     assert_eq!(j["ok"], Json::Bool(true));
     assert_eq!(j["n"].num(), -150.0);
     assert_eq!(j["s"].str(), "a\"bé");
     assert_eq!(j["a"].arr()[1]["x"], Json::Null);
     assert!(j["e"].arr().is_empty());
     assert_eq!(j["missing"], Json::Null);
-    assert!(Json::parse("{\"ok\":true} x").is_err());
-    assert!(Json::parse("{\"ok\":").is_err());
+    assert!(serde_json::from_str::<Json>("{\"ok\":true} x").is_err());
+    assert!(serde_json::from_str::<Json>("{\"ok\":").is_err());
 }
 
 // ---------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@
 //! socket to an exec'd image, and the end of a registration when its last holder closes.
 //! Every transfer is checked with sha256 by the server and the client.
 
-use gcb_lab::{release_artifact, repo_root, sha256, Host, Lab, Proc};
+use gcb_lab::{gcb_run, sha256, wait_line_containing, Broker, Host, Lab, Proc, Scratch};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -12,123 +12,45 @@ use std::time::{Duration, Instant};
 
 /// A server that answers each connection with the sha256 of what it read (until EOF),
 /// then its worker tag and the peer address accept() reported.
-const SERVE: &str = r#"
-import hashlib
-def serve(s, tag):
-    while True:
-        c, a = s.accept()
-        data = b""
-        while True:
-            b = c.recv(65536)
-            if not b:
-                break
-            data += b
-        c.sendall(("%s %s %s\n" % (hashlib.sha256(data).hexdigest(), tag, a[0])).encode())
-        c.close()
-"#;
+const SERVE: &str = include_str!("programs/shared_serve.py");
 
-const PREFORK: &str = r#"
-import os, socket, sys
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("0.0.0.0", 9000))
-s.listen(64)
-print("ADDR %s:%d" % s.getsockname(), flush=True)
-for i in range(3):
-    if os.fork() == 0:
-        serve(s, "w%d" % i)
-s.close()  # the parent keeps no copy: only the workers hold the socket
-while True:
-    try:
-        os.wait()
-    except ChildProcessError:
-        break
-"#;
+const PREFORK: &str = include_str!("programs/shared_prefork.py");
 
-const EXEC_PARENT: &str = r#"
-import os, socket, sys
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("0.0.0.0", 9001))
-s.listen(64)
-print("PARENT %s:%d" % s.getsockname(), flush=True)
-s.set_inheritable(True)
-os.execv(sys.executable, [sys.executable, sys.argv[1], str(s.fileno())])
-"#;
+const EXEC_PARENT: &str = include_str!("programs/shared_exec_parent.py");
 
-const EXEC_CHILD: &str = r#"
-import socket, sys
-s = socket.socket(fileno=int(sys.argv[1]))
-print("CHILD %s:%d" % s.getsockname(), flush=True)
-serve(s, "child")
-"#;
+const EXEC_CHILD: &str = include_str!("programs/shared_exec_child.py");
 
-const CLOSE_AFTER_ONE: &str = r#"
-import socket, sys, time
-s = socket.socket()
-s.bind(("0.0.0.0", 9002))
-s.listen(8)
-print("ADDR %s:%d" % s.getsockname(), flush=True)
-c, a = s.accept()
-c.sendall(b"bye\n")
-c.close()
-s.close()
-print("CLOSED", flush=True)
-time.sleep(30)
-"#;
+const CLOSE_AFTER_ONE: &str = include_str!("programs/shared_close_after_one.py");
 
 struct Setup {
+    // Processes die before the namespaces go.
+    _broker: Broker,
+    dir: Scratch,
     lab: Lab,
-    dir: PathBuf,
-    _broker: Proc,
 }
 
 fn setup(broker_args: &[&str]) -> Setup {
     let lab = Lab::up();
-    let dir = std::env::temp_dir().join(format!("gcb-shared-{}", lab.name()));
-    fs::create_dir_all(&dir).unwrap();
-    let brokerd = release_artifact("gcb-brokerd");
-    assert!(
-        brokerd.exists(),
-        "{} missing: run `cargo build --release --workspace` first",
-        brokerd.display()
-    );
-    let log = fs::File::create(dir.join("broker.log")).unwrap();
-    let broker = lab
-        .spawn(
-            lab.cmd(Host::P1, &brokerd)
-                .args(["--listen", "203.0.113.10", "--log", "debug"])
-                .args(broker_args)
-                .stdout(Stdio::null())
-                .stderr(log),
-        )
-        .unwrap();
-    wait_for_file(
+    let dir = Scratch::new("shared", &lab);
+    let mut args = vec!["--log", "debug"];
+    args.extend_from_slice(broker_args);
+    let broker = Broker::start(
+        &lab,
+        Host::P1,
+        "203.0.113.10",
+        true,
+        &args,
         &dir.join("broker.log"),
-        "listening on",
-        Duration::from_secs(5),
     );
     Setup {
-        lab,
-        dir,
         _broker: broker,
+        dir,
+        lab,
     }
 }
 
 fn wait_for_file(path: &Path, needle: &str, timeout: Duration) -> String {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let text = fs::read_to_string(path).unwrap_or_default();
-        if let Some(line) = text.lines().find(|l| l.contains(needle)) {
-            return line.to_owned();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no line with {needle:?} in {} within {timeout:?}; it has:\n{text}",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_line_containing(path, needle, timeout)
 }
 
 impl Setup {
@@ -137,10 +59,10 @@ impl Setup {
         let script = self.dir.join(format!("{name}.py"));
         fs::write(&script, format!("{SERVE}\n{body}")).unwrap();
         let out = fs::File::create(self.dir.join(format!("{name}.out"))).unwrap();
-        let mut cmd = self.lab.cmd(Host::A1, repo_root().join("scripts/gcb-run"));
-        cmd.args(["--broker", "203.0.113.10", "--log", "debug", "--log-file"])
-            .arg(self.dir.join(format!("{name}.shim.log")))
-            .args(["--", "python3", "-u"])
+        let log = self.dir.join(format!("{name}.shim.log"));
+        let broker = ["--broker", "203.0.113.10"];
+        let mut cmd = gcb_run(&self.lab, Host::A1, true, &broker, Some(("debug", &log)));
+        cmd.args(["python3", "-u"])
             .arg(&script)
             .args(args)
             .stdout(out)
@@ -163,8 +85,8 @@ impl Setup {
     /// Send `payload` from `host` (under gcb-run if `gcb`) to `addr`; return the answer.
     fn send(&self, host: Host, gcb: bool, addr: &str, payload: &Path) -> String {
         let mut cmd: Command = if gcb {
-            let mut c = self.lab.cmd(host, repo_root().join("scripts/gcb-run"));
-            c.args(["--broker", "203.0.113.10", "--", "socat"]);
+            let mut c = gcb_run(&self.lab, host, true, &["--broker", "203.0.113.10"], None);
+            c.arg("socat");
             c
         } else {
             self.lab.cmd(host, "socat")
@@ -187,12 +109,6 @@ impl Setup {
         let p = self.dir.join(format!("payload-{n}"));
         fs::write(&p, &data).unwrap();
         (p, sha256(&data))
-    }
-}
-
-impl Drop for Setup {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -292,28 +208,7 @@ fn closing_the_last_copy_unregisters_and_the_proxy_refuses() {
 /// An epoll program that closes its registered listener and keeps waiting on other fds:
 /// the shim's control socket (added to the program's epoll set with a private tag while
 /// the AEH was needed) must not show up in the program's events afterwards.
-const EPOLL_AFTER_CLOSE: &str = r#"
-import os, select, socket, time
-s = socket.socket()
-s.bind(("0.0.0.0", 9004))
-s.listen(8)
-print("ADDR %s:%d" % s.getsockname(), flush=True)
-r, w = os.pipe()
-ep = select.epoll()
-ep.register(s.fileno(), select.EPOLLIN)
-ep.register(r, select.EPOLLIN)
-ep.poll(0.3)
-ep.unregister(s.fileno())
-s.close()  # unregisters at the broker; its answer arrives on the shim's control socket
-stray = []
-end = time.time() + 3
-while time.time() < end:
-    for fd, ev in ep.poll(0.5):
-        if fd != r:
-            stray.append(fd)
-print("STRAY %d %s" % (len(stray), stray[:5]), flush=True)
-time.sleep(30)
-"#;
+const EPOLL_AFTER_CLOSE: &str = include_str!("programs/shared_epoll_after_close.py");
 
 #[test]
 fn epoll_program_sees_no_shim_event_after_its_listener_closes() {

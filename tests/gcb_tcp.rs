@@ -15,11 +15,13 @@ use std::fs::{self, File};
 use std::net::SocketAddrV4;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::OnceLock;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use gcb_lab::{random_bytes, release_artifact, repo_root, sha256, Host, Lab, Proc};
+use gcb_lab::{
+    brokerd, gcb_run, gcb_run_script, libgcb, parse_after, python, random_bytes, read_text as read,
+    sha256, wait_line, Broker, Host, Lab, Proc, Scratch,
+};
 
 const P1: &str = "203.0.113.10";
 const P2: &str = "203.0.113.11";
@@ -38,65 +40,8 @@ const UP: Duration = Duration::from_secs(10);
 // Helpers
 // ---------------------------------------------------------------------------------------
 
-/// A release artifact that must exist (the test builds nothing).
-fn artifact(name: &str) -> PathBuf {
-    let p = release_artifact(name);
-    assert!(
-        p.exists(),
-        "missing build artifact {name} (looked at {}): build the workspace first with \
-         `cargo build --release --workspace` (scripts/test-all does)",
-        p.display()
-    );
-    p
-}
-
-fn brokerd() -> PathBuf {
-    artifact("gcb-brokerd")
-}
-
-fn libgcb() -> PathBuf {
-    artifact("libgcb.so")
-}
-
-fn gcb_run_script() -> PathBuf {
-    let p = repo_root().join("scripts/gcb-run");
-    assert!(p.exists(), "missing {}", p.display());
-    p
-}
-
-/// The real python3 executable (not a pyenv shim script), resolved once.
-fn python() -> &'static str {
-    static PY: OnceLock<String> = OnceLock::new();
-    PY.get_or_init(|| {
-        let out = Command::new("python3")
-            .args(["-c", "import sys; print(sys.executable)"])
-            .output()
-            .expect("python3 must be installed (scripts/install-deps)");
-        assert!(out.status.success(), "python3 failed: {out:?}");
-        String::from_utf8(out.stdout).unwrap().trim().to_owned()
-    })
-}
-
 fn text(out: &[u8]) -> String {
     String::from_utf8_lossy(out).into_owned()
-}
-
-fn read(path: &Path) -> String {
-    fs::read(path).map(|b| text(&b)).unwrap_or_default()
-}
-
-/// Polls `path` until a line satisfies `pred`; returns the first such line.
-fn wait_line(path: &Path, timeout: Duration, pred: impl Fn(&str) -> bool) -> Option<String> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(l) = read(path).lines().find(|l| pred(l)) {
-            return Some(l.to_owned());
-        }
-        if Instant::now() >= deadline {
-            return None;
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
 }
 
 fn count_lines(path: &Path, pred: impl Fn(&str) -> bool) -> usize {
@@ -106,7 +51,7 @@ fn count_lines(path: &Path, pred: impl Fn(&str) -> bool) -> usize {
 /// One lab plus a scratch directory (payloads, logs) that is removed on success and kept
 /// (and named on stderr) when the test fails.
 struct Rig {
-    dir: PathBuf,
+    dir: Scratch,
     lab: Lab,
 }
 
@@ -117,8 +62,7 @@ impl Rig {
         libgcb();
         gcb_run_script();
         let lab = Lab::up();
-        let dir = std::env::temp_dir().join(format!("gcb-tcp-{}", lab.name()));
-        let _ = fs::remove_dir_all(&dir);
+        let dir = Scratch::new("tcp", &lab);
         fs::create_dir_all(dir.join("www")).expect("create scratch dir");
         Rig { dir, lab }
     }
@@ -142,12 +86,14 @@ impl Rig {
 
     /// `gcb-run --broker BROKER --log LEVEL --log-file LOG -- program` in `host`.
     fn gcb(&self, host: Host, broker: &str, level: &str, log: &Path, program: &str) -> Command {
-        let mut c = self.lab.cmd(host, gcb_run_script());
-        c.env("GCB_LIB", libgcb())
-            .args(["--broker", broker, "--log", level, "--log-file"])
-            .arg(log)
-            .arg("--")
-            .arg(program);
+        let mut c = gcb_run(
+            &self.lab,
+            host,
+            true,
+            &["--broker", broker],
+            Some((level, log)),
+        );
+        c.arg(program);
         c
     }
 
@@ -172,18 +118,14 @@ impl Rig {
 
     /// Starts `gcb-brokerd --listen IP` in `host` and waits until it is ready.
     fn broker(&self, host: Host, ip: &str, extra: &[&str], name: &str) -> Broker {
-        let log = self.path(&format!("{name}.log"));
-        let mut cmd = self.cmd(host, brokerd());
-        cmd.args(["--listen", ip])
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(File::create(&log).unwrap());
-        let proc = self.lab.spawn(&mut cmd).expect("spawn gcb-brokerd");
-        let b = Broker { proc, log };
-        if wait_line(&b.log, UP, |l| l.contains("listening on udp")).is_none() {
-            panic!("gcb-brokerd did not come up on {ip}:\n{}", b.text());
-        }
-        b
+        Broker::start(
+            &self.lab,
+            host,
+            ip,
+            true,
+            extra,
+            &self.path(&format!("{name}.log")),
+        )
     }
 
     /// Serves `www/` (put payloads there) with `python3 -m http.server PORT` in a1, under
@@ -250,41 +192,26 @@ impl Rig {
     }
 }
 
-impl Drop for Rig {
-    fn drop(&mut self) {
-        if thread::panicking() {
-            eprintln!("gcb_tcp: logs and payloads kept in {}", self.dir.display());
-        } else {
-            let _ = fs::remove_dir_all(&self.dir);
-        }
-    }
-}
-
 struct Started {
     proc: Proc,
     out: PathBuf,
     err: PathBuf,
 }
 
-struct Broker {
-    proc: Proc,
-    log: PathBuf,
+/// What gcb_tcp reads in a broker's log.
+trait BrokerLog {
+    /// The proxy the broker assigned to the TCP listener with local address `local`.
+    fn tcp_proxy(&self, local: &str, timeout: Duration) -> SocketAddrV4;
+    /// Broker log lines with the decision for connections to `proxy`.
+    fn decisions(&self, proxy: SocketAddrV4) -> Vec<String>;
+    fn relays_started(&self) -> Vec<String>;
 }
 
-impl Broker {
-    fn text(&self) -> String {
-        read(&self.log)
+impl BrokerLog for Broker {
+    fn tcp_proxy(&self, local: &str, timeout: Duration) -> SocketAddrV4 {
+        self.proxy_of("tcp listener", local, timeout)
     }
 
-    /// The proxy the broker assigned to the listener with local address `local`.
-    fn proxy_of(&self, local: &str, timeout: Duration) -> SocketAddrV4 {
-        let needle = format!("registered tcp listener local {local} ");
-        let line = wait_line(&self.log, timeout, |l| l.contains(&needle))
-            .unwrap_or_else(|| panic!("no registration of {local}; broker log:\n{}", self.text()));
-        parse_after(&line, "-> proxy ")
-    }
-
-    /// Broker log lines with the decision for connections to `proxy`.
     fn decisions(&self, proxy: SocketAddrV4) -> Vec<String> {
         let needle = format!("-> proxy {proxy} (listener");
         self.text()
@@ -301,16 +228,6 @@ impl Broker {
             .map(str::to_owned)
             .collect()
     }
-}
-
-fn parse_after(line: &str, marker: &str) -> SocketAddrV4 {
-    let rest = line
-        .split(marker)
-        .nth(1)
-        .unwrap_or_else(|| panic!("no {marker:?} in {line:?}"));
-    let word = rest.split_whitespace().next().unwrap_or("");
-    word.parse()
-        .unwrap_or_else(|e| panic!("bad address {word:?} in {line:?}: {e}"))
 }
 
 /// The proxy the shim logged (info level) for its listener on `local`.
@@ -403,7 +320,7 @@ fn pattern1_public_plain_clients_reach_private_servers_via_proxy() {
     let sha = www_payload(&rig, "f.bin", 3 * MIB);
 
     let (http, advertised) = rig.http_server(Host::A1, Some(P1), 8000, "http", &[]);
-    let proxy = broker.proxy_of(&format!("{A1}:8000"), UP);
+    let proxy = broker.tcp_proxy(&format!("{A1}:8000"), UP);
     assert_eq!(
         advertised, proxy,
         "http.server must advertise (getsockname) the proxy the broker assigned"
@@ -428,7 +345,7 @@ fn pattern1_public_plain_clients_reach_private_servers_via_proxy() {
         .arg(&up_dst);
     let mut up_server = rig.start(&mut cmd, "ncat-up");
     let up_proxy = shim_proxy(&ncat_log, &format!("{A1}:7001"), UP);
-    assert_eq!(up_proxy, broker.proxy_of(&format!("{A1}:7001"), UP));
+    assert_eq!(up_proxy, broker.tcp_proxy(&format!("{A1}:7001"), UP));
     let mut send = rig.cmd(Host::P2, "ncat");
     send.args(["-4", "--send-only", &up_proxy.ip().to_string()])
         .arg(up_proxy.port().to_string())
@@ -536,54 +453,18 @@ fn standby_connections_carry_proxy_connections_without_connect_back() {
 fn unanswered_standby_claim_falls_back_to_connect_back() {
     let rig = Rig::up();
     let broker = rig.broker(Host::P1, P1, &[], "broker");
-    let script = r#"
-import os, select, socket, sys, time
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("0.0.0.0", 7100))
-s.listen(16)
-# one wait in the shim: its event handler parks the standby connection
-select.select([s], [], [], 0.5)
-for _ in range(2):
-    if os.fork() == 0:
-        while True:
-            c, _ = s.accept()
-            data = b""
-            while True:
-                b = c.recv(65536)
-                if not b:
-                    break
-                data += b
-            c.sendall(data)
-            c.close()
-print("ready", flush=True)
-time.sleep(300)
-"#;
+    let script = include_str!("programs/tcp_prefork_standby_echo.py");
     let log = rig.path("prefork.shim.log");
     let mut cmd = rig.gcb(Host::A1, P1, "debug", &log, python());
     cmd.args(["-u", "-c", script]);
     let server = rig.start(&mut cmd, "prefork");
-    let proxy = broker.proxy_of(&format!("{A1}:7100"), UP);
+    let proxy = broker.tcp_proxy(&format!("{A1}:7100"), UP);
     assert!(
         wait_line(&server.out, UP, |l| l == "ready").is_some(),
         "server: {}",
         read(&server.err)
     );
-    let client = r#"
-import hashlib, os, socket, sys
-host, port = sys.argv[1], int(sys.argv[2])
-data = os.urandom(300000)
-c = socket.create_connection((host, port), timeout=20)
-c.sendall(data)
-c.shutdown(socket.SHUT_WR)
-got = b""
-while True:
-    b = c.recv(65536)
-    if not b:
-        break
-    got += b
-print("ok" if got == data else "MISMATCH %d of %d" % (len(got), len(data)))
-"#;
+    let client = include_str!("programs/tcp_echo_check_client.py");
     for i in 0..2 {
         let mut c = rig.cmd(Host::P2, python());
         c.args([
@@ -816,7 +697,7 @@ fn broker_on_gateway_serves_every_pattern() {
     let broker = rig.broker(Host::Gwa, GWA, &[], "broker");
     let sha = www_payload(&rig, "f.bin", 2 * MIB);
     let (http, proxy) = rig.http_server(Host::A1, Some(GWA), 8000, "http", &[]);
-    assert_eq!(proxy, broker.proxy_of(&format!("{A1}:8000"), UP));
+    assert_eq!(proxy, broker.tcp_proxy(&format!("{A1}:8000"), UP));
     assert_eq!(proxy.ip().to_string(), GWA);
 
     // 1: plain client in p2 via the proxy.
@@ -891,7 +772,7 @@ fn socat_fork_server_sequential_and_concurrent_clients() {
     let mut cmd = rig.gcb(Host::A1, P1, "info", &log, "socat");
     cmd.args(["TCP4-LISTEN:7000,fork,reuseaddr", "SYSTEM:sha256sum"]);
     let server = rig.start(&mut cmd, "socat");
-    let proxy = broker.proxy_of(&format!("{A1}:7000"), UP);
+    let proxy = broker.tcp_proxy(&format!("{A1}:7000"), UP);
     assert_eq!(proxy, shim_proxy(&log, &format!("{A1}:7000"), UP));
 
     for i in 0..20 {
@@ -953,7 +834,7 @@ fn burst_larger_than_listen_backlog_loses_no_connection() {
         "SYSTEM:sha256sum",
     ]);
     let _server = rig.start(&mut cmd, "socat");
-    let proxy = broker.proxy_of(&format!("{A1}:7000"), UP);
+    let proxy = broker.tcp_proxy(&format!("{A1}:7000"), UP);
     for round in 0..2 {
         let inputs: Vec<(PathBuf, String)> = (0..10)
             .map(|i| rig.payload(&format!("burst{round}-{i}.bin"), 64 * 1024 + i))
@@ -989,30 +870,10 @@ fn burst_larger_than_listen_backlog_loses_no_connection() {
 
 /// Returns (error, sum_received.bytes) of an iperf3 -J report.
 fn iperf_summary(json: &[u8]) -> (String, f64) {
-    let script = "import json,sys\nd=json.load(sys.stdin)\nprint(repr(d.get('error','')))\n\
-                  print(d['end']['sum_received']['bytes'])";
-    let mut c = Command::new(python());
-    c.args(["-c", script])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = c.spawn().expect("python3");
-    {
-        use std::io::Write;
-        let mut stdin = child.stdin.take().unwrap();
-        stdin.write_all(json).unwrap();
-    }
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "cannot read iperf3 JSON ({}): {}",
-        text(&out.stderr),
-        text(json)
-    );
-    let t = text(&out.stdout);
-    let mut l = t.lines();
-    let err = l.next().unwrap_or("").to_owned();
-    let bytes = l.next().and_then(|b| b.trim().parse().ok()).unwrap_or(0.0);
+    let d: serde_json::Value = serde_json::from_slice(json)
+        .unwrap_or_else(|e| panic!("cannot read iperf3 JSON ({e}): {}", text(json)));
+    let err = d["error"].as_str().unwrap_or("").to_owned();
+    let bytes = d["end"]["sum_received"]["bytes"].as_f64().unwrap_or(0.0);
     (err, bytes)
 }
 
@@ -1051,8 +912,8 @@ fn iperf3_through_patterns_1_to_3() {
         let out = rig.output(&mut c, RUN);
         let (err, bytes) = iperf_summary(&out.stdout);
         assert!(
-            out.status.success() && err == "''" && bytes > 0.0,
-            "iperf3 {name}: status {:?} error {err} bytes {bytes}\nstderr {}\nclient log {}\nbroker:\n{}",
+            out.status.success() && err.is_empty() && bytes > 0.0,
+            "iperf3 {name}: status {:?} error {err:?} bytes {bytes}\nstderr {}\nclient log {}\nbroker:\n{}",
             out.status,
             text(&out.stderr),
             read(&clog),
@@ -1093,112 +954,7 @@ fn iperf3_through_patterns_1_to_3() {
 /// An echo server in three flavours: `asyncio` (epoll), `poll` (poll(2)), `select`
 /// (select(2)). Prints `listening IP PORT` from getsockname(), and `accepted IP PORT` per
 /// connection; echoes until the client's EOF, then closes.
-const ECHO_PY: &str = r#"
-import asyncio, select, socket, sys
-
-mode, port = sys.argv[1], int(sys.argv[2])
-
-def listener():
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind(("0.0.0.0", port))
-    s.listen(16)
-    s.setblocking(False)
-    print("listening", *s.getsockname(), flush=True)
-    return s
-
-def loop(wait):
-    srv = listener()
-    conns = {}
-    while True:
-        rl = [srv] + [c for c, st in conns.items() if not st[1]]
-        wl = [c for c, st in conns.items() if st[0]]
-        readable, writable = wait(rl, wl)
-        for s in readable:
-            if s is srv:
-                try:
-                    c, peer = srv.accept()
-                except BlockingIOError:
-                    continue
-                c.setblocking(False)
-                conns[c] = [bytearray(), False]
-                print("accepted", *peer, flush=True)
-                continue
-            st = conns.get(s)
-            if st is None:
-                continue
-            try:
-                d = s.recv(65536)
-            except BlockingIOError:
-                continue
-            except OSError:
-                s.close(); del conns[s]; continue
-            if d:
-                st[0] += d
-            else:
-                st[1] = True
-        for s in writable:
-            st = conns.get(s)
-            if st is None or not st[0]:
-                continue
-            try:
-                n = s.send(st[0])
-                del st[0][:n]
-            except BlockingIOError:
-                pass
-            except OSError:
-                s.close(); del conns[s]
-        for s, st in list(conns.items()):
-            if st[1] and not st[0]:
-                s.close(); del conns[s]
-
-def wait_select(rl, wl):
-    r, w, _ = select.select(rl, wl, [])
-    return r, w
-
-def wait_poll(rl, wl):
-    p = select.poll()
-    by_fd = {}
-    for s in rl:
-        by_fd[s.fileno()] = s
-        p.register(s, select.POLLIN)
-    for s in wl:
-        by_fd[s.fileno()] = s
-        p.register(s, (select.POLLIN if s in rl else 0) | select.POLLOUT)
-    r, w = [], []
-    for fd, ev in p.poll():
-        s = by_fd[fd]
-        if ev & (select.POLLIN | select.POLLHUP | select.POLLERR):
-            if s in rl:
-                r.append(s)
-        if ev & select.POLLOUT:
-            w.append(s)
-    return r, w
-
-async def handle(reader, writer):
-    print("accepted", *writer.get_extra_info("peername"), flush=True)
-    while True:
-        d = await reader.read(65536)
-        if not d:
-            break
-        writer.write(d)
-        await writer.drain()
-    writer.close()
-    await writer.wait_closed()
-
-async def amain():
-    print("selector", type(asyncio.get_running_loop()._selector).__name__, flush=True)
-    srv = await asyncio.start_server(handle, sock=listener())
-    async with srv:
-        await srv.serve_forever()
-
-if mode == "asyncio":
-    asyncio.run(amain())
-elif mode == "poll":
-    loop(wait_poll)
-else:
-    loop(wait_select)
-"#;
+const ECHO_PY: &str = include_str!("programs/tcp_echo_server.py");
 
 /// 7: asyncio (epoll), poll(2) and select(2) echo servers in a1 under gcb-run, each
 /// reached from p2 via its proxy by 4 concurrent and then 2 more sequential connections,
@@ -1221,7 +977,7 @@ fn epoll_poll_and_select_servers_echo_via_proxy() {
             .unwrap_or_else(|| panic!("{mode} server: {} {}", read(&s.out), read(&s.err)));
         let w: Vec<&str> = line.split_whitespace().collect();
         let advertised: SocketAddrV4 = format!("{}:{}", w[1], w[2]).parse().unwrap();
-        let proxy = broker.proxy_of(&format!("{A1}:{port}"), UP);
+        let proxy = broker.tcp_proxy(&format!("{A1}:{port}"), UP);
         assert_eq!(
             advertised, proxy,
             "{mode}: getsockname must return the proxy"
@@ -1297,7 +1053,7 @@ fn fault_broker_restart_listener_reregisters_on_same_proxy() {
     );
     let t0 = Instant::now();
     let broker2 = rig.broker(Host::P1, P1, &[], "broker2");
-    let again = broker2.proxy_of(&format!("{A1}:8000"), Duration::from_secs(25));
+    let again = broker2.tcp_proxy(&format!("{A1}:8000"), Duration::from_secs(25));
     let took = t0.elapsed();
     assert_eq!(again, proxy, "re-registration must keep the proxy address");
     assert!(
@@ -1433,7 +1189,7 @@ fn fault_thirty_percent_loss_every_brokered_connect_succeeds() {
     cmd.env("GCB_STANDBY", "0")
         .args(["TCP4-LISTEN:7000,fork,reuseaddr", "SYSTEM:sha256sum"]);
     let server = rig.start(&mut cmd, "socat");
-    let proxy = broker.proxy_of(&format!("{A1}:7000"), UP);
+    let proxy = broker.tcp_proxy(&format!("{A1}:7000"), UP);
 
     rig.lab.loss_of(Host::Gwa, 30, "udp");
     rig.lab.loss_of(Host::Gwb, 30, "udp");

@@ -14,13 +14,15 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::{self, File};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
-use std::sync::OnceLock;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use gcb_lab::{random_bytes, release_artifact, repo_root, sha256, Host, Lab, Proc};
+use gcb_lab::{
+    artifact, gcb_run, python, random_bytes, read_text as read, sha256, wait_line, Broker, Host,
+    Lab, Proc, Scratch,
+};
 
 const BROKER: &str = "203.0.113.10";
 const BROKER_PORT: u16 = 9650;
@@ -41,31 +43,7 @@ const RUN: Duration = Duration::from_secs(40);
 /// datagram whose body does/does not hash to SHA256, `RAW` for anything else. A datagram
 /// starting with `LATE` is answered a second time 3 s later (`LATE-REPLY`). The datagram
 /// `QUIT` closes the socket, prints `CLOSED` and exits.
-const ECHO: &str = r#"
-import hashlib, socket, sys, threading
-if sys.argv[1].startswith("fd="):
-    s = socket.socket(fileno=int(sys.argv[1][3:]))
-else:
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.bind(("0.0.0.0", int(sys.argv[1])))
-print("ADDR %s:%d" % s.getsockname(), flush=True)
-while True:
-    data, peer = s.recvfrom(65536)
-    if data == b"QUIT":
-        s.close()
-        print("CLOSED", flush=True)
-        sys.exit(0)
-    seen = "%s:%d" % peer
-    tag = "RAW"
-    if data.startswith(b"GCBT "):
-        head, _, body = data.partition(b"\n")
-        f = head.split()
-        tag = "OK" if len(f) == 3 and hashlib.sha256(body).hexdigest().encode() == f[2] else "BAD"
-    print("RECV %s %d %s %s" % (seen, len(data), hashlib.sha256(data).hexdigest(), tag), flush=True)
-    s.sendto(("%s %s\n" % (seen, tag)).encode() + data, peer)
-    if data.startswith(b"LATE"):
-        threading.Timer(3.0, s.sendto, (b"LATE-REPLY", peer)).start()
-"#;
+const ECHO: &str = include_str!("programs/udp_echo.py");
 
 /// The client side, several modes (all print `LOCAL IP:PORT`, getsockname() after the
 /// first send):
@@ -82,150 +60,11 @@ while True:
 ///   answer, then `EXTRA ...` for anything else within 5 s, or `NOTHING-MORE`.
 /// * `send TARGET HEX...`: sends each HEX (or `zeros:N`) as one datagram (one socket).
 /// * `listen PORT SECS`: prints `GOT SENDER LEN SHA256` for every datagram received in SECS.
-const CLIENT: &str = r#"
-import hashlib, os, random, select, socket, sys, time
-mode, rest = sys.argv[1], sys.argv[2:]
-def addr(t):
-    h, p = t.rsplit(":", 1)
-    return (h, int(p))
-def sha(b):
-    return hashlib.sha256(b).hexdigest()
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-if "--bind" in rest:
-    i = rest.index("--bind")
-    s.bind(("0.0.0.0", int(rest[i + 1])))
-    del rest[i:i + 2]
-pause = None
-if "--pause" in rest:
-    i = rest.index("--pause")
-    pause = (float(rest[i + 1]), int(rest[i + 2]))
-    del rest[i:i + 3]
-local_shown = False
-def show_local():
-    global local_shown
-    if not local_shown:
-        print("LOCAL %s:%d" % s.getsockname(), flush=True)
-        local_shown = True
-if mode == "echo":
-    target, kind, sizes = addr(rest[0]), rest[1], [int(x) for x in rest[2:]]
-    s.settimeout(5)
-    for k, n in enumerate(sizes):
-        if pause and k == pause[1]:
-            time.sleep(pause[0])
-        data = os.urandom(n)
-        while data[:4] in (b"GCBT", b"GCBU", b"LATE"):
-            data = os.urandom(n)
-        t0 = time.time()
-        s.sendto(data, target)
-        show_local()
-        try:
-            back, frm = s.recvfrom(70000)
-        except socket.timeout:
-            print("TIMEOUT %d" % n, flush=True)
-            continue
-        rtt = (time.time() - t0) * 1000
-        seen, tag, body = "-", "-", back
-        if kind == "ADDR":
-            head, _, body = back.partition(b"\n")
-            f = head.decode("ascii", "replace").split()
-            seen, tag = (f + ["?", "?"])[:2]
-        print("ECHO %d %s %s %s:%d %s %s %.1f" % (n, sha(data), sha(body), frm[0], frm[1], seen, tag, rtt), flush=True)
-elif mode == "stream":
-    target, count = addr(rest[0]), int(rest[1])
-    s.setblocking(False)
-    def drain():
-        while True:
-            try:
-                back, frm = s.recvfrom(70000)
-            except BlockingIOError:
-                return
-            head, nl, body = back.partition(b"\n")
-            f = head.decode("ascii", "replace").split()
-            b = body.partition(b"\n")[0].split()
-            if not nl or len(f) != 2 or len(b) != 3 or b[0] != b"GCBT":
-                print("GARBLED %s" % back[:64].hex(), flush=True)
-                continue
-            print("REPLY %s:%d %s %s %s %s" % (frm[0], frm[1], f[0], f[1], b[1].decode("ascii", "replace"), sha(body)), flush=True)
-    for seq in range(count):
-        body = os.urandom(random.randint(16, 1200))
-        data = b"GCBT %d %s\n" % (seq, sha(body).encode()) + body
-        s.sendto(data, target)
-        show_local()
-        print("SENT %d %s" % (seq, sha(data)), flush=True)
-        end = time.time() + 0.004
-        while time.time() < end:
-            select.select([s], [], [], max(0, end - time.time()))
-            drain()
-    end = time.time() + 4
-    while time.time() < end:
-        select.select([s], [], [], max(0, end - time.time()))
-        drain()
-elif mode == "late":
-    target = addr(rest[0])
-    s.settimeout(5)
-    data = b"LATE" + os.urandom(20)
-    s.sendto(data, target)
-    show_local()
-    back, frm = s.recvfrom(70000)
-    print("FIRST %s:%d %s" % (frm[0], frm[1], sha(back.partition(b"\n")[2]) == sha(data)), flush=True)
-    try:
-        back, frm = s.recvfrom(70000)
-        print("EXTRA %s:%d %r" % (frm[0], frm[1], back[:40]), flush=True)
-    except socket.timeout:
-        print("NOTHING-MORE", flush=True)
-elif mode == "send":
-    target = addr(rest[0])
-    for h in rest[1:]:
-        s.sendto(bytes(int(h[6:])) if h.startswith("zeros:") else bytes.fromhex(h), target)
-        show_local()
-        time.sleep(0.01)
-elif mode == "listen":
-    s.bind(("0.0.0.0", int(rest[0])))
-    print("LISTENING", flush=True)
-    s.settimeout(0.2)
-    end = time.time() + float(rest[1])
-    while time.time() < end:
-        try:
-            data, frm = s.recvfrom(70000)
-            print("GOT %s:%d %d %s" % (frm[0], frm[1], len(data), sha(data)), flush=True)
-        except socket.timeout:
-            pass
-"#;
+const CLIENT: &str = include_str!("programs/udp_client.py");
 
 // ---------------------------------------------------------------------------------------
 // Harness
 // ---------------------------------------------------------------------------------------
-
-/// A release artifact that must exist (the test builds nothing).
-fn artifact(name: &str) -> PathBuf {
-    let p = release_artifact(name);
-    assert!(
-        p.exists(),
-        "missing build artifact {name} (looked at {}): build the workspace first with \
-         `cargo build --release --workspace`",
-        p.display()
-    );
-    p
-}
-
-/// The real python3 executable (not a pyenv shim script), resolved once.
-fn python() -> &'static str {
-    static PY: OnceLock<String> = OnceLock::new();
-    PY.get_or_init(|| {
-        let out = Command::new("python3")
-            .args(["-c", "import sys; print(sys.executable)"])
-            .output()
-            .expect("python3 must be installed (scripts/install-deps)");
-        assert!(out.status.success(), "python3 failed: {out:?}");
-        String::from_utf8(out.stdout).unwrap().trim().to_owned()
-    })
-}
-
-fn read(p: &Path) -> String {
-    fs::read(p)
-        .map(|b| String::from_utf8_lossy(&b).into_owned())
-        .unwrap_or_default()
-}
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).trim().to_owned()
@@ -235,20 +74,6 @@ fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-/// Waits until a line of `path` satisfies `pred`; returns it.
-fn wait_line(path: &Path, timeout: Duration, pred: impl Fn(&str) -> bool) -> Option<String> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(l) = read(path).lines().find(|l| pred(l)) {
-            return Some(l.to_owned());
-        }
-        if Instant::now() >= deadline {
-            return None;
-        }
-        thread::sleep(Duration::from_millis(30));
-    }
-}
-
 /// Where a host's datagrams come from on the public segment, for the broker or p1.
 fn public_ip(host: Host) -> String {
     host.public_addr().to_string()
@@ -256,35 +81,29 @@ fn public_ip(host: Host) -> String {
 
 struct Rig {
     // Processes die before the namespaces go.
-    broker: Option<Proc>,
+    broker: Option<Broker>,
     procs: Vec<Proc>,
-    dir: PathBuf,
+    dir: Scratch,
     lab: Lab,
 }
 
 impl Rig {
     fn up(broker_args: &[&str]) -> Rig {
         let lab = Lab::up();
-        let dir = std::env::temp_dir().join(format!("gcb-udp-{}", lab.name()));
-        fs::create_dir_all(&dir).unwrap();
+        let dir = Scratch::new("udp", &lab);
         fs::write(dir.join("echo.py"), ECHO).unwrap();
         fs::write(dir.join("client.py"), CLIENT).unwrap();
-        let mut rig = Rig {
-            broker: None,
+        let mut args = vec!["--log", "debug"];
+        args.extend_from_slice(broker_args);
+        let broker = Broker::start(&lab, Host::P1, BROKER, true, &args, &dir.join("broker.log"));
+        lab.wait_for_udp_bind(Host::P1, BROKER_PORT, UP)
+            .unwrap_or_else(|e| panic!("broker not up: {e}\n{}", broker.text()));
+        Rig {
+            broker: Some(broker),
             procs: Vec::new(),
             dir,
             lab,
-        };
-        let mut cmd = rig.lab.cmd(Host::P1, artifact("gcb-brokerd"));
-        cmd.args(["--listen", BROKER, "--log", "debug"])
-            .args(broker_args)
-            .stdout(Stdio::null())
-            .stderr(File::create(rig.path("broker.log")).unwrap());
-        rig.broker = Some(rig.lab.spawn(&mut cmd).expect("spawn gcb-brokerd"));
-        rig.lab
-            .wait_for_udp_bind(Host::P1, BROKER_PORT, UP)
-            .unwrap_or_else(|e| panic!("broker not up: {e}\n{}", rig.broker_log()));
-        rig
+        }
     }
 
     fn path(&self, name: &str) -> PathBuf {
@@ -306,12 +125,15 @@ impl Rig {
         if !gcb {
             return self.lab.cmd(host, program);
         }
-        let mut c = self.lab.cmd(host, repo_root().join("scripts/gcb-run"));
-        c.env("GCB_LIB", artifact("libgcb.so"))
-            .args(["--broker", BROKER, "--log", "debug", "--log-file"])
-            .arg(self.path(&format!("{tag}.shim.log")))
-            .arg("--")
-            .arg(program);
+        let log = self.path(&format!("{tag}.shim.log"));
+        let mut c = gcb_run(
+            &self.lab,
+            host,
+            true,
+            &["--broker", BROKER],
+            Some(("debug", &log)),
+        );
+        c.arg(program);
         c
     }
 
@@ -367,7 +189,8 @@ impl Rig {
 
     /// Every long-running program and the broker are still alive.
     fn assert_alive(&mut self) {
-        for (i, p) in self.procs.iter_mut().chain(&mut self.broker).enumerate() {
+        let broker = self.broker.as_mut().map(|b| &mut b.proc);
+        for (i, p) in self.procs.iter_mut().chain(broker).enumerate() {
             let st = p.wait_timeout(Duration::ZERO).expect("wait");
             assert!(st.is_none(), "process #{i} exited: {st:?}\n{}", self.logs());
         }
@@ -397,32 +220,21 @@ impl Rig {
 
     /// SIGTERMs the broker and returns the counters of the stats line it prints at exit.
     fn broker_stats(&mut self) -> HashMap<String, u64> {
+        // Taken: a stopped broker is no longer expected alive.
         let mut b = self.broker.take().expect("broker running");
-        b.signal_group(libc::SIGTERM);
-        let st = b.wait_timeout(Duration::from_secs(5)).expect("wait broker");
-        assert!(st.is_some(), "broker did not exit on SIGTERM");
-        let log = self.broker_log();
-        let line = log
-            .lines()
-            .rev()
-            .find(|l| l.contains(" stats "))
-            .unwrap_or_else(|| panic!("no stats line in the broker log:\n{log}"));
-        line.split_whitespace()
-            .filter_map(|w| w.split_once('='))
-            .filter_map(|(k, v)| Some((k.to_owned(), v.parse().ok()?)))
-            .collect()
+        b.stop_and_stats()
     }
 }
 
 impl Drop for Rig {
     fn drop(&mut self) {
-        for p in self.procs.iter_mut().chain(&mut self.broker) {
+        // Programs first, then the broker; the scratch dir is kept if the test failed.
+        for p in self
+            .procs
+            .iter_mut()
+            .chain(self.broker.as_mut().map(|b| &mut b.proc))
+        {
             let _ = p.kill();
-        }
-        if thread::panicking() {
-            eprintln!("gcb_udp: logs kept in {}", self.dir.display());
-        } else {
-            let _ = fs::remove_dir_all(&self.dir);
         }
     }
 }
@@ -738,27 +550,17 @@ fn request_response_in_every_pattern() {
 
 /// (error, packets, lost_percent) of an `iperf3 -u -J` client report (`end.sum`).
 fn iperf_udp_summary(json: &[u8]) -> Result<(String, f64, f64), String> {
-    let script = "import json,sys\nd=json.load(sys.stdin)\ns=d['end'].get('sum') or d['end']['sum_received']\n\
-                  print(repr(d.get('error','')))\nprint(s['packets'])\nprint(s['lost_percent'])";
-    let mut c = Command::new(python());
-    c.args(["-c", script])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = c.spawn().expect("python3");
-    {
-        use std::io::Write;
-        let mut stdin = child.stdin.take().unwrap();
-        let _ = stdin.write_all(json);
-    }
-    let out = child.wait_with_output().unwrap();
-    if !out.status.success() {
-        return Err(format!("cannot read iperf3 JSON ({})", text(&out.stderr)));
-    }
-    let t = text(&out.stdout);
-    let l: Vec<&str> = t.lines().collect();
-    let num = |i: usize| l.get(i).and_then(|x| x.trim().parse().ok()).unwrap_or(-1.0);
-    Ok((l.first().copied().unwrap_or("").to_owned(), num(1), num(2)))
+    let d: serde_json::Value =
+        serde_json::from_slice(json).map_err(|e| format!("cannot read iperf3 JSON ({e})"))?;
+    let end = &d["end"];
+    let sum = if end["sum"].is_object() {
+        &end["sum"]
+    } else {
+        &end["sum_received"]
+    };
+    let num = |k: &str| sum[k].as_f64().unwrap_or(-1.0);
+    let err = d["error"].as_str().unwrap_or("").to_owned();
+    Ok((err, num("packets"), num("lost_percent")))
 }
 
 /// iperf3 -u: the server in a1 under GCB (TCP control and UDP data socket share the proxy
@@ -787,7 +589,7 @@ fn iperf3_udp_through_the_broker_twice() {
             ]);
             let out = rig.run(cmd, RUN);
             let summary = iperf_udp_summary(&out.stdout);
-            let ok = matches!(&summary, Ok((e, p, l)) if e == "''" && *p > 0.0 && (0.0..5.0).contains(l));
+            let ok = matches!(&summary, Ok((e, p, l)) if e.is_empty() && *p > 0.0 && (0.0..5.0).contains(l));
             assert!(
                 out.status.success() && ok,
                 "{tag}: status {:?} summary {summary:?}\nstdout {}\nstderr {}\n{}",
@@ -1217,35 +1019,7 @@ fn relay_rules_expire_and_resume() {
 /// `poll` or `epoll` (argv[2]). For every socket reported readable it calls recvfrom()
 /// once (blocking, as such programs do: readable means a datagram is there) and echoes
 /// like `ECHO`. Prints `ADDR IP:PORT` for both sockets.
-const MUX: &str = r#"
-import select, socket, sys
-port, how = int(sys.argv[1]), sys.argv[2]
-socks = []
-for p in (port, port + 1):
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.bind(("0.0.0.0", p))
-    print("ADDR %s:%d" % s.getsockname(), flush=True)
-    socks.append(s)
-byfd = {s.fileno(): s for s in socks}
-if how == "poll":
-    po = select.poll()
-    for s in socks:
-        po.register(s, select.POLLIN)
-    wait = lambda: [byfd[fd] for fd, ev in po.poll()]
-elif how == "epoll":
-    ep = select.epoll()
-    for s in socks:
-        ep.register(s.fileno(), select.EPOLLIN)
-    wait = lambda: [byfd[fd] for fd, ev in ep.poll()]
-else:
-    wait = lambda: select.select(socks, [], [])[0]
-while True:
-    for s in wait():
-        data, peer = s.recvfrom(65536)
-        seen = "%s:%d" % peer
-        print("RECV %s %d" % (seen, len(data)), flush=True)
-        s.sendto(("%s RAW\n" % seen).encode() + data, peer)
-"#;
+const MUX: &str = include_str!("programs/udp_mux.py");
 
 /// Starts `MUX` (written to mux.py) under GCB in a1 on `port` and `port + 1`, waiting
 /// with `how`; returns its tag and the two addresses it printed (proxies).
@@ -1354,29 +1128,7 @@ fn select_poll_epoll_servers_serve_each_socket_at_once() {
 /// address (which starts a punch), a second of waiting inside select() (the punch's
 /// Dummies reach the server meanwhile), then an echo on the second address and another on
 /// the first, each with a 3 s timeout. Prints `OK n`/`TIMEOUT n`/`BAD n`.
-const PUNCH_THEN_OTHER: &str = r#"
-import select, socket, sys, time
-def addr(t):
-    h, p = t.rsplit(":", 1)
-    return (h, int(p))
-first, second = addr(sys.argv[1]), addr(sys.argv[2])
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind(("0.0.0.0", int(sys.argv[3])))
-s.settimeout(3)
-for n, (to, wait) in enumerate([(first, 1.0), (second, 0), (first, 0)]):
-    msg = b"PING-%d-" % n + bytes(range(256)) * 4
-    s.sendto(msg, to)
-    try:
-        data, peer = s.recvfrom(65536)
-        good = data.endswith(msg) and peer == to
-        print("%s %d" % ("OK" if good else "BAD", n), flush=True)
-    except socket.timeout:
-        print("TIMEOUT %d" % n, flush=True)
-    end = time.time() + wait
-    while time.time() < end:
-        if select.select([s], [], [], max(0, end - time.time()))[0]:
-            print("UNEXPECTED %r" % (s.recvfrom(65536),), flush=True)
-"#;
+const PUNCH_THEN_OTHER: &str = include_str!("programs/udp_punch_then_other.py");
 
 /// select/poll/epoll servers with two blocking registered UDP sockets, and a GCB client
 /// that punches to the first: the client's punch Dummies reach the server's first socket
@@ -1447,28 +1199,7 @@ fn client_log(rig: &Rig, host: Host, target: &str) -> String {
 /// A GCB program in a1 with a socket bound to port 0 (`LAZY`): echoes with a public
 /// server first (`ECHO ok|BAD n`), prints `TALKED`, waits for the file argv[2], then asks
 /// for its address (`LOCAL ip:port`) and echoes one datagram it receives (`SERVED n`).
-const LAZY: &str = r#"
-import os, socket, sys, time
-h, p = sys.argv[1].rsplit(":", 1)
-public, trigger = (h, int(p)), sys.argv[2]
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind(("0.0.0.0", 0))
-s.settimeout(5)
-for n in (1, 1400, 8000):
-    data = os.urandom(n)
-    s.sendto(data, public)
-    back, frm = s.recvfrom(70000)
-    print("ECHO %s %d" % ("ok" if back.endswith(data) and frm == public else "BAD", n), flush=True)
-print("TALKED", flush=True)
-while not os.path.exists(trigger):
-    time.sleep(0.02)
-print("LOCAL %s:%d" % s.getsockname(), flush=True)
-s.settimeout(20)
-data, peer = s.recvfrom(70000)
-s.sendto(("%s:%d RAW\n" % peer).encode() + data, peer)
-print("SERVED %d" % len(data), flush=True)
-time.sleep(600)
-"#;
+const LAZY: &str = include_str!("programs/udp_lazy.py");
 
 /// A socket bound to port 0 registers only when its address matters: talking to a public
 /// host, it is a plain socket (no registration, the public server sees its NAT mapping);
@@ -1582,20 +1313,7 @@ fn port_zero_udp_sockets_register_when_needed() {
 /// Binds a UDP socket to port 0 (so it is not registered yet), execs itself with the
 /// socket kept open, and in the new image prints `AFTER ip:port` (getsockname()) and
 /// echoes one datagram (`SERVED n`).
-const PENDING_EXEC: &str = r#"
-import os, socket, sys, time
-if len(sys.argv) > 2 and sys.argv[1] == "after":
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, 0, int(sys.argv[2]))
-    print("AFTER %s:%d" % s.getsockname(), flush=True)
-    data, peer = s.recvfrom(70000)
-    s.sendto(("%s:%d RAW\n" % peer).encode() + data, peer)
-    print("SERVED %d" % len(data), flush=True)
-    time.sleep(600)
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind(("0.0.0.0", 0))
-os.set_inheritable(s.fileno(), True)
-os.execv(sys.executable, [sys.executable, "-u", sys.argv[0], "after", str(s.fileno())])
-"#;
+const PENDING_EXEC: &str = include_str!("programs/udp_pending_exec.py");
 
 /// A port-0 socket that has not registered yet is handed across exec as such: the new
 /// image registers it at its first getsockname(), and a plain sender reaches it there.
@@ -1772,26 +1490,7 @@ fn gcb_to_gcb_udp_punches_through_both_nats_and_drops_forged_punch_frames() {
 /// and sends on request: `server.py PORT TRIGGER` prints `ADDR IP:PORT`, and whenever the
 /// file TRIGGER exists, reads `IP:PORT HEX` from it, removes it, sends the datagram HEX
 /// to IP:PORT and prints `SENT IP:PORT`.
-const TRIGGERED: &str = r#"
-import os, socket, sys
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind(("0.0.0.0", int(sys.argv[1])))
-trigger = sys.argv[2]
-print("ADDR %s:%d" % s.getsockname(), flush=True)
-s.settimeout(0.1)
-while True:
-    try:
-        data, peer = s.recvfrom(65536)
-        s.sendto(("%s:%d RAW\n" % peer).encode() + data, peer)
-    except socket.timeout:
-        pass
-    if os.path.exists(trigger):
-        to, payload = open(trigger).read().split()
-        os.remove(trigger)
-        host, port = to.rsplit(":", 1)
-        s.sendto(bytes.fromhex(payload), (host, int(port)))
-        print("SENT %s" % to, flush=True)
-"#;
+const TRIGGERED: &str = include_str!("programs/udp_triggered.py");
 
 /// A punched peer that exits ends the punch (the broker's `punch_end`): a GCB client on
 /// b1:9100 punches with a GCB server in a1 and exits; then a plain program that only
@@ -1936,28 +1635,7 @@ fn gcb_to_gcb_udp_falls_back_to_the_relay_when_punching_is_blocked() {
 #[test]
 fn receive_timeouts_are_honoured_on_registered_sockets() {
     let rig = Rig::up(&[]);
-    let script = r#"
-import errno, socket, struct, sys, time
-tv = struct.pack("ll", 0, 300000)
-u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-u.bind(("0.0.0.0", 7300))
-u.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
-print("UDP", *u.getsockname(), flush=True)
-t = socket.socket()
-t.bind(("0.0.0.0", 7301))
-t.listen(4)
-t.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
-for what, call in (("recvfrom", lambda: u.recvfrom(2048)), ("accept", t.accept)):
-    t0 = time.monotonic()
-    try:
-        call()
-        print(what, "RETURNED", flush=True)
-    except OSError as e:
-        print(what, errno.errorcode.get(e.errno, e.errno), round(time.monotonic() - t0, 2), flush=True)
-u.settimeout(10)
-data, peer = u.recvfrom(2048)
-print("GOT", data.decode(), flush=True)
-"#;
+    let script = include_str!("programs/udp_recv_timeouts.py");
     let mut cmd = rig.cmd(Host::A1, true, "timeouts", python());
     cmd.args(["-u", "-c", script]);
     let out = rig.path("timeouts.out");
@@ -1984,14 +1662,11 @@ print("GOT", data.decode(), flush=True)
         assert!((0.25..5.0).contains(&secs), "{what} after {secs} s: {line}");
     }
     // The socket still receives: a plain sender in p2 sends to the proxy.
-    let send = format!(
-        "import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); \
-         [s.sendto(b'late', ('{}', {})) for _ in range(3)]",
-        proxy.split(':').next().unwrap(),
-        proxy.split(':').nth(1).unwrap()
-    );
+    let (proxy_host, proxy_port) = proxy.split_once(':').unwrap();
     let mut c = rig.lab.cmd(Host::P2, python());
-    c.args(["-c", &send]);
+    c.arg("-c")
+        .arg(include_str!("programs/udp_send.py"))
+        .args([proxy_host, proxy_port, "late", "3"]);
     assert!(c.status().unwrap().success());
     assert!(
         wait_line(&out, Duration::from_secs(10), |l| l == "GOT late").is_some(),
@@ -2069,29 +1744,7 @@ fn socat_select_clients_never_stall_on_punch_frames() {
 /// * `fork`: forks a child that execs `ECHO_SCRIPT fd=N`, keeps its own copy and waits in
 ///   select() (so its shim runs) until the child exits, prints `CHILD-EXITED`, and then
 ///   serves the echo itself on the same socket (`ADDR` again, then as `ECHO`).
-const EXEC_UDP: &str = r#"
-import os, select, socket, sys
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind(("0.0.0.0", int(sys.argv[1])))
-print("PARENT %s:%d" % s.getsockname(), flush=True)
-s.set_inheritable(True)
-echo = sys.argv[2]
-child = [sys.executable, "-u", echo, "fd=%d" % s.fileno()]
-if sys.argv[3] == "exec":
-    other = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    other.bind(("0.0.0.0", int(sys.argv[1]) + 1))
-    print("OTHER %s:%d" % other.getsockname(), flush=True)
-    os.execv(sys.executable, child)
-pid = os.fork()
-if pid == 0:
-    os.execv(sys.executable, child)
-while os.waitpid(pid, os.WNOHANG) == (0, 0):
-    select.select([], [], [], 0.2)
-print("CHILD-EXITED", flush=True)
-fd = s.detach()
-sys.argv = [echo, "fd=%d" % fd]
-exec(compile(open(echo).read(), echo, "exec"))
-"#;
+const EXEC_UDP: &str = include_str!("programs/udp_exec.py");
 
 /// Starts `EXEC_UDP` in a1 under GCB on `port` in `mode`; returns the address the
 /// registering image printed.

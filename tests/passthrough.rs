@@ -222,27 +222,13 @@ fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
-fn py_json(json: &[u8], expr: &str) -> String {
-    let mut c = Command::new("python3");
-    c.args([
-        "-c",
-        &format!("import json,sys; d=json.load(sys.stdin); print({expr})"),
-    ])
-    .stdin(Stdio::piped())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped());
-    let mut ch = c.spawn().unwrap();
-    {
-        use std::io::Write;
-        ch.stdin.take().unwrap().write_all(json).unwrap();
-    }
-    let out = ch.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "python json eval failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
+fn iperf3_json(json: &[u8]) -> serde_json::Value {
+    serde_json::from_slice(json).unwrap_or_else(|e| {
+        panic!(
+            "iperf3 JSON unreadable ({e}): {}",
+            String::from_utf8_lossy(json)
+        )
+    })
 }
 
 const T: Duration = Duration::from_secs(60);
@@ -447,25 +433,22 @@ fn iperf3(udp: bool) {
     let sout = srv.finish(T);
     assert!(sout.status.success(), "iperf3 server failed");
     for (who, json) in [("client", &out.stdout), ("server", &sout.stdout)] {
-        assert_eq!(
-            py_json(json, "d.get('error', 'none')"),
-            "none",
-            "iperf3 {who} reported an error"
-        );
+        let d = iperf3_json(json);
+        assert_eq!(d.get("error"), None, "iperf3 {who} reported an error");
         // end.sum_received: what reached the server (iperf3's server-side `sum` reports 0
         // bytes for UDP even without the shim).
-        let bytes: u64 = py_json(json, "d['end']['sum_received']['bytes']")
-            .parse()
-            .unwrap();
+        let bytes = d["end"]["sum_received"]["bytes"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("iperf3 {who}: no end.sum_received.bytes"));
         let proto = if udp { "udp" } else { "tcp" };
         assert!(
             bytes > 1_000_000,
             "iperf3 {who} ({proto}) moved only {bytes} bytes"
         );
         if udp {
-            let packets: u64 = py_json(json, "d['end']['sum_received']['packets']")
-                .parse()
-                .unwrap();
+            let packets = d["end"]["sum_received"]["packets"]
+                .as_u64()
+                .unwrap_or_else(|| panic!("iperf3 udp {who}: no end.sum_received.packets"));
             assert!(packets > 100, "iperf3 udp {who}: {packets} packets");
         }
     }
@@ -498,31 +481,7 @@ fn fork_and_exec_programs() {
 
     // python subprocess (vfork/fork + exec, close_range of fds in the child), then a
     // socket round trip in the parent and in a forked child, after exec'ing children.
-    let script = r#"
-import os, socket, subprocess, sys, hashlib
-path = sys.argv[1]
-r = subprocess.run(["sha256sum", path], capture_output=True, check=True)
-print(r.stdout.decode().split()[0])
-r = subprocess.run("head -c 1000 /dev/zero | wc -c", shell=True, capture_output=True, check=True)
-assert r.stdout.strip() == b"1000", r
-ls = socket.socket(); ls.bind(("127.0.0.1", 0)); ls.listen(8)
-port = ls.getsockname()[1]
-pid = os.fork()
-if pid == 0:
-    # child: connect to the parent, send the file, exec-free exit
-    s = socket.create_connection(("127.0.0.1", port))
-    s.sendall(open(path, "rb").read()); s.close()
-    os._exit(0)
-c, _ = ls.accept()
-h = hashlib.sha256()
-while True:
-    b = c.recv(65536)
-    if not b: break
-    h.update(b)
-_, st = os.waitpid(pid, 0)
-assert st == 0
-print(h.hexdigest())
-"#;
+    let script = include_str!("programs/pass_fork_exec.py");
     let mut c = preloaded("python3");
     c.arg("-c").arg(script).arg(&f);
     let out = run_ok(c, "python fork/exec", T);
@@ -543,62 +502,14 @@ print(h.hexdigest())
 fn python_echo_server(kind: &str, port: u16) -> Bg {
     let script = match kind {
         "threads" => {
-            r#"
-import socketserver, sys
-class H(socketserver.BaseRequestHandler):
-    def handle(self):
-        while True:
-            b = self.request.recv(65536)
-            if not b: break
-            self.request.sendall(b)
-class S(socketserver.ThreadingTCPServer):
-    allow_reuse_address = True
-    daemon_threads = True
-    request_queue_size = 128
-S(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
-"#
+            include_str!("programs/pass_echo_threads.py")
         }
         "asyncio" => {
-            r#"
-import asyncio, selectors, sys
-async def handle(r, w):
-    while True:
-        b = await r.read(65536)
-        if not b: break
-        w.write(b); await w.drain()
-    w.close()
-async def main():
-    srv = await asyncio.start_server(handle, "127.0.0.1", int(sys.argv[1]), backlog=128)
-    async with srv: await srv.serve_forever()
-loop = asyncio.SelectorEventLoop(selectors.EpollSelector())
-loop.run_until_complete(main())
-"#
+            include_str!("programs/pass_echo_asyncio.py")
         }
         // Non-blocking single-threaded echo server on select() or poll().
         _ => {
-            r#"
-import selectors, socket, sys
-sel = selectors.SelectSelector() if sys.argv[2] == "select" else selectors.PollSelector()
-ls = socket.socket(); ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-ls.bind(("127.0.0.1", int(sys.argv[1]))); ls.listen(128); ls.setblocking(False)
-sel.register(ls, selectors.EVENT_READ, None)
-pending = {}
-while True:
-    for key, ev in sel.select():
-        s = key.fileobj
-        if s is ls:
-            c, _ = ls.accept(); c.setblocking(False)
-            pending[c] = b""
-            sel.register(c, selectors.EVENT_READ, None)
-            continue
-        if ev & selectors.EVENT_READ:
-            try: b = s.recv(65536)
-            except BlockingIOError: continue
-            if not b:
-                s.setblocking(True); s.sendall(pending.pop(s)); sel.unregister(s); s.close()
-                continue
-            pending[s] += b
-"#
+            include_str!("programs/pass_echo_select_poll.py")
         }
     };
     let mut c = preloaded("python3");
@@ -651,16 +562,7 @@ fn poll_server() {
     mtclient(port, 4, 10, 64 * 1024);
 }
 
-const SOCKET_SCRIPT: &str = r#"
-import socket, os
-ls = socket.socket(); ls.bind(("127.0.0.1", 0)); ls.listen(1)
-c = socket.create_connection(ls.getsockname()); s, _ = ls.accept()
-c.sendall(b"ping"); assert s.recv(4) == b"ping"
-s.close(); c.close(); ls.close()
-if os.fork() == 0: os._exit(0)
-os.wait()
-print("done")
-"#;
+const SOCKET_SCRIPT: &str = include_str!("programs/pass_socket_fork.py");
 
 #[test]
 fn silent_without_gcb_log() {
@@ -711,32 +613,7 @@ fn debug_log_goes_to_stderr_never_stdout() {
 fn shim_fd_survives_program_close_range_and_dup2() {
     let d = TempDir::new("shimfd");
     let log = d.path("gcb.log");
-    let script = r#"
-import os, socket, errno, subprocess
-logpath = os.path.realpath(os.environ["GCB_LOG_FILE"])
-def shim_fds():
-    out = []
-    for f in os.listdir("/proc/self/fd"):
-        try:
-            if os.readlink("/proc/self/fd/" + f) == logpath: out.append(int(f))
-        except OSError: pass
-    return out
-fds = shim_fds(); assert len(fds) == 1, fds
-n = fds[0]; assert n >= 10, n
-try:
-    os.close(n); print("close", "ok")
-except OSError as e:
-    print("close", errno.errorcode[e.errno])
-os.closerange(3, 1 << 16)
-assert shim_fds() == [n], ("after closerange", shim_fds())
-r = os.dup2(1, n)
-print("dup2", r == n)
-m = shim_fds(); assert len(m) == 1 and m[0] != n, m
-os.close(n)  # the program's own dup: closes fine
-s = socket.socket(); s.bind(("127.0.0.1", 0)); s.listen(1); s.close()
-subprocess.run(["true"], check=True)  # close_range in the (v)fork child; exec
-print("end")
-"#;
+    let script = include_str!("programs/pass_shim_fd.py");
     let mut c = preloaded("python3");
     c.arg("-c")
         .arg(script)

@@ -19,228 +19,25 @@ use std::thread;
 use std::time::Duration;
 
 use gcb_lab::{
-    artifact, python, random_bytes, read_text as read, repo_root, sha256, wait_line, Host, Lab,
-    Proc, Scratch,
+    brokerd, gcb_run, libgcb, python, random_bytes, read_text as read, sha256, tail, wait_line,
+    Broker, Host, Lab, Proc, Scratch,
 };
 
 const P1: &str = "203.0.113.10";
 const A1: &str = "10.1.0.11";
 const UP: Duration = Duration::from_secs(10);
 const RUN: Duration = Duration::from_secs(40);
-/// Broker flags for an unkeyed broker reachable from the lab's public hosts.
-const UNKEYED: &[&str] = &["--insecure", "--allow", "0.0.0.0/0"];
-
-fn brokerd() -> PathBuf {
-    match std::env::var_os("GCB_TEST_BROKERD") {
-        Some(p) => PathBuf::from(p),
-        None => artifact("gcb-brokerd"),
-    }
-}
-
-fn parse_after(line: &str, marker: &str) -> SocketAddrV4 {
-    let rest = &line[line
-        .find(marker)
-        .unwrap_or_else(|| panic!("{marker:?} in {line:?}"))
-        + marker.len()..];
-    let word = rest.split_whitespace().next().unwrap();
-    word.trim_end_matches([',', ')'])
-        .parse()
-        .unwrap_or_else(|e| panic!("cannot parse {word:?} in {line:?}: {e}"))
-}
-
 /// Python helpers, written to the scratch directory. Every mode prints one summary line.
-const TOOL: &str = r#"
-import os, selectors, socket, sys, time, json, errno
-mode = sys.argv[1]
-
-def frame(body, i):
-    return b"GCB1\x00" + json.dumps({"v": 1, "id": i, "body": body}).encode()
-
-if mode == "hold":
-    # hold HOST PORT N FIRST_BYTES: keep N TCP connections open (re-open the closed ones),
-    # each having sent FIRST_BYTES (may be empty).
-    host, port, n, first = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5].encode()
-    sel = selectors.DefaultSelector()
-    opened = 0
-    def one():
-        global opened
-        s = socket.socket()
-        s.settimeout(2)
-        try:
-            s.connect((host, port))
-            if first:
-                s.send(first)
-            s.setblocking(False)
-            sel.register(s, selectors.EVENT_READ)
-            opened += 1
-        except OSError:
-            s.close()
-    for _ in range(n):
-        one()
-    print("OPENED", opened, flush=True)
-    while True:
-        for key, _ in sel.select(0.5):
-            s = key.fileobj
-            try:
-                d = s.recv(4096)
-            except OSError:
-                d = b""
-            if not d:
-                sel.unregister(s)
-                s.close()
-                one()
-
-elif mode == "connect_flood":
-    # connect_flood BROKER:PORT PROXY N
-    host, port = sys.argv[2].rsplit(":", 1)
-    proxy, n = sys.argv[3], int(sys.argv[4])
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.bind(("0.0.0.0", 5555))
-    for i in range(n):
-        body = {"type": "connect_request", "proxy": proxy, "transport": "tcp",
-                "connector_local": "203.0.113.11:5555"}
-        s.sendto(frame(body, 1000 + i), (host, int(port)))
-        if i % 50 == 49:
-            time.sleep(0.01)
-    print("SENT", n, flush=True)
-
-elif mode == "register_flood":
-    # register_flood BROKER:PORT SOCKETS PER_SOCKET
-    host, port = sys.argv[2].rsplit(":", 1)
-    socks, per = int(sys.argv[3]), int(sys.argv[4])
-    sent = 0
-    for k in range(socks):
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        for i in range(per):
-            body = {"type": "register", "transport": "tcp",
-                    "local": "10.9.%d.%d:%d" % (k, i % 250, 1000 + i)}
-            s.sendto(frame(body, 1 + i), (host, int(port)))
-            sent += 1
-        s.close()
-    print("SENT", sent, flush=True)
-
-elif mode == "udp_spray":
-    # udp_spray PROXY_IP PROXY_PORT N: one datagram from each of N source ports
-    ip, port, n = sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-    socks = []
-    for i in range(n):
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        s.bind(("0.0.0.0", 20000 + i))  # distinct source ports, even after closing
-        s.sendto(b"spray %d" % i, (ip, port))
-        socks.append(s)
-        if i % 20 == 19:
-            time.sleep(0.002)  # no drops in the proxy socket's buffer
-        if len(socks) >= 500:
-            for x in socks:
-                x.close()
-            socks = []
-    print("SENT", n, flush=True)
-
-elif mode == "udp_echo_server":
-    # udp_echo_server PORT: echoes every datagram
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.bind(("0.0.0.0", int(sys.argv[2])))
-    print("BOUND", s.getsockname(), flush=True)
-    while True:
-        d, a = s.recvfrom(65536)
-        s.sendto(d, a)
-
-elif mode == "udp_ask":
-    # udp_ask IP PORT PAYLOAD_HEX: sends, waits for the echo (retries), prints it
-    ip, port, data = sys.argv[2], int(sys.argv[3]), bytes.fromhex(sys.argv[4])
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.settimeout(1)
-    for _ in range(10):
-        s.sendto(data, (ip, port))
-        try:
-            d, a = s.recvfrom(65536)
-            print("ECHO", d.hex(), flush=True)
-            sys.exit(0)
-        except socket.timeout:
-            pass
-    print("NO_ECHO", flush=True)
-    sys.exit(1)
-
-elif mode == "sink":
-    # sink PORT: accepts one connection, reads until the end, says how it ended
-    l = socket.socket()
-    l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    l.bind(("0.0.0.0", int(sys.argv[2])))
-    l.listen(4)
-    print("LISTENING", flush=True)
-    c, a = l.accept()
-    n = 0
-    try:
-        while True:
-            d = c.recv(65536)
-            if not d:
-                print("EOF", n, flush=True)
-                break
-            n += len(d)
-    except OSError as e:
-        print("ERR", errno.errorcode.get(e.errno, e.errno), n, flush=True)
-
-elif mode == "slow_send":
-    # slow_send IP PORT MIB: sends MIB MiB at ~6 MB/s
-    s = socket.create_connection((sys.argv[2], int(sys.argv[3])))
-    chunk = b"x" * 65536
-    sent = 0
-    try:
-        for _ in range(int(sys.argv[4]) * 16):
-            s.sendall(chunk)
-            sent += len(chunk)
-            time.sleep(0.01)
-        s.shutdown(socket.SHUT_WR)
-        print("SENT", sent, flush=True)
-    except OSError as e:
-        print("SEND_ERR", e, sent, flush=True)
-
-elif mode == "heartbeat_victim":
-    # heartbeat_victim BROKER:PORT SECONDS: one minimal unauthenticated heartbeat naming
-    # a proxy the broker does not know; counts what comes back to this address.
-    host, port = sys.argv[2].rsplit(":", 1)
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    req = frame({"type": "heartbeat", "proxies": ["203.0.113.10:40000"]}, 77)
-    s.sendto(req, (host, int(port)))
-    got, n = 0, 0
-    end = time.time() + float(sys.argv[3])
-    while time.time() < end:
-        s.settimeout(max(0.01, end - time.time()))
-        try:
-            d, a = s.recvfrom(65536)
-            got += len(d)
-            n += 1
-        except socket.timeout:
-            break
-    print("SENT", len(req), "GOT", got, "DATAGRAMS", n, flush=True)
-"#;
+const TOOL: &str = include_str!("programs/seclim_tool.py");
 
 struct Rig {
     dir: Scratch,
     lab: Lab,
 }
 
-struct Broker {
-    proc: Proc,
-    log: PathBuf,
-}
-
-impl Broker {
-    fn text(&self) -> String {
-        read(&self.log)
-    }
-
-    fn proxy_of(&self, what: &str, local: &str) -> SocketAddrV4 {
-        let needle = format!("registered {what} local {local} ");
-        let line = wait_line(&self.log, UP, |l| l.contains(&needle))
-            .unwrap_or_else(|| panic!("no registration of {local}; broker log:\n{}", self.text()));
-        parse_after(&line, "-> proxy ")
-    }
-}
-
 impl Rig {
     fn up() -> Rig {
-        artifact("libgcb.so");
+        libgcb();
         brokerd();
         let lab = Lab::up();
         let dir = Scratch::new("seclim", &lab);
@@ -264,12 +61,15 @@ impl Rig {
     }
 
     fn gcb(&self, host: Host, keyed: bool, name: &str, program: &str) -> Command {
-        let mut c = self.cmd(host, keyed, repo_root().join("scripts/gcb-run"));
-        c.env("GCB_LIB", artifact("libgcb.so"))
-            .args(["--broker", P1, "--log", "info", "--log-file"])
-            .arg(self.path(&format!("{name}.shim.log")))
-            .arg("--")
-            .arg(program);
+        let log = self.path(&format!("{name}.shim.log"));
+        let mut c = gcb_run(
+            &self.lab,
+            host,
+            keyed,
+            &["--broker", P1],
+            Some(("info", &log)),
+        );
+        c.arg(program);
         c
     }
 
@@ -286,21 +86,16 @@ impl Rig {
     }
 
     fn broker(&self, keyed: bool, extra: &[&str]) -> Broker {
-        let log = self.path("broker.log");
-        let mut cmd = self.cmd(Host::P1, keyed, brokerd());
-        cmd.args(["--listen", P1, "--stats-interval-secs", "2"])
-            .args(if keyed { &[][..] } else { UNKEYED })
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(File::create(&log).unwrap());
-        let proc = self.lab.spawn(&mut cmd).expect("spawn gcb-brokerd");
-        let b = Broker { proc, log };
-        assert!(
-            wait_line(&b.log, UP, |l| l.contains("listening on udp")).is_some(),
-            "broker did not start:\n{}",
-            b.text()
-        );
-        b
+        let mut args = vec!["--stats-interval-secs", "2"];
+        args.extend_from_slice(extra);
+        Broker::start(
+            &self.lab,
+            Host::P1,
+            P1,
+            keyed,
+            &args,
+            &self.path("broker.log"),
+        )
     }
 
     /// python http.server on 8000 in a1 under gcb-run, serving a random file; returns
@@ -312,7 +107,7 @@ impl Rig {
         cmd.args(["-u", "-m", "http.server", "8000", "--bind", "0.0.0.0"])
             .current_dir(self.path("www"));
         let (p, _) = self.start(&mut cmd, "http");
-        let proxy = broker.proxy_of("tcp listener", &format!("{A1}:8000"));
+        let proxy = broker.proxy_of("tcp listener", &format!("{A1}:8000"), UP);
         (p, proxy, sha256(&data))
     }
 
@@ -349,11 +144,6 @@ impl Rig {
     }
 }
 
-fn tail(s: &str, n: usize) -> String {
-    let v: Vec<&str> = s.lines().collect();
-    v[v.len().saturating_sub(n)..].join("\n")
-}
-
 /// Recipe: 1,100 idle TCP connections from p2 to a proxy (they took all 1,024 relays and
 /// never timed out). Now p2 gets at most --max-relays-per-ip; b1 still fetches.
 #[test]
@@ -385,7 +175,7 @@ fn slow_preambles_from_one_host_do_not_block_the_relay_port() {
         .env("GCB_STANDBY", "0")
         .current_dir(rig.path("www"));
     let _http = rig.start(&mut cmd, "http");
-    let proxy = broker.proxy_of("tcp listener", &format!("{A1}:8000"));
+    let proxy = broker.proxy_of("tcp listener", &format!("{A1}:8000"), UP);
     let (_flood, out) = rig.start(
         &mut rig.tool(Host::P2, &["hold", P1, "9650", "1100", "G"]),
         "hold",
@@ -453,7 +243,7 @@ fn udp_spray_from_many_ports_of_one_host_leaves_rules_for_others() {
         .arg(rig.path("tool.py"))
         .args(["udp_echo_server", "7700"]);
     let _echo = rig.start(&mut cmd, "echo");
-    let proxy = broker.proxy_of("udp socket", &format!("{A1}:7700"));
+    let proxy = broker.proxy_of("udp socket", &format!("{A1}:7700"), UP);
     // Let the listener's first Dummy reach the broker.
     thread::sleep(Duration::from_secs(2));
     let out = rig.output(
@@ -514,7 +304,7 @@ fn broker_killed_mid_transfer_resets_the_receiver() {
         .arg(rig.path("tool.py"))
         .args(["sink", "7800"]);
     let (mut sink, sink_out) = rig.start(&mut cmd, "sink");
-    let proxy = broker.proxy_of("tcp listener", &format!("{A1}:7800"));
+    let proxy = broker.proxy_of("tcp listener", &format!("{A1}:7800"), UP);
     let (_sender, send_out) = rig.start(
         &mut rig.tool(
             Host::P2,

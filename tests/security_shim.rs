@@ -25,8 +25,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use gcb_lab::{
-    artifact, random_bytes, read_text as read, repo_root, sha256, wait_line, Host, Lab,
-    Logged as Started, Scratch,
+    brokerd, gcb_run, libgcb, random_bytes, read_text as read, sha256, wait_line, Broker, Host,
+    Lab, Logged as Started, Scratch,
 };
 
 const P1: &str = "203.0.113.10";
@@ -39,84 +39,14 @@ const UP: Duration = Duration::from_secs(10);
 /// A server that sends the file `PATH` to every connection and prints `NAME ip:port`
 /// whenever getsockname() of its listening socket changes. `MODE` `poll`: waits in a
 /// selector, then accepts; `accept`: blocks in accept().
-const SERVER: &str = r#"
-import selectors, socket, sys, threading, time
-mode, port, path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-data = open(path, "rb").read()
-s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("0.0.0.0", port))
-s.listen(16)
-def report():
-    last = None
-    while True:
-        n = "%s:%d" % s.getsockname()
-        if n != last:
-            print("NAME", n, flush=True)
-            last = n
-        time.sleep(0.1)
-threading.Thread(target=report, daemon=True).start()
-def serve(c):
-    try:
-        c.setblocking(True)
-        c.sendall(data)
-    except OSError:
-        pass  # a peer that hangs up early (the recorders do) must not end the server
-    c.close()
-if mode == "accept":
-    while True:
-        c, a = s.accept()
-        serve(c)
-sel = selectors.DefaultSelector()
-sel.register(s, selectors.EVENT_READ)
-while True:
-    for _ in sel.select(0.5):
-        c, a = s.accept()
-        serve(c)
-"#;
+const SERVER: &str = include_str!("programs/secshim_server.py");
 
 /// A TCP listener that prints `CONN peer first-bytes` for every connection it gets.
-const RECORDER: &str = r#"
-import socket, sys
-s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind((sys.argv[1], int(sys.argv[2])))
-s.listen(64)
-print("READY", flush=True)
-while True:
-    c, a = s.accept()
-    c.settimeout(1)
-    try:
-        d = c.recv(100)
-    except Exception:
-        d = b""
-    print("CONN %s:%d %r" % (a[0], a[1], d), flush=True)
-    c.close()
-"#;
+const RECORDER: &str = include_str!("programs/secshim_recorder.py");
 
 /// Sends one raw control datagram (`GCB1\0` + the JSON envelope in argv[3]) from
 /// P2:argv[1] to the broker argv[2]; prints the answer's JSON, or `NO ANSWER`.
-const RAW_REQUEST: &str = r#"
-import hashlib, hmac, os, socket, struct, sys, time
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind(("203.0.113.11", int(sys.argv[1])))
-s.settimeout(3)
-body = sys.argv[3].encode()
-key_file = os.environ.get("GCB_KEY_FILE")
-if key_file:
-    # A keyed frame (gcb_proto::auth): a pool member's request.
-    key = open(key_file, "rb").read().strip()
-    head = b"GCB1\x01" + struct.pack(">QQQ", int(time.time() * 1000), int.from_bytes(os.urandom(8), "big"), 1)
-    frame = head + hmac.new(key, head + body, hashlib.sha256).digest() + body
-else:
-    frame = b"GCB1\x00" + body
-s.sendto(frame, (sys.argv[2], 9650))
-try:
-    d, _ = s.recvfrom(65536)
-    print(d[61 if d[4] == 1 else 5:].decode(errors="replace"), flush=True)
-except socket.timeout:
-    print("NO ANSWER", flush=True)
-"#;
+const RAW_REQUEST: &str = include_str!("programs/secshim_raw_request.py");
 
 struct Rig {
     dir: Scratch,
@@ -125,8 +55,8 @@ struct Rig {
 
 impl Rig {
     fn up() -> Rig {
-        artifact("gcb-brokerd");
-        artifact("libgcb.so");
+        brokerd();
+        libgcb();
         let lab = Lab::up();
         let dir = Scratch::new("secshim", &lab);
         Rig { dir, lab }
@@ -142,32 +72,24 @@ impl Rig {
 
     /// `gcb-brokerd --listen P1 --log debug` on p1; `keyed` false: without the pool key,
     /// open to every source (what a stranger needs to speak to it).
-    fn broker(&self, keyed: bool) -> Started {
-        let mut cmd = self.lab.cmd(Host::P1, artifact("gcb-brokerd"));
-        cmd.args(["--listen", P1, "--log", "debug"]);
-        if !keyed {
-            cmd.env_remove("GCB_KEY_FILE")
-                .args(["--insecure", "--allow", "0.0.0.0/0"]);
-        }
-        let b = self.start(&mut cmd, "broker");
-        if wait_line(&b.err, UP, |l| l.contains("listening on udp")).is_none() {
-            panic!("gcb-brokerd did not come up:\n{}", read(&b.err));
-        }
-        b
+    fn broker(&self, keyed: bool) -> Broker {
+        let log = self.path("broker.log");
+        Broker::start(&self.lab, Host::P1, P1, keyed, &["--log", "debug"], &log)
     }
 
     /// The SERVER script in a1 under gcb-run (broker P1, shim log at `level`).
     fn gcb_server(&self, keyed: bool, mode: &str, port: u16, payload: &Path) -> Started {
         let name = format!("server{port}");
-        let mut cmd = self.lab.cmd(Host::A1, repo_root().join("scripts/gcb-run"));
-        cmd.env("GCB_LIB", artifact("libgcb.so"))
-            .args(["--broker", P1, "--log", "debug", "--log-file"])
-            .arg(self.path(&format!("{name}.shim.log")))
-            .args(["--", "python3", "-u", "-c", SERVER, mode, &port.to_string()])
+        let log = self.path(&format!("{name}.shim.log"));
+        let mut cmd = gcb_run(
+            &self.lab,
+            Host::A1,
+            keyed,
+            &["--broker", P1],
+            Some(("debug", &log)),
+        );
+        cmd.args(["python3", "-u", "-c", SERVER, mode, &port.to_string()])
             .arg(payload);
-        if !keyed {
-            cmd.env_remove("GCB_KEY_FILE");
-        }
         self.start(&mut cmd, &name)
     }
 
@@ -325,7 +247,7 @@ fn ssrf_case(keyed: bool) {
     );
     // The broker reverses only to a connector's own IP (and never unauthenticated); the
     // shim's own refusal of private and loopback targets is its unit tests' (net.rs).
-    let blog = read(&broker.err);
+    let blog = read(&broker.log);
     for (port, target) in [
         (5555, format!("{A2}:8022")),
         (5556, "127.0.0.1:8023".to_owned()),
@@ -436,7 +358,7 @@ fn listener_registers_once_the_broker_comes_up() {
         let proxy = rig.server_name(s, port, Duration::from_secs(20), |a| {
             a.ip().to_string() == P1 && a.port() != BROKER_PORT
         });
-        let blog = read(&broker.err);
+        let blog = read(&broker.log);
         assert!(
             blog.lines().any(|l| l
                 .contains(&format!("registered tcp listener local {A1}:{port} "))

@@ -25,13 +25,12 @@ use std::fs;
 use std::net::SocketAddrV4;
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
-use std::sync::OnceLock;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use gcb_lab::{
-    artifact, python, random_bytes, read_text as read, repo_root, sha256, wait_line, Host, Lab,
-    Logged as Started, Scratch,
+    brokerd, gcb_run, libgcb, parse_after, python, random_bytes, read_text as read, sha256, tail,
+    wait_line, Broker, Host, Lab, Logged as Started, Scratch,
 };
 
 const P1: &str = "203.0.113.10";
@@ -41,307 +40,12 @@ const A1: &str = "10.1.0.11";
 const UP: Duration = Duration::from_secs(10);
 const RUN: Duration = Duration::from_secs(20);
 
-/// Whether this gcb-brokerd has `--insecure` (brokers before issue #10 had no such flag
-/// and ran unkeyed when given no key).
-fn broker_has_insecure_flag() -> bool {
-    static HAS: OnceLock<bool> = OnceLock::new();
-    *HAS.get_or_init(|| {
-        let out = Command::new(artifact("gcb-brokerd"))
-            .arg("--help")
-            .env_remove("GCB_KEY_FILE")
-            .output()
-            .expect("run gcb-brokerd --help");
-        String::from_utf8_lossy(&out.stdout).contains("--insecure")
-    })
-}
-
-fn parse_after(line: &str, marker: &str) -> SocketAddrV4 {
-    let at = line
-        .find(marker)
-        .unwrap_or_else(|| panic!("{marker:?} in {line:?}"));
-    let word = line[at + marker.len()..].split_whitespace().next().unwrap();
-    word.trim_end_matches([',', ')'])
-        .parse()
-        .unwrap_or_else(|e| panic!("cannot parse {word:?} in {line:?}: {e}"))
-}
-
-fn tail(s: &str, n: usize) -> String {
-    let v: Vec<&str> = s.lines().collect();
-    v[v.len().saturating_sub(n)..].join("\n")
-}
-
 /// The GCB server: sends the file argv[2] to every connection on port argv[1].
-const SERVER: &str = r#"
-import selectors, socket, sys
-port, data = int(sys.argv[1]), open(sys.argv[2], "rb").read()
-s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("0.0.0.0", port))
-s.listen(16)
-print("LISTENING", "%s:%d" % s.getsockname(), flush=True)
-sel = selectors.DefaultSelector()
-sel.register(s, selectors.EVENT_READ)
-while True:
-    for _ in sel.select(0.5):
-        c, a = s.accept()
-        try:
-            c.setblocking(True)
-            c.sendall(data)
-        except OSError:
-            pass  # a peer that hangs up early must not end the server
-        c.close()
-"#;
+const SERVER: &str = include_str!("programs/sectok_server.py");
 
 /// Everything else: the observer (sniffer on p1), the attacker's moves (on p2) and the
 /// legitimate client. Every mode prints summary lines a test reads.
-const TOOL: &str = r#"
-import hashlib, json, os, random, socket, struct, sys, time
-mode = sys.argv[1]
-BROKER = ("203.0.113.10", 9650)
-
-def frame(env):
-    # An unkeyed request, padded like an honest peer's (gcb_proto::rudp): so that the
-    # broker's answer is not larger than the request.
-    j = json.dumps(env, separators=(",", ":")).encode()
-    return b"GCB1\x00" + j + b" " * max(0, 512 - 5 - len(j))
-
-def unframe(d):
-    if d[:4] != b"GCB1":
-        return None
-    try:
-        return json.loads(d[61 if d[4] == 1 else 5:].decode().strip())
-    except Exception:
-        return None
-
-def sniffed(path):
-    # The observer's capture: (proto, src, dst, payload) per line.
-    out = []
-    try:
-        lines = open(path).read().splitlines()
-    except OSError:
-        return out
-    for l in lines:
-        w = l.split()
-        if len(w) == 4 and w[0] in ("UDP", "TCP"):
-            try:
-                out.append((w[0], w[1], w[2], bytes.fromhex(w[3])))
-            except ValueError:
-                pass
-    return out
-
-def wait_sniffed(path, pred, timeout):
-    end = time.time() + timeout
-    while time.time() < end:
-        for rec in sniffed(path):
-            if pred(rec):
-                return rec
-        time.sleep(0.005)
-    print("NOT_SNIFFED", flush=True)
-    sys.exit(3)
-
-def read_for(s, seconds, enough=None):
-    # What s receives for `seconds` (or until it closes, or `enough` bytes came):
-    # (bytes, how it ended).
-    got, end = b"", time.time() + seconds
-    while time.time() < end and (enough is None or len(got) < enough):
-        s.settimeout(max(0.01, end - time.time()))
-        try:
-            d = s.recv(65536)
-        except socket.timeout:
-            return got, "IDLE"
-        except ConnectionResetError:
-            return got, "RESET"
-        except OSError as e:
-            return got, "ERR_%s" % e.errno
-        if not d:
-            return got, "CLOSED"
-        got += d
-    return got, "IDLE"
-
-if mode == "sniff":
-    # sniff OUT: the on-path observer on p1. Writes every GCB control datagram and every
-    # relay-port preamble p1 sends or receives: "UDP|TCP src dst payload-hex".
-    out = open(sys.argv[2], "a")
-    s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
-    s.bind(("eth0", 0))
-    print("SNIFFING", flush=True)
-    while True:
-        d = s.recv(262144)
-        if len(d) < 34 or d[12:14] != b"\x08\x00":
-            continue
-        ip = d[14:]
-        ihl = (ip[0] & 15) * 4
-        total = struct.unpack("!H", ip[2:4])[0] or len(ip)
-        ip = ip[:total]
-        src, dst = socket.inet_ntoa(ip[12:16]), socket.inet_ntoa(ip[16:20])
-        l4 = ip[ihl:]
-        if ip[9] == 17 and len(l4) >= 8:
-            sp, dp = struct.unpack("!HH", l4[:4])
-            payload, proto = l4[8:], "UDP"
-            if not payload.startswith(b"GCB1"):
-                continue
-        elif ip[9] == 6 and len(l4) >= 20:
-            sp, dp = struct.unpack("!HH", l4[:4])
-            payload, proto = l4[(l4[12] >> 4) * 4:], "TCP"
-            if not payload.startswith(b"GCB-"):
-                continue
-        else:
-            continue
-        out.write("%s %s:%d %s:%d %s\n" % (proto, src, sp, dst, dp, payload.hex()))
-        out.flush()
-
-elif mode == "takeover":
-    # takeover SPOOF_IP SPOOF_PORT PROXY SECONDS: the recipe of finding 2. A blind
-    # unregister of PROXY forged from the listener's control address, then a register
-    # asking for PROXY; then, as a rogue listener, serve every connect_back with our own
-    # bytes for SECONDS.
-    spoof_ip, spoof_port, proxy, secs = sys.argv[2], int(sys.argv[3]), sys.argv[4], float(sys.argv[5])
-    env = {"v": 1, "id": 7001, "body": {"type": "unregister", "proxy": proxy, "transport": "tcp"}}
-    payload = b"GCB1\x00" + json.dumps(env).encode()
-    udp = struct.pack("!HHHH", spoof_port, BROKER[1], 8 + len(payload), 0) + payload  # no checksum
-    hdr = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), random.randrange(1, 65535), 0, 64, 17, 0,
-                      socket.inet_aton(spoof_ip), socket.inet_aton(BROKER[0]))
-    raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)  # IP_HDRINCL
-    for _ in range(3):
-        raw.sendto(hdr + udp, (BROKER[0], 0))
-    print("SPOOFED", flush=True)
-    time.sleep(0.1)
-    c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    c.settimeout(2)
-    reg = {"v": 1, "id": 7002, "body": {"type": "register", "transport": "tcp",
-           "local": "192.168.77.7:8100", "previous_proxy": proxy}}
-    got = None
-    for _ in range(3):
-        c.sendto(frame(reg), BROKER)
-        try:
-            d, _ = c.recvfrom(65536)
-            got = unframe(d)
-            break
-        except socket.timeout:
-            pass
-    body = (got or {}).get("body", {})
-    print("ATTACKER_PROXY", body.get("proxy", "none"), json.dumps(body), flush=True)
-    end = time.time() + secs
-    served = 0
-    while time.time() < end:
-        c.settimeout(max(0.01, end - time.time()))
-        try:
-            d, a = c.recvfrom(65536)
-        except socket.timeout:
-            break
-        m = unframe(d)
-        if not m or m.get("body", {}).get("type") != "connect_back":
-            continue
-        b = m["body"]
-        c.sendto(frame({"v": 1, "id": 7100 + served, "re": m["id"], "body": {"type": "ack"}}), a)
-        host, port = b["dial"].rsplit(":", 1)
-        try:
-            t = socket.create_connection((host, int(port)), timeout=2)
-            t.sendall(("GCB-CONNECT %s\n" % b["connect_id"]).encode())
-            t.sendall(b"ATTACKER-BYTES " * 100)
-            t.close()
-            served += 1
-            print("SERVED", b["connect_id"], flush=True)
-        except OSError as e:
-            print("DIAL_FAILED", e, flush=True)
-
-elif mode == "register":
-    # register TRANSPORT LOCAL PREVIOUS_PROXY: one unkeyed register; prints the answer.
-    c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    c.settimeout(2)
-    reg = {"v": 1, "id": 7201, "body": {"type": "register", "transport": sys.argv[2],
-           "local": sys.argv[3], "previous_proxy": sys.argv[4]}}
-    for _ in range(3):
-        c.sendto(frame(reg), BROKER)
-        try:
-            d, _ = c.recvfrom(65536)
-            body = (unframe(d) or {}).get("body", {})
-            print("REPLY", body.get("proxy", "none"), json.dumps(body), flush=True)
-            sys.exit(0)
-        except socket.timeout:
-            pass
-    print("NO_ANSWER", flush=True)
-
-elif mode == "standby":
-    # standby SNIFF_FILE token|preamble SECONDS: park a standby for a1's listener with what
-    # the observer saw: `GCB-STANDBY <registered.token>` (token) or the shim's own standby
-    # preamble, byte for byte (preamble). Serves a claim with our own bytes.
-    path, what, secs = sys.argv[2], sys.argv[3], float(sys.argv[4])
-    if what == "token":
-        def pred(r):
-            m = unframe(r[3]) if r[0] == "UDP" else None
-            return (r[1] == "203.0.113.10:9650" and r[2].startswith("203.0.113.1:") and m
-                    and m.get("body", {}).get("type") == "registered")
-        m = unframe(wait_sniffed(path, pred, 10)[3])
-        line = ("GCB-STANDBY %s\n" % m["body"]["token"]).encode()
-    else:
-        pred = lambda r: (r[0] == "TCP" and r[1].startswith("203.0.113.1:")
-                          and r[2] == "203.0.113.10:9650" and r[3].startswith(b"GCB-STANDBY "))
-        line = wait_sniffed(path, pred, 10)[3][:45]
-    s = socket.create_connection(BROKER, timeout=3)
-    s.sendall(line)
-    print("PARKING", line.decode().strip(), flush=True)
-    got, how = read_for(s, secs, 12)
-    if got.startswith(b"GCB-GO"):
-        # Take the claim: ack it and serve the client our own bytes.
-        try:
-            s.sendall(b"!" + b"ATTACKER-BYTES " * 100)
-        except OSError:
-            pass
-        print("CLAIMED", got.hex(), flush=True)
-    else:
-        print("NOT_CLAIMED", how, len(got), flush=True)
-
-elif mode == "connect_watch":
-    # connect_watch SNIFF_FILE DST_IP SECONDS: as soon as the observer sees a relay
-    # connect_decision going to DST_IP, present its connect id on the relay port.
-    path, dst, secs = sys.argv[2], sys.argv[3], float(sys.argv[4])
-    print("WATCHING", flush=True)
-    def pred(r):
-        m = unframe(r[3]) if r[0] == "UDP" else None
-        b = (m or {}).get("body", {})
-        return (r[1] == "203.0.113.10:9650" and r[2].startswith(dst + ":")
-                and b.get("type") == "connect_decision" and b["route"].get("kind") == "relay")
-    m = unframe(wait_sniffed(path, pred, 15)[3])
-    cid = m["body"]["route"]["connect_id"]
-    s = socket.create_connection(BROKER, timeout=3)
-    s.sendall(("GCB-CONNECT %s\n" % cid).encode())
-    print("PRESENTED", cid, flush=True)
-    got, how = read_for(s, secs)
-    print("SPLICED_BYTES", len(got), how, flush=True)
-
-elif mode == "replay":
-    # replay SNIFF_FILE: sends the first register datagram a1's shim sent, byte for byte,
-    # from here; prints the broker's answer.
-    pred = lambda r: (r[0] == "UDP" and r[1].startswith("203.0.113.1:") and r[2] == "203.0.113.10:9650"
-                      and (unframe(r[3]) or {}).get("body", {}).get("type") == "register")
-    d = wait_sniffed(sys.argv[2], pred, 1)[3]
-    assert d[4] == 1, "the captured frame is keyed"
-    c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    c.settimeout(3)
-    c.sendto(d, BROKER)
-    print("REPLAYED", len(d), flush=True)
-    try:
-        r, _ = c.recvfrom(65536)
-        print("ANSWER", json.dumps((unframe(r) or {}).get("body")), flush=True)
-    except socket.timeout:
-        print("NO_ANSWER", flush=True)
-
-elif mode == "fetch":
-    # fetch IP PORT: a client; reads to the end, prints GOT <n> <sha256>.
-    s = socket.create_connection((sys.argv[2], int(sys.argv[3])), timeout=10)
-    s.settimeout(10)
-    data = b""
-    try:
-        while True:
-            d = s.recv(65536)
-            if not d:
-                break
-            data += d
-    except OSError as e:
-        print("ERROR", e, flush=True)
-    print("GOT", len(data), hashlib.sha256(data).hexdigest(), flush=True)
-"#;
+const TOOL: &str = include_str!("programs/sectok_tool.py");
 
 struct Rig {
     dir: Scratch,
@@ -350,8 +54,8 @@ struct Rig {
 
 impl Rig {
     fn up() -> Rig {
-        artifact("gcb-brokerd");
-        artifact("libgcb.so");
+        brokerd();
+        libgcb();
         let lab = Lab::up();
         let dir = Scratch::new("sectok", &lab);
         fs::write(dir.join("tool.py"), TOOL).unwrap();
@@ -385,24 +89,10 @@ impl Rig {
 
     /// `gcb-brokerd --listen P1 --log debug` on p1, logging to `NAME.err`; `keyed` false:
     /// without the pool key, open to every source.
-    fn broker(&self, keyed: bool, name: &str) -> Started {
-        let mut cmd = self.cmd(Host::P1, keyed, artifact("gcb-brokerd"));
-        cmd.args([
-            "--listen",
-            P1,
-            "--log",
-            "debug",
-            "--stats-interval-secs",
-            "1",
-        ]);
-        if !keyed && broker_has_insecure_flag() {
-            cmd.args(["--insecure", "--allow", "0.0.0.0/0"]);
-        }
-        let b = self.start(&mut cmd, name);
-        if wait_line(&b.err, UP, |l| l.contains("listening on udp")).is_none() {
-            panic!("gcb-brokerd did not come up:\n{}", read(&b.err));
-        }
-        b
+    fn broker(&self, keyed: bool, name: &str) -> Broker {
+        let log = self.path(&format!("{name}.err"));
+        let args = ["--log", "debug", "--stats-interval-secs", "1"];
+        Broker::start(&self.lab, Host::P1, P1, keyed, &args, &log)
     }
 
     /// The observer: the sniffer on p1, writing to `sniff.txt`.
@@ -420,25 +110,29 @@ impl Rig {
 
     /// The SERVER in a1 under gcb-run on `port` with a fresh random 256 KiB file; returns
     /// it, its registration line in the broker log and the file's sha256.
-    fn server(&self, keyed: bool, port: u16, broker: &Started) -> (Started, String, String) {
+    fn server(&self, keyed: bool, port: u16, broker: &Broker) -> (Started, String, String) {
         let data = random_bytes(256 << 10);
         let file = self.path(&format!("payload{port}.bin"));
         fs::write(&file, &data).unwrap();
-        let mut cmd = self.cmd(Host::A1, keyed, repo_root().join("scripts/gcb-run"));
-        cmd.env("GCB_LIB", artifact("libgcb.so"))
-            .env("GCB_HEARTBEAT_MS", "2000")
-            .args(["--broker", P1, "--log", "debug", "--log-file"])
-            .arg(self.path(&format!("server{port}.shim.log")))
-            .args(["--", python(), "-u"])
+        let log = self.path(&format!("server{port}.shim.log"));
+        let mut cmd = gcb_run(
+            &self.lab,
+            Host::A1,
+            keyed,
+            &["--broker", P1],
+            Some(("debug", &log)),
+        );
+        cmd.env("GCB_HEARTBEAT_MS", "2000")
+            .args([python(), "-u"])
             .arg(self.path("server.py"))
             .arg(port.to_string())
             .arg(&file);
         let s = self.start(&mut cmd, &format!("server{port}"));
         let needle = format!("registered tcp listener local {A1}:{port} ");
-        let line = wait_line(&broker.err, UP, |l| l.contains(&needle)).unwrap_or_else(|| {
+        let line = wait_line(&broker.log, UP, |l| l.contains(&needle)).unwrap_or_else(|| {
             panic!(
                 "the server on {port} did not register:\nbroker:\n{}\nserver: {}\nshim log:\n{}",
-                read(&broker.err),
+                read(&broker.log),
                 read(&s.err),
                 read(&self.path(&format!("server{port}.shim.log")))
             )
@@ -452,11 +146,15 @@ impl Rig {
         let ip = proxy.ip().to_string();
         let port = proxy.port().to_string();
         let mut cmd = if gcb {
-            let mut c = self.cmd(host, true, repo_root().join("scripts/gcb-run"));
-            c.env("GCB_LIB", artifact("libgcb.so"))
-                .args(["--broker", P1, "--log", "debug", "--log-file"])
-                .arg(self.path(&format!("{name}.shim.log")))
-                .args(["--", python(), "-u"])
+            let log = self.path(&format!("{name}.shim.log"));
+            let mut c = gcb_run(
+                &self.lab,
+                host,
+                true,
+                &["--broker", P1],
+                Some(("debug", &log)),
+            );
+            c.args([python(), "-u"])
                 .arg(self.path("tool.py"))
                 .args(["fetch", &ip, &port]);
             c
@@ -482,7 +180,7 @@ impl Rig {
         proxy: SocketAddrV4,
         sha: &str,
         what: &str,
-        broker: &Started,
+        broker: &Broker,
     ) {
         let got = self.fetch(host, gcb, proxy, what);
         // The attackers here serve `ATTACKER-BYTES ` x 100.
@@ -497,7 +195,7 @@ impl Rig {
             "{what}: a client in {host} must get the real server's {} bytes (sha256 {sha}) \
              through {proxy}, got: {got}{whose}\nbroker log tail:\n{}",
             256 << 10,
-            tail(&read(&broker.err), 25)
+            tail(&read(&broker.log), 25)
         );
     }
 }
@@ -531,7 +229,7 @@ fn spoofed_unregister_does_not_hand_the_proxy_to_an_attacker() {
     let reply = wait_line(&attacker.out, UP, |l| l.starts_with("ATTACKER_PROXY "))
         .unwrap_or_else(|| panic!("attacker: {} {}", read(&attacker.out), read(&attacker.err)));
     // Control: the forged datagram did reach the broker, as coming from the listener.
-    let blog = read(&broker.err);
+    let blog = read(&broker.log);
     assert!(
         blog.lines()
             .any(|l| l.contains(&format!("{control} -> unregister"))),
@@ -610,13 +308,13 @@ fn standby_case(what: &str, port: u16) {
     let proxy = parse_after(&line, "-> proxy ");
     // The shim's own standby is parked first (the broker claims the newest first).
     let shim_log = rig.path(&format!("server{port}.shim.log"));
-    wait_line(&broker.err, UP, |l| {
+    wait_line(&broker.log, UP, |l| {
         l.contains("standby from 203.0.113.1:") && l.contains(&format!("parked for proxy {proxy}"))
     })
     .unwrap_or_else(|| {
         panic!(
             "a1's shim parked no standby:\n{}\n{}",
-            read(&broker.err),
+            read(&broker.log),
             read(&shim_log)
         )
     });
@@ -715,7 +413,7 @@ fn sniffed_connect_id_is_not_spliced_into_the_connection() {
         client.ends_with(&format!(" {} {sha}", 256 << 10)),
         "b1's GCB client must get the real server's bytes through {proxy}: {client}\n\
          attacker: {spliced}\nbroker log tail:\n{}\nclient shim log:\n{}",
-        tail(&read(&broker.err), 25),
+        tail(&read(&broker.log), 25),
         read(&rig.path("client.shim.log"))
     );
     let n: usize = spliced.split_whitespace().nth(1).unwrap().parse().unwrap();
@@ -759,7 +457,7 @@ fn keyed_register_captured_before_a_broker_restart_is_refused() {
     );
     // Let a stats line (every second) count it.
     thread::sleep(Duration::from_millis(2500));
-    let blog = read(&broker.err);
+    let blog = read(&broker.log);
     let replayed_registration = blog
         .lines()
         .find(|l| l.contains("registered tcp listener") && l.contains(" client 203.0.113.11:"));
@@ -781,8 +479,8 @@ fn keyed_register_captured_before_a_broker_restart_is_refused() {
     );
     // The real server registers again (heartbeat every 2 s, then register) and serves.
     let needle = format!("registered tcp listener local {A1}:8160 client {GWA}:");
-    let line = wait_line(&broker.err, UP, |l| l.contains(&needle))
-        .unwrap_or_else(|| panic!("a1 never re-registered:\n{}", read(&broker.err)));
+    let line = wait_line(&broker.log, UP, |l| l.contains(&needle))
+        .unwrap_or_else(|| panic!("a1 never re-registered:\n{}", read(&broker.log)));
     let proxy = parse_after(&line, "-> proxy ");
     rig.assert_real_bytes(
         Host::B1,

@@ -42,6 +42,11 @@
 //! drop(broker); // kills the broker's whole process group
 //! ```
 //!
+//! Shared fixtures (module `fixtures`, re-exported here): [`Broker`] (started, ready, its
+//! log), [`gcb_run`] (a program under `scripts/gcb-run` with this build's shim), [`python`],
+//! the build artifacts, and log helpers; [`Scratch`] keeps a failed test's logs. The test
+//! programs are files under `tests/programs/`, compiled into the tests with `include_str!`.
+//!
 //! Lab tests need root. [`require_root`] (called by [`Lab::up`]) panics without it: a lab
 //! test never skips silently. Tools used: `ip`, `nft`, `ss`, plus whatever the test runs
 //! (`scripts/install-deps` installs ncat, socat, iperf3, curl, python3, ...).
@@ -58,6 +63,9 @@ use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use sha2::{Digest, Sha256};
+
+mod fixtures;
+pub use fixtures::*;
 
 /// The private subnet behind gwa.
 pub const NET_A: (Ipv4Addr, u8) = (Ipv4Addr::new(10, 1, 0, 0), 24);
@@ -241,18 +249,6 @@ pub fn artifact(name: &str) -> PathBuf {
         p.display()
     );
     p
-}
-
-/// The real python3 executable (not a pyenv shim script), resolved once.
-pub fn python() -> &'static str {
-    static PY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    PY.get_or_init(|| {
-        let out = Command::new("python3")
-            .args(["-c", "import sys; print(sys.executable)"])
-            .output()
-            .expect("python3 must be installed (scripts/install-deps)");
-        String::from_utf8_lossy(&out.stdout).trim().to_owned()
-    })
 }
 
 /// A file's text (lossy UTF-8); empty if it cannot be read (yet).
@@ -616,6 +612,12 @@ impl Scratch {
 impl std::ops::Deref for Scratch {
     type Target = std::path::Path;
     fn deref(&self) -> &std::path::Path {
+        &self.dir
+    }
+}
+
+impl AsRef<std::path::Path> for Scratch {
+    fn as_ref(&self) -> &std::path::Path {
         &self.dir
     }
 }

@@ -1,0 +1,11 @@
+import socket, sys, time
+s = socket.socket()
+s.bind(("0.0.0.0", 9002))
+s.listen(8)
+print("ADDR %s:%d" % s.getsockname(), flush=True)
+c, a = s.accept()
+c.sendall(b"bye\n")
+c.close()
+s.close()
+print("CLOSED", flush=True)
+time.sleep(30)
