@@ -122,13 +122,11 @@
 
 #![warn(missing_docs)]
 
-#[macro_use]
-pub mod log;
-pub mod cidr;
 pub mod client;
 pub mod core;
 pub mod kernel;
 pub mod libnft;
 pub mod mirror;
+pub mod policy;
 pub mod server;
 pub mod table;
