@@ -206,3 +206,64 @@ fn probes_remove_dead_clients() {
     assert!(removed.is_empty());
     assert_eq!(c.table().len(), 2);
 }
+
+/// The core reads no clock: a restart, probe rounds, the sync and the rate
+/// limit all run on the time they are given, so hours pass here in no time.
+#[test]
+fn the_callers_clock_decides_what_a_probe_round_may_remove() {
+    use crate::mirror::Record;
+    use crate::table::Entry;
+
+    let dir = tempfile::tempdir().unwrap();
+    let t0 = Instant::now();
+    let at = |secs: u64| t0 + Duration::from_secs(secs);
+    let mut cfg = cfg();
+    cfg.rate = 1.0;
+    cfg.burst = 2.0;
+    let (mut c, _) = Core::open(cfg.clone(), FakeKernel::new(), dir.path(), at(0)).unwrap();
+    let forward = |c: &mut Core<FakeKernel>, secs, port| {
+        let req = (IpAddr::from(A1), fwd(A1, port, None, 41000));
+        c.handle_batch(at(secs), vec![req]).pop().unwrap()
+    };
+    let m: SocketAddrV4 = "10.1.0.11:41000".parse().unwrap();
+    let refused = [(m, ProbeOutcome::Refused)];
+
+    public_port(&forward(&mut c, 10, 1));
+    assert!(
+        c.apply_probe_results(at(5), &refused).is_empty(),
+        "a round that started before the mapping leaves it alone"
+    );
+    // Burst 2 at 10 s, then one token per second.
+    public_port(&forward(&mut c, 10, 2));
+    assert_eq!(code(&forward(&mut c, 10, 3)), ErrorCode::Busy);
+    public_port(&forward(&mut c, 11, 3));
+    c.sync(at(12));
+    assert!(c.rate_state(A1.into()).is_some(), "bucket not full: kept");
+    c.sync(at(3600));
+    assert_eq!(c.rate_state(A1.into()), None, "full again: forgotten");
+
+    // Restart at 100 s: the restored mappings count as made then.
+    drop(c);
+    let (mut c, _) = Core::open(cfg, FakeKernel::new(), dir.path(), at(100)).unwrap();
+    assert_eq!(c.table().len(), 3);
+    assert!(c.apply_probe_results(at(50), &refused).is_empty());
+    assert_eq!(c.apply_probe_results(at(101), &refused).len(), 3);
+    assert!(c.table().is_empty());
+
+    // A mapping the sync at 200 s brings back from the mirror file counts
+    // as made at 200 s.
+    let entry = Entry {
+        private: "10.1.0.11:7".parse().unwrap(),
+        probe_port: 41000,
+    };
+    c.mirror_mut()
+        .append(&[Record::Add((Transport::Tcp, 20007), entry)])
+        .unwrap();
+    assert_eq!(c.sync(at(200)).table_fixed, 1);
+    assert!(c.apply_probe_results(at(150), &refused).is_empty());
+    assert_eq!(
+        c.apply_probe_results(at(201), &refused),
+        vec![(Transport::Tcp, 20007)]
+    );
+    assert_consistent(&c);
+}
