@@ -15,23 +15,33 @@ use crate::mirror::Record;
 use crate::policy::Refusal;
 use crate::table::{Entry, Key};
 
+/// How to take back one table change of a plan.
 #[derive(Debug)]
 pub(super) enum Undo {
     Remove(Key),
     Restore(Key, Entry),
 }
 
+/// What committing one request takes (the table is already changed).
 #[derive(Debug, Default)]
 pub(super) struct Plan {
+    /// The answer if the commit succeeds (a refusal: the only field set).
     pub(super) reply: Option<Body>,
+    /// Mirror records written before the kernel (adds, client-info updates).
     pub(super) pre: Vec<Record>,
+    /// Mirror records written after the kernel (deletions).
     pub(super) post: Vec<Record>,
+    /// Kernel ops (one nft transaction with the batch's others).
     pub(super) ops: Vec<Op>,
+    /// The table changes to take back, in order of making.
     pub(super) undo: Vec<Undo>,
+    /// Ports handed to a new holder: their old conntrack flows go.
     pub(super) flush: Vec<Key>,
+    /// What it did, for counters and the log.
     pub(super) kind: PlanKind,
 }
 
+/// What a committed plan did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub(super) enum PlanKind {
     #[default]
