@@ -2,7 +2,7 @@
 //! and the tests): one UDP socket driving a gcb-proto [`Endpoint`].
 
 use std::collections::HashMap;
-use std::io::{self, Read};
+use std::io;
 use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -19,17 +19,10 @@ pub fn now() -> Now {
     }
 }
 
-/// A random u64 from the kernel (an endpoint session).
+/// A random u64 from the kernel (an endpoint session). If the kernel has
+/// none to give, the time and pid still make sessions of one host differ.
 pub fn random_u64() -> u64 {
-    let mut b = [0u8; 8];
-    if std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut b))
-        .is_err()
-    {
-        let t = now();
-        return t.unix_ms ^ u64::from(std::process::id()) << 32;
-    }
-    u64::from_le_bytes(b)
+    getrandom::u64().unwrap_or_else(|_| now().unix_ms ^ u64::from(std::process::id()) << 32)
 }
 
 /// A DPF client talking to one server.

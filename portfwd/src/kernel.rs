@@ -47,8 +47,8 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::process::{Command, Stdio};
 
 use gcb_proto::Transport;
+use ipnet::Ipv4Net;
 
-use crate::cidr::Cidr;
 use crate::libnft::Libnft;
 use crate::table::Key;
 
@@ -133,7 +133,7 @@ pub struct NftKernel {
     /// The gateway's public address (the dnat rules match it).
     pub public: Ipv4Addr,
     /// The private network (hairpin masquerade).
-    pub private: Cidr,
+    pub private: Ipv4Net,
     /// `nft` program.
     pub nft: String,
     /// `conntrack` program.
@@ -147,7 +147,7 @@ pub struct NftKernel {
 impl NftKernel {
     /// A backend using libnftables if it loads (else `nft` from `$PATH`)
     /// and `conntrack` from `$PATH`.
-    pub fn new(public: Ipv4Addr, private: Cidr) -> NftKernel {
+    pub fn new(public: Ipv4Addr, private: Ipv4Net) -> NftKernel {
         NftKernel {
             public,
             private,

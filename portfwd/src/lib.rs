@@ -45,12 +45,22 @@
 //!   ([`kernel::NftKernel`]) or an in-memory fake for tests;
 //! * [`libnft`]: libnftables loaded at run time, so a transaction does not
 //!   spawn `nft`;
+//! * [`policy`]: who may forward what (`--private`, `--ports`, `--quota`,
+//!   `--rate`), for requests and for what the mirror file replays;
 //! * [`core`]: the paper's orders (add: table, mirror, kernel; delete:
-//!   table, kernel, mirror), rule reuse, policy, rollback, probe results,
-//!   sync;
+//!   table, kernel, mirror), rule reuse, rollback, probe results, sync;
+//!   no sockets and no clock reads (the server passes `now`);
 //! * [`server`]: the mio loop (control UDP socket + gcb-proto `Endpoint`,
 //!   non-blocking probe connections);
 //! * [`client`]: a blocking client, used by the `gcb-dpf-request` tool.
+//!
+//! Floors (`scripts/modgraph --floors portfwd/src`; `--check` finds no
+//! cycle): `table`, `policy`, `libnft`, `client` use no other module;
+//! `kernel` and `mirror` use those; `core` uses them, and its submodules
+//! (`core::plan`, `core::batch`, `core::probe`, `core::sync`) use `core`,
+//! never the reverse; `server` sits on top. Logging is `tracing` (the
+//! binary installs a `tracing-subscriber` that writes
+//! `gcb-portfwd: LEVEL message` lines to stderr).
 //!
 //! ## Protocol contract for the shim's DPF client
 //!
@@ -122,13 +132,11 @@
 
 #![warn(missing_docs)]
 
-#[macro_use]
-pub mod log;
-pub mod cidr;
 pub mod client;
 pub mod core;
 pub mod kernel;
 pub mod libnft;
 pub mod mirror;
+pub mod policy;
 pub mod server;
 pub mod table;

@@ -1,19 +1,21 @@
 //! `gcb-portfwd`: command line, signals, and the event loop (see the
 //! `gcb_portfwd` library docs).
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use gcb_portfwd::cidr::{Cidr, PortRange};
 use gcb_portfwd::core::{Core, CoreConfig};
 use gcb_portfwd::kernel::NftKernel;
-use gcb_portfwd::log::{self, Level};
+use gcb_portfwd::policy::{self, PortRange};
 use gcb_portfwd::server::{self, Config, Server, DEFAULT_PORT};
+use gcb_proto::addr::endpoint_arg;
 use gcb_proto::PoolKey;
+use ipnet::Ipv4Net;
 
 /// DPF server (Dynamic Port Forwarding, paper section 3): a root daemon on
 /// the NAT gateway. Clients in the private network (the libgcb shim) ask it
@@ -32,8 +34,8 @@ struct Args {
     /// The private network served (IPv4 CIDR): requests are accepted only
     /// from it (arriving on a LAN interface: see --lan-if), and a client
     /// may only forward to its own address in it.
-    #[arg(long, value_name = "CIDR")]
-    private: Cidr,
+    #[arg(long, value_name = "CIDR", value_parser = policy::parse_net)]
+    private: Ipv4Net,
 
     /// Public ports handed out, LO-HI inclusive. Keep them clear of
     /// services on the gateway itself (a forwarded port shadows them).
@@ -50,7 +52,7 @@ struct Args {
 
     /// Control address IP[:PORT] (UDP). Default: this host's first address
     /// inside --private, port 9651. Port 0 picks a free port.
-    #[arg(long, value_name = "IP[:PORT]", value_parser = parse_listen)]
+    #[arg(long, value_name = "IP[:PORT]", value_parser = endpoint_arg::<DEFAULT_PORT>)]
     listen: Option<SocketAddr>,
 
     /// Pool key file: every control datagram must carry an HMAC made with
@@ -118,39 +120,73 @@ struct Args {
     log: Level,
 }
 
-fn parse_listen(s: &str) -> Result<SocketAddr, String> {
-    if let Ok(a) = s.parse::<SocketAddr>() {
-        return Ok(a);
-    }
-    s.parse::<IpAddr>()
-        .map(|ip| SocketAddr::new(ip, DEFAULT_PORT))
-        .map_err(|_| format!("{s:?} is not IP or IP:PORT"))
+/// Log levels, most severe first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Level {
+    /// Failures of the daemon itself.
+    Error,
+    /// Refusals, dropped input, removed mappings, repairs.
+    Warn,
+    /// Mappings added and deleted, sync summaries.
+    Info,
+    /// Every control message and probe.
+    Debug,
 }
 
-static STOP: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    STOP.store(true, Ordering::Relaxed);
-}
-
-fn install_signal_handlers() -> Result<()> {
-    for sig in [libc::SIGTERM, libc::SIGINT] {
-        // SAFETY: `sa` is zero-initialised (a valid sigaction), the handler
-        // only stores to an atomic (async-signal-safe), and no SA_RESTART is
-        // set, so a blocked epoll_wait returns EINTR and the loop sees STOP.
-        let rc = unsafe {
-            let mut sa: libc::sigaction = std::mem::zeroed();
-            sa.sa_sigaction = on_signal as *const () as libc::sighandler_t;
-            libc::sigemptyset(&mut sa.sa_mask);
-            libc::sigaction(sig, &sa, std::ptr::null_mut())
-        };
-        if rc != 0 {
-            return Err(std::io::Error::last_os_error()).context("sigaction");
+impl From<Level> for tracing::Level {
+    fn from(l: Level) -> tracing::Level {
+        match l {
+            Level::Error => tracing::Level::ERROR,
+            Level::Warn => tracing::Level::WARN,
+            Level::Info => tracing::Level::INFO,
+            Level::Debug => tracing::Level::DEBUG,
         }
     }
-    // SAFETY: setting SIGPIPE to SIG_IGN has no memory-safety preconditions.
-    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
-    Ok(())
+}
+
+/// The log line: `gcb-portfwd: LEVEL message`, as operators and the lab tests
+/// read it (no timestamp: journald or the caller adds one).
+struct LogLine;
+
+impl<S, N> tracing_subscriber::fmt::FormatEvent<S, N> for LogLine
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut writer: tracing_subscriber::fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        write!(writer, "gcb-portfwd: {} ", event.metadata().level())?;
+        ctx.field_format().format_fields(writer.by_ref(), event)?;
+        writeln!(writer)
+    }
+}
+
+/// Logs to stderr at `level` and above. The fmt subscriber formats each
+/// event into a buffer and writes it with one call, so lines of concurrent
+/// writers do not interleave.
+fn init_log(level: Level) {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_max_level(tracing::Level::from(level))
+        .with_ansi(false)
+        .event_format(LogLine)
+        .init();
+}
+
+/// SIGTERM and SIGINT set the flag the event loop checks (it wakes at least
+/// every 250 ms, and `epoll_wait` returns EINTR on a signal whatever
+/// SA_RESTART says). SIGPIPE is already ignored: the Rust runtime does that
+/// before `main`.
+fn stop_on_signals() -> Result<Arc<AtomicBool>> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, Arc::clone(&stop)).context("sigaction")?;
+    }
+    Ok(stop)
 }
 
 /// Errors end the process with one line (the context chain), exit status 1, and no
@@ -164,8 +200,8 @@ fn main() {
 
 fn run() -> Result<()> {
     let args = Args::parse();
-    log::set_level(args.log);
-    if args.private.contains(args.public) {
+    init_log(args.log);
+    if args.private.contains(&args.public) {
         bail!(
             "--public {} is inside --private {}",
             args.public,
@@ -216,20 +252,16 @@ fn run() -> Result<()> {
         }
     }
     if key.is_none() {
-        gcb_portfwd::log!(
-            Warn,
+        tracing::warn!(
             "--insecure, no pool key: control requests are not authenticated; accepted only from {} arriving on the LAN interfaces {}",
             args.private,
             lan_ifs.join(", ")
         );
     }
-    install_signal_handlers()?;
+    let stop = stop_on_signals()?;
     let kernel = NftKernel::new(args.public, args.private);
     if kernel.libnft.is_none() {
-        gcb_portfwd::log!(
-            Info,
-            "libnftables.so.1 not loadable: every nft transaction spawns nft (~2 ms)"
-        );
+        tracing::info!("libnftables.so.1 not loadable: every nft transaction spawns nft (~2 ms)");
     }
     let cfg = CoreConfig {
         public: args.public,
@@ -240,10 +272,9 @@ fn run() -> Result<()> {
         burst: args.burst,
         probe_failures: args.probe_failures.max(1),
     };
-    let (core, report) = Core::open(cfg, kernel, &args.state)
+    let (core, report) = Core::open(cfg, kernel, &args.state, Instant::now())
         .with_context(|| format!("starting with state directory {}", args.state.display()))?;
-    gcb_portfwd::log!(
-        Info,
+    tracing::info!(
         "epoch {}: {} mappings restored from {} ({} records, {} corrupt, {} torn bytes, {} mappings quarantined); kernel: {} installed{}",
         core.epoch(),
         core.table().len(),
@@ -275,6 +306,6 @@ fn run() -> Result<()> {
         args.ports,
         args.private
     );
-    server.run(&STOP)?;
+    server.run(&stop)?;
     Ok(())
 }

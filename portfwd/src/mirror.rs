@@ -55,8 +55,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 
 use gcb_proto::Transport;
+use ipnet::Ipv4Net;
 
-use crate::cidr::{Cidr, PortRange};
+use crate::policy::{Policy, PortRange};
 use crate::table::{Entry, Key, Table};
 
 /// File name of the mirror inside the state directory.
@@ -133,17 +134,6 @@ impl Record {
     }
 }
 
-/// Today's policy, which every replayed mapping must satisfy (module docs).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Policy {
-    /// Clients (private IPs) allowed.
-    pub private: Cidr,
-    /// Public ports allowed.
-    pub ports: PortRange,
-    /// Mappings per client.
-    pub quota: usize,
-}
-
 /// Why a replayed mapping is not installed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Why {
@@ -153,7 +143,7 @@ pub enum Why {
         line: usize,
     },
     /// The client is outside today's `--private`.
-    Private(Cidr),
+    Private(Ipv4Net),
     /// The public port is outside today's `--ports`.
     Ports(PortRange),
     /// Private or probe port 0 (never handed out).
@@ -237,18 +227,16 @@ impl Replay {
                 .iter()
                 .filter(|q| q.why == Why::Corrupt { line: *line })
                 .count();
-            log!(
-                Warn,
+            tracing::warn!(
                 "mirror line {line}: corrupt record (bad checksum or syntax) skipped; \
                  the {dropped} mappings replayed before it are not installed (it may have removed them)"
             );
         }
         for q in &self.quarantined {
-            log!(Warn, "{q}");
+            tracing::warn!("{q}");
         }
         if self.torn_bytes > 0 {
-            log!(
-                Info,
+            tracing::info!(
                 "mirror: {} bytes of a torn last record ignored (the daemon died mid-append)",
                 self.torn_bytes
             );
@@ -332,7 +320,7 @@ pub fn replay(bytes: &[u8], policy: &Policy) -> (Table, Replay) {
     let mut per_client: BTreeMap<std::net::Ipv4Addr, usize> = BTreeMap::new();
     let live: Vec<(Key, Entry)> = table.iter().map(|(k, e)| (k, *e)).collect();
     for (k, e) in live {
-        let why = if !policy.private.contains(e.owner()) {
+        let why = if !policy.private.contains(&e.owner()) {
             Some(Why::Private(policy.private))
         } else if !policy.ports.contains(k.1) {
             Some(Why::Ports(policy.ports))

@@ -29,6 +29,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use gcb_proto::{Body, Endpoint, Event, PoolKey, RequestId};
+use ipnet::Ipv4Net;
 use mio::net::{TcpStream, UdpSocket};
 use mio::{Events, Interest, Poll, Token};
 
@@ -185,8 +186,7 @@ impl<K: KernelBackend> Server<K> {
             let name = ifindex
                 .and_then(interface_name)
                 .unwrap_or_else(|| "an unknown interface".to_owned());
-            log!(
-                Warn,
+            tracing::warn!(
                 "dropped a control datagram from {from} that arrived on {name}, not on a LAN interface ({}; --lan-if adds one); later ones from there are only counted (dropped_wrong_interface)",
                 self.cfg.lan_ifs.join(", ")
             );
@@ -217,8 +217,7 @@ impl<K: KernelBackend> Server<K> {
             self.timers();
             self.flush_control();
         }
-        log!(
-            Info,
+        tracing::info!(
             "shutting down: {} mappings kept (table, mirror file and kernel)",
             self.core.table().len()
         );
@@ -259,7 +258,7 @@ impl<K: KernelBackend> Server<K> {
                         self.ep.handle_datagram(now(), from, &buf[..n]);
                         while let Some(ev) = self.ep.poll_event() {
                             if let Event::Request { from, id, body } = ev {
-                                log!(Debug, "{from} -> {body:?}");
+                                tracing::debug!("{from} -> {body:?}");
                                 batch.push((from, id, body));
                             }
                         }
@@ -269,7 +268,7 @@ impl<K: KernelBackend> Server<K> {
                         break;
                     }
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => log!(Debug, "control recv: {e}"),
+                    Err(e) => tracing::debug!("control recv: {e}"),
                 }
             }
             if !batch.is_empty() {
@@ -278,9 +277,9 @@ impl<K: KernelBackend> Server<K> {
                 let reqs = batch.iter().map(|(f, _, b)| (f.ip(), b.clone())).collect();
                 let replies = self.core.handle_batch(Instant::now(), reqs);
                 for ((from, id, _), reply) in batch.into_iter().zip(replies) {
-                    log!(Debug, "{from} <- {reply:?}");
+                    tracing::debug!("{from} <- {reply:?}");
                     if let Err(e) = self.ep.respond(now(), from, id, reply) {
-                        log!(Warn, "cannot answer {from}: {e}");
+                        tracing::warn!("cannot answer {from}: {e}");
                     }
                 }
                 self.flush_control();
@@ -294,7 +293,7 @@ impl<K: KernelBackend> Server<K> {
     fn flush_control(&mut self) {
         while let Some(t) = self.ep.poll_transmit() {
             if let Err(e) = self.control.send_to(&t.payload, t.to) {
-                log!(Debug, "control send to {}: {e}", t.to);
+                tracing::debug!("control send to {}: {e}", t.to);
             }
         }
     }
@@ -320,7 +319,7 @@ impl<K: KernelBackend> Server<K> {
 
     fn start_round(&mut self, t: Instant) {
         let targets = self.core.probe_targets();
-        log!(Debug, "probe round: {} management sockets", targets.len());
+        tracing::debug!("probe round: {} management sockets", targets.len());
         self.round = Some(Round {
             started: t,
             queue: targets.into(),
@@ -378,7 +377,7 @@ impl<K: KernelBackend> Server<K> {
                     } else {
                         ProbeOutcome::Failed
                     };
-                    log!(Debug, "probe {target}: {e}");
+                    tracing::debug!("probe {target}: {e}");
                     r.results.push((target, o));
                 }
             }
@@ -399,7 +398,7 @@ impl<K: KernelBackend> Server<K> {
         };
         let outcome = match p.stream.take_error() {
             Ok(Some(e)) | Err(e) => {
-                log!(Debug, "probe {}: {e}", p.target);
+                tracing::debug!("probe {}: {e}", p.target);
                 if e.kind() == io::ErrorKind::ConnectionRefused {
                     ProbeOutcome::Refused
                 } else {
@@ -426,8 +425,7 @@ impl<K: KernelBackend> Server<K> {
         self.lan_by_index.clear();
         let removed = self.core.apply_probe_results(r.started, &r.results);
         let rep = self.core.sync(Instant::now());
-        log!(
-            Debug,
+        tracing::debug!(
             "probe round done: {} probed, {} mappings removed; sync {:?}",
             r.results.len(),
             removed.len(),
@@ -441,8 +439,7 @@ impl<K: KernelBackend> Server<K> {
     pub fn log_stats(&self) {
         let c = self.core.counters();
         let s = self.ep.stats();
-        log!(
-            Info,
+        tracing::info!(
             "stats mappings={} epoch={} requests={} batches={} added={} reused={} updated={} deleted={} \
              queries={} refused={} rate_limited={} rolled_back={} probe_rounds={} probes_ok={} \
              probes_refused={} probes_failed={} removed_by_probe={} kernel_repairs={} \
@@ -534,9 +531,9 @@ pub fn interface_addrs() -> Vec<InterfaceAddr> {
 }
 
 /// The first address of this host inside `net` (the default `--listen`).
-pub fn local_ip_in(net: crate::cidr::Cidr) -> Option<Ipv4Addr> {
+pub fn local_ip_in(net: Ipv4Net) -> Option<Ipv4Addr> {
     interface_addrs().into_iter().find_map(|a| match a.ip {
-        IpAddr::V4(ip) if net.contains(ip) => Some(ip),
+        IpAddr::V4(ip) if net.contains(&ip) => Some(ip),
         _ => None,
     })
 }
@@ -545,13 +542,13 @@ pub fn local_ip_in(net: crate::cidr::Cidr) -> Option<Ipv4Addr> {
 /// loopback interfaces and the interface holding `listen`, or, for an
 /// unspecified `listen`, every interface with an address inside `private`.
 /// Sorted, without duplicates; `--lan-if` names are added by the caller.
-pub fn lan_interfaces(listen: IpAddr, private: crate::cidr::Cidr) -> Vec<String> {
+pub fn lan_interfaces(listen: IpAddr, private: Ipv4Net) -> Vec<String> {
     let mut names: Vec<String> = interface_addrs()
         .into_iter()
         .filter(|a| {
             a.loopback
                 || if listen.is_unspecified() {
-                    matches!(a.ip, IpAddr::V4(ip) if private.contains(ip))
+                    matches!(a.ip, IpAddr::V4(ip) if private.contains(&ip))
                 } else {
                     a.ip == listen
                 }

@@ -6,7 +6,7 @@
 //! reply came or the tool itself failed.
 
 use std::io::Write;
-use std::net::{IpAddr, SocketAddr, TcpListener};
+use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -14,6 +14,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use gcb_portfwd::client::Client;
 use gcb_portfwd::server::DEFAULT_PORT;
+use gcb_proto::addr::endpoint_arg;
 use gcb_proto::{Body, PoolKey, Transport};
 
 /// Send one DPF request (forward, delete, query) to gcb-portfwd and print
@@ -22,13 +23,14 @@ use gcb_proto::{Body, PoolKey, Transport};
 #[command(name = "gcb-dpf-request", version)]
 struct Args {
     /// The server, IP[:PORT] (default port 9651).
-    #[arg(long, value_parser = parse_server)]
+    #[arg(long, value_name = "IP[:PORT]", value_parser = endpoint_arg::<DEFAULT_PORT>)]
     server: SocketAddr,
     /// Pool key file (as the server's --key-file).
     #[arg(long, value_name = "FILE", env = "GCB_KEY_FILE")]
     key_file: Option<PathBuf>,
-    /// Local address of the control socket (default: any).
-    #[arg(long, value_name = "IP:PORT")]
+    /// Local address of the control socket (default: any; port 0 or none:
+    /// any port).
+    #[arg(long, value_name = "IP[:PORT]", value_parser = endpoint_arg::<0>)]
     bind: Option<SocketAddr>,
     #[command(subcommand)]
     cmd: Cmd,
@@ -81,15 +83,6 @@ enum Cmd {
         #[arg(long)]
         udp: bool,
     },
-}
-
-fn parse_server(s: &str) -> Result<SocketAddr, String> {
-    if let Ok(a) = s.parse::<SocketAddr>() {
-        return Ok(a);
-    }
-    s.parse::<IpAddr>()
-        .map(|ip| SocketAddr::new(ip, DEFAULT_PORT))
-        .map_err(|_| format!("{s:?} is not IP or IP:PORT"))
 }
 
 fn transport(udp: bool) -> Transport {
