@@ -225,11 +225,10 @@
 //! GCBU frame header is treated as a frame (dropped unless it is a Dummy
 //! with the right token).
 
-#[macro_use]
-pub mod log;
 pub mod allow;
 pub mod decision;
 pub mod iplimits;
+pub mod logging;
 pub use gcb_proto::preamble;
 pub mod registry;
 pub mod relay;

@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::Parser;
 use gcb_brokerd::allow::{AllowList, Cidr};
-use gcb_brokerd::log::{self, Level};
+use gcb_brokerd::logging::{self, Level};
 use gcb_brokerd::server::{parse_listen, Config, Server};
 use gcb_proto::PoolKey;
 
@@ -265,7 +265,7 @@ fn generate_key(path: &std::path::Path) -> Result<()> {
 
 fn run() -> Result<()> {
     let args = Args::parse();
-    log::set_level(args.log);
+    logging::init(args.log);
     if let Some(path) = &args.generate_key {
         generate_key(path)?;
         eprintln!("gcb-brokerd: wrote a new pool key to {}", path.display());
@@ -293,9 +293,7 @@ fn run() -> Result<()> {
         (None, true) => {
             allow.push("127.0.0.0/8".parse().expect("valid CIDR"));
             allow.push("::1".parse().expect("valid CIDR"));
-            gcb_brokerd::log!(
-                Warn,
-                "--insecure: no pool key; control requests are not authenticated and are accepted only from {}",
+            tracing::warn!("--insecure: no pool key; control requests are not authenticated and are accepted only from {}",
                 allow
                     .iter()
                     .map(|c| c.to_string())
@@ -304,11 +302,11 @@ fn run() -> Result<()> {
             );
         }
         (Some(_), true) => {
-            gcb_brokerd::log!(Warn, "--insecure ignored: a pool key is configured");
+            tracing::warn!("--insecure ignored: a pool key is configured");
         }
         (Some(_), false) => {}
     }
-    gcb_brokerd::log::flush();
+    logging::flush();
     install_signal_handlers()?;
     raise_fd_limit();
     let cfg = Config {
@@ -341,7 +339,7 @@ fn run() -> Result<()> {
     let a = server.local_addr();
     eprintln!("gcb-brokerd: listening on udp {a}, relay tcp {a}");
     let r = server.run(&STOP);
-    gcb_brokerd::log::flush();
+    logging::flush();
     r?;
     Ok(())
 }

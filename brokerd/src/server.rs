@@ -12,6 +12,7 @@ use std::io::{self, Read};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tracing::{debug, error, info, warn};
 
 use gcb_proto::token::{self, OwnerSecret, Use};
 use gcb_proto::{
@@ -474,7 +475,7 @@ impl Server {
         let mut events = Events::with_capacity(1024);
         while !stop.load(Ordering::Relaxed) {
             let timeout = self.sleep_time();
-            crate::log::flush();
+            crate::logging::flush();
             match self.poll.poll(&mut events, Some(timeout)) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -491,14 +492,13 @@ impl Server {
             self.timers();
             self.flush_control();
         }
-        log!(
-            Info,
+        info!(
             "shutting down: {} registrations, {} relays",
             self.registry.len(),
             self.relays.len()
         );
         self.log_stats();
-        crate::log::flush();
+        crate::logging::flush();
         Ok(())
     }
 
@@ -560,7 +560,7 @@ impl Server {
                 Ok((n, from)) => {
                     if !self.cfg.allow.allows(from.ip()) {
                         self.counters.not_allowed += 1;
-                        log!(Debug, "dropped datagram from {from}: not in --allow");
+                        debug!("dropped datagram from {from}: not in --allow");
                         continue;
                     }
                     if !self.control_rate.allow(from.ip(), Instant::now()) {
@@ -579,7 +579,7 @@ impl Server {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
                     // ICMP errors (ECONNREFUSED) surface here on Linux.
-                    log!(Debug, "control recv: {e}");
+                    debug!("control recv: {e}");
                 }
             }
         }
@@ -591,7 +591,7 @@ impl Server {
                 Ok(_) => {}
                 // Dropped: the reliable layer retransmits requests, and peers
                 // retransmit their requests to get our replies again.
-                Err(e) => log!(Debug, "control send to {}: {e}", t.to),
+                Err(e) => debug!("control send to {}: {e}", t.to),
             }
         }
     }
@@ -600,10 +600,10 @@ impl Server {
         while let Some(ev) = self.ep.poll_event() {
             match ev {
                 Event::Request { from, id, body } => {
-                    log!(Debug, "{from} -> {}", body.type_name());
+                    debug!("{from} -> {}", body.type_name());
                     let reply = self.on_request(from, body);
                     if let Err(e) = self.ep.respond(now(), from, id, reply) {
-                        log!(Warn, "cannot answer {from}: {e}");
+                        warn!("cannot answer {from}: {e}");
                     }
                 }
                 Event::Response {
@@ -623,7 +623,7 @@ impl Server {
                 Some(id)
             }
             Err(e) => {
-                log!(Warn, "cannot send to {to}: {e}");
+                warn!("cannot send to {to}: {e}");
                 None
             }
         }
@@ -662,8 +662,7 @@ impl Server {
                 if let Some(t) = owned {
                     if !self.ownership_proven(t, proxy, token.as_deref()) {
                         self.counters.ownership_refused += 1;
-                        log!(
-                            Info,
+                        info!(
                             "refused unregister of {proxy} from {from}: no valid ownership proof"
                         );
                         return Body::error(
@@ -675,8 +674,7 @@ impl Server {
                 match self.registry.remove(from, transport, proxy) {
                     Ok(r) => {
                         self.close_proxy(r.transport, r.proxy);
-                        log!(
-                            Info,
+                        info!(
                             "unregistered proxy {} (local {}, client {from}, {})",
                             r.proxy,
                             r.local,
@@ -703,7 +701,7 @@ impl Server {
                     && !unknown.is_empty()
                     && !self.reregistering.contains(&from)
                 {
-                    log!(Info, "heartbeat from unknown client {from} ({} unknown proxies): sending reregister_request", unknown.len());
+                    info!("heartbeat from unknown client {from} ({} unknown proxies): sending reregister_request", unknown.len());
                     if self
                         .send(from, Body::ReregisterRequest {}, Outgoing::Reregister(from))
                         .is_some()
@@ -798,8 +796,7 @@ impl Server {
             .registry
             .existing(from, local, transport, Instant::now())
         {
-            log!(
-                Debug,
+            debug!(
                 "duplicate register from {from} for {} {local}: proxy {proxy}",
                 transport_name(transport)
             );
@@ -827,9 +824,7 @@ impl Server {
             }
             Some(p) => {
                 self.counters.ownership_refused += 1;
-                log!(
-                    Info,
-                    "register from {from}: no valid ownership proof for previous proxy {p}; assigning a new one"
+                info!("register from {from}: no valid ownership proof for previous proxy {p}; assigning a new one"
                 );
                 None
             }
@@ -849,7 +844,7 @@ impl Server {
                 proxy
             }
             Err(e) => {
-                log!(Error, "cannot bind a proxy socket: {e}");
+                error!("cannot bind a proxy socket: {e}");
                 return Body::error(
                     ErrorCode::Internal,
                     format!("cannot bind a proxy socket: {e}"),
@@ -860,14 +855,12 @@ impl Server {
             .insert(from, local, transport, proxy, Instant::now());
         self.counters.registered += 1;
         match transport {
-            Transport::Tcp => log!(
-                Info,
-                "registered tcp listener local {local} client {from} -> proxy {proxy}"
-            ),
-            Transport::Udp => log!(
-                Info,
-                "registered udp socket local {local} client {from} -> proxy {proxy}"
-            ),
+            Transport::Tcp => {
+                info!("registered tcp listener local {local} client {from} -> proxy {proxy}")
+            }
+            Transport::Udp => {
+                info!("registered udp socket local {local} client {from} -> proxy {proxy}")
+            }
         }
         Body::Registered {
             proxy,
@@ -907,15 +900,12 @@ impl Server {
             if let Some(p) = self.previous_usable(transport, Some(prev)) {
                 match bind(p) {
                     Ok(s) => return Ok((s, p)),
-                    Err(e) => log!(
-                        Info,
+                    Err(e) => info!(
                         "previous proxy {p} for {from} unavailable ({e}); assigning a new one"
                     ),
                 }
             } else {
-                log!(
-                    Info,
-                    "previous proxy {prev} for {from} unavailable (not ours or in use); assigning a new one"
+                info!("previous proxy {prev} for {from} unavailable (not ours or in use); assigning a new one"
                 );
             }
         }
@@ -1128,7 +1118,7 @@ impl Server {
                 }
             }
         };
-        log!(Info, "connect {from} (local {connector_local}) -> proxy {proxy} (listener {} local {}): {route:?}", reg.observed, reg.local);
+        info!("connect {from} (local {connector_local}) -> proxy {proxy} (listener {} local {}): {route:?}", reg.observed, reg.local);
         Body::ConnectDecision { route }
     }
 
@@ -1158,7 +1148,7 @@ impl Server {
             }
             Some(Outgoing::ConnectBack(id)) => match body {
                 Some(Body::Ack {}) => {
-                    log!(Debug, "connect_back {} acked by {peer}", hex(&id));
+                    debug!("connect_back {} acked by {peer}", hex(&id));
                 }
                 other => {
                     self.counters.connect_back_failures += 1;
@@ -1166,11 +1156,7 @@ impl Server {
                         None => "no answer".to_owned(),
                         Some(b) => format!("{b:?}"),
                     };
-                    log!(
-                        Warn,
-                        "connect_back {} to listener {peer} failed: {why}",
-                        hex(&id)
-                    );
+                    warn!("connect_back {} to listener {peer} failed: {why}", hex(&id));
                     if let Some(p) = self.pending.remove(&id) {
                         drop_conn(p.waiting);
                     }
@@ -1178,12 +1164,12 @@ impl Server {
             },
             Some(Outgoing::PunchBack) if !matches!(body, Some(Body::Ack {})) => {
                 self.udp.counters.punch_back_failures += 1;
-                log!(Info, "punch_back to {peer} failed: {body:?}");
+                info!("punch_back to {peer} failed: {body:?}");
             }
             Some(Outgoing::PunchBack) => {}
             Some(Outgoing::PunchEnd) if !matches!(body, Some(Body::Ack {})) => {
                 self.udp.counters.punch_end_failures += 1;
-                log!(Info, "punch_end to {peer} failed: {body:?}");
+                info!("punch_end to {peer} failed: {body:?}");
             }
             Some(Outgoing::PunchEnd) => {}
             None => {}
@@ -1261,7 +1247,7 @@ impl Server {
             } else {
                 String::new()
             };
-            log!(Warn, "{}{more}", line());
+            warn!("{}{more}", line());
         }
     }
 
@@ -1309,12 +1295,9 @@ impl Server {
         };
         if self.send(observed, body, Outgoing::PunchEnd).is_some() {
             self.udp.counters.punch_ends += 1;
-            log!(
-                Debug,
+            debug!(
                 "punch_end to {} (client {observed}): {} (data {}) is gone",
-                end.to,
-                end.peer_proxy,
-                end.peer
+                end.to, end.peer_proxy, end.peer
             );
         }
     }
@@ -1331,7 +1314,7 @@ impl Server {
                 Err(e) => {
                     // EMFILE and friends: the connection stays queued; the
                     // sweep retries.
-                    log!(Warn, "accept on proxy {proxy}: {e}");
+                    warn!("accept on proxy {proxy}: {e}");
                     self.retry_accept = true;
                     return;
                 }
@@ -1366,8 +1349,7 @@ impl Server {
                         connect_back: None,
                     },
                 );
-                log!(
-                    Info,
+                info!(
                     "connection from {peer} to proxy {proxy}: standby claimed ({})",
                     hex(&id)
                 );
@@ -1378,8 +1360,7 @@ impl Server {
                 reset(stream);
                 continue;
             };
-            log!(
-                Info,
+            info!(
                 "connection from {peer} to proxy {proxy}: connect_back {} sent to {}",
                 hex(&id),
                 reg.observed
@@ -1408,7 +1389,7 @@ impl Server {
                 Err(e) if would_block(&e) => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    log!(Warn, "accept on relay port: {e}");
+                    warn!("accept on relay port: {e}");
                     self.retry_accept = true;
                     return;
                 }
@@ -1440,7 +1421,7 @@ impl Server {
             let token = match self.watch_readable(&mut stream, Owner::Preamble) {
                 Ok(t) => t,
                 Err(e) => {
-                    log!(Warn, "register relay-port connection: {e}");
+                    warn!("register relay-port connection: {e}");
                     continue;
                 }
             };
@@ -1508,14 +1489,14 @@ impl Server {
                 // Closed before sending anything: a connector's speculative dial that
                 // its decision did not need. Not an error.
                 if let Some(c) = self.drop_preamble(token) {
-                    log!(Debug, "relay port: {} closed without a preamble", c.peer);
+                    debug!("relay port: {} closed without a preamble", c.peer);
                 }
             }
             Err(why) => {
                 let c = self.drop_preamble(token);
                 self.counters.bad_preambles += 1;
                 if let Some(c) = c {
-                    log!(Warn, "relay port: dropped {}: {why}", c.peer);
+                    warn!("relay port: dropped {}: {why}", c.peer);
                     reset(c.stream);
                 }
             }
@@ -1528,7 +1509,7 @@ impl Server {
                     Ok(Preamble::Standby(key)) => self.on_standby(key, c.stream, c.peer),
                     Err(e) => {
                         self.counters.bad_preambles += 1;
-                        log!(Warn, "relay port: dropped {}: {e}", c.peer);
+                        warn!("relay port: dropped {}: {e}", c.peer);
                         reset(c.stream);
                     }
                 }
@@ -1548,8 +1529,7 @@ impl Server {
         if owner_ip.is_some_and(|ip| ip != canonical(peer.ip())) {
             self.counters.standby_refused += 1;
             self.counters.foreign_presentations += 1;
-            log!(
-                Warn,
+            warn!(
                 "standby from {peer} refused: its key belongs to a registration at another address"
             );
             reset(stream);
@@ -1558,14 +1538,14 @@ impl Server {
         let tok = match self.watch_readable(&mut stream, Owner::Standby) {
             Ok(t) => t,
             Err(e) => {
-                log!(Warn, "register standby from {peer}: {e}");
+                warn!("register standby from {peer}: {e}");
                 return;
             }
         };
         match self.standby.park(&key, tok, stream, peer) {
             Ok(proxy) => {
                 self.counters.standby_parked += 1;
-                log!(Debug, "standby from {peer} parked for proxy {proxy}");
+                debug!("standby from {peer} parked for proxy {proxy}");
             }
             Err((why, mut stream)) => {
                 self.counters.standby_refused += 1;
@@ -1573,9 +1553,9 @@ impl Server {
                 self.owners.remove(&tok);
                 match why {
                     ParkError::UnknownKey => {
-                        log!(Debug, "standby from {peer} refused: {why}")
+                        debug!("standby from {peer} refused: {why}")
                     }
-                    ParkError::Full => log!(Warn, "standby from {peer} refused: {why}"),
+                    ParkError::Full => warn!("standby from {peer} refused: {why}"),
                 }
                 // A plain close: the shim re-dials after a back-off (after a broker
                 // restart it registers again first and gets a new key).
@@ -1595,11 +1575,7 @@ impl Server {
             match stream.read(&mut buf) {
                 Ok(0) => break false,
                 Ok(_) => {
-                    log!(
-                        Warn,
-                        "standby from {} sent data before a claim; closed",
-                        p.peer
-                    );
+                    warn!("standby from {} sent data before a claim; closed", p.peer);
                     break false;
                 }
                 Err(e) if would_block(&e) => break true,
@@ -1616,12 +1592,7 @@ impl Server {
                 }
             }
         }
-        log!(
-            Debug,
-            "standby from {} for proxy {} closed",
-            p.peer,
-            p.proxy
-        );
+        debug!("standby from {} for proxy {} closed", p.peer, p.proxy);
         let _ = self.poll.registry().deregister(&mut stream);
         self.owners.remove(&tok);
     }
@@ -1663,8 +1634,7 @@ impl Server {
                             deadline: Instant::now() + CLAIM_TIMEOUT,
                         },
                     );
-                    log!(
-                        Debug,
+                    debug!(
                         "connect id {} for proxy {proxy}: claimed standby from {}",
                         hex(&id),
                         p.peer
@@ -1720,11 +1690,9 @@ impl Server {
         self.owners.remove(&tok);
         reset(c.stream);
         self.counters.standby_fallbacks += 1;
-        log!(
-            Warn,
+        warn!(
             "standby from {} for proxy {} {why}; falling back to connect_back",
-            c.peer,
-            c.proxy
+            c.peer, c.proxy
         );
         let Some(raw) = self.pending.get(&c.id).map(|p| p.raw) else {
             return;
@@ -1749,8 +1717,7 @@ impl Server {
     fn on_arrival(&mut self, id: [u8; 16], stream: TcpStream, peer: SocketAddr) {
         let Some(p) = self.pending.get_mut(&id) else {
             self.counters.bad_preambles += 1;
-            log!(
-                Warn,
+            warn!(
                 "relay port: {peer} presented unknown or used connect id {}",
                 hex(&id)
             );
@@ -1762,8 +1729,7 @@ impl Server {
             // The pairing stays: its real parties may still come.
             self.counters.bad_preambles += 1;
             self.counters.foreign_presentations += 1;
-            log!(
-                Warn,
+            warn!(
                 "relay port: {peer} presented connect id {} bound to other addresses",
                 hex(&id)
             );
@@ -1788,18 +1754,13 @@ impl Server {
                     _ => {}
                 }
             }
-            log!(
-                Debug,
-                "relay port: connector {peer} is first for {}",
-                hex(&id)
-            );
+            debug!("relay port: connector {peer} is first for {}", hex(&id));
             return;
         }
         if p.deferred.is_some() && p.waiting.is_none() {
             // The listener side before its connector: impossible unless forged.
             self.counters.bad_preambles += 1;
-            log!(
-                Warn,
+            warn!(
                 "relay port: {peer} came before its connector for {}",
                 hex(&id)
             );
@@ -1808,7 +1769,7 @@ impl Server {
         }
         match p.waiting.take() {
             None => {
-                log!(Debug, "relay port: {peer} is first for {}", hex(&id));
+                debug!("relay port: {peer} is first for {}", hex(&id));
                 p.waiting = Some((stream, peer));
             }
             Some((first, first_peer)) => {
@@ -1834,7 +1795,7 @@ impl Server {
         let mut relay = match Relay::new(a, b) {
             Ok(r) => r,
             Err(e) => {
-                log!(Error, "cannot start relay {label}: {e}");
+                error!("cannot start relay {label}: {e}");
                 return;
             }
         };
@@ -1847,14 +1808,14 @@ impl Server {
             .register(relay.a_mut(), ta, both)
             .and_then(|()| reg.register(relay.b_mut(), tb, both))
         {
-            log!(Error, "cannot register relay {label}: {e}");
+            error!("cannot register relay {label}: {e}");
             relay.abort();
             self.owners.remove(&ta);
             self.owners.remove(&tb);
             return;
         }
         self.counters.relays_started += 1;
-        log!(Info, "relay started: {label}");
+        info!("relay started: {label}");
         self.relays.insert(
             rid,
             RelayEntry {
@@ -1893,11 +1854,11 @@ impl Server {
         match state {
             RelayState::Done => {
                 self.counters.relays_done += 1;
-                log!(Info, "relay closed: {} ({ab} + {ba} bytes)", e.label);
+                info!("relay closed: {} ({ab} + {ba} bytes)", e.label);
             }
             RelayState::Reset(why) => {
                 self.counters.relays_reset += 1;
-                log!(Info, "relay reset: {} ({ab} + {ba} bytes): {why}", e.label);
+                info!("relay reset: {} ({ab} + {ba} bytes): {why}", e.label);
             }
             RelayState::Open => {}
         }
@@ -1951,8 +1912,7 @@ impl Server {
         for r in self.registry.expire(t.mono) {
             self.counters.expired += 1;
             self.close_proxy(r.transport, r.proxy);
-            log!(
-                Info,
+            info!(
                 "lease expired: proxy {} (local {}, client {}, {})",
                 r.proxy,
                 r.local,
@@ -1965,7 +1925,7 @@ impl Server {
         for tok in late {
             if let Some(c) = self.drop_preamble(tok) {
                 self.counters.preamble_timeouts += 1;
-                log!(Warn, "relay port: {} sent no preamble in time", c.peer);
+                warn!("relay port: {} sent no preamble in time", c.peer);
                 reset(c.stream);
             }
         }
@@ -1980,8 +1940,7 @@ impl Server {
             if let Some(p) = self.pending.remove(&id) {
                 self.counters.pairing_timeouts += 1;
                 let who = p.waiting.as_ref().map(|(_, a)| a.to_string());
-                log!(
-                    Warn,
+                warn!(
                     "connect id {} for proxy {} expired; closing waiting side {}",
                     hex(&id),
                     p.proxy,
@@ -2028,9 +1987,7 @@ impl Server {
                 ab + ba
             })
             .sum();
-        log!(
-            Info,
-            "stats registrations={} relays_active={} pending={} registered={} expired={} refused={} \
+        info!("stats registrations={} relays_active={} pending={} registered={} expired={} refused={} \
              proxy_accepts={} conns_refused={} relays_started={} relays_done={} relays_reset={} \
              relay_bytes={} bad_preambles={} preamble_timeouts={} pairing_timeouts={} \
              connect_back_failures={} direct={} reverse={} relay={} reregister_sent={} \
@@ -2122,10 +2079,7 @@ impl Server {
         let (dest_data, src_data) = match self.udp.punch_pair(&proxy, &from_proxy, token) {
             Ok(x) => x,
             Err((code, why)) => {
-                log!(
-                    Info,
-                    "punch {from_proxy} -> {proxy} (client {from}) refused: {why}"
-                );
+                info!("punch {from_proxy} -> {proxy} (client {from}) refused: {why}");
                 return Body::error(code, why);
             }
         };
@@ -2154,8 +2108,7 @@ impl Server {
             return Body::error(ErrorCode::Busy, "cannot reach the destination now");
         }
         self.udp.counters.punches += 1;
-        log!(
-            Info,
+        info!(
             "punch {from_proxy} (data {src_data}) <-> {proxy} (data {dest_data}){}",
             if same_nat { ", same NAT" } else { "" }
         );
