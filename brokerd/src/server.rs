@@ -2154,40 +2154,9 @@ fn drop_conn(c: Option<(TcpStream, SocketAddr)>) {
     }
 }
 
-/// Parses `IP[:PORT]` (port defaults to [`DEFAULT_PORT`]); IPv6 as
-/// `[::1]:PORT` or a bare `::1`.
-pub fn parse_listen(s: &str) -> Result<SocketAddr, String> {
-    if let Ok(a) = s.parse::<SocketAddr>() {
-        return Ok(a);
-    }
-    let bare = s.trim_start_matches('[').trim_end_matches(']');
-    bare.parse::<IpAddr>()
-        .map(|ip| SocketAddr::new(ip, DEFAULT_PORT))
-        .map_err(|_| format!("{s:?} is not IP or IP:PORT"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn listen_parsing() {
-        assert_eq!(
-            parse_listen("1.2.3.4").unwrap(),
-            "1.2.3.4:9650".parse().unwrap()
-        );
-        assert_eq!(
-            parse_listen("1.2.3.4:7").unwrap(),
-            "1.2.3.4:7".parse().unwrap()
-        );
-        assert_eq!(parse_listen("::1").unwrap(), "[::1]:9650".parse().unwrap());
-        assert_eq!(
-            parse_listen("[::1]").unwrap(),
-            "[::1]:9650".parse().unwrap()
-        );
-        assert_eq!(parse_listen("[::1]:8").unwrap(), "[::1]:8".parse().unwrap());
-        assert!(parse_listen("nope").is_err());
-    }
 
     #[test]
     fn ids_are_random() {
