@@ -278,7 +278,7 @@ impl UdpPlane {
     /// Drains up to [`DRAIN_BUDGET`] datagrams from `proxy`'s socket.
     /// Returns true if the budget ran out (more may be waiting: call again
     /// on the next turn; edge-triggered readiness will not repeat).
-    pub fn on_readable(&mut self, proxy: SocketAddr) -> bool {
+    pub fn on_readable(&mut self, proxy: SocketAddr, now: Instant) -> bool {
         let UdpPlane {
             proxies,
             own,
@@ -302,7 +302,6 @@ impl UdpPlane {
                     continue;
                 }
             };
-            let now = Instant::now();
             let from_listener = p.data == Some(src);
             let frame = &buf[UDP_HEADER_LEN..UDP_HEADER_LEN + n];
             let parsed = udp::parse(frame);

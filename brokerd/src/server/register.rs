@@ -240,7 +240,8 @@ impl Server {
     }
 
     pub(super) fn on_udp_proxy(&mut self, proxy: SocketAddr) {
-        if self.udp.on_readable(proxy) && !self.udp_backlog.contains(&proxy) {
+        let now = self.now().mono;
+        if self.udp.on_readable(proxy, now) && !self.udp_backlog.contains(&proxy) {
             self.udp_backlog.push(proxy);
         }
     }

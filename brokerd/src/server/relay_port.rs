@@ -234,7 +234,7 @@ impl Server {
 
     pub(super) fn start_relay(&mut self, a: TcpStream, b: TcpStream, label: String, id: [u8; 16]) {
         let connector = self.connector_of.remove(&id);
-        let mut relay = match Relay::new(a, b) {
+        let mut relay = match Relay::new(a, b, self.now().mono) {
             Ok(r) => r,
             Err(e) => {
                 error!("cannot start relay {label}: {e}");
@@ -271,10 +271,11 @@ impl Server {
     }
 
     pub(super) fn pump_relay(&mut self, rid: usize) {
+        let now = self.now().mono;
         let Some(e) = self.relays.get_mut(&rid) else {
             return;
         };
-        let state = e.relay.pump();
+        let state = e.relay.pump(now);
         if state == RelayState::Open {
             return;
         }
