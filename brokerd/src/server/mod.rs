@@ -12,7 +12,7 @@
 //! imports another's items but those four, and `scripts/modgraph` finds no cycle:
 //!
 //! * [`config`]: [`Config`] and [`StartError`];
-//! * [`env`]: the clock and the random source, injected so that tests drive timers
+//! * [`env`](mod@env): the clock and the random source, injected so that tests drive timers
 //!   with a fake clock ([`Server::bind_with`]);
 //! * `state`: [`Server`]'s fields, poll token owners, waiting connections;
 //! * `control`: control datagrams, requests and responses;
