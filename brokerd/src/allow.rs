@@ -3,14 +3,15 @@
 use std::net::IpAddr;
 use std::str::FromStr;
 
+use ipnet::IpNet;
+
 use crate::decision::canonical;
 
-/// One `ip/prefix` network (a bare IP means a host route).
+/// One `ip/prefix` network (a bare IP means a host route). An IPv4-mapped IPv6
+/// network (`::ffff:10.0.0.0/104`) is the IPv4 network it maps, as sources are
+/// compared in their canonical form.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Cidr {
-    net: IpAddr,
-    prefix: u8,
-}
+pub struct Cidr(IpNet);
 
 /// Why a string is not a CIDR.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -21,47 +22,32 @@ impl FromStr for Cidr {
     type Err = CidrError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let err = || CidrError(s.to_owned());
-        let (ip, prefix) = match s.split_once('/') {
-            Some((ip, p)) => (ip, Some(p)),
-            None => (s, None),
+        let net = match s.parse::<IpNet>() {
+            Ok(n) => n,
+            Err(_) if !s.contains('/') => IpNet::from(s.parse::<IpAddr>().map_err(|_| err())?),
+            Err(_) => return Err(err()),
         };
-        let net = canonical(ip.parse::<IpAddr>().map_err(|_| err())?);
-        let max = if net.is_ipv4() { 32 } else { 128 };
-        let prefix = match prefix {
-            Some(p) => p.parse::<u8>().map_err(|_| err())?,
-            None => max,
+        let net = match net {
+            IpNet::V6(n) if n.prefix_len() >= 96 => match n.addr().to_ipv4_mapped() {
+                Some(v4) => IpNet::new(v4.into(), n.prefix_len() - 96).map_err(|_| err())?,
+                None => net,
+            },
+            _ => net,
         };
-        if prefix > max {
-            return Err(err());
-        }
-        Ok(Cidr { net, prefix })
+        Ok(Cidr(net))
     }
 }
 
 impl std::fmt::Display for Cidr {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.net, self.prefix)
+        self.0.fmt(f)
     }
 }
 
 impl Cidr {
     /// True if `ip` is inside this network.
     pub fn contains(&self, ip: IpAddr) -> bool {
-        match (self.net, canonical(ip)) {
-            (IpAddr::V4(n), IpAddr::V4(i)) => {
-                let mask = u32::MAX
-                    .checked_shl(32 - u32::from(self.prefix))
-                    .unwrap_or(0);
-                u32::from(n) & mask == u32::from(i) & mask
-            }
-            (IpAddr::V6(n), IpAddr::V6(i)) => {
-                let mask = u128::MAX
-                    .checked_shl(128 - u32::from(self.prefix))
-                    .unwrap_or(0);
-                u128::from(n) & mask == u128::from(i) & mask
-            }
-            _ => false,
-        }
+        self.0.contains(&canonical(ip))
     }
 }
 
@@ -98,8 +84,17 @@ mod tests {
         assert!(!all.contains(ip("::1")));
         let v6: Cidr = "fd00::/8".parse().unwrap();
         assert!(v6.contains(ip("fd12::1")));
+        let mapped: Cidr = "::ffff:10.1.0.0/112".parse().unwrap();
+        assert_eq!(mapped.to_string(), "10.1.0.0/16");
+        assert!(mapped.contains(ip("10.1.9.9")));
+        assert_eq!(
+            "10.1.0.5/16".parse::<Cidr>().unwrap().to_string(),
+            "10.1.0.5/16"
+        );
         assert!("10.0.0.0/33".parse::<Cidr>().is_err());
         assert!("banana".parse::<Cidr>().is_err());
+        assert!("10.0.0.0/".parse::<Cidr>().is_err());
+        assert!("/8".parse::<Cidr>().is_err());
     }
 
     #[test]

@@ -45,11 +45,17 @@
 //!   global / per-proxy / per-sender-IP limits;
 //! * [`udpproxy`]: the UDP data plane: proxy UDP sockets, Dummy/DummyAck,
 //!   From/To frames ([`gcb_proto::udp`]);
-//! * [`allow`]: the `--allow CIDR` source filter;
+//! * [`allow`]: the `--allow CIDR` source filter (networks are [`ipnet`]'s);
 //! * [`iplimits`]: the per-IP token bucket of control datagrams;
+//! * [`logging`]: `gcb-brokerd: LEVEL message` lines on stderr through
+//!   [`tracing`];
 //! * [`server`]: the event loop gluing them to gcb-proto's sans-IO
 //!   `Endpoint` (which does retransmission, duplicate suppression, auth, and
-//!   counts every malformed or rejected datagram).
+//!   counts every malformed or rejected datagram), one module per job
+//!   (control datagrams, registrations, connect decisions, the relay port,
+//!   standby claims, timers, stats). The clock and the random source are
+//!   injected ([`server::Clock`], [`server::Random`]), so its unit tests drive
+//!   leases, deadlines and idle timeouts with a fake clock.
 //!
 //! ## One brokered connection, end to end
 //!
@@ -225,11 +231,10 @@
 //! GCBU frame header is treated as a frame (dropped unless it is a Dummy
 //! with the right token).
 
-#[macro_use]
-pub mod log;
 pub mod allow;
 pub mod decision;
 pub mod iplimits;
+pub mod logging;
 pub use gcb_proto::preamble;
 pub mod registry;
 pub mod relay;

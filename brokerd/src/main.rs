@@ -3,14 +3,16 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Parser;
 use gcb_brokerd::allow::{AllowList, Cidr};
-use gcb_brokerd::log::{self, Level};
-use gcb_brokerd::server::{parse_listen, Config, Server};
+use gcb_brokerd::logging::{self, Level};
+use gcb_brokerd::server::{Config, Server, DEFAULT_PORT};
+use gcb_proto::addr::endpoint_arg;
 use gcb_proto::PoolKey;
 
 /// GCB broker daemon: registers listening sockets of GCB clients, opens a
@@ -24,7 +26,7 @@ struct Args {
     /// protocol uses UDP on it and the relay TCP on the same IP:PORT; proxy
     /// sockets are bound on the same IP with ephemeral ports. Must be a
     /// specific IP (it is advertised). Port 0 picks a free port.
-    #[arg(long, value_parser = parse_listen, required_unless_present = "generate_key")]
+    #[arg(long, value_parser = endpoint_arg::<DEFAULT_PORT>, required_unless_present = "generate_key")]
     listen: Option<SocketAddr>,
 
     /// Pool key file: every control datagram must carry an HMAC made with
@@ -190,31 +192,17 @@ struct Args {
     log: Level,
 }
 
-static STOP: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    STOP.store(true, Ordering::Relaxed);
-}
-
-fn install_signal_handlers() -> Result<()> {
-    for sig in [libc::SIGTERM, libc::SIGINT] {
-        // SAFETY: `sa` is zero-initialised (a valid sigaction), the handler
-        // only stores to an atomic (async-signal-safe), and no SA_RESTART is
-        // set, so a blocked epoll_wait returns EINTR and the loop sees STOP.
-        let rc = unsafe {
-            let mut sa: libc::sigaction = std::mem::zeroed();
-            sa.sa_sigaction = on_signal as *const () as libc::sighandler_t;
-            libc::sigemptyset(&mut sa.sa_mask);
-            libc::sigaction(sig, &sa, std::ptr::null_mut())
-        };
-        if rc != 0 {
-            return Err(std::io::Error::last_os_error()).context("sigaction");
-        }
+/// SIGTERM and SIGINT set the returned flag; the event loop sees it within one poll
+/// (epoll_wait is never restarted after a handler, and the loop sleeps 250 ms at most).
+/// SIGPIPE needs nothing here: Rust's runtime ignores it before `main`, so a peer closing
+/// a socket never kills the daemon.
+fn install_signal_handlers() -> Result<Arc<AtomicBool>> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, Arc::clone(&stop))
+            .with_context(|| format!("installing the handler of signal {sig}"))?;
     }
-    // A peer closing a socket must never kill the daemon.
-    // SAFETY: setting SIGPIPE to SIG_IGN has no memory-safety preconditions.
-    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
-    Ok(())
+    Ok(stop)
 }
 
 /// Each relay needs 6 fds (2 sockets, 2 pipes): raise the soft fd limit
@@ -248,8 +236,7 @@ fn generate_key(path: &std::path::Path) -> Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let mut bytes = [0u8; 32];
-    bytes[..16].copy_from_slice(&gcb_brokerd::server::random_bytes());
-    bytes[16..].copy_from_slice(&gcb_brokerd::server::random_bytes());
+    getrandom::fill(&mut bytes).map_err(|e| anyhow::anyhow!("getrandom: {e}"))?;
     let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
     let mut f = std::fs::OpenOptions::new()
         .write(true)
@@ -265,7 +252,7 @@ fn generate_key(path: &std::path::Path) -> Result<()> {
 
 fn run() -> Result<()> {
     let args = Args::parse();
-    log::set_level(args.log);
+    logging::init(args.log);
     if let Some(path) = &args.generate_key {
         generate_key(path)?;
         eprintln!("gcb-brokerd: wrote a new pool key to {}", path.display());
@@ -293,9 +280,7 @@ fn run() -> Result<()> {
         (None, true) => {
             allow.push("127.0.0.0/8".parse().expect("valid CIDR"));
             allow.push("::1".parse().expect("valid CIDR"));
-            gcb_brokerd::log!(
-                Warn,
-                "--insecure: no pool key; control requests are not authenticated and are accepted only from {}",
+            tracing::warn!("--insecure: no pool key; control requests are not authenticated and are accepted only from {}",
                 allow
                     .iter()
                     .map(|c| c.to_string())
@@ -304,12 +289,12 @@ fn run() -> Result<()> {
             );
         }
         (Some(_), true) => {
-            gcb_brokerd::log!(Warn, "--insecure ignored: a pool key is configured");
+            tracing::warn!("--insecure ignored: a pool key is configured");
         }
         (Some(_), false) => {}
     }
-    gcb_brokerd::log::flush();
-    install_signal_handlers()?;
+    logging::flush();
+    let stop = install_signal_handlers()?;
     raise_fd_limit();
     let cfg = Config {
         listen,
@@ -340,8 +325,8 @@ fn run() -> Result<()> {
     let mut server = Server::bind(cfg)?;
     let a = server.local_addr();
     eprintln!("gcb-brokerd: listening on udp {a}, relay tcp {a}");
-    let r = server.run(&STOP);
-    gcb_brokerd::log::flush();
+    let r = server.run(&stop);
+    logging::flush();
     r?;
     Ok(())
 }

@@ -184,7 +184,8 @@ impl Relay {
     /// endpoints send) and TCP keepalive (60 s idle, 10 s x 6 probes), so a
     /// peer that vanished without FIN or RST does not pin the relay forever,
     /// and `SO_LINGER {on, 0}` (see module docs: a dying broker resets both).
-    pub fn new(a: TcpStream, b: TcpStream) -> io::Result<Relay> {
+    /// `now` starts the idle clock ([`Relay::last_moved`]).
+    pub fn new(a: TcpStream, b: TcpStream, now: Instant) -> io::Result<Relay> {
         let ka = socket2::TcpKeepalive::new()
             .with_time(Duration::from_secs(60))
             .with_interval(Duration::from_secs(10))
@@ -200,7 +201,7 @@ impl Relay {
             b,
             ab: Direction::new()?,
             ba: Direction::new()?,
-            last_moved: Instant::now(),
+            last_moved: now,
         })
     }
 
@@ -224,15 +225,16 @@ impl Relay {
         self.last_moved
     }
 
-    /// Moves bytes in both directions until neither can progress.
-    pub fn pump(&mut self) -> RelayState {
+    /// Moves bytes in both directions until neither can progress; if any moved,
+    /// `now` is when they last did.
+    pub fn pump(&mut self, now: Instant) -> RelayState {
         loop {
             let r1 = self.ab.pump(&self.a, &self.b);
             let r2 = self.ba.pump(&self.b, &self.a);
             match (r1, r2) {
                 (Ok(p1), Ok(p2)) => {
                     if p1 || p2 {
-                        self.last_moved = Instant::now();
+                        self.last_moved = now;
                     }
                     if self.ab.shut && self.ba.shut {
                         // Clean end: everything is in the kernel's send buffers;
@@ -283,7 +285,7 @@ mod tests {
     /// Drives the relay by polling (no event loop) until `done` holds.
     fn drive(r: &mut Relay, mut done: impl FnMut() -> bool) -> RelayState {
         for _ in 0..20_000 {
-            let st = r.pump();
+            let st = r.pump(Instant::now());
             if st != RelayState::Open || done() {
                 return st;
             }
@@ -296,7 +298,7 @@ mod tests {
     fn bytes_and_half_close() {
         let (mut x, xs) = pair();
         let (mut y, ys) = pair();
-        let mut r = Relay::new(xs, ys).unwrap();
+        let mut r = Relay::new(xs, ys, Instant::now()).unwrap();
         let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
         let d2 = data.clone();
         // x writes everything then half-closes; y reads all, then answers.
@@ -340,11 +342,11 @@ mod tests {
     fn relay_dropped_mid_transfer_resets_both_ends() {
         let (mut x, xs) = pair();
         let (mut y, ys) = pair();
-        let mut r = Relay::new(xs, ys).unwrap();
+        let mut r = Relay::new(xs, ys, Instant::now()).unwrap();
         x.write_all(&[7u8; 10_000]).unwrap();
         let mut got = vec![0u8; 10_000];
         for _ in 0..2000 {
-            assert_eq!(r.pump(), RelayState::Open);
+            assert_eq!(r.pump(Instant::now()), RelayState::Open);
             if r.bytes().0 == 10_000 {
                 break;
             }
@@ -369,7 +371,7 @@ mod tests {
     fn reset_propagates() {
         let (x, xs) = pair();
         let (mut y, ys) = pair();
-        let mut r = Relay::new(xs, ys).unwrap();
+        let mut r = Relay::new(xs, ys, Instant::now()).unwrap();
         socket2::SockRef::from(&x)
             .set_linger(Some(Duration::ZERO))
             .unwrap();

@@ -33,6 +33,7 @@
 use std::collections::{HashMap, HashSet};
 use std::io;
 use std::net::{SocketAddr, SocketAddrV4};
+use tracing::{debug, info, warn};
 
 use gcb_proto::ErrorCode;
 use std::time::{Duration, Instant};
@@ -277,7 +278,7 @@ impl UdpPlane {
     /// Drains up to [`DRAIN_BUDGET`] datagrams from `proxy`'s socket.
     /// Returns true if the budget ran out (more may be waiting: call again
     /// on the next turn; edge-triggered readiness will not repeat).
-    pub fn on_readable(&mut self, proxy: SocketAddr) -> bool {
+    pub fn on_readable(&mut self, proxy: SocketAddr, now: Instant) -> bool {
         let UdpPlane {
             proxies,
             own,
@@ -297,11 +298,10 @@ impl UdpPlane {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
                     // Asynchronous errors (ICMP) are consumed by the call.
-                    log!(Debug, "udp proxy {proxy}: recv: {e}");
+                    debug!("udp proxy {proxy}: recv: {e}");
                     continue;
                 }
             };
-            let now = Instant::now();
             let from_listener = p.data == Some(src);
             let frame = &buf[UDP_HEADER_LEN..UDP_HEADER_LEN + n];
             let parsed = udp::parse(frame);
@@ -312,9 +312,7 @@ impl UdpPlane {
                     {
                         counters.drop_bad_token += 1;
                         if let Some(s) = drop_log.allow(now) {
-                            log!(
-                                Info,
-                                "udp proxy {proxy}: dropped Dummy with a wrong token or from a foreign address: {src}{}",
+                            info!("udp proxy {proxy}: dropped Dummy with a wrong token or from a foreign address: {src}{}",
                                 suppressed(s)
                             );
                         }
@@ -322,10 +320,7 @@ impl UdpPlane {
                     }
                     if own.contains(&src) {
                         counters.drop_stray += 1;
-                        log!(
-                            Warn,
-                            "udp proxy {proxy}: dropped Dummy from broker socket {src}"
-                        );
+                        warn!("udp proxy {proxy}: dropped Dummy from broker socket {src}");
                         continue;
                     }
                     let SocketAddr::V4(src4) = src else {
@@ -335,16 +330,12 @@ impl UdpPlane {
                     counters.dummies += 1;
                     match p.data {
                         Some(old) if old == src => {
-                            log!(Debug, "udp proxy {proxy}: keepalive from {src}")
+                            debug!("udp proxy {proxy}: keepalive from {src}")
                         }
-                        Some(old) => log!(
-                            Info,
-                            "udp proxy {proxy}: listener data address moved {old} -> {src} (local {})",
+                        Some(old) => info!("udp proxy {proxy}: listener data address moved {old} -> {src} (local {})",
                             p.local
                         ),
-                        None => log!(
-                            Info,
-                            "udp proxy {proxy}: listener data address {src} (local {})",
+                        None => info!("udp proxy {proxy}: listener data address {src} (local {})",
                             p.local
                         ),
                     }
@@ -357,7 +348,7 @@ impl UdpPlane {
                         udp::write_frame(&mut ack, UdpKind::DummyAck, src4, &p.secret).unwrap_or(0);
                     if let Err(e) = p.sock.send_to(&ack[..len], src) {
                         counters.send_errors += 1;
-                        log!(Debug, "udp proxy {proxy}: DummyAck to {src}: {e}");
+                        debug!("udp proxy {proxy}: DummyAck to {src}: {e}");
                     }
                 }
                 Some((UdpKind::To, dest, payload)) if from_listener => {
@@ -365,9 +356,7 @@ impl UdpPlane {
                     if !rules.reply(proxy, dest, now) {
                         counters.drop_no_rule += 1;
                         if let Some(s) = drop_log.allow(now) {
-                            log!(
-                                Info,
-                                "udp proxy {proxy}: dropped listener datagram to {dest}: no live relay rule{}",
+                            info!("udp proxy {proxy}: dropped listener datagram to {dest}: no live relay rule{}",
                                 suppressed(s)
                             );
                         }
@@ -381,16 +370,14 @@ impl UdpPlane {
                         }
                         Err(e) => {
                             counters.send_errors += 1;
-                            log!(Debug, "udp proxy {proxy}: send to {dest}: {e}");
+                            debug!("udp proxy {proxy}: send to {dest}: {e}");
                         }
                     }
                 }
                 _ if from_listener => {
                     counters.drop_not_frame += 1;
                     if let Some(s) = drop_log.allow(now) {
-                        log!(
-                            Info,
-                            "udp proxy {proxy}: dropped {n}-byte datagram from the listener ({src}): not a Dummy or To frame{}",
+                        info!("udp proxy {proxy}: dropped {n}-byte datagram from the listener ({src}): not a Dummy or To frame{}",
                             suppressed(s)
                         );
                     }
@@ -398,8 +385,7 @@ impl UdpPlane {
                 Some((kind, ..)) => {
                     counters.drop_stray += 1;
                     if let Some(s) = drop_log.allow(now) {
-                        log!(
-                            Info,
+                        info!(
                             "udp proxy {proxy}: dropped stray {kind:?} frame from {src}{}",
                             suppressed(s)
                         );
@@ -410,9 +396,7 @@ impl UdpPlane {
                     if n > MAX_UDP_PAYLOAD {
                         counters.drop_too_big += 1;
                         if let Some(s) = drop_log.allow(now) {
-                            log!(
-                                Info,
-                                "udp proxy {proxy}: dropped {n}-byte datagram from {src}: larger than {MAX_UDP_PAYLOAD} cannot be relayed{}",
+                            info!("udp proxy {proxy}: dropped {n}-byte datagram from {src}: larger than {MAX_UDP_PAYLOAD} cannot be relayed{}",
                                 suppressed(s)
                             );
                         }
@@ -425,9 +409,7 @@ impl UdpPlane {
                     let Some(data) = p.data else {
                         counters.drop_no_listener += 1;
                         if let Some(s) = drop_log.allow(now) {
-                            log!(
-                                Info,
-                                "udp proxy {proxy}: dropped datagram from {src}: the listener has not sent its Dummy yet{}",
+                            info!("udp proxy {proxy}: dropped datagram from {src}: the listener has not sent its Dummy yet{}",
                                 suppressed(s)
                             );
                         }
@@ -436,7 +418,7 @@ impl UdpPlane {
                     match rules.touch(proxy, src, now) {
                         Touch::Live => {}
                         Touch::Created => {
-                            log!(Debug, "udp proxy {proxy}: relay rule for {src}")
+                            debug!("udp proxy {proxy}: relay rule for {src}")
                         }
                         Touch::Full(why) => {
                             if matches!(why, Full::PerSenderIp(_)) {
@@ -445,8 +427,7 @@ impl UdpPlane {
                                 counters.drop_table_full += 1;
                             }
                             if let Some(s) = full_log.allow(now) {
-                                log!(
-                                    Warn,
+                                warn!(
                                     "udp proxy {proxy}: refused new sender {src}: {why}{}",
                                     suppressed(s)
                                 );
@@ -462,7 +443,7 @@ impl UdpPlane {
                         }
                         Err(e) => {
                             counters.send_errors += 1;
-                            log!(Debug, "udp proxy {proxy}: send to listener {data}: {e}");
+                            debug!("udp proxy {proxy}: send to listener {data}: {e}");
                         }
                     }
                 }
@@ -558,7 +539,7 @@ impl UdpPlane {
     /// Removes dead rules (called by the sweep).
     pub fn sweep(&mut self, now: Instant) {
         for (proxy, sender) in self.rules.expire(now) {
-            log!(Debug, "udp proxy {proxy}: relay rule for {sender} expired");
+            debug!("udp proxy {proxy}: relay rule for {sender} expired");
         }
     }
 }

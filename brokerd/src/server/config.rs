@@ -1,0 +1,89 @@
+//! The broker's configuration and its startup errors.
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use gcb_proto::PoolKey;
+
+use crate::allow::AllowList;
+
+/// Default control (UDP) and relay (TCP) port.
+pub const DEFAULT_PORT: u16 = 9650;
+
+/// Daemon configuration (built by `main` from the command line).
+#[derive(Debug)]
+pub struct Config {
+    /// Control UDP address; the relay TCP listener uses the same IP:port and
+    /// proxy listeners the same IP.
+    pub listen: SocketAddr,
+    /// Pool key: authenticate every control datagram.
+    pub key: Option<PoolKey>,
+    /// Sources allowed to send control datagrams (empty: all).
+    pub allow: AllowList,
+    /// Maximum registrations broker-wide.
+    pub max_registrations: usize,
+    /// Maximum registrations per client IP (all its source ports together).
+    pub max_registrations_per_ip: usize,
+    /// Maximum concurrent relays, counting pairings still waiting for their
+    /// second connection.
+    pub max_relays: usize,
+    /// Maximum relays plus pairings waiting, per connector IP (the proxy
+    /// client's IP, or the IP that sent the `connect_request`).
+    pub max_relays_per_ip: usize,
+    /// Maximum pairings waiting for their listener, per proxy.
+    pub max_pending_per_proxy: usize,
+    /// Maximum pairings waiting for their listener, per connector IP.
+    pub max_pending_per_ip: usize,
+    /// Maximum relay-port connections still reading their preamble.
+    pub max_preambles: usize,
+    /// Maximum relay-port connections still reading their preamble, per source IP.
+    pub max_preambles_per_ip: usize,
+    /// Control datagrams per second per source IP (token bucket; 0: no limit).
+    pub control_rate_per_ip: u32,
+    /// Token bucket size of `control_rate_per_ip`.
+    pub control_burst_per_ip: u32,
+    /// A relay that moved no byte either way for this long is reset (None: never).
+    pub relay_idle: Option<Duration>,
+    /// Registration lease.
+    pub lease: Duration,
+    /// How long a connect id waits for its partner connection.
+    pub connect_timeout: Duration,
+    /// How long a relay-port connection may take to send its preamble.
+    pub preamble_timeout: Duration,
+    /// Period of the stats log line (None: only at exit).
+    pub stats_interval: Option<Duration>,
+    /// A UDP relay rule unused for this long expires.
+    pub udp_rule_idle: Duration,
+    /// Maximum UDP relay rules broker-wide.
+    pub max_udp_rules: usize,
+    /// Maximum UDP relay rules per proxy.
+    pub max_udp_rules_per_proxy: usize,
+    /// How long a freed proxy address stays reserved for its owner (only a
+    /// `register{previous_proxy}` with the ownership proof gets it back meanwhile).
+    pub proxy_reserve: Duration,
+    /// Maximum UDP relay rules per proxy from one sender IP.
+    pub max_udp_rules_per_sender_ip: usize,
+}
+
+/// Errors that stop the daemon at startup.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The listen address is unusable.
+    #[error("--listen {0}: the broker needs a specific IP (proxy addresses are advertised), not a wildcard")]
+    Unspecified(SocketAddr),
+    /// A socket could not be set up.
+    #[error("{what} {addr}: {source}")]
+    Bind {
+        /// Which socket.
+        what: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// The poller failed.
+    #[error("poll: {0}")]
+    Poll(#[from] io::Error),
+}

@@ -1,0 +1,258 @@
+//! The event loop: one mio `Poll` over the control UDP socket, the relay
+//! TCP listener, every proxy listener, connections reading their preamble,
+//! and the spliced relays.
+//!
+//! See the crate documentation for the walk-through of one brokered
+//! connection. Everything here is single-threaded; the pure parts live in
+//! [`crate::decision`], [`crate::registry`], [`crate::preamble`] and
+//! [`crate::relay`].
+//!
+//! The handlers are `impl Server` blocks, one module per job; they share the state
+//! of `state` (which uses only `config`, `counters` and `env`), so no module of `server`
+//! imports another's items but those four, and `scripts/modgraph` finds no cycle:
+//!
+//! * [`config`]: [`Config`] and [`StartError`];
+//! * [`env`](mod@env): the clock and the random source, injected so that tests drive timers
+//!   with a fake clock ([`Server::bind_with`]);
+//! * `state`: [`Server`]'s fields, poll token owners, waiting connections;
+//! * `control`: control datagrams, requests and responses;
+//! * `tokens`: registration tokens and their presentations;
+//! * `register`: registrations, proxy sockets, UDP punch brokering;
+//! * `connect`: connect decisions, proxy accepts, relay admission;
+//! * `relay_port`: preambles, pairing, relays;
+//! * `claims`: standby connections and their claims;
+//! * `timers`: the sweep; `stats`: the stats line;
+//! * `tests`: the handlers driven with a fake clock.
+//!
+//! This module binds the sockets and runs the loop.
+
+mod claims;
+pub mod config;
+mod connect;
+mod control;
+pub mod counters;
+pub mod env;
+mod register;
+mod relay_port;
+mod state;
+mod stats;
+#[cfg(test)]
+mod tests;
+mod timers;
+mod tokens;
+
+pub use config::{Config, StartError, DEFAULT_PORT};
+pub use counters::Counters;
+pub use env::{Clock, OsRandom, Random, SystemClock};
+pub use state::Server;
+
+use std::collections::{HashMap, HashSet};
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use gcb_proto::token::OwnerSecret;
+use gcb_proto::Endpoint;
+use mio::net::{TcpListener, UdpSocket};
+use mio::{Interest, Poll, Token};
+use tracing::info;
+
+use crate::iplimits::RateLimiter;
+use crate::registry::{Limits, Registry};
+use crate::standby::StandbyPool;
+use crate::udpproxy::UdpPlane;
+use crate::udprules::RuleLimits;
+use mio::Events;
+use state::{Owner, CONTROL, FIRST_DYNAMIC, RELAY_LISTENER};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+impl Server {
+    /// Binds the control UDP socket and the relay TCP listener; the system clock and
+    /// the kernel's random bytes.
+    pub fn bind(cfg: Config) -> Result<Server, StartError> {
+        Server::bind_with(cfg, Box::new(SystemClock), Box::new(OsRandom))
+    }
+
+    /// [`Server::bind`] with the clock and the random source given (tests use a
+    /// fake clock and predictable ids).
+    pub fn bind_with(
+        cfg: Config,
+        clock: Box<dyn Clock>,
+        mut random: Box<dyn Random>,
+    ) -> Result<Server, StartError> {
+        if cfg.listen.ip().is_unspecified() {
+            return Err(StartError::Unspecified(cfg.listen));
+        }
+        // Port 0: pick a free UDP port and use the same number for TCP
+        // (retrying if that TCP port happens to be taken).
+        let mut attempts = if cfg.listen.port() == 0 { 20 } else { 1 };
+        let (control, relay_listener) = loop {
+            attempts -= 1;
+            let control = UdpSocket::bind(cfg.listen).map_err(|source| StartError::Bind {
+                what: "control udp",
+                addr: cfg.listen,
+                source,
+            })?;
+            let addr = control.local_addr()?;
+            match TcpListener::bind(addr) {
+                Ok(l) => break (control, l),
+                Err(source) if attempts == 0 => {
+                    return Err(StartError::Bind {
+                        what: "relay tcp",
+                        addr,
+                        source,
+                    })
+                }
+                Err(_) => continue,
+            }
+        };
+        let addr = control.local_addr()?;
+        // Bursts of heartbeats must not overflow the default receive buffer
+        // (best effort: the kernel caps it at net.core.rmem_max).
+        let _ = socket2::SockRef::from(&control).set_recv_buffer_size(1 << 20);
+        let poll = Poll::new()?;
+        let mut control = control;
+        let mut relay_listener = relay_listener;
+        poll.registry()
+            .register(&mut control, CONTROL, Interest::READABLE)?;
+        poll.registry()
+            .register(&mut relay_listener, RELAY_LISTENER, Interest::READABLE)?;
+        let mut session = [0u8; 8];
+        random.fill(&mut session);
+        let session = u64::from_le_bytes(session);
+        // The reply cache bounds the request rate: an entry lives `reply_cache_ttl`
+        // (longer than any client's retransmission deadline, 10 s at most), and a full
+        // cache answers `busy`. 131072 entries over 12 s sustain ~10,000 requests/s, at
+        // a few hundred bytes each.
+        let ep_cfg = gcb_proto::Config {
+            reply_cache_ttl: Duration::from_secs(12),
+            max_cache_entries: 131_072,
+            ..gcb_proto::Config::default()
+        };
+        let mut ep = Endpoint::new(ep_cfg, cfg.key.clone(), session);
+        // Keyed frames captured before this start are not accepted after it.
+        ep.set_not_before(clock.now().unix_ms);
+        // Keyed: every broker of the pool computes the same tokens, before and after a
+        // restart. Unkeyed: a secret of this run only (see gcb_proto::token).
+        let owner = match &cfg.key {
+            Some(k) => OwnerSecret::from_pool_key(k),
+            None => {
+                let mut b = [0u8; 32];
+                random.fill(&mut b);
+                OwnerSecret::from_random(b)
+            }
+        };
+        let registry = Registry::new(Limits {
+            max_total: cfg.max_registrations,
+            max_per_ip: cfg.max_registrations_per_ip,
+            lease: cfg.lease,
+        });
+        let udp = UdpPlane::new(
+            RuleLimits {
+                idle: cfg.udp_rule_idle,
+                max_total: cfg.max_udp_rules,
+                max_per_proxy: cfg.max_udp_rules_per_proxy,
+                max_per_sender_ip: cfg.max_udp_rules_per_sender_ip,
+            },
+            addr,
+        );
+        // 65,536 tracked IPs: a few MB at most (see iplimits).
+        let control_rate =
+            RateLimiter::new(cfg.control_rate_per_ip, cfg.control_burst_per_ip, 65_536);
+        let t = clock.now().mono;
+        Ok(Server {
+            next_stats: cfg.stats_interval.map(|d| t + d),
+            cfg,
+            poll,
+            control,
+            relay_listener,
+            addr,
+            ep,
+            registry,
+            owners: HashMap::new(),
+            next_token: FIRST_DYNAMIC,
+            proxies: HashMap::new(),
+            udp,
+            udp_backlog: Vec::new(),
+            preambles: HashMap::new(),
+            pending: HashMap::new(),
+            relays: HashMap::new(),
+            standby: StandbyPool::new(),
+            claims: HashMap::new(),
+            outgoing: HashMap::new(),
+            reregistering: HashSet::new(),
+            owner,
+            reserved: HashMap::new(),
+            connector_of: HashMap::new(),
+            control_rate,
+            limit_logs: HashMap::new(),
+            counters: Counters::default(),
+            next_sweep: t,
+            retry_accept: false,
+            clock,
+            random,
+        })
+    }
+
+    /// The bound control/relay address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Runs until `stop` becomes true. Logs the stats line on the way out.
+    pub fn run(&mut self, stop: &AtomicBool) -> io::Result<()> {
+        let mut events = Events::with_capacity(1024);
+        while !stop.load(Ordering::Relaxed) {
+            let timeout = self.sleep_time();
+            crate::logging::flush();
+            match self.poll.poll(&mut events, Some(timeout)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+            // In the kernel's order: a UDP registration's first keepalive (proxy socket)
+            // must be seen before a punch request (control socket) that follows it.
+            for ev in events.iter() {
+                self.dispatch(ev.token());
+            }
+            for p in std::mem::take(&mut self.udp_backlog) {
+                self.on_udp_proxy(p);
+            }
+            self.timers();
+            self.flush_control();
+        }
+        info!(
+            "shutting down: {} registrations, {} relays",
+            self.registry.len(),
+            self.relays.len()
+        );
+        self.log_stats();
+        crate::logging::flush();
+        Ok(())
+    }
+
+    pub(super) fn dispatch(&mut self, token: Token) {
+        match token {
+            CONTROL => self.on_control(),
+            RELAY_LISTENER => self.on_relay_accept(),
+            t => match self.owners.get(&t) {
+                Some(Owner::Proxy(p)) => {
+                    let p = *p;
+                    self.on_proxy_accept(p);
+                }
+                Some(Owner::UdpProxy(p)) => {
+                    let p = *p;
+                    self.on_udp_proxy(p);
+                }
+                Some(Owner::Preamble) => self.on_preamble(t),
+                Some(Owner::Standby) => self.on_standby_event(t),
+                Some(Owner::Claim) => self.on_claim_event(t),
+                Some(Owner::Relay(id)) => {
+                    let id = *id;
+                    self.pump_relay(id);
+                }
+                None => {}
+            },
+        }
+    }
+}

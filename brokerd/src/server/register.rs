@@ -1,0 +1,354 @@
+//! Registrations: `register`, the proxy sockets they get (TCP listener or UDP
+//! socket), closing a proxy (reserved for its owner a while), and UDP hole-punch
+//! brokering between two UDP registrations.
+
+use std::io::{self};
+use std::net::SocketAddr;
+
+use gcb_proto::token::{self, Use};
+use gcb_proto::{Body, ErrorCode, Transport};
+use mio::net::{TcpListener, UdpSocket};
+use mio::Interest;
+use tracing::{debug, error, info};
+
+use crate::decision::canonical;
+use crate::udpproxy::{PunchEnd, UdpProxy};
+
+use super::state::{hex, transport_name, v4_of, Outgoing, Owner, Server};
+
+impl Server {
+    pub(super) fn on_register(
+        &mut self,
+        from: SocketAddr,
+        transport: Transport,
+        local: SocketAddr,
+        previous_proxy: Option<SocketAddr>,
+        previous_token: Option<&str>,
+    ) -> Body {
+        let lease_ms = self.registry.lease().as_millis() as u64;
+        if transport == Transport::Udp && !self.addr.is_ipv4() {
+            return Body::error(
+                ErrorCode::Unsupported,
+                "udp registrations need a broker listening on IPv4",
+            );
+        }
+        if let Some(proxy) = self
+            .registry
+            .existing(from, local, transport, self.now().mono)
+        {
+            debug!(
+                "duplicate register from {from} for {} {local}: proxy {proxy}",
+                transport_name(transport)
+            );
+            return Body::Registered {
+                proxy,
+                lease_ms,
+                token: Some(self.token_hex(transport, proxy)),
+            };
+        }
+        if let Err(e) = self.registry.check_quota(from) {
+            return self.refuse(from, ErrorCode::Quota, e.to_string());
+        }
+        let t = self.now().mono;
+        self.reserved.retain(|_, until| *until > t);
+        // The old address only with the old registration's proof: otherwise whoever asks
+        // first after a broker restart or an unregister would take over its clients.
+        let previous_proxy = match previous_proxy {
+            // The other transport's proof counts too: a program keeps one port number
+            // for TCP and UDP (the shim asks for its sibling registration's proxy).
+            Some(p)
+                if self.ownership_proven(Transport::Tcp, p, previous_token)
+                    || self.ownership_proven(Transport::Udp, p, previous_token) =>
+            {
+                Some(p)
+            }
+            Some(p) => {
+                self.counters.ownership_refused += 1;
+                info!("register from {from}: no valid ownership proof for previous proxy {p}; assigning a new one"
+                );
+                None
+            }
+            None => None,
+        };
+        let bound = match transport {
+            Transport::Tcp => self.bind_tcp_proxy(from, previous_proxy),
+            Transport::Udp => self.bind_udp_proxy(from, local, previous_proxy),
+        };
+        let proxy = match bound {
+            Ok((proxy, _)) => {
+                self.reserved.remove(&(transport, proxy));
+                if transport == Transport::Tcp {
+                    let key = self.presentation(Use::Standby, Transport::Tcp, proxy);
+                    self.standby.key_for(proxy, || key);
+                }
+                proxy
+            }
+            Err(e) => {
+                error!("cannot bind a proxy socket: {e}");
+                return Body::error(
+                    ErrorCode::Internal,
+                    format!("cannot bind a proxy socket: {e}"),
+                );
+            }
+        };
+        self.registry
+            .insert(from, local, transport, proxy, self.now().mono);
+        self.counters.registered += 1;
+        match transport {
+            Transport::Tcp => {
+                info!("registered tcp listener local {local} client {from} -> proxy {proxy}")
+            }
+            Transport::Udp => {
+                info!("registered udp socket local {local} client {from} -> proxy {proxy}")
+            }
+        }
+        Body::Registered {
+            proxy,
+            lease_ms,
+            token: Some(self.token_hex(transport, proxy)),
+        }
+    }
+
+    /// Whether `prev` can be asked for again for `transport`: on our IP, not the
+    /// control / relay port, and not another registration's proxy of that transport.
+    /// (The other transport's proxy on the same port is fine: a program that uses one
+    /// port number for TCP and UDP keeps one number through the broker too.)
+    pub(super) fn previous_usable(
+        &self,
+        transport: Transport,
+        prev: Option<SocketAddr>,
+    ) -> Option<SocketAddr> {
+        prev.filter(|p| {
+            p.ip() == self.addr.ip()
+                && p.port() != 0
+                && p.port() != self.addr.port()
+                && self.registry.get(transport, p).is_none()
+        })
+    }
+
+    /// Binds a socket on our IP with `bind`, at `prev` if usable, else at an
+    /// ephemeral port not already some registration's proxy address.
+    pub(super) fn bind_proxy_socket<S>(
+        &self,
+        transport: Transport,
+        from: SocketAddr,
+        prev: Option<SocketAddr>,
+        bind: impl Fn(SocketAddr) -> io::Result<S>,
+        addr_of: impl Fn(&S) -> io::Result<SocketAddr>,
+    ) -> io::Result<(S, SocketAddr)> {
+        if let Some(prev) = prev {
+            if let Some(p) = self.previous_usable(transport, Some(prev)) {
+                match bind(p) {
+                    Ok(s) => return Ok((s, p)),
+                    Err(e) => info!(
+                        "previous proxy {p} for {from} unavailable ({e}); assigning a new one"
+                    ),
+                }
+            } else {
+                info!("previous proxy {prev} for {from} unavailable (not ours or in use); assigning a new one"
+                );
+            }
+        }
+        // TCP and UDP ephemeral ports are drawn independently: a port the
+        // other transport's proxy already has is skipped (held open while
+        // drawing again so the kernel picks another).
+        let mut skipped = Vec::new();
+        for _ in 0..16 {
+            let s = bind(SocketAddr::new(self.addr.ip(), 0))?;
+            let a = addr_of(&s)?;
+            // A fresh port is kept free of the other transport's proxies too, so
+            // that a later registration can ask for the same number.
+            if self.registry.get(Transport::Tcp, &a).is_none()
+                && self.registry.get(Transport::Udp, &a).is_none()
+                && !self.reserved.contains_key(&(Transport::Tcp, a))
+                && !self.reserved.contains_key(&(Transport::Udp, a))
+            {
+                return Ok((s, a));
+            }
+            skipped.push(s);
+        }
+        Err(io::Error::new(
+            io::ErrorKind::AddrInUse,
+            "no proxy port free of other registrations",
+        ))
+    }
+
+    pub(super) fn bind_tcp_proxy(
+        &mut self,
+        from: SocketAddr,
+        previous_proxy: Option<SocketAddr>,
+    ) -> io::Result<(SocketAddr, Option<String>)> {
+        let (mut listener, proxy) = self.bind_proxy_socket(
+            Transport::Tcp,
+            from,
+            previous_proxy,
+            TcpListener::bind,
+            |l| l.local_addr(),
+        )?;
+        let token = self.token(Owner::Proxy(proxy));
+        if let Err(e) = self
+            .poll
+            .registry()
+            .register(&mut listener, token, Interest::READABLE)
+        {
+            self.owners.remove(&token);
+            return Err(e);
+        }
+        self.proxies.insert(proxy, (token, listener));
+        Ok((proxy, None))
+    }
+
+    pub(super) fn bind_udp_proxy(
+        &mut self,
+        from: SocketAddr,
+        local: SocketAddr,
+        previous_proxy: Option<SocketAddr>,
+    ) -> io::Result<(SocketAddr, Option<String>)> {
+        let (mut sock, proxy) =
+            self.bind_proxy_socket(Transport::Udp, from, previous_proxy, UdpSocket::bind, |s| {
+                s.local_addr()
+            })?;
+        // Bursts (iperf3 -u) must not overflow the default buffers (best
+        // effort: the kernel caps them at net.core.{r,w}mem_max).
+        let _ = socket2::SockRef::from(&sock).set_recv_buffer_size(1 << 20);
+        let _ = socket2::SockRef::from(&sock).set_send_buffer_size(1 << 20);
+        let token = self.token(Owner::UdpProxy(proxy));
+        if let Err(e) = self
+            .poll
+            .registry()
+            .register(&mut sock, token, Interest::READABLE)
+        {
+            self.owners.remove(&token);
+            return Err(e);
+        }
+        let mut secret = [0u8; gcb_proto::UDP_TOKEN_LEN];
+        secret.copy_from_slice(
+            token::to_hex(&self.presentation(Use::UdpDummy, Transport::Udp, proxy)).as_bytes(),
+        );
+        let p = UdpProxy {
+            sock,
+            token,
+            secret,
+            owner_ip: canonical(from.ip()),
+            data: None,
+            local,
+            punched: Vec::new(),
+        };
+        let t = p.token_string();
+        self.udp.insert(proxy, p);
+        Ok((proxy, Some(t)))
+    }
+
+    pub(super) fn on_udp_proxy(&mut self, proxy: SocketAddr) {
+        let now = self.now().mono;
+        if self.udp.on_readable(proxy, now) && !self.udp_backlog.contains(&proxy) {
+            self.udp_backlog.push(proxy);
+        }
+    }
+
+    pub(super) fn close_proxy(&mut self, transport: Transport, proxy: SocketAddr) {
+        // Kept from other registrations for a while: its owner may be re-registering
+        // (a restarted program, a lost lease) and its clients still know the address.
+        self.reserved
+            .insert((transport, proxy), self.now().mono + self.cfg.proxy_reserve);
+        if transport == Transport::Tcp {
+            if let Some((token, mut l)) = self.proxies.remove(&proxy) {
+                let _ = self.poll.registry().deregister(&mut l);
+                self.owners.remove(&token);
+            }
+            for (tok, mut p) in self.standby.drop_proxy(&proxy) {
+                let _ = self.poll.registry().deregister(&mut p.stream);
+                self.owners.remove(&tok);
+            }
+            return;
+        }
+        if let Some((mut p, ends)) = self.udp.remove(&proxy) {
+            let _ = self.poll.registry().deregister(&mut p.sock);
+            self.owners.remove(&p.token);
+            self.udp_backlog.retain(|b| *b != proxy);
+            for end in ends {
+                self.send_punch_end(end);
+            }
+        }
+    }
+
+    /// Tells a registrant that a registration it was paired with for a hole punch is
+    /// gone, so its shim stops sending direct frames to an address another program may
+    /// take next (see [`gcb_proto::punch`]). Nothing if the partner is gone too.
+    pub(super) fn send_punch_end(&mut self, end: PunchEnd) {
+        let Some(observed) = self
+            .registry
+            .get(Transport::Udp, &end.to)
+            .map(|r| r.observed)
+        else {
+            return;
+        };
+        let body = Body::PunchEnd {
+            proxy: end.to,
+            peer: end.peer,
+            peer_proxy: end.peer_proxy,
+        };
+        if self.send(observed, body, Outgoing::PunchEnd).is_some() {
+            self.udp.counters.punch_ends += 1;
+            debug!(
+                "punch_end to {} (client {observed}): {} (data {}) is gone",
+                end.to, end.peer_proxy, end.peer
+            );
+        }
+    }
+
+    /// `punch_request` (GCB <-> GCB UDP hole punching, paper 4.2.1; see
+    /// [`gcb_proto::punch`]): hands both registrants the other's data
+    /// address and one fresh nonce. The broker only sends control messages
+    /// here; the punch itself is between the two shims.
+    pub(super) fn on_punch_request(
+        &mut self,
+        from: SocketAddr,
+        proxy: SocketAddr,
+        from_proxy: SocketAddr,
+        token: &str,
+    ) -> Body {
+        let (dest_data, src_data) = match self.udp.punch_pair(&proxy, &from_proxy, token) {
+            Ok(x) => x,
+            Err((code, why)) => {
+                info!("punch {from_proxy} -> {proxy} (client {from}) refused: {why}");
+                return Body::error(code, why);
+            }
+        };
+        let (Some(dest), Some(src)) = (
+            self.registry.get(Transport::Udp, &proxy).cloned(),
+            self.registry.get(Transport::Udp, &from_proxy).cloned(),
+        ) else {
+            self.udp.counters.punch_refused += 1;
+            return Body::error(ErrorCode::NoSuchRegistration, "no such udp registration");
+        };
+        // Same public IP: both behind one NAT, which may not hairpin; the
+        // private addresses are tried too.
+        let same_nat = dest_data.ip() == src_data.ip();
+        let nonce = hex(&self.random16());
+        let back = Body::PunchBack {
+            proxy,
+            peer: src_data,
+            peer_local: same_nat.then_some(src.local).and_then(v4_of),
+            nonce: nonce.clone(),
+        };
+        if self
+            .send(dest.observed, back, Outgoing::PunchBack)
+            .is_none()
+        {
+            self.udp.counters.punch_refused += 1;
+            return Body::error(ErrorCode::Busy, "cannot reach the destination now");
+        }
+        self.udp.counters.punches += 1;
+        info!(
+            "punch {from_proxy} (data {src_data}) <-> {proxy} (data {dest_data}){}",
+            if same_nat { ", same NAT" } else { "" }
+        );
+        Body::Punch {
+            peer: dest_data,
+            peer_local: same_nat.then_some(dest.local).and_then(v4_of),
+            me: src_data,
+            nonce,
+        }
+    }
+}

@@ -1,0 +1,292 @@
+//! The handlers driven with a fake clock and predictable random bytes: timers that
+//! take seconds to minutes in the daemon (leases, reservations, connect ids, relay
+//! idle time) are checked here without sleeping, on real loopback sockets.
+
+use std::cell::Cell;
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpListener as StdListener, TcpStream as StdStream};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use gcb_proto::{Body, Now, Transport};
+use mio::net::TcpStream;
+
+use super::env::{Clock, Random};
+use super::{Config, Server};
+use crate::allow::AllowList;
+
+/// A clock that moves only when told to.
+#[derive(Clone)]
+struct FakeClock(Rc<Cell<Now>>);
+
+impl FakeClock {
+    fn new() -> FakeClock {
+        FakeClock(Rc::new(Cell::new(Now {
+            mono: Instant::now(),
+            unix_ms: 1_700_000_000_000,
+        })))
+    }
+
+    fn advance(&self, d: Duration) {
+        let n = self.0.get();
+        self.0.set(Now {
+            mono: n.mono + d,
+            unix_ms: n.unix_ms + d.as_millis() as u64,
+        });
+    }
+}
+
+impl Clock for FakeClock {
+    fn now(&self) -> Now {
+        self.0.get()
+    }
+}
+
+/// Fills the n-th request for bytes with the byte n (1, 2, 3...).
+struct Counting(u8);
+
+impl Random for Counting {
+    fn fill(&mut self, buf: &mut [u8]) {
+        self.0 += 1;
+        buf.fill(self.0);
+    }
+}
+
+fn config() -> Config {
+    Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        key: None,
+        allow: AllowList::default(),
+        max_registrations: 100,
+        max_registrations_per_ip: 100,
+        max_relays: 100,
+        max_relays_per_ip: 100,
+        max_pending_per_proxy: 100,
+        max_pending_per_ip: 100,
+        max_preambles: 100,
+        max_preambles_per_ip: 100,
+        control_rate_per_ip: 0,
+        control_burst_per_ip: 0,
+        relay_idle: Some(Duration::from_secs(60)),
+        lease: Duration::from_secs(35),
+        connect_timeout: Duration::from_secs(20),
+        preamble_timeout: Duration::from_secs(15),
+        stats_interval: None,
+        udp_rule_idle: Duration::from_secs(60),
+        max_udp_rules: 100,
+        max_udp_rules_per_proxy: 100,
+        max_udp_rules_per_sender_ip: 100,
+        proxy_reserve: Duration::from_secs(120),
+    }
+}
+
+/// A broker on 127.0.0.1 with a fake clock. Random draws 1 and 2 are taken by the
+/// endpoint's session and the (unkeyed) token secret: the first connect id is [3; 16].
+fn broker(cfg: Config) -> (Server, FakeClock) {
+    let clock = FakeClock::new();
+    let server = Server::bind_with(cfg, Box::new(clock.clone()), Box::new(Counting(0))).unwrap();
+    (server, clock)
+}
+
+const CLIENT: &str = "127.0.0.1:40000";
+
+/// Registers a TCP listener for [`CLIENT`]; returns its proxy address.
+fn register_tcp(s: &mut Server, local: &str) -> SocketAddr {
+    let reply = s.on_request(
+        CLIENT.parse().unwrap(),
+        Body::Register {
+            transport: Transport::Tcp,
+            local: local.parse().unwrap(),
+            previous_proxy: None,
+            previous_token: None,
+        },
+    );
+    match reply {
+        Body::Registered { proxy, .. } => proxy,
+        other => panic!("register answered {other:?}"),
+    }
+}
+
+/// Asserts that the broker reset `s` (what a peer sees after SO_LINGER 0 and close).
+fn assert_reset(mut s: StdStream) {
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut b = [0u8; 1];
+    match s.read(&mut b) {
+        Err(e) => assert_eq!(e.kind(), ErrorKind::ConnectionReset, "{e}"),
+        Ok(n) => panic!("read {n} bytes instead of a reset"),
+    }
+}
+
+/// Connects to a proxy listener and has the broker accept it.
+fn connect_to_proxy(s: &mut Server, proxy: SocketAddr) -> StdStream {
+    let c = StdStream::connect(proxy).unwrap();
+    let before = s.counters.proxy_accepts;
+    for _ in 0..100 {
+        s.on_proxy_accept(proxy);
+        if s.counters.proxy_accepts > before {
+            return c;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("the broker never accepted the proxy connection");
+}
+
+#[test]
+fn lease_expires_on_time_and_heartbeats_renew_it() {
+    let (mut s, clock) = broker(config());
+    let proxy = register_tcp(&mut s, "10.1.0.5:9618");
+    clock.advance(Duration::from_secs(30));
+    let ack = s.on_request(
+        CLIENT.parse().unwrap(),
+        Body::Heartbeat {
+            proxies: vec![proxy],
+        },
+    );
+    assert!(
+        matches!(&ack, Body::HeartbeatAck { unknown } if unknown.is_empty()),
+        "{ack:?}"
+    );
+    // 64 s after the registration, 34 s after the heartbeat: still leased.
+    clock.advance(Duration::from_secs(34));
+    s.timers();
+    assert_eq!(s.registry.len(), 1);
+    assert!(s.proxies.contains_key(&proxy));
+    clock.advance(Duration::from_millis(1001));
+    s.timers();
+    assert_eq!(s.registry.len(), 0);
+    assert_eq!(s.counters.expired, 1);
+    assert!(!s.proxies.contains_key(&proxy), "proxy socket still open");
+    // The proxy listener is closed: nobody can connect to it any more.
+    assert!(StdStream::connect(proxy).is_err());
+}
+
+#[test]
+fn freed_proxy_stays_reserved_for_its_owner_until_the_reservation_lapses() {
+    let (mut s, clock) = broker(config());
+    let proxy = register_tcp(&mut s, "10.1.0.5:9618");
+    clock.advance(Duration::from_secs(36));
+    s.timers();
+    assert_eq!(s.counters.expired, 1);
+    let until = s.reserved.get(&(Transport::Tcp, proxy)).copied();
+    assert_eq!(until, Some(clock.now().mono + Duration::from_secs(120)));
+    // Registrations meanwhile keep it reserved...
+    clock.advance(Duration::from_secs(119));
+    register_tcp(&mut s, "10.1.0.5:9619");
+    assert!(s.reserved.contains_key(&(Transport::Tcp, proxy)));
+    // ...and the first one after the reservation ends forgets it.
+    clock.advance(Duration::from_secs(2));
+    register_tcp(&mut s, "10.1.0.5:9620");
+    assert!(!s.reserved.contains_key(&(Transport::Tcp, proxy)));
+}
+
+#[test]
+fn unanswered_connect_back_gives_up_with_the_endpoint_and_resets_the_connector() {
+    let (mut s, clock) = broker(config());
+    let proxy = register_tcp(&mut s, "10.1.0.5:9618");
+    let connector = connect_to_proxy(&mut s, proxy);
+    // The connect id is the injected random draw.
+    let p = s.pending.values().next().expect("pairing");
+    assert_eq!(p.raw, [3; 16]);
+    assert!(p.connect_back.is_some());
+    // Nobody answers at CLIENT: the endpoint retransmits, then gives up after its
+    // 10 s deadline, well before the 20 s pairing timeout.
+    for _ in 0..99 {
+        clock.advance(Duration::from_millis(100));
+        s.timers();
+    }
+    assert_eq!(s.counters.connect_back_failures, 0);
+    assert_eq!(s.pending.len(), 1);
+    for _ in 0..20 {
+        clock.advance(Duration::from_millis(100));
+        s.timers();
+    }
+    assert_eq!(s.counters.connect_back_failures, 1);
+    assert_eq!(s.counters.pairing_timeouts, 0);
+    assert!(s.pending.is_empty());
+    assert_reset(connector);
+}
+
+#[test]
+fn pairing_times_out_after_connect_timeout() {
+    let mut cfg = config();
+    cfg.connect_timeout = Duration::from_secs(2);
+    let (mut s, clock) = broker(cfg);
+    let proxy = register_tcp(&mut s, "10.1.0.5:9618");
+    let connector = connect_to_proxy(&mut s, proxy);
+    clock.advance(Duration::from_millis(1999));
+    s.timers();
+    assert_eq!(s.pending.len(), 1);
+    // Deadlines are swept every 100 ms at most.
+    clock.advance(Duration::from_millis(100));
+    s.timers();
+    assert!(s.pending.is_empty());
+    assert_eq!(s.counters.pairing_timeouts, 1);
+    assert_reset(connector);
+}
+
+#[test]
+fn relay_port_connection_without_preamble_times_out() {
+    let (mut s, clock) = broker(config());
+    let c = StdStream::connect(s.local_addr()).unwrap();
+    for _ in 0..100 {
+        s.on_relay_accept();
+        if !s.preambles.is_empty() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(s.preambles.len(), 1);
+    clock.advance(Duration::from_millis(14_999));
+    s.timers();
+    assert_eq!(s.preambles.len(), 1);
+    // Deadlines are swept every 100 ms at most.
+    clock.advance(Duration::from_millis(100));
+    s.timers();
+    assert!(s.preambles.is_empty());
+    assert_eq!(s.counters.preamble_timeouts, 1);
+    assert_reset(c);
+}
+
+/// A connected pair on loopback: (our end, the broker's end as a mio stream).
+fn pair() -> (StdStream, TcpStream) {
+    let l = StdListener::bind("127.0.0.1:0").unwrap();
+    let ours = StdStream::connect(l.local_addr().unwrap()).unwrap();
+    let (theirs, _) = l.accept().unwrap();
+    theirs.set_nonblocking(true).unwrap();
+    (ours, TcpStream::from_std(theirs))
+}
+
+#[test]
+fn relay_idle_timeout_counts_from_the_last_byte_moved() {
+    let (mut s, clock) = broker(config());
+    let (mut x, xb) = pair();
+    let (mut y, yb) = pair();
+    s.start_relay(xb, yb, "x <-> y".to_owned(), [7; 16]);
+    let rid = *s.relays.keys().next().expect("relay running");
+    clock.advance(Duration::from_secs(59));
+    s.timers();
+    assert_eq!(s.relays.len(), 1);
+    // A byte moves at 59 s: the idle time starts again.
+    x.write_all(b"!").unwrap();
+    let mut b = [0u8; 1];
+    y.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    for _ in 0..100 {
+        s.pump_relay(rid);
+        if s.relays[&rid].relay.bytes().0 == 1 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    y.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"!");
+    clock.advance(Duration::from_secs(59));
+    s.timers();
+    assert_eq!(s.relays.len(), 1, "reset 59 s after the last byte");
+    clock.advance(Duration::from_secs(1));
+    s.timers();
+    assert!(s.relays.is_empty());
+    assert_eq!(s.counters.relays_idle_closed, 1);
+    assert_eq!(s.counters.relays_reset, 1);
+    assert_reset(x);
+    assert_reset(y);
+}
