@@ -58,6 +58,8 @@ pub mod standby;
 pub mod tcp;
 pub mod udp;
 pub mod udp_epoll;
+pub mod udp_recv;
+pub mod udp_send;
 pub mod wait;
 
 use gcb_proto::Transport;
