@@ -11,28 +11,40 @@
 //! program's blocking calls. Control datagrams are authenticated with the pool key
 //! (`GCB_KEY_FILE`); see `docs/THREAT-MODEL.md` for what that protects.
 //!
-//! ## Modules
+//! ## Floors
 //!
-//! * [`hooks`] — the exported `extern "C"` functions, grouped by family ([`hooks::sock`],
-//!   [`hooks::fds`], [`hooks::io`], [`hooks::wait`], [`hooks::process`]), plus the common
-//!   [`hooks::run`] / [`hooks::finish`] machinery.
-//! * [`layer`] — the [`layer::Layer`] trait: the seam where GCB/DPF logic and the
-//!   asynchronous event handler (AEH) plug in, and [`layer::Outcome`] (`Bypass`,
-//!   `Handled(ret)`, `Error(errno)`).
-//! * [`fdtable`] — per-fd table: lock-free "is this fd managed?" lookup, entries shared by
-//!   dup'd fds, shim-owned fds ([`fdtable::own_fd`]) protected from the program.
-//! * [`guard`] — thread-local re-entrancy guard.
-//! * [`init`] — lazy idempotent initialisation, configuration from the environment, vfork
-//!   child detection.
-//! * [`fork`] — pthread_atfork handlers that hold the shim's locks across fork;
-//!   [`forklock`] — parking_lot locks a fork child can re-initialise.
-//! * [`real`], [`sys`] — cached `dlsym(RTLD_NEXT)` resolution of the real functions.
-//! * [`log`] — silent-by-default logging to stderr or `GCB_LOG_FILE`, never stdout.
-//! * [`dpf`] — the DPF client (paper 3.2.1): port-forwarding rules for bound sockets.
-//! * [`stack`] — the installed layer: DPF where it can, GCB for the rest.
-//! * [`control`] — a control channel to a daemon (UDP + reliable-UDP endpoint).
-//! * [`gcb`] — the GCB client layer (paper 4.2.1): registration of listening sockets,
-//!   brokered connects, and the asynchronous event handler run inside blocking calls.
+//! The modules form floors: each uses only modules on its own floor or below, and no two
+//! modules use each other, directly or around a loop. `scripts/modgraph --check shim/src`
+//! checks both against the list below (the list is the checker's input). Read the crate
+//! from the bottom up.
+//!
+//! - **Floor 0, the system**: `real`, `sys`, `log`, `guard`, `forklock`, `procid`, `abi`, `ownfd`, `inherit`
+//! - **Floor 1, the fd table**: `net`, `sockstate`, `fdtable`
+//! - **Floor 2, plumbing**: `layer`, `control`, `fork`
+//! - **Floor 3, the clients**: `dpf`, `gcb` (independent)
+//! - **Floor 4, composition**: `stack`, `init`
+//! - **Floor 5, the entry points**: `hooks`
+//!
+//! * Floor 0: [`real`]/[`sys`] resolve and call the real libc functions
+//!   (`dlsym(RTLD_NEXT)`); [`log`] is the async-signal-safe logger (silent unless
+//!   `GCB_LOG`, never stdout); [`guard`] is the thread-local re-entrancy guard; [`forklock`]
+//!   the locks a fork child can re-initialise; [`procid`] which process this memory
+//!   belongs to (vfork children) and which sockets other processes hold; [`abi`] the
+//!   descriptions of intercepted calls and their [`abi::Outcome`] (`Bypass(reason)`,
+//!   `Handled(ret)`, `Error(errno)`); [`ownfd`] the shim's own fds, closed exactly once.
+//! * Floor 1: [`net`] address conversion and bounded socket operations; [`sockstate`] the
+//!   state machine of one managed socket ([`sockstate::SockState`]: plain, GCB listener or
+//!   accepted connection, UDP pending/registering/registered, DPF pending/mapped);
+//!   [`fdtable`] the per-fd table (lock-free "is this fd managed?", entries shared by dup'd
+//!   fds, shim-owned fds protected from the program).
+//! * Floor 2: [`layer`] the [`layer::Layer`] trait and the installed layer; [`control`] a
+//!   control channel to a daemon (UDP + the sans-IO reliable-UDP endpoint of `gcb-proto`);
+//!   [`fork`] the pthread_atfork handlers.
+//! * Floor 3: [`dpf`] the DPF client (paper 3.2.1) and [`gcb`] the GCB client (paper
+//!   4.2.1), each a [`layer::Layer`]; neither uses the other.
+//! * Floor 4: [`stack`] the installed layer (DPF where it can map, GCB for the rest);
+//!   [`init`] configuration from the environment and lazy initialisation.
+//! * Floor 5: [`hooks`] the exported `extern "C"` functions.
 //!
 //! ## One call, end to end: `recv(fd, buf, len, flags)`
 //!
