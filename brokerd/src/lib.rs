@@ -57,6 +57,14 @@
 //!   injected ([`server::Clock`], [`server::Random`]), so its unit tests drive
 //!   leases, deadlines and idle timeouts with a fake clock.
 //!
+//! Floors: each module uses only modules on its own floor or below, with
+//! no cycle; `scripts/modgraph --check brokerd/src` checks the list:
+//!
+//! - **Floor 0, decisions and data**: `decision`, `registry`, `standby`, `relay`, `udprules`, `iplimits`, `allow`, `logging`
+//! - **Floor 1, the UDP data plane**: `udpproxy`
+//! - **Floor 2, the server's state**: `server::env`, `server::counters`, `server::config`, `server::state`
+//! - **Floor 3, the server's jobs**: `server`
+//!
 //! ## One brokered connection, end to end
 //!
 //! A server `S` at 10.1.0.5 behind NAT A, a broker `B` at 203.0.113.10, and

@@ -54,13 +54,18 @@
 //!   non-blocking probe connections);
 //! * [`client`]: a blocking client, used by the `gcb-dpf-request` tool.
 //!
-//! Floors (`scripts/modgraph --floors portfwd/src`; `--check` finds no
-//! cycle): `table`, `policy`, `libnft`, `client` use no other module;
-//! `kernel` and `mirror` use those; `core` uses them, and its submodules
-//! (`core::plan`, `core::batch`, `core::probe`, `core::sync`) use `core`,
-//! never the reverse; `server` sits on top. Logging is `tracing` (the
-//! binary installs a `tracing-subscriber` that writes
-//! `gcb-portfwd: LEVEL message` lines to stderr).
+//! Floors: each module uses only modules on its own floor or below, with
+//! no cycle; `scripts/modgraph --check portfwd/src` checks the list:
+//!
+//! - **Floor 0, data and policy**: `table`, `policy`, `libnft`, `client`
+//! - **Floor 1, the two other representations**: `kernel`, `mirror`
+//! - **Floor 2, the paper's orders**: `core`
+//! - **Floor 3, the event loop**: `server`
+//!
+//! `core`'s submodules (`core::plan`, `core::batch`, `core::probe`,
+//! `core::sync`) add `impl Core` blocks and use `core`, never the reverse.
+//! Logging is `tracing` (the binary installs a `tracing-subscriber` that
+//! writes `gcb-portfwd: LEVEL message` lines to stderr).
 //!
 //! ## Protocol contract for the shim's DPF client
 //!

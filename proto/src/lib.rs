@@ -9,6 +9,15 @@
 //! and draws no randomness: time and random session ids come in as arguments,
 //! datagrams and timers go out (the quinn-proto shape).
 //!
+//! ## Modules
+//!
+//! Sans-IO: no sockets, no clock reads (time comes in as arguments). Floors,
+//! checked by `scripts/modgraph --check proto/src`:
+//!
+//! - **Floor 0, encodings**: `addr`, `auth`, `preamble`, `udp`
+//! - **Floor 1, messages**: `msg`, `punch`
+//! - **Floor 2, state machines and tokens**: `rudp`, `token`
+//!
 //! ## Wire format
 //!
 //! One UDP datagram is one *frame* holding one JSON *envelope*; a frame is at

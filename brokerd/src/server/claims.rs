@@ -11,8 +11,8 @@ use mio::Token;
 use tracing::{debug, warn};
 
 use crate::decision::canonical;
-use crate::preamble::{self};
 use crate::standby::ParkError;
+use gcb_proto::preamble;
 
 use super::state::{drop_conn, hex, reset, would_block, Claim, Owner, Server, CLAIM_TIMEOUT};
 

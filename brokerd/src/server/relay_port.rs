@@ -9,8 +9,8 @@ use mio::{Interest, Token};
 use tracing::{debug, error, info, warn};
 
 use crate::decision::canonical;
-use crate::preamble::{self, Preamble};
 use crate::relay::{Relay, RelayState};
+use gcb_proto::preamble::{self, Preamble};
 
 use super::state::{drop_conn, hex, reset, would_block, Owner, PreambleConn, RelayEntry, Server};
 

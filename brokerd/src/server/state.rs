@@ -13,8 +13,8 @@ use mio::net::{TcpListener, TcpStream, UdpSocket};
 use mio::{Poll, Token};
 use tracing::warn;
 
-use crate::preamble::{self};
 use crate::relay::Relay;
+use gcb_proto::preamble;
 
 use crate::iplimits::RateLimiter;
 use crate::registry::Registry;
