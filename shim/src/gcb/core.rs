@@ -88,7 +88,7 @@ impl GcbLayer {
 
     /// Run the AEH once if this process has something to serve; returns the fds it
     /// waits on and its next timer.
-    pub(crate) fn pump(&self) -> Option<(Vec<c_int>, Option<Instant>)> {
+    pub fn pump(&self) -> Option<(Vec<c_int>, Option<Instant>)> {
         let mut c = self.client.lock();
         if !c.needs_aeh() {
             return None;

@@ -8,7 +8,7 @@
 //! through the standby watch (see [`super::standby::Watch`]) together with everything
 //! else, and [`Dials::poll`] reports it when it connects, fails or times out.
 //!
-//! Like [`super::net::connect_race`], a fresh attempt is started every
+//! Like [`crate::net::connect_race`], a fresh attempt is started every
 //! `DIAL_SPACING` until one connects (Linux retries a lost SYN only after 1 s and 3 s),
 //! within bounds: at most [`MAX_DIALS`] dials and [`MAX_ATTEMPT_FDS`] sockets in flight,
 //! [`MAX_ATTEMPTS`] attempts per dial, each dial given up after its timeout.

@@ -17,7 +17,7 @@
 //! * `hb=MS` — the heartbeat interval the exec'ing image used (fitted to the broker's
 //!   lease, which the new image has not seen);
 //! * `udpq=FD:INO` — a UDP socket bound to port 0 that has not registered yet
-//!   ([`super::udp::UdpPending`]; formatted and adopted in [`super::udp`]).
+//!   ([`crate::sockstate::SockState::UdpPending`]; formatted and adopted in [`super::udp`]).
 //!
 //! This module only formats and parses; the adopting image checks every fd against its
 //! inode (the fd must still be that socket) before it trusts an entry. A malformed entry
