@@ -3,7 +3,7 @@
 //! relay port otherwise), presents the connect preamble, and hands the connection to the
 //! program (see [`super::placeholder`]). The dial is started here and finished by the AEH
 //! ([`crate::gcb::dial`]); only a dial to the broker's relay port may take up to
-//! [`RELAY_DIAL_QUICK`] at once.
+//! `RELAY_DIAL_QUICK` at once.
 
 use gcb_proto::token::{self, Use};
 use gcb_proto::{Body, ConnectId, PoolKey, Transport};
