@@ -49,6 +49,7 @@ use std::time::{Duration, Instant};
 use crate::control::{drop_owned, Answer, Channel};
 use crate::fdtable::{self, FdEntry, FdKind, ShimFd};
 use crate::forklock::ForkMutex;
+use crate::inherit::{self, Entry, Owner};
 use crate::net;
 use crate::sockstate::SockState;
 
@@ -577,8 +578,9 @@ impl DpfClient {
             let keeps = crate::sys::fcntl_raw(fd, libc::F_GETFD, 0)
                 .is_ok_and(|f| f & libc::FD_CLOEXEC == 0);
             let transport = fdtable::get(fd).and_then(|e| pending(&e));
-            if let (true, Some(t), Some(ino)) = (keeps, transport, crate::procid::inode(fd)) {
-                out.push(format!("dpfq={fd}:{ino}:{}", transport_name(t)));
+            if let (true, Some(transport), Some(ino)) = (keeps, transport, crate::procid::inode(fd))
+            {
+                out.push(Entry::DpfPending { fd, ino, transport }.format());
             }
         }
         let st = self.state.lock();
@@ -597,13 +599,18 @@ impl DpfClient {
                 }
                 let pfd = l.probe.fd();
                 let _ = crate::sys::fcntl_raw(pfd, libc::F_SETFD, 0);
-                out.push(format!(
-                    "dpf={fd}:{ino}:{}:{}:{}:{pfd}:{}",
-                    transport_name(l.transport),
-                    l.private,
-                    l.public,
-                    crate::procid::inode(pfd).unwrap_or(0)
-                ));
+                out.push(
+                    Entry::Dpf {
+                        fd,
+                        ino,
+                        transport: l.transport,
+                        private: l.private,
+                        public: l.public,
+                        probe: pfd,
+                        probe_ino: crate::procid::inode(pfd).unwrap_or(0),
+                    }
+                    .format(),
+                );
             }
         }
         out
@@ -612,42 +619,32 @@ impl DpfClient {
     /// In an exec'd image: adopt the `dpf=` entries of `GCB_INHERIT` whose fds still are
     /// what they were (inodes checked); close probe fds that serve no socket.
     pub fn adopt(&self, spec: &str) {
-        let mut parts = spec.split(';');
-        if parts.next() != Some("v1") {
-            return;
+        let (entries, bad) = inherit::parse(spec);
+        for why in bad.iter().filter(|m| m.reported_by(Owner::Dpf)) {
+            crate::warn!("GCB_INHERIT: ignored {}", why);
         }
         let inode = crate::procid::inode;
-        for p in parts {
-            if let Some(v) = p.strip_prefix("dpfq=") {
-                adopt_pending(v);
-                continue;
-            }
-            let Some(v) = p.strip_prefix("dpf=") else {
-                continue;
-            };
-            let f: Vec<&str> = v.split(':').collect();
-            let num = |i: usize| f.get(i).and_then(|s| s.parse::<u64>().ok());
-            let addr = |i: usize| {
-                Some(SocketAddrV4::new(
-                    f.get(i)?.parse().ok()?,
-                    f.get(i + 1)?.parse().ok()?,
-                ))
-            };
-            let transport = match f.get(2) {
-                Some(&"tcp") => Transport::Tcp,
-                Some(&"udp") => Transport::Udp,
+        for e in entries {
+            let (fd, ino, transport, private, public, pfd, pino) = match e {
+                Entry::DpfPending { fd, ino, transport } => {
+                    adopt_pending(fd, ino, transport);
+                    continue;
+                }
+                Entry::Dpf {
+                    fd,
+                    ino,
+                    transport,
+                    private,
+                    public,
+                    probe,
+                    probe_ino,
+                } => (fd, ino, transport, private, public, probe, probe_ino),
                 _ => continue,
             };
-            let (Some(fd), Some(ino), Some(private), Some(public), Some(pfd), Some(pino)) =
-                (num(0), num(1), addr(3), addr(5), num(7), num(8))
-            else {
-                continue;
-            };
-            let (fd, pfd) = (fd as c_int, pfd as c_int);
-            if pino == 0 || inode(pfd) != Some(pino) {
+            if inode(pfd) != Some(pino) {
                 continue;
             }
-            if ino == 0 || inode(fd) != Some(ino) {
+            if inode(fd) != Some(ino) {
                 net::close(pfd);
                 continue;
             }
@@ -710,28 +707,9 @@ impl DpfClient {
     }
 }
 
-fn transport_name(t: Transport) -> &'static str {
-    match t {
-        Transport::Tcp => "tcp",
-        Transport::Udp => "udp",
-    }
-}
-
-/// A `dpfq=fd:ino:tcp|udp` entry: mark the fd pending again if it still is that socket.
-fn adopt_pending(v: &str) {
-    let f: Vec<&str> = v.split(':').collect();
-    let (Some(fd), Some(ino)) = (
-        f.first().and_then(|s| s.parse::<c_int>().ok()),
-        f.get(1).and_then(|s| s.parse::<u64>().ok()),
-    ) else {
-        return;
-    };
-    let transport = match f.get(2) {
-        Some(&"tcp") => Transport::Tcp,
-        Some(&"udp") => Transport::Udp,
-        _ => return,
-    };
-    if ino == 0 || crate::procid::inode(fd) != Some(ino) {
+/// A `dpfq=` entry: mark the fd pending again if it still is that socket.
+fn adopt_pending(fd: c_int, ino: u64, transport: Transport) {
+    if crate::procid::inode(fd) != Some(ino) {
         return;
     }
     if let Some(entry) = fdtable::socket_entry(fd, fdtable::get(fd).as_ref()) {

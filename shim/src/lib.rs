@@ -103,6 +103,7 @@ pub mod forklock;
 pub mod gcb;
 pub mod guard;
 pub mod hooks;
+pub mod inherit;
 pub mod init;
 pub mod layer;
 pub mod net;

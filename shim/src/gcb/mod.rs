@@ -52,7 +52,6 @@
 pub mod client;
 pub mod core;
 pub mod dial;
-pub mod inherit;
 pub mod punch;
 pub mod standby;
 pub mod tcp;
@@ -82,7 +81,7 @@ impl GcbLayer {
         if pending.is_empty() {
             return regs;
         }
-        let mut v = regs.unwrap_or_else(|| inherit::VERSION.to_owned());
+        let mut v = regs.unwrap_or_else(|| crate::inherit::VERSION.to_owned());
         for p in pending {
             v.push(';');
             v.push_str(&p);

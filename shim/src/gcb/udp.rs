@@ -43,6 +43,7 @@ use std::time::Instant;
 
 use super::core::GcbLayer;
 use crate::fdtable::{self, FdEntry, FdKind};
+use crate::inherit::{self, Entry};
 use crate::layer::Outcome;
 use crate::net;
 use crate::sockstate::SockState;
@@ -87,7 +88,7 @@ pub(super) fn take_pending(entry: &FdEntry) -> bool {
     entry.with_state(SockState::take_udp_pending) == Some(true)
 }
 
-/// `udpq=FD:INO` entries of `GCB_INHERIT` for the [`SockState::UdpPending`] sockets that survive an
+/// `udpq=` entries of `GCB_INHERIT` for the [`SockState::UdpPending`] sockets that survive an
 /// exec (not close-on-exec): the new image marks them pending again.
 pub fn pending_handoff() -> Vec<String> {
     // (The sockets' own locks are taken outside the table scan.)
@@ -97,22 +98,22 @@ pub fn pending_handoff() -> Vec<String> {
         .filter(|&fd| {
             crate::sys::fcntl_raw(fd, libc::F_GETFD, 0).is_ok_and(|f| f & libc::FD_CLOEXEC == 0)
         })
-        .filter_map(|fd| Some(format!("udpq={fd}:{}", crate::procid::inode(fd)?)))
+        .filter_map(|fd| {
+            let ino = crate::procid::inode(fd)?;
+            Some(Entry::UdpPending { fd, ino }.format())
+        })
         .collect()
 }
 
 /// In an exec'd image: mark the `udpq=` sockets of `spec` pending again, each if its fd
-/// still is that UDP socket (inode checked); malformed entries are skipped.
+/// still is that UDP socket (inode checked). (Malformed entries are reported by the
+/// client's adopt.)
 pub fn adopt_pending(spec: &str) {
-    for v in spec.split(';').filter_map(|p| p.strip_prefix("udpq=")) {
-        let Some((fd, ino)) = v
-            .split_once(':')
-            .and_then(|(fd, ino)| Some((fd.parse::<c_int>().ok()?, ino.parse::<u64>().ok()?)))
-        else {
-            crate::warn!("GCB_INHERIT: ignored malformed udpq= entry");
+    for e in inherit::parse(spec).0 {
+        let Entry::UdpPending { fd, ino } = e else {
             continue;
         };
-        if ino == 0 || crate::procid::inode(fd) != Some(ino) || !net::is_udp4(fd) {
+        if crate::procid::inode(fd) != Some(ino) || !net::is_udp4(fd) {
             continue;
         }
         let entry = fdtable::get(fd);

@@ -74,7 +74,7 @@ fn exec_seam(func: &str, path: *const c_char) -> Option<CString> {
     let v = layer::active()?.exec_handoff()?;
     crate::debug!(
         "handing over to the new image: GCB_INHERIT={}",
-        crate::gcb::inherit::redacted(&v)
+        crate::inherit::redacted(&v)
     );
     CString::new(format!("{INHERIT}={v}")).ok()
 }

@@ -13,7 +13,7 @@ use std::time::Instant;
 use super::mailbox::Mailbox;
 use super::state::{Channel, Client, Registration, UdpReg};
 use crate::fdtable::{self, FdEntry};
-use crate::gcb::inherit::{self, Entry, UdpEntry};
+use crate::inherit::{self, Entry, Owner, UdpEntry};
 use crate::net;
 use crate::procid::inode;
 use crate::sockstate::{GcbSock, SockState, UdpSock};
@@ -131,7 +131,7 @@ impl Client {
     pub fn adopt(&mut self, spec: &str) -> Vec<(c_int, Transport, SocketAddrV4, SocketAddrV4)> {
         let mut adopted = Vec::new();
         let (entries, bad) = inherit::parse(spec);
-        for why in bad {
+        for why in bad.iter().filter(|m| m.reported_by(Owner::Gcb)) {
             crate::warn!("GCB_INHERIT: ignored {}", why);
         }
         let fd_ok = |fd: c_int, ino: u64| inode(fd) == Some(ino);
@@ -168,6 +168,8 @@ impl Client {
                     self.proofs.insert((transport, proxy), proof);
                 }
                 Entry::Heartbeat(d) => heartbeat = Some(d),
+                // Adopted elsewhere: udpq= by gcb::udp, dpf=/dpfq= by DPF.
+                Entry::UdpPending { .. } | Entry::Dpf { .. } | Entry::DpfPending { .. } => {}
                 other => crate::debug!(
                     "GCB_INHERIT: {} is no longer what it was; ignored",
                     inherit::redacted(&other.format())

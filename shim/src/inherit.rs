@@ -1,9 +1,11 @@
-//! The GCB client's entries of `GCB_INHERIT`: what an exec'ing image hands to the new
-//! image (see [`super::client::Client::handoff`] and [`super::client::Client::adopt`]).
+//! `GCB_INHERIT`: what an exec'ing image hands to the new image, the whole format in one
+//! place (floor 0: it only formats and parses). The GCB client writes and adopts its
+//! entries in [`crate::gcb::client`] and [`crate::gcb::udp`], the DPF client its own in
+//! [`crate::dpf`]; each layer adopts its keys and skips the other's.
 //!
 //! The value is `v1;` then `;`-separated `key=fields` entries, fields separated by `:`.
-//! The GCB client owns these keys (DPF owns `dpf=`/`dpfq=`; each layer skips the other's):
 //!
+//! GCB's keys:
 //! * `ctl=FD:INO` — a registration channel (UDP socket connected to the broker);
 //! * `mbox=TXFD:TXINO:RXFD:RXINO` — the family's mailbox socketpair;
 //! * `reg=FD:INO:PROXYIP:PORT:LOCALIP:PORT:LISTENIP:PORT:CTLFD` — a registered TCP
@@ -17,13 +19,18 @@
 //! * `hb=MS` — the heartbeat interval the exec'ing image used (fitted to the broker's
 //!   lease, which the new image has not seen);
 //! * `udpq=FD:INO` — a UDP socket bound to port 0 that has not registered yet
-//!   ([`crate::sockstate::SockState::UdpPending`]; formatted and adopted in [`super::udp`]).
+//!   ([`crate::sockstate::SockState::UdpPending`]).
 //!
-//! This module only formats and parses; the adopting image checks every fd against its
-//! inode (the fd must still be that socket) before it trusts an entry. A malformed entry
-//! is reported (one line each, never with the token) and skipped, never a panic.
+//! DPF's keys:
+//! * `dpf=FD:INO:tcp|udp:PRIVIP:PORT:PUBIP:PORT:PROBEFD:PROBEINO` — a forwarded socket and
+//!   its probe socket;
+//! * `dpfq=FD:INO:tcp|udp` — a socket bound to port 0 not forwarded yet.
+//!
+//! The adopting image checks every fd against its inode (the fd must still be that
+//! socket) before it trusts an entry. A malformed entry is reported (one line each, by the
+//! layer that owns its key, never with a token) and skipped, never a panic.
 
-use gcb_proto::udp;
+use gcb_proto::{udp, Transport};
 use libc::c_int;
 use std::net::SocketAddrV4;
 use std::time::Duration;
@@ -77,6 +84,75 @@ pub enum Entry {
         proof: String,
     },
     Heartbeat(Duration),
+    /// A UDP socket bound to port 0, not registered yet (`udpq=`).
+    UdpPending {
+        fd: c_int,
+        ino: u64,
+    },
+    /// A socket DPF forwards, with its probe socket (`dpf=`).
+    Dpf {
+        fd: c_int,
+        ino: u64,
+        transport: Transport,
+        private: SocketAddrV4,
+        public: SocketAddrV4,
+        probe: c_int,
+        probe_ino: u64,
+    },
+    /// A socket bound to port 0 that DPF forwards when it is asked for (`dpfq=`).
+    DpfPending {
+        fd: c_int,
+        ino: u64,
+        transport: Transport,
+    },
+}
+
+/// Which layer owns an entry's key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Owner {
+    Gcb,
+    Dpf,
+}
+
+/// The layer that owns `key` (None: nobody's).
+pub fn owner(key: &str) -> Option<Owner> {
+    match key {
+        "ctl" | "mbox" | "reg" | "udp" | "own" | "hb" | "udpq" => Some(Owner::Gcb),
+        "dpf" | "dpfq" => Some(Owner::Dpf),
+        _ => None,
+    }
+}
+
+/// A malformed entry: its key and what is wrong (never quotes a token).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Malformed {
+    /// The key, if the entry had one.
+    pub key: Option<String>,
+    pub why: String,
+}
+
+impl Malformed {
+    /// Should the layer `me` report it? (Each report comes from one layer only.)
+    pub fn reported_by(&self, me: Owner) -> bool {
+        match &self.key {
+            Some(k) => owner(k) == Some(me),
+            // Not even a key: the GCB client says so when it runs, else DPF.
+            None => me == Owner::Gcb,
+        }
+    }
+}
+
+impl std::fmt::Display for Malformed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.why)
+    }
+}
+
+fn transport_name(t: Transport) -> &'static str {
+    match t {
+        Transport::Tcp => "tcp",
+        Transport::Udp => "udp",
+    }
 }
 
 impl Entry {
@@ -120,6 +196,22 @@ impl Entry {
                 format!("own={t}:{proxy}:{proof}")
             }
             Entry::Heartbeat(d) => format!("hb={}", d.as_millis()),
+            Entry::UdpPending { fd, ino } => format!("udpq={fd}:{ino}"),
+            Entry::Dpf {
+                fd,
+                ino,
+                transport,
+                private,
+                public,
+                probe,
+                probe_ino,
+            } => format!(
+                "dpf={fd}:{ino}:{}:{private}:{public}:{probe}:{probe_ino}",
+                transport_name(*transport)
+            ),
+            Entry::DpfPending { fd, ino, transport } => {
+                format!("dpfq={fd}:{ino}:{}", transport_name(*transport))
+            }
         }
     }
 }
@@ -173,6 +265,14 @@ impl<'a> Fields<'a> {
         ))
     }
 
+    fn transport(&mut self) -> Result<Transport, String> {
+        match self.next()? {
+            "tcp" => Ok(Transport::Tcp),
+            "udp" => Ok(Transport::Udp),
+            _ => Err(format!("field {}: not tcp or udp", self.n)),
+        }
+    }
+
     fn end(mut self) -> Result<(), String> {
         match self.it.next() {
             None => Ok(()),
@@ -181,7 +281,7 @@ impl<'a> Fields<'a> {
     }
 }
 
-/// Parse one entry; `Ok(None)` for a key that is not the GCB client's.
+/// Parse one entry; `Ok(None)` for a key nobody owns.
 fn parse_entry(key: &str, v: &str) -> Result<Option<Entry>, String> {
     let mut f = Fields::new(v);
     let e = match key {
@@ -244,31 +344,58 @@ fn parse_entry(key: &str, v: &str) -> Result<Option<Entry>, String> {
                 .ok_or("not a heartbeat interval in ms")?;
             Entry::Heartbeat(Duration::from_millis(ms))
         }
+        "udpq" => Entry::UdpPending {
+            fd: f.fd()?,
+            ino: f.ino()?,
+        },
+        "dpf" => Entry::Dpf {
+            fd: f.fd()?,
+            ino: f.ino()?,
+            transport: f.transport()?,
+            private: f.addr()?,
+            public: f.addr()?,
+            probe: f.fd()?,
+            probe_ino: f.ino()?,
+        },
+        "dpfq" => Entry::DpfPending {
+            fd: f.fd()?,
+            ino: f.ino()?,
+            transport: f.transport()?,
+        },
         _ => return Ok(None),
     };
     f.end()?;
     Ok(Some(e))
 }
 
-/// Parse a `GCB_INHERIT` value: the GCB client's entries, and one complaint per entry of
-/// its keys that is malformed (for the log; tokens are never quoted).
-pub fn parse(spec: &str) -> (Vec<Entry>, Vec<String>) {
+/// Parse a `GCB_INHERIT` value: its entries, and one complaint per malformed entry (for
+/// the log of the layer that owns its key; tokens are never quoted).
+pub fn parse(spec: &str) -> (Vec<Entry>, Vec<Malformed>) {
     let mut entries = Vec::new();
     let mut bad = Vec::new();
     let mut parts = spec.split(';');
     if parts.next() != Some(VERSION) {
-        bad.push(format!("not a {VERSION} value; nothing adopted"));
+        bad.push(Malformed {
+            key: None,
+            why: format!("not a {VERSION} value; nothing adopted"),
+        });
         return (entries, bad);
     }
     for (i, p) in parts.enumerate() {
         let Some((key, v)) = p.split_once('=') else {
-            bad.push(format!("entry {}: no key=", i + 1));
+            bad.push(Malformed {
+                key: None,
+                why: format!("entry {}: no key=", i + 1),
+            });
             continue;
         };
         match parse_entry(key, v) {
             Ok(Some(e)) => entries.push(e),
             Ok(None) => {}
-            Err(why) => bad.push(format!("{key}= entry {}: {why}", i + 1)),
+            Err(why) => bad.push(Malformed {
+                key: Some(key.to_owned()),
+                why: format!("{key}= entry {}: {why}", i + 1),
+            }),
         }
     }
     (entries, bad)
@@ -334,6 +461,21 @@ mod tests {
             },
             udp_entry(),
             Entry::Heartbeat(Duration::from_millis(500)),
+            Entry::UdpPending { fd: 6, ino: 11 },
+            Entry::Dpf {
+                fd: 7,
+                ino: 12,
+                transport: Transport::Tcp,
+                private: a("10.1.0.11:8080"),
+                public: a("203.0.113.1:20001"),
+                probe: 516,
+                probe_ino: 13,
+            },
+            Entry::DpfPending {
+                fd: 8,
+                ino: 14,
+                transport: Transport::Udp,
+            },
         ];
         let spec = std::iter::once(VERSION.to_owned())
             .chain(all.iter().map(Entry::format))
@@ -344,19 +486,24 @@ mod tests {
             format!(
                 "v1;ctl=515:7;mbox=513:8:514:9;\
                  reg=4:10:203.0.113.10:40000:10.1.0.11:9000:10.1.0.11:9000:515;\
-                 udp=3:3098124:203.0.113.10:33865:10.1.0.11:9300:515:{TOKEN};hb=500"
+                 udp=3:3098124:203.0.113.10:33865:10.1.0.11:9300:515:{TOKEN};hb=500;\
+                 udpq=6:11;dpf=7:12:tcp:10.1.0.11:8080:203.0.113.1:20001:516:13;dpfq=8:14:udp"
             )
         );
         assert_eq!(parse(&spec), (all, vec![]));
     }
 
     #[test]
-    fn other_layers_keys_are_skipped_silently() {
+    fn unknown_keys_are_skipped_and_each_complaint_has_one_reporter() {
         let spec = format!(
-            "v1;dpf=3:1:tcp:10.1.0.11:1:203.0.113.1:1:9:2;dpfq=4:5:udp;{}",
+            "v1;future=1:2;{};dpf=3:1:sctp:10.1.0.11:1:203.0.113.1:1:9:2;udpq=x:1;nokey",
             udp_entry().format()
         );
-        assert_eq!(parse(&spec), (vec![udp_entry()], vec![]));
+        let (entries, bad) = parse(&spec);
+        assert_eq!(entries, vec![udp_entry()]);
+        assert_eq!(bad.len(), 3, "{bad:?}");
+        let by = |o| bad.iter().filter(|m| m.reported_by(o)).count();
+        assert_eq!((by(Owner::Gcb), by(Owner::Dpf)), (2, 1), "{bad:?}");
     }
 
     #[test]
@@ -396,7 +543,7 @@ mod tests {
         assert_eq!(entries, vec![udp_entry()]);
         assert_eq!(complaints.len(), bad.len(), "{complaints:#?}");
         for c in &complaints {
-            assert!(!c.contains(TOKEN), "a complaint quotes the token: {c}");
+            assert!(!c.why.contains(TOKEN), "a complaint quotes the token: {c}");
         }
     }
 
@@ -424,7 +571,7 @@ mod tests {
         assert!(entries.is_empty());
         assert_eq!(complaints.len(), 2, "{complaints:?}");
         assert!(
-            complaints.iter().all(|c| !c.contains("zz")),
+            complaints.iter().all(|c| !c.why.contains("zz")),
             "{complaints:?}"
         );
     }
