@@ -29,8 +29,8 @@ const PROG: &str = "gcb-bench-register";
 #[derive(Parser, Debug)]
 #[command(name = PROG, version)]
 struct Args {
-    /// Broker control address.
-    #[arg(long)]
+    /// Broker control address, IP[:PORT] (port 9650 by default).
+    #[arg(long, value_parser = gcb_proto::addr::endpoint_arg::<9650>)]
     broker: SocketAddr,
     /// Local IP to bind the control socket to (also the registrations' local IP).
     #[arg(long)]

@@ -51,7 +51,6 @@ pub mod timers;
 pub mod udp_register;
 
 pub use crate::control::Answer;
-pub use crate::procid::{held_elsewhere, inode};
 pub use channels::{CONNECT_DEADLINE, NEGATIVE_TTL};
 pub use connect_back::{preamble, DIAL_TIMEOUT, PREAMBLE_LEN};
 pub use placeholder::PLACEHOLDER_IP;
