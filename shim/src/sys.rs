@@ -7,8 +7,8 @@
 //! the caller side of the ABI is exact (Rust can call C-variadic functions; it just cannot
 //! define them on stable).
 //!
-//! errno is read in one place, [`errno`]; it is written in one place,
-//! [`crate::hooks::finish`] (the logger restores what it found, nothing else touches it).
+//! errno is read with [`errno`] and set only by [`crate::hooks::finish`] (the logger saves
+//! and restores it around its own write).
 
 use libc::{
     c_char, c_int, c_uint, c_ulong, c_void, epoll_event, fd_set, msghdr, nfds_t, pid_t, pollfd,

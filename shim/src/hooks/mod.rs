@@ -6,38 +6,51 @@
 //!     /// recv(2).
 //!     fn recv(fd: c_int, buf: *mut c_void, len: size_t, flags: c_int) -> ssize_t = sys::RECV;
 //!     mine: fdtable::is_marked(fd);
-//!     logic: io_logic(fd, IoCall::Recv { buf, len, flags, from: NO_ADDR });
+//!     logic: io_logic(fd, recv_call(buf, len, flags, NO_ADDR_OUT));
 //! }
 //! ```
 //!
-//! declares the exported `recv` (through `redhook::hook!`, which adds the `#[no_mangle]
-//! extern "C"` wrapper and a last-resort `catch_unwind`), and inside it:
+//! declares the module `hooks::io::recv` holding the exported `recv` (through
+//! `redhook::hook!`, which writes the `#[no_mangle] extern "C"` function and a last-resort
+//! `catch_unwind` around its body) and three helpers: `real` (the real function),
+//! `missing` (ENOSYS) and `slow`. Clauses: `mine:` says whether the call may concern the
+//! shim (`, else REASON` names why not, for tests that are not the per-fd hot path);
+//! `logic:` gives the [`Outcome`] (`logic(real):` binds the real call for logic that must
+//! make it itself, e.g. dup2 moving a shim fd out of the way first); the optional `after:`
+//! runs on the value about to be returned, whichever path made it (socket/accept forget a
+//! stale table entry for the fd number the kernel returned).
 //!
-//! 1. `real`: the real function through its cached pointer in [`crate::sys`] (`sys::RECV`,
-//!    resolved at init; missing in libc -> `ENOSYS`);
-//! 2. the fast path: `mine:` is false -> `return real()`. For fd-based calls this is
-//!    [`crate::fdtable::is_marked`] (one or two loads, no lock, allocation or syscall): the
-//!    whole cost for the program's ordinary sockets and files, and silent. A hook whose
-//!    test is "a layer is installed" names its reason (`mine: ..., else why::NO_LAYER`),
-//!    which is logged at trace level (one Relaxed load of the log level otherwise);
-//! 3. the slow path, [`run`]: enter the re-entrancy guard (already inside the shim ->
-//!    `real()`, traced as [`REENTERED`]), make sure init ran, call `logic:` under
-//!    `catch_unwind` (a panic becomes a bypass) and hand its [`Outcome`] to [`finish`]: the
-//!    one place errno is set. `Bypass(why)` is traced as `<call>: bypass: <why>` and calls
-//!    `real()` after the guard is released; `Handled(v)` returns `v`; `Error(e)` sets errno
-//!    and returns the call's error value. `logic(real):` binds the real call for logic that
-//!    must call it itself (dup2 moving a shim fd out of the way first);
-//! 4. the optional `after:` step on the value about to be returned, whichever path made it
-//!    (socket/accept forget a stale table entry for the fd number the kernel returned).
+//! ## One call, end to end: `recv(fd, buf, len, 0)`
 //!
-//! errno is read in one place, [`crate::sys::errno`]; logic that called the real function
-//! itself turns its result into an outcome with [`outcome_of`].
+//! 1. The program's call binds to our `recv` (LD_PRELOAD objects come first in the lookup
+//!    scope).
+//! 2. Fast path: `mine` is [`crate::fdtable::is_marked`]`(fd)`: a bounds check, one load of
+//!    the chunk pointer and at most one of the slot. Not managed: tail call of the real
+//!    `recv` through its cached pointer `sys::RECV` (resolved at init by
+//!    [`crate::sys::resolve_all`]; missing in libc -> `missing()` -> ENOSYS). No lock,
+//!    allocation, syscall or log-level check: the whole cost for ordinary sockets.
+//!    (A hook whose test is "a layer is installed" checks the log level on its bypass and
+//!    traces `<call>: bypass: <reason>`.)
+//! 3. Managed: tail call of `slow`, which is cold, out of line and `extern "C"` (cannot
+//!    unwind), so the fast path saves no registers for it. `slow` calls [`run`] with the
+//!    call's name, the logic and `real`.
+//! 4. [`run`] enters the [`crate::guard`] (already inside the shim, e.g. the shim's own
+//!    management traffic: `real()`, traced as [`REENTERED`]), makes sure init ran and
+//!    calls the logic under `catch_unwind` (a panic becomes `Bypass(why::PANICKED)`).
+//! 5. The logic (`io_logic`) looks the fd up: a shim-owned fd gives `Error(EBADF)`; a
+//!    managed socket asks the active layer's `on_io`, which answers `Bypass(why)`,
+//!    `Handled(n)` or `Error(e)`.
+//! 6. [`finish`], the one place errno is set: `Bypass(why)` is traced as
+//!    `recv: bypass: <why>` and calls `real()` after the guard was released; `Handled(n)`
+//!    returns `n`; `Error(e)` sets errno to `e` and returns -1.
+//!
+//! errno is read with [`crate::sys::errno`]; logic that made the real call itself turns its
+//! result into an outcome with [`outcome_of`].
 //!
 //! Modules: [`sock`] (socket, bind, listen, connect, accept, accept4, getsockname,
 //! getpeername), [`fds`] (close, close_range, closefrom, dup, dup2, dup3, fcntl, fcntl64),
 //! [`io`] (read, write, recv*, send*), [`wait`] (select, pselect, poll, ppoll, epoll_ctl,
-//! epoll_wait, epoll_pwait, epoll_pwait2), [`process`] (fork, exec family). Each hook is a
-//! module of its family named after the symbol (e.g. `hooks::io::recv`).
+//! epoll_wait, epoll_pwait, epoll_pwait2), [`process`] (fork, exec family).
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
@@ -71,7 +84,21 @@ impl Ret for () {
 /// Trace a bypass with the call's name. Costs one Relaxed load unless trace is enabled.
 #[inline(always)]
 pub fn trace_bypass(call: &'static str, why: &'static str) {
-    crate::trace!("{}: bypass: {}", call, why);
+    if crate::log::enabled(crate::log::Level::Trace) {
+        trace_bypass_line(call, why);
+    }
+}
+
+/// Out of line and `extern "C"` (cannot unwind), so a fast path that may trace keeps no
+/// landing pad for it. Only ever called from Rust.
+#[cold]
+#[inline(never)]
+#[allow(improper_ctypes_definitions)]
+extern "C" fn trace_bypass_line(call: &'static str, why: &'static str) {
+    crate::log::write_line(
+        crate::log::Level::Trace,
+        format_args!("{call}: bypass: {why}"),
+    );
 }
 
 /// The one place where an [`Outcome`] becomes a C return value and errno is set.
@@ -228,4 +255,51 @@ macro_rules! hook {
             }
         }
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sys::errno;
+
+    fn set_errno(e: libc::c_int) {
+        // SAFETY: the calling thread's errno, always valid.
+        unsafe { *libc::__errno_location() = e };
+    }
+
+    #[test]
+    fn finish_sets_errno_only_on_error() {
+        set_errno(0);
+        assert_eq!(finish("t", Outcome::Error(libc::EINVAL), || 7), -1);
+        assert_eq!(errno(), libc::EINVAL);
+        set_errno(0);
+        assert_eq!(finish("t", Outcome::Handled(5isize), || 7), 5);
+        assert_eq!(finish("t", Outcome::Bypass("test"), || 7), 7);
+        assert_eq!(errno(), 0);
+    }
+
+    #[test]
+    fn outcome_of_reads_errno_of_a_failed_call() {
+        // SAFETY: close(-1) fails with EBADF and has no other effect.
+        let r = unsafe { libc::close(-1) };
+        assert_eq!(outcome_of(r), Outcome::Error(libc::EBADF));
+        assert_eq!(outcome_of(3), Outcome::Handled(3));
+    }
+
+    #[test]
+    fn run_inside_the_guard_calls_the_real_function_only() {
+        let _g = Guard::enter().expect("test thread starts outside the shim");
+        let r = run(
+            "t",
+            || -> Outcome<i32> { panic!("logic must not run") },
+            || 9,
+        );
+        assert_eq!(r, 9);
+    }
+
+    #[test]
+    fn run_contains_a_panicking_logic() {
+        let r = run("t", || -> Outcome<i32> { panic!("test panic") }, || 4);
+        assert_eq!(r, 4);
+    }
 }
