@@ -2,7 +2,7 @@
 //!
 //! Each hooked symbol has one typed [`Real`] cell: a `dlsym(RTLD_NEXT, name)` result cached
 //! in an `AtomicPtr`. The cost on every call is one Relaxed load and a null test. The cells
-//! are declared in one table with [`real_fns!`] (see [`crate::sys`]) and resolved all at
+//! are declared in one table with [`real_fns!`](crate::real_fns) (see [`crate::sys`]) and resolved all at
 //! once at init, so no hook calls `dlsym` later (it is not async-signal-safe, and a hook may
 //! run in a signal handler). Resolution never panics: a symbol that the next object does
 //! not define (e.g. `close_range` on a glibc older than 2.34) makes [`Real::get`] return
