@@ -21,9 +21,9 @@
 
 use libc::{c_int, c_uint, c_ulong};
 
-use super::{run, shim_fd_outcome, why, Outcome};
-use crate::call_real;
+use super::{outcome_of, run, shim_fd_outcome, why, Outcome};
 use crate::fdtable::{self, FdKind};
+use crate::hook;
 use crate::{layer, procid, sys};
 
 fn close_logic(fd: c_int) -> Outcome<c_int> {
@@ -48,32 +48,17 @@ fn close_logic(fd: c_int) -> Outcome<c_int> {
     Outcome::Bypass("the table forgot the fd; the kernel closes it")
 }
 
-#[no_mangle]
-/// Hook for close(2).
-///
-/// # Safety
-/// C ABI; same contract as libc close.
-pub unsafe extern "C" fn close(fd: c_int) -> c_int {
-    if !fdtable::is_marked(fd) {
-        if let Some(f) = sys::close_loaded() {
-            // SAFETY: the real function, with the program's unchanged arguments.
-            return unsafe { f(fd) };
-        }
-    }
-    // Managed fd, or real function not resolved yet.
-    #[inline(never)]
-    unsafe fn slow(fd: c_int) -> c_int {
-        let real = move || call_real!(sys::close, fd);
-        run(move || close_logic(fd), real)
-    }
-    // SAFETY: the same arguments, under the same C contract.
-    unsafe { slow(fd) }
+hook! {
+    /// close(2).
+    fn close(fd: c_int) -> c_int = sys::CLOSE;
+    mine: fdtable::is_marked(fd);
+    logic: close_logic(fd);
 }
 
 /// Real close_range over `lo..=hi` minus the shim-owned fds in it.
 fn close_range_split(lo: c_uint, hi: c_uint, flags: c_int) -> Outcome<c_int> {
     if lo > hi {
-        return Outcome::Bypass("empty range: the kernel reports EINVAL"); // kernel says EINVAL
+        return Outcome::Bypass("empty range: the kernel reports EINVAL");
     }
     if let Some(l) = layer::active() {
         l.on_close_range(lo, hi, flags);
@@ -85,7 +70,7 @@ fn close_range_split(lo: c_uint, hi: c_uint, flags: c_int) -> Outcome<c_int> {
     if owned.is_empty() {
         return Outcome::Bypass("no shim-owned fd in the range");
     }
-    let Some(real) = sys::close_range() else {
+    let Some(real) = sys::CLOSE_RANGE.get() else {
         return Outcome::Error(libc::ENOSYS);
     };
     let mut start = lo as u64;
@@ -109,56 +94,41 @@ fn close_range_split(lo: c_uint, hi: c_uint, flags: c_int) -> Outcome<c_int> {
     );
     for (a, b) in pieces {
         // SAFETY: real close_range on a sub-range of what the program asked for.
-        let r = unsafe { real(a, b, flags) };
-        if r < 0 {
-            // SAFETY: errno location is valid.
-            return Outcome::Error(unsafe { *libc::__errno_location() });
+        if let err @ Outcome::Error(_) = outcome_of(unsafe { real(a, b, flags) }) {
+            return err;
         }
     }
     Outcome::Handled(0)
 }
 
-/// Is there anything at all in the table? (close_range's fast test: one load per chunk
-/// would be a scan, so use the slot count.)
+/// close_range's and closefrom's fast test: nothing in the table and no layer to tell.
+/// (One load per table chunk would be a scan, so use the slot count.)
 #[inline(always)]
-fn table_empty() -> bool {
-    fdtable::slots() == 0
+fn table_or_layer() -> bool {
+    fdtable::slots() != 0 || layer::active().is_some()
 }
 
-#[no_mangle]
-/// Hook for close_range(2) (glibc >= 2.34).
-///
-/// # Safety
-/// C ABI; same contract as libc close_range.
-pub unsafe extern "C" fn close_range(lo: c_uint, hi: c_uint, flags: c_int) -> c_int {
-    let real = move || call_real!(sys::close_range, lo, hi, flags);
-    if table_empty() && layer::active().is_none() {
-        return real();
-    }
-    run(move || close_range_split(lo, hi, flags), real)
+const EMPTY_TABLE: &str = "the fd table is empty and no layer is installed";
+
+hook! {
+    /// close_range(2) (glibc >= 2.34).
+    fn close_range(lo: c_uint, hi: c_uint, flags: c_int) -> c_int = sys::CLOSE_RANGE;
+    mine: table_or_layer(), else EMPTY_TABLE;
+    logic: close_range_split(lo, hi, flags);
 }
 
-#[no_mangle]
-/// Hook for closefrom(3) (glibc >= 2.34). glibc implements it with an internal,
-/// non-interposable close_range call, so it needs its own hook.
-///
-/// # Safety
-/// C ABI; same contract as libc closefrom.
-pub unsafe extern "C" fn closefrom(lo: c_int) {
-    let real = move || call_real!(sys::closefrom, lo);
-    if (table_empty() && layer::active().is_none()) || lo < 0 {
-        return real();
-    }
-    run(
-        || match close_range_split(lo as c_uint, c_uint::MAX, 0) {
-            Outcome::Bypass(why) => Outcome::Bypass(why),
-            // closefrom returns nothing; on a failed split fall back to the real one,
-            // which would not spare shim fds, so only after the split failed.
-            Outcome::Handled(_) => Outcome::Handled(()),
-            Outcome::Error(_) => Outcome::Handled(()),
-        },
-        real,
-    )
+hook! {
+    /// closefrom(3) (glibc >= 2.34). glibc implements it with an internal,
+    /// non-interposable close_range call, so it needs its own hook.
+    fn closefrom(lo: c_int) -> () = sys::CLOSEFROM;
+    mine: table_or_layer() && lo >= 0, else "empty fd table and no layer, or a negative fd";
+    logic: match close_range_split(lo as c_uint, c_uint::MAX, 0) {
+        Outcome::Bypass(why) => Outcome::Bypass(why),
+        // closefrom returns nothing; on a failed split fall back to the real one,
+        // which would not spare shim fds, so only after the split failed.
+        Outcome::Handled(_) => Outcome::Handled(()),
+        Outcome::Error(_) => Outcome::Handled(()),
+    };
 }
 
 /// Shared by dup/dup2/dup3/fcntl(F_DUPFD*): after the real call returned `new`.
@@ -175,44 +145,44 @@ fn after_dup(old: c_int, new: c_int) {
     }
 }
 
-#[no_mangle]
-/// Hook for dup(2).
-///
-/// # Safety
-/// C ABI; same contract as libc dup.
-pub unsafe extern "C" fn dup(old: c_int) -> c_int {
-    let real = move || call_real!(sys::dup, old);
-    if !fdtable::is_marked(old) {
-        let new = real();
-        if new >= 0 && fdtable::is_marked(new) {
-            run(
-                move || {
-                    after_dup(old, new);
-                    Outcome::Handled(new)
-                },
-                || new,
-            );
-        }
-        return new;
+/// An unmanaged fd was duplicated to a number the table still holds (closed behind our
+/// back, e.g. by a raw syscall): the stale entry goes, as for any dup onto a managed fd.
+#[inline(always)]
+fn after_unmanaged_dup(old: c_int, new: c_int) -> c_int {
+    if new >= 0 && fdtable::is_marked(new) && !fdtable::is_marked(old) {
+        run(
+            "dup",
+            move || {
+                after_dup(old, new);
+                Outcome::Handled(new)
+            },
+            || new,
+        );
     }
-    run(
-        move || {
-            if fdtable::is_owned(old) {
-                return shim_fd_outcome();
-            }
-            let new: c_int = call_real!(sys::dup, old);
-            if new < 0 {
-                // SAFETY: errno location is valid.
-                return Outcome::Error(unsafe { *libc::__errno_location() });
-            }
-            after_dup(old, new);
-            Outcome::Handled(new)
-        },
-        real,
-    )
+    new
 }
 
-/// dup2/dup3 logic. `real` is the real call; returns what it returned.
+/// dup and fcntl(F_DUPFD*) logic for a managed source fd.
+fn dup_logic(old: c_int, real: impl Fn() -> c_int) -> Outcome<c_int> {
+    if fdtable::is_owned(old) {
+        return shim_fd_outcome();
+    }
+    let out = outcome_of(real());
+    if let Outcome::Handled(new) = out {
+        after_dup(old, new);
+    }
+    out
+}
+
+hook! {
+    /// dup(2).
+    fn dup(old: c_int) -> c_int = sys::DUP;
+    mine: fdtable::is_marked(old);
+    logic(real): dup_logic(old, real);
+    after: |new| after_unmanaged_dup(old, new);
+}
+
+/// dup2/dup3 logic. `real` is the real call.
 fn dup2_logic(old: c_int, new: c_int, real: impl Fn() -> c_int) -> Outcome<c_int> {
     if fdtable::is_owned(old) {
         return shim_fd_outcome();
@@ -222,108 +192,58 @@ fn dup2_logic(old: c_int, new: c_int, real: impl Fn() -> c_int) -> Outcome<c_int
     } else {
         None
     };
-    let r = real();
-    if r < 0 {
-        // SAFETY: errno location is valid.
-        let e = unsafe { *libc::__errno_location() };
-        if moved.is_some() {
+    let out = outcome_of(real());
+    match out {
+        Outcome::Error(_) if moved.is_some() => {
             // The old shim number is still open (the dup failed): it is no longer ours.
             sys::close_raw(new);
         }
-        return Outcome::Error(e);
+        Outcome::Handled(r) if old != new => after_dup(old, r),
+        _ => {}
     }
-    if old != new {
-        after_dup(old, r);
-    }
-    Outcome::Handled(r)
+    out
 }
 
-#[no_mangle]
-/// Hook for dup2(2).
-///
-/// # Safety
-/// C ABI; same contract as libc dup2.
-pub unsafe extern "C" fn dup2(old: c_int, new: c_int) -> c_int {
-    let real = move || call_real!(sys::dup2, old, new);
-    if !fdtable::is_marked(old) && !fdtable::is_marked(new) {
-        return real();
-    }
-    run(move || dup2_logic(old, new, real), real)
+hook! {
+    /// dup2(2).
+    fn dup2(old: c_int, new: c_int) -> c_int = sys::DUP2;
+    mine: fdtable::is_marked(old) || fdtable::is_marked(new);
+    logic(real): dup2_logic(old, new, real);
 }
 
-#[no_mangle]
-/// Hook for dup3(2).
-///
-/// # Safety
-/// C ABI; same contract as libc dup3.
-pub unsafe extern "C" fn dup3(old: c_int, new: c_int, flags: c_int) -> c_int {
-    let real = move || call_real!(sys::dup3, old, new, flags);
-    if !fdtable::is_marked(old) && !fdtable::is_marked(new) {
-        return real();
-    }
-    run(move || dup2_logic(old, new, real), real)
+hook! {
+    /// dup3(2).
+    fn dup3(old: c_int, new: c_int, flags: c_int) -> c_int = sys::DUP3;
+    mine: fdtable::is_marked(old) || fdtable::is_marked(new);
+    logic(real): dup2_logic(old, new, real);
+}
+
+fn is_dupfd(cmd: c_int) -> bool {
+    cmd == libc::F_DUPFD || cmd == libc::F_DUPFD_CLOEXEC
 }
 
 fn fcntl_logic(fd: c_int, cmd: c_int, real: impl Fn() -> c_int) -> Outcome<c_int> {
     if fdtable::is_owned(fd) {
         return shim_fd_outcome();
     }
-    if cmd == libc::F_DUPFD || cmd == libc::F_DUPFD_CLOEXEC {
-        let new = real();
-        if new < 0 {
-            // SAFETY: errno location is valid.
-            return Outcome::Error(unsafe { *libc::__errno_location() });
-        }
-        after_dup(fd, new);
-        return Outcome::Handled(new);
+    if is_dupfd(cmd) {
+        return dup_logic(fd, real);
     }
     Outcome::Bypass("not a shim-owned target")
 }
 
-#[no_mangle]
-/// Hook for fcntl(2) (see the module docs for the variadic third argument).
-///
-/// # Safety
-/// C ABI; same contract as libc fcntl.
-pub unsafe extern "C" fn fcntl(fd: c_int, cmd: c_int, arg: c_ulong) -> c_int {
-    let real = move || call_real!(sys::fcntl, fd, cmd, arg);
-    if !fdtable::is_marked(fd) {
-        let r = real();
-        if r >= 0 && (cmd == libc::F_DUPFD || cmd == libc::F_DUPFD_CLOEXEC) && fdtable::is_marked(r)
-        {
-            run(
-                move || {
-                    after_dup(fd, r);
-                    Outcome::Handled(r)
-                },
-                || r,
-            );
-        }
-        return r;
-    }
-    run(move || fcntl_logic(fd, cmd, real), real)
+hook! {
+    /// fcntl(2) (see the module docs for the variadic third argument).
+    fn fcntl(fd: c_int, cmd: c_int, arg: c_ulong) -> c_int = sys::FCNTL;
+    mine: fdtable::is_marked(fd);
+    logic(real): fcntl_logic(fd, cmd, real);
+    after: |r| if is_dupfd(cmd) { after_unmanaged_dup(fd, r) } else { r };
 }
 
-#[no_mangle]
-/// Hook for fcntl64 (glibc >= 2.28; what programs built with _FILE_OFFSET_BITS=64 call).
-///
-/// # Safety
-/// C ABI; same contract as libc fcntl64.
-pub unsafe extern "C" fn fcntl64(fd: c_int, cmd: c_int, arg: c_ulong) -> c_int {
-    let real = move || call_real!(sys::fcntl64, fd, cmd, arg);
-    if !fdtable::is_marked(fd) {
-        let r = real();
-        if r >= 0 && (cmd == libc::F_DUPFD || cmd == libc::F_DUPFD_CLOEXEC) && fdtable::is_marked(r)
-        {
-            run(
-                move || {
-                    after_dup(fd, r);
-                    Outcome::Handled(r)
-                },
-                || r,
-            );
-        }
-        return r;
-    }
-    run(move || fcntl_logic(fd, cmd, real), real)
+hook! {
+    /// fcntl64 (glibc >= 2.28; what programs built with _FILE_OFFSET_BITS=64 call).
+    fn fcntl64(fd: c_int, cmd: c_int, arg: c_ulong) -> c_int = sys::FCNTL64;
+    mine: fdtable::is_marked(fd);
+    logic(real): fcntl_logic(fd, cmd, real);
+    after: |r| if is_dupfd(cmd) { after_unmanaged_dup(fd, r) } else { r };
 }

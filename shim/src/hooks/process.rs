@@ -8,7 +8,7 @@
 //!   (vfork itself cannot be wrapped by a normal function: the child would return through
 //!   the wrapper's stack frame, which the parent then reuses.)
 //! * `execve`, `execv`, `execvp`, `execvpe`: pass-through, with the seam for GCB state
-//!   handoff in `exec_seam`. Each is hooked separately because glibc's `execv`/`execvp`/
+//!   handoff in `handoff`. Each is hooked separately because glibc's `execv`/`execvp`/
 //!   `execvpe` reach the kernel through the internal, non-interposable `__execve`.
 //!   `execl`, `execle` and `execlp` are C-variadic (not definable in stable Rust) and glibc
 //!   implements them by building an argv and calling `__execve`/`__execvpe` internally, so
@@ -17,37 +17,48 @@
 //! * GCB handoff: when registered sockets (TCP listeners, UDP sockets, DPF mappings)
 //!   survive the exec (no FD_CLOEXEC), the layer's `exec_handoff` gives a `GCB_INHERIT`
 //!   value (fds, inodes, proxies, UDP tokens) that the new image's shim adopts at init
-//!   (see [`crate::gcb::inherit`]). The debug log line shows it without the tokens.
+//!   (see [`crate::inherit`]). The debug log line shows it without the tokens.
 //!
-//! In a vfork child these hooks allocate nothing (the handoff is skipped there).
+//! In a vfork child these hooks allocate nothing (the handoff is skipped there, with the
+//! bypass reason [`why::FOREIGN_PROCESS`]).
 
 use libc::{c_char, c_int, pid_t};
 use std::ffi::{CStr, CString};
 
-use crate::call_real;
-use crate::guard::Guard;
-use crate::{layer, sys};
+use super::{outcome_of, run, why, Outcome};
+use crate::hook;
+use crate::{layer, procid, sys};
 
-#[no_mangle]
-/// Hook for fork(2).
-///
-/// # Safety
-/// C ABI; same contract as libc fork.
-pub unsafe extern "C" fn fork() -> pid_t {
-    crate::init::ensure();
-    let pid: pid_t = call_real!(sys::fork);
+/// Bypass reason of fork(): the real fork does the work; the shim's part is in the
+/// atfork handlers and `after_fork`.
+const FORK: &str = "the real fork; atfork handlers keep the shim's locks consistent";
+
+/// In the child, the layer gets `on_fork_child` (under the guard, like any shim logic).
+fn after_fork(pid: pid_t) -> pid_t {
     if pid == 0 {
-        if let Some(l) = layer::active() {
-            if let Some(_g) = Guard::enter() {
-                let _ =
-                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| l.on_fork_child()));
-            }
-        }
-        crate::debug!("fork child");
+        run(
+            "fork",
+            || {
+                if let Some(l) = layer::active() {
+                    l.on_fork_child();
+                }
+                crate::debug!("fork child");
+                Outcome::Handled(0)
+            },
+            || 0,
+        );
     } else if pid > 0 {
         crate::debug!("fork() = {}", pid);
     }
     pid
+}
+
+hook! {
+    /// fork(2). `mine` so that init runs (in [`super::run`]) before the first fork.
+    fn fork() -> pid_t = sys::FORK;
+    mine: true;
+    logic: Outcome::Bypass(FORK);
+    after: |pid| after_fork(pid);
 }
 
 /// Printable view of a C string without allocating.
@@ -63,40 +74,49 @@ impl std::fmt::Display for CDisplay {
     }
 }
 
-/// The exec seam: log, and ask the layer for a `GCB_INHERIT` value that hands its state
-/// (registered sockets that survive exec) to the new image. Not in a vfork
-/// child (shared memory, no allocation allowed).
-fn exec_seam(func: &str, path: *const c_char) -> Option<CString> {
+/// The exec family's fast test: log the call; the shim has state to hand over only if a
+/// layer is installed.
+#[inline(always)]
+fn exec_seen(func: &str, path: *const c_char) -> bool {
     crate::debug!("{}({})", func, CDisplay(path));
-    if crate::procid::foreign_process() {
-        return None;
-    }
-    let v = layer::active()?.exec_handoff()?;
-    crate::debug!(
-        "handing over to the new image: GCB_INHERIT={}",
-        crate::inherit::redacted(&v)
-    );
-    CString::new(format!("{INHERIT}={v}")).ok()
+    layer::active().is_some()
 }
 
 const INHERIT: &str = "GCB_INHERIT";
 
-fn seam_guarded(func: &str, path: *const c_char) -> Option<CString> {
-    let _g = Guard::enter()?;
-    std::panic::catch_unwind(|| exec_seam(func, path))
-        .ok()
-        .flatten()
+/// The exec seam: a `GCB_INHERIT=...` environment entry that hands the layer's state
+/// (registered sockets that survive exec) to the new image, or why there is none. Never
+/// in a vfork child (shared memory, no allocation allowed).
+fn handoff() -> Result<CString, &'static str> {
+    if procid::foreign_process() {
+        return Err(why::FOREIGN_PROCESS);
+    }
+    let l = layer::active().ok_or(why::NO_LAYER)?;
+    let v = l
+        .exec_handoff()
+        .ok_or("no registered socket survives the exec")?;
+    crate::debug!(
+        "handing over to the new image: GCB_INHERIT={}",
+        crate::inherit::redacted(&v)
+    );
+    CString::new(format!("{INHERIT}={v}")).map_err(|_| "GCB_INHERIT value holds a NUL byte")
 }
 
-/// For the exec calls that use `environ`: put the handoff there.
-fn handoff_into_environ(entry: Option<CString>) {
-    let Some(entry) = entry else { return };
-    let Some(v) = entry.to_bytes().strip_prefix(b"GCB_INHERIT=") else {
-        return;
+/// For the exec calls that use `environ`: put the handoff there, then the real call.
+fn handoff_into_environ() -> Outcome<c_int> {
+    let entry = match handoff() {
+        Ok(entry) => entry,
+        Err(why) => return Outcome::Bypass(why),
     };
-    let Ok(v) = CString::new(v) else { return };
+    let Some(v) = entry.to_bytes().strip_prefix(b"GCB_INHERIT=") else {
+        return Outcome::Bypass("malformed handoff entry");
+    };
+    let Ok(v) = CString::new(v) else {
+        return Outcome::Bypass("malformed handoff entry");
+    };
     // SAFETY: both strings are NUL-terminated; we are about to exec, and setenv copies.
     unsafe { libc::setenv(c"GCB_INHERIT".as_ptr(), v.as_ptr(), 1) };
+    Outcome::Bypass("handoff written to environ")
 }
 
 /// For the exec calls with an explicit envp: a copy of it with our entry instead of any
@@ -124,60 +144,61 @@ fn envp_with(envp: *const *const c_char, entry: &CString) -> Vec<*const c_char> 
     out
 }
 
-#[no_mangle]
-/// Hook for execve(2).
-///
-/// # Safety
-/// C ABI; same contract as libc execve.
-pub unsafe extern "C" fn execve(
+type ExecEnv =
+    unsafe extern "C" fn(*const c_char, *const *const c_char, *const *const c_char) -> c_int;
+
+/// For execve/execvpe: the real call with the handoff in a copy of `envp`.
+fn handoff_into_envp(
+    real: &crate::real::Real<ExecEnv>,
     path: *const c_char,
     argv: *const *const c_char,
     envp: *const *const c_char,
-) -> c_int {
-    match seam_guarded("execve", path) {
-        Some(entry) => {
-            let env = envp_with(envp, &entry);
-            call_real!(sys::execve, path, argv, env.as_ptr())
-        }
-        None => call_real!(sys::execve, path, argv, envp),
-    }
+) -> Outcome<c_int> {
+    let entry = match handoff() {
+        Ok(entry) => entry,
+        Err(why) => return Outcome::Bypass(why),
+    };
+    let env = envp_with(envp, &entry);
+    let Some(f) = real.get() else {
+        return Outcome::Error(libc::ENOSYS);
+    };
+    // SAFETY: the program's exec call with its path and argv unchanged and a valid,
+    // NULL-terminated envp that outlives the call (on success the call does not return).
+    outcome_of(unsafe { f(path, argv, env.as_ptr()) })
 }
 
-#[no_mangle]
-/// Hook for execv(3).
-///
-/// # Safety
-/// C ABI; same contract as libc execv.
-pub unsafe extern "C" fn execv(path: *const c_char, argv: *const *const c_char) -> c_int {
-    handoff_into_environ(seam_guarded("execv", path));
-    call_real!(sys::execv, path, argv)
+hook! {
+    /// execve(2).
+    fn execve(
+        path: *const c_char,
+        argv: *const *const c_char,
+        envp: *const *const c_char,
+    ) -> c_int = sys::EXECVE;
+    mine: exec_seen("execve", path), else why::NO_LAYER;
+    logic: handoff_into_envp(&sys::EXECVE, path, argv, envp);
 }
 
-#[no_mangle]
-/// Hook for execvp(3).
-///
-/// # Safety
-/// C ABI; same contract as libc execvp.
-pub unsafe extern "C" fn execvp(file: *const c_char, argv: *const *const c_char) -> c_int {
-    handoff_into_environ(seam_guarded("execvp", file));
-    call_real!(sys::execvp, file, argv)
+hook! {
+    /// execv(3).
+    fn execv(path: *const c_char, argv: *const *const c_char) -> c_int = sys::EXECV;
+    mine: exec_seen("execv", path), else why::NO_LAYER;
+    logic: handoff_into_environ();
 }
 
-#[no_mangle]
-/// Hook for execvpe(3).
-///
-/// # Safety
-/// C ABI; same contract as libc execvpe.
-pub unsafe extern "C" fn execvpe(
-    file: *const c_char,
-    argv: *const *const c_char,
-    envp: *const *const c_char,
-) -> c_int {
-    match seam_guarded("execvpe", file) {
-        Some(entry) => {
-            let env = envp_with(envp, &entry);
-            call_real!(sys::execvpe, file, argv, env.as_ptr())
-        }
-        None => call_real!(sys::execvpe, file, argv, envp),
-    }
+hook! {
+    /// execvp(3).
+    fn execvp(file: *const c_char, argv: *const *const c_char) -> c_int = sys::EXECVP;
+    mine: exec_seen("execvp", file), else why::NO_LAYER;
+    logic: handoff_into_environ();
+}
+
+hook! {
+    /// execvpe(3).
+    fn execvpe(
+        file: *const c_char,
+        argv: *const *const c_char,
+        envp: *const *const c_char,
+    ) -> c_int = sys::EXECVPE;
+    mine: exec_seen("execvpe", file), else why::NO_LAYER;
+    logic: handoff_into_envp(&sys::EXECVPE, file, argv, envp);
 }

@@ -1,23 +1,32 @@
 //! socket, bind, listen, connect, accept, accept4, getsockname, getpeername.
 //!
-//! These are fixed-arity POSIX functions that every glibc defines, so they use
-//! `redhook::hook!` (exported `#[no_mangle]` wrapper + `dlsym(RTLD_NEXT)` resolution +
-//! `catch_unwind` around the body). The body is the same thin shape as the other hooks.
+//! socket() is never changed, but it goes through [`super::run`] (which makes sure init
+//! ran) so that a socket created before the library's constructor ran still finds the
+//! layer installed. bind, listen and connect are the layer's business whenever one is
+//! installed (GCB must see every `listen()` and broker every `connect()`); accept and the
+//! name calls only for managed fds. socket and accept return a new fd from the kernel:
+//! whatever the table still held for that number is stale and is forgotten (`after:`).
 
 use libc::{c_int, sockaddr, socklen_t};
 use std::sync::Arc;
 
-use super::{run, shim_fd_outcome, why, Outcome};
+use super::{shim_fd_outcome, why, Outcome};
 use crate::fdtable::{self, FdEntry, FdKind};
-use crate::layer::{self, AddrIn, AddrOut};
+use crate::hook;
+use crate::layer::{self, AddrIn, AddrOut, Layer};
+use crate::sys;
+
+/// Bypass reason of socket(): the shim only looks at sockets from bind/listen/connect on.
+const CREATED: &str = "socket creation is never changed";
 
 /// A new fd came back from the kernel: whatever the table held for that number is stale
 /// (closed behind our back, e.g. by a raw syscall). One lookup when nothing is there.
 #[inline(always)]
-fn fresh_fd(fd: c_int) {
+fn fresh_fd(fd: c_int) -> c_int {
     if fd >= 0 && fdtable::is_marked(fd) {
         drop(fdtable::remove(fd));
     }
+    fd
 }
 
 /// Managed entry for a fd-based call: None = unmanaged; Err = shim-owned fd.
@@ -28,133 +37,112 @@ fn socket_entry(fd: c_int) -> Result<Option<Arc<FdEntry>>, ()> {
     }
 }
 
-redhook::hook! {
-    unsafe fn socket(domain: c_int, ty: c_int, protocol: c_int) -> c_int => gcb_socket {
-        crate::init::ensure();
-        // SAFETY: real socket() with the program's arguments.
-        let fd = unsafe { redhook::real!(socket)(domain, ty, protocol) };
-        fresh_fd(fd);
+/// bind/listen/connect: the layer decides, managed fd or not (not for shim-owned fds).
+fn any_socket_logic(
+    fd: c_int,
+    f: impl FnOnce(&dyn Layer, Option<&Arc<FdEntry>>) -> Outcome<c_int>,
+) -> Outcome<c_int> {
+    match socket_entry(fd) {
+        Err(()) => shim_fd_outcome(),
+        Ok(e) => layer::active().map_or(Outcome::Bypass(why::NO_LAYER), |l| f(l, e.as_ref())),
+    }
+}
+
+/// accept/accept4/getsockname/getpeername: the layer decides for managed sockets only.
+fn managed_socket_logic(
+    fd: c_int,
+    f: impl FnOnce(&dyn Layer, &Arc<FdEntry>) -> Outcome<c_int>,
+) -> Outcome<c_int> {
+    match socket_entry(fd) {
+        Err(()) => shim_fd_outcome(),
+        Ok(None) => Outcome::Bypass(why::UNMANAGED),
+        Ok(Some(e)) => layer::active().map_or(Outcome::Bypass(why::NO_LAYER), |l| f(l, &e)),
+    }
+}
+
+/// The fast test of bind/listen/connect.
+#[inline(always)]
+fn managed_or_layer(fd: c_int) -> bool {
+    fdtable::is_marked(fd) || layer::active().is_some()
+}
+
+hook! {
+    /// socket(2).
+    fn socket(domain: c_int, ty: c_int, protocol: c_int) -> c_int = sys::SOCKET;
+    mine: true;
+    logic: Outcome::Bypass(CREATED);
+    after: |fd| {
         crate::trace!("socket({}, {:#x}, {}) = {}", domain, ty, protocol, fd);
-        fd
-    }
+        fresh_fd(fd)
+    };
 }
 
-redhook::hook! {
-    unsafe fn bind(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int => gcb_bind {
-        // SAFETY: real bind() with the program's arguments.
-        let real = move || unsafe { redhook::real!(bind)(fd, addr, len) };
-        if !fdtable::is_marked(fd) && layer::active().is_none() {
-            return real();
-        }
-        run(move || match socket_entry(fd) {
-            Err(()) => shim_fd_outcome(),
-            Ok(e) => layer::active().map_or(Outcome::Bypass(why::NO_LAYER), |l| {
-                l.on_bind(fd, e.as_ref(), AddrIn { ptr: addr, len })
-            }),
-        }, real)
-    }
+hook! {
+    /// bind(2).
+    fn bind(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int = sys::BIND;
+    mine: managed_or_layer(fd), else why::NO_LAYER;
+    logic: any_socket_logic(fd, |l, e| l.on_bind(fd, e, AddrIn { ptr: addr, len }));
 }
 
-redhook::hook! {
-    unsafe fn listen(fd: c_int, backlog: c_int) -> c_int => gcb_listen {
-        // SAFETY: real listen() with the program's arguments.
-        let real = move || unsafe { redhook::real!(listen)(fd, backlog) };
+hook! {
+    /// listen(2).
+    fn listen(fd: c_int, backlog: c_int) -> c_int = sys::LISTEN;
+    mine: {
         crate::debug!("listen({}, {})", fd, backlog);
-        if !fdtable::is_marked(fd) && layer::active().is_none() {
-            return real();
-        }
-        run(move || match socket_entry(fd) {
-            Err(()) => shim_fd_outcome(),
-            Ok(e) => layer::active().map_or(Outcome::Bypass(why::NO_LAYER), |l| l.on_listen(fd, e.as_ref(), backlog)),
-        }, real)
-    }
+        managed_or_layer(fd)
+    }, else why::NO_LAYER;
+    logic: any_socket_logic(fd, |l, e| l.on_listen(fd, e, backlog));
 }
 
-redhook::hook! {
-    unsafe fn connect(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int => gcb_connect {
-        // SAFETY: real connect() with the program's arguments.
-        let real = move || unsafe { redhook::real!(connect)(fd, addr, len) };
+hook! {
+    /// connect(2).
+    fn connect(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int = sys::CONNECT;
+    mine: {
         crate::debug!("connect({})", fd);
-        if !fdtable::is_marked(fd) && layer::active().is_none() {
-            return real();
-        }
-        run(move || match socket_entry(fd) {
-            Err(()) => shim_fd_outcome(),
-            Ok(e) => layer::active().map_or(Outcome::Bypass(why::NO_LAYER), |l| {
-                l.on_connect(fd, e.as_ref(), AddrIn { ptr: addr, len })
-            }),
-        }, real)
-    }
+        managed_or_layer(fd)
+    }, else why::NO_LAYER;
+    logic: any_socket_logic(fd, |l, e| l.on_connect(fd, e, AddrIn { ptr: addr, len }));
 }
 
-fn accept_common(fd: c_int, addr: AddrOut, flags: c_int) -> Outcome<c_int> {
-    match socket_entry(fd) {
-        Err(()) => shim_fd_outcome(),
-        Ok(None) => Outcome::Bypass(why::UNMANAGED),
-        Ok(Some(e)) => layer::active().map_or(Outcome::Bypass(why::NO_LAYER), |l| {
-            l.on_accept(fd, &e, addr, flags)
-        }),
-    }
+hook! {
+    /// accept(2).
+    fn accept(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int = sys::ACCEPT;
+    mine: fdtable::is_marked(fd);
+    logic: managed_socket_logic(fd, |l, e| l.on_accept(fd, e, AddrOut { ptr: addr, len }, 0));
+    after: |new| {
+        crate::trace!("accept({}) = {}", fd, new);
+        fresh_fd(new)
+    };
 }
 
-redhook::hook! {
-    unsafe fn accept(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int => gcb_accept {
-        // SAFETY: real accept() with the program's arguments.
-        let real = move || unsafe { redhook::real!(accept)(fd, addr, len) };
-        let r = if fdtable::is_marked(fd) {
-            run(move || accept_common(fd, AddrOut { ptr: addr, len }, 0), real)
-        } else {
-            real()
-        };
-        fresh_fd(r);
-        crate::trace!("accept({}) = {}", fd, r);
-        r
-    }
+hook! {
+    /// accept4(2).
+    fn accept4(
+        fd: c_int,
+        addr: *mut sockaddr,
+        len: *mut socklen_t,
+        flags: c_int,
+    ) -> c_int = sys::ACCEPT4;
+    mine: fdtable::is_marked(fd);
+    logic: managed_socket_logic(fd, |l, e| {
+        l.on_accept(fd, e, AddrOut { ptr: addr, len }, flags)
+    });
+    after: |new| {
+        crate::trace!("accept4({}) = {}", fd, new);
+        fresh_fd(new)
+    };
 }
 
-redhook::hook! {
-    unsafe fn accept4(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t, flags: c_int) -> c_int => gcb_accept4 {
-        // SAFETY: real accept4() with the program's arguments.
-        let real = move || unsafe { redhook::real!(accept4)(fd, addr, len, flags) };
-        let r = if fdtable::is_marked(fd) {
-            run(move || accept_common(fd, AddrOut { ptr: addr, len }, flags), real)
-        } else {
-            real()
-        };
-        fresh_fd(r);
-        crate::trace!("accept4({}) = {}", fd, r);
-        r
-    }
+hook! {
+    /// getsockname(2).
+    fn getsockname(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int = sys::GETSOCKNAME;
+    mine: fdtable::is_marked(fd);
+    logic: managed_socket_logic(fd, |l, e| l.on_name(fd, e, false, AddrOut { ptr: addr, len }));
 }
 
-fn name_common(fd: c_int, peer: bool, addr: AddrOut) -> Outcome<c_int> {
-    match socket_entry(fd) {
-        Err(()) => shim_fd_outcome(),
-        Ok(None) => Outcome::Bypass(why::UNMANAGED),
-        Ok(Some(e)) => layer::active().map_or(Outcome::Bypass(why::NO_LAYER), |l| {
-            l.on_name(fd, &e, peer, addr)
-        }),
-    }
-}
-
-redhook::hook! {
-    unsafe fn getsockname(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int => gcb_getsockname {
-        // SAFETY: real getsockname() with the program's arguments.
-        let real = move || unsafe { redhook::real!(getsockname)(fd, addr, len) };
-        if !fdtable::is_marked(fd) {
-            return real();
-        }
-        run(move || name_common(fd, false, AddrOut { ptr: addr, len }), real)
-    }
-}
-
-redhook::hook! {
-    unsafe fn getpeername(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int => gcb_getpeername {
-        // SAFETY: real getpeername() with the program's arguments.
-        let real = move || unsafe { redhook::real!(getpeername)(fd, addr, len) };
-        if !fdtable::is_marked(fd) {
-            return real();
-        }
-        run(move || name_common(fd, true, AddrOut { ptr: addr, len }), real)
-    }
+hook! {
+    /// getpeername(2).
+    fn getpeername(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int = sys::GETPEERNAME;
+    mine: fdtable::is_marked(fd);
+    logic: managed_socket_logic(fd, |l, e| l.on_name(fd, e, true, AddrOut { ptr: addr, len }));
 }
