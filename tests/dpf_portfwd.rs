@@ -4,11 +4,14 @@
 //! `cargo build --release -p gcb-portfwd`.
 
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
-use gcb_lab::{random_bytes, release_artifact, sha256, Host, Lab, Proc};
+use gcb_lab::{
+    portfwd_maps, random_bytes, release_artifact, sha256, wait_until, Host, Lab, Portfwd, Proc,
+    Scratch,
+};
 
 const T: Duration = Duration::from_secs(10);
 const PROBE_SECS: u64 = 2;
@@ -22,32 +25,20 @@ fn text(out: &Output) -> String {
     )
 }
 
-fn state_dir(lab: &Lab) -> PathBuf {
-    std::env::temp_dir().join(format!("gcb-portfwd-test-{}", lab.name()))
-}
-
-fn start_portfwd(lab: &Lab) -> Proc {
-    let bin = release_artifact("gcb-portfwd");
-    assert!(
-        bin.exists(),
-        "{} missing: cargo build --release -p gcb-portfwd",
-        bin.display()
-    );
-    let p = lab
-        .spawn(
-            lab.cmd(Host::Gwa, bin)
-                .args(["--public", "203.0.113.1", "--private", "10.1.0.0/24"])
-                .args(["--ports", "20000-20099", "--probe-timeout-ms", "500"])
-                .arg(format!("--probe-interval-secs={PROBE_SECS}"))
-                .arg(format!("--quota={QUOTA}"))
-                .arg("--state")
-                .arg(state_dir(lab))
-                .stdout(Stdio::null())
-                .stderr(Stdio::inherit()),
-        )
-        .expect("spawn gcb-portfwd");
-    lab.wait_for_udp_bind(Host::Gwa, 9651, T).unwrap();
-    p
+/// portfwd on gwa (keyed) for 10.1.0.0/24, ports 20000-20099, state and log in `dir`.
+fn start_portfwd(lab: &Lab, dir: &Path) -> Portfwd {
+    Portfwd::start(
+        lab,
+        dir,
+        &[
+            "--private",
+            "10.1.0.0/24",
+            "--ports",
+            "20000-20099",
+            &format!("--probe-interval-secs={PROBE_SECS}"),
+            &format!("--quota={QUOTA}"),
+        ],
+    )
 }
 
 /// Runs `gcb-dpf-request --server 10.1.0.1 ARGS` in `host`: (exit code, stdout).
@@ -105,13 +96,8 @@ fn nft(lab: &Lab, args: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-fn maps(lab: &Lab) -> String {
-    nft(lab, "list map ip gcb_portfwd fwd_tcp") + &nft(lab, "list map ip gcb_portfwd fwd_udp")
-}
-
 /// p1 sends 256 KiB over TCP to 203.0.113.1:port, a1 receives on 10.1.0.11:7000.
-fn tcp_through(lab: &Lab, port: u16) -> bool {
-    let dir = state_dir(lab);
+fn tcp_through(lab: &Lab, dir: &Path, port: u16) -> bool {
     let (src, dst) = (dir.join("tcp.in"), dir.join("tcp.out"));
     let data = random_bytes(256 * 1024);
     std::fs::write(&src, &data).unwrap();
@@ -140,8 +126,7 @@ fn tcp_through(lab: &Lab, port: u16) -> bool {
 }
 
 /// p1 sends one 4 KiB UDP datagram to 203.0.113.1:port, a1 receives on 10.1.0.11:7001.
-fn udp_through(lab: &Lab, port: u16) -> bool {
-    let dir = state_dir(lab);
+fn udp_through(lab: &Lab, dir: &Path, port: u16) -> bool {
     let (src, dst) = (dir.join("udp.in"), dir.join("udp.out"));
     let data = random_bytes(4096);
     std::fs::write(&src, &data).unwrap();
@@ -172,27 +157,17 @@ fn udp_through(lab: &Lab, port: u16) -> bool {
     ok
 }
 
-fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 #[test]
 fn dpf_forward_restart_flush_probe_refusals() {
     let lab = Lab::up();
-    let dir = state_dir(&lab);
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = Scratch::new("portfwd", &lab);
 
     // An administrator's own rules, one before and one after portfwd starts.
     nft(
         &lab,
         "-f - <<'EOF'\ntable inet admin {\n chain input {\n  type filter hook input priority 0; policy accept;\n  tcp dport 2222 counter accept comment \"admin-before\"\n }\n}\nEOF",
     );
-    let mut daemon = start_portfwd(&lab);
+    let mut daemon = start_portfwd(&lab, &dir);
     nft(
         &lab,
         "-f - <<'EOF'\ntable ip adminnat {\n chain pre {\n  type nat hook prerouting priority dstnat - 5; policy accept;\n  iifname \"wan0\" tcp dport 2223 dnat to 10.1.0.12:2223 comment \"admin-after\"\n }\n}\nEOF",
@@ -208,11 +183,11 @@ fn dpf_forward_restart_flush_probe_refusals() {
     let (_udp_client, uport) = hold(&lab, "10.1.0.11:7001", true);
     assert!((20000..20100).contains(&tport) && (20000..20100).contains(&uport));
     assert!(
-        tcp_through(&lab, tport),
+        tcp_through(&lab, &dir, tport),
         "TCP p1 -> 203.0.113.1:{tport} -> a1:7000"
     );
     assert!(
-        udp_through(&lab, uport),
+        udp_through(&lab, &dir, uport),
         "UDP p1 -> 203.0.113.1:{uport} -> a1:7001"
     );
     // Same-network query (from a2) is answered from the mapping table.
@@ -222,7 +197,7 @@ fn dpf_forward_restart_flush_probe_refusals() {
         q.contains("\"private\":\"10.1.0.11:7000\"") && q.contains("\"epoch\":1"),
         "{q}"
     );
-    let table_before = maps(&lab);
+    let table_before = portfwd_maps(&lab);
     assert!(
         table_before.contains(&format!("{tport} : 10.1.0.11 . 7000")),
         "{table_before}"
@@ -265,7 +240,11 @@ fn dpf_forward_restart_flush_probe_refusals() {
             "{args:?}: {out}"
         );
     }
-    assert_eq!(maps(&lab), table_before, "refusals installed nothing");
+    assert_eq!(
+        portfwd_maps(&lab),
+        table_before,
+        "refusals installed nothing"
+    );
     // quota: a1 has 2 mappings; 2 more fit, the next is refused.
     let mgmt = lab
         .spawn(lab.cmd(Host::A1, "ncat").args(["-lk", "10.1.0.11", "7999"]))
@@ -279,7 +258,7 @@ fn dpf_forward_restart_flush_probe_refusals() {
         );
         assert_eq!(rc, 0, "{out}");
     }
-    let full = maps(&lab);
+    let full = portfwd_maps(&lab);
     let (rc, out) = request(
         &lab,
         Host::A1,
@@ -287,23 +266,21 @@ fn dpf_forward_restart_flush_probe_refusals() {
     );
     assert_eq!(rc, 2, "{out}");
     assert!(out.contains("\"code\":\"quota\""), "{out}");
-    assert_eq!(maps(&lab), full, "quota refusal installed nothing");
+    assert_eq!(portfwd_maps(&lab), full, "quota refusal installed nothing");
     for p in ["7010", "7011"] {
         let (rc, out) = request(&lab, Host::A1, &["delete", &format!("10.1.0.11:{p}")]);
         assert_eq!(rc, 0, "{out}");
         assert!(out.contains("\"deleted\""), "{out}");
     }
     drop(mgmt);
-    assert_eq!(maps(&lab), table_before);
+    assert_eq!(portfwd_maps(&lab), table_before);
 
     // 3. kill -9 and restart: same table, traffic still flows, epoch 2.
-    daemon.signal_group(libc::SIGKILL);
-    daemon.wait_timeout(T).unwrap();
-    drop(daemon);
-    let daemon = start_portfwd(&lab);
-    assert_eq!(maps(&lab), table_before, "table after restart");
-    assert!(tcp_through(&lab, tport), "TCP after restart");
-    assert!(udp_through(&lab, uport), "UDP after restart");
+    daemon.crash();
+    daemon.restart(&lab);
+    assert_eq!(portfwd_maps(&lab), table_before, "table after restart");
+    assert!(tcp_through(&lab, &dir, tport), "TCP after restart");
+    assert!(udp_through(&lab, &dir, uport), "UDP after restart");
     let (_, q) = request(&lab, Host::A2, &["query", &format!("203.0.113.1:{tport}")]);
     assert!(
         q.contains("\"private\":\"10.1.0.11:7000\"") && q.contains("\"epoch\":2"),
@@ -327,9 +304,9 @@ fn dpf_forward_restart_flush_probe_refusals() {
     wait_until(
         "sync restores the flushed table",
         Duration::from_secs(3 * PROBE_SECS + 3),
-        || tcp_through(&lab, tport),
+        || tcp_through(&lab, &dir, tport),
     );
-    assert_eq!(maps(&lab), table_before);
+    assert_eq!(portfwd_maps(&lab), table_before);
     nft(&lab, "delete table ip gcb_portfwd");
     wait_until(
         "sync restores the deleted table",
@@ -338,10 +315,10 @@ fn dpf_forward_restart_flush_probe_refusals() {
             lab.sh(Host::Gwa, "nft list table ip gcb_portfwd", T)
                 .status
                 .success()
-                && maps(&lab) == table_before
+                && portfwd_maps(&lab) == table_before
         },
     );
-    assert!(tcp_through(&lab, tport), "TCP after re-creation");
+    assert!(tcp_through(&lab, &dir, tport), "TCP after re-creation");
 
     // 4. the client dies: its mapping is gone within one probe interval (+ a round).
     drop(tcp_client);
@@ -349,13 +326,13 @@ fn dpf_forward_restart_flush_probe_refusals() {
     wait_until(
         "dead client's mapping removed",
         Duration::from_secs(PROBE_SECS + 2),
-        || !maps(&lab).contains(&format!("{tport} : 10.1.0.11 . 7000")),
+        || !portfwd_maps(&lab).contains(&format!("{tport} : 10.1.0.11 . 7000")),
     );
     eprintln!("mapping removed {:?} after the client died", t0.elapsed());
     let (_, q) = request(&lab, Host::A2, &["query", &format!("203.0.113.1:{tport}")]);
     assert!(!q.contains("\"private\""), "{q}");
     assert!(
-        maps(&lab).contains(&format!("{uport} : 10.1.0.11 . 7001")),
+        portfwd_maps(&lab).contains(&format!("{uport} : 10.1.0.11 . 7001")),
         "live UDP client kept"
     );
 
@@ -363,10 +340,13 @@ fn dpf_forward_restart_flush_probe_refusals() {
     assert_eq!(admin(), admin_before);
     assert!(admin().contains("admin-before") && admin().contains("admin-after"));
 
-    // Clean stop: the daemon prints its stats line.
-    daemon.signal_group(libc::SIGTERM);
-    drop(daemon);
-    let _ = std::fs::remove_dir_all(&dir);
+    // Clean stop: the daemon prints its stats line, with the junk datagrams counted.
+    let stats = daemon.stop_and_stats();
+    assert!(
+        stats.get("junk_datagrams").is_some_and(|&n| n >= 2),
+        "junk counted: {stats:?}\n{}",
+        daemon.text()
+    );
 }
 
 /// A public port handed to another holder loses the old holder's flows before
@@ -375,10 +355,8 @@ fn dpf_forward_restart_flush_probe_refusals() {
 #[test]
 fn dpf_port_handed_to_another_holder_drops_old_flows() {
     let lab = Lab::up();
-    let dir = state_dir(&lab);
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let daemon = start_portfwd(&lab);
+    let dir = Scratch::new("portfwd", &lab);
+    let daemon = start_portfwd(&lab, &dir);
     let recv = |host: Host, ip: &str, name: &str| {
         let out = dir.join(name);
         let p = lab
@@ -433,5 +411,4 @@ fn dpf_port_handed_to_another_holder_drops_old_flows() {
     );
     drop((a1_rx, a2_rx));
     drop(daemon);
-    let _ = std::fs::remove_dir_all(&dir);
 }

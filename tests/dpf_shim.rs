@@ -12,8 +12,8 @@ use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
 use gcb_lab::{
-    python, random_bytes, release_artifact, repo_root, sha256, wait_line_containing, wait_until,
-    Broker, Host, Lab, Proc, Scratch,
+    artifact, gcb_run, portfwd_maps, python, random_bytes, sha256, wait_line_containing,
+    wait_until, Broker, Host, Lab, Portfwd, Proc, Scratch,
 };
 
 const T: Duration = Duration::from_secs(10);
@@ -55,10 +55,11 @@ const EPHEMERAL_UDP_CLIENT: &str = include_str!("programs/dpf_ephemeral_udp_clie
 /// (getsockname) and answer connections like SHA_SERVER.
 const LAZY_TCP_SERVER: &str = include_str!("programs/dpf_lazy_tcp_server.py");
 
+/// One test's lab: its scratch dir (the programs, their logs, portfwd's state and logs)
+/// and portfwd on gwa once started. The daemon goes before the lab.
 struct Setup {
+    portfwd: Option<Portfwd>,
     dir: Scratch,
-    portfwd: Option<Proc>,
-    starts: u32,
     lab: Lab,
 }
 
@@ -119,16 +120,11 @@ impl Setup {
             fs::write(dir.join(name), body).unwrap();
         }
         for bin in ["gcb-portfwd", "gcb-dpf-request", "gcb-brokerd", "libgcb.so"] {
-            assert!(
-                release_artifact(bin).exists(),
-                "{} missing: cargo build --release --workspace",
-                release_artifact(bin).display()
-            );
+            artifact(bin);
         }
         Setup {
-            dir,
             portfwd: None,
-            starts: 0,
+            dir,
             lab,
         }
     }
@@ -141,29 +137,13 @@ impl Setup {
         fs::read_to_string(self.path(name)).unwrap_or_default()
     }
 
-    /// Starts gcb-portfwd on gwa (state in DIR/state, log in DIR/portfwd-N.log), waits until
-    /// it listens.
+    /// Starts gcb-portfwd on gwa (keyed; state and logs in DIR) for 10.1.0.0/24 with
+    /// public ports `ports`, probing every PROBE_SECS, and `extra`.
     fn start_portfwd(&mut self, ports: &str, extra: &[&str]) {
-        self.starts += 1;
-        let log_name = format!("portfwd-{}.log", self.starts);
-        let log = fs::File::create(self.path(&log_name)).unwrap();
-        let p = self
-            .lab
-            .spawn(
-                self.lab
-                    .cmd(Host::Gwa, release_artifact("gcb-portfwd"))
-                    .args(["--public", PUBLIC, "--private", "10.1.0.0/24"])
-                    .args(["--ports", ports, "--probe-timeout-ms", "500"])
-                    .arg(format!("--probe-interval-secs={PROBE_SECS}"))
-                    .args(extra)
-                    .arg("--state")
-                    .arg(self.path("state"))
-                    .stdout(log.try_clone().unwrap())
-                    .stderr(log),
-            )
-            .expect("spawn gcb-portfwd");
-        self.portfwd = Some(p);
-        wait_line(&self.path(&log_name), "listening on", T);
+        let interval = format!("--probe-interval-secs={PROBE_SECS}");
+        let mut args = vec!["--private", "10.1.0.0/24", "--ports", ports, &interval];
+        args.extend_from_slice(extra);
+        self.portfwd = Some(Portfwd::start(&self.lab, &self.dir, &args));
     }
 
     fn start_broker(&self) -> Broker {
@@ -187,12 +167,9 @@ impl Setup {
         prog: &[&str],
         stdin: Option<Stdio>,
     ) -> Proc {
-        let mut cmd = self.lab.cmd(host, repo_root().join("scripts/gcb-run"));
-        cmd.args(opts)
-            .args(["--log", "info", "--log-file"])
-            .arg(self.path(&format!("{name}.shim.log")))
-            .arg("--")
-            .args(prog)
+        let log = self.path(&format!("{name}.shim.log"));
+        let mut cmd = gcb_run(&self.lab, host, true, opts, Some(("info", &log)));
+        cmd.args(prog)
             .stdout(fs::File::create(self.path(&format!("{name}.out"))).unwrap())
             .stderr(fs::File::create(self.path(&format!("{name}.err"))).unwrap());
         if let Some(s) = stdin {
@@ -251,8 +228,7 @@ impl Setup {
         let script = self.path("sha_client.py");
         let mut cmd = match shim_opts {
             Some(opts) => {
-                let mut c = self.lab.cmd(host, repo_root().join("scripts/gcb-run"));
-                c.args(opts).arg("--");
+                let mut c = gcb_run(&self.lab, host, true, opts, None);
                 c.arg(&py);
                 c
             }
@@ -312,7 +288,7 @@ impl Setup {
 
     /// portfwd's two dnat maps, as `nft list map` prints them.
     fn maps(&self) -> String {
-        self.nft("list map ip gcb_portfwd fwd_tcp") + &self.nft("list map ip gcb_portfwd fwd_udp")
+        portfwd_maps(&self.lab)
     }
 
     /// True iff `nft list map ip gcb_portfwd fwd_KIND` has `port : private-ip . private-port`.
@@ -338,9 +314,7 @@ impl Setup {
         if kind == "udp" {
             args.push("--udp".into());
         }
-        let out = self
-            .lab
-            .run(Host::A2, release_artifact("gcb-dpf-request"), args, T);
+        let out = self.lab.run(Host::A2, artifact("gcb-dpf-request"), args, T);
         text(&out)
     }
 
@@ -362,13 +336,6 @@ impl Setup {
             .filter(|l| l.contains(": warn: "))
             .map(str::to_owned)
             .collect()
-    }
-}
-
-impl Drop for Setup {
-    fn drop(&mut self) {
-        drop(self.portfwd.take());
-        // The scratch dir is kept if the test failed.
     }
 }
 
@@ -717,9 +684,8 @@ fn same_network_peer_connects_directly() {
     let curl = s
         .lab
         .spawn(
-            s.lab
-                .cmd(Host::A2, repo_root().join("scripts/gcb-run"))
-                .args(["--dpf", "10.1.0.1", "--", "curl", "-sS", "--max-time", "10"])
+            gcb_run(&s.lab, Host::A2, true, &["--dpf", "10.1.0.1"], None)
+                .args(["curl", "-sS", "--max-time", "10"])
                 .arg("-o")
                 .arg(s.path("curl.out"))
                 .arg(format!("http://{PUBLIC}:{hq}/f.bin"))
@@ -768,11 +734,9 @@ fn portfwd_kill9_restart_and_flush_keep_the_shim_mapping_admin_rules_untouched()
     );
 
     // kill -9, restart with the same state directory.
-    let mut old = s.portfwd.take().unwrap();
-    old.signal_group(libc::SIGKILL);
-    old.wait_timeout(T).unwrap();
-    drop(old);
-    s.start_portfwd(PORTS, &[]);
+    let portfwd = s.portfwd.as_mut().unwrap();
+    portfwd.crash();
+    portfwd.restart(&s.lab);
     assert_eq!(s.maps(), before, "kernel maps after kill -9 + restart");
     s.sha_roundtrip(Host::P1, None, &addr, 200_000);
     s.udp_echo_ok(Host::P1, &uaddr, 5).unwrap();
@@ -846,23 +810,20 @@ fn dead_and_closed_servers_lose_their_mappings() {
     assert!(!s.lab.tcp_connects(Host::P1, PUBLIC, q));
 
     // Clean close: deleted by the shim, before any probe could.
-    let mut closer = s
-        .lab
-        .spawn(
-            s.lab
-                .cmd(Host::A1, repo_root().join("scripts/gcb-run"))
-                .args(["--dpf", "10.1.0.1", "--log", "info", "--log-file"])
-                .arg(s.path("closer.shim.log"))
-                .arg("--")
-                .arg(python())
-                .arg("-u")
-                .arg(s.path("binder.py"))
-                .args(["tcp:7100", "udp:7101"])
-                .stdin(Stdio::piped())
-                .stdout(fs::File::create(s.path("closer.out")).unwrap())
-                .stderr(fs::File::create(s.path("closer.err")).unwrap()),
-        )
-        .unwrap();
+    let binder = s.path("binder.py");
+    let mut closer = s.shim(
+        Host::A1,
+        "closer",
+        &["--dpf", "10.1.0.1"],
+        &[
+            python(),
+            "-u",
+            binder.to_str().unwrap(),
+            "tcp:7100",
+            "udp:7101",
+        ],
+        Some(Stdio::piped()),
+    );
     wait_line(&s.path("closer.out"), "READY", T);
     let tq = s.mapped("closer", "Tcp", "10.1.0.11:7100");
     let uq = s.mapped("closer", "Udp", "10.1.0.11:7101");
@@ -1270,19 +1231,22 @@ fn ephemeral_udp_clients_get_no_forwarding_rule() {
     assert!(!log.contains("DPF mapped"), "the shim forwarded:\n{log}");
 
     // The benchmark client (Rust std: bind 0, connect, send/recv, 1 KiB verified echo).
+    let bench_log = s.path("bench.shim.log");
     let out = s
         .lab
         .spawn(
-            s.lab
-                .cmd(Host::A1, repo_root().join("scripts/gcb-run"))
-                .args(["--dpf", "10.1.0.1", "--log", "info", "--log-file"])
-                .arg(s.path("bench.shim.log"))
-                .arg("--")
-                .arg(release_artifact("gcb-bench-conn"))
-                .args(["client", "203.0.113.11:7001", "--udp", "--count", "5"])
-                .args(["--size", "1024"])
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped()),
+            gcb_run(
+                &s.lab,
+                Host::A1,
+                true,
+                &["--dpf", "10.1.0.1"],
+                Some(("info", &bench_log)),
+            )
+            .arg(artifact("gcb-bench-conn"))
+            .args(["client", "203.0.113.11:7001", "--udp", "--count", "5"])
+            .args(["--size", "1024"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
         )
         .unwrap()
         .finish(Duration::from_secs(30));

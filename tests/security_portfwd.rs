@@ -10,11 +10,14 @@
 
 use std::fs;
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use gcb_lab::{random_bytes, release_artifact, sha256, Host, Lab, Proc};
+use gcb_lab::{
+    portfwd_cmd, portfwd_maps, random_bytes, release_artifact, sha256, Host, Lab, Portfwd, Proc,
+    Scratch,
+};
 
 const T: Duration = Duration::from_secs(10);
 
@@ -26,56 +29,8 @@ fn text(out: &Output) -> String {
     )
 }
 
-fn state_dir(lab: &Lab, what: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("gcb-secpf-{}-{what}", lab.name()));
-    let _ = fs::remove_dir_all(&d);
-    fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn wait_line(path: &Path, needle: &str, timeout: Duration) -> String {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let text = fs::read_to_string(path).unwrap_or_default();
-        if let Some(line) = text.lines().rev().find(|l| l.contains(needle)) {
-            return line.to_owned();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no line with {needle:?} in {} within {timeout:?}; it has:\n{text}",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 fn unkeyed(cmd: &mut Command) -> &mut Command {
     cmd.env_remove("GCB_KEY_FILE")
-}
-
-/// Starts gcb-portfwd on gwa with state in `dir` and its stderr in `dir/LOG`; `keyed: false`
-/// removes GCB_KEY_FILE from its environment. Waits until it listens.
-fn start_portfwd(lab: &Lab, dir: &Path, log: &str, keyed: bool, args: &[&str]) -> Proc {
-    let bin = release_artifact("gcb-portfwd");
-    assert!(
-        bin.exists(),
-        "{} missing: cargo build --release -p gcb-portfwd",
-        bin.display()
-    );
-    let logf = fs::File::create(dir.join(log)).unwrap();
-    let mut cmd = lab.cmd(Host::Gwa, bin);
-    cmd.args(["--public", "203.0.113.1", "--probe-timeout-ms", "500"])
-        .args(args)
-        .arg("--state")
-        .arg(dir.join("state"))
-        .stdout(Stdio::null())
-        .stderr(logf);
-    if !keyed {
-        unkeyed(&mut cmd);
-    }
-    let p = lab.spawn(&mut cmd).expect("spawn gcb-portfwd");
-    wait_line(&dir.join(log), "listening on", T);
-    p
 }
 
 /// `gcb-dpf-request --server 10.1.0.1 forward PRIVATE --hold EXTRA` in `host`: the mapping
@@ -106,16 +61,6 @@ fn request(lab: &Lab, host: Host, args: &[&str]) -> (i32, String) {
     (out.status.code().unwrap_or(-1), text(&out))
 }
 
-fn maps(lab: &Lab) -> String {
-    let out = lab.sh(
-        Host::Gwa,
-        "nft list map ip gcb_portfwd fwd_tcp && nft list map ip gcb_portfwd fwd_udp",
-        T,
-    );
-    assert!(out.status.success(), "nft list: {}", text(&out));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 /// p1 sends 256 KiB over TCP to 203.0.113.1:port; a1 receives them on 10.1.0.11:rx_port.
 fn tcp_through(lab: &Lab, dir: &Path, port: u16, rx_port: u16) -> bool {
     let (src, dst) = (dir.join("tcp.in"), dir.join("tcp.out"));
@@ -142,17 +87,6 @@ fn tcp_through(lab: &Lab, dir: &Path, port: u16, rx_port: u16) -> bool {
         && fs::read(&dst)
             .map(|got| sha256(&got) == sha256(&data))
             .unwrap_or(false)
-}
-
-/// The value of `name=` in the last stats line of `log` (waits for a stats line).
-fn stat(log: &Path, name: &str) -> u64 {
-    let line = wait_line(log, " stats ", T);
-    let field = format!(" {name}=");
-    let tail = line
-        .split(&field)
-        .nth(1)
-        .unwrap_or_else(|| panic!("no {name} in {line}"));
-    tail.split(' ').next().unwrap().parse().unwrap()
 }
 
 /// From p2 (public segment), sends `forward 10.1.0.12:8022 -> public 20077` to gwa's control
@@ -204,17 +138,14 @@ fn p2_reads_a2_banner(lab: &Lab) -> bool {
 #[test]
 fn portfwd_refuses_to_start_without_a_key_unless_insecure() {
     let lab = Lab::up();
-    let dir = state_dir(&lab, "nokey");
-    let bin = release_artifact("gcb-portfwd");
-    let base = |cmd: &mut Command| {
-        cmd.args(["--public", "203.0.113.1", "--private", "10.1.0.0/24"])
-            .args(["--ports", "20000-20099", "--state"])
-            .arg(dir.join("state"))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-    };
-    let mut cmd = lab.cmd(Host::Gwa, &bin);
-    base(unkeyed(&mut cmd));
+    let dir = Scratch::new("secpf-nokey", &lab);
+    let mut cmd = portfwd_cmd(
+        &lab,
+        false,
+        &dir.join("state"),
+        &["--private", "10.1.0.0/24", "--ports", "20000-20099"],
+    );
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
     let out = lab.spawn(&mut cmd).unwrap().finish(Duration::from_secs(5));
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     assert_eq!(
@@ -237,21 +168,12 @@ fn portfwd_refuses_to_start_without_a_key_unless_insecure() {
     );
 
     // --insecure: it starts and says once that requests are unauthenticated.
-    let log = dir.join("insecure.log");
-    let daemon = start_portfwd(
+    let daemon = Portfwd::start_insecure(
         &lab,
         &dir,
-        "insecure.log",
-        false,
-        &[
-            "--insecure",
-            "--private",
-            "10.1.0.0/24",
-            "--ports",
-            "20000-20099",
-        ],
+        &["--private", "10.1.0.0/24", "--ports", "20000-20099"],
     );
-    let text = fs::read_to_string(&log).unwrap();
+    let text = daemon.text();
     let warns: Vec<&str> = text
         .lines()
         .filter(|l| l.contains("not authenticated"))
@@ -263,7 +185,6 @@ fn portfwd_refuses_to_start_without_a_key_unless_insecure() {
         warns[0]
     );
     drop(daemon);
-    let _ = fs::remove_dir_all(&dir);
 }
 
 /// Finding 5 (first half): a `forward` with the forged source 10.1.0.12 sent from p2 (public
@@ -273,7 +194,7 @@ fn portfwd_refuses_to_start_without_a_key_unless_insecure() {
 #[test]
 fn portfwd_drops_spoofed_requests_arriving_on_the_wan_side() {
     let lab = Lab::up();
-    let dir = state_dir(&lab, "wan");
+    let dir = Scratch::new("secpf-wan", &lab);
     // The defence must not rely on reverse-path filtering (off here, as on many gateways).
     let out = lab.sh(
         Host::Gwa,
@@ -284,14 +205,10 @@ fn portfwd_drops_spoofed_requests_arriving_on_the_wan_side() {
     let _svc = a2_service(&lab);
 
     // A LAN-trusting deployment: no key, --insecure (the attacker needs no key then).
-    let log = dir.join("insecure.log");
-    let daemon = start_portfwd(
+    let daemon = Portfwd::start_insecure(
         &lab,
         &dir,
-        "insecure.log",
-        false,
         &[
-            "--insecure",
             "--private",
             "10.1.0.0/24",
             "--ports",
@@ -309,7 +226,7 @@ fn portfwd_drops_spoofed_requests_arriving_on_the_wan_side() {
     );
     let _ = attack.finish(Duration::from_secs(10));
 
-    let m = maps(&lab);
+    let m = portfwd_maps(&lab);
     assert!(
         !m.contains("20077") && !m.contains("10.1.0.12 . 8022"),
         "the spoofed request from the WAN installed a rule:\n{m}"
@@ -324,9 +241,9 @@ fn portfwd_drops_spoofed_requests_arriving_on_the_wan_side() {
         "legit after the attack"
     );
     std::thread::sleep(Duration::from_millis(1200)); // one more stats line
-    let dropped = stat(&log, "dropped_wrong_interface");
+    let dropped = daemon.stat("dropped_wrong_interface", T);
     assert!(dropped >= 3, "drops counted: {dropped}");
-    let log_text = fs::read_to_string(&log).unwrap();
+    let log_text = daemon.text();
     assert!(
         log_text
             .lines()
@@ -337,13 +254,10 @@ fn portfwd_drops_spoofed_requests_arriving_on_the_wan_side() {
 
     // A keyed portfwd refuses the unkeyed forgery by its MAC alone: --lan-if wan0 switches the
     // interface check off for the WAN, so only the key stands in the way.
-    let dir2 = state_dir(&lab, "wankeyed");
-    let log2 = dir2.join("keyed.log");
-    let daemon = start_portfwd(
+    let dir2 = Scratch::new("secpf-wankeyed", &lab);
+    let daemon = Portfwd::start(
         &lab,
         &dir2,
-        "keyed.log",
-        true,
         &[
             "--private",
             "10.1.0.0/24",
@@ -359,18 +273,19 @@ fn portfwd_drops_spoofed_requests_arriving_on_the_wan_side() {
     let (a1_hold, a1_port) = hold(&lab, Host::A1, true, "10.1.0.11:7001", &[]);
     assert!(tcp_through(&lab, &dir2, a1_port, 7001), "keyed legit");
     let _ = attack.finish(Duration::from_secs(10));
-    let m = maps(&lab);
+    let m = portfwd_maps(&lab);
     assert!(
         !m.contains("20077"),
         "keyed portfwd installed a forgery:\n{m}"
     );
     assert!(!p2_reads_a2_banner(&lab));
     std::thread::sleep(Duration::from_millis(1200));
-    assert!(stat(&log2, "junk_datagrams") >= 3, "MAC failures counted");
-    assert_eq!(stat(&log2, "dropped_wrong_interface"), 0);
+    assert!(
+        daemon.stat("junk_datagrams", T) >= 3,
+        "MAC failures counted"
+    );
+    assert_eq!(daemon.stat("dropped_wrong_interface", T), 0);
     drop((a1_hold, daemon));
-    let _ = fs::remove_dir_all(&dir);
-    let _ = fs::remove_dir_all(&dir2);
 }
 
 /// The replay tests' wide policy. A long probe interval: no sync compacts the mirror
@@ -414,11 +329,6 @@ fn crc32(data: &[u8]) -> u32 {
     !crc
 }
 
-fn kill9(mut p: Proc) {
-    p.signal_group(libc::SIGKILL);
-    p.wait_timeout(T).unwrap();
-}
-
 /// Finding 5 (second half): mirror replay bypassed policy. A record with a valid checksum
 /// that today's policy refuses (a client outside a narrowed --private, a port outside a
 /// narrowed --ports, a host outside the private network) was installed at start; a flipped
@@ -426,8 +336,7 @@ fn kill9(mut p: Proc) {
 #[test]
 fn portfwd_mirror_replay_rechecks_policy() {
     let lab = Lab::up();
-    let dir = state_dir(&lab, "replay");
-    let mirror = dir.join("state").join("mirror");
+    let dir = Scratch::new("secpf-replay", &lab);
     // Management sockets that accept the probes (no sync during the test anyway).
     let _m1 = lab
         .spawn(lab.cmd(Host::A1, "ncat").args(["-lk", "10.1.0.11", "7999"]))
@@ -440,11 +349,12 @@ fn portfwd_mirror_replay_rechecks_policy() {
     let fwd = |host: Host, private: &str, port: u16| forward_at(&lab, host, private, port);
 
     // 1. Narrowed policy at restart.
-    let d = start_portfwd(&lab, &dir, "1.log", true, &WIDE);
+    let mut d = Portfwd::start(&lab, &dir, &WIDE);
+    let mirror = d.state.join("mirror");
     fwd(Host::A1, "10.1.0.11:7001", 20001); // stays in policy
     fwd(Host::A2, "10.1.0.12:7004", 20040); // a2 is outside the narrowed --private
     fwd(Host::A1, "10.1.0.11:7005", 20060); // outside the narrowed --ports
-    kill9(d);
+    d.crash();
     // Another host, outside the private network altogether, with a valid checksum.
     let payload = "A tcp 20045 192.168.7.7:22 1";
     let mut f = fs::OpenOptions::new().append(true).open(&mirror).unwrap();
@@ -454,7 +364,7 @@ fn portfwd_mirror_replay_rechecks_policy() {
     )
     .unwrap();
     drop(f);
-    let m = maps(&lab);
+    let m = portfwd_maps(&lab);
     for want in ["20001 :", "20040 :", "20060 :"] {
         assert!(m.contains(want), "before restart {want}:\n{m}");
     }
@@ -468,8 +378,8 @@ fn portfwd_mirror_replay_rechecks_policy() {
         "--probe-interval-secs",
         "3600",
     ];
-    let d = start_portfwd(&lab, &dir, "2.log", true, &narrow);
-    let m = maps(&lab);
+    d.restart_with(&lab, &narrow);
+    let m = portfwd_maps(&lab);
     assert!(
         m.contains("20001 : 10.1.0.11 . 7001"),
         "in policy kept:\n{m}"
@@ -480,7 +390,7 @@ fn portfwd_mirror_replay_rechecks_policy() {
             "out-of-policy record {gone} installed after restart:\n{m}"
         );
     }
-    let log2 = fs::read_to_string(dir.join("2.log")).unwrap();
+    let log2 = d.text();
     let quarantined: Vec<&str> = log2
         .lines()
         .filter(|l| l.contains("quarantined, not installed"))
@@ -492,7 +402,6 @@ fn portfwd_mirror_replay_rechecks_policy() {
         "dropped from the compacted mirror:\n{text}"
     );
     drop(d);
-    let _ = fs::remove_dir_all(&dir);
 }
 
 /// Finding 5 (second half, continued): a flipped byte in a delete record resurrected the
@@ -500,20 +409,20 @@ fn portfwd_mirror_replay_rechecks_policy() {
 #[test]
 fn portfwd_corrupt_delete_record_never_resurrects_the_mapping() {
     let lab = Lab::up();
-    let dir = state_dir(&lab, "corrupt");
-    let mirror = dir.join("state").join("mirror");
+    let dir = Scratch::new("secpf-corrupt", &lab);
     let _m1 = lab
         .spawn(lab.cmd(Host::A1, "ncat").args(["-lk", "10.1.0.11", "7999"]))
         .unwrap();
     lab.wait_for_tcp_listen(Host::A1, 7999, T).unwrap();
     let fwd = |host: Host, private: &str, port: u16| forward_at(&lab, host, private, port);
-    let d = start_portfwd(&lab, &dir, "1.log", true, &WIDE);
+    let mut d = Portfwd::start(&lab, &dir, &WIDE);
+    let mirror = d.state.join("mirror");
     fwd(Host::A1, "10.1.0.11:7002", 20020);
     let (rc, out) = request(&lab, Host::A1, &["delete", "10.1.0.11:7002"]);
     assert_eq!(rc, 0, "{out}");
     fwd(Host::A1, "10.1.0.11:7003", 20030); // after the delete record
-    assert!(!maps(&lab).contains("20020 :"));
-    kill9(d);
+    assert!(!portfwd_maps(&lab).contains("20020 :"));
+    d.crash();
     let text = fs::read_to_string(&mirror).unwrap();
     let del = text
         .lines()
@@ -525,8 +434,8 @@ fn portfwd_corrupt_delete_record_never_resurrects_the_mapping() {
     *flipped.last_mut().unwrap() ^= 1;
     let flipped = String::from_utf8(flipped).unwrap();
     fs::write(&mirror, text.replace(&del, &flipped)).unwrap();
-    let d = start_portfwd(&lab, &dir, "2.log", true, &WIDE);
-    let m = maps(&lab);
+    d.restart(&lab);
+    let m = portfwd_maps(&lab);
     assert!(
         !m.contains("20020 :") && !m.contains("10.1.0.11 . 7002"),
         "a corrupt delete record resurrected the deleted mapping:\n{m}"
@@ -535,7 +444,7 @@ fn portfwd_corrupt_delete_record_never_resurrects_the_mapping() {
         m.contains("20030 : 10.1.0.11 . 7003"),
         "a record after the corrupt one is replayed:\n{m}"
     );
-    let log2 = fs::read_to_string(dir.join("2.log")).unwrap();
+    let log2 = d.text();
     assert!(
         log2.lines()
             .any(|l| l.contains("corrupt") && l.contains("line")),
@@ -543,7 +452,6 @@ fn portfwd_corrupt_delete_record_never_resurrects_the_mapping() {
     );
     // Still serving: a new forward works.
     fwd(Host::A1, "10.1.0.11:7006", 20006);
-    assert!(maps(&lab).contains("20006 : 10.1.0.11 . 7006"));
+    assert!(portfwd_maps(&lab).contains("20006 : 10.1.0.11 . 7006"));
     drop(d);
-    let _ = fs::remove_dir_all(&dir);
 }

@@ -1,6 +1,7 @@
 //! Fixtures shared by the lab tests: the build artifacts they run, `gcb-brokerd` started
-//! and ready, programs under `scripts/gcb-run`, and the small log-reading helpers every
-//! test file needs. A test file adds only what is particular to it.
+//! and ready ([`Broker`]), `gcb-portfwd` started and ready on gwa ([`Portfwd`]), programs
+//! under `scripts/gcb-run` ([`gcb_run`]), and the small log-reading helpers every test file
+//! needs. A test file adds only what is particular to it.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -183,17 +184,177 @@ impl Broker {
             .wait_timeout(Duration::from_secs(5))
             .expect("wait broker");
         assert!(st.is_some(), "broker did not exit on SIGTERM");
-        let log = self.text();
-        let line = log
-            .lines()
-            .rev()
-            .find(|l| l.contains(" stats "))
-            .unwrap_or_else(|| panic!("no stats line in the broker log:\n{log}"));
+        last_stats(&self.text())
+            .unwrap_or_else(|| panic!("no stats line in the broker log:\n{}", self.text()))
+    }
+}
+
+/// The `NAME=NUMBER` counters of the last stats line (` stats ` in it) of a daemon's log.
+pub fn last_stats(log: &str) -> Option<HashMap<String, u64>> {
+    let line = log.lines().rev().find(|l| l.contains(" stats "))?;
+    Some(
         line.split_whitespace()
             .filter_map(|w| w.split_once('='))
             .filter_map(|(k, v)| Some((k.to_owned(), v.parse().ok()?)))
-            .collect()
+            .collect(),
+    )
+}
+
+/// `gcb-portfwd`, this build's release artifact, which must exist.
+pub fn portfwd_bin() -> PathBuf {
+    artifact("gcb-portfwd")
+}
+
+/// The public address every lab portfwd serves (gwa's WAN address).
+pub const PORTFWD_PUBLIC: &str = "203.0.113.1";
+
+/// `gcb-portfwd` on gwa with the arguments every lab portfwd has (`--public 203.0.113.1
+/// --probe-timeout-ms 500 --state STATE`) and `args` (`--private`, `--ports`, ...); keyed
+/// with the lab's pool key unless `keyed` is false (then nothing else is added: a test of
+/// the refusal to start unkeyed runs this as it is).
+pub fn portfwd_cmd(lab: &Lab, keyed: bool, state: &Path, args: &[&str]) -> Command {
+    let mut cmd = lab.cmd_keyed(Host::Gwa, keyed, portfwd_bin());
+    cmd.args(["--public", PORTFWD_PUBLIC, "--probe-timeout-ms", "500"])
+        .args(args)
+        .arg("--state")
+        .arg(state);
+    cmd
+}
+
+/// A running `gcb-portfwd` on gwa: its state in `DIR/state` (a test's [`Scratch`], so it
+/// is kept with the logs when the test fails), its stdout and stderr in `DIR/portfwd-N.log`
+/// (N counts the starts in DIR). Keyed with the lab's pool key unless started with
+/// [`Portfwd::start_insecure`]. Killed with its process group when dropped.
+#[derive(Debug)]
+pub struct Portfwd {
+    /// The daemon.
+    pub proc: Proc,
+    /// The log of this start (stdout and stderr).
+    pub log: PathBuf,
+    /// Its state directory (the mirror is `state/mirror`).
+    pub state: PathBuf,
+    dir: PathBuf,
+    keyed: bool,
+    args: Vec<String>,
+}
+
+impl Portfwd {
+    /// Starts portfwd keyed with the lab's pool key (see [`portfwd_cmd`] for the arguments
+    /// it always has), and waits until it is ready: it says `listening on udp ADDR`, is
+    /// still running, and ADDR's port is bound in gwa. Panics with its log otherwise.
+    pub fn start(lab: &Lab, dir: &Path, args: &[&str]) -> Portfwd {
+        Portfwd::spawn(lab, dir, true, args)
     }
+
+    /// [`Portfwd::start`] without the pool key, with `--insecure` (a LAN-trusting
+    /// deployment).
+    pub fn start_insecure(lab: &Lab, dir: &Path, args: &[&str]) -> Portfwd {
+        Portfwd::spawn(lab, dir, false, args)
+    }
+
+    fn spawn(lab: &Lab, dir: &Path, keyed: bool, args: &[&str]) -> Portfwd {
+        let state = dir.join("state");
+        let log = (1..)
+            .map(|n| dir.join(format!("portfwd-{n}.log")))
+            .find(|p| !p.exists())
+            .expect("a free log name");
+        let file = File::create(&log).unwrap_or_else(|e| panic!("create {}: {e}", log.display()));
+        let mut cmd = portfwd_cmd(lab, keyed, &state, args);
+        if !keyed {
+            cmd.arg("--insecure");
+        }
+        cmd.stdout(file.try_clone().expect("dup log file"))
+            .stderr(file);
+        let proc = lab.spawn(&mut cmd).expect("spawn gcb-portfwd");
+        let mut pf = Portfwd {
+            proc,
+            log,
+            state,
+            dir: dir.to_owned(),
+            keyed,
+            args: args.iter().map(|a| (*a).to_owned()).collect(),
+        };
+        pf.wait_ready(lab);
+        pf
+    }
+
+    fn wait_ready(&mut self, lab: &Lab) {
+        const READY: &str = "listening on udp ";
+        let line = wait_line(&self.log, DAEMON_UP, |l| l.contains(READY));
+        let exited = self.proc.wait_timeout(Duration::ZERO).ok().flatten();
+        let Some(line) = line.filter(|_| exited.is_none()) else {
+            panic!(
+                "gcb-portfwd did not come up (exit status {exited:?}); {}:\n{}",
+                self.log.display(),
+                self.text()
+            )
+        };
+        let port = parse_after(&line, READY).port();
+        lab.wait_for_udp_bind(Host::Gwa, port, DAEMON_UP)
+            .unwrap_or_else(|e| panic!("gcb-portfwd said {line:?}, but: {e}"));
+    }
+
+    /// The log of this start so far.
+    pub fn text(&self) -> String {
+        read_text(&self.log)
+    }
+
+    /// kill -9 (the whole group); returns once it is reaped.
+    pub fn crash(&mut self) {
+        self.proc.signal_group(libc::SIGKILL);
+        let st = self.proc.wait_timeout(DAEMON_UP).expect("wait portfwd");
+        assert!(st.is_some(), "gcb-portfwd outlived SIGKILL");
+    }
+
+    /// SIGTERM; waits until it exits and returns the counters of the stats line it prints
+    /// on the way out (panics without one).
+    pub fn stop_and_stats(&mut self) -> HashMap<String, u64> {
+        self.proc.signal_group(libc::SIGTERM);
+        let st = self.proc.wait_timeout(DAEMON_UP).expect("wait portfwd");
+        assert!(st.is_some(), "gcb-portfwd did not exit on SIGTERM");
+        last_stats(&self.text())
+            .unwrap_or_else(|| panic!("no stats line in the portfwd log:\n{}", self.text()))
+    }
+
+    /// The counter `name` of the last stats line so far, waiting up to `timeout` for one.
+    pub fn stat(&self, name: &str, timeout: Duration) -> u64 {
+        wait_line_containing(&self.log, " stats ", timeout);
+        let stats = last_stats(&self.text()).expect("a stats line");
+        *stats
+            .get(name)
+            .unwrap_or_else(|| panic!("no {name} in the stats line:\n{}", self.text()))
+    }
+
+    /// Starts it again with the same state directory, key mode and arguments, after
+    /// whatever ended the previous process ([`Portfwd::crash`], [`Portfwd::stop_and_stats`];
+    /// one still running is killed first). The new start logs to a new file.
+    pub fn restart(&mut self, lab: &Lab) {
+        let args = self.args.clone();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.restart_with(lab, &args);
+    }
+
+    /// [`Portfwd::restart`] with other arguments (a changed policy).
+    pub fn restart_with(&mut self, lab: &Lab, args: &[&str]) {
+        let _ = self.proc.kill();
+        *self = Portfwd::spawn(lab, &self.dir, self.keyed, args);
+    }
+}
+
+/// portfwd's two dnat maps on gwa (`fwd_tcp`, then `fwd_udp`), as `nft list map` prints
+/// them; panics if nft fails.
+pub fn portfwd_maps(lab: &Lab) -> String {
+    let out = lab.sh(
+        Host::Gwa,
+        "nft list map ip gcb_portfwd fwd_tcp && nft list map ip gcb_portfwd fwd_udp",
+        Duration::from_secs(10),
+    );
+    assert!(
+        out.status.success(),
+        "nft list map: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// `scripts/gcb-run OPTS... [--log LEVEL --log-file LOG] --` in `host` with `GCB_LIB` set to

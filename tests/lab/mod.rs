@@ -43,7 +43,9 @@
 //! ```
 //!
 //! Shared fixtures (module `fixtures`, re-exported here): [`Broker`] (started, ready, its
-//! log), [`gcb_run`] (a program under `scripts/gcb-run` with this build's shim), [`python`],
+//! log), [`Portfwd`] (on gwa, started, ready, its state and logs in the test's scratch dir,
+//! crash/restart/stop), [`gcb_run`] (a program under `scripts/gcb-run` with this build's
+//! shim, for GCB with `--broker` and DPF with `--dpf`), [`python`],
 //! the build artifacts, and log helpers; [`Scratch`] keeps a failed test's logs. The test
 //! programs are files under `tests/programs/`, compiled into the tests with `include_str!`.
 //!
