@@ -17,6 +17,8 @@ pub mod why {
     pub const NO_LAYER: &str = "no layer installed";
     /// A vfork/posix_spawn child shares the parent's memory and must not change the table.
     pub const FOREIGN_PROCESS: &str = "vfork or posix_spawn child";
+    /// This thread is already inside the shim (its own traffic, a signal handler...).
+    pub const REENTERED: &str = "re-entered: this thread is already inside the shim";
     /// The shim's logic panicked (logged once by the panic hook).
     pub const PANICKED: &str = "internal panic: falling back to the real call";
 }

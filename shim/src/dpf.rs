@@ -745,9 +745,7 @@ fn open_probe(ip: Ipv4Addr) -> Result<Arc<ShimFd>, c_int> {
         if unsafe { libc::listen(s, PROBE_BACKLOG) } == 0 {
             Ok(())
         } else {
-            Err(std::io::Error::last_os_error()
-                .raw_os_error()
-                .unwrap_or(libc::EIO))
+            Err(crate::sys::errno())
         }
     });
     if let Err(e) = r {

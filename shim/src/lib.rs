@@ -50,22 +50,26 @@
 //!
 //! 1. The program calls `recv`; the dynamic linker resolved that symbol to
 //!    [`hooks::io::recv`] because LD_PRELOAD objects come first in the lookup scope.
-//! 2. The hook builds a closure `real` that calls the real `recv` through
-//!    [`sys`]'s cached pointer (resolved once with `dlsym(RTLD_NEXT, "recv")`).
-//! 3. Fast path: [`fdtable::is_marked`]`(fd)` — one Acquire load of the chunk pointer
+//! 2. Fast path: [`fdtable::is_marked`]`(fd)`: one Acquire load of the chunk pointer
 //!    covering `fd` (null when the shim manages nothing), at most one more Relaxed load of
-//!    the slot. Not managed: `return real()`. This is the whole cost for ordinary sockets:
-//!    no lock, no allocation, no syscall of our own.
-//! 4. Managed fd: [`hooks::run`] enters the [`guard`] (if this thread is already inside
-//!    the shim, e.g. the shim's own management traffic, it calls `real()` instead), ensures
-//!    [`init`] ran, and calls the safe logic under `catch_unwind`.
-//! 5. The logic clones the fd's `Arc<FdEntry>` under the table's read lock. A shim-owned fd
+//!    the slot. Not managed: a tail call of the real `recv` through [`sys`]'s cached
+//!    pointer (resolved once with `dlsym(RTLD_NEXT, "recv")`). This is the whole cost for
+//!    ordinary sockets: no lock, no allocation, no syscall of our own.
+//! 3. Managed fd: [`hooks::run`] enters the [`guard`] (if this thread is already inside
+//!    the shim, e.g. the shim's own management traffic, it calls the real function
+//!    instead), ensures [`init`] ran, and calls the safe logic under `catch_unwind`.
+//! 4. The logic clones the fd's `Arc<FdEntry>` under the table's read lock. A shim-owned fd
 //!    gives `Error(EBADF)` (the program never received that fd); a managed socket asks the
-//!    active [`layer::Layer::on_io`] which answers `Bypass`, `Handled(n)` or `Error(e)`.
-//! 6. [`hooks::finish`] turns the outcome into the C result: `Bypass` calls `real()` (after
-//!    leaving the guard), `Handled(n)` returns `n`, `Error(e)` sets errno — the only place
-//!    errno is set — and returns -1. A panic anywhere in steps 4-5 is logged once (panic
-//!    hook) and becomes `Bypass`; no panic crosses the FFI boundary.
+//!    active [`layer::Layer::on_io`], which answers `Bypass(why)`, `Handled(n)` or
+//!    `Error(e)`.
+//! 5. [`hooks::finish`] turns the outcome into the C result: `Bypass` calls the real
+//!    function (after leaving the guard; the reason is traced), `Handled(n)` returns `n`,
+//!    `Error(e)` sets errno (the only place errno is set) and returns -1. A panic anywhere
+//!    in steps 3-4 is logged once (panic hook) and becomes `Bypass`; no panic crosses the
+//!    FFI boundary.
+//!
+//! Every hooked symbol has this shape, written once in the [`hook!`] macro (see
+//! [`hooks`]).
 //!
 //! ## Fork and exec
 //!
@@ -76,7 +80,7 @@
 //! registered sockets that survive the exec (no close-on-exec) — GCB's TCP listeners and
 //! UDP sockets with their proxies, UDP tokens and channels, DPF's mappings — which the
 //! new image's shim adopts at load after checking that each fd still is that socket (see
-//! [`gcb::inherit`], [`dpf`]). `execl*` are variadic and reach the kernel through glibc
+//! [`inherit`], [`dpf`]). `execl*` are variadic and reach the kernel through glibc
 //! internals, so they are not seen (see [`hooks::process`]).
 //!
 //! ## Initialisation

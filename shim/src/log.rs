@@ -94,9 +94,9 @@ impl fmt::Write for StackBuf {
 
 #[cold]
 pub fn write_line(level: Level, args: fmt::Arguments<'_>) {
-    // SAFETY: errno location is thread-local and always valid; we restore it at the end so a
-    // log line after a failed real call does not change what the program sees.
-    let saved = unsafe { *libc::__errno_location() };
+    // Restored at the end, so a log line after a failed real call does not change what
+    // the program sees.
+    let saved = crate::sys::errno();
     let mut b = StackBuf {
         buf: [0; 512],
         len: 0,
@@ -123,16 +123,14 @@ pub fn write_line(level: Level, args: fmt::Arguments<'_>) {
             None => -1,
         };
         if r <= 0 {
-            // SAFETY: see above.
-            if r < 0 && unsafe { *libc::__errno_location() } == libc::EINTR {
+            if r < 0 && crate::sys::errno() == libc::EINTR {
                 continue;
             }
             break;
         }
         off += r as usize;
     }
-    // SAFETY: see above.
-    unsafe { *libc::__errno_location() = saved };
+    crate::sys::set_errno(saved);
 }
 
 #[macro_export]

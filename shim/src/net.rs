@@ -11,12 +11,7 @@ use std::time::{Duration, Instant};
 
 use crate::abi::{AddrIn, AddrOut};
 
-/// The calling thread's errno (EIO if none).
-pub fn errno() -> c_int {
-    std::io::Error::last_os_error()
-        .raw_os_error()
-        .unwrap_or(libc::EIO)
-}
+pub use crate::sys::errno;
 
 /// An IPv4 UDP socket?
 pub fn is_udp4(fd: c_int) -> bool {

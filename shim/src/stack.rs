@@ -17,11 +17,7 @@ pub struct Stack {
     pub dpf: Option<DpfClient>,
 }
 
-fn errno() -> c_int {
-    std::io::Error::last_os_error()
-        .raw_os_error()
-        .unwrap_or(libc::EIO)
-}
+use crate::sys::errno;
 
 impl Stack {
     /// A pending socket's first `getsockname()`/`listen()` (`what`): let DPF forward it.

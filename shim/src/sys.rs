@@ -144,6 +144,14 @@ pub fn errno() -> c_int {
     unsafe { *libc::__errno_location() }
 }
 
+/// Sets the calling thread's errno: [`crate::hooks::finish`] does (the one place a
+/// program-visible errno is chosen), and the logger restores the value it found.
+#[inline]
+pub fn set_errno(e: c_int) {
+    // SAFETY: __errno_location returns the calling thread's errno, always valid.
+    unsafe { *libc::__errno_location() = e };
+}
+
 /// The real write(2), for the logger (which must never go through the hook).
 #[inline]
 pub fn write() -> Option<unsafe extern "C" fn(Fd, *const c_void, size_t) -> ssize_t> {

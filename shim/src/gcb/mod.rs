@@ -36,7 +36,7 @@
 //!   receiver list).
 //! * Shared sockets (see [`client`]): the registration channel and a mailbox of
 //!   brokered connections are inherited across fork and handed across exec
-//!   (`GCB_INHERIT`, see [`inherit`]), so every process holding a registered TCP listener
+//!   (`GCB_INHERIT`, see [`crate::inherit`]), so every process holding a registered TCP listener
 //!   or UDP socket can serve it and keep it alive; the registration ends when no process
 //!   holds the socket.
 //!

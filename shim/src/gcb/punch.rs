@@ -79,7 +79,7 @@ pub fn send_frame(fd: c_int, to: SocketAddrV4, kind: UdpKind, addr: SocketAddrV4
             "{:?} frame to {} failed: {}",
             kind,
             to,
-            std::io::Error::last_os_error()
+            crate::net::errstr(crate::sys::errno())
         );
     }
 }

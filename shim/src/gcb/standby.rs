@@ -206,9 +206,7 @@ impl Watch {
         // SAFETY: plain syscall.
         let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
         if fd < 0 {
-            return Err(std::io::Error::last_os_error()
-                .raw_os_error()
-                .unwrap_or(libc::EIO));
+            return Err(crate::sys::errno());
         }
         Ok(Watch {
             fd: fdtable::own_fd(fd, "gcb-standby-watch")?,

@@ -314,7 +314,7 @@ impl GcbLayer {
             };
             if n < 0 {
                 // EAGAIN: nothing queued (an error is the recv call's to report).
-                return std::io::Error::last_os_error().raw_os_error() != Some(libc::EAGAIN);
+                return crate::sys::errno() != libc::EAGAIN;
             }
             let got = n as usize;
             let Some(src) =

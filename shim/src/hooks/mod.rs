@@ -35,7 +35,7 @@
 //!    unwind), so the fast path saves no registers for it. `slow` calls [`run`] with the
 //!    call's name, the logic and `real`.
 //! 4. [`run`] enters the [`crate::guard`] (already inside the shim, e.g. the shim's own
-//!    management traffic: `real()`, traced as [`REENTERED`]), makes sure init ran and
+//!    management traffic: `real()`, traced as [`why::REENTERED`]), makes sure init ran and
 //!    calls the logic under `catch_unwind` (a panic becomes `Bypass(why::PANICKED)`).
 //! 5. The logic (`io_logic`) looks the fd up: a shim-owned fd gives `Error(EBADF)`; a
 //!    managed socket asks the active layer's `on_io`, which answers `Bypass(why)`,
@@ -62,10 +62,6 @@ pub mod io;
 pub mod process;
 pub mod sock;
 pub mod wait;
-
-/// Bypass reason: the thread is already running shim logic (the shim's own libc calls, or
-/// a signal handler interrupting it), so the call goes to libc unchanged.
-pub const REENTERED: &str = "re-entered: this thread is already inside the shim";
 
 /// C return types and their error value.
 pub trait Ret: Copy + PartialEq {
@@ -111,8 +107,7 @@ pub fn finish<T: Ret>(call: &'static str, out: Outcome<T>, real: impl FnOnce() -
         }
         Outcome::Handled(v) => v,
         Outcome::Error(e) => {
-            // SAFETY: __errno_location returns the calling thread's errno, always valid.
-            unsafe { *libc::__errno_location() = e };
+            crate::sys::set_errno(e);
             T::ERR
         }
     }
@@ -133,7 +128,7 @@ pub fn run<T: Ret>(
 ) -> T {
     let out = {
         let Some(_g) = Guard::enter() else {
-            trace_bypass(call, REENTERED);
+            trace_bypass(call, why::REENTERED);
             return real();
         };
         crate::init::ensure();
@@ -262,10 +257,7 @@ mod tests {
     use super::*;
     use crate::sys::errno;
 
-    fn set_errno(e: libc::c_int) {
-        // SAFETY: the calling thread's errno, always valid.
-        unsafe { *libc::__errno_location() = e };
-    }
+    use crate::sys::set_errno;
 
     #[test]
     fn finish_sets_errno_only_on_error() {

@@ -42,9 +42,7 @@ impl Mailbox {
             )
         };
         if r != 0 {
-            return Err(std::io::Error::last_os_error()
-                .raw_os_error()
-                .unwrap_or(libc::EIO));
+            return Err(crate::sys::errno());
         }
         let tx = fdtable::own_fd(sv[0], "gcb-mailbox").inspect_err(|_| net::close(sv[1]))?;
         let rx = fdtable::own_fd(sv[1], "gcb-mailbox").inspect_err(|_| drop_owned(&tx))?;
@@ -99,9 +97,7 @@ impl Mailbox {
             libc::sendmsg(self.tx.fd(), &mh, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
         };
         if r < 0 {
-            Err(std::io::Error::last_os_error()
-                .raw_os_error()
-                .unwrap_or(libc::EIO))
+            Err(crate::sys::errno())
         } else {
             Ok(())
         }
