@@ -22,7 +22,7 @@ use gcb_proto::{Body, PoolKey, Transport};
 #[derive(Parser, Debug)]
 #[command(name = "gcb-dpf-request", version)]
 struct Args {
-    /// The server, IP[:PORT] (default port 9651).
+    /// The server, `IP[:PORT]` (default port 9651).
     #[arg(long, value_name = "IP[:PORT]", value_parser = endpoint_arg::<DEFAULT_PORT>)]
     server: SocketAddr,
     /// Pool key file (as the server's --key-file).

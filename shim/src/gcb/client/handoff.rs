@@ -1,5 +1,5 @@
 //! Handing the registrations across exec: [`Client::handoff`] writes the `GCB_INHERIT`
-//! entry (format in [`crate::gcb::inherit`]) for the registered sockets that survive
+//! entry (format in [`crate::inherit`]) for the registered sockets that survive
 //! exec, and [`Client::adopt`] takes them over in the new image, each fd checked against
 //! its recorded inode.
 
@@ -25,7 +25,7 @@ fn survives_exec(fd: c_int) -> bool {
 
 impl Client {
     /// The environment entry that hands this process's registrations to an exec'd image
-    /// (`GCB_INHERIT`, see [`crate::gcb::inherit`]), for the registered sockets whose fds
+    /// (`GCB_INHERIT`, see [`crate::inherit`]), for the registered sockets whose fds
     /// survive exec (close-on-exec ones are left out): TCP listeners (`reg=`) and UDP
     /// sockets (`udp=`, with their token), the channels they are registered on, the
     /// mailbox, and the heartbeat interval (fitted to a lease the new image has not
