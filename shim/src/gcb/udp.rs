@@ -30,7 +30,7 @@
 //!
 //! fork and exec: a fork child holds the socket and the registration like its parent. A
 //! socket that survives exec (no close-on-exec) is handed to the new image in
-//! `GCB_INHERIT` (`udp=`, see [`super::inherit`]) with its proxy, token and channel: the
+//! `GCB_INHERIT` (`udp=`, see [`crate::inherit`]) with its proxy, token and channel: the
 //! new image keeps the proxy address, strips frames, replies through the relay and sends
 //! keepalives and heartbeats; its receiver list starts empty (it refills from the next
 //! `From` frames) and punched peers punch again. Whichever holder runs the AEH keeps the

@@ -84,7 +84,7 @@ impl Client {
     }
 
     /// Starts registering the UDP socket `entry` (fd `fd`, bound to `local`) without
-    /// waiting for the answer, which the AEH handles ([`Self::finish_udp_registration`],
+    /// waiting for the answer, which the AEH handles (`finish_udp_registration`,
     /// then a punch toward `dest`). `Ok(Some(..))`: another socket of ours on the same
     /// address already holds a registration, shared at once.
     pub fn register_udp_start(
