@@ -276,7 +276,7 @@ impl Layer for Stack {
     }
 
     /// `GCB_INHERIT`: `v1;` then the GCB entries (`ctl=`, `mbox=`, `reg=`, `udp=`, `hb=`;
-    /// see [`crate::gcb::inherit`]) and the DPF entries (`dpf=`, `dpfq=`); each layer
+    /// see [`crate::inherit`]) and the DPF entries (`dpf=`, `dpfq=`); each layer
     /// adopts its own keys and ignores the others'.
     fn exec_handoff(&self) -> Option<String> {
         let mut parts: Vec<String> = Vec::new();

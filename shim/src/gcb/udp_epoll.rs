@@ -12,7 +12,7 @@
 //!
 //! epoll events carry the program's `data`, not the fd, so the shim notes in
 //! `epoll_ctl()` which data word names which UDP socket in which epoll set
-//! ([`GcbLayer::note_udp_epoll_ctl`]). That note can go stale (an epoll fd closed and its
+//! (`GcbLayer::note_udp_epoll_ctl`). That note can go stale (an epoll fd closed and its
 //! number reused, two fds with one data word), so before an event is changed the kernel's
 //! own table (`/proc/self/fdinfo/EPFD`) must confirm that exactly one entry of that set
 //! carries the data word and that it is that fd and that socket (inode). Without that
