@@ -952,8 +952,9 @@ fn iperf3_through_patterns_1_to_3() {
 // ---------------------------------------------------------------------------------------
 
 /// An echo server in three flavours: `asyncio` (epoll), `poll` (poll(2)), `select`
-/// (select(2)). Prints `listening IP PORT` from getsockname(), and `accepted IP PORT` per
-/// connection; echoes until the client's EOF, then closes.
+/// (select(2)). Prints `listening IP PORT` from getsockname(), and `accepted IP PORT
+/// peername IP PORT` per connection (accept()'s address, then getpeername()'s); echoes
+/// until the client's EOF, then closes.
 const ECHO_PY: &str = include_str!("programs/tcp_echo_server.py");
 
 /// 7: asyncio (epoll), poll(2) and select(2) echo servers in a1 under gcb-run, each
@@ -1026,6 +1027,16 @@ fn epoll_poll_and_select_servers_echo_via_proxy() {
                 .all(|l| l.starts_with(&format!("accepted {P2} "))),
             "{mode}: accept() must report the real peer p2: {acc:?}"
         );
+        // getpeername() on the brokered connection reports the same peer as accept(),
+        // not the broker's relay port the shim dialed.
+        for l in &acc {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            assert_eq!(
+                (w.get(3), w.get(4), w.get(5)),
+                (Some(&"peername"), w.get(1), w.get(2)),
+                "{mode}: getpeername() must equal accept()'s address: {l}"
+            );
+        }
     }
 }
 

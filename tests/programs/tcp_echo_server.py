@@ -26,7 +26,8 @@ def loop(wait):
                     continue
                 c.setblocking(False)
                 conns[c] = [bytearray(), False]
-                print("accepted", *peer, flush=True)
+                # accept()'s address, then getpeername()'s: both must be the real peer.
+                print("accepted", *peer, "peername", *c.getpeername(), flush=True)
                 continue
             st = conns.get(s)
             if st is None:
@@ -80,7 +81,9 @@ def wait_poll(rl, wl):
     return r, w
 
 async def handle(reader, writer):
-    print("accepted", *writer.get_extra_info("peername"), flush=True)
+    sock = writer.get_extra_info("socket")
+    print("accepted", *writer.get_extra_info("peername"), "peername", *sock.getpeername(),
+          flush=True)
     while True:
         d = await reader.read(65536)
         if not d:

@@ -389,6 +389,9 @@ impl GcbLayer {
                 c.take_ready(peer)
             };
             let Some((rfd, logical)) = taken else {
+                // A kernel connection: whatever the table held for its number is stale
+                // (the accept hook leaves the fds its layer returns alone).
+                drop(fdtable::remove(n));
                 net::write_addr_out(addr, peer);
                 return Outcome::Handled(n);
             };

@@ -5,9 +5,12 @@
 //! layer installed. bind, listen and connect are the layer's business whenever one is
 //! installed (GCB must see every `listen()` and broker every `connect()`); accept and the
 //! name calls only for managed fds. socket and accept return a new fd from the kernel:
-//! whatever the table still held for that number is stale and is forgotten (`after:`).
+//! whatever the table still held for that number is stale and is forgotten (`after:`),
+//! except the entry of a brokered connection the layer's accept itself made (it carries
+//! the logical peer that getpeername() reports).
 
 use libc::{c_int, sockaddr, socklen_t};
+use std::cell::Cell;
 use std::sync::Arc;
 
 use super::{shim_fd_outcome, why, Outcome};
@@ -27,6 +30,34 @@ fn fresh_fd(fd: c_int) -> c_int {
         drop(fdtable::remove(fd));
     }
     fd
+}
+
+thread_local! {
+    /// The fd the layer's accept just returned on this thread (-1: none). The layer keeps
+    /// its table entry right: a brokered connection's entry is new (it carries the logical
+    /// peer), and the layer forgets a stale one for a kernel connection it returns.
+    static LAYER_ACCEPTED: Cell<c_int> = const { Cell::new(-1) };
+}
+
+/// accept/accept4 logic: the layer's answer, noting an fd the layer returned.
+fn accept_logic(
+    fd: c_int,
+    f: impl FnOnce(&dyn Layer, &Arc<FdEntry>) -> Outcome<c_int>,
+) -> Outcome<c_int> {
+    let out = managed_socket_logic(fd, f);
+    if let Outcome::Handled(new) = out {
+        LAYER_ACCEPTED.set(new);
+    }
+    out
+}
+
+/// After accept/accept4: [`fresh_fd`], unless the layer returned `new`.
+#[inline(always)]
+fn fresh_accepted_fd(new: c_int) -> c_int {
+    if new >= 0 && fdtable::is_marked(new) && LAYER_ACCEPTED.replace(-1) != new {
+        drop(fdtable::remove(new));
+    }
+    new
 }
 
 /// Managed entry for a fd-based call: None = unmanaged; Err = shim-owned fd.
@@ -108,10 +139,10 @@ hook! {
     /// accept(2).
     fn accept(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int = sys::ACCEPT;
     mine: fdtable::is_marked(fd);
-    logic: managed_socket_logic(fd, |l, e| l.on_accept(fd, e, AddrOut { ptr: addr, len }, 0));
+    logic: accept_logic(fd, |l, e| l.on_accept(fd, e, AddrOut { ptr: addr, len }, 0));
     after: |new| {
         crate::trace!("accept({}) = {}", fd, new);
-        fresh_fd(new)
+        fresh_accepted_fd(new)
     };
 }
 
@@ -124,12 +155,12 @@ hook! {
         flags: c_int,
     ) -> c_int = sys::ACCEPT4;
     mine: fdtable::is_marked(fd);
-    logic: managed_socket_logic(fd, |l, e| {
+    logic: accept_logic(fd, |l, e| {
         l.on_accept(fd, e, AddrOut { ptr: addr, len }, flags)
     });
     after: |new| {
         crate::trace!("accept4({}) = {}", fd, new);
-        fresh_fd(new)
+        fresh_accepted_fd(new)
     };
 }
 
