@@ -70,7 +70,7 @@ impl<F: Copy> Real<F> {
 /// Declares the table of real functions: one `pub static NAME: Real<prototype>` per line,
 /// and `resolve_all()`, which resolves every one of them (called at init).
 ///
-/// ```ignore
+/// ```text
 /// real_fns! {
 ///     CLOSE = c"close": unsafe extern "C" fn(c_int) -> c_int;
 /// }

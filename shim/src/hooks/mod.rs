@@ -1,7 +1,7 @@
 //! The exported hooks: every interposed symbol has the same shape, written once in
 //! [`hook!`](crate::hook).
 //!
-//! ```ignore
+//! ```text
 //! hook! {
 //!     /// recv(2).
 //!     fn recv(fd: c_int, buf: *mut c_void, len: size_t, flags: c_int) -> ssize_t = sys::RECV;
@@ -163,7 +163,7 @@ pub fn shim_fd_outcome<T>() -> Outcome<T> {
 
 /// Declares one hook; see the module docs for the shape and what each clause means.
 ///
-/// ```ignore
+/// ```text
 /// hook! {
 ///     /// docs
 ///     fn NAME(ARG: TYPE, ...) -> RET = sys::REAL_CELL;
