@@ -48,6 +48,10 @@ const NODE_TCP_CLIENT: &str = include_str!("programs/ds_node_tcp_client.js");
 /// Node.js `udp6` echo server on PORT; prints `ADDR <socket.address()>` and `FROM
 /// <rinfo.address> <rinfo.port> <len> <sha>` per datagram.
 const NODE_UDP_ECHO: &str = include_str!("programs/ds_node_udp_echo.js");
+/// Node.js `udp6` client `HOST PORT COUNT SIZE`: each datagram retried until echoed intact
+/// from HOST:PORT; prints `FROM <rinfo.address> <rinfo.port>` (first echo), `ECHOED
+/// ok/count`.
+const NODE_UDP_CLIENT: &str = include_str!("programs/ds_node_udp_client.js");
 /// Python `create_server(("", PORT), family=AF_INET6, dualstack_ipv6=True)`; answers each
 /// connection with `<sha> <n> <peer ip>`; prints `ADDR <repr(getsockname())>` and `CONN
 /// <peer ip> <peer port> <repr(accepted getsockname())>`.
@@ -153,6 +157,7 @@ impl Rig {
             ("node_tcp_echo.js", NODE_TCP_ECHO),
             ("node_tcp_client.js", NODE_TCP_CLIENT),
             ("node_udp_echo.js", NODE_UDP_ECHO),
+            ("node_udp_client.js", NODE_UDP_CLIENT),
             ("py_dualstack_server.py", PY_DUALSTACK_SERVER),
             ("py_v6only.py", PY_V6ONLY),
             ("ds_java_echo.java", JAVA_ECHO),
@@ -452,6 +457,12 @@ fn node_tcp_dualstack_server_is_reached_via_the_proxy_from_p2_and_b1() {
     }
     let conns = rig.wait_lines(&server, "CONN ", 3);
     assert_eq!(conns.len(), 3, "three connections served: {conns:?}");
+    for c in &conns[1..] {
+        assert!(
+            c.starts_with("::ffff:203.0.113.2 "),
+            "the server sees b1 (its NAT's address), IPv4-mapped: {conns:?}"
+        );
+    }
 }
 
 /// Negative control: the same Node.js server without the shim listens on `::` with its own
@@ -529,6 +540,28 @@ fn node_udp6_echo_is_reached_via_the_proxy_from_p2() {
             "rinfo.address must be p2, IPv4-mapped: {l}"
         );
     }
+
+    // A Node.js udp6 client on b1 under GCB, sending to the IPv4-mapped proxy.
+    let client = rig.prog("node_udp_client.js");
+    let to = format!("::ffff:{P1}");
+    let port = proxy.port().to_string();
+    let out = rig.run(
+        Host::B1,
+        Some(gcb),
+        "node-udp-client",
+        &[node(), &client, &to, &port, "8", "1200"],
+        None,
+    );
+    let o = text(&out);
+    assert!(
+        o.contains("ECHOED 8/8"),
+        "b1 udp6 client -> {to} {port}: {o}\nshim log:\n{}",
+        read_text(&rig.path("node-udp-client.shim.log"))
+    );
+    assert!(
+        o.contains(&format!("FROM {to} {port}")),
+        "the echo comes from the proxy, IPv4-mapped: {o}"
+    );
 }
 
 /// Negative control: the same Node.js `udp6` server without the shim echoes for a2, but
