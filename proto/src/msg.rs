@@ -7,7 +7,7 @@
 //! newer `v` with `error{code: version}`.
 
 use std::fmt;
-use std::net::{SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr, SocketAddrV4};
 
 use serde::{Deserialize, Serialize};
 
@@ -421,6 +421,11 @@ pub enum Body {
         private: Option<SocketAddr>,
         /// portfwd's mapping-table epoch.
         epoch: u64,
+        /// The gateway's public IP (what its forwarded ports are reached at), so a client
+        /// can report where it can be reached before it forwards anything; absent from
+        /// older servers.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        public_ip: Option<IpAddr>,
     },
 
     // ---------------- generic ----------------

@@ -99,6 +99,7 @@ fn samples() -> Vec<Envelope> {
             Body::QueryResult {
                 private: None,
                 epoch: 9,
+                public_ip: Some("203.0.113.1".parse().unwrap()),
             },
         ),
         Envelope::response(9, 3, Body::error(gcb_proto::ErrorCode::Quota, "full")),

@@ -79,6 +79,7 @@ fn response_for(req: &Body) -> Body {
     Body::QueryResult {
         private: Some(*public),
         epoch: tag,
+        public_ip: None,
     }
 }
 

@@ -129,35 +129,15 @@ fn errno_for(code: ErrorCode) -> c_int {
     }
 }
 
+/// The transport of a socket DPF can forward: TCP or UDP carrying IPv4 (AF_INET, or a
+/// dual-stack AF_INET6 socket; see [`net::carries_ipv4`]).
 fn sock_type(fd: c_int) -> Option<Transport> {
-    let mut v: c_int = 0;
-    let mut len = std::mem::size_of::<c_int>() as libc::socklen_t;
-    let mut dom: c_int = 0;
-    let mut dlen = len;
-    // SAFETY: v/len and dom/dlen describe writable c_ints.
-    let ok = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_TYPE,
-            &mut v as *mut c_int as *mut libc::c_void,
-            &mut len,
-        ) == 0
-            && libc::getsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                libc::SO_DOMAIN,
-                &mut dom as *mut c_int as *mut libc::c_void,
-                &mut dlen,
-            ) == 0
-    };
-    if !ok || dom != libc::AF_INET {
-        return None;
-    }
-    match v {
-        libc::SOCK_STREAM => Some(Transport::Tcp),
-        libc::SOCK_DGRAM => Some(Transport::Udp),
-        _ => None,
+    if net::carries_ipv4(fd, libc::SOCK_STREAM) {
+        Some(Transport::Tcp)
+    } else if net::carries_ipv4(fd, libc::SOCK_DGRAM) {
+        Some(Transport::Udp)
+    } else {
+        None
     }
 }
 
@@ -262,7 +242,9 @@ impl DpfClient {
                 public: SocketAddr::V4(public),
             };
             let lost = match self.request(st, body, Duration::from_millis(500)) {
-                Ok(Answer::Body(Body::QueryResult { private: p, epoch })) => {
+                Ok(Answer::Body(Body::QueryResult {
+                    private: p, epoch, ..
+                })) => {
                     let restarted = st.epoch.is_some_and(|e| e != epoch);
                     st.epoch = Some(epoch);
                     p.and_then(net::v4) != Some(private) || restarted
@@ -522,6 +504,21 @@ impl DpfClient {
         }
     }
 
+    /// The gateway's public IP, once portfwd told it (a forward or a query).
+    pub fn public_ip(&self) -> Option<Ipv4Addr> {
+        self.state.lock().public_ip
+    }
+
+    /// The public address of the mapping for the private address `local` (a connection
+    /// accepted on a forwarded listener has the listener's address), if one is live.
+    pub fn public_for(&self, local: SocketAddrV4) -> Option<SocketAddrV4> {
+        let st = self.state.lock();
+        st.live
+            .iter()
+            .find(|l| l.private == local)
+            .map(|l| l.public)
+    }
+
     /// Same-network shortcut: the private address behind `dest`, if `dest` is one of
     /// portfwd's public addresses.
     pub fn lookup(&self, fd: c_int, dest: SocketAddrV4) -> Option<SocketAddrV4> {
@@ -543,7 +540,12 @@ impl DpfClient {
             public: SocketAddr::V4(dest),
         };
         match self.request(&mut st, body, QUERY_DEADLINE) {
-            Ok(Answer::Body(Body::QueryResult { private, .. })) => {
+            Ok(Answer::Body(Body::QueryResult {
+                private, public_ip, ..
+            })) => {
+                if let Some(std::net::IpAddr::V4(ip)) = public_ip {
+                    st.public_ip = Some(ip);
+                }
                 match private.and_then(net::v4) {
                     Some(p) => {
                         st.public_ip = Some(*dest.ip());

@@ -107,6 +107,15 @@ impl FdEntry {
         }
     }
 
+    /// The socket's address family (AF_INET, AF_INET6; 0 for a shim-owned fd): the form
+    /// in which the program expects addresses on it.
+    pub fn domain(&self) -> c_int {
+        match &self.kind {
+            FdKind::Socket(s) => s.domain,
+            FdKind::ShimOwned(_) => 0,
+        }
+    }
+
     /// Makes a GCB TCP socket of this entry (a registered listener or a brokered
     /// connection).
     pub fn set_gcb(&self, v: crate::sockstate::GcbSock) {

@@ -155,6 +155,8 @@ fn install_layers(cfg: &Config) -> &'static str {
             );
         addr.map(|a| crate::dpf::DpfClient::new(a, key.clone(), refresh))
     });
+    // The identity model (see docs/architecture.md): on unless GCB_PUBLIC_NAMES=0.
+    crate::layer::set_public_names(getenv(c"GCB_PUBLIC_NAMES").is_none_or(|v| v.trim() != "0"));
     let stack = crate::stack::Stack { gcb, dpf };
     if let Some(spec) = getenv(c"GCB_INHERIT") {
         stack.adopt(&spec);

@@ -83,6 +83,12 @@ pub trait Layer: Send + Sync {
     ) -> Outcome<c_int> {
         Outcome::Bypass(NOT_HANDLED)
     }
+    /// getsockname on a socket the shim does not manage (e.g. an outbound connection):
+    /// report the address where the host can be reached, if the socket is connected to
+    /// a peer outside the private network (the identity model; see docs/architecture.md).
+    fn on_unmanaged_name(&self, _fd: c_int, _addr: AddrOut) -> Outcome<c_int> {
+        Outcome::Bypass(NOT_HANDLED)
+    }
     fn on_io(&self, _fd: c_int, _entry: &Arc<FdEntry>, _call: IoCall) -> Outcome<ssize_t> {
         Outcome::Bypass(NOT_HANDLED)
     }
@@ -123,6 +129,21 @@ pub trait Layer: Send + Sync {
 }
 
 static LAYER: OnceCell<Box<dyn Layer>> = OnceCell::new();
+
+/// Whether getsockname() on accepted and outbound connections reports the address the
+/// Internet knows them by (`GCB_PUBLIC_NAMES`, on unless `0`; see the identity model in
+/// docs/architecture.md).
+static PUBLIC_NAMES: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// See [`PUBLIC_NAMES`].
+pub fn public_names() -> bool {
+    PUBLIC_NAMES.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Set once at init from `GCB_PUBLIC_NAMES`.
+pub fn set_public_names(on: bool) {
+    PUBLIC_NAMES.store(on, std::sync::atomic::Ordering::Relaxed);
+}
 
 /// The active layer, if any (one atomic load).
 #[inline(always)]

@@ -18,7 +18,7 @@
 //! checks both against the list below (the list is the checker's input). Read the crate
 //! from the bottom up.
 //!
-//! - **Floor 0, the system**: `real`, `sys`, `log`, `guard`, `forklock`, `procid`, `abi`, `ownfd`, `inherit`
+//! - **Floor 0, the system**: `real`, `sys`, `log`, `guard`, `forklock`, `procid`, `abi`, `ownfd`, `inherit`, `sockaddr`
 //! - **Floor 1, the fd table**: `net`, `sockstate`, `fdtable`
 //! - **Floor 2, plumbing**: `layer`, `control`, `fork`
 //! - **Floor 3, the clients**: `dpf`, `gcb` (independent)
@@ -116,6 +116,7 @@ pub mod ownfd;
 pub mod log;
 pub mod procid;
 pub mod real;
+pub mod sockaddr;
 pub mod sockstate;
 pub mod stack;
 pub mod sys;

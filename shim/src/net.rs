@@ -4,25 +4,54 @@
 //! Everything here runs with the re-entrancy guard set (it is only called from layer
 //! code), so each libc call goes straight to the real function.
 
-use libc::{c_int, sockaddr, sockaddr_in, socklen_t};
+use libc::{c_int, socklen_t};
 use std::mem;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
-use crate::abi::{AddrIn, AddrOut};
+use crate::abi::AddrIn;
+use crate::sockaddr::SockAddrBuf;
 
 pub use crate::sys::errno;
 
-/// An IPv4 UDP socket?
-pub fn is_udp4(fd: c_int) -> bool {
-    sock_opt(fd, libc::SOL_SOCKET, libc::SO_DOMAIN) == Some(libc::AF_INET)
-        && sock_opt(fd, libc::SOL_SOCKET, libc::SO_TYPE) == Some(libc::SOCK_DGRAM)
+/// The socket's address family (AF_INET, AF_INET6, ...; 0 if not a socket).
+pub fn domain(fd: c_int) -> c_int {
+    sock_opt(fd, libc::SOL_SOCKET, libc::SO_DOMAIN).unwrap_or(0)
 }
 
-/// An IPv4 TCP socket?
+/// Does `fd`, a socket of type `ty`, carry IPv4? An AF_INET socket does; so does a
+/// dual-stack AF_INET6 socket (IPV6_V6ONLY off) that is unbound or bound to `::` or to an
+/// IPv4-mapped address. A v6-only socket, or one bound to a native IPv6 address, does not
+/// (the shim leaves it alone, and says so at debug level).
+pub fn carries_ipv4(fd: c_int, ty: c_int) -> bool {
+    if sock_opt(fd, libc::SOL_SOCKET, libc::SO_TYPE) != Some(ty) {
+        return false;
+    }
+    match domain(fd) {
+        libc::AF_INET => true,
+        libc::AF_INET6 => {
+            let dual = sock_opt(fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY) == Some(0);
+            let v4_side = dual && sock_name(fd, false).is_some();
+            if !v4_side {
+                crate::debug!(
+                    "fd {}: IPv6-only socket (v6only or bound to a native IPv6 address); left alone",
+                    fd
+                );
+            }
+            v4_side
+        }
+        _ => false,
+    }
+}
+
+/// An IPv4-carrying UDP socket? (see [`carries_ipv4`])
+pub fn is_udp4(fd: c_int) -> bool {
+    carries_ipv4(fd, libc::SOCK_DGRAM)
+}
+
+/// An IPv4-carrying TCP socket? (see [`carries_ipv4`])
 pub fn is_tcp4(fd: c_int) -> bool {
-    sock_opt(fd, libc::SOL_SOCKET, libc::SO_DOMAIN) == Some(libc::AF_INET)
-        && sock_opt(fd, libc::SOL_SOCKET, libc::SO_TYPE) == Some(libc::SOCK_STREAM)
+    carries_ipv4(fd, libc::SOCK_STREAM)
 }
 
 /// An int socket option, or None on error.
@@ -56,56 +85,12 @@ pub fn set_sock_opt(fd: c_int, level: c_int, opt: c_int, v: c_int) {
     }
 }
 
-/// The IPv4 socket address the program passed, if it is one (GCB brokers IPv4 only).
+/// The IPv4 socket address the program passed, if it is one: AF_INET, or an AF_INET6
+/// address that is IPv4-mapped or `::` (see [`crate::sockaddr`]; GCB and DPF broker IPv4).
 pub fn addr_in(a: AddrIn) -> Option<SocketAddrV4> {
-    if a.ptr.is_null() || (a.len as usize) < mem::size_of::<sockaddr_in>() {
-        return None;
-    }
     // SAFETY: the program passed `ptr`/`len` to a socket call whose contract says `ptr`
-    // points at `len` readable bytes; we checked len covers a sockaddr_in. read_unaligned
-    // because the program's buffer need not be aligned for sockaddr_in.
-    let sin: sockaddr_in = unsafe { std::ptr::read_unaligned(a.ptr as *const sockaddr_in) };
-    if sin.sin_family as c_int != libc::AF_INET {
-        return None;
-    }
-    Some(from_sockaddr_in(&sin))
-}
-
-pub fn from_sockaddr_in(sin: &sockaddr_in) -> SocketAddrV4 {
-    SocketAddrV4::new(
-        Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)),
-        u16::from_be(sin.sin_port),
-    )
-}
-
-pub fn to_sockaddr_in(a: SocketAddrV4) -> sockaddr_in {
-    // SAFETY: sockaddr_in is plain old data; all-zero is a valid value.
-    let mut sin: sockaddr_in = unsafe { mem::zeroed() };
-    sin.sin_family = libc::AF_INET as libc::sa_family_t;
-    sin.sin_port = a.port().to_be();
-    sin.sin_addr.s_addr = u32::from(*a.ip()).to_be();
-    sin
-}
-
-/// Write `a` into the program's result buffer with the truncation rules of accept(2) and
-/// getsockname(2): copy at most `*len` bytes, then set `*len` to the full size.
-pub fn write_addr_out(out: AddrOut, a: SocketAddrV4) {
-    if out.ptr.is_null() || out.len.is_null() {
-        return;
-    }
-    let sin = to_sockaddr_in(a);
-    let full = mem::size_of::<sockaddr_in>();
-    // SAFETY: by the call's contract `out.len` points at a readable/writable socklen_t and
-    // `out.ptr` at `*out.len` writable bytes; we copy no more than that.
-    unsafe {
-        let room = *out.len as usize;
-        std::ptr::copy_nonoverlapping(
-            &sin as *const sockaddr_in as *const u8,
-            out.ptr as *mut u8,
-            room.min(full),
-        );
-        *out.len = full as socklen_t;
-    }
+    // points at `len` readable bytes.
+    unsafe { crate::sockaddr::parse(a.ptr, a.len) }
 }
 
 pub fn v4(a: SocketAddr) -> Option<SocketAddrV4> {
@@ -115,21 +100,23 @@ pub fn v4(a: SocketAddr) -> Option<SocketAddrV4> {
     }
 }
 
-/// getsockname (peer == false) or getpeername of one of the shim's own sockets.
+/// getsockname (peer == false) or getpeername, as an IPv4 address (either family's form;
+/// None for native IPv6 and other families).
 pub fn sock_name(fd: c_int, peer: bool) -> Option<SocketAddrV4> {
-    // SAFETY: zeroed sockaddr_in is valid; len describes its size.
-    let mut sin: sockaddr_in = unsafe { mem::zeroed() };
-    let mut len = mem::size_of::<sockaddr_in>() as socklen_t;
-    let p = &mut sin as *mut sockaddr_in as *mut sockaddr;
-    // SAFETY: p/len describe a writable sockaddr_in owned by this frame.
+    let mut b = SockAddrBuf::empty();
+    let p = b.as_mut_ptr();
+    // SAFETY: p/len describe the writable storage of `b`.
     let r = unsafe {
         if peer {
-            libc::getpeername(fd, p, &mut len)
+            libc::getpeername(fd, p, b.len_mut())
         } else {
-            libc::getsockname(fd, p, &mut len)
+            libc::getsockname(fd, p, b.len_mut())
         }
     };
-    (r == 0 && sin.sin_family as c_int == libc::AF_INET).then(|| from_sockaddr_in(&sin))
+    if r != 0 {
+        return None;
+    }
+    b.v4()
 }
 
 /// Our IP on the route to `to` (a connected UDP socket's name; nothing is sent).
@@ -145,14 +132,28 @@ pub fn route_ip(to: SocketAddrV4) -> Option<Ipv4Addr> {
 
 /// A new IPv4 socket of the shim's (close-on-exec unless `inheritable`).
 pub fn socket(ty: c_int, inheritable: bool) -> Result<c_int, c_int> {
+    socket_as(libc::AF_INET, ty, inheritable)
+}
+
+/// A new socket of `family` that carries IPv4: AF_INET, or a dual-stack AF_INET6 socket
+/// (IPV6_V6ONLY off whatever the system default), for a connection the program will hold
+/// in a socket of that family.
+pub fn socket_as(family: c_int, ty: c_int, inheritable: bool) -> Result<c_int, c_int> {
+    let family = if family == libc::AF_INET6 {
+        libc::AF_INET6
+    } else {
+        libc::AF_INET
+    };
     let flags = if inheritable { 0 } else { libc::SOCK_CLOEXEC };
     // SAFETY: plain syscall with constant arguments.
-    let fd = unsafe { libc::socket(libc::AF_INET, ty | flags, 0) };
+    let fd = unsafe { libc::socket(family, ty | flags, 0) };
     if fd < 0 {
-        Err(errno())
-    } else {
-        Ok(fd)
+        return Err(errno());
     }
+    if family == libc::AF_INET6 {
+        set_sock_opt(fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 0);
+    }
+    Ok(fd)
 }
 
 pub fn close(fd: c_int) {
@@ -173,16 +174,16 @@ pub fn is_nonblocking(fd: c_int) -> bool {
     crate::sys::fcntl_raw(fd, libc::F_GETFL, 0).is_ok_and(|fl| fl & libc::O_NONBLOCK != 0)
 }
 
+/// bind(2) of one of the shim's own (AF_INET) sockets.
 pub fn bind(fd: c_int, a: SocketAddrV4) -> Result<(), c_int> {
-    let sin = to_sockaddr_in(a);
-    // SAFETY: sin is a valid sockaddr_in for the duration of the call.
-    let r = unsafe {
-        libc::bind(
-            fd,
-            &sin as *const sockaddr_in as *const sockaddr,
-            mem::size_of::<sockaddr_in>() as socklen_t,
-        )
-    };
+    bind_as(fd, a, libc::AF_INET)
+}
+
+/// bind(2) with `a` in `family`'s form.
+pub fn bind_as(fd: c_int, a: SocketAddrV4, family: c_int) -> Result<(), c_int> {
+    let b = SockAddrBuf::new(a, family);
+    // SAFETY: b holds a valid address of b.len() bytes for the duration of the call.
+    let r = unsafe { libc::bind(fd, b.as_ptr(), b.len()) };
     if r == 0 {
         Ok(())
     } else {
@@ -190,17 +191,23 @@ pub fn bind(fd: c_int, a: SocketAddrV4) -> Result<(), c_int> {
     }
 }
 
-/// connect(2) as is (the caller decides about blocking).
+/// connect(2) of one of the shim's own (AF_INET) sockets, as is (the caller decides about
+/// blocking).
 pub fn connect_raw(fd: c_int, a: SocketAddrV4) -> Result<(), c_int> {
-    let sin = to_sockaddr_in(a);
-    // SAFETY: sin is a valid sockaddr_in for the duration of the call.
-    let r = unsafe {
-        libc::connect(
-            fd,
-            &sin as *const sockaddr_in as *const sockaddr,
-            mem::size_of::<sockaddr_in>() as socklen_t,
-        )
-    };
+    connect_as(fd, a, libc::AF_INET)
+}
+
+/// connect(2) of the program's socket `fd` to `a`, in the form its family takes (a
+/// dual-stack AF_INET6 socket connects to `::ffff:a`).
+pub fn connect_program(fd: c_int, a: SocketAddrV4) -> Result<(), c_int> {
+    connect_as(fd, a, domain(fd))
+}
+
+/// connect(2) with `a` in `family`'s form.
+pub fn connect_as(fd: c_int, a: SocketAddrV4, family: c_int) -> Result<(), c_int> {
+    let b = SockAddrBuf::new(a, family);
+    // SAFETY: b holds a valid address of b.len() bytes for the duration of the call.
+    let r = unsafe { libc::connect(fd, b.as_ptr(), b.len()) };
     if r == 0 {
         Ok(())
     } else {
@@ -243,9 +250,11 @@ pub fn ms_ceil(d: Duration) -> c_int {
 }
 
 /// Connect a TCP socket with a deadline; the socket is left in blocking mode on success.
+/// connect(2) of the program's socket `fd` (in its family's form), waiting at most
+/// `timeout`; the socket is blocking again afterwards.
 pub fn connect_timeout(fd: c_int, a: SocketAddrV4, timeout: Duration) -> Result<(), c_int> {
     set_nonblocking(fd, true)?;
-    match connect_raw(fd, a) {
+    match connect_program(fd, a) {
         Ok(()) => {}
         Err(libc::EINPROGRESS) => {
             if !wait_fd(fd, libc::POLLOUT, timeout)? {
@@ -474,6 +483,7 @@ pub fn connect_race(
     spacing: Duration,
     timeout: Duration,
     inheritable: bool,
+    family: c_int,
 ) -> Result<c_int, c_int> {
     let deadline = Instant::now() + timeout;
     let mut tries: Vec<c_int> = Vec::new();
@@ -483,8 +493,8 @@ pub fn connect_race(
     loop {
         let now = Instant::now();
         if now >= next && tries.len() < 32 {
-            let s = socket(libc::SOCK_STREAM | libc::SOCK_NONBLOCK, inheritable)?;
-            match connect_raw(s, a) {
+            let s = socket_as(family, libc::SOCK_STREAM | libc::SOCK_NONBLOCK, inheritable)?;
+            match connect_as(s, a, family) {
                 Ok(()) => {
                     close_all(&mut tries);
                     set_nonblocking(s, false)?;

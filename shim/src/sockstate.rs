@@ -55,8 +55,14 @@ pub enum GcbSock {
         proxy: SocketAddrV4,
         local: SocketAddrV4,
     },
-    /// A brokered connection returned by accept(): its logical peer.
-    Accepted { peer: SocketAddrV4 },
+    /// A brokered connection returned by accept(): its logical peer, the listener's proxy
+    /// (the address the peer dialed) and the listener's address family (the form the
+    /// program expects addresses in; the connection itself is the shim's AF_INET socket).
+    Accepted {
+        peer: SocketAddrV4,
+        proxy: SocketAddrV4,
+        family: libc::c_int,
+    },
 }
 
 /// A GCB-registered UDP socket.
@@ -226,15 +232,13 @@ mod tests {
         let mut u = SockState::UdpRegistered(UdpSock::new(a("1.1.1.1:3"), Ipv4Addr::LOCALHOST));
         u.set_proxy(a("1.1.1.1:4"));
         assert_eq!(u.udp().unwrap().proxy, a("1.1.1.1:4"));
-        let mut acc = SockState::Gcb(GcbSock::Accepted {
+        let accepted = GcbSock::Accepted {
             peer: a("2.2.2.2:5"),
-        });
+            proxy: a("1.1.1.1:3"),
+            family: libc::AF_INET6,
+        };
+        let mut acc = SockState::Gcb(accepted);
         acc.set_proxy(a("1.1.1.1:4"));
-        assert_eq!(
-            acc.gcb(),
-            Some(GcbSock::Accepted {
-                peer: a("2.2.2.2:5")
-            })
-        );
+        assert_eq!(acc.gcb(), Some(accepted));
     }
 }

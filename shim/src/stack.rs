@@ -4,6 +4,7 @@
 //! brokered connects). Either may be absent.
 
 use libc::{c_int, ssize_t};
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::Arc;
 
 use crate::dpf::{self, Bound, DpfClient, Refusal};
@@ -11,6 +12,7 @@ use crate::fdtable::FdEntry;
 use crate::gcb::GcbLayer;
 use crate::layer::{AddrIn, AddrOut, IoCall, Layer, Outcome, WaitCall};
 use crate::net;
+use crate::sockaddr::SockAddrBuf;
 
 pub struct Stack {
     pub gcb: Option<GcbLayer>,
@@ -52,6 +54,35 @@ impl Stack {
         }
     }
 
+    /// The IP where this host's sockets are reached from the Internet: the gateway's public
+    /// IP under DPF (its forwarded ports), else the broker's under GCB (its proxies).
+    fn public_ip(&self) -> Option<Ipv4Addr> {
+        self.dpf
+            .as_ref()
+            .and_then(DpfClient::public_ip)
+            .or_else(|| self.gcb.as_ref().map(GcbLayer::broker_ip))
+    }
+
+    /// A bind to the address the shim reported as the host's own (the public IP, which no
+    /// interface here holds: bind said EADDRNOTAVAIL; a program that read it from
+    /// getsockname() binds to it next, e.g. an FTP server's passive data socket) binds
+    /// locally instead, to the unspecified address and the same port; the socket is then
+    /// registered or forwarded like any other. Other addresses are left as they are.
+    fn local_bind_addr(&self, addr: AddrIn) -> Option<SockAddrBuf> {
+        let want = net::addr_in(addr)?;
+        if want.ip().is_unspecified() || Some(*want.ip()) != self.public_ip() {
+            return None;
+        }
+        // SAFETY: the program passed `ptr`/`len` to bind, whose contract makes the family
+        // field readable (addr_in above read the whole address).
+        let family = unsafe { std::ptr::read_unaligned(addr.ptr as *const libc::sa_family_t) };
+        crate::debug!("bind to our public address {}: binding locally", want);
+        Some(SockAddrBuf::new(
+            SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, want.port()),
+            family as c_int,
+        ))
+    }
+
     /// In an exec'd image: take over what the exec'ing image handed over.
     pub fn adopt(&self, spec: &str) {
         if let Some(g) = &self.gcb {
@@ -78,7 +109,19 @@ impl Layer for Stack {
             return Outcome::Bypass("neither DPF nor GCB configured");
         }
         // SAFETY: the program's own arguments, under bind's contract.
-        if unsafe { libc::bind(fd, addr.ptr, addr.len) } != 0 {
+        let mut r = unsafe { libc::bind(fd, addr.ptr, addr.len) };
+        let local = (r != 0 && errno() == libc::EADDRNOTAVAIL)
+            .then(|| self.local_bind_addr(addr))
+            .flatten();
+        let addr = local.as_ref().map_or(addr, |b| AddrIn {
+            ptr: b.as_ptr(),
+            len: b.len(),
+        });
+        if local.is_some() {
+            // SAFETY: our local form of the program's address, alive in `local`.
+            r = unsafe { libc::bind(fd, addr.ptr, addr.len) };
+        }
+        if r != 0 {
             return Outcome::Error(errno());
         }
         if let Some(d) = &self.dpf {
@@ -137,7 +180,7 @@ impl Layer for Stack {
             }
             if let Some(dest) = net::addr_in(addr) {
                 if let Some(private) = d.lookup(fd, dest) {
-                    return match net::connect_raw(fd, private) {
+                    return match net::connect_program(fd, private) {
                         Ok(()) => Outcome::Handled(0),
                         Err(e) => Outcome::Error(e),
                     };
@@ -187,7 +230,7 @@ impl Layer for Stack {
                 }
             }
             if let Some((_, _, public, _)) = dpf::dpf_state(entry) {
-                net::write_addr_out(addr, public);
+                crate::sockaddr::write_out(addr, public, entry.domain());
                 return Outcome::Handled(0);
             }
         }
@@ -195,6 +238,42 @@ impl Layer for Stack {
             Some(g) => g.on_name(fd, entry, peer, addr),
             None => Outcome::Bypass("GCB not configured"),
         }
+    }
+
+    fn on_unmanaged_name(&self, fd: c_int, addr: AddrOut) -> Outcome<c_int> {
+        if !crate::layer::public_names() {
+            return Outcome::Bypass("GCB_PUBLIC_NAMES=0");
+        }
+        let mut own = SockAddrBuf::empty();
+        let p = own.as_mut_ptr();
+        // SAFETY: `own` is writable storage of the length it reports.
+        if unsafe { libc::getsockname(fd, p, own.len_mut()) } != 0 {
+            return Outcome::Bypass("getsockname fails: the kernel reports it");
+        }
+        let Some(local) = own.v4() else {
+            return Outcome::Bypass("not an IPv4 address");
+        };
+        if !net::is_private(*local.ip()) {
+            return Outcome::Bypass("not a private address");
+        }
+        let Some(peer) = net::sock_name(fd, true) else {
+            return Outcome::Bypass("not connected");
+        };
+        if net::is_private(*peer.ip()) || net::never_brokered(*peer.ip()) {
+            return Outcome::Bypass("connected inside the private network");
+        }
+        // A connection accepted on a forwarded listener: the address the peer dialed.
+        let public = self
+            .dpf
+            .as_ref()
+            .and_then(|d| d.public_for(local))
+            .or_else(|| Some(SocketAddrV4::new(self.public_ip()?, local.port())));
+        let Some(public) = public else {
+            return Outcome::Bypass("the public address is not known yet");
+        };
+        crate::trace!("getsockname({}): {} reported as {}", fd, local, public);
+        crate::sockaddr::write_out(addr, public, own.family());
+        Outcome::Handled(0)
     }
 
     fn on_io(&self, fd: c_int, entry: &Arc<FdEntry>, call: IoCall) -> Outcome<ssize_t> {

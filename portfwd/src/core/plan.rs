@@ -282,6 +282,7 @@ impl<K: KernelBackend> Core<K> {
         Ok(Plan::reply(Body::QueryResult {
             private,
             epoch: self.epoch,
+            public_ip: Some(IpAddr::V4(self.cfg.public)),
         }))
     }
 

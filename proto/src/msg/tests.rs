@@ -144,10 +144,12 @@ pub(crate) fn all_bodies() -> Vec<Body> {
         Body::QueryResult {
             private: Some(a("10.1.0.5:8080")),
             epoch: 4,
+            public_ip: Some("203.0.113.1".parse().unwrap()),
         },
         Body::QueryResult {
             private: None,
             epoch: 4,
+            public_ip: None,
         },
         Body::Ack {},
         Body::error(ErrorCode::NotOwner, "not yours"),

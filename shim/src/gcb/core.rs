@@ -81,6 +81,11 @@ impl GcbLayer {
         }
     }
 
+    /// The broker's IP: where this process's proxies live.
+    pub fn broker_ip(&self) -> std::net::Ipv4Addr {
+        *self.client.lock().broker.ip()
+    }
+
     /// The client, behind its lock.
     pub fn client(&self) -> &ForkMutex<Client> {
         &self.client

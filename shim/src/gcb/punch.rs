@@ -27,7 +27,7 @@
 use gcb_proto::punch::RETRY_AFTER;
 use gcb_proto::udp::{self, UdpKind};
 use gcb_proto::{Body, ErrorCode, UDP_HEADER_LEN};
-use libc::{c_int, c_void, sockaddr_in, socklen_t};
+use libc::{c_int, c_void};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -62,16 +62,18 @@ pub fn send_frame(fd: c_int, to: SocketAddrV4, kind: UdpKind, addr: SocketAddrV4
     let Some(n) = udp::write_frame(&mut buf, kind, addr, payload) else {
         return;
     };
-    let sin = net::to_sockaddr_in(to);
-    // SAFETY: buf[..n] and sin are valid for the call; fd is the program's UDP socket.
+    // In the form the program socket's family takes (a dual-stack socket sends to
+    // `::ffff:to`).
+    let name = crate::sockaddr::SockAddrBuf::new(to, net::domain(fd));
+    // SAFETY: buf[..n] and name are valid for the call; fd is the program's UDP socket.
     let r = unsafe {
         libc::sendto(
             fd,
             buf.as_ptr() as *const c_void,
             n,
             libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-            &sin as *const sockaddr_in as *const libc::sockaddr,
-            std::mem::size_of::<sockaddr_in>() as socklen_t,
+            name.as_ptr(),
+            name.len(),
         )
     };
     if r < 0 {

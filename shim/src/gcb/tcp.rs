@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use crate::abi::{AddrIn, AddrOut, Outcome};
 use crate::fdtable::{self, FdEntry};
 use crate::net;
+use crate::sockaddr::{self, SockAddrBuf};
 use crate::sockstate::GcbSock;
 
 use super::client::{self, Answer};
@@ -22,14 +23,22 @@ use super::udp;
 const RELAYED_TTL: Duration = Duration::from_secs(60);
 
 impl GcbLayer {
-    /// Return brokered connection `rfd` from accept4() with `flags`, as from `logical`.
+    /// Return brokered connection `rfd` from accept4() with `flags`, as from `logical`,
+    /// accepted on the listener `listener` (its proxy is the address the peer dialed; its
+    /// family is the form the program expects addresses in).
     pub(super) fn accepted(
         &self,
         rfd: c_int,
         logical: SocketAddrV4,
+        listener: &FdEntry,
         addr: AddrOut,
         flags: c_int,
     ) -> c_int {
+        let family = listener.domain();
+        let proxy = match gcb_state(listener) {
+            Some(GcbSock::Listener { proxy, .. }) => proxy,
+            _ => SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, 0),
+        };
         if flags & libc::SOCK_NONBLOCK != 0 {
             let _ = net::set_nonblocking(rfd, true);
         }
@@ -41,9 +50,13 @@ impl GcbLayer {
         };
         let _ = crate::sys::fcntl_raw(rfd, libc::F_SETFD, cloexec);
         if let Some(e) = fdtable::socket_entry(rfd, None) {
-            e.set_gcb(GcbSock::Accepted { peer: logical });
+            e.set_gcb(GcbSock::Accepted {
+                peer: logical,
+                proxy,
+                family,
+            });
         }
-        net::write_addr_out(addr, logical);
+        sockaddr::write_out(addr, logical, family);
         crate::debug!("accept: brokered connection from {} as fd {}", logical, rfd);
         rfd
     }
@@ -90,7 +103,14 @@ impl GcbLayer {
         id: &gcb_proto::ConnectId,
     ) -> Outcome<c_int> {
         let preamble = client::preamble(self.client.lock().key(), id);
-        let dialed = net::connect_race(relay, client::DIAL_SPACING, client::DIAL_TIMEOUT, true);
+        // In the program socket's family, so the connection it gets is of its own kind.
+        let dialed = net::connect_race(
+            relay,
+            client::DIAL_SPACING,
+            client::DIAL_TIMEOUT,
+            true,
+            net::domain(fd),
+        );
         let r = dialed
             .and_then(
                 |c| match net::write_all(c, &preamble, client::DIAL_TIMEOUT) {
@@ -184,9 +204,11 @@ impl GcbLayer {
         Err("no dial-back in time".into())
     }
 
-    fn reverse_listener(&self, local_ip: Ipv4Addr) -> Option<(c_int, SocketAddrV4)> {
-        let s = net::socket(libc::SOCK_STREAM, false).ok()?;
-        let ok = net::bind(s, SocketAddrV4::new(local_ip, 0)).is_ok()
+    /// A listener for a reversed connection, in `family` (the program socket's, so the
+    /// connection it accepts is of the program's kind).
+    fn reverse_listener(&self, local_ip: Ipv4Addr, family: c_int) -> Option<(c_int, SocketAddrV4)> {
+        let s = net::socket_as(family, libc::SOCK_STREAM, false).ok()?;
+        let ok = net::bind_as(s, SocketAddrV4::new(local_ip, 0), family).is_ok()
             // SAFETY: s is our socket.
             && unsafe { libc::listen(s, 4) } == 0;
         let addr = net::sock_name(s, false);
@@ -271,22 +293,31 @@ impl GcbLayer {
         if !peer {
             self.settle_pending_udp(fd, entry);
         }
+        let family = entry.domain();
         match (gcb_state(entry), peer) {
             (Some(GcbSock::Listener { proxy, .. }), false) => {
-                net::write_addr_out(addr, proxy);
+                sockaddr::write_out(addr, proxy, family);
                 Outcome::Handled(0)
             }
-            (Some(GcbSock::Accepted { peer }), true) => {
-                net::write_addr_out(addr, peer);
+            (Some(GcbSock::Accepted { peer, family, .. }), true) => {
+                sockaddr::write_out(addr, peer, family);
+                Outcome::Handled(0)
+            }
+            // The address the peer dialed: the listener's proxy (see the identity model
+            // in docs/architecture.md); GCB_PUBLIC_NAMES=0 reports the real one.
+            (Some(GcbSock::Accepted { proxy, family, .. }), false)
+                if crate::layer::public_names() && proxy.port() != 0 =>
+            {
+                sockaddr::write_out(addr, proxy, family);
                 Outcome::Handled(0)
             }
             _ => match (udp::state(entry), peer) {
                 (Some((proxy, _)), false) => {
-                    net::write_addr_out(addr, proxy);
+                    sockaddr::write_out(addr, proxy, family);
                     Outcome::Handled(0)
                 }
                 (Some((_, Some(p))), true) => {
-                    net::write_addr_out(addr, p);
+                    sockaddr::write_out(addr, p, family);
                     Outcome::Handled(0)
                 }
                 _ => Outcome::Bypass("not a GCB listener or accepted connection"),
@@ -340,7 +371,7 @@ impl GcbLayer {
                 }
             };
             if let Some((rfd, logical)) = direct {
-                return Outcome::Handled(self.accepted(rfd, logical, addr, flags));
+                return Outcome::Handled(self.accepted(rfd, logical, entry, addr, flags));
             }
             if !nonblock {
                 let (ours, wake) = aeh.unwrap_or_default();
@@ -364,18 +395,11 @@ impl GcbLayer {
                     continue;
                 }
             }
-            // SAFETY: zeroed sockaddr_in is valid; len describes it.
-            let mut sin: libc::sockaddr_in = unsafe { std::mem::zeroed() };
-            let mut len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-            // SAFETY: sin/len describe a writable sockaddr_in.
-            let n = unsafe {
-                libc::accept4(
-                    fd,
-                    &mut sin as *mut _ as *mut libc::sockaddr,
-                    &mut len,
-                    flags,
-                )
-            };
+            // Room for either family: a dual-stack listener gets `::ffff:` peers (and
+            // native IPv6 ones, which are never placeholders).
+            let mut from = SockAddrBuf::empty();
+            // SAFETY: `from` is writable storage of the length it reports.
+            let n = unsafe { libc::accept4(fd, from.as_mut_ptr(), from.len_mut(), flags) };
             if n < 0 {
                 let e = net::errno();
                 if e == libc::EAGAIN && !nonblock {
@@ -383,20 +407,18 @@ impl GcbLayer {
                 }
                 return Outcome::Error(e);
             }
-            let peer = net::from_sockaddr_in(&sin);
-            let taken = {
-                let mut c = self.client.lock();
-                c.take_ready(peer)
-            };
+            let taken = from
+                .v4()
+                .and_then(|peer| self.client.lock().take_ready(peer));
             let Some((rfd, logical)) = taken else {
                 // A kernel connection: whatever the table held for its number is stale
                 // (the accept hook leaves the fds its layer returns alone).
                 drop(fdtable::remove(n));
-                net::write_addr_out(addr, peer);
+                sockaddr::copy_out(addr, &from);
                 return Outcome::Handled(n);
             };
             net::close(n);
-            return Outcome::Handled(self.accepted(rfd, logical, addr, flags));
+            return Outcome::Handled(self.accepted(rfd, logical, entry, addr, flags));
         }
     }
 
@@ -443,7 +465,7 @@ impl GcbLayer {
         let local_ip = local_ip.unwrap_or(Ipv4Addr::UNSPECIFIED);
         // Offer a reverse connection only when we look reachable (not a private address).
         let rev = (!net::is_private(local_ip) && !local_ip.is_unspecified())
-            .then(|| self.reverse_listener(local_ip))
+            .then(|| self.reverse_listener(local_ip, net::domain(fd)))
             .flatten();
         let body = Body::ConnectRequest {
             proxy: SocketAddr::V4(dest),

@@ -36,7 +36,7 @@
 //! `From` frames) and punched peers punch again. Whichever holder runs the AEH keeps the
 //! registration alive; the last one to close the socket unregisters it.
 
-use libc::{c_int, c_void, iovec, msghdr, sockaddr_in, socklen_t};
+use libc::{c_int, c_void, iovec, msghdr};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::Arc;
 use std::time::Instant;
@@ -46,6 +46,7 @@ use crate::fdtable::{self, FdEntry, FdKind};
 use crate::inherit::{self, Entry};
 use crate::layer::Outcome;
 use crate::net;
+use crate::sockaddr::SockAddrBuf;
 use crate::sockstate::SockState;
 
 pub use crate::sockstate::UdpSock;
@@ -278,7 +279,7 @@ impl GcbLayer {
         });
         crate::debug!("udp connect fd {} to {:?}: relayed via {:?}", fd, dest, r);
         match r.flatten() {
-            Some(proxy) => match net::connect_raw(fd, proxy) {
+            Some(proxy) => match net::connect_program(fd, proxy) {
                 Ok(()) => Outcome::Handled(0),
                 Err(e) => Outcome::Error(e),
             },
@@ -300,16 +301,16 @@ impl GcbLayer {
 
 /// A msghdr over `name` and `iov` (our header in front of the program's buffers), with the
 /// program's ancillary data buffer if it passed a msghdr (null: none). Valid while `name`
-/// and `iov` live.
+/// and `iov` live. (After a receive, the kernel's name length is in `msg_namelen`.)
 pub(super) fn framed_msghdr(
-    name: &mut sockaddr_in,
+    name: &mut SockAddrBuf,
     iov: &mut [iovec],
     msg: *const msghdr,
 ) -> msghdr {
     // SAFETY: zeroed msghdr is valid; the fields we use are filled below.
     let mut mh: msghdr = unsafe { std::mem::zeroed() };
-    mh.msg_name = name as *mut sockaddr_in as *mut c_void;
-    mh.msg_namelen = std::mem::size_of::<sockaddr_in>() as socklen_t;
+    mh.msg_namelen = name.len();
+    mh.msg_name = name.as_mut_ptr() as *mut c_void;
     mh.msg_iov = iov.as_mut_ptr();
     mh.msg_iovlen = iov.len();
     if !msg.is_null() {

@@ -7,7 +7,7 @@
 use gcb_proto::punch::Verdict;
 use gcb_proto::udp::{self, UdpKind};
 use gcb_proto::UDP_HEADER_LEN;
-use libc::{c_int, c_void, iovec, msghdr, sockaddr_in, socklen_t, ssize_t};
+use libc::{c_int, c_void, iovec, msghdr, ssize_t};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::Arc;
 use std::time::Instant;
@@ -18,6 +18,7 @@ use super::udp::{state, view, with_state, UdpView};
 use crate::abi::{AddrOut, IoCall, Outcome};
 use crate::fdtable::FdEntry;
 use crate::net::{self, errno};
+use crate::sockaddr::{self, SockAddrBuf};
 
 /// Most senders a socket remembers for replies (a new one beyond it replaces the list).
 pub(super) const MAX_RECEIVERS: usize = 4096;
@@ -111,6 +112,8 @@ impl GcbLayer {
             return Outcome::Bypass("MSG_ERRQUEUE: kernel error queue, no relay framing");
         }
         let cap: usize = prog_iov.iter().map(|v| v.iov_len).sum();
+        // Senders are reported in the form the program's socket family takes.
+        let family = entry.domain();
         let peek = flags & libc::MSG_PEEK != 0;
         let blocking = flags & libc::MSG_DONTWAIT == 0 && !net::is_nonblocking(fd);
         let deadline = blocking
@@ -135,8 +138,8 @@ impl GcbLayer {
                 iov_len: hdr.len(),
             });
             iov.extend_from_slice(&prog_iov);
-            // SAFETY: zeroed sockaddr_in is valid; the kernel fills it.
-            let mut name: sockaddr_in = unsafe { std::mem::zeroed() };
+            // Room for either family's sender (a dual-stack socket hears `::ffff:` ones).
+            let mut name = SockAddrBuf::empty();
             let mut mh = framed_msghdr(&mut name, &mut iov, msg);
             // MSG_TRUNC: the kernel returns the datagram's real length.
             let real_flags = (flags | libc::MSG_DONTWAIT | libc::MSG_TRUNC) & !libc::MSG_WAITALL;
@@ -152,10 +155,10 @@ impl GcbLayer {
                 }
                 return Outcome::Error(e);
             }
+            *name.len_mut() = mh.msg_namelen;
             let total = n as usize;
             let got = total.min(UDP_HEADER_LEN + cap);
-            let src =
-                (name.sin_family as c_int == libc::AF_INET).then(|| net::from_sockaddr_in(&name));
+            let src = name.v4();
             let frame = (src == Some(proxy) && got >= UDP_HEADER_LEN)
                 .then(|| udp::parse(&hdr))
                 .flatten();
@@ -182,7 +185,8 @@ impl GcbLayer {
                             crate::debug!("punch {}: heard through the relay: relay", sender);
                         }
                         let payload = total - UDP_HEADER_LEN;
-                        return self.deliver(sender, payload, cap, flags, from, msg, &mh);
+                        let sender = SockAddrBuf::new(sender, family);
+                        return self.deliver(&sender, payload, cap, flags, from, msg, &mh);
                     }
                     _ => {
                         discard_peeked(fd, peek);
@@ -203,7 +207,8 @@ impl GcbLayer {
                 match verdict {
                     Verdict::Deliver(sender) if vpeer.is_none_or(|p| p == sender) => {
                         let payload = total - UDP_HEADER_LEN;
-                        return self.deliver(sender, payload, cap, flags, from, msg, &mh);
+                        let sender = SockAddrBuf::new(sender, family);
+                        return self.deliver(&sender, payload, cap, flags, from, msg, &mh);
                     }
                     v => {
                         self.consume_punch_frame(fd, peek, s, v);
@@ -223,7 +228,8 @@ impl GcbLayer {
                 got.saturating_sub(UDP_HEADER_LEN),
             );
             let Some(s) = src else {
-                return Outcome::Handled(returned_len(total, cap, flags) as ssize_t);
+                // Not IPv4 (a native IPv6 peer of a dual-stack socket): as the kernel said.
+                return self.deliver(&name, total, cap, flags, from, msg, &mh);
             };
             // A punched destination answering through its proxy has lost its side.
             let relayed = with_state(entry, |u| {
@@ -232,16 +238,17 @@ impl GcbLayer {
             if relayed == Some(true) {
                 crate::debug!("punch {}: heard through the relay: relay", s);
             }
-            return self.deliver(s, total, cap, flags, from, msg, &mh);
+            return self.deliver(&name, total, cap, flags, from, msg, &mh);
         }
     }
 
-    /// Completes a receive of a `len`-byte datagram from `sender` whose payload is in the
-    /// program's buffers: the sender into recvfrom's/recvmsg's address, recvmsg's flags.
+    /// Completes a receive of a `len`-byte datagram from `sender` (in the form the program's
+    /// socket family takes) whose payload is in the program's buffers: the sender into
+    /// recvfrom's/recvmsg's address, recvmsg's flags.
     #[allow(clippy::too_many_arguments)]
     fn deliver(
         &self,
-        sender: SocketAddrV4,
+        sender: &SockAddrBuf,
         len: usize,
         cap: usize,
         flags: c_int,
@@ -249,7 +256,7 @@ impl GcbLayer {
         msg: *mut msghdr,
         mh: &msghdr,
     ) -> Outcome<ssize_t> {
-        net::write_addr_out(from, sender);
+        sockaddr::copy_out(from, sender);
         self.finish_msg(msg, sender, len > cap, mh);
         Outcome::Handled(returned_len(len, cap, flags) as ssize_t)
     }
@@ -258,7 +265,7 @@ impl GcbLayer {
     pub(super) fn finish_msg(
         &self,
         msg: *mut msghdr,
-        sender: SocketAddrV4,
+        sender: &SockAddrBuf,
         truncated: bool,
         mh: &msghdr,
     ) {
@@ -269,7 +276,7 @@ impl GcbLayer {
         let m = unsafe { &mut *msg };
         if !m.msg_name.is_null() {
             let mut len = m.msg_namelen;
-            net::write_addr_out(
+            sockaddr::copy_out(
                 AddrOut {
                     ptr: m.msg_name as *mut libc::sockaddr,
                     len: &mut len,
@@ -298,18 +305,18 @@ impl GcbLayer {
         loop {
             // Header plus the start of the payload (a Dummy's nonce).
             let mut buf = [0u8; UDP_HEADER_LEN + 64];
-            // SAFETY: zeroed sockaddr_in is valid; len describes it.
-            let mut name: sockaddr_in = unsafe { std::mem::zeroed() };
-            let mut len = std::mem::size_of::<sockaddr_in>() as socklen_t;
-            // SAFETY: buf, name and len are valid for the call; MSG_PEEK leaves the queue.
+            let mut name = SockAddrBuf::empty();
+            let name_ptr = name.as_mut_ptr();
+            // SAFETY: buf and name (with its length) are valid for the call; MSG_PEEK leaves
+            // the queue as it is.
             let n = unsafe {
                 libc::recvfrom(
                     fd,
                     buf.as_mut_ptr() as *mut c_void,
                     buf.len(),
                     libc::MSG_PEEK | libc::MSG_DONTWAIT,
-                    &mut name as *mut sockaddr_in as *mut libc::sockaddr,
-                    &mut len,
+                    name_ptr,
+                    name.len_mut(),
                 )
             };
             if n < 0 {
@@ -317,9 +324,7 @@ impl GcbLayer {
                 return crate::sys::errno() != libc::EAGAIN;
             }
             let got = n as usize;
-            let Some(src) =
-                (name.sin_family as c_int == libc::AF_INET).then(|| net::from_sockaddr_in(&name))
-            else {
+            let Some(src) = name.v4() else {
                 return true;
             };
             let mut hdr = [0u8; UDP_HEADER_LEN];

@@ -16,6 +16,7 @@ use super::udp::{is_pending, set_state, take_pending, view, with_state, UdpSock,
 use crate::abi::{IoCall, Outcome};
 use crate::fdtable::FdEntry;
 use crate::net::{self, errno};
+use crate::sockaddr::SockAddrBuf;
 use crate::sockstate::SockState;
 
 /// Where a send call goes (None: the kernel-connected peer).
@@ -52,8 +53,10 @@ pub(super) enum Plan {
 /// Sends the program's datagram (`prog_iov`, its msghdr's control data if any) from
 /// `fd` to `to`, behind a `kind` header carrying `addr`; returns the program's bytes
 /// sent, or errno.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn send_framed(
     fd: c_int,
+    family: c_int,
     kind: UdpKind,
     addr: SocketAddrV4,
     to: SocketAddrV4,
@@ -68,7 +71,7 @@ pub(super) fn send_framed(
         iov_len: hdr.len(),
     });
     iov.extend_from_slice(prog_iov);
-    let mut name = net::to_sockaddr_in(to);
+    let mut name = SockAddrBuf::new(to, family);
     let mh = framed_msghdr(&mut name, &mut iov, msg);
     // SAFETY: mh describes buffers valid for the call (ours and the program's).
     let n = unsafe { libc::sendmsg(fd, &mh, flags | libc::MSG_NOSIGNAL) };
@@ -153,7 +156,16 @@ impl GcbLayer {
             }
             Some(Plan::Relay(proxy, dest)) => (proxy, dest),
             Some(Plan::Direct { dest, direct, me }) => {
-                match send_framed(fd, UdpKind::From, me, direct, &prog_iov, msg, flags) {
+                match send_framed(
+                    fd,
+                    entry.domain(),
+                    UdpKind::From,
+                    me,
+                    direct,
+                    &prog_iov,
+                    msg,
+                    flags,
+                ) {
                     Ok(n) => return Outcome::Handled(n as ssize_t),
                     Err(e)
                         if matches!(
@@ -184,7 +196,16 @@ impl GcbLayer {
                 }
             }
         };
-        match send_framed(fd, UdpKind::To, dest, proxy, &prog_iov, msg, flags) {
+        match send_framed(
+            fd,
+            entry.domain(),
+            UdpKind::To,
+            dest,
+            proxy,
+            &prog_iov,
+            msg,
+            flags,
+        ) {
             Ok(n) => Outcome::Handled(n as ssize_t),
             Err(e) => Outcome::Error(e),
         }

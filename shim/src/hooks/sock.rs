@@ -164,11 +164,24 @@ hook! {
     };
 }
 
+/// getsockname: the layer decides for managed sockets, and answers for unmanaged ones
+/// too (an outbound connection reports where the host can be reached).
+fn sockname_logic(fd: c_int, addr: AddrOut) -> Outcome<c_int> {
+    let Some(l) = layer::active() else {
+        return Outcome::Bypass(why::NO_LAYER);
+    };
+    match socket_entry(fd) {
+        Err(()) => shim_fd_outcome(),
+        Ok(None) => l.on_unmanaged_name(fd, addr),
+        Ok(Some(e)) => l.on_name(fd, &e, false, addr),
+    }
+}
+
 hook! {
-    /// getsockname(2).
+    /// getsockname(2). Not a hot call: with a layer installed it always reaches the layer.
     fn getsockname(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int = sys::GETSOCKNAME;
-    mine: fdtable::is_marked(fd);
-    logic: managed_socket_logic(fd, |l, e| l.on_name(fd, e, false, AddrOut { ptr: addr, len }));
+    mine: fdtable::is_marked(fd) || layer::active().is_some(), else why::NO_LAYER;
+    logic: sockname_logic(fd, AddrOut { ptr: addr, len });
 }
 
 hook! {

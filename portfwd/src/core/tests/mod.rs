@@ -393,14 +393,20 @@ fn query_is_answered_from_the_table() {
         one(&mut c, A2, q(p)),
         Body::QueryResult {
             private: Some(sa(A1, 8080)),
-            epoch: 1
+            epoch: 1,
+            public_ip: Some(std::net::IpAddr::V4(std::net::Ipv4Addr::new(
+                203, 0, 113, 1
+            ))),
         }
     );
     assert_eq!(
         one(&mut c, A2, q(p + 1)),
         Body::QueryResult {
             private: None,
-            epoch: 1
+            epoch: 1,
+            public_ip: Some(std::net::IpAddr::V4(std::net::Ipv4Addr::new(
+                203, 0, 113, 1
+            ))),
         }
     );
     let other = Body::Query {
@@ -411,7 +417,10 @@ fn query_is_answered_from_the_table() {
         one(&mut c, A2, other),
         Body::QueryResult {
             private: None,
-            epoch: 1
+            epoch: 1,
+            public_ip: Some(std::net::IpAddr::V4(std::net::Ipv4Addr::new(
+                203, 0, 113, 1
+            ))),
         }
     );
     let udp = Body::Query {
@@ -422,7 +431,10 @@ fn query_is_answered_from_the_table() {
         one(&mut c, A2, udp),
         Body::QueryResult {
             private: None,
-            epoch: 1
+            epoch: 1,
+            public_ip: Some(std::net::IpAddr::V4(std::net::Ipv4Addr::new(
+                203, 0, 113, 1
+            ))),
         }
     );
     let r = one(&mut c, [203, 0, 113, 10], q(p));
