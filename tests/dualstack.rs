@@ -777,10 +777,12 @@ fn java() -> &'static str {
 /// A JVM compiles and starts its program slowly.
 const JVM_UP: Duration = Duration::from_secs(40);
 
-/// Java's `new ServerSocket(PORT)` (dual-stack `::`) in a1 under GCB is registered: its
-/// `getInetAddress()` is the proxy's IP (Java shows `::ffff:203.0.113.10` as IPv4) and
-/// `getLocalPort()` the proxy port; a plain ncat on p2 gets 1 MiB echoed intact and the
-/// server sees p2 as the peer and the proxy as the accepted socket's local address.
+/// Java's `new ServerSocket(PORT)` (dual-stack `::`) in a1 under GCB is registered, and a
+/// plain ncat on p2 gets 1 MiB echoed intact through the proxy; the server sees p2 as the
+/// peer (Java shows `::ffff:203.0.113.11` as IPv4) and the proxy as the accepted socket's
+/// local address. Not asserted: the ServerSocket's own `getInetAddress()`/`getLocalPort()`.
+/// Java reads them once, in `bind()`, before `listen()` registers the socket, so they stay
+/// the bind address and port (`0.0.0.0 7500`), as for an IPv4 ServerSocket under GCB.
 #[test]
 fn java_serversocket_is_reached_via_the_proxy_from_p2() {
     let rig = Rig::up("java");
@@ -789,13 +791,9 @@ fn java_serversocket_is_reached_via_the_proxy_from_p2() {
     let gcb: &[&str] = &["--broker", P1];
     let server = rig.serve(Host::A1, Some(gcb), "java-echo", &[java(), &prog, "7500"]);
     let addr = rig.said_within(&server, "java-echo", "ADDR ", JVM_UP);
-    eprintln!("java ServerSocket under GCB: {addr}");
-    assert!(
-        addr.starts_with(&format!("{P1} ")),
-        "getInetAddress() must be the proxy's IP: {addr}"
-    );
+    eprintln!("java ServerSocket under GCB (read by Java at bind): {addr}");
     let proxy = proxy_for_port(&broker, "tcp listener", 7500, T);
-    assert_eq!(addr, format!("{} {}", proxy.ip(), proxy.port()));
+    assert_eq!(proxy.ip().to_string(), P1);
     rig.ncat_echo(Host::P2, P1, proxy.port(), MIB)
         .unwrap_or_else(|e| panic!("{e}\nbroker log:\n{}", broker.text()));
     let conns = rig.wait_lines(&server, "CONN ", 1);
