@@ -69,6 +69,8 @@ struct Fetch {
     name: String,
     /// Exit status success.
     ok: bool,
+    /// The exit status, for messages.
+    status: String,
     /// Everything it printed (curl -v: `> CMD` and `< REPLY` lines; ftplib: `*cmd*`).
     wire: String,
     /// sha256 of the downloaded file, if there is one.
@@ -237,6 +239,7 @@ impl Rig {
         Fetch {
             name: name.to_owned(),
             ok: out.status.success(),
+            status: format!("{:?}", out.status),
             wire,
             sha,
         }
@@ -249,9 +252,9 @@ impl Rig {
             return;
         }
         let mut msg = format!(
-            "{}: transfer failed (exit ok {}, sha {:?}, want {}); its wire:\n{}",
+            "{}: transfer failed ({}, sha {:?}, want {}); its wire:\n{}",
             f.name,
-            f.ok,
+            f.status,
             f.sha,
             self.sha,
             tail(&f.wire, 40)
