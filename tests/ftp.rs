@@ -287,6 +287,24 @@ impl Rig {
             .collect()
     }
 
+    /// Panics unless `port` (advertised in `what`) is a proxy the broker registered.
+    fn assert_proxy_port(&self, what: &str, port: u16) {
+        let ports = self.broker_proxy_ports();
+        assert!(
+            ports.contains(&port),
+            "{what} port {port} is not a proxy the broker registered: {ports:?}"
+        );
+    }
+
+    /// Panics unless `port` (advertised in `what`) is a public port NAME's shim mapped.
+    fn assert_dpf_port(&self, name: &str, what: &str, port: u16) {
+        let ports = self.dpf_mapped_ports(name);
+        assert!(
+            ports.contains(&port),
+            "{what} port {port} is not a public port DPF mapped for {name}: {ports:?}"
+        );
+    }
+
     /// Every public port the shim of NAME logged as mapped by DPF.
     fn dpf_mapped_ports(&self, name: &str) -> Vec<u16> {
         let needle = format!("-> public {GWA_PUBLIC}:");
@@ -302,6 +320,30 @@ impl Rig {
                     .ok()
             })
             .collect()
+    }
+}
+
+/// Runs each sub-case of a test to its end even when an earlier one failed, so one run
+/// reports every client's outcome (each failure's panic message is printed as it happens);
+/// [`Cases::finish`] then fails the test naming the failed sub-cases.
+#[derive(Default)]
+struct Cases {
+    failed: Vec<String>,
+}
+
+impl Cases {
+    fn run(&mut self, name: &str, case: impl FnOnce()) {
+        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(case)).is_err() {
+            self.failed.push(name.to_owned());
+        }
+    }
+
+    fn finish(self) {
+        assert!(
+            self.failed.is_empty(),
+            "failed sub-cases: {:?}",
+            self.failed
+        );
     }
 }
 
@@ -423,17 +465,14 @@ fn passive_server_gcb_reached_from_p2() {
     assert_eq!(*addr.ip(), ip(BROKER), "the server's listener is its proxy");
     let url = format!("ftp://{addr}/{FILE}");
     let logs = ["server.err", "server.shim.log", "broker.log"];
+    let mut cases = Cases::default();
 
-    let epsv = rig.curl(Host::P2, None, &[], "p2-epsv", &url, &[]);
-    show(&epsv, PASSIVE_WIRE);
-    rig.assert_fetched(&epsv, &logs);
-    let port = epsv_port(&epsv);
-    assert!(
-        rig.broker_proxy_ports().contains(&port),
-        "229 port {port} is not a proxy the broker registered: {:?}",
-        rig.broker_proxy_ports()
-    );
-
+    cases.run("p2-epsv", || {
+        let epsv = rig.curl(Host::P2, None, &[], "p2-epsv", &url, &[]);
+        show(&epsv, PASSIVE_WIRE);
+        rig.assert_fetched(&epsv, &logs);
+        rig.assert_proxy_port("229", epsv_port(&epsv));
+    });
     for (name, extra) in [
         ("p2-pasv", &["--disable-epsv"][..]),
         (
@@ -441,22 +480,20 @@ fn passive_server_gcb_reached_from_p2() {
             &["--disable-epsv", "--no-ftp-skip-pasv-ip"][..],
         ),
     ] {
-        let f = rig.curl(Host::P2, None, &[], name, &url, extra);
-        show(&f, PASSIVE_WIRE);
-        rig.assert_fetched(&f, &logs);
-        let adv = pasv_addr(&f);
-        assert_eq!(
-            *adv.ip(),
-            ip(BROKER),
-            "{name}: 227 must carry the broker's IP"
-        );
-        assert!(
-            rig.broker_proxy_ports().contains(&adv.port()),
-            "{name}: 227 port {} is not a registered proxy: {:?}",
-            adv.port(),
-            rig.broker_proxy_ports()
-        );
+        cases.run(name, || {
+            let f = rig.curl(Host::P2, None, &[], name, &url, extra);
+            show(&f, PASSIVE_WIRE);
+            rig.assert_fetched(&f, &logs);
+            let adv = pasv_addr(&f);
+            assert_eq!(
+                *adv.ip(),
+                ip(BROKER),
+                "{name}: 227 must carry the broker's IP"
+            );
+            rig.assert_proxy_port("227", adv.port());
+        });
     }
+    cases.finish();
 }
 
 /// The same server reached from b1 (private -> other private), curl under
@@ -469,25 +506,30 @@ fn passive_server_gcb_reached_from_b1() {
     let (_server, addr) = rig.server(Host::A1, Some(shim), &[], "server", FTP_PORT, &[]);
     let url = format!("ftp://{addr}/{FILE}");
     let logs = ["server.err", "server.shim.log", "broker.log"];
+    let mut cases = Cases::default();
 
-    let epsv = rig.curl(Host::B1, Some(shim), &[], "b1-epsv", &url, &[]);
-    show(&epsv, PASSIVE_WIRE);
-    rig.assert_fetched(&epsv, &logs);
-    assert!(rig.broker_proxy_ports().contains(&epsv_port(&epsv)));
-
-    let f = rig.curl(
-        Host::B1,
-        Some(shim),
-        &[],
-        "b1-pasv-ip",
-        &url,
-        &["--disable-epsv", "--no-ftp-skip-pasv-ip"],
-    );
-    show(&f, PASSIVE_WIRE);
-    rig.assert_fetched(&f, &logs);
-    let adv = pasv_addr(&f);
-    assert_eq!(*adv.ip(), ip(BROKER), "227 must carry the broker's IP");
-    assert!(rig.broker_proxy_ports().contains(&adv.port()));
+    cases.run("b1-epsv", || {
+        let epsv = rig.curl(Host::B1, Some(shim), &[], "b1-epsv", &url, &[]);
+        show(&epsv, PASSIVE_WIRE);
+        rig.assert_fetched(&epsv, &logs);
+        rig.assert_proxy_port("229", epsv_port(&epsv));
+    });
+    cases.run("b1-pasv-ip", || {
+        let f = rig.curl(
+            Host::B1,
+            Some(shim),
+            &[],
+            "b1-pasv-ip",
+            &url,
+            &["--disable-epsv", "--no-ftp-skip-pasv-ip"],
+        );
+        show(&f, PASSIVE_WIRE);
+        rig.assert_fetched(&f, &logs);
+        let adv = pasv_addr(&f);
+        assert_eq!(*adv.ip(), ip(BROKER), "227 must carry the broker's IP");
+        rig.assert_proxy_port("227", adv.port());
+    });
+    cases.finish();
 }
 
 /// Negative control: the same server without the shim (broker running) cannot be reached
@@ -559,17 +601,14 @@ fn passive_server_dpf_reached_from_p2() {
     assert_eq!(*addr.ip(), ip(GWA_PUBLIC), "the listener is mapped");
     let url = format!("ftp://{addr}/{FILE}");
     let logs = ["server.err", "server.shim.log", "portfwd-1.log"];
+    let mut cases = Cases::default();
 
-    let epsv = rig.curl(Host::P2, None, &[], "p2-epsv", &url, &[]);
-    show(&epsv, PASSIVE_WIRE);
-    rig.assert_fetched(&epsv, &logs);
-    let port = epsv_port(&epsv);
-    assert!(
-        rig.dpf_mapped_ports("server").contains(&port),
-        "229 port {port} is not a DPF mapping: {:?}",
-        rig.dpf_mapped_ports("server")
-    );
-
+    cases.run("p2-epsv", || {
+        let epsv = rig.curl(Host::P2, None, &[], "p2-epsv", &url, &[]);
+        show(&epsv, PASSIVE_WIRE);
+        rig.assert_fetched(&epsv, &logs);
+        rig.assert_dpf_port("server", "229", epsv_port(&epsv));
+    });
     for (name, extra) in [
         ("p2-pasv", &["--disable-epsv"][..]),
         (
@@ -577,22 +616,20 @@ fn passive_server_dpf_reached_from_p2() {
             &["--disable-epsv", "--no-ftp-skip-pasv-ip"][..],
         ),
     ] {
-        let f = rig.curl(Host::P2, None, &[], name, &url, extra);
-        show(&f, PASSIVE_WIRE);
-        rig.assert_fetched(&f, &logs);
-        let adv = pasv_addr(&f);
-        assert_eq!(
-            *adv.ip(),
-            ip(GWA_PUBLIC),
-            "{name}: 227 must carry the gateway's public IP"
-        );
-        assert!(
-            rig.dpf_mapped_ports("server").contains(&adv.port()),
-            "{name}: 227 port {} is not a DPF mapping: {:?}",
-            adv.port(),
-            rig.dpf_mapped_ports("server")
-        );
+        cases.run(name, || {
+            let f = rig.curl(Host::P2, None, &[], name, &url, extra);
+            show(&f, PASSIVE_WIRE);
+            rig.assert_fetched(&f, &logs);
+            let adv = pasv_addr(&f);
+            assert_eq!(
+                *adv.ip(),
+                ip(GWA_PUBLIC),
+                "{name}: 227 must carry the gateway's public IP"
+            );
+            rig.assert_dpf_port("server", "227", adv.port());
+        });
     }
+    cases.finish();
 }
 
 /// Negative control: without the shim (portfwd running) the server cannot be reached at
@@ -652,44 +689,44 @@ fn active_client_dpf() {
     let (_server, _) = rig.server(Host::P2, None, &[], "server", FTP_PORT, &[]);
     let shim: &[&str] = &["--dpf", "10.1.0.1"];
     let url = format!("ftp://{P2}:{FTP_PORT}/{FILE}");
+    let mut cases = Cases::default();
 
-    let eprt = rig.curl(Host::A1, Some(shim), &[], "curl-eprt", &url, &["-P", "-"]);
-    show(&eprt, ACTIVE_WIRE);
-    rig.assert_fetched(
-        &eprt,
-        &["server.err", "curl-eprt.shim.log", "portfwd-1.log"],
-    );
-    let adv = eprt_addr(&eprt);
-    assert_eq!(*adv.ip(), ip(GWA_PUBLIC), "EPRT must carry the public IP");
-    assert!(rig.dpf_mapped_ports("curl-eprt").contains(&adv.port()));
-
-    let port = rig.curl(
-        Host::A1,
-        Some(shim),
-        &[],
-        "curl-port",
-        &url,
-        &["-P", "-", "--disable-eprt"],
-    );
-    show(&port, ACTIVE_WIRE);
-    rig.assert_fetched(
-        &port,
-        &["server.err", "curl-port.shim.log", "portfwd-1.log"],
-    );
-    let adv = port_cmd_addr(&port);
-    assert_eq!(*adv.ip(), ip(GWA_PUBLIC), "PORT must carry the public IP");
-    assert!(rig.dpf_mapped_ports("curl-port").contains(&adv.port()));
-
-    let py = rig.ftplib_active(Host::A1, Some(shim), &[], "ftplib", P2, FTP_PORT);
-    show(&py, ACTIVE_WIRE);
-    rig.assert_fetched(&py, &["server.err", "ftplib.shim.log", "portfwd-1.log"]);
-    let adv = port_cmd_addr(&py);
-    assert_eq!(
-        *adv.ip(),
-        ip(GWA_PUBLIC),
-        "ftplib's PORT must carry the public IP"
-    );
-    assert!(rig.dpf_mapped_ports("ftplib").contains(&adv.port()));
+    cases.run("curl-eprt", || {
+        let f = rig.curl(Host::A1, Some(shim), &[], "curl-eprt", &url, &["-P", "-"]);
+        show(&f, ACTIVE_WIRE);
+        rig.assert_fetched(&f, &["server.err", "curl-eprt.shim.log", "portfwd-1.log"]);
+        let adv = eprt_addr(&f);
+        assert_eq!(*adv.ip(), ip(GWA_PUBLIC), "EPRT must carry the public IP");
+        rig.assert_dpf_port("curl-eprt", "EPRT", adv.port());
+    });
+    cases.run("curl-port", || {
+        let f = rig.curl(
+            Host::A1,
+            Some(shim),
+            &[],
+            "curl-port",
+            &url,
+            &["-P", "-", "--disable-eprt"],
+        );
+        show(&f, ACTIVE_WIRE);
+        rig.assert_fetched(&f, &["server.err", "curl-port.shim.log", "portfwd-1.log"]);
+        let adv = port_cmd_addr(&f);
+        assert_eq!(*adv.ip(), ip(GWA_PUBLIC), "PORT must carry the public IP");
+        rig.assert_dpf_port("curl-port", "PORT", adv.port());
+    });
+    cases.run("ftplib", || {
+        let f = rig.ftplib_active(Host::A1, Some(shim), &[], "ftplib", P2, FTP_PORT);
+        show(&f, ACTIVE_WIRE);
+        rig.assert_fetched(&f, &["server.err", "ftplib.shim.log", "portfwd-1.log"]);
+        let adv = port_cmd_addr(&f);
+        assert_eq!(
+            *adv.ip(),
+            ip(GWA_PUBLIC),
+            "ftplib's PORT must carry the public IP"
+        );
+        rig.assert_dpf_port("ftplib", "PORT", adv.port());
+    });
+    cases.finish();
 }
 
 /// Negative control for [`active_client_dpf`]: without the shim, and under the shim with the
@@ -742,6 +779,9 @@ fn active_client_dpf_negative() {
 /// bounce attacks, not a GCB bug. So the transfers go to a second server on p2 with
 /// `permit_foreign_addresses = True` (`--permit-foreign`): curl `-P -` (EPRT), curl
 /// `--disable-eprt` (PORT) and ftplib (PORT) must get the file through the proxy.
+/// curl takes the EPRT/PORT port from `getsockname()` after `bind()` and before
+/// `listen()` (ftp.c, "get the name again after the bind()"), ftplib after `listen()`: curl
+/// needs the proxy registered by the time of that first `getsockname()`.
 #[test]
 fn active_client_gcb() {
     let rig = Rig::up("active-gcb");
@@ -757,63 +797,65 @@ fn active_client_gcb() {
     );
     let shim: &[&str] = &["--broker", BROKER];
     let url = format!("ftp://{P2}:{FTP_PORT_PERMISSIVE}/{FILE}");
+    let mut cases = Cases::default();
 
-    let eprt = rig.curl(Host::A1, Some(shim), &[], "curl-eprt", &url, &["-P", "-"]);
-    show(&eprt, ACTIVE_WIRE);
-    rig.assert_fetched(&eprt, &["server.err", "curl-eprt.shim.log", "broker.log"]);
-    let adv = eprt_addr(&eprt);
-    assert_eq!(*adv.ip(), ip(BROKER), "EPRT must carry the broker's IP");
-    assert!(
-        rig.broker_proxy_ports().contains(&adv.port()),
-        "EPRT port {} is not a registered proxy: {:?}",
-        adv.port(),
-        rig.broker_proxy_ports()
-    );
-
-    let port = rig.curl(
-        Host::A1,
-        Some(shim),
-        &[],
-        "curl-port",
-        &url,
-        &["-P", "-", "--disable-eprt"],
-    );
-    show(&port, ACTIVE_WIRE);
-    rig.assert_fetched(&port, &["server.err", "curl-port.shim.log", "broker.log"]);
-    let adv = port_cmd_addr(&port);
-    assert_eq!(*adv.ip(), ip(BROKER), "PORT must carry the broker's IP");
-    assert!(rig.broker_proxy_ports().contains(&adv.port()));
-
-    let py = rig.ftplib_active(Host::A1, Some(shim), &[], "ftplib", P2, FTP_PORT_PERMISSIVE);
-    show(&py, ACTIVE_WIRE);
-    rig.assert_fetched(&py, &["server.err", "ftplib.shim.log", "broker.log"]);
-    let adv = port_cmd_addr(&py);
-    assert_eq!(
-        *adv.ip(),
-        ip(BROKER),
-        "ftplib's PORT must carry the broker's IP"
-    );
-    assert!(rig.broker_proxy_ports().contains(&adv.port()));
-
+    cases.run("curl-eprt", || {
+        let f = rig.curl(Host::A1, Some(shim), &[], "curl-eprt", &url, &["-P", "-"]);
+        show(&f, ACTIVE_WIRE);
+        rig.assert_fetched(&f, &["server.err", "curl-eprt.shim.log", "broker.log"]);
+        let adv = eprt_addr(&f);
+        assert_eq!(*adv.ip(), ip(BROKER), "EPRT must carry the broker's IP");
+        rig.assert_proxy_port("EPRT", adv.port());
+    });
+    cases.run("curl-port", || {
+        let f = rig.curl(
+            Host::A1,
+            Some(shim),
+            &[],
+            "curl-port",
+            &url,
+            &["-P", "-", "--disable-eprt"],
+        );
+        show(&f, ACTIVE_WIRE);
+        rig.assert_fetched(&f, &["server.err", "curl-port.shim.log", "broker.log"]);
+        let adv = port_cmd_addr(&f);
+        assert_eq!(*adv.ip(), ip(BROKER), "PORT must carry the broker's IP");
+        rig.assert_proxy_port("PORT", adv.port());
+    });
+    cases.run("ftplib", || {
+        let f = rig.ftplib_active(Host::A1, Some(shim), &[], "ftplib", P2, FTP_PORT_PERMISSIVE);
+        show(&f, ACTIVE_WIRE);
+        rig.assert_fetched(&f, &["server.err", "ftplib.shim.log", "broker.log"]);
+        let adv = port_cmd_addr(&f);
+        assert_eq!(
+            *adv.ip(),
+            ip(BROKER),
+            "ftplib's PORT must carry the broker's IP"
+        );
+        rig.assert_proxy_port("PORT", adv.port());
+    });
     // The default policy refuses the broker's IP (not the control connection's peer).
-    let strict = rig.curl(
-        Host::A1,
-        Some(shim),
-        &[],
-        "curl-strict",
-        &format!("ftp://{P2}:{FTP_PORT}/{FILE}"),
-        &["-P", "-"],
-    );
-    show(&strict, ACTIVE_WIRE);
-    rig.assert_not_fetched(&strict);
-    let log = read_text(&rig.path("strict.err"));
-    assert!(
-        log.contains(&format!(
-            "Rejected data connection to foreign address {BROKER}"
-        )),
-        "pyftpdlib's default policy should refuse the broker's IP:\n{}",
-        tail(&log, 30)
-    );
+    cases.run("curl-strict", || {
+        let f = rig.curl(
+            Host::A1,
+            Some(shim),
+            &[],
+            "curl-strict",
+            &format!("ftp://{P2}:{FTP_PORT}/{FILE}"),
+            &["-P", "-"],
+        );
+        show(&f, ACTIVE_WIRE);
+        rig.assert_not_fetched(&f);
+        let log = read_text(&rig.path("strict.err"));
+        assert!(
+            log.contains(&format!(
+                "Rejected data connection to foreign address {BROKER}"
+            )),
+            "pyftpdlib's default policy should refuse the broker's IP:\n{}",
+            tail(&log, 30)
+        );
+    });
+    cases.finish();
 }
 
 /// Negative control for [`active_client_gcb`], against the permissive server: without the
