@@ -22,7 +22,7 @@
 //! Needs root and the release build (`cargo build --release --workspace`); never skips.
 
 use std::fs;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -150,7 +150,7 @@ impl Rig {
     }
 
     /// Starts ftp_server.py (serving DIR/root on `port`, `extra` options) in `host` as NAME
-    /// and returns it with the address it printed (its listener's getsockname()).
+    /// and returns it with the IPv4 address it printed (its listener's getsockname()).
     fn server(
         &self,
         host: Host,
@@ -160,6 +160,22 @@ impl Rig {
         port: u16,
         extra: &[&str],
     ) -> (Logged, SocketAddrV4) {
+        match self.server_any(host, shim, env, name, port, extra) {
+            (server, SocketAddr::V4(addr)) => (server, addr),
+            (_, addr) => panic!("{name}: an IPv4 listener reports {addr}"),
+        }
+    }
+
+    /// [`Rig::server`] for a listener of either family (`--host ::`).
+    fn server_any(
+        &self,
+        host: Host,
+        shim: Option<&[&str]>,
+        env: &[(&str, &str)],
+        name: &str,
+        port: u16,
+        extra: &[&str],
+    ) -> (Logged, SocketAddr) {
         let mut cmd = self.cmd(host, shim, env, name, SYS_PY);
         cmd.arg("-u")
             .arg(self.path("ftp_server.py"))
@@ -530,6 +546,85 @@ fn passive_server_gcb_reached_from_b1() {
         rig.assert_proxy_port("227", adv.port());
     });
     cases.finish();
+}
+
+/// The same passive server listening on `::` (pyftpdlib's `("::", port)`: one AF_INET6
+/// socket, dual-stack by Linux's default), in a1 under `gcb-run --broker`, curl on p2: the
+/// listener is registered and reports its proxy as `[::ffff:203.0.113.10]:PORT`; pyftpdlib
+/// builds its PASV from the control connection's `::ffff:` name (and binds the data
+/// listener to it), so the 227 must carry the broker's IP and a proxy port.
+#[test]
+fn passive_server_dualstack_gcb_reached_from_p2() {
+    let rig = Rig::up("pasv-gcb-dual");
+    let _broker = rig.broker();
+    let shim: &[&str] = &["--broker", BROKER];
+    let (_server, addr) = rig.server_any(
+        Host::A1,
+        Some(shim),
+        &[],
+        "server",
+        FTP_PORT,
+        &["--host", "::"],
+    );
+    let SocketAddr::V6(addr6) = addr else {
+        panic!("pyftpdlib on :: should have an AF_INET6 listener, reports {addr}")
+    };
+    assert_eq!(
+        addr6.ip().to_ipv4_mapped(),
+        Some(ip(BROKER)),
+        "the dual-stack listener reports its proxy as ::ffff:{BROKER}, reports {addr}"
+    );
+    let url = format!("ftp://{BROKER}:{}/{FILE}", addr6.port());
+    let logs = ["server.err", "server.shim.log", "broker.log"];
+    let mut cases = Cases::default();
+
+    cases.run("p2-epsv", || {
+        let epsv = rig.curl(Host::P2, None, &[], "p2-epsv", &url, &[]);
+        show(&epsv, PASSIVE_WIRE);
+        rig.assert_fetched(&epsv, &logs);
+        rig.assert_proxy_port("229", epsv_port(&epsv));
+    });
+    cases.run("p2-pasv-ip", || {
+        let f = rig.curl(
+            Host::P2,
+            None,
+            &[],
+            "p2-pasv-ip",
+            &url,
+            &["--disable-epsv", "--no-ftp-skip-pasv-ip"],
+        );
+        show(&f, PASSIVE_WIRE);
+        rig.assert_fetched(&f, &logs);
+        let adv = pasv_addr(&f);
+        assert_eq!(*adv.ip(), ip(BROKER), "227 must carry the broker's IP");
+        rig.assert_proxy_port("227", adv.port());
+    });
+    cases.finish();
+}
+
+/// Negative control for [`passive_server_dualstack_gcb_reached_from_p2`]: the dual-stack
+/// server without the shim cannot be reached from p2.
+#[test]
+fn passive_server_dualstack_gcb_negative_without_shim() {
+    let rig = Rig::up("pasv-dual-noshim");
+    let _broker = rig.broker();
+    let (_server, addr) =
+        rig.server_any(Host::A1, None, &[], "server", FTP_PORT, &["--host", "::"]);
+    assert!(
+        addr.is_ipv6(),
+        "pyftpdlib on :: listens on AF_INET6: {addr}"
+    );
+    for target in [A1, GWA_PUBLIC] {
+        let f = rig.curl(
+            Host::P2,
+            None,
+            &[],
+            &format!("p2-to-{target}"),
+            &format!("ftp://{target}:{FTP_PORT}/{FILE}"),
+            &["--connect-timeout", "3"],
+        );
+        rig.assert_not_fetched(&f);
+    }
 }
 
 /// Negative control: the same server without the shim (broker running) cannot be reached

@@ -3,14 +3,17 @@
 
     ftp_server.py ROOT PORT [--host H] [--permit-foreign]
 
---host H          address to listen on (default "": 0.0.0.0)
+--host H          address to listen on (default "": 0.0.0.0; "::" makes pyftpdlib open
+                  an AF_INET6 socket, dual-stack by Linux's default IPV6_V6ONLY=0)
 --permit-foreign  permit_foreign_addresses = True: accept a PORT/EPRT whose IP is not the
                   control connection's peer (pyftpdlib refuses it by default)
 
-Prints `ADDR ip:port` (getsockname of the listening socket) once listening. Logs every
+Prints `ADDR ip:port` (getsockname of the listening socket; `[ip]:port` for an AF_INET6 one)
+once listening. Logs every
 command and reply at DEBUG on stderr (`<- PASV`, `-> 227 ...`): the wire, for the test.
 """
 import logging
+import socket
 import sys
 
 from pyftpdlib.authorizers import DummyAuthorizer
@@ -46,7 +49,8 @@ def main():
     Handler.permit_foreign_addresses = permit_foreign
     server = FTPServer((host, port), Handler)
     name = server.socket.getsockname()
-    print(f"ADDR {name[0]}:{name[1]}", flush=True)
+    ip = f"[{name[0]}]" if server.socket.family == socket.AF_INET6 else name[0]
+    print(f"ADDR {ip}:{name[1]}", flush=True)
     server.serve_forever()
 
 
