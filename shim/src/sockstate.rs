@@ -8,6 +8,7 @@
 //!
 //! ```text
 //!  TCP, GCB:  Plain --listen()+registered--> GcbListener --(exec/close)--> gone
+//!             Plain --bind(our public IP)--> PublicBind --getsockname()/listen()--> GcbListener
 //!             Plain <--accept() returns a brokered connection-- GcbAccepted
 //!  UDP, GCB:  Plain --bind(port 0)--> UdpPending --first send to the broker's host-->
 //!             UdpRegistering --answer--> UdpRegistered (relay, receivers, punch table)
@@ -41,6 +42,9 @@ pub enum SockState {
     UdpRegistering,
     /// A GCB-registered UDP socket.
     UdpRegistered(UdpSock),
+    /// A TCP socket the program bound to the host's public address (bound locally by the
+    /// shim): GCB registers it at its first getsockname(), before listen().
+    PublicBind,
     /// A socket bound to port 0 under DPF: forwarded at getsockname() or listen().
     DpfPending(Transport),
     /// A socket portfwd forwards.

@@ -147,7 +147,13 @@ impl Layer for Stack {
             }
         }
         if let Some(g) = &self.gcb {
-            // UDP sockets register at bind (port 0: when needed); TCP ones at listen().
+            // UDP sockets register at bind (port 0: when needed); TCP ones at listen(), or
+            // at their first getsockname() if bound to our public address.
+            if local.is_some() && net::is_tcp4(fd) {
+                if let Some(e) = crate::fdtable::socket_entry(fd, entry) {
+                    e.with_state(|s| *s = crate::sockstate::SockState::PublicBind);
+                }
+            }
             g.on_bound_udp_lazy(fd, entry, net::addr_in(addr));
         }
         Outcome::Handled(0)

@@ -14,6 +14,7 @@ use crate::fdtable::{self, FdEntry};
 use crate::net;
 use crate::sockaddr::{self, SockAddrBuf};
 use crate::sockstate::GcbSock;
+use crate::sockstate::SockState;
 
 use super::client::{self, Answer};
 use super::core::{expired, gcb_state, slice_ms, GcbLayer};
@@ -242,11 +243,19 @@ impl GcbLayer {
         if unsafe { libc::listen(fd, backlog) } != 0 {
             return Outcome::Error(net::errno());
         }
+        self.register_tcp(fd, entry);
+        Outcome::Handled(0)
+    }
+
+    /// Registers the TCP socket `fd` (listening, or about to: see
+    /// [`GcbLayer::register_public_bind`]) with the broker; on failure it serves locally and
+    /// the AEH asks again.
+    fn register_tcp(&self, fd: c_int, entry: Option<&Arc<FdEntry>>) {
         let Some(local) = net::sock_name(fd, false) else {
-            return Outcome::Handled(0);
+            return;
         };
         if local.ip().is_loopback() {
-            return Outcome::Handled(0);
+            return;
         }
         let mut c = self.client.lock();
         let (reg_local, listen_at) = if local.ip().is_unspecified() {
@@ -259,7 +268,7 @@ impl GcbLayer {
             (local, local)
         };
         let Some(entry) = fdtable::socket_entry(fd, entry) else {
-            return Outcome::Handled(0);
+            return;
         };
         match c.register(reg_local, listen_at, &entry, fd) {
             Ok(proxy) => {
@@ -280,7 +289,24 @@ impl GcbLayer {
                 c.register_later(reg_local, listen_at, &entry);
             }
         }
-        Outcome::Handled(0)
+    }
+
+    /// A TCP socket the program bound to the host's public address (the shim bound it
+    /// locally, see `Stack::on_bind`) registers at its first getsockname(), before
+    /// listen(): programs that bind to the address they advertise read the port to
+    /// advertise right after bind() (curl's active FTP reads it between bind() and
+    /// listen()), and that port must be the proxy's.
+    pub fn register_public_bind(&self, fd: c_int, entry: &Arc<FdEntry>) {
+        let was_public_bind = entry.with_state(|s| {
+            let yes = matches!(s, SockState::PublicBind);
+            if yes {
+                *s = SockState::Plain;
+            }
+            yes
+        });
+        if was_public_bind == Some(true) && net::is_tcp4(fd) {
+            self.register_tcp(fd, Some(entry));
+        }
     }
 
     pub(super) fn tcp_name(
@@ -292,6 +318,7 @@ impl GcbLayer {
     ) -> Outcome<c_int> {
         if !peer {
             self.settle_pending_udp(fd, entry);
+            self.register_public_bind(fd, entry);
         }
         let family = entry.domain();
         match (gcb_state(entry), peer) {
