@@ -2,6 +2,11 @@
 //! `getpeername()` report the proxy and the logical peer, `accept()` returns brokered
 //! connections in arrival order, and `connect()` to a proxy asks the broker for the route
 //! (direct, reverse or relay) and makes that connection on the program's socket.
+//!
+//! A brokered connection reads like one the kernel accepted on the listener: it is dialed
+//! in the listener's family, gets the options a kernel-accepted socket inherits from its
+//! listener (`inherit_listener_options`), and its IP_PKTOPTIONS reports the arrival
+//! interface (`GcbLayer::tcp_getsockopt`).
 
 use gcb_proto::{Body, Route, Transport};
 use libc::c_int;
