@@ -257,6 +257,7 @@ fn library_exports_the_hooks() {
         "connect",
         "getsockname",
         "getpeername",
+        "getsockopt",
         "close",
         "close_range",
         "closefrom",

@@ -49,6 +49,15 @@ pub struct AddrOut {
     pub len: *mut socklen_t,
 }
 
+/// A getsockopt(2) call's option and result buffer (may be null).
+#[derive(Clone, Copy, Debug)]
+pub struct OptOut {
+    pub level: libc::c_int,
+    pub opt: libc::c_int,
+    pub ptr: *mut libc::c_void,
+    pub len: *mut socklen_t,
+}
+
 /// A data-transfer call on a managed socket.
 #[derive(Clone, Copy, Debug)]
 pub enum IoCall {

@@ -6,8 +6,8 @@
 //! installed layer is [`crate::stack`] (DPF where it can map, GCB for the rest). When is a
 //! layer consulted?
 //!
-//! * fd-based calls (accept, recv*, send*, getsockname, getpeername, close, dup*, fcntl,
-//!   epoll_ctl): only when the fd table says the fd is managed (`FdKind::Socket`). The table
+//! * fd-based calls (accept, recv*, send*, getsockname, getpeername, getsockopt, close,
+//!   dup*, fcntl, epoll_ctl): only when the fd table says the fd is managed (`FdKind::Socket`). The table
 //!   is the switch: a layer that wants to see a socket's calls (e.g. to run the AEH inside
 //!   `recv`) puts it in the table when it starts managing it (bind, listen, connect).
 //! * calls that create or name sockets (socket, bind, listen, connect) and the readiness
@@ -31,7 +31,7 @@ use libc::{c_int, c_uint, epoll_event, ssize_t};
 use once_cell::sync::OnceCell;
 use std::sync::Arc;
 
-pub use crate::abi::{AddrIn, AddrOut, IoCall, Outcome, WaitCall};
+pub use crate::abi::{AddrIn, AddrOut, IoCall, OptOut, Outcome, WaitCall};
 use crate::fdtable::FdEntry;
 
 /// Bypass reason of the trait's defaults.
@@ -81,6 +81,11 @@ pub trait Layer: Send + Sync {
         _peer: bool,
         _addr: AddrOut,
     ) -> Outcome<c_int> {
+        Outcome::Bypass(NOT_HANDLED)
+    }
+    /// getsockopt on a managed socket: what a connection the kernel accepted would report
+    /// (a brokered connection's IP_PKTOPTIONS).
+    fn on_getsockopt(&self, _fd: c_int, _entry: &Arc<FdEntry>, _call: OptOut) -> Outcome<c_int> {
         Outcome::Bypass(NOT_HANDLED)
     }
     /// getsockname on a socket the shim does not manage (e.g. an outbound connection):

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use crate::dpf::{self, Bound, DpfClient, Refusal};
 use crate::fdtable::FdEntry;
 use crate::gcb::GcbLayer;
-use crate::layer::{AddrIn, AddrOut, IoCall, Layer, Outcome, WaitCall};
+use crate::layer::{AddrIn, AddrOut, IoCall, Layer, OptOut, Outcome, WaitCall};
 use crate::net;
 use crate::sockaddr::SockAddrBuf;
 
@@ -242,6 +242,13 @@ impl Layer for Stack {
         }
         match &self.gcb {
             Some(g) => g.on_name(fd, entry, peer, addr),
+            None => Outcome::Bypass("GCB not configured"),
+        }
+    }
+
+    fn on_getsockopt(&self, fd: c_int, entry: &Arc<FdEntry>, call: OptOut) -> Outcome<c_int> {
+        match &self.gcb {
+            Some(g) => g.on_getsockopt(fd, entry, call),
             None => Outcome::Bypass("GCB not configured"),
         }
     }

@@ -26,6 +26,7 @@ crate::real_fns! {
     ACCEPT4 = c"accept4": unsafe extern "C" fn(Fd, *mut sockaddr, *mut socklen_t, c_int) -> Fd;
     GETSOCKNAME = c"getsockname": unsafe extern "C" fn(Fd, *mut sockaddr, *mut socklen_t) -> c_int;
     GETPEERNAME = c"getpeername": unsafe extern "C" fn(Fd, *mut sockaddr, *mut socklen_t) -> c_int;
+    GETSOCKOPT = c"getsockopt": unsafe extern "C" fn(Fd, c_int, c_int, *mut c_void, *mut socklen_t) -> c_int;
 
     CLOSE = c"close": unsafe extern "C" fn(Fd) -> c_int;
     CLOSE_RANGE = c"close_range": unsafe extern "C" fn(c_uint, c_uint, c_int) -> c_int;

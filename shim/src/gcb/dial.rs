@@ -30,9 +30,10 @@ pub const MAX_ATTEMPT_FDS: usize = 128;
 /// Attempts one dial starts at most.
 pub const MAX_ATTEMPTS: u8 = 8;
 
-/// One dial in flight, dialing `target` for `what`.
+/// One dial in flight, dialing `target` for `what` in `family`.
 struct Dial<T> {
     target: SocketAddrV4,
+    family: c_int,
     what: T,
     /// The attempts racing (shim-owned, non-blocking, close-on-exec).
     attempts: Vec<Arc<ShimFd>>,
@@ -63,14 +64,15 @@ enum Attempt {
     Failed(c_int),
 }
 
-/// Start one non-blocking connect to `target`, waiting at most `quick` for it to
-/// complete (then it never enters the fd table or the watch: the fast path).
-fn attempt(target: SocketAddrV4, quick: Duration, watch: Option<&Watch>) -> Attempt {
-    let fd = match net::socket(libc::SOCK_STREAM | libc::SOCK_NONBLOCK, false) {
+/// Start one non-blocking connect to `target` from a socket of `family`, waiting at most
+/// `quick` for it to complete (then it never enters the fd table or the watch: the fast
+/// path).
+fn attempt(target: SocketAddrV4, family: c_int, quick: Duration, watch: Option<&Watch>) -> Attempt {
+    let fd = match net::socket_as(family, libc::SOCK_STREAM | libc::SOCK_NONBLOCK, false) {
         Ok(fd) => fd,
         Err(e) => return Attempt::Failed(e),
     };
-    let connected = match net::connect_raw(fd, target) {
+    let connected = match net::connect_as(fd, target, family) {
         Err(libc::EINPROGRESS) if !quick.is_zero() => {
             match net::wait_fd(fd, libc::POLLOUT, quick) {
                 Ok(true) => match net::so_error(fd) {
@@ -147,7 +149,8 @@ impl<T> Dials<T> {
         self.list.iter().map(|d| d.attempts.len()).sum()
     }
 
-    /// Start dialing `target` for `what`, giving up after `timeout`. If it connects
+    /// Start dialing `target` for `what` from sockets of `family` (the listener's: the
+    /// connection becomes one it accepts), giving up after `timeout`. If it connects
     /// within `quick` (a bounded wait, for a dial expected to complete at once: the
     /// broker's relay port on the LAN), returns the connection at once; otherwise the
     /// dial is in flight (`Ok(None)`) and [`Self::poll`] reports it. `Err((errno, what))`:
@@ -156,6 +159,7 @@ impl<T> Dials<T> {
     pub fn start(
         &mut self,
         target: SocketAddrV4,
+        family: c_int,
         what: T,
         timeout: Duration,
         quick: Duration,
@@ -164,7 +168,7 @@ impl<T> Dials<T> {
         if self.is_full() {
             return Err((libc::EAGAIN, what));
         }
-        let s = match attempt(target, quick, watch) {
+        let s = match attempt(target, family, quick, watch) {
             Attempt::Connected(fd) => return Ok(Some((fd, what))),
             Attempt::Failed(e) => return Err((e, what)),
             Attempt::InProgress(s) => s,
@@ -172,6 +176,7 @@ impl<T> Dials<T> {
         let now = Instant::now();
         self.list.push(Dial {
             target,
+            family,
             what,
             attempts: vec![s],
             started: 1,
@@ -245,7 +250,7 @@ impl<T> Dials<T> {
             }
             if due && budget > 0 {
                 d.started += 1;
-                match attempt(d.target, Duration::ZERO, watch) {
+                match attempt(d.target, d.family, Duration::ZERO, watch) {
                     Attempt::Connected(fd) => {
                         for s in &d.attempts {
                             close_attempt(s, watch);

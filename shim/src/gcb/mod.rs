@@ -65,7 +65,7 @@ use gcb_proto::Transport;
 use libc::{c_int, ssize_t};
 use std::sync::Arc;
 
-use crate::abi::{AddrIn, AddrOut, IoCall, Outcome, WaitCall};
+use crate::abi::{AddrIn, AddrOut, IoCall, OptOut, Outcome, WaitCall};
 use crate::fdtable::FdEntry;
 use crate::layer::Layer;
 use core::gcb_state;
@@ -138,6 +138,10 @@ impl Layer for GcbLayer {
         flags: c_int,
     ) -> Outcome<c_int> {
         self.tcp_accept(fd, entry, addr, flags)
+    }
+
+    fn on_getsockopt(&self, fd: c_int, entry: &Arc<FdEntry>, call: OptOut) -> Outcome<c_int> {
+        self.tcp_getsockopt(fd, entry, call)
     }
 
     fn on_connect(&self, fd: c_int, entry: Option<&Arc<FdEntry>>, addr: AddrIn) -> Outcome<c_int> {

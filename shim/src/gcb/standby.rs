@@ -105,11 +105,13 @@ pub fn parse_key(token: &str) -> Option<[u8; 16]> {
 }
 
 impl Standby {
-    /// Start dialing the relay port (non-blocking).
-    pub fn dial(relay: SocketAddrV4, key: [u8; 16]) -> Result<Standby, c_int> {
-        let fd = net::socket(libc::SOCK_STREAM | libc::SOCK_NONBLOCK, false)?;
+    /// Start dialing the relay port (non-blocking), in `family`: the listener's, because
+    /// a claimed standby becomes a connection the listener accepts (a dual-stack AF_INET6
+    /// listener's accepted connections are AF_INET6 sockets).
+    pub fn dial(relay: SocketAddrV4, key: [u8; 16], family: c_int) -> Result<Standby, c_int> {
+        let fd = net::socket_as(family, libc::SOCK_STREAM | libc::SOCK_NONBLOCK, false)?;
         let fd = fdtable::own_fd(fd, "gcb-standby")?;
-        match net::connect_raw(fd.fd(), relay) {
+        match net::connect_as(fd.fd(), relay, family) {
             Ok(()) | Err(libc::EINPROGRESS) => Ok(Standby {
                 fd,
                 parked: false,

@@ -48,7 +48,7 @@
 //! result into an outcome with [`outcome_of`].
 //!
 //! Modules: [`sock`] (socket, bind, listen, connect, accept, accept4, getsockname,
-//! getpeername), [`fds`] (close, close_range, closefrom, dup, dup2, dup3, fcntl, fcntl64),
+//! getpeername, getsockopt), [`fds`] (close, close_range, closefrom, dup, dup2, dup3, fcntl, fcntl64),
 //! [`io`] (read, write, recv*, send*), [`wait`] (select, pselect, poll, ppoll, epoll_ctl,
 //! epoll_wait, epoll_pwait, epoll_pwait2), [`process`] (fork, exec family).
 

@@ -1,4 +1,4 @@
-//! socket, bind, listen, connect, accept, accept4, getsockname, getpeername.
+//! socket, bind, listen, connect, accept, accept4, getsockname, getpeername, getsockopt.
 //!
 //! socket() is never changed, but it goes through [`super::run`] (which makes sure init
 //! ran) so that a socket created before the library's constructor ran still finds the
@@ -16,7 +16,7 @@ use std::sync::Arc;
 use super::{shim_fd_outcome, why, Outcome};
 use crate::fdtable::{self, FdEntry, FdKind};
 use crate::hook;
-use crate::layer::{self, AddrIn, AddrOut, Layer};
+use crate::layer::{self, AddrIn, AddrOut, Layer, OptOut};
 use crate::sys;
 
 /// Bypass reason of socket(): the shim only looks at sockets from bind/listen/connect on.
@@ -182,6 +182,22 @@ hook! {
     fn getsockname(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int = sys::GETSOCKNAME;
     mine: fdtable::is_marked(fd) || layer::active().is_some(), else why::NO_LAYER;
     logic: sockname_logic(fd, AddrOut { ptr: addr, len });
+}
+
+hook! {
+    /// getsockopt(2): the layer's for managed sockets (a brokered connection reports the
+    /// interface a connection the kernel accepted arrived on); one lookup for the rest.
+    fn getsockopt(
+        fd: c_int,
+        level: c_int,
+        opt: c_int,
+        val: *mut libc::c_void,
+        len: *mut socklen_t,
+    ) -> c_int = sys::GETSOCKOPT;
+    mine: fdtable::is_marked(fd);
+    logic: managed_socket_logic(fd, |l, e| {
+        l.on_getsockopt(fd, e, OptOut { level, opt, ptr: val, len })
+    });
 }
 
 hook! {

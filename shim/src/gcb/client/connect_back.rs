@@ -48,7 +48,11 @@ impl Client {
         else {
             return Body::error(gcb_proto::ErrorCode::BadRequest, "IPv4 only");
         };
-        let Some(listen_at) = self.regs.get(&(Transport::Tcp, proxy)).map(|r| r.listen_at) else {
+        let Some((listen_at, family)) = self
+            .regs
+            .get(&(Transport::Tcp, proxy))
+            .map(|r| (r.listen_at, r.family))
+        else {
             return Body::error(
                 gcb_proto::ErrorCode::NoSuchRegistration,
                 format!("{proxy} is not registered here"),
@@ -89,7 +93,7 @@ impl Client {
         };
         match self
             .dials
-            .start(dial, what, DIAL_TIMEOUT, quick, self.watch.as_ref())
+            .start(dial, family, what, DIAL_TIMEOUT, quick, self.watch.as_ref())
         {
             Ok(None) => Body::Ack {},
             Ok(Some((fd, what))) => match self.finish_dial(fd, dial, what) {

@@ -227,6 +227,7 @@ impl Client {
                     inode: ino,
                     chan,
                     entry: Arc::downgrade(&entry),
+                    family: entry.domain(),
                     udp: None,
                     standby: None,
                 },
@@ -290,6 +291,7 @@ impl Client {
                             inode: u.ino,
                             chan,
                             entry: Arc::downgrade(&entry),
+                            family: entry.domain(),
                             udp: Some(UdpReg {
                                 holders: vec![Arc::downgrade(&entry)],
                                 token: u.token,

@@ -131,6 +131,7 @@ impl Client {
                 inode: inode(fd).unwrap_or(0),
                 chan,
                 entry: Arc::downgrade(entry),
+                family: entry.domain(),
                 udp: None,
                 standby,
             },

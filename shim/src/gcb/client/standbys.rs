@@ -97,7 +97,7 @@ impl Client {
             let Some(slot) = r.standby.as_mut().filter(|s| s.due(now)) else {
                 continue;
             };
-            match Standby::dial(relay, slot.key) {
+            match Standby::dial(relay, slot.key, r.family) {
                 Ok(c) => {
                     watch.inspect(|w| w.add_connecting(c.fd()));
                     slot.conn = Some(c);

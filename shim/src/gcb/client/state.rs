@@ -41,6 +41,10 @@ pub(super) struct Registration {
     pub(super) chan: u64,
     /// The socket's table entry (to update its proxy after a re-registration).
     pub(super) entry: Weak<FdEntry>,
+    /// The listening socket's address family: its brokered connections (standbys and
+    /// dial-backs) are dialed in it, so a dual-stack AF_INET6 listener accepts AF_INET6
+    /// connections, as from the kernel.
+    pub(super) family: c_int,
     /// For a UDP socket: its keepalive state.
     pub(super) udp: Option<UdpReg>,
     /// For a TCP listener this process registered: its standby connection.

@@ -72,6 +72,7 @@ impl Client {
                 inode: inode(fd).unwrap_or(0),
                 chan,
                 entry: Arc::downgrade(entry),
+                family: entry.domain(),
                 udp: Some(UdpReg {
                     holders: vec![Arc::downgrade(entry)],
                     token: token.to_vec(),
