@@ -49,6 +49,7 @@
 //! two private networks goes through the broker's relay); `execl*`/`posix_spawn` get no
 //! handoff.
 
+pub mod accepted_opts;
 pub mod client;
 pub mod core;
 pub mod dial;
