@@ -140,7 +140,8 @@ static LAYER: OnceCell<Box<dyn Layer>> = OnceCell::new();
 /// docs/architecture.md).
 static PUBLIC_NAMES: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
 
-/// See [`PUBLIC_NAMES`].
+/// Whether getsockname() on accepted and outbound connections reports the address the
+/// Internet knows them by (`GCB_PUBLIC_NAMES`, on unless `0`).
 pub fn public_names() -> bool {
     PUBLIC_NAMES.load(std::sync::atomic::Ordering::Relaxed)
 }
