@@ -304,6 +304,45 @@ impl Rig {
     }
 
     /// Panics unless `port` (advertised in `what`) is a proxy the broker registered.
+    /// An EPSV download (curl's default) by curl on `host` (under the shim with `shim`):
+    /// the file arrives intact and the 229 names a port the broker registered as a proxy.
+    fn gcb_epsv_case(
+        &self,
+        host: Host,
+        shim: Option<&[&str]>,
+        name: &str,
+        url: &str,
+        logs: &[&str],
+    ) {
+        let f = self.curl(host, shim, &[], name, url, &[]);
+        show(&f, PASSIVE_WIRE);
+        self.assert_fetched(&f, logs);
+        self.assert_proxy_port("229", epsv_port(&f));
+    }
+
+    /// A PASV download (curl with `extra`, which includes `--disable-epsv`): the file
+    /// arrives intact and the 227 carries the broker's IP and a registered proxy port.
+    fn gcb_pasv_case(
+        &self,
+        host: Host,
+        shim: Option<&[&str]>,
+        name: &str,
+        url: &str,
+        extra: &[&str],
+        logs: &[&str],
+    ) {
+        let f = self.curl(host, shim, &[], name, url, extra);
+        show(&f, PASSIVE_WIRE);
+        self.assert_fetched(&f, logs);
+        let adv = pasv_addr(&f);
+        assert_eq!(
+            *adv.ip(),
+            ip(BROKER),
+            "{name}: 227 must carry the broker's IP"
+        );
+        self.assert_proxy_port("227", adv.port());
+    }
+
     fn assert_proxy_port(&self, what: &str, port: u16) {
         let ports = self.broker_proxy_ports();
         assert!(
@@ -484,10 +523,7 @@ fn passive_server_gcb_reached_from_p2() {
     let mut cases = Cases::default();
 
     cases.run("p2-epsv", || {
-        let epsv = rig.curl(Host::P2, None, &[], "p2-epsv", &url, &[]);
-        show(&epsv, PASSIVE_WIRE);
-        rig.assert_fetched(&epsv, &logs);
-        rig.assert_proxy_port("229", epsv_port(&epsv));
+        rig.gcb_epsv_case(Host::P2, None, "p2-epsv", &url, &logs)
     });
     for (name, extra) in [
         ("p2-pasv", &["--disable-epsv"][..]),
@@ -497,16 +533,7 @@ fn passive_server_gcb_reached_from_p2() {
         ),
     ] {
         cases.run(name, || {
-            let f = rig.curl(Host::P2, None, &[], name, &url, extra);
-            show(&f, PASSIVE_WIRE);
-            rig.assert_fetched(&f, &logs);
-            let adv = pasv_addr(&f);
-            assert_eq!(
-                *adv.ip(),
-                ip(BROKER),
-                "{name}: 227 must carry the broker's IP"
-            );
-            rig.assert_proxy_port("227", adv.port());
+            rig.gcb_pasv_case(Host::P2, None, name, &url, extra, &logs)
         });
     }
     cases.finish();
@@ -525,25 +552,11 @@ fn passive_server_gcb_reached_from_b1() {
     let mut cases = Cases::default();
 
     cases.run("b1-epsv", || {
-        let epsv = rig.curl(Host::B1, Some(shim), &[], "b1-epsv", &url, &[]);
-        show(&epsv, PASSIVE_WIRE);
-        rig.assert_fetched(&epsv, &logs);
-        rig.assert_proxy_port("229", epsv_port(&epsv));
+        rig.gcb_epsv_case(Host::B1, Some(shim), "b1-epsv", &url, &logs)
     });
     cases.run("b1-pasv-ip", || {
-        let f = rig.curl(
-            Host::B1,
-            Some(shim),
-            &[],
-            "b1-pasv-ip",
-            &url,
-            &["--disable-epsv", "--no-ftp-skip-pasv-ip"],
-        );
-        show(&f, PASSIVE_WIRE);
-        rig.assert_fetched(&f, &logs);
-        let adv = pasv_addr(&f);
-        assert_eq!(*adv.ip(), ip(BROKER), "227 must carry the broker's IP");
-        rig.assert_proxy_port("227", adv.port());
+        let extra = ["--disable-epsv", "--no-ftp-skip-pasv-ip"];
+        rig.gcb_pasv_case(Host::B1, Some(shim), "b1-pasv-ip", &url, &extra, &logs)
     });
     cases.finish();
 }
@@ -579,25 +592,11 @@ fn passive_server_dualstack_gcb_reached_from_p2() {
     let mut cases = Cases::default();
 
     cases.run("p2-epsv", || {
-        let epsv = rig.curl(Host::P2, None, &[], "p2-epsv", &url, &[]);
-        show(&epsv, PASSIVE_WIRE);
-        rig.assert_fetched(&epsv, &logs);
-        rig.assert_proxy_port("229", epsv_port(&epsv));
+        rig.gcb_epsv_case(Host::P2, None, "p2-epsv", &url, &logs)
     });
     cases.run("p2-pasv-ip", || {
-        let f = rig.curl(
-            Host::P2,
-            None,
-            &[],
-            "p2-pasv-ip",
-            &url,
-            &["--disable-epsv", "--no-ftp-skip-pasv-ip"],
-        );
-        show(&f, PASSIVE_WIRE);
-        rig.assert_fetched(&f, &logs);
-        let adv = pasv_addr(&f);
-        assert_eq!(*adv.ip(), ip(BROKER), "227 must carry the broker's IP");
-        rig.assert_proxy_port("227", adv.port());
+        let extra = ["--disable-epsv", "--no-ftp-skip-pasv-ip"];
+        rig.gcb_pasv_case(Host::P2, None, "p2-pasv-ip", &url, &extra, &logs)
     });
     cases.finish();
 }
