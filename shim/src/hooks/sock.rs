@@ -54,7 +54,10 @@ fn accept_logic(
 /// After accept/accept4: [`fresh_fd`], unless the layer returned `new`.
 #[inline(always)]
 fn fresh_accepted_fd(new: c_int) -> c_int {
-    if new >= 0 && fdtable::is_marked(new) && LAYER_ACCEPTED.replace(-1) != new {
+    // Always taken, so a note left by a layer accept whose fd had no entry cannot make a
+    // later kernel accept of the same number keep a stale one.
+    let layer_made = LAYER_ACCEPTED.replace(-1);
+    if new >= 0 && layer_made != new && fdtable::is_marked(new) {
         drop(fdtable::remove(new));
     }
     new
