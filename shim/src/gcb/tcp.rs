@@ -354,7 +354,8 @@ impl GcbLayer {
             }
             yes
         });
-        if was_public_bind == Some(true) && net::is_tcp4(fd) {
+        // Not a socket that connected instead of listening (it has no listener to serve).
+        if was_public_bind == Some(true) && net::is_tcp4(fd) && net::sock_name(fd, true).is_none() {
             self.register_tcp(fd, Some(entry));
         }
     }
