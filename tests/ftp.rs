@@ -77,6 +77,14 @@ struct Fetch {
     sha: Option<String>,
 }
 
+/// Where an advertised address must lead (see `Rig::assert_reachable`).
+#[derive(Clone, Copy)]
+enum Via {
+    /// GCB: a proxy on the broker.
+    Broker,
+    /// DPF: a public port of the gateway, mapped by the shim of this program (its log name).
+    Gateway(&'static str),
+}
 impl Rig {
     fn up(tag: &str) -> Rig {
         for bin in ["gcb-brokerd", "gcb-portfwd", "libgcb.so"] {
@@ -341,6 +349,27 @@ impl Rig {
             "{name}: 227 must carry the broker's IP"
         );
         self.assert_proxy_port("227", adv.port());
+    }
+
+    /// Panics unless `adv` (advertised in `what`, e.g. "227" or "PORT") is an address where
+    /// the program can be reached: under GCB the broker's IP and a proxy it registered,
+    /// under DPF the gateway's public IP and a port the shim of `Via::Gateway`'s program
+    /// mapped.
+    fn assert_reachable(&self, what: &str, adv: SocketAddrV4, via: Via) {
+        match via {
+            Via::Broker => {
+                assert_eq!(*adv.ip(), ip(BROKER), "{what} must carry the broker's IP");
+                self.assert_proxy_port(what, adv.port());
+            }
+            Via::Gateway(name) => {
+                assert_eq!(
+                    *adv.ip(),
+                    ip(GWA_PUBLIC),
+                    "{what} must carry the gateway's public IP"
+                );
+                self.assert_dpf_port(name, what, adv.port());
+            }
+        }
     }
 
     fn assert_proxy_port(&self, what: &str, port: u16) {
@@ -714,13 +743,11 @@ fn passive_server_dpf_reached_from_p2() {
             let f = rig.curl(Host::P2, None, &[], name, &url, extra);
             show(&f, PASSIVE_WIRE);
             rig.assert_fetched(&f, &logs);
-            let adv = pasv_addr(&f);
-            assert_eq!(
-                *adv.ip(),
-                ip(GWA_PUBLIC),
-                "{name}: 227 must carry the gateway's public IP"
+            rig.assert_reachable(
+                &format!("{name}: 227"),
+                pasv_addr(&f),
+                Via::Gateway("server"),
             );
-            rig.assert_dpf_port("server", "227", adv.port());
         });
     }
     cases.finish();
@@ -789,9 +816,7 @@ fn active_client_dpf() {
         let f = rig.curl(Host::A1, Some(shim), &[], "curl-eprt", &url, &["-P", "-"]);
         show(&f, ACTIVE_WIRE);
         rig.assert_fetched(&f, &["server.err", "curl-eprt.shim.log", "portfwd-1.log"]);
-        let adv = eprt_addr(&f);
-        assert_eq!(*adv.ip(), ip(GWA_PUBLIC), "EPRT must carry the public IP");
-        rig.assert_dpf_port("curl-eprt", "EPRT", adv.port());
+        rig.assert_reachable("EPRT", eprt_addr(&f), Via::Gateway("curl-eprt"));
     });
     cases.run("curl-port", || {
         let f = rig.curl(
@@ -804,21 +829,13 @@ fn active_client_dpf() {
         );
         show(&f, ACTIVE_WIRE);
         rig.assert_fetched(&f, &["server.err", "curl-port.shim.log", "portfwd-1.log"]);
-        let adv = port_cmd_addr(&f);
-        assert_eq!(*adv.ip(), ip(GWA_PUBLIC), "PORT must carry the public IP");
-        rig.assert_dpf_port("curl-port", "PORT", adv.port());
+        rig.assert_reachable("PORT", port_cmd_addr(&f), Via::Gateway("curl-port"));
     });
     cases.run("ftplib", || {
         let f = rig.ftplib_active(Host::A1, Some(shim), &[], "ftplib", P2, FTP_PORT);
         show(&f, ACTIVE_WIRE);
         rig.assert_fetched(&f, &["server.err", "ftplib.shim.log", "portfwd-1.log"]);
-        let adv = port_cmd_addr(&f);
-        assert_eq!(
-            *adv.ip(),
-            ip(GWA_PUBLIC),
-            "ftplib's PORT must carry the public IP"
-        );
-        rig.assert_dpf_port("ftplib", "PORT", adv.port());
+        rig.assert_reachable("ftplib's PORT", port_cmd_addr(&f), Via::Gateway("ftplib"));
     });
     cases.finish();
 }
@@ -897,9 +914,7 @@ fn active_client_gcb() {
         let f = rig.curl(Host::A1, Some(shim), &[], "curl-eprt", &url, &["-P", "-"]);
         show(&f, ACTIVE_WIRE);
         rig.assert_fetched(&f, &["server.err", "curl-eprt.shim.log", "broker.log"]);
-        let adv = eprt_addr(&f);
-        assert_eq!(*adv.ip(), ip(BROKER), "EPRT must carry the broker's IP");
-        rig.assert_proxy_port("EPRT", adv.port());
+        rig.assert_reachable("EPRT", eprt_addr(&f), Via::Broker);
     });
     cases.run("curl-port", || {
         let f = rig.curl(
@@ -912,21 +927,13 @@ fn active_client_gcb() {
         );
         show(&f, ACTIVE_WIRE);
         rig.assert_fetched(&f, &["server.err", "curl-port.shim.log", "broker.log"]);
-        let adv = port_cmd_addr(&f);
-        assert_eq!(*adv.ip(), ip(BROKER), "PORT must carry the broker's IP");
-        rig.assert_proxy_port("PORT", adv.port());
+        rig.assert_reachable("PORT", port_cmd_addr(&f), Via::Broker);
     });
     cases.run("ftplib", || {
         let f = rig.ftplib_active(Host::A1, Some(shim), &[], "ftplib", P2, FTP_PORT_PERMISSIVE);
         show(&f, ACTIVE_WIRE);
         rig.assert_fetched(&f, &["server.err", "ftplib.shim.log", "broker.log"]);
-        let adv = port_cmd_addr(&f);
-        assert_eq!(
-            *adv.ip(),
-            ip(BROKER),
-            "ftplib's PORT must carry the broker's IP"
-        );
-        rig.assert_proxy_port("PORT", adv.port());
+        rig.assert_reachable("ftplib's PORT", port_cmd_addr(&f), Via::Broker);
     });
     // The default policy refuses the broker's IP (not the control connection's peer).
     cases.run("curl-strict", || {
