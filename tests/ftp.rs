@@ -342,13 +342,7 @@ impl Rig {
         let f = self.curl(host, shim, &[], name, url, extra);
         show(&f, PASSIVE_WIRE);
         self.assert_fetched(&f, logs);
-        let adv = pasv_addr(&f);
-        assert_eq!(
-            *adv.ip(),
-            ip(BROKER),
-            "{name}: 227 must carry the broker's IP"
-        );
-        self.assert_proxy_port("227", adv.port());
+        self.assert_reachable(&format!("{name}: 227"), pasv_addr(&f), Via::Broker);
     }
 
     /// Panics unless `adv` (advertised in `what`, e.g. "227" or "PORT") is an address where
