@@ -13,6 +13,7 @@ use gcb_brokerd::allow::{AllowList, Cidr};
 use gcb_brokerd::logging::{self, Level};
 use gcb_brokerd::server::{Config, Server, DEFAULT_PORT};
 use gcb_proto::addr::endpoint_arg;
+use gcb_proto::conf::{self, ConfError, Layered};
 use gcb_proto::PoolKey;
 
 /// GCB broker daemon: registers listening sockets of GCB clients, opens a
@@ -250,8 +251,31 @@ fn generate_key(path: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
+/// The configuration file read when `--config` is not given (if it exists).
+const DEFAULT_CONFIG: &str = "/etc/gcb/brokerd.toml";
+
+/// The arguments: this file's flags, each also a key of the config file and an
+/// environment variable `GCB_BROKERD_FLAG` (see `gcb_proto::conf`). `--help`, `--version`
+/// and command-line errors print and exit here, as clap does.
+fn parse_args() -> Result<Layered<Args>> {
+    match conf::parse_process::<Args>("GCB_BROKERD", std::path::Path::new(DEFAULT_CONFIG)) {
+        Err(ConfError::Cli(e)) => e.exit(),
+        r => Ok(r?),
+    }
+}
+
+/// `--check-config`: the effective settings on stdout, as a config file.
+fn print_effective(layered: &Layered<Args>) {
+    match &layered.file {
+        Some(f) => println!("# gcb-brokerd: configuration valid; file {}", f.display()),
+        None => println!("# gcb-brokerd: configuration valid; no file ({DEFAULT_CONFIG} absent)"),
+    }
+    print!("{}", layered.effective());
+}
+
 fn run() -> Result<()> {
-    let args = Args::parse();
+    let layered = parse_args()?;
+    let args = &layered.args;
     logging::init(args.log);
     if let Some(path) = &args.generate_key {
         generate_key(path)?;
@@ -322,6 +346,10 @@ fn run() -> Result<()> {
         proxy_reserve: Duration::from_secs(args.proxy_reserve_secs),
         max_udp_rules_per_sender_ip: args.max_udp_rules_per_sender_ip,
     };
+    if layered.check_config {
+        print_effective(&layered);
+        return Ok(());
+    }
     let mut server = Server::bind(cfg)?;
     let a = server.local_addr();
     eprintln!("gcb-brokerd: listening on udp {a}, relay tcp {a}");

@@ -14,6 +14,7 @@ use gcb_portfwd::kernel::NftKernel;
 use gcb_portfwd::policy::{self, PortRange};
 use gcb_portfwd::server::{self, Config, Server, DEFAULT_PORT};
 use gcb_proto::addr::endpoint_arg;
+use gcb_proto::conf::{self, ConfError, Layered};
 use gcb_proto::PoolKey;
 use ipnet::Ipv4Net;
 
@@ -198,8 +199,31 @@ fn main() {
     }
 }
 
+/// The configuration file read when `--config` is not given (if it exists).
+const DEFAULT_CONFIG: &str = "/etc/gcb/portfwd.toml";
+
+/// The arguments: this file's flags, each also a key of the config file and an
+/// environment variable `GCB_PORTFWD_FLAG` (see `gcb_proto::conf`). `--help`, `--version`
+/// and command-line errors print and exit here, as clap does.
+fn parse_args() -> Result<Layered<Args>> {
+    match conf::parse_process::<Args>("GCB_PORTFWD", std::path::Path::new(DEFAULT_CONFIG)) {
+        Err(ConfError::Cli(e)) => e.exit(),
+        r => Ok(r?),
+    }
+}
+
+/// `--check-config`: the effective settings on stdout, as a config file.
+fn print_effective(layered: &Layered<Args>) {
+    match &layered.file {
+        Some(f) => println!("# gcb-portfwd: configuration valid; file {}", f.display()),
+        None => println!("# gcb-portfwd: configuration valid; no file ({DEFAULT_CONFIG} absent)"),
+    }
+    print!("{}", layered.effective());
+}
+
 fn run() -> Result<()> {
-    let args = Args::parse();
+    let layered = parse_args()?;
+    let args = &layered.args;
     init_log(args.log);
     if args.private.contains(&args.public) {
         bail!(
@@ -257,6 +281,10 @@ fn run() -> Result<()> {
             args.private,
             lan_ifs.join(", ")
         );
+    }
+    if layered.check_config {
+        print_effective(&layered);
+        return Ok(());
     }
     let stop = stop_on_signals()?;
     let kernel = NftKernel::new(args.public, args.private);

@@ -7,14 +7,17 @@
 //! machine ([`rudp`]), and the GCB UDP data-plane frame between a UDP
 //! listener and its proxy on the broker ([`udp`]). It opens no sockets, starts no threads, reads no clock
 //! and draws no randomness: time and random session ids come in as arguments,
-//! datagrams and timers go out (the quinn-proto shape).
+//! datagrams and timers go out (the quinn-proto shape). Behind the `conf` feature it also
+//! holds the daemons' shared configuration layering ([`conf`]: TOML file, environment,
+//! command line), the one format besides the wire protocol that several binaries share;
+//! it too takes its file reader and environment as arguments.
 //!
 //! ## Modules
 //!
 //! Sans-IO: no sockets, no clock reads (time comes in as arguments). Floors,
 //! checked by `scripts/modgraph --check proto/src`:
 //!
-//! - **Floor 0, encodings**: `addr`, `auth`, `preamble`, `udp`
+//! - **Floor 0, encodings**: `addr`, `auth`, `conf`, `preamble`, `udp`
 //! - **Floor 1, messages**: `msg`, `punch`
 //! - **Floor 2, state machines and tokens**: `rudp`, `token`
 //!
@@ -143,6 +146,8 @@
 
 pub mod addr;
 pub mod auth;
+#[cfg(feature = "conf")]
+pub mod conf;
 pub mod msg;
 pub mod preamble;
 pub mod punch;

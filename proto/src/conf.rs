@@ -1,0 +1,552 @@
+//! The daemons' configuration layers: a TOML file, `GCB_*` environment variables and the
+//! command line, in that order of precedence (later wins), over one clap definition.
+//!
+//! The daemons define their settings once, as clap flags. This module makes every long
+//! flag also
+//!
+//! - a key of the config file, spelled like the flag with `-` or `_`
+//!   (`max-relays = 2048` or `max_relays = 2048`), and
+//! - an environment variable `PREFIX_FLAG` (`GCB_BROKERD_MAX_RELAYS=2048`), unless the flag
+//!   already names one (`--key-file` reads `GCB_KEY_FILE`, shared with the shim).
+//!
+//! so a flag added to a daemon is configurable everywhere with no further code, and the
+//! file can never accept a key that the command line does not (or the reverse). Two flags
+//! are added to every daemon here: `--config PATH` (default: the daemon's file under
+//! `/etc/gcb/`, used only if it exists) and `--check-config`.
+//!
+//! How the layers combine: each file entry becomes `--flag=value` placed before the real
+//! arguments, and the command is parsed with clap's `args_override_self`, so a flag given
+//! on the command line replaces the file's value (a repeatable flag given on the command
+//! line replaces the file's whole list). An entry whose environment variable is set is
+//! left out, so the environment beats the file. Every entry is checked against its flag's
+//! own value parser first, so a bad value is reported at its file and line.
+//!
+//! The file is TOML without tables: `key = value` lines, strings, integers, floats,
+//! booleans (a flag that takes no value: `insecure = true`) and arrays for repeatable
+//! flags (`allow = ["10.0.0.0/8", "192.168.1.7"]`). Unknown keys are errors that name the
+//! file, the line and the key, with the closest known key.
+//!
+//! Sans-IO like the rest of this crate: the file reader and the environment come in as
+//! functions ([`Sources`]), so the whole layering is unit-tested without touching either.
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use clap::parser::ValueSource;
+use clap::{Arg, ArgAction, ArgMatches, Command, FromArgMatches};
+
+/// Where the layers come from: the daemon's identity and the process's environment and
+/// file system, injected.
+pub struct Sources<'a> {
+    /// Prefix of the generated environment variables, e.g. `GCB_BROKERD`.
+    pub env_prefix: &'a str,
+    /// The config file read when `--config` is not given; a missing one is not an error.
+    pub default_file: &'a Path,
+    /// Reads a config file.
+    pub read_file: &'a dyn Fn(&Path) -> std::io::Result<String>,
+    /// Looks up an environment variable.
+    pub env: &'a dyn Fn(&str) -> Option<OsString>,
+}
+
+/// The parsed settings, with where each came from.
+#[derive(Debug)]
+pub struct Layered<T> {
+    /// The daemon's arguments, all layers applied.
+    pub args: T,
+    /// `--check-config` was given: validate, print [`Layered::effective`], exit.
+    pub check_config: bool,
+    /// The config file that was read, if any.
+    pub file: Option<PathBuf>,
+    /// The final matches (for [`Layered::effective`]).
+    matches: ArgMatches,
+    /// Flag id -> `FILE:LINE` or `environment VAR` of the values from those layers.
+    from_file: BTreeMap<String, String>,
+    /// The command, for the flags' names and environment variables.
+    command: Command,
+}
+
+/// A configuration that cannot be used. The messages name the file, line and key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfError {
+    /// The file cannot be read.
+    #[error("reading config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML.
+    #[error("{path}:{line}: {message}")]
+    Syntax {
+        /// The file.
+        path: String,
+        /// 1-based line.
+        line: usize,
+        /// The TOML parser's message.
+        message: String,
+    },
+    /// A key no flag has.
+    #[error("{path}:{line}: unknown key `{key}`{hint}")]
+    UnknownKey {
+        /// The file.
+        path: String,
+        /// 1-based line.
+        line: usize,
+        /// The key as written.
+        key: String,
+        /// ` (did you mean ...?)` or empty.
+        hint: String,
+    },
+    /// A known key with a value its flag refuses.
+    #[error("{path}:{line}: {key}: {why}")]
+    BadValue {
+        /// The file.
+        path: String,
+        /// 1-based line.
+        line: usize,
+        /// The key as written.
+        key: String,
+        /// What is wrong.
+        why: String,
+    },
+    /// An environment variable with a value its flag refuses.
+    #[error("environment {var}: {why}")]
+    BadEnv {
+        /// The variable.
+        var: String,
+        /// What is wrong.
+        why: String,
+    },
+    /// The command line is wrong, or asks for --help/--version:
+    /// the caller lets clap print it and exit (`e.exit()`).
+    #[error(transparent)]
+    Cli(#[from] clap::Error),
+}
+
+/// Flags that only make sense on a command line, never in a file.
+const NOT_IN_FILE: &[&str] = &["help", "version", "config", "check-config", "generate-key"];
+
+/// Adds `--config`, `--check-config` and the generated environment variables to `cmd`.
+fn layered_command(cmd: Command, sources: &Sources<'_>, default_file: &str) -> Command {
+    let prefix = sources.env_prefix.to_string();
+    let prefix_config = prefix.clone();
+    cmd.args_override_self(true)
+        .arg(
+            Arg::new("config")
+                .long("config")
+                .value_name("FILE")
+                .env(format!("{prefix_config}_CONFIG"))
+                .value_parser(clap::value_parser!(PathBuf))
+                .help(format!(
+                    "Configuration file (TOML, `flag-name = value` for any flag below; the \
+                     command line and environment variables override it). Default: \
+                     {default_file} if it exists"
+                )),
+        )
+        .arg(
+            Arg::new("check-config")
+                .long("check-config")
+                .action(ArgAction::SetTrue)
+                .help(
+                    "Validate the configuration (file, environment, command line), print the \
+                     effective settings with where each came from, and exit",
+                ),
+        )
+        .mut_args(move |a| {
+            if a.get_env().is_some() || a.is_positional() {
+                return a;
+            }
+            match a.get_long() {
+                Some(long) if !NOT_IN_FILE.contains(&long) => {
+                    let var = format!("{prefix}_{}", long.to_uppercase().replace('-', "_"));
+                    a.env(var)
+                }
+                _ => a,
+            }
+        })
+}
+
+/// The value of `--config` on the command line (`--config F` or `--config=F`), if any.
+fn config_flag(argv: &[OsString]) -> Option<PathBuf> {
+    let mut it = argv.iter().skip(1);
+    while let Some(a) = it.next() {
+        let s = a.to_string_lossy();
+        if s == "--" {
+            break;
+        }
+        if s == "--config" {
+            return it.next().map(PathBuf::from);
+        }
+        if let Some(v) = s.strip_prefix("--config=") {
+            return Some(PathBuf::from(v));
+        }
+    }
+    None
+}
+
+/// Whether the command line names the flag `long` (or one of `shorts`).
+fn on_command_line(argv: &[OsString], long: &str, short: Option<char>) -> bool {
+    let flag = format!("--{long}");
+    let with_value = format!("--{long}=");
+    argv.iter().skip(1).any(|a| {
+        let s = a.to_string_lossy();
+        s == flag
+            || s.starts_with(&with_value)
+            || short.is_some_and(|c| s.len() >= 2 && s.starts_with('-') && s[1..].starts_with(c))
+    })
+}
+
+/// [`parse`] of this process's arguments, environment and files: the daemons' `main`.
+/// (The one place this crate reads anything itself; everything it calls takes them as
+/// arguments.)
+pub fn parse_process<T: clap::CommandFactory + FromArgMatches>(
+    env_prefix: &str,
+    default_file: &Path,
+) -> Result<Layered<T>, ConfError> {
+    let read = |p: &Path| std::fs::read_to_string(p);
+    let env = |k: &str| std::env::var_os(k);
+    let sources = Sources {
+        env_prefix,
+        default_file,
+        read_file: &read,
+        env: &env,
+    };
+    parse(std::env::args_os().collect(), &sources)
+}
+
+/// Parses `argv` with the file and environment layers under it.
+pub fn parse<T: clap::CommandFactory + FromArgMatches>(
+    argv: Vec<OsString>,
+    sources: &Sources<'_>,
+) -> Result<Layered<T>, ConfError> {
+    let default_file = sources.default_file.display().to_string();
+    let command = layered_command(T::command(), sources, &default_file);
+    // The file named by --config, else the environment's, else the default if it exists.
+    let env_config = (sources.env)(&format!("{}_CONFIG", sources.env_prefix)).map(PathBuf::from);
+    let (path, explicit) = match config_flag(&argv).or(env_config) {
+        Some(p) => (p, true),
+        None => (sources.default_file.to_path_buf(), false),
+    };
+    let text = match (sources.read_file)(&path) {
+        Ok(t) => Some(t),
+        Err(e) if !explicit && e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(source) => {
+            return Err(ConfError::Read {
+                path: path.display().to_string(),
+                source,
+            })
+        }
+    };
+    let mut injected: Vec<OsString> = Vec::new();
+    let mut from_file = BTreeMap::new();
+    if let Some(text) = &text {
+        let name = path.display().to_string();
+        for entry in entries(&name, text)? {
+            let bad = |why: String| ConfError::BadValue {
+                path: name.clone(),
+                line: entry.line,
+                key: entry.key.clone(),
+                why,
+            };
+            if entry.value.is_table() {
+                return Err(bad(
+                    "sections are not used in this file: write `key = value` lines only"
+                        .to_string(),
+                ));
+            }
+            let Some(arg) = find_flag(&command, &entry.key) else {
+                return Err(ConfError::UnknownKey {
+                    hint: hint(&command, &entry.key),
+                    path: name,
+                    line: entry.line,
+                    key: entry.key,
+                });
+            };
+            let long = arg.get_long().unwrap_or_default();
+            if on_command_line(&argv, long, arg.get_short()) || env_value(arg, sources).is_some() {
+                continue;
+            }
+            let flags = entry_flags(arg, &entry.value).map_err(bad)?;
+            check_values(arg, &flags).map_err(bad)?;
+            from_file.insert(arg.get_id().to_string(), format!("{name}:{}", entry.line));
+            injected.extend(flags);
+        }
+    }
+    // The environment, over the file. clap could read it itself, but then the process's
+    // real environment would be read behind the caller's back (and `Sources::env` would
+    // be a lie in tests); clap's `env` on each flag still documents it in --help.
+    let mut from_env = BTreeMap::new();
+    for arg in command.get_arguments() {
+        let Some((var, value)) = env_value(arg, sources) else {
+            continue;
+        };
+        let long = arg.get_long().unwrap_or_default();
+        if on_command_line(&argv, long, arg.get_short()) {
+            continue;
+        }
+        let bad = |why: String| ConfError::BadEnv {
+            var: var.clone(),
+            why,
+        };
+        let value = value
+            .into_string()
+            .map_err(|_| bad("not UTF-8".to_string()))?;
+        let value = env_as_toml(arg, &value).map_err(bad)?;
+        let flags = entry_flags(arg, &value).map_err(bad)?;
+        check_values(arg, &flags).map_err(bad)?;
+        from_env.insert(arg.get_id().to_string(), format!("environment {var}"));
+        injected.extend(flags);
+    }
+    let mut full = Vec::with_capacity(argv.len() + injected.len());
+    let mut it = argv.into_iter();
+    full.extend(it.next());
+    full.extend(injected);
+    full.extend(it);
+    let matches = command.clone().try_get_matches_from(full)?;
+    let args = T::from_arg_matches(&matches)?;
+    Ok(Layered {
+        args,
+        check_config: matches.get_flag("check-config"),
+        file: text.is_some().then_some(path),
+        matches,
+        from_file: from_file.into_iter().chain(from_env).collect(),
+        command,
+    })
+}
+
+/// The flag's environment variable and its value, if set.
+fn env_value(arg: &Arg, sources: &Sources<'_>) -> Option<(String, OsString)> {
+    let var = arg.get_env()?.to_string_lossy().into_owned();
+    let value = (sources.env)(&var)?;
+    Some((var, value))
+}
+
+/// An environment value as the file would hold it: a flag without a value takes
+/// `1/true/yes/on` or `0/false/no/off/` (empty), a repeatable one a comma-separated list.
+fn env_as_toml(arg: &Arg, value: &str) -> Result<toml::Value, String> {
+    if !takes_value(arg) {
+        return match value.trim().to_ascii_lowercase().as_str() {
+            "1" | "true" | "yes" | "on" => Ok(toml::Value::Boolean(true)),
+            "" | "0" | "false" | "no" | "off" => Ok(toml::Value::Boolean(false)),
+            _ => Err(format!("expected true or false, not `{value}`")),
+        };
+    }
+    if matches!(arg.get_action(), ArgAction::Append) {
+        let items = value
+            .split(',')
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+            .map(|v| toml::Value::String(v.to_string()))
+            .collect();
+        return Ok(toml::Value::Array(items));
+    }
+    Ok(toml::Value::String(value.to_string()))
+}
+
+/// Whether the flag takes a value (not a switch).
+fn takes_value(arg: &Arg) -> bool {
+    arg.get_num_args().is_none_or(|n| n.takes_values())
+        && !matches!(
+            arg.get_action(),
+            ArgAction::SetTrue | ArgAction::SetFalse | ArgAction::Count
+        )
+}
+
+/// One `key = value` of the file.
+struct Entry {
+    key: String,
+    line: usize,
+    value: toml::Value,
+}
+
+/// The file's entries, in file order.
+fn entries(path: &str, text: &str) -> Result<Vec<Entry>, ConfError> {
+    let line_of = |offset: usize| text[..offset.min(text.len())].matches('\n').count() + 1;
+    let table: BTreeMap<toml::Spanned<String>, toml::Spanned<toml::Value>> =
+        toml::from_str(text).map_err(|e| ConfError::Syntax {
+            path: path.to_string(),
+            line: e.span().map_or(1, |s| line_of(s.start)),
+            message: e.message().trim().to_string(),
+        })?;
+    let mut out: Vec<Entry> = table
+        .into_iter()
+        .map(|(k, v)| Entry {
+            line: line_of(k.span().start),
+            key: k.into_inner(),
+            value: v.into_inner(),
+        })
+        .collect();
+    out.sort_by_key(|e| e.line);
+    Ok(out)
+}
+
+/// The flag a file key names (`max_relays` or `max-relays`), if it may be set in a file.
+fn find_flag<'c>(cmd: &'c Command, key: &str) -> Option<&'c Arg> {
+    let long = key.replace('_', "-");
+    if NOT_IN_FILE.contains(&long.as_str()) {
+        return None;
+    }
+    cmd.get_arguments()
+        .find(|a| a.get_long() == Some(long.as_str()))
+}
+
+/// ` (did you mean `x`?)` for the known key closest to `key`, if one is close.
+fn hint(cmd: &Command, key: &str) -> String {
+    let key = key.replace('-', "_");
+    cmd.get_arguments()
+        .filter_map(|a| a.get_long())
+        .filter(|l| !NOT_IN_FILE.contains(l))
+        .map(|l| l.replace('-', "_"))
+        .map(|l| (edit_distance(&key, &l), l))
+        .filter(|(d, l)| *d <= 2.max(l.len() / 4))
+        .min()
+        .map(|(_, l)| format!(" (did you mean `{l}`?)"))
+        .unwrap_or_default()
+}
+
+/// Levenshtein distance, for the hint.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(cur + 1);
+            prev = cur;
+        }
+    }
+    row[b.len()]
+}
+
+/// The command-line words standing for one file (or environment) value.
+fn entry_flags(arg: &Arg, value: &toml::Value) -> Result<Vec<OsString>, String> {
+    let long = arg.get_long().unwrap_or_default();
+    let takes_value = takes_value(arg);
+    let scalar = |v: &toml::Value| -> Result<String, String> {
+        match v {
+            toml::Value::String(s) => Ok(s.clone()),
+            toml::Value::Integer(i) => Ok(i.to_string()),
+            toml::Value::Float(f) => Ok(f.to_string()),
+            toml::Value::Boolean(b) => Ok(b.to_string()),
+            other => Err(format!(
+                "expected a string or number, not {}",
+                other.type_str()
+            )),
+        }
+    };
+    if !takes_value {
+        return match value {
+            toml::Value::Boolean(true) => Ok(vec![format!("--{long}").into()]),
+            toml::Value::Boolean(false) => Ok(vec![]),
+            other => Err(format!("expected true or false, not {}", other.type_str())),
+        };
+    }
+    match value {
+        toml::Value::Array(items) => {
+            if !matches!(arg.get_action(), ArgAction::Append) {
+                return Err("takes one value, not a list".to_string());
+            }
+            items
+                .iter()
+                .map(|v| scalar(v).map(|s| format!("--{long}={s}").into()))
+                .collect()
+        }
+        v => Ok(vec![format!("--{long}={}", scalar(v)?).into()]),
+    }
+}
+
+/// Runs the flag's own value parser on each value, so a bad value is reported with its
+/// file and line rather than as a command-line error.
+fn check_values(arg: &Arg, flags: &[OsString]) -> Result<(), String> {
+    // A lone copy of the flag: the real one may refer to others (required_unless...).
+    let lone = Arg::new(arg.get_id().clone())
+        .long(arg.get_long().unwrap_or_default().to_string())
+        .action(arg.get_action().clone())
+        .value_parser(arg.get_value_parser().clone());
+    for flag in flags {
+        let probe = Command::new("config")
+            .no_binary_name(true)
+            .arg(lone.clone());
+        if let Err(e) = probe.try_get_matches_from([flag]) {
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or_default();
+            return Err(first.trim_start_matches("error: ").to_string());
+        }
+    }
+    Ok(())
+}
+
+impl<T> Layered<T> {
+    /// The effective settings as a config file: every flag with its value and, in a
+    /// comment, where the value came from (default, file and line, environment variable,
+    /// command line). Flags without a value are listed commented out.
+    pub fn effective(&self) -> String {
+        let mut out = String::new();
+        for arg in self.command.get_arguments() {
+            let Some(long) = arg.get_long() else { continue };
+            if NOT_IN_FILE.contains(&long) {
+                continue;
+            }
+            let id = arg.get_id().as_str();
+            let key = long.replace('-', "_");
+            let values: Vec<String> = self
+                .matches
+                .get_raw(id)
+                .map(|v| v.map(|s| s.to_string_lossy().into_owned()).collect())
+                .unwrap_or_default();
+            let source = match self.matches.value_source(id) {
+                Some(ValueSource::DefaultValue) => "default".to_string(),
+                Some(ValueSource::EnvVariable) => "environment".to_string(),
+                Some(ValueSource::CommandLine) => match self.from_file.get(id) {
+                    Some(at) => at.clone(),
+                    None => "command line".to_string(),
+                },
+                _ => String::new(),
+            };
+            let value = if !takes_value(arg) {
+                Some(self.matches.get_flag(id).to_string())
+            } else if values.is_empty() {
+                None
+            } else if matches!(arg.get_action(), ArgAction::Append) {
+                Some(format!(
+                    "[{}]",
+                    values
+                        .iter()
+                        .map(|v| toml_scalar(v))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))
+            } else {
+                Some(toml_scalar(&values[0]))
+            };
+            let _ = match value {
+                Some(v) if source.is_empty() => writeln!(out, "{key} = {v}"),
+                Some(v) => writeln!(out, "{key} = {v}  # {source}"),
+                None => writeln!(out, "# {key} = (not set)"),
+            };
+        }
+        out
+    }
+}
+
+/// A value as TOML: numbers and booleans bare, anything else a quoted string.
+fn toml_scalar(v: &str) -> String {
+    let bare = v == "true"
+        || v == "false"
+        || v.parse::<i64>().is_ok()
+        || (v.parse::<f64>().is_ok() && v.chars().all(|c| c.is_ascii_digit() || c == '.'));
+    if bare {
+        v.to_string()
+    } else {
+        toml::Value::String(v.to_string()).to_string()
+    }
+}
+
+#[cfg(test)]
+#[path = "conf_tests.rs"]
+mod tests;

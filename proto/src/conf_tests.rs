@@ -1,0 +1,271 @@
+use super::*;
+use clap::Parser;
+use std::collections::HashMap;
+
+/// A daemon's flags, shaped like the real ones.
+#[derive(Parser, Debug)]
+#[command(name = "testd")]
+struct Args {
+    #[arg(long, required_unless_present = "generate_key")]
+    listen: Option<String>,
+    #[arg(long, env = "GCB_KEY_FILE")]
+    key_file: Option<PathBuf>,
+    #[arg(long)]
+    insecure: bool,
+    #[arg(long = "allow")]
+    allow: Vec<String>,
+    #[arg(long, default_value_t = 1024)]
+    max_relays: usize,
+    #[arg(long, default_value_t = 50.0)]
+    rate: f64,
+    #[arg(long)]
+    generate_key: Option<PathBuf>,
+}
+
+struct World {
+    files: HashMap<PathBuf, String>,
+    env: HashMap<String, String>,
+}
+
+impl World {
+    fn new() -> World {
+        World {
+            files: HashMap::new(),
+            env: HashMap::new(),
+        }
+    }
+    fn file(mut self, path: &str, text: &str) -> World {
+        self.files.insert(PathBuf::from(path), text.to_string());
+        self
+    }
+    fn env(mut self, k: &str, v: &str) -> World {
+        self.env.insert(k.to_string(), v.to_string());
+        self
+    }
+    fn parse(&self, argv: &[&str]) -> Result<Layered<Args>, ConfError> {
+        let read = |p: &Path| {
+            self.files
+                .get(p)
+                .cloned()
+                .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::NotFound))
+        };
+        let env = |k: &str| self.env.get(k).map(OsString::from);
+        let sources = Sources {
+            env_prefix: "GCB_TESTD",
+            default_file: Path::new("/etc/gcb/testd.toml"),
+            read_file: &read,
+            env: &env,
+        };
+        let mut v = vec![OsString::from("testd")];
+        v.extend(argv.iter().map(OsString::from));
+        parse::<Args>(v, &sources)
+    }
+}
+
+const FILE: &str = "/etc/gcb/testd.toml";
+
+#[test]
+fn no_file_is_fine_and_defaults_apply() {
+    let l = World::new().parse(&["--listen", "1.2.3.4"]).unwrap();
+    assert_eq!(l.args.listen.as_deref(), Some("1.2.3.4"));
+    assert_eq!(l.args.max_relays, 1024);
+    assert!(l.file.is_none());
+    assert!(!l.check_config);
+}
+
+#[test]
+fn file_sets_flags_with_either_spelling() {
+    let w = World::new().file(
+        FILE,
+        "# broker\nlisten = \"10.0.0.1:9650\"\nmax-relays = 7\nrate = 2.5\ninsecure = true\nallow = [\"10.0.0.0/8\", \"1.2.3.4\"]\n",
+    );
+    let l = w.parse(&[]).unwrap();
+    assert_eq!(l.args.listen.as_deref(), Some("10.0.0.1:9650"));
+    assert_eq!(l.args.max_relays, 7);
+    assert_eq!(l.args.rate, 2.5);
+    assert!(l.args.insecure);
+    assert_eq!(l.args.allow, vec!["10.0.0.0/8", "1.2.3.4"]);
+    assert_eq!(l.file.as_deref(), Some(Path::new(FILE)));
+    let w = World::new().file(FILE, "listen = \"x\"\nmax_relays = 9\n");
+    assert_eq!(w.parse(&[]).unwrap().args.max_relays, 9);
+}
+
+#[test]
+fn precedence_is_file_then_environment_then_command_line() {
+    let w = World::new().file(
+        FILE,
+        "listen = \"file\"\nmax_relays = 1\nallow = [\"f1\", \"f2\"]\n",
+    );
+    // File alone.
+    let l = w.parse(&[]).unwrap();
+    assert_eq!(
+        (l.args.listen.as_deref(), l.args.max_relays),
+        (Some("file"), 1)
+    );
+    // Environment beats the file.
+    let w = w.env("GCB_TESTD_MAX_RELAYS", "2");
+    let l = w.parse(&[]).unwrap();
+    assert_eq!(l.args.max_relays, 2);
+    // The command line beats both; a repeatable flag replaces the file's list.
+    let l = w
+        .parse(&["--max-relays", "3", "--listen=cli", "--allow", "c1"])
+        .unwrap();
+    assert_eq!(
+        (l.args.listen.as_deref(), l.args.max_relays),
+        (Some("cli"), 3)
+    );
+    assert_eq!(l.args.allow, vec!["c1"]);
+    // The existing shared variable keeps its name.
+    let w = World::new()
+        .file(FILE, "listen = \"x\"\nkey_file = \"/file/key\"\n")
+        .env("GCB_KEY_FILE", "/env/key");
+    assert_eq!(
+        w.parse(&[]).unwrap().args.key_file.as_deref(),
+        Some(Path::new("/env/key"))
+    );
+}
+
+#[test]
+fn explicit_config_path_from_flag_or_environment() {
+    let w = World::new().file("/tmp/other.toml", "listen = \"other\"\n");
+    let l = w.parse(&["--config", "/tmp/other.toml"]).unwrap();
+    assert_eq!(l.args.listen.as_deref(), Some("other"));
+    let l = w.parse(&["--config=/tmp/other.toml"]).unwrap();
+    assert_eq!(l.args.listen.as_deref(), Some("other"));
+    let w = w.env("GCB_TESTD_CONFIG", "/tmp/other.toml");
+    assert_eq!(w.parse(&[]).unwrap().args.listen.as_deref(), Some("other"));
+    // A missing explicit file is an error naming it; a missing default is not.
+    let e = World::new()
+        .parse(&["--config", "/nope.toml", "--listen", "x"])
+        .unwrap_err();
+    assert!(matches!(e, ConfError::Read { .. }), "{e}");
+    assert!(e.to_string().contains("/nope.toml"), "{e}");
+}
+
+#[test]
+fn unknown_keys_name_file_line_and_key_with_a_hint() {
+    let w = World::new().file(FILE, "listen = \"x\"\n\nmax_relay = 4\n");
+    let e = w.parse(&[]).unwrap_err().to_string();
+    assert_eq!(
+        e,
+        "/etc/gcb/testd.toml:3: unknown key `max_relay` (did you mean `max_relays`?)"
+    );
+    let w = World::new().file(FILE, "colour = \"blue\"\n");
+    let e = w.parse(&["--listen", "x"]).unwrap_err().to_string();
+    assert_eq!(e, "/etc/gcb/testd.toml:1: unknown key `colour`");
+    // Command-line-only flags are not keys.
+    for key in ["config", "check_config", "generate_key", "help", "version"] {
+        let w = World::new().file(FILE, &format!("{key} = \"x\"\n"));
+        let e = w.parse(&["--listen", "x"]).unwrap_err();
+        assert!(matches!(e, ConfError::UnknownKey { .. }), "{key}: {e}");
+    }
+}
+
+#[test]
+fn bad_values_and_syntax_name_file_and_line() {
+    let w = World::new().file(FILE, "listen = \"x\"\nmax_relays = \"many\"\n");
+    let e = w.parse(&[]).unwrap_err().to_string();
+    assert!(
+        e.starts_with("/etc/gcb/testd.toml:2: max_relays: invalid value 'many'"),
+        "{e}"
+    );
+    let w = World::new().file(FILE, "listen = \"x\"\ninsecure = \"yes\"\n");
+    let e = w.parse(&[]).unwrap_err().to_string();
+    assert_eq!(
+        e,
+        "/etc/gcb/testd.toml:2: insecure: expected true or false, not string"
+    );
+    let w = World::new().file(FILE, "listen = [\"a\", \"b\"]\n");
+    let e = w.parse(&[]).unwrap_err().to_string();
+    assert_eq!(
+        e,
+        "/etc/gcb/testd.toml:1: listen: takes one value, not a list"
+    );
+    let w = World::new().file(FILE, "listen = \"x\"\n[section]\nk = 1\n");
+    let e = w.parse(&[]).unwrap_err().to_string();
+    assert!(
+        e.starts_with("/etc/gcb/testd.toml:2: section: sections are not used"),
+        "{e}"
+    );
+    let w = World::new().env("GCB_TESTD_MAX_RELAYS", "lots");
+    let e = w.parse(&["--listen", "x"]).unwrap_err().to_string();
+    assert!(
+        e.starts_with("environment GCB_TESTD_MAX_RELAYS: invalid value 'lots'"),
+        "{e}"
+    );
+    let w = World::new().env("GCB_TESTD_INSECURE", "maybe");
+    let e = w.parse(&["--listen", "x"]).unwrap_err().to_string();
+    assert_eq!(
+        e,
+        "environment GCB_TESTD_INSECURE: expected true or false, not `maybe`"
+    );
+    let w = World::new().file(FILE, "listen = \"x\"\nmax_relays = = 3\n");
+    let e = w.parse(&[]).unwrap_err();
+    assert!(matches!(e, ConfError::Syntax { line: 2, .. }), "{e}");
+}
+
+#[test]
+fn environment_variables_are_generated_for_every_flag() {
+    let w = World::new()
+        .env("GCB_TESTD_LISTEN", "envhost")
+        .env("GCB_TESTD_ALLOW", "10.9.0.0/16, 10.8.0.1")
+        .env("GCB_TESTD_INSECURE", "true");
+    let l = w.parse(&[]).unwrap();
+    assert_eq!(l.args.listen.as_deref(), Some("envhost"));
+    assert_eq!(l.args.allow, vec!["10.9.0.0/16", "10.8.0.1"]);
+    assert!(l.args.insecure);
+    let w = World::new().env("GCB_TESTD_INSECURE", "0");
+    assert!(!w.parse(&["--listen", "x"]).unwrap().args.insecure);
+}
+
+#[test]
+fn help_and_version_come_back_as_cli_errors() {
+    let e = World::new().parse(&["--help"]).unwrap_err();
+    match e {
+        ConfError::Cli(e) => {
+            assert_eq!(e.kind(), clap::error::ErrorKind::DisplayHelp);
+            let text = e.to_string();
+            assert!(text.contains("--config <FILE>"), "{text}");
+            assert!(text.contains("GCB_TESTD_MAX_RELAYS"), "{text}");
+        }
+        other => panic!("{other}"),
+    }
+}
+
+#[test]
+fn effective_settings_say_where_each_value_came_from() {
+    let w = World::new()
+        .file(
+            FILE,
+            "listen = \"10.0.0.1\"\nmax_relays = 5\nallow = [\"a\", \"b\"]\n",
+        )
+        .env("GCB_TESTD_RATE", "3.5");
+    let l = w.parse(&["--check-config", "--insecure"]).unwrap();
+    assert!(l.check_config);
+    let eff = l.effective();
+    assert!(
+        eff.contains("listen = \"10.0.0.1\"  # /etc/gcb/testd.toml:1\n"),
+        "{eff}"
+    );
+    assert!(
+        eff.contains("max_relays = 5  # /etc/gcb/testd.toml:2\n"),
+        "{eff}"
+    );
+    assert!(
+        eff.contains("allow = [\"a\", \"b\"]  # /etc/gcb/testd.toml:3\n"),
+        "{eff}"
+    );
+    assert!(
+        eff.contains("rate = 3.5  # environment GCB_TESTD_RATE\n"),
+        "{eff}"
+    );
+    assert!(eff.contains("insecure = true  # command line\n"), "{eff}");
+    assert!(eff.contains("# key_file = (not set)\n"), "{eff}");
+    assert!(!eff.contains("check_config"), "{eff}");
+    // What it prints is itself a valid config file that gives the same settings.
+    let again = World::new().file(FILE, &eff).parse(&[]).unwrap();
+    assert_eq!(again.args.max_relays, 5);
+    assert_eq!(again.args.rate, 3.5);
+    assert_eq!(again.args.allow, vec!["a", "b"]);
+    assert!(again.args.insecure);
+}
