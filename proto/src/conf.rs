@@ -464,10 +464,13 @@ fn entry_flags(arg: &Arg, value: &toml::Value) -> Result<Vec<OsString>, String> 
 /// file and line rather than as a command-line error.
 fn check_values(arg: &Arg, flags: &[OsString]) -> Result<(), String> {
     // A lone copy of the flag: the real one may refer to others (required_unless...).
-    let lone = Arg::new(arg.get_id().clone())
+    let mut lone = Arg::new(arg.get_id().clone())
         .long(arg.get_long().unwrap_or_default().to_string())
         .action(arg.get_action().clone())
         .value_parser(arg.get_value_parser().clone());
+    if let Some(names) = arg.get_value_names() {
+        lone = lone.value_names(names.to_vec());
+    }
     for flag in flags {
         let probe = Command::new("config")
             .no_binary_name(true)
