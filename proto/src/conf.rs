@@ -133,12 +133,18 @@ const NOT_IN_FILE: &[&str] = &["help", "version", "config", "check-config", "gen
 fn layered_command(cmd: Command, sources: &Sources<'_>, default_file: &str) -> Command {
     let prefix = sources.env_prefix.to_string();
     let prefix_config = prefix.clone();
-    cmd.args_override_self(true)
+    let subcommands: Vec<String> = cmd
+        .get_subcommands()
+        .map(|s| s.get_name().to_string())
+        .collect();
+    let cmd = cmd
+        .args_override_self(true)
         .arg(
             Arg::new("config")
                 .long("config")
                 .value_name("FILE")
                 .env(format!("{prefix_config}_CONFIG"))
+                .global(true)
                 .value_parser(clap::value_parser!(PathBuf))
                 .help(format!(
                     "Configuration file (TOML, `flag-name = value` for any flag below; the \
@@ -155,18 +161,55 @@ fn layered_command(cmd: Command, sources: &Sources<'_>, default_file: &str) -> C
                      effective settings with where each came from, and exit",
                 ),
         )
-        .mut_args(move |a| {
-            if a.get_env().is_some() || a.is_positional() {
-                return a;
-            }
-            match a.get_long() {
-                Some(long) if !NOT_IN_FILE.contains(&long) => {
-                    let var = format!("{prefix}_{}", long.to_uppercase().replace('-', "_"));
-                    a.env(var)
-                }
-                _ => a,
-            }
-        })
+        .mut_args(|a| with_env(a, &prefix));
+    let subcommands: Vec<String> = cmd
+        .get_subcommands()
+        .map(|s| s.get_name().to_string())
+        .collect();
+    subcommands.iter().fold(cmd, |cmd, name| {
+        cmd.mut_subcommand(name, |sub| sub.mut_args(|a| with_env(a, &prefix)))
+    })
+}
+
+/// `arg` with the environment variable `PREFIX_FLAG`, unless it names one already or is
+/// command-line only.
+fn with_env(arg: Arg, prefix: &str) -> Arg {
+    if arg.get_env().is_some() || arg.is_positional() {
+        return arg;
+    }
+    match arg.get_long() {
+        Some(long) if !NOT_IN_FILE.contains(&long) => {
+            let var = format!("{prefix}_{}", long.to_uppercase().replace('-', "_"));
+            arg.env(var)
+        }
+        _ => arg,
+    }
+}
+
+/// The subcommand `argv` runs (`gcb-brokerd status ...`), with its position in `argv`: the
+/// first word that is neither a flag nor a flag's value.
+fn subcommand_in<'c>(cmd: &'c Command, argv: &[OsString]) -> Option<(usize, &'c Command)> {
+    let mut i = 1;
+    while i < argv.len() {
+        let word = argv[i].to_string_lossy();
+        if word == "--" {
+            return None;
+        }
+        if let Some(long) = word.strip_prefix("--") {
+            let takes = cmd
+                .get_arguments()
+                .find(|a| a.get_long() == Some(long))
+                .is_some_and(takes_value);
+            i += if takes { 2 } else { 1 };
+            continue;
+        }
+        if word.starts_with('-') {
+            i += 1;
+            continue;
+        }
+        return cmd.find_subcommand(&*word).map(|s| (i, s));
+    }
+    None
 }
 
 /// The value of `--config` on the command line (`--config F` or `--config=F`), if any.
@@ -240,6 +283,10 @@ pub fn parse<T: clap::CommandFactory + FromArgMatches>(
             })
         }
     };
+    // A subcommand (`status`) takes the file's keys it knows and ignores the daemon's
+    // other settings; the layers' flags go right after its name.
+    let sub = subcommand_in(&command, &argv);
+    let target = sub.map_or(&command, |(_, s)| s);
     let mut injected: Vec<OsString> = Vec::new();
     let mut from_file = BTreeMap::new();
     if let Some(text) = &text {
@@ -257,7 +304,10 @@ pub fn parse<T: clap::CommandFactory + FromArgMatches>(
                         .to_string(),
                 ));
             }
-            let Some(arg) = find_flag(&command, &entry.key) else {
+            let Some(arg) = find_flag(target, &entry.key) else {
+                if sub.is_some() && find_flag(&command, &entry.key).is_some() {
+                    continue;
+                }
                 return Err(ConfError::UnknownKey {
                     hint: hint(&command, &entry.key),
                     path: name,
@@ -279,7 +329,7 @@ pub fn parse<T: clap::CommandFactory + FromArgMatches>(
     // real environment would be read behind the caller's back (and `Sources::env` would
     // be a lie in tests); clap's `env` on each flag still documents it in --help.
     let mut from_env = BTreeMap::new();
-    for arg in command.get_arguments() {
+    for arg in target.get_arguments() {
         let Some((var, value)) = env_value(arg, sources) else {
             continue;
         };
@@ -300,9 +350,10 @@ pub fn parse<T: clap::CommandFactory + FromArgMatches>(
         from_env.insert(arg.get_id().to_string(), format!("environment {var}"));
         injected.extend(flags);
     }
+    let at = sub.map_or(1, |(i, _)| i + 1);
     let mut full = Vec::with_capacity(argv.len() + injected.len());
     let mut it = argv.into_iter();
-    full.extend(it.next());
+    full.extend(it.by_ref().take(at));
     full.extend(injected);
     full.extend(it);
     let matches = command.clone().try_get_matches_from(full)?;

@@ -43,6 +43,12 @@ impl World {
         self
     }
     fn parse(&self, argv: &[&str]) -> Result<Layered<Args>, ConfError> {
+        self.parse_as::<Args>(argv)
+    }
+    fn parse_as<T: clap::CommandFactory + FromArgMatches>(
+        &self,
+        argv: &[&str],
+    ) -> Result<Layered<T>, ConfError> {
         let read = |p: &Path| {
             self.files
                 .get(p)
@@ -58,7 +64,7 @@ impl World {
         };
         let mut v = vec![OsString::from("testd")];
         v.extend(argv.iter().map(OsString::from));
-        parse::<Args>(v, &sources)
+        parse::<T>(v, &sources)
     }
 }
 
@@ -268,4 +274,70 @@ fn effective_settings_say_where_each_value_came_from() {
     assert_eq!(again.args.rate, 3.5);
     assert_eq!(again.args.allow, vec!["a", "b"]);
     assert!(again.args.insecure);
+}
+
+/// A daemon with a `status` subcommand that shares one setting with it.
+#[derive(Parser, Debug)]
+#[command(name = "testd", args_conflicts_with_subcommands = true)]
+struct WithStatus {
+    #[arg(long, required = true)]
+    listen: Option<String>,
+    #[arg(long, default_value = "/run/d.sock")]
+    admin_socket: String,
+    #[command(subcommand)]
+    cmd: Option<Sub>,
+}
+
+#[derive(clap::Subcommand, Debug, PartialEq)]
+enum Sub {
+    Status {
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value = "/run/d.sock")]
+        admin_socket: String,
+    },
+}
+
+#[test]
+fn a_subcommand_takes_the_keys_it_knows_and_ignores_the_daemons_others() {
+    let w = World::new().file(FILE, "listen = \"x\"\nadmin_socket = \"/f.sock\"\n");
+    let l = w.parse_as::<WithStatus>(&["status", "--json"]).unwrap();
+    assert_eq!(
+        l.args.cmd,
+        Some(Sub::Status {
+            json: true,
+            admin_socket: "/f.sock".into()
+        })
+    );
+    // The daemon itself still reads both.
+    let l = w.parse_as::<WithStatus>(&[]).unwrap();
+    assert_eq!(
+        (l.args.listen.as_deref(), l.args.admin_socket.as_str()),
+        (Some("x"), "/f.sock")
+    );
+    // Environment and command line over the file, for the subcommand too.
+    let w = w.env("GCB_TESTD_ADMIN_SOCKET", "/e.sock");
+    let l = w.parse_as::<WithStatus>(&["status"]).unwrap();
+    assert!(
+        matches!(l.args.cmd, Some(Sub::Status { ref admin_socket, .. }) if admin_socket == "/e.sock")
+    );
+    let l = w
+        .parse_as::<WithStatus>(&["status", "--admin-socket", "/c.sock"])
+        .unwrap();
+    assert!(
+        matches!(l.args.cmd, Some(Sub::Status { ref admin_socket, .. }) if admin_socket == "/c.sock")
+    );
+    // --config works after the subcommand's name, and unknown keys are still errors.
+    let w = World::new().file("/o.toml", "admin_socket = \"/o.sock\"\nbogus = 1\n");
+    let e = w
+        .parse_as::<WithStatus>(&["status", "--config", "/o.toml"])
+        .unwrap_err();
+    assert_eq!(e.to_string(), "/o.toml:2: unknown key `bogus`");
+    let w = World::new().file("/o.toml", "admin_socket = \"/o.sock\"\n");
+    let l = w
+        .parse_as::<WithStatus>(&["status", "--config", "/o.toml"])
+        .unwrap();
+    assert!(
+        matches!(l.args.cmd, Some(Sub::Status { ref admin_socket, .. }) if admin_socket == "/o.sock")
+    );
 }
