@@ -204,7 +204,8 @@ struct Args {
     metrics: Option<SocketAddr>,
 }
 
-const STATUS_HELP: &str = "Status of the running daemon: gcb-brokerd status [--json] [--admin-socket PATH]";
+const STATUS_HELP: &str =
+    "Status of the running daemon: gcb-brokerd status [--json] [--admin-socket PATH]";
 
 /// `gcb-brokerd status`: prints what the running broker serves (registrations, relays,
 /// standbys, punch pairings, pending connects, counters), from its admin socket.

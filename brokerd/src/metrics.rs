@@ -93,29 +93,29 @@ const fn s(
 
 use Kind::{Counter as C, Gauge as G};
 
-const DROP: &str = "Requests, connections and datagrams turned away, by reason.";
+const DROP: &str = "Requests, connections and datagrams turned away, by reason";
 
 /// Every stats name and its series (`registrations` is by proto, from the list).
 pub const SERIES: &[Series] = &[
-    s("relays_active", "gcb_broker_relays_open", G, None, "Running TCP relays."),
-    s("pending", "gcb_broker_pending_connects", G, None, "Connect ids waiting for their partner connection."),
-    s("standbys", "gcb_broker_standbys", G, None, "Parked standby connections."),
-    s("udp_proxies", "gcb_broker_udp_proxies", G, None, "UDP proxy sockets."),
-    s("udp_rules", "gcb_broker_udp_rules", G, None, "Live UDP relay rules."),
-    s("registered", "gcb_broker_registered", C, None, "Registrations created."),
-    s("expired", "gcb_broker_registrations_expired", C, None, "Registrations whose lease ran out."),
-    s("direct", "gcb_broker_connects", C, Some(("route", "direct")), "Connections brokered, by route."),
+    s("relays_active", "gcb_broker_relays_open", G, None, "Running TCP relays"),
+    s("pending", "gcb_broker_pending_connects", G, None, "Connect ids waiting for their partner connection"),
+    s("standbys", "gcb_broker_standbys", G, None, "Parked standby connections"),
+    s("udp_proxies", "gcb_broker_udp_proxies", G, None, "UDP proxy sockets"),
+    s("udp_rules", "gcb_broker_udp_rules", G, None, "Live UDP relay rules"),
+    s("registered", "gcb_broker_registered", C, None, "Registrations created"),
+    s("expired", "gcb_broker_registrations_expired", C, None, "Registrations whose lease ran out"),
+    s("direct", "gcb_broker_connects", C, Some(("route", "direct")), "Connections brokered, by route"),
     s("reverse", "gcb_broker_connects", C, Some(("route", "reverse")), ""),
     s("relay", "gcb_broker_connects", C, Some(("route", "relay")), ""),
     s("proxy_accepts", "gcb_broker_connects", C, Some(("route", "proxy")), ""),
-    s("relays_started", "gcb_broker_relays_started", C, None, "Relays started."),
-    s("relays_done", "gcb_broker_relays_ended", C, Some(("how", "done")), "Relays ended, cleanly or by a reset."),
+    s("relays_started", "gcb_broker_relays_started", C, None, "Relays started"),
+    s("relays_done", "gcb_broker_relays_ended", C, Some(("how", "done")), "Relays ended, cleanly or by a reset"),
     s("relays_reset", "gcb_broker_relays_ended", C, Some(("how", "reset")), ""),
-    s("relays_idle_closed", "gcb_broker_relays_idle_closed", C, None, "Relays reset for moving no byte for --relay-idle-secs."),
-    s("relay_bytes", "gcb_broker_relayed_bytes", C, None, "Bytes through TCP relays (running ones included)."),
-    s("udp_to_listener", "gcb_broker_udp_datagrams", C, Some(("direction", "to_listener")), "UDP datagrams relayed, by direction."),
+    s("relays_idle_closed", "gcb_broker_relays_idle_closed", C, None, "Relays reset for moving no byte for --relay-idle-secs"),
+    s("relay_bytes", "gcb_broker_relayed_bytes", C, None, "Bytes through TCP relays (running ones included)"),
+    s("udp_to_listener", "gcb_broker_udp_datagrams", C, Some(("direction", "to_listener")), "UDP datagrams relayed, by direction"),
     s("udp_from_listener", "gcb_broker_udp_datagrams", C, Some(("direction", "from_listener")), ""),
-    s("udp_to_listener_bytes", "gcb_broker_udp_relayed_bytes", C, Some(("direction", "to_listener")), "UDP payload bytes relayed, by direction."),
+    s("udp_to_listener_bytes", "gcb_broker_udp_relayed_bytes", C, Some(("direction", "to_listener")), "UDP payload bytes relayed, by direction"),
     s("udp_from_listener_bytes", "gcb_broker_udp_relayed_bytes", C, Some(("direction", "from_listener")), ""),
     s("not_allowed", "gcb_broker_dropped", C, Some(("reason", "not_allowed")), DROP),
     s("junk_datagrams", "gcb_broker_dropped", C, Some(("reason", "junk_datagram")), DROP),
@@ -135,27 +135,27 @@ pub const SERIES: &[Series] = &[
     s("udp_drop_stray", "gcb_broker_dropped", C, Some(("reason", "udp_stray")), DROP),
     s("udp_drop_too_big", "gcb_broker_dropped", C, Some(("reason", "udp_too_big")), DROP),
     s("udp_punch_refused", "gcb_broker_dropped", C, Some(("reason", "udp_punch_refused")), DROP),
-    s("relay_limit_refusals", "gcb_broker_relay_limit_refusals", C, None, "Proxy connections and relay decisions refused by a relay limit (also in gcb_broker_dropped_total)."),
-    s("preamble_limit_refusals", "gcb_broker_preamble_limit_refusals", C, None, "Relay-port connections refused by the per-IP preamble limit."),
-    s("datagrams_received", "gcb_broker_control_datagrams", C, None, "Control datagrams received."),
-    s("error_replies", "gcb_broker_error_replies", C, None, "Error answers sent."),
-    s("replies_shrunk", "gcb_broker_replies", C, Some(("kind", "shrunk")), "Unkeyed replies cut to the request's size, or withheld."),
+    s("relay_limit_refusals", "gcb_broker_relay_limit_refusals", C, None, "Proxy connections and relay decisions refused by a relay limit (also in gcb_broker_dropped_total)"),
+    s("preamble_limit_refusals", "gcb_broker_preamble_limit_refusals", C, None, "Relay-port connections refused by the per-IP preamble limit"),
+    s("datagrams_received", "gcb_broker_control_datagrams", C, None, "Control datagrams received"),
+    s("error_replies", "gcb_broker_error_replies", C, None, "Error answers sent"),
+    s("replies_shrunk", "gcb_broker_replies", C, Some(("kind", "shrunk")), "Unkeyed replies cut to the request's size, or withheld"),
     s("replies_withheld", "gcb_broker_replies", C, Some(("kind", "withheld")), ""),
-    s("connect_back_failures", "gcb_broker_connect_back_failures", C, None, "connect_back requests the listener never answered."),
-    s("reregister_sent", "gcb_broker_reregister_requests", C, None, "reregister_request messages sent."),
-    s("standby_parked", "gcb_broker_standby_events", C, Some(("event", "parked")), "Standby connections parked, claimed, or abandoned for connect_back."),
+    s("connect_back_failures", "gcb_broker_connect_back_failures", C, None, "connect_back requests the listener never answered"),
+    s("reregister_sent", "gcb_broker_reregister_requests", C, None, "reregister_request messages sent"),
+    s("standby_parked", "gcb_broker_standby_events", C, Some(("event", "parked")), "Standby connections parked, claimed, or abandoned for connect_back"),
     s("standby_claimed", "gcb_broker_standby_events", C, Some(("event", "claimed")), ""),
     s("standby_fallbacks", "gcb_broker_standby_events", C, Some(("event", "fallback")), ""),
     s("ownership_refused", "gcb_broker_dropped", C, Some(("reason", "ownership")), DROP),
     s("foreign_presentations", "gcb_broker_dropped", C, Some(("reason", "foreign_presentation")), DROP),
-    s("udp_rules_created", "gcb_broker_udp_rules_created", C, None, "UDP relay rules created."),
-    s("udp_rules_expired", "gcb_broker_udp_rules_expired", C, None, "UDP relay rules expired."),
-    s("udp_dummies", "gcb_broker_udp_dummies", C, None, "UDP Dummy keepalives accepted."),
-    s("udp_send_errors", "gcb_broker_udp_send_errors", C, None, "UDP sends that failed."),
-    s("udp_punches", "gcb_broker_udp_punches", C, None, "UDP hole punches arranged."),
-    s("udp_punch_back_failures", "gcb_broker_udp_punch_back_failures", C, None, "punch_back requests not answered."),
-    s("udp_punch_ends", "gcb_broker_udp_punch_ends", C, None, "punch_end messages sent."),
-    s("udp_punch_end_failures", "gcb_broker_udp_punch_end_failures", C, None, "punch_end requests not answered."),
+    s("udp_rules_created", "gcb_broker_udp_rules_created", C, None, "UDP relay rules created"),
+    s("udp_rules_expired", "gcb_broker_udp_rules_expired", C, None, "UDP relay rules expired"),
+    s("udp_dummies", "gcb_broker_udp_dummies", C, None, "UDP Dummy keepalives accepted"),
+    s("udp_send_errors", "gcb_broker_udp_send_errors", C, None, "UDP sends that failed"),
+    s("udp_punches", "gcb_broker_udp_punches", C, None, "UDP hole punches arranged"),
+    s("udp_punch_back_failures", "gcb_broker_udp_punch_back_failures", C, None, "punch_back requests not answered"),
+    s("udp_punch_ends", "gcb_broker_udp_punch_ends", C, None, "punch_end messages sent"),
+    s("udp_punch_end_failures", "gcb_broker_udp_punch_end_failures", C, None, "punch_end requests not answered"),
 ];
 
 /// Stats names with no series of their own (`registrations` is split by proto).
@@ -168,7 +168,11 @@ pub fn render(doc: &Status) -> String {
     let mut reg = Registry::default();
     let regs: Family<Labels, Gauge> = Family::default();
     for proto in ["tcp", "udp"] {
-        let n = doc.registrations.iter().filter(|r| r.proto == proto).count();
+        let n = doc
+            .registrations
+            .iter()
+            .filter(|r| r.proto == proto)
+            .count();
         regs.get_or_create(&vec![("proto".into(), proto.into())])
             .set(n as i64);
     }
@@ -187,11 +191,7 @@ pub fn render(doc: &Status) -> String {
 }
 
 /// Registers `series` with the values `value` gives (a missing value: not shown).
-pub fn register_series(
-    reg: &mut Registry,
-    series: &[Series],
-    value: impl Fn(&str) -> Option<u64>,
-) {
+pub fn register_series(reg: &mut Registry, series: &[Series], value: impl Fn(&str) -> Option<u64>) {
     let mut names: Vec<&str> = Vec::new();
     for x in series {
         if !names.contains(&x.metric) {
@@ -200,7 +200,11 @@ pub fn register_series(
     }
     for name in names {
         let rows: Vec<&Series> = series.iter().filter(|x| x.metric == name).collect();
-        let help = rows.iter().map(|x| x.help).find(|h| !h.is_empty()).unwrap_or("");
+        let help = rows
+            .iter()
+            .map(|x| x.help)
+            .find(|h| !h.is_empty())
+            .unwrap_or("");
         let labels = |x: &Series| -> Labels {
             x.label
                 .map(|(k, v)| vec![(k.to_owned(), v.to_owned())])

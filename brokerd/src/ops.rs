@@ -322,11 +322,7 @@ impl Ops {
             let t = Token(self.next);
             self.next += 1;
             if registry
-                .register(
-                    stream.source(),
-                    t,
-                    Interest::READABLE | Interest::WRITABLE,
-                )
+                .register(stream.source(), t, Interest::READABLE | Interest::WRITABLE)
                 .is_err()
             {
                 continue;
@@ -397,8 +393,9 @@ impl Ops {
                 match c.request.iter().position(|b| *b == b'\n') {
                     Some(end) => Some(match trim(&c.request[..end]) {
                         b"status" => answer(Request::Status),
-                        _ => b"error: unknown request (the admin socket answers: status)\n"
-                            .to_vec(),
+                        _ => {
+                            b"error: unknown request (the admin socket answers: status)\n".to_vec()
+                        }
                     }),
                     None => None,
                 }
@@ -439,7 +436,10 @@ impl Drop for Ops {
 }
 
 fn trim(b: &[u8]) -> &[u8] {
-    let s = b.iter().position(|c| !c.is_ascii_whitespace()).unwrap_or(b.len());
+    let s = b
+        .iter()
+        .position(|c| !c.is_ascii_whitespace())
+        .unwrap_or(b.len());
     let e = b
         .iter()
         .rposition(|c| !c.is_ascii_whitespace())
@@ -505,7 +505,10 @@ mod tests {
             Some(Ok(Request::Metrics))
         );
         assert_eq!(parse_http(b"GET / HTTP/1.1\r\n\r\n"), Some(Err(404)));
-        assert_eq!(parse_http(b"POST /metrics HTTP/1.1\r\n\r\n"), Some(Err(405)));
+        assert_eq!(
+            parse_http(b"POST /metrics HTTP/1.1\r\n\r\n"),
+            Some(Err(405))
+        );
         assert_eq!(parse_http(b"GET /metrics\r\n\r\n"), Some(Err(400)));
     }
 
@@ -516,8 +519,10 @@ mod tests {
             admin_socket_arg(Some(Path::new("/a/b.sock")), "x"),
             Some(PathBuf::from("/a/b.sock"))
         );
-        assert!(default_admin_socket("brokerd").ends_with("gcb/brokerd.sock")
-            || default_admin_socket("brokerd").ends_with("brokerd.sock"));
+        assert!(
+            default_admin_socket("brokerd").ends_with("gcb/brokerd.sock")
+                || default_admin_socket("brokerd").ends_with("brokerd.sock")
+        );
     }
 
     #[test]
@@ -533,7 +538,10 @@ mod tests {
         }
         let ops = Ops::open(Some(&path), None, poll.registry()).expect("stale replaced");
         let mode = std::fs::metadata(&path).unwrap().permissions();
-        assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777, 0o600);
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+            0o600
+        );
         let poll2 = mio::Poll::new().unwrap();
         match Ops::open(Some(&path), None, poll2.registry()) {
             Err(OpsError::InUse(p)) => assert_eq!(p, path),

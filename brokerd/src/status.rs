@@ -23,7 +23,7 @@
 //!   "counters": { "registrations": N, "relays_active": N, ... } }
 //! ```
 //!
-//! `counters` holds exactly the `NAME=VALUE` pairs of the stats log line, in its order.
+//! `counters` holds exactly the `NAME=VALUE` pairs of the stats log line (sorted by name).
 //! New fields may be added; none is removed or renamed without a note here.
 
 use std::io::{Read, Write};
@@ -55,7 +55,7 @@ pub struct Status {
     pub punch_pairings: Vec<PunchStatus>,
     /// Connect ids waiting for their partner connection.
     pub pending: Vec<PendingStatus>,
-    /// The stats line's counters, in its order.
+    /// The stats line's counters, by name.
     pub counters: serde_json::Map<String, serde_json::Value>,
 }
 
@@ -177,7 +177,8 @@ pub fn request(path: &Path, line: &str) -> Result<String, StatusError> {
         path: shown.clone(),
         detail: e.to_string(),
     };
-    s.set_read_timeout(Some(Duration::from_secs(10))).map_err(bad)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(bad)?;
     s.write_all(format!("{line}\n").as_bytes()).map_err(bad)?;
     let mut out = String::new();
     s.read_to_string(&mut out).map_err(bad)?;
@@ -256,7 +257,14 @@ pub fn render(s: &Status) -> String {
         ]);
     }
     table(&mut out, "Registrations", rows);
-    let mut rows = vec![row(&["A (CONNECTOR)", "B (LISTENER)", "A->B", "B->A", "AGE", "IDLE"])];
+    let mut rows = vec![row(&[
+        "A (CONNECTOR)",
+        "B (LISTENER)",
+        "A->B",
+        "B->A",
+        "AGE",
+        "IDLE",
+    ])];
     for r in &s.relays {
         rows.push(vec![
             r.a.clone(),

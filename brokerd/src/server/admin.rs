@@ -73,7 +73,10 @@ impl Server {
                         standby_count.get(&r.proxy).copied().unwrap_or(0)
                     },
                     data: if udp {
-                        self.udp.get(&r.proxy).and_then(|p| p.data).map(|d| d.to_string())
+                        self.udp
+                            .get(&r.proxy)
+                            .and_then(|p| p.data)
+                            .map(|d| d.to_string())
                     } else {
                         None
                     },
