@@ -21,7 +21,7 @@ use gcb_proto::PoolKey;
 /// relayed) and relays TCP and UDP (paper 4.2.2) between clients that
 /// cannot reach each other.
 #[derive(Parser, Debug)]
-#[command(name = "gcb-brokerd", version)]
+#[command(name = "gcb-brokerd", version, after_help = STATUS_HELP)]
 struct Args {
     /// Address to serve on: IP[:PORT] (default port 9650). The control
     /// protocol uses UDP on it and the relay TCP on the same IP:PORT; proxy
@@ -191,6 +191,48 @@ struct Args {
     /// Most verbose log level printed.
     #[arg(long, value_enum, default_value_t = Level::Info)]
     log: Level,
+
+    /// Admin unix socket, answered by `gcb-brokerd status` (mode 0600: root and this
+    /// user only). Default: /run/gcb/brokerd.sock as root, else
+    /// $XDG_RUNTIME_DIR/gcb/brokerd.sock (or /tmp/gcb-UID/brokerd.sock). `none`: no socket.
+    #[arg(long, value_name = "PATH")]
+    admin_socket: Option<PathBuf>,
+
+    /// Serve Prometheus metrics (`GET /metrics`, HTTP) on this IP:PORT, e.g.
+    /// 127.0.0.1:9660. Default: off. Anyone who reaches it reads the counters: keep it
+    /// on loopback or a management network.
+    #[arg(long, value_name = "IP:PORT")]
+    metrics: Option<SocketAddr>,
+}
+
+const STATUS_HELP: &str =
+    "Status of the running daemon: gcb-brokerd status [--json] [--admin-socket PATH]";
+
+/// `gcb-brokerd status`: prints what the running broker serves (registrations, relays,
+/// standbys, punch pairings, pending connects, counters), from its admin socket.
+#[derive(Parser, Debug)]
+#[command(name = "gcb-brokerd status", version)]
+struct StatusArgs {
+    /// Print the status document as JSON (schema: the gcb_brokerd::status docs).
+    #[arg(long)]
+    json: bool,
+
+    /// The daemon's admin socket (default: the daemon's default, see `gcb-brokerd --help`).
+    #[arg(long, value_name = "PATH")]
+    admin_socket: Option<PathBuf>,
+}
+
+fn status_command() -> Result<()> {
+    let args = StatusArgs::parse_from(std::env::args_os().skip(1));
+    let path = gcb_brokerd::ops::admin_socket_arg(args.admin_socket.as_deref(), "brokerd")
+        .context("--admin-socket none: no socket to ask")?;
+    let (text, doc) = gcb_brokerd::status::fetch(&path)?;
+    if args.json {
+        print!("{text}");
+    } else {
+        print!("{}", gcb_brokerd::status::render(&doc));
+    }
+    Ok(())
 }
 
 /// SIGTERM and SIGINT set the returned flag; the event loop sees it within one poll
@@ -274,6 +316,9 @@ fn print_effective(layered: &Layered<Args>) {
 }
 
 fn run() -> Result<()> {
+    if std::env::args_os().nth(1).is_some_and(|a| a == "status") {
+        return status_command();
+    }
     let layered = parse_args()?;
     let args = &layered.args;
     logging::init(args.log);
@@ -351,6 +396,16 @@ fn run() -> Result<()> {
         return Ok(());
     }
     let mut server = Server::bind(cfg)?;
+    let admin = gcb_brokerd::ops::admin_socket_arg(args.admin_socket.as_deref(), "brokerd");
+    server.open_ops(admin.as_deref(), args.metrics)?;
+    if let Some(ops) = server.ops() {
+        if let Some(p) = ops.admin_path() {
+            eprintln!("gcb-brokerd: admin socket {}", p.display());
+        }
+        if let Some(m) = ops.metrics_addr() {
+            eprintln!("gcb-brokerd: metrics on http://{m}/metrics");
+        }
+    }
     let a = server.local_addr();
     eprintln!("gcb-brokerd: listening on udp {a}, relay tcp {a}");
     let r = server.run(&stop);

@@ -32,6 +32,8 @@ pub struct Registration {
     pub proxy: SocketAddr,
     /// The lease runs out at this instant unless renewed.
     pub expires: Instant,
+    /// When it was registered (for `status`).
+    pub since: Instant,
 }
 
 /// Why a registry operation was refused.
@@ -151,6 +153,7 @@ impl Registry {
                 transport,
                 proxy,
                 expires: now + self.limits.lease,
+                since: now,
             })
     }
 

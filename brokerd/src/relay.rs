@@ -215,6 +215,11 @@ impl Relay {
         &mut self.b
     }
 
+    /// The peers of the two streams (for `status`).
+    pub fn peers(&self) -> (Option<std::net::SocketAddr>, Option<std::net::SocketAddr>) {
+        (self.a.peer_addr().ok(), self.b.peer_addr().ok())
+    }
+
     /// Bytes moved `(a -> b, b -> a)`.
     pub fn bytes(&self) -> (u64, u64) {
         (self.ab.bytes, self.ba.bytes)

@@ -63,6 +63,11 @@ impl<T: Copy + Eq + std::hash::Hash, S> Default for StandbyPool<T, S> {
 }
 
 impl<T: Copy + Eq + std::hash::Hash, S> StandbyPool<T, S> {
+    /// Every parked connection (for `status`).
+    pub fn parked(&self) -> impl Iterator<Item = &Parked<S>> {
+        self.parked.values()
+    }
+
     /// An empty pool.
     pub fn new() -> Self {
         StandbyPool {

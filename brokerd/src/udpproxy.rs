@@ -238,6 +238,11 @@ impl UdpPlane {
         self.proxies.get(proxy)
     }
 
+    /// Every proxy socket (for `status`).
+    pub fn iter(&self) -> impl Iterator<Item = (&SocketAddr, &UdpProxy)> {
+        self.proxies.iter()
+    }
+
     /// Number of proxy sockets.
     pub fn len(&self) -> usize {
         self.proxies.len()

@@ -52,12 +52,16 @@
 //!   no sockets and no clock reads (the server passes `now`);
 //! * [`server`]: the mio loop (control UDP socket + gcb-proto `Endpoint`,
 //!   non-blocking probe connections);
-//! * [`client`]: a blocking client, used by the `gcb-dpf-request` tool.
+//! * [`client`]: a blocking client, used by the `gcb-dpf-request` tool;
+//! * [`ops`]: the operator's sockets, served in the loop: the admin unix socket
+//!   (`--admin-socket`) and the Prometheus endpoint (`--metrics`); [`status`]: the status
+//!   document they answer and the `gcb-portfwd status` command; [`metrics`]: every
+//!   `gcb_portfwd_*` metric and the stats counter it comes from.
 //!
 //! Floors: each module uses only modules on its own floor or below, with
 //! no cycle; `scripts/modgraph --check portfwd/src` checks the list:
 //!
-//! - **Floor 0, data and policy**: `table`, `policy`, `libnft`, `client`
+//! - **Floor 0, data and policy**: `table`, `policy`, `libnft`, `client`, `ops`, `status`, `metrics`
 //! - **Floor 1, the two other representations**: `kernel`, `mirror`
 //! - **Floor 2, the paper's orders**: `core`
 //! - **Floor 3, the event loop**: `server`
@@ -141,7 +145,10 @@ pub mod client;
 pub mod core;
 pub mod kernel;
 pub mod libnft;
+pub mod metrics;
 pub mod mirror;
+pub mod ops;
 pub mod policy;
 pub mod server;
+pub mod status;
 pub mod table;

@@ -25,7 +25,7 @@ use ipnet::Ipv4Net;
 /// keeps a crash-safe mirror file in --state, probes each client's
 /// management socket and removes the rules of dead sockets.
 #[derive(Parser, Debug)]
-#[command(name = "gcb-portfwd", version)]
+#[command(name = "gcb-portfwd", version, after_help = STATUS_HELP)]
 struct Args {
     /// The gateway's public IPv4 address: forwarded ports are on it, and
     /// clients are told PUBLIC:PORT.
@@ -119,6 +119,48 @@ struct Args {
     /// Most verbose log level printed.
     #[arg(long, value_enum, default_value_t = Level::Info)]
     log: Level,
+
+    /// Admin unix socket, answered by `gcb-portfwd status` (mode 0600: root and this
+    /// user only). Default: /run/gcb/portfwd.sock as root, else
+    /// $XDG_RUNTIME_DIR/gcb/portfwd.sock (or /tmp/gcb-UID/portfwd.sock). `none`: no socket.
+    #[arg(long, value_name = "PATH")]
+    admin_socket: Option<PathBuf>,
+
+    /// Serve Prometheus metrics (`GET /metrics`, HTTP) on this IP:PORT, e.g.
+    /// 127.0.0.1:9661. Default: off. Anyone who reaches it reads the counters: keep it
+    /// on loopback or a management network.
+    #[arg(long, value_name = "IP:PORT")]
+    metrics: Option<SocketAddr>,
+}
+
+const STATUS_HELP: &str =
+    "Status of the running daemon: gcb-portfwd status [--json] [--admin-socket PATH]";
+
+/// `gcb-portfwd status`: prints the running daemon's mappings and counters, from its
+/// admin socket.
+#[derive(Parser, Debug)]
+#[command(name = "gcb-portfwd status", version)]
+struct StatusArgs {
+    /// Print the status document as JSON (schema: the gcb_portfwd::status docs).
+    #[arg(long)]
+    json: bool,
+
+    /// The daemon's admin socket (default: the daemon's default, see `gcb-portfwd --help`).
+    #[arg(long, value_name = "PATH")]
+    admin_socket: Option<PathBuf>,
+}
+
+fn status_command() -> Result<()> {
+    let args = StatusArgs::parse_from(std::env::args_os().skip(1));
+    let path = gcb_portfwd::ops::admin_socket_arg(args.admin_socket.as_deref(), "portfwd")
+        .context("--admin-socket none: no socket to ask")?;
+    let (text, doc) = gcb_portfwd::status::fetch(&path)?;
+    if args.json {
+        print!("{text}");
+    } else {
+        print!("{}", gcb_portfwd::status::render(&doc));
+    }
+    Ok(())
 }
 
 /// Log levels, most severe first.
@@ -222,6 +264,9 @@ fn print_effective(layered: &Layered<Args>) {
 }
 
 fn run() -> Result<()> {
+    if std::env::args_os().nth(1).is_some_and(|a| a == "status") {
+        return status_command();
+    }
     let layered = parse_args()?;
     let args = &layered.args;
     init_log(args.log);
@@ -326,6 +371,16 @@ fn run() -> Result<()> {
     };
     let mut server =
         Server::bind(scfg, core).with_context(|| format!("binding control socket udp {listen}"))?;
+    let admin = gcb_portfwd::ops::admin_socket_arg(args.admin_socket.as_deref(), "portfwd");
+    server.open_ops(admin.as_deref(), args.metrics)?;
+    if let Some(ops) = server.ops() {
+        if let Some(p) = ops.admin_path() {
+            eprintln!("gcb-portfwd: admin socket {}", p.display());
+        }
+        if let Some(m) = ops.metrics_addr() {
+            eprintln!("gcb-portfwd: metrics on http://{m}/metrics");
+        }
+    }
     eprintln!(
         "gcb-portfwd: listening on udp {} (LAN interfaces {}), public {}, ports {}, private {}",
         server.local_addr(),

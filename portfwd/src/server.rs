@@ -36,6 +36,9 @@ use mio::{Events, Interest, Poll, Token};
 use crate::client::{now, random_u64};
 use crate::core::{Core, ProbeOutcome};
 use crate::kernel::KernelBackend;
+use crate::ops::{Ops, OpsError, Request};
+use crate::status::{InstallLatency, MappingStatus, Status};
+use prometheus_client::metrics::histogram::Histogram;
 
 /// Default control port (UDP).
 pub const DEFAULT_PORT: u16 = 9651;
@@ -110,6 +113,14 @@ pub struct Server<K: KernelBackend> {
     lan_by_index: HashMap<u32, bool>,
     /// Interfaces whose first dropped datagram was logged.
     warned_ifs: HashSet<Option<u32>>,
+    /// The admin socket and the metrics listener ([`crate::ops`]), once opened.
+    ops: Option<Ops>,
+    /// When the server started (for `status`).
+    started: Instant,
+    /// Time to handle batches that install rules ([`crate::metrics`]).
+    install_seconds: Histogram,
+    /// Its count and sum for the status document (the crate reads them only in tests).
+    installs: InstallLatency,
 }
 
 fn would_block(e: &io::Error) -> bool {
@@ -149,6 +160,10 @@ impl<K: KernelBackend> Server<K> {
             counters: Counters::default(),
             lan_by_index: HashMap::new(),
             warned_ifs: HashSet::new(),
+            ops: None,
+            started: t,
+            install_seconds: crate::metrics::install_histogram(),
+            installs: InstallLatency::default(),
         })
     }
 
@@ -207,6 +222,8 @@ impl<K: KernelBackend> Server<K> {
             for ev in events.iter() {
                 if ev.token() == CONTROL {
                     control_ready = true;
+                } else if Ops::owns(ev.token()) {
+                    self.on_ops(ev.token());
                 } else {
                     self.on_probe(ev.token());
                 }
@@ -238,6 +255,9 @@ impl<K: KernelBackend> Server<K> {
         }
         if let Some(s) = self.next_stats {
             wake = wake.min(s);
+        }
+        if let Some(d) = self.ops.as_ref().and_then(Ops::next_deadline) {
+            wake = wake.min(d);
         }
         wake.saturating_duration_since(t)
             .clamp(Duration::from_millis(1), MAX_SLEEP)
@@ -275,7 +295,17 @@ impl<K: KernelBackend> Server<K> {
                 self.counters.requests += batch.len() as u64;
                 self.counters.batches += 1;
                 let reqs = batch.iter().map(|(f, _, b)| (f.ip(), b.clone())).collect();
-                let replies = self.core.handle_batch(Instant::now(), reqs);
+                let installs = batch
+                    .iter()
+                    .any(|(_, _, b)| matches!(b, Body::Forward { .. }));
+                let t0 = Instant::now();
+                let replies = self.core.handle_batch(t0, reqs);
+                if installs {
+                    let took = t0.elapsed().as_secs_f64();
+                    self.install_seconds.observe(took);
+                    self.installs.count += 1;
+                    self.installs.sum += took;
+                }
                 for ((from, id, _), reply) in batch.into_iter().zip(replies) {
                     tracing::debug!("{from} <- {reply:?}");
                     if let Err(e) = self.ep.respond(now(), from, id, reply) {
@@ -303,6 +333,9 @@ impl<K: KernelBackend> Server<K> {
         self.ep.handle_timeout(now());
         // drop requests the endpoint surfaced from timers (none expected)
         while self.ep.poll_event().is_some() {}
+        if let Some(ops) = self.ops.as_mut() {
+            ops.sweep(self.poll.registry(), t);
+        }
         if self.round.is_none() && t >= self.next_round {
             self.start_round(t);
         }
@@ -435,45 +468,146 @@ impl<K: KernelBackend> Server<K> {
         self.next_round = (r.started + self.cfg.probe_interval).max(t + Duration::from_millis(100));
     }
 
-    /// Logs the stats line.
-    pub fn log_stats(&self) {
+    /// The stats line's counters and gauges, by name, in its order (the status document's
+    /// `counters` and the metrics come from here too).
+    pub fn counter_list(&self) -> Vec<(&'static str, u64)> {
         let c = self.core.counters();
         let s = self.ep.stats();
-        tracing::info!(
-            "stats mappings={} epoch={} requests={} batches={} added={} reused={} updated={} deleted={} \
-             queries={} refused={} rate_limited={} rolled_back={} probe_rounds={} probes_ok={} \
-             probes_refused={} probes_failed={} removed_by_probe={} kernel_repairs={} \
-             conntrack_flushed={} conntrack_skipped={} quarantined={} mirror_errors={} kernel_errors={} datagrams_received={} \
-             junk_datagrams={} error_replies={} duplicates={} dropped_wrong_interface={}",
-            self.core.table().len(),
-            self.core.epoch(),
-            self.counters.requests,
-            self.counters.batches,
-            c.added,
-            c.reused,
-            c.updated,
-            c.deleted,
-            c.queries,
-            c.refused,
-            c.rate_limited,
-            c.rolled_back,
-            self.counters.probe_rounds,
-            c.probes_ok,
-            c.probes_refused,
-            c.probes_failed,
-            c.removed_by_probe,
-            c.kernel_repairs,
-            c.conntrack_flushed,
-            c.conntrack_skipped,
-            c.quarantined,
-            c.mirror_errors,
-            c.kernel_errors,
-            s.received,
-            s.malformed + s.rejected_total(),
-            s.error_replies,
-            s.duplicates_answered_from_cache + s.duplicates_pending,
-            self.counters.dropped_wrong_interface,
-        );
+        vec![
+            ("mappings", self.core.table().len() as u64),
+            ("epoch", self.core.epoch()),
+            ("requests", self.counters.requests),
+            ("batches", self.counters.batches),
+            ("added", c.added),
+            ("reused", c.reused),
+            ("updated", c.updated),
+            ("deleted", c.deleted),
+            ("queries", c.queries),
+            ("refused", c.refused),
+            ("rate_limited", c.rate_limited),
+            ("rolled_back", c.rolled_back),
+            ("probe_rounds", self.counters.probe_rounds),
+            ("probes_ok", c.probes_ok),
+            ("probes_refused", c.probes_refused),
+            ("probes_failed", c.probes_failed),
+            ("removed_by_probe", c.removed_by_probe),
+            ("kernel_repairs", c.kernel_repairs),
+            ("conntrack_flushed", c.conntrack_flushed),
+            ("conntrack_skipped", c.conntrack_skipped),
+            ("quarantined", c.quarantined),
+            ("mirror_errors", c.mirror_errors),
+            ("kernel_errors", c.kernel_errors),
+            ("datagrams_received", s.received),
+            ("junk_datagrams", s.malformed + s.rejected_total()),
+            ("error_replies", s.error_replies),
+            (
+                "duplicates",
+                s.duplicates_answered_from_cache + s.duplicates_pending,
+            ),
+            (
+                "dropped_wrong_interface",
+                self.counters.dropped_wrong_interface,
+            ),
+        ]
+    }
+
+    /// Logs the stats line.
+    pub fn log_stats(&self) {
+        let line: Vec<String> = self
+            .counter_list()
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        tracing::info!("stats {}", line.join(" "));
+    }
+
+    /// Opens the admin socket at `admin` and the metrics listener on `metrics` (either
+    /// optional), served from the event loop from now on.
+    pub fn open_ops(
+        &mut self,
+        admin: Option<&std::path::Path>,
+        metrics: Option<SocketAddr>,
+    ) -> Result<(), OpsError> {
+        self.ops = Some(Ops::open(admin, metrics, self.poll.registry())?);
+        Ok(())
+    }
+
+    /// The operator's sockets, if opened.
+    pub fn ops(&self) -> Option<&Ops> {
+        self.ops.as_ref()
+    }
+
+    /// The status document of this moment ([`crate::status`]).
+    pub fn status(&self) -> Status {
+        let now = Instant::now();
+        let core = &self.core;
+        let limit = core.config().probe_failures;
+        let public = core.config().public;
+        let mappings = core
+            .table()
+            .iter()
+            .map(|(key, e)| {
+                let probe = SocketAddrV4::new(e.owner(), e.probe_port);
+                let failures = core.probe_failures(probe);
+                MappingStatus {
+                    proto: match key.0 {
+                        gcb_proto::Transport::Tcp => "tcp",
+                        gcb_proto::Transport::Udp => "udp",
+                    }
+                    .to_owned(),
+                    public: SocketAddrV4::new(public, key.1).to_string(),
+                    private: e.private.to_string(),
+                    probe: probe.to_string(),
+                    age_secs: core
+                        .born(key)
+                        .map(|b| now.saturating_duration_since(b).as_secs_f64()),
+                    probe_failures: failures,
+                    probe_state: if failures == 0 {
+                        "ok".to_owned()
+                    } else {
+                        format!("failing {failures}/{limit}")
+                    },
+                }
+            })
+            .collect();
+        Status {
+            daemon: "gcb-portfwd".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            pid: std::process::id(),
+            uptime_secs: now.saturating_duration_since(self.started).as_secs_f64(),
+            listen: self.addr.to_string(),
+            public: public.to_string(),
+            epoch: core.epoch(),
+            mappings,
+            install_seconds: self.installs.clone(),
+            counters: self
+                .counter_list()
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v.into()))
+                .collect(),
+        }
+    }
+
+    fn answer(&self, req: Request) -> Vec<u8> {
+        let doc = self.status();
+        match req {
+            Request::Status => {
+                let mut out = serde_json::to_vec(&doc).unwrap_or_default();
+                out.push(b'\n');
+                out
+            }
+            Request::Metrics => crate::metrics::render(&doc, &self.install_seconds).into_bytes(),
+        }
+    }
+
+    fn on_ops(&mut self, t: Token) {
+        let Some(mut ops) = self.ops.take() else {
+            return;
+        };
+        ops.ready(t, self.poll.registry(), Instant::now(), &mut |req| {
+            self.answer(req)
+        });
+        self.ops = Some(ops);
     }
 }
 

@@ -133,10 +133,6 @@ const NOT_IN_FILE: &[&str] = &["help", "version", "config", "check-config", "gen
 fn layered_command(cmd: Command, sources: &Sources<'_>, default_file: &str) -> Command {
     let prefix = sources.env_prefix.to_string();
     let prefix_config = prefix.clone();
-    let subcommands: Vec<String> = cmd
-        .get_subcommands()
-        .map(|s| s.get_name().to_string())
-        .collect();
     let cmd = cmd
         .args_override_self(true)
         .arg(

@@ -113,6 +113,25 @@ fn broker_has_insecure_flag() -> bool {
     })
 }
 
+/// Whether the daemon `bin` has `flag` (its --help says so): the fixtures also run
+/// daemons built before the flag existed.
+fn daemon_has_flag(bin: PathBuf, flag: &'static str) -> bool {
+    static SEEN: std::sync::Mutex<Vec<(PathBuf, &'static str, bool)>> =
+        std::sync::Mutex::new(Vec::new());
+    let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, _, has)) = seen.iter().find(|(b, f, _)| *b == bin && *f == flag) {
+        return *has;
+    }
+    let out = Command::new(&bin)
+        .arg("--help")
+        .env_remove("GCB_KEY_FILE")
+        .output()
+        .unwrap_or_else(|e| panic!("run {} --help: {e}", bin.display()));
+    let has = String::from_utf8_lossy(&out.stdout).contains(flag);
+    seen.push((bin, flag, has));
+    has
+}
+
 /// A running `gcb-brokerd`, its stderr (the log) in a file. Killed with its process group
 /// when dropped.
 #[derive(Debug)]
@@ -140,6 +159,11 @@ impl Broker {
         cmd.args(["--listen", ip]);
         if !keyed && broker_has_insecure_flag() {
             cmd.args(["--insecure", "--allow", "0.0.0.0/0"]);
+        }
+        // Its own admin socket next to its log: brokers of parallel tests must not share
+        // the default path (a second broker on one path refuses to start).
+        if !args.contains(&"--admin-socket") && daemon_has_flag(brokerd(), "--admin-socket") {
+            cmd.arg("--admin-socket").arg(log.with_extension("sock"));
         }
         cmd.args(args)
             .stdout(Stdio::null())
@@ -218,6 +242,10 @@ pub fn portfwd_cmd(lab: &Lab, keyed: bool, state: &Path, args: &[&str]) -> Comma
         .args(args)
         .arg("--state")
         .arg(state);
+    // Its own admin socket next to its state (see Broker::start).
+    if !args.contains(&"--admin-socket") && daemon_has_flag(portfwd_bin(), "--admin-socket") {
+        cmd.arg("--admin-socket").arg(state.with_extension("sock"));
+    }
     cmd
 }
 

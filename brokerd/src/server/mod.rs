@@ -22,10 +22,12 @@
 //! * `relay_port`: preambles, pairing, relays;
 //! * `claims`: standby connections and their claims;
 //! * `timers`: the sweep; `stats`: the stats line;
+//! * `admin`: the status document and the operator's sockets ([`crate::ops`]);
 //! * `tests`: the handlers driven with a fake clock.
 //!
 //! This module binds the sockets and runs the loop.
 
+mod admin;
 mod claims;
 pub mod config;
 mod connect;
@@ -191,6 +193,8 @@ impl Server {
             retry_accept: false,
             clock,
             random,
+            ops: None,
+            started: t,
         })
     }
 
@@ -235,6 +239,7 @@ impl Server {
         match token {
             CONTROL => self.on_control(),
             RELAY_LISTENER => self.on_relay_accept(),
+            t if crate::ops::Ops::owns(t) => self.on_ops(t),
             t => match self.owners.get(&t) {
                 Some(Owner::Proxy(p)) => {
                     let p = *p;

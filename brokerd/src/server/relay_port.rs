@@ -265,6 +265,7 @@ impl Server {
                 tokens: [ta, tb],
                 label,
                 connector,
+                started: self.now().mono,
             },
         );
         self.pump_relay(rid);

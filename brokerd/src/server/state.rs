@@ -81,6 +81,8 @@ pub(super) struct RelayEntry {
     pub(super) label: String,
     /// The connector's IP, which the relay counts against (--max-relays-per-ip).
     pub(super) connector: Option<IpAddr>,
+    /// When it started (for `status`).
+    pub(super) started: Instant,
 }
 
 pub(super) enum Owner {
@@ -170,6 +172,10 @@ pub struct Server {
     pub(super) clock: Box<dyn Clock>,
     /// Where connect ids and nonces come from.
     pub(super) random: Box<dyn Random>,
+    /// The admin socket and the metrics listener ([`crate::ops`]), once opened.
+    pub(super) ops: Option<crate::ops::Ops>,
+    /// When the server started (for `status`).
+    pub(super) started: Instant,
 }
 
 pub(super) fn hex(id: &[u8; 16]) -> String {

@@ -37,6 +37,7 @@ impl Server {
             return;
         }
         self.next_sweep = t.mono + SWEEP_INTERVAL;
+        self.sweep_ops(t.mono);
 
         if std::mem::take(&mut self.retry_accept) {
             self.on_relay_accept();

@@ -40,11 +40,15 @@ impl Broker {
             .iter()
             .any(|a| a.starts_with("--key-file") || *a == "--insecure");
         let default_key = (!own).then(|| ["--key-file".to_owned(), test_key_file()]);
+        // Brokers of parallel tests must not share the default admin socket path.
+        let no_admin = (!extra.iter().any(|a| a.starts_with("--admin-socket")))
+            .then(|| ["--admin-socket".to_owned(), "none".to_owned()]);
         let mut child = Command::new(env!("CARGO_BIN_EXE_gcb-brokerd"))
             .arg("--listen")
             .arg(listen)
             .args(extra)
             .args(default_key.iter().flatten())
+            .args(no_admin.iter().flatten())
             .env_remove("GCB_KEY_FILE")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -310,6 +310,18 @@ impl<K: KernelBackend> Core<K> {
         self.all_dirty || self.dirty.contains(&key)
     }
 
+    /// When the mapping `key` was added by a request of this run (not known for
+    /// mappings replayed from the mirror file at start).
+    pub fn born(&self, key: Key) -> Option<Instant> {
+        self.born.get(&key).copied()
+    }
+
+    /// Probe rounds in a row the management socket `target` failed (0: answered last
+    /// time, or not probed yet).
+    pub fn probe_failures(&self, target: SocketAddrV4) -> u32 {
+        self.failures.get(&target).copied().unwrap_or(0)
+    }
+
     /// The counters.
     pub fn counters(&self) -> &Counters {
         &self.counters

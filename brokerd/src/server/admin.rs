@@ -1,0 +1,170 @@
+//! The operator's view of the running broker: the status document
+//! ([`crate::status::Status`]) built from the live state, and the admin socket and
+//! metrics listener ([`crate::ops`]) served from the event loop.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Instant;
+
+use mio::Token;
+
+use crate::ops::{Ops, OpsError, Request};
+use crate::status::{
+    PendingStatus, PunchStatus, RegistrationStatus, RelayStatus, StandbyStatus, Status,
+};
+
+use super::state::{transport_name, Server};
+
+fn addr(a: Option<SocketAddr>) -> String {
+    a.map_or_else(|| "-".to_owned(), |a| a.to_string())
+}
+
+impl Server {
+    /// Opens the admin socket at `admin` and the metrics listener on `metrics` (either
+    /// optional), served from the event loop from now on.
+    pub fn open_ops(
+        &mut self,
+        admin: Option<&Path>,
+        metrics: Option<SocketAddr>,
+    ) -> Result<(), OpsError> {
+        self.ops = Some(Ops::open(admin, metrics, self.poll.registry())?);
+        Ok(())
+    }
+
+    /// The operator's sockets, if opened.
+    pub fn ops(&self) -> Option<&Ops> {
+        self.ops.as_ref()
+    }
+
+    /// The status document of this moment.
+    pub fn status(&self) -> Status {
+        let now = self.now().mono;
+        let ago = |t: Instant| now.saturating_duration_since(t).as_secs_f64();
+        let mut standby_count = std::collections::HashMap::new();
+        let standbys: Vec<StandbyStatus> = self
+            .standby
+            .parked()
+            .map(|p| {
+                *standby_count.entry(p.proxy).or_insert(0usize) += 1;
+                StandbyStatus {
+                    proxy: p.proxy.to_string(),
+                    peer: p.peer.to_string(),
+                }
+            })
+            .collect();
+        let lease = self.registry.lease();
+        let mut registrations: Vec<RegistrationStatus> = self
+            .registry
+            .iter()
+            .map(|r| {
+                let udp = matches!(r.transport, gcb_proto::Transport::Udp);
+                RegistrationStatus {
+                    proto: transport_name(r.transport).to_owned(),
+                    proxy: r.proxy.to_string(),
+                    observed: r.observed.to_string(),
+                    local: r.local.to_string(),
+                    age_secs: ago(r.since),
+                    // Every register and heartbeat sets the lease to now + lease.
+                    last_heartbeat_secs: ago(r.expires.checked_sub(lease).unwrap_or(r.since)),
+                    lease_left_secs: r.expires.saturating_duration_since(now).as_secs_f64(),
+                    standbys: if udp {
+                        0
+                    } else {
+                        standby_count.get(&r.proxy).copied().unwrap_or(0)
+                    },
+                    data: if udp {
+                        self.udp
+                            .get(&r.proxy)
+                            .and_then(|p| p.data)
+                            .map(|d| d.to_string())
+                    } else {
+                        None
+                    },
+                }
+            })
+            .collect();
+        registrations.sort_by(|a, b| (&a.proto, &a.proxy).cmp(&(&b.proto, &b.proxy)));
+        let relays = self
+            .relays
+            .values()
+            .map(|e| {
+                let (a, b) = e.relay.peers();
+                let (ab, ba) = e.relay.bytes();
+                RelayStatus {
+                    a: addr(a),
+                    b: addr(b),
+                    bytes_a_to_b: ab,
+                    bytes_b_to_a: ba,
+                    age_secs: ago(e.started),
+                    idle_secs: ago(e.relay.last_moved()),
+                    label: e.label.clone(),
+                }
+            })
+            .collect();
+        let mut punch_pairings = Vec::new();
+        for (proxy, p) in self.udp.iter() {
+            for x in &p.punched {
+                punch_pairings.push(PunchStatus {
+                    proxy: proxy.to_string(),
+                    partner: x.partner.to_string(),
+                    data: x.data.to_string(),
+                });
+            }
+        }
+        let pending = self
+            .pending
+            .values()
+            .map(|p| PendingStatus {
+                proxy: p.proxy.to_string(),
+                waiting: p.waiting.as_ref().map(|(_, a)| a.to_string()),
+                expires_in_secs: p.deadline.saturating_duration_since(now).as_secs_f64(),
+                deferred: p.deferred.is_some(),
+            })
+            .collect();
+        let counters = self
+            .counter_list()
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.into()))
+            .collect();
+        Status {
+            daemon: "gcb-brokerd".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            pid: std::process::id(),
+            uptime_secs: ago(self.started),
+            listen: self.addr.to_string(),
+            registrations,
+            relays,
+            standbys,
+            punch_pairings,
+            pending,
+            counters,
+        }
+    }
+
+    fn answer(&self, req: Request) -> Vec<u8> {
+        let doc = self.status();
+        match req {
+            Request::Status => {
+                let mut out = serde_json::to_vec(&doc).unwrap_or_default();
+                out.push(b'\n');
+                out
+            }
+            Request::Metrics => crate::metrics::render(&doc).into_bytes(),
+        }
+    }
+
+    pub(super) fn on_ops(&mut self, t: Token) {
+        let Some(mut ops) = self.ops.take() else {
+            return;
+        };
+        let now = self.now().mono;
+        ops.ready(t, self.poll.registry(), now, &mut |req| self.answer(req));
+        self.ops = Some(ops);
+    }
+
+    pub(super) fn sweep_ops(&mut self, now: Instant) {
+        if let Some(ops) = self.ops.as_mut() {
+            ops.sweep(self.poll.registry(), now);
+        }
+    }
+}
