@@ -32,7 +32,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::io;
-use std::net::{SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr, SocketAddrV4};
 use tracing::{debug, info, warn};
 
 use gcb_proto::ErrorCode;
@@ -188,9 +188,13 @@ impl RateLimit {
 pub struct UdpPlane {
     /// Proxy sockets by proxy address.
     proxies: HashMap<SocketAddr, UdpProxy>,
-    /// The broker's own UDP addresses (control and proxies): a Dummy from
-    /// one of them would make a relay loop, so it is dropped.
+    /// The broker's own UDP addresses (control and proxies, as advertised): a Dummy
+    /// from one of them would make a relay loop, so it is dropped.
     own: HashSet<SocketAddr>,
+    /// Other IPs the broker's own datagrams may come from (behind a 1:1 NAT, one of
+    /// its proxies sending to another's advertised address hairpins back from the
+    /// host's private IP): the same ports at these IPs are ours too.
+    own_aliases: Vec<IpAddr>,
     /// Relay rules.
     pub rules: RuleTable,
     /// Counters.
@@ -209,6 +213,18 @@ fn suppressed(n: u64) -> String {
     }
 }
 
+/// Whether `src` is one of the broker's own sockets: an advertised address in `own`, or
+/// the same port at one of `aliases` (`advertised` is the broker's advertised IP).
+fn is_own(
+    own: &HashSet<SocketAddr>,
+    aliases: &[IpAddr],
+    advertised: IpAddr,
+    src: SocketAddr,
+) -> bool {
+    own.contains(&src)
+        || (aliases.contains(&src.ip()) && own.contains(&SocketAddr::new(advertised, src.port())))
+}
+
 fn would_block(e: &io::Error) -> bool {
     e.kind() == io::ErrorKind::WouldBlock
 }
@@ -219,11 +235,20 @@ impl UdpPlane {
         UdpPlane {
             proxies: HashMap::new(),
             own: HashSet::from([control]),
+            own_aliases: Vec::new(),
             rules: RuleTable::new(limits),
             counters: UdpCounters::default(),
             buf: vec![0u8; UDP_HEADER_LEN + RECV_MAX].into_boxed_slice(),
             full_log: RateLimit::new(Duration::from_secs(1)),
             drop_log: RateLimit::new(Duration::from_secs(1)),
+        }
+    }
+
+    /// Counts `ip` as one of the broker's own source IPs besides the advertised one
+    /// (the IP its datagrams to the advertised address leave from, when they differ).
+    pub fn add_own_alias(&mut self, ip: IpAddr) {
+        if !self.own_aliases.contains(&ip) {
+            self.own_aliases.push(ip);
         }
     }
 
@@ -282,6 +307,7 @@ impl UdpPlane {
         let UdpPlane {
             proxies,
             own,
+            own_aliases,
             rules,
             counters,
             buf,
@@ -318,7 +344,7 @@ impl UdpPlane {
                         }
                         continue;
                     }
-                    if own.contains(&src) {
+                    if is_own(own, own_aliases, proxy.ip(), src) {
                         counters.drop_stray += 1;
                         warn!("udp proxy {proxy}: dropped Dummy from broker socket {src}");
                         continue;

@@ -130,7 +130,8 @@ pub struct Server {
     pub(super) poll: Poll,
     pub(super) control: UdpSocket,
     pub(super) relay_listener: TcpListener,
-    /// listen IP:port (UDP control == TCP relay).
+    /// The advertised IP and the bound control port (UDP control == TCP relay): what
+    /// clients are told, and the IP of every proxy address.
     pub(super) addr: SocketAddr,
     pub(super) ep: Endpoint,
     pub(super) registry: Registry,
@@ -170,6 +171,11 @@ pub struct Server {
     pub(super) clock: Box<dyn Clock>,
     /// Where connect ids and nonces come from.
     pub(super) random: Box<dyn Random>,
+    /// The bound control/relay address; proxy sockets bind its IP (maybe a wildcard).
+    pub(super) bound: SocketAddr,
+    /// Where the next search of `Config::proxy_ports` for a free port starts (turns
+    /// round the range, so a just-freed port is not the first one handed out again).
+    pub(super) next_proxy_port: u16,
 }
 
 pub(super) fn hex(id: &[u8; 16]) -> String {

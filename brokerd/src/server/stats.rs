@@ -47,7 +47,7 @@ impl Server {
              udp_punch_ends={} udp_punch_end_failures={} \
              control_rate_limited={} relay_limit_refusals={} preamble_limit_refusals={} \
              relays_idle_closed={} udp_drop_sender_ip_full={} replies_shrunk={} \
-             replies_withheld={}",
+             replies_withheld={} proxy_ports_exhausted={}",
             self.registry.len(),
             self.relays.len(),
             self.pending.len(),
@@ -106,6 +106,7 @@ impl Server {
             u.drop_sender_ip_full,
             s.replies_shrunk,
             s.replies_withheld,
+            c.proxy_ports_exhausted,
         );
     }
 }
