@@ -4,6 +4,7 @@
 
 use std::io::{self};
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use gcb_proto::token::{self, Use};
 use gcb_proto::{Body, ErrorCode, Transport};
@@ -105,7 +106,9 @@ impl Server {
             Err(e @ ProxyBindError::RangeExhausted { .. }) => {
                 self.counters.proxy_ports_exhausted += 1;
                 self.counters.refused += 1;
-                self.limit_hit("proxy-ports", || {
+                // Listeners refused retry (every 30 s at most, each): one line a minute
+                // says it while it lasts, the counter says how often.
+                self.limit_hit_every("proxy-ports", Duration::from_secs(60), || {
                     format!(
                         "refused {} registration from {from}: {e}",
                         transport_name(transport)

@@ -246,10 +246,20 @@ impl Server {
     /// Logs a "limit reached" line, at most one per second per limit `kind`
     /// (floods must not flood the log too), saying how many were suppressed.
     pub(super) fn limit_hit(&mut self, kind: &'static str, line: impl FnOnce() -> String) {
+        self.limit_hit_every(kind, Duration::from_secs(1), line);
+    }
+
+    /// [`Server::limit_hit`] at most once per `every` for `kind`.
+    pub(super) fn limit_hit_every(
+        &mut self,
+        kind: &'static str,
+        every: Duration,
+        line: impl FnOnce() -> String,
+    ) {
         let rl = self
             .limit_logs
             .entry(kind)
-            .or_insert_with(|| RateLimit::new(Duration::from_secs(1)));
+            .or_insert_with(|| RateLimit::new(every));
         if let Some(n) = rl.allow(Instant::now()) {
             let more = if n > 0 {
                 format!(" ({n} similar lines suppressed)")
