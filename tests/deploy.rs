@@ -6,6 +6,10 @@
 //! a python UDP echo) under `gcb-run` in a1; plain and GCB clients in p1 and b1; every
 //! byte checked by sha256.
 //!
+//! The same for DPF: `gcb-portfwd` on c1 as the NAT gateway of d1, its rules matching
+//! c1's WAN address (`--public 10.3.0.11`, where packets arrive), clients told the
+//! public IP (`--advertise 203.0.113.20`).
+//!
 //! Before `--bind`/`--advertise` the broker could not start there at all: `--listen
 //! 203.0.113.20` fails with EADDRNOTAVAIL (the first test checks that it still does, with
 //! a message naming the address) and `--listen 0.0.0.0` was refused.
@@ -17,8 +21,8 @@ use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use gcb_lab::{
-    brokerd, gcb_run, libgcb, python, random_bytes, read_text as read, sha256, wait_line, Broker,
-    Host, Lab, Proc, Scratch, NAT1TO1_PUBLIC,
+    brokerd, gcb_run, libgcb, portfwd_bin, python, random_bytes, read_text as read, sha256,
+    wait_line, Broker, Host, Lab, Proc, Scratch, NAT1TO1_PUBLIC,
 };
 
 const PUBLIC: &str = "203.0.113.20";
@@ -373,4 +377,77 @@ fn exhausted_proxy_port_range_refuses_then_recovers() {
     let body = rig.curl(Host::P1, None, &proxy3.to_string(), "g.bin");
     assert_eq!(sha256(&body), sha, "p1 -> third server via {proxy3}");
     drop(third.proc);
+}
+
+/// DPF on a gateway whose public IP is 1:1-NATed: portfwd on c1 (the gateway of d1)
+/// with `--public` its WAN address and `--advertise` the public IP. A server in d1 under
+/// gcb-run reports ADVERTISE:PORT (getsockname), the rule on c1 matches the WAN address,
+/// and plain clients on p1 and in b1 download through it intact.
+#[test]
+fn portfwd_behind_one_to_one_nat_advertises_the_public_ip() {
+    let rig = Rig::up();
+    let log = rig.path("portfwd.log");
+    let mut cmd = rig.lab.cmd(Host::C1, portfwd_bin());
+    cmd.args([
+        "--public",
+        "10.3.0.11",
+        "--advertise",
+        PUBLIC,
+        "--private",
+        "10.4.0.0/24",
+        "--ports",
+        "20000-20099",
+        "--listen",
+        "10.4.0.1",
+        "--probe-timeout-ms",
+        "500",
+        "--state",
+    ])
+    .arg(rig.path("pf-state"))
+    .stdout(File::create(&log).unwrap())
+    .stderr(File::create(rig.path("portfwd.err")).unwrap());
+    let _portfwd = rig.lab.spawn(&mut cmd).expect("spawn gcb-portfwd");
+    rig.lab
+        .wait_for_udp_bind(Host::C1, 9651, UP)
+        .unwrap_or_else(|e| panic!("portfwd not up: {e}\n{}", read(&rig.path("portfwd.err"))));
+
+    let sha = rig.payload("d.bin", 2 << 20);
+    let shim_log = rig.path("d1http.shim.log");
+    let mut http = gcb_run(
+        &rig.lab,
+        Host::D1,
+        true,
+        &["--dpf", "10.4.0.1"],
+        Some(("debug", &shim_log)),
+    );
+    http.arg(python())
+        .args(["-u", "-m", "http.server", "8000", "--bind", "0.0.0.0"])
+        .current_dir(rig.path("www"));
+    let server = rig.start(&mut http, "d1http");
+    let line = wait_line(&server.out, UP, |l| l.starts_with("Serving HTTP on "))
+        .unwrap_or_else(|| panic!("no server: {:?} {}", read(&server.err), read(&shim_log)));
+    let w: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(
+        w[3], PUBLIC,
+        "getsockname() reports the advertised IP: {line}"
+    );
+    let port: u16 = w[5].parse().unwrap();
+    assert!((20000..=20099).contains(&port), "{line}");
+    // The rule matches the address packets really arrive to (c1's WAN address).
+    let out = rig.output(
+        rig.lab
+            .cmd(Host::C1, "nft")
+            .args(["list", "table", "ip", "gcb_portfwd"]),
+    );
+    let rules = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        rules.contains("ip daddr 10.3.0.11 ")
+            && rules.contains(&format!("{port} : 10.4.0.11 . 8000")),
+        "portfwd's table on c1:\n{rules}"
+    );
+    for host in [Host::P1, Host::B1] {
+        let body = rig.curl(host, None, &format!("{PUBLIC}:{port}"), "d.bin");
+        assert_eq!(sha256(&body), sha, "{host} -> {PUBLIC}:{port}");
+    }
+    drop(server.proc);
 }

@@ -23,7 +23,8 @@
 //!   So without GCB/DPF: a1 -> p1 works (p1 sees 203.0.113.1), p1 -> a1 fails, a1 -> b1
 //!   fails, a1 -> a2 works.
 //! * [`Lab::nat1to1`] (opt-in) adds c1 10.3.0.11 behind gwc, which maps 203.0.113.20
-//!   1:1 to it ([`NAT1TO1_PUBLIC`]): a cloud VM whose public IP no interface holds.
+//!   1:1 to it ([`NAT1TO1_PUBLIC`]): a cloud VM whose public IP no interface holds; c1
+//!   is also the NAT gateway of d1 10.4.0.11 (a cloud "NAT instance").
 //! * [`Lab::loss`] drops a random percentage of a gateway's forwarded packets (both
 //!   directions), with nftables `numgen random` (the kernel here has no netem).
 //!
@@ -97,11 +98,15 @@ pub enum Host {
     P2,
     /// Only after [`Lab::nat1to1`]: a host at 10.3.0.11 behind gwc, reachable from
     /// and seen on the public segment as [`NAT1TO1_PUBLIC`] (1:1 NAT, as a cloud VM's
-    /// public IP); no interface of c1 holds that IP.
+    /// public IP); no interface of c1 holds that IP. Also the NAT gateway of d1
+    /// (10.4.0.1 inside).
     C1,
     /// Only after [`Lab::nat1to1`]: the 1:1 NAT gateway of c1, 10.3.0.1 inside,
     /// 203.0.113.3 outside (it also answers ARP for [`NAT1TO1_PUBLIC`]).
     Gwc,
+    /// Only after [`Lab::nat1to1`]: a private host at 10.4.0.11 behind c1 (seen on the
+    /// public segment as [`NAT1TO1_PUBLIC`]).
+    D1,
 }
 
 /// The public IP gwc maps 1:1 to c1 ([`Lab::nat1to1`]).
@@ -131,6 +136,7 @@ impl Host {
             Host::P2 => "p2",
             Host::C1 => "c1",
             Host::Gwc => "gwc",
+            Host::D1 => "d1",
         }
     }
 
@@ -147,6 +153,7 @@ impl Host {
             Host::P2 => Ipv4Addr::new(203, 0, 113, 11),
             Host::C1 => Ipv4Addr::new(10, 3, 0, 11),
             Host::Gwc => Ipv4Addr::new(203, 0, 113, 3),
+            Host::D1 => Ipv4Addr::new(10, 4, 0, 11),
         }
     }
 
@@ -156,6 +163,7 @@ impl Host {
             Host::Gwa => Some(Ipv4Addr::new(10, 1, 0, 1)),
             Host::Gwb => Some(Ipv4Addr::new(10, 2, 0, 1)),
             Host::Gwc => Some(Ipv4Addr::new(10, 3, 0, 1)),
+            Host::C1 => Some(Ipv4Addr::new(10, 4, 0, 1)),
             _ => None,
         }
     }
@@ -164,7 +172,7 @@ impl Host {
     /// public address for a private host (masquerade), c1's 1:1 address, its own address
     /// otherwise.
     pub fn public_addr(self) -> Ipv4Addr {
-        if self == Host::C1 {
+        if matches!(self, Host::C1 | Host::D1) {
             return NAT1TO1_PUBLIC;
         }
         match self.gateway() {
@@ -179,18 +187,20 @@ impl Host {
             Host::A1 | Host::A2 => Some(Host::Gwa),
             Host::B1 => Some(Host::Gwb),
             Host::C1 => Some(Host::Gwc),
+            Host::D1 => Some(Host::C1),
             _ => None,
         }
     }
 
-    /// True for a1, a2, b1, c1 (hosts behind a NAT).
+    /// True for a1, a2, b1, c1, d1 (hosts behind a NAT).
     pub fn is_private(self) -> bool {
         self.gateway().is_some()
     }
 
-    /// True for gwa, gwb, gwc.
+    /// True for gwa, gwb (the gateways of the default lab, which [`Lab::loss`] can
+    /// make lossy).
     pub fn is_gateway(self) -> bool {
-        matches!(self, Host::Gwa | Host::Gwb | Host::Gwc)
+        matches!(self, Host::Gwa | Host::Gwb)
     }
 }
 
@@ -582,9 +592,10 @@ impl Lab {
         self.netlab(&["cpe", &self.name, if on { "on" } else { "off" }]);
     }
 
-    /// Adds c1 behind gwc, a 1:1 NAT of [`NAT1TO1_PUBLIC`] (`netlab nat1to1 NAME`): a
-    /// host that reaches the public segment only through a 1:1 NAT, as a cloud VM with
-    /// a public IP does. Opt-in: the default lab has no such host.
+    /// Adds c1 behind gwc, a 1:1 NAT of [`NAT1TO1_PUBLIC`], and d1 behind c1 (`netlab
+    /// nat1to1 NAME`): a host that reaches the public segment only through a 1:1 NAT, as
+    /// a cloud VM with a public IP does, and a private host behind it. Opt-in: the
+    /// default lab has no such hosts.
     pub fn nat1to1(&self) {
         self.netlab(&["nat1to1", &self.name]);
     }
