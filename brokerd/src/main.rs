@@ -27,8 +27,7 @@ struct Args {
     /// sockets are bound on the same IP. Must be a specific IP (it is also
     /// the advertised one). Port 0 picks a free port. Same as --bind IP[:PORT]
     /// --advertise IP.
-    #[arg(long, value_parser = endpoint_arg::<DEFAULT_PORT>,
-          required_unless_present_any = ["generate_key", "bind"], conflicts_with = "bind")]
+    #[arg(long, value_parser = endpoint_arg::<DEFAULT_PORT>, conflicts_with = "bind")]
     listen: Option<SocketAddr>,
 
     /// Pool key file: every control datagram must carry an HMAC made with
@@ -216,7 +215,7 @@ struct Args {
     proxy_ports: Option<PortRange>,
 }
 
-/// The bind address (--listen or --bind; clap requires one unless --generate-key).
+/// The bind address: --listen or --bind, one of which is required (unless --generate-key).
 fn bind_address(args: &Args) -> Result<SocketAddr> {
     args.listen.or(args.bind).context(
         "give --bind IP[:PORT] (with --advertise IP when IP is 0.0.0.0) or --listen IP[:PORT]",
