@@ -199,7 +199,9 @@ fn broker_behind_one_to_one_nat_binds_wildcard_and_advertises_public_ip() {
 
     let broker = rig.broker(&["--proxy-ports", "40000-40009"]);
     assert!(
-        broker.text().contains("advertised as 203.0.113.20:9650"),
+        broker
+            .text()
+            .contains("advertised as 203.0.113.20:9650 (reached from here via 10.3.0.11)"),
         "{}",
         broker.text()
     );

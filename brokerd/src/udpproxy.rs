@@ -709,3 +709,28 @@ mod tests {
         assert_eq!(suppressed(3), " (3 similar lines suppressed)");
     }
 }
+
+#[cfg(test)]
+mod own_tests {
+    use super::*;
+
+    /// Behind a 1:1 NAT the broker's own proxy sends to another proxy's advertised
+    /// address and the datagram hairpins back from the host's private IP: that source is
+    /// ours too, while the same IP at a port that is not ours is a stranger.
+    #[test]
+    fn own_sockets_are_recognised_at_their_alias_ip() {
+        let advertised: IpAddr = "203.0.113.20".parse().unwrap();
+        let own = HashSet::from([
+            SocketAddr::new(advertised, 9650),
+            SocketAddr::new(advertised, 40000),
+        ]);
+        let aliases = ["10.3.0.11".parse().unwrap()];
+        let is = |s: &str| is_own(&own, &aliases, advertised, s.parse().unwrap());
+        assert!(is("203.0.113.20:40000"));
+        assert!(is("10.3.0.11:40000"));
+        assert!(is("10.3.0.11:9650"));
+        assert!(!is("10.3.0.11:40001"));
+        assert!(!is("10.3.0.12:40000"));
+        assert!(!is("203.0.113.21:40000"));
+    }
+}

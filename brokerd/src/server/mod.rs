@@ -156,14 +156,14 @@ impl Server {
             },
             addr,
         );
-        if let Some(ip) = source_ip_towards(bound.ip(), addr) {
-            if ip != advertise {
-                udp.add_own_alias(ip);
-            }
+        let alias = source_ip_towards(bound.ip(), addr).filter(|ip| *ip != advertise);
+        if let Some(ip) = alias {
+            udp.add_own_alias(ip);
         }
         if addr != bound || cfg.proxy_ports.is_some() {
             info!(
-                "bound on {bound}, advertised as {addr}; proxy sockets on {} with {}",
+                "bound on {bound}, advertised as {addr}{}; proxy sockets on {} with {}",
+                alias.map_or(String::new(), |ip| format!(" (reached from here via {ip})")),
                 bound.ip(),
                 match cfg.proxy_ports {
                     Some(r) => format!("ports {r}"),
