@@ -10,7 +10,11 @@
 //!
 //! ## Sockets
 //!
-//! All on the `--listen` IP (default port 9650):
+//! All bound on the `--bind` IP (or `--listen`; default port 9650), which may be
+//! the wildcard `0.0.0.0`. Clients are told the `--advertise` IP (default: the bound
+//! one) with the bound port: every proxy address and the relay port in `relay`
+//! decisions and `connect_back` are on it, so a broker behind a 1:1 NAT (a cloud VM
+//! whose public IP no interface holds) advertises the public IP:
 //!
 //! * **control**: UDP `IP:PORT`, the gcb-proto request/response protocol
 //!   (reliable UDP, optional pool-key HMAC);
@@ -19,8 +23,9 @@
 //!   connect id>\n` (two connections presenting the same id are spliced), or
 //!   `GCB-STANDBY <32 hex standby key>\n` (a listener's parked *standby*
 //!   connection, see [`standby`]);
-//! * **proxy sockets**: one per registration, `IP:<ephemeral>` (or the
-//!   `previous_proxy` port if free): a TCP listener for a TCP registration,
+//! * **proxy sockets**: one per registration, `IP:<ephemeral>` or a port of
+//!   `--proxy-ports LO-HI` (or the `previous_proxy` port if free; with the range
+//!   exhausted the registration is refused with `port_range`): a TCP listener for a TCP registration,
 //!   a UDP socket for a UDP registration. A proxy address names exactly one
 //!   registration: a TCP and a UDP proxy never share a port number, because
 //!   `heartbeat` and `unregister` name proxies by address only.

@@ -11,7 +11,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use gcb_brokerd::allow::{AllowList, Cidr};
 use gcb_brokerd::logging::{self, Level};
-use gcb_brokerd::server::{Config, Server, DEFAULT_PORT};
+use gcb_brokerd::server::{Config, PortRange, Server, DEFAULT_PORT};
 use gcb_proto::addr::endpoint_arg;
 use gcb_proto::conf::{self, ConfError, Layered};
 use gcb_proto::PoolKey;
@@ -25,9 +25,10 @@ use gcb_proto::PoolKey;
 struct Args {
     /// Address to serve on: IP[:PORT] (default port 9650). The control
     /// protocol uses UDP on it and the relay TCP on the same IP:PORT; proxy
-    /// sockets are bound on the same IP with ephemeral ports. Must be a
-    /// specific IP (it is advertised). Port 0 picks a free port.
-    #[arg(long, value_parser = endpoint_arg::<DEFAULT_PORT>, required_unless_present = "generate_key")]
+    /// sockets are bound on the same IP. Must be a specific IP (it is also
+    /// the advertised one). Port 0 picks a free port. Same as --bind IP[:PORT]
+    /// --advertise IP.
+    #[arg(long, value_parser = endpoint_arg::<DEFAULT_PORT>, conflicts_with = "bind")]
     listen: Option<SocketAddr>,
 
     /// Pool key file: every control datagram must carry an HMAC made with
@@ -192,6 +193,28 @@ struct Args {
     #[arg(long, value_enum, default_value_t = Level::Info)]
     log: Level,
 
+    /// Address to bind: IP[:PORT] (default port 9650) for the control UDP socket and
+    /// the relay TCP listener; proxy sockets bind the same IP. May be 0.0.0.0 (every
+    /// local address), then --advertise is required. Instead of --listen.
+    #[arg(long, value_parser = endpoint_arg::<DEFAULT_PORT>, value_name = "IP[:PORT]")]
+    bind: Option<SocketAddr>,
+
+    /// The IP clients reach this broker at, told to them as the IP of every proxy
+    /// address and of the relay port (default: the --listen / --bind IP). For a host
+    /// whose public IP no interface holds (a cloud VM behind 1:1 NAT): --bind 0.0.0.0
+    /// --advertise PUBLIC_IP. Clients use PUBLIC_IP:PORT as their broker address.
+    #[arg(long, value_name = "IP")]
+    advertise: Option<std::net::IpAddr>,
+
+    /// Ports for proxy sockets (TCP and UDP), LO-HI inclusive, e.g. for a firewall or
+    /// security group (default: ephemeral ports). One port serves one registered
+    /// listener (a TCP and a UDP registration of one program may share a number).
+    /// When every port is taken, registrations are refused with error{port_range}
+    /// (the program then serves on its local address only) and a warning names the
+    /// range.
+    #[arg(long, value_name = "LO-HI")]
+    proxy_ports: Option<PortRange>,
+
     /// Admin unix socket, answered by `gcb-brokerd status` (mode 0600: root and this
     /// user only). Default: /run/gcb/brokerd.sock as root, else
     /// $XDG_RUNTIME_DIR/gcb/brokerd.sock (or /tmp/gcb-UID/brokerd.sock). `none`: no socket.
@@ -233,6 +256,13 @@ fn status_command() -> Result<()> {
         print!("{}", gcb_brokerd::status::render(&doc));
     }
     Ok(())
+}
+
+/// The bind address: --listen or --bind, one of which is required (unless --generate-key).
+fn bind_address(args: &Args) -> Result<SocketAddr> {
+    args.listen.or(args.bind).context(
+        "give --bind IP[:PORT] (with --advertise IP when IP is 0.0.0.0) or --listen IP[:PORT]",
+    )
 }
 
 /// SIGTERM and SIGINT set the returned flag; the event loop sees it within one poll
@@ -327,7 +357,7 @@ fn run() -> Result<()> {
         eprintln!("gcb-brokerd: wrote a new pool key to {}", path.display());
         return Ok(());
     }
-    let listen = args.listen.context("--listen is required")?;
+    let listen = bind_address(&args)?;
     let key = match &args.key_file {
         Some(path) => {
             let bytes = std::fs::read(path)
@@ -390,6 +420,8 @@ fn run() -> Result<()> {
         max_udp_rules_per_proxy: args.max_udp_rules_per_proxy,
         proxy_reserve: Duration::from_secs(args.proxy_reserve_secs),
         max_udp_rules_per_sender_ip: args.max_udp_rules_per_sender_ip,
+        advertise: args.advertise,
+        proxy_ports: args.proxy_ports,
     };
     if layered.check_config {
         print_effective(&layered);

@@ -32,7 +32,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::io;
-use std::net::{SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr, SocketAddrV4};
 use tracing::{debug, info, warn};
 
 use gcb_proto::ErrorCode;
@@ -188,9 +188,13 @@ impl RateLimit {
 pub struct UdpPlane {
     /// Proxy sockets by proxy address.
     proxies: HashMap<SocketAddr, UdpProxy>,
-    /// The broker's own UDP addresses (control and proxies): a Dummy from
-    /// one of them would make a relay loop, so it is dropped.
+    /// The broker's own UDP addresses (control and proxies, as advertised): a Dummy
+    /// from one of them would make a relay loop, so it is dropped.
     own: HashSet<SocketAddr>,
+    /// Other IPs the broker's own datagrams may come from (behind a 1:1 NAT, one of
+    /// its proxies sending to another's advertised address hairpins back from the
+    /// host's private IP): the same ports at these IPs are ours too.
+    own_aliases: Vec<IpAddr>,
     /// Relay rules.
     pub rules: RuleTable,
     /// Counters.
@@ -209,6 +213,18 @@ fn suppressed(n: u64) -> String {
     }
 }
 
+/// Whether `src` is one of the broker's own sockets: an advertised address in `own`, or
+/// the same port at one of `aliases` (`advertised` is the broker's advertised IP).
+fn is_own(
+    own: &HashSet<SocketAddr>,
+    aliases: &[IpAddr],
+    advertised: IpAddr,
+    src: SocketAddr,
+) -> bool {
+    own.contains(&src)
+        || (aliases.contains(&src.ip()) && own.contains(&SocketAddr::new(advertised, src.port())))
+}
+
 fn would_block(e: &io::Error) -> bool {
     e.kind() == io::ErrorKind::WouldBlock
 }
@@ -219,11 +235,20 @@ impl UdpPlane {
         UdpPlane {
             proxies: HashMap::new(),
             own: HashSet::from([control]),
+            own_aliases: Vec::new(),
             rules: RuleTable::new(limits),
             counters: UdpCounters::default(),
             buf: vec![0u8; UDP_HEADER_LEN + RECV_MAX].into_boxed_slice(),
             full_log: RateLimit::new(Duration::from_secs(1)),
             drop_log: RateLimit::new(Duration::from_secs(1)),
+        }
+    }
+
+    /// Counts `ip` as one of the broker's own source IPs besides the advertised one
+    /// (the IP its datagrams to the advertised address leave from, when they differ).
+    pub fn add_own_alias(&mut self, ip: IpAddr) {
+        if !self.own_aliases.contains(&ip) {
+            self.own_aliases.push(ip);
         }
     }
 
@@ -287,6 +312,7 @@ impl UdpPlane {
         let UdpPlane {
             proxies,
             own,
+            own_aliases,
             rules,
             counters,
             buf,
@@ -323,7 +349,7 @@ impl UdpPlane {
                         }
                         continue;
                     }
-                    if own.contains(&src) {
+                    if is_own(own, own_aliases, proxy.ip(), src) {
                         counters.drop_stray += 1;
                         warn!("udp proxy {proxy}: dropped Dummy from broker socket {src}");
                         continue;
@@ -686,5 +712,30 @@ mod tests {
         assert_eq!(r.allow(t + Duration::from_millis(2500)), Some(0));
         assert_eq!(suppressed(0), "");
         assert_eq!(suppressed(3), " (3 similar lines suppressed)");
+    }
+}
+
+#[cfg(test)]
+mod own_tests {
+    use super::*;
+
+    /// Behind a 1:1 NAT the broker's own proxy sends to another proxy's advertised
+    /// address and the datagram hairpins back from the host's private IP: that source is
+    /// ours too, while the same IP at a port that is not ours is a stranger.
+    #[test]
+    fn own_sockets_are_recognised_at_their_alias_ip() {
+        let advertised: IpAddr = "203.0.113.20".parse().unwrap();
+        let own = HashSet::from([
+            SocketAddr::new(advertised, 9650),
+            SocketAddr::new(advertised, 40000),
+        ]);
+        let aliases = ["10.3.0.11".parse().unwrap()];
+        let is = |s: &str| is_own(&own, &aliases, advertised, s.parse().unwrap());
+        assert!(is("203.0.113.20:40000"));
+        assert!(is("10.3.0.11:40000"));
+        assert!(is("10.3.0.11:9650"));
+        assert!(!is("10.3.0.11:40001"));
+        assert!(!is("10.3.0.12:40000"));
+        assert!(!is("203.0.113.21:40000"));
     }
 }

@@ -13,7 +13,10 @@
 //! ```
 //!
 //! The control socket is UDP port 9651 on the gateway's first address
-//! inside `--private` unless `--listen` says otherwise. `--help` documents
+//! inside `--private` unless `--listen` says otherwise. On a cloud whose
+//! public IP is 1:1-NATed to the gateway's WAN address (no interface holds
+//! the public IP), `--public` is the WAN address (the dnat rules match what
+//! packets arrive to) and `--advertise PUBLIC_IP` what clients are told. `--help` documents
 //! every flag. SIGTERM/SIGINT stop it (mappings are kept: table, mirror and
 //! kernel stay as they are); `kill -9` loses nothing either.
 //!

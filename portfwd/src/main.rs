@@ -27,8 +27,9 @@ use ipnet::Ipv4Net;
 #[derive(Parser, Debug)]
 #[command(name = "gcb-portfwd", version, after_help = STATUS_HELP)]
 struct Args {
-    /// The gateway's public IPv4 address: forwarded ports are on it, and
-    /// clients are told PUBLIC:PORT.
+    /// The gateway's public IPv4 address: forwarded ports are on it (the
+    /// dnat rules match packets arriving to it), and clients are told
+    /// PUBLIC:PORT unless --advertise says otherwise.
     #[arg(long, value_name = "IP")]
     public: Ipv4Addr,
 
@@ -120,6 +121,15 @@ struct Args {
     #[arg(long, value_enum, default_value_t = Level::Info)]
     log: Level,
 
+    /// The IPv4 address clients are told their forwarded ports are on, when
+    /// it is not --public: a gateway on a cloud whose public IP is 1:1-NATed
+    /// to its WAN interface's address (no interface holds the public IP).
+    /// Then --public is that WAN address (packets arrive to it, the rules
+    /// match it) and --advertise the public IP. Hosts of --private reach
+    /// ADVERTISE:PORT only if the cloud's NAT hairpins.
+    #[arg(long, value_name = "IP")]
+    advertise: Option<Ipv4Addr>,
+
     /// Admin unix socket, answered by `gcb-portfwd status` (mode 0600: root and this
     /// user only). Default: /run/gcb/portfwd.sock as root, else
     /// $XDG_RUNTIME_DIR/gcb/portfwd.sock (or /tmp/gcb-UID/portfwd.sock). `none`: no socket.
@@ -161,6 +171,20 @@ fn status_command() -> Result<()> {
         print!("{}", gcb_portfwd::status::render(&doc));
     }
     Ok(())
+}
+
+/// The address clients are told (--advertise, else --public); refused inside --private.
+fn advertised(args: &Args) -> Result<Ipv4Addr> {
+    let Some(ip) = args.advertise else {
+        return Ok(args.public);
+    };
+    if args.private.contains(&ip) || ip.is_unspecified() || ip.is_multicast() || ip.is_broadcast() {
+        bail!(
+            "--advertise {ip}: must be a unicast address outside --private {}",
+            args.private
+        );
+    }
+    Ok(ip)
 }
 
 /// Log levels, most severe first.
@@ -337,7 +361,7 @@ fn run() -> Result<()> {
         tracing::info!("libnftables.so.1 not loadable: every nft transaction spawns nft (~2 ms)");
     }
     let cfg = CoreConfig {
-        public: args.public,
+        public: advertised(&args)?,
         private: args.private,
         ports: args.ports,
         quota: args.quota,

@@ -155,8 +155,14 @@ impl Broker {
         args: &[&str],
         log: &Path,
     ) -> Broker {
+        let listen = ["--listen", ip];
+        Broker::start_with(lab, host, keyed, &[&listen[..], args].concat(), log)
+    }
+
+    /// [`Broker::start`] with every address flag in `args` (`--bind`, `--advertise`...):
+    /// no `--listen` added.
+    pub fn start_with(lab: &Lab, host: Host, keyed: bool, args: &[&str], log: &Path) -> Broker {
         let mut cmd = lab.cmd_keyed(host, keyed, brokerd());
-        cmd.args(["--listen", ip]);
         if !keyed && broker_has_insecure_flag() {
             cmd.args(["--insecure", "--allow", "0.0.0.0/0"]);
         }
@@ -173,7 +179,7 @@ impl Broker {
         let exited = proc.wait_timeout(Duration::ZERO).ok().flatten();
         assert!(
             up && exited.is_none(),
-            "gcb-brokerd did not come up on {ip} in {host} (exit status {exited:?}):\n{}",
+            "gcb-brokerd {args:?} did not come up in {host} (exit status {exited:?}):\n{}",
             read_text(log)
         );
         Broker {

@@ -22,6 +22,9 @@
 //! * Private hosts default-route via their gateway; public hosts have no route to 10.x.
 //!   So without GCB/DPF: a1 -> p1 works (p1 sees 203.0.113.1), p1 -> a1 fails, a1 -> b1
 //!   fails, a1 -> a2 works.
+//! * [`Lab::nat1to1`] (opt-in) adds c1 10.3.0.11 behind gwc, which maps 203.0.113.20
+//!   1:1 to it ([`NAT1TO1_PUBLIC`]): a cloud VM whose public IP no interface holds; c1
+//!   is also the NAT gateway of d1 10.4.0.11 (a cloud "NAT instance").
 //! * [`Lab::loss`] drops a random percentage of a gateway's forwarded packets (both
 //!   directions), with nftables `numgen random` (the kernel here has no netem).
 //!
@@ -93,10 +96,24 @@ pub enum Host {
     P1,
     /// Public host, 203.0.113.11.
     P2,
+    /// Only after [`Lab::nat1to1`]: a host at 10.3.0.11 behind gwc, reachable from
+    /// and seen on the public segment as [`NAT1TO1_PUBLIC`] (1:1 NAT, as a cloud VM's
+    /// public IP); no interface of c1 holds that IP. Also the NAT gateway of d1
+    /// (10.4.0.1 inside).
+    C1,
+    /// Only after [`Lab::nat1to1`]: the 1:1 NAT gateway of c1, 10.3.0.1 inside,
+    /// 203.0.113.3 outside (it also answers ARP for [`NAT1TO1_PUBLIC`]).
+    Gwc,
+    /// Only after [`Lab::nat1to1`]: a private host at 10.4.0.11 behind c1 (seen on the
+    /// public segment as [`NAT1TO1_PUBLIC`]).
+    D1,
 }
 
+/// The public IP gwc maps 1:1 to c1 ([`Lab::nat1to1`]).
+pub const NAT1TO1_PUBLIC: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 20);
+
 impl Host {
-    /// Every host, in a fixed order.
+    /// Every host of the default lab, in a fixed order (c1 and gwc are opt-in).
     pub const ALL: [Host; 7] = [
         Host::A1,
         Host::A2,
@@ -117,6 +134,9 @@ impl Host {
             Host::Gwb => "gwb",
             Host::P1 => "p1",
             Host::P2 => "p2",
+            Host::C1 => "c1",
+            Host::Gwc => "gwc",
+            Host::D1 => "d1",
         }
     }
 
@@ -131,6 +151,9 @@ impl Host {
             Host::Gwb => Ipv4Addr::new(203, 0, 113, 2),
             Host::P1 => Ipv4Addr::new(203, 0, 113, 10),
             Host::P2 => Ipv4Addr::new(203, 0, 113, 11),
+            Host::C1 => Ipv4Addr::new(10, 3, 0, 11),
+            Host::Gwc => Ipv4Addr::new(203, 0, 113, 3),
+            Host::D1 => Ipv4Addr::new(10, 4, 0, 11),
         }
     }
 
@@ -139,13 +162,19 @@ impl Host {
         match self {
             Host::Gwa => Some(Ipv4Addr::new(10, 1, 0, 1)),
             Host::Gwb => Some(Ipv4Addr::new(10, 2, 0, 1)),
+            Host::Gwc => Some(Ipv4Addr::new(10, 3, 0, 1)),
+            Host::C1 => Some(Ipv4Addr::new(10, 4, 0, 1)),
             _ => None,
         }
     }
 
     /// The address this host's outbound traffic has on the public segment: its gateway's
-    /// public address for a private host (masquerade), its own address otherwise.
+    /// public address for a private host (masquerade), c1's 1:1 address, its own address
+    /// otherwise.
     pub fn public_addr(self) -> Ipv4Addr {
+        if matches!(self, Host::C1 | Host::D1) {
+            return NAT1TO1_PUBLIC;
+        }
         match self.gateway() {
             Some(gw) => gw.addr(),
             None => self.addr(),
@@ -157,16 +186,19 @@ impl Host {
         match self {
             Host::A1 | Host::A2 => Some(Host::Gwa),
             Host::B1 => Some(Host::Gwb),
+            Host::C1 => Some(Host::Gwc),
+            Host::D1 => Some(Host::C1),
             _ => None,
         }
     }
 
-    /// True for a1, a2, b1 (hosts behind a NAT).
+    /// True for a1, a2, b1, c1, d1 (hosts behind a NAT).
     pub fn is_private(self) -> bool {
         self.gateway().is_some()
     }
 
-    /// True for gwa, gwb.
+    /// True for gwa, gwb (the gateways of the default lab, which [`Lab::loss`] can
+    /// make lossy).
     pub fn is_gateway(self) -> bool {
         matches!(self, Host::Gwa | Host::Gwb)
     }
@@ -558,6 +590,14 @@ impl Lab {
     /// public segment to a gateway itself is dropped, as UDP hole punching expects.
     pub fn cpe(&self, on: bool) {
         self.netlab(&["cpe", &self.name, if on { "on" } else { "off" }]);
+    }
+
+    /// Adds c1 behind gwc, a 1:1 NAT of [`NAT1TO1_PUBLIC`], and d1 behind c1 (`netlab
+    /// nat1to1 NAME`): a host that reaches the public segment only through a 1:1 NAT, as
+    /// a cloud VM with a public IP does, and a private host behind it. Opt-in: the
+    /// default lab has no such hosts.
+    pub fn nat1to1(&self) {
+        self.netlab(&["nat1to1", &self.name]);
     }
 
     /// Runs `scripts/netlab ARGS...`, panicking with its stderr if it fails.

@@ -1,7 +1,9 @@
 //! The broker's configuration and its startup errors.
 
+use std::fmt;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::str::FromStr;
 use std::time::Duration;
 
 use gcb_proto::PoolKey;
@@ -14,8 +16,9 @@ pub const DEFAULT_PORT: u16 = 9650;
 /// Daemon configuration (built by `main` from the command line).
 #[derive(Debug)]
 pub struct Config {
-    /// Control UDP address; the relay TCP listener uses the same IP:port and
-    /// proxy listeners the same IP.
+    /// Where the control UDP socket binds; the relay TCP listener binds the same
+    /// IP:port and proxy sockets the same IP. May be a wildcard (`0.0.0.0`) when
+    /// `advertise` is set; otherwise it is also the address told to clients.
     pub listen: SocketAddr,
     /// Pool key: authenticate every control datagram.
     pub key: Option<PoolKey>,
@@ -64,14 +67,83 @@ pub struct Config {
     pub proxy_reserve: Duration,
     /// Maximum UDP relay rules per proxy from one sender IP.
     pub max_udp_rules_per_sender_ip: usize,
+    /// The IP told to clients as the broker's own: proxy addresses, the relay port
+    /// in relay decisions and `connect_back`. None: the `listen` IP, which must then
+    /// be specific. Set it when clients reach this host at an address no interface
+    /// holds (a cloud VM's 1:1-NATed public IP) or when `listen` is a wildcard.
+    pub advertise: Option<IpAddr>,
+    /// Ports proxy sockets (TCP and UDP) take, for a firewall or security group
+    /// (None: ephemeral ports). A registration finding none free is refused with
+    /// `port_range`.
+    pub proxy_ports: Option<PortRange>,
+}
+
+/// An inclusive range of ports `LO-HI` (`--proxy-ports`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortRange {
+    /// First port.
+    pub lo: u16,
+    /// Last port (inclusive).
+    pub hi: u16,
+}
+
+impl PortRange {
+    /// Whether `port` is in the range.
+    pub fn contains(&self, port: u16) -> bool {
+        (self.lo..=self.hi).contains(&port)
+    }
+
+    /// Number of ports in the range.
+    pub fn len(&self) -> usize {
+        usize::from(self.hi - self.lo) + 1
+    }
+
+    /// Never true: a range holds at least one port.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+}
+
+impl fmt::Display for PortRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.lo, self.hi)
+    }
+}
+
+/// Why a `LO-HI` port range does not parse.
+#[derive(Debug, thiserror::Error)]
+#[error("{0:?} is not a port range LO-HI with 1 <= LO <= HI <= 65535")]
+pub struct PortRangeError(String);
+
+impl FromStr for PortRange {
+    type Err = PortRangeError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || PortRangeError(s.to_owned());
+        let (lo, hi) = s.trim().split_once('-').ok_or_else(bad)?;
+        let lo: u16 = lo.trim().parse().map_err(|_| bad())?;
+        let hi: u16 = hi.trim().parse().map_err(|_| bad())?;
+        if lo == 0 || lo > hi {
+            return Err(bad());
+        }
+        Ok(PortRange { lo, hi })
+    }
 }
 
 /// Errors that stop the daemon at startup.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    /// The listen address is unusable.
-    #[error("--listen {0}: the broker needs a specific IP (proxy addresses are advertised), not a wildcard")]
+    /// The bind address is a wildcard and no advertised IP was given.
+    #[error("bind address {0} is a wildcard: give --advertise IP, the address clients reach this broker at (proxy addresses are advertised on it)")]
     Unspecified(SocketAddr),
+    /// The advertised IP is unusable.
+    #[error("--advertise {advertise}: {why}")]
+    Advertise {
+        /// The advertised IP.
+        advertise: IpAddr,
+        /// What is wrong with it.
+        why: &'static str,
+    },
     /// A socket could not be set up.
     #[error("{what} {addr}: {source}")]
     Bind {

@@ -60,4 +60,7 @@ pub struct Counters {
     pub preamble_limit_refusals: u64,
     /// Relays reset for moving no byte for --relay-idle-secs.
     pub relays_idle_closed: u64,
+    /// Registrations refused because every port of --proxy-ports was taken (also
+    /// counted in `refused`).
+    pub proxy_ports_exhausted: u64,
 }

@@ -43,14 +43,14 @@ mod tests;
 mod timers;
 mod tokens;
 
-pub use config::{Config, StartError, DEFAULT_PORT};
+pub use config::{Config, PortRange, StartError, DEFAULT_PORT};
 pub use counters::Counters;
 pub use env::{Clock, OsRandom, Random, SystemClock};
 pub use state::Server;
 
 use std::collections::{HashMap, HashSet};
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use gcb_proto::token::OwnerSecret;
@@ -82,9 +82,7 @@ impl Server {
         clock: Box<dyn Clock>,
         mut random: Box<dyn Random>,
     ) -> Result<Server, StartError> {
-        if cfg.listen.ip().is_unspecified() {
-            return Err(StartError::Unspecified(cfg.listen));
-        }
+        let advertise = advertised_ip(&cfg)?;
         // Port 0: pick a free UDP port and use the same number for TCP
         // (retrying if that TCP port happens to be taken).
         let mut attempts = if cfg.listen.port() == 0 { 20 } else { 1 };
@@ -108,7 +106,9 @@ impl Server {
                 Err(_) => continue,
             }
         };
-        let addr = control.local_addr()?;
+        let bound = control.local_addr()?;
+        // What clients are told: the advertised IP with the port actually bound.
+        let addr = SocketAddr::new(advertise, bound.port());
         // Bursts of heartbeats must not overflow the default receive buffer
         // (best effort: the kernel caps it at net.core.rmem_max).
         let _ = socket2::SockRef::from(&control).set_recv_buffer_size(1 << 20);
@@ -149,7 +149,7 @@ impl Server {
             max_per_ip: cfg.max_registrations_per_ip,
             lease: cfg.lease,
         });
-        let udp = UdpPlane::new(
+        let mut udp = UdpPlane::new(
             RuleLimits {
                 idle: cfg.udp_rule_idle,
                 max_total: cfg.max_udp_rules,
@@ -158,6 +158,21 @@ impl Server {
             },
             addr,
         );
+        let alias = source_ip_towards(bound.ip(), addr).filter(|ip| *ip != advertise);
+        if let Some(ip) = alias {
+            udp.add_own_alias(ip);
+        }
+        if addr != bound || cfg.proxy_ports.is_some() {
+            info!(
+                "bound on {bound}, advertised as {addr}{}; proxy sockets on {} with {}",
+                alias.map_or(String::new(), |ip| format!(" (reached from here via {ip})")),
+                bound.ip(),
+                match cfg.proxy_ports {
+                    Some(r) => format!("ports {r}"),
+                    None => "ephemeral ports".to_owned(),
+                }
+            );
+        }
         // 65,536 tracked IPs: a few MB at most (see iplimits).
         let control_rate =
             RateLimiter::new(cfg.control_rate_per_ip, cfg.control_burst_per_ip, 65_536);
@@ -195,11 +210,19 @@ impl Server {
             random,
             ops: None,
             started: t,
+            bound,
+            next_proxy_port: 0,
         })
     }
 
-    /// The bound control/relay address.
+    /// The bound control/relay address (its IP may be a wildcard).
     pub fn local_addr(&self) -> SocketAddr {
+        self.bound
+    }
+
+    /// The control/relay address told to clients: the advertised IP (the bound one
+    /// unless `Config::advertise`) and the bound port. Proxy addresses are on this IP.
+    pub fn advertised_addr(&self) -> SocketAddr {
         self.addr
     }
 
@@ -260,4 +283,37 @@ impl Server {
             },
         }
     }
+}
+
+/// The IP told to clients: `Config::advertise`, else the bind IP, which must then be
+/// specific (clients cannot be told a wildcard).
+fn advertised_ip(cfg: &Config) -> Result<IpAddr, StartError> {
+    let Some(ip) = cfg.advertise else {
+        if cfg.listen.ip().is_unspecified() {
+            return Err(StartError::Unspecified(cfg.listen));
+        }
+        return Ok(cfg.listen.ip());
+    };
+    let why = if ip.is_unspecified() {
+        Some("must be a specific IP (clients are told it), not a wildcard")
+    } else if ip.is_multicast() || ip == IpAddr::V4(std::net::Ipv4Addr::BROADCAST) {
+        Some("must be a unicast IP")
+    } else if ip.is_ipv4() != cfg.listen.is_ipv4() {
+        Some("must be of the bind address's family (IPv4 or IPv6)")
+    } else {
+        None
+    };
+    match why {
+        Some(why) => Err(StartError::Advertise { advertise: ip, why }),
+        None => Ok(ip),
+    }
+}
+
+/// The source IP the kernel picks for a datagram from `bind_ip` to `to` (no packet is
+/// sent: a UDP connect only routes). Behind a 1:1 NAT this is the host's private IP,
+/// which the broker's own datagrams to its advertised address come back from.
+fn source_ip_towards(bind_ip: IpAddr, to: SocketAddr) -> Option<IpAddr> {
+    let s = std::net::UdpSocket::bind(SocketAddr::new(bind_ip, 0)).ok()?;
+    s.connect(to).ok()?;
+    Some(s.local_addr().ok()?.ip())
 }

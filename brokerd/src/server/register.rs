@@ -4,6 +4,7 @@
 
 use std::io::{self};
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use gcb_proto::token::{self, Use};
 use gcb_proto::{Body, ErrorCode, Transport};
@@ -14,7 +15,26 @@ use tracing::{debug, error, info};
 use crate::decision::canonical;
 use crate::udpproxy::{PunchEnd, UdpProxy};
 
+use super::config::PortRange;
 use super::state::{hex, transport_name, v4_of, Outgoing, Owner, Server};
+
+/// Why no proxy socket could be bound for a registration.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum ProxyBindError {
+    /// Every port of `--proxy-ports` is some registration's proxy, reserved for its
+    /// owner, or taken by another program: the registration is refused (`port_range`).
+    #[error("proxy port range {range} exhausted: every port is in use{}",
+        if *in_use_elsewhere { " (some by other programs)" } else { "" })]
+    RangeExhausted {
+        /// The configured range.
+        range: PortRange,
+        /// Whether some port was free of registrations but taken by another socket.
+        in_use_elsewhere: bool,
+    },
+    /// The socket calls failed.
+    #[error("{0}")]
+    Io(#[from] io::Error),
+}
 
 impl Server {
     pub(super) fn on_register(
@@ -83,7 +103,20 @@ impl Server {
                 }
                 proxy
             }
-            Err(e) => {
+            Err(e @ ProxyBindError::RangeExhausted { .. }) => {
+                self.counters.proxy_ports_exhausted += 1;
+                self.counters.refused += 1;
+                // Listeners refused retry (every 30 s at most, each): one line a minute
+                // says it while it lasts, the counter says how often.
+                self.limit_hit_every("proxy-ports", Duration::from_secs(60), || {
+                    format!(
+                        "refused {} registration from {from}: {e}",
+                        transport_name(transport)
+                    )
+                });
+                return Body::error(ErrorCode::PortRange, e.to_string());
+            }
+            Err(ProxyBindError::Io(e)) => {
                 error!("cannot bind a proxy socket: {e}");
                 return Body::error(
                     ErrorCode::Internal,
@@ -109,10 +142,11 @@ impl Server {
         }
     }
 
-    /// Whether `prev` can be asked for again for `transport`: on our IP, not the
-    /// control / relay port, and not another registration's proxy of that transport.
-    /// (The other transport's proxy on the same port is fine: a program that uses one
-    /// port number for TCP and UDP keeps one number through the broker too.)
+    /// Whether `prev` can be asked for again for `transport`: on our (advertised) IP, in
+    /// the proxy port range if there is one, not the control / relay port, and not
+    /// another registration's proxy of that transport. (The other transport's proxy on
+    /// the same port is fine: a program that uses one port number for TCP and UDP keeps
+    /// one number through the broker too.)
     pub(super) fn previous_usable(
         &self,
         transport: Transport,
@@ -122,62 +156,102 @@ impl Server {
             p.ip() == self.addr.ip()
                 && p.port() != 0
                 && p.port() != self.addr.port()
+                && self.cfg.proxy_ports.is_none_or(|r| r.contains(p.port()))
                 && self.registry.get(transport, p).is_none()
         })
     }
 
-    /// Binds a socket on our IP with `bind`, at `prev` if usable, else at an
-    /// ephemeral port not already some registration's proxy address.
+    /// Whether the port of proxy address `a` is free for a new registration: no
+    /// registration's proxy of either transport and not reserved for an owner (so that a
+    /// later registration of the other transport can ask for the same number).
+    fn fresh_port_free(&self, a: SocketAddr) -> bool {
+        self.registry.get(Transport::Tcp, &a).is_none()
+            && self.registry.get(Transport::Udp, &a).is_none()
+            && !self.reserved.contains_key(&(Transport::Tcp, a))
+            && !self.reserved.contains_key(&(Transport::Udp, a))
+    }
+
+    /// Binds a proxy socket with `bind` on the bind IP, at `prev`'s port if usable, else
+    /// at a port (from `--proxy-ports`, else ephemeral) not already some registration's
+    /// proxy. Returns the socket and its proxy address: the advertised IP, that port.
     pub(super) fn bind_proxy_socket<S>(
-        &self,
+        &mut self,
         transport: Transport,
         from: SocketAddr,
         prev: Option<SocketAddr>,
         bind: impl Fn(SocketAddr) -> io::Result<S>,
         addr_of: impl Fn(&S) -> io::Result<SocketAddr>,
-    ) -> io::Result<(S, SocketAddr)> {
+    ) -> Result<(S, SocketAddr), ProxyBindError> {
+        let bind_ip = self.bound.ip();
+        let advertised = |port| SocketAddr::new(self.addr.ip(), port);
         if let Some(prev) = prev {
             if let Some(p) = self.previous_usable(transport, Some(prev)) {
-                match bind(p) {
+                match bind(SocketAddr::new(bind_ip, p.port())) {
                     Ok(s) => return Ok((s, p)),
                     Err(e) => info!(
                         "previous proxy {p} for {from} unavailable ({e}); assigning a new one"
                     ),
                 }
             } else {
-                info!("previous proxy {prev} for {from} unavailable (not ours or in use); assigning a new one"
+                info!("previous proxy {prev} for {from} unavailable (not ours, outside the proxy ports or in use); assigning a new one"
                 );
             }
+        }
+        if let Some(range) = self.cfg.proxy_ports {
+            // One pass round the range from where the last search stopped.
+            let start = if range.contains(self.next_proxy_port) {
+                self.next_proxy_port
+            } else {
+                range.lo
+            };
+            let mut last_err = None;
+            for i in 0..range.len() {
+                let port = range.lo + ((usize::from(start - range.lo) + i) % range.len()) as u16;
+                let a = advertised(port);
+                if port == self.addr.port() || !self.fresh_port_free(a) {
+                    continue;
+                }
+                match bind(SocketAddr::new(bind_ip, port)) {
+                    Ok(s) => {
+                        self.next_proxy_port = if port == range.hi { range.lo } else { port + 1 };
+                        return Ok((s, a));
+                    }
+                    // Taken by another program (or the other transport's socket of a
+                    // registration being set up): try the next one.
+                    Err(e) if e.kind() == io::ErrorKind::AddrInUse => last_err = Some(e),
+                    Err(e) => return Err(ProxyBindError::Io(e)),
+                }
+            }
+            return Err(ProxyBindError::RangeExhausted {
+                range,
+                in_use_elsewhere: last_err.is_some(),
+            });
         }
         // TCP and UDP ephemeral ports are drawn independently: a port the
         // other transport's proxy already has is skipped (held open while
         // drawing again so the kernel picks another).
         let mut skipped = Vec::new();
         for _ in 0..16 {
-            let s = bind(SocketAddr::new(self.addr.ip(), 0))?;
-            let a = addr_of(&s)?;
+            let s = bind(SocketAddr::new(bind_ip, 0))?;
+            let a = advertised(addr_of(&s)?.port());
             // A fresh port is kept free of the other transport's proxies too, so
             // that a later registration can ask for the same number.
-            if self.registry.get(Transport::Tcp, &a).is_none()
-                && self.registry.get(Transport::Udp, &a).is_none()
-                && !self.reserved.contains_key(&(Transport::Tcp, a))
-                && !self.reserved.contains_key(&(Transport::Udp, a))
-            {
+            if self.fresh_port_free(a) {
                 return Ok((s, a));
             }
             skipped.push(s);
         }
-        Err(io::Error::new(
+        Err(ProxyBindError::Io(io::Error::new(
             io::ErrorKind::AddrInUse,
             "no proxy port free of other registrations",
-        ))
+        )))
     }
 
     pub(super) fn bind_tcp_proxy(
         &mut self,
         from: SocketAddr,
         previous_proxy: Option<SocketAddr>,
-    ) -> io::Result<(SocketAddr, Option<String>)> {
+    ) -> Result<(SocketAddr, Option<String>), ProxyBindError> {
         let (mut listener, proxy) = self.bind_proxy_socket(
             Transport::Tcp,
             from,
@@ -192,7 +266,7 @@ impl Server {
             .register(&mut listener, token, Interest::READABLE)
         {
             self.owners.remove(&token);
-            return Err(e);
+            return Err(e.into());
         }
         self.proxies.insert(proxy, (token, listener));
         Ok((proxy, None))
@@ -203,7 +277,7 @@ impl Server {
         from: SocketAddr,
         local: SocketAddr,
         previous_proxy: Option<SocketAddr>,
-    ) -> io::Result<(SocketAddr, Option<String>)> {
+    ) -> Result<(SocketAddr, Option<String>), ProxyBindError> {
         let (mut sock, proxy) =
             self.bind_proxy_socket(Transport::Udp, from, previous_proxy, UdpSocket::bind, |s| {
                 s.local_addr()
@@ -219,7 +293,7 @@ impl Server {
             .register(&mut sock, token, Interest::READABLE)
         {
             self.owners.remove(&token);
-            return Err(e);
+            return Err(e.into());
         }
         let mut secret = [0u8; gcb_proto::UDP_TOKEN_LEN];
         secret.copy_from_slice(

@@ -132,7 +132,8 @@ pub struct Server {
     pub(super) poll: Poll,
     pub(super) control: UdpSocket,
     pub(super) relay_listener: TcpListener,
-    /// listen IP:port (UDP control == TCP relay).
+    /// The advertised IP and the bound control port (UDP control == TCP relay): what
+    /// clients are told, and the IP of every proxy address.
     pub(super) addr: SocketAddr,
     pub(super) ep: Endpoint,
     pub(super) registry: Registry,
@@ -176,6 +177,11 @@ pub struct Server {
     pub(super) ops: Option<crate::ops::Ops>,
     /// When the server started (for `status`).
     pub(super) started: Instant,
+    /// The bound control/relay address; proxy sockets bind its IP (maybe a wildcard).
+    pub(super) bound: SocketAddr,
+    /// Where the next search of `Config::proxy_ports` for a free port starts (turns
+    /// round the range, so a just-freed port is not the first one handed out again).
+    pub(super) next_proxy_port: u16,
 }
 
 pub(super) fn hex(id: &[u8; 16]) -> String {
@@ -246,10 +252,20 @@ impl Server {
     /// Logs a "limit reached" line, at most one per second per limit `kind`
     /// (floods must not flood the log too), saying how many were suppressed.
     pub(super) fn limit_hit(&mut self, kind: &'static str, line: impl FnOnce() -> String) {
+        self.limit_hit_every(kind, Duration::from_secs(1), line);
+    }
+
+    /// [`Server::limit_hit`] at most once per `every` for `kind`.
+    pub(super) fn limit_hit_every(
+        &mut self,
+        kind: &'static str,
+        every: Duration,
+        line: impl FnOnce() -> String,
+    ) {
         let rl = self
             .limit_logs
             .entry(kind)
-            .or_insert_with(|| RateLimit::new(Duration::from_secs(1)));
+            .or_insert_with(|| RateLimit::new(every));
         if let Some(n) = rl.allow(Instant::now()) {
             let more = if n > 0 {
                 format!(" ({n} similar lines suppressed)")

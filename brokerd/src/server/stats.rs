@@ -93,6 +93,7 @@ impl Server {
             ("replies_withheld", s.replies_withheld),
             ("ownership_refused", c.ownership_refused),
             ("foreign_presentations", c.foreign_presentations),
+            ("proxy_ports_exhausted", c.proxy_ports_exhausted),
         ]
     }
 

@@ -77,6 +77,8 @@ fn config() -> Config {
         max_udp_rules_per_proxy: 100,
         max_udp_rules_per_sender_ip: 100,
         proxy_reserve: Duration::from_secs(120),
+        advertise: None,
+        proxy_ports: None,
     }
 }
 
@@ -289,4 +291,141 @@ fn relay_idle_timeout_counts_from_the_last_byte_moved() {
     assert_eq!(s.counters.relays_reset, 1);
     assert_reset(x);
     assert_reset(y);
+}
+
+#[test]
+fn wildcard_bind_needs_an_advertised_ip_and_proxies_carry_the_advertised_one() {
+    let mut cfg = config();
+    cfg.listen = "0.0.0.0:0".parse().unwrap();
+    let err = Server::bind(cfg)
+        .err()
+        .expect("a wildcard without --advertise starts");
+    assert!(err.to_string().contains("--advertise"), "{err}");
+
+    let mut cfg = config();
+    cfg.listen = "0.0.0.0:0".parse().unwrap();
+    cfg.advertise = Some("0.0.0.0".parse().unwrap());
+    let err = Server::bind(cfg).err().expect("a wildcard advertised");
+    assert!(err.to_string().contains("specific IP"), "{err}");
+
+    // Bound on the wildcard, advertised as 192.0.2.7 (an address no interface holds, as
+    // behind a 1:1 NAT): the proxy address is 192.0.2.7:PORT, its socket listens on
+    // every local address.
+    let mut cfg = config();
+    cfg.listen = "0.0.0.0:0".parse().unwrap();
+    cfg.advertise = Some("192.0.2.7".parse().unwrap());
+    let (mut s, _clock) = broker(cfg);
+    assert!(s.local_addr().ip().is_unspecified());
+    assert_eq!(s.advertised_addr().ip().to_string(), "192.0.2.7");
+    assert_eq!(s.advertised_addr().port(), s.local_addr().port());
+    let proxy = register_tcp(&mut s, "10.1.0.5:9618");
+    assert_eq!(proxy.ip().to_string(), "192.0.2.7");
+    let local: SocketAddr = format!("127.0.0.1:{}", proxy.port()).parse().unwrap();
+    StdStream::connect(local).expect("the proxy socket is bound on the wildcard");
+}
+
+/// `n` consecutive ports free for TCP and UDP on 127.0.0.1 (at the time of asking).
+fn free_port_range(n: u16) -> super::config::PortRange {
+    'next: for lo in (21_000u16..30_000).step_by(usize::from(n) + 7) {
+        for p in lo..lo + n {
+            let a: SocketAddr = format!("127.0.0.1:{p}").parse().unwrap();
+            if StdListener::bind(a).is_err() || std::net::UdpSocket::bind(a).is_err() {
+                continue 'next;
+            }
+        }
+        return super::config::PortRange { lo, hi: lo + n - 1 };
+    }
+    panic!("no {n} consecutive free ports");
+}
+
+#[test]
+fn proxy_ports_come_from_the_range_and_an_exhausted_range_refuses_with_port_range() {
+    let range = free_port_range(2);
+    let mut cfg = config();
+    cfg.proxy_ports = Some(range);
+    let (mut s, clock) = broker(cfg);
+    let a = register_tcp(&mut s, "10.1.0.5:9618");
+    let b = register_tcp(&mut s, "10.1.0.5:9619");
+    assert!(
+        range.contains(a.port()) && range.contains(b.port()),
+        "{a} {b} outside {range}"
+    );
+    assert_ne!(a, b);
+    let third = s.on_request(
+        CLIENT.parse().unwrap(),
+        Body::Register {
+            transport: Transport::Udp,
+            local: "10.1.0.5:9620".parse().unwrap(),
+            previous_proxy: None,
+            previous_token: None,
+        },
+    );
+    match &third {
+        Body::Error { code, reason } => {
+            assert_eq!(*code, gcb_proto::ErrorCode::PortRange);
+            assert!(reason.contains(&range.to_string()), "{reason}");
+        }
+        other => panic!("third registration answered {other:?}"),
+    }
+    assert_eq!(s.counters.proxy_ports_exhausted, 1);
+    // a's lease lapses: its port stays reserved for its owner (still refused to others)...
+    let token_a = match s.on_request(
+        CLIENT.parse().unwrap(),
+        Body::Register {
+            transport: Transport::Tcp,
+            local: "10.1.0.5:9618".parse().unwrap(),
+            previous_proxy: None,
+            previous_token: None,
+        },
+    ) {
+        Body::Registered { token, .. } => token.expect("a token"),
+        other => panic!("{other:?}"),
+    };
+    clock.advance(Duration::from_secs(20));
+    let _ = s.on_request(
+        CLIENT.parse().unwrap(),
+        Body::Heartbeat { proxies: vec![b] },
+    );
+    clock.advance(Duration::from_secs(16));
+    s.timers();
+    assert_eq!(s.registry.len(), 1, "a expired, b renewed");
+    let other = register_tcp_result(&mut s, "10.1.0.6:9618", None, None);
+    assert!(
+        matches!(
+            other,
+            Body::Error {
+                code: gcb_proto::ErrorCode::PortRange,
+                ..
+            }
+        ),
+        "{other:?}"
+    );
+    // ...and its owner gets it back with the proof.
+    let proof = gcb_proto::token::to_hex(&gcb_proto::token::present(
+        None,
+        gcb_proto::token::Use::Ownership,
+        &gcb_proto::token::from_hex(&token_a).expect("hex token"),
+    ));
+    let again = register_tcp_result(&mut s, "10.1.0.5:9618", Some(a), Some(proof));
+    assert!(
+        matches!(again, Body::Registered { proxy, .. } if proxy == a),
+        "{again:?}"
+    );
+}
+
+fn register_tcp_result(
+    s: &mut Server,
+    local: &str,
+    previous_proxy: Option<SocketAddr>,
+    previous_token: Option<String>,
+) -> Body {
+    s.on_request(
+        CLIENT.parse().unwrap(),
+        Body::Register {
+            transport: Transport::Tcp,
+            local: local.parse().unwrap(),
+            previous_proxy,
+            previous_token,
+        },
+    )
 }

@@ -121,7 +121,8 @@ pub const LOCK_FILE: &str = "lock";
 /// Policy and addresses.
 #[derive(Debug, Clone)]
 pub struct CoreConfig {
-    /// The gateway's public address (what clients are told).
+    /// The gateway's public address (what clients are told: `--advertise`, else
+    /// `--public`; the kernel rules match `--public`, see [`crate::kernel::NftKernel`]).
     pub public: Ipv4Addr,
     /// The private network: requests only from here, targets only here.
     pub private: Ipv4Net,
