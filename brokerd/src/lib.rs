@@ -54,7 +54,8 @@
 //! * [`iplimits`]: the per-IP token bucket of control datagrams;
 //! * [`logging`]: `gcb-brokerd: LEVEL message` lines on stderr through
 //!   [`tracing`];
-//! * [`ops`]: the operator's sockets, served in the loop: the admin unix socket
+//! * [`gcb_ops`] (crate in `brokerd/ops/`, shared with the other daemon): the operator's
+//!   sockets, served in the loop: the admin unix socket
 //!   (`--admin-socket`) and the Prometheus endpoint (`--metrics`); [`status`]: the
 //!   status document they answer and the `gcb-brokerd status` command; [`metrics`]: every
 //!   `gcb_broker_*` metric and the stats counter it comes from;
@@ -69,7 +70,7 @@
 //! Floors: each module uses only modules on its own floor or below, with
 //! no cycle; `scripts/modgraph --check brokerd/src` checks the list:
 //!
-//! - **Floor 0, decisions and data**: `decision`, `registry`, `standby`, `relay`, `udprules`, `iplimits`, `allow`, `logging`, `ops`, `status`, `metrics`
+//! - **Floor 0, decisions and data**: `decision`, `registry`, `standby`, `relay`, `udprules`, `iplimits`, `allow`, `logging`, `status`, `metrics`
 //! - **Floor 1, the UDP data plane**: `udpproxy`
 //! - **Floor 2, the server's state**: `server::env`, `server::counters`, `server::config`, `server::state`
 //! - **Floor 3, the server's jobs**: `server`
@@ -253,7 +254,6 @@ pub mod decision;
 pub mod iplimits;
 pub mod logging;
 pub mod metrics;
-pub mod ops;
 pub use gcb_proto::preamble;
 pub mod registry;
 pub mod relay;

@@ -247,7 +247,7 @@ struct StatusArgs {
 
 fn status_command() -> Result<()> {
     let args = StatusArgs::parse_from(std::env::args_os().skip(1));
-    let path = gcb_brokerd::ops::admin_socket_arg(args.admin_socket.as_deref(), "brokerd")
+    let path = gcb_ops::admin_socket_arg(args.admin_socket.as_deref(), "brokerd")
         .context("--admin-socket none: no socket to ask")?;
     let (text, doc) = gcb_brokerd::status::fetch(&path)?;
     if args.json {
@@ -428,7 +428,7 @@ fn run() -> Result<()> {
         return Ok(());
     }
     let mut server = Server::bind(cfg)?;
-    let admin = gcb_brokerd::ops::admin_socket_arg(args.admin_socket.as_deref(), "brokerd");
+    let admin = gcb_ops::admin_socket_arg(args.admin_socket.as_deref(), "brokerd");
     server.open_ops(admin.as_deref(), args.metrics)?;
     if let Some(ops) = server.ops() {
         if let Some(p) = ops.admin_path() {

@@ -56,7 +56,8 @@
 //! * [`server`]: the mio loop (control UDP socket + gcb-proto `Endpoint`,
 //!   non-blocking probe connections);
 //! * [`client`]: a blocking client, used by the `gcb-dpf-request` tool;
-//! * [`ops`]: the operator's sockets, served in the loop: the admin unix socket
+//! * [`gcb_ops`] (crate in `brokerd/ops/`, shared with the other daemon): the operator's
+//!   sockets, served in the loop: the admin unix socket
 //!   (`--admin-socket`) and the Prometheus endpoint (`--metrics`); [`status`]: the status
 //!   document they answer and the `gcb-portfwd status` command; [`metrics`]: every
 //!   `gcb_portfwd_*` metric and the stats counter it comes from.
@@ -64,7 +65,7 @@
 //! Floors: each module uses only modules on its own floor or below, with
 //! no cycle; `scripts/modgraph --check portfwd/src` checks the list:
 //!
-//! - **Floor 0, data and policy**: `table`, `policy`, `libnft`, `client`, `ops`, `status`, `metrics`
+//! - **Floor 0, data and policy**: `table`, `policy`, `libnft`, `client`, `status`, `metrics`
 //! - **Floor 1, the two other representations**: `kernel`, `mirror`
 //! - **Floor 2, the paper's orders**: `core`
 //! - **Floor 3, the event loop**: `server`
@@ -150,7 +151,6 @@ pub mod kernel;
 pub mod libnft;
 pub mod metrics;
 pub mod mirror;
-pub mod ops;
 pub mod policy;
 pub mod server;
 pub mod status;

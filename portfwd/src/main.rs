@@ -162,7 +162,7 @@ struct StatusArgs {
 
 fn status_command() -> Result<()> {
     let args = StatusArgs::parse_from(std::env::args_os().skip(1));
-    let path = gcb_portfwd::ops::admin_socket_arg(args.admin_socket.as_deref(), "portfwd")
+    let path = gcb_ops::admin_socket_arg(args.admin_socket.as_deref(), "portfwd")
         .context("--admin-socket none: no socket to ask")?;
     let (text, doc) = gcb_portfwd::status::fetch(&path)?;
     if args.json {
@@ -395,7 +395,7 @@ fn run() -> Result<()> {
     };
     let mut server =
         Server::bind(scfg, core).with_context(|| format!("binding control socket udp {listen}"))?;
-    let admin = gcb_portfwd::ops::admin_socket_arg(args.admin_socket.as_deref(), "portfwd");
+    let admin = gcb_ops::admin_socket_arg(args.admin_socket.as_deref(), "portfwd");
     server.open_ops(admin.as_deref(), args.metrics)?;
     if let Some(ops) = server.ops() {
         if let Some(p) = ops.admin_path() {

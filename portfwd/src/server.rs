@@ -36,8 +36,8 @@ use mio::{Events, Interest, Poll, Token};
 use crate::client::{now, random_u64};
 use crate::core::{Core, ProbeOutcome};
 use crate::kernel::KernelBackend;
-use crate::ops::{Ops, OpsError, Request};
 use crate::status::{InstallLatency, MappingStatus, Status};
+use gcb_ops::{Ops, OpsError, Request};
 use prometheus_client::metrics::histogram::Histogram;
 
 /// Default control port (UDP).

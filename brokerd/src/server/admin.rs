@@ -8,10 +8,10 @@ use std::time::Instant;
 
 use mio::Token;
 
-use crate::ops::{Ops, OpsError, Request};
 use crate::status::{
     PendingStatus, PunchStatus, RegistrationStatus, RelayStatus, StandbyStatus, Status,
 };
+use gcb_ops::{Ops, OpsError, Request};
 
 use super::state::{transport_name, Server};
 

@@ -262,7 +262,7 @@ impl Server {
         match token {
             CONTROL => self.on_control(),
             RELAY_LISTENER => self.on_relay_accept(),
-            t if crate::ops::Ops::owns(t) => self.on_ops(t),
+            t if gcb_ops::Ops::owns(t) => self.on_ops(t),
             t => match self.owners.get(&t) {
                 Some(Owner::Proxy(p)) => {
                     let p = *p;

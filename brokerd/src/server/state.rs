@@ -174,7 +174,7 @@ pub struct Server {
     /// Where connect ids and nonces come from.
     pub(super) random: Box<dyn Random>,
     /// The admin socket and the metrics listener ([`crate::ops`]), once opened.
-    pub(super) ops: Option<crate::ops::Ops>,
+    pub(super) ops: Option<gcb_ops::Ops>,
     /// When the server started (for `status`).
     pub(super) started: Instant,
     /// The bound control/relay address; proxy sockets bind its IP (maybe a wildcard).

@@ -1,4 +1,7 @@
-//! The operator's sockets (the same module as gcb-brokerd's `ops`), served inside the event loop: the admin unix socket
+//! # gcb-ops: the operator's sockets of the libgcb daemons
+//!
+//! Shared by `gcb-brokerd` and `gcb-portfwd` (it lives beside the broker, which had it
+//! first). The operator's sockets, served inside the event loop: the admin unix socket
 //! (`--admin-socket`, answers `status`) and the Prometheus endpoint (`--metrics`, answers
 //! `GET /metrics`). Both are one request, one answer, close:
 //!
@@ -120,7 +123,7 @@ pub struct Ops {
     next: usize,
 }
 
-/// The default admin socket path of daemon `name` (`portfwd`):
+/// The default admin socket path of daemon `name` (`brokerd`, `portfwd`):
 /// `/run/gcb/NAME.sock` for root, else `$XDG_RUNTIME_DIR/gcb/NAME.sock`, else
 /// `/tmp/gcb-UID/NAME.sock`.
 pub fn default_admin_socket(name: &str) -> PathBuf {
@@ -519,7 +522,10 @@ mod tests {
             admin_socket_arg(Some(Path::new("/a/b.sock")), "x"),
             Some(PathBuf::from("/a/b.sock"))
         );
-        assert!(default_admin_socket("portfwd").ends_with("portfwd.sock"));
+        assert!(
+            default_admin_socket("brokerd").ends_with("gcb/brokerd.sock")
+                || default_admin_socket("brokerd").ends_with("brokerd.sock")
+        );
     }
 
     #[test]
