@@ -598,5 +598,4 @@ fn toml_scalar(v: &str) -> String {
 }
 
 #[cfg(test)]
-#[path = "conf_tests.rs"]
 mod tests;
