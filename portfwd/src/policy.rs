@@ -21,7 +21,6 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
-use std::str::FromStr;
 use std::time::Instant;
 
 use gcb_proto::{Body, ErrorCode};
@@ -54,56 +53,7 @@ pub fn parse_net(s: &str) -> Result<Ipv4Net, NetError> {
     }
 }
 
-/// An inclusive range of public ports, `LO-HI`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PortRange {
-    /// First port.
-    pub lo: u16,
-    /// Last port (inclusive).
-    pub hi: u16,
-}
-
-/// Why a string is not a port range.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid port range {0:?} (want LO-HI with 1 <= LO <= HI <= 65535, e.g. 20000-29999)")]
-pub struct PortRangeError(String);
-
-impl PortRange {
-    /// True if `port` is in the range.
-    pub fn contains(&self, port: u16) -> bool {
-        (self.lo..=self.hi).contains(&port)
-    }
-
-    /// Number of ports in the range.
-    pub fn len(&self) -> usize {
-        usize::from(self.hi - self.lo) + 1
-    }
-
-    /// Never true (a range holds at least one port); for clippy.
-    pub fn is_empty(&self) -> bool {
-        false
-    }
-}
-
-impl FromStr for PortRange {
-    type Err = PortRangeError;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let err = || PortRangeError(s.to_owned());
-        let (lo, hi) = s.split_once('-').unwrap_or((s, s));
-        let lo: u16 = lo.trim().parse().map_err(|_| err())?;
-        let hi: u16 = hi.trim().parse().map_err(|_| err())?;
-        if lo == 0 || lo > hi {
-            return Err(err());
-        }
-        Ok(PortRange { lo, hi })
-    }
-}
-
-impl fmt::Display for PortRange {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}-{}", self.lo, self.hi)
-    }
-}
+pub use gcb_proto::addr::{PortRange, PortRangeError};
 
 /// A refused request: the `error{code, reason}` reply.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -7,7 +7,9 @@
 //! block on DNS, and an administrator should see which address is used. Where IPv6 is not
 //! supported yet, [`parse_endpoint_v4`] says so instead of calling the input malformed.
 
+use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::str::FromStr;
 
 /// Why a string is not a usable `IP[:PORT]`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -90,6 +92,58 @@ pub fn endpoint_arg<const DEFAULT: u16>(s: &str) -> Result<SocketAddr, AddrError
 /// A `clap` `value_parser` for an IPv4-only `IP[:PORT]` with `DEFAULT` as the port.
 pub fn endpoint_v4_arg<const DEFAULT: u16>(s: &str) -> Result<SocketAddrV4, AddrError> {
     parse_endpoint_v4(s, DEFAULT)
+}
+
+/// An inclusive range of ports, `LO-HI` (or one port `N`): portfwd's `--ports`, the
+/// broker's `--proxy-ports`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortRange {
+    /// First port.
+    pub lo: u16,
+    /// Last port (inclusive).
+    pub hi: u16,
+}
+
+/// Why a string is not a port range.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid port range {0:?} (want LO-HI with 1 <= LO <= HI <= 65535, e.g. 20000-29999)")]
+pub struct PortRangeError(String);
+
+impl PortRange {
+    /// True if `port` is in the range.
+    pub fn contains(&self, port: u16) -> bool {
+        (self.lo..=self.hi).contains(&port)
+    }
+
+    /// Number of ports in the range.
+    pub fn len(&self) -> usize {
+        usize::from(self.hi - self.lo) + 1
+    }
+
+    /// Never true (a range holds at least one port); for clippy.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+}
+
+impl FromStr for PortRange {
+    type Err = PortRangeError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let err = || PortRangeError(s.to_owned());
+        let (lo, hi) = s.split_once('-').unwrap_or((s, s));
+        let lo: u16 = lo.trim().parse().map_err(|_| err())?;
+        let hi: u16 = hi.trim().parse().map_err(|_| err())?;
+        if lo == 0 || lo > hi {
+            return Err(err());
+        }
+        Ok(PortRange { lo, hi })
+    }
+}
+
+impl fmt::Display for PortRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.lo, self.hi)
+    }
 }
 
 #[cfg(test)]

@@ -1,9 +1,7 @@
 //! The broker's configuration and its startup errors.
 
-use std::fmt;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::str::FromStr;
 use std::time::Duration;
 
 use gcb_proto::PoolKey;
@@ -78,57 +76,7 @@ pub struct Config {
     pub proxy_ports: Option<PortRange>,
 }
 
-/// An inclusive range of ports `LO-HI` (`--proxy-ports`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PortRange {
-    /// First port.
-    pub lo: u16,
-    /// Last port (inclusive).
-    pub hi: u16,
-}
-
-impl PortRange {
-    /// Whether `port` is in the range.
-    pub fn contains(&self, port: u16) -> bool {
-        (self.lo..=self.hi).contains(&port)
-    }
-
-    /// Number of ports in the range.
-    pub fn len(&self) -> usize {
-        usize::from(self.hi - self.lo) + 1
-    }
-
-    /// Never true: a range holds at least one port.
-    pub fn is_empty(&self) -> bool {
-        false
-    }
-}
-
-impl fmt::Display for PortRange {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}-{}", self.lo, self.hi)
-    }
-}
-
-/// Why a `LO-HI` port range does not parse.
-#[derive(Debug, thiserror::Error)]
-#[error("{0:?} is not a port range LO-HI with 1 <= LO <= HI <= 65535")]
-pub struct PortRangeError(String);
-
-impl FromStr for PortRange {
-    type Err = PortRangeError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = || PortRangeError(s.to_owned());
-        let (lo, hi) = s.trim().split_once('-').ok_or_else(bad)?;
-        let lo: u16 = lo.trim().parse().map_err(|_| bad())?;
-        let hi: u16 = hi.trim().parse().map_err(|_| bad())?;
-        if lo == 0 || lo > hi {
-            return Err(bad());
-        }
-        Ok(PortRange { lo, hi })
-    }
-}
+pub use gcb_proto::addr::{PortRange, PortRangeError};
 
 /// Errors that stop the daemon at startup.
 #[derive(Debug, thiserror::Error)]
