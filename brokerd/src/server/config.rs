@@ -11,7 +11,8 @@ use crate::allow::AllowList;
 /// Default control (UDP) and relay (TCP) port.
 pub const DEFAULT_PORT: u16 = 9650;
 
-/// Daemon configuration (built by `main` from the command line).
+/// Daemon configuration (built by `main` from the command line; a reload builds a new one
+/// and hands it to [`Server::reconfigure`](super::Server::reconfigure)).
 #[derive(Debug)]
 pub struct Config {
     /// Control UDP address; the relay TCP listener uses the same IP:port and
@@ -64,6 +65,9 @@ pub struct Config {
     pub proxy_reserve: Duration,
     /// Maximum UDP relay rules per proxy from one sender IP.
     pub max_udp_rules_per_sender_ip: usize,
+    /// How long relays may run on after SIGTERM before they are reset
+    /// (see [`super::lifecycle`]; zero: exit at once).
+    pub drain_grace: Duration,
 }
 
 /// Errors that stop the daemon at startup.

@@ -129,7 +129,8 @@ pub struct Server {
     pub(super) cfg: Config,
     pub(super) poll: Poll,
     pub(super) control: UdpSocket,
-    pub(super) relay_listener: TcpListener,
+    /// The relay port (None once draining).
+    pub(super) relay_listener: Option<TcpListener>,
     /// listen IP:port (UDP control == TCP relay).
     pub(super) addr: SocketAddr,
     pub(super) ep: Endpoint,
@@ -166,6 +167,8 @@ pub struct Server {
     /// An accept failed (EMFILE, ENOBUFS...): the connection stays queued
     /// but edge-triggered readiness will not repeat, so the sweep retries.
     pub(super) retry_accept: bool,
+    /// Set by the first SIGTERM ([`super::lifecycle`]).
+    pub(super) drain: Option<super::lifecycle::Drain>,
     /// Where time comes from ([`super::env`]).
     pub(super) clock: Box<dyn Clock>,
     /// Where connect ids and nonces come from.

@@ -77,6 +77,7 @@ fn config() -> Config {
         max_udp_rules_per_proxy: 100,
         max_udp_rules_per_sender_ip: 100,
         proxy_reserve: Duration::from_secs(120),
+        drain_grace: Duration::from_secs(30),
     }
 }
 
