@@ -43,7 +43,10 @@ struct Rig {
 
 /// A random 256-bit key, hex, as `gcb-brokerd --generate-key` writes it.
 fn random_key() -> String {
-    let hex: String = random_bytes(32).iter().map(|b| format!("{b:02x}")).collect();
+    let hex: String = random_bytes(32)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
     hex + "\n"
 }
 
@@ -117,14 +120,7 @@ impl Rig {
 
 /// `socat TCP4-LISTEN:PORT,fork SYSTEM:sha256sum` under gcb-run in `host`, with the lab's
 /// pool key or the key file `key`; its shim log is `DIR/NAME.shim.log`.
-fn listener(
-    lab: &Lab,
-    dir: &Path,
-    host: Host,
-    port: u16,
-    key: Option<&Path>,
-    name: &str,
-) -> Proc {
+fn listener(lab: &Lab, dir: &Path, host: Host, port: u16, key: Option<&Path>, name: &str) -> Proc {
     let log = dir.join(format!("{name}.shim.log"));
     let mut c = gcb_run(lab, host, true, &["--broker", P1], Some(("info", &log)));
     if let Some(k) = key {
@@ -205,7 +201,11 @@ fn sighup_reloads_the_key_without_dropping_a_relay_in_flight() {
     assert!(line.contains("pool key changed"), "{line}");
 
     fs::write(&go, b"").unwrap();
-    assert_answer(&client.finish(UP), &sha, "relayed transfer across the reload");
+    assert_answer(
+        &client.finish(UP),
+        &sha,
+        "relayed transfer across the reload",
+    );
     let text = rig.broker.text();
     assert_eq!(count(&text, "relay reset:"), 0, "{text}");
     assert_eq!(count(&text, "relay closed:"), 1, "{text}");
@@ -264,13 +264,23 @@ fn sigterm_drains_a_relayed_transfer_then_exits_with_the_stats_line() {
     let refused = shim_says(&rig.dir, "late", "serving locally only");
     assert!(refused.contains("shutting down"), "{refused}");
     assert!(
-        !rig.lab.tcp_connects(Host::P2, rig.proxy.ip(), rig.proxy.port()),
+        !rig.lab
+            .tcp_connects(Host::P2, rig.proxy.ip(), rig.proxy.port()),
         "the proxy still accepts connections while draining"
     );
-    assert!(rig.broker.proc.wait_timeout(Duration::ZERO).unwrap().is_none());
+    assert!(rig
+        .broker
+        .proc
+        .wait_timeout(Duration::ZERO)
+        .unwrap()
+        .is_none());
 
     fs::write(&go, b"").unwrap();
-    assert_answer(&client.finish(UP), &sha, "relayed transfer during the drain");
+    assert_answer(
+        &client.finish(UP),
+        &sha,
+        "relayed transfer during the drain",
+    );
     let status = rig.broker.proc.wait_timeout(UP).unwrap();
     assert!(
         status.is_some_and(|s| s.success()),
@@ -351,9 +361,16 @@ fn log_lines_carry_timestamps_or_journal_priorities() {
         let file = fs::File::create(&log).unwrap();
         let md = fs::metadata(&log).unwrap();
         let mut c = lab.cmd(Host::P1, brokerd());
-        c.args(["--listen", P1, "--log", "trace", "--stats-interval-secs", "0"])
-            .stdout(Stdio::null())
-            .stderr(file);
+        c.args([
+            "--listen",
+            P1,
+            "--log",
+            "trace",
+            "--stats-interval-secs",
+            "0",
+        ])
+        .stdout(Stdio::null())
+        .stderr(file);
         match journal {
             Some("self") => c.env("JOURNAL_STREAM", format!("{}:{}", md.dev(), md.ino())),
             Some(other) => c.env("JOURNAL_STREAM", other),
@@ -364,7 +381,11 @@ fn log_lines_carry_timestamps_or_journal_priorities() {
             .unwrap_or_else(|| panic!("broker did not start:\n{}", read_text(&log)));
         p.signal_group(libc::SIGTERM);
         let st = p.wait_timeout(UP).unwrap();
-        assert!(st.is_some_and(|s| s.success()), "{st:?}: {}", read_text(&log));
+        assert!(
+            st.is_some_and(|s| s.success()),
+            "{st:?}: {}",
+            read_text(&log)
+        );
         read_text(&log)
     };
     let plain = run("plain", None);
@@ -402,4 +423,62 @@ fn log_lines_carry_timestamps_or_journal_priorities() {
         };
         assert_eq!(*prio, want, "{l:?}");
     }
+}
+
+/// One `gcb-dpf-request --server 10.1.0.1 query 203.0.113.1:20000` from a1 with the key
+/// file `key`: whether portfwd answered it.
+fn portfwd_answers(lab: &Lab, key: &Path) -> bool {
+    let mut c = lab.cmd(Host::A1, gcb_lab::release_artifact("gcb-dpf-request"));
+    c.args(["--server", "10.1.0.1", "query", "203.0.113.1:20000"])
+        .env("GCB_KEY_FILE", key)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let out = lab.spawn(&mut c).expect("spawn gcb-dpf-request").capture();
+    out.finish(Duration::from_secs(60)).status.success()
+}
+
+/// gcb-portfwd: SIGUSR1 logs the stats line and changes nothing; SIGHUP re-reads the key
+/// file (requests sealed with the old key are refused after it, with the new one
+/// answered); SIGTERM exits 0 with the stats line, keeping the mappings.
+#[test]
+fn portfwd_signals() {
+    let lab = Lab::up();
+    let dir = Scratch::new("portfwd-signals", &lab);
+    let key = dir.join("portfwd.key");
+    fs::copy(lab.key_file(), &key).unwrap();
+    let key_s = key.to_str().unwrap().to_owned();
+    let mut pf = gcb_lab::Portfwd::start(
+        &lab,
+        &dir,
+        &[
+            "--private",
+            "10.1.0.0/24",
+            "--ports",
+            "20000-20099",
+            "--key-file",
+            &key_s,
+            "--stats-interval-secs",
+            "0",
+        ],
+    );
+    assert!(portfwd_answers(&lab, lab.key_file()));
+    pf.proc.signal_group(libc::SIGUSR1);
+    wait_line(&pf.log, UP, |l| l.contains(" stats "))
+        .unwrap_or_else(|| panic!("no stats line:\n{}", pf.text()));
+    assert!(pf.proc.wait_timeout(Duration::ZERO).unwrap().is_none());
+
+    let new_key = dir.join("new.key");
+    fs::write(&new_key, random_key()).unwrap();
+    fs::copy(&new_key, &key).unwrap();
+    pf.proc.signal_group(libc::SIGHUP);
+    let line = wait_line(&pf.log, UP, |l| l.contains("reloaded:"))
+        .unwrap_or_else(|| panic!("no reload line:\n{}", pf.text()));
+    assert!(line.contains("pool key changed"), "{line}");
+    assert!(portfwd_answers(&lab, &new_key), "{}", pf.text());
+    assert!(!portfwd_answers(&lab, lab.key_file()), "{}", pf.text());
+
+    let stats = pf.stop_and_stats();
+    assert!(stats.contains_key("requests"), "{stats:?}");
+    assert!(pf.text().contains("mappings kept"), "{}", pf.text());
 }
