@@ -25,7 +25,7 @@
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use gcb_proto::token::OwnerSecret;
 use tracing::info;
@@ -36,7 +36,7 @@ use crate::relay::RelayState;
 use crate::udprules::RuleLimits;
 
 use super::config::Config;
-use super::state::Server;
+use super::state::{Drain, Server};
 
 /// What the signal handlers set, read by [`Server::run`].
 #[derive(Debug, Default)]
@@ -56,15 +56,6 @@ pub enum RunEnd {
     Reload,
     /// Drained or told to stop: the stats line is logged; exit.
     Exit,
-}
-
-/// A drain in progress.
-#[derive(Debug, Clone, Copy)]
-pub(super) struct Drain {
-    /// When it began (relays still open `drain_grace` later are reset).
-    pub(super) started: Instant,
-    /// SIGTERMs seen when it began.
-    pub(super) terms: usize,
 }
 
 /// What a reload changed, for the log line.

@@ -124,6 +124,15 @@ pub(super) enum Outgoing {
     PunchEnd,
 }
 
+/// A drain in progress (see `lifecycle`).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Drain {
+    /// When it began (relays still open `drain_grace` later are reset).
+    pub(super) started: Instant,
+    /// SIGTERMs seen when it began.
+    pub(super) terms: usize,
+}
+
 /// The broker.
 pub struct Server {
     pub(super) cfg: Config,
@@ -168,7 +177,7 @@ pub struct Server {
     /// but edge-triggered readiness will not repeat, so the sweep retries.
     pub(super) retry_accept: bool,
     /// Set by the first SIGTERM ([`super::lifecycle`]).
-    pub(super) drain: Option<super::lifecycle::Drain>,
+    pub(super) drain: Option<Drain>,
     /// Where time comes from ([`super::env`]).
     pub(super) clock: Box<dyn Clock>,
     /// Where connect ids and nonces come from.
