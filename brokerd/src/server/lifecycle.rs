@@ -77,7 +77,11 @@ impl Server {
         match self.drain {
             None if terms > 0 => {
                 if terms > 1 {
-                    info!("told to stop twice: exiting now");
+                    info!(
+                        "told to stop twice: exiting now, resetting {} relays",
+                        self.relays.len()
+                    );
+                    self.reset_relays("the broker stopped");
                     return Some(RunEnd::Exit);
                 }
                 self.start_drain(terms);
