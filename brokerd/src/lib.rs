@@ -52,8 +52,9 @@
 //!   From/To frames ([`gcb_proto::udp`]);
 //! * [`allow`]: the `--allow CIDR` source filter (networks are [`ipnet`]'s);
 //! * [`iplimits`]: the per-IP token bucket of control datagrams;
-//! * [`logging`]: `gcb-brokerd: LEVEL message` lines on stderr through
-//!   [`tracing`];
+//! * [`logging`]: `TIMESTAMP gcb-brokerd: LEVEL message` lines on stderr
+//!   through [`tracing`] (`<PRIORITY>gcb-brokerd: ...` under journald), the
+//!   level changeable at run time;
 //! * [`gcb_ops`] (crate in `brokerd/ops/`, shared with the other daemon): the operator's
 //!   sockets, served in the loop: the admin unix socket
 //!   (`--admin-socket`) and the Prometheus endpoint (`--metrics`); [`status`]: the
@@ -63,7 +64,9 @@
 //!   `Endpoint` (which does retransmission, duplicate suppression, auth, and
 //!   counts every malformed or rejected datagram), one module per job
 //!   (control datagrams, registrations, connect decisions, the relay port,
-//!   standby claims, timers, stats). The clock and the random source are
+//!   standby claims, timers, stats, and `lifecycle`: SIGUSR1 logs the stats
+//!   line, SIGHUP reloads through [`server::Server::reconfigure`], SIGTERM
+//!   drains for up to `--drain-grace-secs`). The clock and the random source are
 //!   injected ([`server::Clock`], [`server::Random`]), so its unit tests drive
 //!   leases, deadlines and idle timeouts with a fake clock.
 //!

@@ -1,9 +1,10 @@
 //! `gcb-brokerd`: command line, signals, and the event loop (see the
 //! `gcb_brokerd` library docs for the architecture).
 
+use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,7 +12,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use gcb_brokerd::allow::{AllowList, Cidr};
 use gcb_brokerd::logging::{self, Level};
-use gcb_brokerd::server::{Config, PortRange, Server, DEFAULT_PORT};
+use gcb_brokerd::server::{Config, PortRange, RunEnd, Server, Signals, DEFAULT_PORT};
 use gcb_proto::addr::endpoint_arg;
 use gcb_proto::conf::{self, ConfError, Layered};
 use gcb_proto::PoolKey;
@@ -226,6 +227,12 @@ struct Args {
     /// on loopback or a management network.
     #[arg(long, value_name = "IP:PORT")]
     metrics: Option<SocketAddr>,
+
+    /// Seconds relays may run on after SIGTERM (the broker already refuses new
+    /// registrations and connections) before they are reset and the broker exits; it
+    /// exits as soon as none is left. 0: exit at once. A second SIGTERM exits at once.
+    #[arg(long, default_value_t = 30, value_name = "SECS")]
+    drain_grace_secs: u64,
 }
 
 const STATUS_HELP: &str =
@@ -265,17 +272,29 @@ fn bind_address(args: &Args) -> Result<SocketAddr> {
     )
 }
 
-/// SIGTERM and SIGINT set the returned flag; the event loop sees it within one poll
-/// (epoll_wait is never restarted after a handler, and the loop sleeps 250 ms at most).
-/// SIGPIPE needs nothing here: Rust's runtime ignores it before `main`, so a peer closing
-/// a socket never kills the daemon.
-fn install_signal_handlers() -> Result<Arc<AtomicBool>> {
-    let stop = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-        signal_hook::flag::register(sig, Arc::clone(&stop))
+/// SIGTERM and SIGINT count in `terminate` (the first drains, the second exits), SIGHUP
+/// asks for a reload, SIGUSR1 for the stats line; the event loop sees them within one
+/// poll (epoll_wait is never restarted after a handler, and the loop sleeps 250 ms at
+/// most). SIGPIPE needs nothing here: Rust's runtime ignores it before `main`, so a peer
+/// closing a socket never kills the daemon.
+fn install_signal_handlers() -> Result<Arc<Signals>> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
+    let signals = Arc::new(Signals::default());
+    for sig in [SIGTERM, SIGINT, SIGHUP, SIGUSR1] {
+        let s = Arc::clone(&signals);
+        let action = move || match sig {
+            SIGHUP => s.reload.store(true, Ordering::Relaxed),
+            SIGUSR1 => s.stats.store(true, Ordering::Relaxed),
+            _ => {
+                s.terminate.fetch_add(1, Ordering::Relaxed);
+            }
+        };
+        // SAFETY: the action only stores to or adds to atomics, which is
+        // async-signal-safe; it allocates nothing and takes no lock.
+        unsafe { signal_hook::low_level::register(sig, action) }
             .with_context(|| format!("installing the handler of signal {sig}"))?;
     }
-    Ok(stop)
+    Ok(signals)
 }
 
 /// Each relay needs 6 fds (2 sockets, 2 pipes): raise the soft fd limit
@@ -326,14 +345,11 @@ fn generate_key(path: &std::path::Path) -> Result<()> {
 /// The configuration file read when `--config` is not given (if it exists).
 const DEFAULT_CONFIG: &str = "/etc/gcb/brokerd.toml";
 
-/// The arguments: this file's flags, each also a key of the config file and an
-/// environment variable `GCB_BROKERD_FLAG` (see `gcb_proto::conf`). `--help`, `--version`
-/// and command-line errors print and exit here, as clap does.
-fn parse_args() -> Result<Layered<Args>> {
-    match conf::parse_process::<Args>("GCB_BROKERD", std::path::Path::new(DEFAULT_CONFIG)) {
-        Err(ConfError::Cli(e)) => e.exit(),
-        r => Ok(r?),
-    }
+/// The arguments from `argv`: this file's flags, each also a key of the config file and
+/// an environment variable `GCB_BROKERD_FLAG` (see `gcb_proto::conf`). The one place
+/// arguments are read, at start and on every SIGHUP (which so re-reads the file).
+fn load_args(argv: &[OsString]) -> Result<Layered<Args>, ConfError> {
+    conf::parse_process::<Args>(argv, "GCB_BROKERD", std::path::Path::new(DEFAULT_CONFIG))
 }
 
 /// `--check-config`: the effective settings on stdout, as a config file.
@@ -345,19 +361,15 @@ fn print_effective(layered: &Layered<Args>) {
     print!("{}", layered.effective());
 }
 
-fn run() -> Result<()> {
-    if std::env::args_os().nth(1).is_some_and(|a| a == "status") {
-        return status_command();
-    }
-    let layered = parse_args()?;
-    let args = &layered.args;
-    logging::init(args.log);
-    if let Some(path) = &args.generate_key {
-        generate_key(path)?;
-        eprintln!("gcb-brokerd: wrote a new pool key to {}", path.display());
-        return Ok(());
-    }
-    let listen = bind_address(&args)?;
+/// The effective configuration and log level from `argv` (see [`load_args`]); the key
+/// file is read here, so a reload re-reads it.
+fn load_settings(argv: &[OsString]) -> Result<(Config, Level)> {
+    settings(&load_args(argv)?.args)
+}
+
+/// [`load_settings`] from parsed arguments.
+fn settings(args: &Args) -> Result<(Config, Level)> {
+    let listen = bind_address(args)?;
     let key = match &args.key_file {
         Some(path) => {
             let bytes = std::fs::read(path)
@@ -392,9 +404,6 @@ fn run() -> Result<()> {
         }
         (Some(_), false) => {}
     }
-    logging::flush();
-    let stop = install_signal_handlers()?;
-    raise_fd_limit();
     let cfg = Config {
         listen,
         key,
@@ -422,11 +431,70 @@ fn run() -> Result<()> {
         max_udp_rules_per_sender_ip: args.max_udp_rules_per_sender_ip,
         advertise: args.advertise,
         proxy_ports: args.proxy_ports,
+        drain_grace: Duration::from_secs(args.drain_grace_secs),
     };
+    Ok((cfg, args.log))
+}
+
+/// SIGHUP: resolves the configuration again and applies it, logging one line: what
+/// changed, or the error that kept the running configuration.
+fn reload(server: &mut Server, argv: &[OsString]) {
+    let (cfg, level) = match load_settings(argv) {
+        Ok(x) => x,
+        Err(e) => {
+            tracing::error!(
+                "reload refused, the running configuration stays: {}",
+                gcb_proto::error_line(e.as_ref())
+            );
+            return;
+        }
+    };
+    let mut applied = Vec::new();
+    let old_level = logging::level();
+    if level != old_level {
+        logging::set_level(level);
+        applied.push(format!("log {}->{}", old_level.name(), level.name()));
+    }
+    let changes = server.reconfigure(cfg);
+    applied.extend(changes.applied);
+    let mut line = if applied.is_empty() {
+        "reloaded: nothing changed".to_owned()
+    } else {
+        format!("reloaded: {}", applied.join(", "))
+    };
+    if !changes.need_restart.is_empty() {
+        line += &format!(
+            "; needs a restart, not applied: {}",
+            changes.need_restart.join(", ")
+        );
+    }
+    tracing::info!("{line}");
+}
+
+fn run() -> Result<()> {
+    if std::env::args_os().nth(1).is_some_and(|a| a == "status") {
+        return status_command();
+    }
+    let argv: Vec<OsString> = std::env::args_os().collect();
+    let layered = match load_args(&argv) {
+        Err(ConfError::Cli(e)) => e.exit(),
+        r => r?,
+    };
+    let args = &layered.args;
+    logging::init(args.log);
+    if let Some(path) = &args.generate_key {
+        generate_key(path)?;
+        eprintln!("gcb-brokerd: wrote a new pool key to {}", path.display());
+        return Ok(());
+    }
+    let (cfg, _) = settings(args)?;
     if layered.check_config {
         print_effective(&layered);
         return Ok(());
     }
+    logging::flush();
+    let signals = install_signal_handlers()?;
+    raise_fd_limit();
     let mut server = Server::bind(cfg)?;
     let admin = gcb_ops::admin_socket_arg(args.admin_socket.as_deref(), "brokerd");
     server.open_ops(admin.as_deref(), args.metrics)?;
@@ -439,9 +507,13 @@ fn run() -> Result<()> {
         }
     }
     let a = server.local_addr();
-    eprintln!("gcb-brokerd: listening on udp {a}, relay tcp {a}");
-    let r = server.run(&stop);
-    logging::flush();
-    r?;
-    Ok(())
+    logging::always(&format!("listening on udp {a}, relay tcp {a}"));
+    loop {
+        let end = server.run(&signals);
+        logging::flush();
+        match end? {
+            RunEnd::Exit => return Ok(()),
+            RunEnd::Reload => reload(&mut server, &argv),
+        }
+    }
 }

@@ -86,6 +86,12 @@ impl Registry {
         }
     }
 
+    /// Applies new limits (a reload): they bind new registrations and renewals;
+    /// registrations beyond a lowered cap are kept until they end.
+    pub fn set_limits(&mut self, limits: Limits) {
+        self.limits = limits;
+    }
+
     /// The configured lease.
     pub fn lease(&self) -> Duration {
         self.limits.lease

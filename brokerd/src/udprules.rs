@@ -102,6 +102,12 @@ impl RuleTable {
         }
     }
 
+    /// Applies new limits (a reload): they bind new rules and the next expiries; rules
+    /// beyond a lowered cap are kept until they expire.
+    pub fn set_limits(&mut self, limits: RuleLimits) {
+        self.limits = limits;
+    }
+
     /// The configured limits.
     pub fn limits(&self) -> RuleLimits {
         self.limits

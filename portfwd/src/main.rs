@@ -1,9 +1,10 @@
 //! `gcb-portfwd`: command line, signals, and the event loop (see the
 //! `gcb_portfwd` library docs).
 
+use std::ffi::OsString;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -11,8 +12,9 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use gcb_portfwd::core::{Core, CoreConfig};
 use gcb_portfwd::kernel::NftKernel;
+use gcb_portfwd::logging::{self, Level};
 use gcb_portfwd::policy::{self, PortRange};
-use gcb_portfwd::server::{self, Config, Server, DEFAULT_PORT};
+use gcb_portfwd::server::{self, Config, RunEnd, Server, Signals, DEFAULT_PORT};
 use gcb_proto::addr::endpoint_arg;
 use gcb_proto::conf::{self, ConfError, Layered};
 use gcb_proto::PoolKey;
@@ -187,73 +189,28 @@ fn advertised(args: &Args) -> Result<Ipv4Addr> {
     Ok(ip)
 }
 
-/// Log levels, most severe first.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-enum Level {
-    /// Failures of the daemon itself.
-    Error,
-    /// Refusals, dropped input, removed mappings, repairs.
-    Warn,
-    /// Mappings added and deleted, sync summaries.
-    Info,
-    /// Every control message and probe.
-    Debug,
-}
-
-impl From<Level> for tracing::Level {
-    fn from(l: Level) -> tracing::Level {
-        match l {
-            Level::Error => tracing::Level::ERROR,
-            Level::Warn => tracing::Level::WARN,
-            Level::Info => tracing::Level::INFO,
-            Level::Debug => tracing::Level::DEBUG,
-        }
+/// SIGTERM and SIGINT count in `terminate` (stop), SIGHUP asks for a reload, SIGUSR1 for
+/// the stats line; the event loop sees them within one poll (it wakes at least every
+/// 250 ms, and `epoll_wait` returns EINTR on a signal whatever SA_RESTART says).
+/// SIGPIPE is already ignored: the Rust runtime does that before `main`.
+fn install_signal_handlers() -> Result<Arc<Signals>> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
+    let signals = Arc::new(Signals::default());
+    for sig in [SIGTERM, SIGINT, SIGHUP, SIGUSR1] {
+        let s = Arc::clone(&signals);
+        let action = move || match sig {
+            SIGHUP => s.reload.store(true, Ordering::Relaxed),
+            SIGUSR1 => s.stats.store(true, Ordering::Relaxed),
+            _ => {
+                s.terminate.fetch_add(1, Ordering::Relaxed);
+            }
+        };
+        // SAFETY: the action only stores to or adds to atomics, which is
+        // async-signal-safe; it allocates nothing and takes no lock.
+        unsafe { signal_hook::low_level::register(sig, action) }
+            .with_context(|| format!("sigaction {sig}"))?;
     }
-}
-
-/// The log line: `gcb-portfwd: LEVEL message`, as operators and the lab tests
-/// read it (no timestamp: journald or the caller adds one).
-struct LogLine;
-
-impl<S, N> tracing_subscriber::fmt::FormatEvent<S, N> for LogLine
-where
-    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
-    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
-{
-    fn format_event(
-        &self,
-        ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
-        mut writer: tracing_subscriber::fmt::format::Writer<'_>,
-        event: &tracing::Event<'_>,
-    ) -> std::fmt::Result {
-        write!(writer, "gcb-portfwd: {} ", event.metadata().level())?;
-        ctx.field_format().format_fields(writer.by_ref(), event)?;
-        writeln!(writer)
-    }
-}
-
-/// Logs to stderr at `level` and above. The fmt subscriber formats each
-/// event into a buffer and writes it with one call, so lines of concurrent
-/// writers do not interleave.
-fn init_log(level: Level) {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_max_level(tracing::Level::from(level))
-        .with_ansi(false)
-        .event_format(LogLine)
-        .init();
-}
-
-/// SIGTERM and SIGINT set the flag the event loop checks (it wakes at least
-/// every 250 ms, and `epoll_wait` returns EINTR on a signal whatever
-/// SA_RESTART says). SIGPIPE is already ignored: the Rust runtime does that
-/// before `main`.
-fn stop_on_signals() -> Result<Arc<AtomicBool>> {
-    let stop = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-        signal_hook::flag::register(sig, Arc::clone(&stop)).context("sigaction")?;
-    }
-    Ok(stop)
+    Ok(signals)
 }
 
 /// Errors end the process with one line (the context chain), exit status 1, and no
@@ -268,14 +225,11 @@ fn main() {
 /// The configuration file read when `--config` is not given (if it exists).
 const DEFAULT_CONFIG: &str = "/etc/gcb/portfwd.toml";
 
-/// The arguments: this file's flags, each also a key of the config file and an
-/// environment variable `GCB_PORTFWD_FLAG` (see `gcb_proto::conf`). `--help`, `--version`
-/// and command-line errors print and exit here, as clap does.
-fn parse_args() -> Result<Layered<Args>> {
-    match conf::parse_process::<Args>("GCB_PORTFWD", std::path::Path::new(DEFAULT_CONFIG)) {
-        Err(ConfError::Cli(e)) => e.exit(),
-        r => Ok(r?),
-    }
+/// The arguments from `argv`: this file's flags, each also a key of the config file and
+/// an environment variable `GCB_PORTFWD_FLAG` (see `gcb_proto::conf`). The one place
+/// arguments are read, at start and on every SIGHUP (which so re-reads the file).
+fn load_args(argv: &[OsString]) -> Result<Layered<Args>, ConfError> {
+    conf::parse_process::<Args>(argv, "GCB_PORTFWD", std::path::Path::new(DEFAULT_CONFIG))
 }
 
 /// `--check-config`: the effective settings on stdout, as a config file.
@@ -287,13 +241,15 @@ fn print_effective(layered: &Layered<Args>) {
     print!("{}", layered.effective());
 }
 
-fn run() -> Result<()> {
-    if std::env::args_os().nth(1).is_some_and(|a| a == "status") {
-        return status_command();
-    }
-    let layered = parse_args()?;
-    let args = &layered.args;
-    init_log(args.log);
+/// The effective configuration from `argv` (see [`load_args`]): the server's, the
+/// core's, the log level and the state directory. The key file is read here, so a
+/// reload re-reads it.
+fn load_settings(argv: &[OsString]) -> Result<(Config, CoreConfig, Level, PathBuf)> {
+    settings(&load_args(argv)?.args)
+}
+
+/// [`load_settings`] from parsed arguments.
+fn settings(args: &Args) -> Result<(Config, CoreConfig, Level, PathBuf)> {
     if args.private.contains(&args.public) {
         bail!(
             "--public {} is inside --private {}",
@@ -351,17 +307,8 @@ fn run() -> Result<()> {
             lan_ifs.join(", ")
         );
     }
-    if layered.check_config {
-        print_effective(&layered);
-        return Ok(());
-    }
-    let stop = stop_on_signals()?;
-    let kernel = NftKernel::new(args.public, args.private);
-    if kernel.libnft.is_none() {
-        tracing::info!("libnftables.so.1 not loadable: every nft transaction spawns nft (~2 ms)");
-    }
-    let cfg = CoreConfig {
-        public: advertised(&args)?,
+    let core = CoreConfig {
+        public: advertised(args)?,
         private: args.private,
         ports: args.ports,
         quota: args.quota,
@@ -369,8 +316,85 @@ fn run() -> Result<()> {
         burst: args.burst,
         probe_failures: args.probe_failures.max(1),
     };
-    let (core, report) = Core::open(cfg, kernel, &args.state, Instant::now())
-        .with_context(|| format!("starting with state directory {}", args.state.display()))?;
+    let cfg = Config {
+        listen,
+        key,
+        lan_ifs,
+        probe_interval: Duration::from_secs(args.probe_interval_secs.max(1)),
+        probe_timeout: Duration::from_millis(args.probe_timeout_ms.max(1)),
+        probe_concurrency: args.probe_concurrency.max(1),
+        stats_interval: (args.stats_interval_secs > 0)
+            .then(|| Duration::from_secs(args.stats_interval_secs)),
+    };
+    Ok((cfg, core, args.log, args.state.clone()))
+}
+
+/// SIGHUP: resolves the configuration again and applies it, logging one line: what
+/// changed, or the error that kept the running configuration.
+fn reload<K: gcb_portfwd::kernel::KernelBackend>(server: &mut Server<K>, argv: &[OsString]) {
+    let (cfg, core, level, state) = match load_settings(argv) {
+        Ok(x) => x,
+        Err(e) => {
+            tracing::error!(
+                "reload refused, the running configuration stays: {}",
+                gcb_proto::error_line(e.as_ref())
+            );
+            return;
+        }
+    };
+    let mut applied = Vec::new();
+    let old_level = logging::level();
+    if level != old_level {
+        logging::set_level(level);
+        applied.push(format!("log {}->{}", old_level.name(), level.name()));
+    }
+    let mut changes = server.reconfigure(cfg, &core);
+    if server.core().mirror().path() != state.join(gcb_portfwd::mirror::MIRROR_FILE) {
+        changes
+            .need_restart
+            .push(format!("state {}", state.display()));
+    }
+    applied.extend(changes.applied);
+    let mut line = if applied.is_empty() {
+        "reloaded: nothing changed".to_owned()
+    } else {
+        format!("reloaded: {}", applied.join(", "))
+    };
+    if !changes.need_restart.is_empty() {
+        line += &format!(
+            "; needs a restart, not applied: {}",
+            changes.need_restart.join(", ")
+        );
+    }
+    tracing::info!("{line}");
+}
+
+fn run() -> Result<()> {
+    if std::env::args_os().nth(1).is_some_and(|a| a == "status") {
+        return status_command();
+    }
+    let argv: Vec<OsString> = std::env::args_os().collect();
+    let layered = match load_args(&argv) {
+        Err(ConfError::Cli(e)) => e.exit(),
+        r => r?,
+    };
+    let args = &layered.args;
+    logging::init(args.log);
+    let (scfg, cfg, _, state) = settings(args)?;
+    if layered.check_config {
+        print_effective(&layered);
+        return Ok(());
+    }
+    let signals = install_signal_handlers()?;
+    // The rules match --public, the address packets arrive on (clients are told
+    // cfg.public, which --advertise may make another).
+    let kernel = NftKernel::new(args.public, cfg.private);
+    if kernel.libnft.is_none() {
+        tracing::info!("libnftables.so.1 not loadable: every nft transaction spawns nft (~2 ms)");
+    }
+    let (public, private, ports) = (cfg.public, cfg.private, cfg.ports);
+    let (core, report) = Core::open(cfg, kernel, &state, Instant::now())
+        .with_context(|| format!("starting with state directory {}", state.display()))?;
     tracing::info!(
         "epoch {}: {} mappings restored from {} ({} records, {} corrupt, {} torn bytes, {} mappings quarantined); kernel: {} installed{}",
         core.epoch(),
@@ -383,16 +407,8 @@ fn run() -> Result<()> {
         report.kernel_added,
         if report.kernel_replaced { " (table re-created)" } else { "" }
     );
-    let scfg = Config {
-        listen,
-        key,
-        lan_ifs: lan_ifs.clone(),
-        probe_interval: Duration::from_secs(args.probe_interval_secs.max(1)),
-        probe_timeout: Duration::from_millis(args.probe_timeout_ms.max(1)),
-        probe_concurrency: args.probe_concurrency.max(1),
-        stats_interval: (args.stats_interval_secs > 0)
-            .then(|| Duration::from_secs(args.stats_interval_secs)),
-    };
+    let listen = scfg.listen;
+    let lan_ifs = scfg.lan_ifs.join(", ");
     let mut server =
         Server::bind(scfg, core).with_context(|| format!("binding control socket udp {listen}"))?;
     let admin = gcb_ops::admin_socket_arg(args.admin_socket.as_deref(), "portfwd");
@@ -405,14 +421,14 @@ fn run() -> Result<()> {
             eprintln!("gcb-portfwd: metrics on http://{m}/metrics");
         }
     }
-    eprintln!(
-        "gcb-portfwd: listening on udp {} (LAN interfaces {}), public {}, ports {}, private {}",
+    logging::always(&format!(
+        "listening on udp {} (LAN interfaces {lan_ifs}), public {public}, ports {ports}, private {private}",
         server.local_addr(),
-        lan_ifs.join(", "),
-        args.public,
-        args.ports,
-        args.private
-    );
-    server.run(&stop)?;
-    Ok(())
+    ));
+    loop {
+        match server.run(&signals)? {
+            RunEnd::Exit => return Ok(()),
+            RunEnd::Reload => reload(&mut server, &argv),
+        }
+    }
 }

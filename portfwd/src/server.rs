@@ -16,6 +16,19 @@
 //! interface is logged. Interface indexes are resolved by name and cached
 //! until the next probe round, so a re-created interface is picked up.
 //!
+//! ## Signals
+//!
+//! SIGUSR1 logs the stats line. SIGHUP makes [`Server::run`] return
+//! [`RunEnd::Reload`]: `main` resolves the configuration again and applies it with
+//! [`Server::reconfigure`] (pool key, LAN interfaces, probe settings, quota, rate,
+//! burst, stats interval; `--public`, `--private`, `--ports`, `--listen` and `--state`
+//! need a restart). A new key takes over at once: requests sealed with the old one are
+//! refused; mappings stay (they carry no key). SIGTERM/SIGINT stop it at the next turn
+//! of the loop (a batch in progress is committed and answered first) and keep every
+//! mapping: table, mirror file and kernel rules stay, and traffic through the rules
+//! flows on while the daemon is down. No drain: the daemon holds no connection of its
+//! own (forwarded traffic never passes through it), so there is nothing to wait for.
+//!
 //! `IP_PKTINFO` rather than `SO_BINDTODEVICE`: one socket then serves
 //! several LAN interfaces and loopback (a socket is bound to at most one
 //! device), and a datagram from the wrong side reaches us to be counted and
@@ -25,7 +38,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::unix::io::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use gcb_proto::{Body, Endpoint, Event, PoolKey, RequestId};
@@ -34,7 +47,7 @@ use mio::net::{TcpStream, UdpSocket};
 use mio::{Events, Interest, Poll, Token};
 
 use crate::client::{now, random_u64};
-use crate::core::{Core, ProbeOutcome};
+use crate::core::{Core, CoreConfig, ProbeOutcome};
 use crate::kernel::KernelBackend;
 use crate::status::{InstallLatency, MappingStatus, Status};
 use gcb_ops::{Ops, OpsError, Request};
@@ -67,6 +80,35 @@ pub struct Config {
     pub probe_concurrency: usize,
     /// Period of the stats line (None: only at exit).
     pub stats_interval: Option<Duration>,
+}
+
+/// What the signal handlers set, read by [`Server::run`].
+#[derive(Debug, Default)]
+pub struct Signals {
+    /// SIGTERM/SIGINT received so far.
+    pub terminate: AtomicUsize,
+    /// SIGHUP: reload.
+    pub reload: AtomicBool,
+    /// SIGUSR1: log the stats line.
+    pub stats: AtomicBool,
+}
+
+/// Why [`Server::run`] returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunEnd {
+    /// SIGHUP: reload the configuration, then call `run` again.
+    Reload,
+    /// Told to stop: the stats line is logged; exit (mappings kept).
+    Exit,
+}
+
+/// What a reload changed, for the log line.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Changes {
+    /// `name old->new` for each setting applied.
+    pub applied: Vec<String>,
+    /// Settings that differ but apply only at the next start.
+    pub need_restart: Vec<String>,
 }
 
 /// Server counters (the core has its own).
@@ -208,10 +250,20 @@ impl<K: KernelBackend> Server<K> {
         }
     }
 
-    /// Runs until `stop` becomes true; logs the stats line on the way out.
-    pub fn run(&mut self, stop: &AtomicBool) -> io::Result<()> {
+    /// Runs until a signal says otherwise (see [`RunEnd`]; module docs); logs the
+    /// stats line before returning [`RunEnd::Exit`].
+    pub fn run(&mut self, signals: &Signals) -> io::Result<RunEnd> {
         let mut events = Events::with_capacity(1024);
-        while !stop.load(Ordering::Relaxed) {
+        loop {
+            if signals.stats.swap(false, Ordering::Relaxed) {
+                self.log_stats();
+            }
+            if signals.terminate.load(Ordering::Relaxed) > 0 {
+                break;
+            }
+            if signals.reload.swap(false, Ordering::Relaxed) {
+                return Ok(RunEnd::Reload);
+            }
             let timeout = self.sleep_time();
             match self.poll.poll(&mut events, Some(timeout)) {
                 Ok(()) => {}
@@ -239,7 +291,97 @@ impl<K: KernelBackend> Server<K> {
             self.core.table().len()
         );
         self.log_stats();
-        Ok(())
+        Ok(RunEnd::Exit)
+    }
+
+    /// Applies a reload (module docs): `cfg` to the server, `core`'s quota, rate, burst
+    /// and probe failures to the core. Says what changed; what needs a restart is
+    /// reported and not applied. Never removes a mapping.
+    pub fn reconfigure(&mut self, cfg: Config, core: &CoreConfig) -> Changes {
+        let mut ch = Changes::default();
+        let (old, oc) = (&self.cfg, self.core.config());
+        if old.listen != cfg.listen {
+            ch.need_restart
+                .push(format!("listen {}->{}", old.listen, cfg.listen));
+        }
+        if oc.public != core.public {
+            ch.need_restart
+                .push(format!("public {}->{}", oc.public, core.public));
+        }
+        if oc.private != core.private {
+            ch.need_restart
+                .push(format!("private {}->{}", oc.private, core.private));
+        }
+        if oc.ports != core.ports {
+            ch.need_restart
+                .push(format!("ports {}->{}", oc.ports, core.ports));
+        }
+        if old.key != cfg.key {
+            ch.applied.push(
+                match (&old.key, &cfg.key) {
+                    (None, Some(_)) => "pool key set (was --insecure)",
+                    (Some(_), None) => "pool key removed (--insecure)",
+                    _ => "pool key changed",
+                }
+                .to_owned(),
+            );
+            self.ep.set_key(cfg.key.clone());
+        }
+        if old.lan_ifs != cfg.lan_ifs {
+            ch.applied.push(format!(
+                "lan interfaces {}->{}",
+                old.lan_ifs.join(","),
+                cfg.lan_ifs.join(",")
+            ));
+            self.lan_by_index.clear();
+            self.warned_ifs.clear();
+        }
+        let mut diff = |name: &str, a: String, b: String| {
+            if a != b {
+                ch.applied.push(format!("{name} {a}->{b}"));
+            }
+        };
+        diff(
+            "probe_interval",
+            format!("{:?}", old.probe_interval),
+            format!("{:?}", cfg.probe_interval),
+        );
+        diff(
+            "probe_timeout",
+            format!("{:?}", old.probe_timeout),
+            format!("{:?}", cfg.probe_timeout),
+        );
+        diff(
+            "probe_concurrency",
+            old.probe_concurrency.to_string(),
+            cfg.probe_concurrency.to_string(),
+        );
+        diff(
+            "stats_interval",
+            format!("{:?}", old.stats_interval),
+            format!("{:?}", cfg.stats_interval),
+        );
+        diff("quota", oc.quota.to_string(), core.quota.to_string());
+        diff("rate", oc.rate.to_string(), core.rate.to_string());
+        diff("burst", oc.burst.to_string(), core.burst.to_string());
+        diff(
+            "probe_failures",
+            oc.probe_failures.to_string(),
+            core.probe_failures.to_string(),
+        );
+        let t = Instant::now();
+        if old.stats_interval != cfg.stats_interval {
+            self.next_stats = cfg.stats_interval.map(|d| t + d);
+        }
+        if old.probe_interval != cfg.probe_interval && self.round.is_none() {
+            self.next_round = t + cfg.probe_interval;
+        }
+        self.core.set_limits(core);
+        let listen = self.cfg.listen;
+        self.cfg = cfg;
+        // The socket stays where it is bound.
+        self.cfg.listen = listen;
+        ch
     }
 
     fn sleep_time(&self) -> Duration {

@@ -182,6 +182,12 @@ impl Sealer {
         self.key.is_some()
     }
 
+    /// Seals with `key` from now on (a daemon's reload). The nonce sequence goes on, so
+    /// no nonce is ever used twice by this session.
+    pub fn set_key(&mut self, key: Option<PoolKey>) {
+        self.key = key;
+    }
+
     /// Frames `json`. `unix_ms` is the sender's wall clock.
     pub fn seal(&mut self, unix_ms: u64, json: &[u8]) -> Vec<u8> {
         match &self.key {
@@ -309,6 +315,12 @@ impl Opener {
     /// frames captured before a restart cannot be replayed after it).
     pub fn set_not_before(&mut self, unix_ms: u64) {
         self.not_before_ms = unix_ms;
+    }
+
+    /// Accepts only frames made with `key` from now on (a daemon's reload). The replay
+    /// windows are kept: a frame seen before is still refused.
+    pub fn set_key(&mut self, key: Option<PoolKey>) {
+        self.key = key;
     }
 
     /// True if a MAC is required.
@@ -514,6 +526,19 @@ mod tests {
         assert_eq!(o.open(NOW, &s2.seal(NOW, b"{}")), Err(RejectReason::BadMac));
         // forged frames did not poison the window: the genuine one still passes
         assert!(o.open(NOW, &f).is_ok());
+    }
+
+    #[test]
+    fn key_change_takes_effect_at_once() {
+        let (mut s, mut o) = keyed();
+        let old_frame = s.seal(NOW, b"{}");
+        let new = PoolKey::from_file_contents(b"the-next-pool-key-16").unwrap();
+        o.set_key(Some(new.clone()));
+        assert_eq!(o.open(NOW, &old_frame), Err(RejectReason::BadMac));
+        s.set_key(Some(new));
+        let f = s.seal(NOW, b"{}");
+        assert!(o.open(NOW, &f).is_ok());
+        assert_eq!(o.open(NOW, &f), Err(RejectReason::Replayed));
     }
 
     #[test]

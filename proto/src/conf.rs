@@ -238,10 +238,12 @@ fn on_command_line(argv: &[OsString], long: &str, short: Option<char>) -> bool {
     })
 }
 
-/// [`parse`] of this process's arguments, environment and files: the daemons' `main`.
+/// [`parse`] of `argv` (this process's arguments) with this process's environment and
+/// files: the daemons' `main`, at start and on every reload.
 /// (The one place this crate reads anything itself; everything it calls takes them as
 /// arguments.)
 pub fn parse_process<T: clap::CommandFactory + FromArgMatches>(
+    argv: &[OsString],
     env_prefix: &str,
     default_file: &Path,
 ) -> Result<Layered<T>, ConfError> {
@@ -253,7 +255,7 @@ pub fn parse_process<T: clap::CommandFactory + FromArgMatches>(
         read_file: &read,
         env: &env,
     };
-    parse(std::env::args_os().collect(), &sources)
+    parse(argv.to_vec(), &sources)
 }
 
 /// Parses `argv` with the file and environment layers under it.

@@ -322,6 +322,14 @@ impl Endpoint {
         self.opener.set_not_before(unix_ms);
     }
 
+    /// Seals and accepts frames with `key` from now on (a daemon's reload of its pool
+    /// key): frames made with the old key are rejected like any wrong key. Requests in
+    /// flight and the reply cache are kept.
+    pub fn set_key(&mut self, key: Option<PoolKey>) {
+        self.sealer.set_key(key.clone());
+        self.opener.set_key(key);
+    }
+
     /// The configuration.
     pub fn config(&self) -> &Config {
         &self.config

@@ -207,12 +207,20 @@ impl Broker {
     }
 
     /// SIGTERMs the broker and returns the counters of the stats line it prints at exit.
+    /// A broker still draining relays after 5 s is told again (it then exits at once).
     pub fn stop_and_stats(&mut self) -> HashMap<String, u64> {
         self.proc.signal_group(libc::SIGTERM);
-        let st = self
+        let mut st = self
             .proc
             .wait_timeout(Duration::from_secs(5))
             .expect("wait broker");
+        if st.is_none() {
+            self.proc.signal_group(libc::SIGTERM);
+            st = self
+                .proc
+                .wait_timeout(Duration::from_secs(5))
+                .expect("wait broker");
+        }
         assert!(st.is_some(), "broker did not exit on SIGTERM");
         last_stats(&self.text())
             .unwrap_or_else(|| panic!("no stats line in the broker log:\n{}", self.text()))

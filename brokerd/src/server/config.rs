@@ -11,7 +11,8 @@ use crate::allow::AllowList;
 /// Default control (UDP) and relay (TCP) port.
 pub const DEFAULT_PORT: u16 = 9650;
 
-/// Daemon configuration (built by `main` from the command line).
+/// Daemon configuration (built by `main` from the command line; a reload builds a new one
+/// and hands it to [`Server::reconfigure`](super::Server::reconfigure)).
 #[derive(Debug)]
 pub struct Config {
     /// Where the control UDP socket binds; the relay TCP listener binds the same
@@ -74,6 +75,9 @@ pub struct Config {
     /// (None: ephemeral ports). A registration finding none free is refused with
     /// `port_range`.
     pub proxy_ports: Option<PortRange>,
+    /// How long relays may run on after SIGTERM before they are reset
+    /// (see [`super::lifecycle`]; zero: exit at once).
+    pub drain_grace: Duration,
 }
 
 pub use gcb_proto::addr::{PortRange, PortRangeError};

@@ -96,6 +96,19 @@ impl Server {
     }
 
     pub(super) fn on_request(&mut self, from: SocketAddr, body: Body) -> Body {
+        if self.drain.is_some()
+            && matches!(
+                body,
+                Body::Register { .. } | Body::ConnectRequest { .. } | Body::PunchRequest { .. }
+            )
+        {
+            // The shim serves locally (register) or connects as if no broker (connect).
+            return self.refuse(
+                from,
+                ErrorCode::Busy,
+                "the broker is shutting down".to_owned(),
+            );
+        }
         match body {
             Body::Register {
                 transport,

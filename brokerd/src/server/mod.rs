@@ -23,6 +23,7 @@
 //! * `claims`: standby connections and their claims;
 //! * `timers`: the sweep; `stats`: the stats line;
 //! * `admin`: the status document and the operator's sockets ([`crate::ops`]);
+//! * `lifecycle`: signals, reload ([`Server::reconfigure`]) and the drain on SIGTERM;
 //! * `tests`: the handlers driven with a fake clock.
 //!
 //! This module binds the sockets and runs the loop.
@@ -34,6 +35,7 @@ mod connect;
 mod control;
 pub mod counters;
 pub mod env;
+pub mod lifecycle;
 mod register;
 mod relay_port;
 mod state;
@@ -46,6 +48,7 @@ mod tokens;
 pub use config::{Config, PortRange, StartError, DEFAULT_PORT};
 pub use counters::Counters;
 pub use env::{Clock, OsRandom, Random, SystemClock};
+pub use lifecycle::{Changes, RunEnd, Signals};
 pub use state::Server;
 
 use std::collections::{HashMap, HashSet};
@@ -57,7 +60,6 @@ use gcb_proto::token::OwnerSecret;
 use gcb_proto::Endpoint;
 use mio::net::{TcpListener, UdpSocket};
 use mio::{Interest, Poll, Token};
-use tracing::info;
 
 use crate::iplimits::RateLimiter;
 use crate::registry::{Limits, Registry};
@@ -66,7 +68,6 @@ use crate::udpproxy::UdpPlane;
 use crate::udprules::RuleLimits;
 use mio::Events;
 use state::{Owner, CONTROL, FIRST_DYNAMIC, RELAY_LISTENER};
-use std::sync::atomic::{AtomicBool, Ordering};
 
 impl Server {
     /// Binds the control UDP socket and the relay TCP listener; the system clock and
@@ -163,7 +164,7 @@ impl Server {
             udp.add_own_alias(ip);
         }
         if addr != bound || cfg.proxy_ports.is_some() {
-            info!(
+            tracing::info!(
                 "bound on {bound}, advertised as {addr}{}; proxy sockets on {} with {}",
                 alias.map_or(String::new(), |ip| format!(" (reached from here via {ip})")),
                 bound.ip(),
@@ -182,7 +183,7 @@ impl Server {
             cfg,
             poll,
             control,
-            relay_listener,
+            relay_listener: Some(relay_listener),
             addr,
             ep,
             registry,
@@ -206,6 +207,7 @@ impl Server {
             counters: Counters::default(),
             next_sweep: t,
             retry_accept: false,
+            drain: None,
             clock,
             random,
             ops: None,
@@ -226,10 +228,13 @@ impl Server {
         self.addr
     }
 
-    /// Runs until `stop` becomes true. Logs the stats line on the way out.
-    pub fn run(&mut self, stop: &AtomicBool) -> io::Result<()> {
+    /// The event loop of [`Server::run`]: until a signal stops it.
+    fn run_loop(&mut self, signals: &lifecycle::Signals) -> io::Result<lifecycle::RunEnd> {
         let mut events = Events::with_capacity(1024);
-        while !stop.load(Ordering::Relaxed) {
+        loop {
+            if let Some(end) = self.on_signals(signals) {
+                return Ok(end);
+            }
             let timeout = self.sleep_time();
             crate::logging::flush();
             match self.poll.poll(&mut events, Some(timeout)) {
@@ -248,14 +253,6 @@ impl Server {
             self.timers();
             self.flush_control();
         }
-        info!(
-            "shutting down: {} registrations, {} relays",
-            self.registry.len(),
-            self.relays.len()
-        );
-        self.log_stats();
-        crate::logging::flush();
-        Ok(())
     }
 
     pub(super) fn dispatch(&mut self, token: Token) {

@@ -17,7 +17,10 @@ use super::state::{drop_conn, hex, reset, would_block, Owner, PreambleConn, Rela
 impl Server {
     pub(super) fn on_relay_accept(&mut self) {
         loop {
-            let (mut stream, peer) = match self.relay_listener.accept() {
+            let Some(listener) = &self.relay_listener else {
+                return;
+            };
+            let (mut stream, peer) = match listener.accept() {
                 Ok(x) => x,
                 Err(e) if would_block(&e) => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,

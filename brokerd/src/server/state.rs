@@ -126,12 +126,22 @@ pub(super) enum Outgoing {
     PunchEnd,
 }
 
+/// A drain in progress (see `lifecycle`).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Drain {
+    /// When it began (relays still open `drain_grace` later are reset).
+    pub(super) started: Instant,
+    /// SIGTERMs seen when it began.
+    pub(super) terms: usize,
+}
+
 /// The broker.
 pub struct Server {
     pub(super) cfg: Config,
     pub(super) poll: Poll,
     pub(super) control: UdpSocket,
-    pub(super) relay_listener: TcpListener,
+    /// The relay port (None once draining).
+    pub(super) relay_listener: Option<TcpListener>,
     /// The advertised IP and the bound control port (UDP control == TCP relay): what
     /// clients are told, and the IP of every proxy address.
     pub(super) addr: SocketAddr,
@@ -169,6 +179,8 @@ pub struct Server {
     /// An accept failed (EMFILE, ENOBUFS...): the connection stays queued
     /// but edge-triggered readiness will not repeat, so the sweep retries.
     pub(super) retry_accept: bool,
+    /// Set by the first SIGTERM ([`super::lifecycle`]).
+    pub(super) drain: Option<Drain>,
     /// Where time comes from ([`super::env`]).
     pub(super) clock: Box<dyn Clock>,
     /// Where connect ids and nonces come from.

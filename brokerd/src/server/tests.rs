@@ -8,7 +8,7 @@ use std::net::{SocketAddr, TcpListener as StdListener, TcpStream as StdStream};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use gcb_proto::{Body, Now, Transport};
+use gcb_proto::{Body, ErrorCode, Now, Transport};
 use mio::net::TcpStream;
 
 use super::env::{Clock, Random};
@@ -79,6 +79,7 @@ fn config() -> Config {
         proxy_reserve: Duration::from_secs(120),
         advertise: None,
         proxy_ports: None,
+        drain_grace: Duration::from_secs(30),
     }
 }
 
@@ -428,4 +429,76 @@ fn register_tcp_result(
             previous_token,
         },
     )
+}
+
+#[test]
+fn reconfigure_applies_limits_and_says_what_changed() {
+    let (mut s, _clock) = broker(config());
+    let proxy = register_tcp(&mut s, "10.1.0.5:9618");
+    let same = s.reconfigure(config());
+    assert_eq!(same, super::Changes::default());
+    let mut cfg = config();
+    cfg.max_relays = 200;
+    cfg.relay_idle = None;
+    cfg.max_registrations_per_ip = 1;
+    cfg.listen = "127.0.0.2:0".parse().unwrap();
+    let ch = s.reconfigure(cfg);
+    assert_eq!(
+        ch.applied,
+        [
+            "max_registrations_per_ip 100->1",
+            "max_relays 100->200",
+            "relay_idle 60s->off"
+        ]
+    );
+    assert_eq!(ch.need_restart, ["listen 127.0.0.1:0->127.0.0.2:0"]);
+    // Lowered caps bind new registrations only: the first one stays.
+    assert!(s.proxies.contains_key(&proxy));
+    let reply = s.on_request(
+        CLIENT.parse().unwrap(),
+        Body::Register {
+            transport: Transport::Tcp,
+            local: "10.1.0.5:9619".parse().unwrap(),
+            previous_proxy: None,
+            previous_token: None,
+        },
+    );
+    assert!(matches!(reply, Body::Error { .. }), "{reply:?}");
+    assert_eq!(s.registry.len(), 1);
+}
+
+#[test]
+fn draining_refuses_registrations_and_closes_the_proxies() {
+    use std::sync::atomic::Ordering;
+    let (mut s, clock) = broker(config());
+    let proxy = register_tcp(&mut s, "10.1.0.5:9618");
+    let signals = super::Signals::default();
+    signals.terminate.store(1, Ordering::Relaxed);
+    // No relay open: the drain is over at once.
+    assert_eq!(s.on_signals(&signals), Some(super::RunEnd::Exit));
+    assert!(s.draining());
+    assert!(s.proxies.is_empty() && s.relay_listener.is_none());
+    assert!(StdStream::connect(proxy).is_err(), "proxy still accepts");
+    let reply = s.on_request(
+        CLIENT.parse().unwrap(),
+        Body::Register {
+            transport: Transport::Tcp,
+            local: "10.1.0.5:9619".parse().unwrap(),
+            previous_proxy: None,
+            previous_token: None,
+        },
+    );
+    assert!(
+        matches!(&reply, Body::Error { code: ErrorCode::Busy, reason } if reason.contains("shutting down")),
+        "{reply:?}"
+    );
+    // Heartbeats of registered listeners are still answered.
+    clock.advance(Duration::from_secs(1));
+    let ack = s.on_request(
+        CLIENT.parse().unwrap(),
+        Body::Heartbeat {
+            proxies: vec![proxy],
+        },
+    );
+    assert!(matches!(ack, Body::HeartbeatAck { .. }), "{ack:?}");
 }

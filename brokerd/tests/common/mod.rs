@@ -34,8 +34,11 @@ impl Broker {
     /// Starts `gcb-brokerd --listen <listen> <extra...>` and waits for the
     /// startup line.
     /// Keyed with [`TEST_KEY`] (as a deployment is), unless `extra` has `--key-file` or
-    /// `--insecure`.
+    /// `--insecure`. Without `--drain-grace-secs` in `extra`, with 0: [`Broker::stop`]
+    /// stops at once, relays open or not.
     pub fn start(listen: &str, extra: &[&str]) -> Broker {
+        let no_drain = (!extra.iter().any(|a| a.starts_with("--drain-grace-secs")))
+            .then_some(["--drain-grace-secs", "0"]);
         let own = extra
             .iter()
             .any(|a| a.starts_with("--key-file") || *a == "--insecure");
@@ -49,6 +52,7 @@ impl Broker {
             .args(extra)
             .args(default_key.iter().flatten())
             .args(no_admin.iter().flatten())
+            .args(no_drain.iter().flatten())
             .env_remove("GCB_KEY_FILE")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -73,7 +77,8 @@ impl Broker {
             let line = rx
                 .recv_timeout(left)
                 .expect("broker did not print its startup line");
-            if let Some(rest) = line.strip_prefix("gcb-brokerd: listening on udp ") {
+            // After the timestamp (or journal priority) that starts every line.
+            if let Some((_, rest)) = line.split_once("gcb-brokerd: INFO listening on udp ") {
                 let (udp, tcp) = rest
                     .split_once(", relay tcp ")
                     .expect("startup line format");

@@ -275,6 +275,19 @@ impl CoreConfig {
 }
 
 impl<K: KernelBackend> Core<K> {
+    /// Applies a reload's `quota`, `rate`, `burst` and `probe_failures` (the others of
+    /// `cfg` need a restart and are ignored): they bind the next requests and probe
+    /// rounds; mappings beyond a lowered quota stay until deleted.
+    pub fn set_limits(&mut self, cfg: &CoreConfig) {
+        if (cfg.rate, cfg.burst) != (self.cfg.rate, self.cfg.burst) {
+            self.rates = RateLimiter::new(cfg.rate, cfg.burst);
+        }
+        self.cfg.quota = cfg.quota;
+        self.cfg.rate = cfg.rate;
+        self.cfg.burst = cfg.burst;
+        self.cfg.probe_failures = cfg.probe_failures;
+    }
+
     /// This daemon run's epoch (1 for the first start, +1 per start).
     pub fn epoch(&self) -> u64 {
         self.epoch
