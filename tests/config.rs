@@ -100,7 +100,9 @@ fn broker_and_portfwd_serve_from_their_config_files_alone() {
         &broker_conf,
         format!(
             "# the broker of the lab\nlisten = \"{P1}\"\nkey_file = \"{key}\"\n\
-             stats_interval_secs = 1\nallow = [\"203.0.113.0/24\", \"10.0.0.0/8\"]\n"
+             stats_interval_secs = 1\nallow = [\"203.0.113.0/24\", \"10.0.0.0/8\"]\n\
+             admin_socket = \"{}\"\n",
+            dir.join("brokerd.sock").display()
         ),
     )
     .unwrap();
@@ -113,8 +115,10 @@ fn broker_and_portfwd_serve_from_their_config_files_alone() {
         &pf_conf,
         format!(
             "public = \"203.0.113.1\"\nprivate = \"10.1.0.0/24\"\nports = \"21000-21099\"\n\
-             state = \"{}\"\nkey_file = \"{key}\"\nprobe_timeout_ms = 500\n",
-            state.display()
+             state = \"{}\"\nkey_file = \"{key}\"\nprobe_timeout_ms = 500\n\
+             admin_socket = \"{}\"\n",
+            state.display(),
+            dir.join("portfwd.sock").display()
         ),
     )
     .unwrap();
@@ -171,6 +175,8 @@ fn environment_overrides_the_file_and_the_command_line_overrides_both() {
             .envs(env.iter().copied())
             .arg("--config")
             .arg(&conf)
+            .arg("--admin-socket")
+            .arg(dir.join(format!("{run}.sock")))
             .args(args)
             .stdout(Stdio::null())
             .stderr(File::create(&blog).unwrap());
@@ -298,4 +304,51 @@ fn tempdir(name: &str) -> PathBuf {
     let _ = fs::remove_dir_all(&d);
     fs::create_dir_all(&d).unwrap();
     d
+}
+
+/// The example files in docs/config (the README's deployment) are valid as they are, with
+/// only the host-specific paths overridden from the environment.
+#[test]
+fn the_documented_example_config_files_are_valid() {
+    let dir = tempdir("examples");
+    let key = dir.join("pool.key");
+    fs::write(&key, "00112233445566778899aabbccddeeff\n").unwrap();
+    let docs = gcb_lab::repo_root().join("docs/config");
+    let runs: [(PathBuf, &str, Vec<(&str, String)>, &[&str]); 2] = [
+        (
+            brokerd(),
+            "brokerd.toml",
+            vec![],
+            &[
+                "advertise = \"203.0.113.10\"",
+                "proxy_ports = \"40000-40999\"",
+            ],
+        ),
+        (
+            portfwd_bin(),
+            "portfwd.toml",
+            // portfwd's default control address is this host's address inside --private.
+            vec![("GCB_PORTFWD_LISTEN", "127.0.0.1:0".to_string())],
+            &["ports = \"20000-29999\"", "private = \"10.1.0.0/24\""],
+        ),
+    ];
+    for (bin, file, env, want) in runs {
+        let out = output(
+            Command::new(bin)
+                .env("GCB_KEY_FILE", &key)
+                .envs(env)
+                .arg("--check-config")
+                .arg("--config")
+                .arg(docs.join(file)),
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{file}: {}{text}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for w in want {
+            assert!(text.contains(w), "{file}: no {w:?} in:\n{text}");
+        }
+    }
 }

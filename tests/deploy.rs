@@ -390,6 +390,7 @@ fn portfwd_behind_one_to_one_nat_advertises_the_public_ip() {
     let rig = Rig::up();
     let log = rig.path("portfwd.log");
     let mut cmd = rig.lab.cmd(Host::C1, portfwd_bin());
+    cmd.arg("--admin-socket").arg(rig.path("portfwd.sock"));
     cmd.args([
         "--public",
         "10.3.0.11",

@@ -369,6 +369,8 @@ fn log_lines_carry_timestamps_or_journal_priorities() {
             "--stats-interval-secs",
             "0",
         ])
+        .arg("--admin-socket")
+        .arg(dir.join(format!("{name}.sock")))
         .stdout(Stdio::null())
         .stderr(file);
         match journal {

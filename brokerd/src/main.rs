@@ -500,10 +500,10 @@ fn run() -> Result<()> {
     server.open_ops(admin.as_deref(), args.metrics)?;
     if let Some(ops) = server.ops() {
         if let Some(p) = ops.admin_path() {
-            eprintln!("gcb-brokerd: admin socket {}", p.display());
+            logging::always(&format!("admin socket {}", p.display()));
         }
         if let Some(m) = ops.metrics_addr() {
-            eprintln!("gcb-brokerd: metrics on http://{m}/metrics");
+            logging::always(&format!("metrics on http://{m}/metrics"));
         }
     }
     let a = server.local_addr();
