@@ -314,7 +314,9 @@ fn the_documented_example_config_files_are_valid() {
     let key = dir.join("pool.key");
     fs::write(&key, "00112233445566778899aabbccddeeff\n").unwrap();
     let docs = gcb_lab::repo_root().join("docs/config");
-    let runs: [(PathBuf, &str, Vec<(&str, String)>, &[&str]); 2] = [
+    /// A daemon, its example file, extra environment, lines its check must print.
+    type Run<'a> = (PathBuf, &'a str, Vec<(&'a str, String)>, &'a [&'a str]);
+    let runs: [Run; 2] = [
         (
             brokerd(),
             "brokerd.toml",

@@ -52,7 +52,7 @@
 //!   From/To frames ([`gcb_proto::udp`]);
 //! * [`allow`]: the `--allow CIDR` source filter (networks are [`ipnet`]'s);
 //! * [`iplimits`]: the per-IP token bucket of control datagrams;
-//! * [`logging`]: `TIMESTAMP gcb-brokerd: LEVEL message` lines on stderr
+//! * [`gcb_ops::logging`] (shared with the other daemon): `TIMESTAMP gcb-brokerd: LEVEL message` lines on stderr
 //!   through [`tracing`] (`<PRIORITY>gcb-brokerd: ...` under journald), the
 //!   level changeable at run time;
 //! * [`gcb_ops`] (crate in `brokerd/ops/`, shared with the other daemon): the operator's
@@ -73,7 +73,7 @@
 //! Floors: each module uses only modules on its own floor or below, with
 //! no cycle; `scripts/modgraph --check brokerd/src` checks the list:
 //!
-//! - **Floor 0, decisions and data**: `decision`, `registry`, `standby`, `relay`, `udprules`, `iplimits`, `allow`, `logging`, `status`, `metrics`
+//! - **Floor 0, decisions and data**: `decision`, `registry`, `standby`, `relay`, `udprules`, `iplimits`, `allow`, `status`, `metrics`
 //! - **Floor 1, the UDP data plane**: `udpproxy`
 //! - **Floor 2, the server's state**: `server::env`, `server::counters`, `server::config`, `server::state`
 //! - **Floor 3, the server's jobs**: `server`
@@ -255,7 +255,6 @@
 pub mod allow;
 pub mod decision;
 pub mod iplimits;
-pub mod logging;
 pub mod metrics;
 pub use gcb_proto::preamble;
 pub mod registry;

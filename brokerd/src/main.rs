@@ -11,8 +11,8 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::Parser;
 use gcb_brokerd::allow::{AllowList, Cidr};
-use gcb_brokerd::logging::{self, Level};
 use gcb_brokerd::server::{Config, PortRange, RunEnd, Server, Signals, DEFAULT_PORT};
+use gcb_ops::logging::{self, Level, Output};
 use gcb_proto::addr::endpoint_arg;
 use gcb_proto::conf::{self, ConfError, Layered};
 use gcb_proto::PoolKey;
@@ -481,7 +481,7 @@ fn run() -> Result<()> {
         r => r?,
     };
     let args = &layered.args;
-    logging::init(args.log);
+    logging::init("gcb-brokerd", args.log, Output::Buffered);
     if let Some(path) = &args.generate_key {
         generate_key(path)?;
         eprintln!("gcb-brokerd: wrote a new pool key to {}", path.display());

@@ -62,20 +62,20 @@
 //!   (`--admin-socket`) and the Prometheus endpoint (`--metrics`); [`status`]: the status
 //!   document they answer and the `gcb-portfwd status` command; [`metrics`]: every
 //!   `gcb_portfwd_*` metric and the stats counter it comes from.
-//! * [`logging`]: the log line format and the level (changed by a reload).
+//! * [`gcb_ops::logging`] (shared with the other daemon): the log line format and the
+//!   level (changed by a reload).
 //!
 //! Floors: each module uses only modules on its own floor or below, with
 //! no cycle; `scripts/modgraph --check portfwd/src` checks the list:
 //!
 //! - **Floor 0, data and policy**: `table`, `policy`, `libnft`, `client`, `status`, `metrics`
-//! - **Floor 0, data and policy**: `table`, `policy`, `libnft`, `client`, `logging`
 //! - **Floor 1, the two other representations**: `kernel`, `mirror`
 //! - **Floor 2, the paper's orders**: `core`
 //! - **Floor 3, the event loop**: `server`
 //!
 //! `core`'s submodules (`core::plan`, `core::batch`, `core::probe`,
 //! `core::sync`) add `impl Core` blocks and use `core`, never the reverse.
-//! Logging is `tracing`; [`logging`] installs the subscriber that writes
+//! Logging is `tracing`; [`gcb_ops::logging`] installs the subscriber that writes
 //! `TIMESTAMP gcb-portfwd: LEVEL message` lines to stderr (journald priorities
 //! instead of timestamps under systemd).
 //!
@@ -153,7 +153,6 @@ pub mod client;
 pub mod core;
 pub mod kernel;
 pub mod libnft;
-pub mod logging;
 pub mod metrics;
 pub mod mirror;
 pub mod policy;

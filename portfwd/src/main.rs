@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
+use gcb_ops::logging::{self, Level, Output};
 use gcb_portfwd::core::{Core, CoreConfig};
 use gcb_portfwd::kernel::NftKernel;
-use gcb_portfwd::logging::{self, Level};
 use gcb_portfwd::policy::{self, PortRange};
 use gcb_portfwd::server::{self, Config, RunEnd, Server, Signals, DEFAULT_PORT};
 use gcb_proto::addr::endpoint_arg;
@@ -379,7 +379,7 @@ fn run() -> Result<()> {
         r => r?,
     };
     let args = &layered.args;
-    logging::init(args.log);
+    logging::init("gcb-portfwd", args.log, Output::Immediate);
     let (scfg, cfg, _, state) = settings(args)?;
     if layered.check_config {
         print_effective(&layered);

@@ -22,6 +22,8 @@
 //! replaced; one that a live daemon answers on is an error ([`OpsError::InUse`]). The file
 //! is removed when the daemon exits.
 
+pub mod logging;
+
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;

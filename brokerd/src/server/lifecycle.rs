@@ -271,7 +271,7 @@ impl Server {
                 self.relays.len()
             );
             self.log_stats();
-            crate::logging::flush();
+            gcb_ops::logging::flush();
         }
         Ok(end)
     }

@@ -236,7 +236,7 @@ impl Server {
                 return Ok(end);
             }
             let timeout = self.sleep_time();
-            crate::logging::flush();
+            gcb_ops::logging::flush();
             match self.poll.poll(&mut events, Some(timeout)) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,

@@ -1,13 +1,15 @@
-//! Logging: [`tracing`] events, one stderr line each:
-//! `2026-12-06T01:02:03.456Z gcb-portfwd: INFO message` (RFC 3339, UTC, milliseconds), or
-//! under systemd `<6>gcb-portfwd: INFO message`: when `JOURNAL_STREAM` names our stderr
+//! The daemons' logging: [`tracing`] events, one stderr line each:
+//! `2026-12-06T01:02:03.456Z gcb-brokerd: INFO message` (RFC 3339, UTC, milliseconds), or
+//! under systemd `<6>gcb-brokerd: INFO message`: when `JOURNAL_STREAM` names our stderr
 //! (its `DEV:INO`), the journal adds the time itself and reads the sd-daemon priority
 //! prefix (`<3>` error, `<4>` warn, `<6>` info, `<7>` debug and trace).
 //!
-//! The level can change while running ([`set_level`], a SIGHUP reload). Each line is
-//! formatted into a buffer and written with one call, so lines do not interleave. The
-//! same format as gcb-brokerd's (a copy: `gcb-proto` does no IO, and the broker buffers
-//! its lines where this daemon writes each at once).
+//! The level can change while running ([`set_level`], a SIGHUP reload). With
+//! [`Output::Buffered`] (the broker) lines are buffered until [`flush`]: the event loop
+//! flushes before it waits, so log output never sits between a request and its answer
+//! (a brokered connect used to pay one or two write(2) calls on its critical path), and
+//! comes out whole and in order. With [`Output::Immediate`] (portfwd, whose requests wait
+//! on nft and fsync anyway) each line is written at once, in one call.
 
 use std::io::{self, Write};
 use std::sync::{Mutex, OnceLock};
@@ -21,22 +23,39 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::{reload, Registry};
 
-/// The name every line carries.
-const NAME: &str = "gcb-portfwd";
+/// The name every line carries (set by [`init`]).
+static NAME: OnceLock<&'static str> = OnceLock::new();
 
-/// Log levels (`--log`), most severe first: the same five as the shim's `GCB_LOG` and
-/// gcb-brokerd's `--log`.
+/// The daemon's name for its lines.
+fn name() -> &'static str {
+    NAME.get().copied().unwrap_or("gcb")
+}
+
+/// Where lines go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Output {
+    /// Into a buffer written out by [`flush`] (or when it holds 64 KiB).
+    Buffered,
+    /// Straight to stderr, one write per line.
+    Immediate,
+}
+
+/// The output chosen by [`init`].
+static OUTPUT: OnceLock<Output> = OnceLock::new();
+
+/// Log levels (`--log`), most severe first: the same five for both daemons and the
+/// shim's `GCB_LOG`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
 pub enum Level {
     /// Failures of the daemon itself.
     Error,
-    /// Refusals, dropped input, removed mappings, repairs.
+    /// Refusals, dropped input, expiries, removed mappings, repairs.
     Warn,
-    /// Mappings added and deleted, sync summaries.
+    /// Registrations, brokered connections, relays; mappings added and deleted.
     Info,
     /// Every control message and probe.
     Debug,
-    /// Everything.
+    /// Everything, including per-datagram detail.
     Trace,
 }
 
@@ -151,25 +170,29 @@ fn unix_ms() -> u64 {
 pub fn always(msg: &str) {
     let style = STYLE.get().copied().unwrap_or(Style::Timestamp);
     let line = format!(
-        "{}{NAME}: INFO {msg}\n",
-        line_prefix(style, tracing::Level::INFO, unix_ms())
+        "{}{}: INFO {msg}\n",
+        line_prefix(style, tracing::Level::INFO, unix_ms()),
+        name()
     );
-    let _ = io::stderr().lock().write_all(line.as_bytes());
+    let _ = Pending.write(line.as_bytes());
+    flush();
 }
 
 /// The level filter's reload handle (set by [`init`]).
 static LEVEL: OnceLock<(reload::Handle<LevelFilter, Registry>, Mutex<Level>)> = OnceLock::new();
 
-/// Installs the global subscriber printing events up to `level`, in the [`Style`] of
-/// our stderr. A second call changes nothing.
-pub fn init(level: Level) {
+/// Installs the global subscriber printing events up to `level` as daemon `name`
+/// (`gcb-brokerd`), in the [`Style`] of our stderr. A second call changes nothing.
+pub fn init(name: &'static str, level: Level, output: Output) {
+    let _ = NAME.set(name);
+    let _ = OUTPUT.set(output);
     let style = *STYLE.get_or_init(Style::detect);
     let (filter, handle) = reload::Layer::new(LevelFilter::from(level));
     let subscriber = tracing_subscriber::registry().with(filter).with(
         tracing_subscriber::fmt::layer()
             .with_ansi(false)
             .event_format(LineFormat(style))
-            .with_writer(io::stderr),
+            .with_writer(|| Pending),
     );
     if tracing::subscriber::set_global_default(subscriber).is_ok() {
         let _ = LEVEL.set((handle, Mutex::new(level)));
@@ -192,7 +215,46 @@ pub fn set_level(level: Level) {
     }
 }
 
-/// `PREFIX gcb-portfwd: LEVEL message` ([`line_prefix`]): no target, no spans.
+/// Writes the pending lines to stderr (one write for all).
+pub fn flush() {
+    let mut p = PENDING.lock().unwrap_or_else(|e| e.into_inner());
+    if !p.is_empty() {
+        let _ = io::stderr().lock().write_all(&p);
+        p.clear();
+    }
+}
+
+/// Lines written since the last [`flush`].
+static PENDING: Mutex<Vec<u8>> = Mutex::new(Vec::new());
+
+/// Flush at once beyond this much pending output.
+const PENDING_MAX: usize = 64 * 1024;
+
+/// The subscriber's writer: appends to [`PENDING`], or writes to stderr with
+/// [`Output::Immediate`] (the subscriber hands it one whole line per event).
+struct Pending;
+
+impl Write for Pending {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if OUTPUT.get() != Some(&Output::Buffered) {
+            let _ = io::stderr().lock().write_all(buf);
+            return Ok(buf.len());
+        }
+        let mut p = PENDING.lock().unwrap_or_else(|e| e.into_inner());
+        p.extend_from_slice(buf);
+        if p.len() >= PENDING_MAX {
+            let _ = io::stderr().lock().write_all(&p);
+            p.clear();
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// `PREFIX NAME: LEVEL message` ([`line_prefix`]): no target, no spans.
 struct LineFormat(Style);
 
 impl<S, N> FormatEvent<S, N> for LineFormat
@@ -209,8 +271,9 @@ where
         let level = *event.metadata().level();
         write!(
             writer,
-            "{}{NAME}: {level} ",
-            line_prefix(self.0, level, unix_ms())
+            "{}{}: {level} ",
+            line_prefix(self.0, level, unix_ms()),
+            name()
         )?;
         ctx.field_format().format_fields(writer.by_ref(), event)?;
         writeln!(writer)
