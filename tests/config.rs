@@ -354,3 +354,62 @@ fn the_documented_example_config_files_are_valid() {
         }
     }
 }
+
+/// SIGHUP re-reads the file: a changed limit and log level are applied and named in one
+/// line; a broken edit is refused with the file, line and key, and the old settings stay.
+#[test]
+fn sighup_applies_an_edited_config_file_and_refuses_a_broken_one() {
+    let dir = tempdir("reload");
+    let key = dir.join("pool.key");
+    fs::write(&key, "00112233445566778899aabbccddeeff\n").unwrap();
+    let conf = dir.join("b.toml");
+    let base = format!(
+        "listen = \"127.0.0.1:0\"\nkey_file = \"{}\"\nadmin_socket = \"{}\"\n",
+        key.display(),
+        dir.join("b.sock").display()
+    );
+    fs::write(&conf, format!("{base}max_relays = 100\n")).unwrap();
+    let log = dir.join("broker.log");
+    let mut broker = Command::new(brokerd())
+        .env_remove("GCB_KEY_FILE")
+        .arg("--config")
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(File::create(&log).unwrap())
+        .spawn()
+        .expect("spawn gcb-brokerd");
+    let hup = |pid: u32| {
+        // SAFETY: kill(2) on our own child's pid.
+        assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGHUP) }, 0);
+    };
+    assert!(
+        wait_line(&log, UP, |l| l.contains("listening on udp")).is_some(),
+        "{}",
+        read_text(&log)
+    );
+    fs::write(&conf, format!("{base}max_relays = 7\nlog = \"debug\"\n")).unwrap();
+    hup(broker.id());
+    let line = wait_line(&log, UP, |l| l.contains("reloaded: "))
+        .unwrap_or_else(|| panic!("no reload line:\n{}", read_text(&log)));
+    assert!(
+        line.contains("log info->debug") && line.contains("max_relays 100->7"),
+        "{line}"
+    );
+    fs::write(&conf, format!("{base}max_relays = 9\nmax_relay = 3\n")).unwrap();
+    hup(broker.id());
+    let line = wait_line(&log, UP, |l| l.contains("reload refused"))
+        .unwrap_or_else(|| panic!("no refusal:\n{}", read_text(&log)));
+    assert!(
+        line.contains(&format!("{}:5: unknown key `max_relay`", conf.display())),
+        "{line}"
+    );
+    // Still running, with the last good settings: re-saving them changes nothing.
+    assert!(broker.try_wait().unwrap().is_none(), "{}", read_text(&log));
+    fs::write(&conf, format!("{base}max_relays = 7\nlog = \"debug\"\n")).unwrap();
+    hup(broker.id());
+    wait_until("a second reload line", UP, || {
+        read_text(&log).matches("reloaded: nothing changed").count() == 1
+    });
+    broker.kill().unwrap();
+    let _ = broker.wait();
+}
