@@ -1,13 +1,25 @@
-//! Logging: silent by default.
+//! Logging: quiet by default, loud about what the user must fix.
 //!
-//! `GCB_LOG=error|warn|info|debug|trace` enables it; `GCB_LOG_FILE=path` sends it to a file
-//! (opened `O_APPEND|O_CLOEXEC` and moved to a shim-owned fd number), otherwise to fd 2.
-//! Never to stdout. Each event is one line, `libgcb[<pid>]: <level>: <message>\n`, formatted
-//! into a stack buffer (no allocation, usable in a vfork child and in fork handlers) and
-//! written with a single `write(2)` (not an interposed call). errno is preserved.
+//! Two kinds of line, both never on stdout:
+//!
+//! * **Notices** ([`notice`]): a misconfiguration or a lost daemon the user must know about
+//!   (bad `GCB_BROKER`, bad key file, broker unreachable or lost, registration refused, a bad
+//!   config file line). Written by default, as `gcb: warning: ...` / `gcb: error: ...`, at
+//!   most once per process per [`Notice`]: a fork child inherits the "said" set with its
+//!   memory, and an exec'd image inherits what was said at initialisation through
+//!   `GCB_SAID` (see [`export_said`]), so a shell wrapper and the program it runs do not
+//!   both say it. `GCB_LOG=off` (and `gcb-run -q`) silences them; `GCB_LOG=LEVEL` shows
+//!   those at or above LEVEL.
+//! * **Log events** (the `error!`..`trace!` macros): silent unless `GCB_LOG=error|warn|
+//!   info|debug|trace`; one line each, `libgcb[<pid>]: <level>: <message>`.
+//!
+//! `GCB_LOG_FILE=path` sends both to a file (opened `O_APPEND|O_CLOEXEC` and moved to a
+//! shim-owned fd number), otherwise they go to fd 2. Each line is formatted into a stack
+//! buffer (no allocation, usable in a vfork child and in fork handlers) and written with a
+//! single `write(2)` (not an interposed call). errno is preserved.
 
 use std::fmt::{self, Write as _};
-use std::sync::atomic::{AtomicI32, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU8, Ordering};
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
 #[repr(u8)]
@@ -45,7 +57,85 @@ impl Level {
     }
 }
 
+/// The levels [`Level::parse`] accepts, for messages that list them.
+pub const LEVEL_NAMES: &str = "error, warn, info, debug, trace, off";
+
 static LEVEL: AtomicU8 = AtomicU8::new(Level::Off as u8);
+/// Up to which level notices are written: warn by default (GCB_LOG unset).
+static NOTICE_LEVEL: AtomicU8 = AtomicU8::new(Level::Warn as u8);
+/// The [`Notice`]s this process (or its parent before fork) has already written.
+static SAID: AtomicU32 = AtomicU32::new(0);
+
+/// A condition the shim tells the user about once per process (see the module docs).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[repr(u32)]
+pub enum Notice {
+    /// `GCB_LOG` is not a level.
+    LogLevel = 0,
+    /// A config file line was ignored (each bad line has its own line: see `conf`).
+    ConfLine = 1,
+    /// `GCB_CONF` names a file that cannot be read.
+    ConfFile = 2,
+    /// `GCB_BROKER` is not a usable address.
+    BrokerAddr = 3,
+    /// `GCB_DPF_SERVER` is not a usable address.
+    DpfAddr = 4,
+    /// The key file is missing, unreadable or too short.
+    KeyFile = 5,
+    /// The key file is readable by group or others.
+    KeyMode = 6,
+    /// A listen() could not register: the broker did not answer; serving locally.
+    BrokerUnreachable = 7,
+    /// The broker stopped answering heartbeats.
+    BrokerLost = 8,
+    /// The broker refused a registration (quota, key...).
+    RegisterRefused = 9,
+    /// portfwd did not answer or refused a forward.
+    DpfUnavailable = 10,
+    /// GCB_LOG_FILE cannot be opened.
+    LogFile = 11,
+    /// A numeric setting (GCB_HEARTBEAT_MS...) is not a usable number.
+    BadSetting = 12,
+    /// portfwd refused a forward.
+    DpfRefused = 13,
+}
+
+/// Set the level up to which notices are written (`Off`: none).
+pub fn set_notice_level(l: Level) {
+    NOTICE_LEVEL.store(l as u8, Ordering::Relaxed);
+}
+
+/// Mark notices as already said (from an exec'ing parent's `GCB_SAID`).
+pub fn mark_said(bits: u32) {
+    SAID.fetch_or(bits, Ordering::Relaxed);
+}
+
+/// The said set, for `GCB_SAID` (see [`crate::init`]).
+pub fn export_said() -> u32 {
+    SAID.load(Ordering::Relaxed)
+}
+
+/// Writes `gcb: <level>: <message>` once per process for `what` (every time for
+/// [`Notice::ConfLine`], whose lines differ), unless notices are silenced. `level` is
+/// `Error` or `Warn`. Returns whether it wrote.
+#[cold]
+pub fn notice(level: Level, what: Notice, args: fmt::Arguments<'_>) -> bool {
+    if NOTICE_LEVEL.load(Ordering::Relaxed) < level as u8 {
+        return false;
+    }
+    let bit = 1u32 << (what as u32);
+    let before = SAID.fetch_or(bit, Ordering::Relaxed);
+    if what != Notice::ConfLine && before & bit != 0 {
+        return false;
+    }
+    let word = if level == Level::Error {
+        "error"
+    } else {
+        "warning"
+    };
+    emit(format_args!("gcb: {word}: "), args);
+    true
+}
 /// Destination fd: 2 (stderr) or a shim-owned log file fd.
 static LOG_FD: AtomicI32 = AtomicI32::new(2);
 
@@ -94,6 +184,13 @@ impl fmt::Write for StackBuf {
 
 #[cold]
 pub fn write_line(level: Level, args: fmt::Arguments<'_>) {
+    // SAFETY: getpid has no preconditions.
+    let pid = unsafe { libc::getpid() };
+    emit(format_args!("libgcb[{}]: {}: ", pid, level.name()), args);
+}
+
+/// Writes `prefix` `args` `\n` as one line to the log fd.
+fn emit(prefix: fmt::Arguments<'_>, args: fmt::Arguments<'_>) {
     // Restored at the end, so a log line after a failed real call does not change what
     // the program sees.
     let saved = crate::sys::errno();
@@ -102,9 +199,7 @@ pub fn write_line(level: Level, args: fmt::Arguments<'_>) {
         len: 0,
         truncated: false,
     };
-    // SAFETY: getpid has no preconditions.
-    let pid = unsafe { libc::getpid() };
-    let _ = write!(b, "libgcb[{}]: {}: ", pid, level.name());
+    let _ = b.write_fmt(prefix);
     let _ = b.write_fmt(args);
     if b.truncated {
         b.len = b.len.saturating_sub(3);
@@ -157,3 +252,40 @@ macro_rules! debug { ($($a:tt)*) => { $crate::log_at!($crate::log::Level::Debug,
 #[macro_export]
 #[doc(hidden)]
 macro_rules! trace { ($($a:tt)*) => { $crate::log_at!($crate::log::Level::Trace, $($a)*) }; }
+
+/// A notice (see [`crate::log::notice`]): `notice!(Warn, X, "fmt", args...)` for
+/// [`Notice::X`]. When it is not written (said before, or silenced) the same message is
+/// an ordinary log event at that level, so `GCB_LOG` users still see every occurrence.
+#[macro_export]
+#[doc(hidden)]
+macro_rules! notice {
+    ($lvl:ident, $what:ident, $($arg:tt)*) => {
+        if !$crate::log::notice(
+            $crate::log::Level::$lvl,
+            $crate::log::Notice::$what,
+            format_args!($($arg)*),
+        ) {
+            $crate::log_at!($crate::log::Level::$lvl, $($arg)*);
+        }
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn levels_parse() {
+        for (s, l) in [
+            ("off", Level::Off),
+            ("ERROR", Level::Error),
+            (" warn ", Level::Warn),
+            ("info", Level::Info),
+            ("debug", Level::Debug),
+            ("trace", Level::Trace),
+        ] {
+            assert_eq!(Level::parse(s), Some(l), "{s}");
+        }
+        assert_eq!(Level::parse("verbose"), None);
+    }
+}
