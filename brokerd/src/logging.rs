@@ -24,6 +24,8 @@ pub enum Level {
     Info,
     /// Every control message.
     Debug,
+    /// Everything, including what Debug leaves out.
+    Trace,
 }
 
 impl From<Level> for tracing::level_filters::LevelFilter {
@@ -33,6 +35,7 @@ impl From<Level> for tracing::level_filters::LevelFilter {
             Level::Warn => Self::WARN,
             Level::Info => Self::INFO,
             Level::Debug => Self::DEBUG,
+            Level::Trace => Self::TRACE,
         }
     }
 }

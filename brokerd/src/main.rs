@@ -20,7 +20,7 @@ use gcb_proto::PoolKey;
 /// relayed) and relays TCP and UDP (paper 4.2.2) between clients that
 /// cannot reach each other.
 #[derive(Parser, Debug)]
-#[command(name = "gcb-brokerd", version)]
+#[command(name = "gcb-brokerd", version = concat!(env!("CARGO_PKG_VERSION"), " (", env!("GCB_GIT_COMMIT"), ")"))]
 struct Args {
     /// Address to serve on: IP[:PORT] (default port 9650). The control
     /// protocol uses UDP on it and the relay TCP on the same IP:PORT; proxy
@@ -263,6 +263,7 @@ fn run() -> Result<()> {
         Some(path) => {
             let bytes = std::fs::read(path)
                 .with_context(|| format!("reading key file {}", path.display()))?;
+            warn_if_key_exposed(path);
             Some(
                 PoolKey::from_file_contents(&bytes)
                     .with_context(|| format!("key file {}", path.display()))?,
@@ -329,4 +330,16 @@ fn run() -> Result<()> {
     logging::flush();
     r?;
     Ok(())
+}
+
+/// Warns when the pool key file is readable by group or others (anyone who can read it
+/// can speak for the pool).
+fn warn_if_key_exposed(path: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(why) = std::fs::metadata(path)
+        .ok()
+        .and_then(|m| gcb_proto::auth::loose_key_mode(m.permissions().mode()))
+    {
+        tracing::warn!("key file {} {}", path.display(), why);
+    }
 }

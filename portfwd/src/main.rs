@@ -24,7 +24,7 @@ use ipnet::Ipv4Net;
 /// keeps a crash-safe mirror file in --state, probes each client's
 /// management socket and removes the rules of dead sockets.
 #[derive(Parser, Debug)]
-#[command(name = "gcb-portfwd", version)]
+#[command(name = "gcb-portfwd", version = concat!(env!("CARGO_PKG_VERSION"), " (", env!("GCB_GIT_COMMIT"), ")"))]
 struct Args {
     /// The gateway's public IPv4 address: forwarded ports are on it, and
     /// clients are told PUBLIC:PORT.
@@ -131,6 +131,8 @@ enum Level {
     Info,
     /// Every control message and probe.
     Debug,
+    /// Everything, including what Debug leaves out.
+    Trace,
 }
 
 impl From<Level> for tracing::Level {
@@ -140,6 +142,7 @@ impl From<Level> for tracing::Level {
             Level::Warn => tracing::Level::WARN,
             Level::Info => tracing::Level::INFO,
             Level::Debug => tracing::Level::DEBUG,
+            Level::Trace => tracing::Level::TRACE,
         }
     }
 }
@@ -226,6 +229,7 @@ fn run() -> Result<()> {
         Some(path) => {
             let bytes = std::fs::read(path)
                 .with_context(|| format!("reading key file {}", path.display()))?;
+            warn_if_key_exposed(path);
             Some(
                 PoolKey::from_file_contents(&bytes)
                     .with_context(|| format!("key file {}", path.display()))?,
@@ -308,4 +312,16 @@ fn run() -> Result<()> {
     );
     server.run(&stop)?;
     Ok(())
+}
+
+/// Warns when the pool key file is readable by group or others (anyone who can read it
+/// can speak for the pool).
+fn warn_if_key_exposed(path: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(why) = std::fs::metadata(path)
+        .ok()
+        .and_then(|m| gcb_proto::auth::loose_key_mode(m.permissions().mode()))
+    {
+        tracing::warn!("key file {} {}", path.display(), why);
+    }
 }
