@@ -1,4 +1,5 @@
-//! `GCB_CHECK=1` (what `gcb-run --check` sets): instead of running the program, say on
+//! `GCB_CHECK=version` (`gcb-run --version`) prints the library's version and commit and
+//! exits. `GCB_CHECK=1` (what `gcb-run --check` sets): instead of running the program, say on
 //! stderr which settings are in effect and whether the configured daemons answer, then
 //! exit 0 if every configured daemon answered and nothing was misconfigured, else 1.
 //!
@@ -13,6 +14,16 @@ use std::time::Duration;
 use gcb_proto::{Body, PoolKey, Transport};
 
 use crate::control::{Answer, Channel};
+
+/// This library's version and the git commit it was built from.
+pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (", env!("GCB_GIT_COMMIT"), ")");
+
+/// `GCB_CHECK=version`: print `libgcb VERSION` on stderr and exit 0.
+pub fn version() -> ! {
+    eprintln!("libgcb {VERSION}");
+    // SAFETY: _exit has no preconditions; nothing of the program ran yet.
+    unsafe { libc::_exit(0) }
+}
 
 /// How long a probe waits for its answer.
 const PROBE_DEADLINE: Duration = Duration::from_secs(3);

@@ -237,11 +237,14 @@ fn init() {
     let mode = install_layers(&cfg, &settings);
     crate::debug!(
         "loaded (version {}), {} mode",
-        env!("CARGO_PKG_VERSION"),
+        crate::check::VERSION,
         mode
     );
-    if getenv(c"GCB_CHECK").is_some() {
-        run_check(&settings, &cfg); // exits the process
+    match getenv(c"GCB_CHECK").as_deref() {
+        // `gcb-run --version`: which library this is.
+        Some("version") => crate::check::version(),
+        Some(_) => run_check(&settings, &cfg), // exits the process
+        None => {}
     }
     export_said();
     let _ = CONFIG.set(cfg);
