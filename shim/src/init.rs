@@ -188,12 +188,14 @@ fn init() {
     if let Some(bits) = getenv(c"GCB_SAID").and_then(|v| v.parse::<u32>().ok()) {
         log::mark_said(bits);
     }
+    log::share_said();
     let (settings, conf_lines) = Settings::load();
     let (level, bad_level) = match settings.get("log") {
         None => (None, None),
         Some((v, from)) => match Level::parse(&v) {
             Some(l) => (Some(l), None),
-            None => (Some(Level::Info), Some((v, from))),
+            // A typo: the user wants to hear something, but not every event.
+            None => (Some(Level::Warn), Some((v, from))),
         },
     };
     log::set_level(level.unwrap_or(Level::Off));
@@ -207,12 +209,16 @@ fn init() {
         crate::notice!(
             Warn,
             LogLevel,
-            "{from}={v:?} is not a log level ({}); using info",
+            "{from}={v:?} is not a log level ({}); using warn",
             log::LEVEL_NAMES
         );
     }
-    for (l, what, line) in conf_lines {
-        log::notice(l, what, format_args!("{line}"));
+    // The config file's lines once per process tree and exec chain, like every notice
+    // (each bad line has its own line, so ConfLine itself is not deduplicated).
+    if !log::said_before(log::Notice::ConfLine) {
+        for (l, what, line) in conf_lines {
+            log::notice(l, what, format_args!("{line}"));
+        }
     }
     // One line per panic, through our logger; never Rust's multi-line default on stderr.
     // (Our std is private to libgcb.so, so this does not touch a Rust host's panic hook.)
@@ -235,11 +241,7 @@ fn init() {
         dpf_server: settings.value("dpf_server"),
     };
     let mode = install_layers(&cfg, &settings);
-    crate::debug!(
-        "loaded (version {}), {} mode",
-        crate::check::VERSION,
-        mode
-    );
+    crate::debug!("loaded (version {}), {} mode", crate::check::VERSION, mode);
     match getenv(c"GCB_CHECK").as_deref() {
         // `gcb-run --version`: which library this is.
         Some("version") => crate::check::version(),

@@ -5,10 +5,12 @@
 //! * **Notices** ([`notice`]): a misconfiguration or a lost daemon the user must know about
 //!   (bad `GCB_BROKER`, bad key file, broker unreachable or lost, registration refused, a bad
 //!   config file line). Written by default, as `gcb: warning: ...` / `gcb: error: ...`, at
-//!   most once per process per [`Notice`]: a fork child inherits the "said" set with its
-//!   memory, and an exec'd image inherits what was said at initialisation through
-//!   `GCB_SAID` (see [`export_said`]), so a shell wrapper and the program it runs do not
-//!   both say it. `GCB_LOG=off` (and `gcb-run -q`) silences them; `GCB_LOG=LEVEL` shows
+//!   most once per [`Notice`] per process tree: the "said" set lives in a `MAP_SHARED`
+//!   page made at initialisation (see [`share_said`]), so a process and its fork
+//!   descendants say each notice once between them, whichever meets it first; an exec'd
+//!   image inherits what was said by initialisation time through `GCB_SAID` (see
+//!   [`export_said`]), so a shell wrapper and the program it runs do not both say it.
+//!   Unrelated processes (two programs started by one script) each say it once. `GCB_LOG=off` (and `gcb-run -q`) silences them; `GCB_LOG=LEVEL` shows
 //!   those at or above LEVEL.
 //! * **Log events** (the `error!`..`trace!` macros): silent unless `GCB_LOG=error|warn|
 //!   info|debug|trace`; one line each, `libgcb[<pid>]: <level>: <message>`.
@@ -19,7 +21,7 @@
 //! single `write(2)` (not an interposed call). errno is preserved.
 
 use std::fmt::{self, Write as _};
-use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicPtr, AtomicU32, AtomicU8, Ordering};
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
 #[repr(u8)]
@@ -63,8 +65,44 @@ pub const LEVEL_NAMES: &str = "error, warn, info, debug, trace, off";
 static LEVEL: AtomicU8 = AtomicU8::new(Level::Off as u8);
 /// Up to which level notices are written: warn by default (GCB_LOG unset).
 static NOTICE_LEVEL: AtomicU8 = AtomicU8::new(Level::Warn as u8);
-/// The [`Notice`]s this process (or its parent before fork) has already written.
-static SAID: AtomicU32 = AtomicU32::new(0);
+/// The [`Notice`]s already written, until [`share_said`] moves them to shared memory.
+static SAID_LOCAL: AtomicU32 = AtomicU32::new(0);
+/// The said set in a `MAP_SHARED` page every fork descendant shares (null: not yet).
+static SAID_SHARED: AtomicPtr<AtomicU32> = AtomicPtr::new(std::ptr::null_mut());
+
+fn said() -> &'static AtomicU32 {
+    let p = SAID_SHARED.load(Ordering::Acquire);
+    if p.is_null() {
+        &SAID_LOCAL
+    } else {
+        // SAFETY: set once by share_said to a page that is never unmapped.
+        unsafe { &*p }
+    }
+}
+
+/// Moves the said set to an anonymous shared page, so a fork child and its parent (and
+/// their other descendants) say each notice once between them, whichever says it first.
+/// Called once, at initialisation; on failure the set stays per process.
+pub fn share_said() {
+    // SAFETY: an anonymous shared mapping of one page; no fd, no address hint.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            4096,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return;
+    }
+    let cell = p.cast::<AtomicU32>();
+    // SAFETY: the page is fresh, zeroed, page-aligned and large enough for an AtomicU32.
+    unsafe { (*cell).store(SAID_LOCAL.load(Ordering::Relaxed), Ordering::Relaxed) };
+    SAID_SHARED.store(cell, Ordering::Release);
+}
 
 /// A condition the shim tells the user about once per process (see the module docs).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -100,6 +138,11 @@ pub enum Notice {
     DpfRefused = 13,
 }
 
+/// Whether `what` was said already (here, by a fork relative, or by an exec'ing parent).
+pub fn said_before(what: Notice) -> bool {
+    said().load(Ordering::Relaxed) & (1u32 << (what as u32)) != 0
+}
+
 /// Set the level up to which notices are written (`Off`: none).
 pub fn set_notice_level(l: Level) {
     NOTICE_LEVEL.store(l as u8, Ordering::Relaxed);
@@ -107,12 +150,12 @@ pub fn set_notice_level(l: Level) {
 
 /// Mark notices as already said (from an exec'ing parent's `GCB_SAID`).
 pub fn mark_said(bits: u32) {
-    SAID.fetch_or(bits, Ordering::Relaxed);
+    said().fetch_or(bits, Ordering::Relaxed);
 }
 
 /// The said set, for `GCB_SAID` (see [`crate::init`]).
 pub fn export_said() -> u32 {
-    SAID.load(Ordering::Relaxed)
+    said().load(Ordering::Relaxed)
 }
 
 /// Writes `gcb: <level>: <message>` once per process for `what` (every time for
@@ -124,7 +167,7 @@ pub fn notice(level: Level, what: Notice, args: fmt::Arguments<'_>) -> bool {
         return false;
     }
     let bit = 1u32 << (what as u32);
-    let before = SAID.fetch_or(bit, Ordering::Relaxed);
+    let before = said().fetch_or(bit, Ordering::Relaxed);
     if what != Notice::ConfLine && before & bit != 0 {
         return false;
     }
@@ -255,7 +298,7 @@ macro_rules! trace { ($($a:tt)*) => { $crate::log_at!($crate::log::Level::Trace,
 
 /// A notice (see [`crate::log::notice`]): `notice!(Warn, X, "fmt", args...)` for
 /// [`Notice::X`]. When it is not written (said before, or silenced) the same message is
-/// an ordinary log event at that level, so `GCB_LOG` users still see every occurrence.
+/// a debug event, so `GCB_LOG=debug` shows every occurrence.
 #[macro_export]
 #[doc(hidden)]
 macro_rules! notice {
@@ -265,7 +308,7 @@ macro_rules! notice {
             $crate::log::Notice::$what,
             format_args!($($arg)*),
         ) {
-            $crate::log_at!($crate::log::Level::$lvl, $($arg)*);
+            $crate::log_at!($crate::log::Level::Debug, $($arg)*);
         }
     };
 }
