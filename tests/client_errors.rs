@@ -273,13 +273,14 @@ fn broker_lost_and_refused_are_said_once() {
         &["--max-registrations-per-ip", "1"],
         &dir.join("broker.log"),
     );
-    // Two listeners: the second is refused (quota), said once; the first registered.
+    // Two listeners: the second is refused (quota), said once; the first registered and
+    // waits in accept().
     let prog = r#"
-import socket, sys, time
+import socket
 a = socket.socket(); a.bind(("0.0.0.0", 18500)); a.listen(4)
 b = socket.socket(); b.bind(("0.0.0.0", 18501)); b.listen(4)
 print("listening", flush=True)
-time.sleep(120)
+a.accept()  # the shim runs its event handler (heartbeats) inside the program's wait
 "#;
     let mut c = gcb_run(&lab, Host::A1, true, &["--broker", P1], None);
     c.args(["python3", "-c", prog])
