@@ -295,7 +295,7 @@ fn export_said() {
 const PLAIN: &str = "the program runs with plain sockets";
 
 /// The pool key from `key_file`: Err(()) when one is configured but unusable (said once).
-pub fn load_key(settings: &Settings) -> Result<Option<gcb_proto::PoolKey>, ()> {
+fn load_key(settings: &Settings) -> Result<Option<gcb_proto::PoolKey>, ()> {
     let Some((path, from)) = settings.get("key_file") else {
         return Ok(None);
     };
