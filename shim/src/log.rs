@@ -143,6 +143,21 @@ pub fn said_before(what: Notice) -> bool {
     said().load(Ordering::Relaxed) & (1u32 << (what as u32)) != 0
 }
 
+impl Notice {
+    /// About the configuration, which every exec'd image reads again: said once per
+    /// process tree and exec chain at every level (not repeated as log events).
+    pub fn is_config(self) -> bool {
+        !matches!(
+            self,
+            Notice::BrokerUnreachable
+                | Notice::BrokerLost
+                | Notice::RegisterRefused
+                | Notice::DpfUnavailable
+                | Notice::DpfRefused
+        )
+    }
+}
+
 /// Set the level up to which notices are written (`Off`: none).
 pub fn set_notice_level(l: Level) {
     NOTICE_LEVEL.store(l as u8, Ordering::Relaxed);
@@ -297,8 +312,10 @@ macro_rules! debug { ($($a:tt)*) => { $crate::log_at!($crate::log::Level::Debug,
 macro_rules! trace { ($($a:tt)*) => { $crate::log_at!($crate::log::Level::Trace, $($a)*) }; }
 
 /// A notice (see [`crate::log::notice`]): `notice!(Warn, X, "fmt", args...)` for
-/// [`Notice::X`]. When it is not written (said before, or silenced) the same message is
-/// a debug event, so `GCB_LOG=debug` shows every occurrence.
+/// [`Notice::X`]. When it is not written (said before, or silenced) the same message is a
+/// log event, so `GCB_LOG` users still see every occurrence of a runtime condition (each
+/// refused socket, each failed registration) at its level; configuration notices
+/// ([`Notice::is_config`]) repeat only at debug.
 #[macro_export]
 #[doc(hidden)]
 macro_rules! notice {
@@ -308,7 +325,13 @@ macro_rules! notice {
             $crate::log::Notice::$what,
             format_args!($($arg)*),
         ) {
-            $crate::log_at!($crate::log::Level::Debug, $($arg)*);
+            let what = $crate::log::Notice::$what;
+            let level = if what.is_config() {
+                $crate::log::Level::Debug
+            } else {
+                $crate::log::Level::$lvl
+            };
+            $crate::log_at!(level, $($arg)*);
         }
     };
 }
