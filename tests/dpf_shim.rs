@@ -329,11 +329,18 @@ impl Setup {
         sha256(&fs::read(self.path(name)).unwrap_or_default())
     }
 
-    /// Shim log lines of NAME at warn level.
+    /// Shim log lines of NAME at warn level or above: log lines (`libgcb[pid]: warn:`,
+    /// `error:` for the refusals that repeat a notice) and
+    /// notices (`gcb: warning:`/`gcb: error:`, the first of each condition since issue #13).
     fn warn_lines(&self, name: &str) -> Vec<String> {
         self.read(&format!("{name}.shim.log"))
             .lines()
-            .filter(|l| l.contains(": warn: "))
+            .filter(|l| {
+                l.contains("]: warn: ")
+                    || l.contains("]: error: ")
+                    || l.starts_with("gcb: warning: ")
+                    || l.starts_with("gcb: error: ")
+            })
             .map(str::to_owned)
             .collect()
     }

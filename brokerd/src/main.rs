@@ -22,7 +22,7 @@ use gcb_proto::PoolKey;
 /// relayed) and relays TCP and UDP (paper 4.2.2) between clients that
 /// cannot reach each other.
 #[derive(Parser, Debug)]
-#[command(name = "gcb-brokerd", version, after_help = STATUS_HELP)]
+#[command(name = "gcb-brokerd", version = concat!(env!("CARGO_PKG_VERSION"), " (", env!("GCB_GIT_COMMIT"), ")"), after_help = STATUS_HELP)]
 struct Args {
     /// Address to serve on: IP[:PORT] (default port 9650). The control
     /// protocol uses UDP on it and the relay TCP on the same IP:PORT; proxy
@@ -374,6 +374,7 @@ fn settings(args: &Args) -> Result<(Config, Level)> {
         Some(path) => {
             let bytes = std::fs::read(path)
                 .with_context(|| format!("reading key file {}", path.display()))?;
+            warn_if_key_exposed(path);
             Some(
                 PoolKey::from_file_contents(&bytes)
                     .with_context(|| format!("key file {}", path.display()))?,
@@ -515,5 +516,17 @@ fn run() -> Result<()> {
             RunEnd::Exit => return Ok(()),
             RunEnd::Reload => reload(&mut server, &argv),
         }
+    }
+}
+
+/// Warns when the pool key file is readable by group or others (anyone who can read it
+/// can speak for the pool).
+fn warn_if_key_exposed(path: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(why) = std::fs::metadata(path)
+        .ok()
+        .and_then(|m| gcb_proto::auth::loose_key_mode(m.permissions().mode()))
+    {
+        tracing::warn!("key file {} {}", path.display(), why);
     }
 }

@@ -10,6 +10,51 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
+/// The version every example prints for `--version`: the package's and the git commit.
+pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (", env!("GCB_GIT_COMMIT"), ")");
+
+/// The positional arguments of a program without clap (the benchmarks' small tools):
+/// `-h`/`--help` prints `usage` on stdout and exits 0, `-V`/`--version` prints the
+/// version and exits 0, another `-...` argument or more than `max` arguments is a usage
+/// error (status 2): a typo never becomes an address to connect to or a benchmark.
+pub fn positional_args(program: &str, usage: &str, max: usize) -> Vec<String> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    for a in &args {
+        match a.as_str() {
+            "-h" | "--help" => {
+                println!("{usage}");
+                std::process::exit(0)
+            }
+            "-V" | "--version" => {
+                println!("{program} {VERSION}");
+                std::process::exit(0)
+            }
+            s if s.starts_with('-') && s.parse::<f64>().is_err() => {
+                eprintln!("{program}: error: unknown option {s}\n{usage}");
+                std::process::exit(2)
+            }
+            _ => {}
+        }
+    }
+    if args.len() > max {
+        eprintln!("{program}: error: too many arguments\n{usage}");
+        std::process::exit(2)
+    }
+    args
+}
+
+/// The `i`th positional argument as a number, `default` if absent; a usage error (status
+/// 2) if it is not one.
+pub fn number_arg<T: std::str::FromStr>(program: &str, args: &[String], i: usize, default: T) -> T {
+    match args.get(i) {
+        None => default,
+        Some(a) => a.parse().unwrap_or_else(|_| {
+            eprintln!("{program}: error: {a:?} is not a number (see --help)");
+            std::process::exit(2)
+        }),
+    }
+}
+
 /// Prints `PROGRAM: error: MSG` to stderr and exits with status 1.
 pub fn die(program: &str, msg: impl Display) -> ! {
     eprintln!("{program}: error: {msg}");

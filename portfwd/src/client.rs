@@ -30,6 +30,8 @@ pub struct Client {
     sock: UdpSocket,
     ep: Endpoint,
     server: SocketAddr,
+    /// How long a request is retransmitted (None: the protocol's default).
+    deadline: Option<Duration>,
 }
 
 impl Client {
@@ -44,7 +46,14 @@ impl Client {
             sock,
             ep: Endpoint::new(Config::default(), key, random_u64()),
             server,
+            deadline: None,
         })
+    }
+
+    /// Gives up on a request after `d` instead of the protocol's default 10 s (an operator
+    /// at a prompt wants to hear within seconds that nothing answers).
+    pub fn set_request_deadline(&mut self, d: Duration) {
+        self.deadline = Some(d);
     }
 
     /// The local address of the control socket.
@@ -53,7 +62,8 @@ impl Client {
     }
 
     /// Sends one request and waits for its reply (retransmitting); `Err`
-    /// with `TimedOut` if none came before the protocol deadline (10 s).
+    /// with `TimedOut` if none came before the deadline (10 s, or
+    /// [`Self::set_request_deadline`]).
     pub fn request(&mut self, body: Body) -> io::Result<Body> {
         self.request_many(vec![body], 1)?
             .pop()
@@ -78,10 +88,12 @@ impl Client {
         while done < n {
             while inflight.len() < window.max(1) && next < n {
                 let b = bodies.next().expect("counted");
-                let id = self
-                    .ep
-                    .send_request(now(), self.server, b)
-                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+                let sent = match self.deadline {
+                    Some(d) => self.ep.send_request_with_deadline(now(), self.server, b, d),
+                    None => self.ep.send_request(now(), self.server, b),
+                };
+                let id =
+                    sent.map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
                 inflight.insert(id, next);
                 next += 1;
             }

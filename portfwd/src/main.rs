@@ -27,7 +27,7 @@ use ipnet::Ipv4Net;
 /// keeps a crash-safe mirror file in --state, probes each client's
 /// management socket and removes the rules of dead sockets.
 #[derive(Parser, Debug)]
-#[command(name = "gcb-portfwd", version, after_help = STATUS_HELP)]
+#[command(name = "gcb-portfwd", version = concat!(env!("CARGO_PKG_VERSION"), " (", env!("GCB_GIT_COMMIT"), ")"), after_help = STATUS_HELP)]
 struct Args {
     /// The gateway's public IPv4 address: forwarded ports are on it (the
     /// dnat rules match packets arriving to it), and clients are told
@@ -275,6 +275,7 @@ fn settings(args: &Args) -> Result<(Config, CoreConfig, Level, PathBuf)> {
         Some(path) => {
             let bytes = std::fs::read(path)
                 .with_context(|| format!("reading key file {}", path.display()))?;
+            warn_if_key_exposed(path);
             Some(
                 PoolKey::from_file_contents(&bytes)
                     .with_context(|| format!("key file {}", path.display()))?,
@@ -430,5 +431,17 @@ fn run() -> Result<()> {
             RunEnd::Exit => return Ok(()),
             RunEnd::Reload => reload(&mut server, &argv),
         }
+    }
+}
+
+/// Warns when the pool key file is readable by group or others (anyone who can read it
+/// can speak for the pool).
+fn warn_if_key_exposed(path: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(why) = std::fs::metadata(path)
+        .ok()
+        .and_then(|m| gcb_proto::auth::loose_key_mode(m.permissions().mode()))
+    {
+        tracing::warn!("key file {} {}", path.display(), why);
     }
 }

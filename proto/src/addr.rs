@@ -25,6 +25,14 @@ pub enum AddrError {
         /// The port as written.
         port: String,
     },
+    /// A port number above 65535.
+    #[error("{input:?}: port {port} is out of range (the largest port is 65535)")]
+    PortOutOfRange {
+        /// The whole input.
+        input: String,
+        /// The port as written.
+        port: String,
+    },
     /// Neither `IP` nor `IP:PORT` (a host name, a typo).
     #[error("{input:?} is not IP or IP:PORT (host names are not resolved; IPv6 as [ADDR]:PORT)")]
     NotAnAddress {
@@ -49,9 +57,19 @@ pub fn parse_endpoint(input: &str, default_port: u16) -> Result<SocketAddr, Addr
         input: input.to_string(),
     };
     let port_of = |p: &str| {
-        p.parse::<u16>().map_err(|_| AddrError::BadPort {
-            input: input.to_string(),
-            port: p.to_string(),
+        p.parse::<u16>().map_err(|_| {
+            let numeric = !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit());
+            if numeric {
+                AddrError::PortOutOfRange {
+                    input: input.to_string(),
+                    port: p.to_string(),
+                }
+            } else {
+                AddrError::BadPort {
+                    input: input.to_string(),
+                    port: p.to_string(),
+                }
+            }
         })
     };
     if let Some(rest) = s.strip_prefix('[') {
@@ -174,7 +192,11 @@ mod tests {
         assert_eq!(parse_endpoint("  ", 1), Err(AddrError::Empty));
         assert!(matches!(
             parse_endpoint("127.0.0.1:99999", 1),
-            Err(AddrError::BadPort { ref port, .. }) if port == "99999"
+            Err(AddrError::PortOutOfRange { ref port, .. }) if port == "99999"
+        ));
+        assert!(matches!(
+            parse_endpoint("[::1]:65536", 1),
+            Err(AddrError::PortOutOfRange { .. })
         ));
         assert!(matches!(
             parse_endpoint("127.0.0.1:", 1),
@@ -201,7 +223,10 @@ mod tests {
         let e = parse_endpoint("127.0.0.1:99999", 1)
             .unwrap_err()
             .to_string();
-        assert!(e.contains("99999") && e.contains("65535"), "{e}");
+        assert!(
+            e.contains("99999") && e.contains("out of range") && e.contains("65535"),
+            "{e}"
+        );
     }
 
     #[test]

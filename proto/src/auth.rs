@@ -94,6 +94,19 @@ impl PoolKey {
     }
 }
 
+/// Whether a key file's permission bits (`st_mode`) let users other than its owner read
+/// it: `Some(what to say)` if the group or others may read it. Pure (the caller reads the
+/// metadata), so the daemons and the shim say the same thing.
+pub fn loose_key_mode(mode: u32) -> Option<String> {
+    let perm = mode & 0o777;
+    (perm & 0o044 != 0).then(|| {
+        format!(
+            "is readable by {} (mode {perm:04o}): anyone who can read it can speak for the pool; chmod 600 it",
+            if perm & 0o004 != 0 { "others" } else { "its group" }
+        )
+    })
+}
+
 impl fmt::Debug for PoolKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "PoolKey(<{} bytes>)", self.0.len())
@@ -426,6 +439,15 @@ fn be_u64(b: &[u8]) -> u64 {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn loose_key_modes() {
+        assert_eq!(super::loose_key_mode(0o100600), None);
+        assert_eq!(super::loose_key_mode(0o400), None);
+        assert_eq!(super::loose_key_mode(0o620), None);
+        assert!(super::loose_key_mode(0o640).unwrap().contains("group"));
+        assert!(super::loose_key_mode(0o100644).unwrap().contains("others"));
+    }
+
     use super::*;
 
     const NOW: u64 = 1_700_000_000_000;

@@ -6,6 +6,12 @@
 //! libc `getenv`, state is a plain atomic. A thread that finds another thread initialising
 //! waits (briefly); the initialising thread itself has the re-entrancy guard set, so the
 //! calls it makes (open, fcntl, pthread_atfork...) bypass the hooks.
+//!
+//! Settings come from the environment (`GCB_BROKER`...) over the config file
+//! (`/etc/gcb/gcb.conf` or `GCB_CONF`, see [`crate::conf`]); each unusable one is said
+//! once on stderr (see [`crate::log`]) and the shim carries on without it. `GCB_CHECK=1`
+//! (set by `gcb-run --check`) makes initialisation probe the configured daemons and exit
+//! (see [`crate::check`]).
 
 use std::ffi::CStr;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -80,13 +86,138 @@ fn getenv(name: &CStr) -> Option<String> {
     (!s.is_empty()).then_some(s)
 }
 
+/// The config file every process reads (`GCB_CONF` overrides it; see [`crate::conf`]).
+pub const DEFAULT_CONF: &str = "/etc/gcb/gcb.conf";
+
+/// The settings: the environment over the config file.
+pub struct Settings {
+    /// The config file's path and contents, if one was read.
+    conf: Option<(String, crate::conf::Conf)>,
+}
+
+impl Settings {
+    /// Reads the config file; what it cannot use is returned as lines to say later (the
+    /// log level may come from the file).
+    fn load() -> (Settings, Vec<(Level, log::Notice, String)>) {
+        let mut said = Vec::new();
+        let (path, explicit) = match getenv(c"GCB_CONF") {
+            Some(p) => (p, true),
+            None => (DEFAULT_CONF.to_owned(), false),
+        };
+        let conf = match std::fs::read(&path) {
+            Ok(bytes) => {
+                let c = crate::conf::parse(&String::from_utf8_lossy(&bytes));
+                for p in &c.problems {
+                    said.push((
+                        Level::Warn,
+                        log::Notice::ConfLine,
+                        format!(
+                            "{}:{}:{} {}; line ignored",
+                            path,
+                            p.line,
+                            p.key.as_deref().map_or(String::new(), |k| format!(" {k}:")),
+                            p.what
+                        ),
+                    ));
+                }
+                Some((path, c))
+            }
+            Err(e) if explicit || e.kind() != std::io::ErrorKind::NotFound => {
+                said.push((
+                    Level::Error,
+                    log::Notice::ConfFile,
+                    format!("config file {path}: {e}; using the environment only"),
+                ));
+                None
+            }
+            Err(_) => None,
+        };
+        (Settings { conf }, said)
+    }
+
+    /// `key` (a [`crate::conf::KEYS`] name): `GCB_<KEY>` from the environment, else the
+    /// config file's; with where it came from, for messages.
+    pub fn get(&self, key: &str) -> Option<(String, String)> {
+        let var = format!("GCB_{}", key.to_ascii_uppercase());
+        if let Some(v) = std::ffi::CString::new(var.as_str())
+            .ok()
+            .and_then(|c| getenv(&c))
+        {
+            return Some((v, var));
+        }
+        let (path, conf) = self.conf.as_ref()?;
+        let v = conf.get(key)?.as_setting();
+        (!v.is_empty()).then(|| (v, format!("{key} in {path}")))
+    }
+
+    fn value(&self, key: &str) -> Option<String> {
+        self.get(key).map(|(v, _)| v)
+    }
+
+    /// A number of milliseconds of at least `min`, or `default` (and one warning if set
+    /// but unusable).
+    fn millis(&self, key: &str, min: u64, default: std::time::Duration) -> std::time::Duration {
+        let Some((v, from)) = self.get(key) else {
+            return default;
+        };
+        match v.trim().parse::<u64>() {
+            Ok(ms) if ms >= min => std::time::Duration::from_millis(ms),
+            _ => {
+                crate::notice!(
+                    Warn,
+                    BadSetting,
+                    "{from}={v:?} is not a number of milliseconds >= {min}; using {}",
+                    default.as_millis()
+                );
+                default
+            }
+        }
+    }
+
+    /// A switch that is on unless set to 0.
+    fn on_unless_zero(&self, key: &str) -> bool {
+        self.value(key).is_none_or(|v| v.trim() != "0")
+    }
+}
+
 fn init() {
     crate::procid::record_pid();
-    let level = getenv(c"GCB_LOG").map(|v| Level::parse(&v).unwrap_or(Level::Info));
+    // First: the notices below write through the resolved write(2).
+    crate::sys::resolve_all();
+    // What an exec'ing parent already said (see log's module docs).
+    if let Some(bits) = getenv(c"GCB_SAID").and_then(|v| v.parse::<u32>().ok()) {
+        log::mark_said(bits);
+    }
+    log::share_said();
+    let (settings, conf_lines) = Settings::load();
+    let (level, bad_level) = match settings.get("log") {
+        None => (None, None),
+        Some((v, from)) => match Level::parse(&v) {
+            Some(l) => (Some(l), None),
+            // A typo: the user wants to hear something, but not every event.
+            None => (Some(Level::Warn), Some((v, from))),
+        },
+    };
     log::set_level(level.unwrap_or(Level::Off));
+    log::set_notice_level(level.unwrap_or(Level::Warn));
     if level.is_some_and(|l| l > Level::Off) {
-        if let Some(path) = getenv(c"GCB_LOG_FILE") {
+        if let Some(path) = settings.value("log_file") {
             open_log_file(&path);
+        }
+    }
+    if let Some((v, from)) = bad_level {
+        crate::notice!(
+            Warn,
+            LogLevel,
+            "{from}={v:?} is not a log level ({}); using warn",
+            log::LEVEL_NAMES
+        );
+    }
+    // The config file's lines once per process tree and exec chain, like every notice
+    // (each bad line has its own line, so ConfLine itself is not deduplicated).
+    if !log::said_before(log::Notice::ConfLine) {
+        for (l, what, line) in conf_lines {
+            log::notice(l, what, format_args!("{line}"));
         }
     }
     // One line per panic, through our logger; never Rust's multi-line default on stderr.
@@ -104,59 +235,125 @@ fn init() {
                 .unwrap_or("(non-string payload)")
         );
     }));
-    crate::sys::resolve_all();
     crate::fork::register();
     let cfg = Config {
-        broker: getenv(c"GCB_BROKER"),
-        dpf_server: getenv(c"GCB_DPF_SERVER"),
+        broker: settings.value("broker"),
+        dpf_server: settings.value("dpf_server"),
     };
-    let mode = install_layers(&cfg);
-    crate::debug!(
-        "loaded (version {}), {} mode",
-        env!("CARGO_PKG_VERSION"),
-        mode
-    );
+    let mode = install_layers(&cfg, &settings);
+    crate::debug!("loaded (version {}), {} mode", crate::check::VERSION, mode);
+    match getenv(c"GCB_CHECK").as_deref() {
+        // `gcb-run --version`: which library this is.
+        Some("version") => crate::check::version(),
+        Some(_) => run_check(&settings, &cfg), // exits the process
+        None => {}
+    }
+    export_said();
     let _ = CONFIG.set(cfg);
 }
 
-/// Install the layers configured by `GCB_BROKER` and `GCB_DPF_SERVER`; on a bad setting,
+/// `GCB_CHECK`: report the effective settings and probe the daemons (see [`crate::check`]).
+fn run_check(settings: &Settings, cfg: &Config) -> ! {
+    let mut list: Vec<(String, String, String)> = vec![match &settings.conf {
+        Some((path, _)) => ("config file".into(), path.clone(), "read".into()),
+        None => (
+            "config file".into(),
+            getenv(c"GCB_CONF").unwrap_or_else(|| DEFAULT_CONF.into()),
+            "absent or unreadable: not used".into(),
+        ),
+    }];
+    for k in crate::conf::KEYS {
+        if let Some((v, from)) = settings.get(k) {
+            list.push(((*k).to_owned(), v, from));
+        }
+    }
+    // The key again, quietly: install_layers already said what is wrong with it.
+    let key = load_key(settings);
+    crate::check::run(crate::check::Report {
+        settings: &list,
+        broker: cfg.broker.as_deref(),
+        dpf_server: cfg.dpf_server.as_deref(),
+        key,
+    })
+}
+
+/// Hands what this image said to the images it execs (`GCB_SAID`), so a wrapper shell
+/// and its program do not both say it. Runs in the constructor, before the program's
+/// threads exist (setenv is not thread-safe).
+fn export_said() {
+    let bits = log::export_said();
+    if bits == 0 {
+        return;
+    }
+    if let Ok(v) = std::ffi::CString::new(bits.to_string()) {
+        // SAFETY: both strings are NUL-terminated; see above for thread safety.
+        unsafe { libc::setenv(c"GCB_SAID".as_ptr(), v.as_ptr(), 1) };
+    }
+}
+
+/// What a plain-sockets fallback means, for the lines that say one.
+const PLAIN: &str = "the program runs with plain sockets";
+
+/// The pool key from `key_file`: Err(()) when one is configured but unusable (said once).
+fn load_key(settings: &Settings) -> Result<Option<gcb_proto::PoolKey>, ()> {
+    let Some((path, from)) = settings.get("key_file") else {
+        return Ok(None);
+    };
+    let read = std::fs::read(&path)
+        .map_err(|e| e.to_string())
+        .and_then(|b| gcb_proto::PoolKey::from_file_contents(&b).map_err(|e| e.to_string()));
+    match read {
+        Ok(k) => {
+            use std::os::unix::fs::PermissionsExt;
+            if let Some(why) = std::fs::metadata(&path)
+                .ok()
+                .and_then(|m| gcb_proto::auth::loose_key_mode(m.permissions().mode()))
+            {
+                crate::notice!(Warn, KeyMode, "key file {path} ({from}) {why}");
+            }
+            Ok(Some(k))
+        }
+        Err(e) => {
+            crate::notice!(
+                Error,
+                KeyFile,
+                "key file {path} ({from}): {e}; GCB and DPF disabled, {PLAIN}"
+            );
+            Err(())
+        }
+    }
+}
+
+/// Install the layers configured by `broker` and `dpf_server`; on a bad setting,
 /// stay pass-through for that layer and say why in one line.
-fn install_layers(cfg: &Config) -> &'static str {
+fn install_layers(cfg: &Config, settings: &Settings) -> &'static str {
     if cfg.broker.is_none() && cfg.dpf_server.is_none() {
         return "pass-through";
     }
-    let key = match getenv(c"GCB_KEY_FILE") {
-        None => None,
-        Some(path) => match std::fs::read(&path)
-            .map_err(|e| e.to_string())
-            .and_then(|b| gcb_proto::PoolKey::from_file_contents(&b).map_err(|e| e.to_string()))
-        {
-            Ok(k) => Some(k),
-            Err(e) => {
-                crate::error!("GCB_KEY_FILE {}: {}; GCB and DPF disabled", path, e);
-                return "pass-through";
-            }
-        },
+    let Ok(key) = load_key(settings) else {
+        return "pass-through";
     };
     let gcb = cfg
         .broker
         .as_deref()
-        .and_then(|b| install_gcb(b, key.clone()));
+        .and_then(|b| install_gcb(b, key.clone(), settings));
     let dpf = cfg.dpf_server.as_deref().and_then(|s| {
         let addr = crate::dpf::parse_server(s)
-            .map_err(|e| crate::error!("GCB_DPF_SERVER: {}; DPF disabled", e))
+            .map_err(|e| {
+                crate::notice!(
+                    Error,
+                    DpfAddr,
+                    "{}: {}; DPF disabled",
+                    source_of(settings, "dpf_server"),
+                    e
+                )
+            })
             .ok();
-        let refresh = getenv(c"GCB_DPF_REFRESH_MS")
-            .and_then(|v| v.parse::<u64>().ok())
-            .filter(|&ms| ms >= 100)
-            .map_or(
-                std::time::Duration::from_secs(30),
-                std::time::Duration::from_millis,
-            );
+        let refresh = settings.millis("dpf_refresh_ms", 100, std::time::Duration::from_secs(30));
         addr.map(|a| crate::dpf::DpfClient::new(a, key.clone(), refresh))
     });
     // The identity model (see docs/architecture.md): on unless GCB_PUBLIC_NAMES=0.
-    crate::layer::set_public_names(getenv(c"GCB_PUBLIC_NAMES").is_none_or(|v| v.trim() != "0"));
+    crate::layer::set_public_names(settings.on_unless_zero("public_names"));
     let stack = crate::stack::Stack { gcb, dpf };
     if let Some(spec) = getenv(c"GCB_INHERIT") {
         stack.adopt(&spec);
@@ -171,29 +368,49 @@ fn install_layers(cfg: &Config) -> &'static str {
     name
 }
 
-/// The GCB layer for `GCB_BROKER=IP[:PORT]`, with the registrations an exec'ing image
+/// Where `key`'s value came from, for messages.
+fn source_of(settings: &Settings, key: &str) -> String {
+    settings
+        .get(key)
+        .map_or_else(|| key.to_owned(), |(_, from)| from)
+}
+
+/// The GCB layer for `broker` = `IP[:PORT]`, with the registrations an exec'ing image
 /// handed over.
-fn install_gcb(broker: &str, key: Option<gcb_proto::PoolKey>) -> Option<crate::gcb::GcbLayer> {
+fn install_gcb(
+    broker: &str,
+    key: Option<gcb_proto::PoolKey>,
+    settings: &Settings,
+) -> Option<crate::gcb::GcbLayer> {
     let addr = match crate::gcb::parse_broker(broker) {
         Ok(a) => a,
+        Err(gcb_proto::addr::AddrError::Ipv6Unsupported { input }) => {
+            crate::notice!(
+                Error,
+                BrokerAddr,
+                "{} {input:?}: IPv6 brokers are not supported (give the broker's IPv4 address); GCB disabled, {PLAIN}",
+                source_of(settings, "broker")
+            );
+            return None;
+        }
         Err(e) => {
-            crate::error!("GCB_BROKER: {}; GCB disabled", e);
+            crate::notice!(
+                Error,
+                BrokerAddr,
+                "{}: {}; GCB disabled, {PLAIN}",
+                source_of(settings, "broker"),
+                e
+            );
             return None;
         }
     };
     // Heartbeats keep the NAT's UDP mapping and the broker's lease alive; the default
     // is well under Linux conntrack's 30 s. GCB_HEARTBEAT_MS tunes it (e.g. for NATs
     // that forget sooner, or short leases in tests).
-    let heartbeat = getenv(c"GCB_HEARTBEAT_MS")
-        .and_then(|v| v.parse::<u64>().ok())
-        .filter(|&ms| ms >= 50)
-        .map_or(
-            gcb_proto::rudp::HEARTBEAT_INTERVAL,
-            std::time::Duration::from_millis,
-        );
+    let heartbeat = settings.millis("heartbeat_ms", 50, gcb_proto::rudp::HEARTBEAT_INTERVAL);
     // Standby relay connections (see gcb::standby) are on unless GCB_STANDBY=0: one idle
     // TCP connection to the broker per registered listener, for faster relayed connects.
-    let standby = getenv(c"GCB_STANDBY").is_none_or(|v| v.trim() != "0");
+    let standby = settings.on_unless_zero("standby");
     Some(crate::gcb::GcbLayer::new(addr, key, heartbeat, standby))
 }
 
@@ -210,7 +427,13 @@ fn open_log_file(path: &str) {
         )
     };
     if fd < 0 {
-        crate::warn!("cannot open GCB_LOG_FILE {}; logging to stderr", path);
+        crate::notice!(
+            Warn,
+            LogFile,
+            "cannot open log file {}: {}; logging to stderr",
+            path,
+            std::io::Error::last_os_error()
+        );
         return;
     }
     match crate::fdtable::own_fd(fd, "log file") {

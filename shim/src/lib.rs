@@ -18,16 +18,17 @@
 //! checks both against the list below (the list is the checker's input). Read the crate
 //! from the bottom up.
 //!
-//! - **Floor 0, the system**: `real`, `sys`, `log`, `guard`, `forklock`, `procid`, `abi`, `ownfd`, `inherit`, `sockaddr`
+//! - **Floor 0, the system**: `real`, `sys`, `log`, `guard`, `forklock`, `procid`, `abi`, `ownfd`, `inherit`, `sockaddr`, `conf`
 //! - **Floor 1, the fd table**: `net`, `sockstate`, `fdtable`
 //! - **Floor 2, plumbing**: `layer`, `control`, `fork`
 //! - **Floor 3, the clients**: `dpf`, `gcb` (independent)
-//! - **Floor 4, composition**: `stack`, `init`
+//! - **Floor 4, composition**: `stack`, `init`, `check`
 //! - **Floor 5, the entry points**: `hooks`
 //!
 //! * Floor 0: [`real`]/[`sys`] resolve and call the real libc functions
-//!   (`dlsym(RTLD_NEXT)`); [`log`] is the async-signal-safe logger (silent unless
-//!   `GCB_LOG`, never stdout); [`guard`] is the thread-local re-entrancy guard; [`forklock`]
+//!   (`dlsym(RTLD_NEXT)`); [`log`] is the async-signal-safe logger (notices of
+//!   misconfiguration once per process by default, the rest only with `GCB_LOG`; never
+//!   stdout); [`conf`] parses the config file (`/etc/gcb/gcb.conf`, `GCB_CONF`); [`guard`] is the thread-local re-entrancy guard; [`forklock`]
 //!   the locks a fork child can re-initialise; [`procid`] which process this memory
 //!   belongs to (vfork children) and which sockets other processes hold; [`abi`] the
 //!   descriptions of intercepted calls and their [`abi::Outcome`] (`Bypass(reason)`,
@@ -43,7 +44,9 @@
 //! * Floor 3: [`dpf`] the DPF client (paper 3.2.1) and [`gcb`] the GCB client (paper
 //!   4.2.1), each a [`layer::Layer`]; neither uses the other.
 //! * Floor 4: [`stack`] the installed layer (DPF where it can map, GCB for the rest);
-//!   [`init`] configuration from the environment and lazy initialisation.
+//!   [`init`] configuration from the environment and the config file, and lazy
+//!   initialisation; [`check`] the `GCB_CHECK` probe of the configured daemons
+//!   (`gcb-run --check`).
 //! * Floor 5: [`hooks`] the exported `extern "C"` functions.
 //!
 //! ## One call, end to end: `recv(fd, buf, len, flags)`
@@ -90,7 +93,9 @@
 //! order does not matter. It reads the environment with libc `getenv`, so it needs nothing
 //! from Rust's runtime start-up.
 //!
-//! Environment: `GCB_LOG=error|warn|info|debug|trace`, `GCB_LOG_FILE=path`,
+//! Environment (each also a key of the config file `/etc/gcb/gcb.conf` or `$GCB_CONF`,
+//! in lower case without `GCB_`; the environment wins): `GCB_LOG=off|error|warn|info|debug|trace`
+//! (unset: only the one-line notices of misconfiguration), `GCB_LOG_FILE=path`,
 //! `GCB_BROKER=IP[:PORT]` (enables the [`gcb`] layer), `GCB_KEY_FILE=path` (pool key),
 //! `GCB_HEARTBEAT_MS` (heartbeat interval, default 10000), `GCB_STANDBY=0` (no standby relay
 //! connections, see `gcb::standby`), `GCB_DPF_REFRESH_MS` (how often
@@ -99,6 +104,8 @@
 //! serve the sockets it can and GCB the rest).
 
 pub mod abi;
+pub mod check;
+pub mod conf;
 pub mod control;
 pub mod dpf;
 pub mod fdtable;

@@ -37,7 +37,7 @@ impl Stack {
             Ok(()) | Err(Refusal::NotApplicable) => Ok(false),
             Err(Refusal::Refused(e, why)) => {
                 if self.gcb.is_none() {
-                    crate::warn!("{} (at {})", why, what);
+                    crate::notice!(Error, DpfRefused, "{} (at {})", why, what);
                     return Err(e);
                 }
                 crate::debug!("{}; GCB serves this socket", why);
@@ -45,9 +45,14 @@ impl Stack {
             }
             Err(Refusal::Unreachable(why)) => {
                 if self.gcb.is_none() {
-                    crate::warn!("{}; serving locally only", why);
+                    crate::notice!(
+                        Warn,
+                        DpfUnavailable,
+                        "{}; serving locally only (plain socket)",
+                        why
+                    );
                 } else {
-                    crate::warn!("{}; GCB serves this socket", why);
+                    crate::notice!(Warn, DpfUnavailable, "{}; GCB serves this socket", why);
                 }
                 Ok(true)
             }
@@ -132,17 +137,22 @@ impl Layer for Stack {
                 Err(Refusal::NotApplicable) => {}
                 Err(Refusal::Refused(e, why)) => {
                     if self.gcb.is_none() {
-                        crate::warn!("{}", why);
+                        crate::notice!(Error, DpfRefused, "{}", why);
                         return Outcome::Error(e);
                     }
                     crate::debug!("{}; GCB serves this socket", why);
                 }
                 Err(Refusal::Unreachable(why)) => {
                     if self.gcb.is_none() {
-                        crate::warn!("{}; serving locally only", why);
+                        crate::notice!(
+                            Warn,
+                            DpfUnavailable,
+                            "{}; serving locally only (plain socket)",
+                            why
+                        );
                         return Outcome::Handled(0);
                     }
-                    crate::warn!("{}; GCB serves this socket", why);
+                    crate::notice!(Warn, DpfUnavailable, "{}; GCB serves this socket", why);
                 }
             }
         }

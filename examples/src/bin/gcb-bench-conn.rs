@@ -32,7 +32,7 @@ use serde_json::json;
 const PROG: &str = "gcb-bench-conn";
 
 #[derive(Parser, Debug)]
-#[command(name = PROG, version)]
+#[command(name = PROG, version = gcb_examples::VERSION)]
 struct Args {
     #[command(subcommand)]
     cmd: Cmd,

@@ -27,7 +27,7 @@ use serde_json::json;
 const PROG: &str = "gcb-bench-register";
 
 #[derive(Parser, Debug)]
-#[command(name = PROG, version)]
+#[command(name = PROG, version = gcb_examples::VERSION)]
 struct Args {
     /// Broker control address, IP[:PORT] (port 9650 by default).
     #[arg(long, value_parser = gcb_proto::addr::endpoint_arg::<9650>)]

@@ -20,7 +20,7 @@ const PROG: &str = "gcb-echo-client";
 
 /// Echo client: sends random bytes to an echo server and verifies what comes back.
 #[derive(Parser, Debug)]
-#[command(name = PROG, version)]
+#[command(name = PROG, version = gcb_examples::VERSION)]
 struct Args {
     /// Server address, HOST:PORT.
     addr: String,

@@ -15,7 +15,7 @@ const PROG: &str = "gcb-echo-server";
 
 /// Echo server: prints `listening on ADDR` (from getsockname()), then echoes everything.
 #[derive(Parser, Debug)]
-#[command(name = PROG, version)]
+#[command(name = PROG, version = gcb_examples::VERSION)]
 struct Args {
     /// Address to bind.
     #[arg(long, default_value = "0.0.0.0:0")]

@@ -46,13 +46,19 @@ fn one(addr: &str, seed: u64, size: usize) -> std::io::Result<()> {
 }
 
 fn main() {
-    let mut args = std::env::args().skip(1);
-    let addr = args
-        .next()
-        .expect("usage: gcb-mtclient HOST:PORT [THREADS] [CONNS] [SIZE]");
-    let threads: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(8);
-    let conns: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(16);
-    let size: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(65536);
+    const PROG: &str = "gcb-mtclient";
+    const USAGE: &str =
+        "usage: gcb-mtclient HOST:PORT [THREADS] [CONNS] [SIZE]   (defaults 8, 16, 65536)\n\
+        Multithreaded echo client: each thread makes CONNS connections to HOST:PORT, sends SIZE\n\
+        bytes, reads the echo and checks it; prints `ok connections=N bytes=N`.";
+    let args = gcb_examples::positional_args(PROG, USAGE, 4);
+    let Some(addr) = args.first().cloned() else {
+        eprintln!("{PROG}: error: HOST:PORT missing\n{USAGE}");
+        std::process::exit(2)
+    };
+    let threads: usize = gcb_examples::number_arg(PROG, &args, 1, 8);
+    let conns: usize = gcb_examples::number_arg(PROG, &args, 2, 16);
+    let size: usize = gcb_examples::number_arg(PROG, &args, 3, 65536);
     let done = Arc::new(AtomicUsize::new(0));
     let handles: Vec<_> = (0..threads)
         .map(|t| {

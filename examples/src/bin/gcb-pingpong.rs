@@ -10,9 +10,12 @@ use std::net::{TcpListener, TcpStream};
 use std::time::Instant;
 
 fn main() -> std::io::Result<()> {
-    let mut args = std::env::args().skip(1);
-    let rounds: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(100_000);
-    let size: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(32);
+    const PROG: &str = "gcb-pingpong";
+    const USAGE: &str = "usage: gcb-pingpong [ROUNDS] [SIZE]   (defaults 100000, 32)\n\
+        TCP loopback ping-pong benchmark; prints ns_per_rtt=<float>.";
+    let args = gcb_examples::positional_args(PROG, USAGE, 2);
+    let rounds: usize = gcb_examples::number_arg(PROG, &args, 0, 100_000);
+    let size: usize = gcb_examples::number_arg(PROG, &args, 1, 32);
 
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?;

@@ -30,7 +30,7 @@ const PROG: &str = "gcb-pool-collector";
 /// Mini-pool collector: stores worker ads (`ADVERTISE NAME IP:PORT`), answers `QUERY`;
 /// records UDP status updates (`STATUS NAME JOBS_DONE`), answers `STATUS?`.
 #[derive(Parser, Debug)]
-#[command(name = PROG, version)]
+#[command(name = PROG, version = gcb_examples::VERSION)]
 struct Args {
     /// Address to listen on.
     #[arg(long)]

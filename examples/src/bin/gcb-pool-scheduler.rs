@@ -20,7 +20,7 @@ const PROG: &str = "gcb-pool-scheduler";
 
 /// Mini-pool scheduler: runs jobs on every worker the collector knows and verifies them.
 #[derive(Parser, Debug)]
-#[command(name = PROG, version)]
+#[command(name = PROG, version = gcb_examples::VERSION)]
 struct Args {
     /// The collector, IP:PORT.
     #[arg(long)]

@@ -34,7 +34,7 @@ const PROG: &str = "gcb-pool-worker";
 /// Mini-pool worker: advertises its getsockname() address to the collector, runs jobs
 /// (sha256 of the payload).
 #[derive(Parser, Debug)]
-#[command(name = PROG, version)]
+#[command(name = PROG, version = gcb_examples::VERSION)]
 struct Args {
     /// The collector, IP:PORT.
     #[arg(long)]

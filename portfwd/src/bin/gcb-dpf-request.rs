@@ -20,7 +20,7 @@ use gcb_proto::{Body, PoolKey, Transport};
 /// Send one DPF request (forward, delete, query) to gcb-portfwd and print
 /// the reply body as one JSON line.
 #[derive(Parser, Debug)]
-#[command(name = "gcb-dpf-request", version)]
+#[command(name = "gcb-dpf-request", version = concat!(env!("CARGO_PKG_VERSION"), " (", env!("GCB_GIT_COMMIT"), ")"))]
 struct Args {
     /// The server, `IP[:PORT]` (default port 9651).
     #[arg(long, value_name = "IP[:PORT]", value_parser = endpoint_arg::<DEFAULT_PORT>)]
@@ -32,6 +32,10 @@ struct Args {
     /// any port).
     #[arg(long, value_name = "IP[:PORT]", value_parser = endpoint_arg::<0>)]
     bind: Option<SocketAddr>,
+    /// Give up on a request after SECS seconds without a reply (default: 3 for one
+    /// request, the protocol's 10 with --count).
+    #[arg(long, value_name = "SECS")]
+    timeout: Option<f64>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -131,6 +135,28 @@ fn run() -> Result<()> {
     };
     let mut client =
         Client::new(args.server, args.bind, key).context("binding the control socket")?;
+    let many = matches!(args.cmd, Cmd::Forward { count, .. } if count > 1);
+    let timeout = match args.timeout {
+        Some(s) if s.is_finite() && s > 0.0 => Some(s),
+        Some(s) => anyhow::bail!("--timeout {s}: give a positive number of seconds"),
+        None => (!many).then_some(3.0),
+    };
+    if let Some(s) = timeout {
+        client.set_request_deadline(std::time::Duration::from_secs_f64(s));
+    }
+    let server = args.server;
+    // What to say when nothing answered: which address, and the usual reasons.
+    let no_reply = |e: std::io::Error| {
+        if e.kind() == std::io::ErrorKind::TimedOut {
+            eprintln!(
+                "gcb-dpf-request: error: nothing answered at {server} within {} s (is gcb-portfwd running there, on that port, with the same pool key?)",
+                timeout.unwrap_or(10.0)
+            );
+        } else {
+            eprintln!("gcb-dpf-request: error: {server}: {e}");
+        }
+        1
+    };
     let code = match args.cmd {
         Cmd::Forward {
             private,
@@ -170,10 +196,7 @@ fn run() -> Result<()> {
                 });
                 match reply {
                     Ok(b) => print(&b),
-                    Err(e) => {
-                        eprintln!("gcb-dpf-request: {e}");
-                        1
-                    }
+                    Err(e) => no_reply(e),
                 }
             } else {
                 let bodies: Vec<Body> = (0..count)
@@ -240,20 +263,14 @@ fn run() -> Result<()> {
             private,
         }) {
             Ok(b) => print(&b),
-            Err(e) => {
-                eprintln!("gcb-dpf-request: {e}");
-                1
-            }
+            Err(e) => no_reply(e),
         },
         Cmd::Query { public, udp } => match client.request(Body::Query {
             transport: transport(udp),
             public,
         }) {
             Ok(b) => print(&b),
-            Err(e) => {
-                eprintln!("gcb-dpf-request: {e}");
-                1
-            }
+            Err(e) => no_reply(e),
         },
     };
     std::process::exit(code);

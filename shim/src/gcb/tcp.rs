@@ -334,7 +334,25 @@ impl GcbLayer {
                 );
             }
             Err(why) => {
-                crate::warn!("listen on {}: {}; serving locally only", local, why);
+                if why.starts_with("broker refused") {
+                    crate::notice!(
+                        Error,
+                        RegisterRefused,
+                        "listen on {}: {}; serving local connections only (plain socket) (pid {})",
+                        local,
+                        why,
+                        crate::control::getpid()
+                    );
+                } else {
+                    crate::notice!(
+                        Warn,
+                        BrokerUnreachable,
+                        "listen on {}: {}; serving local connections only (plain socket) until the broker answers (pid {})",
+                        local,
+                        why,
+                        crate::control::getpid()
+                    );
+                }
                 // Fail open now, register when the broker answers (the AEH asks again).
                 c.register_later(reg_local, listen_at, &entry);
             }

@@ -252,7 +252,14 @@ impl GcbLayer {
                     proxy
                 );
             }
-            Err(why) => crate::warn!("bind udp {}: {}; serving locally only", reg_local, why),
+            Err(why) => crate::notice!(
+                Warn,
+                BrokerUnreachable,
+                "bind udp {}: {}; serving locally only (plain socket) (pid {})",
+                reg_local,
+                why,
+                crate::control::getpid()
+            ),
         }
     }
 

@@ -242,7 +242,13 @@ impl Client {
                         c.answers.insert(request, Answer::Timeout);
                     }
                     Some(Pending::Heartbeat) => {
-                        crate::debug!("heartbeat to broker {} unanswered", self.broker)
+                        crate::notice!(
+                            Warn,
+                            BrokerLost,
+                            "broker {} stopped answering heartbeats: registered listeners serve local connections only until it answers again (pid {})",
+                            self.broker,
+                            control::getpid()
+                        )
                     }
                     Some(Pending::Reregister { old }) => {
                         crate::warn!("re-registration of {} unanswered; will retry", old.1)

@@ -391,10 +391,14 @@ impl Client {
             self.fit_heartbeat(*lease_ms);
         }
         let Body::Registered { proxy, token, .. } = body else {
-            crate::warn!(
-                "re-registration of {} refused: {:?}; will retry",
+            crate::notice!(
+                Error,
+                RegisterRefused,
+                "broker {} refused to re-register {}: {:?}; will retry (pid {})",
+                self.broker,
                 old_proxy,
-                body
+                body,
+                getpid()
             );
             return;
         };

@@ -155,10 +155,13 @@ impl Client {
             .filter(|e| e.with_state(SockState::take_udp_registering) == Some(true));
         let Some((proxy, lease_ms, token)) = granted else {
             if live.is_some() {
-                crate::warn!(
-                    "bind udp {}: broker {} did not register it; serving locally only",
+                crate::notice!(
+                    Warn,
+                    BrokerUnreachable,
+                    "bind udp {}: broker {} did not register it; serving locally only (plain socket) (pid {})",
                     local,
-                    self.broker
+                    self.broker,
+                    crate::control::getpid()
                 );
             }
             self.leave_epolls_if_idle();
