@@ -21,6 +21,25 @@
 //! the daemon's own uid). A socket file left by a crashed daemon (nothing answers) is
 //! replaced; one that a live daemon answers on is an error ([`OpsError::InUse`]). The file
 //! is removed when the daemon exits.
+//!
+//! A daemon keeps its [`Ops`] in an [`OpsSlot`] (empty until opened) and answers a
+//! [`Request`] from its status document with [`answer`].
+//!
+//! ## What else the daemons share
+//!
+//! * [`status_client`]: the `status` command (`gcb-brokerd status`, `gcb-portfwd status`):
+//!   asks the admin socket, prints the JSON or the daemon's tables;
+//! * [`status_tables`]: durations, aligned tables and the counters block of those tables;
+//! * [`metrics_registry`]: a daemon's table of series (stats name -> `gcb_*` metric) made
+//!   into Prometheus families and encoded with `prometheus-client`;
+//! * [`counter_list`]: the counter list as the stats log line and as the status document's
+//!   `counters`.
+//!
+//! Floors: each module uses only modules on its own floor or below, with no cycle;
+//! `scripts/modgraph --check brokerd/ops/src` checks the list:
+//!
+//! - **Floor 0, helpers**: `status_tables`, `metrics_registry`, `counter_list` (independent)
+//! - **Floor 1, the command**: `status_client`
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
@@ -32,6 +51,11 @@ use std::time::{Duration, Instant};
 
 use mio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use mio::{Interest, Registry, Token};
+
+pub mod counter_list;
+pub mod metrics_registry;
+pub mod status_client;
+pub mod status_tables;
 
 /// Poll tokens from here up belong to the operator's sockets (the daemon's own tokens
 /// count up from 0 and never get near).
@@ -56,6 +80,23 @@ pub enum Request {
     Status,
     /// `GET /metrics` on the metrics listener: the Prometheus text.
     Metrics,
+}
+
+/// The answer to `req`: the status document `doc` as one line of JSON, or the metrics
+/// text that `metrics` makes of it.
+pub fn answer<T: serde::Serialize>(
+    req: Request,
+    doc: &T,
+    metrics: impl FnOnce(&T) -> String,
+) -> Vec<u8> {
+    match req {
+        Request::Status => {
+            let mut out = serde_json::to_vec(doc).unwrap_or_default();
+            out.push(b'\n');
+            out
+        }
+        Request::Metrics => metrics(doc).into_bytes(),
+    }
 }
 
 /// Why the operator's sockets could not be opened.
@@ -121,6 +162,52 @@ pub struct Ops {
     metrics: Option<TcpListener>,
     conns: HashMap<Token, Conn>,
     next: usize,
+}
+
+/// A daemon's operator sockets: none until [`OpsSlot::open`].
+#[derive(Default)]
+pub struct OpsSlot(Option<Ops>);
+
+impl OpsSlot {
+    /// Opens the admin socket at `admin` and the metrics listener on `metrics` (either
+    /// optional; [`Ops::open`]), served from the event loop from now on.
+    pub fn open(
+        &mut self,
+        admin: Option<&Path>,
+        metrics: Option<SocketAddr>,
+        registry: &Registry,
+    ) -> Result<(), OpsError> {
+        self.0 = Some(Ops::open(admin, metrics, registry)?);
+        Ok(())
+    }
+
+    /// The operator's sockets, if opened.
+    pub fn get(&self) -> Option<&Ops> {
+        self.0.as_ref()
+    }
+
+    /// Takes the sockets out (to serve an event with an `answer` that borrows the daemon:
+    /// [`Ops::ready`]); [`OpsSlot::put`] puts them back.
+    pub fn take(&mut self) -> Option<Ops> {
+        self.0.take()
+    }
+
+    /// Puts back what [`OpsSlot::take`] took.
+    pub fn put(&mut self, ops: Option<Ops>) {
+        self.0 = ops;
+    }
+
+    /// Closes connections past their deadline ([`Ops::sweep`]).
+    pub fn sweep(&mut self, registry: &Registry, now: Instant) {
+        if let Some(ops) = self.0.as_mut() {
+            ops.sweep(registry, now);
+        }
+    }
+
+    /// The earliest connection deadline ([`Ops::next_deadline`]).
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.0.as_ref().and_then(Ops::next_deadline)
+    }
 }
 
 /// The default admin socket path of daemon `name` (`brokerd`, `portfwd`):
