@@ -22,7 +22,7 @@
 //! * `relay_port`: preambles, pairing, relays;
 //! * `claims`: standby connections and their claims;
 //! * `timers`: the sweep; `stats`: the stats line;
-//! * `admin`: the status document and the operator's sockets ([`crate::ops`]);
+//! * `admin`: the status document and the operator's sockets ([`gcb_ops`]);
 //! * `tests`: the handlers driven with a fake clock.
 //!
 //! This module binds the sockets and runs the loop.
@@ -208,7 +208,7 @@ impl Server {
             retry_accept: false,
             clock,
             random,
-            ops: None,
+            ops: gcb_ops::OpsSlot::default(),
             started: t,
             bound,
             next_proxy_port: 0,
