@@ -27,6 +27,8 @@
 //!
 //! ## What else the daemons share
 //!
+//! * [`admin_path`]: where the admin socket is (the default path, `--admin-socket` as
+//!   given);
 //! * [`status_client`]: the `status` command (`gcb-brokerd status`, `gcb-portfwd status`):
 //!   asks the admin socket, prints the JSON or the daemon's tables;
 //! * [`status_tables`]: durations, aligned tables and the counters block of those tables;
@@ -38,8 +40,10 @@
 //! Floors: each module uses only modules on its own floor or below, with no cycle;
 //! `scripts/modgraph --check brokerd/ops/src` checks the list:
 //!
-//! - **Floor 0, helpers**: `status_tables`, `metrics_registry`, `counter_list` (independent)
+//! - **Floor 0, helpers**: `admin_path`, `status_tables`, `metrics_registry`, `counter_list` (independent)
 //! - **Floor 1, the command**: `status_client`
+//!
+//! The crate root (the sockets) is above them all.
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
@@ -52,10 +56,13 @@ use std::time::{Duration, Instant};
 use mio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use mio::{Interest, Registry, Token};
 
+pub mod admin_path;
 pub mod counter_list;
 pub mod metrics_registry;
 pub mod status_client;
 pub mod status_tables;
+
+pub use admin_path::{admin_socket_arg, default_admin_socket};
 
 /// Poll tokens from here up belong to the operator's sockets (the daemon's own tokens
 /// count up from 0 and never get near).
@@ -207,31 +214,6 @@ impl OpsSlot {
     /// The earliest connection deadline ([`Ops::next_deadline`]).
     pub fn next_deadline(&self) -> Option<Instant> {
         self.0.as_ref().and_then(Ops::next_deadline)
-    }
-}
-
-/// The default admin socket path of daemon `name` (`brokerd`, `portfwd`):
-/// `/run/gcb/NAME.sock` for root, else `$XDG_RUNTIME_DIR/gcb/NAME.sock`, else
-/// `/tmp/gcb-UID/NAME.sock`.
-pub fn default_admin_socket(name: &str) -> PathBuf {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let uid = unsafe { libc::geteuid() };
-    let dir = if uid == 0 {
-        PathBuf::from("/run/gcb")
-    } else if let Some(x) = std::env::var_os("XDG_RUNTIME_DIR").filter(|x| !x.is_empty()) {
-        PathBuf::from(x).join("gcb")
-    } else {
-        PathBuf::from(format!("/tmp/gcb-{uid}"))
-    };
-    dir.join(format!("{name}.sock"))
-}
-
-/// `--admin-socket` as given: `none` turns the socket off, nothing means the default.
-pub fn admin_socket_arg(given: Option<&Path>, name: &str) -> Option<PathBuf> {
-    match given {
-        Some(p) if p == Path::new("none") => None,
-        Some(p) => Some(p.to_owned()),
-        None => Some(default_admin_socket(name)),
     }
 }
 
@@ -600,19 +582,6 @@ mod tests {
             Some(Err(405))
         );
         assert_eq!(parse_http(b"GET /metrics\r\n\r\n"), Some(Err(400)));
-    }
-
-    #[test]
-    fn default_path_and_none() {
-        assert_eq!(admin_socket_arg(Some(Path::new("none")), "x"), None);
-        assert_eq!(
-            admin_socket_arg(Some(Path::new("/a/b.sock")), "x"),
-            Some(PathBuf::from("/a/b.sock"))
-        );
-        assert!(
-            default_admin_socket("brokerd").ends_with("gcb/brokerd.sock")
-                || default_admin_socket("brokerd").ends_with("brokerd.sock")
-        );
     }
 
     #[test]

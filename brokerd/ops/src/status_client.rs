@@ -38,7 +38,7 @@ pub enum StatusError {
 }
 
 /// `gcb-DAEMON status`: asks the daemon `daemon` (`brokerd`, `portfwd`) on its admin
-/// socket (`--admin-socket` as given: [`crate::admin_socket_arg`]) and prints the answer
+/// socket (`--admin-socket` as given: [`crate::admin_path::admin_socket_arg`]) and prints the answer
 /// to stdout, as is if `json`, else as `render` makes it.
 pub fn status_command<T: DeserializeOwned>(
     daemon: &'static str,
@@ -46,7 +46,8 @@ pub fn status_command<T: DeserializeOwned>(
     json: bool,
     render: fn(&T) -> String,
 ) -> Result<(), StatusError> {
-    let path = crate::admin_socket_arg(admin_socket, daemon).ok_or(StatusError::NoSocket)?;
+    let path =
+        crate::admin_path::admin_socket_arg(admin_socket, daemon).ok_or(StatusError::NoSocket)?;
     let (text, doc) = fetch::<T>(daemon, &path)?;
     if json {
         print!("{text}");
