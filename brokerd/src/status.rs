@@ -29,22 +29,17 @@
 //! Asking the socket and printing is [`gcb_ops::status_client`]'s; [`render`] makes the
 //! tables with [`gcb_ops::status_tables`].
 
+use gcb_ops::status_doc::DaemonInfo;
 use gcb_ops::status_tables::{header, push_counters, push_table, secs};
 use serde::{Deserialize, Serialize};
 
 /// The status document (module docs).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Status {
-    /// Always `gcb-brokerd`.
-    pub daemon: String,
-    /// The daemon's version.
-    pub version: String,
-    /// Its process id.
-    pub pid: u32,
-    /// Seconds since it started.
-    pub uptime_secs: f64,
-    /// The control (UDP) and relay (TCP) address.
-    pub listen: String,
+    /// `gcb-brokerd`, its version, pid, uptime, and its control (UDP) and relay (TCP)
+    /// address (`listen`).
+    #[serde(flatten)]
+    pub about: DaemonInfo,
     /// Registered listening sockets.
     pub registrations: Vec<RegistrationStatus>,
     /// Running relays.
@@ -137,12 +132,9 @@ pub struct PendingStatus {
 /// The document as human-readable tables.
 pub fn render(s: &Status) -> String {
     let mut out = format!(
-        "{} {} (pid {}), up {}, listening on {}\n\n",
-        s.daemon,
-        s.version,
-        s.pid,
-        secs(s.uptime_secs),
-        s.listen
+        "{}, listening on {}\n\n",
+        s.about.headline(),
+        s.about.listen
     );
     let mut rows = vec![header(&[
         "PROTO",

@@ -38,6 +38,7 @@ use crate::core::{Core, ProbeOutcome};
 use crate::kernel::KernelBackend;
 use crate::status::{InstallLatency, MappingStatus, Status};
 use gcb_ops::counter_list::{counters_json, stats_line};
+use gcb_ops::status_doc::DaemonInfo;
 use gcb_ops::{Ops, OpsError, OpsSlot, Request};
 use prometheus_client::metrics::histogram::Histogram;
 
@@ -564,11 +565,12 @@ impl<K: KernelBackend> Server<K> {
             })
             .collect();
         Status {
-            daemon: "gcb-portfwd".into(),
-            version: env!("CARGO_PKG_VERSION").into(),
-            pid: std::process::id(),
-            uptime_secs: now.saturating_duration_since(self.started).as_secs_f64(),
-            listen: self.addr.to_string(),
+            about: DaemonInfo::this_process(
+                "gcb-portfwd",
+                env!("CARGO_PKG_VERSION"),
+                now.saturating_duration_since(self.started),
+                self.addr.to_string(),
+            ),
             public: public.to_string(),
             epoch: core.epoch(),
             mappings,

@@ -23,22 +23,16 @@
 //! Asking the socket and printing is [`gcb_ops::status_client`]'s; [`render`] makes the
 //! tables with [`gcb_ops::status_tables`].
 
+use gcb_ops::status_doc::DaemonInfo;
 use gcb_ops::status_tables::{header, push_counters, push_table, secs};
 use serde::{Deserialize, Serialize};
 
 /// The status document (module docs).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Status {
-    /// Always `gcb-portfwd`.
-    pub daemon: String,
-    /// The daemon's version.
-    pub version: String,
-    /// Its process id.
-    pub pid: u32,
-    /// Seconds since it started.
-    pub uptime_secs: f64,
-    /// The control address (UDP).
-    pub listen: String,
+    /// `gcb-portfwd`, its version, pid, uptime and control address (UDP, `listen`).
+    #[serde(flatten)]
+    pub about: DaemonInfo,
     /// The public address mappings are on.
     pub public: String,
     /// This run's epoch.
@@ -82,12 +76,9 @@ pub struct InstallLatency {
 /// The document as human-readable tables.
 pub fn render(s: &Status) -> String {
     let mut out = format!(
-        "{} {} (pid {}), up {}, control {}, public {}, epoch {}\n\n",
-        s.daemon,
-        s.version,
-        s.pid,
-        secs(s.uptime_secs),
-        s.listen,
+        "{}, control {}, public {}, epoch {}\n\n",
+        s.about.headline(),
+        s.about.listen,
         s.public,
         s.epoch
     );

@@ -29,6 +29,8 @@
 //!
 //! * [`admin_path`]: where the admin socket is (the default path, `--admin-socket` as
 //!   given);
+//! * [`status_doc`]: the fields every status document starts with (daemon, version,
+//!   pid, uptime, control address);
 //! * [`status_client`]: the `status` command (`gcb-brokerd status`, `gcb-portfwd status`):
 //!   asks the admin socket, prints the JSON or the daemon's tables;
 //! * [`status_tables`]: durations, aligned tables and the counters block of those tables;
@@ -41,7 +43,7 @@
 //! `scripts/modgraph --check brokerd/ops/src` checks the list:
 //!
 //! - **Floor 0, helpers**: `admin_path`, `status_tables`, `metrics_registry`, `counter_list` (independent)
-//! - **Floor 1, the command**: `status_client`
+//! - **Floor 1, the status document and command**: `status_doc`, `status_client`
 //!
 //! The crate root (the sockets) is above them all.
 
@@ -60,6 +62,7 @@ pub mod admin_path;
 pub mod counter_list;
 pub mod metrics_registry;
 pub mod status_client;
+pub mod status_doc;
 pub mod status_tables;
 
 pub use admin_path::{admin_socket_arg, default_admin_socket};

@@ -12,6 +12,7 @@ use crate::status::{
     PendingStatus, PunchStatus, RegistrationStatus, RelayStatus, StandbyStatus, Status,
 };
 use gcb_ops::counter_list::counters_json;
+use gcb_ops::status_doc::DaemonInfo;
 use gcb_ops::{Ops, OpsError, Request};
 
 use super::state::{transport_name, Server};
@@ -123,11 +124,12 @@ impl Server {
             .collect();
         let counters = counters_json(self.counter_list());
         Status {
-            daemon: "gcb-brokerd".into(),
-            version: env!("CARGO_PKG_VERSION").into(),
-            pid: std::process::id(),
-            uptime_secs: ago(self.started),
-            listen: self.addr.to_string(),
+            about: DaemonInfo::this_process(
+                "gcb-brokerd",
+                env!("CARGO_PKG_VERSION"),
+                now.saturating_duration_since(self.started),
+                self.addr.to_string(),
+            ),
             registrations,
             relays,
             standbys,
