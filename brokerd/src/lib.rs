@@ -56,10 +56,11 @@
 //!   through [`tracing`] (`<PRIORITY>gcb-brokerd: ...` under journald), the
 //!   level changeable at run time;
 //! * [`gcb_ops`] (crate in `brokerd/ops/`, shared with the other daemon): the operator's
-//!   sockets, served in the loop: the admin unix socket
-//!   (`--admin-socket`) and the Prometheus endpoint (`--metrics`); [`status`]: the
-//!   status document they answer and the `gcb-brokerd status` command; [`metrics`]: every
-//!   `gcb_broker_*` metric and the stats counter it comes from;
+//!   sockets, served in the loop: the admin unix socket (`--admin-socket`) and the
+//!   Prometheus endpoint (`--metrics`), and what both daemons do alike around them (the
+//!   `status` command's client, table helpers, metrics encoding, the stats line);
+//!   [`status`]: the status document they answer and its tables for `gcb-brokerd status`;
+//!   [`metrics`]: every `gcb_broker_*` metric and the stats counter it comes from;
 //! * [`server`]: the event loop gluing them to gcb-proto's sans-IO
 //!   `Endpoint` (which does retransmission, duplicate suppression, auth, and
 //!   counts every malformed or rejected datagram), one module per job

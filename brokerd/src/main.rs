@@ -254,14 +254,8 @@ struct StatusArgs {
 
 fn status_command() -> Result<()> {
     let args = StatusArgs::parse_from(std::env::args_os().skip(1));
-    let path = gcb_ops::admin_socket_arg(args.admin_socket.as_deref(), "brokerd")
-        .context("--admin-socket none: no socket to ask")?;
-    let (text, doc) = gcb_brokerd::status::fetch(&path)?;
-    if args.json {
-        print!("{text}");
-    } else {
-        print!("{}", gcb_brokerd::status::render(&doc));
-    }
+    let (socket, render) = (args.admin_socket.as_deref(), gcb_brokerd::status::render);
+    gcb_ops::status_client::status_command("brokerd", socket, args.json, render)?;
     Ok(())
 }
 

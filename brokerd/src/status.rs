@@ -1,7 +1,7 @@
 //! `gcb-brokerd status`: the status document the admin socket answers, and the command
 //! that asks for it and prints it.
 //!
-//! The daemon answers the request line `status` on its admin socket ([`crate::ops`]) with
+//! The daemon answers the request line `status` on its admin socket ([`gcb_ops`]) with
 //! one JSON document ([`Status`]), which `gcb-brokerd status --json` prints as is and
 //! `gcb-brokerd status` prints as tables. The schema (times in seconds, addresses as
 //! `IP:PORT` strings):
@@ -25,26 +25,21 @@
 //!
 //! `counters` holds exactly the `NAME=VALUE` pairs of the stats log line (sorted by name).
 //! New fields may be added; none is removed or renamed without a note here.
+//!
+//! Asking the socket and printing is [`gcb_ops::status_client`]'s; [`render`] makes the
+//! tables with [`gcb_ops::status_tables`].
 
-use std::io::{Read, Write};
-use std::path::Path;
-use std::time::Duration;
-
+use gcb_ops::status_doc::DaemonInfo;
+use gcb_ops::status_tables::{header, push_counters, push_table, secs};
 use serde::{Deserialize, Serialize};
 
 /// The status document (module docs).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Status {
-    /// Always `gcb-brokerd`.
-    pub daemon: String,
-    /// The daemon's version.
-    pub version: String,
-    /// Its process id.
-    pub pid: u32,
-    /// Seconds since it started.
-    pub uptime_secs: f64,
-    /// The control (UDP) and relay (TCP) address.
-    pub listen: String,
+    /// `gcb-brokerd`, its version, pid, uptime, and its control (UDP) and relay (TCP)
+    /// address (`listen`).
+    #[serde(flatten)]
+    pub about: DaemonInfo,
     /// Registered listening sockets.
     pub registrations: Vec<RegistrationStatus>,
     /// Running relays.
@@ -134,105 +129,14 @@ pub struct PendingStatus {
     pub deferred: bool,
 }
 
-/// Why the status could not be had.
-#[derive(Debug, thiserror::Error)]
-pub enum StatusError {
-    /// No daemon answers on the socket.
-    #[error("no gcb-brokerd answers on its admin socket {path} ({cause}); is it running, with this --admin-socket?")]
-    NotRunning {
-        /// The socket path.
-        path: String,
-        /// The OS error.
-        cause: std::io::Error,
-    },
-    /// The daemon answered something else than a status document.
-    #[error("{path}: unexpected answer: {detail}")]
-    BadAnswer {
-        /// The socket path.
-        path: String,
-        /// What was wrong.
-        detail: String,
-    },
-}
-
-/// Asks the daemon at `path` for its status: the raw JSON text and the document.
-pub fn fetch(path: &Path) -> Result<(String, Status), StatusError> {
-    let text = request(path, "status")?;
-    let doc = serde_json::from_str(&text).map_err(|e| StatusError::BadAnswer {
-        path: path.display().to_string(),
-        detail: format!("{e}: {}", text.lines().next().unwrap_or("")),
-    })?;
-    Ok((text, doc))
-}
-
-/// Sends one request line to the admin socket at `path` and reads the whole answer.
-pub fn request(path: &Path, line: &str) -> Result<String, StatusError> {
-    let shown = path.display().to_string();
-    let not_running = |cause| StatusError::NotRunning {
-        path: shown.clone(),
-        cause,
-    };
-    let mut s = std::os::unix::net::UnixStream::connect(path).map_err(not_running)?;
-    let bad = |e: std::io::Error| StatusError::BadAnswer {
-        path: shown.clone(),
-        detail: e.to_string(),
-    };
-    s.set_read_timeout(Some(Duration::from_secs(10)))
-        .map_err(bad)?;
-    s.write_all(format!("{line}\n").as_bytes()).map_err(bad)?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).map_err(bad)?;
-    Ok(out)
-}
-
-fn secs(s: f64) -> String {
-    let s = s.max(0.0) as u64;
-    match s {
-        0..=119 => format!("{s}s"),
-        120..=7199 => format!("{}m{:02}s", s / 60, s % 60),
-        _ => format!("{}h{:02}m", s / 3600, (s / 60) % 60),
-    }
-}
-
-/// Prints rows as columns, the first row being the header.
-fn table(out: &mut String, title: &str, rows: Vec<Vec<String>>) {
-    out.push_str(&format!("{title} ({})\n", rows.len().saturating_sub(1)));
-    if rows.len() <= 1 {
-        out.push('\n');
-        return;
-    }
-    let n = rows[0].len();
-    let widths: Vec<usize> = (0..n)
-        .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
-        .collect();
-    for r in &rows {
-        let line: Vec<String> = r
-            .iter()
-            .zip(&widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
-        out.push_str("  ");
-        out.push_str(line.join("  ").trim_end());
-        out.push('\n');
-    }
-    out.push('\n');
-}
-
-fn row(cells: &[&str]) -> Vec<String> {
-    cells.iter().map(|c| (*c).to_owned()).collect()
-}
-
 /// The document as human-readable tables.
 pub fn render(s: &Status) -> String {
     let mut out = format!(
-        "{} {} (pid {}), up {}, listening on {}\n\n",
-        s.daemon,
-        s.version,
-        s.pid,
-        secs(s.uptime_secs),
-        s.listen
+        "{}, listening on {}\n\n",
+        s.about.headline(),
+        s.about.listen
     );
-    let mut rows = vec![row(&[
+    let mut rows = vec![header(&[
         "PROTO",
         "PROXY",
         "OWNER (OBSERVED)",
@@ -256,8 +160,8 @@ pub fn render(s: &Status) -> String {
             },
         ]);
     }
-    table(&mut out, "Registrations", rows);
-    let mut rows = vec![row(&[
+    push_table(&mut out, "Registrations", rows);
+    let mut rows = vec![header(&[
         "A (CONNECTOR)",
         "B (LISTENER)",
         "A->B",
@@ -275,18 +179,18 @@ pub fn render(s: &Status) -> String {
             secs(r.idle_secs),
         ]);
     }
-    table(&mut out, "Relays", rows);
-    let mut rows = vec![row(&["PROXY", "PEER"])];
+    push_table(&mut out, "Relays", rows);
+    let mut rows = vec![header(&["PROXY", "PEER"])];
     for r in &s.standbys {
         rows.push(vec![r.proxy.clone(), r.peer.clone()]);
     }
-    table(&mut out, "Standbys", rows);
-    let mut rows = vec![row(&["PROXY", "PARTNER", "DATA ADDRESS"])];
+    push_table(&mut out, "Standbys", rows);
+    let mut rows = vec![header(&["PROXY", "PARTNER", "DATA ADDRESS"])];
     for r in &s.punch_pairings {
         rows.push(vec![r.proxy.clone(), r.partner.clone(), r.data.clone()]);
     }
-    table(&mut out, "Punch pairings", rows);
-    let mut rows = vec![row(&["PROXY", "WAITING", "EXPIRES IN"])];
+    push_table(&mut out, "Punch pairings", rows);
+    let mut rows = vec![header(&["PROXY", "WAITING", "EXPIRES IN"])];
     for r in &s.pending {
         rows.push(vec![
             r.proxy.clone(),
@@ -294,10 +198,7 @@ pub fn render(s: &Status) -> String {
             secs(r.expires_in_secs),
         ]);
     }
-    table(&mut out, "Pending connects", rows);
-    out.push_str("Counters\n");
-    for (k, v) in &s.counters {
-        out.push_str(&format!("  {k:<28} {v}\n"));
-    }
+    push_table(&mut out, "Pending connects", rows);
+    push_counters(&mut out, &s.counters);
     out
 }

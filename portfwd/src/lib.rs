@@ -58,10 +58,11 @@
 //!   non-blocking probe connections);
 //! * [`client`]: a blocking client, used by the `gcb-dpf-request` tool;
 //! * [`gcb_ops`] (crate in `brokerd/ops/`, shared with the other daemon): the operator's
-//!   sockets, served in the loop: the admin unix socket
-//!   (`--admin-socket`) and the Prometheus endpoint (`--metrics`); [`status`]: the status
-//!   document they answer and the `gcb-portfwd status` command; [`metrics`]: every
-//!   `gcb_portfwd_*` metric and the stats counter it comes from.
+//!   sockets, served in the loop: the admin unix socket (`--admin-socket`) and the
+//!   Prometheus endpoint (`--metrics`), and what both daemons do alike around them (the
+//!   `status` command's client, table helpers, metrics encoding, the stats line);
+//!   [`status`]: the status document they answer and its tables for `gcb-portfwd status`;
+//!   [`metrics`]: every `gcb_portfwd_*` metric and the stats counter it comes from.
 //! * [`gcb_ops::logging`] (shared with the other daemon): the log line format and the
 //!   level (changed by a reload).
 //!

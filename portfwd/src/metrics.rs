@@ -1,5 +1,6 @@
 //! The Prometheus endpoint's text (`--metrics ADDR`, `GET /metrics`; served by
-//! [`crate::ops`]), encoded with the `prometheus-client` crate (OpenMetrics text).
+//! [`gcb_ops`]), encoded with the `prometheus-client` crate (OpenMetrics text) through
+//! [`gcb_ops::metrics_registry`].
 //!
 //! Every value but the histogram comes from the counters the stats log line prints
 //! (nothing is counted twice): [`SERIES`] maps each stats name to one series. The
@@ -31,54 +32,13 @@
 //!     0.5 ms to 4 s in powers of two
 //! ```
 
-use prometheus_client::encoding::text::encode;
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
+use gcb_ops::metrics_registry::{
+    encode_text, proto_gauge, register_series, series as s, Kind, Series,
+};
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 use crate::status::Status;
-
-/// Counter or gauge.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    /// Only grows (the encoder adds `_total`).
-    Counter,
-    /// Goes up and down.
-    Gauge,
-}
-
-/// One series: the stats name it comes from, the metric (without `_total`), its kind, a
-/// label, and the family's help (the first row of a family gives it).
-pub struct Series {
-    /// The stats line's name.
-    pub stat: &'static str,
-    /// The metric family's name, without `_total`.
-    pub metric: &'static str,
-    /// Counter or gauge.
-    pub kind: Kind,
-    /// The series' label, if any.
-    pub label: Option<(&'static str, &'static str)>,
-    /// The family's help text.
-    pub help: &'static str,
-}
-
-const fn s(
-    stat: &'static str,
-    metric: &'static str,
-    kind: Kind,
-    label: Option<(&'static str, &'static str)>,
-    help: &'static str,
-) -> Series {
-    Series {
-        stat,
-        metric,
-        kind,
-        label,
-        help,
-    }
-}
 
 use Kind::{Counter as C, Gauge as G};
 
@@ -283,77 +243,22 @@ pub fn install_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.0005, 2.0, 14))
 }
 
-type Labels = Vec<(String, String)>;
-
 /// The metrics text of a status document and the install latency histogram.
 pub fn render(doc: &Status, install: &Histogram) -> String {
     let mut reg = Registry::default();
-    let maps: Family<Labels, Gauge> = Family::default();
-    for proto in ["tcp", "udp"] {
-        let n = doc.mappings.iter().filter(|m| m.proto == proto).count();
-        maps.get_or_create(&vec![("proto".into(), proto.into())])
-            .set(n as i64);
-    }
-    reg.register(
+    proto_gauge(
+        &mut reg,
         "gcb_portfwd_mappings",
         "Forwarding rules installed, by proto",
-        maps,
+        doc.mappings.iter().map(|m| m.proto.as_str()),
     );
-    register_series(&mut reg, SERIES, |stat| {
-        doc.counters.get(stat).and_then(|v| v.as_u64())
-    });
+    register_series(&mut reg, SERIES, &doc.counters);
     reg.register(
         "gcb_portfwd_install_seconds",
         "Time to handle a batch of requests that installs rules (table, mirror fsync, nftables)",
         install.clone(),
     );
-    let mut out = String::new();
-    // Writing into a String cannot fail.
-    let _ = encode(&mut out, &reg);
-    out
-}
-
-/// Registers `series` with the values `value` gives (a missing value: not shown).
-pub fn register_series(reg: &mut Registry, series: &[Series], value: impl Fn(&str) -> Option<u64>) {
-    let mut names: Vec<&str> = Vec::new();
-    for x in series {
-        if !names.contains(&x.metric) {
-            names.push(x.metric);
-        }
-    }
-    for name in names {
-        let rows: Vec<&Series> = series.iter().filter(|x| x.metric == name).collect();
-        let help = rows
-            .iter()
-            .map(|x| x.help)
-            .find(|h| !h.is_empty())
-            .unwrap_or("");
-        let labels = |x: &Series| -> Labels {
-            x.label
-                .map(|(k, v)| vec![(k.to_owned(), v.to_owned())])
-                .unwrap_or_default()
-        };
-        match rows[0].kind {
-            Kind::Counter => {
-                let f: Family<Labels, Counter> = Family::default();
-                for x in &rows {
-                    if let Some(v) = value(x.stat) {
-                        f.get_or_create(&labels(x)).inc_by(v);
-                    }
-                }
-                reg.register(name, help, f);
-            }
-            Kind::Gauge => {
-                let f: Family<Labels, Gauge> = Family::default();
-                for x in &rows {
-                    if let Some(v) = value(x.stat) {
-                        f.get_or_create(&labels(x)).set(v as i64);
-                    }
-                }
-                reg.register(name, help, f);
-            }
-        }
-    }
+    encode_text(&reg)
 }
 
 #[cfg(test)]
@@ -362,17 +267,6 @@ mod tests {
 
     #[test]
     fn families_are_one_kind_and_stats_map_once() {
-        for x in SERIES {
-            assert!(x.metric.starts_with("gcb_portfwd_"), "{}", x.metric);
-            assert!(!x.metric.ends_with("_total"), "{}", x.metric);
-            let same: Vec<&Series> = SERIES.iter().filter(|y| y.metric == x.metric).collect();
-            assert!(same.iter().all(|y| y.kind == x.kind), "{}", x.metric);
-            assert_eq!(
-                SERIES.iter().filter(|y| y.stat == x.stat).count(),
-                1,
-                "{}",
-                x.stat
-            );
-        }
+        gcb_ops::metrics_registry::check_series(SERIES, "gcb_portfwd_").unwrap();
     }
 }

@@ -50,7 +50,9 @@ use crate::client::{now, random_u64};
 use crate::core::{Core, CoreConfig, ProbeOutcome};
 use crate::kernel::KernelBackend;
 use crate::status::{InstallLatency, MappingStatus, Status};
-use gcb_ops::{Ops, OpsError, Request};
+use gcb_ops::counter_list::{counters_json, stats_line};
+use gcb_ops::status_doc::DaemonInfo;
+use gcb_ops::{Ops, OpsError, OpsSlot, Request};
 use prometheus_client::metrics::histogram::Histogram;
 
 /// Default control port (UDP).
@@ -155,8 +157,8 @@ pub struct Server<K: KernelBackend> {
     lan_by_index: HashMap<u32, bool>,
     /// Interfaces whose first dropped datagram was logged.
     warned_ifs: HashSet<Option<u32>>,
-    /// The admin socket and the metrics listener ([`crate::ops`]), once opened.
-    ops: Option<Ops>,
+    /// The admin socket and the metrics listener ([`gcb_ops`]), once opened.
+    ops: OpsSlot,
     /// When the server started (for `status`).
     started: Instant,
     /// Time to handle batches that install rules ([`crate::metrics`]).
@@ -202,7 +204,7 @@ impl<K: KernelBackend> Server<K> {
             counters: Counters::default(),
             lan_by_index: HashMap::new(),
             warned_ifs: HashSet::new(),
-            ops: None,
+            ops: OpsSlot::default(),
             started: t,
             install_seconds: crate::metrics::install_histogram(),
             installs: InstallLatency::default(),
@@ -398,7 +400,7 @@ impl<K: KernelBackend> Server<K> {
         if let Some(s) = self.next_stats {
             wake = wake.min(s);
         }
-        if let Some(d) = self.ops.as_ref().and_then(Ops::next_deadline) {
+        if let Some(d) = self.ops.next_deadline() {
             wake = wake.min(d);
         }
         wake.saturating_duration_since(t)
@@ -475,9 +477,7 @@ impl<K: KernelBackend> Server<K> {
         self.ep.handle_timeout(now());
         // drop requests the endpoint surfaced from timers (none expected)
         while self.ep.poll_event().is_some() {}
-        if let Some(ops) = self.ops.as_mut() {
-            ops.sweep(self.poll.registry(), t);
-        }
+        self.ops.sweep(self.poll.registry(), t);
         if self.round.is_none() && t >= self.next_round {
             self.start_round(t);
         }
@@ -655,12 +655,7 @@ impl<K: KernelBackend> Server<K> {
 
     /// Logs the stats line.
     pub fn log_stats(&self) {
-        let line: Vec<String> = self
-            .counter_list()
-            .iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect();
-        tracing::info!("stats {}", line.join(" "));
+        tracing::info!("stats {}", stats_line(&self.counter_list()));
     }
 
     /// Opens the admin socket at `admin` and the metrics listener on `metrics` (either
@@ -670,13 +665,12 @@ impl<K: KernelBackend> Server<K> {
         admin: Option<&std::path::Path>,
         metrics: Option<SocketAddr>,
     ) -> Result<(), OpsError> {
-        self.ops = Some(Ops::open(admin, metrics, self.poll.registry())?);
-        Ok(())
+        self.ops.open(admin, metrics, self.poll.registry())
     }
 
     /// The operator's sockets, if opened.
     pub fn ops(&self) -> Option<&Ops> {
-        self.ops.as_ref()
+        self.ops.get()
     }
 
     /// The status document of this moment ([`crate::status`]).
@@ -713,43 +707,35 @@ impl<K: KernelBackend> Server<K> {
             })
             .collect();
         Status {
-            daemon: "gcb-portfwd".into(),
-            version: env!("CARGO_PKG_VERSION").into(),
-            pid: std::process::id(),
-            uptime_secs: now.saturating_duration_since(self.started).as_secs_f64(),
-            listen: self.addr.to_string(),
+            about: DaemonInfo::this_process(
+                "gcb-portfwd",
+                env!("CARGO_PKG_VERSION"),
+                now.saturating_duration_since(self.started),
+                self.addr.to_string(),
+            ),
             public: public.to_string(),
             epoch: core.epoch(),
             mappings,
             install_seconds: self.installs.clone(),
-            counters: self
-                .counter_list()
-                .into_iter()
-                .map(|(k, v)| (k.to_owned(), v.into()))
-                .collect(),
-        }
-    }
-
-    fn answer(&self, req: Request) -> Vec<u8> {
-        let doc = self.status();
-        match req {
-            Request::Status => {
-                let mut out = serde_json::to_vec(&doc).unwrap_or_default();
-                out.push(b'\n');
-                out
-            }
-            Request::Metrics => crate::metrics::render(&doc, &self.install_seconds).into_bytes(),
+            counters: counters_json(self.counter_list()),
         }
     }
 
     fn on_ops(&mut self, t: Token) {
-        let Some(mut ops) = self.ops.take() else {
-            return;
-        };
-        ops.ready(t, self.poll.registry(), Instant::now(), &mut |req| {
-            self.answer(req)
-        });
-        self.ops = Some(ops);
+        let mut ops = self.ops.take();
+        if let Some(ops) = ops.as_mut() {
+            ops.ready(
+                t,
+                self.poll.registry(),
+                Instant::now(),
+                &mut |req: Request| {
+                    gcb_ops::answer(req, &self.status(), |doc| {
+                        crate::metrics::render(doc, &self.install_seconds)
+                    })
+                },
+            );
+        }
+        self.ops.put(ops);
     }
 }
 

@@ -1,7 +1,7 @@
 //! `gcb-portfwd status`: the status document the admin socket answers, and the command
 //! that asks for it and prints it.
 //!
-//! The daemon answers the request line `status` on its admin socket ([`crate::ops`]) with
+//! The daemon answers the request line `status` on its admin socket ([`gcb_ops`]) with
 //! one JSON document ([`Status`]), which `gcb-portfwd status --json` prints as is and
 //! `gcb-portfwd status` prints as tables. The schema (times in seconds):
 //!
@@ -19,26 +19,20 @@
 //!
 //! `counters` holds exactly the `NAME=VALUE` pairs of the stats log line (sorted by name).
 //! New fields may be added; none is removed or renamed without a note here.
+//!
+//! Asking the socket and printing is [`gcb_ops::status_client`]'s; [`render`] makes the
+//! tables with [`gcb_ops::status_tables`].
 
-use std::io::{Read, Write};
-use std::path::Path;
-use std::time::Duration;
-
+use gcb_ops::status_doc::DaemonInfo;
+use gcb_ops::status_tables::{header, push_counters, push_table, secs};
 use serde::{Deserialize, Serialize};
 
 /// The status document (module docs).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Status {
-    /// Always `gcb-portfwd`.
-    pub daemon: String,
-    /// The daemon's version.
-    pub version: String,
-    /// Its process id.
-    pub pid: u32,
-    /// Seconds since it started.
-    pub uptime_secs: f64,
-    /// The control address (UDP).
-    pub listen: String,
+    /// `gcb-portfwd`, its version, pid, uptime and control address (UDP, `listen`).
+    #[serde(flatten)]
+    pub about: DaemonInfo,
     /// The public address mappings are on.
     pub public: String,
     /// This run's epoch.
@@ -79,78 +73,23 @@ pub struct InstallLatency {
     pub sum: f64,
 }
 
-/// Why the status could not be had.
-#[derive(Debug, thiserror::Error)]
-pub enum StatusError {
-    /// No daemon answers on the socket.
-    #[error("no gcb-portfwd answers on its admin socket {path} ({cause}); is it running, with this --admin-socket?")]
-    NotRunning {
-        /// The socket path.
-        path: String,
-        /// The OS error.
-        cause: std::io::Error,
-    },
-    /// The daemon answered something else than a status document.
-    #[error("{path}: unexpected answer: {detail}")]
-    BadAnswer {
-        /// The socket path.
-        path: String,
-        /// What was wrong.
-        detail: String,
-    },
-}
-
-/// Asks the daemon at `path` for its status: the raw JSON text and the document.
-pub fn fetch(path: &Path) -> Result<(String, Status), StatusError> {
-    let shown = path.display().to_string();
-    let mut s =
-        std::os::unix::net::UnixStream::connect(path).map_err(|cause| StatusError::NotRunning {
-            path: shown.clone(),
-            cause,
-        })?;
-    let bad = |detail: String| StatusError::BadAnswer {
-        path: shown.clone(),
-        detail,
-    };
-    s.set_read_timeout(Some(Duration::from_secs(10)))
-        .map_err(|e| bad(e.to_string()))?;
-    s.write_all(b"status\n").map_err(|e| bad(e.to_string()))?;
-    let mut text = String::new();
-    s.read_to_string(&mut text)
-        .map_err(|e| bad(e.to_string()))?;
-    let doc = serde_json::from_str(&text)
-        .map_err(|e| bad(format!("{e}: {}", text.lines().next().unwrap_or(""))))?;
-    Ok((text, doc))
-}
-
-fn secs(s: f64) -> String {
-    let s = s.max(0.0) as u64;
-    match s {
-        0..=119 => format!("{s}s"),
-        120..=7199 => format!("{}m{:02}s", s / 60, s % 60),
-        _ => format!("{}h{:02}m", s / 3600, (s / 60) % 60),
-    }
-}
-
 /// The document as human-readable tables.
 pub fn render(s: &Status) -> String {
     let mut out = format!(
-        "{} {} (pid {}), up {}, control {}, public {}, epoch {}\n\n",
-        s.daemon,
-        s.version,
-        s.pid,
-        secs(s.uptime_secs),
-        s.listen,
+        "{}, control {}, public {}, epoch {}\n\n",
+        s.about.headline(),
+        s.about.listen,
         s.public,
         s.epoch
     );
-    let mut rows: Vec<Vec<String>> =
-        vec![
-            ["PUBLIC", "PROTO", "PRIVATE", "PROBE", "AGE", "PROBE STATE"]
-                .iter()
-                .map(|c| (*c).to_owned())
-                .collect(),
-        ];
+    let mut rows = vec![header(&[
+        "PUBLIC",
+        "PROTO",
+        "PRIVATE",
+        "PROBE",
+        "AGE",
+        "PROBE STATE",
+    ])];
     for m in &s.mappings {
         rows.push(vec![
             m.public.clone(),
@@ -161,29 +100,11 @@ pub fn render(s: &Status) -> String {
             m.probe_state.clone(),
         ]);
     }
-    out.push_str(&format!("Mappings ({})\n", s.mappings.len()));
-    if !s.mappings.is_empty() {
-        let widths: Vec<usize> = (0..rows[0].len())
-            .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
-            .collect();
-        for r in &rows {
-            let line: Vec<String> = r
-                .iter()
-                .zip(&widths)
-                .map(|(c, w)| format!("{c:<w$}"))
-                .collect();
-            out.push_str("  ");
-            out.push_str(line.join("  ").trim_end());
-            out.push('\n');
-        }
-    }
-    out.push('\n');
+    push_table(&mut out, "Mappings", rows);
     out.push_str(&format!(
-        "Rule installs: {} batches, {:.3} s in all\n\nCounters\n",
+        "Rule installs: {} batches, {:.3} s in all\n\n",
         s.install_seconds.count, s.install_seconds.sum
     ));
-    for (k, v) in &s.counters {
-        out.push_str(&format!("  {k:<28} {v}\n"));
-    }
+    push_counters(&mut out, &s.counters);
     out
 }

@@ -1,4 +1,4 @@
-//! # gcb-ops: the operator's sockets of the libgcb daemons
+//! # gcb-ops: what the libgcb daemons share for their operators
 //!
 //! Shared by `gcb-brokerd` and `gcb-portfwd` (it lives beside the broker, which had it
 //! first). The operator's sockets, served inside the event loop: the admin unix socket
@@ -21,8 +21,33 @@
 //! the daemon's own uid). A socket file left by a crashed daemon (nothing answers) is
 //! replaced; one that a live daemon answers on is an error ([`OpsError::InUse`]). The file
 //! is removed when the daemon exits.
-
-pub mod logging;
+//!
+//! A daemon keeps its [`Ops`] in an [`OpsSlot`] (empty until opened) and answers a
+//! [`Request`] from its status document with [`answer`].
+//!
+//! ## What else the daemons share
+//!
+//! * [`admin_path`]: where the admin socket is (the default path, `--admin-socket` as
+//!   given);
+//! * [`status_doc`]: the fields every status document starts with (daemon, version,
+//!   pid, uptime, control address);
+//! * [`status_client`]: the `status` command (`gcb-brokerd status`, `gcb-portfwd status`):
+//!   asks the admin socket, prints the JSON or the daemon's tables;
+//! * [`status_tables`]: durations, aligned tables and the counters block of those tables;
+//! * [`metrics_registry`]: a daemon's table of series (stats name -> `gcb_*` metric) made
+//!   into Prometheus families and encoded with `prometheus-client`;
+//! * [`counter_list`]: the counter list as the stats log line and as the status document's
+//!   `counters`;
+//! * [`logging`]: the log line (timestamp or journald priority, daemon name, level), the
+//!   level changed at run time.
+//!
+//! Floors: each module uses only modules on its own floor or below, with no cycle;
+//! `scripts/modgraph --check brokerd/ops/src` checks the list:
+//!
+//! - **Floor 0, helpers**: `admin_path`, `status_tables`, `metrics_registry`, `counter_list`, `logging` (independent)
+//! - **Floor 1, the status document and command**: `status_doc`, `status_client`
+//!
+//! The crate root (the sockets) is above them all.
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
@@ -34,6 +59,16 @@ use std::time::{Duration, Instant};
 
 use mio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use mio::{Interest, Registry, Token};
+
+pub mod admin_path;
+pub mod counter_list;
+pub mod logging;
+pub mod metrics_registry;
+pub mod status_client;
+pub mod status_doc;
+pub mod status_tables;
+
+pub use admin_path::{admin_socket_arg, default_admin_socket};
 
 /// Poll tokens from here up belong to the operator's sockets (the daemon's own tokens
 /// count up from 0 and never get near).
@@ -58,6 +93,23 @@ pub enum Request {
     Status,
     /// `GET /metrics` on the metrics listener: the Prometheus text.
     Metrics,
+}
+
+/// The answer to `req`: the status document `doc` as one line of JSON, or the metrics
+/// text that `metrics` makes of it.
+pub fn answer<T: serde::Serialize>(
+    req: Request,
+    doc: &T,
+    metrics: impl FnOnce(&T) -> String,
+) -> Vec<u8> {
+    match req {
+        Request::Status => {
+            let mut out = serde_json::to_vec(doc).unwrap_or_default();
+            out.push(b'\n');
+            out
+        }
+        Request::Metrics => metrics(doc).into_bytes(),
+    }
 }
 
 /// Why the operator's sockets could not be opened.
@@ -125,28 +177,49 @@ pub struct Ops {
     next: usize,
 }
 
-/// The default admin socket path of daemon `name` (`brokerd`, `portfwd`):
-/// `/run/gcb/NAME.sock` for root, else `$XDG_RUNTIME_DIR/gcb/NAME.sock`, else
-/// `/tmp/gcb-UID/NAME.sock`.
-pub fn default_admin_socket(name: &str) -> PathBuf {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let uid = unsafe { libc::geteuid() };
-    let dir = if uid == 0 {
-        PathBuf::from("/run/gcb")
-    } else if let Some(x) = std::env::var_os("XDG_RUNTIME_DIR").filter(|x| !x.is_empty()) {
-        PathBuf::from(x).join("gcb")
-    } else {
-        PathBuf::from(format!("/tmp/gcb-{uid}"))
-    };
-    dir.join(format!("{name}.sock"))
-}
+/// A daemon's operator sockets: none until [`OpsSlot::open`].
+#[derive(Default)]
+pub struct OpsSlot(Option<Ops>);
 
-/// `--admin-socket` as given: `none` turns the socket off, nothing means the default.
-pub fn admin_socket_arg(given: Option<&Path>, name: &str) -> Option<PathBuf> {
-    match given {
-        Some(p) if p == Path::new("none") => None,
-        Some(p) => Some(p.to_owned()),
-        None => Some(default_admin_socket(name)),
+impl OpsSlot {
+    /// Opens the admin socket at `admin` and the metrics listener on `metrics` (either
+    /// optional; [`Ops::open`]), served from the event loop from now on.
+    pub fn open(
+        &mut self,
+        admin: Option<&Path>,
+        metrics: Option<SocketAddr>,
+        registry: &Registry,
+    ) -> Result<(), OpsError> {
+        self.0 = Some(Ops::open(admin, metrics, registry)?);
+        Ok(())
+    }
+
+    /// The operator's sockets, if opened.
+    pub fn get(&self) -> Option<&Ops> {
+        self.0.as_ref()
+    }
+
+    /// Takes the sockets out (to serve an event with an `answer` that borrows the daemon:
+    /// [`Ops::ready`]); [`OpsSlot::put`] puts them back.
+    pub fn take(&mut self) -> Option<Ops> {
+        self.0.take()
+    }
+
+    /// Puts back what [`OpsSlot::take`] took.
+    pub fn put(&mut self, ops: Option<Ops>) {
+        self.0 = ops;
+    }
+
+    /// Closes connections past their deadline ([`Ops::sweep`]).
+    pub fn sweep(&mut self, registry: &Registry, now: Instant) {
+        if let Some(ops) = self.0.as_mut() {
+            ops.sweep(registry, now);
+        }
+    }
+
+    /// The earliest connection deadline ([`Ops::next_deadline`]).
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.0.as_ref().and_then(Ops::next_deadline)
     }
 }
 
@@ -515,19 +588,6 @@ mod tests {
             Some(Err(405))
         );
         assert_eq!(parse_http(b"GET /metrics\r\n\r\n"), Some(Err(400)));
-    }
-
-    #[test]
-    fn default_path_and_none() {
-        assert_eq!(admin_socket_arg(Some(Path::new("none")), "x"), None);
-        assert_eq!(
-            admin_socket_arg(Some(Path::new("/a/b.sock")), "x"),
-            Some(PathBuf::from("/a/b.sock"))
-        );
-        assert!(
-            default_admin_socket("brokerd").ends_with("gcb/brokerd.sock")
-                || default_admin_socket("brokerd").ends_with("brokerd.sock")
-        );
     }
 
     #[test]

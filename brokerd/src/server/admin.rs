@@ -1,6 +1,6 @@
 //! The operator's view of the running broker: the status document
 //! ([`crate::status::Status`]) built from the live state, and the admin socket and
-//! metrics listener ([`crate::ops`]) served from the event loop.
+//! metrics listener ([`gcb_ops`]) served from the event loop.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -11,6 +11,8 @@ use mio::Token;
 use crate::status::{
     PendingStatus, PunchStatus, RegistrationStatus, RelayStatus, StandbyStatus, Status,
 };
+use gcb_ops::counter_list::counters_json;
+use gcb_ops::status_doc::DaemonInfo;
 use gcb_ops::{Ops, OpsError, Request};
 
 use super::state::{transport_name, Server};
@@ -27,13 +29,12 @@ impl Server {
         admin: Option<&Path>,
         metrics: Option<SocketAddr>,
     ) -> Result<(), OpsError> {
-        self.ops = Some(Ops::open(admin, metrics, self.poll.registry())?);
-        Ok(())
+        self.ops.open(admin, metrics, self.poll.registry())
     }
 
     /// The operator's sockets, if opened.
     pub fn ops(&self) -> Option<&Ops> {
-        self.ops.as_ref()
+        self.ops.get()
     }
 
     /// The status document of this moment.
@@ -121,17 +122,14 @@ impl Server {
                 deferred: p.deferred.is_some(),
             })
             .collect();
-        let counters = self
-            .counter_list()
-            .into_iter()
-            .map(|(k, v)| (k.to_owned(), v.into()))
-            .collect();
+        let counters = counters_json(self.counter_list());
         Status {
-            daemon: "gcb-brokerd".into(),
-            version: env!("CARGO_PKG_VERSION").into(),
-            pid: std::process::id(),
-            uptime_secs: ago(self.started),
-            listen: self.addr.to_string(),
+            about: DaemonInfo::this_process(
+                "gcb-brokerd",
+                env!("CARGO_PKG_VERSION"),
+                now.saturating_duration_since(self.started),
+                self.addr.to_string(),
+            ),
             registrations,
             relays,
             standbys,
@@ -141,30 +139,18 @@ impl Server {
         }
     }
 
-    fn answer(&self, req: Request) -> Vec<u8> {
-        let doc = self.status();
-        match req {
-            Request::Status => {
-                let mut out = serde_json::to_vec(&doc).unwrap_or_default();
-                out.push(b'\n');
-                out
-            }
-            Request::Metrics => crate::metrics::render(&doc).into_bytes(),
-        }
-    }
-
     pub(super) fn on_ops(&mut self, t: Token) {
-        let Some(mut ops) = self.ops.take() else {
-            return;
-        };
         let now = self.now().mono;
-        ops.ready(t, self.poll.registry(), now, &mut |req| self.answer(req));
-        self.ops = Some(ops);
+        let mut ops = self.ops.take();
+        if let Some(ops) = ops.as_mut() {
+            ops.ready(t, self.poll.registry(), now, &mut |req: Request| {
+                gcb_ops::answer(req, &self.status(), crate::metrics::render)
+            });
+        }
+        self.ops.put(ops);
     }
 
     pub(super) fn sweep_ops(&mut self, now: Instant) {
-        if let Some(ops) = self.ops.as_mut() {
-            ops.sweep(self.poll.registry(), now);
-        }
+        self.ops.sweep(self.poll.registry(), now);
     }
 }

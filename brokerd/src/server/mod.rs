@@ -22,7 +22,7 @@
 //! * `relay_port`: preambles, pairing, relays;
 //! * `claims`: standby connections and their claims;
 //! * `timers`: the sweep; `stats`: the stats line;
-//! * `admin`: the status document and the operator's sockets ([`crate::ops`]);
+//! * `admin`: the status document and the operator's sockets ([`gcb_ops`]);
 //! * `lifecycle`: signals, reload ([`Server::reconfigure`]) and the drain on SIGTERM;
 //! * `tests`: the handlers driven with a fake clock.
 //!
@@ -210,7 +210,7 @@ impl Server {
             drain: None,
             clock,
             random,
-            ops: None,
+            ops: gcb_ops::OpsSlot::default(),
             started: t,
             bound,
             next_proxy_port: 0,

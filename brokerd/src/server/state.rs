@@ -185,8 +185,8 @@ pub struct Server {
     pub(super) clock: Box<dyn Clock>,
     /// Where connect ids and nonces come from.
     pub(super) random: Box<dyn Random>,
-    /// The admin socket and the metrics listener ([`crate::ops`]), once opened.
-    pub(super) ops: Option<gcb_ops::Ops>,
+    /// The admin socket and the metrics listener ([`gcb_ops`]), once opened.
+    pub(super) ops: gcb_ops::OpsSlot,
     /// When the server started (for `status`).
     pub(super) started: Instant,
     /// The bound control/relay address; proxy sockets bind its IP (maybe a wildcard).

@@ -1,5 +1,6 @@
 //! The stats line and the counters it prints.
 
+use gcb_ops::counter_list::stats_line;
 use tracing::info;
 
 use super::state::Server;
@@ -99,11 +100,6 @@ impl Server {
 
     /// Logs the one-line stats summary.
     pub fn log_stats(&self) {
-        let line: Vec<String> = self
-            .counter_list()
-            .iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect();
-        info!("stats {}", line.join(" "));
+        info!("stats {}", stats_line(&self.counter_list()));
     }
 }
