@@ -387,6 +387,26 @@ fn sighup_applies_an_edited_config_file_and_refuses_a_broken_one() {
         "{}",
         read_text(&log)
     );
+    // `status` finds the admin socket the file names, through --config or the
+    // environment, with no --admin-socket.
+    for how in ["flag", "env"] {
+        let mut c = Command::new(brokerd());
+        c.env_remove("GCB_KEY_FILE").arg("status").arg("--json");
+        if how == "flag" {
+            c.arg("--config").arg(&conf);
+        } else {
+            c.env("GCB_BROKERD_CONFIG", &conf);
+        }
+        let out = output(&mut c);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{how}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let doc: serde_json::Value = serde_json::from_str(&text).expect("status JSON");
+        assert_eq!(doc["pid"], broker.id(), "{how}: {text}");
+    }
     fs::write(&conf, format!("{base}max_relays = 7\nlog = \"debug\"\n")).unwrap();
     hup(broker.id());
     let line = wait_line(&log, UP, |l| l.contains("reloaded: "))

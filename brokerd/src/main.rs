@@ -4,8 +4,6 @@
 use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -13,9 +11,10 @@ use clap::Parser;
 use gcb_brokerd::allow::{AllowList, Cidr};
 use gcb_brokerd::server::{Config, PortRange, RunEnd, Server, Signals, DEFAULT_PORT};
 use gcb_ops::logging::{self, Level, Output};
+use gcb_ops::status_client::StatusArgs;
+use gcb_ops::{keyfile, lifecycle};
 use gcb_proto::addr::endpoint_arg;
 use gcb_proto::conf::{self, ConfError, Layered};
-use gcb_proto::PoolKey;
 
 /// GCB broker daemon: registers listening sockets of GCB clients, opens a
 /// proxy socket for each, brokers connections to them (direct, reverse or
@@ -238,22 +237,15 @@ struct Args {
 const STATUS_HELP: &str =
     "Status of the running daemon: gcb-brokerd status [--json] [--admin-socket PATH]";
 
-/// `gcb-brokerd status`: prints what the running broker serves (registrations, relays,
-/// standbys, punch pairings, pending connects, counters), from its admin socket.
-#[derive(Parser, Debug)]
-#[command(name = "gcb-brokerd status", version)]
-struct StatusArgs {
-    /// Print the status document as JSON (schema: the gcb_brokerd::status docs).
-    #[arg(long)]
-    json: bool,
-
-    /// The daemon's admin socket (default: the daemon's default, see `gcb-brokerd --help`).
-    #[arg(long, value_name = "PATH")]
-    admin_socket: Option<PathBuf>,
-}
-
+/// `gcb-brokerd status`: prints what the running daemon serves, from its admin socket
+/// (the path from `--admin-socket`, else the configuration, else the default).
 fn status_command() -> Result<()> {
-    let args = StatusArgs::parse_from(std::env::args_os().skip(1));
+    let argv: Vec<OsString> = std::env::args_os().collect();
+    let sources = conf::Sources::process("GCB_BROKERD", std::path::Path::new(DEFAULT_CONFIG));
+    let args = match conf::parse_subcommand::<Args, StatusArgs>("status", argv, &sources) {
+        Err(ConfError::Cli(e)) => e.exit(),
+        r => r?,
+    };
     let (socket, render) = (args.admin_socket.as_deref(), gcb_brokerd::status::render);
     gcb_ops::status_client::status_command("brokerd", socket, args.json, render)?;
     Ok(())
@@ -264,31 +256,6 @@ fn bind_address(args: &Args) -> Result<SocketAddr> {
     args.listen.or(args.bind).context(
         "give --bind IP[:PORT] (with --advertise IP when IP is 0.0.0.0) or --listen IP[:PORT]",
     )
-}
-
-/// SIGTERM and SIGINT count in `terminate` (the first drains, the second exits), SIGHUP
-/// asks for a reload, SIGUSR1 for the stats line; the event loop sees them within one
-/// poll (epoll_wait is never restarted after a handler, and the loop sleeps 250 ms at
-/// most). SIGPIPE needs nothing here: Rust's runtime ignores it before `main`, so a peer
-/// closing a socket never kills the daemon.
-fn install_signal_handlers() -> Result<Arc<Signals>> {
-    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
-    let signals = Arc::new(Signals::default());
-    for sig in [SIGTERM, SIGINT, SIGHUP, SIGUSR1] {
-        let s = Arc::clone(&signals);
-        let action = move || match sig {
-            SIGHUP => s.reload.store(true, Ordering::Relaxed),
-            SIGUSR1 => s.stats.store(true, Ordering::Relaxed),
-            _ => {
-                s.terminate.fetch_add(1, Ordering::Relaxed);
-            }
-        };
-        // SAFETY: the action only stores to or adds to atomics, which is
-        // async-signal-safe; it allocates nothing and takes no lock.
-        unsafe { signal_hook::low_level::register(sig, action) }
-            .with_context(|| format!("installing the handler of signal {sig}"))?;
-    }
-    Ok(signals)
 }
 
 /// Each relay needs 6 fds (2 sockets, 2 pipes): raise the soft fd limit
@@ -314,26 +281,6 @@ fn main() {
         eprintln!("gcb-brokerd: error: {}", gcb_proto::error_line(e.as_ref()));
         std::process::exit(1);
     }
-}
-
-/// Writes a fresh random pool key to `path`: 64 hex characters and a newline, mode 0600,
-/// never over an existing file.
-fn generate_key(path: &std::path::Path) -> Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut bytes = [0u8; 32];
-    getrandom::fill(&mut bytes).map_err(|e| anyhow::anyhow!("getrandom: {e}"))?;
-    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("creating key file {}", path.display()))?;
-    writeln!(f, "{hex}").with_context(|| format!("writing key file {}", path.display()))?;
-    f.sync_all()
-        .with_context(|| format!("writing key file {}", path.display()))?;
-    Ok(())
 }
 
 /// The configuration file read when `--config` is not given (if it exists).
@@ -364,18 +311,7 @@ fn load_settings(argv: &[OsString]) -> Result<(Config, Level)> {
 /// [`load_settings`] from parsed arguments.
 fn settings(args: &Args) -> Result<(Config, Level)> {
     let listen = bind_address(args)?;
-    let key = match &args.key_file {
-        Some(path) => {
-            let bytes = std::fs::read(path)
-                .with_context(|| format!("reading key file {}", path.display()))?;
-            warn_if_key_exposed(path);
-            Some(
-                PoolKey::from_file_contents(&bytes)
-                    .with_context(|| format!("key file {}", path.display()))?,
-            )
-        }
-        None => None,
-    };
+    let key = args.key_file.as_deref().map(keyfile::load).transpose()?;
     let mut allow = args.allow.clone();
     match (&key, args.insecure) {
         (None, false) => anyhow::bail!(
@@ -437,33 +373,14 @@ fn reload(server: &mut Server, argv: &[OsString]) {
     let (cfg, level) = match load_settings(argv) {
         Ok(x) => x,
         Err(e) => {
-            tracing::error!(
-                "reload refused, the running configuration stays: {}",
-                gcb_proto::error_line(e.as_ref())
-            );
+            let why = gcb_proto::error_line(e.as_ref());
+            tracing::error!("{}", lifecycle::refused_line(&why));
             return;
         }
     };
-    let mut applied = Vec::new();
-    let old_level = logging::level();
-    if level != old_level {
-        logging::set_level(level);
-        applied.push(format!("log {}->{}", old_level.name(), level.name()));
-    }
+    let level_change = logging::change_level(level);
     let changes = server.reconfigure(cfg);
-    applied.extend(changes.applied);
-    let mut line = if applied.is_empty() {
-        "reloaded: nothing changed".to_owned()
-    } else {
-        format!("reloaded: {}", applied.join(", "))
-    };
-    if !changes.need_restart.is_empty() {
-        line += &format!(
-            "; needs a restart, not applied: {}",
-            changes.need_restart.join(", ")
-        );
-    }
-    tracing::info!("{line}");
+    tracing::info!("{}", changes.line(level_change));
 }
 
 fn run() -> Result<()> {
@@ -478,7 +395,7 @@ fn run() -> Result<()> {
     let args = &layered.args;
     logging::init("gcb-brokerd", args.log, Output::Buffered);
     if let Some(path) = &args.generate_key {
-        generate_key(path)?;
+        keyfile::generate(path)?;
         eprintln!("gcb-brokerd: wrote a new pool key to {}", path.display());
         return Ok(());
     }
@@ -488,7 +405,7 @@ fn run() -> Result<()> {
         return Ok(());
     }
     logging::flush();
-    let signals = install_signal_handlers()?;
+    let signals = Signals::install()?;
     raise_fd_limit();
     let mut server = Server::bind(cfg)?;
     let admin = gcb_ops::admin_socket_arg(args.admin_socket.as_deref(), "brokerd");
@@ -510,17 +427,5 @@ fn run() -> Result<()> {
             RunEnd::Exit => return Ok(()),
             RunEnd::Reload => reload(&mut server, &argv),
         }
-    }
-}
-
-/// Warns when the pool key file is readable by group or others (anyone who can read it
-/// can speak for the pool).
-fn warn_if_key_exposed(path: &std::path::Path) {
-    use std::os::unix::fs::PermissionsExt;
-    if let Some(why) = std::fs::metadata(path)
-        .ok()
-        .and_then(|m| gcb_proto::auth::loose_key_mode(m.permissions().mode()))
-    {
-        tracing::warn!("key file {} {}", path.display(), why);
     }
 }

@@ -4,20 +4,19 @@
 use std::ffi::OsString;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use gcb_ops::logging::{self, Level, Output};
+use gcb_ops::status_client::StatusArgs;
+use gcb_ops::{keyfile, lifecycle};
 use gcb_portfwd::core::{Core, CoreConfig};
 use gcb_portfwd::kernel::NftKernel;
 use gcb_portfwd::policy::{self, PortRange};
 use gcb_portfwd::server::{self, Config, RunEnd, Server, Signals, DEFAULT_PORT};
 use gcb_proto::addr::endpoint_arg;
 use gcb_proto::conf::{self, ConfError, Layered};
-use gcb_proto::PoolKey;
 use ipnet::Ipv4Net;
 
 /// DPF server (Dynamic Port Forwarding, paper section 3): a root daemon on
@@ -148,22 +147,15 @@ struct Args {
 const STATUS_HELP: &str =
     "Status of the running daemon: gcb-portfwd status [--json] [--admin-socket PATH]";
 
-/// `gcb-portfwd status`: prints the running daemon's mappings and counters, from its
-/// admin socket.
-#[derive(Parser, Debug)]
-#[command(name = "gcb-portfwd status", version)]
-struct StatusArgs {
-    /// Print the status document as JSON (schema: the gcb_portfwd::status docs).
-    #[arg(long)]
-    json: bool,
-
-    /// The daemon's admin socket (default: the daemon's default, see `gcb-portfwd --help`).
-    #[arg(long, value_name = "PATH")]
-    admin_socket: Option<PathBuf>,
-}
-
+/// `gcb-portfwd status`: prints what the running daemon serves, from its admin socket
+/// (the path from `--admin-socket`, else the configuration, else the default).
 fn status_command() -> Result<()> {
-    let args = StatusArgs::parse_from(std::env::args_os().skip(1));
+    let argv: Vec<OsString> = std::env::args_os().collect();
+    let sources = conf::Sources::process("GCB_PORTFWD", std::path::Path::new(DEFAULT_CONFIG));
+    let args = match conf::parse_subcommand::<Args, StatusArgs>("status", argv, &sources) {
+        Err(ConfError::Cli(e)) => e.exit(),
+        r => r?,
+    };
     let (socket, render) = (args.admin_socket.as_deref(), gcb_portfwd::status::render);
     gcb_ops::status_client::status_command("portfwd", socket, args.json, render)?;
     Ok(())
@@ -181,30 +173,6 @@ fn advertised(args: &Args) -> Result<Ipv4Addr> {
         );
     }
     Ok(ip)
-}
-
-/// SIGTERM and SIGINT count in `terminate` (stop), SIGHUP asks for a reload, SIGUSR1 for
-/// the stats line; the event loop sees them within one poll (it wakes at least every
-/// 250 ms, and `epoll_wait` returns EINTR on a signal whatever SA_RESTART says).
-/// SIGPIPE is already ignored: the Rust runtime does that before `main`.
-fn install_signal_handlers() -> Result<Arc<Signals>> {
-    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
-    let signals = Arc::new(Signals::default());
-    for sig in [SIGTERM, SIGINT, SIGHUP, SIGUSR1] {
-        let s = Arc::clone(&signals);
-        let action = move || match sig {
-            SIGHUP => s.reload.store(true, Ordering::Relaxed),
-            SIGUSR1 => s.stats.store(true, Ordering::Relaxed),
-            _ => {
-                s.terminate.fetch_add(1, Ordering::Relaxed);
-            }
-        };
-        // SAFETY: the action only stores to or adds to atomics, which is
-        // async-signal-safe; it allocates nothing and takes no lock.
-        unsafe { signal_hook::low_level::register(sig, action) }
-            .with_context(|| format!("sigaction {sig}"))?;
-    }
-    Ok(signals)
 }
 
 /// Errors end the process with one line (the context chain), exit status 1, and no
@@ -265,18 +233,7 @@ fn settings(args: &Args) -> Result<(Config, CoreConfig, Level, PathBuf)> {
             bail!("--lan-if {name}: no such interface");
         }
     }
-    let key = match &args.key_file {
-        Some(path) => {
-            let bytes = std::fs::read(path)
-                .with_context(|| format!("reading key file {}", path.display()))?;
-            warn_if_key_exposed(path);
-            Some(
-                PoolKey::from_file_contents(&bytes)
-                    .with_context(|| format!("key file {}", path.display()))?,
-            )
-        }
-        None => None,
-    };
+    let key = args.key_file.as_deref().map(keyfile::load).transpose()?;
     let listen = match args.listen {
         Some(a) => a,
         None => {
@@ -330,38 +287,19 @@ fn reload<K: gcb_portfwd::kernel::KernelBackend>(server: &mut Server<K>, argv: &
     let (cfg, core, level, state) = match load_settings(argv) {
         Ok(x) => x,
         Err(e) => {
-            tracing::error!(
-                "reload refused, the running configuration stays: {}",
-                gcb_proto::error_line(e.as_ref())
-            );
+            let why = gcb_proto::error_line(e.as_ref());
+            tracing::error!("{}", lifecycle::refused_line(&why));
             return;
         }
     };
-    let mut applied = Vec::new();
-    let old_level = logging::level();
-    if level != old_level {
-        logging::set_level(level);
-        applied.push(format!("log {}->{}", old_level.name(), level.name()));
-    }
+    let level_change = logging::change_level(level);
     let mut changes = server.reconfigure(cfg, &core);
     if server.core().mirror().path() != state.join(gcb_portfwd::mirror::MIRROR_FILE) {
         changes
             .need_restart
             .push(format!("state {}", state.display()));
     }
-    applied.extend(changes.applied);
-    let mut line = if applied.is_empty() {
-        "reloaded: nothing changed".to_owned()
-    } else {
-        format!("reloaded: {}", applied.join(", "))
-    };
-    if !changes.need_restart.is_empty() {
-        line += &format!(
-            "; needs a restart, not applied: {}",
-            changes.need_restart.join(", ")
-        );
-    }
-    tracing::info!("{line}");
+    tracing::info!("{}", changes.line(level_change));
 }
 
 fn run() -> Result<()> {
@@ -380,7 +318,7 @@ fn run() -> Result<()> {
         print_effective(&layered);
         return Ok(());
     }
-    let signals = install_signal_handlers()?;
+    let signals = Signals::install()?;
     // The rules match --public, the address packets arrive on (clients are told
     // cfg.public, which --advertise may make another).
     let kernel = NftKernel::new(args.public, cfg.private);
@@ -425,17 +363,5 @@ fn run() -> Result<()> {
             RunEnd::Exit => return Ok(()),
             RunEnd::Reload => reload(&mut server, &argv),
         }
-    }
-}
-
-/// Warns when the pool key file is readable by group or others (anyone who can read it
-/// can speak for the pool).
-fn warn_if_key_exposed(path: &std::path::Path) {
-    use std::os::unix::fs::PermissionsExt;
-    if let Some(why) = std::fs::metadata(path)
-        .ok()
-        .and_then(|m| gcb_proto::auth::loose_key_mode(m.permissions().mode()))
-    {
-        tracing::warn!("key file {} {}", path.display(), why);
     }
 }

@@ -38,7 +38,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::unix::io::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use gcb_proto::{Body, Endpoint, Event, PoolKey, RequestId};
@@ -84,34 +84,7 @@ pub struct Config {
     pub stats_interval: Option<Duration>,
 }
 
-/// What the signal handlers set, read by [`Server::run`].
-#[derive(Debug, Default)]
-pub struct Signals {
-    /// SIGTERM/SIGINT received so far.
-    pub terminate: AtomicUsize,
-    /// SIGHUP: reload.
-    pub reload: AtomicBool,
-    /// SIGUSR1: log the stats line.
-    pub stats: AtomicBool,
-}
-
-/// Why [`Server::run`] returned.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RunEnd {
-    /// SIGHUP: reload the configuration, then call `run` again.
-    Reload,
-    /// Told to stop: the stats line is logged; exit (mappings kept).
-    Exit,
-}
-
-/// What a reload changed, for the log line.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct Changes {
-    /// `name old->new` for each setting applied.
-    pub applied: Vec<String>,
-    /// Settings that differ but apply only at the next start.
-    pub need_restart: Vec<String>,
-}
+pub use gcb_ops::lifecycle::{Changes, RunEnd, Signals};
 
 /// Server counters (the core has its own).
 #[derive(Debug, Default, Clone)]

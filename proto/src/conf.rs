@@ -247,15 +247,25 @@ pub fn parse_process<T: clap::CommandFactory + FromArgMatches>(
     env_prefix: &str,
     default_file: &Path,
 ) -> Result<Layered<T>, ConfError> {
-    let read = |p: &Path| std::fs::read_to_string(p);
-    let env = |k: &str| std::env::var_os(k);
-    let sources = Sources {
-        env_prefix,
-        default_file,
-        read_file: &read,
-        env: &env,
-    };
-    parse(argv.to_vec(), &sources)
+    parse(argv.to_vec(), &Sources::process(env_prefix, default_file))
+}
+
+impl<'a> Sources<'a> {
+    /// This process's environment and file system.
+    pub fn process(env_prefix: &'a str, default_file: &'a Path) -> Sources<'a> {
+        fn read(p: &Path) -> std::io::Result<String> {
+            std::fs::read_to_string(p)
+        }
+        fn env(k: &str) -> Option<OsString> {
+            std::env::var_os(k)
+        }
+        Sources {
+            env_prefix,
+            default_file,
+            read_file: &read,
+            env: &env,
+        }
+    }
 }
 
 /// Parses `argv` with the file and environment layers under it.
@@ -263,8 +273,59 @@ pub fn parse<T: clap::CommandFactory + FromArgMatches>(
     argv: Vec<OsString>,
     sources: &Sources<'_>,
 ) -> Result<Layered<T>, ConfError> {
+    let (matches, file, from_file, command) = parse_command(T::command(), argv, sources)?;
+    let args = T::from_arg_matches(&matches)?;
+    Ok(Layered {
+        args,
+        check_config: matches.get_flag("check-config"),
+        file,
+        matches,
+        from_file,
+        command,
+    })
+}
+
+/// A subcommand's arguments `S` (`gcb-brokerd status ...`, `argv` starting with the
+/// program and `name`) with the daemon `P`'s layers under them: the file's and the
+/// environment's values of the flags `S` shares with `P` (the admin socket's path), and
+/// `P`'s other keys ignored, as [`parse`] does for a subcommand. `P`'s required flags
+/// are not required here.
+pub fn parse_subcommand<P: clap::CommandFactory, S: clap::Args + FromArgMatches>(
+    name: &'static str,
+    argv: Vec<OsString>,
+    sources: &Sources<'_>,
+) -> Result<S, ConfError> {
+    let daemon = P::command()
+        .subcommand(S::augment_args(Command::new(name)))
+        .subcommand_negates_reqs(true)
+        .args_conflicts_with_subcommands(true);
+    let (matches, ..) = parse_command(daemon, argv, sources)?;
+    let sub = matches.subcommand_matches(name).ok_or_else(|| {
+        clap::Error::raw(
+            clap::error::ErrorKind::MissingSubcommand,
+            format!("expected the `{name}` subcommand"),
+        )
+    })?;
+    Ok(S::from_arg_matches(sub)?)
+}
+
+/// What [`parse_command`] returns: the matches, the file read, where each layered value
+/// came from, and the command with the layers' flags.
+type Parsed = (
+    ArgMatches,
+    Option<PathBuf>,
+    BTreeMap<String, String>,
+    Command,
+);
+
+/// [`parse`]'s work on a clap command.
+fn parse_command(
+    command: Command,
+    argv: Vec<OsString>,
+    sources: &Sources<'_>,
+) -> Result<Parsed, ConfError> {
     let default_file = sources.default_file.display().to_string();
-    let command = layered_command(T::command(), sources, &default_file);
+    let command = layered_command(command, sources, &default_file);
     // The file named by --config, else the environment's, else the default if it exists.
     let env_config = (sources.env)(&format!("{}_CONFIG", sources.env_prefix)).map(PathBuf::from);
     let (path, explicit) = match config_flag(&argv).or(env_config) {
@@ -355,15 +416,13 @@ pub fn parse<T: clap::CommandFactory + FromArgMatches>(
     full.extend(injected);
     full.extend(it);
     let matches = command.clone().try_get_matches_from(full)?;
-    let args = T::from_arg_matches(&matches)?;
-    Ok(Layered {
-        args,
-        check_config: matches.get_flag("check-config"),
-        file: text.is_some().then_some(path),
+    let sources_used = from_file.into_iter().chain(from_env).collect();
+    Ok((
         matches,
-        from_file: from_file.into_iter().chain(from_env).collect(),
+        text.is_some().then_some(path),
+        sources_used,
         command,
-    })
+    ))
 }
 
 /// The flag's environment variable and its value, if set.

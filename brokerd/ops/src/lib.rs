@@ -39,12 +39,14 @@
 //! * [`counter_list`]: the counter list as the stats log line and as the status document's
 //!   `counters`;
 //! * [`logging`]: the log line (timestamp or journald priority, daemon name, level), the
-//!   level changed at run time.
+//!   level changed at run time;
+//! * [`lifecycle`]: the signal handlers' flags, why a loop run ended, a reload's log line;
+//! * [`keyfile`]: reading (with the permission warning) and generating the pool key file.
 //!
 //! Floors: each module uses only modules on its own floor or below, with no cycle;
 //! `scripts/modgraph --check brokerd/ops/src` checks the list:
 //!
-//! - **Floor 0, helpers**: `admin_path`, `status_tables`, `metrics_registry`, `counter_list`, `logging` (independent)
+//! - **Floor 0, helpers**: `admin_path`, `status_tables`, `metrics_registry`, `counter_list`, `logging`, `lifecycle`, `keyfile` (independent)
 //! - **Floor 1, the status document and command**: `status_doc`, `status_client`
 //!
 //! The crate root (the sockets) is above them all.
@@ -62,6 +64,8 @@ use mio::{Interest, Registry, Token};
 
 pub mod admin_path;
 pub mod counter_list;
+pub mod keyfile;
+pub mod lifecycle;
 pub mod logging;
 pub mod metrics_registry;
 pub mod status_client;

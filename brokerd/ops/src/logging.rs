@@ -215,6 +215,16 @@ pub fn set_level(level: Level) {
     }
 }
 
+/// Sets the level to `level` ([`set_level`]) and says `log old->new` when it changed
+/// (a reload's log line starts with it).
+pub fn change_level(level: Level) -> Option<String> {
+    let old = self::level();
+    (old != level).then(|| {
+        set_level(level);
+        format!("log {}->{}", old.name(), level.name())
+    })
+}
+
 /// Writes the pending lines to stderr (one write for all).
 pub fn flush() {
     let mut p = PENDING.lock().unwrap_or_else(|e| e.into_inner());

@@ -37,6 +37,22 @@ pub enum StatusError {
     },
 }
 
+// `gcb-brokerd status` / `gcb-portfwd status`: the arguments. `--admin-socket` also comes
+// from the daemon's config file and environment (`gcb_proto::conf::parse_subcommand`), so
+// the command finds a socket the configuration moved. (The doc comment is the --help.)
+/// Prints what the running daemon serves and its counters, from its admin socket.
+#[derive(clap::Args, Debug)]
+pub struct StatusArgs {
+    /// Print the status document as JSON (schema: the daemon's `status` module docs).
+    #[arg(long)]
+    pub json: bool,
+
+    /// The daemon's admin socket (default: as the daemon's configuration says, else the
+    /// daemon's default).
+    #[arg(long, value_name = "PATH")]
+    pub admin_socket: Option<std::path::PathBuf>,
+}
+
 /// `gcb-DAEMON status`: asks the daemon `daemon` (`brokerd`, `portfwd`) on its admin
 /// socket (`--admin-socket` as given: [`crate::admin_path::admin_socket_arg`]) and prints the answer
 /// to stdout, as is if `json`, else as `render` makes it.

@@ -24,7 +24,7 @@
 //! line and exits. A second SIGTERM exits at once. UDP proxies keep relaying until exit.
 
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use gcb_proto::token::OwnerSecret;
@@ -38,34 +38,7 @@ use crate::udprules::RuleLimits;
 use super::config::Config;
 use super::state::{Drain, Server};
 
-/// What the signal handlers set, read by [`Server::run`].
-#[derive(Debug, Default)]
-pub struct Signals {
-    /// SIGTERM/SIGINT received so far (the handler adds one).
-    pub terminate: AtomicUsize,
-    /// SIGHUP: reload.
-    pub reload: AtomicBool,
-    /// SIGUSR1: log the stats line.
-    pub stats: AtomicBool,
-}
-
-/// Why [`Server::run`] returned.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RunEnd {
-    /// SIGHUP: reload the configuration, then call `run` again.
-    Reload,
-    /// Drained or told to stop: the stats line is logged; exit.
-    Exit,
-}
-
-/// What a reload changed, for the log line.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct Changes {
-    /// `name old->new` for each setting applied.
-    pub applied: Vec<String>,
-    /// Settings that differ but apply only at the next start.
-    pub need_restart: Vec<String>,
-}
+pub use gcb_ops::lifecycle::{Changes, RunEnd, Signals};
 
 impl Server {
     /// Acts on the signals: returns `Some` when the loop must stop.

@@ -341,3 +341,81 @@ fn a_subcommand_takes_the_keys_it_knows_and_ignores_the_daemons_others() {
         matches!(l.args.cmd, Some(Sub::Status { ref admin_socket, .. }) if admin_socket == "/o.sock")
     );
 }
+
+/// A daemon whose flags are required (non-Option), as portfwd's are.
+#[derive(Parser, Debug)]
+#[command(name = "testd")]
+struct Strict {
+    #[arg(long)]
+    public: String,
+    #[arg(long)]
+    admin_socket: Option<String>,
+    #[arg(long, default_value_t = 1)]
+    quota: usize,
+}
+
+/// A `status` command's own arguments.
+#[derive(clap::Args, Debug)]
+struct StatusOnly {
+    #[arg(long)]
+    json: bool,
+    #[arg(long)]
+    admin_socket: Option<String>,
+}
+
+#[test]
+fn a_separate_subcommand_struct_reads_its_keys_from_the_daemons_layers() {
+    let w = World::new().file(
+        FILE,
+        "public = \"1.2.3.4\"\nadmin_socket = \"/f.sock\"\nquota = 3\n",
+    );
+    let read = |p: &Path| {
+        w.files
+            .get(p)
+            .cloned()
+            .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::NotFound))
+    };
+    let run = |env: &HashMap<String, String>, argv: &[&str]| {
+        let envf = |k: &str| env.get(k).map(OsString::from);
+        let sources = Sources {
+            env_prefix: "GCB_TESTD",
+            default_file: Path::new(FILE),
+            read_file: &read,
+            env: &envf,
+        };
+        let mut v = vec![OsString::from("testd")];
+        v.extend(argv.iter().map(OsString::from));
+        parse_subcommand::<Strict, StatusOnly>("status", v, &sources)
+    };
+    let none = HashMap::new();
+    let s = run(&none, &["status", "--json"]).unwrap();
+    assert!(s.json);
+    assert_eq!(s.admin_socket.as_deref(), Some("/f.sock"));
+    let env: HashMap<String, String> =
+        [("GCB_TESTD_ADMIN_SOCKET".to_string(), "/e.sock".to_string())].into();
+    assert_eq!(
+        run(&env, &["status"]).unwrap().admin_socket.as_deref(),
+        Some("/e.sock")
+    );
+    let s = run(&env, &["status", "--admin-socket", "/c.sock"]).unwrap();
+    assert_eq!(s.admin_socket.as_deref(), Some("/c.sock"));
+    // No file at all, and the daemon's required --public is not asked for.
+    let empty = World::new();
+    let read_none = |p: &Path| {
+        empty
+            .files
+            .get(p)
+            .cloned()
+            .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::NotFound))
+    };
+    let envf = |_: &str| None;
+    let sources = Sources {
+        env_prefix: "GCB_TESTD",
+        default_file: Path::new(FILE),
+        read_file: &read_none,
+        env: &envf,
+    };
+    let argv = vec![OsString::from("testd"), OsString::from("status")];
+    let s = parse_subcommand::<Strict, StatusOnly>("status", argv, &sources).unwrap();
+    assert_eq!((s.json, s.admin_socket), (false, None));
+}
