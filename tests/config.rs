@@ -433,3 +433,32 @@ fn sighup_applies_an_edited_config_file_and_refuses_a_broken_one() {
     broker.kill().unwrap();
     let _ = broker.wait();
 }
+
+/// docs/config/gcb.conf, the shim's example, has no line the shim's parser refuses.
+#[test]
+fn the_documented_shim_config_file_parses_cleanly() {
+    let conf = gcb_lab::repo_root().join("docs/config/gcb.conf");
+    let dir = tempdir("shimconf");
+    let key = dir.join("pool.key");
+    fs::write(&key, "00112233445566778899aabbccddeeff\n").unwrap();
+    let mut perms = fs::metadata(&key).unwrap().permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o600);
+    fs::set_permissions(&key, perms).unwrap();
+    // The environment's key file replaces the file's host path.
+    let out = output(
+        Command::new("/bin/true")
+            .env("LD_PRELOAD", libgcb())
+            .env("GCB_CONF", &conf)
+            .env("GCB_LOG", "debug")
+            .env("GCB_KEY_FILE", &key)
+            .env_remove("GCB_BROKER"),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        !err.contains("gcb.conf:"),
+        "a line of the example was refused:\n{err}"
+    );
+    // The file was read: its broker turned GCB on (no GCB_BROKER in the environment).
+    assert!(err.contains("gcb mode"), "{err}");
+}
