@@ -128,7 +128,7 @@ fn each_misconfiguration_says_one_line() {
         "warning",
         &[
             &format!("broker {NOBODY}:9650"),
-            "serving local connections only",
+            "serving locally only (plain socket)",
         ],
     );
     // Silenced by GCB_LOG=off and by gcb-run -q.

@@ -247,7 +247,7 @@ class Bench:
         log("lab %s up, cpe on (work dir %s)" % (L.name, self.work))
         self.broker_log = os.path.join(self.work, "broker.err")
         # The benchmark's clients all run on a few lab hosts: per-IP limits above their load.
-        self.broker = L.spawn("p1", [BROKERD, "--listen", P1, "--max-registrations", "20000",
+        self.broker = L.spawn("p1", [BROKERD, "--admin-socket", "none", "--listen", P1, "--max-registrations", "20000",
                                      "--max-registrations-per-ip", "20000", "--max-relays", "4096",
                                      "--max-relays-per-ip", "4096", "--max-pending-per-ip", "4096",
                                      "--max-preambles", "4096", "--max-preambles-per-ip", "4096",
@@ -256,7 +256,7 @@ class Bench:
                                      "--stats-interval-secs", "0"],
                               "broker")
         os.makedirs(os.path.join(self.work, "pf"), exist_ok=True)
-        self.portfwd = L.spawn("gwa", [PORTFWD, "--public", GWA_PUB, "--private", "10.1.0.0/24",
+        self.portfwd = L.spawn("gwa", [PORTFWD, "--admin-socket", "none", "--public", GWA_PUB, "--private", "10.1.0.0/24",
                                        "--ports", "20000-29999", "--state",
                                        os.path.join(self.work, "pf")], "portfwd")
         # Static port forwarding (the paper's "regular" for inbound): a table of our own.
@@ -517,7 +517,7 @@ local_addr = "%(a1)s:7000"
         sc = self.res["scale"]
         n_reg = 2000 if self.quick else 10000
         # (a) registrations on a fresh broker
-        b = L.spawn("p1", [BROKERD, "--listen", P1 + ":9700", "--max-registrations", "20000",
+        b = L.spawn("p1", [BROKERD, "--admin-socket", "none", "--listen", P1 + ":9700", "--max-registrations", "20000",
                            "--max-registrations-per-ip", "20000",
                            "--control-rate-per-ip", "1000000", "--control-burst-per-ip", "1000000",
                            "--stats-interval-secs", "0"], "broker-reg")
@@ -559,7 +559,7 @@ local_addr = "%(a1)s:7000"
                     (("reverse", "p2", P2, ["--connector-listen", P2 + ":5999"]),
                      ("direct", "a2", "10.1.0.12", []))):
                 port = str(9710 + 2 * r + ki)
-                b = L.spawn("p1", [BROKERD, "--listen", P1 + ":" + port, "--stats-interval-secs", "0",
+                b = L.spawn("p1", [BROKERD, "--admin-socket", "none", "--listen", P1 + ":" + port, "--stats-interval-secs", "0",
                                    "--control-rate-per-ip", "1000000",
                                    "--control-burst-per-ip", "1000000",
                                    "--max-pending-per-ip", "100000",

@@ -338,7 +338,7 @@ impl GcbLayer {
                     crate::notice!(
                         Error,
                         RegisterRefused,
-                        "listen on {}: {}; serving local connections only (plain socket) (pid {})",
+                        "listen on {}: {}; serving locally only (plain socket) (pid {})",
                         local,
                         why,
                         crate::control::getpid()
@@ -347,7 +347,7 @@ impl GcbLayer {
                     crate::notice!(
                         Warn,
                         BrokerUnreachable,
-                        "listen on {}: {}; serving local connections only (plain socket) until the broker answers (pid {})",
+                        "listen on {}: {}; serving locally only (plain socket) until the broker answers (pid {})",
                         local,
                         why,
                         crate::control::getpid()
