@@ -72,7 +72,8 @@
 //! - **Floor 0, data and policy**: `table`, `policy`, `libnft`, `client`, `status`, `metrics`
 //! - **Floor 1, the two other representations**: `kernel`, `mirror`
 //! - **Floor 2, the paper's orders**: `core`
-//! - **Floor 3, the event loop**: `server`
+//! - **Floor 3, the event loop**: `server` (`server::{iface, lifecycle, admin}`: the
+//!   interfaces and `IP_PKTINFO`, the reload, the operator's view)
 //!
 //! `core`'s submodules (`core::plan`, `core::batch`, `core::probe`,
 //! `core::sync`) add `impl Core` blocks and use `core`, never the reverse.
