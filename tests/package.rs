@@ -5,7 +5,10 @@
 //! only (`/usr/bin/gcb-brokerd` from an edited copy of `/etc/gcb/brokerd.toml` in p1,
 //! `/usr/bin/gcb-run` finding `/usr/lib/gcb/libgcb.so` for `python3 -m http.server` in a1,
 //! curl from p1 through the proxy, sha256 intact), and `dpkg -r` then `dpkg --purge`
-//! leave nothing behind (files, `/etc/gcb`, enabled units, portfwd's state).
+//! leave nothing behind (files, `/etc/gcb`, enabled units, portfwd's state). The broker
+//! runs as `gcb-brokerd.service` runs it: an unprivileged uid, the pool key a 0400
+//! credential it owns (no key-mode warning), its admin socket in a directory it owns, and
+//! root reads its status through that 0600 socket.
 //!
 //! The package is never left installed: a guard purges it when the test ends, also on
 //! failure, and a package left by an earlier run is purged first. The broker runs with
@@ -14,6 +17,7 @@
 //! test function, since the steps share one system-wide installation.
 
 use std::fs;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
@@ -244,13 +248,24 @@ fn package_installs_runs_the_demo_from_installed_paths_and_purges_clean() {
     // The demo from installed paths.
     let lab = Lab::up();
     let dir = Scratch::new("package", &lab);
+    // The broker runs as the unit runs it: an unprivileged uid (DynamicUser=) with the
+    // key as a credential (a 0400 copy it owns) and its admin socket in a runtime
+    // directory it owns; root then asks it for its status (the socket is 0600).
+    let uid = 61_437u32;
+    let (cred, run) = (dir.join("credentials"), dir.join("run"));
+    for d in [&cred, &run] {
+        fs::create_dir_all(d).unwrap();
+    }
+    let key = cred.join("pool.key");
+    fs::copy(lab.key_file(), &key).unwrap();
+    fs::set_permissions(&key, fs::Permissions::from_mode(0o400)).unwrap();
+    for p in [&key, &cred, &run] {
+        std::os::unix::fs::chown(p, Some(uid), Some(uid)).unwrap();
+    }
+    let admin = run.join("brokerd.sock");
     let conf = dir.join("brokerd.toml");
     let shipped = read_text(Path::new("/etc/gcb/brokerd.toml"));
-    fs::write(
-        &conf,
-        edited_broker_conf(&shipped, lab.key_file(), &dir.join("brokerd.sock")),
-    )
-    .unwrap();
+    fs::write(&conf, edited_broker_conf(&shipped, &key, &admin)).unwrap();
     // The key comes from the file's key_file, not the lab's environment.
     let check = ok(
         "gcb-brokerd --check-config (edited)",
@@ -268,7 +283,9 @@ fn package_installs_runs_the_demo_from_installed_paths_and_purges_clean() {
     let blog = dir.join("brokerd.log");
     let mut broker = lab
         .spawn(
-            lab.cmd(Host::P1, "/usr/bin/gcb-brokerd")
+            lab.cmd(Host::P1, "setpriv")
+                .args([&format!("--reuid={uid}"), &format!("--regid={uid}")])
+                .args(["--clear-groups", "/usr/bin/gcb-brokerd"])
                 .env_remove("GCB_KEY_FILE")
                 .arg("--config")
                 .arg(&conf)
@@ -282,6 +299,18 @@ fn package_installs_runs_the_demo_from_installed_paths_and_purges_clean() {
         "the installed broker did not come up:\n{}",
         read_text(&blog)
     );
+    assert!(
+        !read_text(&blog).contains("key file"),
+        "a 0400 credential drew a key-mode warning:\n{}",
+        read_text(&blog)
+    );
+    let status = ok(
+        "gcb-brokerd status (root, daemon unprivileged)",
+        Command::new("/usr/bin/gcb-brokerd")
+            .args(["status", "--admin-socket"])
+            .arg(&admin),
+    );
+    assert!(!status.stdout.is_empty(), "{status:?}");
 
     let www = dir.join("www");
     fs::create_dir_all(&www).unwrap();
