@@ -28,6 +28,17 @@
 //!
 //! Sans-IO like the rest of this crate: the file reader and the environment come in as
 //! functions ([`Sources`]), so the whole layering is unit-tested without touching either.
+//!
+//! The documentation comes from the same definition. Two hidden flags, command line only
+//! (never a file key, no environment variable, not in `--help`), write it and exit 0:
+//! `--generate-man DIR` writes roff man pages `NAME.SECTION` (the daemons' section 8,
+//! one page per subcommand too, as `NAME-SUB.SECTION`) and `--generate-completions DIR`
+//! writes the bash (`DIR/NAME`) and zsh (`DIR/_NAME`) completions. They are seen before
+//! anything else is parsed ([`docs_request`]), so a daemon needs no code for them; a
+//! daemon's `status` subcommand is known only to [`parse_subcommand`], so
+//! `gcb-brokerd status --generate-man DIR` writes the daemon's page and the status
+//! command's (`gcb-brokerd-status.8`), and completions that include `status`. Plain clap
+//! tools call [`exit_if_docs_requested`]. This is the one place the module writes files.
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -120,6 +131,14 @@ pub enum ConfError {
         /// What is wrong.
         why: String,
     },
+    /// `--generate-man` or `--generate-completions` could not write its files.
+    #[error("writing the documentation to {dir}: {source}")]
+    Docs {
+        /// The directory asked for.
+        dir: String,
+        /// Why.
+        source: std::io::Error,
+    },
     /// The command line is wrong, or asks for --help/--version:
     /// the caller lets clap print it and exit (`e.exit()`).
     #[error(transparent)]
@@ -127,7 +146,25 @@ pub enum ConfError {
 }
 
 /// Flags that only make sense on a command line, never in a file.
-const NOT_IN_FILE: &[&str] = &["help", "version", "config", "check-config", "generate-key"];
+const NOT_IN_FILE: &[&str] = &[
+    "help",
+    "version",
+    "config",
+    "check-config",
+    "generate-key",
+    GENERATE_MAN,
+    GENERATE_COMPLETIONS,
+];
+
+/// The hidden flag that writes the man pages to a directory and exits.
+const GENERATE_MAN: &str = "generate-man";
+/// The hidden flag that writes the bash and zsh completions to a directory and exits.
+const GENERATE_COMPLETIONS: &str = "generate-completions";
+
+/// The man page section of the daemons (system administration, daemons).
+const DAEMON_SECTION: &str = "8";
+/// The pages every daemon page points to: the config files and the environment.
+const DAEMON_SEE_ALSO: &[&str] = &["gcb-daemon-config(5)", "libgcb(7)", "gcb-run(1)"];
 
 /// Adds `--config`, `--check-config` and the generated environment variables to `cmd`.
 fn layered_command(cmd: Command, sources: &Sources<'_>, default_file: &str) -> Command {
@@ -210,20 +247,184 @@ fn subcommand_in<'c>(cmd: &'c Command, argv: &[OsString]) -> Option<(usize, &'c 
 
 /// The value of `--config` on the command line (`--config F` or `--config=F`), if any.
 fn config_flag(argv: &[OsString]) -> Option<PathBuf> {
+    flag_value(argv, "config")
+}
+
+/// The value of the flag `--long` on the command line (`--long V` or `--long=V`), if any.
+fn flag_value(argv: &[OsString], long: &str) -> Option<PathBuf> {
+    let flag = format!("--{long}");
+    let with_value = format!("--{long}=");
     let mut it = argv.iter().skip(1);
     while let Some(a) = it.next() {
         let s = a.to_string_lossy();
         if s == "--" {
             break;
         }
-        if s == "--config" {
+        if s == flag {
             return it.next().map(PathBuf::from);
         }
-        if let Some(v) = s.strip_prefix("--config=") {
+        if let Some(v) = s.strip_prefix(&with_value) {
             return Some(PathBuf::from(v));
         }
     }
     None
+}
+
+/// What the hidden documentation flags ask for: where to write the man pages and the
+/// completions.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct DocsRequest {
+    /// `--generate-man DIR`.
+    pub man: Option<PathBuf>,
+    /// `--generate-completions DIR`.
+    pub completions: Option<PathBuf>,
+}
+
+/// The documentation `argv` asks for (`--generate-man DIR`, `--generate-completions DIR`),
+/// if any: looked for before the command line is parsed, so they work whatever else is
+/// given or required.
+pub fn docs_request(argv: &[OsString]) -> Option<DocsRequest> {
+    let req = DocsRequest {
+        man: flag_value(argv, GENERATE_MAN),
+        completions: flag_value(argv, GENERATE_COMPLETIONS),
+    };
+    (req != DocsRequest::default()).then_some(req)
+}
+
+/// Writes the documentation `req` asks for of `cmd`: the man pages (section `section`,
+/// each with a SEE ALSO section naming `see_also`, e.g. `libgcb(7)`, and its parent's
+/// page for a subcommand's) and the bash and zsh completions. Returns the files written.
+pub fn write_docs(
+    cmd: Command,
+    section: &str,
+    see_also: &[&str],
+    req: &DocsRequest,
+) -> Result<Vec<PathBuf>, ConfError> {
+    let mut cmd = cmd.disable_help_subcommand(true);
+    cmd.build();
+    let mut written = Vec::new();
+    if let Some(dir) = &req.man {
+        let io = |source| ConfError::Docs {
+            dir: dir.display().to_string(),
+            source,
+        };
+        std::fs::create_dir_all(dir).map_err(io)?;
+        // The program and its version, in every page's footer (a subcommand has none).
+        let source = format!(
+            "{} {}",
+            cmd.get_name(),
+            cmd.get_version().unwrap_or_default()
+        );
+        let pages = ManPages {
+            section,
+            source: source.trim_end(),
+            dir,
+        };
+        pages.write(&cmd, see_also, &mut written).map_err(io)?;
+    }
+    if let Some(dir) = &req.completions {
+        let io = |source| ConfError::Docs {
+            dir: dir.display().to_string(),
+            source,
+        };
+        std::fs::create_dir_all(dir).map_err(io)?;
+        let name = cmd.get_name().to_string();
+        for (shell, file) in [
+            (clap_complete::Shell::Bash, name.clone()),
+            (clap_complete::Shell::Zsh, format!("_{name}")),
+        ] {
+            let mut text = Vec::new();
+            clap_complete::generate(shell, &mut cmd, &name, &mut text);
+            let path = dir.join(file);
+            std::fs::write(&path, text).map_err(io)?;
+            written.push(path);
+        }
+    }
+    Ok(written)
+}
+
+/// Where and how [`write_docs`] writes man pages.
+struct ManPages<'a> {
+    /// The section, e.g. `8`.
+    section: &'a str,
+    /// The footer: program and version.
+    source: &'a str,
+    /// The directory.
+    dir: &'a Path,
+}
+
+impl ManPages<'_> {
+    /// The page of `cmd` and of each visible subcommand (`NAME-SUB.SECTION`).
+    fn write(
+        &self,
+        cmd: &Command,
+        see_also: &[&str],
+        written: &mut Vec<PathBuf>,
+    ) -> std::io::Result<()> {
+        let man = clap_mangen::Man::new(cmd.clone())
+            .section(self.section)
+            .source(self.source);
+        let mut page = Vec::new();
+        man.render(&mut page)?;
+        page.extend_from_slice(b".SH \"SEE ALSO\"\n");
+        let lines: Vec<String> = see_also.iter().map(|p| see_also_line(p)).collect();
+        page.extend_from_slice(lines.join(",\n").as_bytes());
+        page.push(b'\n');
+        let path = self.dir.join(man.get_filename());
+        std::fs::write(&path, page)?;
+        written.push(path);
+        let name = cmd.get_display_name().unwrap_or_else(|| cmd.get_name());
+        let parent = format!("{name}({})", self.section);
+        for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+            let mut pages = vec![parent.as_str()];
+            pages.extend_from_slice(see_also);
+            self.write(sub, &pages, written)?;
+        }
+        Ok(())
+    }
+}
+
+/// `NAME(S)` as a roff cross reference: `.BR NAME (S)`.
+fn see_also_line(page: &str) -> String {
+    match page.split_once('(') {
+        Some((name, rest)) => format!(".BR {name} ({rest}"),
+        None => format!(".B {page}"),
+    }
+}
+
+/// For a program with a plain clap command line (not layered): when `argv` has
+/// `--generate-man DIR` or `--generate-completions DIR`, writes `T`'s documentation
+/// (man section `section`, SEE ALSO `see_also`) and exits 0, saying what it wrote;
+/// returns only when neither is given, or with the error that kept the files from being
+/// written.
+pub fn exit_if_docs_requested<T: clap::CommandFactory>(
+    argv: &[OsString],
+    section: &str,
+    see_also: &[&str],
+) -> Result<(), ConfError> {
+    match docs_request(argv) {
+        Some(req) => Err(write_docs_and_exit(T::command(), section, see_also, &req)),
+        None => Ok(()),
+    }
+}
+
+/// [`write_docs`], then exit 0 with the files written on stdout; returns the error if it
+/// could not write them.
+fn write_docs_and_exit(
+    cmd: Command,
+    section: &str,
+    see_also: &[&str],
+    req: &DocsRequest,
+) -> ConfError {
+    match write_docs(cmd, section, see_also, req) {
+        Ok(files) => {
+            for f in files {
+                println!("{}", f.display());
+            }
+            std::process::exit(0)
+        }
+        Err(e) => e,
+    }
 }
 
 /// Whether the command line names the flag `long` (or one of `shorts`).
@@ -242,12 +443,25 @@ fn on_command_line(argv: &[OsString], long: &str, short: Option<char>) -> bool {
 /// files: the daemons' `main`, at start and on every reload.
 /// (The one place this crate reads anything itself; everything it calls takes them as
 /// arguments.)
+///
+/// With `--generate-man DIR` or `--generate-completions DIR` it writes the daemon's
+/// documentation instead (module docs) and exits 0.
 pub fn parse_process<T: clap::CommandFactory + FromArgMatches>(
     argv: &[OsString],
     env_prefix: &str,
     default_file: &Path,
 ) -> Result<Layered<T>, ConfError> {
-    parse(argv.to_vec(), &Sources::process(env_prefix, default_file))
+    let sources = Sources::process(env_prefix, default_file);
+    if let Some(req) = docs_request(argv) {
+        let cmd = layered_command(T::command(), &sources, &default_file.display().to_string());
+        return Err(write_docs_and_exit(
+            cmd,
+            DAEMON_SECTION,
+            DAEMON_SEE_ALSO,
+            &req,
+        ));
+    }
+    parse(argv.to_vec(), &sources)
 }
 
 impl<'a> Sources<'a> {
@@ -290,6 +504,10 @@ pub fn parse<T: clap::CommandFactory + FromArgMatches>(
 /// environment's values of the flags `S` shares with `P` (the admin socket's path), and
 /// `P`'s other keys ignored, as [`parse`] does for a subcommand. `P`'s required flags
 /// are not required here.
+///
+/// With `--generate-man DIR` or `--generate-completions DIR` it writes the documentation
+/// of the whole command line, the daemon's and the subcommand's (module docs), and
+/// exits 0.
 pub fn parse_subcommand<P: clap::CommandFactory, S: clap::Args + FromArgMatches>(
     name: &'static str,
     argv: Vec<OsString>,
@@ -299,6 +517,16 @@ pub fn parse_subcommand<P: clap::CommandFactory, S: clap::Args + FromArgMatches>
         .subcommand(S::augment_args(Command::new(name)))
         .subcommand_negates_reqs(true)
         .args_conflicts_with_subcommands(true);
+    if let Some(req) = docs_request(&argv) {
+        let default_file = sources.default_file.display().to_string();
+        let cmd = layered_command(daemon, sources, &default_file);
+        return Err(write_docs_and_exit(
+            cmd,
+            DAEMON_SECTION,
+            DAEMON_SEE_ALSO,
+            &req,
+        ));
+    }
     let (matches, ..) = parse_command(daemon, argv, sources)?;
     let sub = matches.subcommand_matches(name).ok_or_else(|| {
         clap::Error::raw(

@@ -123,6 +123,9 @@ fn main() {
 }
 
 fn run() -> Result<()> {
+    // The hidden --generate-man DIR / --generate-completions DIR (packaging).
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    gcb_proto::conf::exit_if_docs_requested::<Args>(&argv, "1", &["gcb-portfwd(8)", "libgcb(7)"])?;
     let args = Args::parse();
     let key = match &args.key_file {
         Some(p) => Some(

@@ -1,5 +1,5 @@
 use super::*;
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use std::collections::HashMap;
 
 /// A daemon's flags, shaped like the real ones.
@@ -160,7 +160,15 @@ fn unknown_keys_name_file_line_and_key_with_a_hint() {
     let e = w.parse(&["--listen", "x"]).unwrap_err().to_string();
     assert_eq!(e, "/etc/gcb/testd.toml:1: unknown key `colour`");
     // Command-line-only flags are not keys.
-    for key in ["config", "check_config", "generate_key", "help", "version"] {
+    for key in [
+        "config",
+        "check_config",
+        "generate_key",
+        "help",
+        "version",
+        "generate_man",
+        "generate-completions",
+    ] {
         let w = World::new().file(FILE, &format!("{key} = \"x\"\n"));
         let e = w.parse(&["--listen", "x"]).unwrap_err();
         assert!(matches!(e, ConfError::UnknownKey { .. }), "{key}: {e}");
@@ -418,4 +426,112 @@ fn a_separate_subcommand_struct_reads_its_keys_from_the_daemons_layers() {
     let argv = vec![OsString::from("testd"), OsString::from("status")];
     let s = parse_subcommand::<Strict, StatusOnly>("status", argv, &sources).unwrap();
     assert_eq!((s.json, s.admin_socket), (false, None));
+}
+
+#[test]
+fn docs_flags_are_seen_before_parsing_in_either_spelling() {
+    let argv = |v: &[&str]| -> Vec<OsString> { v.iter().map(OsString::from).collect() };
+    assert_eq!(docs_request(&argv(&["testd", "--listen", "x"])), None);
+    assert_eq!(
+        docs_request(&argv(&[
+            "testd",
+            "--generate-man",
+            "/m",
+            "--generate-completions=/c"
+        ])),
+        Some(DocsRequest {
+            man: Some(PathBuf::from("/m")),
+            completions: Some(PathBuf::from("/c")),
+        })
+    );
+    // After `--` it is an operand, not the flag.
+    assert_eq!(
+        docs_request(&argv(&["testd", "--", "--generate-man", "/m"])),
+        None
+    );
+}
+
+#[test]
+fn docs_flags_are_hidden_and_have_no_environment_variable() {
+    let cmd = layered_command(
+        Args::command(),
+        &Sources::process("GCB_TESTD", Path::new(FILE)),
+        FILE,
+    );
+    let help = cmd.clone().render_long_help().to_string();
+    assert!(!help.contains("generate-man"), "{help}");
+    assert!(!help.contains("GENERATE_MAN"), "{help}");
+    assert!(!help.contains("completions"), "{help}");
+    // Not even known to clap: only `docs_request` reads them.
+    let e = World::new()
+        .parse(&["--listen", "x", "--generate-man", "/m"])
+        .unwrap_err();
+    assert!(matches!(e, ConfError::Cli(_)), "{e}");
+}
+
+#[test]
+fn write_docs_writes_man_pages_per_subcommand_and_completions() {
+    #[derive(Parser, Debug)]
+    #[command(name = "testd", version = "1.2")]
+    struct WithSub {
+        #[arg(long, default_value_t = 1024)]
+        max_relays: usize,
+        #[command(subcommand)]
+        sub: Option<Sub>,
+    }
+    #[derive(clap::Subcommand, Debug)]
+    enum Sub {
+        /// Ask the daemon.
+        Status {
+            #[arg(long)]
+            json: bool,
+        },
+    }
+    let dir = std::env::temp_dir().join(format!("gcb-conf-docs-{}", std::process::id()));
+    let req = DocsRequest {
+        man: Some(dir.join("man")),
+        completions: Some(dir.join("completions")),
+    };
+    let cmd = layered_command(
+        WithSub::command(),
+        &Sources::process("GCB_TESTD", Path::new(FILE)),
+        FILE,
+    );
+    let files = write_docs(cmd, "8", &["libgcb(7)"], &req).unwrap();
+    let names: Vec<String> = files
+        .iter()
+        .map(|f| f.strip_prefix(&dir).unwrap().display().to_string())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "man/testd.8",
+            "man/testd-status.8",
+            "completions/testd",
+            "completions/_testd"
+        ]
+    );
+    let page = std::fs::read_to_string(dir.join("man/testd.8")).unwrap();
+    assert!(
+        page.starts_with(".ie") && page.contains(".TH testd 8"),
+        "{page}"
+    );
+    assert!(page.contains("max\\-relays"), "{page}");
+    assert!(page.contains("GCB_TESTD_MAX_RELAYS"), "{page}");
+    assert!(
+        page.ends_with(".SH \"SEE ALSO\"\n.BR libgcb (7)\n"),
+        "{page}"
+    );
+    let sub = std::fs::read_to_string(dir.join("man/testd-status.8")).unwrap();
+    assert!(sub.contains(".TH testd-status 8  \"testd 1.2\""), "{sub}");
+    assert!(sub.contains(".BR testd (8),\n.BR libgcb (7)"), "{sub}");
+    let bash = std::fs::read_to_string(dir.join("completions/testd")).unwrap();
+    assert!(
+        bash.contains("--max-relays") && bash.contains("status"),
+        "{bash}"
+    );
+    assert!(!bash.contains("generate-man"), "{bash}");
+    let zsh = std::fs::read_to_string(dir.join("completions/_testd")).unwrap();
+    assert!(zsh.starts_with("#compdef testd"), "{zsh}");
+    std::fs::remove_dir_all(&dir).unwrap();
 }
