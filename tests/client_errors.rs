@@ -436,6 +436,30 @@ fn gcb_run_rejects_bad_options() {
             text(&out.stdout)
         );
     }
+    // A GCB_LIB that names no file is said, not replaced by another copy of the library.
+    let out = gcb_run_plain()
+        .env("GCB_LIB", "/nonexistent/libgcb.so")
+        .args([
+            "--broker",
+            "10.0.0.1",
+            "--key-file",
+            k,
+            "--",
+            "sh",
+            "-c",
+            "echo RAN",
+        ])
+        .output()
+        .unwrap();
+    let err = text(&out.stderr);
+    assert!(
+        out.status.code() == Some(2)
+            && out.stdout.is_empty()
+            && err.lines().count() == 1
+            && err.starts_with("gcb-run: error: GCB_LIB=/nonexistent/libgcb.so: no such file"),
+        "missing GCB_LIB: {:?} stderr {err:?}",
+        out.status
+    );
     // --generate-key: 64 hex characters, mode 0600, never overwrites.
     let gen = std::env::temp_dir().join(format!("gcb-clienterr-{}.gen", std::process::id()));
     let _ = fs::remove_file(&gen);

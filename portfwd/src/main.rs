@@ -206,12 +206,26 @@ fn print_effective(layered: &Layered<Args>) {
 /// The effective configuration from `argv` (see [`load_args`]): the server's, the
 /// core's, the log level and the state directory. The key file is read here, so a
 /// reload re-reads it.
-fn load_settings(argv: &[OsString]) -> Result<(Config, CoreConfig, Level, PathBuf)> {
+fn load_settings(argv: &[OsString]) -> Result<Settings> {
     settings(&load_args(argv)?.args)
 }
 
+/// What [`settings`] resolves.
+struct Settings {
+    /// The server's configuration.
+    server: Config,
+    /// The core's (its `public` is the advertised address).
+    core: CoreConfig,
+    /// The log level.
+    level: Level,
+    /// The state directory.
+    state: PathBuf,
+    /// `--public`: the WAN address the rules match (the kernel's, fixed at start).
+    wan: Ipv4Addr,
+}
+
 /// [`load_settings`] from parsed arguments.
-fn settings(args: &Args) -> Result<(Config, CoreConfig, Level, PathBuf)> {
+fn settings(args: &Args) -> Result<Settings> {
     if args.private.contains(&args.public) {
         bail!(
             "--public {} is inside --private {}",
@@ -278,13 +292,29 @@ fn settings(args: &Args) -> Result<(Config, CoreConfig, Level, PathBuf)> {
         stats_interval: (args.stats_interval_secs > 0)
             .then(|| Duration::from_secs(args.stats_interval_secs)),
     };
-    Ok((cfg, core, args.log, args.state.clone()))
+    Ok(Settings {
+        server: cfg,
+        core,
+        level: args.log,
+        state: args.state.clone(),
+        wan: args.public,
+    })
 }
 
 /// SIGHUP: resolves the configuration again and applies it, logging one line: what
 /// changed, or the error that kept the running configuration.
-fn reload<K: gcb_portfwd::kernel::KernelBackend>(server: &mut Server<K>, argv: &[OsString]) {
-    let (cfg, core, level, state) = match load_settings(argv) {
+fn reload<K: gcb_portfwd::kernel::KernelBackend>(
+    server: &mut Server<K>,
+    argv: &[OsString],
+    running_wan: Ipv4Addr,
+) {
+    let Settings {
+        server: cfg,
+        core,
+        level,
+        state,
+        wan,
+    } = match load_settings(argv) {
         Ok(x) => x,
         Err(e) => {
             let why = gcb_proto::error_line(e.as_ref());
@@ -294,6 +324,12 @@ fn reload<K: gcb_portfwd::kernel::KernelBackend>(server: &mut Server<K>, argv: &
     };
     let level_change = logging::change_level(level);
     let mut changes = server.reconfigure(cfg, &core);
+    // The rules match --public; with --advertise the core only knows the advertised one.
+    if wan != running_wan && core.public != wan {
+        changes
+            .need_restart
+            .push(format!("public (rules) {running_wan}->{wan}"));
+    }
     if server.core().mirror().path() != state.join(gcb_portfwd::mirror::MIRROR_FILE) {
         changes
             .need_restart
@@ -313,7 +349,13 @@ fn run() -> Result<()> {
     };
     let args = &layered.args;
     logging::init("gcb-portfwd", args.log, Output::Immediate);
-    let (scfg, cfg, _, state) = settings(args)?;
+    let Settings {
+        server: scfg,
+        core: cfg,
+        state,
+        wan,
+        ..
+    } = settings(args)?;
     if layered.check_config {
         print_effective(&layered);
         return Ok(());
@@ -361,7 +403,7 @@ fn run() -> Result<()> {
     loop {
         match server.run(&signals)? {
             RunEnd::Exit => return Ok(()),
-            RunEnd::Reload => reload(&mut server, &argv),
+            RunEnd::Reload => reload(&mut server, &argv, wan),
         }
     }
 }
