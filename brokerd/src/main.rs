@@ -293,15 +293,6 @@ fn load_args(argv: &[OsString]) -> Result<Layered<Args>, ConfError> {
     conf::parse_process::<Args>(argv, "GCB_BROKERD", std::path::Path::new(DEFAULT_CONFIG))
 }
 
-/// `--check-config`: the effective settings on stdout, as a config file.
-fn print_effective(layered: &Layered<Args>) {
-    match &layered.file {
-        Some(f) => println!("# gcb-brokerd: configuration valid; file {}", f.display()),
-        None => println!("# gcb-brokerd: configuration valid; no file ({DEFAULT_CONFIG} absent)"),
-    }
-    print!("{}", layered.effective());
-}
-
 /// The effective configuration and log level from `argv` (see [`load_args`]); the key
 /// file is read here, so a reload re-reads it.
 fn load_settings(argv: &[OsString]) -> Result<(Config, Level)> {
@@ -401,7 +392,7 @@ fn run() -> Result<()> {
     }
     let (cfg, _) = settings(args)?;
     if layered.check_config {
-        print_effective(&layered);
+        print!("{}", layered.check_report("gcb-brokerd"));
         return Ok(());
     }
     logging::flush();

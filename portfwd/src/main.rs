@@ -194,15 +194,6 @@ fn load_args(argv: &[OsString]) -> Result<Layered<Args>, ConfError> {
     conf::parse_process::<Args>(argv, "GCB_PORTFWD", std::path::Path::new(DEFAULT_CONFIG))
 }
 
-/// `--check-config`: the effective settings on stdout, as a config file.
-fn print_effective(layered: &Layered<Args>) {
-    match &layered.file {
-        Some(f) => println!("# gcb-portfwd: configuration valid; file {}", f.display()),
-        None => println!("# gcb-portfwd: configuration valid; no file ({DEFAULT_CONFIG} absent)"),
-    }
-    print!("{}", layered.effective());
-}
-
 /// The effective configuration from `argv` (see [`load_args`]): the server's, the
 /// core's, the log level and the state directory. The key file is read here, so a
 /// reload re-reads it.
@@ -357,7 +348,7 @@ fn run() -> Result<()> {
         ..
     } = settings(args)?;
     if layered.check_config {
-        print_effective(&layered);
+        print!("{}", layered.check_report("gcb-portfwd"));
         return Ok(());
     }
     let signals = Signals::install()?;

@@ -70,6 +70,8 @@ pub struct Layered<T> {
     pub check_config: bool,
     /// The config file that was read, if any.
     pub file: Option<PathBuf>,
+    /// The file read when none is named (for the report).
+    default_file: PathBuf,
     /// The final matches (for [`Layered::effective`]).
     matches: ArgMatches,
     /// Flag id -> `FILE:LINE` or `environment VAR` of the values from those layers.
@@ -493,6 +495,7 @@ pub fn parse<T: clap::CommandFactory + FromArgMatches>(
         args,
         check_config: matches.get_flag("check-config"),
         file,
+        default_file: sources.default_file.to_path_buf(),
         matches,
         from_file,
         command,
@@ -821,6 +824,19 @@ fn check_values(arg: &Arg, flags: &[OsString]) -> Result<(), String> {
 }
 
 impl<T> Layered<T> {
+    /// `--check-config`'s output for daemon `name`: a header saying which file was read,
+    /// then [`Layered::effective`].
+    pub fn check_report(&self, name: &str) -> String {
+        let head = match &self.file {
+            Some(f) => format!("# {name}: configuration valid; file {}\n", f.display()),
+            None => format!(
+                "# {name}: configuration valid; no file ({} absent)\n",
+                self.default_file.display()
+            ),
+        };
+        head + &self.effective()
+    }
+
     /// The effective settings as a config file: every flag with its value and, in a
     /// comment, where the value came from (default, file and line, environment variable,
     /// command line). Flags without a value are listed commented out.
