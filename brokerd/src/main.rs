@@ -11,7 +11,6 @@ use clap::Parser;
 use gcb_brokerd::allow::{AllowList, Cidr};
 use gcb_brokerd::server::{Config, PortRange, RunEnd, Server, Signals, DEFAULT_PORT};
 use gcb_ops::logging::{self, Level, Output};
-use gcb_ops::status_client::StatusArgs;
 use gcb_ops::{keyfile, lifecycle};
 use gcb_proto::addr::endpoint_arg;
 use gcb_proto::conf::{self, ConfError, Layered};
@@ -240,14 +239,9 @@ const STATUS_HELP: &str =
 /// `gcb-brokerd status`: prints what the running daemon serves, from its admin socket
 /// (the path from `--admin-socket`, else the configuration, else the default).
 fn status_command() -> Result<()> {
-    let argv: Vec<OsString> = std::env::args_os().collect();
-    let sources = conf::Sources::process("GCB_BROKERD", std::path::Path::new(DEFAULT_CONFIG));
-    let args = match conf::parse_subcommand::<Args, StatusArgs>("status", argv, &sources) {
-        Err(ConfError::Cli(e)) => e.exit(),
-        r => r?,
-    };
-    let (socket, render) = (args.admin_socket.as_deref(), gcb_brokerd::status::render);
-    gcb_ops::status_client::status_command("brokerd", socket, args.json, render)?;
+    let config = std::path::Path::new(DEFAULT_CONFIG);
+    let render = gcb_brokerd::status::render;
+    gcb_ops::status_client::run::<Args, _>("brokerd", "GCB_BROKERD", config, render)?;
     Ok(())
 }
 

@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use gcb_ops::logging::{self, Level, Output};
-use gcb_ops::status_client::StatusArgs;
 use gcb_ops::{keyfile, lifecycle};
 use gcb_portfwd::core::{Core, CoreConfig};
 use gcb_portfwd::kernel::NftKernel;
@@ -150,14 +149,9 @@ const STATUS_HELP: &str =
 /// `gcb-portfwd status`: prints what the running daemon serves, from its admin socket
 /// (the path from `--admin-socket`, else the configuration, else the default).
 fn status_command() -> Result<()> {
-    let argv: Vec<OsString> = std::env::args_os().collect();
-    let sources = conf::Sources::process("GCB_PORTFWD", std::path::Path::new(DEFAULT_CONFIG));
-    let args = match conf::parse_subcommand::<Args, StatusArgs>("status", argv, &sources) {
-        Err(ConfError::Cli(e)) => e.exit(),
-        r => r?,
-    };
-    let (socket, render) = (args.admin_socket.as_deref(), gcb_portfwd::status::render);
-    gcb_ops::status_client::status_command("portfwd", socket, args.json, render)?;
+    let config = std::path::Path::new(DEFAULT_CONFIG);
+    let render = gcb_portfwd::status::render;
+    gcb_ops::status_client::run::<Args, _>("portfwd", "GCB_PORTFWD", config, render)?;
     Ok(())
 }
 

@@ -154,3 +154,35 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
+
+/// Why `gcb-DAEMON status` could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum StatusCommandError {
+    /// The configuration (file, environment) is wrong.
+    #[error(transparent)]
+    Conf(#[from] gcb_proto::conf::ConfError),
+    /// The daemon could not be asked.
+    #[error(transparent)]
+    Status(#[from] StatusError),
+}
+
+/// `gcb-DAEMON status ...` as a daemon's `main` runs it: this process's arguments, with
+/// `--admin-socket` also from the daemon `P`'s config layers (`env_prefix`,
+/// `default_file`: see `gcb_proto::conf::parse_subcommand`), then [`status_command`].
+/// `--help` and command-line errors print and exit here, as clap does.
+pub fn run<P: clap::CommandFactory, T: DeserializeOwned>(
+    daemon: &'static str,
+    env_prefix: &str,
+    default_file: &Path,
+    render: fn(&T) -> String,
+) -> Result<(), StatusCommandError> {
+    use gcb_proto::conf::{self, ConfError, Sources};
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let sources = Sources::process(env_prefix, default_file);
+    let args = match conf::parse_subcommand::<P, StatusArgs>("status", argv, &sources) {
+        Err(ConfError::Cli(e)) => e.exit(),
+        r => r?,
+    };
+    status_command(daemon, args.admin_socket.as_deref(), args.json, render)?;
+    Ok(())
+}
