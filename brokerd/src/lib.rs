@@ -74,7 +74,7 @@
 //! Floors: each module uses only modules on its own floor or below, with
 //! no cycle; `scripts/modgraph --check brokerd/src` checks the list:
 //!
-//! - **Floor 0, decisions and data**: `decision`, `registry`, `standby`, `relay`, `udprules`, `iplimits`, `allow`, `status`, `metrics`
+//! - **Floor 0, decisions and data**: `decision`, `registry`, `standby`, `relay`, `udprules`, `iplimits`, `allow`, `status`, `metrics`, `punchmemo`
 //! - **Floor 1, the UDP data plane**: `udpproxy`
 //! - **Floor 2, the server's state**: `server::env`, `server::counters`, `server::config`, `server::state`
 //! - **Floor 3, the server's jobs**: `server`
@@ -258,6 +258,7 @@ pub mod decision;
 pub mod iplimits;
 pub mod metrics;
 pub use gcb_proto::preamble;
+pub mod punchmemo;
 pub mod registry;
 pub mod relay;
 pub mod server;

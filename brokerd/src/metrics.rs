@@ -16,7 +16,9 @@
 //! gcb_broker_registrations_expired_total          counter leases that ran out (expired)
 //! gcb_broker_connects_total{route}                counter connections brokered: route="direct",
 //!                                                         "reverse", "relay" (connect_request
-//!                                                         decisions), "proxy" (accepted on a proxy)
+//!                                                         decisions and punch fallbacks), "proxy"
+//!                                                         (accepted on a proxy), "punched" (TCP
+//!                                                         connections that went direct by punching)
 //! gcb_broker_relays_started_total                 counter (relays_started)
 //! gcb_broker_relays_ended_total{how="done|reset"} counter (relays_done, relays_reset)
 //! gcb_broker_relays_idle_closed_total             counter (relays_idle_closed)
@@ -38,6 +40,9 @@
 //! gcb_broker_connect_back_failures_total          counter
 //! gcb_broker_reregister_requests_total            counter (reregister_sent)
 //! gcb_broker_standby_events_total{event}          counter event="parked|claimed|fallback"
+//! gcb_broker_punch_events_total{event}            counter event="fallback" (a TCP punch did not
+//!                                                         connect: relayed), "skipped" (relayed at
+//!                                                         once: the pair failed lately)
 //! gcb_broker_udp_rules_created_total, gcb_broker_udp_rules_expired_total, gcb_broker_udp_dummies_total,
 //! gcb_broker_udp_send_errors_total, gcb_broker_udp_punches_total,
 //! gcb_broker_udp_punch_back_failures_total, gcb_broker_udp_punch_ends_total,
@@ -68,6 +73,9 @@ pub const SERIES: &[Series] = &[
     s("reverse", "gcb_broker_connects", C, Some(("route", "reverse")), ""),
     s("relay", "gcb_broker_connects", C, Some(("route", "relay")), ""),
     s("proxy_accepts", "gcb_broker_connects", C, Some(("route", "proxy")), ""),
+    s("punched", "gcb_broker_connects", C, Some(("route", "punched")), ""),
+    s("punch_fallback", "gcb_broker_punch_events", C, Some(("event", "fallback")), "TCP punches that fell back to the relay, and relay decisions made at once for a pair that failed lately"),
+    s("punch_skipped", "gcb_broker_punch_events", C, Some(("event", "skipped")), ""),
     s("relays_started", "gcb_broker_relays_started", C, None, "Relays started"),
     s("relays_done", "gcb_broker_relays_ended", C, Some(("how", "done")), "Relays ended, cleanly or by a reset"),
     s("relays_reset", "gcb_broker_relays_ended", C, Some(("how", "reset")), ""),

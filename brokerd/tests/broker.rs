@@ -45,6 +45,7 @@ fn register_with_key(
         local,
         previous_proxy: previous,
         previous_token: previous.and_then(proof),
+        punch: false,
     }) {
         Some(Body::Registered {
             proxy,
@@ -186,6 +187,7 @@ fn brokered_decisions_direct_and_relay() {
         transport: Transport::Tcp,
         connector_local: a("10.2.0.7:5000"),
         connector_listen: None,
+        punch: false,
     }) {
         Some(Body::ConnectDecision { route }) => route,
         other => panic!("{other:?}"),
@@ -212,6 +214,7 @@ fn brokered_decisions_direct_and_relay() {
         transport: Transport::Tcp,
         connector_local: a("10.1.0.6:5000"),
         connector_listen: None,
+        punch: false,
     }) {
         Some(Body::ConnectDecision {
             route: Route::Direct { addr },
@@ -225,6 +228,7 @@ fn brokered_decisions_direct_and_relay() {
         transport: Transport::Tcp,
         connector_local: a("10.1.0.6:5000"),
         connector_listen: None,
+        punch: false,
     }) {
         Some(Body::Error { code, .. }) => assert_eq!(code, ErrorCode::NoSuchRegistration),
         other => panic!("{other:?}"),
@@ -235,6 +239,7 @@ fn brokered_decisions_direct_and_relay() {
         transport: Transport::Udp,
         connector_local: a("10.1.0.6:5000"),
         connector_listen: None,
+        punch: false,
     }) {
         Some(Body::Error { code, .. }) => assert_eq!(code, ErrorCode::Unsupported),
         other => panic!("{other:?}"),
@@ -428,6 +433,7 @@ fn limits_are_enforced_with_explicit_refusals() {
         local: a("10.1.0.5:2"),
         previous_proxy: None,
         previous_token: None,
+        punch: false,
     }) {
         Some(Body::Error { code, reason }) => {
             assert_eq!(code, ErrorCode::Quota);
@@ -442,6 +448,7 @@ fn limits_are_enforced_with_explicit_refusals() {
         local: a("10.1.0.5:3"),
         previous_proxy: None,
         previous_token: None,
+        punch: false,
     }) {
         Some(Body::Error { code, .. }) => assert_eq!(code, ErrorCode::Quota),
         other => panic!("{other:?}"),
@@ -455,6 +462,7 @@ fn limits_are_enforced_with_explicit_refusals() {
         local: a("10.1.0.7:1"),
         previous_proxy: None,
         previous_token: None,
+        punch: false,
     }) {
         Some(Body::Error { code, .. }) => assert_eq!(code, ErrorCode::Quota),
         other => panic!("{other:?}"),
@@ -490,6 +498,7 @@ fn pool_key_is_required_when_configured() {
             local: a("10.1.0.5:2"),
             previous_proxy: None,
             previous_token: None,
+            punch: false,
         }),
         None,
         "unkeyed request must get no answer"
@@ -540,6 +549,7 @@ fn no_key_needs_insecure_and_is_said_out_loud() {
         local: a("10.1.0.5:1"),
         previous_proxy: None,
         previous_token: None,
+        punch: false,
     }) {
         Some(Body::Registered { .. }) => {}
         other => panic!("{other:?}"),
@@ -597,6 +607,7 @@ fn standby_is_claimed_for_a_proxy_connection_without_connect_back() {
         transport: Transport::Tcp,
         connector_local: a("10.2.0.9:0"),
         connector_listen: None,
+        punch: false,
     }) {
         Some(Body::ConnectDecision { route }) => route,
         other => panic!("no decision: {other:?}"),

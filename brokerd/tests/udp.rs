@@ -66,6 +66,7 @@ fn register_udp(
         local,
         previous_proxy: prev,
         previous_token: prev.and_then(proof),
+        punch: false,
     }) {
         Some(Body::Registered {
             proxy,
@@ -175,6 +176,7 @@ fn udp_relay_both_ways_and_bad_input() {
         local,
         previous_proxy: None,
         previous_token: None,
+        punch: false,
     }) {
         Some(Body::Registered {
             proxy: p,
@@ -447,6 +449,7 @@ fn udp_registration_lease_previous_proxy_and_distinct_ports() {
         local: a("10.1.0.5:7002"),
         previous_proxy: Some(proxy),
         previous_token: Some("00112233445566778899aabbccddeeff".into()),
+        punch: false,
     }) {
         Some(Body::Registered { proxy: p, .. }) => assert_ne!(p, proxy, "taken over"),
         other => panic!("{other:?}"),
@@ -474,6 +477,7 @@ fn udp_registration_lease_previous_proxy_and_distinct_ports() {
         local: a("10.1.0.5:7001"),
         previous_proxy: Some(proxy),
         previous_token: proof(proxy),
+        punch: false,
     }) {
         Some(Body::Registered { proxy: p, .. }) => assert_eq!(p, proxy),
         other => panic!("{other:?}"),
@@ -485,6 +489,7 @@ fn udp_registration_lease_previous_proxy_and_distinct_ports() {
         local: a("10.1.0.5:7002"),
         previous_proxy: Some(proxy),
         previous_token: None,
+        punch: false,
     }) {
         Some(Body::Registered { proxy: p, .. }) => assert_ne!(p, proxy),
         other => panic!("{other:?}"),

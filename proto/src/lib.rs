@@ -19,7 +19,7 @@
 //!
 //! - **Floor 0, encodings**: `addr`, `auth`, `conf`, `preamble`, `udp`
 //! - **Floor 1, messages**: `msg`, `punch`
-//! - **Floor 2, state machines and tokens**: `rudp`, `token`
+//! - **Floor 2, state machines and tokens**: `rudp`, `token`, `tcp_punch`
 //!
 //! ## Wire format
 //!
@@ -152,6 +152,7 @@ pub mod msg;
 pub mod preamble;
 pub mod punch;
 pub mod rudp;
+pub mod tcp_punch;
 pub mod token;
 pub mod udp;
 

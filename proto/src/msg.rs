@@ -201,6 +201,15 @@ pub enum Route {
         /// Id to present to the relay.
         connect_id: ConnectId,
     },
+    /// TCP hole punching (`crate::tcp_punch`): connect to the broker's relay at `addr`
+    /// from a fresh port, present `connect_id`, and read the broker's offer there; the
+    /// connection is the relay if the punch does not connect in time.
+    Punch {
+        /// The broker's relay address.
+        addr: SocketAddr,
+        /// Id to present to the relay.
+        connect_id: ConnectId,
+    },
 }
 
 /// Every message body. On the wire: `{"type":"<snake_case name>", ..fields}`.
@@ -242,6 +251,9 @@ pub enum Body {
         /// hex characters). Without a valid proof the broker assigns a new proxy.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         previous_token: Option<String>,
+        /// The listener's shim takes TCP punch claims on its standbys.
+        #[serde(default, skip_serializing_if = "is_false")]
+        punch: bool,
     },
     /// Reply to `register`: the proxy address the program now advertises.
     Registered {
@@ -292,6 +304,9 @@ pub enum Body {
         /// An address where the connector accepts a dial-back, if it has one.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         connector_listen: Option<SocketAddr>,
+        /// The connector can punch a TCP hole (`Route::Punch`).
+        #[serde(default, skip_serializing_if = "is_false")]
+        punch: bool,
     },
     /// Reply to `connect_request`.
     ConnectDecision {
@@ -753,3 +768,7 @@ impl Envelope {
 
 #[cfg(test)]
 mod tests;
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}

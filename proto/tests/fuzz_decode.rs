@@ -39,6 +39,7 @@ fn samples() -> Vec<Envelope> {
                 local: peer(),
                 previous_proxy: Some(a),
                 previous_token: None,
+                punch: false,
             },
         ),
         Envelope::response(
@@ -63,6 +64,7 @@ fn samples() -> Vec<Envelope> {
                 transport: Transport::Udp,
                 connector_local: peer(),
                 connector_listen: Some(peer()),
+                punch: false,
             },
         ),
         Envelope::response(

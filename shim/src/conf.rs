@@ -46,6 +46,8 @@ pub const KEYS: &[&str] = &[
     "log_file",
     "heartbeat_ms",
     "standby",
+    "punch_tcp",
+    "punch_ms",
     "public_names",
     "dpf_refresh_ms",
 ];
@@ -53,8 +55,8 @@ pub const KEYS: &[&str] = &[
 fn kind_of(key: &str) -> Option<Kind> {
     Some(match key {
         "broker" | "dpf_server" | "key_file" | "log" | "log_file" => Kind::Str,
-        "heartbeat_ms" | "dpf_refresh_ms" => Kind::Int,
-        "standby" | "public_names" => Kind::Bool,
+        "heartbeat_ms" | "dpf_refresh_ms" | "punch_ms" => Kind::Int,
+        "standby" | "public_names" | "punch_tcp" => Kind::Bool,
         _ => return None,
     })
 }

@@ -411,7 +411,14 @@ fn install_gcb(
     // Standby relay connections (see gcb::standby) are on unless GCB_STANDBY=0: one idle
     // TCP connection to the broker per registered listener, for faster relayed connects.
     let standby = settings.on_unless_zero("standby");
-    Some(crate::gcb::GcbLayer::new(addr, key, heartbeat, standby))
+    // TCP hole punching (see gcb::tcp_punch) is on unless GCB_PUNCH_TCP=0; a punch that has
+    // not connected after GCB_PUNCH_MS gives way to the relay.
+    let punch = settings
+        .on_unless_zero("punch_tcp")
+        .then(|| settings.millis("punch_ms", 10, crate::gcb::tcp_punch::DEFAULT_PUNCH_WAIT));
+    let layer = crate::gcb::GcbLayer::new(addr, key, heartbeat, standby);
+    layer.client().lock().set_punch(punch);
+    Some(layer)
 }
 
 fn open_log_file(path: &str) {

@@ -20,6 +20,7 @@ impl Server {
         transport: Transport,
         connector_local: SocketAddr,
         connector_listen: Option<SocketAddr>,
+        punch: bool,
     ) -> Body {
         if transport != Transport::Tcp {
             // GCB UDP senders send to the proxy like any sender: the
@@ -76,13 +77,69 @@ impl Server {
                     connect_id: ConnectId::from_bytes(raw),
                 }
             }
+            Decision::Relay if authenticated && punch && self.punch_listeners.contains(&proxy) => {
+                let (a, b) = (canonical(from.ip()), canonical(reg.observed.ip()));
+                if self.punch_memo.recently_failed(a, b, self.now().mono) {
+                    self.counters.punch_skipped += 1;
+                    match self.relay_route(from, proxy, &reg, connector_listen, authenticated) {
+                        Ok(r) => r,
+                        Err(refusal) => return refusal,
+                    }
+                } else {
+                    let raw = self.random16();
+                    let pid = self.connect_presentation(&raw);
+                    self.pending.insert(
+                        pid,
+                        Pending {
+                            raw,
+                            proxy,
+                            // The connector's leg first; the listener's side is the
+                            // standby the punch claims (or, after a fallback without one,
+                            // its connect_back dial).
+                            allowed: vec![a, b],
+                            deferred: None,
+                            waiting: None,
+                            deadline: self.now().mono + self.cfg.connect_timeout,
+                            connect_back: None,
+                            punch: true,
+                        },
+                    );
+                    Route::Punch {
+                        addr: self.addr,
+                        connect_id: ConnectId::from_bytes(raw),
+                    }
+                }
+            }
             Decision::Relay => {
+                match self.relay_route(from, proxy, &reg, connector_listen, authenticated) {
+                    Ok(r) => r,
+                    Err(refusal) => return refusal,
+                }
+            }
+        };
+        info!("connect {from} (local {connector_local}) -> proxy {proxy} (listener {} local {}): {route:?}", reg.observed, reg.local);
+        Body::ConnectDecision { route }
+    }
+
+    /// A relay decision for `proxy`: a pairing waiting for the connector's relay
+    /// connection, the listener's side asked for at once (a standby claim or a
+    /// `connect_back`) when the request is authenticated. Err: the refusal to answer.
+    fn relay_route(
+        &mut self,
+        from: SocketAddr,
+        proxy: SocketAddr,
+        reg: &crate::registry::Registration,
+        connector_listen: Option<SocketAddr>,
+        authenticated: bool,
+    ) -> Result<Route, Body> {
+        {
+            {
                 if self.relay_load() >= self.cfg.max_relays {
-                    return self.refuse(
+                    return Err(self.refuse(
                         from,
                         ErrorCode::Busy,
                         format!("relay limit ({}) reached", self.cfg.max_relays),
-                    );
+                    ));
                 }
                 self.counters.relay += 1;
                 let raw = self.random16();
@@ -104,7 +161,10 @@ impl Server {
                     None
                 } else {
                     let Some(req) = self.send_connect_back(&reg.observed, raw, proxy, peer) else {
-                        return Body::error(ErrorCode::Busy, "cannot reach the listener now");
+                        return Err(Body::error(
+                            ErrorCode::Busy,
+                            "cannot reach the listener now",
+                        ));
                     };
                     Some(req)
                 };
@@ -118,16 +178,15 @@ impl Server {
                         waiting: None,
                         deadline: self.now().mono + self.cfg.connect_timeout,
                         connect_back,
+                        punch: false,
                     },
                 );
-                Route::Relay {
+                Ok(Route::Relay {
                     addr: self.addr,
                     connect_id: ConnectId::from_bytes(raw),
-                }
+                })
             }
-        };
-        info!("connect {from} (local {connector_local}) -> proxy {proxy} (listener {} local {}): {route:?}", reg.observed, reg.local);
-        Body::ConnectDecision { route }
+        }
     }
 
     /// Asks the listener to dial the relay port with connect id `raw` (its pairing is
@@ -248,6 +307,7 @@ impl Server {
                         waiting: Some((stream, peer)),
                         deadline: self.now().mono + self.cfg.connect_timeout,
                         connect_back: None,
+                        punch: false,
                     },
                 );
                 info!(
@@ -278,6 +338,7 @@ impl Server {
                     waiting: Some((stream, peer)),
                     deadline: self.now().mono + self.cfg.connect_timeout,
                     connect_back: Some(req),
+                    punch: false,
                 },
             );
         }

@@ -115,13 +115,26 @@ impl Server {
                 local,
                 previous_proxy,
                 previous_token,
-            } => self.on_register(
-                from,
-                transport,
-                local,
-                previous_proxy,
-                previous_token.as_deref(),
-            ),
+                punch,
+            } => {
+                let reply = self.on_register(
+                    from,
+                    transport,
+                    local,
+                    previous_proxy,
+                    previous_token.as_deref(),
+                );
+                if let (Body::Registered { proxy, .. }, Transport::Tcp) = (&reply, transport) {
+                    // Whether its standbys take punch claims (a shim that does not would
+                    // drop the standby: the punch would only cost a fallback).
+                    if punch {
+                        self.punch_listeners.insert(*proxy);
+                    } else {
+                        self.punch_listeners.remove(proxy);
+                    }
+                }
+                reply
+            }
             Body::Unregister {
                 proxy,
                 transport,
@@ -189,6 +202,7 @@ impl Server {
                 transport,
                 connector_local,
                 connector_listen,
+                punch,
             } => {
                 if transport == Transport::Tcp {
                     if let Err(why) = self.relay_admission(from.ip(), proxy) {
@@ -202,6 +216,7 @@ impl Server {
                     transport,
                     connector_local,
                     connector_listen,
+                    punch,
                 );
                 self.note_connector(&reply, from.ip());
                 reply

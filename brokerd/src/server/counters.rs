@@ -63,4 +63,11 @@ pub struct Counters {
     /// Registrations refused because every port of --proxy-ports was taken (also
     /// counted in `refused`).
     pub proxy_ports_exhausted: u64,
+    /// TCP connections that went direct through a punched hole.
+    pub punched: u64,
+    /// TCP punches that did not connect: the connection was relayed.
+    pub punch_fallback: u64,
+    /// Relay decisions made at once because punching between the two public IPs failed
+    /// lately (see `punchmemo`).
+    pub punch_skipped: u64,
 }

@@ -21,6 +21,7 @@
 //! * `connect`: connect decisions, proxy accepts, relay admission;
 //! * `relay_port`: preambles, pairing, relays;
 //! * `claims`: standby connections and their claims;
+//! * `tcp_punch`: TCP hole punching between a connector's leg and a claimed standby;
 //! * `timers`: the sweep; `stats`: the stats line;
 //! * `admin`: the status document and the operator's sockets ([`gcb_ops`]);
 //! * `lifecycle`: signals, reload ([`Server::reconfigure`]) and the drain on SIGTERM;
@@ -40,6 +41,7 @@ mod register;
 mod relay_port;
 mod state;
 mod stats;
+mod tcp_punch;
 #[cfg(test)]
 mod tests;
 mod timers;
@@ -197,6 +199,9 @@ impl Server {
             relays: HashMap::new(),
             standby: StandbyPool::new(),
             claims: HashMap::new(),
+            punches: HashMap::new(),
+            punch_listeners: HashSet::new(),
+            punch_memo: crate::punchmemo::PunchMemo::new(),
             outgoing: HashMap::new(),
             reregistering: HashSet::new(),
             owner,
@@ -272,6 +277,10 @@ impl Server {
                 Some(Owner::Preamble) => self.on_preamble(t),
                 Some(Owner::Standby) => self.on_standby_event(t),
                 Some(Owner::Claim) => self.on_claim_event(t),
+                Some(Owner::Punch(id)) => {
+                    let id = *id;
+                    self.on_punch_event(id, t);
+                }
                 Some(Owner::Relay(id)) => {
                     let id = *id;
                     self.pump_relay(id);

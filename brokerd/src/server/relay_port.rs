@@ -181,6 +181,22 @@ impl Server {
             reset(stream);
             return;
         }
+        if p.punch {
+            if self.connector_of.get(&id) == Some(&ip) || p.allowed.first() == Some(&ip) {
+                self.start_punch(id, stream, peer);
+            } else {
+                // Only the connector's leg starts a punch; the listener's side is a
+                // standby the broker claims.
+                self.counters.bad_preambles += 1;
+                self.counters.foreign_presentations += 1;
+                warn!(
+                    "relay port: {peer} presented punch id {} but is not its connector",
+                    hex(&id)
+                );
+                reset(stream);
+            }
+            return;
+        }
         if p.deferred.as_ref().is_some_and(|d| d.connector_ip == ip) {
             // An unauthenticated relay decision: its connector is real. Now ask the
             // listener's side (a standby claim, else a connect_back).

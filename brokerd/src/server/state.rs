@@ -17,6 +17,7 @@ use crate::relay::Relay;
 use gcb_proto::preamble;
 
 use crate::iplimits::RateLimiter;
+use crate::punchmemo::PunchMemo;
 use crate::registry::Registry;
 use crate::standby::StandbyPool;
 use crate::udpproxy::{RateLimit, UdpPlane};
@@ -64,6 +65,9 @@ pub(super) struct Pending {
     pub(super) waiting: Option<(TcpStream, SocketAddr)>,
     pub(super) deadline: Instant,
     pub(super) connect_back: Option<RequestId>,
+    /// A `Route::Punch` decision: the connector's leg starts the punch
+    /// ([`PunchPair`]) instead of waiting for its partner.
+    pub(super) punch: bool,
 }
 
 /// What an unauthenticated relay decision still has to do once its connector arrives.
@@ -94,6 +98,23 @@ pub(super) enum Owner {
     UdpProxy(SocketAddr),
     Preamble,
     Relay(usize),
+    /// Either connection of a TCP punch in progress (keyed by the pairing's id).
+    Punch([u8; 16]),
+}
+
+/// A TCP punch in progress (`tcp_punch`): the connector's leg, which will say
+/// `DIRECT` or `RELAY`, and the listener's standby that got the claim.
+pub(super) struct PunchPair {
+    pub(super) leg: TcpStream,
+    pub(super) leg_peer: SocketAddr,
+    pub(super) leg_token: Token,
+    /// None once it closed (a relay then falls back to `connect_back`).
+    pub(super) standby: Option<(TcpStream, Token)>,
+    pub(super) standby_peer: SocketAddr,
+    pub(super) proxy: SocketAddr,
+    /// The registration's control address (a fallback `connect_back` goes there).
+    pub(super) listener: SocketAddr,
+    pub(super) deadline: Instant,
 }
 
 /// A standby connection that was handed a connection: waiting for the shim's ack byte.
@@ -159,6 +180,12 @@ pub struct Server {
     pub(super) relays: HashMap<usize, RelayEntry>,
     pub(super) standby: StandbyPool<Token, TcpStream>,
     pub(super) claims: HashMap<Token, Claim>,
+    /// TCP punches in progress, by pairing id.
+    pub(super) punches: HashMap<[u8; 16], PunchPair>,
+    /// TCP proxies whose listener's shim takes punch claims (`register{punch}`).
+    pub(super) punch_listeners: HashSet<SocketAddr>,
+    /// Pairs of public IPs whose punch failed lately.
+    pub(super) punch_memo: PunchMemo,
     pub(super) outgoing: HashMap<RequestId, Outgoing>,
     pub(super) reregistering: HashSet<SocketAddr>,
     /// Computes registration tokens ([`gcb_proto::token`]).

@@ -102,6 +102,7 @@ fn register_tcp(s: &mut Server, local: &str) -> SocketAddr {
             local: local.parse().unwrap(),
             previous_proxy: None,
             previous_token: None,
+            punch: false,
         },
     );
     match reply {
@@ -359,6 +360,7 @@ fn proxy_ports_come_from_the_range_and_an_exhausted_range_refuses_with_port_rang
             local: "10.1.0.5:9620".parse().unwrap(),
             previous_proxy: None,
             previous_token: None,
+            punch: false,
         },
     );
     match &third {
@@ -377,6 +379,7 @@ fn proxy_ports_come_from_the_range_and_an_exhausted_range_refuses_with_port_rang
             local: "10.1.0.5:9618".parse().unwrap(),
             previous_proxy: None,
             previous_token: None,
+            punch: false,
         },
     ) {
         Body::Registered { token, .. } => token.expect("a token"),
@@ -427,6 +430,7 @@ fn register_tcp_result(
             local: local.parse().unwrap(),
             previous_proxy,
             previous_token,
+            punch: false,
         },
     )
 }
@@ -461,6 +465,7 @@ fn reconfigure_applies_limits_and_says_what_changed() {
             local: "10.1.0.5:9619".parse().unwrap(),
             previous_proxy: None,
             previous_token: None,
+            punch: false,
         },
     );
     assert!(matches!(reply, Body::Error { .. }), "{reply:?}");
@@ -486,6 +491,7 @@ fn draining_refuses_registrations_and_closes_the_proxies() {
             local: "10.1.0.5:9619".parse().unwrap(),
             previous_proxy: None,
             previous_token: None,
+            punch: false,
         },
     );
     assert!(

@@ -89,6 +89,11 @@ impl Server {
             }
         }
 
+        let late = due(&self.punches, t.mono, |p| p.deadline);
+        for id in late {
+            self.punch_abort(id, "the connector gave no verdict in time");
+        }
+
         let late = due(&self.claims, t.mono, |c| c.deadline);
         for tok in late {
             self.claim_failed(tok, "was not acked in time");

@@ -191,6 +191,7 @@ fn register(g: &mut Gen, bind: IpAddr, count: usize, window: usize, hold: u64, m
                 local: local(i),
                 previous_proxy: None,
                 previous_token: None,
+                punch: false,
             };
             match g.request(body) {
                 Some(id) => {
@@ -262,6 +263,7 @@ fn register_one(g: &mut Gen, local: SocketAddr) -> SocketAddr {
         local,
         previous_proxy: None,
         previous_token: None,
+        punch: false,
     });
     let t0 = Instant::now();
     while t0.elapsed() < Duration::from_secs(15) {
@@ -325,6 +327,7 @@ fn connect(
                 transport: Transport::Tcp,
                 connector_local: local,
                 connector_listen: cl,
+                punch: false,
             };
             match g.request(body) {
                 Some(id) => {

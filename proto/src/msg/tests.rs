@@ -24,12 +24,14 @@ pub(crate) fn all_bodies() -> Vec<Body> {
             local: a("10.1.0.5:9618"),
             previous_proxy: None,
             previous_token: None,
+            punch: false,
         },
         Body::Register {
             transport: Transport::Tcp,
             local: a("10.1.0.5:9618"),
             previous_proxy: Some(a("203.0.113.10:40001")),
             previous_token: None,
+            punch: false,
         },
         Body::Registered {
             proxy: a("203.0.113.10:40001"),
@@ -61,12 +63,14 @@ pub(crate) fn all_bodies() -> Vec<Body> {
             transport: Transport::Udp,
             connector_local: a("10.2.0.7:5000"),
             connector_listen: Some(a("10.2.0.7:5001")),
+            punch: false,
         },
         Body::ConnectRequest {
             proxy: a("203.0.113.10:40001"),
             transport: Transport::Tcp,
             connector_local: a("10.2.0.7:5000"),
             connector_listen: None,
+            punch: false,
         },
         Body::ConnectDecision {
             route: Route::Direct {
@@ -189,6 +193,7 @@ fn register_previous_proxy_is_optional() {
             local: a("10.1.0.5:9618"),
             previous_proxy: None,
             previous_token: None,
+            punch: false,
         }
     );
     let new = Envelope::request(
@@ -198,6 +203,7 @@ fn register_previous_proxy_is_optional() {
             local: a("10.1.0.5:9618"),
             previous_proxy: Some(a("203.0.113.10:40001")),
             previous_token: None,
+            punch: false,
         },
     );
     let json = String::from_utf8(new.encode().unwrap()).unwrap();
@@ -254,6 +260,7 @@ fn exact_json_of_register_and_connect_decision() {
             local: a("10.1.0.5:9618"),
             previous_proxy: None,
             previous_token: None,
+            punch: false,
         },
     );
     assert_eq!(

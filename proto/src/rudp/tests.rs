@@ -48,6 +48,7 @@ fn body() -> Body {
         local: addr(A),
         previous_proxy: None,
         previous_token: None,
+        punch: false,
     }
 }
 

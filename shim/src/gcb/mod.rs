@@ -56,6 +56,7 @@ pub mod dial;
 pub mod punch;
 pub mod standby;
 pub mod tcp;
+pub mod tcp_punch;
 pub mod udp;
 pub mod udp_epoll;
 pub mod udp_recv;

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use crate::control::drop_owned;
 use crate::fdtable::{self, ShimFd};
 use crate::net;
-use gcb_proto::preamble;
+use gcb_proto::{preamble, tcp_punch};
 
 /// First and longest pause before re-dialing a standby that failed.
 const RETRY_MIN: Duration = Duration::from_millis(200);
@@ -49,6 +49,9 @@ pub enum StandbyEvent {
     Claimed(c_int, SocketAddrV4),
     /// It failed or closed; the reason (empty: a normal close).
     Dead(String),
+    /// The broker wrote a TCP punch claim (`gcb_proto::tcp_punch`), unverified: the
+    /// caller checks it and punches from this standby's local port.
+    PunchClaim([u8; tcp_punch::MSG_LEN]),
 }
 
 /// A registration's standby slot: the connection (if any) and the re-dial back-off.
@@ -110,6 +113,8 @@ impl Standby {
     /// listener's accepted connections are AF_INET6 sockets).
     pub fn dial(relay: SocketAddrV4, key: [u8; 16], family: c_int) -> Result<Standby, c_int> {
         let fd = net::socket_as(family, libc::SOCK_STREAM | libc::SOCK_NONBLOCK, false)?;
+        // A TCP punch binds a second socket to this one's local port (see `tcp_punch`).
+        net::set_sock_opt(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1);
         let fd = fdtable::own_fd(fd, "gcb-standby")?;
         match net::connect_as(fd.fd(), relay, family) {
             Ok(()) | Err(libc::EINPROGRESS) => Ok(Standby {
@@ -156,6 +161,17 @@ impl Standby {
             }
             self.parked = true;
             return (StandbyEvent::Idle, true);
+        }
+        let mut first = [0u8; tcp_punch::MSG_LEN];
+        match net::recv_peek(fd, &mut first) {
+            Ok(n) if n >= 6 && tcp_punch::is_claim_prefix(&first[..n]) => {
+                if n < first.len() {
+                    return (StandbyEvent::Idle, false); // the rest is on its way
+                }
+                let _ = net::recv_some(fd, &mut first);
+                return (StandbyEvent::PunchClaim(first), false);
+            }
+            _ => {}
         }
         let mut go = [0u8; preamble::GO_LEN];
         match net::recv_peek(fd, &mut go) {

@@ -192,6 +192,67 @@ impl GcbLayer {
         }
     }
 
+    /// connect() by TCP hole punching ([`super::tcp_punch`]), the relay as the fallback:
+    /// either way one connection under the program's fd before it writes a byte.
+    fn connect_punch(
+        &self,
+        fd: c_int,
+        dest: SocketAddrV4,
+        relay: SocketAddrV4,
+        id: &gcb_proto::ConnectId,
+        local_ip: Ipv4Addr,
+        wait: Option<Duration>,
+    ) -> Outcome<c_int> {
+        let key = self.client.lock().key().cloned();
+        let Some(key) = key else {
+            return Outcome::Bypass("a punch decision without a pool key");
+        };
+        let preamble = client::preamble(Some(&key), id);
+        let bound =
+            gcb_proto::token::present(Some(&key), gcb_proto::token::Use::Connect, id.as_bytes());
+        let wait = wait.unwrap_or(super::tcp_punch::DEFAULT_PUNCH_WAIT);
+        let started = Instant::now();
+        let r = super::tcp_punch::connect(
+            net::domain(fd),
+            local_ip,
+            relay,
+            &preamble,
+            &key,
+            &bound,
+            wait,
+        );
+        let (conn, route) = match r {
+            Ok(super::tcp_punch::Punched::Direct(c, peer)) => {
+                (c, format!("punched (direct to {peer})"))
+            }
+            Ok(super::tcp_punch::Punched::Relay(c, why)) => {
+                (c, format!("relay (punch failed: {why})"))
+            }
+            Err(why) => {
+                crate::warn!("connect {}: punch and relay failed: {}", dest, why);
+                return Outcome::Error(libc::ECONNREFUSED);
+            }
+        };
+        crate::debug!(
+            "connect {} route {} after {} us",
+            dest,
+            route,
+            started.elapsed().as_micros()
+        );
+        match self.install_connection(fd, conn) {
+            Ok(()) => Outcome::Handled(0),
+            Err(e) => {
+                net::close(conn);
+                crate::warn!(
+                    "connect {}: cannot install the connection: errno {}",
+                    dest,
+                    e
+                );
+                Outcome::Error(libc::ECONNREFUSED)
+            }
+        }
+    }
+
     /// A direct connection to the listener's real address, bounded; Err if it failed and
     /// the caller should fall back to the proxy.
     fn connect_direct(&self, fd: c_int, addr: SocketAddrV4) -> Result<(), c_int> {
@@ -533,7 +594,7 @@ impl GcbLayer {
         if net::never_brokered(*dest.ip()) {
             return Outcome::Bypass("destination never brokered (loopback, multicast...)");
         }
-        let (broker, local_ip) = {
+        let (broker, local_ip, punch) = {
             let mut c = self.client.lock();
             if *dest.ip() != *c.broker.ip() || dest.port() == c.broker.port() || c.is_negative(dest)
             {
@@ -553,7 +614,7 @@ impl GcbLayer {
                 );
                 return Outcome::Bypass("broker unreachable: connecting plainly");
             }
-            (c.broker, c.route_ip())
+            (c.broker, c.route_ip(), c.punch_wait())
         };
         if !net::is_tcp4(fd) {
             return Outcome::Bypass("not an IPv4 TCP socket");
@@ -568,6 +629,7 @@ impl GcbLayer {
             transport: Transport::Tcp,
             connector_local: SocketAddr::V4(SocketAddrV4::new(local_ip, 0)),
             connector_listen: rev.map(|r| SocketAddr::V4(r.1)),
+            punch: punch.is_some(),
         };
         let answer = self.client.lock().request(body, client::CONNECT_DEADLINE);
         let close_rev = || {
@@ -578,7 +640,7 @@ impl GcbLayer {
         let route = match answer {
             Ok(Answer::Body(Body::ConnectDecision { route })) => {
                 let mut c = self.client.lock();
-                if matches!(route, Route::Relay { .. }) {
+                if matches!(route, Route::Relay { .. }) && punch.is_none() {
                     if c.relayed.len() >= 1024 {
                         let now = Instant::now();
                         c.relayed.retain(|_, until| *until > now);
@@ -646,6 +708,15 @@ impl GcbLayer {
                 close_rev();
                 match net::v4(addr) {
                     Some(relay) => self.connect_relay(fd, relay, &connect_id),
+                    None => Outcome::Bypass("relay address is not IPv4"),
+                }
+            }
+            Route::Punch { addr, connect_id } => {
+                close_rev();
+                match net::v4(addr) {
+                    Some(relay) => {
+                        self.connect_punch(fd, dest, relay, &connect_id, local_ip, punch)
+                    }
                     None => Outcome::Bypass("relay address is not IPv4"),
                 }
             }

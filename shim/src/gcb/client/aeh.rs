@@ -32,6 +32,7 @@ impl Client {
                 conn.forget_in_child();
             }
         }
+        self.forget_tcp_punches_in_child();
         // Dials in flight and registration retries are the parent's too.
         self.dials.forget_in_child();
         self.retries.clear();
@@ -102,7 +103,12 @@ impl Client {
         let udp = self.regs.values().filter_map(|r| r.udp.as_ref());
         t.set_earliest(Timer::Keepalive, udp.map(|u| u.next_dummy));
         let standbys = self.regs.values().filter_map(|r| r.standby.as_ref());
-        t.set_earliest(Timer::Standby, standbys.filter_map(|s| s.wakeup()));
+        t.set_earliest(
+            Timer::Standby,
+            standbys
+                .filter_map(|s| s.wakeup())
+                .chain(self.tcp_punch_wakeup()),
+        );
         t.set_earliest(Timer::Punch, self.punch_next_due());
         t.set_earliest(Timer::Dial, self.dials.wakeup(self.watch.is_some()));
         let retries = self.retries.iter().filter(|r| !r.asking);

@@ -58,6 +58,7 @@ impl Client {
             local: SocketAddr::V4(local),
             previous_proxy,
             previous_token: previous_proxy.and_then(|p| self.proof_for(transport, p)),
+            punch: transport == Transport::Tcp && self.punch_wait().is_some(),
         };
         match self.request_on(chan, body, REGISTER_DEADLINE) {
             Err(e) => Err(format!(
@@ -199,6 +200,7 @@ impl Client {
         }
         let chan = self.own_family();
         let to = SocketAddr::V4(self.broker);
+        let punch_on = self.punch_wait().is_some();
         for (id, local) in due {
             let previous_proxy = self.previous_for(Transport::Tcp, local);
             let previous_token = previous_proxy.and_then(|p| self.proof_for(Transport::Tcp, p));
@@ -209,6 +211,7 @@ impl Client {
                     local: SocketAddr::V4(local),
                     previous_proxy,
                     previous_token,
+                    punch: punch_on,
                 };
                 let rid =
                     c.ep.send_request_with_deadline(now(), to, body, REGISTER_DEADLINE)
@@ -367,6 +370,7 @@ impl Client {
         };
         let to = SocketAddr::V4(self.broker);
         let previous_token = self.proof_for(transport, SocketAddr::V4(old_proxy));
+        let punch = transport == Transport::Tcp && self.punch_wait().is_some();
         let Some(c) = self.chan(chan) else { return };
         if c.pending
             .values()
@@ -379,6 +383,7 @@ impl Client {
             local: SocketAddr::V4(local),
             previous_proxy: Some(SocketAddr::V4(old_proxy)),
             previous_token,
+            punch,
         };
         if let Ok(id) = c.ep.send_request(now(), to, body) {
             c.pending.insert(id, Pending::Reregister { old });

@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use super::state::Client;
 use crate::gcb::standby::{self, Standby, StandbyEvent, StandbySlot, Watch};
+use crate::gcb::tcp_punch::{self, ListenerProgress, ListenerPunch};
 use crate::net::errstr;
 
 impl Client {
@@ -43,6 +44,8 @@ impl Client {
     pub(super) fn service_standbys(&mut self) {
         let mut claimed: Vec<(c_int, SocketAddrV4, SocketAddrV4)> = Vec::new();
         let watch = self.watch.as_ref();
+        let key = self.key.as_ref();
+        let punching = self.punch_wait.is_some();
         for r in self.regs.values_mut() {
             let Some(slot) = r.standby.as_mut() else {
                 continue;
@@ -66,6 +69,31 @@ impl Client {
                     }
                     slot.failed(Instant::now());
                 }
+                StandbyEvent::PunchClaim(raw) => {
+                    slot.worked();
+                    let Some(c) = slot.conn.take() else { continue };
+                    let checked = if punching {
+                        tcp_punch::check_claim(key, &slot.key, &raw, &mut self.punch_nonces)
+                    } else {
+                        Err("TCP punching is off here (GCB_PUNCH_TCP=0)".into())
+                    };
+                    match checked {
+                        Ok(msg) => {
+                            crate::debug!(
+                                "standby for {}: punch claim, connecting to {}",
+                                r.local,
+                                msg.peer
+                            );
+                            let p = ListenerPunch::start(c, msg, r.family, r.listen_at, watch);
+                            self.tcp_punches.push(p);
+                        }
+                        Err(why) => {
+                            crate::warn!("standby for {}: refused a punch claim: {}", r.local, why);
+                            watch.inspect(|w| w.remove(c.fd()));
+                            c.close();
+                        }
+                    }
+                }
                 StandbyEvent::Claimed(fd, peer) => {
                     watch.inspect(|w| w.remove(fd));
                     slot.worked();
@@ -85,6 +113,7 @@ impl Client {
                 Err(why) => crate::warn!("standby connection from {} lost: {}", peer, why),
             }
         }
+        self.service_tcp_punches();
         if self.direct.is_some() {
             // A blocking accept() returns a connection from this run: dial the next
             // standby on the next run, after the program has its connection.
@@ -107,6 +136,64 @@ impl Client {
                     slot.failed(now);
                 }
             }
+        }
+    }
+}
+
+impl Client {
+    /// Advances our listeners' TCP punches; hands finished ones to the program.
+    fn service_tcp_punches(&mut self) {
+        if self.tcp_punches.is_empty() {
+            return;
+        }
+        let Some(key) = self.key.clone() else {
+            for p in self.tcp_punches.drain(..) {
+                p.close();
+            }
+            return;
+        };
+        let now = Instant::now();
+        let mut done = Vec::new();
+        let mut i = 0;
+        while i < self.tcp_punches.len() {
+            let watch = self.watch.as_ref();
+            match self.tcp_punches[i].poll(&key, now, watch) {
+                ListenerProgress::Pending => i += 1,
+                ListenerProgress::Done(fd, peer, route) => {
+                    let p = self.tcp_punches.swap_remove(i);
+                    for f in p.fds() {
+                        watch.inspect(|w| w.remove(f));
+                    }
+                    done.push((fd, p.listen_at, peer, route));
+                    p.close();
+                }
+                ListenerProgress::Failed(why) => {
+                    let p = self.tcp_punches.swap_remove(i);
+                    for f in p.fds() {
+                        watch.inspect(|w| w.remove(f));
+                    }
+                    crate::info!("punched connection for {}: {}", p.listen_at, why);
+                    p.close();
+                }
+            }
+        }
+        for (fd, listen_at, peer, route) in done {
+            match self.hand_over(fd, listen_at, peer) {
+                Ok(_) => crate::debug!("accept: connection from {} route {}", peer, route),
+                Err(why) => crate::warn!("connection from {} lost: {}", peer, why),
+            }
+        }
+    }
+
+    /// When a TCP punch of ours needs the AEH even without an event.
+    pub(super) fn tcp_punch_wakeup(&self) -> Option<Instant> {
+        self.tcp_punches.iter().map(|p| p.wakeup()).min()
+    }
+
+    /// A fork child: the punches are the parent's.
+    pub(super) fn forget_tcp_punches_in_child(&mut self) {
+        for p in self.tcp_punches.drain(..) {
+            p.forget_in_child();
         }
     }
 }

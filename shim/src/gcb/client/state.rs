@@ -180,6 +180,12 @@ pub struct Client {
     pub(super) dials: Dials<DialFor>,
     /// Listeners to register again (see [`RegisterRetry`]).
     pub(super) retries: Vec<RegisterRetry>,
+    /// TCP hole punching: how long a punch may take (None: `GCB_PUNCH_TCP=0`).
+    pub(super) punch_wait: Option<Duration>,
+    /// Nonces of the punch claims acted on (a replayed claim is refused).
+    pub(super) punch_nonces: gcb_proto::tcp_punch::NonceLog,
+    /// Our listeners' TCP punches in progress (see [`crate::gcb::tcp_punch`]).
+    pub(super) tcp_punches: Vec<crate::gcb::tcp_punch::ListenerPunch>,
 }
 
 impl Client {
@@ -213,7 +219,21 @@ impl Client {
             proofs: HashMap::new(),
             dials: Dials::new(DIAL_SPACING),
             retries: Vec::new(),
+            punch_wait: Some(crate::gcb::tcp_punch::DEFAULT_PUNCH_WAIT),
+            punch_nonces: gcb_proto::tcp_punch::NonceLog::new(),
+            tcp_punches: Vec::new(),
         }
+    }
+
+    /// TCP hole punching on (with how long a punch may take) or off.
+    pub fn set_punch(&mut self, wait: Option<Duration>) {
+        self.punch_wait = wait;
+    }
+
+    /// How long a TCP punch may take, if punching is on and the pool is keyed (punch
+    /// messages are authenticated with the pool key).
+    pub fn punch_wait(&self) -> Option<Duration> {
+        self.punch_wait.filter(|_| self.key.is_some())
     }
 
     /// The pool key, if any.

@@ -107,6 +107,7 @@ impl Client {
             local: SocketAddr::V4(local),
             previous_proxy,
             previous_token: previous_proxy.and_then(|p| self.proof_for(Transport::Udp, p)),
+            punch: false,
         };
         let to = SocketAddr::V4(self.broker);
         let c = self.chan(chan).ok_or("no control channel")?;
