@@ -11,6 +11,9 @@
 //! gcb_broker_pending_connects                     gauge   connect ids waiting for their partner (pending)
 //! gcb_broker_standbys                             gauge   parked standby connections (standbys)
 //! gcb_broker_udp_proxies                          gauge   UDP proxy sockets (udp_proxies)
+//! gcb_broker_punches_in_progress                  gauge   TCP punches waiting for a verdict (punching)
+//! gcb_broker_punch_failed_pairs                   gauge   IP pairs relayed at once after a failed
+//!                                                         punch (punch_failed_pairs)
 //! gcb_broker_udp_rules                            gauge   live UDP relay rules (udp_rules)
 //! gcb_broker_registered_total                     counter registrations created (registered)
 //! gcb_broker_registrations_expired_total          counter leases that ran out (expired)
@@ -65,6 +68,8 @@ pub const SERIES: &[Series] = &[
     s("relays_active", "gcb_broker_relays_open", G, None, "Running TCP relays"),
     s("pending", "gcb_broker_pending_connects", G, None, "Connect ids waiting for their partner connection"),
     s("standbys", "gcb_broker_standbys", G, None, "Parked standby connections"),
+    s("punching", "gcb_broker_punches_in_progress", G, None, "TCP punches waiting for the connector's verdict"),
+    s("punch_failed_pairs", "gcb_broker_punch_failed_pairs", G, None, "Pairs of public IPs relayed at once because a punch between them failed lately"),
     s("udp_proxies", "gcb_broker_udp_proxies", G, None, "UDP proxy sockets"),
     s("udp_rules", "gcb_broker_udp_rules", G, None, "Live UDP relay rules"),
     s("registered", "gcb_broker_registered", C, None, "Registrations created"),

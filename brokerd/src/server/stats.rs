@@ -37,6 +37,8 @@ impl Server {
             ("registrations", self.registry.len() as u64),
             ("relays_active", self.relays.len() as u64),
             ("pending", self.pending.len() as u64),
+            ("punching", self.punches.len() as u64),
+            ("punch_failed_pairs", self.punch_memo.len() as u64),
             ("registered", c.registered),
             ("expired", c.expired),
             ("refused", c.refused),

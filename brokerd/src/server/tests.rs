@@ -508,3 +508,104 @@ fn draining_refuses_registrations_and_closes_the_proxies() {
     );
     assert!(matches!(ack, Body::HeartbeatAck { .. }), "{ack:?}");
 }
+
+/// A `connect_request` from another public IP for `proxy`, asking to punch or not.
+fn connect_request(s: &mut Server, proxy: SocketAddr, punch: bool) -> Body {
+    s.on_request(
+        "127.0.0.2:40001".parse().unwrap(),
+        Body::ConnectRequest {
+            proxy,
+            transport: Transport::Tcp,
+            connector_local: "10.2.0.7:0".parse().unwrap(),
+            connector_listen: None,
+            punch,
+        },
+    )
+}
+
+#[test]
+fn punch_is_decided_for_keyed_punch_capable_pairs_and_skipped_after_a_failure() {
+    use gcb_proto::Route;
+    let key =
+        gcb_proto::auth::PoolKey::from_file_contents(b"0123456789abcdef0123456789abcdef").unwrap();
+    // Unkeyed: punch messages could not be authenticated, so never a punch.
+    let (mut s, _clock) = broker(config());
+    let reply = s.on_request(
+        CLIENT.parse().unwrap(),
+        Body::Register {
+            transport: Transport::Tcp,
+            local: "10.1.0.5:9618".parse().unwrap(),
+            previous_proxy: None,
+            previous_token: None,
+            punch: true,
+        },
+    );
+    let Body::Registered { proxy, .. } = reply else {
+        panic!("{reply:?}")
+    };
+    assert!(matches!(
+        connect_request(&mut s, proxy, true),
+        Body::ConnectDecision {
+            route: Route::Relay { .. }
+        }
+    ));
+
+    let mut cfg = config();
+    cfg.key = Some(key);
+    let (mut s, clock) = broker(cfg);
+    let reg = |s: &mut Server, local: &str, punch: bool| match s.on_request(
+        CLIENT.parse().unwrap(),
+        Body::Register {
+            transport: Transport::Tcp,
+            local: local.parse().unwrap(),
+            previous_proxy: None,
+            previous_token: None,
+            punch,
+        },
+    ) {
+        Body::Registered { proxy, .. } => proxy,
+        other => panic!("{other:?}"),
+    };
+    let old_shim = reg(&mut s, "10.1.0.5:9000", false);
+    let punching = reg(&mut s, "10.1.0.5:9001", true);
+    // A listener whose shim does not punch, or a connector that does not: relay.
+    assert!(matches!(
+        connect_request(&mut s, old_shim, true),
+        Body::ConnectDecision {
+            route: Route::Relay { .. }
+        }
+    ));
+    assert!(matches!(
+        connect_request(&mut s, punching, false),
+        Body::ConnectDecision {
+            route: Route::Relay { .. }
+        }
+    ));
+    assert!(matches!(
+        connect_request(&mut s, punching, true),
+        Body::ConnectDecision {
+            route: Route::Punch { .. }
+        }
+    ));
+    // After a failure between the two IPs: relay at once, counted, for FAILED_FOR.
+    let now = s.now().mono;
+    s.punch_memo.failed(
+        "127.0.0.1".parse().unwrap(),
+        "127.0.0.2".parse().unwrap(),
+        now,
+    );
+    assert!(matches!(
+        connect_request(&mut s, punching, true),
+        Body::ConnectDecision {
+            route: Route::Relay { .. }
+        }
+    ));
+    assert_eq!(s.counters.punch_skipped, 1);
+    clock.advance(crate::punchmemo::FAILED_FOR);
+    assert!(matches!(
+        connect_request(&mut s, punching, true),
+        Body::ConnectDecision {
+            route: Route::Punch { .. }
+        }
+    ));
+}

@@ -608,7 +608,7 @@ impl GcbLayer {
                 // to the proxy address as a plain client is that same relay (onto the
                 // listener's standby), without the request round trip.
                 crate::debug!(
-                    "connect {} via broker {}: Relay (proxy, cached)",
+                    "connect {} route relay (through the proxy: broker {} relayed it lately)",
                     dest,
                     c.broker
                 );
@@ -692,7 +692,10 @@ impl GcbLayer {
                     return Outcome::Bypass("direct route to a non-IPv4 address");
                 };
                 match self.connect_direct(fd, a) {
-                    Ok(()) => Outcome::Handled(0),
+                    Ok(()) => {
+                        crate::debug!("connect {} route direct (to {})", dest, a);
+                        Outcome::Handled(0)
+                    }
                     Err(e) => {
                         crate::info!(
                             "direct connect to {} failed ({}); using the proxy {}",
@@ -707,7 +710,10 @@ impl GcbLayer {
             Route::Relay { addr, connect_id } => {
                 close_rev();
                 match net::v4(addr) {
-                    Some(relay) => self.connect_relay(fd, relay, &connect_id),
+                    Some(relay) => {
+                        crate::debug!("connect {} route relay (through {})", dest, relay);
+                        self.connect_relay(fd, relay, &connect_id)
+                    }
                     None => Outcome::Bypass("relay address is not IPv4"),
                 }
             }
@@ -727,7 +733,10 @@ impl GcbLayer {
                 let got = self.await_reverse(lsock, &connect_id);
                 net::close(lsock);
                 match got.map(|c| (c, self.install_connection(fd, c))) {
-                    Ok((_, Ok(()))) => Outcome::Handled(0),
+                    Ok((_, Ok(()))) => {
+                        crate::debug!("connect {} route reverse", dest);
+                        Outcome::Handled(0)
+                    }
                     Ok((c, Err(e))) => {
                         net::close(c);
                         crate::warn!(

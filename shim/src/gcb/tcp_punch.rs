@@ -446,3 +446,50 @@ pub fn check_claim(
     }
     Ok(msg)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gcb_proto::tcp_punch::{encode, Kind, NonceLog};
+
+    fn key() -> PoolKey {
+        PoolKey::from_file_contents(b"0123456789abcdef0123456789abcdef").unwrap()
+    }
+
+    fn claim(peer: &str, nonce: u8) -> [u8; MSG_LEN] {
+        let m = PunchMsg {
+            kind: Kind::Claim,
+            peer: peer.parse().unwrap(),
+            nonce: [nonce; 16],
+        };
+        encode(&key(), &m, &[9; 16])
+    }
+
+    #[test]
+    fn a_claim_is_taken_once_from_the_broker_for_a_public_peer() {
+        let mut log = NonceLog::new();
+        let k = key();
+        let raw = claim("203.0.113.2:40000", 1);
+        let m = check_claim(Some(&k), &[9; 16], &raw, &mut log).unwrap();
+        assert_eq!(m.peer, "203.0.113.2:40000".parse().unwrap());
+        // Replayed: refused.
+        let again = check_claim(Some(&k), &[9; 16], &raw, &mut log).unwrap_err();
+        assert!(again.contains("replayed"), "{again}");
+        // Forged (another key), or meant for another standby: refused.
+        let other = PoolKey::from_file_contents(b"another key of 32 bytes.........").unwrap();
+        assert!(check_claim(Some(&other), &[9; 16], &claim("203.0.113.2:1", 2), &mut log).is_err());
+        assert!(check_claim(Some(&k), &[8; 16], &claim("203.0.113.2:1", 3), &mut log).is_err());
+        // Without a pool key nothing is taken.
+        assert!(check_claim(None, &[9; 16], &claim("203.0.113.2:1", 4), &mut log).is_err());
+        // The LAN, loopback: never a punch target.
+        for lan in [
+            "10.1.0.12:22",
+            "127.0.0.1:22",
+            "192.168.1.1:80",
+            "169.254.1.1:80",
+        ] {
+            let why = check_claim(Some(&k), &[9; 16], &claim(lan, 5), &mut log).unwrap_err();
+            assert!(why.contains("non-public"), "{lan}: {why}");
+        }
+    }
+}
