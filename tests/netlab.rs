@@ -494,4 +494,9 @@ fn gateway_modes_decide_whether_tcp_simultaneous_open_works() {
     assert_eq!(b, "connected 203.0.113.1:40007 got a1", "b1 side (a1: {a})");
     lab.cpe(false);
     assert_eq!(syn_to_gateway(&lab), "refused", "cpe off again: RST");
+
+    // `down` takes the extra tables with the namespaces.
+    let name = lab.name().to_owned();
+    drop(lab);
+    assert_gone(&name);
 }

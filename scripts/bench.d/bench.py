@@ -269,8 +269,9 @@ class Bench:
     def setup_lab(self):
         L = self.lab
         L.up()
-        # Home-router gateways (netlab cpe): no conntrack entries for unsolicited UDP to the
-        # gateways themselves, so GCB<->GCB UDP hole punching is not a race (see netlab).
+        # Home-router gateways (netlab cpe): no conntrack entries for unsolicited UDP or TCP
+        # to the gateways themselves, so GCB<->GCB hole punching (UDP, and TCP's
+        # simultaneous open) is not a race (see netlab).
         subprocess.run([NETLAB, "cpe", L.name, "on"], check=True)
         log("lab %s up, cpe on (work dir %s)" % (L.name, self.work))
         self.broker_log = os.path.join(self.work, "broker.err")
