@@ -69,6 +69,11 @@ struct Rig {
 impl Rig {
     /// A lab with `cpe` as given (punching needs it on), the broker on p1.
     fn up(cpe: bool) -> Rig {
+        Rig::up_with(cpe, &[])
+    }
+
+    /// [`Rig::up`] with more broker arguments.
+    fn up_with(cpe: bool, broker_args: &[&str]) -> Rig {
         brokerd();
         libgcb();
         gcb_run_script();
@@ -82,7 +87,7 @@ impl Rig {
             P1,
             true,
             // (its admin socket: broker.sock, added by Broker::start)
-            &[],
+            broker_args,
             &dir.join("broker.log"),
         );
         Rig { dir, broker, lab }
@@ -233,7 +238,7 @@ impl Rig {
             assert!(
                 ended.is_none() && t0.elapsed() < RUN,
                 "{what}: no direct connection seen while the client ran (client exit {ended:?}); \
-                 a1's peers {a:?}, b1's peers {b:?}\nbroker log:\n{}",
+                 last look: a1's peers {a:?}, b1's peers {b:?}\nbroker log:\n{}",
                 self.broker.text()
             );
             thread::sleep(Duration::from_millis(50));
@@ -404,6 +409,15 @@ fn iperf3_b1_to_a1_is_punched_and_nothing_crosses_the_broker() {
         "bytes crossed the broker's relay: {}",
         route_counters(&doc)
     );
+    // The stats line (SIGUSR1) says the same.
+    let stats = rig.broker.stats_now();
+    let stat = |k: &str| {
+        *stats
+            .get(k)
+            .unwrap_or_else(|| panic!("no {k} in the stats line: {stats:?}"))
+    };
+    assert!(stat("punched") >= 1, "{stats:?}");
+    assert_eq!(stat("relay_bytes"), 0, "{stats:?}");
     let (punched, failed) = shim_routes(&clog);
     assert!(
         !punched.is_empty() && failed.is_empty(),
@@ -418,7 +432,7 @@ fn iperf3_b1_to_a1_is_punched_and_nothing_crosses_the_broker() {
 #[test]
 #[ignore = "needs root and the network lab"]
 fn curl_b1_from_http_server_a1_is_punched_and_intact() {
-    let rig = Rig::up(true);
+    let rig = Rig::up_with(true, &["--metrics", "127.0.0.1:9660"]);
     let env = [("GCB_PUNCH_MS", PUNCH_MS_GENEROUS)];
     let sha = rig.www_payload("f.bin", SIZE);
     let (http, proxy) = rig.http_server(&env);
@@ -480,6 +494,21 @@ fn curl_b1_from_http_server_a1_is_punched_and_intact() {
             read(log)
         );
     }
+    // The metrics count them by route too.
+    let out = rig
+        .lab
+        .cmd(Host::P1, "curl")
+        .args(["-sS", "--max-time", "10", "http://127.0.0.1:9660/metrics"])
+        .output()
+        .expect("run curl");
+    let metrics = text(&out.stdout);
+    let series = "gcb_broker_connects_total{route=\"punched\"}";
+    let punched: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no series {series} in:\n{metrics}"));
+    assert!(punched >= 2.0, "{series} {punched}");
 }
 
 /// Turned off on the client (`GCB_PUNCH_TCP=0`): the connection is relayed as before
