@@ -325,3 +325,178 @@ fn pure_helpers() {
     assert_eq!(Host::B1.gateway(), Some(Host::Gwb));
     assert!(Host::P2.gateway().is_none() && !Host::P2.is_private() && !Host::Gwa.is_private());
 }
+
+/// A TCP simultaneous open from `BIND_IP:BIND_PORT` to `PEER_IP:PEER_PORT` (both ends run
+/// it at once): retries connect() until SECS pass; on success sends TAG, prints
+/// `connected PEER_IP:PEER_PORT got PEER_TAG`, else `failed last ERRNO`.
+const SIMOPEN_PY: &str = r#"
+import errno, socket, sys, time
+bip, bport, pip, pport, secs, tag = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), float(sys.argv[5]), sys.argv[6]
+deadline = time.time() + secs
+last = "none"
+while time.time() < deadline:
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind((bip, bport))
+    s.settimeout(max(0.1, deadline - time.time()))
+    try:
+        s.connect((pip, pport))
+    except OSError as e:
+        last = errno.errorcode.get(e.errno, str(e)) if e.errno else "timeout"
+        s.close()
+        time.sleep(0.05)
+        continue
+    s.settimeout(5)
+    s.sendall(tag.encode() + b"\n")
+    got = b""
+    while not got.endswith(b"\n"):
+        d = s.recv(100)
+        if not d:
+            break
+        got += d
+    print("connected %s:%d got %s" % (s.getpeername() + (got.decode().strip(),)))
+    sys.exit(0)
+print("failed last %s" % last)
+sys.exit(1)
+"#;
+
+/// Runs a simultaneous open between a1 (port `pa`) and b1 (port `pb`), each aiming at the
+/// other's gateway address and own port (what an endpoint-independent NAT keeps), for at
+/// most `secs`; returns (a1's line, b1's line).
+fn simultaneous_open(lab: &Lab, pa: u16, pb: u16, secs: u32) -> (String, String) {
+    let side = |host: Host, port: u16, peer: Host, peer_port: u16| {
+        let mut c = lab.cmd(host, "python3");
+        c.args(["-c", SIMOPEN_PY])
+            .arg(host.addr().to_string())
+            .arg(port.to_string())
+            .arg(peer.public_addr().to_string())
+            .arg(peer_port.to_string())
+            .arg(secs.to_string())
+            .arg(host.name())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        lab.spawn(&mut c).expect("spawn simopen")
+    };
+    let a = side(Host::A1, pa, Host::B1, pb);
+    let b = side(Host::B1, pb, Host::A1, pa);
+    let limit = Duration::from_secs(u64::from(secs) + 10);
+    let (a, b) = (a.finish(limit), b.finish(limit));
+    (stdout(&a), stdout(&b))
+}
+
+/// What p1 sees (`IP:PORT`) of a connection from `from`'s local port `sport` to p1:9100.
+fn seen_from_port(lab: &Lab, from: Host, sport: u16) -> String {
+    let out = lab.run(
+        from,
+        "ncat",
+        [
+            "-w",
+            "2",
+            "-p",
+            &sport.to_string(),
+            "--recv-only",
+            &Host::P1.addr().to_string(),
+            "9100",
+        ],
+        T,
+    );
+    stdout(&out).replace(' ', ":")
+}
+
+/// What happens to a TCP SYN from p1 to gwa's own address on a closed port: `refused`
+/// (RST) or `timeout` (dropped).
+fn syn_to_gateway(lab: &Lab) -> String {
+    let script = "import socket\ns = socket.socket()\ns.settimeout(2)\ntry:\n    \
+                  s.connect(('203.0.113.1', 9))\n    print('connected')\nexcept \
+                  ConnectionRefusedError:\n    print('refused')\nexcept socket.timeout:\n    \
+                  print('timeout')\n";
+    stdout(&lab.run(Host::P1, "python3", ["-c", script], T))
+}
+
+/// `netlab cpe` (TCP too), `netlab nat` and `netlab synblock` give the gateway behaviours
+/// the TCP hole-punching tests rely on: a stealth gateway does not answer a SYN to itself;
+/// with it, a TCP simultaneous open between a1 and b1 (different NATs) connects and each
+/// end sees the other's gateway address and its own port; a hard NAT changes the port per
+/// connection and the open fails; SYN-blocking gateways make it fail while outbound
+/// connections still work; and every setting can be undone.
+#[test]
+fn gateway_modes_decide_whether_tcp_simultaneous_open_works() {
+    let lab = Lab::up();
+    let _p1 = lab
+        .spawn(
+            lab.cmd(Host::P1, "socat")
+                .arg("TCP-LISTEN:9100,reuseaddr,fork")
+                // (a `:` would end socat's address: a space, turned into `:` below)
+                .arg("SYSTEM:echo $SOCAT_PEERADDR $SOCAT_PEERPORT")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+        )
+        .expect("spawn socat");
+    lab.wait_for_tcp_listen(Host::P1, 9100, T).unwrap();
+
+    // A plain Linux gateway answers a SYN to itself with RST; a stealth one drops it.
+    assert_eq!(syn_to_gateway(&lab), "refused", "cpe off: RST");
+    lab.cpe(true);
+    assert_eq!(syn_to_gateway(&lab), "timeout", "cpe on: dropped");
+
+    // Easy NAT (the default) keeps the port: simultaneous open works.
+    assert_eq!(seen_from_port(&lab, Host::A1, 40010), "203.0.113.1:40010");
+    let (a, b) = simultaneous_open(&lab, 40001, 40002, 8);
+    assert_eq!(a, "connected 203.0.113.2:40002 got b1", "a1 side (b1: {b})");
+    assert_eq!(b, "connected 203.0.113.1:40001 got a1", "b1 side (a1: {a})");
+
+    // Hard NAT on gwa: a random port per connection, the open fails.
+    lab.nat(Host::Gwa, true);
+    let ports: Vec<String> = [40011, 40011, 40012]
+        .iter()
+        .map(|p| seen_from_port(&lab, Host::A1, *p))
+        .collect();
+    for (seen, sport) in ports.iter().zip(["40011", "40011", "40012"]) {
+        let (ip, port) = seen.split_once(':').unwrap_or_else(|| panic!("{seen:?}"));
+        assert_eq!(ip, "203.0.113.1", "{ports:?}");
+        assert_ne!(port, sport, "hard NAT kept the port: {ports:?}");
+    }
+    assert_ne!(
+        ports[0], ports[1],
+        "same local port, new public port: {ports:?}"
+    );
+    let (a, b) = simultaneous_open(&lab, 40003, 40004, 4);
+    assert!(
+        a.starts_with("failed") && b.starts_with("failed"),
+        "hard NAT: {a} / {b}"
+    );
+    assert_eq!(
+        seen_from_port(&lab, Host::B1, 40013),
+        "203.0.113.2:40013",
+        "gwb stays easy"
+    );
+    lab.nat(Host::Gwa, false);
+    assert_eq!(seen_from_port(&lab, Host::A1, 40014), "203.0.113.1:40014");
+
+    // SYN-blocking gateways: the open fails, outbound connections still work, and the
+    // block composes with loss (its own table).
+    lab.synblock(Host::Gwa, true);
+    lab.synblock(Host::Gwb, true);
+    lab.loss(Host::Gwa, 0);
+    assert_eq!(seen_from_port(&lab, Host::A1, 40015), "203.0.113.1:40015");
+    assert_eq!(seen_from_port(&lab, Host::B1, 40016), "203.0.113.2:40016");
+    let (a, b) = simultaneous_open(&lab, 40005, 40006, 4);
+    assert!(
+        a.starts_with("failed") && b.starts_with("failed"),
+        "synblock: {a} / {b}"
+    );
+
+    // All undone: it works again.
+    lab.synblock(Host::Gwa, false);
+    lab.synblock(Host::Gwb, false);
+    let (a, b) = simultaneous_open(&lab, 40007, 40008, 8);
+    assert_eq!(a, "connected 203.0.113.2:40008 got b1", "a1 side (b1: {b})");
+    assert_eq!(b, "connected 203.0.113.1:40007 got a1", "b1 side (a1: {a})");
+    lab.cpe(false);
+    assert_eq!(syn_to_gateway(&lab), "refused", "cpe off again: RST");
+
+    // `down` takes the extra tables with the namespaces.
+    let name = lab.name().to_owned();
+    drop(lab);
+    assert_gone(&name);
+}

@@ -8,6 +8,11 @@ Brings up its own network lab, runs
   3. scale: 10,000 registrations, brokered connects/s, 1,000 concurrent relayed
      connections with data verified; portfwd via scripts/bench-portfwd;
   4. the shim's hot-path overhead via scripts/bench-shim;
+  5. TCP hole punching (issue 15): Table 3's "GCB punched" row and iperf3 path (both ends
+     under the shim, lab cpe on; the relayed rows run with GCB_PUNCH_TCP=0 so that they
+     stay comparable with earlier runs), the broker's relay_bytes over the punched iperf3
+     runs, and a hard NAT on gwa (fallback): the first connection (punch tried, relay)
+     and later ones (the failed pair remembered) against a relayed one, fresh broker per run;
 writes bench/results.json and PNG charts, prints a summary, tears the lab down.
 Every figure is the median of per-run medians over interleaved runs, with min-max spread,
 quoted as a ratio to its baseline measured in the same run.
@@ -37,6 +42,10 @@ PORTFWD = os.path.join(TGT, "gcb-portfwd")
 
 P1, P2, A1, B1 = "203.0.113.10", "203.0.113.11", "10.1.0.11", "10.2.0.11"
 GWA_PUB = "203.0.113.1"
+# A GCB client with TCP hole punching off: the relayed rows, as they were before issue 15.
+PUNCH_OFF = ["env", "GCB_PUNCH_TCP=0"]
+# The broker counters of TCP punching (issue 15) and the relay's byte count.
+PUNCH_COUNTERS = ("punched", "punch_fallback", "punch_skipped", "relay_bytes")
 
 # The paper's Tables 1-3 (microseconds; mean (stddev)). None = not in the paper.
 PAPER = {
@@ -63,7 +72,8 @@ TABLE_TITLES = {"t1": "Table 1: private -> public (client a1, server p2)",
                 "t3": "Table 3: private -> other private (client b1, server a1)"}
 CFG_TITLES = {"regular": "regular", "dpf": "DPF", "gcb_regpub": "GCB, regular public peer",
               "gcb_gcbpub": "GCB, GCB public peer", "gcb": "GCB (both private)",
-              "rathole": "rathole (peer)", "socat": "socat relay on p1 (peer)"}
+              "rathole": "rathole (peer)", "socat": "socat relay on p1 (peer)",
+              "gcb_punch": "GCB punched (both private)"}
 
 
 # UDP clients: unconnected sendto()/recvfrom() (how a GCB sender punches through to a GCB
@@ -185,6 +195,22 @@ def gcb(broker=P1, dpf=None, logf=None, level=None):
     return c + ["--"]
 
 
+def broker_counters(sock):
+    """The broker's counters (`gcb-brokerd status --json` on its admin socket); {} if it
+    does not answer."""
+    try:
+        o = subprocess.run([BROKERD, "status", "--json", "--admin-socket", sock],
+                           capture_output=True, text=True, timeout=10)
+        return json.loads(o.stdout).get("counters", {}) if o.returncode == 0 else {}
+    except Exception:  # noqa
+        return {}
+
+
+def counter_delta(before, after, names=PUNCH_COUNTERS):
+    """after - before for each counter both have (a broker without punching has none)."""
+    return {k: after[k] - before[k] for k in names if k in before and k in after}
+
+
 def rss_kb(pid):
     for line in open("/proc/%d/status" % pid):
         if line.startswith("VmRSS:"):
@@ -201,8 +227,8 @@ class Bench:
         self.size = 1024                             # echo payload bytes
         self.iperf_t = 1 if self.quick else 3
         self.iperf_runs = args.runs or (3 if self.quick else 5)
-        self.res = {"meta": {}, "tables": {}, "throughput": {}, "scale": {}, "shim": {},
-                    "portfwd": {}, "targets": []}
+        self.res = {"meta": {}, "tables": {}, "throughput": {}, "hardnat": {}, "scale": {},
+                    "shim": {}, "portfwd": {}, "targets": []}
         self.work = tempfile.mkdtemp(prefix="gcb-bench.")
         # Keyed, as a deployment is: every daemon, gcb-run, the shim and the load
         # generators read the pool key from GCB_KEY_FILE (inherited by every spawn).
@@ -211,6 +237,8 @@ class Bench:
         os.environ["GCB_KEY_FILE"] = key
         self.lab = Lab("bn%d" % random.randint(0, 99999), self.work)
         self.servers = {}
+        # --only punch: just the configurations of TCP hole punching (and their baselines).
+        self.punch_only = False
         self.rathole = shutil.which("rathole") or (
             os.path.expanduser("~/.cargo/bin/rathole")
             if os.path.exists(os.path.expanduser("~/.cargo/bin/rathole")) else None)
@@ -241,13 +269,16 @@ class Bench:
     def setup_lab(self):
         L = self.lab
         L.up()
-        # Home-router gateways (netlab cpe): no conntrack entries for unsolicited UDP to the
-        # gateways themselves, so GCB<->GCB UDP hole punching is not a race (see netlab).
+        # Home-router gateways (netlab cpe): no conntrack entries for unsolicited UDP or TCP
+        # to the gateways themselves, so GCB<->GCB hole punching (UDP, and TCP's
+        # simultaneous open) is not a race (see netlab).
         subprocess.run([NETLAB, "cpe", L.name, "on"], check=True)
         log("lab %s up, cpe on (work dir %s)" % (L.name, self.work))
         self.broker_log = os.path.join(self.work, "broker.err")
+        # Its admin socket: the punching counters are read around the punched runs.
+        self.broker_sock = os.path.join(self.work, "broker.sock")
         # The benchmark's clients all run on a few lab hosts: per-IP limits above their load.
-        self.broker = L.spawn("p1", [BROKERD, "--admin-socket", "none", "--listen", P1, "--max-registrations", "20000",
+        self.broker = L.spawn("p1", [BROKERD, "--admin-socket", self.broker_sock, "--listen", P1, "--max-registrations", "20000",
                                      "--max-registrations-per-ip", "20000", "--max-relays", "4096",
                                      "--max-relays-per-ip", "4096", "--max-pending-per-ip", "4096",
                                      "--max-preambles", "4096", "--max-preambles-per-ip", "4096",
@@ -358,8 +389,12 @@ local_addr = "%(a1)s:7000"
         for proto, dp in (("tcp", dpf_pub), ("udp", dpf_pub_u)):
             C.append(("t3", "regular", proto, "b1", [], s["static"]))
             C.append(("t3", "dpf", proto, "b1", [], dp))
-        C.append(("t3", "gcb", "tcp", "b1", gcb(P1), s["a1_gcb"]))
+        # Relayed (punching off: comparable with the runs before issue 15) and punched.
+        C.append(("t3", "gcb", "tcp", "b1", PUNCH_OFF + gcb(P1), s["a1_gcb"]))
         C.append(("t3", "gcb", "udp", "b1", gcb(P1), s["a1_gcb_u"]))
+        C.append(("t3", "gcb_punch", "tcp", "b1", gcb(P1), s["a1_gcb"]))
+        if self.punch_only:
+            C = [c for c in C if c[0] == "t3" and c[2] == "tcp" and c[1] in ("regular", "gcb", "gcb_punch")]
         return C
 
     def run_tables(self):
@@ -374,12 +409,17 @@ local_addr = "%(a1)s:7000"
                                 "--size", str(self.size)] + (UDP_CLIENT if proto == "udp" else [])
                 k = (t, cfg, proto)
                 d = raw.setdefault(k, {"conn_runs": [], "echo_runs": [], "conn_all": [],
-                                       "echo_all": [], "first_runs": [], "errors": []})
+                                       "echo_all": [], "first_runs": [], "errors": [],
+                                       "punch_counters": []})
+                before = broker_counters(self.broker_sock) if cfg == "gcb_punch" else None
                 try:
                     out = self.lab.sh(host, cmd, check=False, timeout=90)
                     j = json.loads(out.stdout.strip().splitlines()[-1])
                 except Exception as e:  # noqa
                     j = {"ok": False, "error": "%s %s" % (e, getattr(out, "stderr", "")[-300:])}
+                if before is not None:
+                    # Did this run's connections punch? (skipped/fallback: relay figures)
+                    d["punch_counters"].append(counter_delta(before, broker_counters(self.broker_sock)))
                 if not j.get("ok"):
                     d["errors"].append(j.get("error"))
                     continue
@@ -399,6 +439,10 @@ local_addr = "%(a1)s:7000"
                 "first_conn_us": spread(d["first_runs"]),
                 "conn_all_median": med(d["conn_all"]), "echo_all_median": med(d["echo_all"]),
                 "errors": d["errors"][:5], "n_errors": len(d["errors"])}
+            if d["punch_counters"]:
+                pc = d["punch_counters"]
+                out[t][cfg][proto]["punch_counters"] = {
+                    k: sum(x.get(k, 0) for x in pc) for k in PUNCH_COUNTERS if any(k in x for x in pc)}
         # ratios to regular, per run (paired: run i / regular run i), and of medians
         for t, cfgs in out.items():
             for cfg, protos in cfgs.items():
@@ -447,19 +491,23 @@ local_addr = "%(a1)s:7000"
             ("gcb_relay_plain", "GCB relayed p2(plain)->proxy->a1", "p2", [], s["iperf_gcb"], False),
             ("socat", "socat relay on p1, p2->p1->a1", "p2", [], "%s:5400" % P1, False),
             ("direct_b1", "direct (static fwd) b1->a1", "b1", [], "%s:31000" % GWA_PUB, False),
-            ("gcb_relay_b1", "GCB relayed b1(GCB)->p1->a1", "b1", gcb(P1), s["iperf_gcb"], False),
+            ("gcb_relay_b1", "GCB relayed b1(GCB)->p1->a1", "b1", PUNCH_OFF + gcb(P1), s["iperf_gcb"], False),
+            ("gcb_punch_b1", "GCB punched b1(GCB)->a1(GCB)", "b1", gcb(P1), s["iperf_gcb"], False),
             ("udp_direct", "UDP direct (static fwd) p2->a1", "p2", [], "%s:31000" % GWA_PUB, True),
             ("udp_dpf", "UDP DPF p2->a1", "p2", [], s["iperf_dpf"], True),
         ]
         if self.rathole:
             C.insert(4, ("rathole", "rathole p2->p1->a1 (client in a1 dials out)", "p2", [],
                          "%s:5300" % P1, False))
+        if self.punch_only:
+            C = [c for c in C if c[0] in ("direct_b1", "gcb_relay_b1", "gcb_punch_b1")]
         return [(k, t, h, pre, hp(a), u) for (k, t, h, pre, a, u) in C]
 
     def run_throughput(self):
         self.iperf_servers()
         C = self.iperf_configs()
         raw = {k: {"runs": [], "errors": [], "loss": []} for (k, *_x) in C}
+        punch = {}  # counter deltas summed over the punched iperf3 runs
         log("item 2: %d paths x %d interleaved runs x %d s iperf3" % (len(C), self.iperf_runs, self.iperf_t))
         for r in range(self.iperf_runs):
             order = C[r % len(C):] + C[:r % len(C)]
@@ -473,6 +521,7 @@ local_addr = "%(a1)s:7000"
                              "--connect-timeout", "5000"]
                 if udp:
                     cmd += ["-u", "-b", "0", "-l", "1400"]
+                before = broker_counters(self.broker_sock) if k == "gcb_punch_b1" else None
                 try:
                     o = self.lab.sh(host, cmd, check=False, timeout=self.iperf_t + 30)
                     j = json.loads(o.stdout)
@@ -486,6 +535,9 @@ local_addr = "%(a1)s:7000"
                     raw[k]["runs"].append(bps / 1e9)
                 except Exception as e:  # noqa
                     raw[k]["errors"].append(str(e)[:300])
+                if before is not None:
+                    for c, v in counter_delta(before, broker_counters(self.broker_sock)).items():
+                        punch[c] = punch.get(c, 0) + v
                 time.sleep(0.4)  # iperf3 servers re-listen after each test
             log("  run %d/%d: %s" % (r + 1, self.iperf_runs, " ".join(
                 "%s=%.2f" % (k, raw[k]["runs"][-1]) if raw[k]["runs"] else "%s=ERR" % k for (k, *_x) in C)))
@@ -509,7 +561,75 @@ local_addr = "%(a1)s:7000"
         for k in ("gcb_relay_plain", "gcb_relay_b1"):
             rat[k + "/rathole"] = ratio(k, "rathole")
             rat[k + "/socat"] = ratio(k, "socat")
-        self.res["throughput"] = {"paths": out, "ratios": rat}
+        rat["gcb_punch_b1/gcb_relay_b1"] = ratio("gcb_punch_b1", "gcb_relay_b1")
+        # Bytes through the broker's relays during the punched runs (target 0), and
+        # whether they punched: all figures of the broker's counters, summed over the runs.
+        self.res["throughput"] = {"paths": out, "ratios": rat, "punch_counters": punch}
+        log("  punched iperf3 runs, broker counter deltas: %s" % (punch or "n/a (no punching counters)"))
+
+    # ------------------------------------------------------------------ item 5
+    def run_hardnat(self):
+        """A hard NAT on gwa (masquerade random,fully-random): b1 -> a1 under GCB cannot
+        punch. Per run, a fresh broker (it remembers failed pairs for minutes) and a fresh
+        GCB server in a1, then three client processes in b1, each K+1 connections:
+        `relayed` (GCB_PUNCH_TCP=0: the relayed path, the baseline), `cold` (punch tried,
+        fails, relay: its first connection pays the punch timeout), `warm` (the pair is
+        remembered: relayed at once). Target: cold's first connection at most +250 ms over
+        relayed's first, warm's none."""
+        L = self.lab
+        subprocess.run([NETLAB, "nat", L.name, "gwa", "hard"], check=True)
+        kinds = ("relayed", "cold", "warm")
+        raw = {k: {"first": [], "later": [], "errors": []} for k in kinds}
+        counters = []
+        log("item 5: hard NAT on gwa, %d runs x (relayed, cold, warm) x %d connections" % (self.runs, self.K + 1))
+        try:
+            for r in range(self.runs):
+                bp = "%s:%d" % (P1, 9800 + r)
+                sock = os.path.join(self.work, "broker-hn%d.sock" % r)
+                b = L.spawn("p1", [BROKERD, "--admin-socket", sock, "--listen", bp,
+                                   "--stats-interval-secs", "0"], "broker-hn%d" % r)
+                srv = None
+                try:
+                    wait_file_re(os.path.join(self.work, "broker-hn%d.err" % r), r"listening on udp")
+                    srv = L.spawn("a1", gcb(bp) + [CONN, "serve", "--bind", "%s:%d" % (A1, 7100 + r)],
+                                  "srv-hn%d" % r, stdout=subprocess.PIPE)
+                    addr = read_line(srv, 20, "listening line").split("listening on ", 1)[1]
+                    # Unmeasured, punching off (the broker learns nothing from it): the
+                    # server's first brokered connection (standbys not parked yet, ARP) is
+                    # nobody's figure.
+                    L.sh("b1", PUNCH_OFF + gcb(bp) + [CONN, "client", addr, "--count", "2", "--size",
+                                                      str(self.size)], check=False, timeout=90)
+                    for kind in kinds:
+                        pre = (PUNCH_OFF if kind == "relayed" else []) + gcb(bp)
+                        cmd = pre + [CONN, "client", addr, "--count", str(self.K + 1), "--size", str(self.size)]
+                        out = None
+                        try:
+                            out = L.sh("b1", cmd, check=False, timeout=90)
+                            j = json.loads(out.stdout.strip().splitlines()[-1])
+                        except Exception as e:  # noqa
+                            j = {"ok": False, "error": "%s %s" % (e, getattr(out, "stderr", "")[-300:])}
+                        if not j.get("ok"):
+                            raw[kind]["errors"].append(j.get("error"))
+                            continue
+                        raw[kind]["first"].append(j["connect_us"][0])
+                        raw[kind]["later"].append(med(j["connect_us"][1:]))
+                    counters.append({k: v for k, v in broker_counters(sock).items() if k in PUNCH_COUNTERS})
+                finally:
+                    if srv is not None:
+                        L.stop(srv)
+                    L.stop(b)
+                log("  run %d/%d: first connection us %s; broker %s" % (
+                    r + 1, self.runs, {k: (raw[k]["first"] or ["ERR"])[-1] for k in kinds}, counters[-1:]))
+        finally:
+            subprocess.run([NETLAB, "nat", L.name, "gwa", "easy"], check=True)
+        out = {k: {"first_conn_us": spread(raw[k]["first"]), "later_conn_us": spread(raw[k]["later"]),
+                   "errors": raw[k]["errors"][:3], "n_errors": len(raw[k]["errors"])} for k in kinds}
+        # Paired per run: extra time over the relayed process's connection (us).
+        for k in ("cold", "warm"):
+            for m, src in (("first_extra_us", "first"), ("later_extra_us", "later")):
+                if len(raw[k][src]) == len(raw["relayed"][src]) and raw[k][src]:
+                    out[k][m] = spread([a - b for a, b in zip(raw[k][src], raw["relayed"][src])])
+        self.res["hardnat"] = {"kinds": out, "broker_counters": counters}
 
     # ------------------------------------------------------------------ item 3
     def run_scale(self):
@@ -660,7 +780,7 @@ local_addr = "%(a1)s:7000"
     def targets(self):
         T, tb, tp, sc = [], self.res["tables"], self.res["throughput"], self.res["scale"]
         def add(name, value, limit, cmp, unit="x", note=""):
-            met = None if value is None else (value <= limit if cmp == "<=" else value >= limit)
+            met = None if value is None or limit is None else (value <= limit if cmp == "<=" else value >= limit)
             T.append({"target": name, "value": value, "limit": "%s %s%s" % (cmp, limit, unit),
                       "met": met, "note": note})
         def r(t, cfg, proto, m="conn_us"):
@@ -680,6 +800,26 @@ local_addr = "%(a1)s:7000"
         add("GCB relayed TCP throughput / direct (p2->a1)", x and x["ratio"], 0.6, ">=")
         x = tp.get("ratios", {}).get("gcb_relay_b1/direct_b1")
         add("GCB relayed TCP throughput / direct (b1->a1)", x and x["ratio"], 0.6, ">=")
+        # TCP hole punching (issue 15)
+        relayed_t3 = r("t3", "gcb", "tcp")
+        add("GCB punched TCP connection time / regular (t3), limit: the relayed ratio of this run",
+            r("t3", "gcb_punch", "tcp"), round(relayed_t3, 2) if relayed_t3 else None, "<=")
+        x = tp.get("ratios", {}).get("gcb_punch_b1/direct_b1")
+        add("GCB punched TCP throughput / direct (b1->a1)", x and x["ratio"], 0.95, ">=")
+        pc = tp.get("punch_counters", {})
+        add("bytes through the broker's relays during the punched iperf3 runs", pc.get("relay_bytes"), 0, "<=",
+            " B", note="punched %s, fallback %s, skipped %s" % (
+                pc.get("punched"), pc.get("punch_fallback"), pc.get("punch_skipped")))
+        hn = self.res.get("hardnat", {}).get("kinds", {})
+        def hx(kind, m):
+            return (hn.get(kind, {}).get(m) or {}).get("median")
+        v = hx("cold", "first_extra_us")
+        add("hard NAT: first connection's extra time over relayed (punch tried, fallback)",
+            v / 1000 if v is not None else None, 250, "<=", " ms")
+        v = hx("warm", "first_extra_us")
+        add("hard NAT: later process's first connection's extra time over relayed (pair remembered)",
+            v / 1000 if v is not None else None, 50, "<=", " ms",
+            note="no punch wait: a wait would be GCB_PUNCH_MS (200 ms)")
         c = sc.get("connects", {})
         add("brokered connects/s (reverse, with connect_back)", c.get("reverse_per_s", {}).get("median"),
             5000, ">=", "/s")
@@ -702,6 +842,8 @@ local_addr = "%(a1)s:7000"
             self.run_tables()
             self.save()
             self.run_throughput()
+            self.save()
+            self.run_hardnat()
             self.save()
             self.run_scale()
             self.save()
@@ -732,7 +874,8 @@ local_addr = "%(a1)s:7000"
         try:
             sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
             import charts
-            charts.make(self.res, self.a.out)
+            if not self.a.only:  # a partial run never replaces the charts
+                charts.make(self.res, self.a.out)
         except Exception:
             log("charts failed:\n" + traceback.format_exc())
         import report
@@ -745,7 +888,8 @@ local_addr = "%(a1)s:7000"
 
     def save(self):
         os.makedirs(self.a.out, exist_ok=True)
-        name = "results-quick.json" if self.quick else "results.json"
+        # A partial run (--only) never replaces the full results.
+        name = "results-only.json" if self.a.only else ("results-quick.json" if self.quick else "results.json")
         with open(os.path.join(self.a.out, name), "w") as f:
             json.dump(self.res, f, indent=1, sort_keys=True)
 
@@ -756,12 +900,18 @@ def main():
     ap.add_argument("--runs", type=int)
     ap.add_argument("--out", default=os.path.join(ROOT, "bench"))
     ap.add_argument("--keep", action="store_true", help="keep the work dir (logs)")
-    ap.add_argument("--only", help="comma list: tables,throughput,scale,portfwd,shim (debug)")
+    ap.add_argument("--only", help="comma list: tables,throughput,hardnat,scale,portfwd,shim, or punch "
+                    "(only TCP hole punching's rows and their baselines: Table 3 regular/GCB/GCB "
+                    "punched TCP, iperf3 b1->a1 direct/relayed/punched, hardnat); writes "
+                    "results-only.json, no charts (debug)")
     a = ap.parse_args()
     b = Bench(a)
     if a.only:
         only = a.only.split(",")
-        for name, fn in (("tables", b.run_tables), ("throughput", b.run_throughput), ("scale", b.run_scale)):
+        if "punch" in only:
+            b.punch_only = True
+            only += ["tables", "throughput", "hardnat"]
+        for name in ("tables", "throughput", "hardnat", "scale"):
             if name not in only:
                 setattr(b, "run_" + name, lambda: None)
         for name in ("portfwd", "shim"):

@@ -5,13 +5,13 @@ import sys
 
 ORDER = {"t1": ["regular", "dpf", "gcb_regpub", "gcb_gcbpub"],
          "t2": ["regular", "dpf", "gcb_regpub", "gcb_gcbpub", "rathole", "socat"],
-         "t3": ["regular", "dpf", "gcb"]}
+         "t3": ["regular", "dpf", "gcb", "gcb_punch"]}
 TITLES = {"t1": "Table 1: private -> public (client a1, server p2)",
           "t2": "Table 2: public -> private (client p2, server a1)",
           "t3": "Table 3: private -> other private (client b1, server a1)"}
 CFG = {"regular": "regular", "dpf": "DPF", "gcb_regpub": "GCB, regular public peer",
        "gcb_gcbpub": "GCB, GCB public peer", "gcb": "GCB", "rathole": "rathole (peer)",
-       "socat": "socat relay on p1 (peer)"}
+       "socat": "socat relay on p1 (peer)", "gcb_punch": "GCB punched"}
 
 
 def fmt_us(v):
@@ -54,7 +54,7 @@ def tables_md(res):
             if protos is None:
                 continue
             for proto in ("tcp", "udp"):
-                if proto == "udp" and cfg in ("rathole", "socat"):
+                if proto not in protos:  # not run (rathole, socat, GCB punched: TCP only)
                     continue
                 c = cell(protos, proto, cfg, "conn_us")
                 e = cell(protos, proto, cfg, "echo_us")
@@ -92,10 +92,53 @@ def throughput_md(res):
             val += ", loss %.1f%%" % v["loss_percent_median"]
         out.append("| %s | %s | %s |" % (v["title"], val, rs))
     out.append("")
-    for kk in ("gcb_relay_plain/rathole", "gcb_relay_b1/rathole", "gcb_relay_plain/socat", "gcb_relay_b1/socat"):
+    for kk in ("gcb_relay_plain/rathole", "gcb_relay_b1/rathole", "gcb_relay_plain/socat", "gcb_relay_b1/socat",
+               "gcb_punch_b1/gcb_relay_b1"):
         x = rat.get(kk)
         if x:
             out.append("- %s: %.2fx [%.2f-%.2f]" % (kk, x["ratio"], x["min"], x["max"]))
+    pc = tp.get("punch_counters")
+    if pc is not None:
+        out.append("- broker counters over the punched iperf3 runs (b1->a1): %s"
+                   % (", ".join("%s +%s" % kv for kv in sorted(pc.items())) or "none (a broker without TCP punching)"))
+    return "\n".join(out)
+
+
+def punch_md(res):
+    """Table 3's GCB rows side by side, the punched row's broker counters, and the hard-NAT
+    fallback measurement."""
+    out = []
+    t3 = res.get("tables", {}).get("t3", {})
+    rows = []
+    for cfg, title in (("gcb", "GCB relayed (GCB_PUNCH_TCP=0)"), ("gcb_punch", "GCB punched")):
+        v = t3.get(cfg, {}).get("tcp")
+        if v:
+            rows.append("| %s | %s | %s | %s | %s | %s |" % (
+                title, fmt_us(v["conn_us"]), fmt_ratio(v["conn_us"]), fmt_us(v["echo_us"]),
+                fmt_us(v.get("first_conn_us")),
+                ", ".join("%s +%s" % kv for kv in sorted(v.get("punch_counters", {}).items())) or "-"))
+    if rows:
+        out.append("Table 3, TCP, GCB both private (client b1, server a1; lab cpe on):\n")
+        out.append("| config | connect us | ratio to regular | echo us | first connection us | broker counters over its runs |")
+        out.append("|---|---|---|---|---|---|")
+        out += rows
+        out.append("")
+    hn = res.get("hardnat", {}).get("kinds")
+    if hn:
+        out.append("Hard NAT on gwa (masquerade random,fully-random), fresh broker per run; first connection of "
+                   "a client process and the median of its later ones, us; extra = paired per run over relayed:\n")
+        out.append("| process | first connection | extra over relayed | later connections | errors |")
+        out.append("|---|---|---|---|---|")
+        for k, title in (("relayed", "relayed (GCB_PUNCH_TCP=0)"), ("cold", "first after start (punch tried, fallback)"),
+                         ("warm", "next process (failed pair remembered)")):
+            v = hn.get(k, {})
+            out.append("| %s | %s | %s | %s | %s |" % (title, fmt_us(v.get("first_conn_us")),
+                                                      fmt_us(v.get("first_extra_us")) if v.get("first_extra_us") else "-",
+                                                      fmt_us(v.get("later_conn_us")), v.get("n_errors", 0)))
+        bc = res["hardnat"].get("broker_counters")
+        if bc:
+            out.append("\nbroker counters at the end of each run: %s" % bc)
+        out.append("")
     return "\n".join(out)
 
 
@@ -174,6 +217,7 @@ def summary(res):
             "quick" if m.get("quick") else "full", m.get("date"), m.get("git"), m.get("cpus"),
             " ".join(m.get("loadavg_start", [])), " ".join(m.get("loadavg_end", []))),
         "=" * 78, tables_md(res), "Throughput (iperf3):", throughput_md(res), "",
+        "TCP hole punching:", punch_md(res), "",
         "Scale and overhead:", scale_md(res), "", "Targets:", targets_md(res),
         ("LAB ERROR: " + m["lab_error"]) if m.get("lab_error") else "", ""])
 

@@ -206,6 +206,24 @@ impl Broker {
         parse_after(&line, "-> proxy ")
     }
 
+    /// The counters of a stats line the broker prints now: SIGUSR1, then the new line
+    /// (waiting up to [`DAEMON_UP`]); panics if none comes.
+    pub fn stats_now(&self) -> HashMap<String, u64> {
+        let count = |t: &str| t.lines().filter(|l| l.contains(" stats ")).count();
+        let before = count(&self.text());
+        self.proc.signal_group(libc::SIGUSR1);
+        let t0 = Instant::now();
+        while count(&self.text()) <= before {
+            assert!(
+                t0.elapsed() < DAEMON_UP,
+                "no stats line after SIGUSR1 within {DAEMON_UP:?}; broker log:\n{}",
+                self.text()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+        last_stats(&self.text()).expect("a stats line")
+    }
+
     /// SIGTERMs the broker and returns the counters of the stats line it prints at exit.
     /// A broker still draining relays after 5 s is told again (it then exits at once).
     pub fn stop_and_stats(&mut self) -> HashMap<String, u64> {

@@ -27,6 +27,10 @@
 //!   is also the NAT gateway of d1 10.4.0.11 (a cloud "NAT instance").
 //! * [`Lab::loss`] drops a random percentage of a gateway's forwarded packets (both
 //!   directions), with nftables `numgen random` (the kernel here has no netem).
+//! * [`Lab::cpe`] makes both gateways drop (not answer) unsolicited UDP and TCP addressed
+//!   to themselves, as home routers do and hole punching needs; [`Lab::nat`] makes a
+//!   gateway's masquerade hard (a random port per connection); [`Lab::synblock`] makes it
+//!   drop inbound SYNs.
 //!
 //! Typical GCB/DPF test: brokerd on p1 (or a gateway), portfwd on gwa, a server in a1 under
 //! `gcb-run`, a client in p2 or b1:
@@ -586,10 +590,39 @@ impl Lab {
         self.netlab(&["loss", &self.name, gw.name(), &percent.to_string(), proto]);
     }
 
-    /// Home-router behaviour on both gateways (`netlab cpe NAME on|off`): new UDP from the
-    /// public segment to a gateway itself is dropped, as UDP hole punching expects.
+    /// Home-router behaviour on both gateways (`netlab cpe NAME on|off`): new UDP and new
+    /// TCP from the public segment to a gateway itself are dropped instead of answered
+    /// (port-unreachable, RST), as UDP hole punching and TCP simultaneous open expect.
     pub fn cpe(&self, on: bool) {
         self.netlab(&["cpe", &self.name, if on { "on" } else { "off" }]);
+    }
+
+    /// `gw`'s (Gwa or Gwb) masquerade (`netlab nat NAME GW easy|hard`): `hard` is
+    /// `random,fully-random`, a random public port per connection (endpoint-dependent, so
+    /// hole punching cannot work through it); `!hard` is the default, port-keeping one.
+    /// Applies to connections started after it.
+    pub fn nat(&self, gw: Host, hard: bool) {
+        assert!(gw.is_gateway(), "nat: {gw} is not a gateway");
+        self.netlab(&[
+            "nat",
+            &self.name,
+            gw.name(),
+            if hard { "hard" } else { "easy" },
+        ]);
+    }
+
+    /// `gw` (Gwa or Gwb) drops every inbound TCP SYN without ACK it would forward (`netlab
+    /// synblock NAME GW on|off`): a firewall refusing inbound connection attempts, the
+    /// peer's SYN of a simultaneous open included. Composes with [`Lab::cpe`] and
+    /// [`Lab::loss`].
+    pub fn synblock(&self, gw: Host, on: bool) {
+        assert!(gw.is_gateway(), "synblock: {gw} is not a gateway");
+        self.netlab(&[
+            "synblock",
+            &self.name,
+            gw.name(),
+            if on { "on" } else { "off" },
+        ]);
     }
 
     /// Adds c1 behind gwc, a 1:1 NAT of [`NAT1TO1_PUBLIC`], and d1 behind c1 (`netlab
