@@ -237,8 +237,9 @@ impl Rig {
             let ended = client.wait_timeout(Duration::ZERO).ok().flatten();
             assert!(
                 ended.is_none() && t0.elapsed() < RUN,
-                "{what}: no direct connection seen while the client ran (client exit {ended:?}); \
+                "{what}: no direct connection seen while the client ran (client exit {ended:?} after {:?}); \
                  last look: a1's peers {a:?}, b1's peers {b:?}\nbroker log:\n{}",
+                t0.elapsed(),
                 self.broker.text()
             );
             thread::sleep(Duration::from_millis(50));
@@ -437,16 +438,18 @@ fn curl_b1_from_http_server_a1_is_punched_and_intact() {
     let sha = rig.www_payload("f.bin", SIZE);
     let (http, proxy) = rig.http_server(&env);
 
-    // Rate-limited (about 3 s) so that the sockets can be seen while it runs.
+    // No look at the kernel's sockets while it runs (the iperf3 test does that): curl's
+    // --limit-rate does not hold a download whose bytes all sit in the socket buffers
+    // already (8 MiB came in 40 ms with --limit-rate 3M), so the look would be a race.
+    // That no byte crossed the broker is asserted from its counters below.
     let clog = rig.path("curl.shim.log");
     let mut cmd = rig.gcb(Host::B1, &clog, "curl");
-    cmd.args(["-sS", "--max-time", "50", "--limit-rate", "3M"])
+    cmd.args(["-sS", "--max-time", "50"])
         .arg(url(proxy, "f.bin"))
         .envs(env)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    let mut client = rig.lab.spawn(&mut cmd).expect("spawn curl").capture();
-    rig.wait_direct_sockets(&mut client, "curl b1 -> a1");
+    let client = rig.lab.spawn(&mut cmd).expect("spawn curl").capture();
     let out = client.finish(RUN);
     assert!(
         out.status.success(),
@@ -458,7 +461,7 @@ fn curl_b1_from_http_server_a1_is_punched_and_intact() {
     assert_same(&out.stdout, &sha, "punched download");
     assert_eq!(http_peers(&http, "f.bin", 1), vec![GWB.to_owned()]);
 
-    // A second download, unthrottled, by a new process: punched again.
+    // A second download, by a new process: punched again.
     let log2 = rig.path("curl2.shim.log");
     let body = rig.curl(&log2, &url(proxy, "f.bin"), &env, &[]);
     assert_same(&body, &sha, "second punched download");
