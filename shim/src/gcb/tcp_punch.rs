@@ -361,6 +361,12 @@ impl ListenerPunch {
             Ok(_) if !self.committed => {
                 return ListenerProgress::Failed("the broker closed the punch".into())
             }
+            Err(e) if e != libc::EAGAIN && !self.committed => {
+                return ListenerProgress::Failed(format!(
+                    "the broker's connection: {}",
+                    net::errstr(e)
+                ))
+            }
             _ => {}
         }
         if let Direct::Connecting(f) = &self.direct {
