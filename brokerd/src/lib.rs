@@ -40,7 +40,10 @@
 //! * [`registry`]: registrations keyed by (client's observed control
 //!   address, listening socket's local address), with leases renewed by
 //!   heartbeats and per-IP / global quotas;
-//! * [`decision`]: direct / reverse / relay (paper 4.1);
+//! * [`decision`]: direct / reverse / relay (paper 4.1); a relay between two punch-capable
+//!   shims of a keyed pool becomes a TCP punch (`server::tcp_punch`, and
+//!   [`gcb_proto::tcp_punch`] for the exchange), except for pairs of public IPs whose punch
+//!   failed lately ([`punchmemo`]);
 //! * [`preamble`]: parse and check the data-connection preamble byte by
 //!   byte, so junk is dropped early and never over-read;
 //! * [`standby`]: standby keys and parked standby connections per proxy;

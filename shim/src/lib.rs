@@ -98,7 +98,8 @@
 //! (unset: only the one-line notices of misconfiguration), `GCB_LOG_FILE=path`,
 //! `GCB_BROKER=IP[:PORT]` (enables the [`gcb`] layer), `GCB_KEY_FILE=path` (pool key),
 //! `GCB_HEARTBEAT_MS` (heartbeat interval, default 10000), `GCB_STANDBY=0` (no standby relay
-//! connections, see `gcb::standby`), `GCB_DPF_REFRESH_MS` (how often
+//! connections, see `gcb::standby`), `GCB_PUNCH_TCP=0` (no TCP hole punching, see
+//! `gcb::tcp_punch`), `GCB_PUNCH_MS` (how long a punch may take, default 200), `GCB_DPF_REFRESH_MS` (how often
 //! a process checks that portfwd still has its mappings, default 30000),
 //! `GCB_DPF_SERVER=IP[:PORT]` (enables the [`dpf`] client; with both set, [`stack`] lets DPF
 //! serve the sockets it can and GCB the rest).

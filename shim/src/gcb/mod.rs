@@ -24,8 +24,8 @@
 //!   without the `connect_back` datagram and the dial; `connect_back` is the fallback.
 //! * `connect()` to an address on the broker's IP asks the broker how: `direct` (connect
 //!   to the listener's real address), `reverse` (we listen, the listener dials us and
-//!   presents the connect id), or `relay` (connect to the broker's relay port and present
-//!   the connect id). Destinations the broker does not know, and an unreachable broker,
+//!   presents the connect id), `punch` (both behind different NATs: [`tcp_punch`]), or
+//!   `relay` (connect to the broker's relay port and present the connect id). Destinations the broker does not know, and an unreachable broker,
 //!   are remembered for a minute (negative cache), so a plain connect is delayed once.
 //!   A proxy the broker just *relayed* is also remembered for a minute: connecting to
 //!   it plainly is that same relay (through the proxy socket, onto the standby), so the
@@ -45,8 +45,12 @@
 //!   shim's own datagrams on a registered UDP socket never make it readable for the
 //!   program: select/poll and epoll ([`udp_epoll`]) hide readiness they alone caused.
 //!
-//! Limits today: IPv4 only; one broker per process; no TCP hole punching (TCP between
-//! two private networks goes through the broker's relay); `execl*`/`posix_spawn` get no
+//! * TCP between two GCB programs behind different NATs punches a hole through both
+//!   ([`tcp_punch`]): the broker decides `punch`, both shims connect at once from the ports
+//!   the broker observed, prove the pairing, and the relay serves the connection when the
+//!   punch has not connected within `GCB_PUNCH_MS`.
+//!
+//! Limits today: IPv4 only; one broker per process; `execl*`/`posix_spawn` get no
 //! handoff.
 
 pub mod accepted_opts;
