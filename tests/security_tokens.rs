@@ -359,7 +359,7 @@ fn replayed_standby_preamble_parks_no_standby() {
     standby_case("preamble", 8140);
 }
 
-/// Finding 3 (c): the connect id of the relay decision a GCB client in b1 gets, read off
+/// Finding 3 (c): the connect id of the relay (or punch) decision a GCB client in b1 gets, read off
 /// the broker's keyed reply and presented on the relay port from p2 before b1's own
 /// connection arrives (an on-path attacker can also delay packets: gwb holds b1's
 /// connections to the relay port until the attacker has presented). b1 must get the real

@@ -119,6 +119,7 @@
 //!         local: shim_addr,
 //!         previous_proxy: None,
 //!         previous_token: None,
+//!         punch: false,
 //!     })
 //!     .unwrap();
 //! let tx = shim.poll_transmit().unwrap();            // send on the UDP socket

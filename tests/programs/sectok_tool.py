@@ -196,15 +196,17 @@ elif mode == "standby":
         print("NOT_CLAIMED", how, len(got), flush=True)
 
 elif mode == "connect_watch":
-    # connect_watch SNIFF_FILE DST_IP SECONDS: as soon as the observer sees a relay
-    # connect_decision going to DST_IP, present its connect id on the relay port.
+    # connect_watch SNIFF_FILE DST_IP SECONDS: as soon as the observer sees a relay (or a
+    # TCP punch: its leg presents the id on the relay port too) connect_decision going to
+    # DST_IP, present its connect id on the relay port.
     path, dst, secs = sys.argv[2], sys.argv[3], float(sys.argv[4])
     print("WATCHING", flush=True)
     def pred(r):
         m = unframe(r[3]) if r[0] == "UDP" else None
         b = (m or {}).get("body", {})
         return (r[1] == "203.0.113.10:9650" and r[2].startswith(dst + ":")
-                and b.get("type") == "connect_decision" and b["route"].get("kind") == "relay")
+                and b.get("type") == "connect_decision"
+                and b["route"].get("kind") in ("relay", "punch"))
     m = unframe(wait_sniffed(path, pred, 15)[3])
     cid = m["body"]["route"]["connect_id"]
     s = socket.create_connection(BROKER, timeout=3)

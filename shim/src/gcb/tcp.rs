@@ -199,12 +199,13 @@ impl GcbLayer {
         fd: c_int,
         dest: SocketAddrV4,
         relay: SocketAddrV4,
+        leg: c_int,
         id: &gcb_proto::ConnectId,
-        local_ip: Ipv4Addr,
         wait: Option<Duration>,
     ) -> Outcome<c_int> {
         let key = self.client.lock().key().cloned();
         let Some(key) = key else {
+            net::close(leg);
             return Outcome::Bypass("a punch decision without a pool key");
         };
         let preamble = client::preamble(Some(&key), id);
@@ -212,15 +213,8 @@ impl GcbLayer {
             gcb_proto::token::present(Some(&key), gcb_proto::token::Use::Connect, id.as_bytes());
         let wait = wait.unwrap_or(super::tcp_punch::DEFAULT_PUNCH_WAIT);
         let started = Instant::now();
-        let r = super::tcp_punch::connect(
-            net::domain(fd),
-            local_ip,
-            relay,
-            &preamble,
-            &key,
-            &bound,
-            wait,
-        );
+        let r =
+            super::tcp_punch::connect(net::domain(fd), leg, relay, &preamble, &key, &bound, wait);
         let (conn, route) = match r {
             Ok(super::tcp_punch::Punched::Direct(c, peer)) => {
                 (c, format!("punched (direct to {peer})"))
@@ -624,6 +618,16 @@ impl GcbLayer {
         let rev = (!net::is_private(local_ip) && !local_ip.is_unspecified())
             .then(|| self.reverse_listener(local_ip, net::domain(fd)))
             .flatten();
+        // A connector that may be told to punch dials its leg to the relay port now, so
+        // the handshake overlaps the request (closed unread if the decision is another).
+        let leg = (punch.is_some() && rev.is_none())
+            .then(|| super::tcp_punch::dial_leg(net::domain(fd), local_ip, broker).ok())
+            .flatten();
+        let close_leg = || {
+            if let Some(l) = leg {
+                net::close(l);
+            }
+        };
         let body = Body::ConnectRequest {
             proxy: SocketAddr::V4(dest),
             transport: Transport::Tcp,
@@ -636,11 +640,12 @@ impl GcbLayer {
             if let Some((s, _)) = rev {
                 net::close(s);
             }
+            close_leg();
         };
         let route = match answer {
             Ok(Answer::Body(Body::ConnectDecision { route })) => {
                 let mut c = self.client.lock();
-                if matches!(route, Route::Relay { .. }) && punch.is_none() {
+                if matches!(route, Route::Relay { .. }) {
                     if c.relayed.len() >= 1024 {
                         let now = Instant::now();
                         c.relayed.retain(|_, until| *until > now);
@@ -718,15 +723,41 @@ impl GcbLayer {
                 }
             }
             Route::Punch { addr, connect_id } => {
-                close_rev();
-                match net::v4(addr) {
-                    Some(relay) => {
-                        self.connect_punch(fd, dest, relay, &connect_id, local_ip, punch)
+                if let Some((s, _)) = rev {
+                    net::close(s);
+                }
+                let leg = match (net::v4(addr), leg) {
+                    (Some(relay), Some(l)) if relay == broker => Ok(l),
+                    (Some(relay), l) => {
+                        // Not where the leg went (or none was dialed): dial it now.
+                        if let Some(l) = l {
+                            net::close(l);
+                        }
+                        super::tcp_punch::dial_leg(net::domain(fd), local_ip, relay)
                     }
-                    None => Outcome::Bypass("relay address is not IPv4"),
+                    (None, l) => {
+                        if let Some(l) = l {
+                            net::close(l);
+                        }
+                        return Outcome::Bypass("relay address is not IPv4");
+                    }
+                };
+                match (leg, net::v4(addr)) {
+                    (Ok(leg), Some(relay)) => {
+                        self.connect_punch(fd, dest, relay, leg, &connect_id, punch)
+                    }
+                    (Err(e), _) => {
+                        crate::warn!("connect {}: relay leg: {}", dest, net::errstr(e));
+                        Outcome::Error(libc::ECONNREFUSED)
+                    }
+                    (Ok(leg), None) => {
+                        net::close(leg);
+                        Outcome::Bypass("relay address is not IPv4")
+                    }
                 }
             }
             Route::Reverse { connect_id } => {
+                close_leg();
                 let Some((lsock, _)) = rev else {
                     return Outcome::Bypass("no reverse listener: connecting to the proxy");
                 };

@@ -84,23 +84,49 @@ fn start_punch(family: c_int, local: SocketAddrV4, peer: SocketAddrV4) -> Result
     }
 }
 
-/// The connector's side, inside `connect()`: `family` is the program socket's,
-/// `local_ip` the address to bind (unspecified: the kernel's choice), `preamble` the
-/// connect id's relay preamble and `bound` its presentation (what the offer is bound
-/// to). Err: not even the leg could be made (the caller fails the connect).
+/// Starts the connector's leg to the relay port (non-blocking), from a fresh port of
+/// `local_ip` (unspecified: the kernel's choice) in `family`. The connector dials it while
+/// its `connect_request` is on its way, so the decision and the leg's handshake overlap.
+pub fn dial_leg(family: c_int, local_ip: Ipv4Addr, relay: SocketAddrV4) -> Result<c_int, c_int> {
+    let leg = reuse_socket(family, true)?;
+    let r = net::bind_as(leg, SocketAddrV4::new(local_ip, 0), family).and_then(|()| {
+        match net::connect_as(leg, relay, family) {
+            Ok(()) | Err(libc::EINPROGRESS) => Ok(()),
+            Err(e) => Err(e),
+        }
+    });
+    match r {
+        Ok(()) => Ok(leg),
+        Err(e) => {
+            net::close(leg);
+            Err(e)
+        }
+    }
+}
+
+/// The connector's side, inside `connect()`, on the leg [`dial_leg`] started: `family` is
+/// the program socket's, `preamble` the connect id's relay preamble and `bound` its
+/// presentation (what the offer is bound to). Err: the leg failed (the caller fails the
+/// connect); the leg is closed then.
 pub fn connect(
     family: c_int,
-    local_ip: Ipv4Addr,
+    leg: c_int,
     relay: SocketAddrV4,
     preamble: &[u8],
     key: &PoolKey,
     bound: &[u8; 16],
     wait: Duration,
 ) -> Result<Punched, String> {
-    let leg = reuse_socket(family, false).map_err(net::errstr)?;
-    let made = net::bind_as(leg, SocketAddrV4::new(local_ip, 0), family)
-        .and_then(|()| net::connect_timeout(leg, relay, LEG_DIAL_TIMEOUT))
-        .and_then(|()| net::write_all(leg, preamble, LEG_DIAL_TIMEOUT));
+    let made = match net::wait_fd(leg, libc::POLLOUT, LEG_DIAL_TIMEOUT) {
+        Ok(true) => match net::so_error(leg) {
+            0 => Ok(()),
+            e => Err(e),
+        },
+        Ok(false) => Err(libc::ETIMEDOUT),
+        Err(e) => Err(e),
+    }
+    .and_then(|()| net::set_nonblocking(leg, false))
+    .and_then(|()| net::write_all(leg, preamble, LEG_DIAL_TIMEOUT));
     if let Err(e) = made {
         net::close(leg);
         return Err(format!("relay {relay}: {}", net::errstr(e)));
