@@ -3,8 +3,7 @@
 //! A listener in a1 under `gcb-run` records every connection its program accepts (peer and
 //! first bytes). A pool member in b1 plays the connector's side of a punch by hand
 //! (`programs/secpunch_tool.py`): it asks the broker for a punch, reads the offer on its
-//! relay leg and connects from that port to the listener's endpoint. The listener's shim
-//! writes its proof first; then:
+//! relay leg and connects from that port to the listener's endpoint; then:
 //!
 //! * `honest`: the connector writes its proof: the program gets the connection, from b1's
 //!   public address, with the bytes that follow;
@@ -46,8 +45,8 @@ fn punch_by_hand(lab: &Lab, dir: &Scratch, proxy: &str, mode: &str) -> String {
     let out = lab.run(Host::B1, python(), args, Duration::from_secs(30));
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
-        text.contains("LISTENER_PROOF ok"),
-        "{mode}: the punch did not reach the listener's proof: {text}\n{}",
+        text.contains("CONNECTED"),
+        "{mode}: the punched connection did not come up: {text}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
     text

@@ -19,19 +19,21 @@
 //!    Without a standby it writes [`encode_no_punch`] on the leg: the leg is a plain relay.
 //! 4. Both shims connect, from the local port of their connection to the broker, to the
 //!    other's endpoint (a simultaneous open through both NATs).
-//! 5. On the punched connection the listener's shim writes its [`proof`] (role
-//!    [`Role::Listener`]); the connector's shim checks it, writes its own (the
-//!    *commit*), writes [`DIRECT`] on its leg and hands the connection to the program.
-//!    The listener's shim hands it over when the connector's proof checks.
+//! 5. Once the punched connection is up, the connector's shim writes its [`proof`] on it
+//!    (the *commit*), writes [`DIRECT`] on its leg and hands the connection to the program.
+//!    The listener's shim hands it over when the proof checks. The connector needs no
+//!    proof back: the kernel completed its connect with the one endpoint the (MACed) offer
+//!    named, and waiting for one would cost a wake-up of the listener's process and half a
+//!    round trip on every connection.
 //! 6. If there is no punched connection in time, the connector writes [`RELAY`] on its
 //!    leg; the broker passes it on to the standby, the listener's shim answers the
 //!    standby claim's ack byte, and the broker splices the two: one ordinary relay.
 //!
 //! The connector alone decides (it writes either its proof or `RELAY`, never both), so
-//! the two sides cannot end on different paths. A third party cannot take the hole:
-//! the punched socket is connected to the one endpoint the broker named (the kernel
-//! completes no other), and the peer must prove it holds the pool key and this
-//! punch's nonce; a nonce serves one punch ([`NonceLog`]), so a replayed message or
+//! the two sides cannot end on different paths. A third party cannot take the hole: each
+//! punched socket is connected to the one endpoint the broker named (the kernel completes
+//! no other), and the connector must prove to the listener that it holds the pool key and
+//! this punch's nonce; a nonce serves one punch ([`NonceLog`]), so a replayed claim or
 //! proof is refused.
 //!
 //! Pure encodings; no IO, no clock, no randomness (the nonce comes in).
@@ -76,15 +78,6 @@ impl Kind {
             Kind::Offer => OFFER_MAGIC,
         }
     }
-}
-
-/// Which side a proof comes from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    /// The listener's shim (written first).
-    Listener,
-    /// The connector's shim (the commit).
-    Connector,
 }
 
 /// A claim or an offer.
@@ -200,18 +193,14 @@ pub fn is_claim_prefix(buf: &[u8]) -> bool {
     buf.len() >= 6 && &buf[..6] == CLAIM_MAGIC
 }
 
-/// The proof `role` writes on the punched connection of the punch `nonce`.
-pub fn proof(key: &PoolKey, role: Role, nonce: &[u8; NONCE_LEN]) -> [u8; PROOF_LEN] {
-    let r: &[u8] = match role {
-        Role::Listener => b"listener",
-        Role::Connector => b"connector",
-    };
-    mac16(key, b"gcb-tcp-punch-proof", &[r, nonce])
+/// The proof the connector writes on the punched connection of the punch `nonce`.
+pub fn proof(key: &PoolKey, nonce: &[u8; NONCE_LEN]) -> [u8; PROOF_LEN] {
+    mac16(key, b"gcb-tcp-punch-proof", &[nonce])
 }
 
-/// Whether `got` is `role`'s proof for `nonce`, compared in constant time.
-pub fn check_proof(key: &PoolKey, role: Role, nonce: &[u8; NONCE_LEN], got: &[u8]) -> bool {
-    crate::token::same(&proof(key, role, nonce), got)
+/// Whether `got` is the connector's proof for `nonce`, compared in constant time.
+pub fn check_proof(key: &PoolKey, nonce: &[u8; NONCE_LEN], got: &[u8]) -> bool {
+    crate::token::same(&proof(key, nonce), got)
 }
 
 /// The nonces a shim has acted on, so a replayed claim or offer is refused. Bounded:
@@ -307,13 +296,14 @@ mod tests {
     }
 
     #[test]
-    fn proofs_are_per_role_and_nonce() {
+    fn proofs_are_per_key_and_nonce() {
         let k = key();
-        let p = proof(&k, Role::Listener, &[3; 16]);
-        assert!(check_proof(&k, Role::Listener, &[3; 16], &p));
-        assert!(!check_proof(&k, Role::Connector, &[3; 16], &p));
-        assert!(!check_proof(&k, Role::Listener, &[4; 16], &p));
-        assert!(!check_proof(&k, Role::Listener, &[3; 16], &p[..15]));
+        let p = proof(&k, &[3; 16]);
+        assert!(check_proof(&k, &[3; 16], &p));
+        assert!(!check_proof(&k, &[4; 16], &p));
+        assert!(!check_proof(&k, &[3; 16], &p[..15]));
+        let other = PoolKey::from_file_contents(b"another key of 32 bytes.........").unwrap();
+        assert!(!check_proof(&other, &[3; 16], &p));
     }
 
     #[test]
@@ -338,7 +328,7 @@ mod tests {
             let _ = parse(&k, Kind::Claim, &[0; 16], &buf);
             let _ = parse_leg(&k, &[0; 16], &buf);
             let _ = is_claim_prefix(&buf);
-            let _ = check_proof(&k, Role::Connector, &[0; 16], &buf);
+            let _ = check_proof(&k, &[0; 16], &buf);
         }
     }
 }

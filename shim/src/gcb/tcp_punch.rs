@@ -3,8 +3,8 @@
 //!
 //! * The connector's side runs inside the program's `connect()` ([`connect`]): it opens
 //!   its *leg* to the broker's relay port from a fresh port with `SO_REUSEADDR`, reads the
-//!   broker's offer, connects from the same port to the listener's endpoint, checks the
-//!   listener's proof and commits with its own. If that does not happen within the punch
+//!   broker's offer, connects from the same port to the listener's endpoint and commits
+//!   with its proof. If that does not happen within the punch
 //!   wait (`GCB_PUNCH_MS`, default [`DEFAULT_PUNCH_WAIT`]), or the peer's NAT answers with a
 //!   reset, it writes `RELAY` on the leg and the leg is the program's connection: one
 //!   ordinary relayed connection, nothing written to the program's stream yet.
@@ -32,7 +32,7 @@ use crate::control::drop_owned;
 use crate::fdtable::{self, ShimFd};
 use crate::net;
 use gcb_proto::auth::PoolKey;
-use gcb_proto::tcp_punch::{self as wire, LegMessage, PunchMsg, Role, MSG_LEN, PROOF_LEN};
+use gcb_proto::tcp_punch::{self as wire, LegMessage, PunchMsg, MSG_LEN, PROOF_LEN};
 
 use super::standby::{Standby, Watch};
 
@@ -169,7 +169,7 @@ pub fn connect(
     }
 }
 
-/// Connects from the leg's local port to the offer's endpoint, exchanges the proofs;
+/// Connects from the leg's local port to the offer's endpoint and writes our proof;
 /// the punched connection in blocking mode, or why not.
 fn punch_from(
     family: c_int,
@@ -212,22 +212,10 @@ fn punch_from(
         e => return fail(format!("{}: {}", offer.peer, net::errstr(e))),
     }
     let _ = net::set_nonblocking(s, false);
-    // The listener writes its proof as soon as its side connects: allow it the rest of
-    // the wait, and at least a little (both sides connect at once).
-    let left = deadline
-        .saturating_duration_since(Instant::now())
-        .max(Duration::from_millis(50));
-    let mut got = [0u8; PROOF_LEN];
-    if net::read_exact(s, &mut got, left).is_err() {
-        return fail(format!("{} connected but sent no proof", offer.peer));
-    }
-    if !wire::check_proof(key, Role::Listener, &offer.nonce, &got) {
-        return fail(format!(
-            "{} sent a wrong proof: not the paired listener",
-            offer.peer
-        ));
-    }
-    let mine = wire::proof(key, Role::Connector, &offer.nonce);
+    // The kernel completed a connection with the one endpoint the broker observed for the
+    // listener's standby (the offer is MACed): that is the listener's check. Ours to it is
+    // the proof, which commits us to this path.
+    let mine = wire::proof(key, &offer.nonce);
     if let Err(e) = net::write_all(s, &mine, Duration::from_millis(100)) {
         return fail(format!("{}: {}", offer.peer, net::errstr(e)));
     }
@@ -238,7 +226,7 @@ fn punch_from(
 enum Direct {
     /// Connecting (non-blocking).
     Connecting(Arc<ShimFd>),
-    /// Connected, our proof written; `got` bytes of the connector's proof read.
+    /// Connected; `got` bytes of the connector's proof read.
     AwaitingProof(Arc<ShimFd>, [u8; PROOF_LEN], usize),
     /// It failed (or was refused); only the relay can serve now.
     Failed,
@@ -400,15 +388,9 @@ impl ListenerPunch {
                 Ok(false) => {}
                 Ok(true) => match net::so_error(f.fd()) {
                     0 => {
-                        let proof = wire::proof(key, Role::Listener, &self.msg.nonce);
-                        // 16 bytes into a new connection's empty buffer: all or nothing.
-                        if net::send_some(f.fd(), &proof) == Ok(PROOF_LEN) {
-                            watch.inspect(|w| w.parked(f.fd()));
-                            let f = f.clone();
-                            self.direct = Direct::AwaitingProof(f, [0; PROOF_LEN], 0);
-                        } else {
-                            self.drop_direct();
-                        }
+                        watch.inspect(|w| w.parked(f.fd()));
+                        let f = f.clone();
+                        self.direct = Direct::AwaitingProof(f, [0; PROOF_LEN], 0);
                     }
                     e => {
                         crate::debug!("punch to {}: {}", self.msg.peer, net::errstr(e));
@@ -425,7 +407,7 @@ impl ListenerPunch {
                 Ok(n) => {
                     *got += n;
                     if *got == PROOF_LEN {
-                        if wire::check_proof(key, Role::Connector, &self.msg.nonce, &buf[..]) {
+                        if wire::check_proof(key, &self.msg.nonce, &buf[..]) {
                             let f = f.clone();
                             self.direct = Direct::Failed;
                             let r = release(&f);
