@@ -375,35 +375,46 @@ fn source_of(settings: &Settings, key: &str) -> String {
         .map_or_else(|| key.to_owned(), |(_, from)| from)
 }
 
-/// The GCB layer for `broker` = `IP[:PORT]`, with the registrations an exec'ing image
+/// The GCB layer for `broker` = `IP[:PORT]`, a list of them or a DNS name (a pool), with the registrations an exec'ing image
 /// handed over.
 fn install_gcb(
     broker: &str,
     key: Option<gcb_proto::PoolKey>,
     settings: &Settings,
 ) -> Option<crate::gcb::GcbLayer> {
-    let addr = match crate::gcb::parse_broker(broker) {
-        Ok(a) => a,
-        Err(gcb_proto::addr::AddrError::Ipv6Unsupported { input }) => {
-            crate::notice!(
-                Error,
-                BrokerAddr,
-                "{} {input:?}: IPv6 brokers are not supported (give the broker's IPv4 address); GCB disabled, {PLAIN}",
-                source_of(settings, "broker")
-            );
-            return None;
-        }
+    let pool = match crate::gcb::parse_pool(broker) {
+        Ok(p) => p,
         Err(e) => {
+            let ipv6 = e.contains("IPv6");
             crate::notice!(
                 Error,
                 BrokerAddr,
-                "{}: {}; GCB disabled, {PLAIN}",
+                "{}: {}{}; GCB disabled, {PLAIN}",
                 source_of(settings, "broker"),
-                e
+                e,
+                if ipv6 {
+                    " (IPv6 brokers are not supported: give the broker's IPv4 address)"
+                } else {
+                    ""
+                }
             );
             return None;
         }
     };
+    if !pool.problems.is_empty() {
+        crate::notice!(
+            Error,
+            BrokerAddr,
+            "{}: left out {}; using the brokers {}",
+            source_of(settings, "broker"),
+            pool.problems.join("; "),
+            pool.brokers
+                .iter()
+                .map(|b| b.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+    }
     // Heartbeats keep the NAT's UDP mapping and the broker's lease alive; the default
     // is well under Linux conntrack's 30 s. GCB_HEARTBEAT_MS tunes it (e.g. for NATs
     // that forget sooner, or short leases in tests).
@@ -411,7 +422,12 @@ fn install_gcb(
     // Standby relay connections (see gcb::standby) are on unless GCB_STANDBY=0: one idle
     // TCP connection to the broker per registered listener, for faster relayed connects.
     let standby = settings.on_unless_zero("standby");
-    Some(crate::gcb::GcbLayer::new(addr, key, heartbeat, standby))
+    Some(crate::gcb::GcbLayer::new(
+        pool.brokers,
+        key,
+        heartbeat,
+        standby,
+    ))
 }
 
 fn open_log_file(path: &str) {

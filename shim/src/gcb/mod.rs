@@ -72,7 +72,7 @@ use crate::layer::Layer;
 use core::gcb_state;
 
 pub use crate::sockstate::GcbSock;
-pub use core::{parse_broker, GcbLayer, DEFAULT_BROKER_PORT};
+pub use core::{parse_broker, parse_pool, GcbLayer, PoolSetting, DEFAULT_BROKER_PORT};
 
 impl GcbLayer {
     /// The `GCB_INHERIT` value for an exec, if registered sockets survive it.
