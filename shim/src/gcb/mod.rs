@@ -22,7 +22,13 @@
 //!   broker's relay port ([`standby`]): a connection to the proxy is spliced onto it at
 //!   once (the broker writes a 12-byte claim, the AEH acks and hands it over as above),
 //!   without the `connect_back` datagram and the dial; `connect_back` is the fallback.
-//! * `connect()` to an address on the broker's IP asks the broker how: `direct` (connect
+//! * A **pool** of brokers (`GCB_BROKER=IP,IP,...` or a DNS name): each listener
+//!   registers with the first broker of its own rendezvous order ([`gcb_proto::pool`])
+//!   and, when that broker stops answering heartbeats, with the next one (a new proxy;
+//!   `getsockname()` reports it); see [`client::failover`] for the bound, why it does not
+//!   move back, and what peers that hold the old address see.
+//! * `connect()` to an address on a broker's IP (any broker of the pool: the one whose IP
+//!   it is owns the proxy) asks that broker how: `direct` (connect
 //!   to the listener's real address), `reverse` (we listen, the listener dials us and
 //!   presents the connect id), or `relay` (connect to the broker's relay port and present
 //!   the connect id). Destinations the broker does not know, and an unreachable broker,
@@ -45,7 +51,8 @@
 //!   shim's own datagrams on a registered UDP socket never make it readable for the
 //!   program: select/poll and epoll ([`udp_epoll`]) hide readiness they alone caused.
 //!
-//! Limits today: IPv4 only; one broker per process; no TCP hole punching (TCP between
+//! Limits today: IPv4 only; UDP sockets use the pool's first broker only (no failover);
+//! no TCP hole punching (TCP between
 //! two private networks goes through the broker's relay); `execl*`/`posix_spawn` get no
 //! handoff.
 
