@@ -179,7 +179,7 @@ impl Rig {
                     ip,
                     true,
                     &[],
-                    &dir.join(&format!("broker{i}.log")),
+                    &dir.join(format!("broker{i}.log")),
                 )
             })
             .collect();
@@ -478,14 +478,10 @@ fn pool_client_reaches_proxies_of_every_broker() {
             assert!(line.contains(route), "{name} -> {p}: want {route}: {line}");
         }
     }
-    for i in 0..3 {
+    for (i, was) in before.iter().enumerate() {
         let after = ["direct", "reverse", "relay"].map(|c| rig.counter(i, c));
         assert_eq!(
-            [
-                after[0] - before[i][0],
-                after[1] - before[i][1],
-                after[2] - before[i][2]
-            ],
+            [after[0] - was[0], after[1] - was[1], after[2] - was[2]],
             [1, 1, 1],
             "broker {i}: one direct, one reverse, one relay decision"
         );

@@ -159,7 +159,7 @@ def run_pool(b, L, log, BROKERD, GCBRUN, python="python3"):
     """b: the Bench; L: its lab. Fills b.res["pool"]."""
     res = b.res.setdefault("pool", {})
     n = 600 if b.quick else 3000
-    first = 40000
+    first = 10000  # below the ephemeral range (the shim's own sockets use it)
     res["listeners"], res["heartbeat_ms"] = n, HEARTBEAT_MS
     for ip in POOL_IPS:
         L.sh("p1", ["ip", "addr", "add", ip + "/24", "dev", "eth0"], check=False)
