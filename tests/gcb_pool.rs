@@ -197,14 +197,14 @@ impl Rig {
         (p, sha256(&data))
     }
 
-    /// The echo server on `ports` in a1 under gcb-run with the pool.
-    fn server(&self, ports: &[u16]) -> Logged {
+    /// The echo server on `ports` in a1 under gcb-run with the pool `broker`.
+    fn server(&self, broker: &str, ports: &[u16]) -> Logged {
         let log = self.path("server.shim.log");
         let mut c = gcb_run(
             &self.lab,
             Host::A1,
             true,
-            &["--broker", POOL],
+            &["--broker", broker],
             Some(("debug", &log)),
         );
         c.env("GCB_HEARTBEAT_MS", HEARTBEAT_MS.to_string())
@@ -310,7 +310,7 @@ fn pool_failover_to_next_broker_keeps_other_connections() {
     // broker 2 (it must not move).
     let moving = port_for(20000, 0, Some(1));
     let staying = port_for(21000, 2, None);
-    let server = rig.server(&[moving, staying]);
+    let server = rig.server(POOL, &[moving, staying]);
     let before = wait_name(&server, moving, None, UP);
     let other = wait_name(&server, staying, None, UP);
     assert_eq!(
@@ -428,10 +428,30 @@ fn pool_failover_to_next_broker_keeps_other_connections() {
     );
 }
 
+/// `/etc/netns/NS/hosts` for one lab namespace (`ip netns exec` mounts it over
+/// `/etc/hosts`), removed when dropped.
+struct NetnsHosts(PathBuf);
+
+impl NetnsHosts {
+    fn new(ns: &str, text: &str) -> NetnsHosts {
+        let dir = PathBuf::from("/etc/netns").join(ns);
+        fs::create_dir_all(&dir).expect("create /etc/netns/NS");
+        fs::write(dir.join("hosts"), text).expect("write the namespace's hosts file");
+        NetnsHosts(dir)
+    }
+}
+
+impl Drop for NetnsHosts {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
 /// A GCB client configured with the pool reaches proxies of every broker with the
 /// route the owning broker decides: relay from b1 (both behind NATs), direct from a2
 /// (a1's network), reverse from p2 (public connector); each broker counts exactly its
-/// own decisions.
+/// own decisions. The server names its pool by one DNS name with three A records (a
+/// hosts file of its namespace, read by getaddrinfo), the clients by the list.
 #[test]
 #[ignore = "needs root and the network lab"]
 fn pool_client_reaches_proxies_of_every_broker() {
@@ -439,7 +459,15 @@ fn pool_client_reaches_proxies_of_every_broker() {
     let ports: Vec<u16> = (0..3)
         .map(|i| port_for(22000 + 1000 * i as u16, i, None))
         .collect();
-    let server = rig.server(&ports);
+    let hosts: String = BROKERS
+        .iter()
+        .map(|b| format!("{b} gcb-pool-brokers\n"))
+        .collect();
+    let _hosts = NetnsHosts::new(
+        &rig.lab.ns(Host::A1),
+        &format!("127.0.0.1 localhost\n{hosts}"),
+    );
+    let server = rig.server("gcb-pool-brokers", &ports);
     let proxies: Vec<SocketAddrV4> = ports
         .iter()
         .map(|p| wait_name(&server, *p, None, UP))

@@ -45,7 +45,7 @@ pub fn parse_pool(s: &str) -> Result<PoolSetting, String> {
             Some(Ok(p)) if p != 0 => p,
             Some(_) => return Err(format!("{s:?}: the port is not 1 to 65535")),
         };
-        let ips = resolve_v4(host).map_err(|e| format!("{s:?}: cannot resolve {host}: {e}"))?;
+        let ips = resolve_cached(host).map_err(|e| format!("{s:?}: cannot resolve {host}: {e}"))?;
         if ips.is_empty() {
             return Err(format!("{s:?}: {host} has no IPv4 address"));
         }
@@ -75,8 +75,81 @@ pub fn parse_pool(s: &str) -> Result<PoolSetting, String> {
     })
 }
 
+/// Where a process leaves the answer for the pool's DNS name to the processes it starts
+/// (`NAME=IP,IP` or `NAME=!why`): a process tree resolves once (a shell script that runs
+/// dozens of programs must not pay the lookup in each).
+const RESOLVED_ENV: &std::ffi::CStr = c"GCB_BROKER_RESOLVED";
+
+/// [`resolve_v4`], or the answer an ancestor process left in [`RESOLVED_ENV`] for `host`.
+fn resolve_cached(host: &str) -> Result<Vec<std::net::Ipv4Addr>, String> {
+    // SAFETY: the name is NUL-terminated; the value is copied out at once (initialisation
+    // runs before the program's threads).
+    let p = unsafe { libc::getenv(RESOLVED_ENV.as_ptr()) };
+    if !p.is_null() {
+        // SAFETY: a non-null getenv result is a NUL-terminated string.
+        let v = unsafe { std::ffi::CStr::from_ptr(p) }
+            .to_string_lossy()
+            .into_owned();
+        if let Some(ans) = v.strip_prefix(host).and_then(|r| r.strip_prefix('=')) {
+            if let Some(why) = ans.strip_prefix('!') {
+                return Err(why.to_owned());
+            }
+            let ips: Vec<_> = ans.split(',').filter_map(|a| a.parse().ok()).collect();
+            if !ips.is_empty() {
+                return Ok(ips);
+            }
+        }
+    }
+    let (answer, done) = resolve_v4(host);
+    if done {
+        let v = match &answer {
+            Ok(ips) => ips
+                .iter()
+                .map(|i| i.to_string())
+                .collect::<Vec<_>>()
+                .join(","),
+            Err(why) => format!("!{why}"),
+        };
+        if let Ok(c) = std::ffi::CString::new(format!("{host}={v}")) {
+            // SAFETY: both strings are NUL-terminated; initialisation runs before the
+            // program's threads, and the lookup thread has finished (`done`), so nothing
+            // reads the environment meanwhile.
+            unsafe { libc::setenv(RESOLVED_ENV.as_ptr(), c.as_ptr(), 1) };
+        }
+    }
+    answer
+}
+
+/// How long the program's start waits for the pool's DNS name: a resolver that does not
+/// answer (a host without DNS) would otherwise hold it for its whole retry schedule.
+const RESOLVE_WAIT: Duration = Duration::from_secs(3);
+
+/// The IPv4 addresses of `host`, waiting at most [`RESOLVE_WAIT`]: the lookup runs on a
+/// thread of its own (with the re-entrancy guard set, so its sockets are not ours), which
+/// is left to finish alone if it takes longer. Also says whether the lookup finished.
+fn resolve_v4(host: &str) -> (Result<Vec<std::net::Ipv4Addr>, String>, bool) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let name = host.to_owned();
+    let spawned = std::thread::Builder::new()
+        .name("gcb-resolve".into())
+        .spawn(move || {
+            let _guard = crate::guard::Guard::enter();
+            let _ = tx.send(getaddrinfo_v4(&name));
+        });
+    let Ok(thread) = spawned else {
+        return (Err("no thread for the lookup".to_owned()), false);
+    };
+    match rx.recv_timeout(RESOLVE_WAIT) {
+        Ok(answer) => {
+            let _ = thread.join();
+            (answer, true)
+        }
+        Err(_) => (Err(format!("no answer within {RESOLVE_WAIT:?}")), false),
+    }
+}
+
 /// The IPv4 addresses of `host` (getaddrinfo, AF_INET), sorted, without duplicates.
-fn resolve_v4(host: &str) -> Result<Vec<std::net::Ipv4Addr>, String> {
+fn getaddrinfo_v4(host: &str) -> Result<Vec<std::net::Ipv4Addr>, String> {
     let c = std::ffi::CString::new(host).map_err(|_| "a NUL in the name".to_owned())?;
     // SAFETY: a zeroed addrinfo is a valid "no hints" value; we set family and type.
     let mut hints: libc::addrinfo = unsafe { std::mem::zeroed() };
