@@ -100,6 +100,9 @@ fn resolve_cached(host: &str) -> Result<Vec<std::net::Ipv4Addr>, String> {
             }
         }
     }
+    // Set before the lookup thread starts (and after it ended), never while it runs: a
+    // lookup that does not finish in time leaves "no answer" for the children.
+    set_resolved(host, &format!("!no answer within {RESOLVE_WAIT:?}"));
     let (answer, done) = resolve_v4(host);
     if done {
         let v = match &answer {
@@ -110,14 +113,19 @@ fn resolve_cached(host: &str) -> Result<Vec<std::net::Ipv4Addr>, String> {
                 .join(","),
             Err(why) => format!("!{why}"),
         };
-        if let Ok(c) = std::ffi::CString::new(format!("{host}={v}")) {
-            // SAFETY: both strings are NUL-terminated; initialisation runs before the
-            // program's threads, and the lookup thread has finished (`done`), so nothing
-            // reads the environment meanwhile.
-            unsafe { libc::setenv(RESOLVED_ENV.as_ptr(), c.as_ptr(), 1) };
-        }
+        set_resolved(host, &v);
     }
     answer
+}
+
+/// Leaves `host`'s answer `v` in [`RESOLVED_ENV`] (see [`resolve_cached`]).
+fn set_resolved(host: &str, v: &str) {
+    if let Ok(c) = std::ffi::CString::new(format!("{host}={v}")) {
+        // SAFETY: both strings are NUL-terminated; initialisation runs before the program's
+        // threads, and no lookup thread of ours runs now (see the caller), so nothing
+        // reads the environment meanwhile.
+        unsafe { libc::setenv(RESOLVED_ENV.as_ptr(), c.as_ptr(), 1) };
+    }
 }
 
 /// How long the program's start waits for the pool's DNS name: a resolver that does not
