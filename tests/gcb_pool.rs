@@ -255,8 +255,8 @@ impl Rig {
     }
 }
 
-/// The address the server's listener on `port` reports, once it is on a broker's IP
-/// other than `not`.
+/// The address the server's listener on `port` reports (its latest line), once that is
+/// on a broker's IP other than `not`.
 fn wait_name(server: &Logged, port: u16, not: Option<Ipv4Addr>, timeout: Duration) -> SocketAddrV4 {
     let mut found = None;
     wait_until(
@@ -267,7 +267,8 @@ fn wait_name(server: &Logged, port: u16, not: Option<Ipv4Addr>, timeout: Duratio
                 .lines()
                 .filter_map(|l| l.strip_prefix(&format!("name {port} ")))
                 .filter_map(|a| a.trim().parse::<SocketAddrV4>().ok())
-                .rfind(|a| BROKERS.contains(&a.ip().to_string().as_str()) && Some(*a.ip()) != not);
+                .last()
+                .filter(|a| BROKERS.contains(&a.ip().to_string().as_str()) && Some(*a.ip()) != not);
             found.is_some()
         },
     );
@@ -426,6 +427,53 @@ fn pool_failover_to_next_broker_keeps_other_connections() {
         "{}",
         rig.brokers[0].text()
     );
+
+    // No flapping: broker 0 comes back; the listener stays on broker 1 for five
+    // heartbeat intervals (it would have moved back within two).
+    let back = Broker::start(
+        &rig.lab,
+        Host::P1,
+        BROKERS[0],
+        true,
+        &[],
+        &rig.path("broker0-again.log"),
+    );
+    std::thread::sleep(Duration::from_millis(5 * HEARTBEAT_MS));
+    assert_eq!(
+        read(&server.out)
+            .matches(&format!("name {moving} "))
+            .count(),
+        2,
+        "the listener moved again after its first broker came back:\n{}",
+        read(&server.out)
+    );
+    assert!(
+        !back.text().contains(&format!("local {A1}:{moving} ")),
+        "{}",
+        back.text()
+    );
+    // Broker 1 fails in turn: the listener moves on to the next of its order, broker 2.
+    let mut b1 = rig.brokers.remove(0);
+    b1.proc.signal_group(libc::SIGKILL);
+    assert!(b1
+        .proc
+        .wait_timeout(Duration::from_secs(5))
+        .unwrap()
+        .is_some());
+    let third = wait_name(&server, moving, Some(*b[1].ip()), Duration::from_secs(60));
+    assert_eq!(
+        *third.ip(),
+        *b[2].ip(),
+        "after broker 1, broker 2 (its order)"
+    );
+    let (p2, sha2) = rig.payload("third.bin", 256 << 10);
+    let c = rig.client(
+        Host::P2,
+        false,
+        "third",
+        &[third.to_string(), p2.display().to_string(), "-".into()],
+    );
+    finish_client(c, &[(third, &sha2)], "through the third proxy");
 }
 
 /// `/etc/netns/NS/hosts` for one lab namespace (`ip netns exec` mounts it over

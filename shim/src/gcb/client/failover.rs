@@ -89,6 +89,9 @@ impl Client {
             if let Some(conn) = reg.standby.take().and_then(|s| s.conn) {
                 self.drop_standby(conn);
             }
+            // Best effort: a broker that is only slow (or back) frees the old proxy now
+            // instead of at the end of its lease.
+            self.send_unregister(chan, Transport::Tcp, key.1);
             if reg.entry.strong_count() == 0 {
                 continue;
             }
