@@ -267,7 +267,7 @@ fn wait_name(server: &Logged, port: u16, not: Option<Ipv4Addr>, timeout: Duratio
                 .lines()
                 .filter_map(|l| l.strip_prefix(&format!("name {port} ")))
                 .filter_map(|a| a.trim().parse::<SocketAddrV4>().ok())
-                .last()
+                .next_back()
                 .filter(|a| BROKERS.contains(&a.ip().to_string().as_str()) && Some(*a.ip()) != not);
             found.is_some()
         },
