@@ -516,6 +516,31 @@ fn pool_client_reaches_proxies_of_every_broker() {
         &format!("127.0.0.1 localhost\n{hosts}"),
     );
     let server = rig.server("gcb-pool-brokers", &ports);
+    // gcb-run --check probes every broker of the pool (through the DNS name).
+    let mut chk = gcb_run(
+        &rig.lab,
+        Host::A1,
+        true,
+        &["--broker", "gcb-pool-brokers", "--check"],
+        None,
+    );
+    let out = rig
+        .lab
+        .spawn(
+            chk.stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped()),
+        )
+        .expect("spawn gcb-run --check")
+        .finish(RUN);
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "gcb-run --check: {said}");
+    for b in brokers() {
+        assert!(said.contains(&format!("broker {b}: answering")), "{said}");
+    }
     let proxies: Vec<SocketAddrV4> = ports
         .iter()
         .map(|p| wait_name(&server, *p, None, UP))
