@@ -197,16 +197,12 @@ impl Rig {
         (p, sha256(&data))
     }
 
-    /// The echo server on `ports` in a1 under gcb-run with the pool `broker`.
+    /// The echo server on `ports` in a1 under gcb-run with the pool `broker` (given in
+    /// GCB_BROKER: gcb-run's --broker refuses a list with a bad entry outright).
     fn server(&self, broker: &str, ports: &[u16]) -> Logged {
         let log = self.path("server.shim.log");
-        let mut c = gcb_run(
-            &self.lab,
-            Host::A1,
-            true,
-            &["--broker", broker],
-            Some(("debug", &log)),
-        );
+        let mut c = gcb_run(&self.lab, Host::A1, true, &[], Some(("debug", &log)));
+        c.env("GCB_BROKER", broker);
         c.env("GCB_HEARTBEAT_MS", HEARTBEAT_MS.to_string())
             .args([python(), "-c", ECHO_SERVER])
             .args(ports.iter().map(u16::to_string));
@@ -311,7 +307,8 @@ fn pool_failover_to_next_broker_keeps_other_connections() {
     // broker 2 (it must not move).
     let moving = port_for(20000, 0, Some(1));
     let staying = port_for(21000, 2, None);
-    let server = rig.server(POOL, &[moving, staying]);
+    // A bad entry in the list is left out and said once; the rest is the pool.
+    let server = rig.server(&format!("{POOL},bogus:1"), &[moving, staying]);
     let before = wait_name(&server, moving, None, UP);
     let other = wait_name(&server, staying, None, UP);
     assert_eq!(
@@ -415,6 +412,14 @@ fn pool_failover_to_next_broker_keeps_other_connections() {
         read(&doomed.out)
     );
     let shim = read(&rig.path("server.shim.log"));
+    let said = format!("{}{shim}", read(&server.err));
+    assert_eq!(
+        said.lines()
+            .filter(|l| l.contains("left out") && l.contains("bogus:1"))
+            .count(),
+        1,
+        "the bad entry is said once:\n{said}"
+    );
     assert!(
         shim.contains(&format!("broker {} lost; registering with {}", b[0], b[1])),
         "server shim log:\n{shim}"
