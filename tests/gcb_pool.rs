@@ -481,6 +481,81 @@ fn pool_failover_to_next_broker_keeps_other_connections() {
     finish_client(c, &[(third, &sha2)], "through the third proxy");
 }
 
+/// A pre-fork server: the parent listens, four workers accept, the parent waits in
+/// select(); every process runs the AEH and heartbeats on the registration channel they
+/// share. Prints `name PORT IP:PORT` from the parent when it changes.
+const PREFORK_SERVER: &str = r#"
+import os, select, socket, sys, time
+port = int(sys.argv[1])
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", port))
+s.listen(16)
+for i in range(4):
+    if os.fork() == 0:
+        while True:
+            c, _ = s.accept()
+            while True:
+                b = c.recv(65536)
+                if not b:
+                    break
+                c.sendall(b)
+            c.close()
+last = None
+while True:
+    select.select([], [], [], 0.05)
+    n = "%s:%d" % s.getsockname()
+    if n != last:
+        print("name", port, n, flush=True)
+        last = n
+"#;
+
+/// A listener shared by pre-fork workers is not moved off a live broker: the processes
+/// share the registration channel's socket, so one may read the answer to another's
+/// heartbeat; a heartbeat that went unanswered that way must not count as a lost broker
+/// (the shim probes the broker on its own private channel first). 60 heartbeat intervals
+/// of 200 ms with five processes: no move, and the proxy serves throughout.
+#[test]
+#[ignore = "needs root and the network lab"]
+fn pool_prefork_workers_do_not_leave_a_live_broker() {
+    let rig = Rig::up();
+    let port = port_for(24000, 0, None);
+    let log = rig.path("prefork.shim.log");
+    let mut c = gcb_run(&rig.lab, Host::A1, true, &[], Some(("debug", &log)));
+    c.env("GCB_BROKER", POOL)
+        .env("GCB_HEARTBEAT_MS", "200")
+        .args([python(), "-c", PREFORK_SERVER, &port.to_string()]);
+    let server = rig.lab.spawn_logged(&mut c, &rig.dir, "prefork");
+    let proxy = wait_name(&server, port, None, UP);
+    assert_eq!(proxy.ip().to_string(), BROKERS[0]);
+    let (pl, sha) = rig.payload("small.bin", 64);
+    for round in 0..6 {
+        std::thread::sleep(Duration::from_secs(2));
+        let c = rig.client(
+            Host::P2,
+            false,
+            &format!("prefork-client{round}"),
+            &[proxy.to_string(), pl.display().to_string(), "-".into()],
+        );
+        finish_client(c, &[(proxy, &sha)], "through the pre-fork server's proxy");
+    }
+    let shim = read(&log);
+    assert!(
+        !shim.contains("lost; registering with"),
+        "a live broker was left:\n{}",
+        shim.lines()
+            .filter(|l| l.contains("lost") || l.contains("stopped answering"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert_eq!(
+        read(&server.out).matches(&format!("name {port} ")).count(),
+        1,
+        "{}",
+        read(&server.out)
+    );
+}
+
 /// `/etc/netns/NS/hosts` for one lab namespace (`ip netns exec` mounts it over
 /// `/etc/hosts`), removed when dropped.
 struct NetnsHosts(PathBuf);

@@ -138,9 +138,8 @@ impl Client {
                     v.push(SocketAddr::V4(*p));
                 }
             }
-            // A heartbeat unanswered within this long means its broker is lost (see
-            // `failover`): within one interval, so a failover completes within two
-            // intervals of the broker's last answer plus a round trip to the next.
+            // A heartbeat unanswered within this long has its broker probed, and moved
+            // from if the probe goes unanswered too (see `failover`).
             let deadline = self.heartbeat_deadline();
             for (chan, proxies) in by_chan {
                 let Some(c) = self.chan(chan) else { continue };
@@ -237,6 +236,7 @@ impl Client {
                     Some(Pending::RegisterRetry { id }) => {
                         self.finish_register_retry(chan, id, Some(body))
                     }
+                    Some(Pending::Probe { chan }) => self.broker_answered_probe(chan),
                     Some(Pending::Unregister) | None => {}
                 }
             }
@@ -246,7 +246,8 @@ impl Client {
                     Some(Pending::Waiter) => {
                         c.answers.insert(request, Answer::Timeout);
                     }
-                    Some(Pending::Heartbeat) => self.broker_lost(chan),
+                    Some(Pending::Heartbeat) => self.heartbeat_unanswered(chan),
+                    Some(Pending::Probe { chan }) => self.broker_lost(chan),
                     Some(Pending::Reregister { old }) => {
                         crate::warn!("re-registration of {} unanswered; will retry", old.1)
                     }

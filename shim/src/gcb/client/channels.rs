@@ -75,7 +75,7 @@ impl Client {
     }
 
     /// This process's private channel to `broker`, created on first use.
-    fn private_channel(&mut self, broker: SocketAddrV4) -> Result<u64, c_int> {
+    pub(super) fn private_channel(&mut self, broker: SocketAddrV4) -> Result<u64, c_int> {
         if let Some(c) = self.privates.iter().find(|c| c.peer == broker) {
             return Ok(c.id);
         }

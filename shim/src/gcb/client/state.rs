@@ -73,7 +73,13 @@ pub(super) enum Pending {
         old: RegKey,
     },
     Unregister,
-    /// A caller is blocked in [`Client::request`]; its answer goes to `answers`.
+    /// A heartbeat on registration channel `chan` went unanswered: this probe, on the
+    /// process's own private channel to the same broker, decides whether the broker is
+    /// lost (see `failover`).
+    Probe {
+        chan: u64,
+    },
+    /// A caller is blocked in [`Client::request_to`]; its answer goes to `answers`.
     Waiter,
     /// A registration retry of a listener (see [`RegisterRetry`]), by its id.
     RegisterRetry {
