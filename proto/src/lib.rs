@@ -18,7 +18,7 @@
 //! checked by `scripts/modgraph --check proto/src`:
 //!
 //! - **Floor 0, encodings**: `addr`, `auth`, `conf`, `preamble`, `udp`
-//! - **Floor 1, messages**: `msg`, `punch`
+//! - **Floor 1, messages**: `msg`, `punch`, `pool`
 //! - **Floor 2, state machines and tokens**: `rudp`, `token`, `tcp_punch`
 //!
 //! ## Wire format
@@ -150,6 +150,7 @@ pub mod auth;
 #[cfg(feature = "conf")]
 pub mod conf;
 pub mod msg;
+pub mod pool;
 pub mod preamble;
 pub mod punch;
 pub mod rudp;

@@ -729,6 +729,12 @@ local_addr = "%(a1)s:7000"
         log("  relayed: %s" % {k: j.get(k) for k in ("requested", "opened", "verified", "open_ms",
                                                       "total_ms", "broker_fds_during", "error")})
 
+    def run_pool(self):
+        # A pool of 3 brokers: spread, failover, what moves (scripts/bench.d/pool.py).
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import pool
+        pool.run_pool(self, self.lab, log, BROKERD, GCBRUN, sys.executable)
+
     def run_portfwd(self):
         args = ["500", "3", "100"] if self.quick else ["2000", "5", "200"]
         log("item 3: scripts/bench-portfwd %s" % " ".join(args))
@@ -847,6 +853,8 @@ local_addr = "%(a1)s:7000"
             self.save()
             self.run_scale()
             self.save()
+            self.run_pool()
+            self.save()
         except Exception:
             ok = False
             self.res["meta"]["lab_error"] = traceback.format_exc()
@@ -900,7 +908,7 @@ def main():
     ap.add_argument("--runs", type=int)
     ap.add_argument("--out", default=os.path.join(ROOT, "bench"))
     ap.add_argument("--keep", action="store_true", help="keep the work dir (logs)")
-    ap.add_argument("--only", help="comma list: tables,throughput,hardnat,scale,portfwd,shim, or punch "
+    ap.add_argument("--only", help="comma list: tables,throughput,hardnat,scale,pool,portfwd,shim, or punch "
                     "(only TCP hole punching's rows and their baselines: Table 3 regular/GCB/GCB "
                     "punched TCP, iperf3 b1->a1 direct/relayed/punched, hardnat); writes "
                     "results-only.json, no charts (debug)")
@@ -911,7 +919,7 @@ def main():
         if "punch" in only:
             b.punch_only = True
             only += ["tables", "throughput", "hardnat"]
-        for name in ("tables", "throughput", "hardnat", "scale"):
+        for name in ("tables", "throughput", "hardnat", "scale", "pool"):
             if name not in only:
                 setattr(b, "run_" + name, lambda: None)
         for name in ("portfwd", "shim"):

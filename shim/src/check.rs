@@ -71,9 +71,23 @@ pub fn run(r: Report<'_>) -> ! {
         ok = false;
     }
     if let Some(b) = r.broker {
-        ok &= probe("broker", crate::gcb::parse_broker(b), &key, || {
-            Body::Heartbeat { proxies: vec![] }
-        });
+        match crate::gcb::parse_pool(b) {
+            Ok(pool) => {
+                for p in &pool.problems {
+                    say(format_args!("broker: left out {p}"));
+                    ok = false;
+                }
+                for addr in pool.brokers {
+                    ok &= probe("broker", Ok(addr), &key, || Body::Heartbeat {
+                        proxies: vec![],
+                    });
+                }
+            }
+            Err(e) => {
+                say(format_args!("broker: unusable address: {e}"));
+                ok = false;
+            }
+        }
     }
     if let Some(d) = r.dpf_server {
         ok &= probe("portfwd", crate::dpf::parse_server(d), &key, || {

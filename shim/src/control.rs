@@ -73,6 +73,8 @@ pub struct Channel<P> {
     pub answers: HashMap<RequestId, Answer>,
     /// The process that created it (some channels are shared with descendants).
     pub creator: i32,
+    /// The daemon it is connected to (one broker of a pool).
+    pub peer: SocketAddrV4,
 }
 
 impl<P> Channel<P> {
@@ -88,11 +90,13 @@ impl<P> Channel<P> {
         }
         let local_ip = net::sock_name(fd, false).map(|a| *a.ip());
         let owned = fdtable::own_fd(fd, "gcb-control")?;
-        Ok((Self::adopt(owned, key, getpid()), local_ip))
+        Ok((Self::adopt(owned, key, getpid(), peer), local_ip))
     }
 
-    pub fn adopt(fd: Arc<ShimFd>, key: &Option<PoolKey>, creator: i32) -> Self {
+    /// A channel on the connected socket `fd` (inherited across exec), to `peer`.
+    pub fn adopt(fd: Arc<ShimFd>, key: &Option<PoolKey>, creator: i32, peer: SocketAddrV4) -> Self {
         Channel {
+            peer,
             id: random_u64(),
             fd,
             ep: endpoint(key),

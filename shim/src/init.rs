@@ -375,35 +375,46 @@ fn source_of(settings: &Settings, key: &str) -> String {
         .map_or_else(|| key.to_owned(), |(_, from)| from)
 }
 
-/// The GCB layer for `broker` = `IP[:PORT]`, with the registrations an exec'ing image
+/// The GCB layer for `broker` = `IP[:PORT]`, a list of them or a DNS name (a pool), with the registrations an exec'ing image
 /// handed over.
 fn install_gcb(
     broker: &str,
     key: Option<gcb_proto::PoolKey>,
     settings: &Settings,
 ) -> Option<crate::gcb::GcbLayer> {
-    let addr = match crate::gcb::parse_broker(broker) {
-        Ok(a) => a,
-        Err(gcb_proto::addr::AddrError::Ipv6Unsupported { input }) => {
-            crate::notice!(
-                Error,
-                BrokerAddr,
-                "{} {input:?}: IPv6 brokers are not supported (give the broker's IPv4 address); GCB disabled, {PLAIN}",
-                source_of(settings, "broker")
-            );
-            return None;
-        }
+    let pool = match crate::gcb::parse_pool(broker) {
+        Ok(p) => p,
         Err(e) => {
+            let ipv6 = e.contains("IPv6");
             crate::notice!(
                 Error,
                 BrokerAddr,
-                "{}: {}; GCB disabled, {PLAIN}",
+                "{}: {}{}; GCB disabled, {PLAIN}",
                 source_of(settings, "broker"),
-                e
+                e,
+                if ipv6 {
+                    " (IPv6 brokers are not supported: give the broker's IPv4 address)"
+                } else {
+                    ""
+                }
             );
             return None;
         }
     };
+    if !pool.problems.is_empty() {
+        crate::notice!(
+            Error,
+            BrokerAddr,
+            "{}: left out {}; using the brokers {}",
+            source_of(settings, "broker"),
+            pool.problems.join("; "),
+            pool.brokers
+                .iter()
+                .map(|b| b.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+    }
     // Heartbeats keep the NAT's UDP mapping and the broker's lease alive; the default
     // is well under Linux conntrack's 30 s. GCB_HEARTBEAT_MS tunes it (e.g. for NATs
     // that forget sooner, or short leases in tests).
@@ -416,7 +427,7 @@ fn install_gcb(
     let punch = settings
         .on_unless_zero("punch_tcp")
         .then(|| settings.millis("punch_ms", 10, crate::gcb::tcp_punch::DEFAULT_PUNCH_WAIT));
-    let layer = crate::gcb::GcbLayer::new(addr, key, heartbeat, standby);
+    let layer = crate::gcb::GcbLayer::new(pool.brokers, key, heartbeat, standby);
     layer.client().lock().set_punch(punch);
     Some(layer)
 }

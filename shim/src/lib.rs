@@ -96,7 +96,8 @@
 //! Environment (each also a key of the config file `/etc/gcb/gcb.conf` or `$GCB_CONF`,
 //! in lower case without `GCB_`; the environment wins): `GCB_LOG=off|error|warn|info|debug|trace`
 //! (unset: only the one-line notices of misconfiguration), `GCB_LOG_FILE=path`,
-//! `GCB_BROKER=IP[:PORT]` (enables the [`gcb`] layer), `GCB_KEY_FILE=path` (pool key),
+//! `GCB_BROKER=IP[:PORT]` (enables the [`gcb`] layer; a pool: `IP[:PORT],IP[:PORT],...` or
+//! one DNS name, see `gcb::client::failover`), `GCB_KEY_FILE=path` (pool key),
 //! `GCB_HEARTBEAT_MS` (heartbeat interval, default 10000), `GCB_STANDBY=0` (no standby relay
 //! connections, see `gcb::standby`), `GCB_PUNCH_TCP=0` (no TCP hole punching, see
 //! `gcb::tcp_punch`), `GCB_PUNCH_MS` (how long a punch may take, default 200), `GCB_DPF_REFRESH_MS` (how often

@@ -75,7 +75,18 @@ impl Stack {
     /// registered or forwarded like any other. Other addresses are left as they are.
     fn local_bind_addr(&self, addr: AddrIn) -> Option<SockAddrBuf> {
         let want = net::addr_in(addr)?;
-        if want.ip().is_unspecified() || Some(*want.ip()) != self.public_ip() {
+        if want.ip().is_unspecified() {
+            return None;
+        }
+        // Under GCB any broker of the pool: a listener that moved has its proxy there.
+        let pool_ip = || {
+            self.dpf.as_ref().and_then(DpfClient::public_ip).is_none()
+                && self
+                    .gcb
+                    .as_ref()
+                    .is_some_and(|g| g.is_broker_ip(*want.ip()))
+        };
+        if Some(*want.ip()) != self.public_ip() && !pool_ip() {
             return None;
         }
         // SAFETY: the program passed `ptr`/`len` to bind, whose contract makes the family

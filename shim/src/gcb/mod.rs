@@ -22,7 +22,13 @@
 //!   broker's relay port ([`standby`]): a connection to the proxy is spliced onto it at
 //!   once (the broker writes a 12-byte claim, the AEH acks and hands it over as above),
 //!   without the `connect_back` datagram and the dial; `connect_back` is the fallback.
-//! * `connect()` to an address on the broker's IP asks the broker how: `direct` (connect
+//! * A **pool** of brokers (`GCB_BROKER=IP,IP,...` or a DNS name): each listener
+//!   registers with the first broker of its own rendezvous order ([`gcb_proto::pool`])
+//!   and, when that broker stops answering heartbeats, with the next one (a new proxy;
+//!   `getsockname()` reports it); see [`client::failover`] for the bound, why it does not
+//!   move back, and what peers that hold the old address see.
+//! * `connect()` to an address on a broker's IP (any broker of the pool: the one whose IP
+//!   it is owns the proxy) asks that broker how: `direct` (connect
 //!   to the listener's real address), `reverse` (we listen, the listener dials us and
 //!   presents the connect id), `punch` (both behind different NATs: [`tcp_punch`]), or
 //!   `relay` (connect to the broker's relay port and present the connect id). Destinations the broker does not know, and an unreachable broker,
@@ -50,7 +56,8 @@
 //!   the broker observed, prove the pairing, and the relay serves the connection when the
 //!   punch has not connected within `GCB_PUNCH_MS`.
 //!
-//! Limits today: IPv4 only; one broker per process; `execl*`/`posix_spawn` get no
+//! Limits today: IPv4 only; UDP sockets use the pool's first broker only (no failover);
+//! `execl*`/`posix_spawn` get no
 //! handoff.
 
 pub mod accepted_opts;
@@ -77,7 +84,7 @@ use crate::layer::Layer;
 use core::gcb_state;
 
 pub use crate::sockstate::GcbSock;
-pub use core::{parse_broker, GcbLayer, DEFAULT_BROKER_PORT};
+pub use core::{parse_broker, parse_pool, GcbLayer, PoolSetting, DEFAULT_BROKER_PORT};
 
 impl GcbLayer {
     /// The `GCB_INHERIT` value for an exec, if registered sockets survive it.

@@ -384,7 +384,7 @@ impl GcbLayer {
                 crate::info!(
                     "registered {} with broker {}: proxy {}",
                     reg_local,
-                    c.broker,
+                    proxy.ip(),
                     proxy
                 );
             }
@@ -590,10 +590,10 @@ impl GcbLayer {
         }
         let (broker, local_ip, punch) = {
             let mut c = self.client.lock();
-            if *dest.ip() != *c.broker.ip() || dest.port() == c.broker.port() || c.is_negative(dest)
-            {
-                return Outcome::Bypass("not a proxy on the broker (or known not to be one)");
-            }
+            // The broker of the pool whose IP the destination is on owns it (if a proxy).
+            let Some(broker) = c.owner_of(dest).filter(|_| !c.is_negative(dest)) else {
+                return Outcome::Bypass("not a proxy on a broker (or known not to be one)");
+            };
             if c.relayed
                 .get(&dest)
                 .is_some_and(|until| *until > Instant::now())
@@ -604,11 +604,11 @@ impl GcbLayer {
                 crate::debug!(
                     "connect {} route relay (through the proxy: broker {} relayed it lately)",
                     dest,
-                    c.broker
+                    broker
                 );
                 return Outcome::Bypass("broker unreachable: connecting plainly");
             }
-            (c.broker, c.route_ip(), c.punch_wait())
+            (broker, c.route_ip_to(broker), c.punch_wait())
         };
         if !net::is_tcp4(fd) {
             return Outcome::Bypass("not an IPv4 TCP socket");
@@ -635,7 +635,10 @@ impl GcbLayer {
             connector_listen: rev.map(|r| SocketAddr::V4(r.1)),
             punch: punch.is_some(),
         };
-        let answer = self.client.lock().request(body, client::CONNECT_DEADLINE);
+        let answer = self
+            .client
+            .lock()
+            .request_to(broker, body, client::CONNECT_DEADLINE);
         let close_rev = || {
             if let Some((s, _)) = rev {
                 net::close(s);

@@ -22,7 +22,7 @@ impl Client {
     /// registrations, their channels and the mailbox (shared with the parent); requests
     /// in flight belong to the parent's threads, and the private channel to the parent.
     pub fn reset_after_fork(&mut self) {
-        if let Some(p) = self.private.take() {
+        for p in self.privates.drain(..) {
             p.close();
         }
         // Standbys belong to the process that registered (see `standby`): close the
@@ -70,10 +70,10 @@ impl Client {
             || !self.retries.is_empty()
     }
 
-    /// What the AEH waits on: the registration channels' fds (at most 4), then the
+    /// What the AEH waits on: the registration channels' fds (at most 8), then the
     /// standby watch (see [`Client::watch_fd`]).
     pub fn aeh_fds(&self) -> Vec<c_int> {
-        let mut v: Vec<c_int> = self.families.iter().take(4).map(|c| c.fd.fd()).collect();
+        let mut v: Vec<c_int> = self.families.iter().take(8).map(|c| c.fd.fd()).collect();
         v.extend(self.watch_fd());
         v
     }
@@ -86,7 +86,7 @@ impl Client {
     /// Every timer of the AEH, each kind at the earliest deadline of its sources.
     pub fn timers(&self) -> TimerTable {
         let mut t = TimerTable::default();
-        let chans = self.families.iter().chain(self.private.as_ref());
+        let chans = self.families.iter().chain(&self.privates);
         t.set_earliest(
             Timer::Request,
             chans.filter_map(|c| c.ep.poll_request_timeout()),
@@ -125,10 +125,10 @@ impl Client {
     /// broker's commands, send heartbeats when due. Never waits for the network (a
     /// dial-back to the broker's relay port at most `RELAY_DIAL_QUICK`).
     pub fn pump(&mut self) {
-        let from = SocketAddr::V4(self.broker);
         let mut work: Vec<(u64, Event)> = Vec::new();
-        for c in self.families.iter_mut().chain(self.private.as_mut()) {
+        for c in self.families.iter_mut().chain(&mut self.privates) {
             let id = c.id;
+            let from = SocketAddr::V4(c.peer);
             work.extend(c.poll(from).into_iter().map(|e| (id, e)));
         }
         for (chan, ev) in work {
@@ -144,10 +144,14 @@ impl Client {
                     v.push(SocketAddr::V4(*p));
                 }
             }
+            // A heartbeat unanswered within this long has its broker probed, and moved
+            // from if the probe goes unanswered too (see `failover`).
+            let deadline = self.heartbeat_deadline();
             for (chan, proxies) in by_chan {
                 let Some(c) = self.chan(chan) else { continue };
+                let from = SocketAddr::V4(c.peer);
                 for body in gcb_proto::msg::heartbeat_batches(&proxies) {
-                    if let Ok(id) = c.ep.send_request(t, from, body) {
+                    if let Ok(id) = c.ep.send_request_with_deadline(t, from, body, deadline) {
                         c.pending.insert(id, Pending::Heartbeat);
                     }
                 }
@@ -160,7 +164,7 @@ impl Client {
         self.register_retries(t.mono);
         self.udp_keepalive(t.mono);
         self.punch_tick(t.mono);
-        for c in self.families.iter_mut().chain(self.private.as_mut()) {
+        for c in self.families.iter_mut().chain(&mut self.privates) {
             c.flush();
         }
     }
@@ -187,7 +191,7 @@ impl Client {
                         peer_proxy,
                     } => self.on_punch_end(proxy, &[peer, peer_proxy]),
                     Body::ReregisterRequest {} => {
-                        crate::info!("broker {} asks us to register again", self.broker);
+                        crate::info!("broker {} asks us to register again", from);
                         let mine: Vec<RegKey> = self
                             .regs
                             .iter()
@@ -238,6 +242,7 @@ impl Client {
                     Some(Pending::RegisterRetry { id }) => {
                         self.finish_register_retry(chan, id, Some(body))
                     }
+                    Some(Pending::Probe { chan }) => self.broker_answered_probe(chan),
                     Some(Pending::Unregister) | None => {}
                 }
             }
@@ -247,15 +252,8 @@ impl Client {
                     Some(Pending::Waiter) => {
                         c.answers.insert(request, Answer::Timeout);
                     }
-                    Some(Pending::Heartbeat) => {
-                        crate::notice!(
-                            Warn,
-                            BrokerLost,
-                            "broker {} stopped answering heartbeats: registered listeners serve local connections only until it answers again (pid {})",
-                            self.broker,
-                            control::getpid()
-                        )
-                    }
+                    Some(Pending::Heartbeat) => self.heartbeat_unanswered(chan),
+                    Some(Pending::Probe { chan }) => self.broker_lost(chan),
                     Some(Pending::Reregister { old }) => {
                         crate::warn!("re-registration of {} unanswered; will retry", old.1)
                     }

@@ -45,18 +45,28 @@ impl Client {
         self.local_ip
     }
 
-    /// This process's own registration channel (and the family mailbox), created on
-    /// first use; returns the channel's id.
+    /// This process's own registration channel to the pool's first broker (UDP sockets
+    /// register there); see [`Self::own_family_to`].
     pub(super) fn own_family(&mut self) -> Result<u64, c_int> {
+        self.own_family_to(self.broker)
+    }
+
+    /// This process's own registration channel to `broker` (and the family mailbox),
+    /// created on first use; returns the channel's id.
+    pub(super) fn own_family_to(&mut self, broker: SocketAddrV4) -> Result<u64, c_int> {
         let me = getpid();
-        if let Some(c) = self.families.iter().find(|c| c.creator == me) {
+        if let Some(c) = self
+            .families
+            .iter()
+            .find(|c| c.creator == me && c.peer == broker)
+        {
             return Ok(c.id);
         }
         if self.mailbox.is_none() {
             self.mailbox = Some(Mailbox::open()?);
         }
-        let (c, ip) = Channel::open(self.broker, &self.key)?;
-        if self.local_ip.is_none() {
+        let (c, ip) = Channel::open(broker, &self.key)?;
+        if self.local_ip.is_none() && broker == self.broker {
             self.local_ip = ip;
         }
         let id = c.id;
@@ -64,24 +74,44 @@ impl Client {
         Ok(id)
     }
 
-    fn private_channel(&mut self) -> Result<u64, c_int> {
-        if let Some(c) = &self.private {
+    /// This process's private channel to `broker`, created on first use.
+    pub(super) fn private_channel(&mut self, broker: SocketAddrV4) -> Result<u64, c_int> {
+        if let Some(c) = self.privates.iter().find(|c| c.peer == broker) {
             return Ok(c.id);
         }
-        let (c, ip) = Channel::open(self.broker, &self.key)?;
-        if self.local_ip.is_none() {
-            self.local_ip = ip;
-        }
+        let (c, _) = Channel::open(broker, &self.key)?;
         let id = c.id;
-        self.private = Some(c);
+        self.privates.push(c);
         Ok(id)
     }
 
     pub(super) fn chan(&mut self, id: u64) -> Option<&mut Channel> {
-        if let Some(p) = self.private.as_mut().filter(|p| p.id == id) {
+        if let Some(p) = self.privates.iter_mut().find(|p| p.id == id) {
             return Some(p);
         }
         self.families.iter_mut().find(|c| c.id == id)
+    }
+
+    /// The broker of the pool that owns `dest` if it may be one of its proxies: `dest`
+    /// is on its IP and is not its control/relay port.
+    pub fn owner_of(&self, dest: SocketAddrV4) -> Option<SocketAddrV4> {
+        self.pool
+            .iter()
+            .find(|b| b.ip() == dest.ip() && b.port() != dest.port())
+            .copied()
+    }
+
+    /// Is `ip` the address of a broker of the pool?
+    pub fn is_pool_ip(&self, ip: Ipv4Addr) -> bool {
+        self.pool.iter().any(|b| *b.ip() == ip)
+    }
+
+    /// Our IP on the route to `broker`.
+    pub fn route_ip_to(&mut self, broker: SocketAddrV4) -> Option<Ipv4Addr> {
+        if broker == self.broker {
+            return self.route_ip();
+        }
+        net::route_ip(broker)
     }
 
     /// Send a request on channel `chan` and run the AEH until its answer (or deadline).
@@ -91,8 +121,8 @@ impl Client {
         body: Body,
         deadline: Duration,
     ) -> Result<Answer, c_int> {
-        let to = SocketAddr::V4(self.broker);
         let c = self.chan(chan).ok_or(libc::EBADF)?;
+        let to = SocketAddr::V4(c.peer);
         let id =
             c.ep.send_request_with_deadline(now(), to, body, deadline)
                 .map_err(|_| libc::ENOBUFS)?;
@@ -112,9 +142,14 @@ impl Client {
         }
     }
 
-    /// A connect request on this process's private channel.
-    pub fn request(&mut self, body: Body, deadline: Duration) -> Result<Answer, c_int> {
-        let chan = self.private_channel()?;
+    /// A connect request to `broker` on this process's private channel to it.
+    pub fn request_to(
+        &mut self,
+        broker: SocketAddrV4,
+        body: Body,
+        deadline: Duration,
+    ) -> Result<Answer, c_int> {
+        let chan = self.private_channel(broker)?;
         self.request_on(chan, body, deadline)
     }
 
@@ -154,9 +189,9 @@ impl Client {
 
     /// Tells the broker (on channel `chan`) that `proxy` is no longer wanted.
     pub(super) fn send_unregister(&mut self, chan: u64, transport: Transport, proxy: SocketAddrV4) {
-        let to = SocketAddr::V4(self.broker);
         let token = self.proofs.get(&(transport, proxy)).cloned();
         if let Some(c) = self.chan(chan) {
+            let to = SocketAddr::V4(c.peer);
             let body = Body::Unregister {
                 proxy: SocketAddr::V4(proxy),
                 transport: Some(transport),

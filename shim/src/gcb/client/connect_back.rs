@@ -48,17 +48,17 @@ impl Client {
         else {
             return Body::error(gcb_proto::ErrorCode::BadRequest, "IPv4 only");
         };
-        let Some((listen_at, family)) = self
+        let Some((listen_at, family, broker)) = self
             .regs
             .get(&(Transport::Tcp, proxy))
-            .map(|r| (r.listen_at, r.family))
+            .map(|r| (r.listen_at, r.family, r.broker))
         else {
             return Body::error(
                 gcb_proto::ErrorCode::NoSuchRegistration,
                 format!("{proxy} is not registered here"),
             );
         };
-        if let Some(why) = net::dial_refusal(*dial.ip(), *self.broker.ip()) {
+        if let Some(why) = net::dial_refusal(*dial.ip(), *broker.ip()) {
             crate::warn!(
                 "connect_back for {} refused: dial target {} is {}",
                 proxy,
@@ -80,7 +80,7 @@ impl Client {
                 Err(e) => crate::debug!("no watch for dial-backs: {}", errstr(e)),
             }
         }
-        let quick = if dial.ip() == self.broker.ip() {
+        let quick = if dial.ip() == broker.ip() {
             RELAY_DIAL_QUICK
         } else {
             Duration::ZERO

@@ -182,15 +182,17 @@ impl Client {
             }
             return adopted;
         };
-        let mut chan_of: HashMap<c_int, u64> = HashMap::new();
+        let mut chan_of: HashMap<c_int, (u64, SocketAddrV4)> = HashMap::new();
         for fd in ctls {
             if !regs.iter().any(|r| r.5 == fd) && !udps.iter().any(|u| u.ctl == fd) {
                 net::close(fd);
                 continue;
             }
+            // The connected socket names its broker (one of the pool's).
+            let peer = net::sock_name(fd, true).unwrap_or(self.broker);
             if let Ok(owned) = fdtable::own_fd(fd, "gcb-control") {
-                let c = Channel::adopt(owned, &self.key, 0);
-                chan_of.insert(fd, c.id);
+                let c = Channel::adopt(owned, &self.key, 0, peer);
+                chan_of.insert(fd, (c.id, peer));
                 self.families.push(c);
             }
         }
@@ -212,7 +214,7 @@ impl Client {
             self.heartbeat = Ticker::new(d);
         }
         for (fd, ino, proxy, local, listen_at, ctl) in regs {
-            let Some(&chan) = chan_of.get(&ctl) else {
+            let Some(&(chan, broker)) = chan_of.get(&ctl) else {
                 continue;
             };
             let Some(entry) = fdtable::socket_entry(fd, None) else {
@@ -226,6 +228,7 @@ impl Client {
                     listen_at,
                     inode: ino,
                     chan,
+                    broker,
                     entry: Arc::downgrade(&entry),
                     family: entry.domain(),
                     udp: None,
@@ -248,13 +251,13 @@ impl Client {
     fn adopt_udp(
         &mut self,
         udps: Vec<UdpEntry>,
-        chan_of: &HashMap<c_int, u64>,
+        chan_of: &HashMap<c_int, (u64, SocketAddrV4)>,
         adopted: &mut Vec<(c_int, Transport, SocketAddrV4, SocketAddrV4)>,
     ) {
         // dup'd fds of one socket share one table entry, as in the exec'ing image.
         let mut by_ino: HashMap<u64, Arc<FdEntry>> = HashMap::new();
         for u in udps {
-            let Some(&chan) = chan_of.get(&u.ctl) else {
+            let Some(&(chan, broker)) = chan_of.get(&u.ctl) else {
                 continue;
             };
             let key = (Transport::Udp, u.proxy);
@@ -277,7 +280,7 @@ impl Client {
                 continue;
             };
             entry.with_state(|s| {
-                *s = SockState::UdpRegistered(UdpSock::new(u.proxy, *self.broker.ip()));
+                *s = SockState::UdpRegistered(UdpSock::new(u.proxy, *broker.ip()));
             });
             match self.regs.get_mut(&key).and_then(|r| r.udp.as_mut()) {
                 // Another socket on the same local address (SO_REUSEADDR) holds it too.
@@ -290,6 +293,7 @@ impl Client {
                             listen_at: u.local,
                             inode: u.ino,
                             chan,
+                            broker,
                             entry: Arc::downgrade(&entry),
                             family: entry.domain(),
                             udp: Some(UdpReg {

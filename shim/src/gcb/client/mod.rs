@@ -12,6 +12,8 @@
 //!   negative cache, heartbeat fitting, unregistering;
 //! * [`register`]: TCP listener registration (at listen(), retried later), release,
 //!   re-registration;
+//! * [`failover`]: a listener's order of the pool's brokers, and moving the listeners
+//!   of a lost broker to the next one;
 //! * [`udp_register`]: UDP socket registration and its keepalives;
 //! * [`punching`]: the broker's side of UDP hole punching (`punch_request`,
 //!   `punch_back`, `punch_end`);
@@ -40,6 +42,7 @@
 pub mod aeh;
 pub mod channels;
 pub mod connect_back;
+pub mod failover;
 pub mod handoff;
 pub mod mailbox;
 pub mod placeholder;

@@ -23,14 +23,14 @@ impl Client {
         dest: SocketAddrV4,
         entry: &Arc<FdEntry>,
     ) {
-        let Some((chan, token)) = self
+        let Some((chan, token, broker)) = self
             .regs
             .get(&(Transport::Udp, my_proxy))
-            .and_then(|r| Some((r.chan, r.udp.as_ref()?.token.clone())))
+            .and_then(|r| Some((r.chan, r.udp.as_ref()?.token.clone(), r.broker)))
         else {
             return;
         };
-        let to = SocketAddr::V4(self.broker);
+        let to = SocketAddr::V4(broker);
         let Some(c) = self.chan(chan) else { return };
         let body = Body::PunchRequest {
             proxy: SocketAddr::V4(dest),

@@ -42,17 +42,19 @@ pub fn set_listener_proxy(entry: &Arc<FdEntry>, proxy: SocketAddrV4) {
 }
 
 impl Client {
-    /// Ask the broker to register `local` for `transport` on this process's own
-    /// registration channel; returns the channel, the proxy, the lease and the token.
+    /// Ask `broker` to register `local` for `transport` on this process's own
+    /// registration channel to it; returns the channel, the proxy, the lease and the
+    /// token.
     pub(super) fn register_request(
         &mut self,
+        broker: SocketAddrV4,
         transport: Transport,
         local: SocketAddrV4,
     ) -> Result<(u64, SocketAddrV4, Option<String>), String> {
         let chan = self
-            .own_family()
-            .map_err(|e| format!("no control socket to broker {}: {}", self.broker, errstr(e)))?;
-        let previous_proxy = self.previous_for(transport, local);
+            .own_family_to(broker)
+            .map_err(|e| format!("no control socket to broker {}: {}", broker, errstr(e)))?;
+        let previous_proxy = self.previous_for(transport, local, broker);
         let body = Body::Register {
             transport,
             local: SocketAddr::V4(local),
@@ -61,14 +63,10 @@ impl Client {
             punch: transport == Transport::Tcp && self.punch_wait().is_some(),
         };
         match self.request_on(chan, body, REGISTER_DEADLINE) {
-            Err(e) => Err(format!(
-                "cannot reach broker {}: {}",
-                self.broker,
-                errstr(e)
-            )),
+            Err(e) => Err(format!("cannot reach broker {}: {}", broker, errstr(e))),
             Ok(Answer::Timeout) => Err(format!(
                 "broker {} did not answer within {:?}",
-                self.broker, REGISTER_DEADLINE
+                broker, REGISTER_DEADLINE
             )),
             Ok(Answer::Body(Body::Registered {
                 proxy,
@@ -90,7 +88,8 @@ impl Client {
         }
     }
 
-    /// Register a listening socket; returns its proxy address.
+    /// Register a listening socket with the first broker of its order in the pool
+    /// ([`Self::order_for`]); returns its proxy address.
     pub fn register(
         &mut self,
         local: SocketAddrV4,
@@ -98,7 +97,8 @@ impl Client {
         entry: &Arc<FdEntry>,
         fd: c_int,
     ) -> Result<SocketAddrV4, String> {
-        let (chan, proxy, token) = self.register_request(Transport::Tcp, local)?;
+        let broker = self.order_for(local)[0];
+        let (chan, proxy, token) = self.register_request(broker, Transport::Tcp, local)?;
         let standby_key = self.take_token(Transport::Tcp, proxy, token.as_deref());
         self.insert_tcp_registration(
             chan,
@@ -124,6 +124,8 @@ impl Client {
         fd: c_int,
     ) {
         let standby = self.standby_slot(token);
+        let fallback = self.broker;
+        let broker = self.chan(chan).map_or(fallback, |c| c.peer);
         self.regs.insert(
             (Transport::Tcp, proxy),
             Registration {
@@ -131,6 +133,7 @@ impl Client {
                 listen_at,
                 inode: inode(fd).unwrap_or(0),
                 chan,
+                broker,
                 entry: Arc::downgrade(entry),
                 family: entry.domain(),
                 udp: None,
@@ -141,13 +144,15 @@ impl Client {
 
     /// listen() could not register `entry` (local address `local`, reached at
     /// `listen_at`): it serves as a plain socket, and the AEH registers it later (see
-    /// `RegisterRetry`).
+    /// `RegisterRetry`), first with the next broker of its order.
     pub fn register_later(
         &mut self,
         local: SocketAddrV4,
         listen_at: SocketAddrV4,
         entry: &Arc<FdEntry>,
     ) {
+        let order = self.order_for(local);
+        let broker = gcb_proto::pool::next_after(&order, order[0]).unwrap_or(order[0]);
         self.retries.retain(|r| r.entry.strong_count() > 0);
         if self.retries.len() >= MAX_REGISTER_RETRIES {
             crate::debug!(
@@ -158,6 +163,7 @@ impl Client {
         }
         self.retries.push(RegisterRetry {
             id: crate::control::random_u64(),
+            broker,
             local,
             listen_at,
             entry: Arc::downgrade(entry),
@@ -188,21 +194,21 @@ impl Client {
         // A closed listener's table entry is gone (we hold it weakly).
         self.retries.retain(|r| r.entry.strong_count() > 0);
         self.note_retries();
-        let due: Vec<(u64, SocketAddrV4)> = self
+        let due: Vec<(u64, SocketAddrV4, SocketAddrV4)> = self
             .retries
             .iter()
             .filter(|r| !r.asking && r.next <= at)
-            .map(|r| (r.id, r.local))
+            .map(|r| (r.id, r.local, r.broker))
             .collect();
         if due.is_empty() {
             self.leave_epolls_if_idle();
             return;
         }
-        let chan = self.own_family();
-        let to = SocketAddr::V4(self.broker);
         let punch_on = self.punch_wait().is_some();
-        for (id, local) in due {
-            let previous_proxy = self.previous_for(Transport::Tcp, local);
+        for (id, local, broker) in due {
+            let chan = self.own_family_to(broker);
+            let to = SocketAddr::V4(broker);
+            let previous_proxy = self.previous_for(Transport::Tcp, local, broker);
             let previous_token = previous_proxy.and_then(|p| self.proof_for(Transport::Tcp, p));
             let sent = chan.ok().and_then(|chan| {
                 let c = self.chan(chan)?;
@@ -220,13 +226,14 @@ impl Client {
                 c.flush();
                 Some(())
             });
+            let order = self.order_for(local);
             if let Some(r) = self.retries.iter_mut().find(|r| r.id == id) {
                 match sent {
                     Some(()) => r.asking = true,
-                    None => r.failed(at),
+                    None => r.failed(at, &order),
                 }
             }
-            crate::debug!("listen on {}: asking broker {} again", local, self.broker);
+            crate::debug!("listen on {}: asking broker {}", local, broker);
         }
     }
 
@@ -236,6 +243,7 @@ impl Client {
         let Some(i) = self.retries.iter().position(|r| r.id == id) else {
             return;
         };
+        let order = self.order_for(self.retries[i].local);
         let granted = match body {
             Some(Body::Registered {
                 proxy,
@@ -244,19 +252,21 @@ impl Client {
             }) => net::v4(proxy).map(|p| (p, lease_ms, token)),
             other => {
                 let r = &mut self.retries[i];
-                r.failed(Instant::now());
+                let asked = r.broker;
+                r.failed(Instant::now(), &order);
                 crate::debug!(
-                    "listen on {}: broker {} did not register it ({}); next try in {:?}",
+                    "listen on {}: broker {} did not register it ({}); next try with {} in {:?}",
                     r.local,
-                    self.broker,
+                    asked,
                     other.map_or("no answer".to_owned(), |b| format!("{b:?}")),
+                    r.broker,
                     r.next.saturating_duration_since(Instant::now())
                 );
                 return;
             }
         };
         let Some((proxy, lease_ms, token)) = granted else {
-            self.retries[i].failed(Instant::now());
+            self.retries[i].failed(Instant::now(), &order);
             return;
         };
         let r = self.retries.remove(i);
@@ -292,18 +302,20 @@ impl Client {
         crate::info!(
             "registered {} with broker {}: proxy {}",
             r.local,
-            self.broker,
+            r.broker,
             proxy
         );
     }
 
-    /// The proxy to ask for when registering `local` for `transport`: the one it had
-    /// before (a re-created socket keeps its advertised address), else the number the
-    /// other transport has on the same local address (one port for TCP and UDP).
+    /// The proxy to ask `broker` for when registering `local` for `transport`: the one
+    /// it had before (a re-created socket keeps its advertised address), else the number
+    /// the other transport has on the same local address (one port for TCP and UDP);
+    /// never one on another broker's IP.
     pub(super) fn previous_for(
         &mut self,
         transport: Transport,
         local: SocketAddrV4,
+        broker: SocketAddrV4,
     ) -> Option<SocketAddr> {
         let recent = self
             .recent
@@ -316,7 +328,10 @@ impl Client {
                 .find(|((t, _), r)| *t != transport && r.local == local)
                 .map(|((_, p), _)| *p)
         };
-        recent.or_else(sibling).map(SocketAddr::V4)
+        recent
+            .or_else(sibling)
+            .filter(|p| p.ip() == broker.ip())
+            .map(SocketAddr::V4)
     }
 
     /// This process closed its last fd of the listening socket registered as `proxy`.
@@ -368,7 +383,7 @@ impl Client {
         } else {
             Transport::Tcp
         };
-        let to = SocketAddr::V4(self.broker);
+        let to = SocketAddr::V4(reg.broker);
         let previous_token = self.proof_for(transport, SocketAddr::V4(old_proxy));
         let punch = transport == Transport::Tcp && self.punch_wait().is_some();
         let Some(c) = self.chan(chan) else { return };
@@ -400,7 +415,7 @@ impl Client {
                 Error,
                 RegisterRefused,
                 "broker {} refused to re-register {}: {:?}; will retry (pid {})",
-                self.broker,
+                old_proxy.ip(),
                 old_proxy,
                 body,
                 getpid()

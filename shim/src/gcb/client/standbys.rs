@@ -120,12 +120,13 @@ impl Client {
             return;
         }
         let now = Instant::now();
-        let relay = self.broker;
         let watch = self.watch.as_ref();
         for r in self.regs.values_mut() {
             let Some(slot) = r.standby.as_mut().filter(|s| s.due(now)) else {
                 continue;
             };
+            // The relay of the broker it is registered with (one of the pool's).
+            let relay = r.broker;
             match Standby::dial(relay, slot.key, r.family) {
                 Ok(c) => {
                     watch.inspect(|w| w.add_connecting(c.fd()));

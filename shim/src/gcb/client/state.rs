@@ -39,6 +39,8 @@ pub(super) struct Registration {
     pub(super) inode: u64,
     /// Id of the registration channel it was registered on.
     pub(super) chan: u64,
+    /// The broker of the pool it is registered with (the channel's peer).
+    pub(super) broker: SocketAddrV4,
     /// The socket's table entry (to update its proxy after a re-registration).
     pub(super) entry: Weak<FdEntry>,
     /// The listening socket's address family: its brokered connections (standbys and
@@ -71,7 +73,13 @@ pub(super) enum Pending {
         old: RegKey,
     },
     Unregister,
-    /// A caller is blocked in [`Client::request`]; its answer goes to `answers`.
+    /// A heartbeat on registration channel `chan` went unanswered: this probe, on the
+    /// process's own private channel to the same broker, decides whether the broker is
+    /// lost (see `failover`).
+    Probe {
+        chan: u64,
+    },
+    /// A caller is blocked in [`Client::request_to`]; its answer goes to `answers`.
     Waiter,
     /// A registration retry of a listener (see [`RegisterRetry`]), by its id.
     RegisterRetry {
@@ -97,6 +105,9 @@ pub(super) enum Pending {
 /// gets its proxy once the broker answers.
 pub(super) struct RegisterRetry {
     pub(super) id: u64,
+    /// The broker asked next: the first of the socket's order, then the next after each
+    /// failure (see [`gcb_proto::pool`]).
+    pub(super) broker: SocketAddrV4,
     pub(super) local: SocketAddrV4,
     pub(super) listen_at: SocketAddrV4,
     pub(super) entry: Weak<FdEntry>,
@@ -107,9 +118,13 @@ pub(super) struct RegisterRetry {
 }
 
 impl RegisterRetry {
-    /// No registration this time: the next try after the back-off, which doubles.
-    pub(super) fn failed(&mut self, now: Instant) {
+    /// No registration this time: the next try, with the next broker of `order`, after
+    /// the back-off, which doubles.
+    pub(super) fn failed(&mut self, now: Instant, order: &[SocketAddrV4]) {
         self.asking = false;
+        if let Some(b) = gcb_proto::pool::next_after(order, self.broker) {
+            self.broker = b;
+        }
         self.next = now + self.backoff;
         self.backoff = (self.backoff * 2).min(REGISTER_RETRY_MAX);
     }
@@ -132,12 +147,21 @@ pub(super) type Channel = control::Channel<Pending>;
 
 /// The GCB client of one process (see [`super`]).
 pub struct Client {
+    /// The pool's first broker as configured: UDP sockets register with it, and the
+    /// route to it gives our IP.
     pub broker: SocketAddrV4,
+    /// Every broker of the pool (`broker` first), distinct IPs: a proxy on one of these
+    /// IPs is brokered by that broker.
+    pub pool: Vec<SocketAddrV4>,
+    /// What names this host in a listener's pool identity ([`gcb_proto::pool::identity`]).
+    pub(super) host_id: Vec<u8>,
     pub(super) key: Option<PoolKey>,
     /// Our IP on the route to the broker.
     pub local_ip: Option<Ipv4Addr>,
+    /// Registration channels: one per (process, broker) in use.
     pub(super) families: Vec<Channel>,
-    pub(super) private: Option<Channel>,
+    /// This process's private channels, one per broker asked (created lazily).
+    pub(super) privates: Vec<Channel>,
     pub(super) mailbox: Option<Mailbox>,
     /// Keyed by (transport, proxy): a TCP and a UDP proxy may share a port.
     pub(super) regs: HashMap<RegKey, Registration>,
@@ -189,18 +213,25 @@ pub struct Client {
 }
 
 impl Client {
+    /// A client of the broker pool `pool` (not empty; its first broker is `broker`).
     pub fn new(
-        broker: SocketAddrV4,
+        pool: Vec<SocketAddrV4>,
+        host_id: Vec<u8>,
         key: Option<PoolKey>,
         heartbeat: Duration,
         standby: bool,
     ) -> Client {
         Client {
-            broker,
+            broker: pool
+                .first()
+                .copied()
+                .unwrap_or(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)),
+            pool,
+            host_id,
             key,
             local_ip: None,
             families: Vec::new(),
-            private: None,
+            privates: Vec::new(),
             mailbox: None,
             regs: HashMap::new(),
             heartbeat: Ticker::new(heartbeat),

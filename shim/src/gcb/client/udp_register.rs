@@ -29,7 +29,7 @@ impl Client {
         if let Some(shared) = self.share_udp(local, entry) {
             return Ok(shared);
         }
-        let (chan, proxy, token) = self.register_request(Transport::Udp, local)?;
+        let (chan, proxy, token) = self.register_request(self.broker, Transport::Udp, local)?;
         let token = self
             .take_token(Transport::Udp, proxy, token.as_deref())
             .ok_or("broker gave no valid token for a udp registration")?
@@ -71,6 +71,7 @@ impl Client {
                 listen_at: local,
                 inode: inode(fd).unwrap_or(0),
                 chan,
+                broker: self.broker,
                 entry: Arc::downgrade(entry),
                 family: entry.domain(),
                 udp: Some(UdpReg {
@@ -101,7 +102,7 @@ impl Client {
         let chan = self
             .own_family()
             .map_err(|e| format!("no control socket to broker {}: {}", self.broker, errstr(e)))?;
-        let previous_proxy = self.previous_for(Transport::Udp, local);
+        let previous_proxy = self.previous_for(Transport::Udp, local, self.broker);
         let body = Body::Register {
             transport: Transport::Udp,
             local: SocketAddr::V4(local),
