@@ -84,6 +84,7 @@ impl Server {
         mut random: Box<dyn Random>,
     ) -> Result<Server, StartError> {
         let advertise = advertised_ip(&cfg)?;
+        check_proxy_ips(&cfg, advertise)?;
         // Port 0: pick a free UDP port and use the same number for TCP
         // (retrying if that TCP port happens to be taken).
         let mut attempts = if cfg.listen.port() == 0 { 20 } else { 1 };
@@ -213,7 +214,8 @@ impl Server {
             ops: gcb_ops::OpsSlot::default(),
             started: t,
             bound,
-            next_proxy_port: 0,
+            next_proxy_port: HashMap::new(),
+            proxy_ip_full: HashMap::new(),
         })
     }
 
@@ -304,6 +306,29 @@ fn advertised_ip(cfg: &Config) -> Result<IpAddr, StartError> {
         Some(why) => Err(StartError::Advertise { advertise: ip, why }),
         None => Ok(ip),
     }
+}
+
+/// `Config::proxy_ips` must be specific, unicast, of the bind family, other than the
+/// advertised IP, and need a specific bind IP (a wildcard-bound proxy port would take that
+/// port on every IP, so the port spaces would not be separate).
+fn check_proxy_ips(cfg: &Config, advertise: IpAddr) -> Result<(), StartError> {
+    for (i, &ip) in cfg.proxy_ips.iter().enumerate() {
+        let why = if cfg.listen.ip().is_unspecified() {
+            Some("needs a specific --bind/--listen IP (a wildcard-bound proxy takes its port on every IP)")
+        } else if ip.is_unspecified() || ip.is_multicast() {
+            Some("must be a specific unicast IP of this host")
+        } else if ip.is_ipv4() != cfg.listen.is_ipv4() {
+            Some("must be of the bind address's family (IPv4 or IPv6)")
+        } else if ip == advertise || ip == cfg.listen.ip() || cfg.proxy_ips[..i].contains(&ip) {
+            Some("given twice (the bind and advertised IPs take proxies already)")
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            return Err(StartError::ProxyIp { ip, why });
+        }
+    }
+    Ok(())
 }
 
 /// The source IP the kernel picks for a datagram from `bind_ip` to `to` (no packet is
