@@ -21,7 +21,7 @@
 //! proxy address, the requests, retransmissions and errors it took, and how many came
 //! back in each second). Runs until killed or `--max-secs`.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -104,6 +104,8 @@ struct Storm {
     back_per_s: BTreeMap<u64, u64>,
     retransmits_at_start: u64,
     last_back: Option<Instant>,
+    /// The listeners registered again, each once.
+    back: HashSet<(usize, usize)>,
 }
 
 /// A small xorshift for heartbeat phases (no dependency for a load generator).
@@ -247,6 +249,11 @@ impl Fleet {
         if r.down_since.take().is_some() {
             let s = &mut self.storm;
             s.down -= 1;
+            // A listener found unknown again (a heartbeat answered before its
+            // re-registration was) counts once.
+            if !s.back.insert((ci, j)) {
+                return;
+            }
             if moved {
                 s.new_proxy += 1;
             } else {
@@ -491,10 +498,7 @@ impl Fleet {
             let quiet = s
                 .last_back
                 .is_some_and(|t| t.elapsed() > self.a.heartbeat * 5 / 2);
-            if s.first_down.is_some()
-                && s.down == 0
-                && ((s.same_proxy + s.new_proxy) as usize >= total || quiet)
-            {
+            if s.first_down.is_some() && s.down == 0 && (s.back.len() >= total || quiet) {
                 self.report_storm();
             }
         }
