@@ -202,7 +202,7 @@ class Bench:
         self.iperf_t = 1 if self.quick else 3
         self.iperf_runs = args.runs or (3 if self.quick else 5)
         self.res = {"meta": {}, "tables": {}, "throughput": {}, "scale": {}, "shim": {},
-                    "portfwd": {}, "targets": []}
+                    "portfwd": {}, "scale100k": {}, "targets": []}
         self.work = tempfile.mkdtemp(prefix="gcb-bench.")
         # Keyed, as a deployment is: every daemon, gcb-run, the shim and the load
         # generators read the pool key from GCB_KEY_FILE (inherited by every spawn).
@@ -609,6 +609,12 @@ local_addr = "%(a1)s:7000"
         log("  relayed: %s" % {k: j.get(k) for k in ("requested", "opened", "verified", "open_ms",
                                                       "total_ms", "broker_fds_during", "error")})
 
+    def run_scale100k(self):
+        """One broker with 100,000 registrations and its restart storm (scale100k.py)."""
+        import scale100k
+        self.res["scale100k"] = scale100k.run(self.lab, self.work, self.quick, log, BROKERD, REG,
+                                              A1, P1)
+
     def run_portfwd(self):
         args = ["500", "3", "100"] if self.quick else ["2000", "5", "200"]
         log("item 3: scripts/bench-portfwd %s" % " ".join(args))
@@ -687,6 +693,14 @@ local_addr = "%(a1)s:7000"
         reg = sc.get("registrations", {})
         add("broker memory per registration (VmRSS delta)", reg.get("rss_bytes_per_registration"),
             4096, "<=", " B", note="%s registrations" % reg.get("registered"))
+        big = self.res.get("scale100k", {})
+        for k, what in (("real", "restart storm: all registrations back"),
+                        ("rate_equivalent", "restart storm at 100,000's arrival rate: all back")):
+            x = big.get(k, {})
+            if x:
+                add(what, x.get("broker_start_to_all_back_s"), 60, "<=", " s",
+                    note="%s registrations, heartbeat %s ms" % (
+                        x.get("register", {}).get("registered"), x.get("heartbeat_ms")))
         sh = self.res["shim"]
         add("shim overhead on unmanaged sockets (median paired ratio)", sh.get("overhead_pct_paired"),
             2, "<=", " %")
@@ -704,6 +718,8 @@ local_addr = "%(a1)s:7000"
             self.run_throughput()
             self.save()
             self.run_scale()
+            self.save()
+            self.run_scale100k()
             self.save()
         except Exception:
             ok = False
@@ -756,12 +772,13 @@ def main():
     ap.add_argument("--runs", type=int)
     ap.add_argument("--out", default=os.path.join(ROOT, "bench"))
     ap.add_argument("--keep", action="store_true", help="keep the work dir (logs)")
-    ap.add_argument("--only", help="comma list: tables,throughput,scale,portfwd,shim (debug)")
+    ap.add_argument("--only", help="comma list: tables,throughput,scale,scale100k,portfwd,shim (debug)")
     a = ap.parse_args()
     b = Bench(a)
     if a.only:
         only = a.only.split(",")
-        for name, fn in (("tables", b.run_tables), ("throughput", b.run_throughput), ("scale", b.run_scale)):
+        for name, fn in (("tables", b.run_tables), ("throughput", b.run_throughput), ("scale", b.run_scale),
+                         ("scale100k", b.run_scale100k)):
             if name not in only:
                 setattr(b, "run_" + name, lambda: None)
         for name in ("portfwd", "shim"):
