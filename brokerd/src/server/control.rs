@@ -23,7 +23,7 @@ impl Server {
             // answers go out as they are made, not piled up behind the endpoint's cap on
             // queued datagrams (beyond which they would be dropped and retransmitted for).
             handled += 1;
-            if handled % CONTROL_FLUSH_EVERY == 0 {
+            if handled.is_multiple_of(CONTROL_FLUSH_EVERY) {
                 self.flush_control();
             }
             match self.control.recv_from(&mut buf) {
