@@ -695,6 +695,7 @@ local_addr = "%(a1)s:7000"
             4096, "<=", " B", note="%s registrations" % reg.get("registered"))
         big = self.res.get("scale100k", {})
         for k, what in (("real", "restart storm: all registrations back"),
+                        ("in_step", "restart storm, heartbeats in step: all back"),
                         ("rate_equivalent", "restart storm at 100,000's arrival rate: all back")):
             x = big.get(k, {})
             if x:

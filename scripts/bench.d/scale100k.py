@@ -11,7 +11,8 @@ in a1: shim-like clients, one control socket each, see its module docs):
     keeps no state file: a listener gets its proxy address back by proving it owned it,
     see gcb_proto::token), and the time from that start until every listener is
     registered again, as the shims would re-register them (heartbeat every 10 s each at
-    its own phase; `heartbeat_ack{unknown}` / `reregister_request` -> re-register).
+    its own phase; `heartbeat_ack{unknown}` / `reregister_request` -> re-register); and
+    again with every client's heartbeat in step (the whole storm in one burst).
 
 Limits it works with, written into the results:
   * fds: the broker needs one fd per TCP registration; it raises its soft limit to the
@@ -179,14 +180,17 @@ def run(L, work, quick, log, brokerd, reg, a1="10.1.0.11", p1="203.0.113.10"):
         warns = len([l for l in L.err("broker-100k-" + tag).splitlines() if " WARN " in l])
         return {"stats": lines[-1:], "error_lines": errs, "warn_lines": warns}
 
-    def storm(tag, heartbeat_ms, measure):
-        out = {"heartbeat_ms": heartbeat_ms, "clients": clients, "per_client": PER_CLIENT}
+    def storm(tag, heartbeat_ms, measure, spread_ms=None):
+        spread_ms = heartbeat_ms if spread_ms is None else spread_ms
+        out = {"heartbeat_ms": heartbeat_ms, "phase_spread_ms": spread_ms, "clients": clients,
+               "per_client": PER_CLIENT}
         b, _ = start_broker(tag + "-1")
         time.sleep(0.5)
         s0 = snapshot(L, b.pid)
         g = L.spawn("a1", [reg, "--broker", p1 + ":" + port, "--bind", a1, "fleet",
                            "--clients", str(clients), "--per-client", str(PER_CLIENT),
                            "--window", "512", "--heartbeat-ms", str(heartbeat_ms),
+                           "--phase-spread-ms", str(spread_ms),
                            "--max-secs", "900"], "fleet-" + tag, stdout=subprocess.PIPE)
         j = json.loads(read_line(g, 600, "registered line"))
         out["register"] = j
@@ -220,6 +224,9 @@ def run(L, work, quick, log, brokerd, reg, a1="10.1.0.11", p1="203.0.113.10"):
         return out
 
     res["real"] = storm("real", 10_000, True)
+    # Worst case of the phases: every client heartbeats in step (a pool started at once;
+    # the shim adds no jitter), so the whole storm arrives in one burst.
+    res["in_step"] = storm("instep", 10_000, False, spread_ms=0)
     if n < TARGET:
         hb = max(200, int(10_000 * n / TARGET))
         res["rate_equivalent"] = storm("rateq", hb, False)

@@ -5,8 +5,9 @@
 //! (so its own NAT mapping, the broker's `observed` address), its own `Endpoint` with the
 //! shim's retransmission settings (first retransmission after 100 ms, backoff to 500 ms,
 //! 5 s deadline), `--per-client` TCP listeners registered on it. Clients heartbeat every
-//! `--heartbeat-ms` (the shim's 10 s), each at its own phase (drawn at random: processes
-//! of a pool start at unrelated times), one `heartbeat` per batch of proxies. On broker
+//! `--heartbeat-ms` (the shim's 10 s), each at its own phase (drawn at random within
+//! `--phase-spread-ms`, by default the interval: processes of a pool start at unrelated
+//! times; the shim itself adds no jitter), one `heartbeat` per batch of proxies. On broker
 //! loss they do what the shim does, no more: a heartbeat unanswered is only counted and
 //! the next tick tries again; a `heartbeat_ack` naming unknown proxies, or a
 //! `reregister_request`, makes the client re-register each of those (one request each,
@@ -45,6 +46,9 @@ pub struct FleetArgs {
     pub per_client: usize,
     pub window: usize,
     pub heartbeat: Duration,
+    /// Heartbeat phases are drawn from [0, this) (the heartbeat interval: processes
+    /// started at unrelated times; 0: all in step, as a pool started at once).
+    pub phase_spread: Duration,
     pub max_secs: u64,
 }
 
@@ -301,7 +305,7 @@ impl Fleet {
                             self.registered += 1;
                             let c = &mut self.clients[ci];
                             if c.next_heartbeat.is_none() {
-                                let phase = self.rng.below(self.a.heartbeat.as_millis() as u64);
+                                let phase = self.rng.below(self.a.phase_spread.as_millis() as u64);
                                 c.next_heartbeat =
                                     Some(Instant::now() + Duration::from_millis(phase));
                             }

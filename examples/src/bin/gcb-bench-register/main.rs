@@ -75,6 +75,9 @@ enum Cmd {
         /// Heartbeat interval (ms), as the shim's GCB_HEARTBEAT_MS.
         #[arg(long, default_value_t = 10_000)]
         heartbeat_ms: u64,
+        /// Heartbeat phases drawn from [0, this) ms (default: the interval; 0: in step).
+        #[arg(long)]
+        phase_spread_ms: Option<u64>,
         /// Exit after this many seconds.
         #[arg(long, default_value_t = 600)]
         max_secs: u64,
@@ -428,6 +431,7 @@ fn main() {
         per_client,
         window,
         heartbeat_ms,
+        phase_spread_ms,
         max_secs,
     } = args.cmd
     {
@@ -439,6 +443,7 @@ fn main() {
             per_client,
             window,
             heartbeat: Duration::from_millis(heartbeat_ms.max(50)),
+            phase_spread: Duration::from_millis(phase_spread_ms.unwrap_or(heartbeat_ms)),
             max_secs,
         });
     }
