@@ -233,7 +233,8 @@
 //! heartbeat interval) is served as it comes: answers go out every 64 control datagrams
 //! read, and `reregister_request` is skipped while half the endpoint's outstanding
 //! requests are taken (the heartbeat ack's `unknown` already has the shim re-register;
-//! connect_backs keep the other half). Without a key, replies are never larger than the request
+//! connect_backs keep the other half); the control socket asks for a 1 MiB receive
+//! buffer, and a line at start says when `net.core.rmem_max` grants less. Without a key, replies are never larger than the request
 //! (see [`gcb_proto::rudp`]) and no `reregister_request` is sent; with a key,
 //! frames stamped before the broker's start are refused. Each refusal logs a
 //! line (at most one per second per limit) and is counted in the stats line

@@ -69,6 +69,9 @@ use crate::udprules::RuleLimits;
 use mio::Events;
 use state::{Owner, CONTROL, FIRST_DYNAMIC, RELAY_LISTENER};
 
+/// The control socket's receive buffer asked for (bytes).
+const CONTROL_RCVBUF: usize = 1 << 20;
+
 impl Server {
     /// Binds the control UDP socket and the relay TCP listener; the system clock and
     /// the kernel's random bytes.
@@ -111,9 +114,22 @@ impl Server {
         let bound = control.local_addr()?;
         // What clients are told: the advertised IP with the port actually bound.
         let addr = SocketAddr::new(advertise, bound.port());
-        // Bursts of heartbeats must not overflow the default receive buffer
-        // (best effort: the kernel caps it at net.core.rmem_max).
-        let _ = socket2::SockRef::from(&control).set_recv_buffer_size(1 << 20);
+        // Bursts of heartbeats (a restart storm: every client within one heartbeat
+        // interval) must not overflow the default receive buffer (best effort: the kernel
+        // caps it at net.core.rmem_max, and Linux reports twice what it granted).
+        let _ = socket2::SockRef::from(&control).set_recv_buffer_size(CONTROL_RCVBUF);
+        if let Ok(got) = socket2::SockRef::from(&control).recv_buffer_size() {
+            if got < 2 * CONTROL_RCVBUF {
+                tracing::info!(
+                    "control socket receive buffer {} KiB (asked {} KiB, capped by net.core.rmem_max): \
+                     a restart storm of thousands of clients overflows it sooner (dropped \
+                     datagrams are retransmitted); raise net.core.rmem_max to {} for large pools",
+                    got / 2 / 1024,
+                    CONTROL_RCVBUF / 1024,
+                    CONTROL_RCVBUF
+                );
+            }
+        }
         let poll = Poll::new()?;
         let mut control = control;
         let mut relay_listener = relay_listener;
