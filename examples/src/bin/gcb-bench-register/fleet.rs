@@ -13,25 +13,31 @@
 //! `reregister_request`, makes the client re-register each of those (one request each,
 //! `previous_proxy` with the ownership proof, none while one is in flight); a refused or
 //! unanswered re-registration waits for the next heartbeat. No pacing besides that.
+//! With `--standby`, every listener also parks a standby connection at the relay port
+//! (`GCB-STANDBY <key>`), dialed again after each (re-)registration and, when the broker
+//! refuses or resets it, after the shim's backoff (200 ms doubling to 30 s).
 //!
 //! Output, one JSON line each on stdout: `{"phase":"registered",...}` once every
-//! listener is registered (registration rate, errors), then `{"phase":"recovered",...}`
+//! listener is registered (registration rate, errors), `{"phase":"standbys",...}` once
+//! every standby is parked (with `--standby`), then `{"phase":"recovered",...}`
 //! each time the registrations the broker had forgotten are all registered again (all of
 //! them after a restart; after a partial loss, none came back for 2.5 heartbeat
 //! intervals): when the first was found unknown and the last came back, as unix ms, how many kept their
 //! proxy address, the requests, retransmissions and errors it took, and how many came
 //! back in each second). Runs until killed or `--max-secs`.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
-use std::io;
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet, VecDeque};
+use std::io::{self, Read, Write};
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use gcb_examples::{die, random_bytes, say};
 use gcb_proto::msg::heartbeat_batches;
+use gcb_proto::preamble;
 use gcb_proto::token::{self, Use};
 use gcb_proto::{Body, Config, Endpoint, Event, Now, PoolKey, RequestId, Transport};
-use mio::net::UdpSocket;
+use mio::net::{TcpStream, UdpSocket};
 use mio::{Events, Interest, Poll, Token};
 use serde_json::json;
 
@@ -49,8 +55,31 @@ pub struct FleetArgs {
     /// Heartbeat phases are drawn from [0, this) (the heartbeat interval: processes
     /// started at unrelated times; 0: all in step, as a pool started at once).
     pub phase_spread: Duration,
+    /// Park a standby connection per listener, as the shim does unless GCB_STANDBY=0.
+    pub standby: bool,
     pub max_secs: u64,
 }
+
+/// Poll tokens of standby connections start here (below: the clients' sockets).
+const STANDBY_BASE: usize = 1 << 32;
+/// The shim's standby redial backoff (shim/src/gcb/standby.rs).
+const STANDBY_RETRY_MIN: Duration = Duration::from_millis(200);
+const STANDBY_RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// One standby connection of a listener.
+struct Standby {
+    stream: TcpStream,
+    /// The preamble went out.
+    written: bool,
+    /// Which dial of the generator it is (a confirmation names it).
+    serial: u64,
+    /// Open `STANDBY_CONFIRM` after its preamble went out: the broker parked it (a
+    /// refusal closes it at once; the protocol has no acknowledgement).
+    parked: bool,
+}
+
+/// How long a standby must stay open after its preamble to count as parked.
+const STANDBY_CONFIRM: Duration = Duration::from_millis(500);
 
 fn unix_ms() -> u64 {
     SystemTime::now()
@@ -76,6 +105,10 @@ struct Reg {
     asking: bool,
     /// The broker said it does not know it (since when).
     down_since: Option<Instant>,
+    /// The standby key of its registration (`Use::Standby` presentation of the token).
+    standby_key: Option<[u8; token::TOKEN_BYTES]>,
+    standby: Option<Standby>,
+    standby_backoff: Duration,
 }
 
 /// What a request in flight was for.
@@ -110,6 +143,9 @@ struct Storm {
     last_back: Option<Instant>,
     /// The listeners registered again, each once.
     back: HashSet<(usize, usize)>,
+    /// The listeners whose standby was parked again after the first was found unknown.
+    standby_back: HashSet<(usize, usize)>,
+    standby_last: Option<u64>,
 }
 
 /// A small xorshift for heartbeat phases (no dependency for a load generator).
@@ -133,6 +169,15 @@ struct Fleet {
     /// Registrations answered (first registration phase).
     registered: usize,
     connect_backs: u64,
+    /// Standbys to dial, when.
+    dials: BinaryHeap<Reverse<(Instant, usize, usize)>>,
+    standby_failures: u64,
+    standby_claims: u64,
+    /// Preambles sent, to be confirmed (when, client, listener, dial serial).
+    confirm: VecDeque<(Instant, usize, usize, u64)>,
+    serial: u64,
+    /// Standbys parked now.
+    parked: usize,
 }
 
 fn code_of(body: &Body) -> String {
@@ -167,6 +212,9 @@ impl Fleet {
                     proof: None,
                     asking: false,
                     down_since: None,
+                    standby_key: None,
+                    standby: None,
+                    standby_backoff: STANDBY_RETRY_MIN,
                 })
                 .collect();
             clients.push(Client {
@@ -186,6 +234,12 @@ impl Fleet {
             storm: Storm::default(),
             registered: 0,
             connect_backs: 0,
+            dials: BinaryHeap::new(),
+            standby_failures: 0,
+            standby_claims: 0,
+            confirm: VecDeque::new(),
+            serial: 0,
+            parked: 0,
         })
     }
 
@@ -250,6 +304,21 @@ impl Fleet {
             .and_then(token::from_hex)
             .map(|t| token::present_hex(key.as_ref(), Use::Ownership, &t));
         c.by_proxy.insert(proxy, j);
+        if self.a.standby {
+            // A (re-)registration's standby key; the old standby is dropped and a new one
+            // dialed at once (the shim's `on_reregistered`).
+            let k = tok
+                .and_then(token::from_hex)
+                .map(|t| token::present(key.as_ref(), Use::Standby, &t));
+            if k.is_some() {
+                if let Some(mut old) = r.standby.take() {
+                    self.parked -= usize::from(old.parked);
+                    let _ = self.poll.registry().deregister(&mut old.stream);
+                }
+                r.standby_key = k;
+                self.dials.push(Reverse((Instant::now(), ci, j)));
+            }
+        }
         if r.down_since.take().is_some() {
             let s = &mut self.storm;
             s.down -= 1;
@@ -349,6 +418,113 @@ impl Fleet {
         }
     }
 
+    /// Dials the standbys that are due (a new registration's at once, a failed one's
+    /// after the shim's backoff).
+    fn dial_standbys(&mut self) {
+        let now = Instant::now();
+        while let Some(&Reverse((t, ci, j))) = self.dials.peek() {
+            if t > now {
+                break;
+            }
+            self.dials.pop();
+            let r = &self.clients[ci].regs[j];
+            if r.standby.is_some() || r.standby_key.is_none() || r.proxy.is_none() {
+                continue;
+            }
+            let tok = Token(STANDBY_BASE + ci * self.a.per_client + j);
+            let dialed = TcpStream::connect(self.a.broker).and_then(|mut stream| {
+                self.poll.registry().register(
+                    &mut stream,
+                    tok,
+                    Interest::READABLE | Interest::WRITABLE,
+                )?;
+                Ok(stream)
+            });
+            match dialed {
+                Ok(stream) => {
+                    self.serial += 1;
+                    self.clients[ci].regs[j].standby = Some(Standby {
+                        stream,
+                        written: false,
+                        serial: self.serial,
+                        parked: false,
+                    })
+                }
+                Err(_) => self.standby_failed(ci, j),
+            }
+        }
+    }
+
+    /// A standby was refused or lost: dial again after the backoff.
+    fn standby_failed(&mut self, ci: usize, j: usize) {
+        self.standby_failures += 1;
+        let r = &mut self.clients[ci].regs[j];
+        if let Some(mut old) = r.standby.take() {
+            self.parked -= usize::from(old.parked);
+            let _ = self.poll.registry().deregister(&mut old.stream);
+        }
+        self.dials
+            .push(Reverse((Instant::now() + r.standby_backoff, ci, j)));
+        r.standby_backoff = (r.standby_backoff * 2).min(STANDBY_RETRY_MAX);
+    }
+
+    /// A standby connection is writable (send the preamble) or readable (closed by the
+    /// broker: refused or reset; or a claim, which this generator does not take).
+    fn on_standby(&mut self, ci: usize, j: usize, writable: bool, readable: bool) {
+        let key = self.clients[ci].regs[j].standby_key.unwrap_or_default();
+        let Some(sb) = self.clients[ci].regs[j].standby.as_mut() else {
+            return;
+        };
+        let mut dead = false;
+        if writable && !sb.written {
+            match sb.stream.write(&preamble::encode_standby(&key)) {
+                Ok(n) if n == preamble::LEN => {
+                    sb.written = true;
+                    self.confirm
+                        .push_back((Instant::now() + STANDBY_CONFIRM, ci, j, sb.serial));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                // Not connected (refused) or a short write of 45 bytes: start again.
+                _ => dead = true,
+            }
+        }
+        if readable && !dead {
+            let sb = self.clients[ci].regs[j].standby.as_mut().expect("present");
+            let mut buf = [0u8; 64];
+            match sb.stream.read(&mut buf) {
+                Ok(0) => dead = true,
+                Ok(_) => self.standby_claims += 1,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(_) => dead = true,
+            }
+        }
+        if dead {
+            self.standby_failed(ci, j);
+        }
+    }
+
+    /// Standbys still open `STANDBY_CONFIRM` after their preamble count as parked.
+    fn confirm_standbys(&mut self) {
+        let now = Instant::now();
+        while let Some(&(t, ci, j, serial)) = self.confirm.front() {
+            if t > now {
+                break;
+            }
+            self.confirm.pop_front();
+            let r = &mut self.clients[ci].regs[j];
+            let Some(sb) = r.standby.as_mut().filter(|sb| sb.serial == serial) else {
+                continue;
+            };
+            sb.parked = true;
+            self.parked += 1;
+            // The shim's `worked()`: a standby that held resets the backoff.
+            r.standby_backoff = STANDBY_RETRY_MIN;
+            if self.storm.first_down.is_some() && self.storm.standby_back.insert((ci, j)) {
+                self.storm.standby_last = Some(unix_ms());
+            }
+        }
+    }
+
     /// Reads every client's socket that is readable, runs due timers, sends what is
     /// queued; returns first registrations to retry.
     fn turn(&mut self, events: &mut Events, wait: Duration) -> Vec<(usize, usize, bool)> {
@@ -362,6 +538,12 @@ impl Fleet {
                 wake = wake.min(x);
             }
         }
+        if let Some(Reverse((x, _, _))) = self.dials.peek() {
+            wake = wake.min(*x);
+        }
+        if let Some((x, ..)) = self.confirm.front() {
+            wake = wake.min(*x);
+        }
         let timeout = wake
             .saturating_duration_since(t)
             .max(Duration::from_micros(200));
@@ -371,11 +553,22 @@ impl Fleet {
             }
         }
         let mut buf = [0u8; 2048];
+        let mut standby_events = Vec::new();
         for ev in events.iter() {
+            if ev.token().0 >= STANDBY_BASE {
+                let i = ev.token().0 - STANDBY_BASE;
+                let (ci, j) = (i / self.a.per_client, i % self.a.per_client);
+                let readable = ev.is_readable() || ev.is_read_closed() || ev.is_error();
+                standby_events.push((ci, j, ev.is_writable(), readable));
+                continue;
+            }
             let c = &mut self.clients[ev.token().0];
             while let Ok((n, from)) = c.sock.recv_from(&mut buf) {
                 c.ep.handle_datagram(now(), from, &buf[..n]);
             }
+        }
+        for (ci, j, w, r) in standby_events {
+            self.on_standby(ci, j, w, r);
         }
         let t = now();
         let mut retry = Vec::new();
@@ -409,6 +602,8 @@ impl Fleet {
                 let _ = c.sock.send_to(&x.payload, x.to);
             }
         }
+        self.dial_standbys();
+        self.confirm_standbys();
         retry
     }
 
@@ -484,6 +679,10 @@ impl Fleet {
                    "unanswered": s.unanswered, "heartbeat_timeouts": s.heartbeat_timeouts,
                    "retransmits": self.retransmits() - s.retransmits_at_start,
                    "back_per_s": s.back_per_s.values().collect::<Vec<_>>(),
+                   "standbys_parked_again": s.standby_back.len(),
+                   "standby_all_back_unix_ms": s.standby_last,
+                   "standby_failures": self.standby_failures,
+                   "standby_claims": self.standby_claims,
                    "connect_backs": self.connect_backs}),
         );
     }
@@ -492,6 +691,19 @@ impl Fleet {
         let mut events = Events::with_capacity(1024);
         let end = Instant::now() + Duration::from_secs(self.a.max_secs);
         self.register_all(&mut events, end);
+        if self.a.standby {
+            let total = self.a.clients * self.a.per_client;
+            let t0 = Instant::now();
+            while self.parked < total && Instant::now() < end {
+                let _ = self.turn(&mut events, Duration::from_millis(20));
+            }
+            say(
+                PROG,
+                json!({"phase": "standbys", "parked": self.parked,
+                       "elapsed_s": t0.elapsed().as_secs_f64(),
+                       "failures": self.standby_failures, "unix_ms": unix_ms()}),
+            );
+        }
         while Instant::now() < end {
             let _ = self.turn(&mut events, Duration::from_millis(50));
             // Over when every listener is registered again (a restarted broker forgot
@@ -502,7 +714,11 @@ impl Fleet {
             let quiet = s
                 .last_back
                 .is_some_and(|t| t.elapsed() > self.a.heartbeat * 5 / 2);
-            if s.first_down.is_some() && s.down == 0 && (s.back.len() >= total || quiet) {
+            let standbys_back = !self.a.standby || s.standby_back.len() >= total;
+            if s.first_down.is_some()
+                && s.down == 0
+                && ((s.back.len() >= total && standbys_back) || quiet)
+            {
                 self.report_storm();
             }
         }

@@ -78,6 +78,9 @@ enum Cmd {
         /// Heartbeat phases drawn from [0, this) ms (default: the interval; 0: in step).
         #[arg(long)]
         phase_spread_ms: Option<u64>,
+        /// Park a standby connection per listener (the shim's default).
+        #[arg(long)]
+        standby: bool,
         /// Exit after this many seconds.
         #[arg(long, default_value_t = 600)]
         max_secs: u64,
@@ -432,6 +435,7 @@ fn main() {
         window,
         heartbeat_ms,
         phase_spread_ms,
+        standby,
         max_secs,
     } = args.cmd
     {
@@ -444,6 +448,7 @@ fn main() {
             window,
             heartbeat: Duration::from_millis(heartbeat_ms.max(50)),
             phase_spread: Duration::from_millis(phase_spread_ms.unwrap_or(heartbeat_ms)),
+            standby,
             max_secs,
         });
     }
