@@ -696,6 +696,7 @@ local_addr = "%(a1)s:7000"
         big = self.res.get("scale100k", {})
         for k, what in (("real", "restart storm: all registrations back"),
                         ("in_step", "restart storm, heartbeats in step: all back"),
+                        ("standby", "restart storm with standbys: all registrations back"),
                         ("rate_equivalent", "restart storm at 100,000's arrival rate: all back")):
             x = big.get(k, {})
             if x:

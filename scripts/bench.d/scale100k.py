@@ -11,8 +11,10 @@ in a1: shim-like clients, one control socket each, see its module docs):
     keeps no state file: a listener gets its proxy address back by proving it owned it,
     see gcb_proto::token), and the time from that start until every listener is
     registered again, as the shims would re-register them (heartbeat every 10 s each at
-    its own phase; `heartbeat_ack{unknown}` / `reregister_request` -> re-register); and
-    again with every client's heartbeat in step (the whole storm in one burst).
+    its own phase; `heartbeat_ack{unknown}` / `reregister_request` -> re-register); again
+    with every client's heartbeat in step (the whole storm in one burst); and with a
+    standby connection parked per listener, as the shim does by default (per-registration
+    memory with it, and the time until every standby is parked again).
 
 Limits it works with, written into the results:
   * fds: the broker needs one fd per TCP registration; it raises its soft limit to the
@@ -162,8 +164,8 @@ def run(L, work, quick, log, brokerd, reg, a1="10.1.0.11", p1="203.0.113.10"):
     res["broker_flags"] = flags
     clients = n // PER_CLIENT
 
-    def start_broker(tag):
-        b = L.spawn("p1", prlimit + [brokerd] + flags, "broker-100k-" + tag)
+    def start_broker(tag, extra=()):
+        b = L.spawn("p1", prlimit + [brokerd] + flags + list(extra), "broker-100k-" + tag)
         t = time.time()
         end = t + 10
         while "listening on" not in L.err("broker-100k-" + tag):
@@ -180,22 +182,28 @@ def run(L, work, quick, log, brokerd, reg, a1="10.1.0.11", p1="203.0.113.10"):
         warns = len([l for l in L.err("broker-100k-" + tag).splitlines() if " WARN " in l])
         return {"stats": lines[-1:], "error_lines": errs, "warn_lines": warns}
 
-    def storm(tag, heartbeat_ms, measure, spread_ms=None):
+    def storm(tag, heartbeat_ms, measure, spread_ms=None, standby=False, n_clients=None,
+              extra=()):
         spread_ms = heartbeat_ms if spread_ms is None else spread_ms
-        out = {"heartbeat_ms": heartbeat_ms, "phase_spread_ms": spread_ms, "clients": clients,
-               "per_client": PER_CLIENT}
-        b, _ = start_broker(tag + "-1")
+        cl = n_clients or clients
+        out = {"heartbeat_ms": heartbeat_ms, "phase_spread_ms": spread_ms, "clients": cl,
+               "per_client": PER_CLIENT, "standby": standby, "broker_extra_flags": list(extra)}
+        b, _ = start_broker(tag + "-1", extra)
         time.sleep(0.5)
         s0 = snapshot(L, b.pid)
         g = L.spawn("a1", [reg, "--broker", p1 + ":" + port, "--bind", a1, "fleet",
-                           "--clients", str(clients), "--per-client", str(PER_CLIENT),
+                           "--clients", str(cl), "--per-client", str(PER_CLIENT),
                            "--window", "512", "--heartbeat-ms", str(heartbeat_ms),
                            "--phase-spread-ms", str(spread_ms),
-                           "--max-secs", "900"], "fleet-" + tag, stdout=subprocess.PIPE)
+                           "--max-secs", "900"] + (["--standby"] if standby else []),
+                    "fleet-" + tag, stdout=subprocess.PIPE)
         j = json.loads(read_line(g, 600, "registered line"))
         out["register"] = j
         log("  %s: registered %s in %.1f s: %.0f/s" % (tag, j.get("registered"),
                                                       j.get("elapsed_s", 0), j.get("rate_per_s", 0)))
+        if standby:
+            out["standbys"] = json.loads(read_line(g, 300, "standbys line"))
+            log("  %s: standbys %s" % (tag, out["standbys"]))
         if measure:
             time.sleep(2)
             s1 = snapshot(L, b.pid)
@@ -208,11 +216,13 @@ def run(L, work, quick, log, brokerd, reg, a1="10.1.0.11", p1="203.0.113.10"):
         b.send_signal(signal.SIGKILL)
         b.wait()
         killed = time.time()
-        b2, started = start_broker(tag + "-2")
+        b2, started = start_broker(tag + "-2", extra)
         out["restart_gap_s"] = started - killed
         j2 = json.loads(read_line(g, 300, "recovered line"))
         out["storm"] = j2
         out["broker_start_to_all_back_s"] = j2["all_back_unix_ms"] / 1000.0 - started
+        if standby and j2.get("standby_all_back_unix_ms"):
+            out["broker_start_to_all_standbys_s"] = j2["standby_all_back_unix_ms"] / 1000.0 - started
         out["fds_after_storm"] = proc(b2.pid)["fds"]
         out["listeners_per_ip_after_storm"] = listeners_per_ip(L, port)
         log("  %s: storm: %s re-registered (%s same proxy) %.1f s after the restart" % (
@@ -227,6 +237,13 @@ def run(L, work, quick, log, brokerd, reg, a1="10.1.0.11", p1="203.0.113.10"):
     # Worst case of the phases: every client heartbeats in step (a pool started at once;
     # the shim adds no jitter), so the whole storm arrives in one burst.
     res["in_step"] = storm("instep", 10_000, False, spread_ms=0)
+    # With standbys (the shim's default): one more TCP socket and fd per listener on the
+    # broker, so half the listeners fit; a pool behind one NAT dials its standbys through
+    # one IP, so the operator raises the per-IP preamble limit as for the control rate.
+    half = min(n, (limit - 100) // 2 // PER_CLIENT * PER_CLIENT)
+    res["standby"] = storm("standby", 10_000, True, standby=True,
+                           n_clients=half // PER_CLIENT,
+                           extra=["--max-preambles", "4096", "--max-preambles-per-ip", "4096"])
     if n < TARGET:
         hb = max(200, int(10_000 * n / TARGET))
         res["rate_equivalent"] = storm("rateq", hb, False)
