@@ -1,4 +1,4 @@
-//! Issue #16, item 4, in the lab: one broker's restart storm.
+//! Issue #16, item 4, in the lab: one broker's restart storm, and its second proxy IP.
 //!
 //! 16,000 TCP registrations from 8,000 shim-like clients (`gcb-bench-register fleet` in
 //! a1: one control socket each, the shim's retransmission and re-registration rules) and
@@ -17,7 +17,11 @@
 //! runs out of 5 (374 to 7,656 warning lines; once a retry spiral that never recovered);
 //! after it, it passes in about 15 s.
 //!
-//! `GCB_TEST_BROKERD=/path/to/gcb-brokerd` runs it against another broker build.
+//! And `--proxy-ip`: with one proxy port per IP, a second listener lands on the second
+//! IP, and both are reached with their data intact by a plain client (p2) and by a GCB
+//! client behind another NAT (b1; for the second IP it connects like a plain client).
+//!
+//! `GCB_TEST_BROKERD=/path/to/gcb-brokerd` runs them against another broker build.
 
 use std::time::Duration;
 
@@ -165,4 +169,88 @@ fn a_killed_broker_gets_16000_registrations_back_at_their_addresses_without_a_wa
     );
     drop(fleet);
     drop(srv);
+}
+
+/// Runs `gcb-bench-conn client ADDR` (3 echoes of 4096 bytes, verified) in `host`, under
+/// `gcb-run` if `gcb`; true if every echo came back intact.
+fn echo_ok(lab: &Lab, host: Host, addr: &str, gcb: bool) -> bool {
+    let args = [
+        "client",
+        addr,
+        "--count",
+        "3",
+        "--size",
+        "4096",
+        "--timeout",
+        "10",
+    ];
+    let out = if gcb {
+        let mut c = gcb_run(lab, host, true, &["--broker", P1], None);
+        c.arg(artifact("gcb-bench-conn")).args(args);
+        c.stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        lab.spawn(&mut c)
+            .expect("spawn client")
+            .finish(Duration::from_secs(60))
+    } else {
+        lab.run(
+            host,
+            artifact("gcb-bench-conn"),
+            args,
+            Duration::from_secs(60),
+        )
+    };
+    out.status.success() && String::from_utf8_lossy(&out.stdout).contains("\"ok\":true")
+}
+
+#[test]
+fn a_second_proxy_ip_takes_the_listeners_once_the_first_is_full_and_serves_them() {
+    libgcb();
+    brokerd();
+    let lab = Lab::up();
+    let dir = Scratch::new("proxyip", &lab);
+    let extra = "203.0.113.20";
+    let out = lab.sh(
+        Host::P1,
+        &format!("ip addr add {extra}/24 dev eth0"),
+        Duration::from_secs(10),
+    );
+    assert!(out.status.success(), "add {extra} on p1: {out:?}");
+    // One proxy port per IP: the second listener must land on the second IP.
+    let args = ["--proxy-ports", "40000-40000", "--proxy-ip", extra];
+    let _broker = Broker::start(&lab, Host::P1, P1, true, &args, &dir.join("broker.log"));
+    let mut proxies = Vec::new();
+    for (i, port) in [7000, 7001].into_iter().enumerate() {
+        let mut srv = gcb_run(&lab, Host::A1, true, &["--broker", P1], None);
+        srv.arg(artifact("gcb-bench-conn"))
+            .args(["serve", "--bind", &format!("{A1}:{port}")]);
+        let srv = lab.spawn_logged(&mut srv, &dir, &format!("server{i}"));
+        let line = wait_line(&srv.out, Duration::from_secs(20), |l| {
+            l.contains("listening on")
+        })
+        .unwrap_or_else(|| panic!("server {i} did not start: {}", read_text(&srv.err)));
+        proxies.push((line.rsplit(' ').next().expect("address").to_owned(), srv));
+    }
+    assert_eq!(
+        proxies[0].0,
+        format!("{P1}:40000"),
+        "first listener on the broker's IP"
+    );
+    assert_eq!(
+        proxies[1].0,
+        format!("{extra}:40000"),
+        "second listener on --proxy-ip"
+    );
+    for (proxy, _) in &proxies {
+        assert!(
+            echo_ok(&lab, Host::P2, proxy, false),
+            "plain client on p2 -> {proxy}: data not intact"
+        );
+        // A GCB client behind another NAT: for the extra IP it does not ask the broker
+        // (not the broker's address) and connects to the proxy like a plain client.
+        assert!(
+            echo_ok(&lab, Host::B1, proxy, true),
+            "GCB client on b1 -> {proxy}: data not intact"
+        );
+    }
 }
