@@ -218,6 +218,7 @@ impl Server {
             reregistering: HashSet::new(),
             owner,
             reserved: HashMap::new(),
+            next_reserved_purge: t,
             connector_of: HashMap::new(),
             control_rate,
             limit_logs: HashMap::new(),

@@ -73,8 +73,14 @@ impl Server {
         if let Err(e) = self.registry.check_quota(from) {
             return self.refuse(from, ErrorCode::Quota, e.to_string());
         }
+        // Lapsed reservations are dropped at most once a second: a walk of the whole
+        // map per registration made a pool re-registering after a mass lease expiry
+        // (every proxy reserved) quadratic. `fresh_port_free` ignores lapsed ones.
         let t = self.now().mono;
-        self.reserved.retain(|_, until| *until > t);
+        if t >= self.next_reserved_purge {
+            self.reserved.retain(|_, until| *until > t);
+            self.next_reserved_purge = t + Duration::from_secs(1);
+        }
         // The old address only with the old registration's proof: otherwise whoever asks
         // first after a broker restart or an unregister would take over its clients.
         let previous_proxy = match previous_proxy {
@@ -183,10 +189,12 @@ impl Server {
     /// registration's proxy of either transport and not reserved for an owner (so that a
     /// later registration of the other transport can ask for the same number).
     fn fresh_port_free(&self, a: SocketAddr) -> bool {
+        let now = self.now().mono;
+        let reserved = |t| self.reserved.get(&(t, a)).is_some_and(|until| *until > now);
         self.registry.get(Transport::Tcp, &a).is_none()
             && self.registry.get(Transport::Udp, &a).is_none()
-            && !self.reserved.contains_key(&(Transport::Tcp, a))
-            && !self.reserved.contains_key(&(Transport::Udp, a))
+            && !reserved(Transport::Tcp)
+            && !reserved(Transport::Udp)
     }
 
     /// Binds a proxy socket with `bind`: at `prev` if usable, else at a port (from

@@ -163,8 +163,10 @@ pub struct Server {
     pub(super) reregistering: HashSet<SocketAddr>,
     /// Computes registration tokens ([`gcb_proto::token`]).
     pub(super) owner: OwnerSecret,
-    /// Freed proxy addresses reserved for their owners, until when.
+    /// Freed proxy addresses reserved for their owners, until when (lapsed ones are
+    /// dropped at `next_reserved_purge`).
     pub(super) reserved: HashMap<(Transport, SocketAddr), Instant>,
+    pub(super) next_reserved_purge: Instant,
     /// Connector IP of each pairing admitted (proxy accepts and relay decisions):
     /// what its pending entry and then its relay count against. Entries whose id
     /// is no longer pending are dropped at the sweep and when the relay starts.
