@@ -28,7 +28,13 @@
 //!   exhausted the registration is refused with `port_range`): a TCP listener for a TCP registration,
 //!   a UDP socket for a UDP registration. A proxy address names exactly one
 //!   registration: a TCP and a UDP proxy never share a port number, because
-//!   `heartbeat` and `unregister` name proxies by address only.
+//!   `heartbeat` and `unregister` name proxies by address only. One IP has at most
+//!   64,511 proxy ports: `--proxy-ip IP` (repeatable) adds IPs of the host for TCP
+//!   proxies, each with its own port space, taken in order once the ones before are
+//!   full (100,000 TCP registrations need two IPs; each also needs an fd, see
+//!   `LimitNOFILE` in the systemd unit). GCB clients ask the broker only for proxies
+//!   on its own address: a connection to a proxy on another `--proxy-ip` is brokered
+//!   like a non-GCB client's (standby or dial-back, relayed).
 //!
 //! ## Architecture
 //!
@@ -226,7 +232,12 @@
 //! control datagrams over a token bucket per IP; `--relay-idle-secs` (3600)
 //! resets relays that moved no byte for that long. Relayed sockets carry
 //! `SO_LINGER 0` while the relay runs, so a broker that dies resets both ends
-//! (see [`relay`]). Without a key, replies are never larger than the request
+//! (see [`relay`]). A restart storm (every client of a pool re-registering within one
+//! heartbeat interval) is served as it comes: answers go out every 64 control datagrams
+//! read, and `reregister_request` is skipped while half the endpoint's outstanding
+//! requests are taken (the heartbeat ack's `unknown` already has the shim re-register;
+//! connect_backs keep the other half); the control socket asks for a 1 MiB receive
+//! buffer, and a line at start says when `net.core.rmem_max` grants less. Without a key, replies are never larger than the request
 //! (see [`gcb_proto::rudp`]) and no `reregister_request` is sent; with a key,
 //! frames stamped before the broker's start are refused. Each refusal logs a
 //! line (at most one per second per limit) and is counted in the stats line

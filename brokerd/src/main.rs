@@ -214,6 +214,16 @@ struct Args {
     #[arg(long, value_name = "LO-HI")]
     proxy_ports: Option<PortRange>,
 
+    /// One more IP of this host for TCP proxy sockets (repeatable), with its own port
+    /// space (--proxy-ports, else the ephemeral range): used once every port of the IPs
+    /// before it is taken. One IP has at most 64,511 proxy ports, so a broker for more
+    /// TCP listeners than that needs more IPs. Bound and advertised as given; needs a
+    /// specific --bind/--listen IP. UDP proxies stay on the advertised IP. GCB clients
+    /// ask the broker only for proxies on its own address: connections to a proxy on
+    /// another IP are brokered as for any non-GCB client (standby or dial-back, relayed).
+    #[arg(long = "proxy-ip", value_name = "IP")]
+    proxy_ip: Vec<std::net::IpAddr>,
+
     /// Admin unix socket, answered by `gcb-brokerd status` (mode 0600: root and this
     /// user only). Default: /run/gcb/brokerd.sock as root, else
     /// $XDG_RUNTIME_DIR/gcb/brokerd.sock (or /tmp/gcb-UID/brokerd.sock). `none`: no socket.
@@ -347,6 +357,7 @@ fn settings(args: &Args) -> Result<(Config, Level)> {
         max_udp_rules_per_sender_ip: args.max_udp_rules_per_sender_ip,
         advertise: args.advertise,
         proxy_ports: args.proxy_ports,
+        proxy_ips: args.proxy_ip.clone(),
         drain_grace: Duration::from_secs(args.drain_grace_secs),
     };
     Ok((cfg, args.log))

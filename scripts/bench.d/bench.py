@@ -228,7 +228,7 @@ class Bench:
         self.iperf_t = 1 if self.quick else 3
         self.iperf_runs = args.runs or (3 if self.quick else 5)
         self.res = {"meta": {}, "tables": {}, "throughput": {}, "hardnat": {}, "scale": {},
-                    "shim": {}, "portfwd": {}, "targets": []}
+                    "shim": {}, "portfwd": {}, "scale100k": {}, "targets": []}
         self.work = tempfile.mkdtemp(prefix="gcb-bench.")
         # Keyed, as a deployment is: every daemon, gcb-run, the shim and the load
         # generators read the pool key from GCB_KEY_FILE (inherited by every spawn).
@@ -735,6 +735,12 @@ local_addr = "%(a1)s:7000"
         import pool
         pool.run_pool(self, self.lab, log, BROKERD, GCBRUN, sys.executable)
 
+    def run_scale100k(self):
+        """One broker with 100,000 registrations and its restart storm (scale100k.py)."""
+        import scale100k
+        self.res["scale100k"] = scale100k.run(self.lab, self.work, self.quick, log, BROKERD, REG,
+                                              A1, P1)
+
     def run_portfwd(self):
         args = ["500", "3", "100"] if self.quick else ["2000", "5", "200"]
         log("item 3: scripts/bench-portfwd %s" % " ".join(args))
@@ -833,6 +839,16 @@ local_addr = "%(a1)s:7000"
         reg = sc.get("registrations", {})
         add("broker memory per registration (VmRSS delta)", reg.get("rss_bytes_per_registration"),
             4096, "<=", " B", note="%s registrations" % reg.get("registered"))
+        big = self.res.get("scale100k", {})
+        for k, what in (("real", "restart storm: all registrations back"),
+                        ("in_step", "restart storm, heartbeats in step: all back"),
+                        ("standby", "restart storm with standbys: all registrations back"),
+                        ("rate_equivalent", "restart storm at 100,000's arrival rate: all back")):
+            x = big.get(k, {})
+            if x:
+                add(what, x.get("broker_start_to_all_back_s"), 60, "<=", " s",
+                    note="%s registrations, heartbeat %s ms" % (
+                        x.get("register", {}).get("registered"), x.get("heartbeat_ms")))
         sh = self.res["shim"]
         add("shim overhead on unmanaged sockets (median paired ratio)", sh.get("overhead_pct_paired"),
             2, "<=", " %")
@@ -854,6 +870,8 @@ local_addr = "%(a1)s:7000"
             self.run_scale()
             self.save()
             self.run_pool()
+            self.save()
+            self.run_scale100k()
             self.save()
         except Exception:
             ok = False
@@ -908,10 +926,10 @@ def main():
     ap.add_argument("--runs", type=int)
     ap.add_argument("--out", default=os.path.join(ROOT, "bench"))
     ap.add_argument("--keep", action="store_true", help="keep the work dir (logs)")
-    ap.add_argument("--only", help="comma list: tables,throughput,hardnat,scale,pool,portfwd,shim, or punch "
-                    "(only TCP hole punching's rows and their baselines: Table 3 regular/GCB/GCB "
-                    "punched TCP, iperf3 b1->a1 direct/relayed/punched, hardnat); writes "
-                    "results-only.json, no charts (debug)")
+    ap.add_argument("--only", help="comma list: tables,throughput,hardnat,scale,pool,scale100k,portfwd,shim, "
+                    "or punch (only TCP hole punching's rows and their baselines: Table 3 "
+                    "regular/GCB/GCB punched TCP, iperf3 b1->a1 direct/relayed/punched, hardnat); "
+                    "writes results-only.json, no charts (debug)")
     a = ap.parse_args()
     b = Bench(a)
     if a.only:
@@ -919,7 +937,7 @@ def main():
         if "punch" in only:
             b.punch_only = True
             only += ["tables", "throughput", "hardnat"]
-        for name in ("tables", "throughput", "hardnat", "scale", "pool"):
+        for name in ("tables", "throughput", "hardnat", "scale", "pool", "scale100k"):
             if name not in only:
                 setattr(b, "run_" + name, lambda: None)
         for name in ("portfwd", "shim"):

@@ -75,6 +75,13 @@ pub struct Config {
     /// (None: ephemeral ports). A registration finding none free is refused with
     /// `port_range`.
     pub proxy_ports: Option<PortRange>,
+    /// More IPs of this host for TCP proxy sockets, each with its own port space
+    /// (`proxy_ports`, else the ephemeral range): taken in order once the ports of the
+    /// ones before are all in use, so one broker can hold more TCP registrations than
+    /// one IP has ports. Each is bound and advertised as is. Needs a specific `listen`
+    /// IP (a wildcard proxy port would collide with every IP's). UDP proxies stay on
+    /// the advertised IP (the shim expects them there).
+    pub proxy_ips: Vec<IpAddr>,
     /// How long relays may run on after SIGTERM before they are reset
     /// (see [`super::lifecycle`]; zero: exit at once).
     pub drain_grace: Duration,
@@ -93,6 +100,14 @@ pub enum StartError {
     Advertise {
         /// The advertised IP.
         advertise: IpAddr,
+        /// What is wrong with it.
+        why: &'static str,
+    },
+    /// A `--proxy-ip` is unusable.
+    #[error("--proxy-ip {ip}: {why}")]
+    ProxyIp {
+        /// The extra proxy IP.
+        ip: IpAddr,
         /// What is wrong with it.
         why: &'static str,
     },

@@ -11,10 +11,21 @@ use crate::registry::RegistryError;
 
 use super::state::{drop_conn, hex, transport_name, would_block, Outgoing, Server};
 
+/// Datagrams read before the queued answers are sent (see `on_control`).
+const CONTROL_FLUSH_EVERY: usize = 64;
+
 impl Server {
     pub(super) fn on_control(&mut self) {
         let mut buf = [0u8; 2048];
+        let mut handled = 0usize;
         loop {
+            // A storm of requests can keep this loop going for thousands of datagrams:
+            // answers go out as they are made, not piled up behind the endpoint's cap on
+            // queued datagrams (beyond which they would be dropped and retransmitted for).
+            handled += 1;
+            if handled.is_multiple_of(CONTROL_FLUSH_EVERY) {
+                self.flush_control();
+            }
             match self.control.recv_from(&mut buf) {
                 Ok((n, from)) => {
                     if !self.cfg.allow.allows(from.ip()) {
@@ -182,9 +193,13 @@ impl Server {
                 // Only to authenticated clients: an unkeyed heartbeat's source may be
                 // spoofed, and a retransmitted request would multiply what a victim gets
                 // (heartbeat_ack's `unknown` already makes the shim re-register).
+                // In a restart storm (every client of the pool at once) it is skipped
+                // once half the endpoint's outstanding requests are taken: the ack does
+                // the job, and connect_backs need the other half.
                 if self.cfg.key.is_some()
                     && !unknown.is_empty()
                     && !self.reregistering.contains(&from)
+                    && self.ep.outstanding() < self.ep.config().max_outstanding / 2
                 {
                     info!("heartbeat from unknown client {from} ({} unknown proxies): sending reregister_request", unknown.len());
                     if self

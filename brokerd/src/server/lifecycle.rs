@@ -4,8 +4,8 @@
 //!
 //! ## Reload
 //!
-//! Everything [`Config`] holds applies live but `listen` (the sockets stay bound; a
-//! changed one is reported as needing a restart). Nothing running is dropped: relays,
+//! Everything [`Config`] holds applies live but `listen` and `proxy_ips` (the sockets
+//! stay bound; a changed one is reported as needing a restart). Nothing running is dropped: relays,
 //! pairings, standbys and registrations stay; lowered caps bind new admissions only.
 //! A new pool key takes over at once: every control datagram must be sealed with it and
 //! every token is derived from it. Registrations made with the old key stay until their
@@ -148,6 +148,21 @@ impl Server {
             ch.need_restart
                 .push(format!("listen {}->{}", old.listen, new.listen));
         }
+        if old.proxy_ips != new.proxy_ips {
+            let list = |v: &[std::net::IpAddr]| {
+                let v: Vec<String> = v.iter().map(|ip| ip.to_string()).collect();
+                if v.is_empty() {
+                    "none".to_owned()
+                } else {
+                    v.join(",")
+                }
+            };
+            ch.need_restart.push(format!(
+                "proxy_ip {}->{}",
+                list(&old.proxy_ips),
+                list(&new.proxy_ips)
+            ));
+        }
         let key_changed = old.key != new.key;
         if key_changed {
             ch.applied.push(
@@ -227,9 +242,11 @@ impl Server {
             self.next_stats = new.stats_interval.map(|d| self.now().mono + d);
         }
         let listen = self.cfg.listen;
+        let proxy_ips = std::mem::take(&mut self.cfg.proxy_ips);
         self.cfg = new;
-        // The sockets stay where they are bound.
+        // The sockets stay where they are bound; the proxy IPs were checked against them.
         self.cfg.listen = listen;
+        self.cfg.proxy_ips = proxy_ips;
         ch
     }
 

@@ -71,6 +71,9 @@ use crate::udprules::RuleLimits;
 use mio::Events;
 use state::{Owner, CONTROL, FIRST_DYNAMIC, RELAY_LISTENER};
 
+/// The control socket's receive buffer asked for (bytes).
+const CONTROL_RCVBUF: usize = 1 << 20;
+
 impl Server {
     /// Binds the control UDP socket and the relay TCP listener; the system clock and
     /// the kernel's random bytes.
@@ -86,6 +89,7 @@ impl Server {
         mut random: Box<dyn Random>,
     ) -> Result<Server, StartError> {
         let advertise = advertised_ip(&cfg)?;
+        check_proxy_ips(&cfg, advertise)?;
         // Port 0: pick a free UDP port and use the same number for TCP
         // (retrying if that TCP port happens to be taken).
         let mut attempts = if cfg.listen.port() == 0 { 20 } else { 1 };
@@ -112,9 +116,22 @@ impl Server {
         let bound = control.local_addr()?;
         // What clients are told: the advertised IP with the port actually bound.
         let addr = SocketAddr::new(advertise, bound.port());
-        // Bursts of heartbeats must not overflow the default receive buffer
-        // (best effort: the kernel caps it at net.core.rmem_max).
-        let _ = socket2::SockRef::from(&control).set_recv_buffer_size(1 << 20);
+        // Bursts of heartbeats (a restart storm: every client within one heartbeat
+        // interval) must not overflow the default receive buffer (best effort: the kernel
+        // caps it at net.core.rmem_max, and Linux reports twice what it granted).
+        let _ = socket2::SockRef::from(&control).set_recv_buffer_size(CONTROL_RCVBUF);
+        if let Ok(got) = socket2::SockRef::from(&control).recv_buffer_size() {
+            if got < 2 * CONTROL_RCVBUF {
+                tracing::info!(
+                    "control socket receive buffer {} KiB (asked {} KiB, capped by net.core.rmem_max): \
+                     a restart storm of thousands of clients overflows it sooner (dropped \
+                     datagrams are retransmitted); raise net.core.rmem_max to {} for large pools",
+                    got / 2 / 1024,
+                    CONTROL_RCVBUF / 1024,
+                    CONTROL_RCVBUF
+                );
+            }
+        }
         let poll = Poll::new()?;
         let mut control = control;
         let mut relay_listener = relay_listener;
@@ -206,6 +223,7 @@ impl Server {
             reregistering: HashSet::new(),
             owner,
             reserved: HashMap::new(),
+            next_reserved_purge: t,
             connector_of: HashMap::new(),
             control_rate,
             limit_logs: HashMap::new(),
@@ -218,7 +236,8 @@ impl Server {
             ops: gcb_ops::OpsSlot::default(),
             started: t,
             bound,
-            next_proxy_port: 0,
+            next_proxy_port: HashMap::new(),
+            proxy_ip_full: HashMap::new(),
         })
     }
 
@@ -313,6 +332,29 @@ fn advertised_ip(cfg: &Config) -> Result<IpAddr, StartError> {
         Some(why) => Err(StartError::Advertise { advertise: ip, why }),
         None => Ok(ip),
     }
+}
+
+/// `Config::proxy_ips` must be specific, unicast, of the bind family, other than the
+/// advertised IP, and need a specific bind IP (a wildcard-bound proxy port would take that
+/// port on every IP, so the port spaces would not be separate).
+fn check_proxy_ips(cfg: &Config, advertise: IpAddr) -> Result<(), StartError> {
+    for (i, &ip) in cfg.proxy_ips.iter().enumerate() {
+        let why = if cfg.listen.ip().is_unspecified() {
+            Some("needs a specific --bind/--listen IP (a wildcard-bound proxy takes its port on every IP)")
+        } else if ip.is_unspecified() || ip.is_multicast() {
+            Some("must be a specific unicast IP of this host")
+        } else if ip.is_ipv4() != cfg.listen.is_ipv4() {
+            Some("must be of the bind address's family (IPv4 or IPv6)")
+        } else if ip == advertise || ip == cfg.listen.ip() || cfg.proxy_ips[..i].contains(&ip) {
+            Some("given twice (the bind and advertised IPs take proxies already)")
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            return Err(StartError::ProxyIp { ip, why });
+        }
+    }
+    Ok(())
 }
 
 /// The source IP the kernel picks for a datagram from `bind_ip` to `to` (no packet is

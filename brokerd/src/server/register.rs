@@ -3,7 +3,7 @@
 //! brokering between two UDP registrations.
 
 use std::io::{self};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use gcb_proto::token::{self, Use};
@@ -17,6 +17,10 @@ use crate::udpproxy::{PunchEnd, UdpProxy};
 
 use super::config::PortRange;
 use super::state::{hex, transport_name, v4_of, Outgoing, Owner, Server};
+
+/// How long a proxy IP found without a free port is skipped before it is searched again
+/// (ports free up as registrations end and reservations lapse).
+const PROXY_IP_FULL_RECHECK: Duration = Duration::from_secs(1);
 
 /// Why no proxy socket could be bound for a registration.
 #[derive(Debug, thiserror::Error)]
@@ -69,8 +73,14 @@ impl Server {
         if let Err(e) = self.registry.check_quota(from) {
             return self.refuse(from, ErrorCode::Quota, e.to_string());
         }
+        // Lapsed reservations are dropped at most once a second: a walk of the whole
+        // map per registration made a pool re-registering after a mass lease expiry
+        // (every proxy reserved) quadratic. `fresh_port_free` ignores lapsed ones.
         let t = self.now().mono;
-        self.reserved.retain(|_, until| *until > t);
+        if t >= self.next_reserved_purge {
+            self.reserved.retain(|_, until| *until > t);
+            self.next_reserved_purge = t + Duration::from_secs(1);
+        }
         // The old address only with the old registration's proof: otherwise whoever asks
         // first after a broker restart or an unregister would take over its clients.
         let previous_proxy = match previous_proxy {
@@ -142,38 +152,56 @@ impl Server {
         }
     }
 
-    /// Whether `prev` can be asked for again for `transport`: on our (advertised) IP, in
-    /// the proxy port range if there is one, not the control / relay port, and not
-    /// another registration's proxy of that transport. (The other transport's proxy on
-    /// the same port is fine: a program that uses one port number for TCP and UDP keeps
-    /// one number through the broker too.)
+    /// The proxy IPs for `transport`, in the order they are filled: (IP to bind, IP
+    /// advertised). The broker's own first, then (TCP only) each `Config::proxy_ips`.
+    fn proxy_ips(&self, transport: Transport) -> Vec<(IpAddr, IpAddr)> {
+        let mut v = vec![(self.bound.ip(), self.addr.ip())];
+        if transport == Transport::Tcp {
+            v.extend(self.cfg.proxy_ips.iter().map(|ip| (*ip, *ip)));
+        }
+        v
+    }
+
+    /// Whether `prev` can be asked for again for `transport`: on one of our proxy IPs
+    /// (advertised), in the proxy port range if there is one, not the control / relay
+    /// port, and not another registration's proxy of that transport. (The other
+    /// transport's proxy on the same port is fine: a program that uses one port number
+    /// for TCP and UDP keeps one number through the broker too.) Returns it with the IP
+    /// to bind.
     pub(super) fn previous_usable(
         &self,
         transport: Transport,
         prev: Option<SocketAddr>,
-    ) -> Option<SocketAddr> {
-        prev.filter(|p| {
-            p.ip() == self.addr.ip()
-                && p.port() != 0
-                && p.port() != self.addr.port()
-                && self.cfg.proxy_ports.is_none_or(|r| r.contains(p.port()))
-                && self.registry.get(transport, p).is_none()
-        })
+    ) -> Option<(SocketAddr, IpAddr)> {
+        let p = prev?;
+        let (bind_ip, _) = self
+            .proxy_ips(transport)
+            .into_iter()
+            .find(|(_, adv)| *adv == p.ip())?;
+        let usable = p.port() != 0
+            && p.port() != self.addr.port()
+            && self.cfg.proxy_ports.is_none_or(|r| r.contains(p.port()))
+            && self.registry.get(transport, &p).is_none();
+        usable.then_some((p, bind_ip))
     }
 
     /// Whether the port of proxy address `a` is free for a new registration: no
     /// registration's proxy of either transport and not reserved for an owner (so that a
     /// later registration of the other transport can ask for the same number).
     fn fresh_port_free(&self, a: SocketAddr) -> bool {
+        let now = self.now().mono;
+        let reserved = |t| self.reserved.get(&(t, a)).is_some_and(|until| *until > now);
         self.registry.get(Transport::Tcp, &a).is_none()
             && self.registry.get(Transport::Udp, &a).is_none()
-            && !self.reserved.contains_key(&(Transport::Tcp, a))
-            && !self.reserved.contains_key(&(Transport::Udp, a))
+            && !reserved(Transport::Tcp)
+            && !reserved(Transport::Udp)
     }
 
-    /// Binds a proxy socket with `bind` on the bind IP, at `prev`'s port if usable, else
-    /// at a port (from `--proxy-ports`, else ephemeral) not already some registration's
-    /// proxy. Returns the socket and its proxy address: the advertised IP, that port.
+    /// Binds a proxy socket with `bind`: at `prev` if usable, else at a port (from
+    /// `--proxy-ports`, else ephemeral) not already some registration's proxy, on the
+    /// first proxy IP with one free ([`Self::proxy_ips`]; an IP found full is skipped
+    /// for [`PROXY_IP_FULL_RECHECK`]). Returns the socket and its proxy address: the
+    /// advertised IP, that port.
     pub(super) fn bind_proxy_socket<S>(
         &mut self,
         transport: Transport,
@@ -182,10 +210,8 @@ impl Server {
         bind: impl Fn(SocketAddr) -> io::Result<S>,
         addr_of: impl Fn(&S) -> io::Result<SocketAddr>,
     ) -> Result<(S, SocketAddr), ProxyBindError> {
-        let bind_ip = self.bound.ip();
-        let advertised = |port| SocketAddr::new(self.addr.ip(), port);
         if let Some(prev) = prev {
-            if let Some(p) = self.previous_usable(transport, Some(prev)) {
+            if let Some((p, bind_ip)) = self.previous_usable(transport, Some(prev)) {
                 match bind(SocketAddr::new(bind_ip, p.port())) {
                     Ok(s) => return Ok((s, p)),
                     Err(e) => info!(
@@ -197,43 +223,94 @@ impl Server {
                 );
             }
         }
-        if let Some(range) = self.cfg.proxy_ports {
-            // One pass round the range from where the last search stopped.
-            let start = if range.contains(self.next_proxy_port) {
-                self.next_proxy_port
-            } else {
-                range.lo
-            };
-            let mut last_err = None;
-            for i in 0..range.len() {
-                let port = range.lo + ((usize::from(start - range.lo) + i) % range.len()) as u16;
-                let a = advertised(port);
-                if port == self.addr.port() || !self.fresh_port_free(a) {
-                    continue;
-                }
-                match bind(SocketAddr::new(bind_ip, port)) {
-                    Ok(s) => {
-                        self.next_proxy_port = if port == range.hi { range.lo } else { port + 1 };
-                        return Ok((s, a));
-                    }
-                    // Taken by another program (or the other transport's socket of a
-                    // registration being set up): try the next one.
-                    Err(e) if e.kind() == io::ErrorKind::AddrInUse => last_err = Some(e),
-                    Err(e) => return Err(ProxyBindError::Io(e)),
-                }
+        let now = self.now().mono;
+        self.proxy_ip_full.retain(|_, until| *until > now);
+        let ips = self.proxy_ips(transport);
+        let mut last = None;
+        for (bind_ip, adv_ip) in ips {
+            if self.proxy_ip_full.contains_key(&adv_ip) {
+                continue;
             }
-            return Err(ProxyBindError::RangeExhausted {
-                range,
-                in_use_elsewhere: last_err.is_some(),
-            });
+            let r = match self.cfg.proxy_ports {
+                Some(range) => self.bind_in_range(range, bind_ip, adv_ip, &bind),
+                None => self.bind_ephemeral(bind_ip, adv_ip, &bind, &addr_of),
+            };
+            match r {
+                Err(e @ ProxyBindError::RangeExhausted { .. }) => {
+                    self.proxy_ip_full
+                        .insert(adv_ip, now + PROXY_IP_FULL_RECHECK);
+                    last = Some(e);
+                }
+                Err(ProxyBindError::Io(e)) if e.kind() == io::ErrorKind::AddrInUse => {
+                    self.proxy_ip_full
+                        .insert(adv_ip, now + PROXY_IP_FULL_RECHECK);
+                    last = Some(ProxyBindError::Io(e));
+                }
+                r => return r,
+            }
         }
+        Err(last.unwrap_or(match self.cfg.proxy_ports {
+            Some(range) => ProxyBindError::RangeExhausted {
+                range,
+                in_use_elsewhere: false,
+            },
+            None => ProxyBindError::Io(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                "every proxy IP is out of ephemeral ports",
+            )),
+        }))
+    }
+
+    /// One pass round `range` on one proxy IP from where the last search there stopped.
+    fn bind_in_range<S>(
+        &mut self,
+        range: PortRange,
+        bind_ip: IpAddr,
+        adv_ip: IpAddr,
+        bind: &impl Fn(SocketAddr) -> io::Result<S>,
+    ) -> Result<(S, SocketAddr), ProxyBindError> {
+        let next = self.next_proxy_port.get(&adv_ip).copied().unwrap_or(0);
+        let start = if range.contains(next) { next } else { range.lo };
+        let mut last_err = None;
+        for i in 0..range.len() {
+            let port = range.lo + ((usize::from(start - range.lo) + i) % range.len()) as u16;
+            let a = SocketAddr::new(adv_ip, port);
+            if port == self.addr.port() || !self.fresh_port_free(a) {
+                continue;
+            }
+            match bind(SocketAddr::new(bind_ip, port)) {
+                Ok(s) => {
+                    let next = if port == range.hi { range.lo } else { port + 1 };
+                    self.next_proxy_port.insert(adv_ip, next);
+                    return Ok((s, a));
+                }
+                // Taken by another program (or the other transport's socket of a
+                // registration being set up): try the next one.
+                Err(e) if e.kind() == io::ErrorKind::AddrInUse => last_err = Some(e),
+                Err(e) => return Err(ProxyBindError::Io(e)),
+            }
+        }
+        Err(ProxyBindError::RangeExhausted {
+            range,
+            in_use_elsewhere: last_err.is_some(),
+        })
+    }
+
+    /// An ephemeral port on one proxy IP (`AddrInUse` when the kernel has none left).
+    fn bind_ephemeral<S>(
+        &mut self,
+        bind_ip: IpAddr,
+        adv_ip: IpAddr,
+        bind: &impl Fn(SocketAddr) -> io::Result<S>,
+        addr_of: &impl Fn(&S) -> io::Result<SocketAddr>,
+    ) -> Result<(S, SocketAddr), ProxyBindError> {
         // TCP and UDP ephemeral ports are drawn independently: a port the
         // other transport's proxy already has is skipped (held open while
         // drawing again so the kernel picks another).
         let mut skipped = Vec::new();
         for _ in 0..16 {
             let s = bind(SocketAddr::new(bind_ip, 0))?;
-            let a = advertised(addr_of(&s)?.port());
+            let a = SocketAddr::new(adv_ip, addr_of(&s)?.port());
             // A fresh port is kept free of the other transport's proxies too, so
             // that a later registration can ask for the same number.
             if self.fresh_port_free(a) {
@@ -241,8 +318,7 @@ impl Server {
             }
             skipped.push(s);
         }
-        Err(ProxyBindError::Io(io::Error::new(
-            io::ErrorKind::AddrInUse,
+        Err(ProxyBindError::Io(io::Error::other(
             "no proxy port free of other registrations",
         )))
     }

@@ -190,8 +190,10 @@ pub struct Server {
     pub(super) reregistering: HashSet<SocketAddr>,
     /// Computes registration tokens ([`gcb_proto::token`]).
     pub(super) owner: OwnerSecret,
-    /// Freed proxy addresses reserved for their owners, until when.
+    /// Freed proxy addresses reserved for their owners, until when (lapsed ones are
+    /// dropped at `next_reserved_purge`).
     pub(super) reserved: HashMap<(Transport, SocketAddr), Instant>,
+    pub(super) next_reserved_purge: Instant,
     /// Connector IP of each pairing admitted (proxy accepts and relay decisions):
     /// what its pending entry and then its relay count against. Entries whose id
     /// is no longer pending are dropped at the sweep and when the relay starts.
@@ -218,9 +220,13 @@ pub struct Server {
     pub(super) started: Instant,
     /// The bound control/relay address; proxy sockets bind its IP (maybe a wildcard).
     pub(super) bound: SocketAddr,
-    /// Where the next search of `Config::proxy_ports` for a free port starts (turns
-    /// round the range, so a just-freed port is not the first one handed out again).
-    pub(super) next_proxy_port: u16,
+    /// Per proxy IP (advertised), where the next search of `Config::proxy_ports` for a
+    /// free port starts (turns round the range, so a just-freed port is not the first
+    /// one handed out again).
+    pub(super) next_proxy_port: HashMap<IpAddr, u16>,
+    /// Proxy IPs (advertised) found without a free port, until when they are skipped:
+    /// with `Config::proxy_ips`, a full IP is not searched again for every registration.
+    pub(super) proxy_ip_full: HashMap<IpAddr, Instant>,
 }
 
 pub(super) fn hex(id: &[u8; 16]) -> String {

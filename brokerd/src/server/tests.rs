@@ -79,6 +79,7 @@ fn config() -> Config {
         proxy_reserve: Duration::from_secs(120),
         advertise: None,
         proxy_ports: None,
+        proxy_ips: Vec::new(),
         drain_grace: Duration::from_secs(30),
     }
 }
@@ -608,4 +609,87 @@ fn punch_is_decided_for_keyed_punch_capable_pairs_and_skipped_after_a_failure() 
             route: Route::Punch { .. }
         }
     ));
+}
+
+#[test]
+fn tcp_proxies_overflow_to_the_next_proxy_ip_and_their_owner_gets_them_back() {
+    let range = free_port_range(2);
+    let mut cfg = config();
+    cfg.proxy_ports = Some(range);
+    cfg.proxy_ips = vec!["127.0.0.2".parse().unwrap()];
+    let (mut s, _clock) = broker(cfg);
+    let first: Vec<SocketAddr> = (0..2)
+        .map(|i| register_tcp(&mut s, &format!("10.1.0.5:{}", 9000 + i)))
+        .collect();
+    let second: Vec<SocketAddr> = (2..4)
+        .map(|i| register_tcp(&mut s, &format!("10.1.0.5:{}", 9000 + i)))
+        .collect();
+    for p in &first {
+        assert_eq!(p.ip().to_string(), "127.0.0.1", "{first:?}");
+    }
+    for p in &second {
+        assert_eq!(p.ip().to_string(), "127.0.0.2", "{second:?}");
+        assert!(range.contains(p.port()), "{p} outside {range}");
+        StdStream::connect(p).expect("the proxy listens on the extra IP");
+    }
+    // Both IPs full: refused; a UDP registration never goes to the extra IP.
+    for transport in [Transport::Tcp, Transport::Udp] {
+        let r = s.on_request(
+            CLIENT.parse().unwrap(),
+            Body::Register {
+                transport,
+                local: "10.1.0.5:9100".parse().unwrap(),
+                previous_proxy: None,
+                previous_token: None,
+                punch: false,
+            },
+        );
+        assert!(
+            matches!(
+                r,
+                Body::Error {
+                    code: gcb_proto::ErrorCode::PortRange,
+                    ..
+                }
+            ),
+            "{transport:?}: {r:?}"
+        );
+    }
+    // The owner of a proxy on the extra IP gets it back (as after a broker restart:
+    // `previous_proxy` with the ownership proof), though its port is reserved.
+    let token = match s.on_request(
+        CLIENT.parse().unwrap(),
+        Body::Register {
+            transport: Transport::Tcp,
+            local: "10.1.0.5:9002".parse().unwrap(),
+            previous_proxy: None,
+            previous_token: None,
+            punch: false,
+        },
+    ) {
+        Body::Registered { token, proxy, .. } => {
+            assert_eq!(proxy, second[0], "idempotent");
+            token.expect("a token")
+        }
+        other => panic!("{other:?}"),
+    };
+    let proof = gcb_proto::token::to_hex(&gcb_proto::token::present(
+        None,
+        gcb_proto::token::Use::Ownership,
+        &gcb_proto::token::from_hex(&token).expect("hex token"),
+    ));
+    let gone = s.on_request(
+        CLIENT.parse().unwrap(),
+        Body::Unregister {
+            proxy: second[0],
+            transport: Some(Transport::Tcp),
+            token: Some(proof.clone()),
+        },
+    );
+    assert!(matches!(gone, Body::Ack {}), "{gone:?}");
+    let again = register_tcp_result(&mut s, "10.1.0.5:9002", Some(second[0]), Some(proof));
+    assert!(
+        matches!(again, Body::Registered { proxy, .. } if proxy == second[0]),
+        "{again:?}"
+    );
 }

@@ -7,6 +7,9 @@
 //!   is retried after 20 ms. Prints one JSON line (rate, errors, when the first `busy`
 //!   came), then keeps the registrations alive with heartbeats for `--hold-secs`
 //!   (so the caller can read the broker's memory), then exits.
+//! * `fleet --clients C --per-client N`: C shim-like clients with N listeners each: the
+//!   registration rate, then heartbeats and the re-registration storm after a broker
+//!   restart, re-registering exactly as the shim does (see the `fleet` module).
 //! * `listen`: registers ONE listener, prints `{"proxy":..}`, then acks every
 //!   `connect_back` (without dialing) and heartbeats, until killed.
 //! * `connect --proxy P --duration S --window W [--connector-listen A]`: sends
@@ -23,6 +26,8 @@ use gcb_examples::{die, random_bytes, say};
 use gcb_proto::msg::heartbeat_batches;
 use gcb_proto::{Body, Config, Endpoint, Event, Now, PoolKey, RequestId, Route, Transport};
 use serde_json::json;
+
+mod fleet;
 
 const PROG: &str = "gcb-bench-register";
 
@@ -53,6 +58,31 @@ enum Cmd {
         hold_secs: u64,
         /// Give up after this many seconds.
         #[arg(long, default_value_t = 180)]
+        max_secs: u64,
+    },
+    /// Many shim-like clients: registration rate, then the re-registration storm after a
+    /// broker restart (see the `fleet` module).
+    Fleet {
+        /// Clients (processes: one control socket each).
+        #[arg(long, default_value_t = 1000)]
+        clients: usize,
+        /// TCP listeners registered per client.
+        #[arg(long, default_value_t = 100)]
+        per_client: usize,
+        /// Register requests in flight at most while first registering.
+        #[arg(long, default_value_t = 256)]
+        window: usize,
+        /// Heartbeat interval (ms), as the shim's GCB_HEARTBEAT_MS.
+        #[arg(long, default_value_t = 10_000)]
+        heartbeat_ms: u64,
+        /// Heartbeat phases drawn from [0, this) ms (default: the interval; 0: in step).
+        #[arg(long)]
+        phase_spread_ms: Option<u64>,
+        /// Park a standby connection per listener (the shim's default).
+        #[arg(long)]
+        standby: bool,
+        /// Exit after this many seconds.
+        #[arg(long, default_value_t = 600)]
         max_secs: u64,
     },
     Listen {
@@ -402,8 +432,32 @@ fn main() {
         PoolKey::from_file_contents(&bytes)
             .unwrap_or_else(|e| die(PROG, format!("key file {}: {e}", path.display())))
     });
+    if let Cmd::Fleet {
+        clients,
+        per_client,
+        window,
+        heartbeat_ms,
+        phase_spread_ms,
+        standby,
+        max_secs,
+    } = args.cmd
+    {
+        return fleet::fleet(fleet::FleetArgs {
+            broker: args.broker,
+            bind: args.bind,
+            key,
+            clients,
+            per_client,
+            window,
+            heartbeat: Duration::from_millis(heartbeat_ms.max(50)),
+            phase_spread: Duration::from_millis(phase_spread_ms.unwrap_or(heartbeat_ms)),
+            standby,
+            max_secs,
+        });
+    }
     let mut g = Gen::new(args.bind, args.broker, key).unwrap_or_else(|e| die(PROG, e));
     match args.cmd {
+        Cmd::Fleet { .. } => unreachable!("handled above"),
         Cmd::Register {
             count,
             window,
