@@ -31,6 +31,9 @@ import tempfile
 import time
 import traceback
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from procio import read_line  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TGT = os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")), "release")
 NETLAB = os.path.join(ROOT, "scripts", "netlab")
@@ -154,21 +157,6 @@ class Lab:
             return open(os.path.join(self.work, name + ".err")).read()
         except OSError:
             return ""
-
-
-def read_line(p, timeout=15, what="line"):
-    import select
-    end = time.time() + timeout
-    while time.time() < end:
-        r, _, _ = select.select([p.stdout], [], [], max(0.05, end - time.time()))
-        if r:
-            line = p.stdout.readline()
-            if line:
-                return line.strip()
-            break
-        if p.poll() is not None:
-            break
-    raise RuntimeError("no %s from %s (exit %s)" % (what, getattr(p, "logname", "?"), p.poll()))
 
 
 def wait_file_re(path, rx, timeout=15):

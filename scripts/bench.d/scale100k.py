@@ -37,6 +37,8 @@ import signal
 import subprocess
 import time
 
+from procio import read_line
+
 TARGET = 100_000
 PORT = 9800            # the bench's main broker has 9650
 EXTRA_IPS = ["203.0.113.%d" % i for i in range(20, 30)]
@@ -95,21 +97,6 @@ def per_reg(before, after, n):
         slab[k] = (after["slab"][k] - before["slab"].get(k, 0)) / n
     d["slab_bytes"] = slab
     return d
-
-
-def read_line(p, timeout, what):
-    import select
-    end = time.time() + timeout
-    while time.time() < end:
-        r, _, _ = select.select([p.stdout], [], [], max(0.05, end - time.time()))
-        if r:
-            line = p.stdout.readline()
-            if line:
-                return line.strip()
-            break
-        if p.poll() is not None:
-            break
-    raise RuntimeError("no %s from %s (exit %s)" % (what, getattr(p, "logname", "?"), p.poll()))
 
 
 def listeners_per_ip(L, port):

@@ -174,16 +174,29 @@ impl Server {
             p.waiting = Some((leg, leg_peer));
         }
         if !self.claim_standby(proxy, id, listener, leg_peer) {
-            match self.send_connect_back(&listener, raw, proxy, leg_peer) {
-                Some(req) => {
-                    if let Some(p) = self.pending.get_mut(&id) {
-                        p.connect_back = Some(req);
-                    }
+            self.connect_back_for(id, raw, listener, proxy, leg_peer);
+        }
+    }
+
+    /// Asks the listener at `listener` to dial the relay for the pairing `id`; if it cannot
+    /// be asked, the pairing ends (its waiting connection is reset).
+    fn connect_back_for(
+        &mut self,
+        id: [u8; 16],
+        raw: [u8; 16],
+        listener: SocketAddr,
+        proxy: SocketAddr,
+        peer: SocketAddr,
+    ) {
+        match self.send_connect_back(&listener, raw, proxy, peer) {
+            Some(req) => {
+                if let Some(p) = self.pending.get_mut(&id) {
+                    p.connect_back = Some(req);
                 }
-                None => {
-                    if let Some(p) = self.pending.remove(&id) {
-                        drop_conn(p.waiting);
-                    }
+            }
+            None => {
+                if let Some(p) = self.pending.remove(&id) {
+                    drop_conn(p.waiting);
                 }
             }
         }
@@ -332,18 +345,7 @@ impl Server {
                 return;
             }
         }
-        match self.send_connect_back(&pair.listener, raw, pair.proxy, pair.leg_peer) {
-            Some(req) => {
-                if let Some(p) = self.pending.get_mut(&id) {
-                    p.connect_back = Some(req);
-                }
-            }
-            None => {
-                if let Some(p) = self.pending.remove(&id) {
-                    drop_conn(p.waiting);
-                }
-            }
-        }
+        self.connect_back_for(id, raw, pair.listener, pair.proxy, pair.leg_peer);
     }
 
     /// A punch ended without a verdict (junk, a close, the deadline): reset both.
