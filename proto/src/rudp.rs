@@ -731,6 +731,20 @@ impl Ticker {
         }
     }
 
+    /// [`Ticker::poll`], with the next tick placed at a random point between 0.9 and 1.1
+    /// intervals later (`random`: any random number). Processes started together then
+    /// drift apart instead of ticking in step, so a broker restart meets their
+    /// re-registrations spread over an interval rather than in one burst.
+    pub fn poll_spread(&mut self, now: Instant, random: u64) -> bool {
+        if !self.poll(now) {
+            return false;
+        }
+        let tenth = self.interval / 10;
+        let extra = tenth.mul_f64(2.0 * (random % 1_000_000) as f64 / 1_000_000.0);
+        self.next = Some(now + self.interval - tenth + extra);
+        true
+    }
+
     /// Postpones the next tick to one interval after `now` (e.g. because any
     /// other traffic to the peer already refreshed the NAT mapping).
     pub fn reset(&mut self, now: Instant) {

@@ -458,3 +458,34 @@ fn ticker() {
     t.reset(t0 + Duration::from_secs(30));
     assert!(!t.poll(t0 + Duration::from_secs(35)));
 }
+
+#[test]
+fn ticker_spread_stays_within_a_tenth_of_the_interval() {
+    let now = Instant::now();
+    let iv = Duration::from_secs(10);
+    let mut seen = std::collections::HashSet::new();
+    for r in [
+        0u64,
+        1,
+        499_999,
+        500_000,
+        999_999,
+        1_000_000,
+        u64::MAX,
+        123_456_789,
+    ] {
+        let mut t = Ticker::new(iv);
+        assert!(t.poll_spread(now, r), "due at once");
+        let next = t.next_due().unwrap() - now;
+        assert!(
+            next >= iv - iv / 10 && next <= iv + iv / 10,
+            "{r}: {next:?}"
+        );
+        assert!(!t.poll_spread(now + iv / 2, r), "not due before it");
+        seen.insert(next);
+    }
+    assert!(
+        seen.len() > 3,
+        "the random number places the tick: {seen:?}"
+    );
+}

@@ -136,7 +136,7 @@ impl Client {
         }
         self.service_dials();
         let t = now();
-        if !self.regs.is_empty() && self.heartbeat.poll(t.mono) {
+        if !self.regs.is_empty() && self.heartbeat.poll_spread(t.mono, control::random_u64()) {
             let mut by_chan: HashMap<u64, Vec<SocketAddr>> = HashMap::new();
             for ((_, p), r) in &self.regs {
                 let v = by_chan.entry(r.chan).or_default();
