@@ -83,6 +83,13 @@ impl StandbySlot {
         self.backoff = (self.backoff * 2).min(RETRY_MAX);
     }
 
+    /// A standby was refused by the broker: wait `wait` before the next dial (the back-off
+    /// restarts after it).
+    pub fn failed_for(&mut self, now: Instant, wait: Duration) {
+        self.retry_at = now + wait;
+        self.backoff = RETRY_MIN;
+    }
+
     /// A standby worked (parked or claimed): the next one may be dialed at once.
     pub fn worked(&mut self) {
         self.backoff = RETRY_MIN;

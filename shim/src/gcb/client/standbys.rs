@@ -46,6 +46,7 @@ impl Client {
         let watch = self.watch.as_ref();
         let key = self.key.as_ref();
         let punching = self.punch_wait.is_some();
+        let heartbeat_every = self.heartbeat_every;
         for r in self.regs.values_mut() {
             let Some(slot) = r.standby.as_mut() else {
                 continue;
@@ -60,14 +61,25 @@ impl Client {
             match ev {
                 StandbyEvent::Idle => {}
                 StandbyEvent::Dead(why) => {
+                    let mut was_parked = false;
                     if let Some(c) = slot.conn.take() {
+                        was_parked = c.parked();
                         watch.inspect(|w| w.remove(c.fd()));
                         c.close();
                     }
                     if !why.is_empty() {
                         crate::debug!("standby for {}: {}", r.local, why);
                     }
-                    slot.failed(Instant::now());
+                    if why.is_empty() && was_parked {
+                        // The broker closed it without a claim: it no longer knows our key
+                        // (it restarted and we have not registered again yet) or has no
+                        // room. Redialing at once would be refused again; the next
+                        // heartbeat settles the registration, and a new one brings a new
+                        // slot that dials at once.
+                        slot.failed_for(Instant::now(), heartbeat_every);
+                    } else {
+                        slot.failed(Instant::now());
+                    }
                 }
                 StandbyEvent::PunchClaim(raw) => {
                     slot.worked();
