@@ -17,6 +17,11 @@
 //! and the watch they inherit; only the process that registered keeps standbys). If
 //! the owner does not answer a claim within a second, the broker falls back to
 //! `connect_back`, which any process of the family can serve.
+//!
+//! A standby that fails is dialed again after a back-off (200 ms, doubling to 30 s); one
+//! the broker closes without a claim (a restarted broker that does not know the key until
+//! the listener registers again, or one without room) only after a heartbeat interval,
+//! since the heartbeat is what re-registers it (and a new registration dials at once).
 
 use libc::c_int;
 use std::net::SocketAddrV4;
