@@ -174,34 +174,39 @@ impl Standby {
             self.parked = true;
             return (StandbyEvent::Idle, true);
         }
+        // One look at what arrived (a second look could see more than the first and read
+        // the start of a punch claim as a short `GCB-GO`).
         let mut first = [0u8; tcp_punch::MSG_LEN];
-        match net::recv_peek(fd, &mut first) {
-            Ok(n) if n >= 6 && tcp_punch::is_claim_prefix(&first[..n]) => {
-                if n < first.len() {
-                    return (StandbyEvent::Idle, false); // the rest is on its way
-                }
-                let _ = net::recv_some(fd, &mut first);
-                return (StandbyEvent::PunchClaim(first), false);
-            }
-            _ => {}
+        let n = match net::recv_peek(fd, &mut first) {
+            Ok(0) => return (StandbyEvent::Dead(String::new()), false),
+            Ok(n) => n,
+            Err(libc::EAGAIN) => return (StandbyEvent::Idle, false),
+            Err(e) => return (StandbyEvent::Dead(net::errstr(e)), false),
+        };
+        let head = &first[..n.min(6)];
+        let (want, punch) = if tcp_punch::CLAIM_MAGIC.starts_with(head) {
+            (tcp_punch::MSG_LEN, true)
+        } else if preamble::GO_MAGIC.starts_with(head) {
+            (preamble::GO_LEN, false)
+        } else {
+            return (StandbyEvent::Dead("junk instead of a claim".into()), false);
+        };
+        if n < want {
+            return (StandbyEvent::Idle, false); // the rest is on its way
+        }
+        if punch {
+            let _ = net::recv_some(fd, &mut first);
+            return (StandbyEvent::PunchClaim(first), false);
         }
         let mut go = [0u8; preamble::GO_LEN];
-        match net::recv_peek(fd, &mut go) {
-            Ok(0) => (StandbyEvent::Dead(String::new()), false),
-            Ok(n) if n < go.len() => (StandbyEvent::Idle, false), // the rest is on its way
-            Ok(_) => {
-                let _ = net::recv_some(fd, &mut go);
-                let Some(peer) = preamble::parse_go(&go) else {
-                    return (StandbyEvent::Dead("junk instead of a claim".into()), false);
-                };
-                if net::send_some(fd, &[preamble::CLAIM_ACK]) != Ok(1) {
-                    return (StandbyEvent::Dead("claim ack not sent".into()), false);
-                }
-                (StandbyEvent::Claimed(fd, peer), false)
-            }
-            Err(libc::EAGAIN) => (StandbyEvent::Idle, false),
-            Err(e) => (StandbyEvent::Dead(net::errstr(e)), false),
+        let _ = net::recv_some(fd, &mut go);
+        let Some(peer) = preamble::parse_go(&go) else {
+            return (StandbyEvent::Dead("junk instead of a claim".into()), false);
+        };
+        if net::send_some(fd, &[preamble::CLAIM_ACK]) != Ok(1) {
+            return (StandbyEvent::Dead("claim ack not sent".into()), false);
         }
+        (StandbyEvent::Claimed(fd, peer), false)
     }
 
     /// Give up the connection (closes our fd).
