@@ -40,8 +40,9 @@ impl Server {
             .map(|r| r.observed);
         let key = self.cfg.key.clone();
         let standby_key = self.standby.key_of(&proxy);
-        let taken = match (&key, standby_key, leg_peer) {
-            (Some(_), Some(_), SocketAddr::V4(_)) => self.standby.take(&proxy),
+        // A standby leaves the pool only when everything else for the punch is there.
+        let taken = match (&key, standby_key, listener, leg_peer) {
+            (Some(_), Some(_), Some(_), SocketAddr::V4(_)) => self.standby.take(&proxy),
             _ => None,
         };
         let (

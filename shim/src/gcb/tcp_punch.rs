@@ -43,6 +43,9 @@ pub const DEFAULT_PUNCH_WAIT: Duration = Duration::from_millis(200);
 const LEG_DIAL_TIMEOUT: Duration = Duration::from_secs(8);
 /// How long the connector waits for the broker's offer on its leg.
 const OFFER_WAIT: Duration = Duration::from_secs(3);
+/// Most listener punches a process runs at once (each holds the standby and the punch
+/// socket); claims beyond it are refused and those connections relayed.
+pub const MAX_IN_FLIGHT: usize = 64;
 /// The longest a listener's punch may stay open (the broker gives up after 5 s).
 const LISTENER_DEADLINE: Duration = Duration::from_secs(6);
 

@@ -84,10 +84,17 @@ impl Client {
                 StandbyEvent::PunchClaim(raw) => {
                     slot.worked();
                     let Some(c) = slot.conn.take() else { continue };
-                    let checked = if punching {
-                        tcp_punch::check_claim(key, &slot.key, &raw, &mut self.punch_nonces)
-                    } else {
+                    let checked = if !punching {
                         Err("TCP punching is off here (GCB_PUNCH_TCP=0)".into())
+                    } else if self.tcp_punches.len() >= tcp_punch::MAX_IN_FLIGHT {
+                        // Each holds two fds for up to seconds: a flood of claims must not
+                        // take the program's fds. The broker relays instead.
+                        Err(format!(
+                            "{} punches in flight already",
+                            tcp_punch::MAX_IN_FLIGHT
+                        ))
+                    } else {
+                        tcp_punch::check_claim(key, &slot.key, &raw, &mut self.punch_nonces)
                     };
                     match checked {
                         Ok(msg) => {
